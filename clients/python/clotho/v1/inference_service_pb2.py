@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from clotho.v1 import policy_pb2 as clotho_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clotho/v1/inference_service.proto\x12\tclotho.v1\x1a\x16\x63lotho/v1/policy.proto\"\x92\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x04\n\x02_nB\x07\n\x05_seed\"\x9c\x01\n\x0fGenerateRequest\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x32\n\x0fsampling_params\x18\x02 \x01(\x0b\x32\x19.clotho.v1.SamplingParams\x12\x1e\n\x16return_prompt_logprobs\x18\x03 \x01(\x08\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"B\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\xde\x01\n\nCompletion\x12\x12\n\noutput_ids\x18\x01 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x02 \x03(\x02\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.clotho.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12-\n\rversion_spans\x18\x05 \x03(\x0b\x32\x16.clotho.v1.VersionSpan\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\"\x81\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.clotho.v1.TokenChunkH\x00\x12+\n\ncompletion\x18\x03 \x01(\x0b\x32\x15.clotho.v1.CompletionH\x00\x42\t\n\x07payload\"\x15\n\x13GetModelInfoRequest\"\x92\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x03 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x13\n\x0bshard_count\x18\x06 \x01(\r\"\x18\n\x16GetServedPolicyRequest\"C\n\x17GetServedPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"j\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.clotho.v1.DType\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"K\n\nBucketSpec\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.clotho.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"`\n\x0eWeightManifest\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.clotho.v1.TensorSpec\x12&\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x15.clotho.v1.BucketSpec\"\x97\x01\n\nRendezvous\x12-\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x1c.clotho.v1.CollectiveBackend\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x13\n\x0brank_offset\x18\x05 \x01(\r\x12\x12\n\ngroup_name\x18\x06 \x01(\t\"\xad\x01\n\x1aPrepareWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.clotho.v1.WeightManifest\x12)\n\nrendezvous\x18\x03 \x01(\x0b\x32\x15.clotho.v1.Rendezvous\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04step\x18\x05 \x01(\x04\"3\n\x1bPrepareWeightUpdateResponse\x12\x14\n\x0cjoined_group\x18\x01 \x01(\x08\"-\n\x1a\x41waitWeightTransferRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"F\n\x1b\x41waitWeightTransferResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\",\n\x19\x43ommitWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"F\n\x1a\x43ommitWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\";\n\x18\x41\x62ortWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x19\x41\x62ortWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x02\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x03*q\n\x11\x43ollectiveBackend\x12\"\n\x1e\x43OLLECTIVE_BACKEND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_GLOO\x10\x01\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_NCCL\x10\x02\x32\x93\x05\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.clotho.v1.GenerateRequest\x1a\x1b.clotho.v1.GenerateResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.clotho.v1.GetModelInfoRequest\x1a\x1f.clotho.v1.GetModelInfoResponse\x12X\n\x0fGetServedPolicy\x12!.clotho.v1.GetServedPolicyRequest\x1a\".clotho.v1.GetServedPolicyResponse\x12\x64\n\x13PrepareWeightUpdate\x12%.clotho.v1.PrepareWeightUpdateRequest\x1a&.clotho.v1.PrepareWeightUpdateResponse\x12\x64\n\x13\x41waitWeightTransfer\x12%.clotho.v1.AwaitWeightTransferRequest\x1a&.clotho.v1.AwaitWeightTransferResponse\x12\x61\n\x12\x43ommitWeightUpdate\x12$.clotho.v1.CommitWeightUpdateRequest\x1a%.clotho.v1.CommitWeightUpdateResponse\x12^\n\x11\x41\x62ortWeightUpdate\x12#.clotho.v1.AbortWeightUpdateRequest\x1a$.clotho.v1.AbortWeightUpdateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clotho/v1/inference_service.proto\x12\tclotho.v1\x1a\x16\x63lotho/v1/policy.proto\"\x92\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x04\n\x02_nB\x07\n\x05_seed\"\x9c\x01\n\x0fGenerateRequest\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x32\n\x0fsampling_params\x18\x02 \x01(\x0b\x32\x19.clotho.v1.SamplingParams\x12\x1e\n\x16return_prompt_logprobs\x18\x03 \x01(\x08\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"B\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\xde\x01\n\nCompletion\x12\x12\n\noutput_ids\x18\x01 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x02 \x03(\x02\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.clotho.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12-\n\rversion_spans\x18\x05 \x03(\x0b\x32\x16.clotho.v1.VersionSpan\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\"\x81\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.clotho.v1.TokenChunkH\x00\x12+\n\ncompletion\x18\x03 \x01(\x0b\x32\x15.clotho.v1.CompletionH\x00\x42\t\n\x07payload\"\x15\n\x13GetModelInfoRequest\"\x92\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x03 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x13\n\x0bshard_count\x18\x06 \x01(\r\"\x18\n\x16GetServedPolicyRequest\"C\n\x17GetServedPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"j\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.clotho.v1.DType\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"<\n\nBucketSpec\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.clotho.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\"`\n\x0eWeightManifest\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.clotho.v1.TensorSpec\x12&\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x15.clotho.v1.BucketSpec\"\x97\x01\n\nRendezvous\x12-\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x1c.clotho.v1.CollectiveBackend\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x13\n\x0brank_offset\x18\x05 \x01(\r\x12\x12\n\ngroup_name\x18\x06 \x01(\t\"\xad\x01\n\x1aPrepareWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.clotho.v1.WeightManifest\x12)\n\nrendezvous\x18\x03 \x01(\x0b\x32\x15.clotho.v1.Rendezvous\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04step\x18\x05 \x01(\x04\"3\n\x1bPrepareWeightUpdateResponse\x12\x14\n\x0cjoined_group\x18\x01 \x01(\x08\"D\n\x1a\x41waitWeightTransferRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rbucket_crc32s\x18\x02 \x03(\r\"F\n\x1b\x41waitWeightTransferResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\",\n\x19\x43ommitWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"F\n\x1a\x43ommitWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\";\n\x18\x41\x62ortWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x19\x41\x62ortWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x02\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x03*q\n\x11\x43ollectiveBackend\x12\"\n\x1e\x43OLLECTIVE_BACKEND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_GLOO\x10\x01\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_NCCL\x10\x02\x32\x93\x05\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.clotho.v1.GenerateRequest\x1a\x1b.clotho.v1.GenerateResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.clotho.v1.GetModelInfoRequest\x1a\x1f.clotho.v1.GetModelInfoResponse\x12X\n\x0fGetServedPolicy\x12!.clotho.v1.GetServedPolicyRequest\x1a\".clotho.v1.GetServedPolicyResponse\x12\x64\n\x13PrepareWeightUpdate\x12%.clotho.v1.PrepareWeightUpdateRequest\x1a&.clotho.v1.PrepareWeightUpdateResponse\x12\x64\n\x13\x41waitWeightTransfer\x12%.clotho.v1.AwaitWeightTransferRequest\x1a&.clotho.v1.AwaitWeightTransferResponse\x12\x61\n\x12\x43ommitWeightUpdate\x12$.clotho.v1.CommitWeightUpdateRequest\x1a%.clotho.v1.CommitWeightUpdateResponse\x12^\n\x11\x41\x62ortWeightUpdate\x12#.clotho.v1.AbortWeightUpdateRequest\x1a$.clotho.v1.AbortWeightUpdateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clotho.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2235
-  _globals['_FINISHREASON']._serialized_end=2355
-  _globals['_DTYPE']._serialized_start=2357
-  _globals['_DTYPE']._serialized_end=2449
-  _globals['_COLLECTIVEBACKEND']._serialized_start=2451
-  _globals['_COLLECTIVEBACKEND']._serialized_end=2564
+  _globals['_FINISHREASON']._serialized_start=2243
+  _globals['_FINISHREASON']._serialized_end=2363
+  _globals['_DTYPE']._serialized_start=2365
+  _globals['_DTYPE']._serialized_end=2457
+  _globals['_COLLECTIVEBACKEND']._serialized_start=2459
+  _globals['_COLLECTIVEBACKEND']._serialized_end=2572
   _globals['_SAMPLINGPARAMS']._serialized_start=73
   _globals['_SAMPLINGPARAMS']._serialized_end=347
   _globals['_GENERATEREQUEST']._serialized_start=350
@@ -59,27 +59,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=1200
   _globals['_TENSORSPEC']._serialized_end=1306
   _globals['_BUCKETSPEC']._serialized_start=1308
-  _globals['_BUCKETSPEC']._serialized_end=1383
-  _globals['_WEIGHTMANIFEST']._serialized_start=1385
-  _globals['_WEIGHTMANIFEST']._serialized_end=1481
-  _globals['_RENDEZVOUS']._serialized_start=1484
-  _globals['_RENDEZVOUS']._serialized_end=1635
-  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_start=1638
-  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_end=1811
-  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_start=1813
-  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_end=1864
-  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_start=1866
-  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_end=1911
-  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_start=1913
-  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_end=1983
-  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_start=1985
-  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_end=2029
-  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_start=2031
-  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_end=2101
-  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_start=2103
-  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_end=2162
-  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_start=2164
-  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_end=2233
-  _globals['_INFERENCESERVICE']._serialized_start=2567
-  _globals['_INFERENCESERVICE']._serialized_end=3226
+  _globals['_BUCKETSPEC']._serialized_end=1368
+  _globals['_WEIGHTMANIFEST']._serialized_start=1370
+  _globals['_WEIGHTMANIFEST']._serialized_end=1466
+  _globals['_RENDEZVOUS']._serialized_start=1469
+  _globals['_RENDEZVOUS']._serialized_end=1620
+  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_start=1623
+  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_end=1796
+  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_start=1798
+  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_end=1849
+  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_start=1851
+  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_end=1919
+  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_start=1921
+  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_end=1991
+  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_start=1993
+  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_end=2037
+  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_start=2039
+  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_end=2109
+  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_start=2111
+  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_end=2170
+  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_start=2172
+  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_end=2241
+  _globals['_INFERENCESERVICE']._serialized_start=2575
+  _globals['_INFERENCESERVICE']._serialized_end=3234
 # @@protoc_insertion_point(module_scope)

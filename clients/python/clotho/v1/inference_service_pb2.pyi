@@ -158,14 +158,12 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., bucket: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class BucketSpec(_message.Message):
-    __slots__ = ("dtype", "numel", "crc32")
+    __slots__ = ("dtype", "numel")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     numel: int
-    crc32: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ...) -> None: ...
 
 class WeightManifest(_message.Message):
     __slots__ = ("tensors", "buckets")
@@ -212,10 +210,12 @@ class PrepareWeightUpdateResponse(_message.Message):
     def __init__(self, joined_group: _Optional[bool] = ...) -> None: ...
 
 class AwaitWeightTransferRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "bucket_crc32s")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_CRC32S_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    bucket_crc32s: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., bucket_crc32s: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AwaitWeightTransferResponse(_message.Message):
     __slots__ = ("bytes_received", "seconds")

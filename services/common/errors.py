@@ -1,0 +1,114 @@
+"""Domain errors and the one interceptor that maps them to gRPC status codes.
+
+Services raise these; nothing else in a service touches status codes. The gateway maps
+the codes to HTTP in one table (services/gateway/http_errors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc import aio
+
+log = logging.getLogger(__name__)
+
+
+class ClothoError(Exception):
+    """Base of every domain error; `code` is the gRPC status it becomes."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ClothoError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ClothoError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ClothoError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ClothoError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(ClothoError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceeded(ClothoError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Aborted(ClothoError):
+    code = grpc.StatusCode.ABORTED
+
+
+async def _abort(context: aio.ServicerContext, exc: ClothoError) -> None:
+    await context.abort(exc.code, str(exc))
+
+
+def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Wrap every behaviour of a method handler so domain errors become statuses."""
+
+    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: aio.ServicerContext) -> Any:
+            try:
+                return await fn(request, context)
+            except ClothoError as exc:
+                await _abort(context, exc)
+
+        return call
+
+    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(request, context):
+                    yield item
+            except ClothoError as exc:
+                await _abort(context, exc)
+
+        return call
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Turns ClothoError subclasses raised by servicers into their gRPC status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return _wrap(handler)

@@ -1,0 +1,156 @@
+"""The one gRPC server skeleton every service uses.
+
+`build_server` makes a grpc.aio server with interceptors (tracing, then errors),
+grpc.health.v1 and reflection, binds it and returns it with its port. `run_service`
+starts it, announces readiness, and on SIGTERM/SIGINT flips health to NOT_SERVING and
+stops with a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import ErrorInterceptor
+from services.common.telemetry import server_interceptors, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+# Large enough for a batch of long sequences; weights never travel over gRPC.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class GrpcServer:
+    """A bound, not yet started server and the pieces its lifecycle needs."""
+
+    server: aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+
+def build_server(
+    host: str,
+    port: int,
+    register: Iterable[tuple[Callable[[Any, aio.Server], None], Any, str]],
+) -> GrpcServer:
+    """Create and bind a server. `register` holds (add_XServicer_to_server, servicer,
+    full service name) triples."""
+    server = aio.server(
+        interceptors=[*server_interceptors(), ErrorInterceptor()],
+        options=GRPC_OPTIONS,
+    )
+    names = []
+    for add, servicer, name in register:
+        add(servicer, server)
+        names.append(name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind gRPC server to {host}:{port}")
+    return GrpcServer(server=server, port=bound, health=health_servicer, service_names=names)
+
+
+def announce_ready(ready_file: str | None, **ports: Any) -> None:
+    """Tell whoever started us where we listen: a JSON line on stdout and, if asked, a
+    file written atomically."""
+    line = json.dumps({"event": "ready", **ports})
+    print(line, flush=True)
+    if ready_file:
+        path = Path(ready_file)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(line + "\n")
+        tmp.replace(path)
+
+
+async def run_service(
+    grpc_server: GrpcServer,
+    grace_seconds: float,
+    ready_file: str | None = None,
+    extra_ready: dict[str, Any] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    background: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+) -> None:
+    """Start, announce, wait for SIGTERM/SIGINT (or `background` to finish), stop."""
+    await grpc_server.server.start()
+    await grpc_server.set_serving(True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    announce_ready(ready_file, grpc_port=grpc_server.port, **(extra_ready or {}))
+    task = None
+    if background is not None:
+        task = asyncio.create_task(background(stop))
+        task.add_done_callback(lambda _t: stop.set())
+    await stop.wait()
+    log.info("stopping: health NOT_SERVING, grace %.1fs", grace_seconds)
+    await grpc_server.set_serving(False)
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if on_stop is not None:
+        await on_stop()
+    await grpc_server.server.stop(grace_seconds)
+    shutdown_tracing()
+    if task is not None and task.done() and not task.cancelled() and task.exception():
+        raise task.exception()  # type: ignore[misc]
+
+
+def run_main(coro_factory: Callable[[], Awaitable[None]], log_level: str = "INFO") -> None:
+    """Run a service's main coroutine on uvloop (asyncio where uvloop is missing)."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+
+        uvloop.run(coro_factory())
+    except ImportError:
+        asyncio.run(coro_factory())
+
+
+def channel(target: str) -> aio.Channel:
+    """An insecure grpc.aio channel with the tracing interceptors and message limits."""
+    from services.common.telemetry import client_interceptors
+
+    return aio.insecure_channel(target, options=GRPC_OPTIONS, interceptors=client_interceptors())
+
+
+__all__ = ["GrpcServer", "build_server", "run_service", "run_main", "announce_ready", "channel", "grpc"]

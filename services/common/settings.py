@@ -1,0 +1,37 @@
+"""Typed settings shared by every service: loaded from flags and CLOTHO_* env vars."""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+T = TypeVar("T", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every gRPC service has. Subclasses set their own env prefix."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLOTHO_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="clotho",
+        extra="ignore",
+    )
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    grpc_port: int = Field(0, description="gRPC port; 0 picks a free one (printed when ready).")
+    grace_seconds: float = Field(5.0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    ready_file: str | None = Field(
+        None,
+        description="If set, a JSON line with the bound ports is written here once serving "
+        "(the clotho launcher reads it).",
+    )
+
+
+def load_settings(cls: type[T], argv: Sequence[str] | None = None) -> T:
+    """Build `cls` from CLOTHO_* env vars, overridden by command-line flags in `argv`."""
+    return CliApp.run(cls, cli_args=list(argv or []))
