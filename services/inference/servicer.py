@@ -1,0 +1,148 @@
+"""clotho.v1.InferenceService over one torch engine (one shard): protobuf in and out,
+the work done by the engine and the weight receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from grpc import aio
+
+from clotho.v1 import inference_service_pb2 as pb
+from clotho.v1 import inference_service_pb2_grpc as pb_grpc
+from clotho.v1 import policy_pb2
+from services.inference.api import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    PolicyState,
+    SamplingOptions,
+    TokenChunk,
+)
+from services.inference.engine import GenerationEngine
+from services.inference.weight_receiver import WeightReceiver
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, engine: GenerationEngine, receiver: WeightReceiver, model_name: str) -> None:
+        self.engine = engine
+        self.receiver = receiver
+        self.model_name = model_name
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        stream = self.engine.submit(generation_request(request))
+        log.debug("generate %s: %d prompt tokens", request.request_id or "-", len(request.input_ids))
+        try:
+            async for event in stream:
+                if isinstance(event, TokenChunk):
+                    yield pb.GenerateResponse(
+                        index=event.index,
+                        chunk=pb.TokenChunk(
+                            token_ids=event.token_ids, logprobs=event.logprobs, version=event.version
+                        ),
+                    )
+                else:
+                    yield pb.GenerateResponse(index=event.index, completion=completion_proto(event))
+        finally:
+            # Reached when the client cancels too (the handler task is cancelled): its
+            # samples leave the batch at the next step.
+            stream.cancel()
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        return pb.GetModelInfoResponse(
+            model_name=self.model_name,
+            model_path=str(self.engine.model_path),
+            max_context_len=self.engine.max_context_len,
+            eos_token_id=self.engine.eos_token_id,
+            engine="torch",
+            shard_count=1,
+        )
+
+    async def GetServedPolicy(
+        self, request: pb.GetServedPolicyRequest, context: aio.ServicerContext
+    ) -> pb.GetServedPolicyResponse:
+        return pb.GetServedPolicyResponse(policy=policy_proto(self.engine.policy))
+
+    async def PrepareWeightUpdate(
+        self, request: pb.PrepareWeightUpdateRequest, context: aio.ServicerContext
+    ) -> pb.PrepareWeightUpdateResponse:
+        joined = await self.receiver.prepare(
+            request.version, request.manifest, request.rendezvous, request.deadline_seconds, request.step
+        )
+        return pb.PrepareWeightUpdateResponse(joined_group=joined)
+
+    async def AwaitWeightTransfer(
+        self, request: pb.AwaitWeightTransferRequest, context: aio.ServicerContext
+    ) -> pb.AwaitWeightTransferResponse:
+        result = await self.receiver.await_transfer(request.version, list(request.bucket_crc32s))
+        return pb.AwaitWeightTransferResponse(bytes_received=result.bytes_received, seconds=result.seconds)
+
+    async def CommitWeightUpdate(
+        self, request: pb.CommitWeightUpdateRequest, context: aio.ServicerContext
+    ) -> pb.CommitWeightUpdateResponse:
+        policy = await self.receiver.commit(request.version)
+        return pb.CommitWeightUpdateResponse(policy=policy_proto(policy))
+
+    async def AbortWeightUpdate(
+        self, request: pb.AbortWeightUpdateRequest, context: aio.ServicerContext
+    ) -> pb.AbortWeightUpdateResponse:
+        policy = await self.receiver.abort(request.version, request.reason)
+        return pb.AbortWeightUpdateResponse(policy=policy_proto(policy))
+
+    async def close(self) -> None:
+        """Drop any update in flight and stop the engine's worker."""
+        await self.receiver.close()
+        await asyncio.to_thread(self.engine.close)
+
+
+def generation_request(msg: pb.GenerateRequest) -> GenerationRequest:
+    """The engine's request for a GenerateRequest; unset sampling fields keep defaults."""
+    sp = msg.sampling_params
+    defaults = SamplingOptions()
+    options = SamplingOptions(
+        temperature=sp.temperature if sp.HasField("temperature") else defaults.temperature,
+        top_p=sp.top_p if sp.HasField("top_p") else defaults.top_p,
+        top_k=sp.top_k if sp.HasField("top_k") else defaults.top_k,
+        max_new_tokens=sp.max_new_tokens if sp.HasField("max_new_tokens") else None,
+        stop_token_ids=tuple(sp.stop_token_ids),
+        stop=tuple(sp.stop),
+        n=sp.n if sp.HasField("n") else defaults.n,
+        ignore_eos=sp.ignore_eos,
+        seed=sp.seed if sp.HasField("seed") else None,
+    )
+    return GenerationRequest(
+        input_ids=list(msg.input_ids),
+        sampling=options,
+        return_prompt_logprobs=msg.return_prompt_logprobs,
+        stream=msg.stream,
+        request_id=msg.request_id,
+    )
+
+
+def completion_proto(c: Completion) -> pb.Completion:
+    return pb.Completion(
+        output_ids=c.output_ids,
+        output_logprobs=c.output_logprobs,
+        finish_reason=_FINISH_REASONS[c.finish_reason],
+        matched_stop=c.matched_stop,
+        version_spans=[policy_pb2.VersionSpan(start_token=s.start_token, version=s.version) for s in c.version_spans],
+        prompt_logprobs=c.prompt_logprobs,
+        prompt_tokens=c.prompt_tokens,
+    )
+
+
+def policy_proto(p: PolicyState) -> policy_pb2.PolicyVersion:
+    return policy_pb2.PolicyVersion(version=p.version, committed_at=p.committed_at, step=p.step)
