@@ -1,0 +1,118 @@
+"""ASGI middleware for request bodies: a size limit and `Content-Encoding: gzip`.
+
+Atropos environments may gzip large `/scored_data_list` posts; the body is inflated
+here so every route sees plain JSON. The limit applies to the bytes received and to
+the inflated body, so a small gzip bomb cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BadGzip(Exception):
+    pass
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    # wbits 16+MAX_WBITS: gzip header and trailer; max_length bounds the output.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise BadGzip(str(exc)) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise BodyTooLarge()
+    if not inflater.eof:
+        raise BadGzip("truncated gzip stream")
+    return out
+
+
+async def _reply(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestBodyMiddleware:
+    """Reads the whole request body (bounded by `max_bytes`), inflates gzip, and hands
+    the app a replay of it; later receive() calls go to the client (disconnects)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(k.lower(), v) for k, v in scope.get("headers", [])]
+        encoding = b""
+        length = None
+        for key, value in headers:
+            if key == b"content-encoding":
+                encoding = value.lower()
+            elif key == b"content-length" and value.strip().isdigit():
+                length = int(value)
+        too_large = {
+            "error": f"request body exceeds max_body_bytes ({self.max_bytes})",
+            "code": "RESOURCE_EXHAUSTED",
+        }
+        if length is not None and length > self.max_bytes:
+            await _reply(send, 413, too_large)
+            return
+
+        chunks = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await _reply(send, 413, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+
+        if b"gzip" in encoding:
+            if body:
+                try:
+                    body = _gunzip(body, self.max_bytes)
+                except BodyTooLarge:
+                    await _reply(send, 413, too_large)
+                    return
+                except BadGzip as exc:
+                    await _reply(send, 400, {"error": f"invalid gzip body: {exc}", "code": "INVALID_ARGUMENT"})
+                    return
+            headers = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")]
+            headers.append((b"content-length", str(len(body)).encode()))
+            scope = {**scope, "headers": headers}
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,214 @@
+"""SGLang-compatible `/generate`, `/health` and `/get_model_info`, forwarded to
+InferenceService over gRPC. The W3C trace context of the HTTP request is continued:
+the gateway's span is its child and the gRPC client interceptor carries it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc import aio
+from opentelemetry import trace
+
+from services.common.errors import ClothoError, InvalidArgument, Unavailable
+from services.common.telemetry import extract_context
+from services.gateway.http_errors import error_response
+from services.gateway.inference_client import NO_INFERENCE, InferenceClient
+from services.gateway.sglang import GenerateCall, Prompt, parse_generate, result_json, result_rid
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("clotho.gateway")
+
+
+def _encode_prompts(tokenizer: Any, call: GenerateCall) -> None:
+    for prompt in call.prompts:
+        if prompt.input_ids is None:
+            prompt.input_ids = list(tokenizer.encode(prompt.text))
+            if not prompt.input_ids:
+                raise InvalidArgument("text encodes to no tokens")
+
+
+def _decode(tokenizer: Any, prompt: Prompt, ids: list[int], per_token: bool) -> tuple[str, list[str] | None]:
+    if tokenizer is None:
+        return "", None
+    text = tokenizer.decode(ids, skip_special_tokens=prompt.skip_special_tokens)
+    pieces = [tokenizer.decode([t]) for t in ids] if per_token else None
+    return text, pieces
+
+
+def _render(tokenizer: Any, call: GenerateCall, results: list[list[Any]], latency: float) -> list[dict[str, Any]]:
+    """All result objects, prompt-major then sample (runs in a thread: decoding)."""
+    out = []
+    for prompt, completions in zip(call.prompts, results):
+        prompt_pieces = None
+        if call.return_text_in_logprobs and tokenizer is not None and prompt.input_ids is not None:
+            prompt_pieces = [tokenizer.decode([t]) for t in prompt.input_ids]
+        for k, completion in enumerate(completions):
+            text, pieces = _decode(
+                tokenizer, prompt, list(completion.output_ids), call.return_text_in_logprobs and prompt.return_logprob
+            )
+            out.append(result_json(prompt, completion, text, result_rid(prompt, k), pieces, prompt_pieces, latency))
+    return out
+
+
+def generate_router(inference: InferenceClient) -> APIRouter:
+    router = APIRouter()
+    warned_no_tokenizer = False
+
+    async def tokenizer_for(call: GenerateCall) -> Any:
+        """The tokenizer; prompts given as ids still work (with empty text) without one."""
+        nonlocal warned_no_tokenizer
+        needs_text_in = any(p.input_ids is None for p in call.prompts)
+        try:
+            return await inference.tokenizer()
+        except Unavailable as exc:
+            if needs_text_in:
+                raise
+            if not warned_no_tokenizer:
+                log.warning("%s; /generate answers output_ids with empty text", exc)
+                warned_no_tokenizer = True
+            return None
+
+    @router.post("/generate", response_model=None)
+    async def generate(request: Request) -> Response:
+        if not inference.configured:
+            raise Unavailable(NO_INFERENCE)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+        call = parse_generate(body)
+        started = time.perf_counter()
+        span = tracer.start_span(
+            "POST /generate", context=extract_context(request.headers), kind=trace.SpanKind.SERVER
+        )
+        streaming = False
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                tokenizer = await tokenizer_for(call)
+                if tokenizer is not None:
+                    await inference.in_tokenizer_thread(_encode_prompts, tokenizer, call)
+                if call.stream:
+                    # The calls start here, inside the span, so their metadata carries
+                    # it; the stream ends the span.
+                    calls = [inference.generate(call.request(i)) for i in range(len(call.prompts))]
+                    streaming = True
+                    return StreamingResponse(
+                        _stream(inference, call, calls, tokenizer, span), media_type="text/event-stream"
+                    )
+                results = await asyncio.gather(
+                    *(inference.collect(call.request(i)) for i in range(len(call.prompts)))
+                )
+            rendered = await inference.in_tokenizer_thread(
+                _render, tokenizer, call, results, time.perf_counter() - started
+            )
+        finally:
+            if not streaming:
+                span.end()
+        return JSONResponse(rendered[0] if call.single else rendered)
+
+    @router.get("/health")
+    async def health() -> Response:
+        if not inference.configured:
+            return error_response(Unavailable.code, NO_INFERENCE)
+        await inference.model_info(refresh=True, timeout=10.0)
+        return Response(status_code=200)
+
+    @router.get("/get_model_info")
+    async def get_model_info() -> dict:
+        if not inference.configured:
+            raise Unavailable(NO_INFERENCE)
+        info = await inference.model_info()
+        return {
+            "model_path": info.model_path,
+            "tokenizer_path": inference.tokenizer_path or info.model_path,
+            "is_generation": True,
+            "model_name": info.model_name,
+            "max_context_len": info.max_context_len,
+            "eos_token_id": info.eos_token_id,
+            "engine": info.engine,
+            "shard_count": info.shard_count,
+        }
+
+    return router
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def _stream(
+    inference: InferenceClient, call: GenerateCall, calls: list[Any], tokenizer: Any, span: trace.Span
+) -> AsyncIterator[bytes]:
+    """SGLang's stream: one `data: {...}` line per chunk with the text and ids so far
+    (and `index`: prompt-major sample number), the final result per sample, then
+    `data: [DONE]`."""
+    started = time.perf_counter()
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, stream: Any) -> None:
+        try:
+            async for message in stream:
+                await queue.put((i, message))
+            await queue.put((i, None))
+        except (aio.AioRpcError, ClothoError) as exc:
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(calls)]
+    sofar: dict[tuple[int, int], list[int]] = {}
+    try:
+        open_streams = len(calls)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, Exception):
+                message = item.details() if isinstance(item, aio.AioRpcError) else str(item)
+                yield _sse({"error": {"message": f"inference service: {message}"}})
+                break
+            prompt = call.prompts[i]
+            index = i * prompt.n + item.index
+            if item.WhichOneof("payload") == "chunk":
+                ids = sofar.setdefault((i, item.index), [])
+                ids.extend(item.chunk.token_ids)
+                text, _ = await inference.in_tokenizer_thread(_decode, tokenizer, prompt, ids, False)
+                yield _sse(
+                    {
+                        "text": text,
+                        "output_ids": list(ids),
+                        "meta_info": {
+                            "id": result_rid(prompt, item.index),
+                            "finish_reason": None,
+                            "prompt_tokens": len(prompt.input_ids or ()),
+                            "completion_tokens": len(ids),
+                            "weight_version": str(item.chunk.version),
+                        },
+                        "index": index,
+                    }
+                )
+            else:
+                completion = item.completion
+                text, pieces = await inference.in_tokenizer_thread(
+                    _decode, tokenizer, prompt, list(completion.output_ids),
+                    call.return_text_in_logprobs and prompt.return_logprob,
+                )
+                result = result_json(
+                    prompt, completion, text, result_rid(prompt, item.index), pieces, None,
+                    time.perf_counter() - started,
+                )
+                result["index"] = index
+                yield _sse(result)
+        yield b"data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for c in calls:
+            c.cancel()
+        span.end()

@@ -1,0 +1,203 @@
+"""Atropos `ScoredData` groups: parsing, validation, and the dict form the store keeps.
+
+A group is kept as the same dict Atropos' server builds (every Atropos key present,
+None when absent), so `/batch` answers byte for byte what Atropos would. Parsing
+accepts what Atropos' pydantic model accepts (lax types) and then checks what Atropos
+does not: per-sequence lengths agree, so a trainer never receives a malformed group.
+Every problem names its field and index.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Iterable, Optional
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from services.common.errors import InvalidArgument
+
+# Token ids and labels travel as int32 in ScoredSequence; checking the range at the
+# door keeps a batch from failing to encode later.
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+
+# The keys of Atropos' group dict, in Atropos' order.
+ATROPOS_KEYS = (
+    "tokens",
+    "masks",
+    "scores",
+    "advantages",
+    "ref_logprobs",
+    "messages",
+    "generation_params",
+    "inference_logprobs",
+    "overrides",
+    "group_overrides",
+    "images",
+    "env_id",
+    "distill_token_ids",
+    "distill_logprobs",
+)
+# Clotho's extension: the policy version of each sequence (None where unknown). Only
+# present in a group dict when some sequence carries one.
+POLICY_VERSIONS = "policy_versions"
+
+# Optional per-sequence fields whose entries are per-token lists.
+PER_TOKEN_FIELDS = ("advantages", "ref_logprobs", "inference_logprobs")
+# Optional fields with one entry per sequence (the names `present_fields` uses).
+PER_SEQUENCE_FIELDS = (
+    "advantages",
+    "ref_logprobs",
+    "inference_logprobs",
+    "messages",
+    "overrides",
+    "distill_token_ids",
+    "distill_logprobs",
+)
+
+
+class ScoredData(BaseModel):
+    """Atropos' ScoredData request body, plus Clotho's optional `policy_versions`."""
+
+    tokens: list[list[Int32]]
+    masks: list[list[Int32]]
+    scores: list[float]
+    advantages: Optional[list[list[float]]] = None
+    ref_logprobs: Optional[list[list[float]]] = None
+    messages: Optional[list[list[dict[str, Any]]]] = None
+    generation_params: Optional[dict[str, Any]] = None
+    inference_logprobs: Optional[list[list[float]]] = None
+    overrides: Optional[list[dict]] = None
+    group_overrides: Optional[dict] = None
+    images: Optional[Any] = None
+    env_id: Optional[int] = None
+    distill_token_ids: Optional[list[list[list[Int32]]]] = None
+    distill_logprobs: Optional[list[list[list[float]]]] = None
+    policy_versions: Optional[list[Optional[Annotated[int, Field(ge=0, le=2**64 - 1)]]]] = None
+
+
+_ONE = TypeAdapter(ScoredData)
+_MANY = TypeAdapter(list[ScoredData])
+
+
+class ScoredDataInvalid(InvalidArgument):
+    """A submission that is not a valid group; `problems` names each bad field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = "; ".join(problems[:5])
+        if len(problems) > 5:
+            shown += f"; and {len(problems) - 5} more"
+        super().__init__(shown)
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """('tokens', 1, 3) -> 'tokens[1][3]'; (2, 'masks', 0) -> '[2].masks[0]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _pydantic_problems(exc: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = field_path(err["loc"])
+        where = f"{prefix}{path}" if path else (prefix.rstrip(".") or "body")
+        problems.append(f"{where}: {err['msg']}")
+    return problems
+
+
+def to_group(data: ScoredData) -> dict[str, Any]:
+    """The dict Atropos keeps for a group (every Atropos key, None when absent)."""
+    group = {key: getattr(data, key) for key in ATROPOS_KEYS}
+    if data.policy_versions is not None:
+        group[POLICY_VERSIONS] = data.policy_versions
+    return group
+
+
+def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:
+    """Everything wrong with a group dict whose fields already have the right types."""
+    p = prefix
+    problems: list[str] = []
+    tokens = group["tokens"]
+    n = len(tokens)
+    if n == 0:
+        problems.append(f"{p}tokens: a group needs at least one sequence")
+
+    def per_sequence(name: str) -> list | None:
+        value = group.get(name)
+        if value is not None and len(value) != n:
+            problems.append(f"{p}{name} has {len(value)} entries but tokens has {n} (one per sequence)")
+            return None
+        return value
+
+    masks = per_sequence("masks")
+    if masks is not None:
+        for i, (toks, mask) in enumerate(zip(tokens, masks)):
+            if len(mask) != len(toks):
+                problems.append(f"{p}masks[{i}] has {len(mask)} entries but tokens[{i}] has {len(toks)}")
+    per_sequence("scores")
+    for name in PER_TOKEN_FIELDS:
+        values = per_sequence(name)
+        if values is None:
+            continue
+        for i, (toks, row) in enumerate(zip(tokens, values)):
+            if len(row) != len(toks):
+                problems.append(f"{p}{name}[{i}] has {len(row)} entries but tokens[{i}] has {len(toks)}")
+    messages = per_sequence("messages")
+    if messages is not None:
+        for i, chat in enumerate(messages):
+            for j, message in enumerate(chat):
+                if "role" not in message or "content" not in message:
+                    problems.append(f"{p}messages[{i}][{j}] must have 'role' and 'content' fields")
+    per_sequence("overrides")
+    per_sequence(POLICY_VERSIONS)
+    ids = per_sequence("distill_token_ids")
+    logprobs = per_sequence("distill_logprobs")
+    if ids is not None and logprobs is not None:
+        for i, (id_rows, lp_rows) in enumerate(zip(ids, logprobs)):
+            if len(id_rows) != len(lp_rows):
+                problems.append(
+                    f"{p}distill_logprobs[{i}] has {len(lp_rows)} positions but "
+                    f"distill_token_ids[{i}] has {len(id_rows)}"
+                )
+                continue
+            for k, (id_row, lp_row) in enumerate(zip(id_rows, lp_rows)):
+                if len(id_row) != len(lp_row):
+                    problems.append(
+                        f"{p}distill_logprobs[{i}][{k}] has {len(lp_row)} entries but "
+                        f"distill_token_ids[{i}][{k}] has {len(id_row)}"
+                    )
+    return problems
+
+
+def check_group(group: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Return `group` unchanged, or raise ScoredDataInvalid naming what is wrong."""
+    problems = group_problems(group, prefix)
+    if problems:
+        raise ScoredDataInvalid(problems)
+    return group
+
+
+def parse_scored_data(body: bytes) -> dict[str, Any]:
+    """One group from a `/scored_data` JSON body."""
+    try:
+        data = _ONE.validate_json(body)
+    except ValidationError as exc:
+        raise ScoredDataInvalid(_pydantic_problems(exc)) from None
+    return check_group(to_group(data))
+
+
+def parse_scored_data_list(body: bytes) -> list[dict[str, Any]]:
+    """Every group of a `/scored_data_list` JSON body; one bad group rejects them all."""
+    try:
+        items = _MANY.validate_json(body)
+    except ValidationError as exc:
+        raise ScoredDataInvalid(_pydantic_problems(exc)) from None
+    groups = [to_group(item) for item in items]
+    problems = [msg for i, g in enumerate(groups) for msg in group_problems(g, prefix=f"[{i}].")]
+    if problems:
+        raise ScoredDataInvalid(problems)
+    return groups

@@ -1,0 +1,149 @@
+"""The gateway process: GatewayService over gRPC and the Atropos/SGLang HTTP API over
+uvicorn, in one event loop, sharing one TrajectoryState."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+import uvicorn
+
+from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
+from services.common.server import GrpcServer, build_server, run_service
+from services.common.telemetry import setup_tracing
+from services.gateway.http_app import create_app
+from services.gateway.inference_client import InferenceClient
+from services.gateway.servicer import SERVICE_NAME, GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.state import TrajectoryState
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the process's SIGTERM handling
+    (run_service) decides when HTTP stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """A listening socket; binding it here (port 0 included) tells us the real port
+    before uvicorn starts, and early clients wait in the backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class GatewayServer(GrpcServer):
+    """The bound gRPC server plus the HTTP side: start() and stop() run both."""
+
+    state: TrajectoryState = field(default_factory=TrajectoryState)
+    inference: InferenceClient | None = None
+    app: Any = None
+    http: uvicorn.Server | None = None
+    http_socket: socket.socket | None = None
+    http_task: asyncio.Task | None = None
+
+    @property
+    def http_port(self) -> int:
+        assert self.http_socket is not None
+        return self.http_socket.getsockname()[1]
+
+    async def start_http(self) -> None:
+        assert self.http is not None and self.http_socket is not None
+        self.http_task = asyncio.create_task(self.http.serve(sockets=[self.http_socket]))
+
+    async def stop_http(self) -> None:
+        if self.http is not None and self.http_task is not None:
+            self.http.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.http_task
+        if self.http_socket is not None:
+            self.http_socket.close()
+        if self.inference is not None:
+            await self.inference.close()
+
+    async def start(self) -> None:
+        """Start both servers (tests; the process uses serve())."""
+        await self.server.start()
+        await self.set_serving(True)
+        await self.start_http()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.set_serving(False)
+        await self.stop_http()
+        await self.server.stop(grace)
+
+
+def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
+    """Bind both servers (nothing runs yet); returns the server and its gRPC port."""
+    state = TrajectoryState()
+    inference = InferenceClient(settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds)
+    servicer = GatewayServicer(state)
+    grpc_server = build_server(
+        settings.host, settings.grpc_port, [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)]
+    )
+    app = create_app(state, inference, settings.max_body_bytes)
+    sock = bind_http(settings.http_host, settings.http_port)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=settings.grace_seconds,
+    )
+    gateway = GatewayServer(
+        server=grpc_server.server,
+        port=grpc_server.port,
+        health=grpc_server.health,
+        service_names=grpc_server.service_names,
+        state=state,
+        inference=inference,
+        app=app,
+        http=_EmbeddedUvicorn(config),
+        http_socket=sock,
+    )
+    return gateway, gateway.port
+
+
+async def serve(settings: GatewaySettings) -> None:
+    setup_tracing("clotho-gateway")
+    gateway, _ = create_server(settings)
+    await gateway.start_http()
+
+    async def watch_http(_stop: asyncio.Event) -> None:
+        # Ends the process if the HTTP server dies; shielded so that a normal stop
+        # lets stop_http shut it down gracefully.
+        assert gateway.http_task is not None
+        await asyncio.shield(gateway.http_task)
+        raise RuntimeError("the HTTP server stopped unexpectedly")
+
+    log.info(
+        "gateway: gRPC %s:%d, HTTP %s:%d, inference %s",
+        settings.host, gateway.port, settings.http_host, gateway.http_port, settings.inference or "none",
+    )
+    await run_service(
+        gateway,
+        settings.grace_seconds,
+        settings.ready_file,
+        extra_ready={"http_port": gateway.http_port},
+        on_stop=gateway.stop_http,
+        background=watch_http,
+    )

@@ -1,0 +1,164 @@
+"""clotho.v1.GatewayService over the same TrajectoryState as the Atropos REST routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from grpc import aio
+
+from clotho.v1 import gateway_service_pb2 as pb
+from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.gateway.convert import group_from_proto, group_to_proto
+from services.gateway.scored_data import check_group
+from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "clotho.v1.GatewayService"
+_STOP = object()
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    """The trajectory API for gRPC clients (trainers and non-Python environments)."""
+
+    def __init__(self, state: TrajectoryState) -> None:
+        self._state = state
+
+    async def RegisterTrainer(
+        self, request: pb.RegisterTrainerRequest, context: aio.ServicerContext
+    ) -> pb.RegisterTrainerResponse:
+        if request.batch_size == 0:
+            raise InvalidArgument("batch_size must be at least 1")
+        requester = self._state.register_trainer(
+            TrainerRegistration(
+                wandb_group=request.wandb_group,
+                wandb_project=request.wandb_project,
+                batch_size=request.batch_size,
+                max_token_len=request.max_token_len,
+                checkpoint_dir=request.checkpoint_dir,
+                save_checkpoint_interval=request.save_checkpoint_interval,
+                starting_step=request.starting_step,
+                num_steps=request.num_steps,
+            )
+        )
+        return pb.RegisterTrainerResponse(uuid=str(requester))
+
+    async def RegisterEnv(self, request: pb.RegisterEnvRequest, context: aio.ServicerContext) -> pb.RegisterEnvResponse:
+        if request.group_size == 0:
+            raise InvalidArgument("group_size must be at least 1")
+        minimum = request.min_batch_allocation if request.HasField("min_batch_allocation") else None
+        if minimum is not None and not 0.0 <= minimum <= 1.0:
+            raise InvalidArgument(f"min_batch_allocation must be in [0, 1], got {minimum}")
+        registered = self._state.register_env(
+            EnvRegistration(
+                max_token_length=request.max_token_length,
+                desired_name=request.desired_name,
+                weight=request.weight,
+                group_size=request.group_size,
+                min_batch_allocation=minimum,
+            )
+        )
+        if registered is None:
+            return pb.RegisterEnvResponse(status="wait for trainer to start")
+        return pb.RegisterEnvResponse(
+            status="success",
+            env_id=registered.env_id,
+            wandb_name=registered.wandb_name,
+            checkpoint_dir=registered.checkpoint_dir,
+            starting_step=registered.starting_step,
+            checkpoint_interval=registered.checkpoint_interval,
+            num_steps=registered.num_steps,
+        )
+
+    async def DisconnectEnv(
+        self, request: pb.DisconnectEnvRequest, context: aio.ServicerContext
+    ) -> pb.DisconnectEnvResponse:
+        self._state.disconnect_env(request.env_id)
+        return pb.DisconnectEnvResponse()
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext) -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(
+            current_step=self._state.step,
+            queue_size=self._state.queue_size,
+            policy_version=self._state.policy_version,
+        )
+
+    async def GetEnvStatus(
+        self, request: pb.GetEnvStatusRequest, context: aio.ServicerContext
+    ) -> pb.GetEnvStatusResponse:
+        s = self._state.env_status(request.env_id)
+        return pb.GetEnvStatusResponse(
+            current_step=s.current_step,
+            queue_size=s.queue_size,
+            unallocated_fraction=s.unallocated_fraction,
+            self_queue_size=s.self_queue_size,
+            max_group_size=s.max_group_size,
+            env_weight=s.env_weight,
+        )
+
+    async def SubmitScoredData(
+        self, request_iterator: AsyncIterator[pb.SubmitScoredDataRequest], context: aio.ServicerContext
+    ) -> pb.SubmitScoredDataResponse:
+        """All or nothing: every group is checked as it arrives and the stream's groups
+        enter the queue together once the client has sent them all."""
+        groups = []
+        async for request in request_iterator:
+            where = f"groups[{len(groups)}]."
+            try:
+                group = group_from_proto(request.group)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{where}{exc}") from None
+            groups.append(check_group(group, prefix=where))
+        outcomes = self._state.submit(groups)
+        buffered = sum(1 for o in outcomes if o.buffered)
+        return pb.SubmitScoredDataResponse(received=len(outcomes) - buffered, buffered=buffered)
+
+    async def StreamBatches(
+        self, request_iterator: AsyncIterator[pb.StreamBatchesRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamBatchesResponse]:
+        """Send a batch whenever one can be formed and a credit is unspent. The first
+        credit counts as the trainer starting (like the first /batch); batches come
+        from the same queue and advance the same step as /batch."""
+        state = self._state
+        credits = 0
+        closed = False
+        failure: list[BaseException] = []
+
+        async def read_credits() -> None:
+            nonlocal credits, closed
+            try:
+                async for request in request_iterator:
+                    if request.credits:
+                        state.mark_started()
+                        credits += request.credits
+                        state.wakeup.notify()
+            except FailedPrecondition as exc:
+                failure.append(exc)
+            except Exception as exc:  # noqa: BLE001 - a broken client stream just ends the credits
+                log.debug("StreamBatches credit stream ended: %r", exc)
+            finally:
+                closed = True
+                state.wakeup.notify()
+
+        def next_batch() -> object:
+            if failure or (closed and credits == 0):
+                return _STOP
+            if credits > 0 and state.trainer is not None:
+                return state.take_batch()
+            return None
+
+        reader = asyncio.create_task(read_credits())
+        try:
+            while True:
+                batch = await state.wakeup.wait_for(next_batch)
+                if batch is _STOP:
+                    break
+                credits -= 1
+                yield pb.StreamBatchesResponse(groups=[group_to_proto(g) for g in batch], step=state.step)
+            if failure:
+                raise failure[0]
+        finally:
+            reader.cancel()

@@ -1,0 +1,329 @@
+"""SGLang's native `/generate` request and response, translated to and from
+InferenceService.Generate.
+
+Request: `text` (str or list) or `input_ids` (list[int] or list[list[int]]),
+`sampling_params` (one dict, or one per prompt), `return_logprob`,
+`logprob_start_len`, `return_text_in_logprobs`, `rid`, `stream`. Response: one object
+for a single prompt with n=1, else a list, prompt-major then sample, each
+`{"text", "output_ids", "meta_info": {...}}` as SGLang writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from clotho.v1 import inference_service_pb2 as pb
+from services.common.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+# Sampling parameters handled by the gateway itself rather than the engine.
+_GATEWAY_SAMPLING = {"skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"}
+_UINT32 = 2**32 - 1
+_UINT64 = 2**64 - 1
+_INT32 = 2**31 - 1
+
+
+@dataclass
+class Prompt:
+    """One prompt of a /generate call, ready to send."""
+
+    input_ids: list[int] | None
+    text: str | None
+    sampling: pb.SamplingParams
+    n: int
+    stop: list[str]
+    return_logprob: bool
+    logprob_start_len: int
+    rid: str
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+
+@dataclass
+class GenerateCall:
+    """A parsed /generate body."""
+
+    prompts: list[Prompt]
+    batched: bool
+    stream: bool = False
+    return_text_in_logprobs: bool = False
+    single: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.single = not self.batched and self.prompts[0].n == 1
+
+    def request(self, i: int) -> pb.GenerateRequest:
+        prompt = self.prompts[i]
+        assert prompt.input_ids is not None
+        return pb.GenerateRequest(
+            input_ids=prompt.input_ids,
+            sampling_params=prompt.sampling,
+            return_prompt_logprobs=prompt.return_logprob and prompt.logprob_start_len >= 0,
+            stream=self.stream,
+            request_id=prompt.rid,
+        )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _per_prompt(name: str, value: Any, count: int, batched: bool, check) -> list[Any]:
+    """A value given once for every prompt, or as a list with one per prompt."""
+    if batched and isinstance(value, list):
+        if len(value) != count:
+            raise InvalidArgument(f"{name} has {len(value)} entries but there are {count} prompts")
+        for i, v in enumerate(value):
+            check(f"{name}[{i}]", v)
+        return list(value)
+    check(name, value)
+    return [value] * count
+
+
+def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str], bool, bool]:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidArgument(f"{where} must be an object, got {type(params).__name__}")
+    out = pb.SamplingParams()
+
+    def number(key: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float | None:
+        value = params.get(key)
+        if value is None:
+            return None
+        if not _is_number(value):
+            raise InvalidArgument(f"{where}.{key} must be a number, got {value!r}")
+        if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi if hi is not None else 'inf'}]"
+            raise InvalidArgument(f"{where}.{key} must be in {bound}, got {value}")
+        return value
+
+    def integer(key: str, lo: int, hi: int) -> int | None:
+        value = params.get(key)
+        if value is None:
+            return None
+        if not _is_int(value):
+            raise InvalidArgument(f"{where}.{key} must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise InvalidArgument(f"{where}.{key} must be between {lo} and {hi}, got {value}")
+        return value
+
+    if (v := integer("max_new_tokens", 0, _UINT32)) is not None:
+        out.max_new_tokens = v
+    if (v := number("temperature", 0.0)) is not None:
+        out.temperature = v
+    if (v := number("top_p", 0.0, 1.0, lo_open=True)) is not None:
+        out.top_p = v
+    # SGLang's "all tokens" is -1; the engine's is unset.
+    if (v := integer("top_k", -1, _INT32)) is not None and v > 0:
+        out.top_k = v
+    n = integer("n", 1, _UINT32)
+    if n is not None:
+        out.n = n
+    seed_key = "seed" if params.get("seed") is not None else "sampling_seed"
+    if (v := integer(seed_key, 0, _UINT64)) is not None:
+        out.seed = v
+
+    stop = params.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise InvalidArgument(f"{where}.stop must be a string or a list of strings, got {stop!r}")
+    out.stop.extend(stops)
+
+    stop_ids = params.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(_is_int(t) and -_INT32 - 1 <= t <= _INT32 for t in stop_ids):
+            raise InvalidArgument(f"{where}.stop_token_ids must be a list of token ids, got {stop_ids!r}")
+        out.stop_token_ids.extend(stop_ids)
+
+    flags = {}
+    for key, default in (("ignore_eos", False), ("skip_special_tokens", True), ("no_stop_trim", False)):
+        value = params.get(key, default)
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{where}.{key} must be true or false, got {value!r}")
+        flags[key] = value
+    out.ignore_eos = flags["ignore_eos"]
+
+    known = {"max_new_tokens", "temperature", "top_p", "top_k", "n", "seed", "sampling_seed", "stop",
+             "stop_token_ids", "ignore_eos"} | _GATEWAY_SAMPLING
+    ignored = sorted(set(params) - known)
+    if ignored:
+        log.debug("ignoring sampling params the engine does not support: %s", ignored)
+    return out, n or 1, stops, flags["skip_special_tokens"], flags["no_stop_trim"]
+
+
+def parse_generate(body: Any) -> GenerateCall:
+    """Validate a /generate body; InvalidArgument names the offending field."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise InvalidArgument("give exactly one of text or input_ids")
+
+    texts: list[str] | None = None
+    ids: list[list[int]] | None = None
+    if text is not None:
+        if isinstance(text, str):
+            texts, batched = [text], False
+        elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            texts, batched = list(text), True
+        else:
+            raise InvalidArgument("text must be a string or a non-empty list of strings")
+        count = len(texts)
+    else:
+        if not isinstance(input_ids, list) or not input_ids:
+            raise InvalidArgument("input_ids must be a non-empty list of token ids or of lists of token ids")
+        batched = isinstance(input_ids[0], list)
+        rows = input_ids if batched else [input_ids]
+        for i, row in enumerate(rows):
+            where = f"input_ids[{i}]" if batched else "input_ids"
+            if not isinstance(row, list) or not row:
+                raise InvalidArgument(f"{where} must be a non-empty list of token ids")
+            for k, tok in enumerate(row):
+                if not _is_int(tok) or not 0 <= tok <= _INT32:
+                    raise InvalidArgument(f"{where}[{k}] must be a token id, got {tok!r}")
+        ids = [list(r) for r in rows]
+        count = len(ids)
+
+    def any_ok(_w: str, _v: Any) -> None:
+        return None
+
+    def bool_ok(where: str, v: Any) -> None:
+        if not isinstance(v, bool):
+            raise InvalidArgument(f"{where} must be true or false, got {v!r}")
+
+    def int_ok(where: str, v: Any) -> None:
+        if not _is_int(v):
+            raise InvalidArgument(f"{where} must be an integer, got {v!r}")
+
+    def rid_ok(where: str, v: Any) -> None:
+        if v is not None and not isinstance(v, str):
+            raise InvalidArgument(f"{where} must be a string, got {v!r}")
+
+    samplings = _per_prompt("sampling_params", body.get("sampling_params"), count, batched, any_ok)
+    logprobs = _per_prompt("return_logprob", body.get("return_logprob", False), count, batched, bool_ok)
+    starts = _per_prompt("logprob_start_len", body.get("logprob_start_len", -1), count, batched, int_ok)
+    rids = _per_prompt("rid", body.get("rid"), count, batched, rid_ok)
+    stream = body.get("stream", False)
+    bool_ok("stream", stream)
+    text_in_logprobs = body.get("return_text_in_logprobs", False)
+    bool_ok("return_text_in_logprobs", text_in_logprobs)
+
+    prompts = []
+    for i in range(count):
+        where = f"sampling_params[{i}]" if isinstance(body.get("sampling_params"), list) else "sampling_params"
+        sampling, n, stops, skip_special, no_trim = _sampling(where, samplings[i])
+        prompts.append(
+            Prompt(
+                input_ids=ids[i] if ids is not None else None,
+                text=texts[i] if texts is not None else None,
+                sampling=sampling,
+                n=n,
+                stop=stops,
+                return_logprob=logprobs[i],
+                logprob_start_len=starts[i],
+                rid=rids[i] or uuid.uuid4().hex,
+                skip_special_tokens=skip_special,
+                no_stop_trim=no_trim,
+            )
+        )
+    return GenerateCall(prompts=prompts, batched=batched, stream=stream, return_text_in_logprobs=text_in_logprobs)
+
+
+_INT_TEXT = re.compile(r"-?\d+")
+
+
+def finish_reason(prompt: Prompt, completion: pb.Completion) -> dict[str, Any] | None:
+    """SGLang's finish_reason object: stop (with the token id or string matched),
+    length (with the tokens generated) or abort (with a message)."""
+    reason = completion.finish_reason
+    if reason == pb.FINISH_REASON_STOP:
+        matched: Any = completion.matched_stop
+        if matched in prompt.stop:
+            pass
+        elif _INT_TEXT.fullmatch(matched):
+            matched = int(matched)
+        elif not matched:
+            matched = completion.output_ids[-1] if completion.output_ids else None
+        return {"type": "stop", "matched": matched}
+    if reason == pb.FINISH_REASON_LENGTH:
+        return {"type": "length", "length": len(completion.output_ids)}
+    if reason == pb.FINISH_REASON_ABORT:
+        return {"type": "abort", "message": completion.matched_stop or "aborted"}
+    return None
+
+
+def trim_stop(prompt: Prompt, completion: pb.Completion, text: str) -> str:
+    """SGLang cuts the output text at a matched stop string unless no_stop_trim."""
+    matched = completion.matched_stop
+    if (
+        completion.finish_reason == pb.FINISH_REASON_STOP
+        and not prompt.no_stop_trim
+        and matched
+        and matched in prompt.stop
+    ):
+        cut = text.find(matched)
+        if cut != -1:
+            return text[:cut]
+    return text
+
+
+def weight_version(completion: pb.Completion) -> str:
+    spans = completion.version_spans
+    return str(spans[-1].version) if spans else "0"
+
+
+def result_json(
+    prompt: Prompt,
+    completion: pb.Completion,
+    text: str,
+    rid: str,
+    token_texts: list[str] | None = None,
+    prompt_token_texts: list[str] | None = None,
+    e2e_latency: float | None = None,
+) -> dict[str, Any]:
+    """One SGLang result object for one sample."""
+    output_ids = list(completion.output_ids)
+    meta: dict[str, Any] = {
+        "id": rid,
+        "finish_reason": finish_reason(prompt, completion),
+        "prompt_tokens": completion.prompt_tokens or len(prompt.input_ids or ()),
+        "completion_tokens": len(output_ids),
+        "weight_version": weight_version(completion),
+        # Clotho: which policy version produced which tokens ([start_token, version]).
+        "weight_version_spans": [[s.start_token, s.version] for s in completion.version_spans],
+    }
+    if prompt.return_logprob:
+        texts = token_texts or [None] * len(output_ids)
+        meta["output_token_logprobs"] = [
+            [lp, tok, t] for lp, tok, t in zip(completion.output_logprobs, output_ids, texts)
+        ]
+        start = prompt.logprob_start_len
+        if start >= 0 and prompt.input_ids is not None:
+            lps = list(completion.prompt_logprobs)
+            ptexts = prompt_token_texts or [None] * len(prompt.input_ids)
+            meta["input_token_logprobs"] = [
+                [(lps[k] if 0 < k < len(lps) else None), prompt.input_ids[k], ptexts[k]]
+                for k in range(start, len(prompt.input_ids))
+            ]
+    if e2e_latency is not None:
+        meta["e2e_latency"] = e2e_latency
+    return {"text": trim_stop(prompt, completion, text), "output_ids": output_ids, "meta_info": meta}
+
+
+def result_rid(prompt: Prompt, sample: int) -> str:
+    return prompt.rid if prompt.n == 1 else f"{prompt.rid}-{sample}"

@@ -1,0 +1,106 @@
+"""SGLang /generate bodies -> GenerateRequest, and Completion -> SGLang result JSON."""
+
+from __future__ import annotations
+
+import pytest
+
+from clotho.v1 import inference_service_pb2 as ipb
+from clotho.v1 import policy_pb2
+from services.common.errors import InvalidArgument
+from services.gateway.sglang import parse_generate, result_json
+
+
+def test_single_prompt_with_sampling_params():
+    call = parse_generate(
+        {
+            "input_ids": [5, 6, 7],
+            "sampling_params": {
+                "max_new_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "n": 1,
+                "stop": "\n", "stop_token_ids": [2], "ignore_eos": True, "seed": 11, "min_p": 0.1,
+            },
+            "return_logprob": True,
+            "rid": "req-1",
+        }
+    )
+    assert call.single and not call.batched and not call.stream
+    request = call.request(0)
+    assert list(request.input_ids) == [5, 6, 7]
+    sp = request.sampling_params
+    assert (sp.max_new_tokens, sp.top_k, sp.seed, sp.ignore_eos) == (8, 0, 11, True)
+    assert sp.HasField("temperature") and not sp.HasField("top_k")  # -1 = every token
+    assert list(sp.stop) == ["\n"] and list(sp.stop_token_ids) == [2]
+    assert request.request_id == "req-1"
+    assert not request.return_prompt_logprobs
+
+
+def test_batches_and_n_make_lists():
+    call = parse_generate({"input_ids": [[1, 2], [3]], "sampling_params": [{"n": 2}, {"n": 3, "sampling_seed": 4}]})
+    assert call.batched and not call.single
+    assert [p.n for p in call.prompts] == [2, 3]
+    assert call.request(1).sampling_params.seed == 4
+    assert not parse_generate({"text": "hi", "sampling_params": {"n": 2}}).single
+    assert parse_generate({"text": ["a", "b"]}).batched
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, "exactly one of text or input_ids"),
+        ({"text": "a", "input_ids": [1]}, "exactly one of text or input_ids"),
+        ({"input_ids": []}, "input_ids must be a non-empty list"),
+        ({"input_ids": [1, "a"]}, "input_ids[1] must be a token id"),
+        ({"input_ids": [[1], [2, -3]]}, "input_ids[1][1] must be a token id"),
+        ({"text": "a", "sampling_params": {"temperature": "hot"}}, "sampling_params.temperature must be a number"),
+        ({"text": "a", "sampling_params": {"top_p": 0}}, "sampling_params.top_p must be in (0.0, 1.0]"),
+        ({"text": "a", "sampling_params": {"n": 0}}, "sampling_params.n must be between 1"),
+        ({"text": "a", "sampling_params": {"max_new_tokens": 1.5}}, "sampling_params.max_new_tokens must be an integer"),
+        ({"text": "a", "sampling_params": {"stop": [1]}}, "sampling_params.stop must be a string or a list"),
+        ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params has 1 entries but there are 2 prompts"),
+        ({"text": "a", "return_logprob": "yes"}, "return_logprob must be true or false"),
+        ([1, 2], "the body must be a JSON object"),
+    ],
+)
+def test_bad_bodies_name_the_field(body, message):
+    with pytest.raises(InvalidArgument) as info:
+        parse_generate(body)
+    assert message in str(info.value)
+
+
+def completion(reason, matched="", ids=(9, 10, 2), logprobs=(-0.5, -1.0, -0.25), version=3):
+    return ipb.Completion(
+        output_ids=list(ids),
+        output_logprobs=list(logprobs),
+        finish_reason=reason,
+        matched_stop=matched,
+        version_spans=[policy_pb2.VersionSpan(start_token=0, version=version)],
+        prompt_logprobs=[0.0, -2.0, -3.0],
+        prompt_tokens=3,
+    )
+
+
+def test_result_json_has_sglang_shape_and_logprob_triples():
+    call = parse_generate({"input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": 1, "rid": "r"})
+    prompt = call.prompts[0]
+    out = result_json(prompt, completion(ipb.FINISH_REASON_STOP, "2"), "ab", "r")
+    assert out["text"] == "ab" and out["output_ids"] == [9, 10, 2]
+    meta = out["meta_info"]
+    assert meta["id"] == "r"
+    assert meta["finish_reason"] == {"type": "stop", "matched": 2}
+    assert (meta["prompt_tokens"], meta["completion_tokens"], meta["weight_version"]) == (3, 3, "3")
+    assert meta["output_token_logprobs"] == [[-0.5, 9, None], [-1.0, 10, None], [-0.25, 2, None]]
+    assert meta["input_token_logprobs"] == [[-2.0, 6, None], [-3.0, 7, None]]
+
+
+def test_finish_reasons_and_stop_trimming():
+    prompt = parse_generate({"input_ids": [1], "sampling_params": {"stop": ["END"]}}).prompts[0]
+    stopped = result_json(prompt, completion(ipb.FINISH_REASON_STOP, "END"), "abcEND", "r")
+    assert stopped["text"] == "abc"
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": "END"}
+    assert "output_token_logprobs" not in stopped["meta_info"]
+    length = result_json(prompt, completion(ipb.FINISH_REASON_LENGTH), "abc", "r")
+    assert length["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    aborted = result_json(prompt, completion(ipb.FINISH_REASON_ABORT, "shutting down"), "", "r")
+    assert aborted["meta_info"]["finish_reason"] == {"type": "abort", "message": "shutting down"}
+    # Stopped by eos with no explicit match: the last token is what matched.
+    eos = result_json(prompt, completion(ipb.FINISH_REASON_STOP, ""), "ab", "r")
+    assert eos["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
