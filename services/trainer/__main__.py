@@ -1,0 +1,19 @@
+"""`python -m services.trainer --model-path D --gateway H:P --inference H:P`."""
+
+from __future__ import annotations
+
+import sys
+
+from services.common.server import run_main
+from services.common.settings import load_settings
+from services.trainer.server import serve
+from services.trainer.settings import TrainerSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = load_settings(TrainerSettings, sys.argv[1:] if argv is None else argv)
+    run_main(lambda: serve(settings), settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

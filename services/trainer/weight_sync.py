@@ -1,0 +1,443 @@
+"""The sender side of the versioned weight-update protocol.
+
+One push: (re)form the collective group while every shard prepares, broadcast the
+buckets, have every shard verify the checksums, then commit everywhere. Any failure
+aborts the update on every shard and drops the group; the next push forms a new one
+under a new name. Every stage runs under the update's deadline, and every blocking
+collective runs in a worker thread under the group's timeout, so nothing hangs.
+
+Transport: gloo over CPU buffers (an NCCL path needs device staging buffers and comes
+with GPU shards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+
+import torch
+from grpc import aio
+from opentelemetry import trace
+
+from clotho.v1 import inference_service_pb2 as pb
+from clotho.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.errors import Aborted
+from services.common.server import channel
+from services.common.weight_transfer import (
+    DEFAULT_BUCKET_BYTES,
+    CollectiveGroup,
+    Manifest,
+    build_manifest,
+    crc32,
+    pack_bucket,
+)
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+T = TypeVar("T")
+
+# Abort must reach the shards even when the update's own deadline is spent.
+ABORT_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One committed update."""
+
+    version: int
+    seconds: float
+    bytes: int
+    buckets: int
+    group_name: str = ""
+    # True when this update formed a new collective group.
+    formed_group: bool = False
+
+
+class WeightSyncError(Aborted):
+    """A weight update failed and was aborted on every shard; they still serve the
+    previous version."""
+
+    def __init__(self, version: int, stage: str, detail: str) -> None:
+        super().__init__(f"weight update to version {version} failed during {stage}: {detail}")
+        self.version = version
+        self.stage = stage
+        self.detail = detail
+
+
+class _StageFailed(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass
+class _Group:
+    """The hosted group and the threads working on it.
+
+    A live gloo group aborts the interpreter at exit, and close() blocks while a
+    collective is in flight; so every thread is tracked and `wait_closed` lets the
+    process shut the group down before it exits.
+    """
+
+    group: CollectiveGroup
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    # Packing buffers, one per dtype, reused across the group's updates. Per group, so a
+    # send thread abandoned with an old group never writes into a live update's buffer.
+    scratch: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def scratch_for(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self.scratch.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            self.scratch[dtype] = buf
+        return buf[:numel]
+
+    def run(self, fn: Callable[..., T], *args: Any, name: str) -> "asyncio.Future[T]":
+        return in_daemon_thread(fn, *args, name=name, track=self.threads)
+
+    def connect(self) -> None:
+        self.group.connect()
+        if self.abandoned.is_set():
+            # Dropped while we were joining: nobody else will close it.
+            self.group.close()
+
+    def drop(self) -> None:
+        """Give the group up: its threads stop at their next check, and it is closed
+        in a thread of its own (never on the loop)."""
+        if self.abandoned.is_set():
+            return
+        self.abandoned.set()
+        thread = threading.Thread(target=self.group.close, name="clotho-sync-close", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait (bounded) until every thread of a dropped group has finished."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        for thread in list(self.threads):
+            left = end - loop.time()
+            if left <= 0:
+                log.warning("group %s still busy after %.1fs", self.group.group_name, timeout)
+                return
+            await in_daemon_thread(thread.join, left, name="clotho-sync-join")
+
+
+@dataclass(frozen=True)
+class _Shard:
+    name: str
+    stub: pb_grpc.InferenceServiceStub
+    ranks: int
+    rank_offset: int
+
+
+def in_daemon_thread(
+    fn: Callable[..., T], *args: Any, name: str, track: list[threading.Thread] | None = None
+) -> "asyncio.Future[T]":
+    """Run a blocking collective call in its own daemon thread.
+
+    Not asyncio.to_thread: a collective abandoned at a deadline keeps its thread until
+    the group's timeout, and must neither occupy the default executor (the learner's
+    torch work runs there) nor hold up interpreter or event-loop shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def body() -> None:
+        try:
+            ok, value = True, fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            ok, value = False, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    if track is not None:
+        track.append(thread)
+    thread.start()
+    return future
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "deadline exceeded"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class WeightSync:
+    """Pushes a model's parameters into every inference shard, one version at a time.
+
+    `stubs` are InferenceService stubs (one per inference service; a service may front
+    several shards, as its GetModelInfo().shard_count says). With no stubs a push is a
+    no-op that succeeds.
+    """
+
+    def __init__(
+        self,
+        stubs: Sequence[pb_grpc.InferenceServiceStub],
+        *,
+        names: Sequence[str] | None = None,
+        address: str = "127.0.0.1",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        timeout_seconds: float = 60.0,
+        channels: Sequence[aio.Channel] = (),
+    ) -> None:
+        self._stubs = list(stubs)
+        self._names = list(names) if names is not None else [f"shard-{i}" for i in range(len(self._stubs))]
+        self.address = address
+        self.bucket_bytes = bucket_bytes
+        self.timeout_seconds = timeout_seconds
+        self._channels = list(channels)
+        self._group: _Group | None = None
+        self._dropped: list[_Group] = []  # given up, possibly still closing
+        self._shards: list[_Shard] = []
+        self._manifest: Manifest | None = None
+        self._manifest_proto: pb.WeightManifest | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_targets(cls, targets: Sequence[str], **kwargs: Any) -> "WeightSync":
+        """Open a channel per InferenceService target; `close()` closes them."""
+        channels = [channel(t) for t in targets]
+        stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
+        return cls(stubs, names=list(targets), channels=channels, **kwargs)
+
+    @property
+    def group_name(self) -> str | None:
+        return self._group.group.group_name if self._group else None
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self._manifest
+
+    async def close(self) -> None:
+        """Shut every group down (waiting at most the sync timeout for collectives
+        still in flight) and close owned channels."""
+        self._drop_group()
+        dropped, self._dropped = self._dropped, []
+        await asyncio.gather(*(g.wait_closed(self.timeout_seconds) for g in dropped))
+        for ch in self._channels:
+            await ch.close()
+        self._channels = []
+
+    def _manifest_for(self, model: torch.nn.Module) -> Manifest:
+        if self._manifest is None:
+            # Only names, shapes and dtypes matter here; the data is read at send time.
+            self._manifest = build_manifest(
+                ((n, p.detach()) for n, p in model.named_parameters()), self.bucket_bytes
+            )
+            self._manifest_proto = self._manifest.to_proto()
+        return self._manifest
+
+    async def push(self, model: torch.nn.Module, version: int, step: int) -> SyncReport:
+        """Send `model`'s parameters to every shard as `version` and commit it there.
+
+        The caller must not modify the parameters until this returns. Raises
+        WeightSyncError after aborting the update on every shard.
+        """
+        async with self._lock:
+            with tracer.start_as_current_span("weight_sync.push", attributes={"clotho.version": version}):
+                return await self._push(model, version, step)
+
+    async def _push(self, model: torch.nn.Module, version: int, step: int) -> SyncReport:
+        start = time.monotonic()
+        manifest = self._manifest_for(model)
+        if not self._stubs:
+            return SyncReport(version, 0.0, 0, 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_seconds
+        stage = "layout"
+        try:
+            formed = self._group is None
+            if formed:
+                # Shards may have restarted with another layout since the last group.
+                left = self._left(deadline)
+                infos = await self._stage(stage, deadline, [
+                    (name, stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=left))
+                    for name, stub in zip(self._names, self._stubs)
+                ])
+                self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos])
+                self._host_group()
+            assert self._group is not None
+            handle = self._group
+            world_size = 1 + sum(s.ranks for s in self._shards)
+
+            stage = "prepare"
+            left = self._left(deadline)
+            calls: list[tuple[str, Awaitable[Any]]] = []
+            if formed:
+                joining = handle.run(handle.connect, name="clotho-sync-connect")
+                calls.append(("trainer rank 0 joining the group", joining))
+            for shard in self._shards:
+                request = pb.PrepareWeightUpdateRequest(
+                    version=version,
+                    manifest=self._manifest_proto,
+                    rendezvous=pb.Rendezvous(
+                        backend=pb.COLLECTIVE_BACKEND_GLOO,
+                        address=self.address,
+                        port=handle.group.port,
+                        world_size=world_size,
+                        rank_offset=shard.rank_offset,
+                        group_name=handle.group.group_name,
+                    ),
+                    deadline_seconds=left,
+                    step=step,
+                )
+                calls.append((shard.name, shard.stub.PrepareWeightUpdate(request, timeout=left)))
+            await self._stage(stage, deadline, calls)
+
+            stage = "transfer"
+            tensors = {n: p.detach() for n, p in model.named_parameters()}
+            crcs = await self._stage(
+                stage, deadline,
+                [("broadcast", handle.run(self._send_buckets, handle, manifest, tensors, name="clotho-sync-send"))],
+            )
+            crcs = crcs[0]
+
+            stage = "await"
+            left = self._left(deadline)
+            await self._stage(stage, deadline, [
+                (s.name, s.stub.AwaitWeightTransfer(
+                    pb.AwaitWeightTransferRequest(version=version, bucket_crc32s=crcs), timeout=left
+                ))
+                for s in self._shards
+            ])
+
+            stage = "commit"
+            left = self._left(deadline)
+            await self._stage(stage, deadline, [
+                (s.name, s.stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(version=version), timeout=left))
+                for s in self._shards
+            ])
+        except BaseException as exc:
+            detail = exc.detail if isinstance(exc, _StageFailed) else _describe(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                detail = "the trainer cancelled the update"
+            if stage == "commit":
+                # Commit is not atomic across shards; say so rather than hide it.
+                detail += f" (shards that committed before the failure serve version {version})"
+            await self._fail(version, stage, detail)
+            if isinstance(exc, Exception):
+                raise WeightSyncError(version, stage, detail) from exc
+            raise
+        return SyncReport(
+            version=version,
+            seconds=time.monotonic() - start,
+            bytes=manifest.total_bytes,
+            buckets=len(manifest.buckets),
+            group_name=handle.group.group_name,
+            formed_group=formed,
+        )
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError("deadline exceeded")
+        return left
+
+    async def _stage(self, stage: str, deadline: float, calls: list[tuple[str, Awaitable[Any]]]) -> list[Any]:
+        """Run `calls` concurrently; results in order. On the first failure or at the
+        deadline, cancel the rest and raise _StageFailed naming who failed."""
+        tasks = {asyncio.ensure_future(aw): name for name, aw in calls}
+        with tracer.start_as_current_span(f"weight_sync.{stage}"):
+            try:
+                left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+                done, pending = await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_EXCEPTION)
+                failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+                if failed:
+                    t = failed[0]
+                    raise _StageFailed(f"{tasks[t]}: {_describe(t.exception())}")  # type: ignore[arg-type]
+                if pending:
+                    waiting = ", ".join(sorted(tasks[t] for t in pending))
+                    raise _StageFailed(f"deadline of {self.timeout_seconds:g}s exceeded waiting for {waiting}")
+                return [t.result() for t in tasks]
+            finally:
+                for t in tasks:
+                    if not t.done():
+                        t.cancel()
+                    else:
+                        # Mark secondary failures as retrieved; the first one is reported.
+                        _ = t.cancelled() or t.exception()
+
+    def _host_group(self) -> None:
+        world_size = 1 + sum(s.ranks for s in self._shards)
+        group = CollectiveGroup.host(
+            "gloo", self.address, world_size, f"clotho-{uuid.uuid4().hex[:12]}", self.timeout_seconds
+        )
+        self._group = _Group(group)
+        log.info("hosting weight-transfer group %s on %s:%d (world size %d)",
+                 group.group_name, self.address, group.port, world_size)
+
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            self._group.drop()
+            self._dropped.append(self._group)
+            self._group = None
+        self._dropped = [g for g in self._dropped if g.busy]
+
+    def _send_buckets(self, handle: _Group, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> list[int]:
+        """Worker thread: pack, checksum and broadcast each bucket in manifest order."""
+        crcs = []
+        for i, bucket in enumerate(manifest.buckets):
+            if handle.abandoned.is_set():
+                # The update was given up; stop reading parameters the learner now owns.
+                raise RuntimeError("weight update abandoned")
+            flat = pack_bucket(manifest, i, tensors, out=handle.scratch_for(bucket.dtype, bucket.numel))
+            crcs.append(crc32(flat))
+            handle.group.broadcast(flat, root=0)
+        return crcs
+
+    async def _fail(self, version: int, stage: str, detail: str) -> None:
+        """Abort on every shard (best effort, bounded) and drop the group."""
+        log.warning("weight update to version %d failed during %s: %s; aborting on every shard",
+                    version, stage, detail)
+        self._drop_group()
+        reason = f"trainer: {stage} failed: {detail}"
+        results = await asyncio.gather(
+            *(
+                stub.AbortWeightUpdate(
+                    pb.AbortWeightUpdateRequest(version=version, reason=reason), timeout=ABORT_TIMEOUT_SECONDS
+                )
+                for stub in self._stubs
+            ),
+            return_exceptions=True,
+        )
+        for name, result in zip(self._names, results):
+            if isinstance(result, BaseException):
+                log.warning("abort of version %d on %s failed: %s", version, name, _describe(result))
+
+
+def _layout(
+    names: Sequence[str], stubs: Sequence[pb_grpc.InferenceServiceStub], counts: Sequence[int]
+) -> list[_Shard]:
+    """Rank 0 is the trainer; each service's shards take the next consecutive ranks."""
+    shards, offset = [], 1
+    for name, stub, n in zip(names, stubs, counts):
+        shards.append(_Shard(name, stub, n, offset))
+        offset += n
+    return shards
+
+
+__all__ = ["WeightSync", "SyncReport", "WeightSyncError", "in_daemon_thread"]
