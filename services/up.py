@@ -125,6 +125,7 @@ async def run_up(args: argparse.Namespace) -> dict:
             "--inference", json.dumps([inference]),
             "--batch-size", str(args.batch_size),
             "--num-steps", str(args.steps),
+            "--checkpoint-dir", str(data_dir / "checkpoints"),
         ]
         if args.lr is not None:
             trainer_args += ["--lr", str(args.lr)]

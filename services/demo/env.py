@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-groups", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the log
     config = DemoEnvConfig(**{k: v for k, v in vars(args).items()})
     env = DemoEnv(config)
     print(json.dumps({"event": "ready"}), flush=True)

@@ -24,6 +24,7 @@ from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
+from services.trainer import checkpoint
 from services.trainer.grpo import GRPOConfig, GRPOMetrics, grpo_backward
 from services.trainer.policy_state import PolicyState
 from services.trainer.settings import TrainerSettings
@@ -175,8 +176,20 @@ class Learner:
             {k: float(v) for k, v in record.items()
              if isinstance(v, (int, float)) and k not in ("step", "policy_version")},
         )
+        interval = self.settings.checkpoint_interval
+        if (interval and self.step % interval == 0) or self._finished():
+            await self.save_checkpoint()
         print(json.dumps(record), file=self._out or sys.stdout, flush=True)
         return record
+
+    async def save_checkpoint(self) -> None:
+        """Write the weights with the step and the last version every shard committed."""
+        if not self.settings.checkpoint_dir or self.model is None:
+            return
+        path = await asyncio.to_thread(
+            checkpoint.save, self.settings.checkpoint_dir, self.model, self.step, self.state.version
+        )
+        log.info("saved checkpoint %s (policy version %d)", path, self.state.version)
 
     # -- the loop ---------------------------------------------------------------
 
@@ -215,7 +228,7 @@ class Learner:
                 batch_size=s.batch_size,
                 max_token_len=s.max_token_len,
                 checkpoint_dir=s.checkpoint_dir,
-                save_checkpoint_interval=0,
+                save_checkpoint_interval=s.checkpoint_interval,
                 starting_step=self.step,
                 num_steps=s.num_steps,
             ),

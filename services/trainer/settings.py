@@ -66,8 +66,12 @@ class TrainerSettings(ServiceSettings):
     )
     device: str = Field("cpu", description="Torch device for the model, e.g. cpu or cuda:0.")
     seed: int = Field(0, description="Torch random seed.")
+    checkpoint_interval: int = Field(
+        0, ge=0, description="Save a checkpoint every this many steps; 0 saves only when training ends."
+    )
     checkpoint_dir: str = Field(
-        ".clotho/checkpoints", description="Checkpoint directory (announced to the gateway and environments)."
+        ".clotho/checkpoints",
+        description="Where checkpoints go (also announced to the gateway and environments); empty disables them."
     )
     wandb_group: str = Field("clotho", description="Weights & Biases group (sent in RegisterTrainer only).")
     wandb_project: str = Field("clotho", description="Weights & Biases project (sent in RegisterTrainer only).")

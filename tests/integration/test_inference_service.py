@@ -31,16 +31,6 @@ BUCKET_BYTES = 64 * 1024  # the 0.5M-parameter model spans dozens of buckets
 SEQUENCE = [1, 20, 21, 22, 10, 30, 31, 14, 15, 16, 40, 41]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from services.demo.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "inference-tiny-model"
-    if not (path / "config.json").exists():
-        build_tiny_model(path)
-    return path
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stub(tiny_model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("inference-logs") / "stderr.log"

@@ -20,14 +20,13 @@ from clotho.v1 import trainer_service_pb2 as tr_pb
 from clotho.v1 import trainer_service_pb2_grpc as tr_grpc
 from services.trainer.learner import Learner
 from services.trainer.settings import TrainerSettings
-from test_trainer_fakes import (  # noqa: F401
+from trainer_fakes import (  # noqa: F401
     FakeGateway,
     FakeShard,
     Servers,
     load_model,
     start_gateway,
     start_shard,
-    tiny_model_dir,
     toy_batch,
 )
 

@@ -9,7 +9,7 @@ from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
 from services.common.weight_transfer import build_manifest, crc32, pack_bucket
 from services.trainer.weight_sync import WeightSync, WeightSyncError
-from test_trainer_fakes import FakeShard, Servers, load_model, start_shard, tiny_model_dir  # noqa: F401
+from trainer_fakes import FakeShard, Servers, load_model, start_shard  # noqa: F401
 
 BUCKET_BYTES = 256 * 1024  # several buckets for the 0.5M-parameter model
 

@@ -15,16 +15,6 @@ from services.inference.engine import GenerationEngine
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from services.demo.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "inference-tiny-model"
-    if not (path / "config.json").exists():
-        build_tiny_model(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     eng = GenerationEngine(tiny_model_dir, max_batch_size=16)

@@ -20,16 +20,6 @@ from services.inference.weight_receiver import WeightReceiver
 TIMEOUT = 10.0
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from services.demo.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "inference-tiny-model"
-    if not (path / "config.json").exists():
-        build_tiny_model(path)
-    return path
-
-
 @pytest.fixture
 def engine(tiny_model_dir):
     eng = GenerationEngine(tiny_model_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,16 +20,6 @@ from services.trainer.grpo import (
 )
 
 PROMPT = [1, 10, 11, 12, 13]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.demo.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "trainer-tiny-model"
-    if not (path / "config.json").exists():
-        build_tiny_model(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +15,6 @@ from services.trainer.weight_sync import SyncReport, WeightSync, WeightSyncError
 
 STEP_KEYS = {"event", "step", "policy_version", "mean_score", "loss", "clip_fraction",
              "sync_seconds", "sync_bytes", "step_seconds"}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.demo.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "trainer-tiny-model"
-    if not (path / "config.json").exists():
-        build_tiny_model(path)
-    return path
 
 
 def groups() -> list[sd.ScoredGroup]:

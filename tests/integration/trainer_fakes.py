@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
-import pytest
 import torch
 from grpc import aio
 
@@ -29,17 +28,6 @@ from services.common.weight_transfer import CollectiveGroup, Manifest, crc32, un
 from services.trainer.weight_sync import in_daemon_thread
 
 RECEIVE_TIMEOUT_SECONDS = 10.0
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny model per session, shared by every trainer test module."""
-    from services.demo.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "trainer-tiny-model"
-    if not (path / "config.json").exists():
-        build_tiny_model(path)
-    return path
 
 
 def load_model(path: Path) -> torch.nn.Module:
