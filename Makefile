@@ -13,7 +13,6 @@ PYTEST_ARGS ?=
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "$(TORCH)"

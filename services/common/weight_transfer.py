@@ -134,7 +134,8 @@ def pack_bucket(
     """Copy the bucket's tensors into one flat buffer (reusing `out` when given)."""
     bucket = manifest.buckets[index]
     if out is None or out.numel() != bucket.numel or out.dtype != bucket.dtype:
-        out = torch.empty(bucket.numel, dtype=bucket.dtype)
+        device = next(iter(tensors.values())).device if tensors else None
+        out = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
     for t in manifest.tensors_in(index):
         src = tensors[t.name].detach()
         out[t.offset : t.offset + t.numel].copy_(src.reshape(-1))

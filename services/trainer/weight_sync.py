@@ -6,8 +6,8 @@ aborts the update on every shard and drops the group; the next push forms a new 
 under a new name. Every stage runs under the update's deadline, and every blocking
 collective runs in a worker thread under the group's timeout, so nothing hangs.
 
-Transport: gloo over CPU buffers (an NCCL path needs device staging buffers and comes
-with GPU shards).
+Transport: gloo over CPU buffers when the model is on the CPU, NCCL over buffers on the
+model's GPU when it is on CUDA (the NCCL path has not yet run on a GPU in CI).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from opentelemetry import trace
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Aborted
+
+BACKENDS = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
 from services.common.server import channel
 from services.common.weight_transfer import (
     DEFAULT_BUCKET_BYTES,
@@ -93,10 +95,10 @@ class _Group:
     # send thread abandoned with an old group never writes into a live update's buffer.
     scratch: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
-    def scratch_for(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    def scratch_for(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
         buf = self.scratch.get(dtype)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
             self.scratch[dtype] = buf
         return buf[:numel]
 
@@ -215,6 +217,7 @@ class WeightSync:
         self._manifest: Manifest | None = None
         self._manifest_proto: pb.WeightManifest | None = None
         self._lock = asyncio.Lock()
+        self._backend = "gloo"
 
     @classmethod
     def for_targets(cls, targets: Sequence[str], **kwargs: Any) -> "WeightSync":
@@ -278,6 +281,7 @@ class WeightSync:
                     for name, stub in zip(self._names, self._stubs)
                 ])
                 self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos])
+                self._backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
                 self._host_group()
             assert self._group is not None
             handle = self._group
@@ -294,7 +298,7 @@ class WeightSync:
                     version=version,
                     manifest=self._manifest_proto,
                     rendezvous=pb.Rendezvous(
-                        backend=pb.COLLECTIVE_BACKEND_GLOO,
+                        backend=BACKENDS[handle.group.backend],
                         address=self.address,
                         port=handle.group.port,
                         world_size=world_size,
@@ -384,7 +388,7 @@ class WeightSync:
     def _host_group(self) -> None:
         world_size = 1 + sum(s.ranks for s in self._shards)
         group = CollectiveGroup.host(
-            "gloo", self.address, world_size, f"clotho-{uuid.uuid4().hex[:12]}", self.timeout_seconds
+            self._backend, self.address, world_size, f"clotho-{uuid.uuid4().hex[:12]}", self.timeout_seconds
         )
         self._group = _Group(group)
         log.info("hosting weight-transfer group %s on %s:%d (world size %d)",
@@ -404,7 +408,8 @@ class WeightSync:
             if handle.abandoned.is_set():
                 # The update was given up; stop reading parameters the learner now owns.
                 raise RuntimeError("weight update abandoned")
-            flat = pack_bucket(manifest, i, tensors, out=handle.scratch_for(bucket.dtype, bucket.numel))
+            device = next(iter(tensors.values())).device
+            flat = pack_bucket(manifest, i, tensors, out=handle.scratch_for(bucket.dtype, bucket.numel, device))
             crcs.append(crc32(flat))
             handle.group.broadcast(flat, root=0)
         return crcs
