@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+import json
+from typing import Annotated, Any, Sequence, TypeVar
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 T = TypeVar("T", bound="ServiceSettings")
+
+
+def split_targets(value: Any) -> Any:
+    """host:port lists arrive from flags and env vars as one string: a JSON list or
+    comma-separated; a repeated flag may itself carry comma-separated targets."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return split_targets(json.loads(text))
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in (split_targets(item) if isinstance(item, str) else [item])]
+    return value
+
+
+# A list of gRPC targets; NoDecode keeps pydantic-settings from insisting on JSON.
+Targets = Annotated[list[str], NoDecode, BeforeValidator(split_targets)]
 
 
 class ServiceSettings(BaseSettings):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
 
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceSettings, Targets
 
 
 class GatewaySettings(ServiceSettings):
@@ -31,7 +29,7 @@ class GatewaySettings(ServiceSettings):
         description="HTTP port (Atropos' run-api default is 8000); 0 picks a free one "
         "(printed as http_port when ready).",
     )
-    inference: Annotated[list[str], NoDecode] = Field(
+    inference: Targets = Field(
         default_factory=list,
         description="InferenceService targets as host:port (repeat the flag, or separate "
         "with commas). Empty: the trajectory API works alone and /generate answers 503.",
@@ -50,15 +48,3 @@ class GatewaySettings(ServiceSettings):
         600.0, gt=0, description="Deadline of one /generate call to the inference service."
     )
 
-    @field_validator("inference", mode="before")
-    @classmethod
-    def _split_targets(cls, value: Any) -> Any:
-        # Env vars and flags arrive as one string: a JSON list or comma-separated.
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("["):
-                return json.loads(value)
-            return [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list):
-            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
-        return value

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
 
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceSettings, Targets
 from services.common.weight_transfer import DEFAULT_BUCKET_BYTES
 
 
@@ -30,7 +28,7 @@ class TrainerSettings(ServiceSettings):
     )
     gateway: str = Field("127.0.0.1:50051", description="host:port of the GatewayService.")
     # NoDecode: the env var is read as "a:1,b:2" (or JSON), not only as JSON.
-    inference: Annotated[list[str], NoDecode] = Field(
+    inference: Targets = Field(
         default_factory=list,
         description="host:port of every InferenceService whose shards receive each update "
         "(repeat the flag or separate with commas). Empty: train without pushing weights.",
@@ -76,18 +74,3 @@ class TrainerSettings(ServiceSettings):
     wandb_group: str = Field("clotho", description="Weights & Biases group (sent in RegisterTrainer only).")
     wandb_project: str = Field("clotho", description="Weights & Biases project (sent in RegisterTrainer only).")
 
-    @field_validator("inference", mode="before")
-    @classmethod
-    def _split_targets(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)):
-            # A repeated flag may itself carry comma-separated targets.
-            out: list[str] = []
-            for item in value:
-                out.extend(cls._split_targets(item) if isinstance(item, str) else [item])
-            return out
-        return value
