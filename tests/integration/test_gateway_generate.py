@@ -4,10 +4,7 @@ HTTP, and the W3C traceparent carried into the gRPC metadata."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import grpc
@@ -102,28 +99,10 @@ def fresh_records(fake):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway_url(fake, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("gateway")
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.gateway", "--http-port", "0", "--grpc-port", "0",
-        "--inference", f"127.0.0.1:{fake.port}", "--grace-seconds", "1",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+async def gateway_url(fake, tmp_path_factory, service_process):
+    args = ["--http-port", "0", "--grpc-port", "0", "--inference", f"127.0.0.1:{fake.port}", "--grace-seconds", "1"]
+    async with service_process("services.gateway", args, tmp_path_factory.mktemp("gateway")) as (_, ready):
         yield f"http://127.0.0.1:{ready['http_port']}"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        try:
-            code = await asyncio.wait_for(proc.wait(), 20)
-        except asyncio.TimeoutError:
-            proc.kill()
-            raise
-        finally:
-            log.close()
-        assert code == 0, (tmp_path / "gateway.log").read_text()[-3000:]
 
 
 async def test_generate_text_single_prompt(fake, gateway_url):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,29 +30,11 @@ class Gateway:
 
 
 @pytest.fixture
-async def gateway(tmp_path):
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.gateway", "--http-port", "0", "--grpc-port", "0", "--grace-seconds", "1",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
-        ready = json.loads(line)
-        assert ready["event"] == "ready", line
-        yield Gateway(proc, f"http://127.0.0.1:{ready['http_port']}", f"127.0.0.1:{ready['grpc_port']}")
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        try:
-            code = await asyncio.wait_for(proc.wait(), 20)
-        except asyncio.TimeoutError:
-            proc.kill()
-            raise
-        finally:
-            log.close()
-        # SIGTERM is a clean shutdown.
-        assert code == 0, (tmp_path / "gateway.log").read_text()[-3000:]
+async def gateway(tmp_path, service_process):
+    args = ["--http-port", "0", "--grpc-port", "0", "--grace-seconds", "1"]
+    # service_process also checks that SIGTERM is a clean shutdown (exit code 0).
+    async with service_process("services.gateway", args, tmp_path, ready_timeout=READY_TIMEOUT) as (child, ready):
+        yield Gateway(child.proc, f"http://127.0.0.1:{ready['http_port']}", f"127.0.0.1:{ready['grpc_port']}")
 
 
 REGISTRATION = {

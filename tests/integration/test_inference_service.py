@@ -5,10 +5,6 @@ trainer over a real gloo group."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import sys
 import uuid
 from pathlib import Path
 
@@ -32,48 +28,18 @@ SEQUENCE = [1, 20, 21, 22, 10, 30, 31, 14, 15, 16, 40, 41]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stub(tiny_model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("inference-logs") / "stderr.log"
-    with open(log_path, "wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.inference",
-            "--model-path", str(tiny_model_dir),
-            "--grpc-port", "0",
-            "--weight-update-timeout-seconds", str(COLLECTIVE_TIMEOUT),
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        port = await asyncio.wait_for(_ready_port(proc), timeout=120)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        print(log_path.read_text(), file=sys.stderr)
-        raise
-    chan = channel(f"127.0.0.1:{port}")
-    try:
-        yield pb_grpc.InferenceServiceStub(chan)
-    finally:
-        await chan.close()
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), timeout=60)
-        assert code == 0, log_path.read_text()
-
-
-async def _ready_port(proc: asyncio.subprocess.Process) -> int:
-    assert proc.stdout is not None
-    while True:
-        line = await proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the service exited before it was ready (code {await proc.wait()})")
+async def stub(tiny_model_dir, tmp_path_factory, service_process):
+    args = [
+        "--model-path", str(tiny_model_dir),
+        "--grpc-port", "0",
+        "--weight-update-timeout-seconds", str(COLLECTIVE_TIMEOUT),
+    ]
+    async with service_process("services.inference", args, tmp_path_factory.mktemp("inference-logs")) as (_, ready):
+        chan = channel(f"127.0.0.1:{ready['grpc_port']}")
         try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "ready":
-            return int(event["grpc_port"])
+            yield pb_grpc.InferenceServiceStub(chan)
+        finally:
+            await chan.close()
 
 
 class Trainer:
