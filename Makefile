@@ -6,7 +6,7 @@ VENV ?= .venv
 # The CPU build of torch goes in first; nothing else in the project asks for a newer one.
 TORCH ?= torch==2.13.0
 PIP = $(VENV)/bin/pip
-STEPS ?= 120
+STEPS ?= 200
 PYTEST_ARGS ?=
 
 .PHONY: up test setup setup-test protos lint clean

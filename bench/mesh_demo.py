@@ -5,7 +5,7 @@ curve (start vs end), steps per minute and weight-sync seconds and bytes/s; then
 same run, a raw gloo broadcast of the same number of bytes between two processes (the
 floor any weight sync over gloo pays), and the ratio between the two.
 
-Usage: python bench/mesh_demo.py [--steps 120]
+Usage: python bench/mesh_demo.py [--steps 200]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def raw_gloo_seconds(nbytes: int, repeats: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     from services.up import _parser, run_up

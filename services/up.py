@@ -21,7 +21,7 @@ from services import launcher
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clotho up", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=120, help="trainer steps before stopping (0 = until Ctrl-C)")
+    p.add_argument("--steps", type=int, default=200, help="trainer steps before stopping (0 = until Ctrl-C)")
     p.add_argument("--data-dir", type=Path, default=Path(".clotho"), help="model, logs and summary go here")
     p.add_argument("--model-path", type=Path, default=None, help="an HF model directory (default: build a tiny one)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per training batch")

@@ -12,7 +12,7 @@ import string
 from dataclasses import dataclass
 
 DIGITS = string.digits
-OTHER_DIGIT_CREDIT = 0.25
+OTHER_DIGIT_CREDIT = 0.1
 
 
 @dataclass(frozen=True)
