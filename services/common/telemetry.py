@@ -45,9 +45,12 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         elif exporter == "console":
+            import sys
+
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            # stderr: stdout carries the services' JSON event lines.
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
         elif exporter:
             log.warning("OTEL_TRACES_EXPORTER=%s is not supported; traces are not exported", exporter)
         trace.set_tracer_provider(provider)
