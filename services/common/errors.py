@@ -6,6 +6,7 @@ the codes to HTTP in one table (services/gateway/http_errors.py).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -87,14 +88,19 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             handler.request_deserializer,
             handler.response_serializer,
         )
+    def either(fn: Callable[..., Any]) -> Callable[..., Any]:
+        # A streaming handler is an async generator, or a coroutine that writes through
+        # the context (grpc.health.v1 Watch does that).
+        return streaming(fn) if inspect.isasyncgenfunction(fn) else unary(fn)
+
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream),
+            either(handler.unary_stream),
             handler.request_deserializer,
             handler.response_serializer,
         )
     return grpc.stream_stream_rpc_method_handler(
-        streaming(handler.stream_stream),
+        either(handler.stream_stream),
         handler.request_deserializer,
         handler.response_serializer,
     )

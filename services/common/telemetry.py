@@ -61,8 +61,11 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
 def server_interceptors() -> list:
     """The tracing interceptor for grpc.aio servers (continues incoming traceparent)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.instrumentation.grpc.filters import negate, service_name
 
-    return [aio_server_interceptor()]
+    # Health probes are noise in traces, and the instrumentation assumes every streaming
+    # handler is an async generator, which health's Watch (a coroutine) is not.
+    return [aio_server_interceptor(filter_=negate(service_name("grpc.health.v1.Health")))]
 
 
 def client_interceptors() -> list:
