@@ -80,14 +80,24 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("current_step", "queue_size", "policy_version")
+    __slots__ = ("current_step", "queue_size", "policy_version", "stale_dropped_groups", "stale_kept_groups", "max_staleness", "stored_groups", "max_stored_groups")
     CURRENT_STEP_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALE_DROPPED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    STALE_KEPT_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STORED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORED_GROUPS_FIELD_NUMBER: _ClassVar[int]
     current_step: int
     queue_size: int
     policy_version: int
-    def __init__(self, current_step: _Optional[int] = ..., queue_size: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    stale_dropped_groups: int
+    stale_kept_groups: int
+    max_staleness: int
+    stored_groups: int
+    max_stored_groups: int
+    def __init__(self, current_step: _Optional[int] = ..., queue_size: _Optional[int] = ..., policy_version: _Optional[int] = ..., stale_dropped_groups: _Optional[int] = ..., stale_kept_groups: _Optional[int] = ..., max_staleness: _Optional[int] = ..., stored_groups: _Optional[int] = ..., max_stored_groups: _Optional[int] = ...) -> None: ...
 
 class GetEnvStatusRequest(_message.Message):
     __slots__ = ("env_id",)
@@ -126,10 +136,12 @@ class SubmitScoredDataResponse(_message.Message):
     def __init__(self, received: _Optional[int] = ..., buffered: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("credits",)
+    __slots__ = ("credits", "policy_version")
     CREDITS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     credits: int
-    def __init__(self, credits: _Optional[int] = ...) -> None: ...
+    policy_version: int
+    def __init__(self, credits: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesResponse(_message.Message):
     __slots__ = ("groups", "step")

@@ -190,18 +190,20 @@ class Rendezvous(_message.Message):
     def __init__(self, backend: _Optional[_Union[CollectiveBackend, str]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ...) -> None: ...
 
 class PrepareWeightUpdateRequest(_message.Message):
-    __slots__ = ("version", "manifest", "rendezvous", "deadline_seconds", "step")
+    __slots__ = ("version", "manifest", "rendezvous", "deadline_seconds", "step", "resync")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
     version: int
     manifest: WeightManifest
     rendezvous: Rendezvous
     deadline_seconds: float
     step: int
-    def __init__(self, version: _Optional[int] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., deadline_seconds: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+    resync: bool
+    def __init__(self, version: _Optional[int] = ..., manifest: _Optional[_Union[WeightManifest, _Mapping]] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., deadline_seconds: _Optional[float] = ..., step: _Optional[int] = ..., resync: _Optional[bool] = ...) -> None: ...
 
 class PrepareWeightUpdateResponse(_message.Message):
     __slots__ = ("joined_group",)
