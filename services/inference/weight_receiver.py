@@ -5,7 +5,14 @@ One update is in flight at a time. Prepare joins the trainer's collective group 
 reuses it when the group name is unchanged), allocates one staging buffer per bucket and
 starts a receive thread that broadcasts into them in manifest order and checksums each.
 Await compares those checksums with the sender's; Commit hands the staged tensors to the
-engine, which copies them between two decode steps. Any failure, an Abort, or a missed
+engine, which switches to them between two decode steps.
+
+Speed: the checksum of bucket i is computed in a second thread while bucket i + 1 is on
+the wire. When the wire dtypes are the model's, the engine adopts the staged buffers as
+its parameters (no copy at commit), and the buffers the parameters used before become
+the staging of the next update (no fresh allocation, so no page faults on the next
+receive): the shard holds two copies of the weights, the served one and the next one.
+A resync (trainer restarted from a checkpoint) is an update that may carry any version. Any failure, an Abort, or a missed
 deadline drops the staging and closes the group; the engine keeps its weights and
 version. Everything that can block (joining, receiving, closing a group) runs in threads,
 never on the event loop.
@@ -14,9 +21,11 @@ never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +42,14 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.weight_transfer import CollectiveGroup, Manifest, crc32, unpack_bucket
+from services.common.weight_transfer import (
+    BROADCASTS_IN_FLIGHT,
+    CollectiveGroup,
+    Manifest,
+    crc32,
+    flat_buckets,
+    unpack_bucket,
+)
 from services.inference.api import PolicyState
 from services.inference.engine import GenerationEngine
 
@@ -75,6 +91,9 @@ class _Update:
     received: asyncio.Future | None = None
     verified: TransferResult | None = None
     commit: asyncio.Future | None = None
+    resync: bool = False
+    # The engine takes the staging buffers over as its parameters.
+    adopt: bool = False
 
 
 class WeightReceiver:
@@ -86,6 +105,10 @@ class WeightReceiver:
         self._group_key: _GroupKey | None = None
         self._last_failure: tuple[int, ClothoError] | None = None
         self._closers: list[threading.Thread] = []
+        # Bucket buffers the engine's parameters view now (adopted by the last commit),
+        # and a free set to receive the next update into.
+        self._live: list[torch.Tensor] | None = None
+        self._spare: list[torch.Tensor] | None = None
 
     @property
     def in_flight_version(self) -> int | None:
@@ -98,15 +121,16 @@ class WeightReceiver:
         rendezvous: pb.Rendezvous,
         deadline_seconds: float,
         step: int,
+        resync: bool = False,
     ) -> bool:
         """Check the update, join (or reuse) the group and start receiving. Returns
-        whether the group was formed for this update."""
+        whether the group was formed for this update. A `resync` may carry any version."""
         if self._update is not None:
             raise FailedPrecondition(
                 f"weight update to version {self._update.version} is in flight; commit or abort it first"
             )
         current = self.engine.policy.version
-        if version != current + 1:
+        if not resync and version != current + 1:
             raise FailedPrecondition(f"cannot prepare version {version}: serving {current}, expected {current + 1}")
         manifest = self._check_manifest(manifest_msg)
         key, staging_device = self._check_rendezvous(rendezvous)
@@ -123,6 +147,8 @@ class WeightReceiver:
             deadline=loop.time() + deadline_seconds,
             started=time.monotonic(),
             failed=loop.create_future(),
+            resync=resync,
+            adopt=self._can_adopt(manifest, staging_device),
         )
         self._update = update
         self._last_failure = None
@@ -149,16 +175,16 @@ class WeightReceiver:
             joined = True
 
         try:
-            update.staging = [torch.empty(b.numel, dtype=b.dtype, device=staging_device) for b in manifest.buckets]
+            update.staging = self._staging_for(manifest, staging_device)
         except RuntimeError as exc:
             error = ResourceExhausted(f"no memory to stage version {version} ({manifest.total_bytes} bytes): {exc}")
             self._fail(update, error)
             raise error from exc
         update.received = self._start_receiving(update, self._group, staging_device)
         log.info(
-            "preparing version %d: %d buckets, %d bytes, group %s (%s), deadline %.1fs",
-            version, len(manifest.buckets), manifest.total_bytes, key.group_name,
-            "joined" if joined else "reused", deadline_seconds,
+            "preparing %sversion %d: %d buckets, %d bytes, group %s (%s), deadline %.1fs",
+            "a resync to " if resync else "", version, len(manifest.buckets), manifest.total_bytes,
+            key.group_name, "joined" if joined else "reused", deadline_seconds,
         )
         return joined
 
@@ -220,7 +246,9 @@ class WeightReceiver:
                 for i, flat in enumerate(update.staging)
                 for name, view in unpack_bucket(update.manifest, i, flat)
             }
-            update.commit = asyncio.wrap_future(self.engine.commit_weights(staged, version, update.step))
+            update.commit = asyncio.wrap_future(
+                self.engine.commit_weights(staged, version, update.step, resync=update.resync, adopt=update.adopt)
+            )
             update.commit.add_done_callback(lambda fut: self._after_commit(update, fut))
         # Shielded: a caller that goes away does not stop a commit the engine has queued.
         try:
@@ -252,6 +280,7 @@ class WeightReceiver:
         if self._group is not None:
             self._close_in_background(self._group)
             self._group, self._group_key = None, None
+        self._spare = None
         closers, self._closers = self._closers, []
         await asyncio.to_thread(_join_all, closers, self.collective_timeout + 5.0)
 
@@ -296,6 +325,34 @@ class WeightReceiver:
         device = self.engine.device if backend == "nccl" else torch.device("cpu")
         return key, device
 
+    def _can_adopt(self, manifest: Manifest, device: torch.device) -> bool:
+        specs = self.engine.parameter_specs
+        return device == self.engine.device and all(t.dtype == specs[t.name][1] for t in manifest.tensors)
+
+    def _staging_for(self, manifest: Manifest, device: torch.device) -> list[torch.Tensor]:
+        """The spare buffer set when it fits the manifest's buckets, else new buffers."""
+        spare, self._spare = self._spare, None
+        if spare is not None and len(spare) == len(manifest.buckets) and all(
+            buf.numel() == b.numel and buf.dtype == b.dtype and buf.device == device
+            for buf, b in zip(spare, manifest.buckets)
+        ):
+            return spare
+        del spare  # free it before allocating the new set
+        return flat_buckets(manifest, device)
+
+    def _recycle(self, update: _Update) -> None:
+        """After a commit: which buffer set is free for the next update. Only buffers of
+        committed updates are recycled: a dropped update's receive thread may still be
+        writing into its own."""
+        staging, update.staging = update.staging, None
+        if staging is None:
+            return
+        if update.adopt:
+            # The parameters now view `staging`; the set they viewed before is free.
+            self._spare, self._live = self._live, staging
+        else:
+            self._spare = staging
+
     def _in_flight(self, version: int, action: str) -> _Update:
         update = self._update
         if update is not None and update.version == version:
@@ -328,20 +385,48 @@ class WeightReceiver:
         staging = list(update.staging or [])
         started = update.started
 
+        # Bucket i's checksum is computed here while bucket i + 1 is received.
+        arrived: queue.SimpleQueue[torch.Tensor | None] = queue.SimpleQueue()
+        crcs: list[int] = []
+        checksummed = threading.Thread(
+            target=_checksum_all, args=(arrived, crcs), name=f"weights-crc-v{update.version}", daemon=True
+        )
+
         def receive() -> None:
             if device.type == "cuda" and device.index is not None:
                 torch.cuda.set_device(device)
-            crcs: list[int] = []
+            received = 0
+            # Bucket i + 1's receive is posted before bucket i is waited for, so the
+            # sender never waits for us between buckets.
+            in_flight: collections.deque = collections.deque()
+
+            def finish_one() -> None:
+                nonlocal received
+                flat, work = in_flight.popleft()
+                group.wait(work)
+                received += 1
+                arrived.put(flat)
+
             try:
                 assert group is not None
                 for flat in staging:
-                    group.broadcast(flat, root=0)
-                    crcs.append(crc32(flat))
+                    in_flight.append((flat, group.broadcast_async(flat, root=0)))
+                    if len(in_flight) >= BROADCASTS_IN_FLIGHT:
+                        finish_one()
+                while in_flight:
+                    finish_one()
             except Exception as exc:  # noqa: BLE001 - reported through the future
-                done.set_exception(RuntimeError(f"bucket {len(crcs)} of {len(staging)}: {exc}"))
+                arrived.put(None)
+                done.set_exception(RuntimeError(f"bucket {received} of {len(staging)}: {exc}"))
                 return
-            done.set_result((crcs, time.monotonic() - started))
+            arrived.put(None)
+            checksummed.join()
+            if len(crcs) != len(staging):
+                done.set_exception(RuntimeError("checksumming the received buckets failed"))
+                return
+            done.set_result((list(crcs), time.monotonic() - started))
 
+        checksummed.start()
         threading.Thread(target=receive, name=f"weights-v{update.version}", daemon=True).start()
         received = asyncio.wrap_future(done)
         # Retrieve the outcome even when nobody awaits it (an aborted update).
@@ -362,7 +447,7 @@ class WeightReceiver:
             error = fut.exception() if not fut.cancelled() else None
             self._fail(update, Aborted(f"commit of version {update.version} failed: {error}"))
             return
-        update.staging = None
+        self._recycle(update)
         if self._update is update:
             self._update = None
 
@@ -392,6 +477,12 @@ class WeightReceiver:
         closer = threading.Thread(target=group.close, name=f"close-{group.group_name}", daemon=True)
         closer.start()
         self._closers.append(closer)
+
+
+def _checksum_all(arrived: "queue.SimpleQueue[torch.Tensor | None]", out: list[int]) -> None:
+    """CRC of each bucket as it arrives, until None."""
+    while (flat := arrived.get()) is not None:
+        out.append(crc32(flat))
 
 
 def _join_all(threads: list[threading.Thread], timeout: float) -> None:

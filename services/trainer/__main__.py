@@ -1,4 +1,7 @@
-"""`python -m services.trainer --model-path D --gateway H:P --inference H:P`."""
+"""`python -m services.trainer --model-path D --gateway H:P --inference H:P`.
+
+Data-parallel: `torchrun --nproc-per-node N -m services.trainer ...` (rank 0 serves and
+talks to the mesh; the other ranks follow it)."""
 
 from __future__ import annotations
 

@@ -1,252 +1,227 @@
-"""GRPO on Atropos scored groups: advantages, padding, token log-probs, clipped loss.
+"""One gradient over packed micro-batches: the GRPO (or advantage-weighted SFT) loss,
+optional KL to a reference, and the step's metrics.
 
-Conventions (Atropos): per-token lists (masks, advantages, inference_logprobs) are
-aligned with `tokens`; `masks[t] == -100` marks a prompt token; prompt positions of
-`inference_logprobs` hold 1.0. Token t is predicted from position t - 1, so every
-per-token quantity of the loss is taken at positions 1..T-1.
+The per-token weights of the batch (see `losses.token_weights`) make the sum over every
+micro-batch of sum(weight * per-token loss) the configured aggregate over the whole
+batch, so gradient accumulation gives exactly the gradient of one big pass; under data
+parallelism each rank's share is scaled by the number of ranks, which the gradient
+average then undoes.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
 from clotho.v1 import scored_data_pb2
+from services.trainer.batching import BatchConfig, MicroBatch, TrainBatch, pack, prepare
+from services.trainer.losses import k3_kl, ppo_loss, weighted_sft_loss
 
-log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-# exp() of a larger log-ratio overflows float32 and turns clipped gradients into NaN
-# (0 * inf); ratios that far out are clipped anyway.
-LOG_RATIO_LIMIT = 20.0
+OBJECTIVES = ("grpo", "sft")
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    """How the loss is computed."""
+class LossConfig:
+    """What is minimised."""
 
-    clip_eps: float = 0.2
-    normalize_std: bool = True
-    # Added to the group std so a group of equal scores gets advantage 0, not NaN.
-    std_eps: float = 1e-6
-    micro_batch_size: int = 8
-    max_token_len: int | None = None
-    pad_token_id: int = 0
+    objective: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # Truncated importance sampling: cap of the ratio against the sampling policy (0: off).
+    is_cap: float = 2.0
+    kl_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+
+
+# Sums carried across micro-batches (and all-reduced across ranks).
+SUM_KEYS = (
+    "loss", "kl", "clipped", "truncated", "ratio", "abs_log_ratio", "entropy",
+    "targets", "with_old", "with_ref", "real_tokens", "processed_tokens", "advantage",
+)
 
 
 @dataclass
-class PaddedBatch:
-    """Right-padded tensors of a batch; per-token fields are at target positions 1..T-1."""
+class StepSums:
+    """Additive statistics of one gradient (per rank until reduced)."""
 
-    input_ids: torch.Tensor  # [B, T] long
-    attention_mask: torch.Tensor  # [B, T] long, 0 on padding
-    loss_mask: torch.Tensor  # [B, T-1] bool: target is a completion token
-    advantages: torch.Tensor  # [B, T-1] float32
-    old_logprobs: torch.Tensor  # [B, T-1] float32, meaningful where has_old
-    has_old: torch.Tensor  # [B, T-1] bool: inference_logprobs were sent for the sequence
-    scores: torch.Tensor  # [B] float64
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
+    ratio_max: float = -math.inf
+    ratio_min: float = math.inf
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.loss_mask.sum())
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.sums[k] for k in SUM_KEYS], dtype=torch.float64)
 
-    def rows(self, start: int, stop: int) -> "PaddedBatch":
-        """Rows [start, stop), trimmed to their own longest sequence."""
-        length = int(self.attention_mask[start:stop].sum(dim=1).max())
-        length = max(length, 2)
-        return PaddedBatch(
-            input_ids=self.input_ids[start:stop, :length],
-            attention_mask=self.attention_mask[start:stop, :length],
-            loss_mask=self.loss_mask[start:stop, : length - 1],
-            advantages=self.advantages[start:stop, : length - 1],
-            old_logprobs=self.old_logprobs[start:stop, : length - 1],
-            has_old=self.has_old[start:stop, : length - 1],
-            scores=self.scores[start:stop],
-        )
-
-    def to(self, device: torch.device | str) -> "PaddedBatch":
-        return PaddedBatch(**{k: v.to(device) for k, v in vars(self).items()})
+    def add(self, other: "StepSums") -> None:
+        for k in SUM_KEYS:
+            self.sums[k] += other.sums[k]
+        self.ratio_max = max(self.ratio_max, other.ratio_max)
+        self.ratio_min = min(self.ratio_min, other.ratio_min)
 
 
 @dataclass
 class GRPOMetrics:
-    """What one GRPO backward pass saw. Token statistics are over completion tokens."""
+    """What one gradient saw, over every completion token of the batch."""
 
     loss: float
+    kl: float
     clip_fraction: float
+    is_truncated_fraction: float
     ratio_mean: float
     ratio_max: float
+    ratio_min: float
+    abs_log_ratio_mean: float
     entropy: float
-    mean_score: float
     advantage_mean: float
+    mean_score: float
     tokens: int
     sequences: int
+    real_token_fraction: float
+    env_mean_scores: dict[int, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
-
-
-def group_advantages(scores: Sequence[float], normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
-    """(score - group mean) / (group std + eps), with the population std (np.std's, so a
-    group of one has std 0 rather than NaN)."""
-    if not scores:
-        return []
-    mean = sum(scores) / len(scores)
-    centred = [s - mean for s in scores]
-    if not normalize_std:
-        return centred
-    std = math.sqrt(sum(c * c for c in centred) / len(centred))
-    return [c / (std + eps) for c in centred]
-
-
-def token_advantages(
-    groups: Sequence[scored_data_pb2.ScoredGroup], normalize_std: bool = True, eps: float = 1e-6
-) -> list[list[float]]:
-    """Per-token advantages of every sequence, in batch order: the group-normalised
-    score, replaced by the environment's own per-token advantages where it sent them."""
-    out: list[list[float]] = []
-    for group in groups:
-        per_seq = group_advantages([s.score for s in group.sequences], normalize_std, eps)
-        for seq, adv in zip(group.sequences, per_seq):
-            n = len(seq.tokens)
-            if len(seq.advantages) == n:
-                out.append(list(seq.advantages))
-            else:
-                if len(seq.advantages):
-                    log.warning(
-                        "sequence sent %d advantages for %d tokens; using the group advantage",
-                        len(seq.advantages), n,
-                    )
-                out.append([adv] * n)
-    return out
-
-
-def collate(groups: Sequence[scored_data_pb2.ScoredGroup], config: GRPOConfig = GRPOConfig()) -> PaddedBatch:
-    """Right-pad every sequence of the batch into one tensor set (packing comes later).
-
-    Raises ValueError when a sequence's masks do not line up with its tokens.
-    """
-    advantages = token_advantages(groups, config.normalize_std, config.std_eps)
-    seqs = [seq for group in groups for seq in group.sequences]
-    if not seqs:
-        raise ValueError("batch has no sequences")
-    limit = config.max_token_len
-    lengths = []
-    for i, seq in enumerate(seqs):
-        if len(seq.masks) != len(seq.tokens):
-            raise ValueError(f"sequence {i}: {len(seq.masks)} masks for {len(seq.tokens)} tokens")
-        n = len(seq.tokens) if limit is None else min(len(seq.tokens), limit)
-        lengths.append(n)
-    b, t = len(seqs), max(max(lengths), 2)
-    input_ids = torch.full((b, t), config.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, t), dtype=torch.long)
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    adv = torch.zeros((b, t), dtype=torch.float32)
-    old = torch.zeros((b, t), dtype=torch.float32)
-    has_old = torch.zeros((b, t), dtype=torch.bool)
-    for i, (seq, n) in enumerate(zip(seqs, lengths)):
-        input_ids[i, :n] = torch.tensor(seq.tokens[:n], dtype=torch.long)
-        attention_mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(seq.masks[:n], dtype=torch.long)
-        adv[i, :n] = torch.tensor(advantages[i][:n], dtype=torch.float32)
-        if len(seq.inference_logprobs) == len(seq.tokens):
-            old[i, :n] = torch.tensor(seq.inference_logprobs[:n], dtype=torch.float32)
-            has_old[i, :n] = True
-        elif len(seq.inference_logprobs):
-            log.warning(
-                "sequence %d sent %d inference_logprobs for %d tokens; treating it as on-policy",
-                i, len(seq.inference_logprobs), len(seq.tokens),
-            )
-    return PaddedBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        loss_mask=labels[:, 1:] != IGNORE_INDEX,
-        advantages=adv[:, 1:],
-        old_logprobs=old[:, 1:],
-        has_old=has_old[:, 1:],
-        scores=torch.tensor([s.score for s in seqs], dtype=torch.float64),
-    )
+        out = {k: float(v) for k, v in asdict(self).items() if k != "env_mean_scores"}
+        return out
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module, mb: MicroBatch, autocast: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each token given its prefix and the policy's entropy there, both
-    [B, T-1] (position j is token j + 1). Entropy carries no gradient."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    """Log-prob of each target of a packed row under `model`, and the policy's entropy
+    at that position (no gradient). Logits are computed at target positions only."""
+    device = mb.input_ids.device
+    ctx: ContextManager = (
+        torch.autocast(device_type=device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    )
+    with ctx:
+        out = model(
+            input_ids=mb.input_ids,
+            position_ids=mb.position_ids,
+            use_cache=False,
+            logits_to_keep=mb.logit_index,
+        )
+    logits = out.logits[0].float()  # [n_targets, V]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, mb.labels.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 
-def clipped_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO-clipped per-token loss -min(r A, clip(r, 1-eps, 1+eps) A) with r = exp(logp - old).
-
-    Returns (loss per token, ratio (detached), clipped): `clipped` marks tokens whose
-    clipped branch won, i.e. whose gradient is zero.
-    """
-    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = -torch.minimum(unclipped, clipped)
+def micro_batch_loss(
+    model: torch.nn.Module, mb: MicroBatch, config: LossConfig, autocast: torch.dtype | None = None
+) -> tuple[torch.Tensor, StepSums]:
+    """sum(weight * (policy loss + kl_coef * k3 KL)) over the row's targets, and its sums."""
+    logp, entropy = token_logprobs(model, mb, autocast)
+    has_old = ~torch.isnan(mb.old_logprobs)
+    old = torch.where(has_old, mb.old_logprobs, logp.detach())
+    if config.objective == "grpo":
+        terms = ppo_loss(logp, old, mb.advantages, config.clip_low, config.clip_high, config.is_cap)
+        per_token = terms.loss
+        ratio, clipped, truncated = terms.ratio, terms.clipped, terms.truncated
+    else:
+        per_token = weighted_sft_loss(logp, mb.advantages)
+        with torch.no_grad():
+            ratio = torch.exp((logp - old).clamp(-20, 20))
+        clipped = truncated = torch.zeros_like(has_old)
+    has_ref = ~torch.isnan(mb.ref_logprobs)
+    kl = torch.zeros_like(logp)
+    if bool(has_ref.any()):
+        kl = torch.where(has_ref, k3_kl(logp, torch.nan_to_num(mb.ref_logprobs)), kl)
+        if config.kl_coef:
+            per_token = per_token + config.kl_coef * kl
+    loss = (per_token * mb.weights).sum()
+    real = mb.seq_index >= 0
+    sums = StepSums()
     with torch.no_grad():
-        was_clipped = ((ratio > 1.0 + clip_eps) & (advantages > 0)) | ((ratio < 1.0 - clip_eps) & (advantages < 0))
-    return loss, ratio.detach(), was_clipped
+        s = sums.sums
+        s["loss"] = float(loss.detach())
+        s["kl"] = float(kl.detach()[real].sum())
+        s["clipped"] = float((clipped & real).sum())
+        s["truncated"] = float((truncated & has_old & real).sum())
+        s["ratio"] = float(ratio[has_old & real].sum())
+        s["abs_log_ratio"] = float((logp.detach() - old).abs()[has_old & real].sum())
+        s["entropy"] = float(entropy[real].sum())
+        s["advantage"] = float(mb.advantages[real].sum())
+        s["targets"] = float(real.sum())
+        s["with_old"] = float((has_old & real).sum())
+        s["with_ref"] = float((has_ref & real).sum())
+        s["real_tokens"] = float(mb.real_tokens)
+        s["processed_tokens"] = float(mb.length)
+        live = ratio[has_old & real]
+        if live.numel():
+            sums.ratio_max = float(live.max())
+            sums.ratio_min = float(live.min())
+    return loss, sums
+
+
+GradSync = Callable[[bool], ContextManager]
+
+
+def accumulate(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    config: LossConfig,
+    *,
+    loss_scale: float = 1.0,
+    grad_sync: GradSync | None = None,
+    autocast: torch.dtype | None = None,
+) -> StepSums:
+    """Backward every micro-batch into the gradients (not zeroed here). `grad_sync(last)`
+    gives the context each backward runs in (data parallelism synchronises gradients on
+    the last one only); `loss_scale` multiplies every loss (the number of ranks)."""
+    device = next(model.parameters()).device
+    total = StepSums()
+    for k, mb in enumerate(micro_batches):
+        ctx = grad_sync(k == len(micro_batches) - 1) if grad_sync is not None else contextlib.nullcontext()
+        with ctx:
+            loss, sums = micro_batch_loss(model, mb.to(device), config, autocast)
+            (loss * loss_scale).backward()
+        total.add(sums)
+    return total
+
+
+def metrics(batch: TrainBatch, sums: StepSums) -> GRPOMetrics:
+    """The step's metrics from the (all-ranks) sums."""
+    s = sums.sums
+    targets = max(s["targets"], 1.0)
+    with_old = s["with_old"]
+    return GRPOMetrics(
+        loss=s["loss"],
+        kl=s["kl"] / targets,
+        clip_fraction=s["clipped"] / targets,
+        is_truncated_fraction=s["truncated"] / with_old if with_old else 0.0,
+        ratio_mean=s["ratio"] / with_old if with_old else 1.0,
+        ratio_max=sums.ratio_max if with_old else 1.0,
+        ratio_min=sums.ratio_min if with_old else 1.0,
+        abs_log_ratio_mean=s["abs_log_ratio"] / with_old if with_old else 0.0,
+        entropy=s["entropy"] / targets,
+        advantage_mean=s["advantage"] / targets,
+        mean_score=sum(batch.scores) / len(batch.scores),
+        tokens=int(s["targets"]),
+        sequences=len(batch.sequences),
+        real_token_fraction=s["real_tokens"] / s["processed_tokens"] if s["processed_tokens"] else 1.0,
+        env_mean_scores={e: sum(v) / len(v) for e, v in sorted(batch.env_scores.items())},
+    )
 
 
 def grpo_backward(
     model: torch.nn.Module,
-    groups: Sequence[scored_data_pb2.ScoredGroup] | PaddedBatch,
-    config: GRPOConfig = GRPOConfig(),
+    groups: Sequence[scored_data_pb2.ScoredGroup] | TrainBatch,
+    loss: LossConfig = LossConfig(),
+    batch_config: BatchConfig = BatchConfig(),
+    *,
+    policy_version: int = 0,
 ) -> GRPOMetrics:
-    """Accumulate the gradient of the batch's token-mean GRPO loss into `model`.
-
-    Runs forward/backward in micro-batches of `config.micro_batch_size` sequences; each
-    micro-batch's loss is divided by the whole batch's token count, so the accumulated
-    gradient is that of one token-mean over every completion token of the batch. The
-    importance ratio uses `inference_logprobs` where sent, else the current log-probs
-    (ratio 1). Does not zero gradients or step an optimizer.
-    """
-    batch = groups if isinstance(groups, PaddedBatch) else collate(groups, config)
-    device = next(model.parameters()).device
-    total_tokens = batch.num_tokens
-    denom = max(total_tokens, 1)
-    loss_sum = clipped_sum = ratio_sum = entropy_sum = adv_sum = 0.0
-    ratio_max = 0.0
-    rows = batch.input_ids.shape[0]
-    step = max(config.micro_batch_size, 1)
-    for start in range(0, rows, step):
-        micro = batch.rows(start, min(start + step, rows)).to(device)
-        if not bool(micro.loss_mask.any()):
-            continue
-        logp, entropy = token_logprobs(model, micro.input_ids, micro.attention_mask)
-        old = torch.where(micro.has_old, micro.old_logprobs, logp.detach())
-        per_token, ratio, was_clipped = clipped_policy_loss(logp, old, micro.advantages, config.clip_eps)
-        mask = micro.loss_mask
-        loss = (per_token * mask).sum() / denom
-        loss.backward()
-        loss_sum += float(loss.detach())
-        clipped_sum += float((was_clipped & mask).sum())
-        ratio_sum += float((ratio * mask).sum())
-        ratio_max = max(ratio_max, float(ratio[mask].max()))
-        entropy_sum += float((entropy * mask).sum())
-        adv_sum += float((micro.advantages * mask).sum())
-    return GRPOMetrics(
-        loss=loss_sum,
-        clip_fraction=clipped_sum / denom,
-        ratio_mean=ratio_sum / denom if total_tokens else 1.0,
-        ratio_max=ratio_max if total_tokens else 1.0,
-        entropy=entropy_sum / denom,
-        mean_score=float(batch.scores.mean()),
-        advantage_mean=adv_sum / denom,
-        tokens=total_tokens,
-        sequences=rows,
-    )
+    """Single-process convenience: prepare, pack and accumulate the whole batch's
+    gradient into `model` (gradients are not zeroed, no optimizer step)."""
+    batch = groups if isinstance(groups, TrainBatch) else prepare(groups, batch_config, policy_version=policy_version)
+    mbs = pack(batch.sequences, range(len(batch.sequences)), batch_config.micro_batch_tokens)
+    sums = accumulate(model, mbs, loss)
+    return metrics(batch, sums)

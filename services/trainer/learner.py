@@ -1,20 +1,30 @@
-"""The training loop: batches from the gateway -> GRPO step -> weight push -> publish.
+"""The training loop on rank 0: batches from the gateway -> step -> weight push ->
+publish -> checkpoint.
 
 The trainer is the authority on policy versions. A version is published only after
 every shard committed it; when a push fails the trainer keeps the step's weights and
-pushes the next step's weights under the same next version (shards only accept
-current + 1), so the published version always names weights every shard serves.
+pushes the next step's weights under the same next version, as a resync (shards that
+restarted or lost track accept it whatever they serve), so the published version always
+names weights every shard serves.
+
+Resume: with a checkpoint in checkpoint_dir the learner starts at its step and version
+and, before it asks for any batch, resyncs every shard to the checkpoint's weights
+(under the same version when those weights were the published ones, else as the next
+version). All torch work runs in one dedicated thread, in order: a SIGTERM that cancels
+a step in flight still lets its optimizer step finish before the final checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import sys
 import time
-from typing import Any, Sequence, TextIO
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO, TypeVar
 
 import grpc
 import torch
@@ -25,17 +35,21 @@ from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
 from services.trainer import checkpoint
-from services.trainer.grpo import GRPOConfig, GRPOMetrics, grpo_backward
+from services.trainer.core import SYNC_DTYPES, StepResult, TrainerCore
+from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
 from services.trainer.settings import TrainerSettings
 from services.trainer.weight_sync import SyncReport, WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Gateway restarts and blips: reconnect the batch stream with capped backoff.
 RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
+# Whether this client's StreamBatchesRequest can carry the trainer's committed version.
+_CREDIT_HAS_VERSION = "policy_version" in gw_pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name
 
 
 class _StreamEnded(Exception):
@@ -43,7 +57,7 @@ class _StreamEnded(Exception):
 
 
 class Learner:
-    """Owns the model and optimizer and drives one step per batch.
+    """Owns rank 0's TrainerCore and drives one step per batch.
 
     Usable without the gRPC server: `await load()`, then `await train_step(groups)` per
     batch, or `await run()` to pull batches from the gateway until `num_steps`.
@@ -56,76 +70,143 @@ class Learner:
         *,
         weight_sync: WeightSync | None = None,
         out: TextIO | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         self.settings = settings
         self.state = state if state is not None else PolicyState()
         self.weight_sync = weight_sync
         self._out = out
-        self.model: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.grpo = GRPOConfig(
-            clip_eps=settings.clip_eps,
-            normalize_std=settings.normalize_std,
-            micro_batch_size=settings.micro_batch_size,
-            max_token_len=settings.max_token_len,
-        )
-        self.step = 0
+        self.core = TrainerCore(settings, ranks)
+        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clotho-torch")
+        self._loaded = False
+        self._closed = False
         self.last_sync: SyncReport | None = None
         self.last_sync_error: str | None = None
+        # The next push must be a resync (after a restore, or a failed push).
+        self.resync_needed = False
+        # The weights are the ones published under state.version.
+        self.weights_published = True
+        self._saved_step = -1
+        self.resumed_from: Path | None = None
 
-    # -- setup -----------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.core.step
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self.core.inner if self.core.model is not None else None
+
+    async def _in_torch(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in the torch thread. Shielded: a cancelled caller does not stop work
+        that is already changing the model (it finishes before anything else runs)."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.shield(loop.run_in_executor(self._torch, fn, *args))
+
+    # -- setup -----------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load the model and optimizer (in a thread) and open the weight sync."""
-        if self.model is None:
-            await asyncio.to_thread(self._load_model)
+        """Load (or restore) the model and optimizer, and open the weight sync."""
+        if not self._loaded:
+            s = self.settings
+            resume = checkpoint.latest(s.checkpoint_dir) if (s.resume and s.checkpoint_dir) else None
+            restored = await self._in_torch(self.core.load, resume)
+            self._loaded = True
+            if restored is not None:
+                self.state.restore(restored.policy_version, restored.step)
+                self.weights_published = restored.weights_published
+                self.resync_needed = True
+                self._saved_step = restored.step
+                self.resumed_from = restored.path
+                self._emit({
+                    "event": "resumed", "step": restored.step, "policy_version": restored.policy_version,
+                    "checkpoint": str(restored.path),
+                })
+                log.info("resumed from %s at step %d, policy version %d",
+                         restored.path, restored.step, restored.policy_version)
         if self.weight_sync is None:
             self.weight_sync = WeightSync.for_targets(
                 self.settings.inference,
                 address=self.settings.sync_address,
                 bucket_bytes=self.settings.bucket_bytes,
                 timeout_seconds=self.settings.sync_timeout_seconds,
+                dtype=SYNC_DTYPES.get(self.settings.sync_dtype),
             )
 
-    def _load_model(self) -> None:
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(self.settings.seed)
-        model = AutoModelForCausalLM.from_pretrained(self.settings.model_path, dtype=torch.float32)
-        model.to(self.settings.device)
-        model.train()
-        pad = getattr(model.config, "pad_token_id", None)
-        if pad is not None:
-            self.grpo = GRPOConfig(**{**vars(self.grpo), "pad_token_id": int(pad)})
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=self.settings.lr,
-            betas=tuple(self.settings.betas),
-            weight_decay=self.settings.weight_decay,
-        )
-        self.model = model
-        log.info("loaded %s (%d parameters) on %s", self.settings.model_path,
-                 sum(p.numel() for p in model.parameters()), self.settings.device)
-
     async def close(self) -> None:
+        """Finish the step in flight, save a checkpoint if steps were taken since the
+        last one, stop the other ranks and the weight sync. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loaded:
+            if self.step > self._saved_step:
+                with contextlib.suppress(Exception):
+                    await self.save_checkpoint()
+            if self.core.ranks.distributed:
+                await self._in_torch(self.core.stop_followers)
         if self.weight_sync is not None:
             await self.weight_sync.close()
+        await asyncio.to_thread(self._torch.shutdown, True)
 
-    # -- one step ---------------------------------------------------------------
+    # -- versions on the shards ------------------------------------------------------
 
-    def _optimize(self, groups: Sequence[scored_data_pb2.ScoredGroup]) -> tuple[GRPOMetrics, float]:
-        """Worker thread: one GRPO gradient and one optimizer step."""
-        assert self.model is not None and self.optimizer is not None
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics = grpo_backward(self.model, groups, self.grpo)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = 0.0
-        if params:
-            max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optimizer.step()
-        return metrics, grad_norm
+    async def sync_shards(self, stop: asyncio.Event | None = None) -> SyncReport | None:
+        """Before training: bring every shard to the trainer's version and weights when
+        a checkpoint was restored or a shard serves another version. Retries (with
+        backoff) until it succeeds or `stop` is set."""
+        await self.load()
+        assert self.weight_sync is not None
+        if not self.weight_sync.has_shards:
+            return None
+        stop = stop or asyncio.Event()
+        backoff = RECONNECT_MIN_SECONDS
+        while not stop.is_set():
+            try:
+                if not self.resync_needed:
+                    served = await self.weight_sync.served_versions()
+                    off = {n: v for n, v in served.items() if v != self.state.version}
+                    if not off:
+                        return None
+                    log.info("shards serve %s, the trainer's version is %d: resyncing", off, self.state.version)
+                    self.resync_needed = True
+                return await self._push(resync_only=True)
+            except (WeightSyncError, aio.AioRpcError, asyncio.TimeoutError) as exc:
+                log.warning("resync failed (%s); retrying in %.1fs", exc, backoff)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
+        return None
+
+    async def _push(self, resync_only: bool = False) -> SyncReport:
+        """Push the weights as the next version (or, for a resync of published weights,
+        as the current one); publish it once every shard committed. Raises
+        WeightSyncError (the next push is then a resync)."""
+        assert self.weight_sync is not None
+        same_version = resync_only and self.weights_published
+        version = self.state.version if same_version else self.state.version + 1
+        weights = await self._in_torch(self.core.full_weights)
+        try:
+            report = await self.weight_sync.push(weights, version, self.step, resync=self.resync_needed)
+        except WeightSyncError as exc:
+            self.resync_needed = True
+            self.last_sync_error = str(exc)
+            raise
+        finally:
+            del weights
+        self.resync_needed = False
+        self.weights_published = True
+        self.last_sync, self.last_sync_error = report, None
+        if version > self.state.version:
+            self.state.publish(version, self.step)
+        if resync_only:
+            self._emit({
+                "event": "resync", "step": self.step, "policy_version": version,
+                "sync_seconds": report.seconds, "sync_bytes": report.bytes,
+            })
+        return report
+
+    # -- one step ----------------------------------------------------------------------
 
     async def train_step(self, groups: Sequence[scored_data_pb2.ScoredGroup]) -> dict[str, Any]:
         """Train on one batch, push the weights to every shard, publish the version once
@@ -133,44 +214,24 @@ class Learner:
 
         Raises ValueError for a malformed batch (nothing is changed then).
         """
-        if self.model is None:
-            await self.load()
-        assert self.weight_sync is not None and self.model is not None
+        await self.load()
         started = time.monotonic()
-        metrics, grad_norm = await asyncio.to_thread(self._optimize, groups)
-        self.step += 1
-        version = self.state.version + 1
+        # Cleared before the step starts: if we are cancelled while the torch thread
+        # finishes it, the final checkpoint must not claim these weights are published.
+        published, self.weights_published = self.weights_published, False
+        try:
+            result: StepResult = await self._in_torch(self.core.train, list(groups), self.state.version)
+        except ValueError:
+            self.weights_published = published  # rejected before anything changed
+            raise
         report: SyncReport | None = None
         try:
-            report = await self.weight_sync.push(self.model, version, self.step)
+            report = await self._push()
         except WeightSyncError as exc:
             # The shards still serve the last committed version; the next step's push
             # carries these weights on (same version number, newer weights).
             log.error("step %d: %s; keeping the weights, retrying on the next step", self.step, exc)
-            self.last_sync_error = str(exc)
-        else:
-            self.state.publish(version, self.step)
-            self.last_sync, self.last_sync_error = report, None
-        record: dict[str, Any] = {
-            "event": "step",
-            "step": self.step,
-            "policy_version": self.state.version,
-            "mean_score": metrics.mean_score,
-            "loss": metrics.loss,
-            "clip_fraction": metrics.clip_fraction,
-            "sync_seconds": report.seconds if report else 0.0,
-            "sync_bytes": report.bytes if report else 0,
-            "step_seconds": time.monotonic() - started,
-            "sync_ok": report is not None,
-            "entropy": metrics.entropy,
-            "ratio_mean": metrics.ratio_mean,
-            "ratio_max": metrics.ratio_max,
-            "grad_norm": grad_norm,
-            "tokens": metrics.tokens,
-            "sequences": metrics.sequences,
-        }
-        if report is None:
-            record["sync_error"] = self.last_sync_error
+        record = self._step_record(result, report, time.monotonic() - started)
         self.state.record_step(
             self.step,
             {k: float(v) for k, v in record.items()
@@ -179,26 +240,66 @@ class Learner:
         interval = self.settings.checkpoint_interval
         if (interval and self.step % interval == 0) or self._finished():
             await self.save_checkpoint()
-        print(json.dumps(record), file=self._out or sys.stdout, flush=True)
+        self._emit(record)
+        return record
+
+    def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float) -> dict[str, Any]:
+        m, batch = result.metrics, result.batch
+        staleness = batch.staleness
+        record: dict[str, Any] = {
+            "event": "step",
+            "step": self.step,
+            "policy_version": self.state.version,
+            "mean_score": m.mean_score,
+            "loss": m.loss,
+            "kl": m.kl,
+            "clip_fraction": m.clip_fraction,
+            "sync_seconds": report.seconds if report else 0.0,
+            "sync_bytes": report.bytes if report else 0,
+            "step_seconds": seconds,
+            "sync_ok": report is not None,
+            "entropy": m.entropy,
+            "ratio_mean": m.ratio_mean,
+            "ratio_max": m.ratio_max,
+            "ratio_min": m.ratio_min,
+            "is_truncated_fraction": m.is_truncated_fraction,
+            "abs_log_ratio_mean": m.abs_log_ratio_mean,
+            "advantage_mean": m.advantage_mean,
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            "tokens": m.tokens,
+            "sequences": m.sequences,
+            "real_token_fraction": m.real_token_fraction,
+            "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
+            "staleness_max": max(staleness, default=0),
+            "stale_dropped": batch.stale_dropped,
+        }
+        for env, score in m.env_mean_scores.items():
+            record[f"atropos/env_{env}/mean_score"] = score
+        if report is None:
+            record["sync_error"] = self.last_sync_error
         return record
 
     async def save_checkpoint(self) -> None:
-        """Write the weights with the step and the last version every shard committed."""
-        if not self.settings.checkpoint_dir or self.model is None:
+        """Write a checkpoint of the current step (every rank takes part)."""
+        if not self.settings.checkpoint_dir or not self._loaded:
             return
-        path = await asyncio.to_thread(
-            checkpoint.save, self.settings.checkpoint_dir, self.model, self.step, self.state.version
-        )
-        log.info("saved checkpoint %s (policy version %d)", path, self.state.version)
+        state = {"policy_version": self.state.version, "weights_published": self.weights_published}
+        path = await self._in_torch(self.core.save, self.settings.checkpoint_dir, state)
+        self._saved_step = self.step
+        log.info("saved checkpoint %s (step %d, policy version %d)", path, self.step, self.state.version)
 
-    # -- the loop ---------------------------------------------------------------
+    def _emit(self, record: dict[str, Any]) -> None:
+        print(json.dumps(record), file=self._out or sys.stdout, flush=True)
+
+    # -- the loop ----------------------------------------------------------------------
 
     def _finished(self) -> bool:
         return self.settings.num_steps > 0 and self.step >= self.settings.num_steps
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Register with the gateway and train on streamed batches until `num_steps`
-        steps are done or `stop` is set."""
+        """Resync the shards if needed, register with the gateway and train on
+        streamed batches until `num_steps` steps are done or `stop` is set."""
         stop = stop or asyncio.Event()
         await self.load()
         gateway = channel(self.settings.gateway)
@@ -237,6 +338,9 @@ class Learner:
         log.info("registered with the gateway at %s as trainer %s", s.gateway, reply.uuid)
 
     async def _run(self, stub: gw_grpc.GatewayServiceStub, stop: asyncio.Event) -> None:
+        await self.sync_shards(stop)
+        if self._finished() or stop.is_set():
+            return
         await self._register(stub)
         backoff = RECONNECT_MIN_SECONDS
         while not self._finished() and not stop.is_set():
@@ -266,8 +370,19 @@ class Learner:
             want = min(want, self.settings.num_steps - self.step - in_hand - outstanding)
         return max(want, 0)
 
+    def _credit(self, n: int) -> gw_pb.StreamBatchesRequest:
+        request = gw_pb.StreamBatchesRequest(credits=n)
+        if _CREDIT_HAS_VERSION:
+            # Lets the gateway enforce its staleness bound against what shards serve.
+            request.policy_version = self.state.version
+        return request
+
     async def _consume(self, stub: gw_grpc.GatewayServiceStub) -> None:
-        """One StreamBatches call: grant credits, train on each batch as it arrives."""
+        """One StreamBatches call: grant credits, train on each batch as it arrives.
+
+        one_step_off: the next batch is requested when a batch arrives, so its
+        generation overlaps this step; otherwise only after the step's weights are
+        committed, so it is generated by them."""
         call = stub.StreamBatches(wait_for_ready=True)
         outstanding = 0
 
@@ -277,7 +392,7 @@ class Learner:
             n = self._grant(outstanding, in_hand)
             if n:
                 try:
-                    await call.write(gw_pb.StreamBatchesRequest(credits=n))
+                    await call.write(self._credit(n))
                 except (asyncio.InvalidStateError, aio.AioRpcError):
                     return False
                 outstanding += n
@@ -291,9 +406,9 @@ class Learner:
                 if response is aio.EOF:
                     raise _StreamEnded()
                 outstanding -= 1
-                # The batch is ours now: let the gateway assemble the next one while we
-                # train. If the stream ended meanwhile, still train on what we hold.
-                open_ = await grant(in_hand=1)
+                # The batch is ours now. One step off: let the gateway assemble the next
+                # one while we train. If the stream ended meanwhile, still train.
+                open_ = await grant(in_hand=1) if self.settings.one_step_off else True
                 try:
                     await self.train_step(list(response.groups))
                 except ValueError as exc:

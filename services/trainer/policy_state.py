@@ -33,6 +33,11 @@ class PolicyState:
     def version(self) -> int:
         return self._policy.version
 
+    def restore(self, version: int, step: int) -> None:
+        """Start from a checkpoint's version (before anyone watches)."""
+        self._policy = policy_pb2.PolicyVersion(version=version, committed_at=0.0, step=step)
+        self.step = step
+
     def record_step(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
         self.metrics = dict(metrics)

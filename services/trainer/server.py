@@ -1,16 +1,28 @@
-"""The trainer process: TrainerService over gRPC with the learner loop beside it."""
+"""The trainer process: TrainerService over gRPC with the learner loop beside it.
+
+Under torchrun only rank 0 serves and talks to the gateway and the shards; every other
+rank loads the same model and follows rank 0's commands (see distributed.py).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import signal
 
 from clotho.v1 import trainer_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
+from services.trainer import checkpoint
+from services.trainer.core import TrainerCore
+from services.trainer.distributed import Ranks
 from services.trainer.learner import Learner
 from services.trainer.policy_state import PolicyState
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
 
 SERVICE_NAME = "clotho.v1.TrainerService"
+log = logging.getLogger(__name__)
 
 
 def create_server(settings: TrainerSettings, state: PolicyState | None = None) -> tuple[GrpcServer, int]:
@@ -25,15 +37,39 @@ def create_server(settings: TrainerSettings, state: PolicyState | None = None) -
 
 
 async def serve(settings: TrainerSettings) -> None:
-    """Serve until SIGTERM, or until the learner has taken `num_steps` steps."""
+    """Rank 0: load (or resume), then serve until SIGTERM or until the learner has
+    taken `num_steps` steps. Other ranks: follow rank 0."""
     setup_tracing("clotho-trainer")
-    state = PolicyState()
-    grpc_server, _port = create_server(settings, state)
-    learner = Learner(settings, state)
-    await run_service(
-        grpc_server,
-        settings.grace_seconds,
-        settings.ready_file,
-        on_stop=learner.close,
-        background=learner.run,
-    )
+    ranks = Ranks.from_env(settings.device)
+    try:
+        if not ranks.is_leader:
+            await follow(settings, ranks)
+            return
+        state = PolicyState()
+        learner = Learner(settings, state, ranks=ranks)
+        # Loaded before serving, so the first version anyone sees is the restored one.
+        await learner.load()
+        grpc_server, _port = create_server(settings, state)
+        await run_service(
+            grpc_server,
+            settings.grace_seconds,
+            settings.ready_file,
+            extra_ready={"step": learner.step, "policy_version": state.version, "rank_count": ranks.world_size},
+            on_stop=learner.close,
+            background=learner.run,
+        )
+    finally:
+        ranks.close()
+
+
+async def follow(settings: TrainerSettings, ranks: Ranks) -> None:
+    """A rank > 0: same model, same checkpoint, then rank 0's commands until it stops."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # torchrun forwards signals to every rank; rank 0 saves the final checkpoint
+        # with the others' help and then tells them to stop.
+        loop.add_signal_handler(sig, lambda: log.info("rank %d: waiting for rank 0 to stop us", ranks.rank))
+    core = TrainerCore(settings, ranks)
+    resume = checkpoint.latest(settings.checkpoint_dir) if (settings.resume and settings.checkpoint_dir) else None
+    await asyncio.to_thread(core.load, resume)
+    await asyncio.to_thread(core.follow)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -42,12 +44,65 @@ class TrainerSettings(ServiceSettings):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
-    clip_eps: float = Field(0.2, ge=0, description="PPO ratio clip: ratios outside [1-eps, 1+eps] are clipped.")
-    normalize_std: bool = Field(
-        True, description="Divide group-centred scores by the group's standard deviation."
+    objective: Literal["grpo", "sft"] = Field(
+        "grpo",
+        description="grpo: PPO-clipped policy gradient on group-normalised advantages; sft: "
+        "advantage-weighted cross-entropy, sum(ce * advantage * mask) / sum(mask).",
     )
-    micro_batch_size: int = Field(
-        8, ge=1, description="Sequences per forward/backward pass; gradients accumulate over the batch."
+    clip_eps: float = Field(0.2, ge=0, description="PPO ratio clip: ratios below 1-eps are clipped.")
+    clip_eps_high: float | None = Field(
+        None, ge=0, description="Upper PPO clip (ratios above 1+eps_high are clipped); unset: clip_eps."
+    )
+    is_cap: float = Field(
+        2.0,
+        ge=0,
+        description="Truncated importance sampling: the ratio against the sampling policy's "
+        "inference_logprobs is capped at this value (its gradient weight too); 0 disables.",
+    )
+    kl_coef: float = Field(
+        0.0, ge=0, description="Weight of the k3 KL to the reference policy (needs ref_logprobs in the data)."
+    )
+    normalize_std: bool = Field(
+        True, description="Divide group-centred scores by the group's standard deviation (off: Dr.GRPO)."
+    )
+    adv_norm: Literal["none", "batch", "global"] = Field(
+        "none",
+        description="Standardise advantages over the batch's completion tokens (batch) or with "
+        "running statistics over every batch so far (global).",
+    )
+    adv_clip: float = Field(0.0, ge=0, description="Clip advantages to [-adv_clip, adv_clip]; 0 disables.")
+    aggregation: Literal["token", "sequence", "constant"] = Field(
+        "token",
+        description="How per-token losses become one: mean over tokens, mean over sequences of "
+        "their token mean, or sum / (sequences * max_token_len) (Dr.GRPO).",
+    )
+    micro_batch_tokens: int = Field(
+        8192,
+        ge=2,
+        description="Tokens per forward/backward pass: sequences are packed into rows of at most "
+        "this many tokens (no padding); gradients accumulate over the rows of a batch.",
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warmup: constant, or cosine decay to min_lr_ratio at num_steps."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup, in optimizer steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine schedule's final lr as a fraction of lr.")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="bfloat16 autocast of forward passes: auto uses it on devices with native "
+        "bf16 (CUDA), not on CPU; master weights and optimizer state stay float32.",
+    )
+    max_staleness: int = Field(
+        -1,
+        ge=-1,
+        description="Train only on sequences generated at most this many policy versions ago "
+        "(by their policy_version); older ones are dropped and counted. -1 keeps all.",
+    )
+    one_step_off: bool = Field(
+        True,
+        description="Ask the gateway for the next batch as soon as a batch arrives, so its "
+        "generation overlaps this step (data at most one version stale); off waits until "
+        "the step's weights are committed (on-policy).",
     )
     credits: int = Field(
         1, ge=1, description="Batches requested ahead from the gateway (never more are held unconsumed)."
@@ -58,6 +113,11 @@ class TrainerSettings(ServiceSettings):
     sync_timeout_seconds: float = Field(
         60.0, gt=0, description="Deadline of one whole weight update (prepare, transfer, commit)."
     )
+    sync_dtype: Literal["", "float32", "bfloat16", "float16"] = Field(
+        "",
+        description="dtype of the weights on the wire (the shards' dtype, e.g. bfloat16 halves the "
+        "bytes of float32 master weights); empty sends the trainer's own dtype.",
+    )
     sync_address: str = Field(
         "127.0.0.1",
         description="Host the trainer's rendezvous store binds and advertises to the shards.",
@@ -65,7 +125,14 @@ class TrainerSettings(ServiceSettings):
     device: str = Field("cpu", description="Torch device for the model, e.g. cpu or cuda:0.")
     seed: int = Field(0, description="Torch random seed.")
     checkpoint_interval: int = Field(
-        0, ge=0, description="Save a checkpoint every this many steps; 0 saves only when training ends."
+        0, ge=0, description="Save a checkpoint every this many steps; 0 saves only when training "
+        "ends or the trainer is stopped (SIGTERM)."
+    )
+    checkpoint_keep: int = Field(3, ge=0, description="Complete checkpoints kept (older ones deleted); 0 keeps all.")
+    resume: bool = Field(
+        True,
+        description="Start from the newest checkpoint in checkpoint_dir when there is one (same "
+        "step and policy version; the shards are resynced to its weights first).",
     )
     checkpoint_dir: str = Field(
         ".clotho/checkpoints",

@@ -1,7 +1,10 @@
 """The sender side of the versioned weight-update protocol.
 
 One push: (re)form the collective group while every shard prepares, broadcast the
-buckets, have every shard verify the checksums, then commit everywhere. Any failure
+buckets, have every shard verify the checksums, then commit everywhere. The broadcast is
+pipelined: a packer thread fills (and checksums) bucket i + 1 into one of two scratch
+buffers while bucket i is on the wire; a bucket whose tensors already lie contiguously
+in one storage, in manifest order and dtype, is sent from there without packing. Any failure
 aborts the update on every shard and drops the group; the next push forms a new one
 under a new name. Every stage runs under the update's deadline, and every blocking
 collective runs in a worker thread under the group's timeout, so nothing hangs.
@@ -13,8 +16,10 @@ model's GPU when it is on CUDA (the NCCL path has not yet run on a GPU in CI).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -28,17 +33,22 @@ from opentelemetry import trace
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Aborted
-
-BACKENDS = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
 from services.common.server import channel
 from services.common.weight_transfer import (
+    BROADCASTS_IN_FLIGHT,
     DEFAULT_BUCKET_BYTES,
     CollectiveGroup,
     Manifest,
+    bucket_view,
     build_manifest,
     crc32,
     pack_bucket,
+    pack_bucket_crc32,
 )
+
+BACKENDS = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
+# Tensors the sender reads: a model's parameters, or name -> tensor.
+Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -60,6 +70,13 @@ class SyncReport:
     group_name: str = ""
     # True when this update formed a new collective group.
     formed_group: bool = False
+    resync: bool = False
+    # Seconds spent in each stage (prepare, transfer, await, commit).
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
 class WeightSyncError(Aborted):
@@ -91,16 +108,16 @@ class _Group:
     group: CollectiveGroup
     abandoned: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
-    # Packing buffers, one per dtype, reused across the group's updates. Per group, so a
-    # send thread abandoned with an old group never writes into a live update's buffer.
-    scratch: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    # Packing buffers (raw bytes, viewed as each bucket's dtype), reused across the
+    # group's updates: one is packed while the others are on the wire. Per group, so a send
+    # thread abandoned with an old group never writes into a live update's buffer.
+    scratch: list[torch.Tensor] = field(default_factory=list)
 
-    def scratch_for(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
-        buf = self.scratch.get(dtype)
-        if buf is None or buf.numel() < numel or buf.device != device:
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            self.scratch[dtype] = buf
-        return buf[:numel]
+    def scratch_buffers(self, nbytes: int, device: torch.device, count: int) -> list[torch.Tensor]:
+        if len(self.scratch) != count or self.scratch[0].numel() < nbytes or self.scratch[0].device != device:
+            self.scratch = []  # drop the old ones before allocating
+            self.scratch = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+        return self.scratch
 
     def run(self, fn: Callable[..., T], *args: Any, name: str) -> "asyncio.Future[T]":
         return in_daemon_thread(fn, *args, name=name, track=self.threads)
@@ -192,7 +209,7 @@ class WeightSync:
 
     `stubs` are InferenceService stubs (one per inference service; a service may front
     several shards, as its GetModelInfo().shard_count says). With no stubs a push is a
-    no-op that succeeds.
+    no-op that succeeds. `dtype` is the wire dtype (None: each tensor's own).
     """
 
     def __init__(
@@ -204,12 +221,14 @@ class WeightSync:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout_seconds: float = 60.0,
         channels: Sequence[aio.Channel] = (),
+        dtype: torch.dtype | None = None,
     ) -> None:
         self._stubs = list(stubs)
         self._names = list(names) if names is not None else [f"shard-{i}" for i in range(len(self._stubs))]
         self.address = address
         self.bucket_bytes = bucket_bytes
         self.timeout_seconds = timeout_seconds
+        self.dtype = dtype
         self._channels = list(channels)
         self._group: _Group | None = None
         self._dropped: list[_Group] = []  # given up, possibly still closing
@@ -225,6 +244,10 @@ class WeightSync:
         channels = [channel(t) for t in targets]
         stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
         return cls(stubs, names=list(targets), channels=channels, **kwargs)
+
+    @property
+    def has_shards(self) -> bool:
+        return bool(self._stubs)
 
     @property
     def group_name(self) -> str | None:
@@ -244,32 +267,45 @@ class WeightSync:
             await ch.close()
         self._channels = []
 
-    def _manifest_for(self, model: torch.nn.Module) -> Manifest:
+    async def served_versions(self, timeout: float | None = None) -> dict[str, int]:
+        """The policy version each inference service serves now (waits for services
+        that are not up yet, up to `timeout`, default the sync timeout)."""
+        left = self.timeout_seconds if timeout is None else timeout
+        replies = await asyncio.gather(*(
+            stub.GetServedPolicy(pb.GetServedPolicyRequest(), timeout=left, wait_for_ready=True)
+            for stub in self._stubs
+        ))
+        return {name: int(r.policy.version) for name, r in zip(self._names, replies)}
+
+    def _manifest_for(self, tensors: Mapping[str, torch.Tensor]) -> Manifest:
         if self._manifest is None:
             # Only names, shapes and dtypes matter here; the data is read at send time.
-            self._manifest = build_manifest(
-                ((n, p.detach()) for n, p in model.named_parameters()), self.bucket_bytes
-            )
+            self._manifest = build_manifest(tensors.items(), self.bucket_bytes, self.dtype)
             self._manifest_proto = self._manifest.to_proto()
         return self._manifest
 
-    async def push(self, model: torch.nn.Module, version: int, step: int) -> SyncReport:
-        """Send `model`'s parameters to every shard as `version` and commit it there.
+    async def push(self, weights: Weights, version: int, step: int, *, resync: bool = False) -> SyncReport:
+        """Send the weights (a model's parameters, or name -> tensor) to every shard as
+        `version` and commit it there. A `resync` is accepted by a shard whatever version
+        it serves (after a restart from a checkpoint, or a shard that lost track).
 
-        The caller must not modify the parameters until this returns. Raises
+        The caller must not modify the tensors until this returns. Raises
         WeightSyncError after aborting the update on every shard.
         """
+        tensors = _named_tensors(weights)
         async with self._lock:
-            with tracer.start_as_current_span("weight_sync.push", attributes={"clotho.version": version}):
-                return await self._push(model, version, step)
+            attributes = {"clotho.version": version, "clotho.resync": resync}
+            with tracer.start_as_current_span("weight_sync.push", attributes=attributes):
+                return await self._push(tensors, version, step, resync)
 
-    async def _push(self, model: torch.nn.Module, version: int, step: int) -> SyncReport:
+    async def _push(self, tensors: Mapping[str, torch.Tensor], version: int, step: int, resync: bool) -> SyncReport:
         start = time.monotonic()
-        manifest = self._manifest_for(model)
+        manifest = self._manifest_for(tensors)
         if not self._stubs:
-            return SyncReport(version, 0.0, 0, 0)
+            return SyncReport(version, 0.0, 0, 0, resync=resync)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_seconds
+        stages: dict[str, float] = {}
         stage = "layout"
         try:
             formed = self._group is None
@@ -281,13 +317,14 @@ class WeightSync:
                     for name, stub in zip(self._names, self._stubs)
                 ])
                 self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos])
-                self._backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
+                self._backend = "nccl" if next(iter(tensors.values())).is_cuda else "gloo"
                 self._host_group()
             assert self._group is not None
             handle = self._group
             world_size = 1 + sum(s.ranks for s in self._shards)
 
             stage = "prepare"
+            mark = time.monotonic()
             left = self._left(deadline)
             calls: list[tuple[str, Awaitable[Any]]] = []
             if formed:
@@ -307,19 +344,23 @@ class WeightSync:
                     ),
                     deadline_seconds=left,
                     step=step,
+                    resync=resync,
                 )
                 calls.append((shard.name, shard.stub.PrepareWeightUpdate(request, timeout=left)))
             await self._stage(stage, deadline, calls)
+            stages[stage] = time.monotonic() - mark
 
             stage = "transfer"
-            tensors = {n: p.detach() for n, p in model.named_parameters()}
+            mark = time.monotonic()
             crcs = await self._stage(
                 stage, deadline,
                 [("broadcast", handle.run(self._send_buckets, handle, manifest, tensors, name="clotho-sync-send"))],
             )
             crcs = crcs[0]
+            stages[stage] = time.monotonic() - mark
 
             stage = "await"
+            mark = time.monotonic()
             left = self._left(deadline)
             await self._stage(stage, deadline, [
                 (s.name, s.stub.AwaitWeightTransfer(
@@ -327,13 +368,16 @@ class WeightSync:
                 ))
                 for s in self._shards
             ])
+            stages[stage] = time.monotonic() - mark
 
             stage = "commit"
+            mark = time.monotonic()
             left = self._left(deadline)
             await self._stage(stage, deadline, [
                 (s.name, s.stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(version=version), timeout=left))
                 for s in self._shards
             ])
+            stages[stage] = time.monotonic() - mark
         except BaseException as exc:
             detail = exc.detail if isinstance(exc, _StageFailed) else _describe(exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -352,6 +396,8 @@ class WeightSync:
             buckets=len(manifest.buckets),
             group_name=handle.group.group_name,
             formed_group=formed,
+            resync=resync,
+            stages=stages,
         )
 
     @staticmethod
@@ -402,17 +448,73 @@ class WeightSync:
         self._dropped = [g for g in self._dropped if g.busy]
 
     def _send_buckets(self, handle: _Group, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> list[int]:
-        """Worker thread: pack, checksum and broadcast each bucket in manifest order."""
+        """Worker thread: broadcast each bucket in manifest order while a packer thread
+        prepares the next one; returns the buckets' CRCs."""
+        device = next(iter(tensors.values())).device
+        # (bucket, its CRC, the scratch buffer it was packed into or None)
+        ready: queue.SimpleQueue[tuple[torch.Tensor, int, torch.Tensor | None] | BaseException] = queue.SimpleQueue()
+        free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        # Buckets already contiguous in the tensors' own storage need no scratch space.
+        views = [bucket_view(manifest, i, tensors) for i in range(len(manifest.buckets))]
+        packed = [b.nbytes for b, v in zip(manifest.buckets, views) if v is None]
+        if packed:
+            for buf in handle.scratch_buffers(max(packed), device, BROADCASTS_IN_FLIGHT + 1):
+                free.put(buf)
+        stop = threading.Event()
+
+        def pack_all() -> None:
+            try:
+                for i, bucket in enumerate(manifest.buckets):
+                    flat = views[i]
+                    if flat is not None:
+                        ready.put((flat, crc32(flat), None))
+                        continue
+                    raw = free.get()
+                    if stop.is_set() or handle.abandoned.is_set():
+                        return
+                    flat = raw[: bucket.nbytes].view(bucket.dtype)
+                    if device.type == "cuda":
+                        flat = pack_bucket(manifest, i, tensors, out=flat)
+                        torch.cuda.current_stream(device).synchronize()
+                        ready.put((flat, crc32(flat), raw))
+                    else:
+                        ready.put((flat, pack_bucket_crc32(manifest, i, tensors, flat), raw))
+            except BaseException as exc:  # noqa: BLE001 - handed to the sending thread
+                ready.put(exc)
+
+        packer = threading.Thread(target=pack_all, name="clotho-sync-pack", daemon=True)
+        handle.threads.append(packer)
+        packer.start()
         crcs = []
-        for i, bucket in enumerate(manifest.buckets):
-            if handle.abandoned.is_set():
-                # The update was given up; stop reading parameters the learner now owns.
-                raise RuntimeError("weight update abandoned")
-            device = next(iter(tensors.values())).device
-            flat = pack_bucket(manifest, i, tensors, out=handle.scratch_for(bucket.dtype, bucket.numel, device))
-            crcs.append(crc32(flat))
-            handle.group.broadcast(flat, root=0)
+        in_flight: collections.deque[tuple[Any, torch.Tensor | None]] = collections.deque()
+        try:
+            for i in range(len(manifest.buckets)):
+                if handle.abandoned.is_set():
+                    # The update was given up; stop reading tensors the learner now owns.
+                    raise RuntimeError("weight update abandoned")
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"packing bucket {i} failed: {item}") from item
+                flat, crc, raw = item
+                crcs.append(crc)
+                in_flight.append((handle.group.broadcast_async(flat, root=0), raw))
+                if len(in_flight) >= BROADCASTS_IN_FLIGHT:
+                    self._finish_one(handle, in_flight, free)
+            while in_flight:
+                self._finish_one(handle, in_flight, free)
+        finally:
+            stop.set()
+            # Unblock a packer waiting for a buffer.
+            for _ in range(BROADCASTS_IN_FLIGHT + 1):
+                free.put(torch.empty(0, dtype=torch.uint8))
         return crcs
+
+    @staticmethod
+    def _finish_one(handle: _Group, in_flight: "collections.deque", free: "queue.SimpleQueue") -> None:
+        work, raw = in_flight.popleft()
+        handle.group.wait(work)
+        if raw is not None:
+            free.put(raw)  # sent: the packer may fill it again
 
     async def _fail(self, version: int, stage: str, detail: str) -> None:
         """Abort on every shard (best effort, bounded) and drop the group."""
@@ -432,6 +534,12 @@ class WeightSync:
         for name, result in zip(self._names, results):
             if isinstance(result, BaseException):
                 log.warning("abort of version %d on %s failed: %s", version, name, _describe(result))
+
+
+def _named_tensors(weights: Weights) -> dict[str, torch.Tensor]:
+    if isinstance(weights, torch.nn.Module):
+        return {n: p.detach() for n, p in weights.named_parameters()}
+    return {n: t.detach() for n, t in weights.items()}
 
 
 def _layout(

@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 
+from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import trainer_service_pb2 as tr_pb
 from clotho.v1 import trainer_service_pb2_grpc as tr_grpc
 from services.trainer.learner import Learner
@@ -57,7 +58,7 @@ async def mesh(tiny_model_dir):
 def settings_for(model_dir, gateway_target, targets, **overrides) -> TrainerSettings:
     values = dict(
         model_path=str(model_dir), gateway=gateway_target, inference=targets, batch_size=4,
-        num_steps=3, credits=2, bucket_bytes=256 * 1024, sync_timeout_seconds=20.0,
+        num_steps=3, credits=2, bucket_bytes=256 * 1024, sync_timeout_seconds=20.0, checkpoint_dir="",
     )
     values.update(overrides)
     return TrainerSettings(**values)
@@ -81,11 +82,19 @@ def assert_shard_has(shard: FakeShard, model) -> None:
         assert torch.equal(shard.params[name], p.detach()), name
 
 
-async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_dir, mesh):
+async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_dir, mesh, monkeypatch):
+    from services.trainer import weight_sync
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("the parameters are laid out as the buckets: nothing to pack")
+
+    monkeypatch.setattr(weight_sync, "pack_bucket", no_packing)
+    monkeypatch.setattr(weight_sync, "pack_bucket_crc32", no_packing)
     gateway, gateway_target, shards, targets = mesh
     out = io.StringIO()
     learner = Learner(settings_for(tiny_model_dir, gateway_target, targets), out=out)
     await learner.load()
+    assert learner.core.laid_out
     initial = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     watcher = asyncio.ensure_future(collect_versions(learner, until=3))
     await asyncio.wait_for(learner.run(), RUN_SECONDS)
@@ -133,7 +142,8 @@ async def test_failed_sync_keeps_weights_and_pushes_them_with_the_next_step(tiny
     assert await asyncio.wait_for(watcher, 5) == [0, 1, 2]
     for shard in shards:
         assert ("abort", 2) in shard.calls
-        assert shard.calls[-3:] == [("prepare", 2), ("await", 2), ("commit", 2)]
+        # The retry is a resync: a shard that lost track accepts it whatever it serves.
+        assert shard.calls[-3:] == [("resync", 2), ("await", 2), ("commit", 2)]
         assert shard.version == 2 and len(shard.group_names) == 2
         assert_shard_has(shard, learner.model)
 
@@ -165,7 +175,8 @@ async def start_trainer(tiny_model_dir, gateway_target, targets, tmp_path, *flag
         sys.executable, "-m", "services.trainer",
         "--model-path", str(tiny_model_dir), "--gateway", gateway_target,
         "--inference", ",".join(targets), "--batch-size", "4",
-        "--bucket-bytes", str(256 * 1024), "--grace-seconds", "1", *flags,
+        "--bucket-bytes", str(256 * 1024), "--grace-seconds", "1",
+        "--checkpoint-dir", str(tmp_path / "checkpoints"), *flags,
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -228,3 +239,25 @@ async def test_trainer_process_stops_cleanly_on_sigterm(tiny_model_dir, mesh, tm
         # The open weight-transfer group is shut down before exit (a live gloo group
         # would abort the interpreter).
         assert await asyncio.wait_for(proc.wait(), RUN_SECONDS) == 0
+
+
+@pytest.mark.parametrize("one_step_off", [True, False])
+async def test_one_step_off_overlaps_the_next_batch_else_waits_for_the_commit(tiny_model_dir, mesh, one_step_off):
+    gateway, gateway_target, shards, targets = mesh
+    journal: list[tuple[str, int]] = []
+    gateway.journal = shards[0].journal = journal
+    learner = Learner(
+        settings_for(tiny_model_dir, gateway_target, targets[:1], credits=1, one_step_off=one_step_off),
+        out=io.StringIO(),
+    )
+    await asyncio.wait_for(learner.run(), RUN_SECONDS)
+    if one_step_off:
+        # The next batch is asked for as soon as one arrives, before its step commits.
+        assert journal == [("credit", 1), ("credit", 1), ("commit", 1), ("credit", 1), ("commit", 2), ("commit", 3)]
+    else:
+        # On-policy: each batch is asked for only once the previous step's version is live.
+        assert journal == [("credit", 1), ("commit", 1), ("credit", 1), ("commit", 2), ("credit", 1), ("commit", 3)]
+    assert gateway.max_in_flight <= 1
+    if "policy_version" in gw_pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name:
+        # Every credit carries the version the shards serve at that moment.
+        assert gateway.credit_versions == ([0, 0, 1] if one_step_off else [0, 1, 2])

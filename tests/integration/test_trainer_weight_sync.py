@@ -7,7 +7,7 @@ import torch
 
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
-from services.common.weight_transfer import build_manifest, crc32, pack_bucket
+from services.common.weight_transfer import build_manifest, crc32, pack_bucket, pack_bucket_crc32
 from services.trainer.weight_sync import WeightSync, WeightSyncError
 from trainer_fakes import FakeShard, Servers, load_model, start_shard  # noqa: F401
 
@@ -41,7 +41,13 @@ def make_sync(targets, timeout=10.0) -> WeightSync:
 def expected_crcs(model) -> list[int]:
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     manifest = build_manifest(named, BUCKET_BYTES)
-    return [crc32(pack_bucket(manifest, i, dict(named))) for i in range(len(manifest.buckets))]
+    crcs = [crc32(pack_bucket(manifest, i, dict(named))) for i in range(len(manifest.buckets))]
+    # Packing with the checksum computed chunk by chunk gives the same bytes and CRC.
+    for i, b in enumerate(manifest.buckets):
+        out = torch.empty(b.numel, dtype=b.dtype)
+        assert pack_bucket_crc32(manifest, i, dict(named), out) == crcs[i]
+        assert torch.equal(out, pack_bucket(manifest, i, dict(named)))
+    return crcs
 
 
 def assert_same_weights(fake: FakeShard, model) -> None:
@@ -168,3 +174,48 @@ async def test_caller_owned_stubs_work_too(model, shards):
         await sync.close()
         for c in channels:
             await c.close()
+
+
+async def test_weights_laid_out_as_buckets_are_sent_without_packing(model, shards, monkeypatch):
+    from services.common.weight_transfer import bucket_view, flat_buckets, unpack_bucket
+    from services.trainer import weight_sync
+
+    fakes, targets = shards
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    manifest = build_manifest(named.items(), BUCKET_BYTES)
+    flats = flat_buckets(manifest)
+    laid_out = {}
+    for i, flat in enumerate(flats):
+        for name, view in unpack_bucket(manifest, i, flat):
+            view.copy_(named[name])
+            laid_out[name] = view
+    assert all(bucket_view(manifest, i, laid_out).data_ptr() == f.data_ptr() for i, f in enumerate(flats))
+    assert bucket_view(manifest, 0, named) is None  # separate parameters: packed
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("packed a bucket that was already laid out")
+
+    monkeypatch.setattr(weight_sync, "pack_bucket", no_packing)
+    monkeypatch.setattr(weight_sync, "pack_bucket_crc32", no_packing)
+    sync = make_sync(targets)
+    try:
+        await sync.push(laid_out, version=1, step=1)
+        for fake in fakes:
+            assert fake.received_crcs == [[crc32(f) for f in flats]]
+            assert_same_weights(fake, model)
+    finally:
+        await sync.close()
+
+
+async def test_wire_dtype_casts_float32_weights_to_bfloat16(model, shards):
+    fakes, targets = shards
+    sync = WeightSync.for_targets(targets, bucket_bytes=BUCKET_BYTES, timeout_seconds=10.0, dtype=torch.bfloat16)
+    try:
+        report = await sync.push(model, version=1, step=1)
+        assert report.bytes == sum(p.numel() * 2 for p in model.parameters())
+        assert {b.dtype for b in sync.manifest.buckets} == {torch.bfloat16}
+        for fake in fakes:
+            for name, p in model.named_parameters():
+                assert torch.equal(fake.params[name], p.detach().to(torch.bfloat16).float()), name
+    finally:
+        await sync.close()

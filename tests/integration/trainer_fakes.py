@@ -82,17 +82,21 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
         self.received_crcs: list[list[int]] = []
         self.fail_await_calls: set[int] = set()  # 1-based Await call numbers to fail
         self.hang_prepare = False
+        self.journal: list[tuple[str, int]] | None = None  # shared with a FakeGateway: event order
         self._await_calls = 0
         self._prepared: _Prepared | None = None
 
     async def GetModelInfo(self, request, context):
         return pb.GetModelInfoResponse(model_name="tiny", engine="fake", shard_count=self.shard_count)
 
+    async def GetServedPolicy(self, request, context):
+        return pb.GetServedPolicyResponse(policy=policy_pb2.PolicyVersion(version=self.version))
+
     async def PrepareWeightUpdate(self, request, context):
-        self.calls.append(("prepare", request.version))
+        self.calls.append(("resync" if request.resync else "prepare", request.version))
         if self.hang_prepare:
             await asyncio.Event().wait()  # until the caller's deadline cancels us
-        if request.version != self.version + 1:
+        if not request.resync and request.version != self.version + 1:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"version {request.version} is not {self.version} + 1")
         manifest = Manifest.from_proto(request.manifest)
@@ -161,6 +165,8 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
                 self.params[name].copy_(view)
         self.version = request.version
         self._prepared = None
+        if self.journal is not None:
+            self.journal.append(("commit", request.version))
         return pb.CommitWeightUpdateResponse(policy=policy_pb2.PolicyVersion(version=self.version))
 
     async def AbortWeightUpdate(self, request, context):
@@ -182,6 +188,9 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
     def methods(self) -> list[str]:
         return [m for m, _ in self.calls]
 
+    def versions(self, method: str) -> list[int]:
+        return [v for m, v in self.calls if m == method]
+
 
 class FakeGateway(gw_grpc.GatewayServiceServicer):
     """Hands out `batches` in order, never more than the credits granted, and records
@@ -197,6 +206,15 @@ class FakeGateway(gw_grpc.GatewayServiceServicer):
         self.per_stream: int | None = None  # end each stream after this many batches
         self.release = asyncio.Event()
         self.release.set()
+        # Out of batches: keep the stream open until `add` brings more (instead of ending).
+        self.hold_when_empty = False
+        self._added = asyncio.Event()
+        self.journal: list[tuple[str, int]] | None = None  # ("credit", n) as they arrive
+        self.credit_versions: list[int] = []  # policy_version sent with each credit, if any
+
+    def add(self, batch: list[scored_data_pb2.ScoredGroup]) -> None:
+        self.batches.append(batch)
+        self._added.set()
 
     async def RegisterTrainer(self, request, context):
         self.registrations.append(request)
@@ -211,6 +229,10 @@ class FakeGateway(gw_grpc.GatewayServiceServicer):
             try:
                 async for req in request_iterator:
                     self.grants.append(req.credits)
+                    if self.journal is not None:
+                        self.journal.append(("credit", req.credits))
+                    if "policy_version" in type(req).DESCRIPTOR.fields_by_name:
+                        self.credit_versions.append(req.policy_version)
                     credits += req.credits
                     # Batches granted but not yet delivered: what the trainer asked ahead.
                     self.max_in_flight = max(self.max_in_flight, credits)
@@ -223,7 +245,11 @@ class FakeGateway(gw_grpc.GatewayServiceServicer):
         sent_here = 0
         try:
             await self.release.wait()
-            while self.sent < len(self.batches):
+            while self.sent < len(self.batches) or self.hold_when_empty:
+                if self.sent >= len(self.batches):
+                    self._added.clear()
+                    await self._added.wait()
+                    continue
                 if self.per_stream is not None and sent_here >= self.per_stream:
                     return
                 while credits == 0:

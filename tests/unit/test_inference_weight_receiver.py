@@ -226,3 +226,59 @@ async def test_cancelled_generate_stops_its_samples(engine, receiver):
     await responses.aclose()  # what a client cancel does to the handler
     await wait_until(lambda: engine.active_samples == 0)
     assert engine.tokens_generated < 3 * 400, "the samples ran to the end instead of stopping"
+
+
+async def test_resync_accepts_any_version_and_replaces_every_weight(engine, receiver, trainer):
+    trainer.host()
+    for version in (5, 2, 2):  # ahead, back, and the same version again
+        weights = new_weights(engine, seed=version * 7 + len(trainer.group.group_name))
+        manifest = build_manifest(weights.items(), bucket_bytes=64 * 1024)
+        rdv = trainer.rendezvous()
+        if version == 5:
+            # Not current + 1: refused unless it is a resync.
+            with pytest.raises(FailedPrecondition, match="expected 1"):
+                await receiver.prepare(version, manifest.to_proto(), rdv, 30, 0)
+        connect = None if trainer.group.connected else asyncio.create_task(asyncio.to_thread(trainer.group.connect))
+        await receiver.prepare(version, manifest.to_proto(), rdv, 30, step=40, resync=True)
+        if connect is not None:
+            await connect
+        await receiver.await_transfer(version, await trainer.send(manifest, weights))
+        policy = await receiver.commit(version)
+        assert (policy.version, policy.step) == (version, 40) and engine.policy.version == version
+        assert_weights(engine, weights)
+
+
+def param_storages(engine: GenerationEngine) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in engine.runner.model.parameters()}
+
+
+async def test_commit_adopts_the_staging_and_the_old_buffers_receive_the_next_update(engine, receiver, trainer):
+    """Wire dtype = model dtype: the engine takes the received buckets over as its
+    parameters (no copy at commit), and from the third update on the receiver receives
+    into the buffers the parameters used two updates ago (no fresh allocation)."""
+    trainer.host()
+    storages = []
+    for version in (1, 2, 3, 4):
+        weights = new_weights(engine, seed=version)
+        manifest = build_manifest(weights.items(), bucket_bytes=64 * 1024)
+        await trainer.prepare(receiver, version, manifest)
+        await receiver.await_transfer(version, await trainer.send(manifest, weights))
+        await receiver.commit(version)
+        assert_weights(engine, weights)
+        storages.append(param_storages(engine))
+        # Every parameter lives in one of the update's buckets.
+        assert len(storages[-1]) == len(manifest.buckets)
+    assert storages[0].isdisjoint(storages[1])
+    assert storages[2] == storages[0] and storages[3] == storages[1]
+
+
+async def test_other_wire_dtype_is_copied_not_adopted(engine, receiver, trainer):
+    trainer.host()
+    before = param_storages(engine)
+    weights = {n: t.to(torch.bfloat16) for n, t in new_weights(engine, seed=3).items()}
+    manifest = build_manifest(weights.items(), bucket_bytes=64 * 1024)
+    await trainer.prepare(receiver, 1, manifest)
+    await receiver.await_transfer(1, await trainer.send(manifest, weights))
+    await receiver.commit(1)
+    assert param_storages(engine) == before
+    assert_weights(engine, {n: t.float() for n, t in weights.items()})

@@ -1,0 +1,276 @@
+"""From Atropos scored groups to packed micro-batches.
+
+Conventions (Atropos): per-token lists (masks, advantages, inference_logprobs,
+ref_logprobs) are aligned with `tokens`; `masks[t] == -100` marks a prompt token. Token t
+is predicted from position t - 1, so the targets of a sequence are its tokens t >= 1
+whose mask is not -100.
+
+Packing: sequences are laid end to end in rows of at most `micro_batch_tokens` tokens
+(first fit, longest first), with position ids restarting at 0 for each sequence and no
+attention mask. Transformers then builds a block-diagonal causal mask from the position
+ids (see `tests/unit/test_trainer_batching.py`, which checks that packed log-probs equal
+unpacked ones), so no padding is computed at all. The forward pass asks for logits at
+target positions only (`logits_to_keep`), which keeps the vocabulary-sized tensors as
+small as the completions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from clotho.v1 import scored_data_pb2
+from services.trainer.losses import RunningMoments, group_advantages, normalize_advantages, token_weights
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How a batch becomes training data."""
+
+    normalize_std: bool = True
+    std_eps: float = 1e-6
+    adv_norm: str = "none"
+    adv_clip: float = 0.0
+    aggregation: str = "token"
+    max_token_len: int | None = None
+    micro_batch_tokens: int = 8192
+    # Drop sequences generated more than this many versions ago (None keeps all).
+    max_staleness: int | None = None
+
+
+@dataclass
+class TrainSequence:
+    """One sequence's training data; per-target tensors are in target order."""
+
+    tokens: list[int]
+    targets: list[int]  # token indices t (>= 1) that are trained on
+    advantages: torch.Tensor  # [n_targets] float32
+    old_logprobs: torch.Tensor  # [n_targets] float32 (NaN where not sent)
+    ref_logprobs: torch.Tensor  # [n_targets] float32 (NaN where not sent)
+    weight: float = 0.0  # per-token aggregation weight
+    score: float = 0.0
+    env_id: int | None = None
+    staleness: int | None = None
+
+
+@dataclass
+class TrainBatch:
+    """A batch ready to split across ranks and pack."""
+
+    sequences: list[TrainSequence]
+    scores: list[float]  # every sequence's score, stale ones included
+    env_scores: dict[int, list[float]]
+    stale_dropped: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+    @property
+    def num_targets(self) -> int:
+        return sum(len(s.targets) for s in self.sequences)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences)
+
+
+def _per_token(values: Sequence[float], n: int, what: str, index: int) -> list[float] | None:
+    if len(values) == n:
+        return list(values)
+    if len(values):
+        log.warning("sequence %d sent %d %s for %d tokens; ignoring them", index, len(values), what, n)
+    return None
+
+
+def prepare(
+    groups: Sequence[scored_data_pb2.ScoredGroup],
+    config: BatchConfig = BatchConfig(),
+    *,
+    policy_version: int = 0,
+    moments: RunningMoments | None = None,
+) -> TrainBatch:
+    """Advantages, sampling/reference log-probs and aggregation weights of every
+    sequence of the batch, stale sequences dropped.
+
+    Advantages are the group-normalised scores (over the whole group, stale members
+    included), replaced per token by the environment's own `advantages` where it sent
+    them; then normalised over the batch's targets and clipped as configured. Raises
+    ValueError when a sequence's masks do not line up with its tokens or nothing is left.
+    """
+    seqs: list[TrainSequence] = []
+    scores: list[float] = []
+    env_scores: dict[int, list[float]] = {}
+    staleness_seen: list[int] = []
+    dropped = 0
+    index = 0
+    limit = config.max_token_len
+    for group in groups:
+        group_adv = group_advantages([s.score for s in group.sequences], config.normalize_std, config.std_eps)
+        env = group.env_id if group.HasField("env_id") else None
+        for seq, adv in zip(group.sequences, group_adv):
+            i, index = index, index + 1
+            n_all = len(seq.tokens)
+            if len(seq.masks) != n_all:
+                raise ValueError(f"sequence {i}: {len(seq.masks)} masks for {n_all} tokens")
+            scores.append(seq.score)
+            if env is not None:
+                env_scores.setdefault(env, []).append(seq.score)
+            stale = None
+            if seq.HasField("policy_version"):
+                stale = max(policy_version - int(seq.policy_version), 0)
+                staleness_seen.append(stale)
+            if stale is not None and config.max_staleness is not None and stale > config.max_staleness:
+                dropped += 1
+                continue
+            n = n_all if limit is None else min(n_all, limit)
+            targets = [t for t in range(1, n) if seq.masks[t] != IGNORE_INDEX]
+            token_adv = _per_token(seq.advantages, n_all, "advantages", i)
+            old = _per_token(seq.inference_logprobs, n_all, "inference_logprobs", i)
+            ref = _per_token(seq.ref_logprobs, n_all, "ref_logprobs", i)
+            nan = float("nan")
+            seqs.append(TrainSequence(
+                tokens=list(seq.tokens[:n]),
+                targets=targets,
+                advantages=torch.tensor(
+                    [token_adv[t] for t in targets] if token_adv is not None else [adv] * len(targets),
+                    dtype=torch.float32,
+                ),
+                old_logprobs=torch.tensor([old[t] if old is not None else nan for t in targets], dtype=torch.float32),
+                ref_logprobs=torch.tensor([ref[t] if ref is not None else nan for t in targets], dtype=torch.float32),
+                score=seq.score,
+                env_id=env,
+                staleness=stale,
+            ))
+    if not scores:
+        raise ValueError("batch has no sequences")
+    if config.adv_norm != "none" or config.adv_clip > 0:
+        flat = torch.cat([s.advantages for s in seqs]) if seqs else torch.zeros(0)
+        normed = normalize_advantages(flat, config.adv_norm, moments, config.adv_clip, config.std_eps)
+        offset = 0
+        for s in seqs:
+            s.advantages = normed[offset : offset + len(s.targets)]
+            offset += len(s.targets)
+    weights = token_weights([len(s.targets) for s in seqs], config.aggregation, config.max_token_len)
+    for s, w in zip(seqs, weights):
+        s.weight = w
+    return TrainBatch(seqs, scores, env_scores, dropped, staleness_seen)
+
+
+def split(sequences: Sequence[TrainSequence], ranks: int) -> list[list[int]]:
+    """Indices of the sequences each rank trains on, balanced by token count (longest
+    first onto the least loaded rank). Deterministic: every rank computes the same."""
+    loads = [0] * ranks
+    out: list[list[int]] = [[] for _ in range(ranks)]
+    for i in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].tokens), i)):
+        r = min(range(ranks), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += len(sequences[i].tokens)
+    for ids in out:
+        ids.sort()
+    return out
+
+
+@dataclass
+class MicroBatch:
+    """One packed row: [1, L] inputs and one entry per target in the row."""
+
+    input_ids: torch.Tensor  # [1, L] long
+    position_ids: torch.Tensor  # [1, L] long, restarting at 0 per sequence
+    logit_index: torch.Tensor  # [n] long: position whose logits predict each target
+    labels: torch.Tensor  # [n] long: the target token ids
+    advantages: torch.Tensor  # [n]
+    old_logprobs: torch.Tensor  # [n], NaN where not sent
+    ref_logprobs: torch.Tensor  # [n], NaN where not sent
+    weights: torch.Tensor  # [n] aggregation weight of each target
+    seq_index: torch.Tensor  # [n] which sequence (of the TrainBatch) each target is in
+    real_tokens: int
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        return MicroBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+
+
+def pack(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[MicroBatch]:
+    """Pack the given sequences into rows of at most `budget` tokens (a longer sequence
+    gets a row of its own), first fit by decreasing length. Sequences without targets
+    are left out: they contribute nothing to the loss."""
+    return [_row(sequences, row) for row in plan_rows(sequences, indices, budget)]
+
+
+def plan_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[list[int]]:
+    """Which sequences go in which row (see `pack`)."""
+    order = sorted((i for i in indices if sequences[i].targets), key=lambda i: (-len(sequences[i].tokens), i))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = len(sequences[i].tokens)
+        for r, used in enumerate(fill):
+            if used + n <= budget:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    return rows
+
+
+def _row(sequences: Sequence[TrainSequence], row: Sequence[int]) -> MicroBatch:
+    ids: list[int] = []
+    pos: list[int] = []
+    logit_index: list[int] = []
+    labels: list[int] = []
+    seq_index: list[int] = []
+    weights: list[float] = []
+    for i in row:
+        s = sequences[i]
+        offset = len(ids)
+        ids.extend(s.tokens)
+        pos.extend(range(len(s.tokens)))
+        logit_index.extend(offset + t - 1 for t in s.targets)
+        labels.extend(s.tokens[t] for t in s.targets)
+        seq_index.extend([i] * len(s.targets))
+        weights.extend([s.weight] * len(s.targets))
+    return MicroBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([pos], dtype=torch.long),
+        logit_index=torch.tensor(logit_index, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        advantages=torch.cat([sequences[i].advantages for i in row]),
+        old_logprobs=torch.cat([sequences[i].old_logprobs for i in row]),
+        ref_logprobs=torch.cat([sequences[i].ref_logprobs for i in row]),
+        weights=torch.tensor(weights, dtype=torch.float32),
+        seq_index=torch.tensor(seq_index, dtype=torch.long),
+        real_tokens=len(ids),
+    )
+
+
+def dummy_micro_batch(token_id: int = 0) -> MicroBatch:
+    """A two-token row with one zero-weight target: a rank with nothing (left) to train
+    on runs it so that its collectives (gradient all-reduce, FSDP gathers) match the
+    other ranks'."""
+    return MicroBatch(
+        input_ids=torch.tensor([[token_id, token_id]], dtype=torch.long),
+        position_ids=torch.tensor([[0, 1]], dtype=torch.long),
+        logit_index=torch.tensor([0], dtype=torch.long),
+        labels=torch.tensor([token_id], dtype=torch.long),
+        advantages=torch.zeros(1),
+        old_logprobs=torch.full((1,), math.nan),
+        ref_logprobs=torch.full((1,), math.nan),
+        weights=torch.zeros(1),
+        seq_index=torch.full((1,), -1, dtype=torch.long),
+        real_tokens=0,
+    )
