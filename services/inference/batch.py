@@ -1,22 +1,28 @@
-"""The batch of samples being decoded together, its KV cache, and per-sample bookkeeping
-(tokens, logprobs, version spans, stop conditions, results to hand back).
+"""The running batch: samples decoded together, one KV-cache row each, and per-sample
+bookkeeping (tokens, logprobs, version spans, stop conditions, results to hand back).
 
-Only the engine's worker thread touches these objects, except `RequestState.cancelled`,
-which the event loop sets and the worker reads between steps.
+Requests join between two decode steps: their prompts are prefilled together into fresh
+cache rows (one prefill per request, copied into its n rows) while the running rows keep
+their cache untouched; finished rows leave the same way. Only the engine's worker thread
+touches these objects, except `RequestState.cancelled`, which the event loop sets and the
+worker reads between steps.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from services.inference.api import Completion, FinishReason, GenerationRequest, TokenChunk, VersionSpan
 from services.inference.runner import ModelRunner
 from services.inference.sampling import choose_tokens
 
 Event = TokenChunk | Completion | BaseException
+_SUBMITTED = itertools.count()
 
 
 class RequestState:
@@ -28,7 +34,8 @@ class RequestState:
         max_new_tokens: int,
         stop_ids: frozenset[int],
         generator: torch.Generator,
-        deliver: Callable[[list[Event]], None],
+        loop: asyncio.AbstractEventLoop,
+        queue: "asyncio.Queue[list[Event]]",
     ) -> None:
         self.spec = spec
         self.input_ids = list(spec.input_ids)
@@ -38,21 +45,21 @@ class RequestState:
         self.cancelled = False
         self.prompt_logprobs: tuple[float, ...] = ()
         self.outbox: list[Event] = []
-        self._deliver = deliver
+        # The KV-cache tokens this request may come to hold: what it counts against the
+        # batch's token bound while any of its rows run.
+        rows = self.n if max_new_tokens > 0 else 0
+        self.reserved_tokens = rows * (len(self.input_ids) + max_new_tokens)
+        self.rows_left = self.n
+        # Submission order: rows drawing from one generator draw in (seq, sample) order.
+        self.seq = next(_SUBMITTED)
+        # Where the submitter iterates the results.
+        self.loop = loop
+        self.queue = queue
 
     @property
     def n(self) -> int:
         return self.spec.sampling.n
 
-    def flush(self) -> None:
-        """Hand this step's events to the asyncio side in one call."""
-        if self.outbox:
-            events, self.outbox = self.outbox, []
-            try:
-                self._deliver(events)
-            except RuntimeError:
-                # The caller's event loop is gone: nobody is listening any more.
-                self.cancelled = True
 
 
 class SampleState:
@@ -104,87 +111,92 @@ class SampleState:
 
 
 class Batch:
-    """Samples decoded together, one row each, sharing one KV cache.
+    """Samples decoded together, one row each, over one SlotKVCache whose row r belongs
+    to samples[r].
 
-    `cache is None` with rows present means the cache must be rebuilt from the rows'
-    full token sequences before the next token (after a weight commit, so that no token
-    after it attends to keys and values the old weights computed).
+    `stale` means the rows' keys and values were computed by weights that are no longer
+    served: they are recomputed from the rows' full token sequences before the next token
+    (after a weight commit, so that no token after it attends to old-weight keys).
     """
 
-    def __init__(self, runner: ModelRunner, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, runner: ModelRunner, decode: Callable[[list[int]], str], max_rows: int) -> None:
         self.runner = runner
         self.decode = decode
+        self.cache = runner.new_cache(max_rows)
         self.samples: list[SampleState] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None
+        self.stale = False
         self.tokens_generated = 0
+        self.reserved_tokens = 0
         self._touched: dict[int, RequestState] = {}
-        self._params: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Generator]] | None = None
+        self._params: _Params | None = None
 
     @property
     def size(self) -> int:
         return len(self.samples)
 
     def admit(self, requests: Sequence[RequestState], version: int) -> None:
-        """Prefill each new prompt once, give each request n rows that share that prefill's
-        cache, and pick every row's first token.
-
-        Only called on an empty batch for now; continuous batching will prefill the new
-        prompts the same way and merge their cache rows into the running ones.
-        """
-        assert not self.samples, "admitting into a running batch is not supported yet"
+        """Prefill the new prompts (one prefill per request, whatever its n) into new
+        cache rows, n rows per request, and pick each new row's first token. Running
+        rows are not touched."""
         for r in requests:
             self._touched[id(r)] = r
-        want_all = any(r.spec.return_prompt_logprobs for r in requests)
-        logits, cache, mask = self.runner.prefill([r.input_ids for r in requests], all_logits=want_all)
-        width = mask.shape[1]
-        for i, r in enumerate(requests):
-            if r.spec.return_prompt_logprobs:
-                r.prompt_logprobs = _prompt_logprobs(logits[i, width - len(r.input_ids) :], r.input_ids)
-        rows: list[int] = []
-        samples: list[SampleState] = []
-        for i, r in enumerate(requests):
-            for j in range(r.n):
-                sample = SampleState(r, j)
-                if r.max_new_tokens == 0:
-                    sample.finish(FinishReason.LENGTH)
-                else:
-                    rows.append(i)
-                    samples.append(sample)
-        if not samples:
+        first = self.size
+        last_logits: list[torch.Tensor] = []
+        for group in _length_groups(requests):
+            want_all = any(r.spec.return_prompt_logprobs for r in group)
+            src = [i for i, r in enumerate(group) if r.max_new_tokens > 0 for _ in range(r.n)]
+            dest = list(range(self.size, self.size + len(src)))
+            logits = self.runner.prefill(self.cache, [r.input_ids for r in group], dest, src, all_logits=want_all)
+            width = logits.shape[1]
+            for i, r in enumerate(group):
+                if r.spec.return_prompt_logprobs:
+                    r.prompt_logprobs = _prompt_logprobs(logits[i, width - len(r.input_ids) :], r.input_ids)
+                for j in range(r.n):
+                    sample = SampleState(r, j)
+                    if r.max_new_tokens == 0:
+                        sample.finish(FinishReason.LENGTH)
+                    else:
+                        self.samples.append(sample)
+                if r.max_new_tokens > 0:
+                    self.reserved_tokens += r.reserved_tokens
+            if src:
+                last_logits.append(logits[:, -1][torch.tensor(src, device=logits.device)])
+        if not last_logits:
             return
-        last = logits[:, -1]
-        if rows != list(range(len(requests))):
-            index = torch.tensor(rows, device=mask.device)
-            cache.batch_select_indices(index)
-            mask, last = mask[index], last[index]
-        self.samples, self.cache, self.mask = samples, cache, mask
         self._params = None
-        self._advance(last, version)
+        self._advance(torch.cat(last_logits), version, first)
+        self._prune()
 
     def step(self, version: int) -> None:
         """One more token for every row."""
-        if self.cache is None:
-            logits, self.cache, self.mask = self.runner.prefill([s.tokens for s in self.samples], all_logits=False)
+        if self.stale:
+            # Recompute every row's keys under the weights now served, and take the next
+            # token from that pass.
+            rows = list(range(self.size))
+            logits = self.runner.prefill(self.cache, [s.tokens for s in self.samples], rows, rows, all_logits=False)
+            self.stale = False
             last = logits[:, -1]
         else:
-            last, self.mask = self.runner.decode(
-                [s.tokens[-1] for s in self.samples],
-                [len(s.tokens) - 1 for s in self.samples],
-                self.cache,
-                self.mask,
-            )
-        self._advance(last, version)
+            tokens = torch.tensor([s.tokens[-1] for s in self.samples], dtype=torch.long, device=self.runner.device)
+            last = self.runner.decode(self.cache, tokens)
+        self._advance(last, version, 0)
+        self._prune()
 
     def invalidate_cache(self) -> None:
-        self.cache, self.mask = None, None
+        self.stale = bool(self.samples)
 
     def reap_cancelled(self) -> None:
         for s in self.samples:
-            if s.request.cancelled:
+            if s.request.cancelled and s.finish_reason is None:
                 s.finish(FinishReason.ABORT)
                 self._touched[id(s.request)] = s.request
         self._prune()
+
+    def abort_unstarted(self, request: RequestState) -> None:
+        """End a request that never got rows (cancelled while it waited)."""
+        for j in range(request.n):
+            SampleState(request, j).finish(FinishReason.ABORT)
+        self._touched[id(request)] = request
 
     def fail(self, requests: Sequence[RequestState], error: BaseException) -> None:
         """End every row (and `requests`, which may not have rows yet) with `error`."""
@@ -193,25 +205,40 @@ class Batch:
         for r in doomed.values():
             r.outbox.append(error)
             self._touched[id(r)] = r
-        self.samples, self.cache, self.mask, self._params = [], None, None, None
+        self.samples, self._params, self.stale, self.reserved_tokens = [], None, False, 0
+        self.cache.clear()
 
     def flush(self) -> None:
+        """Hand the events of every request touched since the last flush to the asyncio
+        side: one wake-up per event loop, not one per request (fewer thread switches
+        while the next step runs)."""
         touched, self._touched = self._touched, {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestState, list[Event]]]] = {}
         for r in touched.values():
-            r.flush()
+            if r.outbox:
+                events, r.outbox = r.outbox, []
+                by_loop.setdefault(r.loop, []).append((r, events))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:
+                # The submitters' event loop is gone: nobody is listening any more.
+                for r, _ in items:
+                    r.cancelled = True
 
-    def _advance(self, logits: torch.Tensor, version: int) -> None:
+    def _advance(self, logits: torch.Tensor, version: int, first: int) -> None:
+        """Sample the next token of rows first.. from their logits [rows, V]."""
+        samples = self.samples[first:]
         logits = logits.float()
-        temperature, top_p, top_k, generators = self._sampling_params()
-        tokens = choose_tokens(logits, temperature, top_p, top_k, generators)
+        params = self._sampling_params() if first == 0 else _Params.of(samples, self.runner.device)
+        tokens = choose_tokens(logits, params.temperature, params.top_p, params.top_k, params.generators, params.keys)
         # Logprobs under the policy itself (raw logits), whatever the sampling temperature.
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        self.tokens_generated += len(self.samples)
-        for sample, token, logprob in zip(self.samples, tokens.tolist(), logprobs.tolist()):
+        logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        self.tokens_generated += len(samples)
+        for sample, token, logprob in zip(samples, tokens.tolist(), logprobs.tolist()):
             sample.append(token, logprob, version)
             self._touched[id(sample.request)] = sample.request
             self._check_finished(sample, token)
-        self._prune()
 
     def _check_finished(self, sample: SampleState, token: int) -> None:
         request = sample.request
@@ -226,27 +253,66 @@ class Batch:
         keep = [i for i, s in enumerate(self.samples) if s.finish_reason is None]
         if len(keep) == len(self.samples):
             return
-        if not keep:
-            self.samples, self.cache, self.mask, self._params = [], None, None, None
-            return
-        if self.cache is not None and self.mask is not None:
-            index = torch.tensor(keep, device=self.mask.device)
-            self.cache.batch_select_indices(index)
-            self.mask = self.mask[index]
-        self.samples = [self.samples[i] for i in keep]
+        for s in self.samples:
+            if s.finish_reason is not None:
+                s.request.rows_left -= 1
+                if s.request.rows_left == 0:
+                    self.reserved_tokens -= s.request.reserved_tokens
+        order = self.cache.remove_rows(keep)
+        self.samples = [self.samples[i] for i in order]
         self._params = None
+        if not self.samples:
+            self.stale = False
 
-    def _sampling_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Generator]]:
+    def _sampling_params(self) -> "_Params":
         if self._params is None:
-            device = self.runner.device
-            opts = [s.request.spec.sampling for s in self.samples]
-            self._params = (
-                torch.tensor([o.temperature for o in opts], dtype=torch.float32, device=device),
-                torch.tensor([o.top_p for o in opts], dtype=torch.float32, device=device),
-                torch.tensor([o.top_k for o in opts], dtype=torch.long, device=device),
-                [s.request.generator for s in self.samples],
-            )
+            self._params = _Params.of(self.samples, self.runner.device)
         return self._params
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Per-row sampling parameters of a set of rows, as the sampler takes them."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    generators: list[torch.Generator]
+    keys: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, samples: Sequence[SampleState], device: torch.device) -> "_Params":
+        opts = [s.request.spec.sampling for s in samples]
+        return cls(
+            torch.tensor([o.temperature for o in opts], dtype=torch.float32, device=device),
+            torch.tensor([o.top_p for o in opts], dtype=torch.float32, device=device),
+            torch.tensor([o.top_k for o in opts], dtype=torch.long, device=device),
+            [s.request.generator for s in samples],
+            [(s.request.seq, s.index) for s in samples],
+        )
+
+
+def _deliver(items: list[tuple[RequestState, list[Event]]]) -> None:
+    for request, events in items:
+        request.queue.put_nowait(events)
+
+
+def _length_groups(requests: Sequence[RequestState], max_padding: float = 0.25) -> list[list[RequestState]]:
+    """Split prompts into prefill passes of similar length, so that left padding adds at
+    most `max_padding` of the real tokens to a pass (padding is compute spent on nothing)."""
+    groups: list[list[RequestState]] = []
+    current: list[RequestState] = []
+    real = 0
+    for r in sorted(requests, key=lambda r: len(r.input_ids)):
+        length = len(r.input_ids)
+        if current and length * (len(current) + 1) > (1 + max_padding) * (real + length):
+            groups.append(current)
+            current, real = [], 0
+        current.append(r)
+        real += length
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _prompt_logprobs(logits: torch.Tensor, input_ids: Sequence[int]) -> tuple[float, ...]:

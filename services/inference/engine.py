@@ -6,10 +6,11 @@ GenerationStream; the worker hands results back with `loop.call_soon_threadsafe`
 that stream's asyncio.Queue. Weight commits queue up the same way and are applied by the
 worker between two decode steps, so no token ever comes from half-copied weights.
 
-Scheduling is iteration-level: each loop turn applies pending commits, admits waiting
-requests (for now only into an empty batch: requests that arrive while a batch runs join
-the next one), then runs one forward pass. Continuous batching will admit into the
-running batch at the same point.
+Scheduling is continuous, at iteration level. Each loop turn applies pending commits,
+recomputes the running rows' KV cache if a commit made it stale, admits waiting requests
+into the running batch (a prefill of the newcomers only, within the bounds on rows,
+reserved KV tokens and prefill tokens per turn; the rest wait in FIFO order), then runs
+one decode step for every row. Finished rows leave the batch at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Unavaila
 from services.inference.api import Completion, GenerationRequest, PolicyState, TokenChunk
 from services.inference.batch import Batch, Event, RequestState
 from services.inference.runner import ModelRunner
+from services.inference.validation import resolve_max_new_tokens
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class _PendingCommit:
     version: int
     step: int
     future: concurrent.futures.Future
+    # A full resync (trainer restarted from a checkpoint): any version is accepted.
+    resync: bool = False
+    # The staged tensors become the parameters (no copy) where dtype and device match.
+    adopt: bool = False
 
 
 class GenerationStream:
@@ -89,6 +94,8 @@ class GenerationEngine:
         device: str = "cpu",
         dtype: str = "float32",
         max_batch_size: int = 64,
+        max_batch_tokens: int = 65536,
+        max_prefill_tokens: int = 1024,
         max_context_len: int | None = None,
         default_max_new_tokens: int = 128,
         seed: int = 0,
@@ -103,6 +110,8 @@ class GenerationEngine:
         self.eos_token_id = tok_eos if tok_eos is not None else min(self.eos_token_ids, default=-1)
         self.max_context_len = int(max_context_len or self.runner.max_positions or 2048)
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.default_max_new_tokens = default_max_new_tokens
         self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
         self._policy = PolicyState()
@@ -112,7 +121,8 @@ class GenerationEngine:
         self._stopping = False
         self._broken: str | None = None
         self._active_samples = 0
-        self._batch = Batch(self.runner, self._decode_text)
+        self._queued_samples = 0
+        self._batch = Batch(self.runner, self._decode_text, max_batch_size)
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
 
@@ -132,6 +142,21 @@ class GenerationEngine:
         return self._active_samples
 
     @property
+    def queued_samples(self) -> int:
+        """Samples of requests waiting for room in the batch."""
+        return self._queued_samples
+
+    @property
+    def load(self) -> int:
+        """Samples running or waiting: what a dispatcher balances on."""
+        return self._active_samples + self._queued_samples
+
+    @property
+    def broken(self) -> str | None:
+        """Why the engine cannot serve any more (a commit failed part-way), if so."""
+        return self._broken
+
+    @property
     def tokens_generated(self) -> int:
         """Tokens sampled since start, over all requests."""
         return self._batch.tokens_generated
@@ -144,10 +169,6 @@ class GenerationEngine:
             raise Unavailable(self._broken)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Event]] = asyncio.Queue()
-
-        def deliver(events: list[Event]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, events)
-
         opts = request.sampling
         stop_ids = set(opts.stop_token_ids)
         if not opts.ignore_eos:
@@ -157,27 +178,36 @@ class GenerationEngine:
             if opts.seed is not None
             else self._default_generator
         )
-        state = RequestState(request, max_new_tokens, frozenset(stop_ids), generator, deliver)
+        state = RequestState(request, max_new_tokens, frozenset(stop_ids), generator, loop, queue)
+        if state.reserved_tokens > self.max_batch_tokens:
+            raise InvalidArgument(
+                f"request needs {state.reserved_tokens} KV-cache tokens (n x (prompt + max_new_tokens)), "
+                f"more than max_batch_tokens {self.max_batch_tokens}"
+            )
         with self._cv:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
             self._intake.append(state)
+            self._queued_samples += state.n
             self._cv.notify()
         return GenerationStream(state, queue)
 
     def commit_weights(
-        self, staged: Mapping[str, torch.Tensor], version: int, step: int = 0
+        self, staged: Mapping[str, torch.Tensor], version: int, step: int = 0,
+        *, resync: bool = False, adopt: bool = False,
     ) -> concurrent.futures.Future[PolicyState]:
         """Have the worker copy `staged` (every parameter, by name) into the model between
         two decode steps and serve `version` from then on. The future resolves to the new
         PolicyState, or fails with InvalidArgument / FailedPrecondition leaving the old
-        weights untouched. (Await it with asyncio.wrap_future.)"""
+        weights untouched. (Await it with asyncio.wrap_future.) `resync` accepts any
+        version, not only current + 1; `adopt` hands the staged tensors over as the new
+        parameter storage instead of copying them (the caller must not write them again)."""
         future: concurrent.futures.Future[PolicyState] = concurrent.futures.Future()
         with self._cv:
             if self._stopping:
                 future.set_exception(Unavailable("the engine is shutting down"))
                 return future
-            self._commits.append(_PendingCommit(staged, version, step, future))
+            self._commits.append(_PendingCommit(staged, version, step, future, resync, adopt))
             self._cv.notify()
         return future
 
@@ -192,34 +222,13 @@ class GenerationEngine:
 
     def _validate(self, request: GenerationRequest) -> int:
         """Check a request and return its resolved max_new_tokens."""
-        ids = request.input_ids
-        if len(ids) == 0:
-            raise InvalidArgument("input_ids is empty: a prompt needs at least one token")
-        for i, t in enumerate(ids):
-            if not 0 <= t < self.vocab_size:
-                raise InvalidArgument(f"input_ids[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
-        opts = request.sampling
-        if not (math.isfinite(opts.temperature) and opts.temperature >= 0):
-            raise InvalidArgument(f"temperature must be >= 0, got {opts.temperature}")
-        if not 0 < opts.top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {opts.top_p}")
-        if opts.top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
-        if not 1 <= opts.n <= self.max_batch_size:
-            raise InvalidArgument(f"n must be between 1 and max_batch_size {self.max_batch_size}, got {opts.n}")
-        room = self.max_context_len - len(ids)
-        if room < 0:
-            raise InvalidArgument(
-                f"prompt has {len(ids)} tokens, more than max_context_len {self.max_context_len}"
-            )
-        if opts.max_new_tokens is None:
-            return min(self.default_max_new_tokens, room)
-        if opts.max_new_tokens > room:
-            raise InvalidArgument(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds "
-                f"max_context_len {self.max_context_len}"
-            )
-        return opts.max_new_tokens
+        return resolve_max_new_tokens(
+            request,
+            vocab_size=self.vocab_size,
+            max_context_len=self.max_context_len,
+            max_n=self.max_batch_size,
+            default_max_new_tokens=self.default_max_new_tokens,
+        )
 
     # -- worker thread ----------------------------------------------------------------
 
@@ -232,48 +241,70 @@ class GenerationEngine:
                 if self._stopping:
                     break
                 commits, self._commits = self._commits, []
-                admitted = self._take_admissible(batch)
             for commit in commits:
                 self._apply_commit(commit, batch)
+            admitted: list[RequestState] = []
             try:
                 with torch.inference_mode():
                     batch.reap_cancelled()
+                    stepped = False
+                    if batch.stale and not self._broken:
+                        batch.step(self._policy.version)
+                        stepped = True
+                    with self._cv:
+                        admitted = self._take_admissible(batch)
                     if self._broken:
                         batch.fail(admitted, Unavailable(self._broken))
                     elif admitted:
                         batch.admit(admitted, self._policy.version)
-                    elif batch.size:
+                        # First tokens go out before the next step: time to first token.
+                        self._active_samples = batch.size
+                        batch.flush()
+                    if batch.size and not stepped:
                         batch.step(self._policy.version)
             except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
                 log.exception("generation step failed")
                 batch.fail(admitted, Unavailable(f"generation failed: {exc}"))
-            batch.flush()
+            # Counted before the results go out: whoever sees a completion sees its row gone.
             self._active_samples = batch.size
+            batch.flush()
         self._shutdown(batch)
 
     def _take_admissible(self, batch: Batch) -> list[RequestState]:
-        """Waiting requests for a new batch, FIFO, up to max_batch_size samples
-        (called under the lock). Requests cancelled while queued are dropped."""
-        if batch.size:
-            return []
+        """Waiting requests that fit next to the running rows, FIFO (called under the
+        lock): within max_batch_size rows, max_batch_tokens reserved KV tokens and
+        max_prefill_tokens prompt tokens this turn. The head request is always taken
+        into an empty batch, so nothing waits forever. Requests cancelled while queued
+        end with ABORT."""
         taken: list[RequestState] = []
-        rows = 0
+        rows, tokens, prefill = batch.size, batch.reserved_tokens, 0
         while self._intake:
             head = self._intake[0]
             if head.cancelled:
                 self._intake.popleft()
+                self._queued_samples -= head.n
+                batch.abort_unstarted(head)
                 continue
-            if rows + head.n > self.max_batch_size:
+            head_rows = head.n if head.max_new_tokens > 0 else 0
+            fits = (
+                rows + head_rows <= self.max_batch_size
+                and tokens + head.reserved_tokens <= self.max_batch_tokens
+                and prefill + len(head.input_ids) <= self.max_prefill_tokens
+            )
+            if not fits and (taken or rows):
                 break
             taken.append(self._intake.popleft())
-            rows += head.n
+            self._queued_samples -= head.n
+            rows += head_rows
+            tokens += head.reserved_tokens
+            prefill += len(head.input_ids)
         return taken
 
     def _apply_commit(self, commit: _PendingCommit, batch: Batch) -> None:
         if not commit.future.set_running_or_notify_cancel():
             return
         current = self._policy.version
-        if commit.version != current + 1:
+        if not commit.resync and commit.version != current + 1:
             commit.future.set_exception(
                 FailedPrecondition(f"cannot commit version {commit.version}: serving {current}, expected {current + 1}")
             )
@@ -284,21 +315,37 @@ class GenerationEngine:
             commit.future.set_exception(InvalidArgument(str(exc)))
             return
         try:
-            self.runner.load_weights(commit.staged)
+            if commit.adopt:
+                self._adopt_weights(commit.staged)
+            else:
+                self.runner.load_weights(commit.staged)
         except Exception as exc:  # noqa: BLE001 - a copy that failed part-way leaves mixed weights
             self._broken = f"weight commit of version {commit.version} failed part-way ({exc}); restart the shard"
             log.exception("weight commit failed part-way; the engine stops serving")
             commit.future.set_exception(Unavailable(self._broken))
             return
         self._policy = PolicyState(commit.version, time.time(), commit.step)
-        # Keys and values cached by the old weights are recomputed before the next token.
+        # Keys and values cached by the old weights are recomputed before the next token
+        # (there is no prefix cache, so nothing computed before the commit is reused).
         batch.invalidate_cache()
         log.info("serving policy version %d (step %d)", commit.version, commit.step)
         commit.future.set_result(self._policy)
 
+    def _adopt_weights(self, staged: Mapping[str, torch.Tensor]) -> None:
+        """Point each parameter at its staged tensor (a copy where dtype or device
+        differ): a commit of any size then costs no memory traffic."""
+        with torch.no_grad():
+            for name, param in self.runner.model.named_parameters():
+                tensor = staged[name]
+                if tensor.dtype == param.dtype and tensor.device == param.device:
+                    param.data = tensor
+                else:
+                    param.copy_(tensor)
+
     def _shutdown(self, batch: Batch) -> None:
         with self._cv:
             waiting, self._intake = list(self._intake), collections.deque()
+            self._queued_samples = 0
             commits, self._commits = self._commits, []
         batch.fail(waiting, Unavailable("the engine is shutting down"))
         batch.flush()
@@ -324,13 +371,15 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def engine_from_settings(settings) -> GenerationEngine:
-    """Build the engine an InferenceSettings describes."""
+def engine_from_settings(settings, device: str | None = None) -> GenerationEngine:
+    """Build the engine an InferenceSettings describes (on `device`, default its device)."""
     return GenerationEngine(
         settings.resolved_model_path(),
-        device=settings.device,
+        device=device or settings.device,
         dtype=settings.dtype,
         max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
         max_context_len=settings.max_context_len,
         default_max_new_tokens=settings.default_max_new_tokens,
         seed=settings.seed,

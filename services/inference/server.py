@@ -1,9 +1,12 @@
-"""Wiring of the inference service: engine + weight receiver + servicer on the common
-gRPC server skeleton."""
+"""Wiring of the inference service: shards (torch engines or SGLang servers) + servicer on
+the common gRPC server skeleton, with gRPC health per shard."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, fields
+
+from grpc_health.v1 import health_pb2
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
@@ -12,47 +15,128 @@ from services.common.telemetry import setup_tracing
 from services.inference.engine import engine_from_settings
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
+from services.inference.shard import Shard
+from services.inference.shard_set import ShardSet
+from services.inference.torch_shard import TorchShard
 from services.inference.weight_receiver import WeightReceiver
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
+def shard_health_name(index: int) -> str:
+    """The gRPC health service name of shard `index`."""
+    return f"{SERVICE_NAME}/shard-{index}"
+
+
 @dataclass
 class InferenceGrpcServer(GrpcServer):
-    """The bound server plus the servicer whose engine thread must be stopped with it."""
+    """The bound server plus the servicer whose shards must be started and stopped with it."""
 
     servicer: InferenceServicer | None = None
+    accepting: bool = False
+
+    async def set_serving(self, serving: bool) -> None:
+        """SERVING follows the shards: each shard's own health name, and the service (and
+        "") while at least one shard serves. NOT_SERVING (shutdown) covers them all."""
+        self.accepting = serving
+        await self.refresh_health()
+
+    async def refresh_health(self) -> None:
+        if self.servicer is None:
+            await super().set_serving(self.accepting)
+            return
+        shards = self.servicer.shards.shards
+        for i, shard in enumerate(shards):
+            await self.health.set(shard_health_name(i), _status(self.accepting and shard.serving))
+        overall = _status(self.accepting and any(s.serving for s in shards))
+        for name in ["", *self.service_names]:
+            await self.health.set(name, overall)
 
     async def shutdown(self, grace_seconds: float) -> None:
-        """Let in-flight RPCs finish, then stop the engine (SIGTERM order)."""
+        """Let in-flight RPCs finish, then stop every shard (SIGTERM order)."""
         await self.server.stop(grace_seconds)
         if self.servicer is not None:
             await self.servicer.close()
 
 
+def _status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_shards(settings: InferenceSettings) -> list[Shard]:
+    """The shards the settings describe (SGLang servers are launched or attached in
+    `start`, not here)."""
+    if settings.engine == "sglang":
+        # Imported here: the SGLang adapter needs nothing from sglang itself, but keeps the
+        # torch-only path free of its HTTP machinery.
+        from services.inference.sglang_shard import sglang_shards_from_settings
+
+        return sglang_shards_from_settings(settings)
+    shards: list[Shard] = []
+    for i, device in enumerate(settings.torch_devices()):
+        engine = engine_from_settings(settings, device=device)
+        receiver = WeightReceiver(engine, settings.weight_update_timeout_seconds)
+        shards.append(TorchShard(engine, receiver, name=f"torch-{i}@{device}"))
+    return shards
+
+
 def create_server(settings: InferenceSettings) -> tuple[InferenceGrpcServer, int]:
-    """Load the model, start the engine thread and bind (not start) the gRPC server."""
+    """Load the model(s), start the engine threads and bind (not start) the gRPC server."""
     model_name = settings.served_model_name()
-    engine = engine_from_settings(settings)
-    receiver = WeightReceiver(engine, settings.weight_update_timeout_seconds)
-    servicer = InferenceServicer(engine, receiver, model_name)
+    model_path = settings.resolved_model_path()
+    shard_set = ShardSet(build_shards(settings))
+    first = shard_set.shards[0]
+    eos = first.engine.eos_token_id if isinstance(first, TorchShard) else _eos_token_id(str(model_path))
+    servicer = InferenceServicer(shard_set, model_name=model_name, model_path=str(model_path), eos_token_id=eos)
     base = build_server(
         settings.host,
         settings.grpc_port,
         [(pb_grpc.add_InferenceServiceServicer_to_server, servicer, SERVICE_NAME)],
     )
     server = InferenceGrpcServer(**{f.name: getattr(base, f.name) for f in fields(GrpcServer)}, servicer=servicer)
+    pending: set[asyncio.Task] = set()
+
+    def on_health(_index: int, _serving: bool) -> None:
+        # Shards report from the event loop; the health servicer's setter is a coroutine.
+        task = asyncio.get_running_loop().create_task(server.refresh_health())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    shard_set.set_health_listener(on_health)
     return server, server.port
+
+
+def _eos_token_id(model_path: str) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    eos = getattr(AutoConfig.from_pretrained(model_path), "eos_token_id", None)
+    return int(eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else -1
 
 
 async def serve(settings: InferenceSettings) -> None:
     """Run until SIGTERM/SIGINT."""
     setup_tracing("clotho-inference")
     server, _port = create_server(settings)
+    assert server.servicer is not None
+    try:
+        await server.servicer.start()
+    except BaseException:
+        await server.servicer.close()
+        raise
     await run_service(
         server,
         settings.grace_seconds,
         settings.ready_file,
-        extra_ready={"model_name": settings.served_model_name()},
+        extra_ready={
+            "model_name": settings.served_model_name(),
+            "engine": settings.engine,
+            "shards": len(server.servicer.shards),
+        },
         on_stop=lambda: server.shutdown(settings.grace_seconds),
     )
+
+
+__all__ = ["InferenceGrpcServer", "build_shards", "create_server", "serve", "shard_health_name"]

@@ -1,9 +1,9 @@
-"""clotho.v1.InferenceService over one torch engine (one shard): protobuf in and out,
-the work done by the engine and the weight receiver."""
+"""clotho.v1.InferenceService over a set of shards (torch engines or SGLang servers):
+protobuf in and out, generation dispatched to the least-loaded shard, the weight-update
+protocol fanned out to every shard."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -21,6 +21,8 @@ from services.inference.api import (
     TokenChunk,
 )
 from services.inference.engine import GenerationEngine
+from services.inference.shard_set import ShardSet
+from services.inference.torch_shard import TorchShard
 from services.inference.weight_receiver import WeightReceiver
 
 log = logging.getLogger(__name__)
@@ -33,15 +35,37 @@ _FINISH_REASONS = {
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: GenerationEngine, receiver: WeightReceiver, model_name: str) -> None:
-        self.engine = engine
-        self.receiver = receiver
+    """Serves `shards`, or one torch engine with its weight receiver (a single shard)."""
+
+    def __init__(
+        self,
+        shards: ShardSet | GenerationEngine,
+        receiver: WeightReceiver | None = None,
+        model_name: str = "",
+        *,
+        model_path: str = "",
+        eos_token_id: int = -1,
+    ) -> None:
+        if isinstance(shards, GenerationEngine):
+            engine = shards
+            if receiver is None:
+                raise ValueError("a torch engine needs its WeightReceiver")
+            shards = ShardSet([TorchShard(engine, receiver)])
+            model_path = model_path or str(engine.model_path)
+            eos_token_id = engine.eos_token_id if eos_token_id < 0 else eos_token_id
+        self.shards = shards
         self.model_name = model_name
+        self.model_path = model_path
+        self.eos_token_id = eos_token_id
+
+    async def start(self) -> None:
+        """Get every shard ready (launch or attach SGLang servers)."""
+        await self.shards.start()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        stream = self.engine.submit(generation_request(request))
+        stream = self.shards.submit(generation_request(request))
         log.debug("generate %s: %d prompt tokens", request.request_id or "-", len(request.input_ids))
         try:
             async for event in stream:
@@ -64,48 +88,48 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetModelInfoResponse:
         return pb.GetModelInfoResponse(
             model_name=self.model_name,
-            model_path=str(self.engine.model_path),
-            max_context_len=self.engine.max_context_len,
-            eos_token_id=self.engine.eos_token_id,
-            engine="torch",
-            shard_count=1,
+            model_path=self.model_path,
+            max_context_len=self.shards.max_context_len,
+            eos_token_id=self.eos_token_id,
+            engine=self.shards.kind,
+            shard_count=len(self.shards),
         )
 
     async def GetServedPolicy(
         self, request: pb.GetServedPolicyRequest, context: aio.ServicerContext
     ) -> pb.GetServedPolicyResponse:
-        return pb.GetServedPolicyResponse(policy=policy_proto(self.engine.policy))
+        return pb.GetServedPolicyResponse(policy=policy_proto(self.shards.policy))
 
     async def PrepareWeightUpdate(
         self, request: pb.PrepareWeightUpdateRequest, context: aio.ServicerContext
     ) -> pb.PrepareWeightUpdateResponse:
-        joined = await self.receiver.prepare(
-            request.version, request.manifest, request.rendezvous, request.deadline_seconds, request.step
+        joined = await self.shards.prepare(
+            request.version, request.manifest, request.rendezvous, request.deadline_seconds, request.step,
+            resync=request.resync,
         )
         return pb.PrepareWeightUpdateResponse(joined_group=joined)
 
     async def AwaitWeightTransfer(
         self, request: pb.AwaitWeightTransferRequest, context: aio.ServicerContext
     ) -> pb.AwaitWeightTransferResponse:
-        result = await self.receiver.await_transfer(request.version, list(request.bucket_crc32s))
-        return pb.AwaitWeightTransferResponse(bytes_received=result.bytes_received, seconds=result.seconds)
+        received, seconds = await self.shards.await_transfer(request.version, list(request.bucket_crc32s))
+        return pb.AwaitWeightTransferResponse(bytes_received=received, seconds=seconds)
 
     async def CommitWeightUpdate(
         self, request: pb.CommitWeightUpdateRequest, context: aio.ServicerContext
     ) -> pb.CommitWeightUpdateResponse:
-        policy = await self.receiver.commit(request.version)
+        policy = await self.shards.commit(request.version)
         return pb.CommitWeightUpdateResponse(policy=policy_proto(policy))
 
     async def AbortWeightUpdate(
         self, request: pb.AbortWeightUpdateRequest, context: aio.ServicerContext
     ) -> pb.AbortWeightUpdateResponse:
-        policy = await self.receiver.abort(request.version, request.reason)
+        policy = await self.shards.abort(request.version, request.reason)
         return pb.AbortWeightUpdateResponse(policy=policy_proto(policy))
 
     async def close(self) -> None:
-        """Drop any update in flight and stop the engine's worker."""
-        await self.receiver.close()
-        await asyncio.to_thread(self.engine.close)
+        """Drop any update in flight and stop every shard."""
+        await self.shards.close()
 
 
 def generation_request(msg: pb.GenerateRequest) -> GenerationRequest:

@@ -1,0 +1,135 @@
+"""The shards behind one inference service: least-loaded dispatch over the serving ones,
+health per shard, and every weight-update call fanned out to every shard.
+
+Shard i is rank `rendezvous.rank_offset + i` of the weight-update group (the trainer
+sizes the group from GetModelInfo().shard_count), so one Prepare from the trainer joins
+every shard and one broadcast feeds them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Awaitable, Callable, Sequence, TypeVar
+
+from clotho.v1 import inference_service_pb2 as pb
+from services.common.errors import InvalidArgument, Unavailable
+from services.inference.api import GenerationRequest, PolicyState
+from services.inference.shard import ResultStream, Shard
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Called with (shard index, serving) when a shard's health flips.
+ShardHealthListener = Callable[[int, bool], None]
+
+
+class ShardSet:
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        if not shards:
+            raise ValueError("a service needs at least one shard")
+        self.shards = list(shards)
+        self._listener: ShardHealthListener | None = None
+        self._turn = itertools.count()
+        for i, shard in enumerate(self.shards):
+            shard.set_health_listener(lambda serving, reason, i=i: self._health_changed(i, serving, reason))
+
+    @property
+    def kind(self) -> str:
+        return self.shards[0].kind
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    @property
+    def policy(self) -> PolicyState:
+        """The lowest version any shard serves (they differ only after a partial commit)."""
+        return min((s.policy for s in self.shards), key=lambda p: p.version)
+
+    @property
+    def max_context_len(self) -> int:
+        return min(s.max_context_len for s in self.shards)
+
+    @property
+    def serving(self) -> bool:
+        return any(s.serving for s in self.shards)
+
+    def set_health_listener(self, listener: ShardHealthListener) -> None:
+        self._listener = listener
+
+    async def start(self) -> None:
+        await asyncio.gather(*(s.start() for s in self.shards))
+
+    def submit(self, request: GenerationRequest) -> ResultStream:
+        """Hand the request to the least-loaded serving shard (ties in turn)."""
+        serving = [s for s in self.shards if s.serving]
+        if not serving:
+            raise Unavailable(f"none of the {len(self.shards)} shards is serving (a weight update failed; "
+                              "the next complete update resynchronises them)")
+        first = next(self._turn) % len(serving)
+        rotated = serving[first:] + serving[:first]
+        return min(rotated, key=lambda s: s.load).submit(request)
+
+    async def prepare(
+        self,
+        version: int,
+        manifest: pb.WeightManifest,
+        rendezvous: pb.Rendezvous,
+        deadline_seconds: float,
+        step: int,
+        resync: bool = False,
+    ) -> bool:
+        """Prepare every shard, shard i as rank rank_offset + i. If any fails, the others
+        drop the update too and the first error is raised."""
+        last_rank = rendezvous.rank_offset + len(self.shards) - 1
+        if rendezvous.world_size and last_rank >= rendezvous.world_size:
+            raise InvalidArgument(
+                f"rendezvous: this service has {len(self.shards)} shards, ranks {rendezvous.rank_offset}.."
+                f"{last_rank}, which do not fit world_size {rendezvous.world_size}"
+            )
+        calls = []
+        for i, shard in enumerate(self.shards):
+            rdv = pb.Rendezvous()
+            rdv.CopyFrom(rendezvous)
+            rdv.rank_offset = rendezvous.rank_offset + i
+            calls.append(shard.prepare(version, manifest, rdv, deadline_seconds, step, resync=resync))
+        try:
+            joined = await self._all(calls)
+        except BaseException as exc:
+            await self._all([s.abort(version, f"another shard failed to prepare: {exc}") for s in self.shards],
+                            suppress=True)
+            raise
+        return any(joined)
+
+    async def await_transfer(self, version: int, bucket_crc32s: list[int]) -> tuple[int, float]:
+        results = await self._all([s.await_transfer(version, bucket_crc32s) for s in self.shards])
+        return sum(r[0] for r in results), max(r[1] for r in results)
+
+    async def commit(self, version: int) -> PolicyState:
+        await self._all([s.commit(version) for s in self.shards])
+        return self.policy
+
+    async def abort(self, version: int, reason: str) -> PolicyState:
+        await self._all([s.abort(version, reason) for s in self.shards])
+        return self.policy
+
+    async def close(self) -> None:
+        await self._all([s.close() for s in self.shards], suppress=True)
+
+    async def _all(self, calls: Sequence[Awaitable[T]], suppress: bool = False) -> list[T]:
+        """Run the calls together, let every one finish, then raise the first error."""
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and not suppress:
+            raise errors[0]
+        for e in errors:
+            log.warning("shard call failed: %s", e)
+        return results  # type: ignore[return-value]
+
+    def _health_changed(self, index: int, serving: bool, reason: str) -> None:
+        log.log(logging.INFO if serving else logging.WARNING, "shard %d (%s) is %s%s", index,
+                self.shards[index].name, "SERVING" if serving else "NOT_SERVING", f": {reason}" if reason else "")
+        if self._listener is not None:
+            self._listener(index, serving)
