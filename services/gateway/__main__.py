@@ -1,4 +1,6 @@
-"""`python -m services.gateway --http-port 0 --grpc-port 0 [--inference host:port]`"""
+"""`python -m services.gateway [--host H] [--port P] [--grpc-port 0] [--data-dir D]
+[--inference host:port]`: `--host/--port` serve the trajectory API where Atropos'
+`run-api --host H --port P` would."""
 
 from __future__ import annotations
 

@@ -9,13 +9,17 @@ comes back as an int. Per-token floats are float32 on the wire.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from google.protobuf import struct_pb2
 
 from clotho.v1 import scored_data_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.gateway.scored_data import PER_SEQUENCE_FIELDS, POLICY_VERSIONS
+
+if TYPE_CHECKING:
+    from services.gateway.queue_index import Group
 
 _KNOWN_PRESENT = frozenset(PER_SEQUENCE_FIELDS)
 # Doubles hold every integer up to 2**53 exactly; beyond that a number stays a float.
@@ -182,3 +186,15 @@ def group_from_proto(msg: pb.ScoredGroup) -> dict[str, Any]:
             seq.policy_version if seq.HasField("policy_version") else None for seq in sequences
         ]
     return group
+
+
+def batch_to_proto(batch: list[Group]) -> list[pb.ScoredGroup]:
+    """Held groups as ScoredGroups, every sequence tagged with its policy version
+    (the client's, or the one the gateway attributed)."""
+    out = []
+    for group in batch:
+        msg = group_to_proto(orjson.loads(group.body))
+        for seq, version in zip(msg.sequences, group.versions):
+            seq.policy_version = version
+        out.append(msg)
+    return out

@@ -1,12 +1,17 @@
 """The gateway's HTTP face: Atropos' trajectory API routes, same paths, JSON shapes and
 quirks (`/status-env` is a GET with a JSON body; `/register-env` answers "wait for
 trainer to start" until the trainer asked for a batch; `/batch` drains every full
-batch), plus SGLang's `/generate` (http_generate.py).
+batch), plus SGLang's `/generate` (http_generate.py), the OpenAI routes and
+Prometheus `/metrics`.
+
+A route that changes the state answers once the change is durable (`store.sync()`).
+The hot routes (`/scored_data`, `/scored_data_list`, `/batch`) are plain Starlette
+routes: they read and write bytes themselves, and `/batch` splices the groups' stored
+JSON into the reply instead of re-encoding them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Optional
 
@@ -20,8 +25,10 @@ from pydantic import BaseModel, Field
 from services.common.errors import FailedPrecondition, NotFound
 from services.gateway import http_errors
 from services.gateway.http_body import RequestBodyMiddleware
+from services.gateway.metrics import metrics_response
 from services.gateway.http_generate import generate_router
 from services.gateway.inference_client import InferenceClient
+from services.gateway.openai_routes import openai_router
 from services.gateway.scored_data import parse_scored_data, parse_scored_data_list
 from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
 
@@ -41,17 +48,21 @@ EMPTY_EXAMPLE = {
 }
 
 
-class FastJSONResponse(Response):
-    """JSON via orjson for batch-sized payloads (falls back to json for integers
-    orjson cannot hold)."""
+EMPTY_EXAMPLE_JSON = orjson.dumps(EMPTY_EXAMPLE)
+RECEIVED = b'{"status":"received"}'
+NO_BATCH = b'{"batch":null}'
+NOT_REGISTERED = orjson.dumps(
+    {"status": "error", "message": "Trainer not registered. Call /register first.", "batch": []}
+)
 
-    media_type = "application/json"
 
-    def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content)
-        except TypeError:
-            return json.dumps(content, separators=(",", ":")).encode()
+UNTRACED_PATHS = frozenset(
+    {"/scored_data", "/scored_data_list", "/batch", "/status", "/status-env", "/latest_example", "/metrics"}
+)
+
+
+def json_bytes(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
 
 
 class Registration(BaseModel):
@@ -78,15 +89,20 @@ class EnvIdentifier(BaseModel):
 
 
 def create_app(state: TrajectoryState, inference: InferenceClient, max_body_bytes: int) -> FastAPI:
-    app = FastAPI(title="Clotho gateway (AtroposLib API)")
+    # FastAPI's own per-request spans, metrics and logs cost more than the trajectory
+    # routes themselves at thousands of posts a second, and those routes call no other
+    # service a trace could follow; the inference routes keep them.
+    app = FastAPI(
+        title="Clotho gateway (AtroposLib API)",
+        telemetry={"exclude": lambda scope: scope.get("path") in UNTRACED_PATHS},
+    )
     http_errors.install(app)
-    # Starlette runs the last added middleware first: bodies are bounded and inflated
-    # before anything else reads them.
+    # Starlette runs the last added middleware first: RequestBodyMiddleware, added at
+    # the end, bounds and inflates bodies before anything else reads them.
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
     )
     app.add_middleware(GZipMiddleware, minimum_size=1000, compresslevel=1)
-    app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes)
 
     @app.get("/")
     async def root() -> dict:
@@ -95,6 +111,7 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
     @app.post("/register")
     async def register(registration: Registration) -> JSONResponse:
         requester = state.register_trainer(TrainerRegistration(**registration.model_dump()))
+        await state.store.sync()
         return JSONResponse({"uuid": requester})
 
     @app.post("/register-env")
@@ -102,6 +119,7 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
         registered = state.register_env(EnvRegistration(**body.model_dump()))
         if registered is None:
             return {"status": "wait for trainer to start"}
+        await state.store.sync()
         return {
             "status": "success",
             "env_id": registered.env_id,
@@ -118,6 +136,7 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
             state.disconnect_env(body.env_id)
         except NotFound as exc:
             return {"status": "failure", "error": str(exc)}
+        await state.store.sync()
         return {"status": "success"}
 
     @app.get("/wandb_info")
@@ -129,46 +148,54 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
 
     @app.get("/info")
     async def info() -> dict:
-        trainer = state.trainer
-        if trainer is None:
-            return {"batch_size": -1, "max_token_len": -1}
-        return {"batch_size": trainer.batch_size, "max_token_len": trainer.max_token_len}
+        batch_size, max_token_len = state.info()
+        return {"batch_size": batch_size, "max_token_len": max_token_len}
 
-    @app.get("/batch")
-    async def batch() -> Response:
+    async def batch(_request: Request) -> Response:
         try:
             taken = state.take_batch()
         except FailedPrecondition:
-            return FastJSONResponse(
-                {"status": "error", "message": "Trainer not registered. Call /register first.", "batch": []}
-            )
-        if taken is not None:
-            log.info("sending batch of %d sequences (step %d)", sum(len(g["tokens"]) for g in taken), state.step)
-        return FastJSONResponse({"batch": taken})
+            return json_bytes(NOT_REGISTERED)
+        await state.store.sync()
+        if taken is None:
+            return json_bytes(NO_BATCH)
+        log.debug("sending batch of %d sequences (step %d)", sum(g.size for g in taken), state.step)
+        return json_bytes(b'{"batch":[' + b",".join(g.body for g in taken) + b"]}")
 
     @app.get("/latest_example")
     async def latest_example() -> Response:
         latest = state.latest_example()
-        return FastJSONResponse(latest if latest is not None else EMPTY_EXAMPLE)
+        return json_bytes(latest if latest is not None else EMPTY_EXAMPLE_JSON)
 
-    @app.post("/scored_data")
-    async def scored_data(request: Request) -> dict:
-        group = parse_scored_data(await request.body())
+    async def ingest_one(body: bytes) -> bytes:
+        group = parse_scored_data(body)
         (outcome,) = state.submit([group])
+        await state.store.sync()
         if outcome.buffered:
-            return {"status": "buffered", "buffer_size": outcome.buffer_size}
-        return {"status": "received"}
+            return orjson.dumps({"status": "buffered", "buffer_size": outcome.buffer_size})
+        return RECEIVED
 
-    @app.post("/scored_data_list")
-    async def scored_data_list(request: Request) -> dict:
-        groups = parse_scored_data_list(await request.body())
+    async def ingest_list(body: bytes) -> bytes:
+        groups = parse_scored_data_list(body)
         outcomes = state.submit(groups)
+        await state.store.sync()
         response: dict[str, Any] = {"status": "received", "groups_processed": len(groups)}
         buffered = [o for o in outcomes if o.buffered]
         if buffered:
             response["buffered"] = len(buffered)
             response["last_buffer_size"] = buffered[-1].buffer_size
-        return response
+        return orjson.dumps(response)
+
+    async def scored_data(request: Request) -> Response:
+        return json_bytes(await ingest_one(await request.body()))
+
+    async def scored_data_list(request: Request) -> Response:
+        return json_bytes(await ingest_list(await request.body()))
+
+    # Plain Starlette routes: no dependency injection or response encoding to pay for.
+    app.router.add_route("/batch", batch, methods=["GET"])
+    app.router.add_route("/scored_data", scored_data, methods=["POST"])
+    app.router.add_route("/scored_data_list", scored_data_list, methods=["POST"])
 
     @app.get("/status")
     async def status() -> dict:
@@ -177,6 +204,7 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
     @app.get("/status-env")
     async def status_env(env: EnvIdentifier) -> dict:
         s = state.env_status(env.env_id)
+        await state.store.sync()  # the env's group size may have grown
         return {
             "current_step": s.current_step,
             "queue_size": s.queue_size,
@@ -189,7 +217,19 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
     @app.get("/reset_data")
     async def reset_data() -> PlainTextResponse:
         state.reset()
+        await state.store.sync()
         return PlainTextResponse("Reset successful", status_code=200)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response(state)
+
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=max_body_bytes,
+        fast_routes={("POST", "/scored_data"): ingest_one, ("POST", "/scored_data_list"): ingest_list},
+    )
+
     app.include_router(generate_router(inference))
+    app.include_router(openai_router(inference))
     return app

@@ -4,7 +4,9 @@ Every error the gateway answers over HTTP goes through here: domain errors raise
 the gateway itself, statuses coming back from the inference service, and request
 bodies that fail validation (422, as FastAPI answers). The body is always JSON:
 `{"error": "<what was wrong>", "code": "<gRPC code name>"}`, plus `detail` (a list of
-problems) for validation errors.
+problems) for validation errors. One exception to the table: a full trajectory store
+answers 503 with `Retry-After` (what HTTP clients and Atropos' retrying senders
+expect of "come back later"), though over gRPC it is RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from grpc import aio
 
 from services.common.errors import ClothoError
 from services.gateway.scored_data import ScoredDataInvalid, field_path
+from services.gateway.state import StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,20 @@ def validation_response(problems: list[str], detail: list[Any] | None = None) ->
     )
 
 
-async def _clotho_error(_request: Request, exc: Exception) -> JSONResponse:
+def clotho_error_response(exc: ClothoError) -> JSONResponse:
+    """The answer to a domain error (also used by the ingest fast path)."""
     if isinstance(exc, ScoredDataInvalid):
         return validation_response(exc.problems)
-    assert isinstance(exc, ClothoError)
+    if isinstance(exc, StoreFull):
+        response = error_response(exc.code, str(exc), status=503)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     return error_response(exc.code, str(exc))
+
+
+async def _clotho_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClothoError)
+    return clotho_error_response(exc)
 
 
 async def _rpc_error(_request: Request, exc: Exception) -> JSONResponse:

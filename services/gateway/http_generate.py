@@ -19,7 +19,7 @@ from opentelemetry import trace
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
 from services.common.telemetry import extract_context
 from services.gateway.http_errors import error_response
-from services.gateway.inference_client import NO_INFERENCE, InferenceClient
+from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
 from services.gateway.sglang import GenerateCall, Prompt, parse_generate, result_json, result_rid
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,13 @@ def generate_router(inference: InferenceClient) -> APIRouter:
                 if tokenizer is not None:
                     await inference.in_tokenizer_thread(_encode_prompts, tokenizer, call)
                 if call.stream:
-                    # The calls start here, inside the span, so their metadata carries
-                    # it; the stream ends the span.
-                    calls = [inference.generate(call.request(i)) for i in range(len(call.prompts))]
+                    # The first message arrives before the 200 goes out (errors keep
+                    # their status); the stream carries the span on and ends it.
+                    requests = [call.request(i) for i in range(len(call.prompts))]
+                    messages = await prefetch(inference.generate_many(requests, trace.set_span_in_context(span)))
                     streaming = True
                     return StreamingResponse(
-                        _stream(inference, call, calls, tokenizer, span), media_type="text/event-stream"
+                        _stream(inference, call, messages, tokenizer, span), media_type="text/event-stream"
                     )
                 results = await asyncio.gather(
                     *(inference.collect(call.request(i)) for i in range(len(call.prompts)))
@@ -115,10 +116,12 @@ def generate_router(inference: InferenceClient) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
+        """200 once a healthy target answers (SGLang's probe reads only the status);
+        the body lists every target's health and load for operators."""
         if not inference.configured:
             return error_response(Unavailable.code, NO_INFERENCE)
         await inference.model_info(refresh=True, timeout=10.0)
-        return Response(status_code=200)
+        return JSONResponse({"targets": inference.router.status()})
 
     @router.get("/get_model_info")
     async def get_model_info() -> dict:
@@ -144,55 +147,37 @@ def _sse(payload: Any) -> bytes:
 
 
 async def _stream(
-    inference: InferenceClient, call: GenerateCall, calls: list[Any], tokenizer: Any, span: trace.Span
+    inference: InferenceClient,
+    call: GenerateCall,
+    messages: AsyncIterator[tuple[int, Any]],
+    tokenizer: Any,
+    span: trace.Span,
 ) -> AsyncIterator[bytes]:
     """SGLang's stream: one `data: {...}` line per chunk with the text and ids so far
-    (and `index`: prompt-major sample number), the final result per sample, then
-    `data: [DONE]`."""
+    (cumulative, as SGLang streams by default; `index` is the prompt-major sample
+    number; with return_logprob the logprobs so far), the final result per sample,
+    then `data: [DONE]`."""
     started = time.perf_counter()
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, stream: Any) -> None:
-        try:
-            async for message in stream:
-                await queue.put((i, message))
-            await queue.put((i, None))
-        except (aio.AioRpcError, ClothoError) as exc:
-            await queue.put((i, exc))
-
-    tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(calls)]
-    sofar: dict[tuple[int, int], list[int]] = {}
+    sofar: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
     try:
-        open_streams = len(calls)
-        while open_streams:
-            i, item = await queue.get()
-            if item is None:
-                open_streams -= 1
-                continue
-            if isinstance(item, Exception):
-                message = item.details() if isinstance(item, aio.AioRpcError) else str(item)
-                yield _sse({"error": {"message": f"inference service: {message}"}})
-                break
+        async for i, item in messages:
             prompt = call.prompts[i]
             index = i * prompt.n + item.index
             if item.WhichOneof("payload") == "chunk":
-                ids = sofar.setdefault((i, item.index), [])
+                ids, lps = sofar.setdefault((i, item.index), ([], []))
                 ids.extend(item.chunk.token_ids)
+                lps.extend(item.chunk.logprobs)
                 text, _ = await inference.in_tokenizer_thread(_decode, tokenizer, prompt, ids, False)
-                yield _sse(
-                    {
-                        "text": text,
-                        "output_ids": list(ids),
-                        "meta_info": {
-                            "id": result_rid(prompt, item.index),
-                            "finish_reason": None,
-                            "prompt_tokens": len(prompt.input_ids or ()),
-                            "completion_tokens": len(ids),
-                            "weight_version": str(item.chunk.version),
-                        },
-                        "index": index,
-                    }
-                )
+                meta: dict[str, Any] = {
+                    "id": result_rid(prompt, item.index),
+                    "finish_reason": None,
+                    "prompt_tokens": len(prompt.input_ids or ()),
+                    "completion_tokens": len(ids),
+                    "weight_version": str(item.chunk.version),
+                }
+                if prompt.return_logprob:
+                    meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(lps, ids)]
+                yield _sse({"text": text, "output_ids": list(ids), "meta_info": meta, "index": index})
             else:
                 completion = item.completion
                 text, pieces = await inference.in_tokenizer_thread(
@@ -205,10 +190,10 @@ async def _stream(
                 )
                 result["index"] = index
                 yield _sse(result)
-        yield b"data: [DONE]\n\n"
+    except (aio.AioRpcError, ClothoError) as exc:
+        message = exc.details() if isinstance(exc, aio.AioRpcError) else str(exc)
+        yield _sse({"error": {"message": f"inference service: {message}"}})
     finally:
-        for task in tasks:
-            task.cancel()
-        for c in calls:
-            c.cancel()
+        await messages.aclose()
         span.end()
+    yield b"data: [DONE]\n\n"

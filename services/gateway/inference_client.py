@@ -1,43 +1,77 @@
-"""The gateway's side of InferenceService: channels, model info and the tokenizer.
+"""The gateway's side of InferenceService: routed calls, model info and the tokenizer.
 
-Targets are used round-robin per request. The tokenizer (for text prompts and text
-outputs) is loaded once, on first use, in a thread: from `tokenizer_path` if set, else
-from the model_path the inference service reports.
+Every call goes to the least loaded healthy target (routing.py). A call that fails
+UNAVAILABLE before its first message is retried on another healthy target, so a target
+that just died costs no request. Every Completion that passes through is handed to the
+version receipts (when that module is present), so scored data submitted later can be
+attributed to the policy version that produced it.
+
+The tokenizer (chat templates, text prompts and outputs) is loaded once, on first use,
+in its own thread: from `tokenizer_path` if set, else from the model_path the
+inference service reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+from grpc import aio
+from opentelemetry import context as otel_context
 
 from clotho.v1 import inference_service_pb2 as pb
-from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Unavailable
-from services.common.server import channel
+from services.gateway.routing import Router, Target
+
+try:  # Version receipts arrive with the durable-store work; routes work without them.
+    from services.gateway import receipts as _receipts
+except ImportError:  # pragma: no cover - depends on what is installed
+    _receipts = None
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NO_INFERENCE = (
     "no inference service configured: start the gateway with --inference host:port "
-    "(or CLOTHO_GATEWAY_INFERENCE) to serve /generate"
+    "(or CLOTHO_GATEWAY_INFERENCE) to serve /generate and the OpenAI routes"
 )
 
 
-class InferenceClient:
-    """Talks to one or more InferenceService targets."""
+def completion_version(completion: pb.Completion) -> int:
+    """The version a completion is attributed to: the oldest that produced any of its
+    tokens (a commit mid-sample makes it partly older; staleness counts the oldest)."""
+    spans = completion.version_spans
+    return min(s.version for s in spans) if spans else 0
 
-    def __init__(self, targets: list[str], tokenizer_path: str | None = None, timeout_seconds: float = 600.0) -> None:
+
+def record_receipt(completion: pb.Completion) -> None:
+    if _receipts is None:
+        return
+    try:
+        _receipts.record(list(completion.output_ids), completion_version(completion))
+    except Exception:  # noqa: BLE001 - attribution is best effort; the reply must not fail
+        log.exception("could not record the version receipt of a completion")
+
+
+class InferenceClient:
+    """Talks to one or more InferenceService targets through a Router."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        tokenizer_path: str | None = None,
+        timeout_seconds: float = 600.0,
+        eject_seconds: float = 5.0,
+        router: Router | None = None,
+    ) -> None:
         self.targets = list(targets)
         self.timeout_seconds = timeout_seconds
+        self.router = router or Router(self.targets, eject_seconds=eject_seconds)
         self._tokenizer_path = tokenizer_path
-        self._channels: list[Any] = []
-        self._stubs: list[pb_grpc.InferenceServiceStub] = []
-        self._next = itertools.count()
         self._model_info: pb.GetModelInfoResponse | None = None
         self._tokenizer: Any = None
         self._tokenizer_lock = asyncio.Lock()
@@ -53,19 +87,29 @@ class InferenceClient:
     def tokenizer_path(self) -> str | None:
         return self._tokenizer_path
 
-    def stub(self) -> pb_grpc.InferenceServiceStub:
-        """The next target's stub (channels are opened on first use, on the loop)."""
+    async def _unary(self, call: Callable[[Target], Awaitable[T]]) -> T:
+        """One unary call on the least loaded target, failing over on UNAVAILABLE."""
         if not self.targets:
             raise Unavailable(NO_INFERENCE)
-        if not self._stubs:
-            self._channels = [channel(t) for t in self.targets]
-            self._stubs = [pb_grpc.InferenceServiceStub(c) for c in self._channels]
-        return self._stubs[next(self._next) % len(self._stubs)]
+        tried: list[Target] = []
+        while True:
+            target = self.router.acquire(exclude=tried)
+            try:
+                return await call(target)
+            except aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.failed(target, exc.details() or exc.code().name)
+                tried.append(target)
+                if len(tried) >= len(self.router.targets):
+                    raise
+            finally:
+                self.router.release(target)
 
     async def model_info(self, refresh: bool = False, timeout: float | None = None) -> pb.GetModelInfoResponse:
         if self._model_info is None or refresh:
-            self._model_info = await self.stub().GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=timeout or self.timeout_seconds
+            self._model_info = await self._unary(
+                lambda t: t.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout_seconds)
             )
         return self._model_info
 
@@ -90,9 +134,75 @@ class InferenceClient:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_thread, functools.partial(fn, *args, **kwargs))
 
-    def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """The Generate stream for one prompt, under the gateway's deadline."""
-        return self.stub().Generate(request, timeout=self.timeout_seconds)
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """The Generate stream for one prompt, under the gateway's deadline, from the
+        least loaded healthy target. Close it (or cancel its consumer) to cancel the
+        call; use `contextlib.aclosing` where the loop may stop early."""
+        if not self.targets:
+            raise Unavailable(NO_INFERENCE)
+        tried: list[Target] = []
+        while True:
+            target = self.router.acquire(exclude=tried)
+            received = False
+            call = None
+            try:
+                call = target.stub.Generate(request, timeout=self.timeout_seconds)
+                async for message in call:
+                    received = True
+                    if message.WhichOneof("payload") == "completion":
+                        record_receipt(message.completion)
+                    yield message
+                return
+            except aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.failed(target, exc.details() or exc.code().name)
+                tried.append(target)
+                # Tokens already went out: the caller has seen part of this sample.
+                if received or len(tried) >= len(self.router.targets):
+                    raise
+                log.info("retrying on another target after %s failed: %s", target.address, exc.details())
+            finally:
+                if call is not None:
+                    call.cancel()
+                self.router.release(target)
+
+    async def generate_many(
+        self, requests: list[pb.GenerateRequest], trace_context: Any = None
+    ) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+        """The messages of several Generate streams as they arrive, each with its
+        request's position. The first failure cancels the others and is raised.
+        `trace_context` (an OpenTelemetry Context) parents the calls' spans."""
+        queue: asyncio.Queue[tuple[int, pb.GenerateResponse | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, request: pb.GenerateRequest) -> None:
+            token = otel_context.attach(trace_context) if trace_context is not None else None
+            try:
+                async for message in self.generate(request):
+                    await queue.put((i, message, None))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put((i, None, exc))
+                return
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            await queue.put((i, None, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                i, message, error = await queue.get()
+                if error is not None:
+                    raise error
+                if message is None:
+                    open_streams -= 1
+                    continue
+                yield i, message
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def collect(self, request: pb.GenerateRequest) -> list[pb.Completion]:
         """Every sample's final Completion, in sample order."""
@@ -108,10 +218,31 @@ class InferenceClient:
         return [done[i] for i in range(n)]
 
     async def close(self) -> None:
-        for ch in self._channels:
-            await ch.close()
-        self._channels, self._stubs = [], []
+        await self.router.close()
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+
+async def prefetch(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for the first item of `stream` and return an iterator over all of it.
+
+    Streaming routes call this before their `200` goes out, so a call that fails at
+    once (no healthy target, a request the engine refuses) still answers with its
+    own HTTP status instead of an error event inside a 200 stream."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+
+    async def chained() -> AsyncIterator[T]:
+        try:
+            if first is not None:
+                yield first
+                async for item in stream:
+                    yield item
+        finally:
+            await stream.aclose()
+
+    return chained()
 
 
 def _load_tokenizer(path: str) -> Any:

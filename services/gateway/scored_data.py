@@ -9,8 +9,10 @@ Every problem names its field and index.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Iterable, Optional
 
+import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.common.errors import InvalidArgument
@@ -115,6 +117,52 @@ def to_group(data: ScoredData) -> dict[str, Any]:
     if data.policy_versions is not None:
         group[POLICY_VERSIONS] = data.policy_versions
     return group
+
+
+# orjson and Python's json (Starlette's JSONResponse, hence Atropos' /batch) write a
+# few floats differently: orjson 1e-5 as 0.00001 and 1e-7 as 1e-7, Python 1e-05 and
+# 1e-07 (they agree elsewhere, 1e+16 included). Logprobs of confident tokens are such
+# floats, so the fix is per list of floats, not a slow re-encode of the whole group.
+_FLOAT_FIELDS = {"scores": 1, "advantages": 2, "ref_logprobs": 2, "inference_logprobs": 2, "distill_logprobs": 3}
+_FREE_FORM_FIELDS = ("messages", "generation_params", "overrides", "group_overrides", "images")
+
+
+def _may_differ(encoded: bytes) -> bool:
+    # A superset of the patterns: "e-" also matches words in strings (then json is
+    # used for that field: slower, still exact).
+    return b"0.0000" in encoded or b"e-" in encoded
+
+
+def _floats_json(value: list, depth: int) -> bytes:
+    if depth > 1:
+        return b"[" + b",".join(_floats_json(v, depth - 1) for v in value) + b"]"
+    encoded = orjson.dumps(value)
+    if not _may_differ(encoded):
+        return encoded
+    # Validated float lists hold floats only: repr is exactly what json writes.
+    return ("[" + ",".join(map(repr, value)) + "]").encode()
+
+
+def encode_group(group: dict[str, Any]) -> bytes:
+    """A group as Atropos' `/batch` writes it inside the batch, byte for byte (compact
+    JSON, UTF-8 unescaped)."""
+    try:
+        # tokens and masks come first and are integers: only the rest can hold a
+        # float that needs fixing, so only the rest is searched.
+        head = orjson.dumps({"tokens": group["tokens"], "masks": group["masks"]})
+        rest = {key: value for key, value in group.items() if key != "tokens" and key != "masks"}
+        tail = orjson.dumps(rest)
+    except TypeError:  # an integer beyond 64 bits in a free-form field
+        return json.dumps(group, ensure_ascii=False, separators=(",", ":")).encode()
+    if _may_differ(tail):
+        for key, depth in _FLOAT_FIELDS.items():
+            if rest.get(key) is not None:
+                rest[key] = orjson.Fragment(_floats_json(rest[key], depth))
+        for key in _FREE_FORM_FIELDS:
+            if rest.get(key) is not None and _may_differ(orjson.dumps(rest[key])):
+                rest[key] = orjson.Fragment(json.dumps(rest[key], ensure_ascii=False, separators=(",", ":")).encode())
+        tail = orjson.dumps(rest)
+    return b"".join((head[:-1], b",", tail[1:])) if len(tail) > 2 else head
 
 
 def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:

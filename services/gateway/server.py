@@ -1,5 +1,10 @@
 """The gateway process: GatewayService over gRPC and the Atropos/SGLang HTTP API over
-uvicorn, in one event loop, sharing one TrajectoryState."""
+uvicorn, in one event loop, sharing one TrajectoryState and its durable store.
+
+Lifecycle: the store is opened and read back in create_server (a restart resumes the
+queue, registrations and step), its writer thread starts with the servers, and it is
+closed (pending commits flushed) only after both servers have stopped.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import uvicorn
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
+from services.gateway import auth, receipts
 from services.gateway.http_app import create_app
 from services.gateway.inference_client import InferenceClient
 from services.gateway.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.state import TrajectoryState
+from services.gateway.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,7 @@ class GatewayServer(GrpcServer):
 
     async def start(self) -> None:
         """Start both servers (tests; the process uses serve())."""
+        self.state.store.start()
         await self.server.start()
         await self.set_serving(True)
         await self.start_http()
@@ -89,18 +97,34 @@ class GatewayServer(GrpcServer):
         await self.set_serving(False)
         await self.stop_http()
         await self.server.stop(grace)
+        await self.state.store.close()
 
 
 def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
-    """Bind both servers (nothing runs yet); returns the server and its gRPC port."""
-    state = TrajectoryState()
-    inference = InferenceClient(settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds)
+    """Open the store and bind both servers (nothing runs yet); returns the server and
+    its gRPC port."""
+    # The receipts the inference routes record into are process-wide.
+    receipts.default.capacity = settings.receipt_capacity
+    state = TrajectoryState(
+        open_store(settings.store, settings.data_dir, settings.store_fsync),
+        receipts.default,
+        max_groups=settings.max_stored_groups,
+        max_bytes=settings.max_stored_bytes,
+        retry_after_seconds=settings.retry_after_seconds,
+        max_staleness=settings.max_staleness,
+        staleness_policy=settings.staleness_policy,
+    )
+    inference = InferenceClient(
+        settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds,
+        eject_seconds=settings.inference_eject_seconds,
+    )
     servicer = GatewayServicer(state)
     grpc_server = build_server(
-        settings.host, settings.grpc_port, [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)]
+        settings.grpc_bind_host, settings.grpc_port, [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)]
     )
     app = create_app(state, inference, settings.max_body_bytes)
-    sock = bind_http(settings.http_host, settings.http_port)
+    auth.install(app, settings.trajectory_token, settings.inference_token)
+    sock = bind_http(*settings.http_bind)
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -126,6 +150,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
 async def serve(settings: GatewaySettings) -> None:
     setup_tracing("clotho-gateway")
     gateway, _ = create_server(settings)
+    gateway.state.store.start()
     await gateway.start_http()
 
     async def watch_http(_stop: asyncio.Event) -> None:
@@ -136,14 +161,18 @@ async def serve(settings: GatewaySettings) -> None:
         raise RuntimeError("the HTTP server stopped unexpectedly")
 
     log.info(
-        "gateway: gRPC %s:%d, HTTP %s:%d, inference %s",
-        settings.host, gateway.port, settings.http_host, gateway.http_port, settings.inference or "none",
+        "gateway: gRPC %s:%d, HTTP %s:%d, store %s%s, inference %s",
+        settings.grpc_bind_host, gateway.port, settings.http_bind[0], gateway.http_port, settings.store,
+        f" in {settings.data_dir}" if settings.store == "sqlite" else "", settings.inference or "none",
     )
-    await run_service(
-        gateway,
-        settings.grace_seconds,
-        settings.ready_file,
-        extra_ready={"http_port": gateway.http_port},
-        on_stop=gateway.stop_http,
-        background=watch_http,
-    )
+    try:
+        await run_service(
+            gateway,
+            settings.grace_seconds,
+            settings.ready_file,
+            extra_ready={"http_port": gateway.http_port},
+            on_stop=gateway.stop_http,
+            background=watch_http,
+        )
+    finally:
+        await gateway.state.store.close()

@@ -1,4 +1,9 @@
-"""clotho.v1.GatewayService over the same TrajectoryState as the Atropos REST routes."""
+"""clotho.v1.GatewayService over the same TrajectoryState as the Atropos REST routes.
+
+Every call that changes the state answers only once the change is durable
+(`store.sync()`): an acknowledged submission survives a crash of the gateway, and a
+batch is deleted from the store before it is sent (at most once).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from grpc import aio
 from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.gateway.convert import group_from_proto, group_to_proto
+from services.gateway.convert import batch_to_proto, group_from_proto
 from services.gateway.scored_data import check_group
 from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
 
@@ -44,6 +49,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 num_steps=request.num_steps,
             )
         )
+        await self._state.store.sync()
         return pb.RegisterTrainerResponse(uuid=str(requester))
 
     async def RegisterEnv(self, request: pb.RegisterEnvRequest, context: aio.ServicerContext) -> pb.RegisterEnvResponse:
@@ -63,6 +69,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         )
         if registered is None:
             return pb.RegisterEnvResponse(status="wait for trainer to start")
+        await self._state.store.sync()
         return pb.RegisterEnvResponse(
             status="success",
             env_id=registered.env_id,
@@ -77,19 +84,27 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self, request: pb.DisconnectEnvRequest, context: aio.ServicerContext
     ) -> pb.DisconnectEnvResponse:
         self._state.disconnect_env(request.env_id)
+        await self._state.store.sync()
         return pb.DisconnectEnvResponse()
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext) -> pb.GetStatusResponse:
+        state = self._state
         return pb.GetStatusResponse(
-            current_step=self._state.step,
-            queue_size=self._state.queue_size,
-            policy_version=self._state.policy_version,
+            current_step=state.step,
+            queue_size=state.queue_size,
+            policy_version=state.policy_version,
+            stale_dropped_groups=state.counters.stale_dropped_groups,
+            stale_kept_groups=state.counters.stale_kept_groups,
+            max_staleness=state.max_staleness,
+            stored_groups=state.held_groups,
+            max_stored_groups=state.max_groups,
         )
 
     async def GetEnvStatus(
         self, request: pb.GetEnvStatusRequest, context: aio.ServicerContext
     ) -> pb.GetEnvStatusResponse:
         s = self._state.env_status(request.env_id)
+        await self._state.store.sync()  # the env's group size may have grown
         return pb.GetEnvStatusResponse(
             current_step=s.current_step,
             queue_size=s.queue_size,
@@ -103,7 +118,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self, request_iterator: AsyncIterator[pb.SubmitScoredDataRequest], context: aio.ServicerContext
     ) -> pb.SubmitScoredDataResponse:
         """All or nothing: every group is checked as it arrives and the stream's groups
-        enter the queue together once the client has sent them all."""
+        enter the queue together once the client has sent them all; the answer comes
+        once they are durable (RESOURCE_EXHAUSTED when the store is full)."""
         groups = []
         async for request in request_iterator:
             where = f"groups[{len(groups)}]."
@@ -113,6 +129,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 raise InvalidArgument(f"{where}{exc}") from None
             groups.append(check_group(group, prefix=where))
         outcomes = self._state.submit(groups)
+        await self._state.store.sync()
         buffered = sum(1 for o in outcomes if o.buffered)
         return pb.SubmitScoredDataResponse(received=len(outcomes) - buffered, buffered=buffered)
 
@@ -121,7 +138,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[pb.StreamBatchesResponse]:
         """Send a batch whenever one can be formed and a credit is unspent. The first
         credit counts as the trainer starting (like the first /batch); batches come
-        from the same queue and advance the same step as /batch."""
+        from the same queue and advance the same step as /batch, one step per batch
+        formed (TrajectoryState.take_next). A credit message may carry the trainer's
+        committed policy version. Each batch is deleted from the store before it is
+        sent: a batch is delivered at most once."""
         state = self._state
         credits = 0
         closed = False
@@ -131,6 +151,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             nonlocal credits, closed
             try:
                 async for request in request_iterator:
+                    if request.HasField("policy_version"):
+                        state.observe_version(request.policy_version)
                     if request.credits:
                         state.mark_started()
                         credits += request.credits
@@ -147,7 +169,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             if failure or (closed and credits == 0):
                 return _STOP
             if credits > 0 and state.trainer is not None:
-                return state.take_batch()
+                return state.take_next()
             return None
 
         reader = asyncio.create_task(read_credits())
@@ -157,7 +179,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 if batch is _STOP:
                     break
                 credits -= 1
-                yield pb.StreamBatchesResponse(groups=[group_to_proto(g) for g in batch], step=state.step)
+                step = state.step
+                await state.store.sync()
+                yield pb.StreamBatchesResponse(groups=batch_to_proto(batch), step=step)
             if failure:
                 raise failure[0]
         finally:

@@ -1,9 +1,12 @@
-"""Gateway settings: flags (`--http-port 0`) and CLOTHO_GATEWAY_* env vars."""
+"""Gateway settings: flags (`--host H --port P`, `--http-port 0`) and CLOTHO_GATEWAY_*
+env vars."""
 
 from __future__ import annotations
 
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings, Targets
@@ -21,13 +24,61 @@ class GatewaySettings(ServiceSettings):
         extra="ignore",
     )
 
-    http_host: str = Field("127.0.0.1", description="Address the HTTP (Atropos/SGLang) server binds.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP server (the Atropos trajectory API) binds, like run-api's "
+        "--host; the gRPC server binds it too unless --grpc-host is set.",
+    )
+    port: int | None = Field(
+        None, ge=0, le=65535, description="HTTP port, like run-api's --port (same as --http-port)."
+    )
+    grpc_host: str | None = Field(None, description="Address the gRPC server binds; default: --host.")
+    http_host: str | None = Field(None, description="Address the HTTP server binds, if not --host.")
     http_port: int = Field(
         8000,
         ge=0,
         le=65535,
         description="HTTP port (Atropos' run-api default is 8000); 0 picks a free one "
-        "(printed as http_port when ready).",
+        "(printed as http_port when ready). --port, if given, wins.",
+    )
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite",
+        description="Trajectory store: 'sqlite' (durable: acknowledged data, registrations and the "
+        "step survive a crash and a restart) or 'memory' (like run-api: gone with the process).",
+    )
+    data_dir: str = Field(
+        ".clotho/gateway", description="Directory of the sqlite store (one gateway per directory)."
+    )
+    store_fsync: bool = Field(
+        False,
+        description="fsync every group commit (SQLite synchronous=FULL): survive power loss too, "
+        "not only a crash of the process.",
+    )
+    max_stored_groups: int = Field(
+        100_000,
+        ge=0,
+        description="Capacity in groups (queued, buffered or in a formed batch); past it "
+        "/scored_data answers 503 with Retry-After (gRPC RESOURCE_EXHAUSTED). 0: unbounded.",
+    )
+    max_stored_bytes: int = Field(
+        8 * 1024**3, ge=0, description="Capacity in bytes of group JSON held in memory and on disk. 0: unbounded."
+    )
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with a 503 when the store is full.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="Largest number of policy versions a group may be behind the current version "
+        "when its batch is formed; 0 turns the bound off.",
+    )
+    staleness_policy: Literal["drop", "keep"] = Field(
+        "drop",
+        description="What batch assembly does with groups past max_staleness: 'drop' them "
+        "(batches stay exactly batch_size) or 'keep' them; counted either way (GetStatus, /metrics).",
+    )
+    receipt_capacity: int = Field(
+        100_000,
+        ge=0,
+        description="Completions remembered for policy-version attribution of scored data.",
     )
     inference: Targets = Field(
         default_factory=list,
@@ -47,4 +98,28 @@ class GatewaySettings(ServiceSettings):
     generate_timeout_seconds: float = Field(
         600.0, gt=0, description="Deadline of one /generate call to the inference service."
     )
+    inference_eject_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an inference target sits out after a call to it failed UNAVAILABLE "
+        "(its grpc.health stream brings it back sooner when it reports SERVING).",
+    )
+    trajectory_token: SecretStr | None = Field(
+        None,
+        description="Bearer token the trajectory routes (/register-env, /scored_data, /batch, ...) "
+        "require; unset leaves them open, as stock Atropos environments send none.",
+    )
+    inference_token: SecretStr | None = Field(
+        None,
+        description="Bearer token /generate, /get_model_info and /v1/* require (an Atropos "
+        "APIServerConfig sends its api_key as one); unset leaves them open.",
+    )
 
+    @property
+    def http_bind(self) -> tuple[str, int]:
+        """Where the HTTP server listens: --host/--port, as run-api would."""
+        return self.http_host or self.host, self.http_port if self.port is None else self.port
+
+    @property
+    def grpc_bind_host(self) -> str:
+        return self.grpc_host or self.host

@@ -218,6 +218,9 @@ def parse_generate(body: Any) -> GenerateCall:
     logprobs = _per_prompt("return_logprob", body.get("return_logprob", False), count, batched, bool_ok)
     starts = _per_prompt("logprob_start_len", body.get("logprob_start_len", -1), count, batched, int_ok)
     rids = _per_prompt("rid", body.get("rid"), count, batched, rid_ok)
+    if batched and isinstance(body.get("rid"), str):
+        # As SGLang does: one string for a batch is the prefix of per-prompt ids.
+        rids = [f"{body['rid']}_{i}" for i in range(count)]
     stream = body.get("stream", False)
     bool_ok("stream", stream)
     text_in_logprobs = body.get("return_text_in_logprobs", False)

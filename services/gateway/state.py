@@ -5,7 +5,17 @@ trainer's registration, the environments, the queue of scored groups, the per-en
 buffer of groups whose size differs from the env's group size, the step counter, the
 `started` flag, the batches formed but not yet handed out (`curr_batch`) and the
 latest example. Every method is synchronous and runs on the event loop, so each call
-is atomic; a durable store can replace this class behind the same methods.
+is atomic. Each change is also appended to the store (store.py) in the same order;
+callers that acknowledge something await `store.sync()` before they answer.
+
+On top of Atropos:
+- the queue is indexed (queue_index.py): forming a batch costs what the batch costs;
+- the store is bounded: past `max_groups` held groups (or `max_bytes`) a submission
+  is refused with `StoreFull` and nothing accepted is ever dropped for room;
+- every sequence carries a policy version (explicit from the client, else a receipt
+  of the completion the gateway served, else the version current at submission), and
+  batch assembly enforces `max_staleness` by dropping stale groups before a batch is
+  formed, or by keeping and counting them.
 
 Waiters (StreamBatches) do not poll: every mutation calls `wakeup.notify()` and they
 re-check their condition.
@@ -14,19 +24,35 @@ re-check their condition.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
-from services.common.errors import FailedPrecondition, NotFound
-from services.gateway.batching import find_subset_summing_to, take_exact, take_with_min_allocations
+import orjson
+
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from services.gateway.batching import find_subset_summing_to
+from services.gateway.queue_index import Group, QueueIndex
+from services.gateway.receipts import Receipts, completion_tokens
+from services.gateway.scored_data import POLICY_VERSIONS, encode_group
+from services.gateway.store import GroupRow, Snapshot, Store
+
+log = logging.getLogger(__name__)
 
 # Atropos' floor on an environment's share, so that no environment starves.
 MIN_ENV_WEIGHT = 0.01
 
 T = TypeVar("T")
+StalenessPolicy = Literal["drop", "keep"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,32 @@ class Submitted:
     buffer_size: int = 0
 
 
+@dataclass
+class Counters:
+    """Monotonic counts for GetStatus and /metrics (since the process started)."""
+
+    submitted_groups: int = 0
+    submitted_sequences: int = 0
+    refused_full: int = 0
+    batches_handed_out: int = 0
+    stale_dropped_groups: int = 0
+    stale_dropped_sequences: int = 0
+    stale_kept_groups: int = 0
+    stale_kept_sequences: int = 0
+    versions_explicit: int = 0
+    versions_from_receipts: int = 0
+    versions_current: int = 0
+
+
+class StoreFull(ResourceExhausted):
+    """The store holds its capacity: retry after `retry_after` seconds (HTTP answers
+    503 with Retry-After, gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Wakeup:
     """Wakes every waiter when the state changes (an asyncio.Condition whose notify
     needs no lock, so synchronous mutators can call it)."""
@@ -133,13 +185,39 @@ class Wakeup:
 class TrajectoryState:
     """Registration, queue, buffering and batch assembly with Atropos' semantics."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        store: Store | None = None,
+        receipts: Receipts | None = None,
+        *,
+        max_groups: int = 0,
+        max_bytes: int = 0,
+        retry_after_seconds: int = 1,
+        max_staleness: int = 0,
+        staleness_policy: StalenessPolicy = "drop",
+    ) -> None:
+        if staleness_policy not in ("drop", "keep"):
+            raise ValueError(f"staleness_policy must be 'drop' or 'keep', not {staleness_policy!r}")
         self.wakeup = Wakeup()
-        # The policy version the gateway knows as current (kept across resets).
-        self.policy_version = 0
+        self.store = store if store is not None else Store()
+        self.receipts = receipts if receipts is not None else Receipts()
+        self.max_groups = max_groups
+        self.max_bytes = max_bytes
+        self.retry_after_seconds = retry_after_seconds
+        self.max_staleness = max_staleness
+        self.staleness_policy = staleness_policy
+        self.counters = Counters()
+        # The version the trainer last reported (kept across resets).
+        self._reported_version = 0
         # Atropos keeps the latest example across /reset_data.
-        self._latest: dict[str, Any] | None = None
+        self._latest: bytes | None = None
+        # After /reset_data Atropos' /info still shows the old max_token_len.
+        self._max_token_len_after_reset = -1
+        self._next_id = 0
+        self._next_qpos = 0
+        self._next_formation = 0
         self._clear()
+        self._restore(self.store.load())
 
     def _clear(self) -> None:
         self._trainer: TrainerRegistration | None = None
@@ -147,11 +225,17 @@ class TrajectoryState:
         self._step = 0
         self._started = False
         self._envs: list[EnvRecord] = []
-        self._queue: list[dict[str, Any]] = []
-        self._buffers: dict[int, list[dict[str, Any]]] = {}
-        self._ready: list[list[dict[str, Any]]] = []
+        self._queue = QueueIndex()
+        self._buffers: dict[int, list[Group]] = {}
+        # Batches /batch formed and keeps for its next calls (a stack, as Atropos'
+        # curr_batch), all from one formation: a new one is formed only when it is empty.
+        self._ready: list[list[Group]] = []
+        self._formation = -1
+        # Groups (and their bytes) held outside the queue: buffered or in a formed batch.
+        self._aside_groups = 0
+        self._aside_bytes = 0
 
-    # -- trainer ---------------------------------------------------------------
+    # -- reading ---------------------------------------------------------------
 
     @property
     def trainer(self) -> TrainerRegistration | None:
@@ -167,16 +251,55 @@ class TrajectoryState:
 
     @property
     def queue_size(self) -> int:
-        return len(self._queue)
+        """Groups in the queue (Atropos' `len(queue)`: not buffered, not formed)."""
+        return self._queue.groups
+
+    @property
+    def queue(self) -> QueueIndex:
+        return self._queue
+
+    @property
+    def held_groups(self) -> int:
+        """Every group the store holds: queued, buffered, or in a formed batch."""
+        return self._queue.groups + self._aside_groups
+
+    @property
+    def held_bytes(self) -> int:
+        return self._queue.bytes + self._aside_bytes
+
+    @property
+    def ready_batches(self) -> int:
+        return len(self._ready)
+
+    @property
+    def buffered_groups(self) -> int:
+        return sum(len(b) for b in self._buffers.values())
+
+    @property
+    def policy_version(self) -> int:
+        """The current policy version: the newest the trainer reported or an inference
+        result carried."""
+        return max(self._reported_version, self.receipts.newest_version)
+
+    def info(self) -> tuple[int, int]:
+        """Atropos' /info: (batch_size, max_token_len), -1 where unknown."""
+        if self._trainer is None:
+            return -1, self._max_token_len_after_reset
+        return self._trainer.batch_size, self._trainer.max_token_len
+
+    # -- trainer ---------------------------------------------------------------
 
     def register_trainer(self, registration: TrainerRegistration) -> int:
         """Register a trainer; returns its id (a random 128-bit integer). As in Atropos,
         only the first registration sets the batch geometry; later ones just get ids."""
+        self.store.check()
         if self._trainer is None:
             self._trainer = registration
             self._step = registration.starting_step
             self._started = False
-            self._ready = []
+            self._put_meta("trainer", dataclasses.asdict(registration))
+            self._put_meta("step", self._step)
+            self._put_meta("started", False)
         requester = uuid.uuid4().int
         self._requesters.append(requester)
         self.wakeup.notify()
@@ -186,7 +309,18 @@ class TrajectoryState:
         """The trainer asked for data: environments may now register."""
         if self._trainer is None:
             raise FailedPrecondition("Trainer not registered. Call /register (RegisterTrainer) first.")
-        self._started = True
+        if not self._started:
+            self.store.check()
+            self._started = True
+            self._put_meta("started", True)
+
+    def observe_version(self, version: int) -> None:
+        """The trainer reported its committed policy version."""
+        if version > self._reported_version:
+            self.store.check()
+            self._reported_version = version
+            self._put_meta("policy_version", version)
+            self.wakeup.notify()
 
     # -- environments ----------------------------------------------------------
 
@@ -199,6 +333,7 @@ class TrajectoryState:
         trainer asked for its first batch."""
         if not self._started or self._trainer is None:
             return None
+        self.store.check()
         same_name = sum(1 for e in self._envs if e.desired_name == registration.desired_name)
         record = EnvRecord(
             registered_id=len(self._envs),
@@ -211,6 +346,7 @@ class TrajectoryState:
             last_update=time.time(),
         )
         self._envs.append(record)
+        self._put_env(record)
         self.wakeup.notify()
         return EnvRegistered(
             env_id=record.registered_id,
@@ -222,17 +358,21 @@ class TrajectoryState:
         )
 
     def _env(self, env_id: int) -> EnvRecord:
-        if not 0 <= env_id < len(self._envs):
+        # Atropos indexes its list, so -1 is the last environment.
+        if not -len(self._envs) <= env_id < len(self._envs):
             raise NotFound(f"env_id {env_id} is not registered ({len(self._envs)} environments registered)")
         return self._envs[env_id]
 
     def disconnect_env(self, env_id: int) -> None:
-        self._env(env_id).connected = False
+        env = self._env(env_id)
+        self.store.check()
+        env.connected = False
+        self._put_env(env)
         self.wakeup.notify()
 
     def env_status(self, env_id: int) -> EnvStatus:
         """Atropos' `/status-env` arithmetic, including its side effect: the env's group
-        size grows to the largest group it has in the queue."""
+        size grows to the largest group it has in the queue. Counters, not a scan."""
         me = self._env(env_id)
         envs = self._envs
         total = sum(e.max_context_len * max(0.0, e.weight) for e in envs if e.connected)
@@ -242,21 +382,15 @@ class TrajectoryState:
         total_min = sum(e.min_batch_allocation for e in envs if e.connected and e.min_batch_allocation is not None)
         unallocated_fraction = 1.0 - min(total_min, 1.0)
 
-        max_group_size = 1
-        own_group_size = me.group_size
-        own_sequences = 0
-        others: dict[Any, int] = {}
-        for group in self._queue:
-            size = len(group["tokens"])
-            if size > max_group_size:
-                max_group_size = size
-            owner = group.get("env_id")
-            if owner == env_id:
-                own_group_size = max(own_group_size, size)
-                own_sequences += size
-            else:
-                others[owner] = others.get(owner, 0) + size
-        me.group_size = own_group_size
+        queue = self._queue
+        max_group_size = max(1, queue.max_size)
+        own_group_size = max(me.group_size, queue.env_max_size(env_id))
+        sequences = queue.env_sequences()
+        own_sequences = sequences.get(env_id, 0)
+        if own_group_size != me.group_size:
+            self.store.check()
+            me.group_size = own_group_size
+            self._put_env(me)
 
         batch_size = self._trainer.batch_size if self._trainer is not None else 0
         reserved = {
@@ -269,9 +403,10 @@ class TrajectoryState:
         # nothing from others while every group is a single sequence).
         available = 0
         if max_group_size > 1:
-            for owner, sequences in others.items():
-                packed = math.ceil(sequences / max_group_size) * max_group_size
-                available += max(0, packed - reserved.get(owner, 0))
+            for owner, count in sequences.items():
+                if owner != env_id:
+                    packed = math.ceil(count / max_group_size) * max_group_size
+                    available += max(0, packed - reserved.get(owner, 0))
 
         return EnvStatus(
             current_step=self._step,
@@ -286,83 +421,313 @@ class TrajectoryState:
 
     def submit(self, groups: list[dict[str, Any]]) -> list[Submitted]:
         """Queue validated groups (or buffer them until their env's group size is made
-        up). All of them are applied; nothing can fail halfway."""
-        outcomes = [self._submit_one(group) for group in groups]
-        if groups:
-            self.wakeup.notify()
+        up). All of them are applied or none: a full store refuses the whole call."""
+        if not groups:
+            return []
+        self.store.check()
+        sources = [0, 0, 0]  # explicit, receipt, current
+        records = [self._new_group(g, sources) for g in groups]
+        self._admit(len(records), sum(len(r.body) for r in records))
+
+        first_id = self._next_id
+        for record in records:
+            record.id = self._next_id
+            self._next_id += 1
+        moved: list[Group] = []
+        outcomes = [self._submit_one(record, moved) for record in records]
+
+        self.store.insert_groups([_row(r) for r in records])
+        self.store.enqueue_groups([(g.qpos, g.id) for g in moved if g.id < first_id])
+        counters = self.counters
+        counters.submitted_groups += len(records)
+        counters.submitted_sequences += sum(r.size for r in records)
+        counters.versions_explicit += sources[0]
+        counters.versions_from_receipts += sources[1]
+        counters.versions_current += sources[2]
+        self.wakeup.notify()
         return outcomes
 
-    def _submit_one(self, group: dict[str, Any]) -> Submitted:
-        env_id = group.get("env_id")
-        if env_id is not None and 0 <= env_id < len(self._envs):
+    def _new_group(self, group: dict[str, Any], sources: list[int]) -> Group:
+        return Group(
+            id=-1,
+            size=len(group["tokens"]),
+            env_id=group.get("env_id"),
+            body=encode_group(group),
+            versions=self._attribute(group, sources),
+        )
+
+    def _attribute(self, group: dict[str, Any], sources: list[int]) -> tuple[int, ...]:
+        """Each sequence's policy version: the client's, else the version whose
+        completion it is (a receipt), else the version current now. `sources` counts
+        which (explicit, receipt, current)."""
+        explicit = group.get(POLICY_VERSIONS)
+        receipts = self.receipts if len(self.receipts) else None
+        current = self.policy_version
+        versions = []
+        for i, (tokens, masks) in enumerate(zip(group["tokens"], group["masks"])):
+            version = explicit[i] if explicit is not None else None
+            if version is not None:
+                sources[0] += 1
+            elif receipts is not None and (version := receipts.lookup(completion_tokens(tokens, masks))) is not None:
+                sources[1] += 1
+            else:
+                version = current
+                sources[2] += 1
+            versions.append(version)
+        # A tuple of ints: the garbage collector stops tracking it (deep queues).
+        return tuple(versions)
+
+    def _admit(self, groups: int, size: int) -> None:
+        """Refuse a submission the store has no room for; nothing held is ever dropped
+        to make room."""
+        limits = []
+        if self.max_groups and groups > self.max_groups:
+            limits.append(f"{groups} groups, more than the store's capacity of {self.max_groups}")
+        if self.max_bytes and size > self.max_bytes:
+            limits.append(f"{size} bytes, more than the store's capacity of {self.max_bytes}")
+        if limits:
+            raise InvalidArgument(f"the submission can never fit: {'; '.join(limits)}")
+        full = (self.max_groups and self.held_groups + groups > self.max_groups) or (
+            self.max_bytes and self.held_bytes + size > self.max_bytes
+        )
+        if full:
+            self.counters.refused_full += 1
+            raise StoreFull(
+                f"the trajectory store is full ({self.held_groups} groups, {self.held_bytes} bytes held; "
+                f"capacity {self.max_groups or 'unbounded'} groups, {self.max_bytes or 'unbounded'} bytes): "
+                "retry once the trainer has taken batches",
+                self.retry_after_seconds,
+            )
+
+    def _submit_one(self, record: Group, moved: list[Group]) -> Submitted:
+        env_id = record.env_id
+        # Atropos: `env_id < len(envs)`, then indexes the list (so -1 is the last env).
+        if env_id is not None and -len(self._envs) <= env_id < len(self._envs):
             expected = self._envs[env_id].group_size
-            if len(group["tokens"]) != expected:
+            if record.size != expected:
                 buffer = self._buffers.setdefault(env_id, [])
-                buffer.append(group)
-                chosen = find_subset_summing_to([len(g["tokens"]) for g in buffer], expected)
+                buffer.append(record)
+                self._aside_groups += 1
+                self._aside_bytes += len(record.body)
+                chosen = find_subset_summing_to([g.size for g in buffer], expected)
                 if chosen:
                     picked = set(chosen)
-                    self._queue.extend(buffer[i] for i in chosen)
-                    self._latest = buffer[chosen[-1]]
+                    for i in chosen:
+                        group = buffer[i]
+                        self._aside_groups -= 1
+                        self._aside_bytes -= len(group.body)
+                        self._enqueue(group)
+                        moved.append(group)
                     buffer[:] = [g for i, g in enumerate(buffer) if i not in picked]
-                return Submitted(buffered=True, buffer_size=sum(len(g["tokens"]) for g in buffer))
-        self._queue.append(group)
-        self._latest = group
+                return Submitted(buffered=True, buffer_size=sum(g.size for g in buffer))
+        self._enqueue(record)
         return Submitted(buffered=False)
 
-    def buffered_sequences(self, env_id: int) -> int:
-        return sum(len(g["tokens"]) for g in self._buffers.get(env_id, []))
+    def _enqueue(self, group: Group) -> None:
+        group.qpos = self._next_qpos
+        self._next_qpos += 1
+        self._queue.add(group)
+        self._latest = group.body
 
-    def latest_example(self) -> dict[str, Any] | None:
+    def buffered_sequences(self, env_id: int) -> int:
+        return sum(g.size for g in self._buffers.get(env_id, []))
+
+    def latest_example(self) -> bytes | None:
+        """The latest group that entered the queue, as JSON."""
         return self._latest
 
     # -- batches ---------------------------------------------------------------
 
-    def take_batch(self) -> list[dict[str, Any]] | None:
-        """The next batch, or None when none can be formed yet.
+    def take_batch(self) -> list[Group] | None:
+        """The next batch for Atropos' `/batch`, or None when none can be formed yet.
 
-        As Atropos' `/batch`: marks the trainer started; hands out a batch formed
-        earlier if there is one; otherwise forms every batch the queue allows, advances
-        the step by how many it formed and hands out the last one formed (Atropos pops
+        As Atropos: marks the trainer started; hands out a batch formed earlier if
+        there is one; otherwise forms every batch the queue allows, advances the step
+        by how many it formed and hands out the last one formed (Atropos pops
         `curr_batch` from the end), keeping the rest for the next calls.
         """
         self.mark_started()
         if self._ready:
-            return self._ready.pop()
+            return self._hand_out_ready()
+        self.store.check()
+        self._drop_stale()
         formed = []
-        while (batch := self._form_batch()) is not None:
+        while (batch := self._form()) is not None:
             formed.append(batch)
         if not formed:
             return None
-        self._step += len(formed)
-        self._ready.extend(formed)
-        return self._ready.pop()
+        last = formed.pop()
+        if formed:
+            self._formation = self._next_formation
+            self._next_formation += 1
+            self._ready = formed
+            for batch in formed:
+                self._aside_groups += len(batch)
+                self._aside_bytes += sum(len(g.body) for g in batch)
+            # One row for the whole formation, whatever its size.
+            self.store.form_batches(self._formation, orjson.dumps([[g.id for g in b] for b in formed]))
+        self._step += len(formed) + 1
+        self._hand_out(last, None)
+        return last
 
-    def _form_batch(self) -> list[dict[str, Any]] | None:
+    def take_next(self) -> list[Group] | None:
+        """The next batch for StreamBatches, or None: a batch formed earlier by
+        `/batch` if there is one, else one batch formed now, which advances the step
+        by one. Forming one batch per credit (not every batch at once, as `/batch`
+        does) keeps the step equal to the batches handed out and lets staleness be
+        judged when the trainer takes the batch."""
+        self.mark_started()
+        if self._ready:
+            return self._hand_out_ready()
+        self.store.check()
+        self._drop_stale()
+        batch = self._form()
+        if batch is None:
+            return None
+        self._step += 1
+        self._hand_out(batch, None)
+        return batch
+
+    def _hand_out_ready(self) -> list[Group]:
+        self.store.check()
+        batch = self._ready.pop()
+        self._aside_groups -= len(batch)
+        self._aside_bytes -= sum(len(g.body) for g in batch)
+        self._hand_out(batch, None if self._ready else self._formation)
+        return batch
+
+    def _hand_out(self, batch: list[Group], last_of_formation: int | None) -> None:
+        """The batch leaves the store: one transaction deletes it and records the step,
+        so a batch is handed out at most once (a crash between the commit and the
+        reply loses that batch rather than sending it twice)."""
+        self.store.delete_groups([g.id for g in batch], last_of_formation)
+        self._put_meta("step", self._step)
+        self.counters.batches_handed_out += 1
+        if self.max_staleness:
+            floor = self.policy_version - self.max_staleness
+            stale = [g for g in batch if g.version < floor]
+            self.counters.stale_kept_groups += len(stale)
+            self.counters.stale_kept_sequences += sum(g.size for g in stale)
+        self.wakeup.notify()
+
+    def _form(self) -> list[Group] | None:
         assert self._trainer is not None
-        queue = self._queue
-        sizes = [len(g["tokens"]) for g in queue]
+        batch_size = self._trainer.batch_size
         if any(e.min_batch_allocation is not None for e in self._envs):
             minimums = [
                 (e.registered_id, e.min_batch_allocation)
                 for e in self._envs
                 if e.connected and e.min_batch_allocation is not None
             ]
-            env_ids = [g.get("env_id") for g in queue]
-            chosen = take_with_min_allocations(sizes, env_ids, self._trainer.batch_size, minimums)
-        else:
-            chosen = take_exact(sizes, self._trainer.batch_size)
-        if chosen is None:
-            return None
-        picked = set(chosen)
-        batch = [queue[i] for i in chosen]
-        self._queue = [g for i, g in enumerate(queue) if i not in picked]
-        return batch
+            return self._queue.pop_with_minimums(batch_size, minimums)
+        return self._queue.pop_exact(batch_size)
+
+    def _drop_stale(self) -> None:
+        """Under the drop policy, remove every queued group more than `max_staleness`
+        versions behind, before a batch is formed from what remains (so batches stay
+        exactly batch_size)."""
+        if not self.max_staleness or self.staleness_policy != "drop":
+            return
+        floor = self.policy_version - self.max_staleness
+        if floor <= 0:
+            return
+        stale = self._queue.pop_older_than(floor)
+        if stale:
+            self.store.delete_groups([g.id for g in stale])
+            self.counters.stale_dropped_groups += len(stale)
+            self.counters.stale_dropped_sequences += sum(g.size for g in stale)
+            log.info("dropped %d groups older than policy version %d", len(stale), floor)
+            self.wakeup.notify()
 
     # -- reset -----------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the trainer, environments, queue, buffers and step (Atropos
         `/reset_data`; the latest example survives, as there)."""
+        self.store.check()
+        if self._trainer is not None:
+            self._max_token_len_after_reset = self._trainer.max_token_len
         self._clear()
+        self.store.reset()
+        self._put_meta("trainer", None)
+        self._put_meta("step", 0)
+        self._put_meta("started", False)
+        self._put_meta("max_token_len_after_reset", self._max_token_len_after_reset)
+        if self._latest is not None:
+            self.store.put_meta("latest", self._latest)
         self.wakeup.notify()
+
+    # -- persistence -----------------------------------------------------------
+
+    def _put_meta(self, key: str, value: Any) -> None:
+        self.store.put_meta(key, orjson.dumps(value))
+
+    def _put_env(self, env: EnvRecord) -> None:
+        self.store.put_env(env.registered_id, orjson.dumps(dataclasses.asdict(env)))
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        """Rebuild the state from what the store held (startup)."""
+        meta = {key: orjson.loads(value) for key, value in snapshot.meta.items() if key != "latest"}
+        if meta.get("trainer"):
+            self._trainer = TrainerRegistration(**meta["trainer"])
+        self._step = meta.get("step", 0)
+        self._started = bool(meta.get("started", False))
+        self._reported_version = meta.get("policy_version", 0)
+        self._max_token_len_after_reset = meta.get("max_token_len_after_reset", -1)
+        self._envs = [EnvRecord(**orjson.loads(record)) for _, record in snapshot.envs]
+
+        groups = {}
+        for gid, qpos, env_id, size, versions, body in snapshot.groups:
+            groups[gid] = Group(
+                id=gid, size=size, env_id=env_id, body=bytes(body), versions=tuple(orjson.loads(versions)),
+                qpos=-1 if qpos is None else qpos,
+            )
+        in_batches = set()
+        for formation, batches in snapshot.ready:
+            # Batches already handed out are gone from `groups` (deleted whole, in
+            # one transaction each); the rest is the stack, in formation order.
+            kept = [[groups[i] for i in ids] for ids in orjson.loads(batches) if ids and ids[0] in groups]
+            for batch in kept:
+                in_batches.update(g.id for g in batch)
+                self._aside_groups += len(batch)
+                self._aside_bytes += sum(len(g.body) for g in batch)
+            if kept:
+                self._ready, self._formation = kept, formation
+            self._next_formation = formation + 1
+        queued = []
+        for group in groups.values():  # in id order: each buffer's order
+            if group.id in in_batches:
+                continue
+            if group.qpos < 0:
+                self._buffers.setdefault(group.env_id, []).append(group)
+                self._aside_groups += 1
+                self._aside_bytes += len(group.body)
+            else:
+                queued.append(group)
+        queued.sort(key=lambda g: g.qpos)
+        for group in queued:
+            self._queue.add(group)
+        # The latest example is not written with every submission (that would double
+        # the bytes written): after a restart it is the newest group still held, else
+        # the one /reset_data kept.
+        newest = max((g for g in groups.values() if g.qpos >= 0), key=lambda g: g.qpos, default=None)
+        kept = snapshot.meta.get("latest")
+        self._latest = newest.body if newest is not None else (bytes(kept) if kept else None)
+        self._next_id = max(groups, default=-1) + 1
+        self._next_qpos = max((g.qpos for g in groups.values()), default=-1) + 1
+        if groups or self._trainer is not None:
+            log.info(
+                "restored: step %d, %d queued, %d buffered, %d formed batches, %d environments",
+                self._step, self._queue.groups, self.buffered_groups, len(self._ready), len(self._envs),
+            )
+
+
+def _row(group: Group) -> GroupRow:
+    return (
+        group.id,
+        group.qpos if group.qpos >= 0 else None,
+        group.env_id,
+        group.size,
+        orjson.dumps(group.versions),
+        group.body,
+    )

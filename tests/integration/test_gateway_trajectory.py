@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,15 @@ async def test_rest_flow(gateway):
         assert (await http.get("/info")).json() == {"batch_size": 4, "max_token_len": 64}
 
 
+async def until(probe, condition, timeout: float = 30.0):
+    """Call `probe()` until `condition(result)` holds; fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition(result := await probe()):
+        assert asyncio.get_running_loop().time() < deadline, f"condition not met: {result}"
+        await asyncio.sleep(0.02)
+    return result
+
+
 async def read_batch(call) -> gpb.StreamBatchesResponse:
     message = await asyncio.wait_for(call.read(), 30)
     assert message is not aio.EOF
@@ -91,17 +101,22 @@ async def test_stream_batches_never_sends_more_than_the_credits(gateway):
         stub = gpb_grpc.GatewayServiceStub(channel)
         await stub.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=2, starting_step=10, num_steps=100))
         call = stub.StreamBatches()
-        await call.write(gpb.StreamBatchesRequest(credits=1))
+        await call.write(gpb.StreamBatchesRequest(credits=1, policy_version=4))
+        # The credit stream and the HTTP post below are separate connections: wait
+        # until the gateway has read the version before sending data.
+        await until(lambda: stub.GetStatus(gpb.GetStatusRequest()), lambda s: s.policy_version == 4)
 
-        # Enough for three batches of 2, in one submission (the trainer may see the
-        # credit before or after it; either way the three are formed together).
+        # Enough for three batches of 2, in one submission.
         await http.post("/scored_data_list", json=[scored(1, tag=t) for t in range(6)])
 
         first = await read_batch(call)
         assert sum(len(g.sequences) for g in first.groups) == 2
-        # Every batch the queue allowed was formed: the step is 10 + 3.
-        assert first.step == 13
-        assert (await http.get("/status")).json() == {"current_step": 13, "queue_size": 0}
+        # One batch per credit, one step per batch: /status reports the same step.
+        assert first.step == 11
+        assert (await http.get("/status")).json() == {"current_step": 11, "queue_size": 4}
+        # The credit told the gateway the trainer's version; the data (sent after it,
+        # with no version and no receipt) is attributed to it.
+        assert [s.policy_version for g in first.groups for s in g.sequences] == [4, 4]
 
         # One more batch's worth arrives (over gRPC) while no credit is left.
         async def groups():
@@ -113,6 +128,7 @@ async def test_stream_batches_never_sends_more_than_the_credits(gateway):
         assert (submitted.received, submitted.buffered) == (2, 0)
         await call.write(gpb.StreamBatchesRequest(credits=2))
         second, third = await read_batch(call), await read_batch(call)
+        assert (second.step, third.step) == (12, 13)
         seen = sorted(g.sequences[0].tokens[0] for b in (first, second, third) for g in b.groups)
         assert seen == [0, 1, 2, 3, 4, 5]
         # No credit left: closing our side ends the stream without the fourth batch.
@@ -121,12 +137,34 @@ async def test_stream_batches_never_sends_more_than_the_credits(gateway):
         assert await call.code() == grpc.StatusCode.OK
 
         status = await stub.GetStatus(gpb.GetStatusRequest())
-        assert (status.current_step, status.queue_size) == (13, 2)
+        assert (status.current_step, status.queue_size, status.policy_version) == (13, 2, 4)
+        assert (status.stored_groups, status.max_stored_groups) == (2, 100_000)
         # The fourth batch is still there for the next taker.
         batch = (await http.get("/batch")).json()["batch"]
         assert sorted(g["tokens"][0][0] for g in batch) == [6, 7]
         assert batch[0]["masks"] == [[-100, 7]] and batch[0]["advantages"] is None
         assert (await http.get("/status")).json()["current_step"] == 14
+
+
+async def test_stream_batches_first_hands_out_what_batch_formed(gateway):
+    """/batch forms every batch at once (Atropos); StreamBatches hands the ones /batch
+    kept back before forming new ones, without counting their steps twice."""
+    async with aio.insecure_channel(gateway.grpc) as channel, httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
+        await http.post("/register", json={**REGISTRATION, "batch_size": 2})
+        await http.post("/scored_data_list", json=[scored(1, tag=t) for t in range(6)])
+        batch = (await http.get("/batch")).json()["batch"]
+        assert [g["tokens"][0][0] for g in batch] == [4, 5]
+        assert (await http.get("/status")).json() == {"current_step": 3, "queue_size": 0}
+        await http.post("/scored_data_list", json=[scored(1, tag=t) for t in range(6, 8)])
+
+        stub = gpb_grpc.GatewayServiceStub(channel)
+        call = stub.StreamBatches()
+        await call.write(gpb.StreamBatchesRequest(credits=3))
+        got = [await read_batch(call) for _ in range(3)]
+        assert [[g.sequences[0].tokens[0] for g in b.groups] for b in got] == [[2, 3], [0, 1], [6, 7]]
+        assert [b.step for b in got] == [3, 3, 4]
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), 30) is aio.EOF
 
 
 async def test_stream_batches_before_registration_fails_cleanly(gateway):
@@ -209,3 +247,17 @@ async def test_create_server_in_process_serves_both_protocols_on_one_state():
             assert (status.current_step, status.queue_size) == (4, 1)
     finally:
         await server.stop(0)
+
+
+async def test_runs_alone_where_run_api_would(tmp_path, service_process):
+    """`clotho gateway --host H --port P`: the trajectory API listens on H:P, as
+    `run-api --host H --port P` does, with no trainer or inference behind it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0", "--grace-seconds", "1"]
+    async with service_process("services.gateway", args, tmp_path, ready_timeout=READY_TIMEOUT) as (_child, ready):
+        assert ready["http_port"] == port
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert (await http.get("/")).json() == {"message": "AtroposLib API"}
+            assert (await http.get("/status")).json() == {"current_step": 0, "queue_size": 0}

@@ -3,8 +3,10 @@ in process: the same requests in the same order must get the same answers."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -58,6 +60,13 @@ def apps():
     atropos.app.state._state.clear()
 
 
+@dataclass
+class Gzipped:
+    """A JSON body sent gzip-compressed (Content-Encoding: gzip)."""
+
+    body: object
+
+
 async def run_both(apps, steps):
     """Send each step to both servers; compare status and JSON (uuids by shape).
     Where Atropos itself crashes (a 500, e.g. /status-env once every env is
@@ -69,6 +78,12 @@ async def run_both(apps, steps):
     ):
         for method, path, body in steps:
             kwargs = {"json": body} if body is not None else {}
+            if isinstance(body, Gzipped):
+                body = body.body
+                kwargs = {
+                    "content": gzip.compress(json.dumps(body).encode()),
+                    "headers": {"content-encoding": "gzip", "content-type": "application/json"},
+                }
             a = await ref.request(method, path, **kwargs)
             b = await ours.request(method, path, **kwargs)
             where = f"{method} {path} {json.dumps(body)[:200]}"
@@ -198,4 +213,55 @@ async def test_random_sessions_match_atropos(apps, seed):
             connected.discard(env_id)
             steps.append(("POST", "/disconnect-env", {"env_id": env_id}))
     steps += [("GET", "/latest_example", None), ("GET", "/status", None)]
+    await run_both(apps, steps)
+
+
+def every_field(size, env_id, seed):
+    """A group with every optional ScoredData field, lax types (ints for floats) and
+    numbers Python's json writes differently from orjson (1e-05, 1e+16)."""
+    rng = random.Random(seed)
+    tokens = [[rng.randrange(1000) for _ in range(3)] for _ in range(size)]
+    return {
+        "tokens": tokens,
+        "masks": [[-100, t[1], t[2]] for t in tokens],
+        "scores": [1, 0.5][:size] + [0] * max(0, size - 2),
+        "advantages": [[0.1, -2, 1e-05] for _ in tokens],
+        "ref_logprobs": [[-0.5, -1.25e-07, 0] for _ in tokens],
+        "inference_logprobs": [[-0.25, -3, -1e16] for _ in tokens],
+        "messages": [[{"role": "user", "content": "héllo ✓"}, {"role": "assistant", "content": "4", "reward": 1}] for _ in tokens],
+        "generation_params": {"temperature": 0.7, "top_p": 1, "stop": ["\n"]},
+        "overrides": [{"set_advantage_to_zero": i % 2 == 0} for i in range(size)],
+        "group_overrides": {"group_size": size, "note": None},
+        "images": ["data:image/png;base64,AAAA", {"nested": [1, 2.5]}],
+        "env_id": env_id,
+        "distill_token_ids": [[[1, 2], [3, 4], [5, 6]] for _ in tokens],
+        "distill_logprobs": [[[-0.1, -2.5], [-1e-06, -3], [0, -1]] for _ in tokens],
+    }
+
+
+async def test_every_optional_field_plain_and_gzipped_matches_atropos(apps):
+    steps = [
+        ("POST", "/register", {**REGISTRATION, "batch_size": 4}),
+        ("GET", "/batch", None),
+        ("POST", "/register-env", env("all", 2)),
+        ("POST", "/scored_data", every_field(2, 0, seed=1)),
+        ("GET", "/latest_example", None),
+        ("POST", "/scored_data", Gzipped(every_field(2, 0, seed=2))),
+        ("POST", "/scored_data_list", Gzipped([every_field(1, 0, seed=3), every_field(1, 0, seed=4)])),
+        ("POST", "/scored_data_list", [every_field(2, None, seed=5), every_field(2, 0, seed=6)]),
+        # Only small floats that orjson alone would write as 0.0000999 and 1.5e-6.
+        ("POST", "/scored_data", {**group(4, env_id=None, seed=7), "inference_logprobs": [[-9.99e-05, -1.5e-06]] * 4,
+                                  "tokens": [[1, 2]] * 4, "masks": [[-100, 2]] * 4}),
+        ("GET", "/latest_example", None),
+        ("GET", "/status", None),
+        ("GET", "/batch", None),
+        ("GET", "/batch", None),
+        ("GET", "/status", None),
+        ("GET", "/batch", None),
+        ("GET", "/batch", None),
+        ("GET", "/reset_data", None),
+        ("GET", "/info", None),
+        ("GET", "/latest_example", None),
+        ("GET", "/status", None),
+    ]
     await run_both(apps, steps)

@@ -9,8 +9,9 @@ import pytest
 
 from clotho.v1 import scored_data_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.convert import group_from_proto, group_to_proto
-from services.gateway.scored_data import ATROPOS_KEYS, check_group
+from services.gateway.convert import batch_to_proto, group_from_proto, group_to_proto
+from services.gateway.queue_index import Group
+from services.gateway.scored_data import ATROPOS_KEYS, check_group, encode_group
 
 
 def bare(tokens):
@@ -112,3 +113,15 @@ def test_unknown_present_field_is_rejected_with_its_name():
     msg = pb.ScoredGroup(sequences=[pb.ScoredSequence(tokens=[1], masks=[1], present_fields=["advantage"])])
     with pytest.raises(InvalidArgument, match="advantage"):
         group_from_proto(msg)
+
+
+def test_held_groups_go_out_with_their_attributed_versions():
+    """StreamBatches sends what the store holds (the stored JSON) with every sequence's
+    version, whether the client sent it or the gateway attributed it."""
+    g = full_group()  # the client sent version 4 for the first sequence only
+    held = Group(id=1, size=2, env_id=3, body=encode_group(g), versions=(4, 7), qpos=0)
+    (msg,) = batch_to_proto([held])
+    assert [s.policy_version for s in msg.sequences] == [4, 7]
+    back = group_from_proto(msg)
+    assert back.pop("policy_versions") == [4, 7]
+    assert back == {k: v for k, v in g.items() if k != "policy_versions"}

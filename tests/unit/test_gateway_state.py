@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.gateway.scored_data import ATROPOS_KEYS
-from services.gateway.state import EnvRegistration, Submitted, TrainerRegistration, TrajectoryState
+from services.gateway.state import (
+    EnvRegistration,
+    Submitted,
+    TrainerRegistration,
+    TrajectoryState,
+)
 
 
 def trainer(batch_size=4, starting_step=0):
@@ -21,6 +27,12 @@ def group(size, env_id=None, tag=0):
     g.update(tokens=[[tag, i] for i in range(size)], masks=[[-100, i] for i in range(size)], scores=[0.0] * size)
     g["env_id"] = env_id
     return g
+
+
+def tag(held):
+    """The tag of a held group (or of a stored JSON body)."""
+    body = held if isinstance(held, bytes) else held.body
+    return orjson.loads(body)["tokens"][0][0]
 
 
 def _buffered(n):
@@ -60,10 +72,10 @@ def test_mismatched_groups_are_buffered_until_they_make_up_the_group_size():
     # 2 + 2 make 4 (first fit in FIFO order); the 3 stays.
     assert state.submit([c]) == [_buffered(3)]
     assert state.queue_size == 2
-    assert state.latest_example() is c
+    assert tag(state.latest_example()) == 3
     assert state.submit([d]) == [_buffered(0)]
     assert state.queue_size == 4
-    assert state.latest_example() is d
+    assert tag(state.latest_example()) == 4
     # A group of the right size, one for an unknown env and one without env go
     # straight to the queue.
     for g in (group(4, 0), group(3, 9), group(3, None)):
@@ -81,7 +93,7 @@ def test_batch_drains_every_full_batch_and_hands_out_the_last_formed_first():
     assert state.step == 3
     assert state.queue_size == 1
     second, third = state.take_batch(), state.take_batch()
-    assert [b[0]["tokens"][0][0] for b in (first, second, third)] == [2, 1, 0]
+    assert [tag(b[0]) for b in (first, second, third)] == [2, 1, 0]
     assert state.take_batch() is None
     assert state.step == 3
 
@@ -96,11 +108,12 @@ def test_only_the_first_registration_sets_the_geometry():
 
 def test_reset_forgets_everything_but_the_latest_example():
     state = started_state(envs=[EnvRegistration(64, "env", 1.0, 2)])
-    g = group(2, 0)
-    state.submit([g])
+    state.submit([group(2, 0, tag=5)])
     state.reset()
     assert (state.trainer, state.step, state.queue_size, state.started, state.envs) == (None, 0, 0, False, [])
-    assert state.latest_example() is g
+    assert tag(state.latest_example()) == 5
+    # As Atropos: /info forgets the batch size but not max_token_len.
+    assert state.info() == (-1, 128)
 
 
 def test_status_env_arithmetic():
@@ -168,3 +181,20 @@ async def test_waiters_wake_when_data_arrives():
     state.submit([group(1)])
     batch = await asyncio.wait_for(waiter, timeout=5)
     assert len(batch) == 2
+
+
+def test_status_arithmetic_reads_counters_not_the_queue(monkeypatch):
+    """/status and /status-env answer from the index's counters: with iteration over
+    the queue made impossible they still answer, and as Atropos would."""
+    from services.gateway.queue_index import QueueIndex
+
+    state = started_state(batch_size=16, envs=[EnvRegistration(64, "a", 1.0, 4), EnvRegistration(64, "b", 1.0, 2)])
+    state.submit([group(4, 0, tag=t) for t in range(300)] + [group(2, 1, tag=t) for t in range(300)])
+
+    def no_scans(_self):
+        raise AssertionError("the whole queue was scanned")
+
+    monkeypatch.setattr(QueueIndex, "__iter__", no_scans)
+    s = state.env_status(1)
+    assert (s.max_group_size, s.self_queue_size, s.queue_size) == (4, 300, (600 + 1200) // 2)
+    assert state.queue_size == 600

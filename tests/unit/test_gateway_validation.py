@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import grpc
 import httpx
@@ -13,7 +14,12 @@ import pytest
 from services.gateway.http_app import create_app
 from services.gateway.http_errors import http_status
 from services.gateway.inference_client import InferenceClient
-from services.gateway.scored_data import ScoredDataInvalid, parse_scored_data, parse_scored_data_list
+from services.gateway.scored_data import (
+    ScoredDataInvalid,
+    encode_group,
+    parse_scored_data,
+    parse_scored_data_list,
+)
 from services.gateway.state import TrajectoryState
 
 
@@ -132,6 +138,21 @@ async def test_gzip_bodies_and_limits(client):
     assert (await client.get("/status")).json()["queue_size"] == 1
 
 
+async def test_cross_origin_posts_get_the_same_answer_with_cors_headers(client):
+    """Ingest has a fast path; a browser's cross-origin post takes the full one, where
+    CORS answers it, and the two agree."""
+    plain = await client.post("/scored_data", json=good())
+    cross = await client.post("/scored_data", json=good(), headers={"origin": "http://ui.example"})
+    assert plain.json() == cross.json() == {"status": "received"}
+    assert "access-control-allow-origin" not in plain.headers
+    assert cross.headers["access-control-allow-origin"] in ("*", "http://ui.example")
+    bad = {**good(), "scores": [1.0]}
+    plain = await client.post("/scored_data_list", json=[bad])
+    cross = await client.post("/scored_data_list", json=[bad], headers={"origin": "http://ui.example"})
+    assert plain.status_code == cross.status_code == 422 and plain.json() == cross.json()
+    assert (await client.get("/status")).json()["queue_size"] == 2
+
+
 async def test_fastapi_body_models_answer_422_naming_the_field(client):
     r = await client.post("/register-env", json={"max_token_length": 10, "desired_name": "e", "weight": "heavy", "group_size": 0})
     assert r.status_code == 422
@@ -146,3 +167,28 @@ def test_grpc_codes_map_to_http_in_one_table():
     assert http_status(grpc.StatusCode.UNAVAILABLE) == 503
     assert http_status(grpc.StatusCode.DEADLINE_EXCEEDED) == 504
     assert http_status(grpc.StatusCode.INTERNAL) == 500
+
+
+def test_stored_groups_encode_exactly_as_atropos_writes_them():
+    """Byte for byte what Starlette's json.dumps writes, for floats of every magnitude
+    (orjson alone writes 1e-05 as 0.00001) and strings that look like them."""
+    rng = random.Random(3)
+
+    def number():
+        x = rng.uniform(1, 10) * 10.0 ** rng.randint(-12, 20) * rng.choice([1, -1])
+        return rng.choice([x, 0.0, -0.5, 10.00001, float(rng.randint(-3, 3))])
+
+    for _ in range(300):
+        n = rng.randint(1, 3)
+        body = {
+            "tokens": [[1, 2]] * n,
+            "masks": [[-100, 2]] * n,
+            "scores": [number() for _ in range(n)],
+            "inference_logprobs": [[number(), number()] for _ in range(n)],
+            "distill_token_ids": [[[1], [2]] for _ in range(n)],
+            "distill_logprobs": [[[number()], [number()]] for _ in range(n)],
+            "messages": [[{"role": "user", "content": rng.choice(["re-do 0.00001", "1e-7 é", "x"])}] for _ in range(n)],
+            "generation_params": {"temperature": number()},
+        }
+        group = parse_scored_data(json.dumps(body).encode())
+        assert encode_group(group) == json.dumps(group, ensure_ascii=False, separators=(",", ":")).encode()

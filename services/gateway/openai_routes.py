@@ -1,0 +1,515 @@
+"""OpenAI-compatible `/v1/models`, `/v1/completions` and `/v1/chat/completions`,
+forwarded to InferenceService, so an Atropos `APIServerConfig` (server_type "openai"
+or "sglang") or any OpenAI client can point its base_url at the gateway.
+
+Chat prompts come from the model tokenizer's own chat template
+(`apply_chat_template(..., add_generation_prompt=True)`). Streaming answers are SSE:
+`data: {chunk}` lines and `data: [DONE]`. Errors use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the status from the gateway's
+one gRPC-to-HTTP table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Coroutine
+
+import grpc
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from grpc import aio
+from opentelemetry import trace
+
+from clotho.v1 import inference_service_pb2 as pb
+from services.common.errors import ClothoError, InvalidArgument, Unavailable
+from services.common.telemetry import extract_context
+from services.gateway.http_errors import http_status
+from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestInvalid,
+    StreamText,
+    chat_logprobs,
+    completion_logprobs,
+    new_id,
+    now,
+    render,
+    token_strings,
+    usage,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("clotho.gateway")
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status)
+
+
+def _from_exception(exc: Exception) -> tuple[int, dict[str, Any]]:
+    if isinstance(exc, ClothoError):
+        status = http_status(exc.code)
+        return status, error_body(status, str(exc), exc.code.name.lower(), getattr(exc, "param", None))
+    assert isinstance(exc, aio.AioRpcError)
+    code = exc.code()
+    status = http_status(code)
+    return status, error_body(status, f"inference service: {exc.details() or code.name}", code.name.lower())
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose errors leave in OpenAI's shape instead of the gateway's."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (ClothoError, aio.AioRpcError) as exc:
+                status, body = _from_exception(exc)
+                if status >= 500:
+                    log.info("%s %s: %s", request.method, request.url.path, body["error"]["message"])
+                return JSONResponse(body, status_code=status)
+
+        return handle
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError as exc:
+        raise RequestInvalid(f"the body is not valid JSON: {exc}") from None
+
+
+def _chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+    """The chat template's rendering of the messages, as token ids (tokenizer thread)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("the model's tokenizer has no chat template: use /v1/completions")
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.tools:
+        kwargs["tools"] = body.tools
+    try:
+        text = tokenizer.apply_chat_template(
+            body.template_messages(),
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **kwargs,
+        )
+    except RequestInvalid:
+        raise
+    except Exception as exc:  # noqa: BLE001 - templates raise anything (jinja, ValueError)
+        raise RequestInvalid(f"messages: the chat template rejected them: {exc}", "messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise RequestInvalid("messages: the chat template renders them to no tokens", "messages")
+    return list(ids)
+
+
+def _completion_prompts(tokenizer: Any, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Each prompt as token ids and as text (text is needed for echo only)."""
+    ids, texts = [], []
+    for i, prompt in enumerate(body.prompt):
+        if isinstance(prompt, str):
+            row = list(tokenizer.encode(prompt))
+            if not row:
+                where = "prompt" if len(body.prompt) == 1 else f"prompt[{i}]"
+                raise RequestInvalid(f"{where}: encodes to no tokens", where)
+            ids.append(row)
+            texts.append(prompt)
+        else:
+            ids.append(list(prompt))
+            texts.append(tokenizer.decode(prompt, skip_special_tokens=body.skip_special_tokens) if body.echo else "")
+    return ids, texts
+
+
+def openai_router(inference: InferenceClient) -> APIRouter:
+    router = APIRouter(route_class=OpenAIRoute)
+    started = int(time.time())
+
+    def require_inference() -> None:
+        if not inference.configured:
+            raise Unavailable(NO_INFERENCE)
+
+    @router.get("/v1/models")
+    async def list_models() -> dict:
+        require_inference()
+        info = await inference.model_info()
+        return {"object": "list", "data": [_model_card(info, started)]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        require_inference()
+        info = await inference.model_info()
+        if model_id != info.model_name:
+            return error_response(404, f"The model {model_id!r} does not exist", "model_not_found", "model")
+        return JSONResponse(_model_card(info, started))
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        require_inference()
+        body: CompletionRequest = validate(CompletionRequest, await _json_body(request))
+        body.check()
+        span = tracer.start_span("POST /v1/completions", context=extract_context(request.headers),
+                                 kind=trace.SpanKind.SERVER)
+        streaming = False
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                tokenizer = await inference.tokenizer()
+                info = await inference.model_info()
+                ids, texts = await inference.in_tokenizer_thread(_completion_prompts, tokenizer, body)
+                want_prompt_lps = body.echo and body.logprobs is not None
+                call_id = new_id("cmpl")
+                requests = [
+                    pb.GenerateRequest(
+                        input_ids=row,
+                        sampling_params=body.sampling_params(body.max_new_tokens),
+                        return_prompt_logprobs=want_prompt_lps,
+                        stream=body.stream,
+                        request_id=call_id if len(ids) == 1 else f"{call_id}-{i}",
+                    )
+                    for i, row in enumerate(ids)
+                ]
+                model = body.model or info.model_name
+                if body.stream:
+                    # The first message arrives before the 200 goes out: errors keep their status.
+                    messages = await prefetch(inference.generate_many(requests, trace.set_span_in_context(span)))
+                    streaming = True
+                    return StreamingResponse(
+                        _completion_stream(inference, body, call_id, requests, messages, texts, tokenizer, model,
+                                           span),
+                        media_type="text/event-stream",
+                    )
+                results = await asyncio.gather(*(inference.collect(r) for r in requests))
+            payload = await inference.in_tokenizer_thread(
+                _completion_response, tokenizer, body, ids, texts, results, model, call_id
+            )
+            return JSONResponse(payload)
+        finally:
+            if not streaming:
+                span.end()
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        require_inference()
+        body: ChatCompletionRequest = validate(ChatCompletionRequest, await _json_body(request))
+        body.check()
+        span = tracer.start_span("POST /v1/chat/completions", context=extract_context(request.headers),
+                                 kind=trace.SpanKind.SERVER)
+        streaming = False
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                tokenizer = await inference.tokenizer()
+                info = await inference.model_info()
+                ids = await inference.in_tokenizer_thread(_chat_prompt, tokenizer, body)
+                generate = pb.GenerateRequest(
+                    input_ids=ids,
+                    sampling_params=body.sampling_params(body.max_new_tokens),
+                    stream=body.stream,
+                    request_id=new_id("chatcmpl"),
+                )
+                model = body.model or info.model_name
+                if body.stream:
+                    messages = await prefetch(inference.generate_many([generate], trace.set_span_in_context(span)))
+                    streaming = True
+                    return StreamingResponse(
+                        _chat_stream(inference, body, generate, messages, tokenizer, model, span),
+                        media_type="text/event-stream",
+                    )
+                results = await inference.collect(generate)
+            payload = await inference.in_tokenizer_thread(
+                _chat_response, tokenizer, body, ids, results, model, generate.request_id
+            )
+            return JSONResponse(payload)
+        finally:
+            if not streaming:
+                span.end()
+
+    return router
+
+
+def _model_card(info: pb.GetModelInfoResponse, created: int) -> dict[str, Any]:
+    return {
+        "id": info.model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "clotho",
+        "root": info.model_name,
+        "max_model_len": info.max_context_len,
+    }
+
+
+# ---- whole responses (tokenizer thread) ---------------------------------------------
+
+
+def _chat_response(
+    tokenizer: Any,
+    body: ChatCompletionRequest,
+    prompt_ids: list[int],
+    results: list[pb.Completion],
+    model: str,
+    response_id: str,
+) -> dict[str, Any]:
+    choices = []
+    completion_tokens = 0
+    for k, completion in enumerate(results):
+        r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, body.logprobs)
+        completion_tokens += r.completion_tokens
+        choices.append(
+            {
+                "index": k,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": chat_logprobs(r.tokens, r.logprobs, body.top_logprobs) if body.logprobs else None,
+                "finish_reason": r.finish_reason,
+                "matched_stop": r.matched_stop,
+            }
+        )
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+        "usage": usage(len(prompt_ids), completion_tokens),
+    }
+
+
+def _completion_response(
+    tokenizer: Any,
+    body: CompletionRequest,
+    ids: list[list[int]],
+    texts: list[str],
+    results: list[list[pb.Completion]],
+    model: str,
+    response_id: str,
+) -> dict[str, Any]:
+    choices = []
+    completion_tokens = 0
+    want_lps = body.logprobs is not None
+    for i, completions in enumerate(results):
+        echo_text = texts[i] if body.echo else ""
+        for k, completion in enumerate(completions):
+            r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, want_lps)
+            completion_tokens += r.completion_tokens
+            logprobs = None
+            if want_lps:
+                tokens, pieces, lps = r.tokens, r.pieces, list(r.logprobs)
+                if body.echo:
+                    p_tokens, p_pieces = token_strings(tokenizer, ids[i], body.skip_special_tokens)
+                    p_lps: list[float | None] = list(completion.prompt_logprobs) or [0.0] * len(ids[i])
+                    p_lps[0] = None  # the first prompt token has no context
+                    tokens, pieces, lps = p_tokens + tokens, p_pieces + pieces, p_lps + lps
+                logprobs = completion_logprobs(tokens, pieces, lps)
+            choices.append(
+                {
+                    "index": i * body.n + k,
+                    "text": echo_text + r.text,
+                    "logprobs": logprobs,
+                    "finish_reason": r.finish_reason,
+                    "matched_stop": r.matched_stop,
+                }
+            )
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+        "usage": usage(sum(len(row) for row in ids), completion_tokens),
+    }
+
+
+# ---- streams -----------------------------------------------------------------------
+
+
+def _stream_error(exc: Exception) -> bytes:
+    if isinstance(exc, (ClothoError, aio.AioRpcError)):
+        _, body = _from_exception(exc)
+    else:  # pragma: no cover - defensive
+        body = error_body(500, str(exc), grpc.StatusCode.INTERNAL.name.lower())
+    return _sse(body)
+
+
+class _Sample:
+    """Streaming state of one choice."""
+
+    def __init__(self, stops: list[str], no_stop_trim: bool) -> None:
+        self.text = StreamText(stops, no_stop_trim)
+        self.ids: list[int] = []
+        self.offset = 0  # text offset of the next logprob token (completions)
+
+
+async def _chat_stream(
+    inference: InferenceClient,
+    body: ChatCompletionRequest,
+    request: pb.GenerateRequest,
+    messages: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    tokenizer: Any,
+    model: str,
+    span: trace.Span,
+) -> AsyncIterator[bytes]:
+    """chat.completion.chunk events: the role first, content deltas (with logprobs if
+    asked), a last chunk per choice with its finish_reason, the usage chunk when
+    stream_options.include_usage, then [DONE]."""
+    header = {"id": request.request_id, "object": "chat.completion.chunk", "created": now(), "model": model}
+
+    def chunk(choice: dict[str, Any]) -> bytes:
+        event = {**header, "choices": [choice]}
+        if body.include_usage:
+            event["usage"] = None
+        return _sse(event)
+
+    samples = [_Sample(body.stops, body.no_stop_trim) for _ in range(body.n)]
+    completion_tokens = 0
+    skip = body.skip_special_tokens
+    try:
+        for k in range(body.n):
+            yield chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})
+        async for _, message in messages:
+            k = message.index
+            sample = samples[k]
+            if message.WhichOneof("payload") == "chunk":
+                new_ids = list(message.chunk.token_ids)
+                sample.ids.extend(new_ids)
+                text = await inference.in_tokenizer_thread(tokenizer.decode, sample.ids, skip_special_tokens=skip)
+                delta = sample.text.update(text)
+                logprobs = None
+                if body.logprobs and new_ids:
+                    tokens, _ = await inference.in_tokenizer_thread(token_strings, tokenizer, new_ids, skip)
+                    logprobs = chat_logprobs(tokens, list(message.chunk.logprobs), body.top_logprobs)
+                if delta or logprobs:
+                    yield chunk({"index": k, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None})
+                continue
+            completion = message.completion
+            r = await inference.in_tokenizer_thread(render, tokenizer, completion, body.stops, skip,
+                                                    body.no_stop_trim, False)
+            completion_tokens += r.completion_tokens
+            delta = sample.text.final(r.text)
+            logprobs = None
+            rest = list(completion.output_ids)[len(sample.ids):]
+            if body.logprobs and rest:
+                tokens, _ = await inference.in_tokenizer_thread(token_strings, tokenizer, rest, skip)
+                logprobs = chat_logprobs(tokens, list(completion.output_logprobs)[len(sample.ids):], body.top_logprobs)
+            yield chunk(
+                {
+                    "index": k,
+                    "delta": {"content": delta} if delta else {},
+                    "logprobs": logprobs,
+                    "finish_reason": r.finish_reason,
+                    "matched_stop": r.matched_stop,
+                }
+            )
+        if body.include_usage:
+            yield _sse({**header, "choices": [], "usage": usage(len(request.input_ids), completion_tokens)})
+    except (ClothoError, aio.AioRpcError) as exc:
+        yield _stream_error(exc)
+    finally:
+        await messages.aclose()
+        span.end()
+    yield _DONE
+
+
+async def _completion_stream(
+    inference: InferenceClient,
+    body: CompletionRequest,
+    response_id: str,
+    requests: list[pb.GenerateRequest],
+    messages: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    texts: list[str],
+    tokenizer: Any,
+    model: str,
+    span: trace.Span,
+) -> AsyncIterator[bytes]:
+    """text_completion events: the echoed prompt first (if echo), text deltas (with
+    logprobs if asked), a last event per choice with its finish_reason, the usage event
+    when stream_options.include_usage, then [DONE]."""
+    header = {"id": response_id, "object": "text_completion", "created": now(), "model": model}
+
+    def event(choice: dict[str, Any]) -> bytes:
+        out = {**header, "choices": [choice]}
+        if body.include_usage:
+            out["usage"] = None
+        return _sse(out)
+
+    n = body.n
+    samples = {(i, k): _Sample(body.stops, body.no_stop_trim) for i in range(len(requests)) for k in range(n)}
+    want_lps = body.logprobs is not None
+    skip = body.skip_special_tokens
+    completion_tokens = 0
+    try:
+        if body.echo:
+            for i, text in enumerate(texts):
+                for k in range(n):
+                    samples[(i, k)].offset = len(text)
+                    yield event({"index": i * n + k, "text": text, "logprobs": None, "finish_reason": None})
+        async for i, message in messages:
+            k = message.index
+            sample = samples[(i, k)]
+            if message.WhichOneof("payload") == "chunk":
+                new_ids = list(message.chunk.token_ids)
+                sample.ids.extend(new_ids)
+                text = await inference.in_tokenizer_thread(tokenizer.decode, sample.ids, skip_special_tokens=skip)
+                delta = sample.text.update(text)
+                logprobs = None
+                if want_lps and new_ids:
+                    tokens, pieces = await inference.in_tokenizer_thread(token_strings, tokenizer, new_ids, skip)
+                    logprobs = completion_logprobs(tokens, pieces, list(message.chunk.logprobs), sample.offset)
+                    sample.offset += sum(len(p) for p in pieces)
+                if delta or logprobs:
+                    yield event({"index": i * n + k, "text": delta, "logprobs": logprobs, "finish_reason": None})
+                continue
+            completion = message.completion
+            r = await inference.in_tokenizer_thread(render, tokenizer, completion, body.stops, skip,
+                                                    body.no_stop_trim, False)
+            completion_tokens += r.completion_tokens
+            delta = sample.text.final(r.text)
+            logprobs = None
+            rest = list(completion.output_ids)[len(sample.ids):]
+            if want_lps and rest:
+                tokens, pieces = await inference.in_tokenizer_thread(token_strings, tokenizer, rest, skip)
+                logprobs = completion_logprobs(
+                    tokens, pieces, list(completion.output_logprobs)[len(sample.ids):], sample.offset
+                )
+            yield event(
+                {
+                    "index": i * n + k,
+                    "text": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": r.finish_reason,
+                    "matched_stop": r.matched_stop,
+                }
+            )
+        if body.include_usage:
+            prompt_tokens = sum(len(r.input_ids) for r in requests)
+            yield _sse({**header, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    except (ClothoError, aio.AioRpcError) as exc:
+        yield _stream_error(exc)
+    finally:
+        await messages.aclose()
+        span.end()
+    yield _DONE

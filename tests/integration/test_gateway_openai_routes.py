@@ -1,0 +1,344 @@
+"""The OpenAI routes through a real gateway process to a fake InferenceService in the
+test process: response shapes (checked with the `openai` client library too), n,
+logprobs, stop strings, SSE streams, and errors in OpenAI's shape naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from grpc import aio
+
+from clotho.v1 import inference_service_pb2 as ipb
+from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
+from clotho.v1 import policy_pb2
+from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS, build_tokenizer
+
+EOS = SPECIAL_TOKENS.index("<eos>")
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def char_id(ch: str) -> int:
+    return len(SPECIAL_TOKENS) + ALPHABET.index(ch)
+
+
+def ids_of(text: str) -> list[int]:
+    return [char_id(c) for c in text]
+
+
+def text_of(ids: list[int]) -> str:
+    return "".join(ALPHABET[t - len(SPECIAL_TOKENS)] for t in ids if t >= len(SPECIAL_TOKENS))
+
+
+class FakeInference(ipb_grpc.InferenceServiceServicer):
+    """Sample i says "ok <letter i> done" then eos. Stop strings and max_new_tokens
+    end it early as the engine does (the tokens that complete a stop string are
+    kept). Token j's logprob is -(j+1)/10; streams send one chunk per token."""
+
+    def __init__(self, model_path: str) -> None:
+        self.model_path = model_path
+        self.requests: list[ipb.GenerateRequest] = []
+
+    async def GetModelInfo(self, request, context):
+        return ipb.GetModelInfoResponse(
+            model_name="tiny", model_path=self.model_path, max_context_len=512, eos_token_id=EOS, engine="fake",
+            shard_count=1,
+        )
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        sp = request.sampling_params
+        if sp.max_new_tokens > 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens exceeds the context")
+        n = sp.n if sp.HasField("n") else 1
+        for i in range(n):
+            ids = ids_of(f"ok {'abcdefgh'[i]} done") + [EOS]
+            reason, matched = ipb.FINISH_REASON_STOP, str(EOS)
+            for end in range(1, len(ids) + 1):
+                hit = [s for s in sp.stop if s in text_of(ids[:end])]
+                if hit:
+                    ids, matched = ids[:end], hit[0]
+                    break
+            if sp.HasField("max_new_tokens") and len(ids) > sp.max_new_tokens:
+                ids, reason, matched = ids[: sp.max_new_tokens], ipb.FINISH_REASON_LENGTH, ""
+            logprobs = [-(j + 1) / 10 for j in range(len(ids))]
+            if request.stream:
+                for j, tok in enumerate(ids):
+                    yield ipb.GenerateResponse(
+                        index=i, chunk=ipb.TokenChunk(token_ids=[tok], logprobs=[logprobs[j]], version=7)
+                    )
+            yield ipb.GenerateResponse(
+                index=i,
+                completion=ipb.Completion(
+                    output_ids=ids,
+                    output_logprobs=logprobs,
+                    finish_reason=reason,
+                    matched_stop=matched,
+                    version_spans=[policy_pb2.VersionSpan(start_token=0, version=7)],
+                    prompt_tokens=len(request.input_ids),
+                    prompt_logprobs=[0.0] + [-1.0] * (len(request.input_ids) - 1)
+                    if request.return_prompt_logprobs else [],
+                ),
+            )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path)
+    return str(path)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fake(tokenizer_dir):
+    servicer = FakeInference(tokenizer_dir)
+    server = aio.server()
+    ipb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    servicer.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield servicer
+    await server.stop(0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_records(fake):
+    fake.requests.clear()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gateway_url(fake, tmp_path_factory, service_process):
+    workdir = tmp_path_factory.mktemp("gateway")
+    args = ["--http-port", "0", "--grpc-port", "0", "--inference", f"127.0.0.1:{fake.port}", "--grace-seconds", "1",
+            "--data-dir", str(workdir / "store")]
+    async with service_process("services.gateway", args, workdir) as (_, ready):
+        yield f"http://127.0.0.1:{ready['http_port']}"
+
+
+async def sse_events(response: httpx.Response) -> list:
+    lines = [line async for line in response.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    assert all(line.startswith("data: ") for line in lines)
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+async def test_models_lists_the_served_model(gateway_url):
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        models = (await http.get("/v1/models")).json()
+        assert models["object"] == "list"
+        (card,) = models["data"]
+        assert (card["id"], card["object"], card["max_model_len"]) == ("tiny", "model", 512)
+        assert (await http.get("/v1/models/tiny")).json()["id"] == "tiny"
+        missing = await http.get("/v1/models/other")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_chat_completion_applies_the_template_and_returns_n_choices_with_logprobs(fake, gateway_url):
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 50,
+                "temperature": 0.7, "top_p": 0.9, "seed": 3, "logprobs": True, "top_logprobs": 2,
+            },
+        )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "tiny"
+    assert [c["message"] for c in out["choices"]] == [
+        {"role": "assistant", "content": "ok a done"}, {"role": "assistant", "content": "ok b done"},
+    ]
+    assert [c["finish_reason"] for c in out["choices"]] == ["stop", "stop"]
+    assert out["choices"][0]["matched_stop"] == EOS
+    content = out["choices"][1]["logprobs"]["content"]
+    # Every generated token, eos included, with OpenAI's fields.
+    assert [e["token"] for e in content] == [*"ok b done", "<eos>"]
+    assert content[0] == {
+        "token": "o", "logprob": pytest.approx(-0.1), "bytes": [ord("o")],
+        "top_logprobs": [{"token": "o", "logprob": pytest.approx(-0.1), "bytes": [ord("o")]}],
+    }
+    # The prompt (counted once for n) is "<|user|>hi\n<|assistant|>"; 10 tokens per choice.
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}
+
+    (request,) = fake.requests
+    assert list(request.input_ids) == [SPECIAL_TOKENS.index("<|user|>"), *ids_of("hi\n"),
+                                       SPECIAL_TOKENS.index("<|assistant|>")]
+    sp = request.sampling_params
+    assert (sp.n, sp.max_new_tokens, sp.seed) == (2, 50, 3)
+    assert sp.temperature == pytest.approx(0.7) and sp.top_p == pytest.approx(0.9)
+    assert not request.stream
+
+
+async def test_stop_string_is_cut_from_text_and_logprobs(fake, gateway_url):
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "stop": [" d", "zz"], "logprobs": True},
+        )
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == "ok a"
+    assert (choice["finish_reason"], choice["matched_stop"]) == ("stop", " d")
+    assert "".join(e["token"] for e in choice["logprobs"]["content"]) == "ok a"
+    assert list(fake.requests[0].sampling_params.stop) == [" d", "zz"]
+    assert not fake.requests[0].sampling_params.HasField("max_new_tokens")  # chat: no default cap
+
+
+async def test_chat_stream_sends_role_deltas_finish_and_usage(fake, gateway_url):
+    body = {
+        "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True, "stop": " done",
+        "logprobs": True, "stream_options": {"include_usage": True},
+    }
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = await sse_events(r)
+    assert fake.requests[0].stream
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert len({e["id"] for e in events}) == 1
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 5, "completion_tokens": 18, "total_tokens": 23}
+    for k, letter in enumerate("ab"):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == k]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        # The stop string never goes out, not even in part.
+        assert text == f"ok {letter}"
+        assert [c["finish_reason"] for c in mine[:-1]] == [None] * (len(mine) - 1)
+        assert mine[-1]["finish_reason"] == "stop"
+        streamed_tokens = [e["token"] for c in mine if c["logprobs"] for e in c["logprobs"]["content"]]
+        assert streamed_tokens == [*f"ok {letter} done"]  # every sampled token's logprob
+
+
+async def test_completions_prompt_major_choices_logprobs_and_echo(fake, gateway_url):
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ["hi", "yo"], "n": 2, "logprobs": 1})
+        out = r.json()
+        assert r.status_code == 200, r.text
+        assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in out["choices"]] == ["ok a done", "ok b done"] * 2
+        lp = out["choices"][0]["logprobs"]
+        assert lp["tokens"][:3] == ["o", "k", " "]
+        assert lp["token_logprobs"][:2] == [pytest.approx(-0.1), pytest.approx(-0.2)]
+        assert lp["top_logprobs"][1] == {"k": pytest.approx(-0.2)}
+        assert lp["text_offset"][:4] == [0, 1, 2, 3]
+        assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] == 40
+        assert sorted(list(q.input_ids) for q in fake.requests) == sorted([ids_of("hi"), ids_of("yo")])
+        # OpenAI's default max_tokens for completions is 16.
+        assert {q.sampling_params.max_new_tokens for q in fake.requests} == {16}
+
+        fake.requests.clear()
+        r = await http.post("/v1/completions", json={"prompt": ids_of("hi"), "echo": True, "logprobs": 0, "max_tokens": 2})
+        (choice,) = r.json()["choices"]
+        assert choice["text"] == "hiok" and choice["finish_reason"] == "length"
+        lp = choice["logprobs"]
+        assert lp["tokens"] == ["h", "i", "o", "k"] and lp["token_logprobs"][:2] == [None, -1.0]
+        assert lp["top_logprobs"][0] is None and lp["text_offset"] == [0, 1, 2, 3]
+        assert fake.requests[0].return_prompt_logprobs
+
+
+async def test_completions_stream(fake, gateway_url):
+    body = {"prompt": ["hi", "yo"], "stream": True, "max_tokens": 4, "logprobs": 0}
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            events = await sse_events(r)
+    choices = [e["choices"][0] for e in events]
+    for index in (0, 1):
+        mine = [c for c in choices if c["index"] == index]
+        assert "".join(c["text"] for c in mine) == "ok a"
+        assert mine[-1]["finish_reason"] == "length"
+        offsets = [o for c in mine if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+        assert offsets == [0, 1, 2, 3]
+
+
+async def test_the_openai_client_library_reads_every_shape(gateway_url):
+    client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
+    try:
+        chat = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], n=3, max_tokens=20, logprobs=True,
+            top_logprobs=1,
+        )
+        assert [c.message.content for c in chat.choices] == ["ok a done", "ok b done", "ok c done"]
+        assert chat.choices[2].logprobs.content[0].top_logprobs[0].token == "o"
+        assert chat.usage.completion_tokens == 30
+
+        completion = await client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=1)
+        assert completion.choices[0].text == "ok" and completion.choices[0].logprobs.tokens == ["o", "k"]
+
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True, stop="e"
+        )
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        assert "".join(parts) == "ok a don"
+
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model="tiny", messages=[], max_tokens=1)
+        assert err.value.body["param"] == "messages"
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "route, body, param, words",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+         "temperature", "valid number"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", "greater than"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": True}, "n", "integer"),
+        ("/v1/chat/completions", {"model": "tiny"}, "messages", "required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content[0].type", "not supported"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+         "top_logprobs", "requires logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "string"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+        ("/v1/completions", {"prompt": []}, "prompt", "non-empty"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs", "less than"),
+    ],
+)
+async def test_validation_errors_are_400_in_openai_shape_naming_the_field(gateway_url, route, body, param, words):
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        r = await http.post(route, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param in error["message"] and words in error["message"]
+
+
+async def test_upstream_and_body_errors(gateway_url):
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        r = await http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5000})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "invalid_argument" and "exceeds the context" in r.json()["error"]["message"]
+        # Streams wait for the first upstream message before their 200: a refusal keeps its status.
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 5000, "stream": True})
+        assert r.status_code == 400 and "exceeds the context" in r.json()["error"]["message"]
+        r = await http.post("/generate", json={"input_ids": [5], "stream": True, "sampling_params": {"max_new_tokens": 5000}})
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_ARGUMENT"
+
+
+async def test_generate_stream_carries_logprobs_so_far_and_batch_rids_are_prefixed(fake, gateway_url):
+    """The SGLang route the "sglang" server type uses, streamed with return_logprob:
+    every event holds the text, ids and logprobs so far (SGLang's default cumulative
+    stream); one rid string for a batch becomes per-prompt ids."""
+    body = {"input_ids": [ids_of("hi"), ids_of("yo")], "stream": True, "return_logprob": True, "rid": "job",
+            "sampling_params": {"max_new_tokens": 3}}
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
+        async with http.stream("POST", "/generate", json=body) as r:
+            events = await sse_events(r)
+    for index, rid in ((0, "job_0"), (1, "job_1")):
+        mine = [e for e in events if e["index"] == index]
+        assert {e["meta_info"]["id"] for e in mine} == {rid}
+        assert [e["text"] for e in mine] == ["o", "ok", "ok ", "ok "]
+        assert [len(e["meta_info"]["output_token_logprobs"]) for e in mine] == [1, 2, 3, 3]
+        assert mine[2]["meta_info"]["output_token_logprobs"][2] == [pytest.approx(-0.3), char_id(" "), None]
+        assert mine[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    assert sorted(list(q.input_ids) for q in fake.requests) == sorted([ids_of("hi"), ids_of("yo")])

@@ -1,0 +1,132 @@
+"""OpenAI bodies -> SamplingParams, validation that names the field, decoding of
+results (stop-string cuts, logprob shapes) and streamed text deltas that never leak
+a stop string."""
+
+from __future__ import annotations
+
+import pytest
+
+from clotho.v1 import inference_service_pb2 as ipb
+from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS, build_tokenizer
+from services.gateway.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestInvalid,
+    StreamText,
+    chat_logprobs,
+    completion_logprobs,
+    render,
+    validate,
+)
+
+EOS = SPECIAL_TOKENS.index("<eos>")
+
+
+def ids_of(text: str) -> list[int]:
+    return [len(SPECIAL_TOKENS) + ALPHABET.index(c) for c in text]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_chat_body_to_sampling_params():
+    body = validate(
+        ChatCompletionRequest,
+        {
+            "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "n": 3, "max_tokens": 9, "max_completion_tokens": 7, "temperature": 0, "top_p": 1, "top_k": -1,
+            "stop": ["x", ""], "seed": -1, "presence_penalty": 0.5, "ignore_eos": True, "stop_token_ids": [4],
+            "unknown_extension": {"kept": True},
+        },
+    )
+    sp = body.sampling_params(body.max_new_tokens)
+    assert (sp.n, sp.max_new_tokens, sp.temperature, sp.top_p) == (3, 7, 0.0, 1.0)
+    assert not sp.HasField("top_k")  # -1: every token
+    assert sp.seed == 2**64 - 1 and list(sp.stop) == ["x"] and list(sp.stop_token_ids) == [4] and sp.ignore_eos
+    assert body.template_messages() == [{"role": "user", "content": "ab"}]
+
+
+def test_completion_prompt_forms():
+    assert validate(CompletionRequest, {"prompt": "hi"}).prompt == ["hi"]
+    assert validate(CompletionRequest, {"prompt": ["a", "b"]}).prompt == ["a", "b"]
+    assert validate(CompletionRequest, {"prompt": [1, 2]}).prompt == [[1, 2]]
+    assert validate(CompletionRequest, {"prompt": [[1], [2, 3]]}).prompt == [[1], [2, 3]]
+    body = validate(CompletionRequest, {"prompt": "hi"})
+    assert body.sampling_params(body.max_new_tokens).max_new_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "model, body, param, words",
+    [
+        (CompletionRequest, {"prompt": [1, "a"]}, "prompt", "list of token ids"),
+        (CompletionRequest, {"prompt": "a", "n": 2, "best_of": 3}, "best_of", "equal to n"),
+        (CompletionRequest, {"prompt": "a", "suffix": "z"}, "suffix", "not supported"),
+        (CompletionRequest, {"prompt": "a", "top_p": 0}, "top_p", "greater than 0"),
+        (CompletionRequest, {"prompt": "a", "seed": "1"}, "seed", "integer"),
+        (ChatCompletionRequest, {"messages": [{"content": "x"}]}, "messages[0].role", "required"),
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid"),
+        (ChatCompletionRequest, {"messages": [{"role": "user"}], "max_tokens": 0}, "max_tokens", "greater than"),
+        (ChatCompletionRequest, {"messages": [{"role": "user"}], "response_format": {"type": "json_schema"}},
+         "response_format.type", "not supported"),
+        (ChatCompletionRequest, {"messages": [{"role": "user"}], "stream": "yes"}, "stream", "boolean"),
+    ],
+)
+def test_invalid_bodies_name_the_field(model, body, param, words):
+    with pytest.raises(RequestInvalid) as err:
+        validate(model, body).check()
+    assert err.value.param == param
+    assert str(err.value).startswith(param) and words in str(err.value)
+    assert "list[int]" not in str(err.value)  # union member tags are not field names
+
+
+def test_render_cuts_text_and_logprob_tokens_at_a_stop_string(tokenizer):
+    ids = ids_of("ab;cd")
+    completion = ipb.Completion(output_ids=ids, output_logprobs=[-1.0] * 5, finish_reason=ipb.FINISH_REASON_STOP,
+                                matched_stop=";c")
+    r = render(tokenizer, completion, [";c"], True, False, True)
+    assert (r.text, r.finish_reason, r.matched_stop, r.completion_tokens) == ("ab", "stop", ";c", 5)
+    assert r.tokens == ["a", "b"] and r.token_ids == ids[:2]
+    kept = render(tokenizer, completion, [";c"], True, True, False)  # no_stop_trim
+    assert kept.text == "ab;cd"
+
+    eos = ipb.Completion(output_ids=[*ids_of("ok"), EOS], output_logprobs=[-1.0, -2.0, -3.0],
+                         finish_reason=ipb.FINISH_REASON_STOP, matched_stop=str(EOS))
+    r = render(tokenizer, eos, [], True, False, True)
+    assert (r.text, r.matched_stop, r.tokens) == ("ok", EOS, ["o", "k", "<eos>"])
+    length = ipb.Completion(output_ids=ids_of("o"), output_logprobs=[-1.0], finish_reason=ipb.FINISH_REASON_LENGTH)
+    assert render(tokenizer, length, [], True, False, False).finish_reason == "length"
+
+
+def test_logprob_shapes():
+    chat = chat_logprobs(["é", "b"], [-0.5, -1.0], 3)
+    assert chat["refusal"] is None
+    assert chat["content"][0] == {
+        "token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9],
+        "top_logprobs": [{"token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9]}],
+    }
+    assert chat_logprobs(["a"], [-1.0], None)["content"][0]["top_logprobs"] == []
+    legacy = completion_logprobs(["h", "el", "lo"], ["h", "el", "lo"], [None, -1.0, -2.0], start_offset=4)
+    assert legacy == {
+        "tokens": ["h", "el", "lo"],
+        "token_logprobs": [None, -1.0, -2.0],
+        "top_logprobs": [None, {"el": -1.0}, {"lo": -2.0}],
+        "text_offset": [4, 5, 7],
+    }
+
+
+def test_stream_text_holds_back_a_possible_stop_string():
+    st = StreamText(["END", "xy"])
+    assert st.update("hello E") == "hello "  # "E" could begin "END"
+    assert st.update("hello EN") == ""
+    assert st.update("hello ENX") == "ENX"  # it did not
+    assert st.update("hello ENX x") == " "
+    assert st.update("hello ENX xEND") == "x"  # never the stop string itself
+    assert st.final("hello ENX x") == ""
+
+    plain = StreamText([])
+    assert plain.update("ab") == "ab"
+    assert plain.update("abc\ufffd") == "c"  # half a character waits for the rest
+    assert plain.update("abcé") == "é"
+    assert plain.final("abcéf") == "f"

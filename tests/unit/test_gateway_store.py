@@ -1,0 +1,151 @@
+"""The SQLite store under a TrajectoryState: everything a state holds comes back after
+a reopen (queue order, per-env buffers, batches formed but not handed out, envs,
+trainer, started flag, step, versions, latest example); concurrent submissions share
+commits; one gateway per directory; a failed store refuses changes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from services.common.errors import FailedPrecondition, Unavailable
+from services.gateway.scored_data import ATROPOS_KEYS
+from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.store import SqliteStore
+
+
+def group(size, env_id=None, tag=0, versions=None):
+    g = {key: None for key in ATROPOS_KEYS}
+    g.update(tokens=[[tag, i] for i in range(size)], masks=[[-100, i] for i in range(size)], scores=[0.5] * size)
+    g["env_id"] = env_id
+    if versions is not None:
+        g["policy_versions"] = versions
+    return g
+
+
+def script(state: TrajectoryState) -> None:
+    """A session that leaves something everywhere: queued groups of several sizes,
+    a buffered group, batches /batch formed and kept, a disconnected env."""
+    state.register_trainer(TrainerRegistration("g", "p", 4, 64, "/ckpt", 3, 5, 99))
+    state.take_batch()
+    state.register_env(EnvRegistration(64, "a", 1.0, 2))
+    state.register_env(EnvRegistration(32, "b", 0.5, 4, min_batch_allocation=None))
+    state.observe_version(3)
+    state.submit([group(2, 0, tag=t) for t in range(1, 7)])  # three batches' worth
+    state.submit([group(1, 0, tag=20)])  # buffered: env 0 wants groups of 2
+    state.submit([group(4, 1, tag=30, versions=[1, 1, 2, 2]), group(2, None, tag=40)])
+    assert state.take_batch() is not None  # forms 4 batches, hands out the last
+    state.submit([group(4, 1, tag=50), group(2, 0, tag=60)])
+    state.disconnect_env(1)
+    state.env_status(0)
+
+
+def snapshot(state: TrajectoryState) -> dict:
+    return {
+        "trainer": state.trainer,
+        "step": state.step,
+        "started": state.started,
+        "envs": [(e.real_name, e.group_size, e.connected, e.weight) for e in state.envs],
+        "queue": [(g.body, g.versions) for g in state.queue],
+        "buffered": {env: [g.body for g in b] for env, b in state._buffers.items()},
+        "ready": [[g.body for g in batch] for batch in state._ready],
+        "latest": state.latest_example(),
+        "version": state.policy_version,
+        "held": (state.held_groups, state.held_bytes),
+    }
+
+
+async def test_everything_comes_back_after_a_reopen(tmp_path):
+    store = SqliteStore(tmp_path)
+    durable = TrajectoryState(store)
+    store.start()
+    script(durable)
+    await store.sync()
+    before = snapshot(durable)
+    assert before["ready"] and before["buffered"] and before["queue"]
+    await store.close()
+
+    reopened_store = SqliteStore(tmp_path)
+    reopened = TrajectoryState(reopened_store)
+    reopened_store.start()
+    try:
+        assert snapshot(reopened) == before
+        # And it goes on exactly as a state that never stopped.
+        twin = TrajectoryState()
+        script(twin)
+        for state in (twin, reopened):
+            state.submit([group(1, 0, tag=70)])  # completes the buffered one
+        while (expected := twin.take_batch()) is not None:
+            got = reopened.take_batch()
+            assert [g.body for g in got] == [g.body for g in expected]
+            assert [g.versions for g in got] == [g.versions for g in expected]
+        assert reopened.take_batch() is None and reopened.step == twin.step
+        # Ids stay unique after a restart.
+        reopened.submit([group(2, None, tag=80)])
+        await reopened_store.sync()
+    finally:
+        await reopened_store.close()
+
+
+async def test_reset_is_durable_and_keeps_the_latest_example(tmp_path):
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store)
+    store.start()
+    script(state)
+    latest = state.latest_example()
+    state.reset()
+    await store.close()
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store)
+    assert (state.trainer, state.step, state.started, state.envs, state.held_groups) == (None, 0, False, [], 0)
+    assert state.latest_example() == latest and state.info() == (-1, 64)
+    await store.close()
+
+
+async def test_concurrent_submissions_share_commits(tmp_path):
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store)
+    store.start()
+
+    async def submit(tag):
+        state.submit([group(2, tag=tag)])
+        await store.sync()
+
+    await asyncio.gather(*(submit(t) for t in range(200)))
+    # Every submission waited for its commit, yet they went in a few transactions.
+    assert state.queue_size == 200
+    assert store.commits < 50
+    await store.close()
+    store = SqliteStore(tmp_path)
+    assert TrajectoryState(store).queue_size == 200
+    await store.close()
+
+
+async def test_one_gateway_per_directory(tmp_path):
+    store = SqliteStore(tmp_path)
+    with pytest.raises(FailedPrecondition, match="in use by another gateway"):
+        SqliteStore(tmp_path)
+    await store.close()
+    await SqliteStore(tmp_path).close()  # free again once closed
+
+
+async def test_a_failed_store_refuses_changes(tmp_path):
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store)
+    store.start()
+    state.submit([group(2, tag=1)])
+    await store.sync()
+    store._append("bogus")  # a write that cannot be applied
+    with pytest.raises(Unavailable, match="store failed"):
+        await store.sync()
+    with pytest.raises(Unavailable):
+        state.submit([group(2, tag=2)])
+    assert state.queue_size == 1
+    await store.close()
+    # What was committed before the failure is intact.
+    store = SqliteStore(tmp_path)
+    restored = TrajectoryState(store)
+    assert [orjson.loads(g.body)["tokens"][0][0] for g in restored.queue] == [1]
+    await store.close()
