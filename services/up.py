@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=0, help="gateway REST port (0 = a free one)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue from the last checkpoint and the gateway's stored queue in --data-dir "
+        "(default: start fresh; --steps then counts the total)",
+    )
     return p
 
 
@@ -94,6 +100,11 @@ async def run_up(args: argparse.Namespace) -> dict:
         print(f"building the tiny demo model in {model_path}", flush=True)
         await asyncio.to_thread(build_tiny_model, model_path)
 
+    if not args.resume:
+        # A fresh run: no checkpoint to resume from and no queue left by an earlier run.
+        for stale in (data_dir / "checkpoints", data_dir / "gateway"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     progress = Progress(args.quiet)
     progress.target = args.steps
     children: list[launcher.Child] = []
@@ -116,7 +127,7 @@ async def run_up(args: argparse.Namespace) -> dict:
         gw = await start(
             "gateway", "services.gateway",
             ["--http-port", str(args.http_port), "--inference", json.dumps([inference]),
-             "--tokenizer-path", str(model_path)],
+             "--tokenizer-path", str(model_path), "--data-dir", str(data_dir / "gateway")],
         )
         gateway_url = f"http://127.0.0.1:{gw['http_port']}"
         trainer_args = [

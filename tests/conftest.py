@@ -37,3 +37,27 @@ def service_process():
             assert code == 0, f"{module} exited with {code}:\n{tail}"
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _gateway_session_store_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Gateways that session-scoped fixtures start keep their durable store in this
+    session's temporary directory, never in ./.clotho/gateway (shared by every run)."""
+    import os
+
+    before = os.environ.get("CLOTHO_GATEWAY_DATA_DIR")
+    os.environ["CLOTHO_GATEWAY_DATA_DIR"] = str(tmp_path_factory.mktemp("gateway-store-session"))
+    yield
+    if before is None:
+        os.environ.pop("CLOTHO_GATEWAY_DATA_DIR", None)
+    else:
+        os.environ["CLOTHO_GATEWAY_DATA_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def _gateway_store_dir(
+    _gateway_session_store_dir: None, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every gateway a test starts, in process or as a child process, keeps its durable
+    store in a fresh directory (a test passing --data-dir chooses its own)."""
+    monkeypatch.setenv("CLOTHO_GATEWAY_DATA_DIR", str(tmp_path_factory.mktemp("gateway-store")))

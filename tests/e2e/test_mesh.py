@@ -62,7 +62,7 @@ async def test_training_updates_reach_inference(tiny_model_dir: Path, tmp_path: 
         before, v0 = await _served_prompt_logprobs(client, ids)
         assert v0 == 0
 
-        gw_ready = await start("gateway", "services.gateway", ["--http-port", "0", "--inference", inference])
+        gw_ready = await start("gateway", "services.gateway", ["--http-port", "0", "--inference", inference, "--data-dir", str(tmp_path / "gateway")])
         tr_ready = await start(
             "trainer", "services.trainer",
             ["--model-path", str(tiny_model_dir), "--gateway", f"127.0.0.1:{gw_ready['grpc_port']}",
