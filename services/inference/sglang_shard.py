@@ -61,7 +61,7 @@ from services.inference.api import (
 )
 from services.inference.shard import HealthListener
 from services.inference.sglang_process import SGLangProcess, wait_healthy
-from services.inference.validation import resolve_max_new_tokens
+from services.inference.validation import check_manifest, resolve_max_new_tokens
 
 log = logging.getLogger(__name__)
 
@@ -471,24 +471,7 @@ class SGLangShard:
         raise FailedPrecondition(f"cannot {action} version {version}: the update in flight is version {update.version}")
 
     def _check_manifest(self, msg: pb.WeightManifest) -> Manifest:
-        try:
-            manifest = Manifest.from_proto(msg)
-        except ValueError as exc:
-            raise InvalidArgument(f"manifest: {exc}") from exc
-        specs = self.spec.param_specs
-        seen: set[str] = set()
-        for t in manifest.tensors:
-            if t.name in seen:
-                raise InvalidArgument(f"manifest: tensor {t.name!r} appears twice")
-            seen.add(t.name)
-            spec = specs.get(t.name)
-            if spec is None:
-                raise InvalidArgument(f"manifest: tensor {t.name!r} is not a parameter of the served model")
-            if t.shape != spec[0]:
-                raise InvalidArgument(f"manifest: tensor {t.name!r} has shape {list(t.shape)}, the model's is {list(spec[0])}")
-        missing = sorted(set(specs) - seen)
-        if missing:
-            raise InvalidArgument(f"manifest: parameter {missing[0]!r} is missing ({len(missing)} in all)")
+        manifest = check_manifest(msg, self.spec.param_specs)
         for i, bucket in enumerate(manifest.buckets):
             # SGLang rebuilds a flattened bucket by concatenating its tensors in order.
             offset = 0

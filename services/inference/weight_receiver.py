@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from clotho.v1 import inference_service_pb2 as pb
+from services.inference.validation import check_manifest
 from services.common.errors import (
     Aborted,
     ClothoError,
@@ -287,25 +288,7 @@ class WeightReceiver:
     # -- checks -------------------------------------------------------------------------
 
     def _check_manifest(self, msg: pb.WeightManifest) -> Manifest:
-        try:
-            manifest = Manifest.from_proto(msg)
-        except ValueError as exc:
-            raise InvalidArgument(f"manifest: {exc}") from exc
-        specs = self.engine.parameter_specs
-        seen: set[str] = set()
-        for t in manifest.tensors:
-            if t.name in seen:
-                raise InvalidArgument(f"manifest: tensor {t.name!r} appears twice")
-            seen.add(t.name)
-            spec = specs.get(t.name)
-            if spec is None:
-                raise InvalidArgument(f"manifest: tensor {t.name!r} is not a parameter of the served model")
-            if t.shape != spec[0]:
-                raise InvalidArgument(f"manifest: tensor {t.name!r} has shape {list(t.shape)}, the model's is {list(spec[0])}")
-        missing = sorted(set(specs) - seen)
-        if missing:
-            raise InvalidArgument(f"manifest: parameter {missing[0]!r} is missing ({len(missing)} in all)")
-        return manifest
+        return check_manifest(msg, self.engine.parameter_specs)
 
     def _check_rendezvous(self, r: pb.Rendezvous) -> tuple[_GroupKey, torch.device]:
         backend = BACKENDS.get(r.backend)
