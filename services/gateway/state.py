@@ -271,6 +271,10 @@ class TrajectoryState:
     def ready_batches(self) -> int:
         return len(self._ready)
 
+    def next_ready(self) -> list[Group] | None:
+        """The batch formed earlier that the next /batch call hands out, if any."""
+        return self._ready[-1] if self._ready else None
+
     @property
     def buffered_groups(self) -> int:
         return sum(len(b) for b in self._buffers.values())

@@ -1,0 +1,69 @@
+"""/batch replies: the next formed batch is compressed ahead of the call that takes
+it; every reply decodes to the right batch, with GZipMiddleware's headers."""
+
+from __future__ import annotations
+
+import gzip
+
+import httpx
+import pytest
+
+from services.gateway.batch_gzip import BatchCompressor
+from services.gateway.http_app import create_app
+from services.gateway.inference_client import InferenceClient
+from services.gateway.state import TrajectoryState
+
+
+def group(tag: int) -> dict:
+    row = [tag * 1000 + i for i in range(200)]
+    return {"tokens": [row], "masks": [row], "scores": [float(tag)], "inference_logprobs": [[-0.5] * 200]}
+
+
+@pytest.fixture
+async def client():
+    app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=1 << 20)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post(
+            "/register",
+            json={
+                "wandb_group": "g", "wandb_project": "p", "batch_size": 2, "max_token_len": 64,
+                "checkpoint_dir": "", "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
+            },
+        )
+        assert r.status_code == 200
+        yield c
+
+
+async def test_batches_formed_together_decode_to_the_same_json_gzipped_or_not(client):
+    for tag in range(8):
+        assert (await client.post("/scored_data", json=group(tag))).json() == {"status": "received"}
+    seen = []
+    for i in range(4):
+        # Alternate: a prepared batch must also be right when the next caller wants no gzip.
+        headers = {"accept-encoding": "identity"} if i == 2 else {"accept-encoding": "gzip"}
+        r = await client.get("/batch", headers=headers)
+        assert r.status_code == 200
+        if i == 2:
+            assert "content-encoding" not in r.headers
+        else:
+            assert r.headers["content-encoding"] == "gzip"
+            assert r.headers["vary"] == "Origin, Accept-Encoding"
+        seen.append([g["scores"][0] for g in r.json()["batch"]])
+    # Atropos hands the batches one /batch formed from the last one formed.
+    assert seen == [[6.0, 7.0], [4.0, 5.0], [2.0, 3.0], [0.0, 1.0]]
+    assert r.json()["batch"][0]["tokens"] == group(0)["tokens"]
+    assert (await client.get("/batch")).json() == {"batch": None}
+
+
+async def test_compressor_hands_prepared_bytes_only_for_the_body_they_were_made_for():
+    compressor = BatchCompressor()
+    body_first = b'{"batch":[' + b"1," * 2000 + b'1]}'
+    body_second = b'{"batch":[' + b"2," * 2000 + b'2]}'
+    compressor.prepare(body_first)
+    assert compressor.take(body_second) is None
+    prepared = await compressor.take(body_first)
+    # Byte for byte what GZipMiddleware writes (zlib's gzip wrapper, level 1).
+    assert prepared == compressor.gzip(body_first) and gzip.decompress(prepared) == body_first
+    assert compressor.take(body_first) is None  # handed out once
+    compressor.prepare(b"{}")  # too small for the middleware to compress
+    assert compressor.take(b"{}") is None
