@@ -31,6 +31,9 @@ DTYPES: dict[torch.dtype, int] = {
     torch.float16: pb.D_TYPE_FLOAT16,
 }
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+# Collective backends by name, as CollectiveGroup takes them, and by wire enum.
+BACKENDS: dict[str, int] = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
+BACKEND_NAMES = {v: k for k, v in BACKENDS.items()}
 # Small enough that the unpipelined ends (packing the first bucket, checksumming the
 # last) cost little; large enough that per-collective overhead is noise.
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024

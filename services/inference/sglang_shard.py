@@ -40,8 +40,8 @@ from typing import Any, AsyncIterator
 
 import httpx
 import torch
-
 from clotho.v1 import inference_service_pb2 as pb
+
 from services.common.errors import (
     Aborted,
     ClothoError,
@@ -50,7 +50,7 @@ from services.common.errors import (
     InvalidArgument,
     Unavailable,
 )
-from services.common.weight_transfer import Manifest
+from services.common.weight_transfer import BACKEND_NAMES, Manifest
 from services.inference.api import (
     Completion,
     FinishReason,
@@ -59,13 +59,12 @@ from services.inference.api import (
     TokenChunk,
     VersionSpan,
 )
-from services.inference.shard import HealthListener
 from services.inference.sglang_process import SGLangProcess, wait_healthy
+from services.inference.shard import HealthListener
 from services.inference.validation import check_manifest, resolve_max_new_tokens
 
 log = logging.getLogger(__name__)
 
-BACKENDS = {pb.COLLECTIVE_BACKEND_GLOO: "gloo", pb.COLLECTIVE_BACKEND_NCCL: "nccl"}
 WIRE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 FINISH_TYPES = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
@@ -484,7 +483,7 @@ class SGLangShard:
         return manifest
 
     def _check_rendezvous(self, r: pb.Rendezvous) -> str:
-        backend = BACKENDS.get(r.backend)
+        backend = BACKEND_NAMES.get(r.backend)
         if backend is None:
             raise InvalidArgument(f"rendezvous: backend must be GLOO or NCCL, got {r.backend}")
         if not r.address or not 0 < r.port < 65536:

@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from clotho.v1 import inference_service_pb2 as pb
-from services.inference.validation import check_manifest
+
 from services.common.errors import (
     Aborted,
     ClothoError,
@@ -44,6 +43,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.weight_transfer import (
+    BACKEND_NAMES,
     BROADCASTS_IN_FLIGHT,
     CollectiveGroup,
     Manifest,
@@ -53,10 +53,10 @@ from services.common.weight_transfer import (
 )
 from services.inference.api import PolicyState
 from services.inference.engine import GenerationEngine
+from services.inference.validation import check_manifest
 
 log = logging.getLogger(__name__)
 
-BACKENDS = {pb.COLLECTIVE_BACKEND_GLOO: "gloo", pb.COLLECTIVE_BACKEND_NCCL: "nccl"}
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class WeightReceiver:
         return check_manifest(msg, self.engine.parameter_specs)
 
     def _check_rendezvous(self, r: pb.Rendezvous) -> tuple[_GroupKey, torch.device]:
-        backend = BACKENDS.get(r.backend)
+        backend = BACKEND_NAMES.get(r.backend)
         if backend is None:
             raise InvalidArgument(f"rendezvous: backend must be GLOO or NCCL, got {r.backend}")
         if backend == "nccl" and self.engine.device.type != "cuda":

@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import torch
+from clotho.v1 import inference_service_pb2 as pb
+from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from grpc import aio
 from opentelemetry import trace
 
-from clotho.v1 import inference_service_pb2 as pb
-from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Aborted
 from services.common.server import channel
 from services.common.weight_transfer import (
+    BACKENDS,
     BROADCASTS_IN_FLIGHT,
     DEFAULT_BUCKET_BYTES,
     CollectiveGroup,
@@ -46,7 +47,6 @@ from services.common.weight_transfer import (
     pack_bucket_crc32,
 )
 
-BACKENDS = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
 # Tensors the sender reads: a model's parameters, or name -> tensor.
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 
