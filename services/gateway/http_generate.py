@@ -17,13 +17,12 @@ from grpc import aio
 from opentelemetry import trace
 
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
-from services.common.telemetry import extract_context
 from services.gateway.http_errors import error_response
 from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.request_span import RequestSpan
 from services.gateway.sglang import GenerateCall, Prompt, parse_generate, result_json, result_rid
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("clotho.gateway")
 
 
 def _encode_prompts(tokenizer: Any, call: GenerateCall) -> None:
@@ -85,33 +84,22 @@ def generate_router(inference: InferenceClient) -> APIRouter:
             raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
         call = parse_generate(body)
         started = time.perf_counter()
-        span = tracer.start_span(
-            "POST /generate", context=extract_context(request.headers), kind=trace.SpanKind.SERVER
-        )
-        streaming = False
-        try:
-            with trace.use_span(span, end_on_exit=False):
-                tokenizer = await tokenizer_for(call)
-                if tokenizer is not None:
-                    await inference.in_tokenizer_thread(_encode_prompts, tokenizer, call)
-                if call.stream:
-                    # The first message arrives before the 200 goes out (errors keep
-                    # their status); the stream carries the span on and ends it.
-                    requests = [call.request(i) for i in range(len(call.prompts))]
-                    messages = await prefetch(inference.generate_many(requests, trace.set_span_in_context(span)))
-                    streaming = True
-                    return StreamingResponse(
-                        _stream(inference, call, messages, tokenizer, span), media_type="text/event-stream"
-                    )
-                results = await asyncio.gather(
-                    *(inference.collect(call.request(i)) for i in range(len(call.prompts)))
+        with RequestSpan("POST /generate", request.headers) as span:
+            tokenizer = await tokenizer_for(call)
+            if tokenizer is not None:
+                await inference.in_tokenizer_thread(_encode_prompts, tokenizer, call)
+            if call.stream:
+                # The first message arrives before the 200 goes out (errors keep their
+                # status); the stream carries the span on and ends it.
+                requests = [call.request(i) for i in range(len(call.prompts))]
+                messages = await prefetch(inference.generate_many(requests, span.context()))
+                return StreamingResponse(
+                    _stream(inference, call, messages, tokenizer, span.hand_off()), media_type="text/event-stream"
                 )
+            results = await asyncio.gather(*(inference.collect(call.request(i)) for i in range(len(call.prompts))))
             rendered = await inference.in_tokenizer_thread(
                 _render, tokenizer, call, results, time.perf_counter() - started
             )
-        finally:
-            if not streaming:
-                span.end()
         return JSONResponse(rendered[0] if call.single else rendered)
 
     @router.get("/health")

@@ -26,9 +26,9 @@ from opentelemetry import trace
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
-from services.common.telemetry import extract_context
 from services.gateway.http_errors import http_status
 from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.request_span import RequestSpan
 from services.gateway.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -45,7 +45,6 @@ from services.gateway.openai_protocol import (
 )
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("clotho.gateway")
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error"}
@@ -174,80 +173,64 @@ def openai_router(inference: InferenceClient) -> APIRouter:
         require_inference()
         body: CompletionRequest = validate(CompletionRequest, await _json_body(request))
         body.check()
-        span = tracer.start_span("POST /v1/completions", context=extract_context(request.headers),
-                                 kind=trace.SpanKind.SERVER)
-        streaming = False
-        try:
-            with trace.use_span(span, end_on_exit=False):
-                tokenizer = await inference.tokenizer()
-                info = await inference.model_info()
-                ids, texts = await inference.in_tokenizer_thread(_completion_prompts, tokenizer, body)
-                want_prompt_lps = body.echo and body.logprobs is not None
-                call_id = new_id("cmpl")
-                requests = [
-                    pb.GenerateRequest(
-                        input_ids=row,
-                        sampling_params=body.sampling_params(body.max_new_tokens),
-                        return_prompt_logprobs=want_prompt_lps,
-                        stream=body.stream,
-                        request_id=call_id if len(ids) == 1 else f"{call_id}-{i}",
-                    )
-                    for i, row in enumerate(ids)
-                ]
-                model = body.model or info.model_name
-                if body.stream:
-                    # The first message arrives before the 200 goes out: errors keep their status.
-                    messages = await prefetch(inference.generate_many(requests, trace.set_span_in_context(span)))
-                    streaming = True
-                    return StreamingResponse(
-                        _completion_stream(inference, body, call_id, requests, messages, texts, tokenizer, model,
-                                           span),
-                        media_type="text/event-stream",
-                    )
-                results = await asyncio.gather(*(inference.collect(r) for r in requests))
+        with RequestSpan("POST /v1/completions", request.headers) as span:
+            tokenizer = await inference.tokenizer()
+            info = await inference.model_info()
+            ids, texts = await inference.in_tokenizer_thread(_completion_prompts, tokenizer, body)
+            want_prompt_lps = body.echo and body.logprobs is not None
+            call_id = new_id("cmpl")
+            requests = [
+                pb.GenerateRequest(
+                    input_ids=row,
+                    sampling_params=body.sampling_params(body.max_new_tokens),
+                    return_prompt_logprobs=want_prompt_lps,
+                    stream=body.stream,
+                    request_id=call_id if len(ids) == 1 else f"{call_id}-{i}",
+                )
+                for i, row in enumerate(ids)
+            ]
+            model = body.model or info.model_name
+            if body.stream:
+                # The first message arrives before the 200 goes out: errors keep their status.
+                messages = await prefetch(inference.generate_many(requests, span.context()))
+                return StreamingResponse(
+                    _completion_stream(inference, body, call_id, requests, messages, texts, tokenizer, model,
+                                       span.hand_off()),
+                    media_type="text/event-stream",
+                )
+            results = await asyncio.gather(*(inference.collect(r) for r in requests))
             payload = await inference.in_tokenizer_thread(
                 _completion_response, tokenizer, body, ids, texts, results, model, call_id
             )
             return JSONResponse(payload)
-        finally:
-            if not streaming:
-                span.end()
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         require_inference()
         body: ChatCompletionRequest = validate(ChatCompletionRequest, await _json_body(request))
         body.check()
-        span = tracer.start_span("POST /v1/chat/completions", context=extract_context(request.headers),
-                                 kind=trace.SpanKind.SERVER)
-        streaming = False
-        try:
-            with trace.use_span(span, end_on_exit=False):
-                tokenizer = await inference.tokenizer()
-                info = await inference.model_info()
-                ids = await inference.in_tokenizer_thread(_chat_prompt, tokenizer, body)
-                generate = pb.GenerateRequest(
-                    input_ids=ids,
-                    sampling_params=body.sampling_params(body.max_new_tokens),
-                    stream=body.stream,
-                    request_id=new_id("chatcmpl"),
+        with RequestSpan("POST /v1/chat/completions", request.headers) as span:
+            tokenizer = await inference.tokenizer()
+            info = await inference.model_info()
+            ids = await inference.in_tokenizer_thread(_chat_prompt, tokenizer, body)
+            generate = pb.GenerateRequest(
+                input_ids=ids,
+                sampling_params=body.sampling_params(body.max_new_tokens),
+                stream=body.stream,
+                request_id=new_id("chatcmpl"),
+            )
+            model = body.model or info.model_name
+            if body.stream:
+                messages = await prefetch(inference.generate_many([generate], span.context()))
+                return StreamingResponse(
+                    _chat_stream(inference, body, generate, messages, tokenizer, model, span.hand_off()),
+                    media_type="text/event-stream",
                 )
-                model = body.model or info.model_name
-                if body.stream:
-                    messages = await prefetch(inference.generate_many([generate], trace.set_span_in_context(span)))
-                    streaming = True
-                    return StreamingResponse(
-                        _chat_stream(inference, body, generate, messages, tokenizer, model, span),
-                        media_type="text/event-stream",
-                    )
-                results = await inference.collect(generate)
+            results = await inference.collect(generate)
             payload = await inference.in_tokenizer_thread(
                 _chat_response, tokenizer, body, ids, results, model, generate.request_id
             )
             return JSONResponse(payload)
-        finally:
-            if not streaming:
-                span.end()
 
     return router
 
