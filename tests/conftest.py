@@ -61,3 +61,13 @@ def _gateway_store_dir(
     """Every gateway a test starts, in process or as a child process, keeps its durable
     store in a fresh directory (a test passing --data-dir chooses its own)."""
     monkeypatch.setenv("CLOTHO_GATEWAY_DATA_DIR", str(tmp_path_factory.mktemp("gateway-store")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model's char tokenizer alone (for fakes that need no weights)."""
+    from services.demo.tiny_model import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path)
+    return str(path)

@@ -16,7 +16,7 @@ from grpc import aio
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
 from clotho.v1 import policy_pb2
-from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS, build_tokenizer
+from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
 
 EOS = SPECIAL_TOKENS.index("<eos>")
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -84,13 +84,6 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
                     if request.return_prompt_logprobs else [],
                 ),
             )
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(path)
-    return str(path)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
