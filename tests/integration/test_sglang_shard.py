@@ -44,6 +44,7 @@ from services.inference.api import Completion, FinishReason, GenerationRequest, 
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
 from services.inference.sglang_shard import ModelSpec, SGLangShard
+from waiting import wait_until
 
 TIMEOUT = 20.0
 BUCKET_BYTES = 96 * 1024
@@ -429,13 +430,6 @@ def expected_tokens(prompt: list[int], steps: int, version: int = 0) -> list[int
     for _ in range(steps):
         out.append(fake_token(prompt + out, version))
     return out
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
 
 
 PROMPT = [1, 20, 21, 22, 10]

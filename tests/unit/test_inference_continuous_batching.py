@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from services.common.errors import InvalidArgument
 from services.inference.api import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
 from services.inference.engine import GenerationEngine
+from waiting import wait_until
 
 
 def greedy(**kw) -> SamplingOptions:
@@ -54,13 +55,6 @@ class Watched:
     async def result(self) -> list[Completion]:
         await self.task
         return [self.completions[i] for i in sorted(self.completions)]
-
-
-async def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.002)
 
 
 def record_prefills(engine: GenerationEngine) -> list[list[list[int]]]:

@@ -53,13 +53,6 @@ async def run(engine: GenerationEngine, request: GenerationRequest) -> list[Comp
     return await engine.submit(request).completions()
 
 
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.005)
-
-
 async def test_greedy_equals_stepwise_argmax_of_hf_model(engine, hf_model):
     expected = reference_greedy(hf_model, PROMPT, 24)
     [c] = await run(engine, GenerationRequest(PROMPT, greedy(max_new_tokens=24)))

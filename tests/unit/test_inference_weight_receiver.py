@@ -16,6 +16,7 @@ from services.common.weight_transfer import CollectiveGroup, Manifest, build_man
 from services.inference.engine import GenerationEngine
 from services.inference.servicer import InferenceServicer
 from services.inference.weight_receiver import WeightReceiver
+from waiting import wait_until
 
 TIMEOUT = 10.0
 
@@ -100,13 +101,6 @@ def model_state(engine: GenerationEngine) -> dict[str, torch.Tensor]:
 def assert_weights(engine: GenerationEngine, expected: dict[str, torch.Tensor]) -> None:
     for name, p in engine.runner.model.named_parameters():
         assert torch.equal(p.detach(), expected[name]), name
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
 
 
 async def test_prepare_checks_version_manifest_and_rendezvous(engine, receiver, trainer):
