@@ -16,17 +16,22 @@ nothing acknowledged; the WAL is fsynced at checkpoints, so a power loss or kern
 crash may lose the last moments. `synchronous=FULL` (setting `store_fsync`) closes
 that window at the price of an fsync per group commit.
 
-Delivery: a batch is handed out at most once. The transaction that deletes its groups
-also records the step, and it commits before the batch is sent; a crash between the
-commit and the send loses that batch (the trainer asks again and gets the next one)
-rather than sending it twice after a restart. At-least-once would need the trainer to
-acknowledge batches, which neither Atropos' /batch nor its trainers do.
+Delivery: a batch is handed out at most once. The transaction that records it as
+handed out (its group ids in `handed`, a few bytes) also records the step, and it
+commits before the batch is sent; a crash between the commit and the send loses that
+batch (the trainer asks again and gets the next one) rather than sending it twice
+after a restart. At-least-once would need the trainer to acknowledge batches, which
+neither Atropos' /batch nor its trainers do. Deleting the groups' rows (tens of KB
+each, freeing their overflow pages) is the expensive part, so it is left to the
+writer's next transaction, which nobody waits for; a restart finishes whatever a
+crash left of it before reading the groups.
 
 Tables: `meta` (trainer registration, started flag, step, policy version), `envs`
 (registrations), `groups` (every group held: queued, buffered for its env (qpos
-NULL) or in a formed batch) and `ready` (the batches one /batch call formed to hand
+NULL) or in a formed batch), `ready` (the batches one /batch call formed to hand
 out later, one row per call: their group ids, batch by batch; a batch handed out is
-deleted from `groups`, and the row goes with the last one).
+deleted from `groups`, and the row goes with the last one) and `handed` (groups
+handed out or dropped whose rows are not deleted yet).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import os
 import queue
 import sqlite3
 import threading
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,6 +66,7 @@ CREATE TABLE IF NOT EXISTS groups (
     body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ready (formation INTEGER PRIMARY KEY, batches BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS handed (seq INTEGER PRIMARY KEY, ids BLOB NOT NULL);
 """
 DB_NAME = "trajectories.sqlite3"
 LOCK_NAME = "LOCK"
@@ -179,11 +186,13 @@ class SqliteStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
         self.checkpoints = 0
+        self.purges = 0
 
     # -- startup ---------------------------------------------------------------
 
     def load(self) -> Snapshot:
         c = self._conn
+        self._purge()  # what a crash left undeleted of groups already handed out
         return Snapshot(
             meta=dict(c.execute("SELECT key, value FROM meta")),
             envs=list(c.execute("SELECT env_id, record FROM envs ORDER BY env_id")),
@@ -298,6 +307,13 @@ class SqliteStore(Store):
                 self._notify(batch[-1][0], exc)
                 return
             self._notify(batch[-1][0], None)
+            if any(op[1] == "delete" for op in batch):
+                try:
+                    self._purge()
+                except BaseException as exc:  # noqa: BLE001 - later changes must not be acknowledged
+                    log.exception("trajectory store: purge failed; refusing further changes")
+                    self._notify(batch[-1][0], exc)
+                    return
             self._committed_since_checkpoint.set()
 
     def _checkpoints(self) -> None:
@@ -337,7 +353,10 @@ class SqliteStore(Store):
                 elif kind == "form":
                     c.executemany("INSERT INTO ready VALUES (?, ?)", run)
                 elif kind == "delete":
-                    _delete_ids(c, "groups", "id", [i for args in run for i in args[0]])
+                    # Recorded now, deleted by the purge after this commit.
+                    ids = [i for args in run for i in args[0]]
+                    if ids:
+                        c.execute("INSERT INTO handed (ids) VALUES (?)", (array("q", ids).tobytes(),))
                     _delete_ids(c, "ready", "formation", [args[1] for args in run if args[1] is not None])
                 elif kind == "meta":
                     # Only the last value of a key in a transaction matters (the
@@ -349,6 +368,7 @@ class SqliteStore(Store):
                     c.execute("DELETE FROM groups")
                     c.execute("DELETE FROM ready")
                     c.execute("DELETE FROM envs")
+                    c.execute("DELETE FROM handed")
                 else:  # pragma: no cover - a programming error
                     raise ValueError(f"unknown store operation {kind!r}")
             if meta:
@@ -358,6 +378,23 @@ class SqliteStore(Store):
             c.execute("ROLLBACK")
             raise
         self.commits += 1
+
+    def _purge(self) -> None:
+        """Delete the rows of groups recorded as handed out (one transaction)."""
+        c = self._conn
+        handed = list(c.execute("SELECT seq, ids FROM handed"))
+        if not handed:
+            return
+        ids = [i for _, blob in handed for i in array("q", blob)]
+        c.execute("BEGIN")
+        try:
+            _delete_ids(c, "groups", "id", ids)
+            c.execute("DELETE FROM handed WHERE seq <= ?", (handed[-1][0],))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        self.purges += 1
 
     def _notify(self, upto: int, failure: BaseException | None) -> None:
         loop = self._loop

@@ -6,6 +6,7 @@ commits; one gateway per directory; a failed store refuses changes."""
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 import orjson
 import pytest
@@ -149,3 +150,39 @@ async def test_a_failed_store_refuses_changes(tmp_path):
     restored = TrajectoryState(store)
     assert [orjson.loads(g.body)["tokens"][0][0] for g in restored.queue] == [1]
     await store.close()
+
+
+async def test_handed_out_groups_are_purged_after_the_commit_and_after_a_crash_between(tmp_path):
+    """A hand-out commits as a small record; the groups' rows go in the next
+    transaction. If the process dies between the two, the reopen finishes the purge,
+    so those groups are never handed out again."""
+    import sqlite3
+
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store)
+    store.start()
+    state.register_trainer(TrainerRegistration("g", "p", 2, 64, "/ckpt", 3, 0, 99))
+    state.submit([group(1, tag=t) for t in range(4)])
+    taken = state.take_batch()  # forms two batches, hands out the last
+    await store.sync()
+    ids = {g.id for g in taken}
+    await store.close()
+    assert store.purges >= 1
+    with sqlite3.connect(tmp_path / "trajectories.sqlite3") as db:
+        rows = {r[0] for r in db.execute("SELECT id FROM groups")}
+        assert not ids & rows and len(rows) == 2
+        assert db.execute("SELECT count(*) FROM handed").fetchone() == (0,)
+        # A crash after the hand-out committed, before its purge: the record is
+        # there and the rows too.
+        kept_ids = sorted(rows)
+        db.execute("INSERT INTO handed (ids) VALUES (?)", (array("q", kept_ids[:1]).tobytes(),))
+
+    reopened_store = SqliteStore(tmp_path)
+    reopened = TrajectoryState(reopened_store)
+    reopened_store.start()
+    try:
+        assert reopened.held_groups == 1
+        remaining = [g.id for batch in reopened._ready for g in batch] + [g.id for g in reopened.queue]
+        assert kept_ids[0] not in remaining
+    finally:
+        await reopened_store.close()
