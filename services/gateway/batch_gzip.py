@@ -6,17 +6,24 @@ while the trainer decodes one batch the next is compressed in a worker thread (z
 gives the GIL up while it deflates), and the call that takes it finds the bytes ready.
 
 The compression still happens inside Starlette's GZipMiddleware (subclassed here), so
-whether a reply is compressed and its headers stay exactly what they were; a body
-prepared ahead is compressed with the middleware's own settings, so its bytes are
-the same too.
+a compressed reply's headers stay exactly what they were; a body prepared ahead is
+compressed with the middleware's own settings, so its bytes are the same too.
+
+Whether to compress at all (`response_gzip`): Atropos compresses every reply the
+client accepts gzip for. Over loopback that only costs CPU on both ends: a trainer
+inflating a 260 KB batch spends ~0.6 ms, the gateway ~1.3 ms deflating it, to save a
+copy through the kernel that costs less than either. "auto" (the default) therefore
+compresses for clients on other hosts only; "always" is Atropos' behaviour, "never"
+suits a private network fast enough that the bytes do not matter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import zlib
-from typing import Any
+from typing import Any, Literal
 
 from starlette.middleware.gzip import GZipMiddleware, GZipResponder, IdentityResponder
 from starlette.types import Receive, Scope, Send
@@ -24,14 +31,42 @@ from starlette.types import Receive, Scope, Send
 # Prepared bodies kept at most: the one being sent and the next.
 KEPT = 2
 
+ResponseGzip = Literal["auto", "always", "never"]
+RESPONSE_GZIP_CHOICES = ("auto", "always", "never")
+
+
+def is_loopback(scope: Scope) -> bool:
+    """The client connected over loopback (127.0.0.0/8, ::1)."""
+    client = scope.get("client")
+    if not client:
+        return False
+    host = client[0]
+    if host.startswith("127.") or host == "::1":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def wants_gzip(scope: Scope, policy: ResponseGzip) -> bool:
+    """Whether a reply to this request is compressed: the client accepts gzip (the
+    middleware's substring test of Accept-Encoding) and the policy allows it."""
+    if policy == "never" or (policy == "auto" and is_loopback(scope)):
+        return False
+    return "gzip" in _header(scope, b"accept-encoding")
+
 
 class BatchCompressor:
     """Compresses reply bodies ahead in a worker thread and hands the result to the
     middleware when that very body is sent."""
 
-    def __init__(self, compresslevel: int = 1, minimum_size: int = 1000) -> None:
+    def __init__(self, compresslevel: int = 1, minimum_size: int = 1000, policy: ResponseGzip = "auto") -> None:
+        if policy not in RESPONSE_GZIP_CHOICES:
+            raise ValueError(f"response_gzip must be one of {RESPONSE_GZIP_CHOICES}, not {policy!r}")
         self.compresslevel = compresslevel
         self.minimum_size = minimum_size
+        self.policy: ResponseGzip = policy
         self._prepared: collections.deque[tuple[bytes, asyncio.Future[bytes]]] = collections.deque(maxlen=KEPT)
 
     def gzip(self, body: bytes) -> bytes:
@@ -80,7 +115,7 @@ class PrecompressedGZipMiddleware(GZipMiddleware):
             await self.app(scope, receive, send)
             return
         responder: Any
-        if "gzip" in _header(scope, b"accept-encoding"):
+        if wants_gzip(scope, self.batch_compressor.policy):
             responder = _PrecompressedResponder(
                 self.app,
                 self.minimum_size,
@@ -101,7 +136,3 @@ def _header(scope: Scope, name: bytes) -> str:
             return value.decode("latin-1")
     return ""
 
-
-def accepts_gzip(headers: Any) -> bool:
-    """The middleware's test (a substring of Accept-Encoding)."""
-    return "gzip" in headers.get("accept-encoding", "")

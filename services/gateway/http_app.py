@@ -27,7 +27,8 @@ from services.gateway import http_errors
 from services.gateway.batch_gzip import (
     BatchCompressor,
     PrecompressedGZipMiddleware,
-    accepts_gzip,
+    ResponseGzip,
+    wants_gzip,
 )
 from services.gateway.http_body import RequestBodyMiddleware
 from services.gateway.metrics import metrics_response
@@ -138,7 +139,9 @@ class GatewayApp(FastAPI):
         return entry
 
 
-def create_app(state: TrajectoryState, inference: InferenceClient, max_body_bytes: int) -> FastAPI:
+def create_app(
+    state: TrajectoryState, inference: InferenceClient, max_body_bytes: int, response_gzip: ResponseGzip = "auto"
+) -> FastAPI:
     # FastAPI's own per-request spans, metrics and logs cost more than the trajectory
     # routes themselves at thousands of posts a second, and those routes call no other
     # service a trace could follow; the inference routes keep them.
@@ -152,7 +155,7 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
     )
-    compressor = BatchCompressor(compresslevel=1, minimum_size=1000)
+    compressor = BatchCompressor(compresslevel=1, minimum_size=1000, policy=response_gzip)
     app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)
 
     @app.get("/")
@@ -213,7 +216,7 @@ def create_app(state: TrajectoryState, inference: InferenceClient, max_body_byte
         log.debug("sending batch of %d sequences (step %d)", sum(g.size for g in taken), state.step)
         body = batch_json(taken)
         upcoming = state.next_ready()
-        if upcoming is not None and accepts_gzip(request.headers):
+        if upcoming is not None and wants_gzip(request.scope, compressor.policy):
             # The next batch, formed already, compresses while this one travels.
             compressor.prepare(batch_json(upcoming))
         return json_bytes(body)

@@ -122,7 +122,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
     grpc_server = build_server(
         settings.grpc_bind_host, settings.grpc_port, [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)]
     )
-    app = create_app(state, inference, settings.max_body_bytes)
+    app = create_app(state, inference, settings.max_body_bytes, settings.response_gzip)
     auth.install(app, settings.trajectory_token, settings.inference_token)
     sock = bind_http(*settings.http_bind)
     config = uvicorn.Config(

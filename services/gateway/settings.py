@@ -95,6 +95,11 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         description="Largest HTTP request body accepted, after gzip decompression (413 above).",
     )
+    response_gzip: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Gzip replies for clients that accept it: auto = only for clients on other hosts "
+        "(over loopback compression costs more than it saves), always = as Atropos, never.",
+    )
     generate_timeout_seconds: float = Field(
         600.0, gt=0, description="Deadline of one /generate call to the inference service."
     )

@@ -21,7 +21,7 @@ def group(tag: int) -> dict:
 
 @pytest.fixture
 async def client():
-    app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=1 << 20)
+    app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=1 << 20, response_gzip="always")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         r = await c.post(
             "/register",
@@ -67,3 +67,34 @@ async def test_compressor_hands_prepared_bytes_only_for_the_body_they_were_made_
     assert compressor.take(body_first) is None  # handed out once
     compressor.prepare(b"{}")  # too small for the middleware to compress
     assert compressor.take(b"{}") is None
+
+
+@pytest.mark.parametrize(
+    ("policy", "client_host", "compressed"),
+    [
+        ("auto", "127.0.0.1", False),  # loopback: inflating costs the trainer more than the copy
+        ("auto", "::1", False),
+        ("auto", "10.1.2.3", True),
+        ("always", "127.0.0.1", True),
+        ("never", "10.1.2.3", False),
+    ],
+)
+async def test_response_gzip_policy_decides_by_the_clients_address(policy, client_host, compressed):
+    app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=1 << 20, response_gzip=policy)
+    transport = httpx.ASGITransport(app=app, client=(client_host, 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        await c.post("/register", json={
+            "wandb_group": "g", "wandb_project": "p", "batch_size": 1, "max_token_len": 64,
+            "checkpoint_dir": "", "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
+        })
+        for tag in range(3):
+            await c.post("/scored_data", json=group(tag))
+        for tag in (2, 1):  # the first call forms all three batches; the next is prepared ahead
+            r = await c.get("/batch", headers={"accept-encoding": "gzip"})
+            assert (r.headers.get("content-encoding") == "gzip") is compressed
+            assert r.json()["batch"][0]["scores"] == [float(tag)]
+
+
+def test_unknown_response_gzip_policy_is_refused():
+    with pytest.raises(ValueError, match="response_gzip"):
+        BatchCompressor(policy="sometimes")
