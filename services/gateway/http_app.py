@@ -35,7 +35,7 @@ from services.gateway.metrics import metrics_response
 from services.gateway.http_generate import generate_router
 from services.gateway.inference_client import InferenceClient
 from services.gateway.openai_routes import openai_router
-from services.gateway.scored_data import parse_scored_data, parse_scored_data_list
+from services.gateway.scored_data import read_group, read_group_list
 from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def create_app(
         return json_bytes(latest if latest is not None else EMPTY_EXAMPLE_JSON)
 
     async def ingest_one(body: bytes) -> bytes:
-        group = parse_scored_data(body)
+        group = read_group(body, state.wants_completions)
         (outcome,) = state.submit([group])
         await state.store.sync()
         if outcome.buffered:
@@ -235,7 +235,7 @@ def create_app(
         return RECEIVED
 
     async def ingest_list(body: bytes) -> bytes:
-        groups = parse_scored_data_list(body)
+        groups = read_group_list(body, state.wants_completions)
         outcomes = state.submit(groups)
         await state.store.sync()
         response: dict[str, Any] = {"status": "received", "groups_processed": len(groups)}

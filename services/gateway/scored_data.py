@@ -10,12 +10,22 @@ Every problem names its field and index.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Iterable, Optional
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any, Iterable, Optional, Sequence
 
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.common.errors import InvalidArgument
+from services.gateway.receipts import completion_tokens
+
+try:  # the C fast path (services/gateway/_scored_fast.c), built by `pip install`
+    from services.gateway import _scored_fast
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _scored_fast = None
+
+log = logging.getLogger(__name__)
 
 # Token ids and labels travel as int32 in ScoredSequence; checking the range at the
 # door keeps a batch from failing to encode later.
@@ -249,3 +259,60 @@ def parse_scored_data_list(body: bytes) -> list[dict[str, Any]]:
     if problems:
         raise ScoredDataInvalid(problems)
     return groups
+
+
+# -- what the trajectory state takes in ------------------------------------------
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A validated group, ready to be held: its bytes as `/batch` writes them and what
+    the state needs to know without parsing them again."""
+
+    body: bytes
+    size: int
+    env_id: int | None
+    # The client's explicit version per sequence (None entries: unknown), if sent.
+    policy_versions: Sequence[int | None] | None
+    # Per sequence, the token ids the policy generated (mask != -100), for receipts;
+    # None when the caller did not need them.
+    completions: Sequence[tuple[int, ...]] | None
+
+
+def incoming(group: dict[str, Any], want_completions: bool) -> Incoming:
+    """An Incoming from a validated group dict (the pydantic and gRPC paths)."""
+    completions = None
+    if want_completions:
+        completions = [completion_tokens(t, m) for t, m in zip(group["tokens"], group["masks"])]
+    return Incoming(
+        body=encode_group(group),
+        size=len(group["tokens"]),
+        env_id=group.get("env_id"),
+        policy_versions=group.get(POLICY_VERSIONS),
+        completions=completions,
+    )
+
+
+def fast_path_available() -> bool:
+    return _scored_fast is not None
+
+
+def read_group(body: bytes, want_completions: bool) -> Incoming:
+    """One `/scored_data` body as an Incoming, or ScoredDataInvalid naming what is
+    wrong. The C fast path takes what it can in one pass over the bytes; whatever it
+    declines (free-form fields, lax types, anything invalid) goes through pydantic,
+    which gives the same result or the error."""
+    if _scored_fast is not None:
+        fast = _scored_fast.canonical_group(body, want_completions)
+        if fast is not None:
+            return Incoming(*fast)
+    return incoming(parse_scored_data(body), want_completions)
+
+
+def read_group_list(body: bytes, want_completions: bool) -> list[Incoming]:
+    """Every group of a `/scored_data_list` body (one bad group rejects them all)."""
+    if _scored_fast is not None:
+        fast = _scored_fast.canonical_groups(body, want_completions)
+        if fast is not None:
+            return [Incoming(*item) for item in fast]
+    return [incoming(group, want_completions) for group in parse_scored_data_list(body)]

@@ -42,8 +42,8 @@ from services.common.errors import (
 )
 from services.gateway.batching import find_subset_summing_to
 from services.gateway.queue_index import Group, QueueIndex
-from services.gateway.receipts import Receipts, completion_tokens
-from services.gateway.scored_data import POLICY_VERSIONS, encode_group
+from services.gateway.receipts import Receipts
+from services.gateway.scored_data import Incoming, incoming
 from services.gateway.store import GroupRow, Snapshot, Store
 
 log = logging.getLogger(__name__)
@@ -423,12 +423,21 @@ class TrajectoryState:
 
     # -- data ------------------------------------------------------------------
 
-    def submit(self, groups: list[dict[str, Any]]) -> list[Submitted]:
-        """Queue validated groups (or buffer them until their env's group size is made
-        up). All of them are applied or none: a full store refuses the whole call."""
+    @property
+    def wants_completions(self) -> bool:
+        """Whether submissions should come with their completions' token ids (only
+        receipts need them; there are none until the gateway serves inference)."""
+        return len(self.receipts) > 0
+
+    def submit(self, groups: list[Incoming] | list[dict[str, Any]]) -> list[Submitted]:
+        """Queue validated groups (Incoming records, or validated group dicts) or
+        buffer them until their env's group size is made up. All of them are applied
+        or none: a full store refuses the whole call."""
         if not groups:
             return []
         self.store.check()
+        want = self.wants_completions
+        groups = [g if isinstance(g, Incoming) else incoming(g, want) for g in groups]
         sources = [0, 0, 0]  # explicit, receipt, current
         records = [self._new_group(g, sources) for g in groups]
         self._admit(len(records), sum(len(r.body) for r in records))
@@ -451,28 +460,36 @@ class TrajectoryState:
         self.wakeup.notify()
         return outcomes
 
-    def _new_group(self, group: dict[str, Any], sources: list[int]) -> Group:
+    def _new_group(self, group: Incoming, sources: list[int]) -> Group:
         return Group(
             id=-1,
-            size=len(group["tokens"]),
-            env_id=group.get("env_id"),
-            body=encode_group(group),
+            size=group.size,
+            env_id=group.env_id,
+            body=group.body,
             versions=self._attribute(group, sources),
         )
 
-    def _attribute(self, group: dict[str, Any], sources: list[int]) -> tuple[int, ...]:
+    def _attribute(self, group: Incoming, sources: list[int]) -> tuple[int, ...]:
         """Each sequence's policy version: the client's, else the version whose
         completion it is (a receipt), else the version current now. `sources` counts
         which (explicit, receipt, current)."""
-        explicit = group.get(POLICY_VERSIONS)
-        receipts = self.receipts if len(self.receipts) else None
+        explicit = group.policy_versions
         current = self.policy_version
+        if explicit is None and (group.completions is None or not len(self.receipts)):
+            sources[2] += group.size
+            return (current,) * group.size
+        receipts = self.receipts if len(self.receipts) else None
+        completions = group.completions
         versions = []
-        for i, (tokens, masks) in enumerate(zip(group["tokens"], group["masks"])):
+        for i in range(group.size):
             version = explicit[i] if explicit is not None else None
             if version is not None:
                 sources[0] += 1
-            elif receipts is not None and (version := receipts.lookup(completion_tokens(tokens, masks))) is not None:
+            elif (
+                receipts is not None
+                and completions is not None
+                and (version := receipts.lookup(completions[i])) is not None
+            ):
                 sources[1] += 1
             else:
                 version = current
