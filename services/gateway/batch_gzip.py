@@ -31,6 +31,9 @@ from starlette.types import Receive, Scope, Send
 # Prepared bodies kept at most: the one being sent and the next.
 KEPT = 2
 
+# GZipMiddleware's default: bodies from this size on are deflated in a worker thread.
+THREAD_MINIMUM_SIZE = 128 * 1024
+
 ResponseGzip = Literal["auto", "always", "never"]
 RESPONSE_GZIP_CHOICES = ("auto", "always", "never")
 
@@ -80,6 +83,16 @@ class BatchCompressor:
             return
         future = asyncio.get_running_loop().run_in_executor(None, self.gzip, body)
         self._prepared.append((body, future))
+
+    async def compressed(self, body: bytes) -> bytes:
+        """`body` gzipped: the prepared bytes if there are some, else compressed now
+        (in a worker thread when large, as the middleware does)."""
+        future = self.take(body)
+        if future is not None:
+            return await future
+        if len(body) >= THREAD_MINIMUM_SIZE:
+            return await asyncio.get_running_loop().run_in_executor(None, self.gzip, body)
+        return self.gzip(body)
 
     def take(self, body: bytes) -> asyncio.Future[bytes] | None:
         """The compression of `body` if it was prepared (and forget it), else None."""

@@ -57,6 +57,9 @@ EMPTY_EXAMPLE = {
 EMPTY_EXAMPLE_JSON = orjson.dumps(EMPTY_EXAMPLE)
 RECEIVED = b'{"status":"received"}'
 NO_BATCH = b'{"batch":null}'
+VARY_ORIGIN = (b"vary", b"Origin")
+VARY_BOTH = (b"vary", b"Origin, Accept-Encoding")
+GZIP_ENCODING = (b"content-encoding", b"gzip")
 NOT_REGISTERED = orjson.dumps(
     {"status": "error", "message": "Trainer not registered. Call /register first.", "batch": []}
 )
@@ -205,36 +208,55 @@ def create_app(
         batch_size, max_token_len = state.info()
         return {"batch_size": batch_size, "max_token_len": max_token_len}
 
-    async def batch(request: Request) -> Response:
+    async def take_batch_json() -> bytes:
+        """The next batch as /batch's JSON, once its hand-out is durable."""
         try:
             taken = state.take_batch()
         except FailedPrecondition:
-            return json_bytes(NOT_REGISTERED)
+            return NOT_REGISTERED
         await state.store.sync()
         if taken is None:
-            return json_bytes(NO_BATCH)
+            return NO_BATCH
         log.debug("sending batch of %d sequences (step %d)", sum(g.size for g in taken), state.step)
-        body = batch_json(taken)
+        return batch_json(taken)
+
+    def prepare_next(scope: Any) -> None:
         upcoming = state.next_ready()
-        if upcoming is not None and wants_gzip(request.scope, compressor.policy):
+        if upcoming is not None and wants_gzip(scope, compressor.policy):
             # The next batch, formed already, compresses while this one travels.
             compressor.prepare(batch_json(upcoming))
+
+    async def batch(request: Request) -> Response:
+        # The full path (cross-origin callers): the gzip middleware compresses.
+        body = await take_batch_json()
+        prepare_next(request.scope)
         return json_bytes(body)
+
+    async def batch_fast(_body: bytes, scope: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        # What the full path answers a same-origin caller, headers included (CORS's
+        # Vary: Origin, the gzip middleware's Vary and Content-Encoding).
+        body = await take_batch_json()
+        prepare_next(scope)
+        if len(body) < compressor.minimum_size:
+            return body, [VARY_ORIGIN]
+        if not wants_gzip(scope, compressor.policy):
+            return body, [VARY_BOTH]
+        return await compressor.compressed(body), [VARY_BOTH, GZIP_ENCODING]
 
     @app.get("/latest_example")
     async def latest_example() -> Response:
         latest = state.latest_example()
         return json_bytes(latest if latest is not None else EMPTY_EXAMPLE_JSON)
 
-    async def ingest_one(body: bytes) -> bytes:
+    async def ingest_one(body: bytes, _scope: Any = None) -> tuple[bytes, list]:
         group = read_group(body, state.wants_completions)
         (outcome,) = state.submit([group])
         await state.store.sync()
         if outcome.buffered:
-            return orjson.dumps({"status": "buffered", "buffer_size": outcome.buffer_size})
-        return RECEIVED
+            return orjson.dumps({"status": "buffered", "buffer_size": outcome.buffer_size}), []
+        return RECEIVED, []
 
-    async def ingest_list(body: bytes) -> bytes:
+    async def ingest_list(body: bytes, _scope: Any = None) -> tuple[bytes, list]:
         groups = read_group_list(body, state.wants_completions)
         outcomes = state.submit(groups)
         await state.store.sync()
@@ -243,13 +265,13 @@ def create_app(
         if buffered:
             response["buffered"] = len(buffered)
             response["last_buffer_size"] = buffered[-1].buffer_size
-        return orjson.dumps(response)
+        return orjson.dumps(response), []
 
     async def scored_data(request: Request) -> Response:
-        return json_bytes(await ingest_one(await request.body()))
+        return json_bytes((await ingest_one(await request.body()))[0])
 
     async def scored_data_list(request: Request) -> Response:
-        return json_bytes(await ingest_list(await request.body()))
+        return json_bytes((await ingest_list(await request.body()))[0])
 
     # Plain Starlette routes: no dependency injection or response encoding to pay for.
     app.router.add_route("/batch", batch, methods=["GET"])
@@ -283,7 +305,11 @@ def create_app(
     async def metrics() -> Response:
         return metrics_response(state)
 
-    fast_routes = {("POST", "/scored_data"): ingest_one, ("POST", "/scored_data_list"): ingest_list}
+    fast_routes = {
+        ("POST", "/scored_data"): ingest_one,
+        ("POST", "/scored_data_list"): ingest_list,
+        ("GET", "/batch"): batch_fast,
+    }
     app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes, fast_routes=fast_routes)
     app.fast_paths = frozenset(fast_routes)
 

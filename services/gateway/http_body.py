@@ -5,11 +5,11 @@ Atropos environments may gzip large `/scored_data_list` posts; the body is infla
 here so every route sees plain JSON. The limit applies to the bytes received and to
 the inflated body, so a small gzip bomb cannot exhaust memory.
 
-`/scored_data` and `/scored_data_list` are the gateway's hottest routes and answer a
-few bytes; once their body is read they are answered right here (`fast_routes`),
-without the framework's routing, middleware and telemetry layers, which cost about as
-much as the handler. Cross-origin requests (an `Origin` header) take the full path,
-where CORS answers them.
+`/scored_data`, `/scored_data_list` and `/batch` are the gateway's hottest routes;
+once their body is read they are answered right here (`fast_routes`), without the
+framework's routing, middleware and telemetry layers, which cost about as much as the
+handler. Cross-origin requests (an `Origin` header) take the full path, where CORS
+answers them.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.errors import ClothoError
 from services.gateway.http_errors import clotho_error_response
 
-# A fast route: the request body in, the JSON answer out (domain errors raised).
-FastRoute = Callable[[bytes], Awaitable[bytes]]
+# A fast route: the request body and scope in; a 200's JSON body and any headers
+# beyond content-type and content-length out (domain errors raised).
+FastRoute = Callable[[bytes, Scope], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
 
 
 class BodyTooLarge(Exception):
@@ -142,7 +143,7 @@ class RequestBodyMiddleware:
 
 async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
     try:
-        answer = await route(body)
+        answer, headers = await route(body, scope)
     except ClothoError as exc:
         await clotho_error_response(exc)(scope, receive, send)
         return
@@ -150,7 +151,11 @@ async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive,
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(answer)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": answer})
