@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+# The C fast path is compiled by the install: a changed source installs again.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml services/gateway/_scored_fast.c
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e .
 	touch $@
