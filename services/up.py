@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -31,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=0, help="gateway REST port (0 = a free one)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument(
+        "--trajectory-token", default=os.environ.get("CLOTHO_GATEWAY_TRAJECTORY_TOKEN") or None,
+        help="the gateway's trajectory_token (default: $CLOTHO_GATEWAY_TRAJECTORY_TOKEN); the "
+        "trainer and the demo environment are given it",
+    )
+    p.add_argument(
+        "--inference-token", default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
+        help="the gateway's inference_token (default: $CLOTHO_GATEWAY_INFERENCE_TOKEN); the demo "
+        "environment is given it",
+    )
     p.add_argument(
         "--resume", action="store_true",
         help="continue from the last checkpoint and the gateway's stored queue in --data-dir "
@@ -113,8 +124,18 @@ async def run_up(args: argparse.Namespace) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
 
+    # Tokens travel to the children in their environment, not on command lines (ps).
+    traj, inf_token = args.trajectory_token or "", args.inference_token or ""
+    child_env = {
+        "gateway": {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj, "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token},
+        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj},
+        "env": {"CLOTHO_DEMO_TRAJECTORY_TOKEN": traj, "CLOTHO_DEMO_INFERENCE_TOKEN": inf_token},
+    }
+
     async def start(name: str, module: str, argv: list[str]) -> dict:
-        child = await launcher.start(name, module, argv, log_dir, on_event=progress.on_event)
+        child = await launcher.start(
+            name, module, argv, log_dir, on_event=progress.on_event, env=child_env.get(name)
+        )
         children.append(child)
         info = await launcher.wait_ready(child, args.ready_timeout)
         print(f"  {name:<9} ready {json.dumps({k: v for k, v in info.items() if k != 'event'})}", flush=True)

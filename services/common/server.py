@@ -1,9 +1,9 @@
 """The one gRPC server skeleton every service uses.
 
-`build_server` makes a grpc.aio server with interceptors (tracing, then errors),
-grpc.health.v1 and reflection, binds it and returns it with its port. `run_service`
-starts it, announces readiness, and on SIGTERM/SIGINT flips health to NOT_SERVING and
-stops with a grace period.
+`build_server` makes a grpc.aio server with interceptors (a service's own, such as an
+auth check, then tracing, then errors), grpc.health.v1 and reflection, binds it and
+returns it with its port. `run_service` starts it, announces readiness, and on
+SIGTERM/SIGINT flips health to NOT_SERVING and stops with a grace period.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc import aio
@@ -60,11 +60,13 @@ def build_server(
     host: str,
     port: int,
     register: Iterable[tuple[Callable[[Any, aio.Server], None], Any, str]],
+    interceptors: Sequence[aio.ServerInterceptor] = (),
 ) -> GrpcServer:
     """Create and bind a server. `register` holds (add_XServicer_to_server, servicer,
-    full service name) triples."""
+    full service name) triples. `interceptors` run first, in order, before tracing and
+    the error mapping (an auth check there refuses a call before anything else runs)."""
     server = aio.server(
-        interceptors=[*server_interceptors(), ErrorInterceptor()],
+        interceptors=[*interceptors, *server_interceptors(), ErrorInterceptor()],
         options=GRPC_OPTIONS,
     )
     names = []
@@ -146,11 +148,15 @@ def run_main(coro_factory: Callable[[], Awaitable[None]], log_level: str = "INFO
         asyncio.run(coro_factory())
 
 
-def channel(target: str) -> aio.Channel:
-    """An insecure grpc.aio channel with the tracing interceptors and message limits."""
+def channel(target: str, token: Any = None) -> aio.Channel:
+    """An insecure grpc.aio channel with the tracing interceptors and message limits;
+    with a `token` (str or SecretStr) every call carries `authorization: Bearer <token>`."""
+    from clotho.client import bearer_interceptors
     from services.common.telemetry import client_interceptors
 
-    return aio.insecure_channel(target, options=GRPC_OPTIONS, interceptors=client_interceptors())
+    return aio.insecure_channel(
+        target, options=GRPC_OPTIONS, interceptors=[*client_interceptors(), *bearer_interceptors(token)]
+    )
 
 
 __all__ = ["GrpcServer", "build_server", "run_service", "run_main", "announce_ready", "channel", "grpc"]

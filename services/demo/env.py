@@ -4,7 +4,9 @@ It does what an Atropos `BaseEnv` does against `run-api` and an SGLang server: r
 with `/register-env` (waiting while the trainer has not started), watch `/status-env` so
 it does not run far ahead of the trainer, sample a group per prompt from `/generate`,
 score it, and post the group to `/scored_data` with masks and inference logprobs aligned
-with the tokens (prompt positions: mask -100, logprob 1.0).
+with the tokens (prompt positions: mask -100, logprob 1.0). A gateway's bearer tokens
+come from CLOTHO_DEMO_TRAJECTORY_TOKEN and CLOTHO_DEMO_INFERENCE_TOKEN (`clotho up`
+sets them).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -36,6 +39,12 @@ class DemoEnvConfig:
     name: str = "repeat_digit"
     seed: int = 0
     max_groups: int | None = None
+    trajectory_token: str | None = field(default=None, repr=False)
+    inference_token: str | None = field(default=None, repr=False)
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class DemoEnv:
@@ -47,6 +56,8 @@ class DemoEnv:
         self.rng = random.Random(config.seed)
         self.env_id: int | None = None
         self.sent = 0
+        self._trajectory = _bearer(config.trajectory_token)
+        self._inference = _bearer(config.inference_token)
 
     async def register(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         body = {
@@ -57,7 +68,7 @@ class DemoEnv:
         }
         delay = 0.05
         while not stop.is_set():
-            r = await client.post("/register-env", json=body)
+            r = await client.post("/register-env", json=body, headers=self._trajectory)
             r.raise_for_status()
             data = r.json()
             if data.get("status") == "success":
@@ -69,7 +80,7 @@ class DemoEnv:
             delay = min(delay * 2, 1.0)
 
     async def _room(self, client: httpx.AsyncClient) -> bool:
-        r = await client.request("GET", "/status-env", json={"env_id": self.env_id})
+        r = await client.request("GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
         r.raise_for_status()
         return int(r.json().get("self_queue_size", 0)) < self.config.max_groups_ahead
 
@@ -87,6 +98,7 @@ class DemoEnv:
                 },
                 "return_logprob": True,
             },
+            headers=self._inference,
         )
         r.raise_for_status()
         outs = r.json()
@@ -109,6 +121,7 @@ class DemoEnv:
                 "inference_logprobs": logprobs,
                 "env_id": self.env_id,
             },
+            headers=self._trajectory,
         )
         r.raise_for_status()
         self.sent += 1
@@ -148,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the log
-    config = DemoEnvConfig(**{k: v for k, v in vars(args).items()})
+    config = DemoEnvConfig(
+        **vars(args),
+        trajectory_token=os.environ.get("CLOTHO_DEMO_TRAJECTORY_TOKEN") or None,
+        inference_token=os.environ.get("CLOTHO_DEMO_INFERENCE_TOKEN") or None,
+    )
     env = DemoEnv(config)
     print(json.dumps({"event": "ready"}), flush=True)
     try:

@@ -1,4 +1,5 @@
-"""Optional bearer tokens on the HTTP API, one for each family of routes.
+"""Optional bearer tokens on the HTTP API, one for each family of routes, and on the
+gRPC GatewayService.
 
 Stock Atropos environments send no token to the trajectory API (`/register-env`,
 `/scored_data`, `/batch`, ...) but do send `Authorization: Bearer <api_key>` to their
@@ -11,14 +12,23 @@ them).
 The check runs as the outermost middleware, before the body is read: a request
 without the token costs no body buffering. A refusal is 401 with a JSON body (OpenAI's
 error shape on `/v1/*`, the gateway's elsewhere) and `WWW-Authenticate: Bearer`.
+
+`trajectory_token` also guards gRPC: every `clotho.v1.GatewayService` call (unary and
+streaming alike) must carry metadata `authorization: Bearer <trajectory_token>`, or it
+ends UNAUTHENTICATED before any handler runs (`GrpcBearerInterceptor`, the server's
+first interceptor). `grpc.health.v1.Health` and server reflection stay open for
+probes. Clients send the token with `clotho.client.GatewayClient(target, token=...)`
+(or `bearer_interceptors` on a channel), the trainer with `--gateway-token`.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable, Iterable
 
+import grpc
+from grpc import aio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -35,14 +45,22 @@ def route_family(path: str) -> str | None:
     return TRAJECTORY
 
 
+def _parse_bearer(value: str) -> str | None:
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     for key, value in headers:
         if key.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+            return _parse_bearer(value.decode("latin-1"))
     return None
+
+
+def _matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _body(path: str, message: str) -> dict[str, Any]:
@@ -69,7 +87,7 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         given = bearer_token(scope.get("headers", []))
-        if given is not None and hmac.compare_digest(given.encode(), expected.encode()):
+        if _matches(given, expected):
             await self.app(scope, receive, send)
             return
         setting = f"{family}_token"
@@ -91,6 +109,77 @@ class BearerAuthMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+# Probes and tooling: the only services a guarded gRPC server leaves open.
+OPEN_GRPC_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
+
+
+def _grpc_bearer(metadata: Iterable[Any] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return _parse_bearer(value.decode("latin-1") if isinstance(value, bytes) else value)
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED. The
+    streaming ones are async generators, as the tracing interceptor expects."""
+
+    async def unary(_request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(_request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - never reached; makes this an async generator
+
+    serde = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, *serde)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, *serde)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, *serde)
+    return grpc.stream_stream_rpc_method_handler(streaming, *serde)
+
+
+class GrpcBearerInterceptor(aio.ServerInterceptor):
+    """Refuses, UNAUTHENTICATED, every call without `authorization: Bearer <token>`
+    metadata, except to the open services (health, reflection). Fails closed: a
+    service added to the server later is guarded too."""
+
+    def __init__(self, token: str, setting: str = "trajectory_token") -> None:
+        self._expected = token
+        self._setting = setting
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        # method is "/package.Service/Method".
+        if handler is None or method.lstrip("/").partition("/")[0] in OPEN_GRPC_SERVICES:
+            return handler
+        given = _grpc_bearer(handler_call_details.invocation_metadata)
+        if _matches(given, self._expected):
+            return handler
+        message = (
+            f"missing bearer token: {method} needs metadata 'authorization: Bearer <{self._setting}>'"
+            if given is None
+            else f"wrong bearer token for {method} (the gateway's {self._setting})"
+        )
+        return _refusal(handler, message)
+
+
+def grpc_interceptors(trajectory_token: Any) -> list[aio.ServerInterceptor]:
+    """The gateway's gRPC auth check when `trajectory_token` (str or SecretStr) is set:
+    pass as build_server's `interceptors`."""
+    token = _plain(trajectory_token)
+    return [GrpcBearerInterceptor(token)] if token else []
 
 
 def _plain(token: Any) -> str | None:

@@ -50,6 +50,14 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
+def _error(path: str, status: int, message: str, code: str) -> dict[str, Any]:
+    """The gateway's error body, or OpenAI's shape on `/v1/*`."""
+    if path == "/v1" or path.startswith("/v1/"):
+        kind = "invalid_request_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
+    return {"error": message, "code": code}
+
+
 async def _reply(send: Send, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
     await send(
@@ -86,10 +94,8 @@ class RequestBodyMiddleware:
                 length = int(value)
             elif key == b"origin":
                 cross_origin = True
-        too_large = {
-            "error": f"request body exceeds max_body_bytes ({self.max_bytes})",
-            "code": "RESOURCE_EXHAUSTED",
-        }
+        path = scope.get("path", "")
+        too_large = _error(path, 413, f"request body exceeds max_body_bytes ({self.max_bytes})", "RESOURCE_EXHAUSTED")
         if length is not None and length > self.max_bytes:
             await _reply(send, 413, too_large)
             return
@@ -118,7 +124,7 @@ class RequestBodyMiddleware:
                     await _reply(send, 413, too_large)
                     return
                 except BadGzip as exc:
-                    await _reply(send, 400, {"error": f"invalid gzip body: {exc}", "code": "INVALID_ARGUMENT"})
+                    await _reply(send, 400, _error(path, 400, f"invalid gzip body: {exc}", "INVALID_ARGUMENT"))
                     return
             headers = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")]
             headers.append((b"content-length", str(len(body)).encode()))

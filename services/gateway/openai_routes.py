@@ -6,7 +6,8 @@ Chat prompts come from the model tokenizer's own chat template
 (`apply_chat_template(..., add_generation_prompt=True)`). Streaming answers are SSE:
 `data: {chunk}` lines and `data: [DONE]`. Errors use OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, with the status from the gateway's
-one gRPC-to-HTTP table.
+one gRPC-to-HTTP table (http_body.py gives the same shape to the 413 and bad-gzip 400
+it answers on `/v1/*` before the routes run).
 """
 
 from __future__ import annotations

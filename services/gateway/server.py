@@ -120,9 +120,13 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
     )
     servicer = GatewayServicer(state)
     grpc_server = build_server(
-        settings.grpc_bind_host, settings.grpc_port, [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)]
+        settings.grpc_bind_host,
+        settings.grpc_port,
+        [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
+        interceptors=auth.grpc_interceptors(settings.trajectory_token),
     )
     app = create_app(state, inference, settings.max_body_bytes, settings.response_gzip)
+    # Outside the body middleware: its 413s on /v1/* leave in OpenAI's error shape.
     auth.install(app, settings.trajectory_token, settings.inference_token)
     sock = bind_http(*settings.http_bind)
     config = uvicorn.Config(

@@ -302,7 +302,7 @@ class Learner:
         streamed batches until `num_steps` steps are done or `stop` is set."""
         stop = stop or asyncio.Event()
         await self.load()
-        gateway = channel(self.settings.gateway)
+        gateway = channel(self.settings.gateway, token=self.settings.gateway_token)
         work = asyncio.ensure_future(self._run(gw_grpc.GatewayServiceStub(gateway), stop))
         stopped = asyncio.ensure_future(stop.wait())
         try:

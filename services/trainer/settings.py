@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings, Targets
@@ -29,6 +29,11 @@ class TrainerSettings(ServiceSettings):
         "the same weights the inference shards start from (policy version 0).",
     )
     gateway: str = Field("127.0.0.1:50051", description="host:port of the GatewayService.")
+    gateway_token: SecretStr | None = Field(
+        None,
+        description="The gateway's trajectory_token, sent on every GatewayService call as "
+        "'authorization: Bearer <token>'; unset sends none (a gateway without a token).",
+    )
     # NoDecode: the env var is read as "a:1,b:2" (or JSON), not only as JSON.
     inference: Targets = Field(
         default_factory=list,

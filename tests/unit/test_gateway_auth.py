@@ -1,9 +1,12 @@
 """Bearer tokens, one per route family: trajectory routes and inference routes are
 guarded apart (stock Atropos environments send a token only to inference), refusals
 are 401 with a JSON body, probes stay open, and the body limit covers the inference
-routes."""
+routes (413 in OpenAI's error shape on /v1/*)."""
 
 from __future__ import annotations
+
+import gzip
+import json
 
 import httpx
 import pytest
@@ -27,6 +30,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def client_for(trajectory_token=None, inference_token=None, max_body_bytes=64 * 1024) -> httpx.AsyncClient:
+    # As services.gateway.server.create_server builds it.
     app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=max_body_bytes)
     auth.install(app, trajectory_token, inference_token)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
@@ -98,9 +102,34 @@ async def test_body_limit_covers_inference_routes_and_auth_comes_first():
         for path in ("/v1/chat/completions", "/v1/completions", "/generate"):
             r = await c.post(path, json=big, headers=bearer(INF))
             assert r.status_code == 413, (path, r.text)
-            assert "max_body_bytes" in r.json()["error"]
+            message = r.json()["error"]["message"] if path.startswith("/v1") else r.json()["error"]
+            assert "max_body_bytes" in message
         # Without the token the body is never read: 401, not 413.
         assert (await c.post("/v1/chat/completions", json=big)).status_code == 401
+
+
+async def test_body_errors_on_v1_are_openai_shaped():
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+    async with client_for(max_body_bytes=4096) as c:
+        # Too large by Content-Length, and only once inflated (gzip).
+        for headers, content in (({}, big), ({"content-encoding": "gzip"}, gzip.compress(big))):
+            r = await c.post("/v1/chat/completions", content=content, headers={"content-type": "application/json", **headers})
+            assert r.status_code == 413, r.text
+            assert r.json() == {"error": {
+                "message": "request body exceeds max_body_bytes (4096)", "type": "invalid_request_error",
+                "param": None, "code": "resource_exhausted",
+            }}
+            assert int(r.headers["content-length"]) == len(r.content)
+        r = await c.post("/v1/completions", content=b"not gzip", headers={"content-encoding": "gzip"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert "invalid gzip body" in r.json()["error"]["message"]
+        # Other paths keep the gateway's shape; /v1 errors already OpenAI-shaped are untouched.
+        r = await c.post("/scored_data", content=big)
+        assert r.status_code == 413 and r.json()["code"] == "RESOURCE_EXHAUSTED"
+        r = await c.post("/generate", content=big)
+        assert r.status_code == 413 and r.json()["code"] == "RESOURCE_EXHAUSTED"
+        r = await c.get("/v1/models")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
 
 
 def test_tokens_come_from_flags_and_env_and_stay_secret(monkeypatch):

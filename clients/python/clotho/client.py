@@ -1,9 +1,14 @@
-"""A small hand-written async client over the generated clotho.v1 stubs."""
+"""A small hand-written async client over the generated clotho.v1 stubs.
+
+A gateway started with a `trajectory_token` wants it on every GatewayService call as
+metadata `authorization: Bearer <token>`: give it as `GatewayClient(target, token=...)`,
+or put `bearer_interceptors(token)` on a channel of your own.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 import grpc
 from grpc import aio
@@ -19,11 +24,78 @@ from clotho.v1 import (
 _OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 
 
-class GatewayClient:
-    """Submit scored groups and stream batches with credit-based flow control."""
+def _plain(token: Any) -> str | None:
+    """A str, a pydantic SecretStr or None; empty means none."""
+    value = token.get_secret_value() if hasattr(token, "get_secret_value") else token
+    return value or None
 
-    def __init__(self, target: str, channel: aio.Channel | None = None) -> None:
-        self.channel = channel or aio.insecure_channel(target, options=_OPTIONS)
+
+def bearer_metadata(token: Any) -> tuple[tuple[str, str], ...]:
+    """Per-call metadata carrying `token` (empty when there is none)."""
+    plain = _plain(token)
+    return (("authorization", f"Bearer {plain}"),) if plain else ()
+
+
+class _BearerToken:
+    """Adds `authorization: Bearer <token>` to the metadata of every call on a channel.
+
+    Works on insecure channels, where call credentials are refused. grpc.aio files each
+    interceptor under one kind of call only, so there is one subclass per kind."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        metadata = aio.Metadata(*[(k, v) for k, v in (details.metadata or ()) if k != "authorization"])
+        metadata.add(*self._header)
+        return aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _UnaryUnaryBearer(_BearerToken, aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request)
+
+
+class _UnaryStreamBearer(_BearerToken, aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamUnaryBearer(_BearerToken, aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _StreamStreamBearer(_BearerToken, aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def bearer_interceptors(token: Any) -> list[aio.ClientInterceptor]:
+    """Channel interceptors that send `token` (a str or SecretStr) on every call, for
+    `aio.insecure_channel(..., interceptors=...)`; none when there is no token."""
+    plain = _plain(token)
+    if not plain:
+        return []
+    return [cls(plain) for cls in (_UnaryUnaryBearer, _UnaryStreamBearer, _StreamUnaryBearer, _StreamStreamBearer)]
+
+
+class GatewayClient:
+    """Submit scored groups and stream batches with credit-based flow control.
+
+    `token`: the gateway's trajectory_token. On the channel the client opens it rides
+    on every call (`client.stub` included); with a `channel` of your own only the
+    client's methods send it (or give that channel `bearer_interceptors(token)`)."""
+
+    def __init__(self, target: str, channel: aio.Channel | None = None, token: Any = None) -> None:
+        if channel is None:
+            self.channel = aio.insecure_channel(target, options=_OPTIONS, interceptors=bearer_interceptors(token))
+            self._metadata: tuple[tuple[str, str], ...] = ()
+        else:
+            self.channel = channel
+            self._metadata = bearer_metadata(token)
         self.stub = gw_grpc.GatewayServiceStub(self.channel)
 
     async def close(self) -> None:
@@ -40,7 +112,7 @@ class GatewayClient:
             for g in groups:
                 yield gw.SubmitScoredDataRequest(group=g)
 
-        return await self.stub.SubmitScoredData(requests())
+        return await self.stub.SubmitScoredData(requests(), metadata=self._metadata or None)
 
     async def batches(self, ahead: int = 1) -> AsyncIterator[gw.StreamBatchesResponse]:
         """Yield batches forever, never holding more than `ahead` unconsumed ones: one new
@@ -52,7 +124,7 @@ class GatewayClient:
             while True:
                 yield gw.StreamBatchesRequest(credits=await credits.get())
 
-        call = self.stub.StreamBatches(requests())
+        call = self.stub.StreamBatches(requests(), metadata=self._metadata or None)
         try:
             async for batch in call:
                 yield batch
@@ -87,4 +159,4 @@ class InferenceClient:
         return [done[i] for i in sorted(done)]
 
 
-__all__ = ["GatewayClient", "InferenceClient", "grpc"]
+__all__ = ["GatewayClient", "InferenceClient", "bearer_interceptors", "bearer_metadata", "grpc"]
