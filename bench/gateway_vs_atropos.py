@@ -207,6 +207,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="load runs per server, alternating which goes first")
     ap.add_argument("--deep", type=int, default=100_000, help="the deep queue for the gateway-only figures (0: skip)")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between filling a queue and timing it")
+    ap.add_argument(
+        "--response-gzip", choices=("auto", "always", "never"), default="auto",
+        help="the gateway's reply compression (auto: none over loopback; always: as run-api)",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="gateway-vs-atropos-") as tmp:
@@ -218,6 +222,7 @@ def main() -> None:
             sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(gw_port),
             "--grpc-port", str(gw_grpc_port), "--data-dir", str(work / "gateway-store"),
             "--max-stored-groups", str(max(200_000, 2 * args.deep)), "--log-level", "WARNING",
+            "--response-gzip", args.response_gzip,
         ]
         runs: dict[str, list[dict]] = {"run-api": [], "gateway": []}
         with server("run-api", run_api_command(api_port), api_url, work) as api_proc, server(
@@ -240,7 +245,7 @@ def main() -> None:
     api, gw = runs["run-api"], runs["gateway"]
     figures = {
         "groups": args.groups, "group_size": args.group_size, "tokens": args.tokens, "rounds": args.rounds,
-        "durable": True,
+        "durable": True, "response_gzip": args.response_gzip,
         "run_api": {k: median_of(api, k) for k in FIGURES},
         "gateway": {k: median_of(gw, k) for k in FIGURES},
         "errors": {"run_api": sum(r["errors"] for r in api), "gateway": sum(r["errors"] for r in gw)},
