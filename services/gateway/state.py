@@ -15,7 +15,8 @@ On top of Atropos:
 - every sequence carries a policy version (explicit from the client, else a receipt
   of the completion the gateway served, else the version current at submission), and
   batch assembly enforces `max_staleness` by dropping stale groups before a batch is
-  formed, or by keeping and counting them.
+  formed (then `/batch` forms one batch per call, so no batch waits formed while its
+  data goes stale), or by keeping and counting them.
 
 Waiters (StreamBatches) do not poll: every mutation calls `wakeup.notify()` and they
 re-check their condition.
@@ -566,7 +567,14 @@ class TrajectoryState:
         there is one; otherwise forms every batch the queue allows, advances the step
         by how many it formed and hands out the last one formed (Atropos pops
         `curr_batch` from the end), keeping the rest for the next calls.
+
+        Except when stale data is dropped (`max_staleness` with the drop policy, a
+        Clotho setting Atropos has no equivalent of): then each call forms one batch,
+        as StreamBatches does, so that staleness is judged when the trainer takes the
+        batch, not when a batch it takes several steps later was formed.
         """
+        if self.max_staleness and self.staleness_policy == "drop":
+            return self.take_next()
         self.mark_started()
         if self._ready:
             return self._hand_out_ready()

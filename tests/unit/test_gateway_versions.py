@@ -95,6 +95,27 @@ def test_max_staleness_drop_removes_stale_groups_and_batches_stay_exact():
     assert (c.stale_dropped_groups, state.queue_size) == (3, 1)
 
 
+def test_under_drop_batch_forms_one_batch_per_call_so_none_goes_stale_formed():
+    """Atropos' /batch forms every batch at once and hands them out over later calls;
+    with stale data dropped, a batch formed at version 1 and taken at version 3 would
+    slip through. So /batch forms one batch per call, and the step counts batches
+    handed out."""
+    state = new_state(batch_size=2, max_staleness=1, staleness_policy="drop")
+    state.submit([group([1], [[i]], versions=[1]) for i in range(2)])
+    state.submit([group([1], [[i]], versions=[2]) for i in range(2, 4)])
+    state.observe_version(2)
+    first = state.take_batch()
+    assert versions(first) == [1, 1] and (state.step, state.ready_batches, state.queue_size) == (1, 0, 2)
+    state.observe_version(4)  # the queued version-2 groups are now stale
+    assert state.take_batch() is None
+    assert (state.counters.stale_dropped_groups, state.counters.stale_kept_groups, state.step) == (2, 0, 1)
+    # Under keep, /batch keeps Atropos' way: every batch formed by the first call.
+    kept = new_state(batch_size=2, max_staleness=1, staleness_policy="keep")
+    kept.submit([group([1], [[i]], versions=[1]) for i in range(4)])
+    kept.take_batch()
+    assert (kept.step, kept.ready_batches) == (2, 1)
+
+
 def test_max_staleness_keep_hands_stale_groups_out_and_counts_them():
     state = new_state(batch_size=4, max_staleness=1, staleness_policy="keep")
     for v in (0, 3):
