@@ -7,9 +7,13 @@ scored sequence comes back whose completion tokens (the tokens whose mask is not
 -100) hash to a receipt, tags the sequence with that version (ARCHITECTURE section 2).
 
 The inference routes call the module-level `record(token_ids, version)`; the
-trajectory state looks receipts up through the same process-wide `Receipts`. The map
-is memory only: after a restart, data for older completions falls back to the
-version current at submission, which is what an unmatched sequence gets anyway.
+trajectory state looks receipts up through the same process-wide `Receipts`. With a
+durable store the state gives the receipts a `sink` that appends each one to the
+store (without waiting for the commit: a receipt recorded in the last moments before
+a crash may be lost, and that data then gets the version current at submission, as
+an unmatched sequence does), and a restart loads the newest `capacity` back. Keys are
+Python's hash of a tuple of ints, which is the same in every process of one Python
+version (no hash seed), not necessarily across Python versions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 from collections import OrderedDict
 from itertools import compress, repeat
 from operator import ne
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 # Prompt tokens carry this label in Atropos' masks.
 PROMPT_LABEL = -100
@@ -48,6 +52,8 @@ class Receipts:
         self.newest_version = 0
         self._map: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
+        # Called with (key, version) for every receipt recorded (persistence).
+        self.sink: Callable[[int, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._map)
@@ -64,6 +70,19 @@ class Receipts:
                 self._map.popitem(last=False)
             if version > self.newest_version:
                 self.newest_version = version
+        if self.sink is not None:
+            self.sink(key, version)
+
+    def restore(self, receipts: Iterable[tuple[int, int]], newest_version: int) -> None:
+        """Load (key, version) pairs, oldest first (what a store kept), without
+        sending them to the sink."""
+        with self._lock:
+            for key, version in receipts:
+                self._map[key] = version
+                self._map.move_to_end(key)
+            while len(self._map) > self.capacity:
+                self._map.popitem(last=False)
+            self.newest_version = max(self.newest_version, newest_version)
 
     def lookup(self, completion: Sequence[int]) -> int | None:
         """The version that produced `completion` (its generated token ids), if served

@@ -106,7 +106,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
     # The receipts the inference routes record into are process-wide.
     receipts.default.capacity = settings.receipt_capacity
     state = TrajectoryState(
-        open_store(settings.store, settings.data_dir, settings.store_fsync),
+        open_store(settings.store, settings.data_dir, settings.store_fsync, settings.receipt_capacity),
         receipts.default,
         max_groups=settings.max_stored_groups,
         max_bytes=settings.max_stored_bytes,

@@ -219,6 +219,8 @@ class TrajectoryState:
         self._next_formation = 0
         self._clear()
         self._restore(self.store.load())
+        if self.store.durable:
+            self.receipts.sink = self.store.put_receipt
 
     def _clear(self) -> None:
         self._trainer: TrainerRegistration | None = None
@@ -702,6 +704,8 @@ class TrajectoryState:
         self._step = meta.get("step", 0)
         self._started = bool(meta.get("started", False))
         self._reported_version = meta.get("policy_version", 0)
+        if snapshot.receipts:
+            self.receipts.restore(snapshot.receipts, max(v for _, v in snapshot.receipts))
         self._max_token_len_after_reset = meta.get("max_token_len_after_reset", -1)
         self._envs = [EnvRecord(**orjson.loads(record)) for _, record in snapshot.envs]
 

@@ -31,7 +31,8 @@ Tables: `meta` (trainer registration, started flag, step, policy version), `envs
 NULL) or in a formed batch), `ready` (the batches one /batch call formed to hand
 out later, one row per call: their group ids, batch by batch; a batch handed out is
 deleted from `groups`, and the row goes with the last one) and `handed` (groups
-handed out or dropped whose rows are not deleted yet).
+handed out or dropped whose rows are not deleted yet) and `receipts` (the versions of
+completions the gateway served, newest `seq` last; trimmed to the receipts' capacity).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS groups (
 );
 CREATE TABLE IF NOT EXISTS ready (formation INTEGER PRIMARY KEY, batches BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS handed (seq INTEGER PRIMARY KEY, ids BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (seq INTEGER PRIMARY KEY, key INTEGER NOT NULL UNIQUE, version INTEGER NOT NULL);
 """
 DB_NAME = "trajectories.sqlite3"
 LOCK_NAME = "LOCK"
@@ -88,6 +90,7 @@ class Snapshot:
     envs: list[tuple[int, bytes]] = field(default_factory=list)
     groups: list[GroupRow] = field(default_factory=list)
     ready: list[tuple[int, bytes]] = field(default_factory=list)  # (formation, batches JSON)
+    receipts: list[tuple[int, int]] = field(default_factory=list)  # (key, version), oldest first
 
 
 class Store:
@@ -128,6 +131,9 @@ class Store:
     def put_env(self, env_id: int, record: bytes) -> None:
         pass
 
+    def put_receipt(self, key: int, version: int) -> None:
+        """A served completion's version (receipts.py); not waited for."""
+
     def reset(self) -> None:
         """Forget groups, batches and environments (meta is rewritten by the caller)."""
 
@@ -140,7 +146,7 @@ class SqliteStore(Store):
 
     durable = True
 
-    def __init__(self, directory: str | os.PathLike, fsync: bool = False) -> None:
+    def __init__(self, directory: str | os.PathLike, fsync: bool = False, receipt_capacity: int = 100_000) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / DB_NAME
@@ -184,6 +190,9 @@ class SqliteStore(Store):
         self._committed_since_checkpoint = threading.Event()
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.receipt_capacity = receipt_capacity
+        self._loop_thread: int | None = None
+        self._closed = False
         self.commits = 0
         self.checkpoints = 0
         self.purges = 0
@@ -198,11 +207,15 @@ class SqliteStore(Store):
             envs=list(c.execute("SELECT env_id, record FROM envs ORDER BY env_id")),
             groups=list(c.execute("SELECT id, qpos, env_id, size, versions, body FROM groups ORDER BY id")),
             ready=list(c.execute("SELECT formation, batches FROM ready ORDER BY formation")),
+            receipts=list(
+                c.execute("SELECT key, version FROM receipts ORDER BY seq DESC LIMIT ?", (self.receipt_capacity,))
+            )[::-1],
         )
 
     def start(self) -> None:
         """Start the writer; from now on only it touches the connection."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._flush()  # what was appended before the start (restores, tests)
         self._thread = threading.Thread(target=self._run, name="trajectory-store", daemon=True)
         self._thread.start()
@@ -211,6 +224,7 @@ class SqliteStore(Store):
 
     async def close(self) -> None:
         """Commit what is pending, stop the writer and close the database."""
+        self._closed = True
         if self._thread is not None:
             self._flush()
             self._ops.put(None)
@@ -231,6 +245,10 @@ class SqliteStore(Store):
             raise Unavailable(f"the trajectory store failed and accepts no changes: {self._failure}")
 
     def _append(self, kind: str, *args: Any) -> None:
+        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+            # Receipts may be recorded from any thread; the journal is the loop's.
+            self._loop.call_soon_threadsafe(self._append, kind, *args)
+            return
         self._appended += 1
         self._pending.append((self._appended, kind, args))
         if not self._flush_scheduled and self._loop is not None:
@@ -263,6 +281,10 @@ class SqliteStore(Store):
 
     def put_env(self, env_id: int, record: bytes) -> None:
         self._append("env", env_id, record)
+
+    def put_receipt(self, key: int, version: int) -> None:
+        if not self._closed:  # the process-wide receipts may outlive a store (tests)
+            self._append("receipt", key, version)
 
     def reset(self) -> None:
         self._append("reset")
@@ -339,6 +361,7 @@ class SqliteStore(Store):
     def _commit(self, batch: list[tuple[int, str, tuple[Any, ...]]]) -> None:
         c = self._conn
         meta: dict[str, bytes] = {}
+        receipts = False
         c.execute("BEGIN")
         try:
             # Runs of the same kind go to SQLite as one multi-row statement: the
@@ -364,6 +387,10 @@ class SqliteStore(Store):
                     meta.update(args for args in run)
                 elif kind == "env":
                     c.executemany("INSERT OR REPLACE INTO envs VALUES (?, ?)", run)
+                elif kind == "receipt":
+                    # A key recorded again moves to the newest end (a new seq).
+                    c.executemany("INSERT OR REPLACE INTO receipts (key, version) VALUES (?, ?)", run)
+                    receipts = True
                 elif kind == "reset":
                     c.execute("DELETE FROM groups")
                     c.execute("DELETE FROM ready")
@@ -373,6 +400,11 @@ class SqliteStore(Store):
                     raise ValueError(f"unknown store operation {kind!r}")
             if meta:
                 _many_rows(c, "INSERT OR REPLACE INTO meta VALUES ", 2, [v for item in meta.items() for v in item])
+            if receipts:
+                # Keep the newest `receipt_capacity` (seq grows by one per insert).
+                c.execute(
+                    "DELETE FROM receipts WHERE seq <= (SELECT max(seq) FROM receipts) - ?", (self.receipt_capacity,)
+                )
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -448,10 +480,10 @@ def _runs(batch: list[tuple[int, str, tuple[Any, ...]]]) -> Iterator[tuple[str, 
         yield kind, [op[2] for op in ops]
 
 
-def open_store(kind: str, directory: str | os.PathLike, fsync: bool = False) -> Store:
+def open_store(kind: str, directory: str | os.PathLike, fsync: bool = False, receipt_capacity: int = 100_000) -> Store:
     """The store the settings name: "sqlite" (durable, in `directory`) or "memory"."""
     if kind == "memory":
         return Store()
     if kind == "sqlite":
-        return SqliteStore(directory, fsync=fsync)
+        return SqliteStore(directory, fsync=fsync, receipt_capacity=receipt_capacity)
     raise ValueError(f"unknown store {kind!r}; use 'sqlite' or 'memory'")

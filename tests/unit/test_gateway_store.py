@@ -186,3 +186,37 @@ async def test_handed_out_groups_are_purged_after_the_commit_and_after_a_crash_b
         assert kept_ids[0] not in remaining
     finally:
         await reopened_store.close()
+
+
+async def test_receipts_come_back_after_a_reopen_newest_capacity_only(tmp_path):
+    """Receipts recorded while the gateway served completions are in the store; a
+    reopened gateway attributes data to the versions that produced it, keeps only the
+    newest `capacity`, and knows the newest served version."""
+    from services.gateway.receipts import Receipts
+
+    store = SqliteStore(tmp_path, receipt_capacity=3)
+    receipts = Receipts(capacity=3)
+    TrajectoryState(store, receipts)
+    store.start()
+    for i, version in enumerate([1, 1, 2, 3]):
+        receipts.record([100 + i, 7], version)
+    receipts.record([100, 7], 4)  # served again: now the newest
+    await store.sync()
+    await store.close()
+
+    reopened_receipts = Receipts(capacity=3)
+    reopened_store = SqliteStore(tmp_path, receipt_capacity=3)
+    reopened = TrajectoryState(reopened_store, reopened_receipts)
+    reopened_store.start()
+    try:
+        assert reopened_receipts.lookup((100, 7)) == 4
+        assert reopened_receipts.lookup((101, 7)) is None  # the oldest, trimmed
+        assert [reopened_receipts.lookup((100 + i, 7)) for i in (2, 3)] == [2, 3]
+        assert reopened.policy_version == 4
+        reopened.register_trainer(TrainerRegistration("g", "p", 1, 64, "/ckpt", 3, 0, 99))
+        g = group(1, tag=5)
+        g.update(tokens=[[1, 102, 7]], masks=[[-100, 102, 7]])
+        reopened.submit([g])
+        assert reopened.take_batch()[0].versions == (2,)
+    finally:
+        await reopened_store.close()
