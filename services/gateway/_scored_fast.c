@@ -264,6 +264,69 @@ is_digit(uchar ch)
     return (unsigned)(ch - '0') <= 9u;
 }
 
+/* The punctuation of a JSON array or object, read at *pp and nothing written. Every
+ * array and object is parsed as
+ *     r = seq_open(&p, '[', ']');
+ *     while (r == 0) { element; r = seq_next(&p, ']'); }
+ *     r < 0: invalid; r == 1: closed, *pp just past the closing bracket.
+ * seq_open: -1 when *pp is not `open`; else skips it and the whitespace after it and
+ * answers 1 for an empty one (`close` skipped too), 0 when an element follows. */
+INLINE int
+seq_open(const uchar **pp, uchar open, uchar close)
+{
+    const uchar *p = *pp;
+    if (*p != open)
+        return -1;
+    p = skip_ws(p + 1);
+    if (*p == close) {
+        *pp = p + 1;
+        return 1;
+    }
+    *pp = p;
+    return 0;
+}
+
+/* After an element: 0 for a ',' (skipped, with the whitespace around it: another
+ * element follows), 1 for `close` (skipped: the end), -1 for anything else. */
+INLINE int
+seq_next(const uchar **pp, uchar close)
+{
+    const uchar *p = skip_ws(*pp);
+    if (*p == ',') {
+        *pp = skip_ws(p + 1);
+        return 0;
+    }
+    if (*p == close) {
+        *pp = p + 1;
+        return 1;
+    }
+    return -1;
+}
+
+/* seq_open and seq_next for a list at c->p that is copied to the output: its
+ * brackets and commas are written as they are read (whitespace dropped). The output
+ * must have room for them (reserve_for_rest: one output byte per input byte). */
+INLINE int
+list_open(Ctx *c)
+{
+    int r = seq_open(&c->p, '[', ']');
+    if (r >= 0) {
+        *c->out.o++ = '[';
+        if (r)
+            *c->out.o++ = ']';
+    }
+    return r;
+}
+
+INLINE int
+list_next(Ctx *c)
+{
+    int r = seq_next(&c->p, ']');
+    if (r >= 0)
+        *c->out.o++ = r ? ']' : ',';
+    return r;
+}
+
 /* Copy the run of digits at p to *op; returns the first byte after the run. Byte by
  * byte, for the short runs of token ids and integer parts. */
 INLINE const uchar *
@@ -630,22 +693,17 @@ done:
     return 0;
 }
 
-/* A flat list of numbers at c->p ('[' already checked): ints (int32, values pushed to
- * `vals` when given) or floats. Its length in *count. */
+/* A flat list of numbers at c->p: ints (int32, values pushed to `vals` when given)
+ * or floats. Its length in *count. */
 INLINE int
 parse_flat(Ctx *c, int floats, Py_ssize_t *count, Vec *vals)
 {
-    const uchar *p = c->p + 1;
-    char *o = c->out.o;
     Py_ssize_t n = 0;
-    *o++ = '[';
-    p = skip_ws(p);
-    if (*p == ']') {
-        p++;
-        *o++ = ']';
-        goto done;
-    }
-    for (;;) {
+    int r = list_open(c);
+    /* The numbers are read and written through locals (kept in registers). */
+    const uchar *p = c->p;
+    char *o = c->out.o;
+    while (r == 0) {
         if (floats) {
             /* Keep the invariant "room >= input left + SLACK" across a float. */
             if (UNLIKELY((size_t)(c->out.lim - o) < (size_t)(c->end - p) + SLACK)) {
@@ -665,6 +723,7 @@ parse_flat(Ctx *c, int floats, Py_ssize_t *count, Vec *vals)
                 return -1;
         }
         n++;
+        /* The common case inline: a ',' right after the number. */
         if (*p == ',') {
             *o++ = ',';
             p++;
@@ -672,29 +731,16 @@ parse_flat(Ctx *c, int floats, Py_ssize_t *count, Vec *vals)
                 p = skip_ws(p);
             continue;
         }
-        if (*p == ']') {
-            *o++ = ']';
-            p++;
-            break;
-        }
-        p = skip_ws(p);
-        if (*p == ',') {
-            *o++ = ',';
-            p = skip_ws(p + 1);
-            continue;
-        }
-        if (*p == ']') {
-            *o++ = ']';
-            p++;
-            break;
-        }
-        return -1;
+        c->p = p;
+        c->out.o = o;
+        r = list_next(c);
+        p = c->p;
+        o = c->out.o;
     }
-done:
     c->p = p;
     c->out.o = o;
     *count = n;
-    return 0;
+    return r < 0 ? -1 : 0;
 }
 
 /* A list of lists of numbers at c->p; each row's length pushed to `lens`; the number
@@ -703,90 +749,42 @@ INLINE int
 parse_rows(Ctx *c, int floats, Vec *lens, Vec *vals, Py_ssize_t *rows)
 {
     Py_ssize_t n = 0;
-    if (*c->p != '[')
-        return -1;
-    c->p = skip_ws(c->p + 1);
-    *c->out.o++ = '[';
-    if (*c->p == ']') {
-        c->p++;
-        *c->out.o++ = ']';
-        *rows = 0;
-        return 0;
-    }
-    for (;;) {
+    int r = list_open(c);
+    while (r == 0) {
         Py_ssize_t len;
-        if (*c->p != '[')
-            return -1;
         if (parse_flat(c, floats, &len, vals) < 0)
             return -1;
         if (vec_push(c, lens, len) < 0)
             return -1;
         n++;
-        c->p = skip_ws(c->p);
-        if (*c->p == ',') {
-            *c->out.o++ = ',';
-            c->p = skip_ws(c->p + 1);
-            continue;
-        }
-        if (*c->p == ']') {
-            *c->out.o++ = ']';
-            c->p++;
-            break;
-        }
-        return -1;
+        r = list_next(c);
     }
     *rows = n;
-    return 0;
+    return r < 0 ? -1 : 0;
 }
 
 /* A list (per sequence) of lists (positions) of lists of numbers (distill_*). */
 static int
 parse_rows3(Ctx *c, int floats, Vec *counts, Vec *inner)
 {
-    if (*c->p != '[')
-        return -1;
-    c->p = skip_ws(c->p + 1);
-    *c->out.o++ = '[';
-    if (*c->p == ']') {
-        c->p++;
-        *c->out.o++ = ']';
-        return 0;
-    }
-    for (;;) {
+    int r = list_open(c);
+    while (r == 0) {
         Py_ssize_t rows;
         if (parse_rows(c, floats, inner, NULL, &rows) < 0)
             return -1;
         if (vec_push(c, counts, rows) < 0)
             return -1;
-        c->p = skip_ws(c->p);
-        if (*c->p == ',') {
-            *c->out.o++ = ',';
-            c->p = skip_ws(c->p + 1);
-            continue;
-        }
-        if (*c->p == ']') {
-            *c->out.o++ = ']';
-            c->p++;
-            return 0;
-        }
-        return -1;
+        r = list_next(c);
     }
+    return r < 0 ? -1 : 0;
 }
 
 /* policy_versions: a list of null or 0..2**63-1. */
 static int
 parse_policy_versions(Ctx *c)
 {
-    if (*c->p != '[')
-        return -1;
-    c->p = skip_ws(c->p + 1);
-    *c->out.o++ = '[';
-    if (*c->p == ']') {
-        c->p++;
-        *c->out.o++ = ']';
-        return 0;
-    }
-    for (;;) {
+    int r = list_open(c);
+    while (r == 0) {
         const uchar *p = c->p;
         if (p[0] == 'n' && p[1] == 'u' && p[2] == 'l' && p[3] == 'l') {
             memcpy(c->out.o, "null", 4);
@@ -802,19 +800,9 @@ parse_policy_versions(Ctx *c)
             if (vec_push(c, &c->pv, v) < 0)
                 return -1;
         }
-        c->p = skip_ws(c->p);
-        if (*c->p == ',') {
-            *c->out.o++ = ',';
-            c->p = skip_ws(c->p + 1);
-            continue;
-        }
-        if (*c->p == ']') {
-            *c->out.o++ = ']';
-            c->p++;
-            return 0;
-        }
-        return -1;
+        r = list_next(c);
     }
+    return r < 0 ? -1 : 0;
 }
 
 /* A string at p (the opening quote): printable ASCII without escapes only. */
@@ -870,12 +858,11 @@ skip_value(const uchar *p, int depth)
 {
     if (depth > MAX_DEPTH)
         return NULL;
+    int r;
     switch (*p) {
     case '{':
-        p = skip_ws(p + 1);
-        if (*p == '}')
-            return p + 1;
-        for (;;) {
+        r = seq_open(&p, '{', '}');
+        while (r == 0) {
             if (*p != '"' || (p = skip_plain_string(p)) == NULL)
                 return NULL;
             p = skip_ws(p);
@@ -884,31 +871,17 @@ skip_value(const uchar *p, int depth)
             p = skip_ws(p + 1);
             if ((p = skip_value(p, depth + 1)) == NULL)
                 return NULL;
-            p = skip_ws(p);
-            if (*p == ',') {
-                p = skip_ws(p + 1);
-                continue;
-            }
-            if (*p == '}')
-                return p + 1;
-            return NULL;
+            r = seq_next(&p, '}');
         }
+        return r < 0 ? NULL : p;
     case '[':
-        p = skip_ws(p + 1);
-        if (*p == ']')
-            return p + 1;
-        for (;;) {
+        r = seq_open(&p, '[', ']');
+        while (r == 0) {
             if ((p = skip_value(p, depth + 1)) == NULL)
                 return NULL;
-            p = skip_ws(p);
-            if (*p == ',') {
-                p = skip_ws(p + 1);
-                continue;
-            }
-            if (*p == ']')
-                return p + 1;
-            return NULL;
+            r = seq_next(&p, ']');
         }
+        return r < 0 ? NULL : p;
     case '"':
         return skip_plain_string(p);
     case 't':
@@ -944,8 +917,6 @@ parse_field(Ctx *c, int id)
     case F_MASKS:
         return parse_rows(c, 0, &c->lens[F_MASKS], c->want ? &c->maskvals : NULL, &count);
     case F_SCORES:
-        if (*c->p != '[')
-            return -1;
         return parse_flat(c, 1, &c->scores_n, NULL);
     case F_ADVANTAGES:
     case F_REF_LOGPROBS:
@@ -1009,12 +980,10 @@ check_group(Ctx *c)
 static int
 parse_group(Ctx *c, int depth)
 {
-    if (*c->p != '{')
-        return -1;
-    c->p = skip_ws(c->p + 1);
-    if (*c->p == '}')
-        return -1; /* tokens, masks and scores are required */
-    for (;;) {
+    int r = seq_open(&c->p, '{', '}');
+    if (r != 0)
+        return -1; /* not an object, or {}: tokens, masks and scores are required */
+    while (r == 0) {
         const uchar *key = c->p;
         const uchar *after;
         if (*key != '"' || (after = skip_plain_string(key)) == NULL)
@@ -1049,17 +1018,10 @@ parse_group(Ctx *c, int depth)
                 return -1;
             c->p = p;
         }
-        c->p = skip_ws(c->p);
-        if (*c->p == ',') {
-            c->p = skip_ws(c->p + 1);
-            continue;
-        }
-        if (*c->p == '}') {
-            c->p++;
-            break;
-        }
-        return -1;
+        r = seq_next(&c->p, '}');
     }
+    if (r < 0)
+        return -1;
     const unsigned required = (1u << F_TOKENS) | (1u << F_MASKS) | (1u << F_SCORES);
     if ((c->present & required) != required)
         return -1;
@@ -1260,41 +1222,29 @@ canonical_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (read_args(args, nargs, "canonical_groups", &c) < 0)
         return NULL;
     c.p = skip_ws(c.p);
-    if (*c.p != '[')
+    int r = seq_open(&c.p, '[', ']');
+    if (r < 0)
         return decline(&c);
-    c.p = skip_ws(c.p + 1);
     PyObject *list = PyList_New(0);
     if (list == NULL) {
         ctx_free(&c);
         return NULL;
     }
-    if (*c.p == ']') {
-        c.p++;
-    }
-    else {
-        for (;;) {
-            ctx_reset(&c);
-            if (parse_group(&c, 2) < 0)
-                goto declined;
-            PyObject *item = build_result(&c);
-            if (item == NULL)
-                goto error;
-            int rc = PyList_Append(list, item);
-            Py_DECREF(item);
-            if (rc < 0)
-                goto error;
-            c.p = skip_ws(c.p);
-            if (*c.p == ',') {
-                c.p = skip_ws(c.p + 1);
-                continue;
-            }
-            if (*c.p == ']') {
-                c.p++;
-                break;
-            }
+    while (r == 0) {
+        ctx_reset(&c);
+        if (parse_group(&c, 2) < 0)
             goto declined;
-        }
+        PyObject *item = build_result(&c);
+        if (item == NULL)
+            goto error;
+        int rc = PyList_Append(list, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            goto error;
+        r = seq_next(&c.p, ']');
     }
+    if (r < 0)
+        goto declined;
     c.p = skip_ws(c.p);
     if (c.p != c.end)
         goto declined;

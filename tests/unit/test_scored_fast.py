@@ -92,36 +92,24 @@ def assert_same(got: tuple, expected: tuple, body: bytes, exact: bool) -> None:
         assert same_but_float_spelling(got[0], expected[0]), (body[:300], got[0][:300], expected[0][:300])
 
 
-def check_one(fast, body: bytes, *, must_handle: bool = False, exact: bool = True) -> tuple | None:
-    """canonical_group(body) is None or equals the Python path (which then accepts).
+def check(fast, body: bytes, *, many: bool = False, must_handle: bool = False, exact: bool = True) -> tuple | list | None:
+    """canonical_group(body) (canonical_groups(body) when `many`: a list of groups) is
+    None or equals the Python path (which then accepts), group by group.
     exact=False allows the documented float spelling exception (mutated digits)."""
     want = random.random() < 0.5
-    got = fast.canonical_group(body, want)
+    what = "a list" if many else "a body"
+    got = (fast.canonical_groups if many else fast.canonical_group)(body, want)
     if must_handle:
-        assert got is not None, f"the fast path declined a body written by json: {body[:300]!r}"
+        assert got is not None, f"the fast path declined {what} written by json: {body[:300]!r}"
     if got is not None:
         try:
-            group = parse_scored_data(body)
+            groups = parse_scored_data_list(body) if many else [parse_scored_data(body)]
         except ScoredDataInvalid as exc:
-            raise AssertionError(f"fast path accepted a body Python rejects ({exc}): {body[:300]!r}")
-        assert_same(got, summary(group, want), body, exact)
-    return got
-
-
-def check_many(fast, body: bytes, *, must_handle: bool = False, exact: bool = True) -> list | None:
-    want = random.random() < 0.5
-    got = fast.canonical_groups(body, want)
-    if must_handle:
-        assert got is not None, f"the fast path declined a list written by json: {body[:300]!r}"
-    if got is not None:
-        try:
-            groups = parse_scored_data_list(body)
-        except ScoredDataInvalid as exc:
-            raise AssertionError(f"fast path accepted a list Python rejects ({exc}): {body[:300]!r}")
-        expected = [summary(g, want) for g in groups]
-        assert len(got) == len(expected)
-        for one, other in zip(got, expected):
-            assert_same(one, other, body, exact)
+            raise AssertionError(f"fast path accepted {what} Python rejects ({exc}): {body[:300]!r}")
+        answers = got if many else [got]
+        assert len(answers) == len(groups)
+        for one, group in zip(answers, groups):
+            assert_same(one, summary(group, want), body, exact)
     return got
 
 
@@ -236,7 +224,7 @@ def test_json_bodies_are_handled_and_equal_the_python_path(fast):
     random.seed(99)
     for _ in range(400):
         body = dumps(rand_group(rng), rng)
-        check_one(fast, body, must_handle=True)
+        check(fast, body, must_handle=True)
 
 
 def test_lists_are_handled_and_equal_the_python_path(fast):
@@ -246,7 +234,7 @@ def test_lists_are_handled_and_equal_the_python_path(fast):
     assert fast.canonical_groups(b" [ ] \n", True) == []
     for _ in range(60):
         body = dumps([rand_group(rng) for _ in range(rng.randint(1, 4))], rng)
-        got = check_many(fast, body, must_handle=True)
+        got = check(fast, body, many=True, must_handle=True)
         assert len(got) == len(json.loads(body))
     # One group outside the domain declines the whole list (the Python path decides).
     good = {"tokens": [[1]], "masks": [[1]], "scores": [1.0]}
@@ -285,7 +273,7 @@ def test_other_spellings_of_floats_give_repr(fast):
         lit = respell(x, rng)
         assert float(lit) == x, (lit, x)
         body = b'{"tokens":[[1]],"masks":[[1]],"scores":[%s]}' % lit.encode()
-        got = check_one(fast, body, must_handle=True)
+        got = check(fast, body, must_handle=True)
         assert got[0].split(b'"scores":[')[1].split(b"]")[0] == repr(x).encode()
     for lit, expected in [
         ("5", "5.0"), ("-5", "-5.0"), ("0", "0.0"), ("1E5", "100000.0"), ("1e+16", "1e+16"),
@@ -295,7 +283,7 @@ def test_other_spellings_of_floats_give_repr(fast):
         ("123456789012345", "123456789012345.0"), ("1e22", "1e+22"), ("12.5e-1", "1.25"),
     ]:
         body = b'{"tokens":[[1]],"masks":[[1]],"scores":[%s]}' % lit.encode()
-        got = check_one(fast, body, must_handle=True)
+        got = check(fast, body, must_handle=True)
         assert b'"scores":[%s]' % expected.encode() in got[0], (lit, got[0][:80])
 
 
@@ -463,7 +451,7 @@ def test_bodies_left_to_python_are_declined(fast, name):
 def test_int32_edges(fast):
     for value in (I32_MAX, I32_MIN, I32_MAX - 8, I32_MIN + 9, 1999999999, -1999999999, 1000000000, 0, -1):
         body = json.dumps({"tokens": [[value, 5]], "masks": [[value, -100]], "scores": [1]}).encode()
-        got = check_one(fast, body, must_handle=True)
+        got = check(fast, body, must_handle=True)
         assert fast.canonical_group(body, True)[4] == ((value,) if value != -100 else (),)
         assert got[0].startswith(b'{"tokens":[[%d,5]]' % value)
 
@@ -478,16 +466,16 @@ def test_output_longer_than_input(fast):
         '{"tokens":[[%s]],"masks":[[%s]],"scores":[1e15],"advantages":[[%s]],'
         '"distill_token_ids":[[[1]]],"distill_logprobs":[[[1E-4]]]}' % (",".join(["7"] * n), ",".join(["7"] * n), logprobs)
     ).encode()
-    got = check_one(fast, body, must_handle=True)
+    got = check(fast, body, must_handle=True)
     assert len(got[0]) > 1.5 * len(body)
-    check_many(fast, b"[" + b",".join([body] * 3) + b"]", must_handle=True)
+    check(fast, b"[" + b",".join([body] * 3) + b"]", many=True, must_handle=True)
 
 
 def test_depth_limit_and_unknown_values(fast):
     ok = B + b',"x":' + b"[" * 60 + b"]" * 60 + b"}"
-    assert check_one(fast, ok) is not None
+    assert check(fast, ok) is not None
     nested = B + b',"x":{"a":[1,-2.5e-3,true,false,null,"s",{"b":{}}],"c":[]},"y":""}'
-    assert check_one(fast, nested, must_handle=True) is not None
+    assert check(fast, nested, must_handle=True) is not None
 
 
 def test_float_spelling_exception_keeps_the_value(fast):
@@ -530,9 +518,9 @@ def test_fuzz_never_crashes_and_agrees(fast):
     for i in range(3000):
         body = mutate(rng.choice(seeds), rng)
         if i % 5 == 0:
-            accepted += check_many(fast, b"[" + body + b"," + rng.choice(seeds) + b"]", exact=False) is not None
+            accepted += check(fast, b"[" + body + b"," + rng.choice(seeds) + b"]", many=True, exact=False) is not None
         else:
-            accepted += check_one(fast, body, exact=False) is not None
+            accepted += check(fast, body, exact=False) is not None
     assert accepted > 0  # some mutations stay valid (e.g. a digit changed)
 
 
