@@ -29,13 +29,37 @@ class SamplingOptions:
     seed: int | None = None
 
 
+# The most alternatives a request may ask for per position (OpenAI's bound on
+# `top_logprobs`), for generated tokens and prompt positions alike.
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
+    """`top_logprobs` > 0 also returns, per generated token, that many most likely tokens;
+    `prompt_top_logprobs` > 0 the same per prompt position (and implies the prompt
+    logprobs). Both under the policy's own distribution, as the sampled logprobs are."""
+
     input_ids: Sequence[int]
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     return_prompt_logprobs: bool = False
     stream: bool = False
     request_id: str = ""
+    top_logprobs: int = 0
+    prompt_top_logprobs: int = 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.return_prompt_logprobs or self.prompt_top_logprobs > 0
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The most likely tokens at one position, most likely first (empty where a position
+    has no prediction: the first prompt token)."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,8 @@ class TokenChunk:
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     version: int
+    # One per token when the request asked for top_logprobs, else empty.
+    top_logprobs: tuple[TopLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +94,10 @@ class Completion:
     version_spans: tuple[VersionSpan, ...]
     prompt_logprobs: tuple[float, ...]
     prompt_tokens: int
+    # One per output token when the request asked for top_logprobs, else empty.
+    output_top_logprobs: tuple[TopLogprobs, ...] = ()
+    # One per prompt token (the first empty) when it asked for prompt_top_logprobs.
+    prompt_top_logprobs: tuple[TopLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)

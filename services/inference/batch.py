@@ -6,6 +6,10 @@ cache rows (one prefill per request, copied into its n rows) while the running r
 their cache untouched; finished rows leave the same way. Only the engine's worker thread
 touches these objects, except `RequestState.cancelled`, which the event loop sets and the
 worker reads between steps.
+
+Logprobs, sampled and top-k alike, are the policy's own: log_softmax of the raw logits,
+whatever the request's temperature, top-k or top-p (those shape only the choice of
+token). Top-k alternatives are computed only for the rows that asked for them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from services.inference.api import Completion, FinishReason, GenerationRequest, TokenChunk, VersionSpan
+from services.inference.api import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    TokenChunk,
+    TopLogprobs,
+    VersionSpan,
+)
 from services.inference.runner import ModelRunner
 from services.inference.sampling import choose_tokens
 
@@ -44,6 +55,7 @@ class RequestState:
         self.generator = generator
         self.cancelled = False
         self.prompt_logprobs: tuple[float, ...] = ()
+        self.prompt_top_logprobs: tuple[TopLogprobs, ...] = ()
         self.outbox: list[Event] = []
         # The KV-cache tokens this request may come to hold: what it counts against the
         # batch's token bound while any of its rows run.
@@ -71,18 +83,22 @@ class SampleState:
         self.tokens = list(request.input_ids)
         self.output_ids: list[int] = []
         self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list[TopLogprobs] = []
         self.spans: list[VersionSpan] = []
         self.finish_reason: FinishReason | None = None
         self._text_searched = 0
 
-    def append(self, token: int, logprob: float, version: int) -> None:
+    def append(self, token: int, logprob: float, version: int, top: TopLogprobs | None = None) -> None:
         if not self.spans or self.spans[-1].version != version:
             self.spans.append(VersionSpan(len(self.output_ids), version))
         self.tokens.append(token)
         self.output_ids.append(token)
         self.output_logprobs.append(logprob)
+        if top is not None:
+            self.output_top_logprobs.append(top)
         if self.request.spec.stream:
-            self.request.outbox.append(TokenChunk(self.index, (token,), (logprob,), version))
+            tops = () if top is None else (top,)
+            self.request.outbox.append(TokenChunk(self.index, (token,), (logprob,), version, tops))
 
     def finish(self, reason: FinishReason, matched_stop: str = "") -> None:
         self.finish_reason = reason
@@ -96,6 +112,8 @@ class SampleState:
                 version_spans=tuple(self.spans),
                 prompt_logprobs=self.request.prompt_logprobs,
                 prompt_tokens=len(self.request.input_ids),
+                output_top_logprobs=tuple(self.output_top_logprobs),
+                prompt_top_logprobs=self.request.prompt_top_logprobs,
             )
         )
 
@@ -143,14 +161,16 @@ class Batch:
         first = self.size
         last_logits: list[torch.Tensor] = []
         for group in _length_groups(requests):
-            want_all = any(r.spec.return_prompt_logprobs for r in group)
+            want_all = any(r.spec.wants_prompt_logprobs for r in group)
             src = [i for i, r in enumerate(group) if r.max_new_tokens > 0 for _ in range(r.n)]
             dest = list(range(self.size, self.size + len(src)))
             logits = self.runner.prefill(self.cache, [r.input_ids for r in group], dest, src, all_logits=want_all)
             width = logits.shape[1]
             for i, r in enumerate(group):
-                if r.spec.return_prompt_logprobs:
-                    r.prompt_logprobs = _prompt_logprobs(logits[i, width - len(r.input_ids) :], r.input_ids)
+                if r.spec.wants_prompt_logprobs:
+                    r.prompt_logprobs, r.prompt_top_logprobs = _prompt_logprobs(
+                        logits[i, width - len(r.input_ids) :], r.input_ids, r.spec.prompt_top_logprobs
+                    )
                 for j in range(r.n):
                     sample = SampleState(r, j)
                     if r.max_new_tokens == 0:
@@ -233,10 +253,22 @@ class Batch:
         params = self._sampling_params() if first == 0 else _Params.of(samples, self.runner.device)
         tokens = choose_tokens(logits, params.temperature, params.top_p, params.top_k, params.generators, params.keys)
         # Logprobs under the policy itself (raw logits), whatever the sampling temperature.
-        logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        tops: list[TopLogprobs | None] = [None] * len(samples)
+        if params.top_rows is not None:
+            # Only the rows that asked, with the largest k any of them asked for; each
+            # row keeps its own k. Same logits minus the same logsumexp as the sampled
+            # logprob, so a sampled token among the top k has exactly its logprob there.
+            rows = params.top_rows
+            values, ids = logits[rows].topk(min(params.max_top, logits.shape[-1]), dim=-1)
+            values = values - lse[rows, None]
+            for row, row_ids, row_values in zip(params.top_row_list, ids.tolist(), values.tolist()):
+                k = params.top_counts[row]
+                tops[row] = TopLogprobs(tuple(row_ids[:k]), tuple(row_values[:k]))
         self.tokens_generated += len(samples)
-        for sample, token, logprob in zip(samples, tokens.tolist(), logprobs.tolist()):
-            sample.append(token, logprob, version)
+        for sample, token, logprob, top in zip(samples, tokens.tolist(), logprobs.tolist(), tops):
+            sample.append(token, logprob, version, top)
             self._touched[id(sample.request)] = sample.request
             self._check_finished(sample, token)
 
@@ -279,16 +311,28 @@ class _Params:
     top_k: torch.Tensor
     generators: list[torch.Generator]
     keys: list[tuple[int, int]]
+    # Per row, how many top logprobs it asked for (0 = none); the rows that asked (None
+    # when no row did), as a list and as an index tensor; the largest count.
+    top_counts: list[int]
+    top_row_list: list[int]
+    top_rows: torch.Tensor | None
+    max_top: int
 
     @classmethod
     def of(cls, samples: Sequence[SampleState], device: torch.device) -> "_Params":
         opts = [s.request.spec.sampling for s in samples]
+        counts = [s.request.spec.top_logprobs for s in samples]
+        asked = [i for i, k in enumerate(counts) if k > 0]
         return cls(
             torch.tensor([o.temperature for o in opts], dtype=torch.float32, device=device),
             torch.tensor([o.top_p for o in opts], dtype=torch.float32, device=device),
             torch.tensor([o.top_k for o in opts], dtype=torch.long, device=device),
             [s.request.generator for s in samples],
             [(s.request.seq, s.index) for s in samples],
+            counts,
+            asked,
+            torch.tensor(asked, dtype=torch.long, device=device) if asked else None,
+            max(counts, default=0),
         )
 
 
@@ -315,11 +359,22 @@ def _length_groups(requests: Sequence[RequestState], max_padding: float = 0.25) 
     return groups
 
 
-def _prompt_logprobs(logits: torch.Tensor, input_ids: Sequence[int]) -> tuple[float, ...]:
-    """Logprob of each prompt token given the ones before it; the first has no context
-    and gets 0.0. `logits` are the prompt's rows of the prefill output."""
+def _prompt_logprobs(
+    logits: torch.Tensor, input_ids: Sequence[int], top: int = 0
+) -> tuple[tuple[float, ...], tuple[TopLogprobs, ...]]:
+    """Logprob of each prompt token given the ones before it, and (when `top` > 0) the
+    `top` most likely tokens at each prompt position; the first position has no context
+    and gets 0.0 and an empty entry. `logits` are the prompt's rows of the prefill
+    output. Both come from one log_softmax, so a prompt token among the top ones has
+    exactly its logprob there."""
+    first = (TopLogprobs(),) if top > 0 else ()
     if len(input_ids) == 1:
-        return (0.0,)
+        return (0.0,), first
     targets = torch.tensor(input_ids[1:], dtype=torch.long, device=logits.device)
-    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return (0.0, *logprobs.tolist())
+    log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    logprobs = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    tops: tuple[TopLogprobs, ...] = ()
+    if top > 0:
+        values, ids = log_probs.topk(min(top, log_probs.shape[-1]), dim=-1)
+        tops = (*first, *(TopLogprobs(tuple(i), tuple(v)) for i, v in zip(ids.tolist(), values.tolist())))
+    return (0.0, *logprobs.tolist()), tops

@@ -19,6 +19,7 @@ from services.inference.api import (
     PolicyState,
     SamplingOptions,
     TokenChunk,
+    TopLogprobs,
 )
 from services.inference.engine import GenerationEngine
 from services.inference.shard_set import ShardSet
@@ -73,7 +74,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     yield pb.GenerateResponse(
                         index=event.index,
                         chunk=pb.TokenChunk(
-                            token_ids=event.token_ids, logprobs=event.logprobs, version=event.version
+                            token_ids=event.token_ids,
+                            logprobs=event.logprobs,
+                            version=event.version,
+                            top_logprobs=top_logprobs_protos(event.top_logprobs),
                         ),
                     )
                 else:
@@ -153,6 +157,8 @@ def generation_request(msg: pb.GenerateRequest) -> GenerationRequest:
         return_prompt_logprobs=msg.return_prompt_logprobs,
         stream=msg.stream,
         request_id=msg.request_id,
+        top_logprobs=msg.top_logprobs,
+        prompt_top_logprobs=msg.prompt_top_logprobs,
     )
 
 
@@ -165,7 +171,13 @@ def completion_proto(c: Completion) -> pb.Completion:
         version_spans=[policy_pb2.VersionSpan(start_token=s.start_token, version=s.version) for s in c.version_spans],
         prompt_logprobs=c.prompt_logprobs,
         prompt_tokens=c.prompt_tokens,
+        output_top_logprobs=top_logprobs_protos(c.output_top_logprobs),
+        prompt_top_logprobs=top_logprobs_protos(c.prompt_top_logprobs),
     )
+
+
+def top_logprobs_protos(tops: tuple[TopLogprobs, ...]) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(token_ids=t.token_ids, logprobs=t.logprobs) for t in tops]
 
 
 def policy_proto(p: PolicyState) -> policy_pb2.PolicyVersion:

@@ -5,6 +5,13 @@ Generation: `POST /generate` with `input_ids`, `sampling_params`, `return_logpro
 `meta_info.output_token_logprobs` (cumulative by default, incremental with
 `--stream-output`: both are read), `meta_info.finish_reason`, and the weight version:
 `meta_info.weight_versions` spans where the server has them, else `weight_version`.
+Prompt logprobs come from `logprob_start_len: 0` as `meta_info.input_token_logprobs`
+(first entry None). Top-k alternatives: `top_logprobs_num` (one k for the prompt and
+the output: the larger of the request's two, each list then cut to its own k) returns
+`meta_info.output_top_logprobs` (per generated token, cumulative or incremental as
+output_token_logprobs) and `input_top_logprobs` (per prompt position, first entry None),
+each position a list of [logprob, token_id, text]. The logprobs are whatever the SGLang
+server computes (the raw policy's only where it returns original logprobs).
 
 Weight updates follow the trainer's protocol (ARCHITECTURE.md section 2) with SGLang
 receiving the broadcast itself:
@@ -57,6 +64,7 @@ from services.inference.api import (
     GenerationRequest,
     PolicyState,
     TokenChunk,
+    TopLogprobs,
     VersionSpan,
 )
 from services.inference.sglang_process import SGLangProcess, wait_healthy
@@ -542,6 +550,8 @@ class _Sample:
     spans: list[VersionSpan] = field(default_factory=list)
     prompt_logprobs: tuple[float, ...] = ()
     prompt_tokens: int = 0
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_top_logprobs: tuple[TopLogprobs, ...] = ()
     done: bool = False
 
 
@@ -583,9 +593,12 @@ class SGLangStream:
         }
         body: dict[str, Any] = {
             "return_logprob": True,
-            "logprob_start_len": 0 if self.request.return_prompt_logprobs else -1,
+            "logprob_start_len": 0 if self.request.wants_prompt_logprobs else -1,
             "stream": True,
         }
+        top = max(self.request.top_logprobs, self.request.prompt_top_logprobs)
+        if top > 0:
+            body["top_logprobs_num"] = top
         ids = list(self.request.input_ids)
         if opts.seed is not None and self._n > 1:
             # One seed for n parallel samples would make them identical: a batch of n
@@ -638,29 +651,45 @@ class SGLangStream:
         lps = [float(x[0]) if x and x[0] is not None else 0.0 for x in meta.get("output_token_logprobs") or []]
         new_lps = lps[seen:] if len(lps) == total and len(lps) >= seen else lps
         new_lps = (new_lps + [0.0] * len(new_ids))[: len(new_ids)]
+        k = self.request.top_logprobs
+        new_tops: list[TopLogprobs] = []
+        if k > 0:
+            tops = [_top_logprobs(x, k) for x in meta.get("output_top_logprobs") or []]
+            new_tops = tops[seen:] if len(tops) == total and len(tops) >= seen else tops
+            new_tops = (new_tops + [TopLogprobs()] * len(new_ids))[: len(new_ids)]
         if meta.get("input_token_logprobs"):
             sample.prompt_logprobs = tuple(
                 float(x[0]) if x and x[0] is not None else 0.0 for x in meta["input_token_logprobs"]
             )
+        k_prompt = self.request.prompt_top_logprobs
+        if k_prompt > 0 and meta.get("input_top_logprobs"):
+            prompt_tops = [_top_logprobs(x, k_prompt) for x in meta["input_top_logprobs"]]
+            # One entry per prompt position; any SGLang leaves out are the first ones.
+            missing = len(self.request.input_ids) - len(prompt_tops)
+            sample.prompt_top_logprobs = (*[TopLogprobs()] * max(0, missing), *prompt_tops)
         sample.prompt_tokens = int(meta.get("prompt_tokens", sample.prompt_tokens) or 0)
         out: list[TokenChunk | Completion] = []
         run_ids: list[int] = []
         run_lps: list[float] = []
+        run_tops: list[TopLogprobs] = []
         run_version: int | None = None
-        for k, (token, lp) in enumerate(zip(new_ids, new_lps)):
-            version = self._version_at(meta, seen + k)
+        for j, (token, lp) in enumerate(zip(new_ids, new_lps)):
+            version = self._version_at(meta, seen + j)
             if not sample.spans or sample.spans[-1].version != version:
-                sample.spans.append(VersionSpan(seen + k, version))
+                sample.spans.append(VersionSpan(seen + j, version))
             if run_version is not None and version != run_version:
-                out.append(TokenChunk(sample.index, tuple(run_ids), tuple(run_lps), run_version))
-                run_ids, run_lps = [], []
+                out.append(TokenChunk(sample.index, tuple(run_ids), tuple(run_lps), run_version, tuple(run_tops)))
+                run_ids, run_lps, run_tops = [], [], []
             run_version = version
             run_ids.append(int(token))
             run_lps.append(lp)
+            if new_tops:
+                run_tops.append(new_tops[j])
         sample.output_ids += [int(t) for t in new_ids]
         sample.logprobs += new_lps
+        sample.output_top_logprobs += new_tops
         if run_ids and self.request.stream and run_version is not None:
-            out.append(TokenChunk(sample.index, tuple(run_ids), tuple(run_lps), run_version))
+            out.append(TokenChunk(sample.index, tuple(run_ids), tuple(run_lps), run_version, tuple(run_tops)))
         if not self.request.stream:
             out = []
         finish = meta.get("finish_reason")
@@ -690,14 +719,26 @@ class SGLangStream:
             finish_reason=reason,
             matched_stop=matched,
             version_spans=tuple(sample.spans) or (VersionSpan(0, self.shard.policy.version),),
-            prompt_logprobs=sample.prompt_logprobs if self.request.return_prompt_logprobs else (),
+            prompt_logprobs=sample.prompt_logprobs if self.request.wants_prompt_logprobs else (),
             prompt_tokens=sample.prompt_tokens or len(self.request.input_ids),
+            output_top_logprobs=tuple(sample.output_top_logprobs),
+            prompt_top_logprobs=sample.prompt_top_logprobs,
         )
 
     def _release(self) -> None:
         if self._open:
             self._open = False
             self.shard._load -= self._n
+
+
+def _top_logprobs(entries: list | None, k: int) -> TopLogprobs:
+    """One position of SGLang's output_top_logprobs / input_top_logprobs (a list of
+    [logprob, token_id, text], or None where the position has none), most likely first,
+    cut to `k`."""
+    pairs = [(float(e[0]), int(e[1])) for e in entries or () if e and e[0] is not None]
+    pairs.sort(key=lambda pair: -pair[0])
+    pairs = pairs[:k]
+    return TopLogprobs(tuple(t for _, t in pairs), tuple(lp for lp, _ in pairs))
 
 
 def _generate_error(status: int, text: str, shard: str) -> ClothoError:

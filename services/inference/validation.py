@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.common.weight_transfer import Manifest
-from services.inference.api import GenerationRequest
+from services.inference.api import MAX_TOP_LOGPROBS, GenerationRequest
 
 
 def resolve_max_new_tokens(
@@ -36,6 +36,9 @@ def resolve_max_new_tokens(
         raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
     if not 1 <= opts.n <= max_n:
         raise InvalidArgument(f"n must be between 1 and max_batch_size {max_n}, got {opts.n}")
+    for name, k in (("top_logprobs", request.top_logprobs), ("prompt_top_logprobs", request.prompt_top_logprobs)):
+        if not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {k}")
     room = max_context_len - len(ids)
     if room < 0:
         raise InvalidArgument(f"prompt has {len(ids)} tokens, more than max_context_len {max_context_len}")

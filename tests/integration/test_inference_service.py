@@ -183,6 +183,63 @@ async def test_generate_end_to_end(stub, trainer, tiny_model_dir):
     assert "input_ids[1] = 999" in err.value.details()
 
 
+async def test_top_logprobs_end_to_end(stub, trainer):
+    """Top-k alternatives per generated token (streamed and final) and per prompt
+    position, equal to torch.topk(log_softmax(logits)) of the weights served."""
+    k, k_prompt, steps = 5, 4, 6
+    request = pb.GenerateRequest(
+        input_ids=SEQUENCE,
+        sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=steps, n=2, ignore_eos=True),
+        stream=True,
+        top_logprobs=k,
+        prompt_top_logprobs=k_prompt,
+    )
+    chunk_tops: dict[int, list[pb.TopLogprobs]] = {0: [], 1: []}
+    completions = {}
+    async for r in stub.Generate(request):
+        if r.WhichOneof("payload") == "chunk":
+            assert len(r.chunk.top_logprobs) == len(r.chunk.token_ids)
+            chunk_tops[r.index] += list(r.chunk.top_logprobs)
+        else:
+            completions[r.index] = r.completion
+
+    expected = trainer.local_greedy(trainer.weights, SEQUENCE, steps)
+    trainer.model.load_state_dict(trainer.weights, strict=False)
+    with torch.no_grad():
+        ref = torch.log_softmax(trainer.model(torch.tensor([SEQUENCE + expected])).logits[0].float(), -1)
+    for i in (0, 1):
+        c = completions[i]
+        assert list(c.output_ids) == expected
+        assert list(c.output_top_logprobs) == chunk_tops[i] and len(c.output_top_logprobs) == steps
+        for t, top in enumerate(c.output_top_logprobs):
+            values, ids = ref[len(SEQUENCE) - 1 + t].topk(k)
+            assert list(top.token_ids) == ids.tolist()
+            assert list(top.logprobs) == pytest.approx(values.tolist(), abs=1e-4)
+            # Greedy: the sampled token heads the list, with exactly its logprob.
+            assert top.token_ids[0] == c.output_ids[t] and top.logprobs[0] == c.output_logprobs[t]
+        assert len(c.prompt_top_logprobs) == len(c.prompt_logprobs) == len(SEQUENCE)
+        assert list(c.prompt_top_logprobs[0].token_ids) == [] and c.prompt_logprobs[0] == 0.0
+        for pos in range(1, len(SEQUENCE)):
+            values, ids = ref[pos - 1].topk(k_prompt)
+            top = c.prompt_top_logprobs[pos]
+            assert list(top.token_ids) == ids.tolist()
+            assert list(top.logprobs) == pytest.approx(values.tolist(), abs=1e-4)
+
+    # Without the fields nothing comes back; a k above 20 is refused, naming the field.
+    request = pb.GenerateRequest(input_ids=SEQUENCE, sampling_params=pb.SamplingParams(max_new_tokens=2), stream=True)
+    for r in [r async for r in stub.Generate(request)]:
+        if r.WhichOneof("payload") == "chunk":
+            assert len(r.chunk.top_logprobs) == 0
+        else:
+            assert len(r.completion.output_top_logprobs) == len(r.completion.prompt_top_logprobs) == 0
+    for field in ("top_logprobs", "prompt_top_logprobs"):
+        bad = pb.GenerateRequest(input_ids=SEQUENCE, **{field: 21})
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [r async for r in stub.Generate(bad)]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{field} must be between 0 and 20, got 21")
+
+
 async def test_update_with_wrong_checksums_keeps_the_old_version(stub, trainer):
     before_version = await served_version(stub)
     before = await served_prompt_logprobs(stub)

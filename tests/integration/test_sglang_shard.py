@@ -4,7 +4,7 @@ process) that implements the routes the adapter drives, with SGLang's field name
 weight group and receives each flattened bucket over gloo, the way SGLang's
 init_custom_process_group and `load_format="flattened_bucket"` do.
 
-Checked: the generate request and the streamed results; the update sequence (init group
+Checked: the generate request and the streamed results (top-k logprobs included); the update sequence (init group
 with the shard's rank, pause in "retract" mode, one update per bucket in order with the
 manifest's names/dtypes/shapes, weight_version on the last, flush, continue); the
 weights SGLang rebuilds equal the trainer's; a request in flight across the commit
@@ -40,7 +40,14 @@ from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument
 from services.common.server import channel
 from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
-from services.inference.api import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk
+from services.inference.api import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    SamplingOptions,
+    TokenChunk,
+    TopLogprobs,
+)
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
 from services.inference.sglang_shard import ModelSpec, SGLangShard
@@ -116,6 +123,7 @@ class GenerateReqInput(_Strict):
     sampling_params: SamplingParams | list[SamplingParams]
     return_logprob: bool = False
     logprob_start_len: int = -1
+    top_logprobs_num: int | None = None
     stream: bool = False
 
 
@@ -127,6 +135,12 @@ def fake_token(context: list[int], version: int) -> int:
 
 def fake_logprob(token: int, version: int) -> float:
     return -0.01 * token - 0.1 * version
+
+
+def fake_top(token: int, logprob: float, num: int) -> list[list]:
+    """The stand-in's top `num` at a position whose most likely token is `token`: what
+    SGLang sends per position, [logprob, token_id, text], most likely first."""
+    return [[logprob - 0.25 * j, (token + j) % VOCAB, None] for j in range(num)]
 
 
 def sglang_style_group(
@@ -320,6 +334,12 @@ class StandIn:
         }
         if obj.logprob_start_len == 0 and obj.return_logprob:
             meta["input_token_logprobs"] = [[None if i == 0 else -0.5, t, None] for i, t in enumerate(s["ids"])]
+        if obj.return_logprob and obj.top_logprobs_num:
+            tops = [fake_top(t, lp, obj.top_logprobs_num) for lp, t in zip(s["lps"], s["out"])]
+            meta["output_top_logprobs"] = tops[-1:] if self.incremental else tops
+            if obj.logprob_start_len == 0:
+                # As SGLang: the first prompt position has no prediction (None).
+                meta["input_top_logprobs"] = [None] + [fake_top(t, -0.5, obj.top_logprobs_num) for t in s["ids"][1:]]
         return b"data: " + json.dumps({"text": "", "output_ids": ids, "meta_info": meta, "index": index}).encode() + b"\n\n"
 
 
@@ -488,6 +508,67 @@ async def test_generate_request_and_stream(standins, spec, incremental):
 
         with pytest.raises(InvalidArgument, match="outside the vocabulary"):
             shard.submit(GenerationRequest([1, 10_000]))
+    finally:
+        await shard.close()
+
+
+def expected_top(token: int, k: int, version: int = 0) -> TopLogprobs:
+    entries = fake_top(token, fake_logprob(token, version), k)
+    return TopLogprobs(tuple(e[1] for e in entries), tuple(e[0] for e in entries))
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["cumulative", "incremental"])
+async def test_top_logprobs_map_from_sglang_meta_info(standins, spec, incremental):
+    standin, url = await standins(incremental=incremental)
+    shard = SGLangShard(url, spec, name="s", startup_timeout_seconds=10)
+    await shard.start()
+    try:
+        # Different k for the output and the prompt: SGLang takes one top_logprobs_num
+        # (the larger); each list is cut to its own k. prompt_top_logprobs implies the
+        # prompt logprobs. n=2 with a seed goes out as a batch.
+        request = GenerationRequest(
+            PROMPT, SamplingOptions(max_new_tokens=5, n=2, seed=1), stream=True, top_logprobs=2, prompt_top_logprobs=3
+        )
+        chunks: dict[int, list[TopLogprobs]] = {0: [], 1: []}
+        finals: dict[int, Completion] = {}
+        async for event in shard.submit(request):
+            if isinstance(event, TokenChunk):
+                assert len(event.top_logprobs) == len(event.token_ids)
+                chunks[event.index] += event.top_logprobs
+            else:
+                finals[event.index] = event
+        [body] = standin.generate_bodies
+        assert body["top_logprobs_num"] == 3 and body["return_logprob"] is True and body["logprob_start_len"] == 0
+        expected = expected_tokens(PROMPT, 5)
+        for i in (0, 1):
+            c = finals[i]
+            assert list(c.output_ids) == expected
+            assert list(c.output_top_logprobs) == chunks[i] == [expected_top(t, 2) for t in expected]
+            # The sampled token is the stand-in's most likely one, with its logprob.
+            assert [top.logprobs[0] for top in c.output_top_logprobs] == pytest.approx(list(c.output_logprobs))
+            assert c.prompt_top_logprobs[0] == TopLogprobs() and len(c.prompt_top_logprobs) == len(PROMPT)
+            for t, top in zip(PROMPT[1:], c.prompt_top_logprobs[1:]):
+                assert top == TopLogprobs((t, (t + 1) % VOCAB, (t + 2) % VOCAB), (-0.5, -0.75, -1.0))
+            assert c.prompt_logprobs == (0.0, -0.5, -0.5, -0.5, -0.5)
+
+        # Only output top logprobs: no prompt logprobs asked, none returned.
+        request = GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=3), top_logprobs=4)
+        [c] = [e async for e in shard.submit(request)]
+        body = standin.generate_bodies[-1]
+        assert body["top_logprobs_num"] == 4 and body["logprob_start_len"] == -1
+        assert list(c.output_top_logprobs) == [expected_top(t, 4) for t in expected_tokens(PROMPT, 3)]
+        assert c.prompt_top_logprobs == () and c.prompt_logprobs == ()
+
+        # Neither: SGLang is not asked for any.
+        [c] = [e async for e in shard.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=3), stream=True))
+               if isinstance(e, Completion)]
+        assert "top_logprobs_num" not in standin.generate_bodies[-1]
+        assert c.output_top_logprobs == () and c.prompt_top_logprobs == ()
+
+        with pytest.raises(InvalidArgument, match="top_logprobs must be between 0 and 20, got 25"):
+            shard.submit(GenerationRequest(PROMPT, top_logprobs=25))
+        with pytest.raises(InvalidArgument, match="prompt_top_logprobs must be between 0 and 20, got 21"):
+            shard.submit(GenerationRequest(PROMPT, prompt_top_logprobs=21))
     finally:
         await shard.close()
 

@@ -144,13 +144,24 @@ class InferenceClient:
         await self.channel.close()
 
     async def generate(
-        self, input_ids: Sequence[int], *, return_prompt_logprobs: bool = False, **sampling: object
+        self,
+        input_ids: Sequence[int],
+        *,
+        return_prompt_logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_top_logprobs: int = 0,
+        **sampling: object,
     ) -> list[inf.Completion]:
-        """All samples' final results, ordered by sample index."""
+        """All samples' final results, ordered by sample index. `top_logprobs` /
+        `prompt_top_logprobs` (at most 20) also return that many most likely tokens per
+        generated token / prompt position (Completion.output_top_logprobs,
+        prompt_top_logprobs)."""
         request = inf.GenerateRequest(
             input_ids=list(input_ids),
             sampling_params=inf.SamplingParams(**sampling),
             return_prompt_logprobs=return_prompt_logprobs,
+            top_logprobs=top_logprobs,
+            prompt_top_logprobs=prompt_top_logprobs,
         )
         done: dict[int, inf.Completion] = {}
         async for msg in self.stub.Generate(request):
