@@ -1,6 +1,8 @@
 """SGLang-compatible `/generate`, `/health` and `/get_model_info`, forwarded to
-InferenceService over gRPC. The W3C trace context of the HTTP request is continued:
-the gateway's span is its child and the gRPC client interceptor carries it on.
+InferenceService over gRPC; `/generate` also answers vLLM's dialect (a body with
+`prompt` and neither `text` nor `input_ids`: vllm.py). The W3C trace context of the
+HTTP request is continued: the gateway's span is its child and the gRPC client
+interceptor carries it on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from grpc import aio
 from opentelemetry import trace
 
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
+from services.gateway import vllm
 from services.gateway.http_errors import error_response
 from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
 from services.gateway.request_span import RequestSpan
@@ -82,6 +85,8 @@ def generate_router(inference: InferenceClient) -> APIRouter:
             body = json.loads(await request.body())
         except ValueError as exc:
             raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+        if vllm.is_vllm_body(body):
+            return await vllm.generate(inference, body, request.headers)
         call = parse_generate(body)
         started = time.perf_counter()
         with RequestSpan("POST /generate", request.headers) as span:

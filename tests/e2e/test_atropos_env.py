@@ -10,11 +10,15 @@ the gateway:
   SGLang's native `/generate` with input_ids and reads the token logprobs (its health
   check polls `/v1/completions`);
 - server_type "openai": rollouts through the OpenAI client's
-  `/v1/chat/completions` with n and logprobs (its health check polls that route too).
+  `/v1/chat/completions` with n and logprobs (its health check polls that route too);
+- server_type "vllm": rollouts through `ManagedServer.chat_completion` too, as Atropos'
+  example GRPO trainer's users run them: its `VLLMServer` sends vLLM's `/generate`
+  body (`{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}`) and reads the
+  per-token `[{"<id>": logprob}]` lists (its health check polls `/health`).
 
-Both send the `api_key` as a bearer token, which the gateway requires on inference
-routes. The two environments (one per server type) run at once against one gateway; the
-groups of both must come out of `GatewayService.StreamBatches`, read with
+All send the `api_key` as a bearer token, which the gateway requires on inference
+routes. The three environments (one per server type) run at once against one gateway; the
+groups of all must come out of `GatewayService.StreamBatches`, read with
 `clotho.client.GatewayClient`, with the prompt masked and the sampled tokens'
 logprobs equal to the model's own. Nothing leaves loopback: wandb is disabled and
 Hugging Face runs offline.
@@ -32,7 +36,7 @@ import pytest
 
 PROMPTS = ["add 2 and 3", "say hi", "spell cat", "count to 4", "repeat ab", "name a color"]
 GROUP_SIZE = 2
-SERVER_TYPES = ("sglang", "openai")
+SERVER_TYPES = ("sglang", "openai", "vllm")
 MAX_NEW_TOKENS = 12
 TOKEN = "inference-secret"
 OFFLINE = {
@@ -85,7 +89,8 @@ def build_env_class():
         async def collect_trajectories(self, item):
             messages = [{"role": "user", "content": item}]
             sequences = []
-            if self.server.servers[0].config.server_type == "sglang":
+            if self.server.servers[0].config.server_type in ("sglang", "vllm"):
+                # Token ids and logprobs through ManagedServer (SGLangServer / VLLMServer).
                 async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
                     completion = await managed.chat_completion(
                         messages=messages, n=GROUP_SIZE, max_tokens=MAX_NEW_TOKENS, temperature=1.0
@@ -192,9 +197,10 @@ def true_logprobs(model, tokens: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.timeout(300)
-async def test_atropos_envs_in_serve_mode_feed_stream_batches(inference, hf_model, tiny_model_dir, tmp_path,
-                                                              service_process):
-    """Two environment processes at once, one per server type, against one gateway:
+async def test_atropos_envs_sglang_openai_vllm_in_serve_mode_feed_stream_batches(
+    inference, hf_model, tiny_model_dir, tmp_path, service_process
+):
+    """Three environment processes at once, one per server type, against one gateway:
     their startup (imports, Atropos' fixed 5 s pause) overlaps, and each group says
     which one sent it (group_overrides.server_type)."""
     model, tokenizer = hf_model
@@ -263,5 +269,6 @@ async def test_atropos_envs_in_serve_mode_feed_stream_batches(inference, hf_mode
                     expected = true_logprobs(model, tokens)[prompt_len - 1:]
                     torch.testing.assert_close(torch.tensor(lps[prompt_len:]), expected, atol=1e-4, rtol=1e-4)
         assert completions > 0, server_type
-    # The two environments registered apart.
-    assert {g.env_id for g in seen["sglang"]}.isdisjoint({g.env_id for g in seen["openai"]})
+    # The environments registered apart.
+    env_ids = [{g.env_id for g in seen[t]} for t in SERVER_TYPES]
+    assert sum(map(len, env_ids)) == len(set().union(*env_ids))

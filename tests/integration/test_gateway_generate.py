@@ -172,3 +172,280 @@ async def test_generate_errors_are_mapped_to_http(fake, gateway_url):
         assert (await http.get("/health")).status_code == 200
         info = (await http.get("/get_model_info")).json()
         assert info["model_path"] == fake.model_path and info["is_generation"] is True
+
+
+# ---- vLLM's /generate dialect, through a real gateway to a real inference process -----
+#
+# atroposlib's VLLMServer (server_type "vllm") posts vLLM's body to the same path:
+# `prompt` (text or {"prompt_token_ids": [...]}) and SamplingParams fields at the top
+# level. These run on the tiny model, so logprobs are checked against the model's own.
+
+VLLM_TOKEN = "vllm-inference-secret"
+AUTH = {"Authorization": f"Bearer {VLLM_TOKEN}"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def real_inference(tiny_model_dir, tmp_path_factory, service_process):
+    args = ["--model-path", str(tiny_model_dir), "--grpc-port", "0", "--grace-seconds", "1"]
+    async with service_process("services.inference", args, tmp_path_factory.mktemp("inference")) as (_, ready):
+        yield f"127.0.0.1:{ready['grpc_port']}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def vllm_url(real_inference, tmp_path_factory, service_process):
+    home = tmp_path_factory.mktemp("vllm-gateway")
+    args = ["--http-port", "0", "--grpc-port", "0", "--inference", real_inference, "--grace-seconds", "1",
+            "--inference-token", VLLM_TOKEN, "--data-dir", str(home / "store")]
+    async with service_process("services.gateway", args, home) as (_, ready):
+        yield f"http://127.0.0.1:{ready['http_port']}"
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def model_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+    """The model's own log-probability of each output token after the prompt."""
+    import torch
+
+    tokens = prompt + output
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).squeeze(-1)
+    return logp[len(prompt) - 1:].tolist()
+
+
+def model_top(model, tokens: list[int], k: int) -> list[dict[str, float]]:
+    """The model's k most likely next tokens after each prefix tokens[:p+1], as
+    {"<token id>": logprob}."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    values, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return [{str(t): v for t, v in zip(row_ids.tolist(), row_values.tolist())} for row_ids, row_values in zip(ids, values)]
+
+
+def assert_vllm_position(entry: dict, token: int, logprob: float, top: dict[str, float]) -> None:
+    """vLLM's dict for one position: the actual token first, then the top k."""
+    assert next(iter(entry)) == str(token)
+    assert entry[str(token)] == pytest.approx(logprob, abs=1e-4)
+    assert set(entry) == {str(token)} | set(top)
+    for tid, lp in top.items():
+        assert entry[tid] == pytest.approx(lp, abs=1e-4)
+
+
+async def vllm_generate(url: str, body: dict, status: int = 200) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as http:
+        r = await http.post("/generate", json=body)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+async def test_vllm_token_prompt_n2_logprobs_are_the_models(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    prompt = tokenizer.encode("add 2 and 3")
+    out = await vllm_generate(vllm_url, {
+        "prompt": {"prompt_token_ids": prompt}, "logprobs": 0, "n": 2, "max_tokens": 8, "temperature": 1.0,
+        "top_p": 1.0, "seed": 3,
+    })
+    assert set(out) == {"text", "prompt", "finish_reasons", "logprobs", "prompt_token_ids", "token_ids"}
+    assert out["prompt_token_ids"] == prompt and out["prompt"] == tokenizer.decode(prompt)
+    assert len(out["text"]) == len(out["finish_reasons"]) == len(out["logprobs"]) == len(out["token_ids"]) == 2
+    for text, reason, logprobs, ids in zip(out["text"], out["finish_reasons"], out["logprobs"], out["token_ids"]):
+        assert 1 <= len(ids) <= 8 and reason in ("stop", "length")
+        assert (reason == "length") == (len(ids) == 8 and ids[-1] != EOS)
+        # vLLM's shape: per token a list holding one dict {"<token id>": logprob}.
+        assert all(isinstance(pos, list) and len(pos) == 1 and len(pos[0]) == 1 for pos in logprobs)
+        assert [int(next(iter(pos[0]))) for pos in logprobs] == ids
+        served = [next(iter(pos[0].values())) for pos in logprobs]
+        assert served == pytest.approx(model_logprobs(model, prompt, ids), abs=1e-4)
+        # The eos that ended a sample is not in the text, as vLLM does it.
+        assert text == tokenizer.decode(ids[:-1] if reason == "stop" else ids, skip_special_tokens=True)
+
+
+async def test_vllm_text_prompt_and_vllm_defaults(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    out = await vllm_generate(vllm_url, {"prompt": "say hi", "temperature": 0.0})
+    # Without logprobs: text, prompt and finish_reasons only.
+    assert set(out) == {"text", "prompt", "finish_reasons"}
+    assert out["prompt"] == "say hi" and len(out["text"]) == 1
+    # vLLM's default max_tokens (16); the text prompt is tokenized as vLLM does.
+    out = await vllm_generate(vllm_url, {"prompt": "say hi", "ignore_eos": True, "logprobs": 3, "seed": 1})
+    assert out["prompt_token_ids"] == tokenizer.encode("say hi")
+    assert len(out["token_ids"][0]) == 16 and out["finish_reasons"] == ["length"]
+    # logprobs=3: the sampled token, then the model's 3 most likely (3 or 4 entries).
+    prompt, ids = out["prompt_token_ids"], out["token_ids"][0]
+    tops = model_top(model, prompt + ids, 3)[len(prompt) - 1: -1]
+    for entry, tok, lp, top in zip(out["logprobs"][0], ids, model_logprobs(model, prompt, ids), tops):
+        assert len(entry) == 1
+        assert_vllm_position(entry[0], tok, lp, top)
+    # A {"prompt": "..."} dict is a text prompt too.
+    out = await vllm_generate(vllm_url, {"prompt": {"prompt": "say hi"}, "max_tokens": 2, "logprobs": 0})
+    assert out["prompt_token_ids"] == tokenizer.encode("say hi") and out["prompt"] == "say hi"
+
+
+async def test_vllm_finish_reasons_length_and_stop(vllm_url, hf_model):
+    _, tokenizer = hf_model
+    prompt = {"prompt_token_ids": tokenizer.encode("count to 4")}
+    greedy = {"prompt": prompt, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+    out = await vllm_generate(vllm_url, {**greedy, "max_tokens": 6})
+    ids = out["token_ids"][0]
+    assert len(ids) == 6 and out["finish_reasons"] == ["length"]
+    assert out["text"] == [tokenizer.decode(ids, skip_special_tokens=True)]
+
+    # A stop token id: the sample ends on it (kept in the ids), its text left out.
+    stop_id = ids[2]
+    k = ids.index(stop_id)
+    out = await vllm_generate(vllm_url, {**greedy, "max_tokens": 6, "stop_token_ids": [stop_id]})
+    assert out["finish_reasons"] == ["stop"] and out["token_ids"] == [ids[: k + 1]]
+    assert out["text"] == [tokenizer.decode(ids[:k], skip_special_tokens=True)]
+
+    # A stop string: cut off, or kept with include_stop_str_in_output.
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    assert full, ids
+    stop = full[min(2, len(full) - 1)]
+    cut = full.index(stop)
+    out = await vllm_generate(vllm_url, {**greedy, "max_tokens": 6, "stop": [stop]})
+    assert out["finish_reasons"] == ["stop"] and out["text"] == [full[:cut]]
+    out = await vllm_generate(vllm_url, {**greedy, "max_tokens": 6, "stop": stop, "include_stop_str_in_output": True})
+    assert out["finish_reasons"] == ["stop"] and out["text"] == [full[: cut + 1]]
+
+
+async def test_vllm_seed_is_deterministic(vllm_url, hf_model):
+    _, tokenizer = hf_model
+    body = {"prompt": {"prompt_token_ids": tokenizer.encode("spell cat")}, "n": 2, "max_tokens": 10,
+            "temperature": 1.0, "ignore_eos": True, "logprobs": 0}
+    first = await vllm_generate(vllm_url, {**body, "seed": 42})
+    again = await vllm_generate(vllm_url, {**body, "seed": 42})
+    assert first["token_ids"] == again["token_ids"] and first["logprobs"] == again["logprobs"]
+    others = [(await vllm_generate(vllm_url, {**body, "seed": s}))["token_ids"] for s in (1, 2, 3)]
+    assert any(o != first["token_ids"] for o in others)
+
+
+async def test_vllm_and_sglang_bodies_share_the_path(vllm_url, hf_model):
+    """The same seeded request in both dialects: the same tokens; SGLang's answer keeps
+    its own shape."""
+    _, tokenizer = hf_model
+    prompt = tokenizer.encode("repeat ab")
+    out = await vllm_generate(vllm_url, {"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "seed": 9,
+                                         "logprobs": 0})
+    sglang = await vllm_generate(vllm_url, {"input_ids": prompt, "return_logprob": True,
+                                            "sampling_params": {"max_new_tokens": 6, "seed": 9}})
+    assert set(sglang) == {"text", "output_ids", "meta_info"}
+    assert sglang["output_ids"] == out["token_ids"][0]
+    assert [lp for lp, _, _ in sglang["meta_info"]["output_token_logprobs"]] == [
+        next(iter(pos[0].values())) for pos in out["logprobs"][0]
+    ]
+
+
+async def test_vllm_stream_is_one_line_of_prompt_plus_text(vllm_url, hf_model):
+    _, tokenizer = hf_model
+    body = {"prompt": "say hi", "max_tokens": 5, "seed": 4, "n": 2}
+    out = await vllm_generate(vllm_url, body)
+    async with httpx.AsyncClient(base_url=vllm_url, timeout=60, headers=AUTH) as http:
+        async with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = [line async for line in r.aiter_lines() if line]
+    assert [json.loads(line) for line in lines] == [{"text": ["say hi" + t for t in out["text"]]}]
+
+
+@pytest.mark.parametrize(
+    "body, names",
+    [
+        ({"prompt": "hi", "temperature": "hot"}, ["temperature"]),
+        ({"prompt": "hi", "presence_penalty": 0.5, "min_p": 0.1}, ["presence_penalty=0.5", "min_p=0.1"]),
+        ({"prompt": "hi", "frobnicate": 1}, ["frobnicate"]),
+        ({"prompt": "hi", "max_new_tokens": 4}, ["max_new_tokens", "max_tokens"]),
+        ({"prompt": [1, 2]}, ["prompt", "prompt_token_ids"]),
+        ({"prompt": {"prompt_token_ids": [1, -2]}}, ["prompt.prompt_token_ids[1]"]),
+        ({"prompt": "hi", "n": 0}, ["n"]),
+        ({"prompt": "hi", "best_of": 3}, ["best_of=3"]),
+    ],
+)
+async def test_vllm_bad_fields_are_400_naming_them(vllm_url, body, names):
+    out = await vllm_generate(vllm_url, body, status=400)
+    assert out["code"] == "INVALID_ARGUMENT"
+    assert all(name in out["error"] for name in names), out
+
+
+async def test_vllm_harmless_fields_are_accepted(vllm_url):
+    out = await vllm_generate(vllm_url, {
+        "prompt": "hi", "max_tokens": 2, "detokenize": False, "skip_special_tokens": False,
+        "spaces_between_special_tokens": False, "presence_penalty": 0, "min_p": 0.0, "best_of": 1,
+        "logit_bias": None, "output_kind": 2,
+    })
+    assert out["text"] == [""]  # detokenize false: no text, as vLLM
+
+
+async def test_vllm_dialect_needs_the_inference_token(vllm_url):
+    async with httpx.AsyncClient(base_url=vllm_url, timeout=60) as http:
+        r = await http.post("/generate", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 401
+        assert (await http.get("/health")).status_code == 200  # VLLMServer's health check
+
+
+async def test_vllm_completions_leave_version_receipts(vllm_url):
+    """Scored data whose completion the vLLM dialect served is attributed through its
+    receipt (clotho_gateway_versions_attributed{source="receipt"})."""
+    prompt = [5, 6, 7]
+    out = await vllm_generate(vllm_url, {"prompt": {"prompt_token_ids": prompt}, "n": 2, "max_tokens": 5,
+                                         "seed": 5, "logprobs": 0})
+    async with httpx.AsyncClient(base_url=vllm_url, timeout=60, headers=AUTH) as http:
+        r = await http.post("/register", json={
+            "wandb_group": "g", "wandb_project": "p", "batch_size": 2, "max_token_len": 64, "checkpoint_dir": "/c",
+            "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 10,
+        })
+        assert r.status_code == 200, r.text
+        r = await http.post("/scored_data", json={
+            "tokens": [prompt + ids for ids in out["token_ids"]],
+            "masks": [[-100] * len(prompt) + ids for ids in out["token_ids"]],
+            "scores": [1.0, 0.0],
+        })
+        assert r.status_code == 200, r.text
+        metrics = (await http.get("/metrics")).text
+    line = next(line for line in metrics.splitlines()
+                if line.startswith("clotho_gateway_versions_attributed") and 'receipt' in line)
+    assert float(line.split()[-1]) == 2.0, line
+
+
+async def test_atroposlib_vllm_server_against_the_gateway(vllm_url, hf_model, tiny_model_dir):
+    """atroposlib's own VLLMServer (server_type "vllm"): its health check, its
+    tokens_and_logprobs_completion (what ManagedServer calls) and its get_logprobs."""
+    from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+    from atroposlib.envs.server_handling.vllm_server import VLLMServer
+
+    model, tokenizer = hf_model
+    server = VLLMServer(APIServerConfig(
+        server_type="vllm", base_url=f"{vllm_url}/v1", api_key=VLLM_TOKEN, model_name="tiny",
+        tokenizer_name=str(tiny_model_dir), timeout=60,
+    ))
+    try:
+        prompt_tokens, outputs, logprobs, reasons = await server.tokens_and_logprobs_completion(
+            prompt="name a color", n=2, max_tokens=6, temperature=1.0, stop=["?"],
+        )
+        assert server.server_healthy  # its GET /health answered
+        assert prompt_tokens == tokenizer.encode("name a color")
+        assert len(outputs) == len(logprobs) == len(reasons) == 2
+        for ids, lps, reason in zip(outputs, logprobs, reasons):
+            assert 1 <= len(ids) <= 6 and len(lps) == len(ids) and reason in ("stop", "length")
+            assert lps == pytest.approx(model_logprobs(model, prompt_tokens, ids), abs=1e-4)
+
+        ids = tokenizer.encode("spell cat")
+        payload = await server.get_logprobs(input_ids=ids, top_k=2)
+        assert payload["prompt_tokens"] == ids
+        # Per prompt position: the prompt token, then the model's 2 most likely.
+        assert payload["prompt_topk_token_ids"][0] == [] and payload["prompt_topk_logprobs"][0] == []
+        expected = model_logprobs(model, ids[:1], ids[1:])
+        tops = model_top(model, ids, 2)[:-1]
+        for p in range(1, len(ids)):
+            entry = dict(zip(map(str, payload["prompt_topk_token_ids"][p]), payload["prompt_topk_logprobs"][p]))
+            assert_vllm_position(entry, ids[p], expected[p - 1], tops[p - 1])
+    finally:
+        if getattr(server, "check_task", None) is not None:
+            server.check_task.cancel()
