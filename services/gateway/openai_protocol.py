@@ -5,8 +5,18 @@ Requests are validated strictly (a bool is not an integer) and every problem nam
 field, as OpenAI's `param` does. Parameters the engine cannot honour are refused with
 400 when ignoring them would change the result (`logit_bias`, `suffix`, `best_of` > n,
 structured `response_format`); penalties are accepted and ignored, as the engine has
-none. The engine reports only the sampled tokens' logprobs, so `top_logprobs` lists
-hold at most that token.
+none.
+
+Logprobs are the policy's own (before temperature, top-k and top-p), the sampled
+token's and its alternatives alike, from the engine's top-k logprobs (at most 20 per
+position). Chat: `logprobs: true, top_logprobs: k` gives each `logprobs.content[j]`
+the k most likely tokens, most likely first, as `{token, logprob, bytes}`. Legacy
+completions: `logprobs: k` gives each `top_logprobs[j]` a `{token: logprob}` dict of
+the k most likely tokens plus the sampled one (k or k + 1 entries, as OpenAI: 0 gives
+the sampled token alone); with `echo`, the prompt positions too (None for the first).
+A token's string is the token decoded alone, special tokens kept. Should the engine
+return no alternatives for a position (an inference service that predates them), that
+position lists the sampled token alone.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -200,6 +210,11 @@ class CompletionRequest(_Sampling):
     def max_new_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
 
+    @property
+    def top_logprobs_k(self) -> int:
+        """Alternatives per generated token (and echoed prompt position) to ask for."""
+        return self.logprobs or 0
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
@@ -268,11 +283,48 @@ class ChatCompletionRequest(_Sampling):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def top_logprobs_k(self) -> int:
+        """Alternatives per generated token to ask for."""
+        return (self.top_logprobs or 0) if self.logprobs else 0
+
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template(f"messages[{i}]") for i, m in enumerate(self.messages)]
 
 
 # ---- results -------------------------------------------------------------------
+
+
+# One position's alternatives: (token string, logprob), most likely first.
+Alternatives = list[tuple[str, float]]
+
+
+class TokenStrings:
+    """Token id -> the token's string as logprobs show it (decoded alone, special
+    tokens kept), each id decoded once: alternatives name the same few ids over and
+    over. Tokenizer thread only."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def alternatives(self, tops: Sequence[pb.TopLogprobs], count: int, k: int) -> list[Alternatives | None]:
+        """The k most likely tokens at each of `count` positions (None where `tops`
+        has no entry)."""
+        out: list[Alternatives | None] = []
+        for i in range(count):
+            top = tops[i] if i < len(tops) else None
+            if top is None or not top.token_ids:
+                out.append(None)
+            else:
+                out.append([(self(t), lp) for t, lp in zip(top.token_ids[:k], top.logprobs[:k])])
+        return out
 
 
 @dataclass
@@ -287,6 +339,9 @@ class Rendered:
     logprobs: list[float] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
+    # Per kept token, its alternatives (token string, logprob), most likely first, when
+    # top logprobs were asked for; None where the engine sent none.
+    alternatives: list[Alternatives | None] = field(default_factory=list)
     completion_tokens: int = 0
 
 
@@ -312,10 +367,18 @@ def stop_cut(text: str, completion: pb.Completion, stops: list[str], no_stop_tri
 
 
 def render(
-    tokenizer: Any, completion: pb.Completion, stops: list[str], skip_special: bool, no_stop_trim: bool, with_tokens: bool
+    tokenizer: Any,
+    completion: pb.Completion,
+    stops: list[str],
+    skip_special: bool,
+    no_stop_trim: bool,
+    with_tokens: bool,
+    top_logprobs: int = 0,
+    strings: TokenStrings | None = None,
 ) -> Rendered:
     """Decode a Completion (runs in the tokenizer thread). With a stop string the text
-    is cut before it and the tokens past the cut are left out of the logprobs."""
+    is cut before it and the tokens past the cut are left out of the logprobs. With
+    `top_logprobs` k, each kept token's k most likely alternatives too."""
     ids = list(completion.output_ids)
     text = tokenizer.decode(ids, skip_special_tokens=skip_special)
     cut = stop_cut(text, completion, stops, no_stop_trim)
@@ -328,6 +391,7 @@ def render(
         completion_tokens=len(ids),
     )
     if with_tokens:
+        strings = strings or TokenStrings(tokenizer)
         offset = 0
         for tok, lp in zip(ids, completion.output_logprobs):
             if cut is not None and offset >= cut:
@@ -335,32 +399,77 @@ def render(
             piece = tokenizer.decode([tok], skip_special_tokens=skip_special)
             out.token_ids.append(tok)
             out.logprobs.append(lp)
-            out.tokens.append(tokenizer.decode([tok], skip_special_tokens=False))
+            out.tokens.append(strings(tok))
             out.pieces.append(piece)
             offset += len(piece)
+        if top_logprobs > 0:
+            out.alternatives = strings.alternatives(completion.output_top_logprobs, len(out.token_ids), top_logprobs)
     return out
 
 
-def token_strings(tokenizer: Any, ids: list[int], skip_special: bool) -> tuple[list[str], list[str]]:
+def token_strings(
+    tokenizer: Any, ids: list[int], skip_special: bool, strings: TokenStrings | None = None
+) -> tuple[list[str], list[str]]:
     """(token strings, text pieces) of ids, for logprobs (tokenizer thread)."""
+    strings = strings or TokenStrings(tokenizer)
     return (
-        [tokenizer.decode([t], skip_special_tokens=False) for t in ids],
+        [strings(t) for t in ids],
         [tokenizer.decode([t], skip_special_tokens=skip_special) for t in ids],
     )
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float], top: int | None) -> dict[str, Any]:
-    """`choices[i].logprobs` of a chat completion."""
+def stream_tokens(
+    strings: TokenStrings, ids: list[int], skip_special: bool, tops: Sequence[pb.TopLogprobs], k: int
+) -> tuple[list[str], list[str], list[Alternatives | None] | None]:
+    """(token strings, text pieces, alternatives or None) of a streamed run of tokens
+    whose top logprobs are `tops` (tokenizer thread)."""
+    tokens, pieces = token_strings(strings.tokenizer, ids, skip_special, strings)
+    return tokens, pieces, strings.alternatives(tops, len(ids), k) if k > 0 else None
+
+
+def _chat_token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(
+    tokens: list[str],
+    logprobs: list[float],
+    top: int | None,
+    alternatives: Sequence[Alternatives | None] | None = None,
+) -> dict[str, Any]:
+    """`choices[i].logprobs` of a chat completion: per token its `top` most likely
+    alternatives (the sampled token alone where `alternatives` has none)."""
     content = []
-    for tok, lp in zip(tokens, logprobs):
-        entry = {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
-        entry["top_logprobs"] = [dict(entry)] if top else []
+    for j, (tok, lp) in enumerate(zip(tokens, logprobs)):
+        entry = _chat_token(tok, lp)
+        alts = alternatives[j] if alternatives is not None and j < len(alternatives) else None
+        if not top:
+            entry["top_logprobs"] = []
+        elif alts is None:
+            entry["top_logprobs"] = [_chat_token(tok, lp)]
+        else:
+            entry["top_logprobs"] = [_chat_token(t, v) for t, v in alts[:top]]
         content.append(entry)
     return {"content": content, "refusal": None}
 
 
+def _legacy_top(token: str, logprob: float, alts: Alternatives | None) -> dict[str, float]:
+    """One position of a legacy completion's top_logprobs: the alternatives, most
+    likely first, then the sampled token if it is not among them (a token string two
+    ids share keeps the likelier one's logprob)."""
+    out: dict[str, float] = {}
+    for t, v in alts or ():
+        out.setdefault(t, v)
+    out.setdefault(token, logprob)
+    return out
+
+
 def completion_logprobs(
-    tokens: list[str], pieces: list[str], logprobs: list[float | None], start_offset: int = 0
+    tokens: list[str],
+    pieces: list[str],
+    logprobs: list[float | None],
+    start_offset: int = 0,
+    alternatives: Sequence[Alternatives | None] | None = None,
 ) -> dict[str, Any]:
     """`choices[i].logprobs` of a legacy completion; a None logprob (the first prompt
     token of an echo) has no top entry."""
@@ -369,10 +478,14 @@ def completion_logprobs(
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
+    alts = list(alternatives or ())
+    alts += [None] * (len(tokens) - len(alts))
     return {
         "tokens": list(tokens),
         "token_logprobs": list(logprobs),
-        "top_logprobs": [None if lp is None else {tok: lp} for tok, lp in zip(tokens, logprobs)],
+        "top_logprobs": [
+            None if lp is None else _legacy_top(tok, lp, alt) for tok, lp, alt in zip(tokens, logprobs, alts)
+        ],
         "text_offset": offsets,
     }
 

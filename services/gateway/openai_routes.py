@@ -35,11 +35,13 @@ from services.gateway.openai_protocol import (
     CompletionRequest,
     RequestInvalid,
     StreamText,
+    TokenStrings,
     chat_logprobs,
     completion_logprobs,
     new_id,
     now,
     render,
+    stream_tokens,
     token_strings,
     usage,
     validate,
@@ -187,6 +189,8 @@ def openai_router(inference: InferenceClient) -> APIRouter:
                     return_prompt_logprobs=want_prompt_lps,
                     stream=body.stream,
                     request_id=call_id if len(ids) == 1 else f"{call_id}-{i}",
+                    top_logprobs=body.top_logprobs_k,
+                    prompt_top_logprobs=body.top_logprobs_k if want_prompt_lps else 0,
                 )
                 for i, row in enumerate(ids)
             ]
@@ -219,6 +223,7 @@ def openai_router(inference: InferenceClient) -> APIRouter:
                 sampling_params=body.sampling_params(body.max_new_tokens),
                 stream=body.stream,
                 request_id=new_id("chatcmpl"),
+                top_logprobs=body.top_logprobs_k,
             )
             model = body.model or info.model_name
             if body.stream:
@@ -260,14 +265,20 @@ def _chat_response(
 ) -> dict[str, Any]:
     choices = []
     completion_tokens = 0
+    strings = TokenStrings(tokenizer)
     for k, completion in enumerate(results):
-        r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, body.logprobs)
+        r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, body.logprobs,
+                   body.top_logprobs_k, strings)
         completion_tokens += r.completion_tokens
+        logprobs = None
+        if body.logprobs:
+            alts = r.alternatives if body.top_logprobs_k else None
+            logprobs = chat_logprobs(r.tokens, r.logprobs, body.top_logprobs, alts)
         choices.append(
             {
                 "index": k,
                 "message": {"role": "assistant", "content": r.text},
-                "logprobs": chat_logprobs(r.tokens, r.logprobs, body.top_logprobs) if body.logprobs else None,
+                "logprobs": logprobs,
                 "finish_reason": r.finish_reason,
                 "matched_stop": r.matched_stop,
             }
@@ -294,20 +305,29 @@ def _completion_response(
     choices = []
     completion_tokens = 0
     want_lps = body.logprobs is not None
+    k_top = body.top_logprobs_k
+    strings = TokenStrings(tokenizer)
     for i, completions in enumerate(results):
         echo_text = texts[i] if body.echo else ""
         for k, completion in enumerate(completions):
-            r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, want_lps)
+            r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, want_lps,
+                       k_top, strings)
             completion_tokens += r.completion_tokens
             logprobs = None
             if want_lps:
                 tokens, pieces, lps = r.tokens, r.pieces, list(r.logprobs)
+                alts = list(r.alternatives) if k_top else [None] * len(tokens)
                 if body.echo:
-                    p_tokens, p_pieces = token_strings(tokenizer, ids[i], body.skip_special_tokens)
+                    p_tokens, p_pieces = token_strings(tokenizer, ids[i], body.skip_special_tokens, strings)
                     p_lps: list[float | None] = list(completion.prompt_logprobs) or [0.0] * len(ids[i])
                     p_lps[0] = None  # the first prompt token has no context
+                    p_alts = (
+                        strings.alternatives(completion.prompt_top_logprobs, len(ids[i]), k_top)
+                        if k_top else [None] * len(ids[i])
+                    )
                     tokens, pieces, lps = p_tokens + tokens, p_pieces + pieces, p_lps + lps
-                logprobs = completion_logprobs(tokens, pieces, lps)
+                    alts = p_alts + alts
+                logprobs = completion_logprobs(tokens, pieces, lps, alternatives=alts)
             choices.append(
                 {
                     "index": i * body.n + k,
@@ -370,6 +390,7 @@ async def _chat_stream(
     samples = [_Sample(body.stops, body.no_stop_trim) for _ in range(body.n)]
     completion_tokens = 0
     skip = body.skip_special_tokens
+    strings = TokenStrings(tokenizer)
     try:
         for k in range(body.n):
             yield chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -384,8 +405,10 @@ async def _chat_stream(
                 delta = sample.text.update(text)
                 logprobs = None
                 if body.logprobs and new_ids:
-                    tokens, _ = await inference.in_tokenizer_thread(token_strings, tokenizer, new_ids, skip)
-                    logprobs = chat_logprobs(tokens, list(message.chunk.logprobs), body.top_logprobs)
+                    tokens, _, alts = await inference.in_tokenizer_thread(
+                        stream_tokens, strings, new_ids, skip, message.chunk.top_logprobs, body.top_logprobs_k
+                    )
+                    logprobs = chat_logprobs(tokens, list(message.chunk.logprobs), body.top_logprobs, alts)
                 if delta or logprobs:
                     yield chunk({"index": k, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None})
                 continue
@@ -397,8 +420,13 @@ async def _chat_stream(
             logprobs = None
             rest = list(completion.output_ids)[len(sample.ids):]
             if body.logprobs and rest:
-                tokens, _ = await inference.in_tokenizer_thread(token_strings, tokenizer, rest, skip)
-                logprobs = chat_logprobs(tokens, list(completion.output_logprobs)[len(sample.ids):], body.top_logprobs)
+                tokens, _, alts = await inference.in_tokenizer_thread(
+                    stream_tokens, strings, rest, skip, completion.output_top_logprobs[len(sample.ids):],
+                    body.top_logprobs_k,
+                )
+                logprobs = chat_logprobs(
+                    tokens, list(completion.output_logprobs)[len(sample.ids):], body.top_logprobs, alts
+                )
             yield chunk(
                 {
                     "index": k,
@@ -444,6 +472,7 @@ async def _completion_stream(
     samples = {(i, k): _Sample(body.stops, body.no_stop_trim) for i in range(len(requests)) for k in range(n)}
     want_lps = body.logprobs is not None
     skip = body.skip_special_tokens
+    strings = TokenStrings(tokenizer)
     completion_tokens = 0
     try:
         if body.echo:
@@ -461,8 +490,10 @@ async def _completion_stream(
                 delta = sample.text.update(text)
                 logprobs = None
                 if want_lps and new_ids:
-                    tokens, pieces = await inference.in_tokenizer_thread(token_strings, tokenizer, new_ids, skip)
-                    logprobs = completion_logprobs(tokens, pieces, list(message.chunk.logprobs), sample.offset)
+                    tokens, pieces, alts = await inference.in_tokenizer_thread(
+                        stream_tokens, strings, new_ids, skip, message.chunk.top_logprobs, body.top_logprobs_k
+                    )
+                    logprobs = completion_logprobs(tokens, pieces, list(message.chunk.logprobs), sample.offset, alts)
                     sample.offset += sum(len(p) for p in pieces)
                 if delta or logprobs:
                     yield event({"index": i * n + k, "text": delta, "logprobs": logprobs, "finish_reason": None})
@@ -475,9 +506,12 @@ async def _completion_stream(
             logprobs = None
             rest = list(completion.output_ids)[len(sample.ids):]
             if want_lps and rest:
-                tokens, pieces = await inference.in_tokenizer_thread(token_strings, tokenizer, rest, skip)
+                tokens, pieces, alts = await inference.in_tokenizer_thread(
+                    stream_tokens, strings, rest, skip, completion.output_top_logprobs[len(sample.ids):],
+                    body.top_logprobs_k,
+                )
                 logprobs = completion_logprobs(
-                    tokens, pieces, list(completion.output_logprobs)[len(sample.ids):], sample.offset
+                    tokens, pieces, list(completion.output_logprobs)[len(sample.ids):], sample.offset, alts
                 )
             yield event(
                 {

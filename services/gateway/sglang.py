@@ -3,9 +3,20 @@ InferenceService.Generate.
 
 Request: `text` (str or list) or `input_ids` (list[int] or list[list[int]]),
 `sampling_params` (one dict, or one per prompt), `return_logprob`,
-`logprob_start_len`, `return_text_in_logprobs`, `rid`, `stream`. Response: one object
-for a single prompt with n=1, else a list, prompt-major then sample, each
-`{"text", "output_ids", "meta_info": {...}}` as SGLang writes it.
+`logprob_start_len`, `top_logprobs_num`, `return_text_in_logprobs`, `rid`, `stream`.
+Response: one object for a single prompt with n=1, else a list, prompt-major then
+sample, each `{"text", "output_ids", "meta_info": {...}}` as SGLang writes it.
+
+Logprobs (with `return_logprob`) are the policy's own, before temperature, top-k and
+top-p. `meta_info.output_token_logprobs` has one `[logprob, token_id, text]` per
+generated token, and with `logprob_start_len` >= 0 `input_token_logprobs` one per
+prompt position from there (the first prompt token's logprob None). `top_logprobs_num`
+k (at most 20, the engine's bound) adds, as SGLang's TokenizerManager does,
+`output_top_logprobs`: per generated token the k most likely `[logprob, token_id,
+text]`, most likely first; and with prompt logprobs `input_top_logprobs`, the same per
+prompt position from `logprob_start_len` (None for the first prompt token, which has
+no context). `text` is the token decoded alone with `return_text_in_logprobs`, else
+None.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
@@ -26,6 +37,9 @@ _GATEWAY_SAMPLING = {"skip_special_tokens", "no_stop_trim", "spaces_between_spec
 _UINT32 = 2**32 - 1
 _UINT64 = 2**64 - 1
 _INT32 = 2**31 - 1
+# The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
+# services/inference/api.py).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -42,6 +56,17 @@ class Prompt:
     rid: str
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    top_logprobs_num: int = 0
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the result carries prompt logprobs (input_token_logprobs)."""
+        return self.return_logprob and self.logprob_start_len >= 0
+
+    @property
+    def top_logprobs_k(self) -> int:
+        """Alternatives per position the result carries (0: no top logprobs fields)."""
+        return self.top_logprobs_num if self.return_logprob else 0
 
 
 @dataclass
@@ -63,9 +88,11 @@ class GenerateCall:
         return pb.GenerateRequest(
             input_ids=prompt.input_ids,
             sampling_params=prompt.sampling,
-            return_prompt_logprobs=prompt.return_logprob and prompt.logprob_start_len >= 0,
+            return_prompt_logprobs=prompt.prompt_logprobs,
             stream=self.stream,
             request_id=prompt.rid,
+            top_logprobs=prompt.top_logprobs_k,
+            prompt_top_logprobs=prompt.top_logprobs_k if prompt.prompt_logprobs else 0,
         )
 
 
@@ -210,6 +237,14 @@ def parse_generate(body: Any) -> GenerateCall:
         if not _is_int(v):
             raise InvalidArgument(f"{where} must be an integer, got {v!r}")
 
+    def top_ok(where: str, v: Any) -> None:
+        if v is None:
+            return
+        if not _is_int(v):
+            raise InvalidArgument(f"{where} must be an integer, got {v!r}")
+        if not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"{where} must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
+
     def rid_ok(where: str, v: Any) -> None:
         if v is not None and not isinstance(v, str):
             raise InvalidArgument(f"{where} must be a string, got {v!r}")
@@ -217,6 +252,7 @@ def parse_generate(body: Any) -> GenerateCall:
     samplings = _per_prompt("sampling_params", body.get("sampling_params"), count, batched, any_ok)
     logprobs = _per_prompt("return_logprob", body.get("return_logprob", False), count, batched, bool_ok)
     starts = _per_prompt("logprob_start_len", body.get("logprob_start_len", -1), count, batched, int_ok)
+    tops = _per_prompt("top_logprobs_num", body.get("top_logprobs_num"), count, batched, top_ok)
     rids = _per_prompt("rid", body.get("rid"), count, batched, rid_ok)
     if batched and isinstance(body.get("rid"), str):
         # As SGLang does: one string for a batch is the prefix of per-prompt ids.
@@ -242,6 +278,7 @@ def parse_generate(body: Any) -> GenerateCall:
                 rid=rids[i] or uuid.uuid4().hex,
                 skip_special_tokens=skip_special,
                 no_stop_trim=no_trim,
+                top_logprobs_num=tops[i] or 0,
             )
         )
     return GenerateCall(prompts=prompts, batched=batched, stream=stream, return_text_in_logprobs=text_in_logprobs)
@@ -290,6 +327,29 @@ def weight_version(completion: pb.Completion) -> str:
     return str(spans[-1].version) if spans else "0"
 
 
+# A token id's text, decoded alone (return_text_in_logprobs).
+TokenText = Callable[[int], str]
+
+
+def top_entry(top: pb.TopLogprobs | None, k: int, token_text: TokenText | None = None) -> list[list[Any]] | None:
+    """One position of SGLang's output_top_logprobs / input_top_logprobs: the k most
+    likely `[logprob, token_id, text]`, most likely first; None where the position has
+    none (the first prompt token), as SGLang's detokenize_top_logprobs_tokens."""
+    if top is None or not top.token_ids:
+        return None
+    return [
+        [lp, tid, token_text(tid) if token_text is not None else None]
+        for tid, lp in zip(top.token_ids[:k], top.logprobs[:k])
+    ]
+
+
+def top_entries(
+    tops: Sequence[pb.TopLogprobs], count: int, k: int, token_text: TokenText | None = None
+) -> list[list[list[Any]] | None]:
+    """`count` positions of output_top_logprobs (None past what the engine sent)."""
+    return [top_entry(tops[i] if i < len(tops) else None, k, token_text) for i in range(count)]
+
+
 def result_json(
     prompt: Prompt,
     completion: pb.Completion,
@@ -298,8 +358,10 @@ def result_json(
     token_texts: list[str] | None = None,
     prompt_token_texts: list[str] | None = None,
     e2e_latency: float | None = None,
+    token_text: TokenText | None = None,
 ) -> dict[str, Any]:
-    """One SGLang result object for one sample."""
+    """One SGLang result object for one sample. `token_text` decodes the top logprobs'
+    alternatives (with return_text_in_logprobs)."""
     output_ids = list(completion.output_ids)
     meta: dict[str, Any] = {
         "id": rid,
@@ -323,6 +385,15 @@ def result_json(
                 [(lps[k] if 0 < k < len(lps) else None), prompt.input_ids[k], ptexts[k]]
                 for k in range(start, len(prompt.input_ids))
             ]
+        k = prompt.top_logprobs_k
+        if k > 0:
+            meta["output_top_logprobs"] = top_entries(completion.output_top_logprobs, len(output_ids), k, token_text)
+            if start >= 0 and prompt.input_ids is not None:
+                ptops = completion.prompt_top_logprobs
+                meta["input_top_logprobs"] = [
+                    top_entry(ptops[p], k, token_text) if 0 < p < len(ptops) else None
+                    for p in range(start, len(prompt.input_ids))
+                ]
     if e2e_latency is not None:
         meta["e2e_latency"] = e2e_latency
     return {"text": trim_stop(prompt, completion, text), "output_ids": output_ids, "meta_info": meta}

@@ -449,3 +449,138 @@ async def test_atroposlib_vllm_server_against_the_gateway(vllm_url, hf_model, ti
     finally:
         if getattr(server, "check_task", None) is not None:
             server.check_task.cancel()
+
+
+# ---- SGLang's top logprobs (top_logprobs_num), through the same real gateway ----------
+#
+# meta_info.output_top_logprobs / input_top_logprobs as SGLang's TokenizerManager builds
+# them: per position the k most likely [logprob, token_id, text], most likely first.
+
+
+def assert_sglang_top(entry: list, top: dict[str, float], token_text=None) -> None:
+    """One position of SGLang's top logprobs against the model's k most likely."""
+    assert isinstance(entry, list) and len(entry) == len(top)
+    assert {str(tid) for _, tid, _ in entry} == set(top)
+    for lp, tid, text in entry:
+        assert lp == pytest.approx(top[str(tid)], abs=1e-4)
+        assert text == (token_text(tid) if token_text else None)
+    values = [lp for lp, _, _ in entry]
+    assert values == sorted(values, reverse=True)  # most likely first
+
+
+def assert_sampled_in_top(token_logprobs: list, top_logprobs: list) -> None:
+    """The sampled token's logprob equals its entry among the alternatives, if there."""
+    for (lp, tok, _), entry in zip(token_logprobs, top_logprobs):
+        match = [alt_lp for alt_lp, tid, _ in entry or () if tid == tok]
+        if match:
+            assert lp == pytest.approx(match[0], abs=1e-6)
+
+
+async def test_sglang_top_logprobs_are_the_models(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    prompt = tokenizer.encode("add 2 and 3")
+    body = {"input_ids": prompt, "return_logprob": True, "top_logprobs_num": 5, "logprob_start_len": 0,
+            "return_text_in_logprobs": True,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 1.0, "seed": 7, "ignore_eos": True}}
+    out = await vllm_generate(vllm_url, body)
+    meta, ids = out["meta_info"], out["output_ids"]
+    assert len(ids) == 8
+    text_of = lambda t: tokenizer.decode([t])  # noqa: E731 - SGLang's text: the token decoded alone
+    # Generated positions: the model's 5 most likely after prompt + ids[:j].
+    tops = model_top(model, prompt + ids, 5)
+    assert len(meta["output_top_logprobs"]) == len(ids)
+    for j, entry in enumerate(meta["output_top_logprobs"]):
+        assert_sglang_top(entry, tops[len(prompt) - 1 + j], text_of)
+    assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(
+        model_logprobs(model, prompt, ids), abs=1e-4)
+    assert_sampled_in_top(meta["output_token_logprobs"], meta["output_top_logprobs"])
+    # Prompt positions from logprob_start_len 0: the first has no context (None).
+    assert len(meta["input_top_logprobs"]) == len(meta["input_token_logprobs"]) == len(prompt)
+    assert meta["input_top_logprobs"][0] is None
+    for p in range(1, len(prompt)):
+        assert_sglang_top(meta["input_top_logprobs"][p], tops[p - 1], text_of)
+    assert_sampled_in_top(meta["input_token_logprobs"][1:], meta["input_top_logprobs"][1:])
+
+    # From logprob_start_len 3, without text: positions 3.. only.
+    out = await vllm_generate(vllm_url, {**body, "logprob_start_len": 3, "return_text_in_logprobs": False})
+    meta = out["meta_info"]
+    assert out["output_ids"] == ids  # same seed, same tokens
+    assert len(meta["input_top_logprobs"]) == len(prompt) - 3
+    for p, entry in enumerate(meta["input_top_logprobs"], start=3):
+        assert_sglang_top(entry, tops[p - 1])
+    # Without prompt logprobs (logprob_start_len -1): output_top_logprobs only.
+    out = await vllm_generate(vllm_url, {**body, "logprob_start_len": -1, "top_logprobs_num": 1})
+    assert "input_top_logprobs" not in out["meta_info"] and "input_token_logprobs" not in out["meta_info"]
+    assert [len(e) for e in out["meta_info"]["output_top_logprobs"]] == [1] * len(ids)
+
+
+async def test_sglang_top_logprobs_batched_per_prompt_and_n(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    prompts = [tokenizer.encode("spell cat"), tokenizer.encode("hi")]
+    results = await vllm_generate(vllm_url, {
+        "input_ids": prompts, "return_logprob": True, "top_logprobs_num": [3, 0],
+        "sampling_params": {"n": 2, "max_new_tokens": 4, "seed": 1, "ignore_eos": True},
+    })
+    assert isinstance(results, list) and len(results) == 4  # prompt-major, then sample
+    for prompt, res in zip([prompts[0]] * 2, results[:2]):
+        meta, ids = res["meta_info"], res["output_ids"]
+        assert len(meta["output_top_logprobs"]) == len(ids) == 4
+        tops = model_top(model, prompt + ids, 3)[len(prompt) - 1: -1]
+        for entry, top in zip(meta["output_top_logprobs"], tops):
+            assert_sglang_top(entry, top)
+        assert_sampled_in_top(meta["output_token_logprobs"], meta["output_top_logprobs"])
+    # top_logprobs_num 0 for the second prompt: its logprobs without alternatives.
+    for res in results[2:]:
+        assert len(res["meta_info"]["output_token_logprobs"]) == 4
+        assert "output_top_logprobs" not in res["meta_info"]
+
+
+async def test_sglang_top_logprobs_stream(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    prompt = tokenizer.encode("count to 4")
+    body = {"input_ids": prompt, "stream": True, "return_logprob": True, "top_logprobs_num": 3,
+            "logprob_start_len": 0, "return_text_in_logprobs": True,
+            "sampling_params": {"max_new_tokens": 6, "seed": 3, "ignore_eos": True}}
+    async with httpx.AsyncClient(base_url=vllm_url, timeout=60, headers=AUTH) as http:
+        async with http.stream("POST", "/generate", json=body) as r:
+            assert r.status_code == 200
+            lines = [line async for line in r.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    *chunks, final = events
+    assert chunks and final["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
+    ids, meta = final["output_ids"], final["meta_info"]
+    text_of = lambda t: tokenizer.decode([t])  # noqa: E731
+    tops = model_top(model, prompt + ids, 3)
+    for entry, top in zip(meta["output_top_logprobs"], tops[len(prompt) - 1:]):
+        assert_sglang_top(entry, top, text_of)
+    assert len(meta["output_top_logprobs"]) == 6
+    assert meta["input_top_logprobs"][0] is None and len(meta["input_top_logprobs"]) == len(prompt)
+    for p in range(1, len(prompt)):
+        assert_sglang_top(meta["input_top_logprobs"][p], tops[p - 1], text_of)
+    # Every chunk: the logprobs so far (cumulative, as SGLang's default stream), each a
+    # prefix of the final ones, texts included.
+    for event in chunks:
+        m = event["meta_info"]
+        n = len(event["output_ids"])
+        assert event["output_ids"] == ids[:n] and m["finish_reason"] is None
+        assert len(m["output_top_logprobs"]) == len(m["output_token_logprobs"]) == n
+        assert m["output_top_logprobs"] == meta["output_top_logprobs"][:n]
+        assert m["output_token_logprobs"] == meta["output_token_logprobs"][:n]
+    # The same request unstreamed gives the same tokens and alternatives.
+    whole = await vllm_generate(vllm_url, {**body, "stream": False})
+    assert whole["output_ids"] == ids
+    assert whole["meta_info"]["output_top_logprobs"] == meta["output_top_logprobs"]
+
+
+@pytest.mark.parametrize(
+    "body, name",
+    [
+        ({"input_ids": [5, 6], "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
+        ({"input_ids": [[5], [6]], "return_logprob": True, "top_logprobs_num": [2, 40]}, "top_logprobs_num[1]"),
+        ({"input_ids": [5, 6], "return_logprob": True, "top_logprobs_num": 2.5}, "top_logprobs_num"),
+    ],
+)
+async def test_sglang_top_logprobs_num_bounds_are_400(vllm_url, body, name):
+    out = await vllm_generate(vllm_url, body, status=400)
+    assert out["code"] == "INVALID_ARGUMENT" and out["error"].startswith(name + " must be"), out

@@ -1,6 +1,8 @@
 """The OpenAI routes through a real gateway process to a fake InferenceService in the
 test process: response shapes (checked with the `openai` client library too), n,
-logprobs, stop strings, SSE streams, and errors in OpenAI's shape naming the field."""
+logprobs, stop strings, SSE streams, and errors in OpenAI's shape naming the field.
+Top logprobs go through a second gateway to a real inference process on the tiny
+model, checked against the model's own distribution."""
 
 from __future__ import annotations
 
@@ -147,7 +149,9 @@ async def test_chat_completion_applies_the_template_and_returns_n_choices_with_l
     assert [c["finish_reason"] for c in out["choices"]] == ["stop", "stop"]
     assert out["choices"][0]["matched_stop"] == EOS
     content = out["choices"][1]["logprobs"]["content"]
-    # Every generated token, eos included, with OpenAI's fields.
+    # Every generated token, eos included, with OpenAI's fields. (This fake sends no
+    # alternatives, as an inference service from before top logprobs: top_logprobs lists
+    # the sampled token alone; the real model's are checked below.)
     assert [e["token"] for e in content] == [*"ok b done", "<eos>"]
     assert content[0] == {
         "token": "o", "logprob": pytest.approx(-0.1), "bytes": [ord("o")],
@@ -292,6 +296,11 @@ async def test_the_openai_client_library_reads_every_shape(gateway_url):
         ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ("/v1/completions", {"prompt": []}, "prompt", "non-empty"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs", "less than"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                  "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                  "top_logprobs": -1}, "top_logprobs", "greater than or equal to 0"),
     ],
 )
 async def test_validation_errors_are_400_in_openai_shape_naming_the_field(gateway_url, route, body, param, words):
@@ -335,3 +344,196 @@ async def test_generate_stream_carries_logprobs_so_far_and_batch_rids_are_prefix
         assert mine[2]["meta_info"]["output_token_logprobs"][2] == [pytest.approx(-0.3), char_id(" "), None]
         assert mine[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
     assert sorted(list(q.input_ids) for q in fake.requests) == sorted([ids_of("hi"), ids_of("yo")])
+
+
+# ---- top logprobs, through a real gateway to a real inference process ------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def real_url(tiny_model_dir, tmp_path_factory, service_process):
+    args = ["--model-path", str(tiny_model_dir), "--grpc-port", "0", "--grace-seconds", "1"]
+    async with service_process("services.inference", args, tmp_path_factory.mktemp("inference")) as (_, inference):
+        workdir = tmp_path_factory.mktemp("real-gateway")
+        args = ["--http-port", "0", "--grpc-port", "0", "--inference", f"127.0.0.1:{inference['grpc_port']}",
+                "--grace-seconds", "1", "--data-dir", str(workdir / "store")]
+        async with service_process("services.gateway", args, workdir) as (_, ready):
+            yield f"http://127.0.0.1:{ready['http_port']}"
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    # The tiny tokenizer's token strings are unique: each names its id.
+    ids = {tokenizer.decode([t], skip_special_tokens=False): t for t in range(len(tokenizer))}
+    assert len(ids) == len(tokenizer)
+    return model, tokenizer, ids
+
+
+def model_top(model, tokens: list[int], k: int) -> list[dict[int, float]]:
+    """The model's k most likely next tokens after each prefix tokens[:p+1]: torch.topk
+    of log_softmax of its logits, {token id: logprob}."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    values, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+
+
+def model_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+    """The model's log-probability of each output token after the prompt."""
+    import torch
+
+    tokens = prompt + output
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).squeeze(-1)
+    return logp[len(prompt) - 1:].tolist()
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_chat_content(content: list[dict], prompt: list[int], k: int, hf) -> None:
+    """Each token's top_logprobs: the model's k most likely, most likely first, with
+    OpenAI's fields; the sampled token's logprob: the model's (and its entry's)."""
+    model, _, ids_of_str = hf
+    ids = [ids_of_str[e["token"]] for e in content]
+    tops = model_top(model, prompt + ids, k)[len(prompt) - 1: -1]
+    for entry, lp, top in zip(content, model_logprobs(model, prompt, ids), tops):
+        assert entry["logprob"] == pytest.approx(lp, abs=1e-4)
+        alts = entry["top_logprobs"]
+        assert len(alts) == k
+        assert {ids_of_str[a["token"]]: a["logprob"] for a in alts} == {
+            t: pytest.approx(v, abs=1e-4) for t, v in top.items()
+        }
+        assert all(a["bytes"] == list(a["token"].encode()) for a in alts)
+        values = [a["logprob"] for a in alts]
+        assert values == sorted(values, reverse=True)
+        mine = [a["logprob"] for a in alts if a["token"] == entry["token"]]
+        if mine:
+            assert mine[0] == pytest.approx(entry["logprob"], abs=1e-6)
+
+
+def check_legacy_tops(tokens: list[str], token_lps: list, top_lps: list, tokens_before: list[int], k: int, hf):
+    """A legacy completion's top_logprobs (from the position after tokens_before): the
+    model's k most likely plus the sampled token, its logprob the model's."""
+    model, _, ids_of_str = hf
+    ids = [ids_of_str[t] for t in tokens]
+    tops = model_top(model, tokens_before + ids, k)[len(tokens_before) - 1: -1]
+    lps = model_logprobs(model, tokens_before, ids)
+    for tok, tid, lp, served, top, ref in zip(tokens, ids, token_lps, top_lps, tops, lps):
+        assert lp == pytest.approx(ref, abs=1e-4)
+        expected = {**top, tid: ref}
+        assert {ids_of_str[t]: v for t, v in served.items()} == {
+            t: pytest.approx(v, abs=1e-4) for t, v in expected.items()
+        }
+        assert len(served) == (k if tid in top else k + 1)
+        assert served[tok] == pytest.approx(lp, abs=1e-6)
+
+
+async def test_chat_top_logprobs_are_the_models_for_every_choice(real_url, hf_model):
+    _, tokenizer, _ = hf_model
+    messages = [{"role": "user", "content": "spell cat"}]
+    body = {"messages": messages, "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 11, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 5}
+    async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 2
+    prompt = chat_prompt(tokenizer, messages)
+    for choice in choices:
+        content = choice["logprobs"]["content"]
+        assert len(content) == 6
+        check_chat_content(content, prompt, 5, hf_model)
+
+    # top_logprobs 20, the most; and top_logprobs 0 / unset: empty lists.
+    async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
+        r = await http.post("/v1/chat/completions", json={**body, "n": 1, "top_logprobs": 20})
+        check_chat_content(r.json()["choices"][0]["logprobs"]["content"], prompt, 20, hf_model)
+        for extra in ({"top_logprobs": 0}, {"top_logprobs": None}):
+            r = await http.post("/v1/chat/completions", json={**body, **extra})
+            assert all(e["top_logprobs"] == [] for c in r.json()["choices"] for e in c["logprobs"]["content"])
+
+
+async def test_chat_top_logprobs_stream(real_url, hf_model):
+    _, tokenizer, _ = hf_model
+    messages = [{"role": "user", "content": "count to 4"}]
+    body = {"messages": messages, "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 2, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 3, "stream": True}
+    async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = await sse_events(r)
+    prompt = chat_prompt(tokenizer, messages)
+    for k in range(2):
+        mine = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == k]
+        content = [entry for c in mine if c["logprobs"] for entry in c["logprobs"]["content"]]
+        assert len(content) == 5
+        check_chat_content(content, prompt, 3, hf_model)
+
+
+async def test_completions_top_logprobs_with_echo_n_and_batches(real_url, hf_model):
+    _, tokenizer, _ = hf_model
+    body = {"prompt": ["say hi", "add 1"], "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 5, "ignore_eos": True,
+            "logprobs": 4, "echo": True}
+    async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
+        r = await http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for choice, text in zip(choices, ["say hi", "say hi", "add 1", "add 1"]):
+        lp = choice["logprobs"]
+        prompt = tokenizer.encode(text)
+        n_prompt = len(prompt)
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_prompt + 5
+        # The echoed prompt: None for the first token, then the model's alternatives.
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        check_legacy_tops(lp["tokens"][1:n_prompt], lp["token_logprobs"][1:n_prompt], lp["top_logprobs"][1:n_prompt],
+                          prompt[:1], 4, hf_model)
+        check_legacy_tops(lp["tokens"][n_prompt:], lp["token_logprobs"][n_prompt:], lp["top_logprobs"][n_prompt:],
+                          prompt, 4, hf_model)
+
+
+async def test_completions_top_logprobs_stream(real_url, hf_model):
+    _, tokenizer, _ = hf_model
+    body = {"prompt": ["hi", "yo"], "max_tokens": 4, "temperature": 1.0, "seed": 8, "ignore_eos": True,
+            "logprobs": 2, "stream": True}
+    async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = await sse_events(r)
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    for index, text in enumerate(["hi", "yo"]):
+        mine = [c["logprobs"] for c in choices if c["index"] == index and c["logprobs"]]
+        tokens = [t for lp in mine for t in lp["tokens"]]
+        assert len(tokens) == 4
+        check_legacy_tops(tokens, [v for lp in mine for v in lp["token_logprobs"]],
+                          [d for lp in mine for d in lp["top_logprobs"]], tokenizer.encode(text), 2, hf_model)
+
+
+async def test_openai_client_reads_top_logprobs(real_url, hf_model):
+    _, tokenizer, _ = hf_model
+    client = openai.AsyncOpenAI(base_url=f"{real_url}/v1", api_key="unused", max_retries=0)
+    try:
+        chat = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1, temperature=0.0,
+            logprobs=True, top_logprobs=20,
+        )
+        (first,) = chat.choices[0].logprobs.content
+        assert len(first.top_logprobs) == 20
+        # Greedy: the sampled token is the most likely one.
+        assert first.top_logprobs[0].token == first.token
+        assert first.top_logprobs[0].logprob == pytest.approx(first.logprob, abs=1e-6)
+        completion = await client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=5,
+                                                     temperature=0.0)
+        assert [len(d) for d in completion.choices[0].logprobs.top_logprobs] == [5, 5]
+    finally:
+        await client.close()

@@ -13,6 +13,7 @@ from services.gateway.openai_protocol import (
     CompletionRequest,
     RequestInvalid,
     StreamText,
+    TokenStrings,
     chat_logprobs,
     completion_logprobs,
     render,
@@ -130,3 +131,80 @@ def test_stream_text_holds_back_a_possible_stop_string():
     assert plain.update("abc\ufffd") == "c"  # half a character waits for the rest
     assert plain.update("abcé") == "é"
     assert plain.final("abcéf") == "f"
+
+
+# ---- top logprobs -----------------------------------------------------------------
+
+
+def tops(*positions):
+    return [ipb.TopLogprobs(token_ids=[t for t, _ in p], logprobs=[lp for _, lp in p]) for p in positions]
+
+
+def test_top_logprobs_k_asked_of_the_engine():
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    assert validate(ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": 20}).top_logprobs_k == 20
+    assert validate(ChatCompletionRequest, {**chat, "logprobs": True}).top_logprobs_k == 0
+    assert validate(ChatCompletionRequest, {**chat, "logprobs": False}).top_logprobs_k == 0
+    assert validate(CompletionRequest, {"prompt": "a", "logprobs": 5}).top_logprobs_k == 5
+    assert validate(CompletionRequest, {"prompt": "a", "logprobs": 0}).top_logprobs_k == 0
+    assert validate(CompletionRequest, {"prompt": "a"}).top_logprobs_k == 0
+    # Up to 20 (OpenAI's legacy bound is 5; the engine's is 20).
+    for model, body, param in ((CompletionRequest, {"prompt": "a", "logprobs": 21}, "logprobs"),
+                               (ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+        with pytest.raises(RequestInvalid) as err:
+            validate(model, body)
+        assert err.value.param == param and "less than or equal to 20" in str(err.value)
+
+
+def test_token_strings_decode_each_id_once(tokenizer):
+    calls = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=False):
+            calls.append(list(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    strings = TokenStrings(Counting())
+    a, b = ids_of("ab")
+    alts = strings.alternatives(tops([(a, -0.5), (EOS, -1.0)], [(EOS, -0.25), (a, -2.0), (b, -3.0)], []), 4, 2)
+    assert alts == [[("a", -0.5), ("<eos>", -1.0)], [("<eos>", -0.25), ("a", -2.0)], None, None]
+    assert sorted(calls) == [[EOS], [a]]  # special tokens kept, each id decoded once
+
+
+def test_render_gives_each_kept_token_its_alternatives(tokenizer):
+    ids = ids_of("ab;cd")
+    completion = ipb.Completion(output_ids=ids, output_logprobs=[-1.0] * 5, finish_reason=ipb.FINISH_REASON_STOP,
+                                matched_stop=";c")
+    completion.output_top_logprobs.extend(tops(*[[(t, -1.0), (EOS, -2.0)] for t in ids]))
+    r = render(tokenizer, completion, [";c"], True, False, True, 1)
+    assert r.tokens == ["a", "b"] and r.alternatives == [[("a", -1.0)], [("b", -1.0)]]  # cut at the stop string
+    assert render(tokenizer, completion, [";c"], True, False, True).alternatives == []  # not asked
+
+
+def test_chat_top_logprobs_are_the_k_most_likely():
+    alts = [[("b", -0.25), ("é", -0.5), ("c", -3.0)], None]
+    chat = chat_logprobs(["é", "x"], [-0.5, -1.0], 2, alts)
+    assert chat["content"][0] == {
+        "token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9],
+        "top_logprobs": [
+            {"token": "b", "logprob": -0.25, "bytes": [ord("b")]},
+            {"token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9]},
+        ],
+    }
+    # A position the engine sent no alternatives for lists the sampled token alone.
+    assert chat["content"][1]["top_logprobs"] == [{"token": "x", "logprob": -1.0, "bytes": [ord("x")]}]
+    # top_logprobs 0 (or unset): empty lists, as OpenAI.
+    assert chat_logprobs(["é"], [-0.5], 0, alts)["content"][0]["top_logprobs"] == []
+
+
+def test_legacy_top_logprobs_are_the_k_most_likely_plus_the_sampled_token():
+    alts = [None, [("b", -0.25), ("c", -0.5)], [("d", -0.1), ("e", -0.2)], None]
+    legacy = completion_logprobs(["a", "b", "x", "y"], ["a", "b", "x", "y"], [None, -0.25, -4.0, -1.0],
+                                 alternatives=alts)
+    assert legacy["top_logprobs"] == [
+        None,  # the echoed first prompt token
+        {"b": -0.25, "c": -0.5},  # the sampled token among the k: k entries
+        {"d": -0.1, "e": -0.2, "x": -4.0},  # not among them: k + 1, the sampled one last
+        {"y": -1.0},  # no alternatives sent: the sampled token alone
+    ]
+    assert list(legacy["top_logprobs"][2]) == ["d", "e", "x"]  # most likely first
