@@ -5,7 +5,9 @@ free port) and the gateway (durable store on, in a fresh data directory), then r
 the shared load generator (../shared/bench/atropos_load.py: concurrent /scored_data
 posts, then a /batch drain of the deep queue they leave) against each, alternating
 which goes first in each round. Then, on the gateway alone, the latency of /batch and
-of StreamBatches at 100 and at 100,000 queued groups.
+of StreamBatches at 100 and at 100,000 queued groups, and the load client's own floor
+for /batch: its p50 against a server process that answers the same bytes at once (the
+client's json.loads of a 264 KB batch is most of any server's /batch figure).
 
 Prints one JSON line with every figure and a table with the ratios.
 
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -114,6 +117,84 @@ FIGURES = ("ingest_groups_per_s", "post_p50_ms", "post_p99_ms", "batch_p50_ms", 
 def median_of(runs: list[dict], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
+
+
+# -- the load client's own floor for /batch ------------------------------------
+
+STATIC_SERVER = """
+import sys, uvicorn
+body = open(sys.argv[1], "rb").read()
+headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", loop="uvloop", http="httptools")
+"""
+
+
+def load_group(size: int, tokens: int, env_id: int) -> dict:
+    """A group shaped as atropos_load.py's (that script runs when imported)."""
+    toks = [[random.randrange(32000) for _ in range(tokens)] for _ in range(size)]
+    return {
+        "tokens": toks,
+        "masks": [[-100] * (tokens // 2) + row[tokens // 2:] for row in toks],
+        "scores": [random.choice([0.0, 1.0]) for _ in range(size)],
+        "inference_logprobs": [[-0.5] * tokens for _ in range(size)],
+        "env_id": env_id,
+    }
+
+
+async def a_batch_body(url: str, args: argparse.Namespace) -> bytes:
+    """One full /batch reply from the gateway (uncompressed), of the load's shape."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        await http.get("/reset_data")
+        await http.post("/register", json={
+            "wandb_group": "g", "wandb_project": "p", "batch_size": args.batch_size, "max_token_len": 4096,
+            "checkpoint_dir": "ckpt", "save_checkpoint_interval": 100, "starting_step": 0, "num_steps": 10**6,
+        })
+        await http.get("/batch")
+        env = (await http.post("/register-env", json={
+            "max_token_length": 4096, "desired_name": "floor", "weight": 1.0, "group_size": args.group_size,
+        })).json()
+        for _ in range(args.batch_size // args.group_size):
+            r = await http.post("/scored_data", json=load_group(args.group_size, args.tokens, env["env_id"]))
+            r.raise_for_status()
+        body = (await http.get("/batch", headers={"accept-encoding": "identity"})).content
+        await http.get("/reset_data")
+    assert json.loads(body)["batch"], "no batch formed"
+    return body
+
+
+async def client_floor(body: bytes, work: Path, calls: int = 200) -> float:
+    """/batch p50 (ms) of the load client (aiohttp, `await r.json()`) against a server
+    process that answers the same bytes at once: what no server can beat."""
+    import aiohttp
+
+    path = work / "batch.json"
+    path.write_bytes(body)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", STATIC_SERVER, str(path), str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}/batch"
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                try:
+                    await (await s.get(url)).read()
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            ms = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                r = await s.get(url)
+                await r.json()
+                ms.append((time.perf_counter() - t0) * 1000)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return round(statistics.median(ms), 2)
 
 
 # -- the gateway alone at 100 and 100,000 queued groups ------------------------
@@ -235,6 +316,8 @@ def main() -> None:
                     result = run_load(args.load, url, pids[name], args)
                     runs[name].append(result)
                     print(f"round {round_ + 1} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+            floor = asyncio.run(client_floor(asyncio.run(a_batch_body(gw_url, args)), work))
+            print(f"client floor for /batch: {floor} ms", file=sys.stderr, flush=True)
             depths = {}
             if args.deep:
                 for depth in (100, args.deep):
@@ -250,6 +333,7 @@ def main() -> None:
         "gateway": {k: median_of(gw, k) for k in FIGURES},
         "errors": {"run_api": sum(r["errors"] for r in api), "gateway": sum(r["errors"] for r in gw)},
         "gateway_depth": {str(d): v for d, v in depths.items()},
+        "batch_p50_client_floor_ms": floor,
     }
     a, g = figures["run_api"], figures["gateway"]
     figures["ratios"] = {
@@ -266,6 +350,7 @@ def main() -> None:
         ("POST /scored_data p50 ms", f"{a['post_p50_ms']:.1f}", f"{g['post_p50_ms']:.1f}", f"{a['post_p50_ms'] / g['post_p50_ms']:.2f}x lower", ""),
         ("POST /scored_data p99 ms", f"{a['post_p99_ms']:.1f}", f"{g['post_p99_ms']:.1f}", f"{r['post_p99_lower']:.2f}x lower", ""),
         (f"/batch p50 ms ({args.groups}-group queue)", f"{a['batch_p50_ms']:.2f}", f"{g['batch_p50_ms']:.2f}", f"{r['batch_p50_lower']:.1f}x lower", ">= 10x lower"),
+        ("  the client alone: same bytes, instant server", "", f"{floor:.2f}", f"{a['batch_p50_ms'] / floor:.1f}x (best any server could show)", ""),
         ("first /batch ms (forms all)", f"{a['first_batch_ms']:.1f}", f"{g['first_batch_ms']:.1f}", f"{a['first_batch_ms'] / g['first_batch_ms']:.1f}x lower", ""),
     ]
     if a["server_cpu_ms_per_group"] and g["server_cpu_ms_per_group"]:
