@@ -80,14 +80,16 @@ def json_to_value(obj: Any) -> struct_pb2.Value:
 
 def group_to_proto(group: dict[str, Any]) -> pb.ScoredGroup:
     """A validated Atropos group dict as a ScoredGroup."""
-    present = [name for name in PER_SEQUENCE_FIELDS if group.get(name) is not None]
-    advantages = group.get("advantages")
-    ref_logprobs = group.get("ref_logprobs")
-    inference_logprobs = group.get("inference_logprobs")
-    messages = group.get("messages")
-    overrides = group.get("overrides")
-    distill_ids = group.get("distill_token_ids")
-    distill_lps = group.get("distill_logprobs")
+    # An empty per-sequence list is "none given" (scored_data.group_problems): absent.
+    given = {name: group.get(name) or None for name in PER_SEQUENCE_FIELDS}
+    present = [name for name, value in given.items() if value is not None]
+    advantages = given["advantages"]
+    ref_logprobs = given["ref_logprobs"]
+    inference_logprobs = given["inference_logprobs"]
+    messages = given["messages"]
+    overrides = given["overrides"]
+    distill_ids = given["distill_token_ids"]
+    distill_lps = given["distill_logprobs"]
     versions = group.get(POLICY_VERSIONS)
 
     sequences = []

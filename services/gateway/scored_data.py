@@ -186,6 +186,11 @@ def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:
 
     def per_sequence(name: str) -> list | None:
         value = group.get(name)
+        if value is not None and len(value) == 0 and n > 0:
+            # An empty list means none given: Atropos' BaseEnv.collect_trajectories
+            # starts advantages, ref_logprobs, messages and overrides as [] and appends
+            # only what the rollouts returned. Kept as sent; absent for trainers.
+            return None
         if value is not None and len(value) != n:
             problems.append(f"{p}{name} has {len(value)} entries but tokens has {n} (one per sequence)")
             return None

@@ -16,8 +16,14 @@ the gateway:
   body (`{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}`) and reads the
   per-token `[{"<id>": logprob}]` lists (its health check polls `/health`).
 
+A fourth environment ("openai-per-item") implements only `collect_trajectory` and lets
+BaseEnv's default `collect_trajectories` build the group, as many Atropos environments
+do: that group carries `advantages`, `ref_logprobs`, `messages`, `overrides` and
+`images` as empty lists and no inference logprobs, which run-api accepts and so must
+the gateway.
+
 All send the `api_key` as a bearer token, which the gateway requires on inference
-routes. The three environments (one per server type) run at once against one gateway; the
+routes. The four environments run at once against one gateway; the
 groups of all must come out of `GatewayService.StreamBatches`, read with
 `clotho.client.GatewayClient`, with the prompt masked and the sampled tokens'
 logprobs equal to the model's own. Nothing leaves loopback: wandb is disabled and
@@ -36,7 +42,10 @@ import pytest
 
 PROMPTS = ["add 2 and 3", "say hi", "spell cat", "count to 4", "repeat ab", "name a color"]
 GROUP_SIZE = 2
-SERVER_TYPES = ("sglang", "openai", "vllm")
+# Environment kinds: the server type, or "openai-per-item" (server type openai, the
+# group built by BaseEnv's default collect_trajectories).
+SERVER_TYPES = ("sglang", "openai", "vllm", "openai-per-item")
+PER_ITEM = "openai-per-item"
 MAX_NEW_TOKENS = 12
 TOKEN = "inference-secret"
 OFFLINE = {
@@ -52,7 +61,9 @@ OFFLINE = {
 
 def build_env_class():
     """The environment (atroposlib is imported only in the environment's process)."""
-    from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
+    from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup, ScoredDataItem
+
+    per_item = os.environ.get("CLOTHO_TEST_ENV_KIND") == PER_ITEM
 
     class TinyEnv(BaseEnv):
         name = "clotho_tiny"
@@ -86,7 +97,27 @@ def build_env_class():
         def score(self, prompt: str, text: str) -> float:
             return sum(ch in prompt for ch in text) / max(len(text), 1)
 
+        async def collect_trajectory(self, item):
+            """One rollout (BaseEnv's default collect_trajectories gathers group_size)."""
+            messages = [{"role": "user", "content": item}]
+            completion = await self.server.chat_completion(
+                messages=messages, n=1, max_tokens=MAX_NEW_TOKENS, temperature=1.0
+            )
+            prompt_text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+            text = completion.choices[0].message.content or ""
+            out_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            scored = ScoredDataItem(
+                tokens=prompt_ids + out_ids,
+                masks=[-100] * len(prompt_ids) + out_ids,
+                scores=self.score(item, text),
+                group_overrides={"server_type": PER_ITEM},
+            )
+            return scored, []
+
         async def collect_trajectories(self, item):
+            if per_item:
+                return await super().collect_trajectories(item)
             messages = [{"role": "user", "content": item}]
             sequences = []
             if self.server.servers[0].config.server_type in ("sglang", "vllm"):
@@ -131,7 +162,8 @@ def build_env_class():
     return TinyEnv
 
 
-async def start_env(server_type: str, gateway_http: int, model_dir: Path, log_path: Path):
+async def start_env(kind: str, gateway_http: int, model_dir: Path, log_path: Path):
+    server_type = "openai" if kind == PER_ITEM else kind
     args = [
         sys.executable, __file__, "serve",
         "--env.rollout_server_url", f"http://127.0.0.1:{gateway_http}",
@@ -144,7 +176,8 @@ async def start_env(server_type: str, gateway_http: int, model_dir: Path, log_pa
     ]
     with open(log_path, "wb") as log:
         return await asyncio.create_subprocess_exec(
-            *args, stdout=log, stderr=log, env={**os.environ, **OFFLINE}, start_new_session=True
+            *args, stdout=log, stderr=log, env={**os.environ, **OFFLINE, "CLOTHO_TEST_ENV_KIND": kind},
+            start_new_session=True,
         )
 
 
@@ -197,10 +230,11 @@ def true_logprobs(model, tokens: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.timeout(300)
-async def test_atropos_envs_sglang_openai_vllm_in_serve_mode_feed_stream_batches(
+async def test_atropos_envs_sglang_openai_vllm_per_item_in_serve_mode_feed_stream_batches(
     inference, hf_model, tiny_model_dir, tmp_path, service_process
 ):
-    """Three environment processes at once, one per server type, against one gateway:
+    """Four environment processes at once (one per server type, and one on BaseEnv's
+    default per-item path) against one gateway:
     their startup (imports, Atropos' fixed 5 s pause) overlaps, and each group says
     which one sent it (group_overrides.server_type)."""
     model, tokenizer = hf_model
@@ -261,6 +295,12 @@ async def test_atropos_envs_sglang_openai_vllm_in_serve_mode_feed_stream_batches
                 assert tokenizer.decode(tokens[:prompt_len]) in templates, server_type
                 assert masks[prompt_len:] == tokens[prompt_len:]
                 assert len(tokens) - prompt_len <= MAX_NEW_TOKENS
+                if server_type == PER_ITEM:
+                    # BaseEnv sent advantages, ref_logprobs, messages, overrides as []:
+                    # none given, so none present for the trainer; no logprobs either.
+                    assert list(seq.present_fields) == [] and not seq.inference_logprobs
+                    completions += len(tokens) > prompt_len
+                    continue
                 lps = list(seq.inference_logprobs)
                 assert len(lps) == len(tokens)
                 if len(tokens) > prompt_len:

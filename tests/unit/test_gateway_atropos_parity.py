@@ -265,3 +265,30 @@ async def test_every_optional_field_plain_and_gzipped_matches_atropos(apps):
         ("GET", "/status", None),
     ]
     await run_both(apps, steps)
+
+
+def default_collect_group(size, env_id, seed, overrides=None):
+    """What BaseEnv's default collect_trajectories sends (environments that implement
+    only collect_trajectory): the optional per-sequence fields start as [] and stay
+    empty unless the rollouts returned some; group_overrides merges theirs."""
+    g = group(size, env_id=env_id, seed=seed)
+    g.update(advantages=[], ref_logprobs=[], messages=[], overrides=[], images=[],
+             group_overrides=overrides if overrides is not None else {})
+    g.pop("inference_logprobs", None)
+    return g
+
+
+async def test_basenv_default_group_shape_matches_atropos(apps):
+    steps = [
+        ("POST", "/register", {**REGISTRATION, "batch_size": 4}),
+        ("GET", "/batch", None),
+        ("POST", "/register-env", env("default", 2)),
+        ("POST", "/scored_data", default_collect_group(2, 0, seed=1)),
+        ("POST", "/scored_data", default_collect_group(2, 0, seed=2, overrides={"group_size": 2, "note": "x"})),
+        ("POST", "/scored_data_list", [default_collect_group(2, 0, seed=3), default_collect_group(2, None, seed=4)]),
+        ("GET", "/latest_example", None),
+        ("GET", "/batch", None),
+        ("GET", "/batch", None),
+        ("GET", "/status", None),
+    ]
+    await run_both(apps, steps)
