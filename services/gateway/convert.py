@@ -90,7 +90,7 @@ def group_to_proto(group: dict[str, Any]) -> pb.ScoredGroup:
     overrides = given["overrides"]
     distill_ids = given["distill_token_ids"]
     distill_lps = given["distill_logprobs"]
-    versions = group.get(POLICY_VERSIONS)
+    versions = group.get(POLICY_VERSIONS) or None
 
     sequences = []
     for i, tokens in enumerate(group["tokens"]):

@@ -293,7 +293,8 @@ def incoming(group: dict[str, Any], want_completions: bool) -> Incoming:
         body=encode_group(group),
         size=len(group["tokens"]),
         env_id=group.get("env_id"),
-        policy_versions=group.get(POLICY_VERSIONS),
+        # [] means none given, as for every per-sequence field (group_problems).
+        policy_versions=group.get(POLICY_VERSIONS) or None,
         completions=completions,
     )
 

@@ -148,3 +148,19 @@ async def test_get_status_reports_the_counts():
 def test_unknown_staleness_policy_is_refused():
     with pytest.raises(ValueError, match="staleness_policy"):
         TrajectoryState(staleness_policy="ignore")
+
+
+def test_an_empty_policy_versions_list_means_none_given():
+    """As every per-sequence field: [] is accepted (run-api takes it) and the
+    sequences get the version they would without it."""
+    from services.gateway.convert import group_to_proto
+    from services.gateway.scored_data import parse_scored_data
+    import json
+
+    state = new_state(batch_size=2)
+    state.observe_version(5)
+    body = {"tokens": [[1, 2], [1, 3]], "masks": [[-100, 2], [-100, 3]], "scores": [1.0, 0.0], "policy_versions": []}
+    group = parse_scored_data(json.dumps(body).encode())
+    state.submit([group])
+    assert versions(state.take_batch()) == [5, 5]
+    assert [s.HasField("policy_version") for s in group_to_proto(group).sequences] == [False, False]
