@@ -184,9 +184,9 @@ def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:
     if n == 0:
         problems.append(f"{p}tokens: a group needs at least one sequence")
 
-    def per_sequence(name: str) -> list | None:
+    def per_sequence(name: str, optional: bool = True) -> list | None:
         value = group.get(name)
-        if value is not None and len(value) == 0 and n > 0:
+        if optional and value is not None and len(value) == 0 and n > 0:
             # An empty list means none given: Atropos' BaseEnv.collect_trajectories
             # starts advantages, ref_logprobs, messages and overrides as [] and appends
             # only what the rollouts returned. Kept as sent; absent for trainers.
@@ -196,12 +196,12 @@ def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:
             return None
         return value
 
-    masks = per_sequence("masks")
+    masks = per_sequence("masks", optional=False)
     if masks is not None:
         for i, (toks, mask) in enumerate(zip(tokens, masks)):
             if len(mask) != len(toks):
                 problems.append(f"{p}masks[{i}] has {len(mask)} entries but tokens[{i}] has {len(toks)}")
-    per_sequence("scores")
+    per_sequence("scores", optional=False)
     for name in PER_TOKEN_FIELDS:
         values = per_sequence(name)
         if values is None:

@@ -192,3 +192,11 @@ def test_stored_groups_encode_exactly_as_atropos_writes_them():
         }
         group = parse_scored_data(json.dumps(body).encode())
         assert encode_group(group) == json.dumps(group, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("field", ["masks", "scores"])
+def test_empty_required_per_sequence_fields_are_refused(field):
+    """An empty optional field means none given; masks and scores are required."""
+    body = {"tokens": [[1, 2], [1, 3]], "masks": [[-100, 2], [-100, 3]], "scores": [1.0, 0.0], field: []}
+    with pytest.raises(ScoredDataInvalid, match=f"{field} has 0 entries but tokens has 2"):
+        parse_scored_data(json.dumps(body).encode())
