@@ -9,6 +9,9 @@ Both produce the canonical compact JSON the group is kept and served as:
   load       its group: inference_logprobs all -0.5, json.dumps default separators
   f32        inference_logprobs drawn from float32 (17-digit shortest floats), compact
   f32-spaced the f32 group with json.dumps default separators (", ", ": ")
+  basenv-default  the load group as Atropos' BaseEnv default collect_trajectories sends
+             it: no inference_logprobs; advantages, ref_logprobs, messages, overrides
+             and images [], group_overrides {} (default separators)
 Each figure is the best of --repeat medians of --number calls (microseconds per group);
 "+completions" also asks for the completion token ids (the receipts lookup needs them).
 
@@ -50,6 +53,14 @@ def load_group(rng: random.Random, g: int, t: int) -> dict:
     }
 
 
+def basenv_default(group: dict) -> dict:
+    """`group` as BaseEnv's default collect_trajectories builds it: the optional
+    per-sequence lists start as [] and stay empty, group_overrides merges the items'."""
+    out = {k: v for k, v in group.items() if k != "inference_logprobs"}
+    out.update(advantages=[], ref_logprobs=[], messages=[], overrides=[], images=[], group_overrides={})
+    return out
+
+
 def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
@@ -82,6 +93,7 @@ def main() -> None:
         "load": json.dumps(load).encode(),
         "f32": json.dumps(f32_group, separators=(",", ":")).encode(),
         "f32-spaced": json.dumps(f32_group).encode(),
+        "basenv-default": json.dumps(basenv_default(load)).encode(),
     }
 
     def pydantic_path(body: bytes) -> bytes:
@@ -93,7 +105,7 @@ def main() -> None:
     def c_path_completions(body: bytes) -> bytes:
         return _scored_fast.canonical_group(body, True)
 
-    print(f"{'body':<12}{'KB':>7}{'pydantic us':>13}{'C us':>9}{'ratio':>8}{'C+completions us':>18}{'ratio':>8}")
+    print(f"{'body':<16}{'KB':>7}{'pydantic us':>13}{'C us':>9}{'ratio':>8}{'C+completions us':>18}{'ratio':>8}")
     results = {}
     for name, body in bodies.items():
         fast = _scored_fast.canonical_group(body, True)
@@ -102,7 +114,7 @@ def main() -> None:
         c = per_call_us(c_path, body, a.number, a.repeat)
         cc = per_call_us(c_path_completions, body, a.number, a.repeat)
         results[name] = {"bytes": len(body), "pydantic_us": round(py, 1), "c_us": round(c, 1), "c_completions_us": round(cc, 1)}
-        print(f"{name:<12}{len(body) / 1000:>7.1f}{py:>13.1f}{c:>9.1f}{py / c:>7.1f}x{cc:>18.1f}{py / cc:>7.1f}x")
+        print(f"{name:<16}{len(body) / 1000:>7.1f}{py:>13.1f}{c:>9.1f}{py / c:>7.1f}x{cc:>18.1f}{py / cc:>7.1f}x")
     print(json.dumps(results))
 
 

@@ -32,7 +32,8 @@ PyDoc_STRVAR(MODULE_DOC,
 "                   'Float spelling' below)\n"
 "  size             the number of sequences\n"
 "  env_id           int or None\n"
-"  policy_versions  tuple of (int | None), or None when absent/null\n"
+"  policy_versions  tuple of (int | None), or None when absent/null/[] (an empty list\n"
+"                   means none given, as scored_data.incoming takes it)\n"
 "  completions      when want_completions: per sequence, the tuple of the token ids\n"
 "                   whose mask != -100 (receipts.completion_tokens); else None\n"
 "\n"
@@ -42,10 +43,17 @@ PyDoc_STRVAR(MODULE_DOC,
 "plain ASCII without escapes, no duplicate known key; unknown keys' values skipped\n"
 "(strings there must be ASCII without escapes; nesting depth <= 64); int fields hold\n"
 "JSON integers within int32 (no '-0', no fraction or exponent); env_id an int64;\n"
-"policy_versions null or a list of null / 0..2**63-1; messages, generation_params,\n"
-"overrides, group_overrides and images null (or absent); every check of\n"
-"scored_data.group_problems holds. Only TypeError is raised (body not bytes), and\n"
-"MemoryError when memory runs out.\n"
+"policy_versions null or a list of null / 0..2**63-1; every check of\n"
+"scored_data.group_problems holds, where an empty list in an optional per-sequence\n"
+"field (advantages, ref_logprobs, inference_logprobs, distill_*, policy_versions)\n"
+"means none given: it is kept as [] and not checked against the sequence count.\n"
+"The free-form fields (Atropos BaseEnv's default group sends them empty):\n"
+"messages and overrides null or []; images null, [] or {}; generation_params and\n"
+"group_overrides null or a flat object of at most 64 entries, keys plain ASCII\n"
+"without escapes and no duplicate, values plain ASCII strings without escapes,\n"
+"true, false, null, JSON integers within int64 (no '-0'; kept as integers) or\n"
+"floats (spelt as below). Nested values go to the Python path. Only TypeError is\n"
+"raised (body not bytes), and MemoryError when memory runs out.\n"
 "\n"
 "Float spelling. Floats are re-spelt as Python's repr(float(x)) would spell them,\n"
 "without converting to a double: the significant digits D of the literal (leading and\n"
@@ -895,6 +903,114 @@ skip_value(const uchar *p, int depth)
     }
 }
 
+/* An empty `open``close` ([] or {}) at c->p, written as such (never longer than it
+ * was read). */
+static int
+parse_empty(Ctx *c, uchar open, uchar close)
+{
+    if (seq_open(&c->p, open, close) != 1)
+        return -1;
+    *c->out.o++ = (char)open;
+    *c->out.o++ = (char)close;
+    return 0;
+}
+
+/* One value of a flat free-form object at c->p: a plain ASCII string, a literal or
+ * an int64 integer copied as it is, or a float spelt as in float fields (the value
+ * Python keeps is a float: encode_group writes it as repr does). Anything else
+ * (an array, an object, an escaped or non-ASCII string, '-0', a huge integer) -1. */
+static int
+parse_scalar(Ctx *c)
+{
+    const uchar *p = c->p, *q;
+    switch (*p) {
+    case '"':
+        if ((q = skip_plain_string(p)) == NULL)
+            return -1;
+        break;
+    case 't':
+        if (!(p[1] == 'r' && p[2] == 'u' && p[3] == 'e'))
+            return -1;
+        q = p + 4;
+        break;
+    case 'f':
+        if (!(p[1] == 'a' && p[2] == 'l' && p[3] == 's' && p[4] == 'e'))
+            return -1;
+        q = p + 5;
+        break;
+    case 'n':
+        if (!(p[1] == 'u' && p[2] == 'l' && p[3] == 'l'))
+            return -1;
+        q = p + 4;
+        break;
+    default: {
+        if ((q = skip_number(p)) == NULL)
+            return -1;
+        const uchar *x = p;
+        while (x < q && *x != '.' && (*x | 0x20) != 'e')
+            x++;
+        if (x == q) {
+            int64_t v;
+            return parse_i64(c, 0, &v);
+        }
+        /* A float can be written longer than it was read (1e15): keep the room. */
+        if (reserve_for_rest(c) < 0)
+            return -1;
+        return parse_float(&c->p, c->end, &c->out.o);
+    }
+    }
+    memcpy(c->out.o, p, (size_t)(q - p));
+    c->out.o += q - p;
+    c->p = q;
+    return 0;
+}
+
+/* generation_params and group_overrides: {} or a flat object of scalars (see
+ * parse_scalar), written compact in input order. Duplicate keys are left to Python
+ * (it keeps the last value at the first key's place); so are more than
+ * MAX_FLAT_ENTRIES entries (the duplicate check compares every pair). */
+#define MAX_FLAT_ENTRIES 64
+static int
+parse_flat_object(Ctx *c)
+{
+    const uchar *keys[MAX_FLAT_ENTRIES];
+    Py_ssize_t key_lens[MAX_FLAT_ENTRIES];
+    int nkeys = 0;
+    int r = seq_open(&c->p, '{', '}');
+    if (r < 0)
+        return -1;
+    *c->out.o++ = '{';
+    if (r)
+        *c->out.o++ = '}';
+    while (r == 0) {
+        const uchar *key = c->p, *after;
+        if (*key != '"' || (after = skip_plain_string(key)) == NULL)
+            return -1;
+        Py_ssize_t len = after - key; /* with its quotes */
+        if (nkeys == MAX_FLAT_ENTRIES)
+            return -1;
+        for (int i = 0; i < nkeys; i++)
+            if (key_lens[i] == len && memcmp(keys[i], key, (size_t)len) == 0)
+                return -1;
+        keys[nkeys] = key;
+        key_lens[nkeys++] = len;
+        const uchar *p = skip_ws(after);
+        if (*p != ':')
+            return -1;
+        /* The key and its colon: no longer than they were read. */
+        memcpy(c->out.o, key, (size_t)len);
+        c->out.o += len;
+        *c->out.o++ = ':';
+        c->p = skip_ws(p + 1);
+        if (parse_scalar(c) < 0)
+            return -1;
+        r = seq_next(&c->p, '}');
+        if (r >= 0)
+            *c->out.o++ = r ? '}' : ',';
+    }
+    return r < 0 ? -1 : 0;
+}
+
 static int
 field_id(const uchar *key, Py_ssize_t len)
 {
@@ -930,7 +1046,15 @@ parse_field(Ctx *c, int id)
         return parse_i64(c, 0, &c->env_id);
     case F_POLICY_VERSIONS:
         return parse_policy_versions(c);
-    default: /* messages, generation_params, overrides, group_overrides, images */
+    case F_MESSAGES:
+    case F_OVERRIDES:
+        return parse_empty(c, '[', ']');
+    case F_IMAGES:
+        return *c->p == '[' ? parse_empty(c, '[', ']') : parse_empty(c, '{', '}');
+    case F_GENERATION_PARAMS:
+    case F_GROUP_OVERRIDES:
+        return parse_flat_object(c);
+    default:
         return -1;
     }
 }
@@ -942,8 +1066,14 @@ same_lens(const Vec *a, const Vec *b)
 }
 
 #define HAS(c, id) (((c)->present >> (id)) & 1u)
+/* An optional per-sequence field given: present and not [] (group_problems'
+ * per_sequence: an empty list means none given; n > 0 wherever this is asked).
+ * lens[id] has one entry per sequence for these fields. */
+#define GIVEN(c, id) (HAS(c, id) && (c)->lens[id].n != 0)
+#define PV_GIVEN(c) (HAS(c, F_POLICY_VERSIONS) && (c)->pv.n != 0)
 
-/* scored_data.group_problems, for the fields the fast path accepts. */
+/* scored_data.group_problems, for the fields the fast path accepts. masks and
+ * scores must have one entry per sequence even when [] (required fields). */
 static int
 check_group(Ctx *c)
 {
@@ -957,16 +1087,16 @@ check_group(Ctx *c)
     static const int per_token[] = {F_ADVANTAGES, F_REF_LOGPROBS, F_INFERENCE_LOGPROBS};
     for (int k = 0; k < 3; k++) {
         int id = per_token[k];
-        if (HAS(c, id) && !same_lens(&c->lens[id], &c->lens[F_TOKENS]))
+        if (GIVEN(c, id) && !same_lens(&c->lens[id], &c->lens[F_TOKENS]))
             return -1;
     }
-    if (HAS(c, F_POLICY_VERSIONS) && c->pv.n != n)
+    if (PV_GIVEN(c) && c->pv.n != n)
         return -1;
-    if (HAS(c, F_DISTILL_TOKEN_IDS) && c->lens[F_DISTILL_TOKEN_IDS].n != n)
+    if (GIVEN(c, F_DISTILL_TOKEN_IDS) && c->lens[F_DISTILL_TOKEN_IDS].n != n)
         return -1;
-    if (HAS(c, F_DISTILL_LOGPROBS) && c->lens[F_DISTILL_LOGPROBS].n != n)
+    if (GIVEN(c, F_DISTILL_LOGPROBS) && c->lens[F_DISTILL_LOGPROBS].n != n)
         return -1;
-    if (HAS(c, F_DISTILL_TOKEN_IDS) && HAS(c, F_DISTILL_LOGPROBS)) {
+    if (GIVEN(c, F_DISTILL_TOKEN_IDS) && GIVEN(c, F_DISTILL_LOGPROBS)) {
         /* Same positions per sequence, then the same inner lengths in order. */
         if (!same_lens(&c->lens[F_DISTILL_TOKEN_IDS], &c->lens[F_DISTILL_LOGPROBS]))
             return -1;
@@ -1108,7 +1238,7 @@ build_result(Ctx *c)
     else {
         env = Py_NewRef(Py_None);
     }
-    if (HAS(c, F_POLICY_VERSIONS)) {
+    if (PV_GIVEN(c)) {
         pv = PyTuple_New(c->pv.n);
         if (pv == NULL)
             goto fail;

@@ -16,6 +16,7 @@ from services.gateway.receipts import completion_tokens
 from services.gateway.scored_data import (
     ScoredDataInvalid,
     encode_group,
+    incoming,
     parse_scored_data,
     parse_scored_data_list,
 )
@@ -51,16 +52,20 @@ def test_the_extension_is_built():
 
 
 def summary(group: dict, want: bool) -> tuple:
-    """What canonical_group answers, computed with the Python path."""
-    pv = group.get("policy_versions")
-    completions = None
+    """What canonical_group answers, computed with the Python path: the Incoming the
+    state would get from it (policy_versions [] means none given: None)."""
+    got = incoming(group, want)
+    expected_completions = None
     if want:
-        completions = tuple(completion_tokens(t, m) for t, m in zip(group["tokens"], group["masks"]))
+        expected_completions = tuple(completion_tokens(t, m) for t, m in zip(group["tokens"], group["masks"]))
+    completions = None if got.completions is None else tuple(got.completions)
+    assert completions == expected_completions
+    assert got.body == encode_group(group)
     return (
-        encode_group(group),
-        len(group["tokens"]),
-        group["env_id"],
-        None if pv is None else tuple(pv),
+        got.body,
+        got.size,
+        got.env_id,
+        None if got.policy_versions is None else tuple(got.policy_versions),
         completions,
     )
 
@@ -149,6 +154,49 @@ def rand_float(rng: random.Random):
     return rng.random()
 
 
+TRICKY_FLOATS = [
+    1e-05, 1e16, 0.1, -0.0, 0.0, 1.0, 1e-07, 1.5e-05, 1e-300, 1e299, 1e22, 1e15, 0.0001, 0.00012,
+    123456.789, -2.5, 9.999999999999999e-05, 0.30000000000000004, 1 / 3, 1e100,
+]
+FLAT_STRINGS = ["", "x", "openai", "e-", "0.00001", "a b/c:d", "~", "{[,:]}", "1e-05", "null", " "]
+
+
+def rand_scalar(rng: random.Random):
+    """A value the fast path copies in a flat free-form object: an ASCII string
+    without escapes, a literal, an int64, or a float (ints stay ints there)."""
+    r = rng.random()
+    if r < 0.25:
+        return rng.choice(FLAT_STRINGS)
+    if r < 0.35:
+        return rng.choice([None, True, False])
+    if r < 0.55:
+        return rng.choice([0, 1, -1, 8, 10**15, -(10**18), I64_MAX, I64_MIN, I32_MAX + 1, rng.randrange(10**6)])
+    if r < 0.75:
+        return rng.choice(TRICKY_FLOATS)
+    return float(rand_float(rng))
+
+
+def rand_flat_object(rng: random.Random) -> dict:
+    """generation_params / group_overrides as the fast path takes them."""
+    r = rng.random()
+    if r < 0.25:
+        return {}
+    if r < 0.4:
+        return rng.choice([{"server_type": "openai"}, {"group_size": 8}, {"server_type": "vllm", "group_size": 2}])
+    n = 64 if r < 0.45 else rng.randint(1, 6)
+    keys = rng.sample(["k%d" % i for i in range(80)] + ["", "e-", "a b", "0.0000", "temperature", "max_tokens"], n)
+    return {k: rand_scalar(rng) for k in keys}
+
+
+def basenv_default(g: dict, rng: random.Random) -> dict:
+    """Atropos' BaseEnv default collect_trajectories: the optional per-sequence lists
+    start as [] and stay empty, group_overrides merges the items' (often {})."""
+    g.update(advantages=[], ref_logprobs=[], messages=[], overrides=[], images=[])
+    g["group_overrides"] = rng.choice([{}, {}, {"server_type": "openai"}, {"group_size": len(g["tokens"])}])
+    g.pop("inference_logprobs", None)
+    return g
+
+
 def rand_value(rng: random.Random, depth: int = 0):
     """A JSON value of the kinds the fast path skips (ASCII strings, no escapes)."""
     r = rng.random()
@@ -173,19 +221,33 @@ def rand_group(rng: random.Random) -> dict:
         elif r < 0.6:
             g[key] = None
 
+    def per_sequence(make):
+        # [] means none given (scored_data.group_problems), whatever the count.
+        return (lambda: []) if rng.random() < 0.25 else make
+
     for key in ("advantages", "ref_logprobs", "inference_logprobs"):
-        maybe(key, lambda: [[rand_float(rng) for _ in range(k)] for k in lens])
+        maybe(key, per_sequence(lambda: [[rand_float(rng) for _ in range(k)] for k in lens]))
     shapes = [[rng.randrange(4) for _ in range(rng.randrange(3))] for _ in range(n)]
-    maybe("distill_token_ids", lambda: [[[rand_int(rng) for _ in range(k)] for k in s] for s in shapes])
-    maybe("distill_logprobs", lambda: [[[rand_float(rng) for _ in range(k)] for k in s] for s in shapes])
+    maybe("distill_token_ids", per_sequence(lambda: [[[rand_int(rng) for _ in range(k)] for k in s] for s in shapes]))
+    maybe("distill_logprobs", per_sequence(lambda: [[[rand_float(rng) for _ in range(k)] for k in s] for s in shapes]))
     maybe("env_id", lambda: rng.choice([0, 1, 42, I64_MAX, I64_MIN, -5, rng.randrange(2**40)]))
     maybe(
         "policy_versions",
-        lambda: [rng.choice([None, 0, 1, 17, 2**63 - 1, rng.randrange(10**6)]) for _ in range(n)],
+        per_sequence(lambda: [rng.choice([None, 0, 1, 17, 2**63 - 1, rng.randrange(10**6)]) for _ in range(n)]),
     )
     for key in FREE_FORM:
-        if rng.random() < 0.2:
+        r = rng.random()
+        if r < 0.2:
             g[key] = None
+        elif r < 0.5:
+            if key in ("generation_params", "group_overrides"):
+                g[key] = rand_flat_object(rng)
+            elif key == "images":
+                g[key] = rng.choice([[], {}])
+            else:
+                g[key] = []
+    if rng.random() < 0.15:
+        basenv_default(g, rng)
     if rng.random() < 0.3:
         for i in range(rng.randint(1, 3)):
             g[f"extra_{i}"] = rand_value(rng)
@@ -238,7 +300,8 @@ def test_lists_are_handled_and_equal_the_python_path(fast):
         assert len(got) == len(json.loads(body))
     # One group outside the domain declines the whole list (the Python path decides).
     good = {"tokens": [[1]], "masks": [[1]], "scores": [1.0]}
-    assert fast.canonical_groups(json.dumps([good, {**good, "messages": []}]).encode(), False) is None
+    messages = [[{"role": "user", "content": "hi"}]]
+    assert fast.canonical_groups(json.dumps([good, {**good, "messages": messages}]).encode(), False) is None
     assert fast.canonical_groups(json.dumps([good, {**good, "scores": []}]).encode(), False) is None
     assert fast.canonical_groups(json.dumps(good).encode(), False) is None  # not a list
     assert fast.canonical_group(json.dumps([good]).encode(), False) is None  # not an object
@@ -366,6 +429,21 @@ INVALID = {
     "distill count": body_with(distill_token_ids=[[[1]]]),
     "distill token over int32": body_with(distill_token_ids=[[[2**31]], [[1]]]),
     "messages not a list": body_with(messages=5),
+    "messages an object": body_with(messages={}),
+    "overrides an object": body_with(overrides={}),
+    "generation_params a list": body_with(generation_params=[]),
+    "group_overrides a string": body_with(group_overrides="x"),
+    "group_overrides a number": body_with(group_overrides=1),
+    "overrides count": body_with(overrides=[{}]),
+    "bad literal in overrides": B + b',"group_overrides":{"a":tru}}',
+    "bad number in overrides": B + b',"group_overrides":{"a":1.}}',
+    "trailing comma in overrides": B + b',"group_overrides":{"a":1,}}',
+    "missing colon in overrides": B + b',"group_overrides":{"a" 1}}',
+    "unquoted key in overrides": B + b',"group_overrides":{a:1}}',
+    "control char in overrides": B + b',"group_overrides":{"a":"x\x01"}}',
+    "unclosed overrides": B + b',"group_overrides":{"a":1}',
+    "advantages one of two": body_with(advantages=[[1.0, 2.0]]),
+    "distill_logprobs count with empty ids": body_with(distill_token_ids=[], distill_logprobs=[[[1.0]]]),
     "empty object": b"{}",
     "array": b"[]",
     "number": b"1",
@@ -417,10 +495,30 @@ DECLINED = {
     "escape in unknown string": B + b',"x":"a\\nb"}',
     "non-ascii in unknown string": B + ',"x":"é"}'.encode(),
     "messages": body_with(messages=[[{"role": "user", "content": "hi"}], []]),
-    "generation_params": body_with(generation_params={"t": 1}),
+    "messages of empty chats": body_with(messages=[[], []]),
     "overrides": body_with(overrides=[{}, {}]),
-    "group_overrides": body_with(group_overrides={}),
-    "images": body_with(images=[]),
+    "images list": body_with(images=[None]),
+    "images object": body_with(images={"a": 1}),
+    "images string": body_with(images="x"),
+    "images number": body_with(images=1),
+    "generation_params nested list": body_with(generation_params={"t": [1]}),
+    "generation_params nested object": body_with(generation_params={"t": {}}),
+    "group_overrides nested": body_with(group_overrides={"a": 1, "b": {"c": 2}}),
+    "group_overrides duplicate key": B + b',"group_overrides":{"a":1,"b":2,"a":3}}',
+    "generation_params duplicate key": B + b',"generation_params":{"a":1,"a":1}}',
+    "group_overrides 65 entries": body_with(group_overrides={f"k{i}": i for i in range(65)}),
+    "group_overrides escaped key": B + b',"group_overrides":{"\\u0061":1}}',
+    "group_overrides escaped value": B + b',"group_overrides":{"a":"x\\ny"}}',
+    "group_overrides non-ascii value": B + ',"group_overrides":{"a":"\u00e9"}}'.encode(),
+    "group_overrides non-ascii key": B + ',"group_overrides":{"\u00e9":1}}'.encode(),
+    "group_overrides -0": B + b',"group_overrides":{"a":-0}}',
+    "group_overrides over int64": body_with(group_overrides={"a": 2**63}),
+    "group_overrides under int64": body_with(group_overrides={"a": -(2**63) - 1}),
+    "group_overrides huge int": body_with(group_overrides={"a": 10**30}),
+    "group_overrides NaN": B + b',"group_overrides":{"a":NaN}}',
+    "group_overrides 18 digits": B + b',"group_overrides":{"a":0.123456789012345678}}',
+    "group_overrides overflow": B + b',"group_overrides":{"a":1e400}}',
+    "group_overrides subnormal": B + b',"group_overrides":{"a":1e-320}}',
     "env_id over int64": body_with(env_id=2**63),
     "policy_version over int63": body_with(policy_versions=[2**63, None]),
     "18 digits": with_score(b"0.123456789012345678"),
@@ -448,6 +546,96 @@ def test_bodies_left_to_python_are_declined(fast, name):
     assert fast.canonical_group(body, True) is None  # ...which the fast path leaves it to
 
 
+def test_basenv_default_shape_is_handled(fast):
+    """Atropos' BaseEnv default collect_trajectories: every optional per-sequence list
+    [] (none given), group_overrides {} or merged from the items: C takes it, byte for
+    byte the Python path's, [] kept as sent."""
+    g = {
+        "tokens": [[1, 2, 3], [1, 4]],
+        "masks": [[-100, 2, 3], [-100, 4]],
+        "scores": [1.0, -1.0],
+        "advantages": [],
+        "ref_logprobs": [],
+        "messages": [],
+        "overrides": [],
+        "group_overrides": {},
+        "images": [],
+    }
+    for overrides in ({}, {"server_type": "openai"}, {"group_size": 8}, {"group_size": 2, "note": "x"}):
+        for env_id in (None, 0, 3):
+            group = {**g, "group_overrides": overrides, "env_id": env_id}
+            for body in (json.dumps(group).encode(), json.dumps(group, separators=(",", ":")).encode()):
+                got = check(fast, body, must_handle=True)
+                assert got[1:4] == (2, env_id, None)
+                assert b'"advantages":[],"ref_logprobs":[],"messages":[]' in got[0]
+                assert b'"group_overrides":%s' % json.dumps(overrides, separators=(",", ":")).encode() in got[0]
+            lst = json.dumps([group, {**group, "images": {}}]).encode()
+            assert len(check(fast, lst, many=True, must_handle=True)) == 2
+    # The other per-sequence fields, [] too: none given, kept as [].
+    for key in ("inference_logprobs", "distill_token_ids", "distill_logprobs", "policy_versions"):
+        got = check(fast, json.dumps({**g, key: []}).encode(), must_handle=True)
+        assert b'"%s":[]' % key.encode() in got[0]
+        assert got[3] is None  # policy_versions [] means none given (scored_data.incoming)
+    # [] beside a given field is not checked against it (distill_* cross-checks).
+    check(fast, body_with(distill_token_ids=[], distill_logprobs=[[[0.5]], []]), must_handle=True)
+    check(fast, body_with(distill_token_ids=[[[1]], []], distill_logprobs=[]), must_handle=True)
+    check(fast, body_with(advantages=[], inference_logprobs=[[-0.5, -0.25], [-1e-05]]), must_handle=True)
+
+
+def test_flat_free_form_objects_are_handled(fast):
+    """generation_params and group_overrides of scalars: strings, literals, ints
+    (kept ints), floats (spelt as repr), in input order, compact."""
+    params = {
+        "s": "openai", "empty": "", "e": "1e-05", "t": True, "f": False, "n": None, "zero": 0, "i": -7,
+        "big": I64_MAX, "small": I64_MIN, "a": 1e-05, "b": 1e16, "c": 0.1, "d": -0.0, "g": 1e-07,
+        "h": 1.0, "j": 1e22, "k": 0.0001, "l": 1e15, "m": 2.5e-300,
+    }
+    expected = json.dumps(params, separators=(",", ":")).encode()
+    assert b'"a":1e-05' in expected and b'"b":1e+16' in expected and b'"zero":0,' in expected
+    for key in ("generation_params", "group_overrides"):
+        for body in (body_with(**{key: params}), json.dumps({**BASE, key: params}, indent=1).encode()):
+            got = check(fast, body, must_handle=True)
+            assert b'"%s":%s' % (key.encode(), expected) in got[0]
+        check(fast, body_with(**{key: {}}), must_handle=True)
+        check(fast, body_with(**{key: {f"k{i}": i for i in range(64)}}), must_handle=True)
+    # Other spellings of the same values: JSON integers stay ints, floats take repr.
+    body = B + b',"generation_params":{ "a" : 1E-5 , "b":1e16,"c":0.10,"d":-0e3,"i":10,"x":5e0 },"images":{ }}'
+    got = check(fast, body, must_handle=True)
+    assert b'"generation_params":{"a":1e-05,"b":1e+16,"c":0.1,"d":-0.0,"i":10,"x":5.0}' in got[0]
+    assert b'"images":{}' in got[0]
+    # DEL is plain ASCII: copied as it is (neither orjson nor json escapes it).
+    got = check(fast, B + b',"group_overrides":{"a":"~\x7f","\x7f":1}}', must_handle=True)
+    assert b'"group_overrides":{"a":"~\x7f","\x7f":1}' in got[0]
+
+
+def scalar_repr(v) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    return json.dumps(v)  # str (ASCII, nothing to escape), int, True/False/None
+
+
+def test_flat_objects_are_spelt_as_repr(fast):
+    """Whatever encode_group does for a free-form field (orjson, or json where orjson
+    spells a float otherwise), a flat object comes out as repr spells its values; and
+    so does the fast path."""
+    rng = random.Random(11)
+    random.seed(96)
+    for _ in range(500):
+        params = rand_flat_object(rng)
+        spelt = "{" + ",".join(f"{json.dumps(k)}:{scalar_repr(v)}" for k, v in params.items()) + "}"
+        got = check(fast, body_with(generation_params=params, group_overrides=params), must_handle=True)
+        assert b'"generation_params":%s,' % spelt.encode() in got[0]
+        assert b'"group_overrides":%s,' % spelt.encode() in got[0]
+
+
+def test_empty_required_lists_are_declined(fast):
+    """masks and scores are required per sequence: the fast path never takes [] for
+    them, whatever the Python path says of it."""
+    for body in (body_with(masks=[]), body_with(scores=[]), body_with(masks=[], scores=[])):
+        assert fast.canonical_group(body, True) is None
+        assert fast.canonical_groups(b"[" + body + b"]", False) is None
+
+
 def test_int32_edges(fast):
     for value in (I32_MAX, I32_MIN, I32_MAX - 8, I32_MIN + 9, 1999999999, -1999999999, 1000000000, 0, -1):
         body = json.dumps({"tokens": [[value, 5]], "masks": [[value, -100]], "scores": [1]}).encode()
@@ -469,6 +657,11 @@ def test_output_longer_than_input(fast):
     got = check(fast, body, must_handle=True)
     assert len(got[0]) > 1.5 * len(body)
     check(fast, b"[" + b",".join([body] * 3) + b"]", many=True, must_handle=True)
+    # Floats in a flat object grow too (4 bytes -> 18, 64 of them), last in the body.
+    grow = ",".join('"k%d":%s' % (i, ["1e15", "1E9", "-1e-300", "5e0"][i % 4]) for i in range(64))
+    small = b'{"tokens":[[1]],"masks":[[1]],"scores":[1],"generation_params":{%s}}' % grow.encode()
+    got = check(fast, small, must_handle=True)
+    assert len(got[0]) > len(small) + 400
 
 
 def test_depth_limit_and_unknown_values(fast):
@@ -512,7 +705,10 @@ def test_fuzz_never_crashes_and_agrees(fast):
     seeds = [json.dumps(rand_group(rng), separators=(",", ":")).encode() for _ in range(20)]
     seeds += [
         b'{"tokens":[[1,2]],"masks":[[-100,2]],"scores":[0.5],"inference_logprobs":[[-1e-05,-2.5]],'
-        b'"policy_versions":[3],"env_id":1,"distill_token_ids":[[[1],[2,3]]],"distill_logprobs":[[[0.1],[1e-7,2]]]}'
+        b'"policy_versions":[3],"env_id":1,"distill_token_ids":[[[1],[2,3]]],"distill_logprobs":[[[0.1],[1e-7,2]]]}',
+        b'{"tokens":[[1,2],[3]],"masks":[[-100,2],[3]],"scores":[1.0,0.0],"advantages":[],"ref_logprobs":[],'
+        b'"messages":[],"overrides":[],"group_overrides":{"server_type":"openai","group_size":2},"images":[],'
+        b'"generation_params":{"t":0.7,"n":-1,"s":"x-e-y","b":true,"z":null,"e":1e-05},"policy_versions":[]}',
     ]
     accepted = 0
     for i in range(3000):
