@@ -29,14 +29,13 @@ from typing import Any, Callable, Sequence
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
+from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int, is_number
 
 log = logging.getLogger(__name__)
 
 # Sampling parameters handled by the gateway itself rather than the engine.
 _GATEWAY_SAMPLING = {"skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"}
-_UINT32 = 2**32 - 1
-_UINT64 = 2**64 - 1
-_INT32 = 2**31 - 1
+_UINT32, _UINT64, _INT32 = UINT32_MAX, UINT64_MAX, INT32_MAX
 # The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
 # services/inference/api.py).
 MAX_TOP_LOGPROBS = 20
@@ -96,14 +95,6 @@ class GenerateCall:
         )
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _per_prompt(name: str, value: Any, count: int, batched: bool, check) -> list[Any]:
     """A value given once for every prompt, or as a list with one per prompt."""
     if batched and isinstance(value, list):
@@ -123,26 +114,8 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
         raise InvalidArgument(f"{where} must be an object, got {type(params).__name__}")
     out = pb.SamplingParams()
 
-    def number(key: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float | None:
-        value = params.get(key)
-        if value is None:
-            return None
-        if not _is_number(value):
-            raise InvalidArgument(f"{where}.{key} must be a number, got {value!r}")
-        if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi if hi is not None else 'inf'}]"
-            raise InvalidArgument(f"{where}.{key} must be in {bound}, got {value}")
-        return value
-
-    def integer(key: str, lo: int, hi: int) -> int | None:
-        value = params.get(key)
-        if value is None:
-            return None
-        if not _is_int(value):
-            raise InvalidArgument(f"{where}.{key} must be an integer, got {value!r}")
-        if not lo <= value <= hi:
-            raise InvalidArgument(f"{where}.{key} must be between {lo} and {hi}, got {value}")
-        return value
+    fields = Fields(params, where)
+    number, integer = fields.number, fields.integer
 
     if (v := integer("max_new_tokens", 0, _UINT32)) is not None:
         out.max_new_tokens = v
@@ -173,16 +146,14 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
 
     stop_ids = params.get("stop_token_ids")
     if stop_ids is not None:
-        if not isinstance(stop_ids, list) or not all(_is_int(t) and -_INT32 - 1 <= t <= _INT32 for t in stop_ids):
+        if not isinstance(stop_ids, list) or not all(is_int(t) and -_INT32 - 1 <= t <= _INT32 for t in stop_ids):
             raise InvalidArgument(f"{where}.stop_token_ids must be a list of token ids, got {stop_ids!r}")
         out.stop_token_ids.extend(stop_ids)
 
-    flags = {}
-    for key, default in (("ignore_eos", False), ("skip_special_tokens", True), ("no_stop_trim", False)):
-        value = params.get(key, default)
-        if not isinstance(value, bool):
-            raise InvalidArgument(f"{where}.{key} must be true or false, got {value!r}")
-        flags[key] = value
+    flags = {
+        key: fields.flag(key, default)
+        for key, default in (("ignore_eos", False), ("skip_special_tokens", True), ("no_stop_trim", False))
+    }
     out.ignore_eos = flags["ignore_eos"]
 
     known = {"max_new_tokens", "temperature", "top_p", "top_k", "n", "seed", "sampling_seed", "stop",
@@ -221,7 +192,7 @@ def parse_generate(body: Any) -> GenerateCall:
             if not isinstance(row, list) or not row:
                 raise InvalidArgument(f"{where} must be a non-empty list of token ids")
             for k, tok in enumerate(row):
-                if not _is_int(tok) or not 0 <= tok <= _INT32:
+                if not is_int(tok) or not 0 <= tok <= _INT32:
                     raise InvalidArgument(f"{where}[{k}] must be a token id, got {tok!r}")
         ids = [list(r) for r in rows]
         count = len(ids)
@@ -234,13 +205,13 @@ def parse_generate(body: Any) -> GenerateCall:
             raise InvalidArgument(f"{where} must be true or false, got {v!r}")
 
     def int_ok(where: str, v: Any) -> None:
-        if not _is_int(v):
+        if not is_int(v):
             raise InvalidArgument(f"{where} must be an integer, got {v!r}")
 
     def top_ok(where: str, v: Any) -> None:
         if v is None:
             return
-        if not _is_int(v):
+        if not is_int(v):
             raise InvalidArgument(f"{where} must be an integer, got {v!r}")
         if not 0 <= v <= MAX_TOP_LOGPROBS:
             raise InvalidArgument(f"{where} must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")

@@ -55,13 +55,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.gateway.inference_client import InferenceClient
+from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int, is_number
 from services.gateway.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
 
-_UINT32 = 2**32 - 1
-_UINT64 = 2**64 - 1
-_INT32 = 2**31 - 1
+_UINT32, _UINT64, _INT32 = UINT32_MAX, UINT64_MAX, INT32_MAX
 # vLLM's SamplingParams.max_tokens default.
 DEFAULT_MAX_TOKENS = 16
 # The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
@@ -157,19 +156,11 @@ def is_vllm_body(body: Any) -> bool:
     )
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _token_ids(where: str, value: Any, allow_empty: bool = False) -> list[int]:
     if not isinstance(value, list) or (not value and not allow_empty):
         raise InvalidArgument(f"{where} must be a {'' if allow_empty else 'non-empty '}list of token ids, got {value!r}")
     for k, tok in enumerate(value):
-        if not _is_int(tok) or not 0 <= tok <= _INT32:
+        if not is_int(tok) or not 0 <= tok <= _INT32:
             raise InvalidArgument(f"{where}[{k}] must be a token id, got {tok!r}")
     return list(value)
 
@@ -205,32 +196,8 @@ def parse_vllm(body: dict[str, Any]) -> VllmCall:
         hint = " (vLLM spells it max_tokens)" if {"max_new_tokens", "max_completion_tokens"} & set(unknown) else ""
         raise InvalidArgument(f"unknown field(s), not vLLM SamplingParams: {', '.join(unknown)}{hint}")
 
-    def number(key: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float | None:
-        value = params.get(key)
-        if value is None:
-            return None
-        if not _is_number(value):
-            raise InvalidArgument(f"{key} must be a number, got {value!r}")
-        if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi if hi is not None else 'inf'}]"
-            raise InvalidArgument(f"{key} must be in {bound}, got {value}")
-        return value
-
-    def integer(key: str, lo: int, hi: int) -> int | None:
-        value = params.get(key)
-        if value is None:
-            return None
-        if not _is_int(value):
-            raise InvalidArgument(f"{key} must be an integer, got {value!r}")
-        if not lo <= value <= hi:
-            raise InvalidArgument(f"{key} must be between {lo} and {hi}, got {value}")
-        return value
-
-    def flag(key: str, default: bool) -> bool:
-        value = params.get(key, default)
-        if not isinstance(value, bool):
-            raise InvalidArgument(f"{key} must be true or false, got {value!r}")
-        return value
+    fields = Fields(params)
+    number, integer, flag = fields.number, fields.integer, fields.flag
 
     out = pb.SamplingParams()
     n = integer("n", 1, _UINT32) or 1

@@ -1,0 +1,58 @@
+"""Checked reads of a JSON request object's fields, with errors that name the field:
+what SGLang's and vLLM's /generate dialects (sglang.py, vllm.py) share."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from services.common.errors import InvalidArgument
+
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class Fields:
+    """The fields of `params`; errors name them as `<where>.<key>` (or `<key>`)."""
+
+    def __init__(self, params: Mapping[str, Any], where: str = "") -> None:
+        self.params = params
+        self.prefix = f"{where}." if where else ""
+
+    def number(self, key: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float | None:
+        """A number in [lo, hi] ((lo, hi] with lo_open), or None when absent."""
+        value = self.params.get(key)
+        if value is None:
+            return None
+        if not is_number(value):
+            raise InvalidArgument(f"{self.prefix}{key} must be a number, got {value!r}")
+        if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi if hi is not None else 'inf'}]"
+            raise InvalidArgument(f"{self.prefix}{key} must be in {bound}, got {value}")
+        return value
+
+    def integer(self, key: str, lo: int, hi: int) -> int | None:
+        """An integer in [lo, hi], or None when absent."""
+        value = self.params.get(key)
+        if value is None:
+            return None
+        if not is_int(value):
+            raise InvalidArgument(f"{self.prefix}{key} must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise InvalidArgument(f"{self.prefix}{key} must be between {lo} and {hi}, got {value}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        """A boolean, `default` when absent."""
+        value = self.params.get(key, default)
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{self.prefix}{key} must be true or false, got {value!r}")
+        return value
