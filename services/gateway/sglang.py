@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int, is_number
+from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.gateway.inference_client import InferenceClient
-from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int, is_number
+from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int
 from services.gateway.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
