@@ -56,3 +56,14 @@ class Fields:
         if not isinstance(value, bool):
             raise InvalidArgument(f"{self.prefix}{key} must be true or false, got {value!r}")
         return value
+
+    def strings(self, key: str) -> list[str]:
+        """A string or a list of strings, as a list ([] when absent)."""
+        value = self.params.get(key)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return list(value)
+        raise InvalidArgument(f"{self.prefix}{key} must be a string or a list of strings, got {value!r}")

@@ -133,15 +133,7 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
     if (v := integer(seed_key, 0, _UINT64)) is not None:
         out.seed = v
 
-    stop = params.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise InvalidArgument(f"{where}.stop must be a string or a list of strings, got {stop!r}")
+    stops = fields.strings("stop")
     out.stop.extend(stops)
 
     stop_ids = params.get("stop_token_ids")

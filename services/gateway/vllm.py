@@ -216,15 +216,7 @@ def parse_vllm(body: dict[str, Any]) -> VllmCall:
     if (v := integer("seed", 0, _UINT64)) is not None:
         out.seed = v
 
-    stop = params.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise InvalidArgument(f"stop must be a string or a list of strings, got {stop!r}")
+    stops = fields.strings("stop")
     out.stop.extend(s for s in stops if s)
     if params.get("stop_token_ids") is not None:
         out.stop_token_ids.extend(_token_ids("stop_token_ids", params["stop_token_ids"], allow_empty=True))
