@@ -35,7 +35,10 @@ class Fields:
         if not is_number(value):
             raise InvalidArgument(f"{self.prefix}{key} must be a number, got {value!r}")
         if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi if hi is not None else 'inf'}]"
+            if lo_open:
+                bound = f"({lo}, {hi}]" if hi is not None else f"({lo}, inf)"
+            else:
+                bound = f"[{lo}, {hi if hi is not None else 'inf'}]"
             raise InvalidArgument(f"{self.prefix}{key} must be in {bound}, got {value}")
         return value
 

@@ -4,8 +4,9 @@ InferenceService.Generate requests, and the results back into OpenAI's JSON.
 Requests are validated strictly (a bool is not an integer) and every problem names its
 field, as OpenAI's `param` does. Parameters the engine cannot honour are refused with
 400 when ignoring them would change the result (`logit_bias`, `suffix`, `best_of` > n,
-structured `response_format`); penalties are accepted and ignored, as the engine has
-none.
+structured `response_format`). `presence_penalty` and `frequency_penalty` (and the
+SGLang/vLLM extension `repetition_penalty`) go to the engine, which applies them to the
+choice of token (SamplingParams documents the semantics).
 
 Logprobs are the policy's own (before temperature, top-k and top-p), the sampled
 token's and its alternatives alike, from the engine's top-k logprobs (at most 20 per
@@ -115,6 +116,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -156,6 +158,12 @@ class _Sampling(BaseModel):
             out.seed = self.seed % _UINT64
         if self.stop_token_ids:
             out.stop_token_ids.extend(self.stop_token_ids)
+        if self.frequency_penalty is not None:
+            out.frequency_penalty = self.frequency_penalty
+        if self.presence_penalty is not None:
+            out.presence_penalty = self.presence_penalty
+        if self.repetition_penalty is not None:
+            out.repetition_penalty = self.repetition_penalty
         return out
 
 

@@ -7,8 +7,11 @@ Request: `text` (str or list) or `input_ids` (list[int] or list[list[int]]),
 Response: one object for a single prompt with n=1, else a list, prompt-major then
 sample, each `{"text", "output_ids", "meta_info": {...}}` as SGLang writes it.
 
-Logprobs (with `return_logprob`) are the policy's own, before temperature, top-k and
-top-p. `meta_info.output_token_logprobs` has one `[logprob, token_id, text]` per
+`frequency_penalty`, `presence_penalty` and `repetition_penalty` in sampling_params go
+to the engine with SGLang's semantics (the same as SamplingParams').
+
+Logprobs (with `return_logprob`) are the policy's own, before temperature, top-k,
+top-p and penalties. `meta_info.output_token_logprobs` has one `[logprob, token_id, text]` per
 generated token, and with `logprob_start_len` >= 0 `input_token_logprobs` one per
 prompt position from there (the first prompt token's logprob None). `top_logprobs_num`
 k (at most 20, the engine's bound) adds, as SGLang's TokenizerManager does,
@@ -129,6 +132,11 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
     n = integer("n", 1, _UINT32)
     if n is not None:
         out.n = n
+    for key in ("frequency_penalty", "presence_penalty"):
+        if (v := number(key, -2.0, 2.0)) is not None:
+            setattr(out, key, v)
+    if (v := number("repetition_penalty", 0.0, lo_open=True)) is not None:
+        out.repetition_penalty = v
     seed_key = "seed" if params.get("seed") is not None else "sampling_seed"
     if (v := integer(seed_key, 0, _UINT64)) is not None:
         out.seed = v
@@ -149,7 +157,8 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
     out.ignore_eos = flags["ignore_eos"]
 
     known = {"max_new_tokens", "temperature", "top_p", "top_k", "n", "seed", "sampling_seed", "stop",
-             "stop_token_ids", "ignore_eos"} | _GATEWAY_SAMPLING
+             "stop_token_ids", "ignore_eos", "frequency_penalty", "presence_penalty",
+             "repetition_penalty"} | _GATEWAY_SAMPLING
     ignored = sorted(set(params) - known)
     if ignored:
         log.debug("ignoring sampling params the engine does not support: %s", ignored)

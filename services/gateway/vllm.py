@@ -9,19 +9,21 @@ parser accepts has one of those, so SGLang's answers do not change.
 Request: `prompt`, a string or `{"prompt_token_ids": [...]}` (or `{"prompt": "..."}`),
 `stream`, and vLLM `SamplingParams` fields at the top level. Served: `n`,
 `max_tokens` (vLLM's default of 16 when absent; null: up to the engine's limit),
-`temperature`, `top_p`, `top_k` (0 or -1: all), `seed`, `stop` (strings),
+`temperature`, `top_p`, `top_k` (0 or -1: all), `seed`, `presence_penalty`,
+`frequency_penalty` (each in [-2, 2]), `repetition_penalty` (> 0; vLLM's semantics,
+which SamplingParams documents), `stop` (strings),
 `stop_token_ids`, `ignore_eos`, `logprobs`, `prompt_logprobs`,
 `include_stop_str_in_output`, `skip_special_tokens`, `detokenize` (false: empty
 text). Accepted and ignored, as they change no sampling: `spaces_between_special_tokens`,
 `output_kind`, `flat_logprobs`, `stream_interval`, `skip_clone`,
 `skip_reading_prefix_cache`, `routed_experts_prompt_start`. SamplingParams fields the
-engine cannot honour (penalties, `min_p`, `min_tokens`, `logit_bias`, structured
+engine cannot honour (`min_p`, `min_tokens`, `length_penalty`, `logit_bias`, structured
 outputs, beam search, ...) are accepted at their default values only; other values are
 refused with 400, listing them. A name SamplingParams does not have is refused with
 400 (vLLM refuses it too).
 
-Logprobs are the policy's own (raw logits, whatever the temperature: vLLM's default
-`raw_logprobs`). As vLLM, `logprobs: k` gives each generated position a dict of the
+Logprobs are the policy's own (raw logits, whatever the temperature or penalties:
+vLLM's default `raw_logprobs`). As vLLM, `logprobs: k` gives each generated position a dict of the
 sampled token first, then the k most likely tokens (k or k + 1 entries; `logprobs: 0`,
 what VLLMServer sends, just the sampled one), from the engine's `top_logprobs`; and
 `prompt_logprobs: k` gives each prompt position the prompt token then the k most
@@ -70,6 +72,7 @@ MAX_LOGPROBS = 20
 SERVED = frozenset({
     "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
     "logprobs", "prompt_logprobs", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
+    "presence_penalty", "frequency_penalty", "repetition_penalty",
 })
 # SamplingParams fields that change no sampling: accepted with any value, ignored.
 HARMLESS = frozenset({
@@ -85,9 +88,6 @@ def _empty(value: Any) -> bool:
 # SamplingParams fields the engine cannot honour: accepted only when they ask for
 # nothing (their default), each with the test of that.
 DEFAULT_ONLY: dict[str, Any] = {
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "repetition_penalty": lambda v: v == 1,
     "min_p": lambda v: v == 0,
     "min_tokens": lambda v: v == 0,
     "best_of": lambda v: v is None,  # checked against n below
@@ -215,6 +215,11 @@ def parse_vllm(body: dict[str, Any]) -> VllmCall:
         out.top_k = v
     if (v := integer("seed", 0, _UINT64)) is not None:
         out.seed = v
+    for key in ("presence_penalty", "frequency_penalty"):
+        if (v := number(key, -2.0, 2.0)) is not None:
+            setattr(out, key, v)
+    if (v := number("repetition_penalty", 0.0, lo_open=True)) is not None:
+        out.repetition_penalty = v
 
     stops = fields.strings("stop")
     out.stop.extend(s for s in stops if s)

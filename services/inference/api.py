@@ -27,6 +27,16 @@ class SamplingOptions:
     n: int = 1
     ignore_eos: bool = False
     seed: int | None = None
+    # Penalties (proto SamplingParams has the exact semantics): frequency/presence over
+    # the tokens generated so far in the sample, repetition over prompt + output. They
+    # shape only the choice of token, never the reported logprobs.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
 
 
 # The most alternatives a request may ask for per position (OpenAI's bound on

@@ -8,8 +8,14 @@ touches these objects, except `RequestState.cancelled`, which the event loop set
 worker reads between steps.
 
 Logprobs, sampled and top-k alike, are the policy's own: log_softmax of the raw logits,
-whatever the request's temperature, top-k or top-p (those shape only the choice of
-token). Top-k alternatives are computed only for the rows that asked for them.
+whatever the request's temperature, top-k, top-p or penalties (those shape only the
+choice of token). Top-k alternatives are computed only for the rows that asked for them.
+
+Penalties (frequency, presence, repetition) are applied per row, only to the rows that
+ask for them, to a copy of the logits the sampler sees. Each penalised sample keeps its
+own generated-token counts ([V] floats, updated as its tokens are sampled) on its
+SampleState, so they follow it wherever its row moves; batches stack them once per
+change of membership and keep the samples' counts as views of that stack.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class RequestState:
         self.cancelled = False
         self.prompt_logprobs: tuple[float, ...] = ()
         self.prompt_top_logprobs: tuple[TopLogprobs, ...] = ()
+        # Which tokens the prompt holds ([V] bool), for repetition_penalty; made when a
+        # penalised row of this request first samples.
+        self.prompt_mask: torch.Tensor | None = None
         self.outbox: list[Event] = []
         # The KV-cache tokens this request may come to hold: what it counts against the
         # batch's token bound while any of its rows run.
@@ -87,6 +96,9 @@ class SampleState:
         self.spans: list[VersionSpan] = []
         self.finish_reason: FinishReason | None = None
         self._text_searched = 0
+        # Penalised samples only: how often each token was generated so far ([V] float32,
+        # made when the row first samples; a view of its batch's stacked counts).
+        self.counts: torch.Tensor | None = None
 
     def append(self, token: int, logprob: float, version: int, top: TopLogprobs | None = None) -> None:
         if not self.spans or self.spans[-1].version != version:
@@ -250,9 +262,19 @@ class Batch:
         """Sample the next token of rows first.. from their logits [rows, V]."""
         samples = self.samples[first:]
         logits = logits.float()
-        params = self._sampling_params() if first == 0 else _Params.of(samples, self.runner.device)
-        tokens = choose_tokens(logits, params.temperature, params.top_p, params.top_k, params.generators, params.keys)
-        # Logprobs under the policy itself (raw logits), whatever the sampling temperature.
+        vocab = logits.shape[-1]
+        params = self._sampling_params(vocab) if first == 0 else _Params.of(samples, self.runner.device, vocab)
+        pen = params.penalties
+        # Penalties change only what the sampler sees (a penalised copy); rows that asked
+        # for none, and every batch where no row did, sample from the raw logits.
+        sampled_from = logits if pen is None else pen.apply(logits)
+        tokens = choose_tokens(
+            sampled_from, params.temperature, params.top_p, params.top_k, params.generators, params.keys
+        )
+        if pen is not None:
+            pen.count(tokens)
+        # Logprobs under the policy itself (raw logits), whatever the sampling temperature
+        # or penalties.
         lse = torch.logsumexp(logits, dim=-1)
         logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
         tops: list[TopLogprobs | None] = [None] * len(samples)
@@ -296,10 +318,72 @@ class Batch:
         if not self.samples:
             self.stale = False
 
-    def _sampling_params(self) -> "_Params":
+    def _sampling_params(self, vocab: int) -> "_Params":
         if self._params is None:
-            self._params = _Params.of(self.samples, self.runner.device)
+            self._params = _Params.of(self.samples, self.runner.device, vocab)
         return self._params
+
+
+@dataclass(frozen=True)
+class _Penalties:
+    """The penalised rows of a set of rows and their state: `counts` [P, V] stacks those
+    samples' generated-token counts (each sample's `counts` is a view of its row here,
+    so updates land on the sample and survive the next restacking)."""
+
+    rows: torch.Tensor
+    counts: torch.Tensor
+    prompt: torch.Tensor
+    frequency: torch.Tensor
+    presence: torch.Tensor
+    repetition: torch.Tensor
+
+    @classmethod
+    def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> "_Penalties | None":
+        rows = [i for i, s in enumerate(samples) if s.request.spec.sampling.penalised]
+        if not rows:
+            return None
+        mine = [samples[i] for i in rows]
+        for s in mine:
+            if s.counts is None:
+                s.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+            r = s.request
+            if r.prompt_mask is None:
+                r.prompt_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+                r.prompt_mask[torch.tensor(r.input_ids, dtype=torch.long, device=device)] = True
+        counts = torch.stack([s.counts for s in mine])  # type: ignore[misc]
+        for i, s in enumerate(mine):
+            s.counts = counts[i]
+        opts = [s.request.spec.sampling for s in mine]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+        return cls(
+            torch.tensor(rows, dtype=torch.long, device=device),
+            counts,
+            torch.stack([s.request.prompt_mask for s in mine]),  # type: ignore[misc]
+            column([o.frequency_penalty for o in opts]),
+            column([o.presence_penalty for o in opts]),
+            column([o.repetition_penalty for o in opts]),
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of `logits` [B, V] with the penalised rows penalised (the vLLM order:
+        repetition, then frequency and presence; temperature comes after, in the
+        sampler). A penalty at its neutral value (1 or 0) leaves a logit exactly as is."""
+        x = logits[self.rows]
+        generated = self.counts > 0
+        seen = generated | self.prompt
+        x = torch.where(seen, torch.where(x > 0, x / self.repetition, x * self.repetition), x)
+        x = x - self.frequency * self.counts - self.presence * generated.float()
+        out = logits.clone()
+        out[self.rows] = x
+        return out
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """Add the tokens just sampled (one per row of the batch) to the counts."""
+        index = torch.arange(self.rows.numel(), device=self.counts.device)
+        self.counts[index, tokens[self.rows]] += 1
 
 
 @dataclass(frozen=True)
@@ -317,9 +401,11 @@ class _Params:
     top_row_list: list[int]
     top_rows: torch.Tensor | None
     max_top: int
+    # The penalised rows and their state (None when no row asked: the fast path).
+    penalties: _Penalties | None
 
     @classmethod
-    def of(cls, samples: Sequence[SampleState], device: torch.device) -> "_Params":
+    def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> "_Params":
         opts = [s.request.spec.sampling for s in samples]
         counts = [s.request.spec.top_logprobs for s in samples]
         asked = [i for i, k in enumerate(counts) if k > 0]
@@ -333,6 +419,7 @@ class _Params:
             asked,
             torch.tensor(asked, dtype=torch.long, device=device) if asked else None,
             max(counts, default=0),
+            _Penalties.of(samples, device, vocab),
         )
 
 

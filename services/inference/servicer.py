@@ -150,6 +150,9 @@ def generation_request(msg: pb.GenerateRequest) -> GenerationRequest:
         n=sp.n if sp.HasField("n") else defaults.n,
         ignore_eos=sp.ignore_eos,
         seed=sp.seed if sp.HasField("seed") else None,
+        frequency_penalty=sp.frequency_penalty if sp.HasField("frequency_penalty") else defaults.frequency_penalty,
+        presence_penalty=sp.presence_penalty if sp.HasField("presence_penalty") else defaults.presence_penalty,
+        repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else defaults.repetition_penalty,
     )
     return GenerationRequest(
         input_ids=list(msg.input_ids),

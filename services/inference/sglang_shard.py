@@ -590,6 +590,11 @@ class SGLangStream:
             "stop_token_ids": list(opts.stop_token_ids),
             "ignore_eos": opts.ignore_eos,
             "no_stop_trim": True,
+            # SGLang's names and semantics match SamplingParams' (its logprobs, as ever,
+            # are what the server reports).
+            "frequency_penalty": opts.frequency_penalty,
+            "presence_penalty": opts.presence_penalty,
+            "repetition_penalty": opts.repetition_penalty,
         }
         body: dict[str, Any] = {
             "return_logprob": True,

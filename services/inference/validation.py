@@ -34,6 +34,12 @@ def resolve_max_new_tokens(
         raise InvalidArgument(f"top_p must be in (0, 1], got {opts.top_p}")
     if opts.top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(opts, name)
+        if not -2 <= value <= 2:  # NaN fails too
+            raise InvalidArgument(f"{name} must be in [-2, 2], got {value}")
+    if not (math.isfinite(opts.repetition_penalty) and opts.repetition_penalty > 0):
+        raise InvalidArgument(f"repetition_penalty must be a finite number > 0, got {opts.repetition_penalty}")
     if not 1 <= opts.n <= max_n:
         raise InvalidArgument(f"n must be between 1 and max_batch_size {max_n}, got {opts.n}")
     for name, k in (("top_logprobs", request.top_logprobs), ("prompt_top_logprobs", request.prompt_top_logprobs)):

@@ -359,7 +359,9 @@ async def test_vllm_stream_is_one_line_of_prompt_plus_text(vllm_url, hf_model):
     "body, names",
     [
         ({"prompt": "hi", "temperature": "hot"}, ["temperature"]),
-        ({"prompt": "hi", "presence_penalty": 0.5, "min_p": 0.1}, ["presence_penalty=0.5", "min_p=0.1"]),
+        ({"prompt": "hi", "min_tokens": 3, "min_p": 0.1}, ["min_tokens=3", "min_p=0.1"]),
+        ({"prompt": "hi", "presence_penalty": 2.5}, ["presence_penalty"]),
+        ({"prompt": "hi", "repetition_penalty": 0}, ["repetition_penalty"]),
         ({"prompt": "hi", "frobnicate": 1}, ["frobnicate"]),
         ({"prompt": "hi", "max_new_tokens": 4}, ["max_new_tokens", "max_tokens"]),
         ({"prompt": [1, 2]}, ["prompt", "prompt_token_ids"]),
@@ -584,3 +586,65 @@ async def test_sglang_top_logprobs_stream(vllm_url, hf_model):
 async def test_sglang_top_logprobs_num_bounds_are_400(vllm_url, body, name):
     out = await vllm_generate(vllm_url, body, status=400)
     assert out["code"] == "INVALID_ARGUMENT" and out["error"].startswith(name + " must be"), out
+
+
+def reference_penalised_greedy(model, prompt: list[int], steps: int, frequency: float = 0.0, presence: float = 0.0,
+                               repetition: float = 1.0) -> list[int]:
+    """Greedy decoding of the plain model with the penalties applied as SamplingParams
+    documents them (repetition over prompt + output, frequency/presence over output)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            output = ids[len(prompt):]
+            for t in set(ids):
+                v = float(logits[t])
+                logits[t] = v / repetition if v > 0 else v * repetition
+            for t in set(output):
+                logits[t] -= frequency * output.count(t) + presence
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+async def test_vllm_penalties_change_greedy_output_as_the_reference(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    prompt = tokenizer.encode("count to 4")
+    greedy = {"prompt": {"prompt_token_ids": prompt}, "temperature": 0.0, "ignore_eos": True, "max_tokens": 16,
+              "logprobs": 0}
+    plain = (await vllm_generate(vllm_url, greedy))["token_ids"][0]
+    assert plain == reference_penalised_greedy(model, prompt, 16)
+    for penalties in ({"presence_penalty": 2.0, "frequency_penalty": 0.5}, {"repetition_penalty": 3.0}):
+        out = await vllm_generate(vllm_url, {**greedy, **penalties})
+        expected = reference_penalised_greedy(
+            model, prompt, 16, penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0),
+            penalties.get("repetition_penalty", 1.0),
+        )
+        assert expected != plain
+        assert out["token_ids"][0] == expected
+        # Logprobs stay the model's own, not the penalised distribution's.
+        served = [next(iter(pos[0].values())) for pos in out["logprobs"][0]]
+        assert served == pytest.approx(model_logprobs(model, prompt, expected), abs=1e-4)
+
+
+async def test_sglang_penalties_change_greedy_output_as_the_reference(vllm_url, hf_model):
+    model, tokenizer = hf_model
+    prompt = tokenizer.encode("spell cat")
+    sampling = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 16}
+    body = {"input_ids": [prompt, prompt, prompt], "return_logprob": True, "sampling_params": [
+        sampling,
+        {**sampling, "frequency_penalty": 2.0, "presence_penalty": 0.5},
+        {**sampling, "repetition_penalty": 2.5},
+    ]}
+    results = await vllm_generate(vllm_url, body)
+    expected = [
+        reference_penalised_greedy(model, prompt, 16),
+        reference_penalised_greedy(model, prompt, 16, frequency=2.0, presence=0.5),
+        reference_penalised_greedy(model, prompt, 16, repetition=2.5),
+    ]
+    assert expected[1] != expected[0] and expected[2] != expected[0]
+    assert [r["output_ids"] for r in results] == expected
+    for r, ids in zip(results, expected):
+        served = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
+        assert served == pytest.approx(model_logprobs(model, prompt, ids), abs=1e-4)

@@ -537,3 +537,58 @@ async def test_openai_client_reads_top_logprobs(real_url, hf_model):
         assert [len(d) for d in completion.choices[0].logprobs.top_logprobs] == [5, 5]
     finally:
         await client.close()
+
+
+def reference_penalised_greedy(model, prompt: list[int], steps: int, frequency: float = 0.0, presence: float = 0.0,
+                               repetition: float = 1.0) -> list[int]:
+    """Greedy decoding of the plain model with the penalties applied as SamplingParams
+    documents them (repetition over prompt + output, frequency/presence over output)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            output = ids[len(prompt):]
+            for t in set(ids):
+                v = float(logits[t])
+                logits[t] = v / repetition if v > 0 else v * repetition
+            for t in set(output):
+                logits[t] -= frequency * output.count(t) + presence
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+async def test_penalties_change_greedy_output_as_the_reference(real_url, hf_model):
+    model, tokenizer, token_ids = hf_model
+    prompt = tokenizer.encode("say hi")
+    greedy = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+    cases = [
+        ({}, {}),
+        ({"presence_penalty": 2.0, "frequency_penalty": 0.5}, {"presence": 2.0, "frequency": 0.5}),
+        ({"frequency_penalty": 2.0}, {"frequency": 2.0}),
+        ({"repetition_penalty": 3.0}, {"repetition": 3.0}),  # the SGLang/vLLM extension
+    ]
+    plain = reference_penalised_greedy(model, prompt, 16)
+    async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
+        for body, reference in cases:
+            expected = reference_penalised_greedy(model, prompt, 16, **reference)
+            assert (expected != plain) == bool(body)
+            r = await http.post("/v1/completions", json={**greedy, **body})
+            assert r.status_code == 200, r.text
+            lp = r.json()["choices"][0]["logprobs"]
+            assert [token_ids[t] for t in lp["tokens"]] == expected
+            # Logprobs stay the model's own, not the penalised distribution's.
+            assert lp["token_logprobs"] == pytest.approx(model_logprobs(model, prompt, expected), abs=1e-4)
+
+        # Chat takes them too.
+        messages = [{"role": "user", "content": "say hi"}]
+        chat_ids = chat_prompt(tokenizer, messages)
+        expected = reference_penalised_greedy(model, chat_ids, 12, presence=2.0)
+        r = await http.post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "presence_penalty": 2.0,
+            "logprobs": True,
+        })
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert [token_ids[c["token"]] for c in content] == expected

@@ -116,6 +116,9 @@ class SamplingParams(_Strict):
     ignore_eos: bool = False
     no_stop_trim: bool = False
     sampling_seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 class GenerateReqInput(_Strict):
@@ -467,7 +470,8 @@ async def test_generate_request_and_stream(standins, spec, incremental):
         request = GenerationRequest(
             PROMPT,
             SamplingOptions(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=6, stop_token_ids=(999,),
-                            stop=("zz",), n=2, seed=5, ignore_eos=True),
+                            stop=("zz",), n=2, seed=5, ignore_eos=True, frequency_penalty=0.5,
+                            presence_penalty=-0.25, repetition_penalty=1.5),
             return_prompt_logprobs=True,
             stream=True,
         )
@@ -498,7 +502,8 @@ async def test_generate_request_and_stream(standins, spec, incremental):
         assert [p["sampling_seed"] for p in sp] == [5, 6]
         assert sp[0] == {"temperature": pytest.approx(0.7), "top_p": pytest.approx(0.9), "top_k": -1,
                          "max_new_tokens": 6, "stop": ["zz"], "stop_token_ids": [999], "ignore_eos": True,
-                         "no_stop_trim": True, "sampling_seed": 5}
+                         "no_stop_trim": True, "sampling_seed": 5, "frequency_penalty": 0.5,
+                         "presence_penalty": -0.25, "repetition_penalty": 1.5}
 
         stop = expected[2]
         [c] = [e async for e in shard.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=6, stop_token_ids=(stop,))))]

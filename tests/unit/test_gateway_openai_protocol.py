@@ -47,6 +47,15 @@ def test_chat_body_to_sampling_params():
     assert not sp.HasField("top_k")  # -1: every token
     assert sp.seed == 2**64 - 1 and list(sp.stop) == ["x"] and list(sp.stop_token_ids) == [4] and sp.ignore_eos
     assert body.template_messages() == [{"role": "user", "content": "ab"}]
+    assert sp.presence_penalty == 0.5
+    assert not sp.HasField("frequency_penalty") and not sp.HasField("repetition_penalty")
+
+
+def test_penalties_reach_the_engine():
+    body = validate(CompletionRequest, {"prompt": "a", "frequency_penalty": -1.5, "presence_penalty": 2,
+                                        "repetition_penalty": 1.25})
+    sp = body.sampling_params(body.max_new_tokens)
+    assert (sp.frequency_penalty, sp.presence_penalty, sp.repetition_penalty) == (-1.5, 2.0, 1.25)
 
 
 def test_completion_prompt_forms():
@@ -66,6 +75,9 @@ def test_completion_prompt_forms():
         (CompletionRequest, {"prompt": "a", "suffix": "z"}, "suffix", "not supported"),
         (CompletionRequest, {"prompt": "a", "top_p": 0}, "top_p", "greater than 0"),
         (CompletionRequest, {"prompt": "a", "seed": "1"}, "seed", "integer"),
+        (CompletionRequest, {"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty", "less than or equal"),
+        (CompletionRequest, {"prompt": "a", "presence_penalty": -3}, "presence_penalty", "greater than or equal"),
+        (CompletionRequest, {"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
         (ChatCompletionRequest, {"messages": [{"content": "x"}]}, "messages[0].role", "required"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid"),
         (ChatCompletionRequest, {"messages": [{"role": "user"}], "max_tokens": 0}, "max_tokens", "greater than"),

@@ -33,6 +33,21 @@ def test_single_prompt_with_sampling_params():
     assert not request.return_prompt_logprobs
 
 
+def test_penalties_reach_the_engine():
+    call = parse_generate({
+        "input_ids": [[1], [2]],
+        "sampling_params": [
+            {"frequency_penalty": 0.5, "presence_penalty": -1, "repetition_penalty": 1.2},
+            {"temperature": 0},
+        ],
+    })
+    sp = call.request(0).sampling_params
+    assert (sp.frequency_penalty, sp.presence_penalty) == (0.5, -1.0)
+    assert sp.repetition_penalty == pytest.approx(1.2)
+    plain = call.request(1).sampling_params
+    assert not any(plain.HasField(k) for k in ("frequency_penalty", "presence_penalty", "repetition_penalty"))
+
+
 def test_batches_and_n_make_lists():
     call = parse_generate({"input_ids": [[1, 2], [3]], "sampling_params": [{"n": 2}, {"n": 3, "sampling_seed": 4}]})
     assert call.batched and not call.single
@@ -53,6 +68,10 @@ def test_batches_and_n_make_lists():
         ({"text": "a", "sampling_params": {"temperature": "hot"}}, "sampling_params.temperature must be a number"),
         ({"text": "a", "sampling_params": {"top_p": 0}}, "sampling_params.top_p must be in (0.0, 1.0]"),
         ({"text": "a", "sampling_params": {"n": 0}}, "sampling_params.n must be between 1"),
+        ({"text": "a", "sampling_params": {"frequency_penalty": 3}}, "sampling_params.frequency_penalty must be in [-2.0, 2.0]"),
+        ({"text": "a", "sampling_params": {"presence_penalty": "x"}}, "sampling_params.presence_penalty must be a number"),
+        ({"text": "a", "sampling_params": {"repetition_penalty": 0}},
+         "sampling_params.repetition_penalty must be in (0.0, inf), got 0"),
         ({"text": "a", "sampling_params": {"max_new_tokens": 1.5}}, "sampling_params.max_new_tokens must be an integer"),
         ({"text": "a", "sampling_params": {"stop": [1]}}, "sampling_params.stop must be a string or a list"),
         ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params has 1 entries but there are 2 prompts"),

@@ -97,10 +97,13 @@ def test_dispatch_by_body_shape():
         ({"prompt": "a", "max_new_tokens": 4}, "unknown field(s), not vLLM SamplingParams: max_new_tokens (vLLM spells it max_tokens)"),
         ({"prompt": "a", "model": "m", "foo": 1}, "unknown field(s), not vLLM SamplingParams: foo, model"),
         (
-            {"prompt": "a", "repetition_penalty": 1.1, "min_tokens": 2, "logit_bias": {"5": 1.0}},
-            "cannot honour (only their defaults are accepted): repetition_penalty=1.1, min_tokens=2, "
+            {"prompt": "a", "min_p": 0.1, "min_tokens": 2, "logit_bias": {"5": 1.0}},
+            "cannot honour (only their defaults are accepted): min_p=0.1, min_tokens=2, "
             "logit_bias={\"5\": 1.0}",
         ),
+        ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty must be in [-2.0, 2.0], got 2.5"),
+        ({"prompt": "a", "frequency_penalty": "1"}, "frequency_penalty must be a number"),
+        ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty must be in (0.0, inf), got 0"),
         ({"prompt": "a", "n": 2, "best_of": 4}, "best_of=4"),
         ({"prompt": "a", "structured_outputs": {"regex": "a+"}}, "structured_outputs="),
     ],
@@ -119,6 +122,15 @@ def test_harmless_and_default_valued_fields_are_accepted():
         "detokenize": False, "skip_special_tokens": False, "include_stop_str_in_output": True,
     })
     assert (call.detokenize, call.skip_special_tokens, call.include_stop_str_in_output) == (False, False, True)
+
+
+def test_penalties_are_mapped_not_refused():
+    call = parse_vllm({"prompt": "a", "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.3})
+    sp = call.sampling
+    assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.0)
+    assert sp.repetition_penalty == pytest.approx(1.3)
+    plain = parse_vllm({"prompt": "a"}).sampling
+    assert not any(plain.HasField(k) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty"))
 
 
 def completion(ids, reason, matched="", logprobs=None, prompt_logprobs=(), tops=(), prompt_tops=()):
