@@ -18,6 +18,8 @@ from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
 from clotho.v1 import policy_pb2
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
 
+from penalty_reference import penalised_greedy_ids
+
 REPO = Path(__file__).resolve().parents[2]
 EOS = SPECIAL_TOKENS.index("<eos>")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -588,36 +590,16 @@ async def test_sglang_top_logprobs_num_bounds_are_400(vllm_url, body, name):
     assert out["code"] == "INVALID_ARGUMENT" and out["error"].startswith(name + " must be"), out
 
 
-def reference_penalised_greedy(model, prompt: list[int], steps: int, frequency: float = 0.0, presence: float = 0.0,
-                               repetition: float = 1.0) -> list[int]:
-    """Greedy decoding of the plain model with the penalties applied as SamplingParams
-    documents them (repetition over prompt + output, frequency/presence over output)."""
-    import torch
-
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            output = ids[len(prompt):]
-            for t in set(ids):
-                v = float(logits[t])
-                logits[t] = v / repetition if v > 0 else v * repetition
-            for t in set(output):
-                logits[t] -= frequency * output.count(t) + presence
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
-
-
 async def test_vllm_penalties_change_greedy_output_as_the_reference(vllm_url, hf_model):
     model, tokenizer = hf_model
     prompt = tokenizer.encode("count to 4")
     greedy = {"prompt": {"prompt_token_ids": prompt}, "temperature": 0.0, "ignore_eos": True, "max_tokens": 16,
               "logprobs": 0}
     plain = (await vllm_generate(vllm_url, greedy))["token_ids"][0]
-    assert plain == reference_penalised_greedy(model, prompt, 16)
+    assert plain == penalised_greedy_ids(model, prompt, 16)
     for penalties in ({"presence_penalty": 2.0, "frequency_penalty": 0.5}, {"repetition_penalty": 3.0}):
         out = await vllm_generate(vllm_url, {**greedy, **penalties})
-        expected = reference_penalised_greedy(
+        expected = penalised_greedy_ids(
             model, prompt, 16, penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0),
             penalties.get("repetition_penalty", 1.0),
         )
@@ -639,9 +621,9 @@ async def test_sglang_penalties_change_greedy_output_as_the_reference(vllm_url, 
     ]}
     results = await vllm_generate(vllm_url, body)
     expected = [
-        reference_penalised_greedy(model, prompt, 16),
-        reference_penalised_greedy(model, prompt, 16, frequency=2.0, presence=0.5),
-        reference_penalised_greedy(model, prompt, 16, repetition=2.5),
+        penalised_greedy_ids(model, prompt, 16),
+        penalised_greedy_ids(model, prompt, 16, frequency=2.0, presence=0.5),
+        penalised_greedy_ids(model, prompt, 16, repetition=2.5),
     ]
     assert expected[1] != expected[0] and expected[2] != expected[0]
     assert [r["output_ids"] for r in results] == expected

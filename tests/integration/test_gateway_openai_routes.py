@@ -20,6 +20,8 @@ from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
 from clotho.v1 import policy_pb2
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
 
+from penalty_reference import penalised_greedy_ids
+
 EOS = SPECIAL_TOKENS.index("<eos>")
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -539,26 +541,6 @@ async def test_openai_client_reads_top_logprobs(real_url, hf_model):
         await client.close()
 
 
-def reference_penalised_greedy(model, prompt: list[int], steps: int, frequency: float = 0.0, presence: float = 0.0,
-                               repetition: float = 1.0) -> list[int]:
-    """Greedy decoding of the plain model with the penalties applied as SamplingParams
-    documents them (repetition over prompt + output, frequency/presence over output)."""
-    import torch
-
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            output = ids[len(prompt):]
-            for t in set(ids):
-                v = float(logits[t])
-                logits[t] = v / repetition if v > 0 else v * repetition
-            for t in set(output):
-                logits[t] -= frequency * output.count(t) + presence
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
-
-
 async def test_penalties_change_greedy_output_as_the_reference(real_url, hf_model):
     model, tokenizer, token_ids = hf_model
     prompt = tokenizer.encode("say hi")
@@ -569,10 +551,10 @@ async def test_penalties_change_greedy_output_as_the_reference(real_url, hf_mode
         ({"frequency_penalty": 2.0}, {"frequency": 2.0}),
         ({"repetition_penalty": 3.0}, {"repetition": 3.0}),  # the SGLang/vLLM extension
     ]
-    plain = reference_penalised_greedy(model, prompt, 16)
+    plain = penalised_greedy_ids(model, prompt, 16)
     async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
         for body, reference in cases:
-            expected = reference_penalised_greedy(model, prompt, 16, **reference)
+            expected = penalised_greedy_ids(model, prompt, 16, **reference)
             assert (expected != plain) == bool(body)
             r = await http.post("/v1/completions", json={**greedy, **body})
             assert r.status_code == 200, r.text
@@ -584,7 +566,7 @@ async def test_penalties_change_greedy_output_as_the_reference(real_url, hf_mode
         # Chat takes them too.
         messages = [{"role": "user", "content": "say hi"}]
         chat_ids = chat_prompt(tokenizer, messages)
-        expected = reference_penalised_greedy(model, chat_ids, 12, presence=2.0)
+        expected = penalised_greedy_ids(model, chat_ids, 12, presence=2.0)
         r = await http.post("/v1/chat/completions", json={
             "messages": messages, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "presence_penalty": 2.0,
             "logprobs": True,

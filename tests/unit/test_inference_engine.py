@@ -15,18 +15,6 @@ from services.inference.engine import GenerationEngine
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = GenerationEngine(tiny_model_dir, max_batch_size=16)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-
-
 def greedy(sampling: SamplingOptions | None = None, **kw) -> SamplingOptions:
     base = dict(temperature=0.0, ignore_eos=True)
     base.update(kw)

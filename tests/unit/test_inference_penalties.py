@@ -8,59 +8,22 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from services.common.errors import InvalidArgument
 from services.inference.api import Completion, GenerationRequest, SamplingOptions
 from services.inference.engine import GenerationEngine
 
+from penalty_reference import penalised_greedy
+
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 OTHER = [1, 9, 9, 40, 41]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = GenerationEngine(tiny_model_dir, max_batch_size=16)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
 
 
 def greedy(**kw) -> SamplingOptions:
     return SamplingOptions(temperature=0.0, ignore_eos=True, **kw)
 
 
-def penalise(logits: torch.Tensor, prompt: list[int], output: list[int], frequency: float, presence: float,
-             repetition: float) -> torch.Tensor:
-    """The documented semantics, token by token: repetition over prompt + output (CTRL
-    style), then frequency * count and presence * (count > 0) over the output only."""
-    logits = logits.clone()
-    for t in set(prompt) | set(output):
-        v = float(logits[t])
-        logits[t] = v / repetition if v > 0 else v * repetition
-    for t in set(output):
-        logits[t] -= frequency * output.count(t) + presence
-    return logits
-
-
-@torch.no_grad()
-def reference(model, prompt: list[int], steps: int, frequency: float = 0.0, presence: float = 0.0,
-              repetition: float = 1.0) -> tuple[list[int], list[float]]:
-    """Greedy with penalties, recomputing the whole sequence each step (no cache); the
-    logprobs are the unpenalised log_softmax of each chosen token."""
-    ids = list(prompt)
-    logprobs = []
-    for _ in range(steps):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        token = int(penalise(logits, prompt, ids[len(prompt):], frequency, presence, repetition).argmax())
-        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        ids.append(token)
-    return ids[len(prompt):], logprobs
+reference = penalised_greedy
 
 
 async def run(engine: GenerationEngine, request: GenerationRequest) -> list[Completion]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from services.common.errors import InvalidArgument
 from services.inference.api import (
@@ -21,18 +20,6 @@ from services.inference.api import (
 from services.inference.engine import GenerationEngine
 
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = GenerationEngine(tiny_model_dir, max_batch_size=16)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
 
 
 def greedy(**kw) -> SamplingOptions:
