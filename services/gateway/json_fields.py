@@ -70,3 +70,22 @@ class Fields:
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             return list(value)
         raise InvalidArgument(f"{self.prefix}{key} must be a string or a list of strings, got {value!r}")
+
+
+def read_sampling(fields: Fields, out: Any, seed_key: str = "seed") -> None:
+    """The sampling fields both /generate dialects spell alike, checked and set on `out`
+    (a clotho.v1.SamplingParams): temperature, top_p, top_k (-1 or 0: all tokens, left
+    unset), the three penalties and the seed (under `seed_key`)."""
+    if (v := fields.number("temperature", 0.0)) is not None:
+        out.temperature = v
+    if (v := fields.number("top_p", 0.0, 1.0, lo_open=True)) is not None:
+        out.top_p = v
+    if (v := fields.integer("top_k", -1, INT32_MAX)) is not None and v > 0:
+        out.top_k = v
+    for key in ("frequency_penalty", "presence_penalty"):
+        if (v := fields.number(key, -2.0, 2.0)) is not None:
+            setattr(out, key, v)
+    if (v := fields.number("repetition_penalty", 0.0, lo_open=True)) is not None:
+        out.repetition_penalty = v
+    if (v := fields.integer(seed_key, 0, UINT64_MAX)) is not None:
+        out.seed = v

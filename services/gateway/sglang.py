@@ -32,13 +32,13 @@ from typing import Any, Callable, Sequence
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int
+from services.gateway.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
 
 log = logging.getLogger(__name__)
 
 # Sampling parameters handled by the gateway itself rather than the engine.
 _GATEWAY_SAMPLING = {"skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"}
-_UINT32, _UINT64, _INT32 = UINT32_MAX, UINT64_MAX, INT32_MAX
+_UINT32, _INT32 = UINT32_MAX, INT32_MAX
 # The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
 # services/inference/api.py).
 MAX_TOP_LOGPROBS = 20
@@ -118,28 +118,15 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
     out = pb.SamplingParams()
 
     fields = Fields(params, where)
-    number, integer = fields.number, fields.integer
+    integer = fields.integer
 
     if (v := integer("max_new_tokens", 0, _UINT32)) is not None:
         out.max_new_tokens = v
-    if (v := number("temperature", 0.0)) is not None:
-        out.temperature = v
-    if (v := number("top_p", 0.0, 1.0, lo_open=True)) is not None:
-        out.top_p = v
-    # SGLang's "all tokens" is -1; the engine's is unset.
-    if (v := integer("top_k", -1, _INT32)) is not None and v > 0:
-        out.top_k = v
+    # SGLang's "all tokens" top_k is -1; it also spells the seed sampling_seed.
+    read_sampling(fields, out, "seed" if params.get("seed") is not None else "sampling_seed")
     n = integer("n", 1, _UINT32)
     if n is not None:
         out.n = n
-    for key in ("frequency_penalty", "presence_penalty"):
-        if (v := number(key, -2.0, 2.0)) is not None:
-            setattr(out, key, v)
-    if (v := number("repetition_penalty", 0.0, lo_open=True)) is not None:
-        out.repetition_penalty = v
-    seed_key = "seed" if params.get("seed") is not None else "sampling_seed"
-    if (v := integer(seed_key, 0, _UINT64)) is not None:
-        out.seed = v
 
     stops = fields.strings("stop")
     out.stop.extend(stops)

@@ -57,12 +57,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.gateway.inference_client import InferenceClient
-from services.gateway.json_fields import INT32_MAX, UINT32_MAX, UINT64_MAX, Fields, is_int
+from services.gateway.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
 from services.gateway.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
 
-_UINT32, _UINT64, _INT32 = UINT32_MAX, UINT64_MAX, INT32_MAX
+_UINT32, _INT32 = UINT32_MAX, INT32_MAX
 # vLLM's SamplingParams.max_tokens default.
 DEFAULT_MAX_TOKENS = 16
 # The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
@@ -197,7 +197,7 @@ def parse_vllm(body: dict[str, Any]) -> VllmCall:
         raise InvalidArgument(f"unknown field(s), not vLLM SamplingParams: {', '.join(unknown)}{hint}")
 
     fields = Fields(params)
-    number, integer, flag = fields.number, fields.integer, fields.flag
+    integer, flag = fields.integer, fields.flag
 
     out = pb.SamplingParams()
     n = integer("n", 1, _UINT32) or 1
@@ -206,20 +206,8 @@ def parse_vllm(body: dict[str, Any]) -> VllmCall:
         out.max_new_tokens = DEFAULT_MAX_TOKENS
     elif (v := integer("max_tokens", 1, _UINT32)) is not None:
         out.max_new_tokens = v
-    if (v := number("temperature", 0.0)) is not None:
-        out.temperature = v
-    if (v := number("top_p", 0.0, 1.0, lo_open=True)) is not None:
-        out.top_p = v
-    # vLLM's "all tokens" is 0 or -1; the engine's is unset.
-    if (v := integer("top_k", -1, _INT32)) is not None and v > 0:
-        out.top_k = v
-    if (v := integer("seed", 0, _UINT64)) is not None:
-        out.seed = v
-    for key in ("presence_penalty", "frequency_penalty"):
-        if (v := number(key, -2.0, 2.0)) is not None:
-            setattr(out, key, v)
-    if (v := number("repetition_penalty", 0.0, lo_open=True)) is not None:
-        out.repetition_penalty = v
+    # vLLM's "all tokens" top_k is 0 or -1.
+    read_sampling(fields, out)
 
     stops = fields.strings("stop")
     out.stop.extend(s for s in stops if s)
