@@ -3,6 +3,11 @@
 Builds the tiny local model if needed, starts inference, gateway, trainer and the demo
 environment as separate processes on loopback, prints one line per training step and a
 summary, and stops everything on Ctrl-C or after `--steps`.
+
+The machine's cores are divided among the processes (`thread_budget`): each gets a
+`--threads` setting and OMP/MKL/tokenizer thread counts in its environment, so four
+processes do not each run a torch pool as wide as the machine. The summary says where
+an average step's time went, from the trainer's own timings.
 """
 
 from __future__ import annotations
@@ -19,6 +24,38 @@ import time
 from pathlib import Path
 
 from services import launcher
+from services.demo.task import TASKS
+
+# Processes that mostly wait on sockets (the gateway, the demo environment) get one
+# thread; the trainer and the inference service share the rest.
+LIGHT_PROCESSES = ("gateway", "env")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_budget(cores: int) -> dict[str, int]:
+    """Threads per process for `cores` cores. The trainer and the inference service
+    compute at the same time (generation of the next batch overlaps a step), so they
+    split the cores; the light processes get one thread each, taken out of the split
+    only where that leaves both heavy ones several cores."""
+    if cores < 1:
+        raise ValueError("cores must be at least 1")
+    heavy = cores - len(LIGHT_PROCESSES) if cores >= 6 else cores
+    trainer = max(1, heavy // 2)
+    return {"inference": max(1, heavy - trainer), "trainer": trainer, **{name: 1 for name in LIGHT_PROCESSES}}
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that sizes a child's library thread pools."""
+    from services.common.settings import THREAD_ENV_VARS
+
+    return {name: str(threads) for name in THREAD_ENV_VARS}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per training batch")
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt")
     p.add_argument("--lr", type=float, default=None, help="learning rate (trainer default if unset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trainer and the demo environment")
+    p.add_argument("--task", choices=TASKS, default="repeat", help="the demo environment's task")
+    p.add_argument("--max-new-tokens", type=int, default=4, help="tokens per completion")
+    p.add_argument(
+        "--cores", type=int, default=None,
+        help="cores to divide among the processes (default: those this process may use); "
+        "0 sets no thread budget (every process keeps its libraries' defaults)",
+    )
     p.add_argument("--http-port", type=int, default=0, help="gateway REST port (0 = a free one)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -61,6 +106,7 @@ class Progress:
         self.started = time.monotonic()
         self.done = asyncio.Event()
         self.target: int = 0
+        self.threads: dict[str, int] | None = None
 
     def on_event(self, name: str, event: dict) -> None:
         if name != "trainer" or event.get("event") != "step":
@@ -81,6 +127,18 @@ class Progress:
         if self.target and len(self.steps) >= self.target:
             self.done.set()
 
+    def breakdown(self) -> dict[str, float] | None:
+        """Where an average step's time went, in seconds: waiting for the batch, the
+        optimizer step, the weight update, and the rest of the cycle between two step
+        lines (the first step, which also waits for the mesh to warm up, is left out)."""
+        steps = [s for s in self.steps if "cycle_seconds" in s]
+        if not steps:
+            return None
+        mean = {k: statistics.fmean(s.get(f"{k}_seconds", 0.0) for s in steps)
+                for k in ("wait", "train", "update", "cycle")}
+        mean["other"] = max(mean["cycle"] - mean["wait"] - mean["train"] - mean["update"], 0.0)
+        return mean
+
     def summary(self) -> dict:
         rewards = [s.get("mean_score", 0.0) for s in self.steps]
         k = max(1, min(10, len(rewards) // 4)) if rewards else 1
@@ -92,12 +150,19 @@ class Progress:
             "reward_end": statistics.fmean(rewards[-k:]) if rewards else None,
             "policy_version": self.steps[-1].get("policy_version") if self.steps else 0,
             "steps_per_minute": len(self.steps) / elapsed * 60 if elapsed > 0 else 0.0,
+            # The rate once training runs (the mesh's start-up left out).
+            "training_steps_per_minute": (
+                60 / statistics.fmean(s["cycle_seconds"] for s in self.steps if "cycle_seconds" in s)
+                if any("cycle_seconds" in s for s in self.steps) else None
+            ),
             "sync_seconds_mean": statistics.fmean(s["sync_seconds"] for s in syncs) if syncs else None,
             "sync_bytes": syncs[-1].get("sync_bytes") if syncs else None,
             "sync_bytes_per_second": (
                 statistics.fmean(s["sync_bytes"] / s["sync_seconds"] for s in syncs) if syncs else None
             ),
             "wall_seconds": elapsed,
+            "step_breakdown_seconds": self.breakdown(),
+            "threads": self.threads,
         }
 
 
@@ -127,10 +192,20 @@ async def run_up(args: argparse.Namespace) -> dict:
     # Tokens travel to the children in their environment, not on command lines (ps).
     traj, inf_token = args.trajectory_token or "", args.inference_token or ""
     child_env = {
+        "inference": {},
         "gateway": {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj, "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token},
         "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj},
         "env": {"CLOTHO_DEMO_TRAJECTORY_TOKEN": traj, "CLOTHO_DEMO_INFERENCE_TOKEN": inf_token},
     }
+    cores = available_cores() if args.cores is None else args.cores
+    threads = thread_budget(cores) if cores > 0 else None
+    progress.threads = threads
+    if threads is not None:
+        for name, n in threads.items():
+            child_env[name].update(thread_env(n))
+
+    def threads_flag(name: str) -> list[str]:
+        return ["--threads", str(threads[name])] if threads is not None else []
 
     async def start(name: str, module: str, argv: list[str]) -> dict:
         child = await launcher.start(
@@ -143,12 +218,15 @@ async def run_up(args: argparse.Namespace) -> dict:
 
     try:
         print(f"starting the mesh (logs in {log_dir})", flush=True)
-        inf = await start("inference", "services.inference", ["--model-path", str(model_path)])
+        if threads is not None:
+            print(f"threads per process ({cores} cores): {json.dumps(threads)}", flush=True)
+        inf = await start("inference", "services.inference", ["--model-path", str(model_path), *threads_flag("inference")])
         inference = f"127.0.0.1:{inf['grpc_port']}"
         gw = await start(
             "gateway", "services.gateway",
             ["--http-port", str(args.http_port), "--inference", json.dumps([inference]),
-             "--tokenizer-path", str(model_path), "--data-dir", str(data_dir / "gateway")],
+             "--tokenizer-path", str(model_path), "--data-dir", str(data_dir / "gateway"),
+             *threads_flag("gateway")],
         )
         gateway_url = f"http://127.0.0.1:{gw['http_port']}"
         trainer_args = [
@@ -158,13 +236,16 @@ async def run_up(args: argparse.Namespace) -> dict:
             "--batch-size", str(args.batch_size),
             "--num-steps", str(args.steps),
             "--checkpoint-dir", str(data_dir / "checkpoints"),
+            "--seed", str(args.seed),
+            *threads_flag("trainer"),
         ]
         if args.lr is not None:
             trainer_args += ["--lr", str(args.lr)]
         await start("trainer", "services.trainer", trainer_args)
         await start(
             "env", "services.demo.env",
-            ["--gateway-url", gateway_url, "--tokenizer-path", str(model_path), "--group-size", str(args.group_size)],
+            ["--gateway-url", gateway_url, "--tokenizer-path", str(model_path), "--group-size", str(args.group_size),
+             "--task", args.task, "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)],
         )
         print(f"training: gateway at {gateway_url}; Ctrl-C stops", flush=True)
         waiters = [asyncio.create_task(progress.done.wait()), asyncio.create_task(interrupted.wait())]
@@ -187,7 +268,20 @@ async def run_up(args: argparse.Namespace) -> dict:
             f" ({summary['steps_per_minute']:.1f} steps/min), policy version {summary['policy_version']}",
             flush=True,
         )
+    breakdown = summary["step_breakdown_seconds"]
+    if breakdown:
+        print(format_breakdown(breakdown), flush=True)
     return summary
+
+
+def format_breakdown(b: dict[str, float]) -> str:
+    """One line: an average step's time and its parts (ms and share)."""
+    cycle = b["cycle"] or 1e-12
+    parts = " / ".join(
+        f"{label} {b[key] * 1e3:.1f} ms ({b[key] / cycle:.0%})"
+        for key, label in (("wait", "wait for batch"), ("train", "train"), ("update", "weight update"), ("other", "other"))
+    )
+    return f"average step {b['cycle'] * 1e3:.1f} ms: {parts}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Annotated, Any, Sequence, TypeVar
 
 from pydantic import BeforeValidator, Field
@@ -48,8 +50,44 @@ class ServiceSettings(BaseSettings):
         description="If set, a JSON line with the bound ports is written here once serving "
         "(the clotho launcher reads it).",
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads this process's compute may use (torch intra-op and inter-op "
+        "pools, OpenMP/MKL and the tokenizers' pool, also for its children); 0 keeps the "
+        "libraries' defaults (every core). `clotho up` divides the machine's cores among "
+        "its processes.",
+    )
+
+
+# Environment variables through which the libraries a service loads size their pools.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
+
+
+def apply_thread_budget(threads: int) -> None:
+    """Limit this process's compute to `threads` CPU threads (0: leave the defaults).
+
+    The environment variables reach libraries not loaded yet (torch reads
+    OMP_NUM_THREADS when it is imported) and child processes; torch, when already
+    imported, is told directly. Its inter-op pool can be sized only before its first
+    parallel work: later calls keep the size it has."""
+    if threads <= 0:
+        return
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        pass
 
 
 def load_settings(cls: type[T], argv: Sequence[str] | None = None) -> T:
-    """Build `cls` from CLOTHO_* env vars, overridden by command-line flags in `argv`."""
-    return CliApp.run(cls, cli_args=list(argv or []))
+    """Build `cls` from CLOTHO_* env vars, overridden by command-line flags in `argv`,
+    and apply its thread budget (a service loads its settings once, before any work)."""
+    settings = CliApp.run(cls, cli_args=list(argv or []))
+    apply_thread_budget(settings.threads)
+    return settings

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from services.demo.task import make_prompt, score
+from services.demo.task import TASKS, Task
 
 log = logging.getLogger("clotho.demo_env")
 
@@ -35,8 +35,9 @@ class DemoEnvConfig:
     temperature: float = 1.0
     concurrency: int = 4
     max_groups_ahead: int = 8
-    max_token_length: int = 64
-    name: str = "repeat_digit"
+    max_token_length: int | None = None  # None: the task's longest sequence, at least 64
+    name: str | None = None  # None: the task's name
+    task: str = "repeat"
     seed: int = 0
     max_groups: int | None = None
     trajectory_token: str | None = field(default=None, repr=False)
@@ -52,6 +53,7 @@ class DemoEnv:
         from transformers import AutoTokenizer
 
         self.config = config
+        self.task = Task(config.task, config.max_new_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
         self.rng = random.Random(config.seed)
         self.env_id: int | None = None
@@ -61,8 +63,8 @@ class DemoEnv:
 
     async def register(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         body = {
-            "max_token_length": self.config.max_token_length,
-            "desired_name": self.config.name,
+            "max_token_length": self.config.max_token_length or max(64, self.task.max_token_length()),
+            "desired_name": self.config.name or ("repeat_digit" if self.task.name == "repeat" else self.task.name),
             "weight": 1.0,
             "group_size": self.config.group_size,
         }
@@ -85,7 +87,7 @@ class DemoEnv:
         return int(r.json().get("self_queue_size", 0)) < self.config.max_groups_ahead
 
     async def one_group(self, client: httpx.AsyncClient) -> float:
-        prompt = make_prompt(self.rng)
+        prompt = self.task.prompt(self.rng)
         prompt_ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)
         r = await client.post(
             "/generate",
@@ -111,7 +113,7 @@ class DemoEnv:
             tokens.append(prompt_ids + out_ids)
             masks.append([-100] * len(prompt_ids) + out_ids)
             logprobs.append([1.0] * len(prompt_ids) + [float(t[0]) for t in triples])
-            scores.append(score(text, prompt.digit, self.config.max_new_tokens))
+            scores.append(self.task.score(text, prompt))
         r = await client.post(
             "/scored_data",
             json={
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="clotho demo-env", description=__doc__.splitlines()[0])
     p.add_argument("--gateway-url", default="http://127.0.0.1:8000")
     p.add_argument("--tokenizer-path", required=True)
+    p.add_argument("--task", choices=TASKS, default="repeat", help="repeat a digit, or reverse a digit string")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)

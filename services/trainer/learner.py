@@ -88,6 +88,7 @@ class Learner:
         self.weights_published = True
         self._saved_step = -1
         self.resumed_from: Path | None = None
+        self._last_step_end: float | None = None
 
     @property
     def step(self) -> int:
@@ -208,9 +209,12 @@ class Learner:
 
     # -- one step ----------------------------------------------------------------------
 
-    async def train_step(self, groups: Sequence[scored_data_pb2.ScoredGroup]) -> dict[str, Any]:
+    async def train_step(
+        self, groups: Sequence[scored_data_pb2.ScoredGroup], wait_seconds: float = 0.0
+    ) -> dict[str, Any]:
         """Train on one batch, push the weights to every shard, publish the version once
         all committed, and print the step line. Returns the step line's fields.
+        `wait_seconds`: how long the loop waited for this batch (reported in the line).
 
         Raises ValueError for a malformed batch (nothing is changed then).
         """
@@ -224,6 +228,7 @@ class Learner:
         except ValueError:
             self.weights_published = published  # rejected before anything changed
             raise
+        trained = time.monotonic()
         report: SyncReport | None = None
         try:
             report = await self._push()
@@ -231,7 +236,17 @@ class Learner:
             # The shards still serve the last committed version; the next step's push
             # carries these weights on (same version number, newer weights).
             log.error("step %d: %s; keeping the weights, retrying on the next step", self.step, exc)
-        record = self._step_record(result, report, time.monotonic() - started)
+        updated = time.monotonic()
+        record = self._step_record(result, report, updated - started)
+        # The step's critical path, as the loop lived it: the wait for the batch, the
+        # optimizer step, the weight update (push until every shard committed), and the
+        # whole cycle since the previous step's line (what the three leave is "other").
+        record["wait_seconds"] = wait_seconds
+        record["train_seconds"] = trained - started
+        record["update_seconds"] = updated - trained
+        if self._last_step_end is not None:
+            record["cycle_seconds"] = updated - self._last_step_end
+        self._last_step_end = updated
         self.state.record_step(
             self.step,
             {k: float(v) for k, v in record.items()
@@ -402,15 +417,17 @@ class Learner:
             while not self._finished():
                 if not await grant(in_hand=0):
                     raise _StreamEnded()
+                waiting = time.monotonic()
                 response = await call.read()
                 if response is aio.EOF:
                     raise _StreamEnded()
+                waited = time.monotonic() - waiting
                 outstanding -= 1
                 # The batch is ours now. One step off: let the gateway assemble the next
                 # one while we train. If the stream ended meanwhile, still train.
                 open_ = await grant(in_hand=1) if self.settings.one_step_off else True
                 try:
-                    await self.train_step(list(response.groups))
+                    await self.train_step(list(response.groups), wait_seconds=waited)
                 except ValueError as exc:
                     log.error("skipping malformed batch %d: %s", response.step, exc)
                 if not open_:
