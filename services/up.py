@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from services import launcher
 from services.demo.task import TASKS
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="repeat", help="the demo environment's task")
     p.add_argument("--max-new-tokens", type=int, default=4, help="tokens per completion")
     p.add_argument(
+        "--no-overlap", action="store_true",
+        help="push each step's weights before the next step trains (default: while it trains)",
+    )
+    p.add_argument(
         "--cores", type=int, default=None,
         help="cores to divide among the processes (default: those this process may use); "
         "0 sets no thread budget (every process keeps its libraries' defaults)",
@@ -107,11 +112,17 @@ class Progress:
         self.done = asyncio.Event()
         self.target: int = 0
         self.threads: dict[str, int] | None = None
+        self.log: TextIO | None = None  # every step line, with its time since the start
+        self.training_started: float | None = None  # seconds after the start
 
     def on_event(self, name: str, event: dict) -> None:
         if name != "trainer" or event.get("event") != "step":
             return
+        event["elapsed_seconds"] = time.monotonic() - self.started
         self.steps.append(event)
+        if self.log is not None:
+            self.log.write(json.dumps(event) + "\n")
+            self.log.flush()
         if not self.quiet:
             if len(self.steps) == 1:
                 print(self.HEADER, flush=True)
@@ -161,6 +172,7 @@ class Progress:
                 statistics.fmean(s["sync_bytes"] / s["sync_seconds"] for s in syncs) if syncs else None
             ),
             "wall_seconds": elapsed,
+            "startup_seconds": self.training_started,
             "step_breakdown_seconds": self.breakdown(),
             "threads": self.threads,
         }
@@ -183,6 +195,8 @@ async def run_up(args: argparse.Namespace) -> dict:
 
     progress = Progress(args.quiet)
     progress.target = args.steps
+    data_dir.mkdir(parents=True, exist_ok=True)
+    progress.log = open(data_dir / "steps.jsonl", "w")  # noqa: SIM115 - closed after the run
     children: list[launcher.Child] = []
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -238,6 +252,9 @@ async def run_up(args: argparse.Namespace) -> dict:
             "--checkpoint-dir", str(data_dir / "checkpoints"),
             "--seed", str(args.seed),
             *threads_flag("trainer"),
+            # One step off (the trainer's default): the next batch is generated while a step
+            # trains, and the step's weights are pushed while the next one trains.
+            *([] if args.no_overlap else ["--overlap-weight-update"]),
         ]
         if args.lr is not None:
             trainer_args += ["--lr", str(args.lr)]
@@ -247,6 +264,7 @@ async def run_up(args: argparse.Namespace) -> dict:
             ["--gateway-url", gateway_url, "--tokenizer-path", str(model_path), "--group-size", str(args.group_size),
              "--task", args.task, "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)],
         )
+        progress.training_started = time.monotonic() - progress.started
         print(f"training: gateway at {gateway_url}; Ctrl-C stops", flush=True)
         waiters = [asyncio.create_task(progress.done.wait()), asyncio.create_task(interrupted.wait())]
         waiters += [asyncio.create_task(c.proc.wait()) for c in children]
@@ -259,6 +277,7 @@ async def run_up(args: argparse.Namespace) -> dict:
     finally:
         for child in reversed(children):  # env first, inference last
             await launcher.stop(child)
+    progress.log.close()
     summary = progress.summary()
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"event": "summary", **summary}), flush=True)

@@ -24,7 +24,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
 
 import grpc
 import torch
@@ -50,6 +50,24 @@ RECONNECT_MAX_SECONDS = 10.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
 # Whether this client's StreamBatchesRequest can carry the trainer's committed version.
 _CREDIT_HAS_VERSION = "policy_version" in gw_pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name
+
+
+def copy_keeping_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of `tensors` laid out as they are: each storage they use is copied once
+    and every tensor becomes the same view of the copy (parameters laid out as the
+    weight-sync buckets stay so: the copy is sent without packing)."""
+    copies: dict[int, torch.UntypedStorage] = {}
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        copy = copies.get(storage.data_ptr())
+        if copy is None:
+            copy = copies[storage.data_ptr()] = torch.UntypedStorage(storage.nbytes(), device=storage.device)
+            copy.copy_(storage)
+        view = torch.empty(0, dtype=t.dtype, device=t.device)
+        view.set_(copy, t.storage_offset(), t.size(), t.stride())
+        out[name] = view
+    return out
 
 
 class _StreamEnded(Exception):
@@ -89,6 +107,12 @@ class Learner:
         self._saved_step = -1
         self.resumed_from: Path | None = None
         self._last_step_end: float | None = None
+        # Overlapped weight updates (one step off): the update in flight, which finishes
+        # its step (publishes, prints the step line); `_epoch` counts optimizer steps and
+        # `_published_epoch` is the last one whose weights every shard committed.
+        self._update: asyncio.Task | None = None
+        self._epoch = 0
+        self._published_epoch = 0
 
     @property
     def step(self) -> int:
@@ -116,6 +140,7 @@ class Learner:
             if restored is not None:
                 self.state.restore(restored.policy_version, restored.step)
                 self.weights_published = restored.weights_published
+                self._published_epoch = 0 if restored.weights_published else -1
                 self.resync_needed = True
                 self._saved_step = restored.step
                 self.resumed_from = restored.path
@@ -140,6 +165,7 @@ class Learner:
         if self._closed:
             return
         self._closed = True
+        await self._settle_update()
         if self._loaded:
             if self.step > self._saved_step:
                 with contextlib.suppress(Exception):
@@ -179,14 +205,23 @@ class Learner:
             backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
         return None
 
-    async def _push(self, resync_only: bool = False) -> SyncReport:
+    async def _push(
+        self, resync_only: bool = False, weights: dict[str, torch.Tensor] | None = None, weights_epoch: int = 0
+    ) -> SyncReport:
         """Push the weights as the next version (or, for a resync of published weights,
         as the current one); publish it once every shard committed. Raises
-        WeightSyncError (the next push is then a resync)."""
+        WeightSyncError (the next push is then a resync). `weights`: a copy of the
+        step's weights taken in the torch thread after optimizer step `weights_epoch`
+        (the next step may change the parameters meanwhile); by default the parameters
+        themselves are sent."""
         assert self.weight_sync is not None
         same_version = resync_only and self.weights_published
         version = self.state.version if same_version else self.state.version + 1
-        weights = await self._in_torch(self.core.full_weights)
+        if weights is None:
+            epoch = self._epoch
+            weights = await self._in_torch(self.core.full_weights)
+        else:
+            epoch = weights_epoch
         try:
             report = await self.weight_sync.push(weights, version, self.step, resync=self.resync_needed)
         except WeightSyncError as exc:
@@ -196,7 +231,9 @@ class Learner:
         finally:
             del weights
         self.resync_needed = False
-        self.weights_published = True
+        self._published_epoch = epoch
+        # A step that started since (overlapped) has changed the weights again.
+        self.weights_published = self._epoch == epoch
         self.last_sync, self.last_sync_error = report, None
         if version > self.state.version:
             self.state.publish(version, self.step)
@@ -210,60 +247,163 @@ class Learner:
     # -- one step ----------------------------------------------------------------------
 
     async def train_step(
-        self, groups: Sequence[scored_data_pb2.ScoredGroup], wait_seconds: float = 0.0
-    ) -> dict[str, Any]:
+        self,
+        groups: Sequence[scored_data_pb2.ScoredGroup],
+        wait_seconds: float = 0.0,
+        *,
+        overlap: bool = False,
+        on_published: Callable[[int], Awaitable[None]] | None = None,
+    ) -> dict[str, Any] | None:
         """Train on one batch, push the weights to every shard, publish the version once
         all committed, and print the step line. Returns the step line's fields.
         `wait_seconds`: how long the loop waited for this batch (reported in the line).
+
+        `overlap` (the one-step-off loop): return once the optimizer step is done and
+        leave the weight update running; it publishes the version, calls
+        `on_published(version)` (without overlap the next credit tells the gateway)
+        and prints the step line, and the next step's update
+        starts only after it. The next step's optimizer work runs meanwhile on a copy
+        of the weights taken for the update. Versions and staleness come out as without
+        overlap: a step that starts while an update is in flight counts its batch's
+        staleness against the version that update publishes, corrected if it fails
+        (and with max_staleness set, which drops sequences by it, the step first waits
+        for the update). Returns None then.
 
         Raises ValueError for a malformed batch (nothing is changed then).
         """
         await self.load()
         started = time.monotonic()
+        if self.settings.max_staleness >= 0:
+            await self._settle_update()
+        # Where an update is in flight, its version is the one this batch is counted against.
+        pending = self._update is not None and not self._update.done()
+        version = self.state.version + 1 if pending else self.state.version
         # Cleared before the step starts: if we are cancelled while the torch thread
         # finishes it, the final checkpoint must not claim these weights are published.
         published, self.weights_published = self.weights_published, False
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        interval, after = self.settings.checkpoint_interval, self.step + 1
+        checkpoint_due = bool(interval and after % interval == 0) or (
+            self.settings.num_steps > 0 and after >= self.settings.num_steps
+        )
+        overlapped = overlap and not checkpoint_due and self.weight_sync is not None and self.weight_sync.has_shards
+        weights: dict[str, torch.Tensor] | None = None
         try:
-            result: StepResult = await self._in_torch(self.core.train, list(groups), self.state.version)
+            if overlapped:
+                # The copy is taken in the same torch-thread call: no later step can run first.
+                result, weights = await self._in_torch(self._train_and_copy, list(groups), version)
+            else:
+                result = await self._in_torch(self.core.train, list(groups), version)
         except ValueError:
-            self.weights_published = published  # rejected before anything changed
+            # Rejected before anything changed.
+            self._epoch = epoch
+            self.weights_published = published or self._published_epoch == epoch
             raise
+        step = self.step
         trained = time.monotonic()
+        # The previous step's update must finish before this one's starts (versions in order).
+        await self._settle_update()
+        if pending and self.state.version < version:
+            # The update this batch was counted against did not publish its version.
+            result.batch.staleness = [max(x - 1, 0) for x in result.batch.staleness]
+        timing = {
+            "wait_seconds": wait_seconds,
+            "train_seconds": trained - started,
+            "started": started,
+            "trained": trained,
+        }
+        if weights is not None:
+            timing["update_seconds"] = time.monotonic() - trained  # waiting for the previous update
+            self._note_cycle(timing)
+            self._update = asyncio.ensure_future(
+                self._finish_step(
+                    result, step, timing, on_published, weights=weights, weights_epoch=self._epoch, checkpoint=False
+                )
+            )
+            return None
+        return await self._finish_step(result, step, timing, on_published, checkpoint=checkpoint_due)
+
+    def _train_and_copy(
+        self, groups: list[scored_data_pb2.ScoredGroup], version: int
+    ) -> tuple[StepResult, dict[str, torch.Tensor]]:
+        result = self.core.train(groups, version)
+        return result, copy_keeping_layout(self.core.full_weights())
+
+    def _note_cycle(self, timing: dict[str, Any]) -> None:
+        """The step's cycle: from the previous step's end on the critical path to this one's."""
+        end = time.monotonic()
+        if self._last_step_end is not None:
+            timing["cycle_seconds"] = end - self._last_step_end
+        self._last_step_end = end
+
+    async def _settle_update(self) -> None:
+        """Wait for the weight update in flight, if any. A failed push does not raise
+        (its step line reports it and the next push is a resync); a caller cancelled
+        meanwhile leaves the update running (close() waits for it)."""
+        task = self._update
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                raise  # our caller was cancelled, not the update
+        finally:
+            if task.done() and self._update is task:
+                self._update = None
+
+    async def _finish_step(
+        self,
+        result: StepResult,
+        step: int,
+        timing: dict[str, Any],
+        on_published: Callable[[int], Awaitable[None]] | None,
+        *,
+        checkpoint: bool,
+        weights: dict[str, torch.Tensor] | None = None,
+        weights_epoch: int = 0,
+    ) -> dict[str, Any]:
+        """Push the step's weights, publish, print the step line, checkpoint when due."""
+        pushed = time.monotonic()
         report: SyncReport | None = None
         try:
-            report = await self._push()
+            report = await self._push(weights=weights, weights_epoch=weights_epoch)
         except WeightSyncError as exc:
             # The shards still serve the last committed version; the next step's push
             # carries these weights on (same version number, newer weights).
-            log.error("step %d: %s; keeping the weights, retrying on the next step", self.step, exc)
-        updated = time.monotonic()
-        record = self._step_record(result, report, updated - started)
+            log.error("step %d: %s; keeping the weights, retrying on the next step", step, exc)
+        if report is not None and on_published is not None and weights is not None:
+            with contextlib.suppress(Exception):
+                await on_published(self.state.version)
+        if "update_seconds" not in timing:
+            timing["update_seconds"] = time.monotonic() - pushed
+            self._note_cycle(timing)
+        record = self._step_record(result, report, time.monotonic() - timing["started"], step)
         # The step's critical path, as the loop lived it: the wait for the batch, the
-        # optimizer step, the weight update (push until every shard committed), and the
-        # whole cycle since the previous step's line (what the three leave is "other").
-        record["wait_seconds"] = wait_seconds
-        record["train_seconds"] = trained - started
-        record["update_seconds"] = updated - trained
-        if self._last_step_end is not None:
-            record["cycle_seconds"] = updated - self._last_step_end
-        self._last_step_end = updated
+        # optimizer step, the weight update (until every shard committed; overlapped,
+        # only the wait for the previous update), and the whole cycle since the previous
+        # step's end (what the three leave is "other").
+        for key in ("wait_seconds", "train_seconds", "update_seconds", "cycle_seconds"):
+            if key in timing:
+                record[key] = timing[key]
         self.state.record_step(
-            self.step,
+            step,
             {k: float(v) for k, v in record.items()
              if isinstance(v, (int, float)) and k not in ("step", "policy_version")},
         )
-        interval = self.settings.checkpoint_interval
-        if (interval and self.step % interval == 0) or self._finished():
+        if checkpoint:
             await self.save_checkpoint()
         self._emit(record)
         return record
 
-    def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float) -> dict[str, Any]:
+    def _step_record(
+        self, result: StepResult, report: SyncReport | None, seconds: float, step: int
+    ) -> dict[str, Any]:
         m, batch = result.metrics, result.batch
         staleness = batch.staleness
         record: dict[str, Any] = {
             "event": "step",
-            "step": self.step,
+            "step": step,
             "policy_version": self.state.version,
             "mean_score": m.mean_score,
             "loss": m.loss,
@@ -400,6 +540,7 @@ class Learner:
         committed, so it is generated by them."""
         call = stub.StreamBatches(wait_for_ready=True)
         outstanding = 0
+        writing = asyncio.Lock()  # an overlapped update also writes (its version)
 
         async def grant(in_hand: int) -> bool:
             """Add credits; False when the stream is already over."""
@@ -407,11 +548,19 @@ class Learner:
             n = self._grant(outstanding, in_hand)
             if n:
                 try:
-                    await call.write(self._credit(n))
+                    async with writing:
+                        await call.write(self._credit(n))
                 except (asyncio.InvalidStateError, aio.AioRpcError):
                     return False
                 outstanding += n
             return True
+
+        async def published(version: int) -> None:
+            """An overlapped update committed: tell the gateway now, as the next credit
+            would have in step with the update."""
+            if _CREDIT_HAS_VERSION:
+                async with writing:
+                    await call.write(gw_pb.StreamBatchesRequest(credits=0, policy_version=version))
 
         try:
             while not self._finished():
@@ -427,11 +576,16 @@ class Learner:
                 # one while we train. If the stream ended meanwhile, still train.
                 open_ = await grant(in_hand=1) if self.settings.one_step_off else True
                 try:
-                    await self.train_step(list(response.groups), wait_seconds=waited)
+                    await self.train_step(
+                        list(response.groups), wait_seconds=waited,
+                        overlap=self.settings.one_step_off and self.settings.overlap_weight_update,
+                        on_published=published,
+                    )
                 except ValueError as exc:
                     log.error("skipping malformed batch %d: %s", response.step, exc)
                 if not open_:
                     raise _StreamEnded()
+            await self._settle_update()
             with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
                 await call.done_writing()
         finally:

@@ -109,6 +109,13 @@ class TrainerSettings(ServiceSettings):
         "generation overlaps this step (data at most one version stale); off waits until "
         "the step's weights are committed (on-policy).",
     )
+    overlap_weight_update: bool = Field(
+        False,
+        description="With one_step_off: push a step's weights (a copy) while the next step "
+        "trains, instead of before it (`clotho up` turns it on); versions are still "
+        "published only once every shard committed, in order, the gateway hears of each "
+        "when it is, and staleness is counted as without overlap.",
+    )
     credits: int = Field(
         1, ge=1, description="Batches requested ahead from the gateway (never more are held unconsumed)."
     )

@@ -1,0 +1,289 @@
+"""Clotho against TRL's GRPOTrainer on one machine: same task, model, geometry and seed.
+
+    python bench/vs_trl.py            # both sizes, full length
+    python bench/vs_trl.py --quick    # a short run of each
+    python bench/vs_trl.py --sizes tiny --before   # also Clotho with no thread budget
+
+Needs the bench extra (`pip install -e .[bench]`: trl). Two sizes:
+
+- tiny: the demo (repeat a digit), the model `clotho build-model` writes, 4 new tokens,
+  LR 1e-3.
+- heavy: a generation-heavy workload, a ~25M-parameter model (hidden 512, 6 layers, 8
+  heads), 32-token completions, the reverse task (the whole completion is judged), LR
+  1e-4.
+
+Both runs use 32 sequences per step (4 prompts x 8 samples), temperature 1, AdamW, a
+constant LR, beta 0 (no KL), gradient clipping at 1.0 and the same seed. TRL runs in one
+process (torch with every core); Clotho runs as `clotho up` does (four processes, the
+cores divided among them). For each run it prints steps/min, the wall time until the
+mean score (a 10-step moving average) first reaches each threshold, and for Clotho the
+average step's critical path from the trainer's own timings (waiting for the batch,
+training, weight update, the rest). Wall times count from the start of training: TRL's
+`train()` call, and Clotho's mesh ready (its start-up, printed apart, excluded).
+
+`--before` adds a Clotho run with `--cores 0` (no thread budget: every process keeps
+torch's default pool), the configuration before the budget existed; `--baseline-src DIR`
+adds one from another checkout of the repository (e.g. `git archive` of an older commit),
+run with its own `clotho up`.
+
+Internal: `vs_trl.py _trl ...` is the TRL run itself, in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    "tiny": {
+        "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4},
+        "task": "repeat", "max_new_tokens": 4, "lr": 1e-3,
+        "steps": 250, "quick_steps": 80, "thresholds": (0.3, 0.45, 0.6),
+    },
+    "heavy": {
+        "model": {"hidden_size": 512, "num_layers": 6, "num_heads": 8},
+        "task": "reverse", "max_new_tokens": 32, "lr": 1e-4,
+        "steps": 120, "quick_steps": 20, "thresholds": (0.15, 0.2, 0.25),
+    },
+}
+PROMPTS_PER_STEP = 4
+GROUP_SIZE = 8
+SMOOTH = 10
+
+
+# -- the TRL run (a child process) ------------------------------------------------------
+
+
+def trl_run(args: argparse.Namespace) -> None:
+    import random
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from services.demo.task import Task
+
+    task = Task(args.task, args.max_new_tokens)
+    rng = random.Random(args.seed)
+    prompts = [task.prompt(rng) for _ in range(args.steps * PROMPTS_PER_STEP + PROMPTS_PER_STEP)]
+    data = Dataset.from_dict({
+        "prompt": [p.text for p in prompts],
+        "digit": [p.digit for p in prompts],
+        "target": [p.target for p in prompts],
+    })
+
+    def reward(prompts, completions, digit, target, **_):
+        from services.demo.task import Prompt
+
+        return [task.score(c, Prompt(text=p, digit=d, target=t)) for p, c, d, t in zip(prompts, completions, digit, target)]
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = GRPOConfig(
+        output_dir=str(args.out_dir),
+        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
+        num_generations=GROUP_SIZE,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        max_steps=args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        shuffle_dataset=False,
+        disable_tqdm=True,
+    )
+    steps: list[dict] = []
+
+    class Timing(TrainerCallback):
+        started = 0.0
+
+        def on_train_begin(self, *a, **k):
+            Timing.started = time.monotonic()
+
+        def on_log(self, _args, state, _control, logs=None, **k):
+            if logs and "reward" in logs:
+                steps.append({
+                    "step": state.global_step, "mean_score": float(logs["reward"]),
+                    "elapsed_seconds": time.monotonic() - Timing.started,
+                })
+
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=config, train_dataset=data,
+        processing_class=tok, callbacks=[Timing()],
+    )
+    trainer.train()
+    print(json.dumps({"steps": steps, "threads": torch.get_num_threads()}))
+
+
+# -- the driver -------------------------------------------------------------------------
+
+
+def smoothed(scores: list[float]) -> list[float]:
+    return [statistics.fmean(scores[max(0, i + 1 - SMOOTH): i + 1]) for i in range(len(scores))]
+
+
+def crossings(steps: list[dict], thresholds: tuple[float, ...], offset: float = 0.0) -> dict[float, tuple[int, float] | None]:
+    """Per threshold: (step, seconds) when the smoothed mean score first reaches it."""
+    smooth = smoothed([s["mean_score"] for s in steps])
+    out: dict[float, tuple[int, float] | None] = {}
+    for t in thresholds:
+        hit = next((i for i, v in enumerate(smooth) if v >= t), None)
+        out[t] = None if hit is None else (hit + 1, steps[hit]["elapsed_seconds"] - offset)
+    return out
+
+
+def build_model(path: Path, model: dict) -> Path:
+    from services.demo.tiny_model import build_tiny_model
+
+    if not (path / "config.json").exists():
+        build_tiny_model(path, model["hidden_size"], model["num_layers"], model["num_heads"])
+    return path
+
+
+def run_trl(size: dict, model: Path, steps: int, seed: int, work: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_trl", "--model", str(model), "--task", size["task"],
+           "--max-new-tokens", str(size["max_new_tokens"]), "--lr", str(size["lr"]), "--steps", str(steps),
+           "--seed", str(seed), "--out-dir", str(work / "trl")]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the TRL run failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.monotonic() - started
+    return result
+
+
+def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra: list[str], src: Path = ROOT) -> dict:
+    data_dir = work / "clotho"
+    cmd = [sys.executable, "-m", "services.cli", "up", "--quiet", "--steps", str(steps), "--data-dir", str(data_dir),
+           "--model-path", str(model), "--lr", str(size["lr"]), "--seed", str(seed),
+           "--batch-size", str(PROMPTS_PER_STEP * GROUP_SIZE), "--group-size", str(GROUP_SIZE)]
+    if src == ROOT or size["task"] != "repeat" or size["max_new_tokens"] != 4:
+        cmd += ["--task", size["task"], "--max-new-tokens", str(size["max_new_tokens"])]
+    env = {**os.environ, "PYTHONPATH": f"{src}:{src / 'clients' / 'python'}"}
+    started = time.monotonic()
+    proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=src, env=env)
+    wall = time.monotonic() - started
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"event": "summary"')]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"clotho up failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    summary = lines[-1]
+    steps_file = data_dir / "steps.jsonl"
+    if steps_file.exists():
+        step_lines = [json.loads(x) for x in steps_file.read_text().splitlines() if x.strip()]
+    else:  # an older checkout: rebuild the step times from the trainer's own step_seconds
+        step_lines = []
+    return {"summary": summary, "steps": step_lines, "process_seconds": wall}
+
+
+def rate(steps: list[dict], offset: float = 0.0) -> float | None:
+    if not steps:
+        return None
+    last = steps[-1]["elapsed_seconds"] - offset
+    return len(steps) / last * 60 if last > 0 else None
+
+
+def report(name: str, size: dict, results: dict[str, dict]) -> None:
+    thresholds = size["thresholds"]
+    print(f"\n## {name}: task {size['task']}, {size['max_new_tokens']} new tokens, model {size['model']}, lr {size['lr']}")
+    head = f"| run | steps | steps/min | mean score (first {SMOOTH} -> last {SMOOTH}) | " + " | ".join(
+        f"to {t} (step, s)" for t in thresholds) + " |"
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for run, r in results.items():
+        steps = r["steps"]
+        offset = r.get("offset", 0.0)
+        scores = [s["mean_score"] for s in steps]
+        hits = crossings(steps, thresholds, offset) if steps else {t: None for t in thresholds}
+        spm = rate(steps, offset) if steps else r.get("steps_per_minute")
+        cells = [f"{h[0]}, {h[1]:.1f}" if h else "not reached" for h in hits.values()]
+        score = (f"{statistics.fmean(scores[:SMOOTH]):.3f} -> {statistics.fmean(scores[-SMOOTH:]):.3f}"
+                 if scores else f"{r.get('reward_start', 0):.3f} -> {r.get('reward_end', 0):.3f}")
+        print(f"| {run} | {len(steps) or r.get('n', 0)} | {spm:.1f} | {score} | " + " | ".join(cells) + " |")
+    for run, r in results.items():
+        b = r.get("breakdown")
+        if b:
+            from services.up import format_breakdown
+
+            print(f"- {run}: {format_breakdown(b)}; start-up {r.get('offset', 0.0):.1f} s; threads {r.get('threads')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs (a smoke test of the bench)")
+    p.add_argument("--sizes", default="tiny,heavy", help="comma-separated: tiny, heavy")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default per size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=Path(".clotho/bench-vs-trl"))
+    p.add_argument("--before", action="store_true", help="also run Clotho with no thread budget (--cores 0)")
+    p.add_argument("--baseline-src", type=Path, default=None, help="also run `clotho up` from this checkout")
+    p.add_argument("--skip-trl", action="store_true")
+    args = p.parse_args(argv)
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for name in args.sizes.split(","):
+        size = SIZES[name]
+        steps = args.steps or (size["quick_steps"] if args.quick else size["steps"])
+        work = args.work_dir.resolve() / name
+        model = build_model(work / "model", size["model"])
+        results: dict[str, dict] = {}
+        if not args.skip_trl:
+            r = run_trl(size, model, steps, args.seed, work)
+            results["TRL GRPOTrainer"] = {"steps": r["steps"], "threads": r["threads"]}
+        runs = [("clotho up", [], ROOT)]
+        if args.before:
+            runs.append(("clotho up --cores 0 (no thread budget)", ["--cores", "0"], ROOT))
+        if args.baseline_src:
+            runs.append((f"clotho up ({args.baseline_src.name})", [], args.baseline_src.resolve()))
+        for label, extra, src in runs:
+            r = run_clotho(size, model, steps, args.seed, work / label.split()[-1].strip("()"), extra, src)
+            s = r["summary"]
+            entry = {
+                "steps": r["steps"], "offset": s.get("startup_seconds") or 0.0,
+                "breakdown": s.get("step_breakdown_seconds"), "threads": s.get("threads"),
+                "steps_per_minute": s.get("steps_per_minute"), "reward_start": s.get("reward_start"),
+                "reward_end": s.get("reward_end"), "n": s.get("steps"),
+            }
+            results[label] = entry
+        report(name, size, results)
+        print(flush=True)
+
+
+def _trl_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, required=True)
+    trl_run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_trl":
+        _trl_main(sys.argv[2:])
+    else:
+        main()
