@@ -21,6 +21,8 @@ average step's critical path from the trainer's own timings (waiting for the bat
 training, weight update, the rest). Wall times count from the start of training: TRL's
 `train()` call, and Clotho's mesh ready (its start-up, printed apart, excluded).
 
+`--trl-threads 0,1` runs TRL with its default thread pool and with one thread (on a
+machine shared with other work, a pool as wide as the machine stalls).
 `--before` adds a Clotho run with `--cores 0` (no thread budget: every process keeps
 torch's default pool), the configuration before the budget existed; `--baseline-src DIR`
 adds one from another checkout of the repository (e.g. `git archive` of an older commit),
@@ -161,12 +163,13 @@ def build_model(path: Path, model: dict) -> Path:
     return path
 
 
-def run_trl(size: dict, model: Path, steps: int, seed: int, work: Path) -> dict:
+def run_trl(size: dict, model: Path, steps: int, seed: int, work: Path, threads: int = 0) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_trl", "--model", str(model), "--task", size["task"],
            "--max-new-tokens", str(size["max_new_tokens"]), "--lr", str(size["lr"]), "--steps", str(steps),
            "--seed", str(seed), "--out-dir", str(work / "trl")]
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the TRL run failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -175,26 +178,37 @@ def run_trl(size: dict, model: Path, steps: int, seed: int, work: Path) -> dict:
 
 
 def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra: list[str], src: Path = ROOT) -> dict:
+    """`clotho up` (from `src`), its step rows timed as they arrive on its stdout, from
+    the moment it says the mesh is ready ("training: ...")."""
     data_dir = work / "clotho"
-    cmd = [sys.executable, "-m", "services.cli", "up", "--quiet", "--steps", str(steps), "--data-dir", str(data_dir),
-           "--model-path", str(model), "--lr", str(size["lr"]), "--seed", str(seed),
+    cmd = [sys.executable, "-m", "services.cli", "up", "--steps", str(steps), "--data-dir", str(data_dir),
+           "--model-path", str(model), "--lr", str(size["lr"]),
            "--batch-size", str(PROMPTS_PER_STEP * GROUP_SIZE), "--group-size", str(GROUP_SIZE)]
-    if src == ROOT or size["task"] != "repeat" or size["max_new_tokens"] != 4:
-        cmd += ["--task", size["task"], "--max-new-tokens", str(size["max_new_tokens"])]
+    if src == ROOT:
+        cmd += ["--seed", str(seed), "--task", size["task"], "--max-new-tokens", str(size["max_new_tokens"])]
+    elif size["task"] != "repeat" or size["max_new_tokens"] != 4:
+        raise ValueError("an older checkout runs only the tiny size")
     env = {**os.environ, "PYTHONPATH": f"{src}:{src / 'clients' / 'python'}"}
     started = time.monotonic()
-    proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=src, env=env)
-    wall = time.monotonic() - started
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"event": "summary"')]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"clotho up failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    summary = lines[-1]
-    steps_file = data_dir / "steps.jsonl"
-    if steps_file.exists():
-        step_lines = [json.loads(x) for x in steps_file.read_text().splitlines() if x.strip()]
-    else:  # an older checkout: rebuild the step times from the trainer's own step_seconds
-        step_lines = []
-    return {"summary": summary, "steps": step_lines, "process_seconds": wall}
+    training: float | None = None
+    rows: list[dict] = []
+    summary: dict | None = None
+    proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=src, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        now = time.monotonic()
+        if line.startswith("training:"):
+            training = now
+        elif line.startswith('{"event": "summary"'):
+            summary = json.loads(line)
+        else:
+            parts = line.split()
+            if training is not None and len(parts) >= 7 and parts[0].isdigit():
+                rows.append({"step": int(parts[0]), "mean_score": float(parts[1]), "elapsed_seconds": now - training})
+    proc.wait()
+    if proc.returncode != 0 or summary is None:
+        raise RuntimeError(f"clotho up failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+    return {"summary": summary, "steps": rows, "startup_seconds": (training or now) - started}
 
 
 def rate(steps: list[dict], offset: float = 0.0) -> float | None:
@@ -213,7 +227,7 @@ def report(name: str, size: dict, results: dict[str, dict]) -> None:
     print("|" + " --- |" * (head.count("|") - 1))
     for run, r in results.items():
         steps = r["steps"]
-        offset = r.get("offset", 0.0)
+        offset = 0.0
         scores = [s["mean_score"] for s in steps]
         hits = crossings(steps, thresholds, offset) if steps else {t: None for t in thresholds}
         spm = rate(steps, offset) if steps else r.get("steps_per_minute")
@@ -226,7 +240,7 @@ def report(name: str, size: dict, results: dict[str, dict]) -> None:
         if b:
             from services.up import format_breakdown
 
-            print(f"- {run}: {format_breakdown(b)}; start-up {r.get('offset', 0.0):.1f} s; threads {r.get('threads')}")
+            print(f"- {run}: {format_breakdown(b)}; start-up {r.get('startup', 0.0):.1f} s; threads {r.get('threads')}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before", action="store_true", help="also run Clotho with no thread budget (--cores 0)")
     p.add_argument("--baseline-src", type=Path, default=None, help="also run `clotho up` from this checkout")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument(
+        "--trl-threads", default="0",
+        help="comma-separated torch thread counts for TRL runs; 0: its default (every core)",
+    )
     args = p.parse_args(argv)
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -248,9 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work_dir.resolve() / name
         model = build_model(work / "model", size["model"])
         results: dict[str, dict] = {}
-        if not args.skip_trl:
-            r = run_trl(size, model, steps, args.seed, work)
-            results["TRL GRPOTrainer"] = {"steps": r["steps"], "threads": r["threads"]}
+        for threads in ([] if args.skip_trl else [int(x) for x in args.trl_threads.split(",")]):
+            r = run_trl(size, model, steps, args.seed, work, threads)
+            label = "TRL GRPOTrainer" + (f" (OMP_NUM_THREADS={threads})" if threads else "")
+            results[label] = {"steps": r["steps"], "threads": r["threads"]}
         runs = [("clotho up", [], ROOT)]
         if args.before:
             runs.append(("clotho up --cores 0 (no thread budget)", ["--cores", "0"], ROOT))
@@ -260,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             r = run_clotho(size, model, steps, args.seed, work / label.split()[-1].strip("()"), extra, src)
             s = r["summary"]
             entry = {
-                "steps": r["steps"], "offset": s.get("startup_seconds") or 0.0,
+                "steps": r["steps"], "startup": r["startup_seconds"],
                 "breakdown": s.get("step_breakdown_seconds"), "threads": s.get("threads"),
                 "steps_per_minute": s.get("steps_per_minute"), "reward_start": s.get("reward_start"),
                 "reward_end": s.get("reward_end"), "n": s.get("steps"),

@@ -2,7 +2,7 @@
 
 It does what an Atropos `BaseEnv` does against `run-api` and an SGLang server: register
 with `/register-env` (waiting while the trainer has not started), watch `/status-env` so
-it does not run far ahead of the trainer, sample a group per prompt from `/generate`,
+it does not run far ahead of the trainer (`Room`), sample a group per prompt from `/generate`,
 score it, and post the group to `/scored_data` with masks and inference logprobs aligned
 with the tokens (prompt positions: mask -100, logprob 1.0). A gateway's bearer tokens
 come from CLOTHO_DEMO_TRAJECTORY_TOKEN and CLOTHO_DEMO_INFERENCE_TOKEN (`clotho up`
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import httpx
 
@@ -81,10 +83,10 @@ class DemoEnv:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _room(self, client: httpx.AsyncClient) -> bool:
+    async def _status(self, client: httpx.AsyncClient) -> dict:
         r = await client.request("GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
         r.raise_for_status()
-        return int(r.json().get("self_queue_size", 0)) < self.config.max_groups_ahead
+        return r.json()
 
     async def one_group(self, client: httpx.AsyncClient) -> float:
         prompt = self.task.prompt(self.rng)
@@ -133,20 +135,103 @@ class DemoEnv:
         stop = stop or asyncio.Event()
         async with httpx.AsyncClient(base_url=self.config.gateway_url, timeout=60.0) as client:
             await self.register(client, stop)
-            sem = asyncio.Semaphore(self.config.concurrency)
+            room = Room(self.config.max_groups_ahead, lambda: self._status(client))
 
             async def worker() -> None:
                 while not stop.is_set():
                     if self.config.max_groups is not None and self.sent >= self.config.max_groups:
                         return
-                    async with sem:
-                        if not await self._room(client):
-                            # The trainer is behind: do not produce stale data.
-                            await asyncio.sleep(0.05)
-                            continue
+                    await room.acquire()
+                    try:
                         await self.one_group(client)
+                    finally:
+                        room.posted()
 
-            await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            poller = asyncio.ensure_future(room.poll())
+            try:
+                await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            finally:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+
+
+class Room:
+    """How many groups this environment may have ahead of the trainer: queued at the
+    gateway plus being generated, at most `limit` (so the data stays fresh).
+
+    Workers wait on a condition, not a timer: they wake as soon as the count drops.
+    The gateway's queue shrinks when the trainer takes a batch, which the Atropos
+    protocol does not push, so one poller asks `/status-env` on behalf of every
+    worker, and only while some worker waits; it asks at a fraction of the trainer's
+    observed step interval (its `current_step` changing), so a consumed batch is seen
+    within a few milliseconds without a request storm.
+    """
+
+    MIN_INTERVAL = 0.002
+    MAX_INTERVAL = 0.05
+
+    def __init__(self, limit: int, status: Callable[[], Awaitable[dict]]) -> None:
+        self.limit = max(1, limit)
+        self.status = status
+        self.queued = 0  # at the gateway, as last seen (plus what we posted since)
+        self.generating = 0
+        self.waiting = 0
+        self.changed = asyncio.Condition()
+        self.step: int | None = None
+        self.step_seen: float | None = None
+        self.step_interval: float | None = None
+
+    def _free(self) -> bool:
+        return self.queued + self.generating < self.limit
+
+    async def acquire(self) -> None:
+        async with self.changed:
+            self.waiting += 1
+            self.changed.notify_all()  # wakes the poller
+            try:
+                await self.changed.wait_for(self._free)
+            finally:
+                self.waiting -= 1
+            self.generating += 1
+            self.changed.notify_all()  # others may wait again, now at the limit
+
+    def posted(self) -> None:
+        self.generating -= 1
+        self.queued += 1
+
+    def interval(self) -> float:
+        if self.step_interval is None:
+            return self.MIN_INTERVAL * 5
+        return min(max(self.step_interval / 8, self.MIN_INTERVAL), self.MAX_INTERVAL)
+
+    def observe(self, status: dict, now: float) -> None:
+        """A /status-env answer: the queue as the gateway sees it, the trainer's step."""
+        self.queued = int(status.get("self_queue_size", 0))
+        step = status.get("current_step")
+        if isinstance(step, int) and step != self.step:
+            if self.step is not None and self.step_seen is not None and step > self.step:
+                seen = (now - self.step_seen) / (step - self.step)
+                self.step_interval = seen if self.step_interval is None else 0.7 * self.step_interval + 0.3 * seen
+            self.step, self.step_seen = step, now
+
+    async def poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.waiting > 0 and not self._free())
+            try:
+                status = await self.status()
+            except httpx.HTTPError as exc:
+                log.warning("status-env failed: %s", exc)
+                await asyncio.sleep(self.MAX_INTERVAL)
+                continue
+            async with self.changed:
+                self.observe(status, loop.time())
+                if self._free():
+                    self.changed.notify_all()
+                    continue
+            await asyncio.sleep(self.interval())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--max-groups-ahead", type=int, default=8)
+    p.add_argument(
+        "--max-groups-ahead", type=int, default=8,
+        help="groups queued at the gateway or being generated, at most",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-groups", type=int, default=None)
     args = p.parse_args(argv)

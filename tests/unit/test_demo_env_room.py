@@ -1,0 +1,47 @@
+"""The demo environment's Room: groups ahead of the trainer, without timed sleeps."""
+
+import asyncio
+
+from services.demo.env import Room
+
+
+async def test_room_blocks_at_the_limit_and_wakes_when_the_trainer_consumes() -> None:
+    gateway = {"self_queue_size": 0, "current_step": 0}
+    asked = 0
+
+    async def status() -> dict:
+        nonlocal asked
+        asked += 1
+        return dict(gateway)
+
+    room = Room(2, status)
+    poller = asyncio.ensure_future(room.poll())
+    try:
+        await asyncio.wait_for(room.acquire(), 1)
+        await asyncio.wait_for(room.acquire(), 1)
+        assert asked == 0  # room to spare: nobody asks the gateway
+        room.posted()
+        room.posted()
+        gateway["self_queue_size"] = 2
+        third = asyncio.ensure_future(room.acquire())
+        await asyncio.sleep(0.05)
+        assert not third.done() and asked >= 1  # at the limit: waits, the poller asks
+        gateway.update(self_queue_size=0, current_step=1)  # the trainer took a batch
+        await asyncio.wait_for(third, 1)
+        assert room.generating == 1 and room.queued == 0
+    finally:
+        poller.cancel()
+
+
+async def test_room_polls_at_a_fraction_of_the_step_interval() -> None:
+    async def status() -> dict:
+        return {}
+
+    room = Room(4, status)
+    assert Room.MIN_INTERVAL <= room.interval() <= Room.MAX_INTERVAL
+    room.observe({"self_queue_size": 4, "current_step": 10}, now=0.0)
+    room.observe({"self_queue_size": 4, "current_step": 12}, now=0.16)  # 80 ms a step
+    assert room.interval() == 0.01
+    assert room.queued == 4
+    room.observe({"self_queue_size": 0, "current_step": 13}, now=10.0)  # a long pause
+    assert room.interval() == Room.MAX_INTERVAL
