@@ -12,6 +12,15 @@ and, before it asks for any batch, resyncs every shard to the checkpoint's weigh
 (under the same version when those weights were the published ones, else as the next
 version). All torch work runs in one dedicated thread, in order: a SIGTERM that cancels
 a step in flight still lets its optimizer step finish before the final checkpoint.
+
+With overlap_weight_update (one step off), a step's weights are copied and pushed while
+the next step trains; the next push starts only once that one is over, so versions are
+still published in order and only once committed. Every step line carries the step's
+critical path (wait for the batch, train, weight update, cycle).
+
+Longer than most modules (~600 lines): the loop, the version bookkeeping and the
+overlapped update share the same state (version, published weights, update in flight)
+and are easier to check side by side than split.
 """
 
 from __future__ import annotations
