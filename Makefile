@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make up     set up .venv and run `clotho up` (the whole mesh on CPU, training visibly)
 #   make test   set up .venv with the test extras and run the test suite (pytest)
+#   make lint   ruff (lint + format check), mypy, import contracts, buf lint and buf breaking
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch goes in first; nothing else in the project asks for a newer one.
@@ -8,6 +9,9 @@ TORCH ?= torch==2.13.0
 PIP = $(VENV)/bin/pip
 STEPS ?= 200
 PYTEST_ARGS ?=
+# `buf breaking` compares proto/ with the proto/ of the previous commit (the first parent, so a merge
+# is compared with the branch it lands on), or of HEAD when the history has one commit.
+BREAKING_REF ?= $(shell git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null && echo HEAD~1 || echo HEAD)
 
 .PHONY: up test setup setup-test protos lint clean
 
@@ -32,6 +36,26 @@ up: setup
 
 test: setup-test
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Every check runs, and the recipe fails when any of them failed. Settings live in
+# pyproject.toml ([tool.ruff], [tool.mypy], [tool.importlinter]) and buf.yaml.
+# `ruff check --fix .` and `ruff format .` apply the mechanical fixes.
+LINT_CHECKS = \
+	"ruff check ." \
+	"ruff format --check ." \
+	"mypy" \
+	"lint-imports --no-cache" \
+	"buf lint" \
+	"buf breaking proto --against .git\#ref=$(BREAKING_REF),subdir=proto"
+
+lint: setup-test
+	@failed=""; \
+	for check in $(LINT_CHECKS); do \
+	  echo "== $$check"; \
+	  $(VENV)/bin/$$check || failed="$$failed [$$check]"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make lint failed:$$failed" >&2; exit 1; fi; \
+	echo "make lint: all checks passed"
 
 protos: setup-test
 	$(VENV)/bin/python scripts/gen_protos.py
