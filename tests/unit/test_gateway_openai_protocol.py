@@ -8,7 +8,7 @@ import pytest
 
 from clotho.v1 import inference_service_pb2 as ipb
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS, build_tokenizer
-from services.gateway.openai_protocol import (
+from services.gateway.generation.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestInvalid,

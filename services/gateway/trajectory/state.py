@@ -41,11 +41,11 @@ from services.common.errors import (
     NotFound,
     ResourceExhausted,
 )
-from services.gateway.batching import find_subset_summing_to
-from services.gateway.queue_index import Group, QueueIndex
-from services.gateway.receipts import Receipts
-from services.gateway.scored_data import Incoming, incoming
-from services.gateway.store import GroupRow, Snapshot, Store
+from services.gateway.trajectory.packing import find_subset_summing_to
+from services.gateway.trajectory.queue_index import Group, QueueIndex
+from services.gateway.trajectory.receipts import Receipts
+from services.gateway.trajectory.scored_data import Incoming, incoming
+from services.gateway.trajectory.store import GroupRow, Snapshot, Store
 
 log = logging.getLogger(__name__)
 

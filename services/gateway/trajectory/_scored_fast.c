@@ -1,7 +1,7 @@
 /* The gateway's fast path for `/scored_data` bodies: parse, validate and re-encode a
  * group in one pass over the bytes, without building Python objects for its arrays.
  * The module docstring below (MODULE_DOC) describes the contract; the Python path in
- * services/gateway/scored_data.py is the reference it is tested against
+ * services/gateway/trajectory/scored_data.py is the reference it is tested against
  * (tests/unit/test_scored_fast.py).
  *
  * Reading the input safely: a bytes object always has a NUL byte after its last byte
@@ -1396,7 +1396,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "services.gateway._scored_fast", MODULE_DOC, -1, methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "services.gateway.trajectory._scored_fast", MODULE_DOC, -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

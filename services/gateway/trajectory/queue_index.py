@@ -1,8 +1,8 @@
 """The queue of scored groups, indexed so that forming a batch costs what the batch
 costs, not what the queue holds.
 
-Atropos keeps one list and rescans it for every batch. Its packing rules (batching.py
-states them over a list of sizes) only ever look at groups in queue order within one
+Atropos keeps one list and rescans it for every batch. Its packing rules (the
+oracle tests/oracles/atropos_packing.py states them over a list of sizes) only ever look at groups in queue order within one
 group size, or within one (environment, group size): a pack is the next `p / size`
 groups of one size, where `p` is the largest group size in the queue, and packs are
 taken in the order they complete. So the queue is kept as one FIFO per size and one
@@ -151,8 +151,8 @@ class QueueIndex:
 
     def pop_exact(self, batch_size: int) -> list[Group] | None:
         """Remove and return the next batch of exactly `batch_size` sequences, as
-        `batching.take_exact` (Atropos' `grab_exact_from_heterogeneous_queue`) would
-        choose it, or None."""
+        `take_exact` (the oracle in tests/oracles/atropos_packing.py, Atropos'
+        `grab_exact_from_heterogeneous_queue`) would choose it, or None."""
         if not self.groups or batch_size <= 0 or self.sequences < batch_size:
             return None
         pack = self.max_size
@@ -187,7 +187,7 @@ class QueueIndex:
     def pop_with_minimums(self, batch_size: int, minimums: Sequence[tuple[Hashable, float]]) -> list[Group] | None:
         """Remove and return the next batch that gives every environment in `minimums`
         (connected envs with a `min_batch_allocation`, in registration order) its
-        share, as `batching.take_with_min_allocations` would choose it, or None."""
+        share, as `take_with_min_allocations` (the same oracle) would choose it, or None."""
         if not self.groups:
             return None
         if not minimums:

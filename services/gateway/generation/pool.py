@@ -25,10 +25,10 @@ from opentelemetry import context as otel_context
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import Unavailable
-from services.gateway.routing import Router, Target
+from services.gateway.generation.routing import Router, Target
 
 try:  # Version receipts arrive with the durable-store work; routes work without them.
-    from services.gateway import receipts as _receipts
+    from services.gateway.trajectory import receipts as _receipts
 except ImportError:  # pragma: no cover - depends on what is installed
     _receipts = None
 

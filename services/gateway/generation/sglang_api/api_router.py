@@ -20,11 +20,11 @@ from grpc import aio
 from opentelemetry import trace
 
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
-from services.gateway import vllm
-from services.gateway.http_errors import error_response
-from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
-from services.gateway.request_span import RequestSpan
-from services.gateway.sglang import GenerateCall, Prompt, parse_generate, result_json, result_rid, top_entries
+from services.gateway.generation.vllm_api import protocol as vllm
+from services.gateway.http.errors import error_response
+from services.gateway.generation.pool import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.http.request_span import RequestSpan
+from services.gateway.generation.sglang_api.protocol import GenerateCall, Prompt, parse_generate, result_json, result_rid, top_entries
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ClothoError
-from services.gateway.http_errors import clotho_error_response
+from services.gateway.http.errors import clotho_error_response
 
 # A fast route: the request body and scope in; a 200's JSON body and any headers
 # beyond content-type and content-length out (domain errors raised).

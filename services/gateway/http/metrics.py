@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from services.gateway.state import TrajectoryState
+from services.gateway.trajectory.state import TrajectoryState
 
 _REGISTRIES: weakref.WeakKeyDictionary[TrajectoryState, CollectorRegistry] = weakref.WeakKeyDictionary()
 

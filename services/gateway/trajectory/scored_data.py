@@ -18,10 +18,10 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.common.errors import InvalidArgument
-from services.gateway.receipts import completion_tokens
+from services.gateway.trajectory.receipts import completion_tokens
 
-try:  # the C fast path (services/gateway/_scored_fast.c), built by `pip install`
-    from services.gateway import _scored_fast
+try:  # the C fast path (_scored_fast.c), built by `pip install`
+    from services.gateway.trajectory import _scored_fast
 except ImportError:  # pragma: no cover - an install without a C compiler
     _scored_fast = None
 

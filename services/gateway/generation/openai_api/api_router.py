@@ -27,10 +27,10 @@ from opentelemetry import trace
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
-from services.gateway.http_errors import http_status
-from services.gateway.inference_client import NO_INFERENCE, InferenceClient, prefetch
-from services.gateway.request_span import RequestSpan
-from services.gateway.openai_protocol import (
+from services.gateway.http.errors import http_status
+from services.gateway.generation.pool import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.http.request_span import RequestSpan
+from services.gateway.generation.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestInvalid,

@@ -16,9 +16,9 @@ from grpc import aio
 from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.gateway.convert import batch_to_proto, group_from_proto
-from services.gateway.scored_data import check_group
-from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.rpc.convert import batch_to_proto, group_from_proto
+from services.gateway.trajectory.scored_data import check_group
+from services.gateway.trajectory.state import EnvRegistration, TrainerRegistration, TrajectoryState
 
 log = logging.getLogger(__name__)
 

@@ -56,9 +56,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
-from services.gateway.inference_client import InferenceClient
-from services.gateway.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
-from services.gateway.request_span import RequestSpan
+from services.gateway.generation.pool import InferenceClient
+from services.gateway.generation.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
+from services.gateway.http.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
 

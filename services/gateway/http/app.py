@@ -23,20 +23,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from services.common.errors import FailedPrecondition, NotFound
-from services.gateway import http_errors
-from services.gateway.batch_gzip import (
+from services.gateway.http import errors as http_errors
+from services.gateway.atropos_api.batch_gzip import (
     BatchCompressor,
     PrecompressedGZipMiddleware,
     ResponseGzip,
     wants_gzip,
 )
-from services.gateway.http_body import RequestBodyMiddleware
-from services.gateway.metrics import metrics_response
-from services.gateway.http_generate import generate_router
-from services.gateway.inference_client import InferenceClient
-from services.gateway.openai_routes import openai_router
-from services.gateway.scored_data import read_group, read_group_list
-from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.http.body import RequestBodyMiddleware
+from services.gateway.http.metrics import metrics_response
+from services.gateway.generation.sglang_api.api_router import generate_router
+from services.gateway.generation.pool import InferenceClient
+from services.gateway.generation.openai_api.api_router import openai_router
+from services.gateway.trajectory.scored_data import read_group, read_group_list
+from services.gateway.trajectory.state import EnvRegistration, TrainerRegistration, TrajectoryState
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from google.protobuf import struct_pb2
 
 from clotho.v1 import scored_data_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.scored_data import PER_SEQUENCE_FIELDS, POLICY_VERSIONS
+from services.gateway.trajectory.scored_data import PER_SEQUENCE_FIELDS, POLICY_VERSIONS
 
 if TYPE_CHECKING:
-    from services.gateway.queue_index import Group
+    from services.gateway.trajectory.queue_index import Group
 
 _KNOWN_PRESENT = frozenset(PER_SEQUENCE_FIELDS)
 # Doubles hold every integer up to 2**53 exactly; beyond that a number stays a float.

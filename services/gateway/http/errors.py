@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 from grpc import aio
 
 from services.common.errors import ClothoError
-from services.gateway.scored_data import ScoredDataInvalid, field_path
-from services.gateway.state import StoreFull
+from services.gateway.trajectory.scored_data import ScoredDataInvalid, field_path
+from services.gateway.trajectory.state import StoreFull
 
 log = logging.getLogger(__name__)
 

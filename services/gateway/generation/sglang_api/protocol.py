@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
+from services.gateway.generation.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
 
 log = logging.getLogger(__name__)
 
