@@ -23,7 +23,7 @@ from services.common.telemetry import setup_tracing
 from services.gateway import auth
 from services.gateway.trajectory import receipts
 from services.gateway.http.app import create_app
-from services.gateway.generation.pool import InferenceClient
+from services.gateway.generation.pool import InferencePool
 from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.trajectory.state import TrajectoryState
@@ -62,7 +62,7 @@ class GatewayServer(GrpcServer):
     """The bound gRPC server plus the HTTP side: start() and stop() run both."""
 
     state: TrajectoryState = field(default_factory=TrajectoryState)
-    inference: InferenceClient | None = None
+    inference: InferencePool | None = None
     app: Any = None
     http: uvicorn.Server | None = None
     http_socket: socket.socket | None = None
@@ -115,7 +115,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         max_staleness=settings.max_staleness,
         staleness_policy=settings.staleness_policy,
     )
-    inference = InferenceClient(
+    inference = InferencePool(
         settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds,
         eject_seconds=settings.inference_eject_seconds,
     )

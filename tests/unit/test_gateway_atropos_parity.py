@@ -13,8 +13,8 @@ import pytest
 from atroposlib.api import server as atropos
 
 from services.gateway.http.app import create_app
-from services.gateway.generation.pool import InferenceClient
-from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.trajectory import TrajectoryState
 
 REGISTRATION = {
     "wandb_group": "group",

@@ -14,9 +14,9 @@ import pytest
 from services.common.settings import load_settings
 from services.gateway import auth
 from services.gateway.http.app import create_app
-from services.gateway.generation.pool import InferenceClient
+from services.gateway.generation.pool import InferencePool as InferenceClient
 from services.gateway.settings import GatewaySettings
-from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.trajectory import TrajectoryState
 
 TRAJ, INF = "traj-secret", "inf-secret"
 REGISTRATION = {

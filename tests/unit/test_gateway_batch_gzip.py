@@ -10,8 +10,8 @@ import pytest
 
 from services.gateway.atropos_api.batch_gzip import BatchCompressor
 from services.gateway.http.app import create_app
-from services.gateway.generation.pool import InferenceClient
-from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.trajectory import TrajectoryState
 
 
 def group(tag: int) -> dict:

@@ -8,8 +8,8 @@ import httpx
 
 from services.gateway import auth
 from services.gateway.http.app import create_app
-from services.gateway.generation.pool import InferenceClient
-from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.trajectory import TrajectoryState
 
 TOKEN = "t-123"
 GROUP = {"tokens": [[1, 2]], "masks": [[-100, 2]], "scores": [1.0]}

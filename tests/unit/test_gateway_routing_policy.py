@@ -16,7 +16,7 @@ from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import Unavailable
 from services.gateway.generation import pool as client_module
-from services.gateway.generation.pool import InferenceClient
+from services.gateway.generation.pool import InferencePool as InferenceClient
 from services.gateway.generation.routing import Router
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -10,7 +10,7 @@ import pytest
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS
-from services.gateway.trajectory.state import (
+from services.gateway.trajectory import (
     EnvRegistration,
     Submitted,
     TrainerRegistration,

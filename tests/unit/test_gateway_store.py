@@ -13,8 +13,8 @@ import pytest
 
 from services.common.errors import FailedPrecondition, Unavailable
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS
-from services.gateway.trajectory.state import EnvRegistration, TrainerRegistration, TrajectoryState
-from services.gateway.trajectory.store import SqliteStore
+from services.gateway.trajectory import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.trajectory.sqlite_store import SqliteStore
 
 
 def group(size, env_id=None, tag=0, versions=None):

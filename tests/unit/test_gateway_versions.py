@@ -10,7 +10,7 @@ from clotho.v1 import gateway_service_pb2 as gpb
 from services.gateway.trajectory.receipts import Receipts, completion_tokens
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS, POLICY_VERSIONS
 from services.gateway.rpc.servicer import GatewayServicer
-from services.gateway.trajectory.state import TrainerRegistration, TrajectoryState
+from services.gateway.trajectory import TrainerRegistration, TrajectoryState
 
 
 def group(prompt, completions, versions=None, env_id=None):

@@ -1,9 +1,10 @@
-"""The gateway's side of InferenceService: routed calls, model info and the tokenizer.
+"""The gateway's pool of InferenceService targets: routed calls, model info and the
+tokenizer (`InferencePool`, the gateway's client of InferenceService).
 
 Every call goes to the least loaded healthy target (routing.py). A call that fails
 UNAVAILABLE before its first message is retried on another healthy target, so a target
 that just died costs no request. Every Completion that passes through is handed to the
-version receipts (when that module is present), so scored data submitted later can be
+version receipts (trajectory/receipts.py), so scored data submitted later can be
 attributed to the policy version that produced it.
 
 The tokenizer (chat templates, text prompts and outputs) is loaded once, on first use,
@@ -27,10 +28,7 @@ from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import Unavailable
 from services.gateway.generation.routing import Router, Target
 
-try:  # Version receipts arrive with the durable-store work; routes work without them.
-    from services.gateway.trajectory import receipts as _receipts
-except ImportError:  # pragma: no cover - depends on what is installed
-    _receipts = None
+from services.gateway.trajectory import receipts as _receipts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,15 +47,13 @@ def completion_version(completion: pb.Completion) -> int:
 
 
 def record_receipt(completion: pb.Completion) -> None:
-    if _receipts is None:
-        return
     try:
         _receipts.record(list(completion.output_ids), completion_version(completion))
     except Exception:  # noqa: BLE001 - attribution is best effort; the reply must not fail
         log.exception("could not record the version receipt of a completion")
 
 
-class InferenceClient:
+class InferencePool:
     """Talks to one or more InferenceService targets through a Router."""
 
     def __init__(

@@ -21,8 +21,7 @@ from fastapi.responses import JSONResponse
 from grpc import aio
 
 from services.common.errors import ClothoError
-from services.gateway.trajectory.scored_data import ScoredDataInvalid, field_path
-from services.gateway.trajectory.state import StoreFull
+from services.gateway.field_paths import field_path
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +65,17 @@ def validation_response(problems: list[str], detail: list[Any] | None = None) ->
 
 
 def clotho_error_response(exc: ClothoError) -> JSONResponse:
-    """The answer to a domain error (also used by the ingest fast path)."""
-    if isinstance(exc, ScoredDataInvalid):
-        return validation_response(exc.problems)
-    if isinstance(exc, StoreFull):
+    """The answer to a domain error (also used by the ingest fast path). A domain
+    error may say more than its code: `problems` (a list of what was wrong, as the
+    scored-data validation raises) answers as a validation error; `retry_after`
+    (seconds, as a full trajectory store raises) answers 503 with Retry-After."""
+    problems = getattr(exc, "problems", None)
+    if problems is not None:
+        return validation_response(problems)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
         response = error_response(exc.code, str(exc), status=503)
-        response.headers["Retry-After"] = str(exc.retry_after)
+        response.headers["Retry-After"] = str(retry_after)
         return response
     return error_response(exc.code, str(exc))
 

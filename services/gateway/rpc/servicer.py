@@ -1,8 +1,8 @@
 """clotho.v1.GatewayService over the same TrajectoryState as the Atropos REST routes.
 
-Every call that changes the state answers only once the change is durable
-(`store.sync()`): an acknowledged submission survives a crash of the gateway, and a
-batch is deleted from the store before it is sent (at most once).
+Every call that changes the state goes through `DurableState` and answers only once
+the change is durable: an acknowledged submission survives a crash of the gateway,
+and a batch is deleted from the store before it is sent (at most once).
 """
 
 from __future__ import annotations
@@ -17,27 +17,28 @@ from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.gateway.rpc.convert import batch_to_proto, group_from_proto
+from services.gateway.trajectory.durable import DurableState
+from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
 from services.gateway.trajectory.scored_data import check_group
-from services.gateway.trajectory.state import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.trajectory.state import TrajectoryState
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "clotho.v1.GatewayService"
-_STOP = object()
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     """The trajectory API for gRPC clients (trainers and non-Python environments)."""
 
     def __init__(self, state: TrajectoryState) -> None:
-        self._state = state
+        self._trajectories = DurableState(state)
 
     async def RegisterTrainer(
         self, request: pb.RegisterTrainerRequest, context: aio.ServicerContext
     ) -> pb.RegisterTrainerResponse:
         if request.batch_size == 0:
             raise InvalidArgument("batch_size must be at least 1")
-        requester = self._state.register_trainer(
+        requester = await self._trajectories.register_trainer(
             TrainerRegistration(
                 wandb_group=request.wandb_group,
                 wandb_project=request.wandb_project,
@@ -49,7 +50,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 num_steps=request.num_steps,
             )
         )
-        await self._state.store.sync()
         return pb.RegisterTrainerResponse(uuid=str(requester))
 
     async def RegisterEnv(self, request: pb.RegisterEnvRequest, context: aio.ServicerContext) -> pb.RegisterEnvResponse:
@@ -58,7 +58,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         minimum = request.min_batch_allocation if request.HasField("min_batch_allocation") else None
         if minimum is not None and not 0.0 <= minimum <= 1.0:
             raise InvalidArgument(f"min_batch_allocation must be in [0, 1], got {minimum}")
-        registered = self._state.register_env(
+        registered = await self._trajectories.register_env(
             EnvRegistration(
                 max_token_length=request.max_token_length,
                 desired_name=request.desired_name,
@@ -69,7 +69,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         )
         if registered is None:
             return pb.RegisterEnvResponse(status="wait for trainer to start")
-        await self._state.store.sync()
         return pb.RegisterEnvResponse(
             status="success",
             env_id=registered.env_id,
@@ -83,12 +82,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def DisconnectEnv(
         self, request: pb.DisconnectEnvRequest, context: aio.ServicerContext
     ) -> pb.DisconnectEnvResponse:
-        self._state.disconnect_env(request.env_id)
-        await self._state.store.sync()
+        await self._trajectories.disconnect_env(request.env_id)
         return pb.DisconnectEnvResponse()
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext) -> pb.GetStatusResponse:
-        state = self._state
+        state = self._trajectories.view
         return pb.GetStatusResponse(
             current_step=state.step,
             queue_size=state.queue_size,
@@ -103,8 +101,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def GetEnvStatus(
         self, request: pb.GetEnvStatusRequest, context: aio.ServicerContext
     ) -> pb.GetEnvStatusResponse:
-        s = self._state.env_status(request.env_id)
-        await self._state.store.sync()  # the env's group size may have grown
+        s = await self._trajectories.env_status(request.env_id)
         return pb.GetEnvStatusResponse(
             current_step=s.current_step,
             queue_size=s.queue_size,
@@ -128,8 +125,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             except InvalidArgument as exc:
                 raise InvalidArgument(f"{where}{exc}") from None
             groups.append(check_group(group, prefix=where))
-        outcomes = self._state.submit(groups)
-        await self._state.store.sync()
+        outcomes = await self._trajectories.submit(groups)
         buffered = sum(1 for o in outcomes if o.buffered)
         return pb.SubmitScoredDataResponse(received=len(outcomes) - buffered, buffered=buffered)
 
@@ -142,7 +138,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         formed (TrajectoryState.take_next). A credit message may carry the trainer's
         committed policy version. Each batch is deleted from the store before it is
         sent: a batch is delivered at most once."""
-        state = self._state
+        trajectories = self._trajectories
         credits = 0
         closed = False
         failure: list[BaseException] = []
@@ -152,35 +148,29 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             try:
                 async for request in request_iterator:
                     if request.HasField("policy_version"):
-                        state.observe_version(request.policy_version)
+                        trajectories.note_version(request.policy_version)
                     if request.credits:
-                        state.mark_started()
+                        trajectories.note_started()
                         credits += request.credits
-                        state.wakeup.notify()
+                        trajectories.notify()
             except FailedPrecondition as exc:
                 failure.append(exc)
             except Exception as exc:  # noqa: BLE001 - a broken client stream just ends the credits
                 log.debug("StreamBatches credit stream ended: %r", exc)
             finally:
                 closed = True
-                state.wakeup.notify()
-
-        def next_batch() -> object:
-            if failure or (closed and credits == 0):
-                return _STOP
-            if credits > 0 and state.trainer is not None:
-                return state.take_next()
-            return None
+                trajectories.notify()
 
         reader = asyncio.create_task(read_credits())
         try:
             while True:
-                batch = await state.wakeup.wait_for(next_batch)
-                if batch is _STOP:
+                taken = await trajectories.next_batch(
+                    may_take=lambda: credits > 0, stop=lambda: bool(failure) or (closed and credits == 0)
+                )
+                if taken is None:
                     break
+                batch, step = taken
                 credits -= 1
-                step = state.step
-                await state.store.sync()
                 yield pb.StreamBatchesResponse(groups=batch_to_proto(batch), step=step)
             if failure:
                 raise failure[0]

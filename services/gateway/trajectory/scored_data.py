@@ -18,6 +18,7 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.common.errors import InvalidArgument
+from services.gateway.field_paths import field_path
 from services.gateway.trajectory.receipts import completion_tokens
 
 try:  # the C fast path (_scored_fast.c), built by `pip install`
@@ -99,17 +100,6 @@ class ScoredDataInvalid(InvalidArgument):
         if len(problems) > 5:
             shown += f"; and {len(problems) - 5} more"
         super().__init__(shown)
-
-
-def field_path(loc: Iterable[Any]) -> str:
-    """('tokens', 1, 3) -> 'tokens[1][3]'; (2, 'masks', 0) -> '[2].masks[0]'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def _pydantic_problems(exc: ValidationError, prefix: str = "") -> list[str]:

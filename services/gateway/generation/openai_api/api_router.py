@@ -28,8 +28,9 @@ from opentelemetry import trace
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
 from services.gateway.http.errors import http_status
-from services.gateway.generation.pool import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.generation.pool import NO_INFERENCE, InferencePool, prefetch
 from services.gateway.http.request_span import RequestSpan
+from services.gateway.http.sse import DONE, sse_event
 from services.gateway.generation.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -93,11 +94,6 @@ class OpenAIRoute(APIRoute):
         return handle
 
 
-def _sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
 
 
 async def _json_body(request: Request) -> Any:
@@ -149,7 +145,7 @@ def _completion_prompts(tokenizer: Any, body: CompletionRequest) -> tuple[list[l
     return ids, texts
 
 
-def openai_router(inference: InferenceClient) -> APIRouter:
+def openai_router(inference: InferencePool) -> APIRouter:
     router = APIRouter(route_class=OpenAIRoute)
     started = int(time.time())
 
@@ -355,7 +351,7 @@ def _stream_error(exc: Exception) -> bytes:
         _, body = _from_exception(exc)
     else:  # pragma: no cover - defensive
         body = error_body(500, str(exc), grpc.StatusCode.INTERNAL.name.lower())
-    return _sse(body)
+    return sse_event(body)
 
 
 class _Sample:
@@ -368,7 +364,7 @@ class _Sample:
 
 
 async def _chat_stream(
-    inference: InferenceClient,
+    inference: InferencePool,
     body: ChatCompletionRequest,
     request: pb.GenerateRequest,
     messages: AsyncIterator[tuple[int, pb.GenerateResponse]],
@@ -385,7 +381,7 @@ async def _chat_stream(
         event = {**header, "choices": [choice]}
         if body.include_usage:
             event["usage"] = None
-        return _sse(event)
+        return sse_event(event)
 
     samples = [_Sample(body.stops, body.no_stop_trim) for _ in range(body.n)]
     completion_tokens = 0
@@ -437,17 +433,17 @@ async def _chat_stream(
                 }
             )
         if body.include_usage:
-            yield _sse({**header, "choices": [], "usage": usage(len(request.input_ids), completion_tokens)})
+            yield sse_event({**header, "choices": [], "usage": usage(len(request.input_ids), completion_tokens)})
     except (ClothoError, aio.AioRpcError) as exc:
         yield _stream_error(exc)
     finally:
         await messages.aclose()
         span.end()
-    yield _DONE
+    yield DONE
 
 
 async def _completion_stream(
-    inference: InferenceClient,
+    inference: InferencePool,
     body: CompletionRequest,
     response_id: str,
     requests: list[pb.GenerateRequest],
@@ -466,7 +462,7 @@ async def _completion_stream(
         out = {**header, "choices": [choice]}
         if body.include_usage:
             out["usage"] = None
-        return _sse(out)
+        return sse_event(out)
 
     n = body.n
     samples = {(i, k): _Sample(body.stops, body.no_stop_trim) for i in range(len(requests)) for k in range(n)}
@@ -524,10 +520,10 @@ async def _completion_stream(
             )
         if body.include_usage:
             prompt_tokens = sum(len(r.input_ids) for r in requests)
-            yield _sse({**header, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse_event({**header, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
     except (ClothoError, aio.AioRpcError) as exc:
         yield _stream_error(exc)
     finally:
         await messages.aclose()
         span.end()
-    yield _DONE
+    yield DONE

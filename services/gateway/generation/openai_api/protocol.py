@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
+from services.gateway.field_paths import field_path
 
 _UINT64 = 2**64
 _INT32 = 2**31 - 1
@@ -54,21 +55,6 @@ class RequestInvalid(InvalidArgument):
         self.param = param
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
-
-
-def field_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS and not part[0].isupper():
-            out += f".{part}" if out else part
-        # Anything else is a union member's tag ("str", "list[int]", a model's class
-        # name): not a field. OpenAI's fields are lower-case.
-    return out
-
-
 def validate(model: type[BaseModel], body: Any) -> Any:
     """Validate a parsed JSON body; RequestInvalid names the first bad field."""
     if not isinstance(body, dict):
@@ -79,7 +65,7 @@ def validate(model: type[BaseModel], body: Any) -> Any:
         problems = []
         first = None
         for err in exc.errors():
-            path = field_path(err.get("loc", ()))
+            path = field_path(err.get("loc", ()), fields_only=True)
             first = first or path or None
             msg = err.get("msg", "invalid").removeprefix("Value error, ")
             problems.append(f"{path or 'body'}: {msg}")

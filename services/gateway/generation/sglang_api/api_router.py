@@ -22,8 +22,9 @@ from opentelemetry import trace
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
 from services.gateway.generation.vllm_api import protocol as vllm
 from services.gateway.http.errors import error_response
-from services.gateway.generation.pool import NO_INFERENCE, InferenceClient, prefetch
+from services.gateway.generation.pool import NO_INFERENCE, InferencePool, prefetch
 from services.gateway.http.request_span import RequestSpan
+from services.gateway.http.sse import DONE, sse_event
 from services.gateway.generation.sglang_api.protocol import GenerateCall, Prompt, parse_generate, result_json, result_rid, top_entries
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _render(tokenizer: Any, call: GenerateCall, results: list[list[Any]], latenc
     return out
 
 
-def generate_router(inference: InferenceClient) -> APIRouter:
+def generate_router(inference: InferencePool) -> APIRouter:
     router = APIRouter()
     warned_no_tokenizer = False
 
@@ -165,10 +166,6 @@ def generate_router(inference: InferenceClient) -> APIRouter:
     return router
 
 
-def _sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
 @dataclass
 class _Sofar:
     """One streamed sample so far: its ids and its meta_info logprob entries."""
@@ -200,7 +197,7 @@ def _final_result(
 
 
 async def _stream(
-    inference: InferenceClient,
+    inference: InferencePool,
     call: GenerateCall,
     messages: AsyncIterator[tuple[int, Any]],
     tokenizer: Any,
@@ -232,18 +229,18 @@ async def _stream(
                     meta["output_token_logprobs"] = state.logprobs
                     if prompt.top_logprobs_k > 0:
                         meta["output_top_logprobs"] = state.tops
-                yield _sse({"text": text, "output_ids": state.ids, "meta_info": meta, "index": index})
+                yield sse_event({"text": text, "output_ids": state.ids, "meta_info": meta, "index": index}, ensure_ascii=True)
             else:
                 result = await inference.in_tokenizer_thread(
                     _final_result, tokenizer, texts, prompt, item.completion, result_rid(prompt, item.index),
                     time.perf_counter() - started,
                 )
                 result["index"] = index
-                yield _sse(result)
+                yield sse_event(result, ensure_ascii=True)
     except (aio.AioRpcError, ClothoError) as exc:
         message = exc.details() if isinstance(exc, aio.AioRpcError) else str(exc)
-        yield _sse({"error": {"message": f"inference service: {message}"}})
+        yield sse_event({"error": {"message": f"inference service: {message}"}}, ensure_ascii=True)
     finally:
         await messages.aclose()
         span.end()
-    yield b"data: [DONE]\n\n"
+    yield DONE

@@ -41,7 +41,7 @@ as vLLM's RequestOutput has it: vllm_api_server.py leaves it out, but atroposlib
 of `stop_token_ids`) that ended a sample is left out. With `stream: true` that server
 answers one newline-terminated JSON line per engine output, and as it asks for the
 final output only, that is one line `{"text": [prompt + text, ...]}`; so does this
-one. Completions go through InferenceClient, which records their version receipts.
+one. Completions go through InferencePool, which records their version receipts.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
-from services.gateway.generation.pool import InferenceClient
+from services.gateway.generation.pool import InferencePool
 from services.gateway.generation.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
 from services.gateway.http.request_span import RequestSpan
 
@@ -344,7 +344,7 @@ def stream_line(tokenizer: Any, call: VllmCall, completions: list[pb.Completion]
 _warned_no_tokenizer = False
 
 
-async def _tokenizer(inference: InferenceClient, call: VllmCall) -> Any:
+async def _tokenizer(inference: InferencePool, call: VllmCall) -> Any:
     """The tokenizer; token-id prompts still work (with empty text) without one."""
     global _warned_no_tokenizer
     try:
@@ -369,7 +369,7 @@ async def _once(line: bytes) -> AsyncIterator[bytes]:
     yield line
 
 
-async def generate(inference: InferenceClient, body: dict[str, Any], headers: Mapping[str, str]) -> Response:
+async def generate(inference: InferencePool, body: dict[str, Any], headers: Mapping[str, str]) -> Response:
     """Answer a vLLM /generate body (the caller checked `is_vllm_body`)."""
     call = parse_vllm(body)
     with RequestSpan("POST /generate", headers):
