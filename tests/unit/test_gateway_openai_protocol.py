@@ -12,12 +12,14 @@ from services.gateway.generation.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestInvalid,
+    validate,
+)
+from services.gateway.generation.openai_api.render import (
     StreamText,
     TokenStrings,
     chat_logprobs,
     completion_logprobs,
     render,
-    validate,
 )
 
 EOS = SPECIAL_TOKENS.index("<eos>")

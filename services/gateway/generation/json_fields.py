@@ -1,5 +1,6 @@
 """Checked reads of a JSON request object's fields, with errors that name the field:
-what SGLang's and vLLM's /generate dialects (sglang.py, vllm.py) share."""
+what SGLang's and vLLM's /generate dialects (sglang_api/protocol.py,
+vllm_api/protocol.py) share."""
 
 from __future__ import annotations
 

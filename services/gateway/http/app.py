@@ -42,7 +42,7 @@ class GatewayApp(FastAPI):
     enter here through the same middlewares that run before RequestBodyMiddleware in
     the full stack (the bearer-token check, when installed) and RequestBodyMiddleware
     itself; whatever it does not answer (cross-origin posts) continues through the
-    full stack, as before.
+    full stack.
     """
 
     fast_paths: frozenset[tuple[str, str]] = frozenset()

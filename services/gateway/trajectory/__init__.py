@@ -59,7 +59,24 @@ _EXPORTS = {
     "Store": "store",
     "open_store": "store",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DurableState",
+    "EnvRegistered",
+    "EnvRegistration",
+    "EnvStatus",
+    "Group",
+    "QueueIndex",
+    "Receipts",
+    "ScoredDataInvalid",
+    "SqliteStore",
+    "Store",
+    "StoreFull",
+    "Submitted",
+    "TrainerRegistration",
+    "TrajectoryState",
+    "TrajectoryView",
+    "open_store",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterable, Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence
 
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError

@@ -2,9 +2,9 @@
 commits.
 
 The trajectory state lives in memory (queue_index.py, state.py) and every change to
-it is appended here, in order, as an operation (store.py states the interface). One writer thread owns the SQLite
-connection: it takes every operation waiting, applies them in one transaction and
-commits, so a burst of concurrent submissions costs one commit, not one each. A
+it is appended here, in order, as an operation (store.py states the interface). One
+writer thread owns the SQLite connection: it takes every operation waiting, applies
+them in one transaction and commits, so a burst of concurrent submissions costs one commit, not one each. A
 caller that must not answer before its change is durable (a 200 on /scored_data, a
 batch handed out) awaits `sync()`, which resolves once the writer has committed
 everything appended before the call. The event loop never touches SQLite after

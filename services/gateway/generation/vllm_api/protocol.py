@@ -2,7 +2,7 @@
 example_trainer/vllm_api_server.py, which atroposlib's `VLLMServer`, server_type
 "vllm", talks to), translated to and from InferenceService.Generate.
 
-It shares the path with SGLang's `/generate` (http_generate.py): a body with `prompt`
+It shares the path with SGLang's `/generate` (sglang_api/api_router.py): a body with `prompt`
 and neither `text` nor `input_ids` is vLLM's (`is_vllm_body`); every body SGLang's
 parser accepts has one of those, so SGLang's answers do not change.
 
@@ -41,7 +41,8 @@ as vLLM's RequestOutput has it: vllm_api_server.py leaves it out, but atroposlib
 of `stop_token_ids`) that ended a sample is left out. With `stream: true` that server
 answers one newline-terminated JSON line per engine output, and as it asks for the
 final output only, that is one line `{"text": [prompt + text, ...]}`; so does this
-one. Completions go through InferencePool, which records their version receipts.
+one (serving.py). Completions go through InferencePool, which records their version
+receipts.
 """
 
 from __future__ import annotations
@@ -50,15 +51,11 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
-
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from typing import Any
 
 from clotho.v1 import inference_service_pb2 as pb
-from services.common.errors import InvalidArgument, Unavailable
-from services.gateway.generation.pool import InferencePool
+from services.common.errors import InvalidArgument
 from services.gateway.generation.json_fields import INT32_MAX, UINT32_MAX, Fields, is_int, read_sampling
-from services.gateway.http.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
 
@@ -337,49 +334,3 @@ def stream_line(tokenizer: Any, call: VllmCall, completions: list[pb.Completion]
     """The one line vllm_api_server.py streams: prompt + text of every output."""
     prompt = prompt_text(tokenizer, call)
     return (json.dumps({"text": [prompt + output_text(tokenizer, call, c) for c in completions]}) + "\n").encode()
-
-
-# ---- the route ----------------------------------------------------------------------
-
-_warned_no_tokenizer = False
-
-
-async def _tokenizer(inference: InferencePool, call: VllmCall) -> Any:
-    """The tokenizer; token-id prompts still work (with empty text) without one."""
-    global _warned_no_tokenizer
-    try:
-        return await inference.tokenizer()
-    except Unavailable as exc:
-        if call.input_ids is None:
-            raise
-        if not _warned_no_tokenizer:
-            log.warning("%s; vLLM /generate answers with empty text", exc)
-            _warned_no_tokenizer = True
-        return None
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    ids = list(tokenizer.encode(text))
-    if not ids:
-        raise InvalidArgument("prompt encodes to no tokens")
-    return ids
-
-
-async def _once(line: bytes) -> AsyncIterator[bytes]:
-    yield line
-
-
-async def generate(inference: InferencePool, body: dict[str, Any], headers: Mapping[str, str]) -> Response:
-    """Answer a vLLM /generate body (the caller checked `is_vllm_body`)."""
-    call = parse_vllm(body)
-    with RequestSpan("POST /generate", headers):
-        tokenizer = await _tokenizer(inference, call)
-        if call.input_ids is None:
-            assert call.text is not None
-            call.input_ids = await inference.in_tokenizer_thread(_encode, tokenizer, call.text)
-        completions = await inference.collect(call.request())
-        if call.stream:
-            line = await inference.in_tokenizer_thread(stream_line, tokenizer, call, completions)
-            return StreamingResponse(_once(line), media_type="application/x-ndjson")
-        reply = await inference.in_tokenizer_thread(render, tokenizer, call, completions)
-    return JSONResponse(reply)
