@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The C fast path is compiled by the install: a changed source installs again.
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml services/gateway/_scored_fast.c
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml services/gateway/trajectory/_scored_fast.c
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e .
 	touch $@

@@ -1,5 +1,5 @@
 """The cost of taking in one `/scored_data` group: the pydantic path against the C fast
-path (services/gateway/_scored_fast.c), side by side in one run.
+path (services/gateway/trajectory/_scored_fast.c), side by side in one run.
 
 Both produce the canonical compact JSON the group is kept and served as:
   pydantic  encode_group(parse_scored_data(body))
@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.gateway.scored_data import encode_group, parse_scored_data  # noqa: E402
+from services.gateway.trajectory.scored_data import encode_group, parse_scored_data  # noqa: E402
 
 try:
-    from services.gateway import _scored_fast  # noqa: E402
+    from services.gateway.trajectory import _scored_fast  # noqa: E402
 except ImportError:
     sys.exit("the C fast path was not built: needs a C compiler and Python headers (pip install --no-deps -e .)")
 

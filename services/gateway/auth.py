@@ -31,6 +31,8 @@ import grpc
 from grpc import aio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from clotho.client import plain_token
+
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 INFERENCE = "inference"
 TRAJECTORY = "trajectory"
@@ -178,18 +180,13 @@ class GrpcBearerInterceptor(aio.ServerInterceptor):
 def grpc_interceptors(trajectory_token: Any) -> list[aio.ServerInterceptor]:
     """The gateway's gRPC auth check when `trajectory_token` (str or SecretStr) is set:
     pass as build_server's `interceptors`."""
-    token = _plain(trajectory_token)
+    token = plain_token(trajectory_token)
     return [GrpcBearerInterceptor(token)] if token else []
-
-
-def _plain(token: Any) -> str | None:
-    value = token.get_secret_value() if hasattr(token, "get_secret_value") else token
-    return value or None
 
 
 def install(app: Any, trajectory_token: Any, inference_token: Any) -> None:
     """Guard `app` when either token (a str or pydantic SecretStr) is set. Call it after
     every other middleware was added: the last added runs first."""
-    trajectory_token, inference_token = _plain(trajectory_token), _plain(inference_token)
+    trajectory_token, inference_token = plain_token(trajectory_token), plain_token(inference_token)
     if trajectory_token or inference_token:
         app.add_middleware(BearerAuthMiddleware, trajectory_token=trajectory_token, inference_token=inference_token)

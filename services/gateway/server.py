@@ -20,13 +20,14 @@ import uvicorn
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
-from services.gateway import auth, receipts
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.servicer import SERVICE_NAME, GatewayServicer
+from services.gateway import auth
+from services.gateway.trajectory import receipts
+from services.gateway.http.app import create_app
+from services.gateway.generation.pool import InferencePool
+from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
-from services.gateway.state import TrajectoryState
-from services.gateway.store import open_store
+from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.trajectory.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class GatewayServer(GrpcServer):
     """The bound gRPC server plus the HTTP side: start() and stop() run both."""
 
     state: TrajectoryState = field(default_factory=TrajectoryState)
-    inference: InferenceClient | None = None
+    inference: InferencePool | None = None
     app: Any = None
     http: uvicorn.Server | None = None
     http_socket: socket.socket | None = None
@@ -114,7 +115,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         max_staleness=settings.max_staleness,
         staleness_policy=settings.staleness_policy,
     )
-    inference = InferenceClient(
+    inference = InferencePool(
         settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds,
         eject_seconds=settings.inference_eject_seconds,
     )

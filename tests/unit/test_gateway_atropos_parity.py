@@ -12,9 +12,9 @@ import httpx
 import pytest
 from atroposlib.api import server as atropos
 
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.state import TrajectoryState
+from services.gateway.http.app import create_app
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.trajectory import TrajectoryState
 
 REGISTRATION = {
     "wandb_group": "group",

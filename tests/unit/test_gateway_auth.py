@@ -13,10 +13,10 @@ import pytest
 
 from services.common.settings import load_settings
 from services.gateway import auth
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
+from services.gateway.http.app import create_app
+from services.gateway.generation.pool import InferencePool as InferenceClient
 from services.gateway.settings import GatewaySettings
-from services.gateway.state import TrajectoryState
+from services.gateway.trajectory import TrajectoryState
 
 TRAJ, INF = "traj-secret", "inf-secret"
 REGISTRATION = {

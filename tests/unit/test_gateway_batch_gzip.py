@@ -8,10 +8,10 @@ import gzip
 import httpx
 import pytest
 
-from services.gateway.batch_gzip import BatchCompressor
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.state import TrajectoryState
+from services.gateway.atropos_api.batch_gzip import BatchCompressor
+from services.gateway.http.app import create_app
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.trajectory import TrajectoryState
 
 
 def group(tag: int) -> dict:

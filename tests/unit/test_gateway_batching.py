@@ -8,7 +8,8 @@ import random
 import pytest
 from atroposlib.api import utils as reference
 
-from services.gateway.batching import find_subset_summing_to, take_exact, take_with_min_allocations
+from services.gateway.trajectory.packing import find_subset_summing_to
+from oracles.atropos_packing import take_exact, take_with_min_allocations
 
 
 def queue_of(sizes, env_ids=None):

@@ -9,9 +9,9 @@ import pytest
 
 from clotho.v1 import scored_data_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.convert import batch_to_proto, group_from_proto, group_to_proto
-from services.gateway.queue_index import Group
-from services.gateway.scored_data import ATROPOS_KEYS, check_group, encode_group
+from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
+from services.gateway.trajectory.queue_index import Group
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS, check_group, encode_group
 
 
 def bare(tokens):

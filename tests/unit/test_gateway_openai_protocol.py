@@ -8,16 +8,18 @@ import pytest
 
 from clotho.v1 import inference_service_pb2 as ipb
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS, build_tokenizer
-from services.gateway.openai_protocol import (
+from services.gateway.generation.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestInvalid,
+    validate,
+)
+from services.gateway.generation.openai_api.render import (
     StreamText,
     TokenStrings,
     chat_logprobs,
     completion_logprobs,
     render,
-    validate,
 )
 
 EOS = SPECIAL_TOKENS.index("<eos>")

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import Unavailable
-from services.gateway import inference_client as client_module
-from services.gateway.inference_client import InferenceClient
-from services.gateway.routing import Router
+from services.gateway.generation import pool as client_module
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.generation.routing import Router
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -8,8 +8,8 @@ import pytest
 from clotho.v1 import gateway_service_pb2 as gpb
 from clotho.v1 import scored_data_pb2 as spb
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.servicer import GatewayServicer
-from services.gateway.state import TrajectoryState
+from services.gateway.rpc.servicer import GatewayServicer
+from services.gateway.trajectory import TrajectoryState
 
 
 async def submit(servicer, groups):

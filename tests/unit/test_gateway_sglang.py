@@ -7,7 +7,7 @@ import pytest
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import InvalidArgument
-from services.gateway.sglang import parse_generate, result_json
+from services.gateway.generation.sglang_api.protocol import parse_generate, result_json
 
 
 def test_single_prompt_with_sampling_params():

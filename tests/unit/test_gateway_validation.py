@@ -11,16 +11,16 @@ import grpc
 import httpx
 import pytest
 
-from services.gateway.http_app import create_app
-from services.gateway.http_errors import http_status
-from services.gateway.inference_client import InferenceClient
-from services.gateway.scored_data import (
+from services.gateway.http.app import create_app
+from services.gateway.http.errors import http_status
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.trajectory.scored_data import (
     ScoredDataInvalid,
     encode_group,
     parse_scored_data,
     parse_scored_data_list,
 )
-from services.gateway.state import TrajectoryState
+from services.gateway.trajectory import TrajectoryState
 
 
 def good(n=2, env_id=None):

@@ -9,8 +9,8 @@ from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import InvalidArgument
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
-from services.gateway.sglang import parse_generate
-from services.gateway.vllm import DEFAULT_MAX_TOKENS, is_vllm_body, parse_vllm, render, stream_line
+from services.gateway.generation.sglang_api.protocol import parse_generate
+from services.gateway.generation.vllm_api.protocol import DEFAULT_MAX_TOKENS, is_vllm_body, parse_vllm, render, stream_line
 
 EOS = SPECIAL_TOKENS.index("<eos>")
 

@@ -1,4 +1,4 @@
-"""The C fast path of /scored_data ingest (services/gateway/_scored_fast.c) against the
+"""The C fast path of /scored_data ingest (services/gateway/trajectory/_scored_fast.c) against the
 pydantic path it stands in for: whenever it answers, its answer is the Python path's
 byte for byte; whatever the Python path rejects, it declines (None); bodies written by
 Python's json are within its domain; and no mutated body crashes it."""
@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from services.gateway.receipts import completion_tokens
-from services.gateway.scored_data import (
+from services.gateway.trajectory.receipts import completion_tokens
+from services.gateway.trajectory.scored_data import (
     ScoredDataInvalid,
     encode_group,
     incoming,
@@ -22,7 +22,7 @@ from services.gateway.scored_data import (
 )
 
 try:
-    from services.gateway import _scored_fast
+    from services.gateway.trajectory import _scored_fast
 except ImportError as exc:  # pragma: no cover - reported by every test below
     _scored_fast = None
     _IMPORT_ERROR = repr(exc)
@@ -725,7 +725,7 @@ def test_read_group_takes_the_fast_path_and_falls_back_to_python(fast, monkeypat
     for what C declines (a free-form field here), the same Incoming either way."""
     from dataclasses import astuple
 
-    from services.gateway import scored_data
+    from services.gateway.trajectory import scored_data
 
     plain = {"tokens": [[5, 6, 7], [8, 9]], "masks": [[-100, 6, 7], [-100, 9]], "scores": [1.0, 0.0], "env_id": 2}
     with_messages = {**plain, "messages": [[{"role": "user", "content": "hi"}], []]}

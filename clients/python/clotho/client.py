@@ -24,7 +24,7 @@ from clotho.v1 import (
 _OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 
 
-def _plain(token: Any) -> str | None:
+def plain_token(token: Any) -> str | None:
     """A str, a pydantic SecretStr or None; empty means none."""
     value = token.get_secret_value() if hasattr(token, "get_secret_value") else token
     return value or None
@@ -32,7 +32,7 @@ def _plain(token: Any) -> str | None:
 
 def bearer_metadata(token: Any) -> tuple[tuple[str, str], ...]:
     """Per-call metadata carrying `token` (empty when there is none)."""
-    plain = _plain(token)
+    plain = plain_token(token)
     return (("authorization", f"Bearer {plain}"),) if plain else ()
 
 
@@ -76,7 +76,7 @@ class _StreamStreamBearer(_BearerToken, aio.StreamStreamClientInterceptor):
 def bearer_interceptors(token: Any) -> list[aio.ClientInterceptor]:
     """Channel interceptors that send `token` (a str or SecretStr) on every call, for
     `aio.insecure_channel(..., interceptors=...)`; none when there is no token."""
-    plain = _plain(token)
+    plain = plain_token(token)
     if not plain:
         return []
     return [cls(plain) for cls in (_UnaryUnaryBearer, _UnaryStreamBearer, _StreamUnaryBearer, _StreamStreamBearer)]
