@@ -4,10 +4,12 @@
 //
 //   node dist/examples/environment.js --target 127.0.0.1:50051 --groups 4 --group-size 4
 //
+// Each submitted group is reported as a JSON line (with --json: the group itself too).
+//
 // The score is a toy: the fraction of a sample's generated tokens that are even ids.
 import { parseArgs } from "node:util";
 
-import { GatewayClient, type ScoredGroupInit } from "../src/index.js";
+import { create, GatewayClient, ScoredGroupSchema, toJson, type ScoredGroupInit } from "../src/index.js";
 
 const { values: args } = parseArgs({
   options: {
@@ -17,6 +19,7 @@ const { values: args } = parseArgs({
     groups: { type: "string", default: "4" },
     "group-size": { type: "string", default: "4" },
     "max-new-tokens": { type: "string", default: "8" },
+    json: { type: "boolean", default: false },
   },
 });
 
@@ -47,7 +50,9 @@ for (let g = 0; g < Number(args.groups); g++) {
     })),
   };
   const answer = await client.submit([group]);
-  const versions = completions.map((c) => c.versionSpans[0]?.version ?? 0n).join(",");
-  console.log(JSON.stringify({ group: g, received: Number(answer.received), buffered: Number(answer.buffered), versions }));
+  const versions = completions.map((c) => String(c.versionSpans[0]?.version ?? 0n));
+  const line: Record<string, unknown> = { group: g, received: Number(answer.received), buffered: Number(answer.buffered), versions };
+  if (args.json) line.submitted = toJson(ScoredGroupSchema, create(ScoredGroupSchema, group));
+  console.log(JSON.stringify(line));
 }
 client.close();
