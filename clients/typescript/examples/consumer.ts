@@ -13,15 +13,20 @@ const { values: args } = parseArgs({
     "batch-size": { type: "string", default: "4" },
     batches: { type: "string", default: "3" },
     ahead: { type: "string", default: "2" },
+    quiet: { type: "boolean", default: false },
   },
 });
 
 const client = new GatewayClient(args.target!, { token: args.token });
 const id = await client.registerTrainer({ batchSize: Number(args["batch-size"]), maxTokenLen: 2048 });
 console.error(`registered trainer ${id}`);
+// With --quiet: only a summary (batches, seconds from the first batch to the last).
 let seen = 0;
+let first = 0;
 for await (const batch of client.batches(Number(args.ahead))) {
-  console.log(JSON.stringify(toJson(StreamBatchesResponseSchema, batch)));
+  if (seen === 0) first = performance.now();
+  if (!args.quiet) console.log(JSON.stringify(toJson(StreamBatchesResponseSchema, batch)));
   if (++seen === Number(args.batches)) break;
 }
+if (args.quiet) console.log(JSON.stringify({ batches: seen, seconds: (performance.now() - first) / 1000 }));
 client.close();

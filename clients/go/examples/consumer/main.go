@@ -17,6 +17,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/clotho/clotho/clients/go/clotho"
 	clothov1 "github.com/clotho/clotho/clients/go/gen/clotho/v1"
@@ -29,6 +30,7 @@ func main() {
 	batches := flag.Int("batches", 3, "stop after this many batches")
 	ahead := flag.Uint("ahead", 2, "batches the gateway may send ahead of consumption (credits)")
 	asJSON := flag.Bool("json", false, "print each batch as one line of protobuf JSON")
+	quiet := flag.Bool("quiet", false, "print only a summary: batches, bytes, seconds from the first batch to the last")
 	timeout := flag.Duration("timeout", 5*time.Minute, "give up after this long")
 	flag.Parse()
 
@@ -54,10 +56,19 @@ func main() {
 		log.Fatal(err)
 	}
 	defer stream.Close()
+	var first time.Time
+	size := 0
 	for i := 0; i < *batches; i++ {
 		batch, err := stream.Next()
 		if err != nil {
 			log.Fatalf("%v (code %v)", err, clotho.Code(err))
+		}
+		if i == 0 {
+			first = time.Now()
+		}
+		if *quiet {
+			size += proto.Size(batch)
+			continue
 		}
 		if *asJSON {
 			line, err := protojson.Marshal(batch)
@@ -74,5 +85,8 @@ func main() {
 					g, s, len(seq.GetTokens()), seq.GetScore(), seq.GetPolicyVersion())
 			}
 		}
+	}
+	if *quiet {
+		fmt.Printf("{\"batches\": %d, \"bytes\": %d, \"seconds\": %f}\n", *batches, size, time.Since(first).Seconds())
 	}
 }
