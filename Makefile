@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make up     set up .venv and run `clotho up` (the whole mesh on CPU, training visibly)
-#   make test   set up .venv with the test extras and run the test suite (pytest)
+#   make test   set up .venv with the test extras and the client toolchains (Go from
+#               Debian's packages, the TypeScript client's npm packages), then run the
+#               test suite (pytest)
 #   make lint   ruff (lint + format check), mypy, import contracts, buf lint and buf breaking
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +15,7 @@ PYTEST_ARGS ?=
 # is compared with the branch it lands on), or of HEAD when the history has one commit.
 BREAKING_REF ?= $(shell git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null && echo HEAD~1 || echo HEAD)
 
-.PHONY: up test setup setup-test protos lint clean
+.PHONY: up test setup setup-test setup-clients protos lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +33,30 @@ $(VENV)/.installed-test: $(VENV)/.installed
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
+# The clients' toolchains (clients/go, clients/typescript). Go and its gRPC/protobuf
+# libraries come from Debian (the Go module proxy may be unreachable; the Go module
+# builds offline with clients/go/offline/go.debian.mod). Name the protobuf 1.5 package:
+# apt would otherwise pick 1.3, whose generated code panics at the first RPC. Each step
+# runs only when its result is missing, so a second run costs nothing.
+GO_DEBS = golang-go protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
+	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TS_DIR = clients/typescript
+
+setup-clients: $(TS_DIR)/node_modules/.installed
+	@if ! dpkg -s $(GO_DEBS) >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(GO_DEBS); \
+	fi
+
+$(TS_DIR)/node_modules/.installed: $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
 up: setup
 	$(VENV)/bin/clotho up --steps $(STEPS)
 
-test: setup-test
+test: setup-test setup-clients
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Every check runs, and the recipe fails when any of them failed. Settings live in
@@ -57,8 +79,9 @@ lint: setup-test
 	if [ -n "$$failed" ]; then echo "make lint failed:$$failed" >&2; exit 1; fi; \
 	echo "make lint: all checks passed"
 
-protos: setup-test
-	$(VENV)/bin/python scripts/gen_protos.py
+# Every language's stubs from proto/ (Python, TypeScript, Go): scripts/gen_protos.py.
+protos: setup-test setup-clients
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python scripts/gen_protos.py
 	$(VENV)/bin/buf lint
 
 clean:

@@ -119,12 +119,12 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds,
         eject_seconds=settings.inference_eject_seconds,
     )
-    servicer = GatewayServicer(state)
+    servicer = GatewayServicer(state, inference)
     grpc_server = build_server(
         settings.grpc_bind_host,
         settings.grpc_port,
         [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
-        interceptors=auth.grpc_interceptors(settings.trajectory_token),
+        interceptors=auth.grpc_interceptors(settings.trajectory_token, settings.inference_token),
     )
     app = create_app(state, inference, settings.max_body_bytes, settings.response_gzip)
     # Outside the body middleware: its 413s on /v1/* leave in OpenAI's error shape.

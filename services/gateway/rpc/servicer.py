@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
+import orjson
 from grpc import aio
 
 from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.gateway.rpc.convert import batch_to_proto, group_from_proto
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
 from services.gateway.trajectory.scored_data import check_group
@@ -30,8 +31,11 @@ SERVICE_NAME = "clotho.v1.GatewayService"
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     """The trajectory API for gRPC clients (trainers and non-Python environments)."""
 
-    def __init__(self, state: TrajectoryState) -> None:
+    def __init__(self, state: TrajectoryState, inference: Any = None) -> None:
         self._trajectories = DurableState(state)
+        # The gateway's InferenceService pool (generation.pool.InferencePool), shared
+        # with the HTTP /generate route; None serves no Generate.
+        self._inference = inference
 
     async def RegisterTrainer(
         self, request: pb.RegisterTrainerRequest, context: aio.ServicerContext
@@ -176,3 +180,39 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 raise failure[0]
         finally:
             reader.cancel()
+
+    # -- parity with the REST side: /generate, /latest_example, /reset_data, /info -------
+
+    async def Generate(
+        self, request: pb.GatewayServiceGenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GatewayServiceGenerateResponse]:
+        """InferenceService.Generate through the same pool as `/generate`: the least
+        loaded healthy target, a retry elsewhere on UNAVAILABLE before the first message,
+        a version receipt per completion. The target's own status ends the call as is."""
+        inference = self._inference
+        if inference is None or not inference.configured:
+            raise Unavailable("no inference service configured: start the gateway with --inference host:port")
+        stream = inference.generate(request.request)
+        try:
+            async for message in stream:
+                yield pb.GatewayServiceGenerateResponse(response=message)
+        except aio.AioRpcError as exc:
+            await context.abort(exc.code(), f"inference service: {exc.details()}")
+        finally:
+            await stream.aclose()
+
+    async def GetLatestExample(
+        self, request: pb.GetLatestExampleRequest, context: aio.ServicerContext
+    ) -> pb.GetLatestExampleResponse:
+        latest = self._trajectories.view.latest_example()
+        if latest is None:
+            return pb.GetLatestExampleResponse()
+        return pb.GetLatestExampleResponse(group=group_to_proto(orjson.loads(latest)))
+
+    async def ResetData(self, request: pb.ResetDataRequest, context: aio.ServicerContext) -> pb.ResetDataResponse:
+        await self._trajectories.reset()
+        return pb.ResetDataResponse()
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: aio.ServicerContext) -> pb.GetInfoResponse:
+        batch_size, max_token_len = self._trajectories.view.info()
+        return pb.GetInfoResponse(batch_size=batch_size, max_token_len=max_token_len)
