@@ -10,8 +10,8 @@ import asyncio
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.inference.api import Completion, GenerationRequest, SamplingOptions
-from services.inference.engine import GenerationEngine
+from services.inference.generation_types import Completion, GenerationRequest, SamplingOptions
+from services.inference.torch_engine.engine import GenerationEngine
 
 from penalty_reference import penalised_greedy
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from services.inference.api import (
+from services.inference.generation_types import (
     Completion,
     FinishReason,
     GenerationRequest,
@@ -35,8 +35,8 @@ from services.inference.api import (
     TopLogprobs,
     VersionSpan,
 )
-from services.inference.runner import ModelRunner
-from services.inference.sampling import choose_tokens
+from services.inference.torch_engine.runner import ModelRunner
+from services.inference.torch_engine.sampling import choose_tokens
 
 Event = TokenChunk | Completion | BaseException
 _SUBMITTED = itertools.count()
