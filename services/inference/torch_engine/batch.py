@@ -16,6 +16,10 @@ ask for them, to a copy of the logits the sampler sees. Each penalised sample ke
 own generated-token counts ([V] floats, updated as its tokens are sampled) on its
 SampleState, so they follow it wherever its row moves; batches stack them once per
 change of membership and keep the samples' counts as views of that stack.
+
+Above the ~450-line guide on purpose: the batch, its rows and their per-sample state
+change together at every step (join, decode, penalise, finish), and split apart each
+would have to reach into the others' internals.
 """
 
 from __future__ import annotations
