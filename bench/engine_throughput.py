@@ -118,7 +118,7 @@ def best(runs: list[Arm]) -> Arm:
 
 
 async def run_engine(engine, requests) -> Arm:
-    from services.inference.api import Completion, GenerationRequest, SamplingOptions, TokenChunk
+    from services.inference.generation_types import Completion, GenerationRequest, SamplingOptions, TokenChunk
 
     clock = Clock()
     start = clock.wall
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from services.inference.engine import GenerationEngine
+    from services.inference.torch_engine.engine import GenerationEngine
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

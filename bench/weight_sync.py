@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from services.common.weight_transfer import DEFAULT_BUCKET_BYTES  # noqa: E402
+from services.common.weight_wire import DEFAULT_BUCKET_BYTES  # noqa: E402
 
 # Qwen2.5-0.5B's shape.
 QWEN2_05B = dict(
@@ -76,7 +76,7 @@ def peer(conn, model_dir: str) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from services.common.weight_transfer import CollectiveGroup
+    from services.common.weight_wire import CollectiveGroup
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     params = dict(model.named_parameters())
@@ -119,7 +119,7 @@ async def ask(conn, message, expect: str) -> None:
 
 def lay_out(manifest, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Copy the weights into one contiguous buffer carved into the manifest's buckets."""
-    from services.common.weight_transfer import unpack_bucket
+    from services.common.weight_wire import unpack_bucket
 
     total = manifest.total_bytes
     big = torch.empty(total, dtype=torch.uint8)
@@ -146,8 +146,8 @@ async def main() -> None:
     from safetensors.torch import save_file
 
     from services import launcher
-    from services.common.weight_transfer import CollectiveGroup, build_manifest
-    from services.trainer.weight_sync import WeightSync
+    from services.common.weight_wire import CollectiveGroup, build_manifest
+    from services.trainer.weight_push import WeightSync
 
     work = Path(tempfile.mkdtemp(prefix="clotho-bench-ws-"))
     model_dir = args.keep or work / "model"

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from clotho.v1 import scored_data_pb2
-from services.common.weight_transfer import build_manifest, lay_out_parameters
+from services.common.weight_wire import build_manifest, lay_out_parameters
+from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
 from services.trainer.batching import BatchConfig, TrainBatch, dummy_micro_batch, pack, plan_rows, prepare, split
 from services.trainer.distributed import Ranks
@@ -29,8 +30,6 @@ from services.trainer.schedule import build_scheduler
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
-
-SYNC_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -132,7 +131,7 @@ class TrainerCore:
         if not (self.ranks.is_leader and s.inference) or self.ranks.fsdp:
             return False
         named = [(n, p.detach()) for n, p in model.named_parameters()]
-        wire = SYNC_DTYPES.get(s.sync_dtype)
+        wire = from_name(s.sync_dtype)
         if wire is not None and any(t.dtype != wire for _, t in named):
             return False
         lay_out_parameters(model, build_manifest(named, s.bucket_bytes, wire))

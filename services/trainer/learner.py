@@ -35,11 +35,12 @@ from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
 from services.trainer import checkpoint
-from services.trainer.core import SYNC_DTYPES, StepResult, TrainerCore
+from services.common.weight_wire.dtypes import from_name
+from services.trainer.core import StepResult, TrainerCore
 from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
 from services.trainer.settings import TrainerSettings
-from services.trainer.weight_sync import SyncReport, WeightSync, WeightSyncError
+from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,7 +131,7 @@ class Learner:
                 address=self.settings.sync_address,
                 bucket_bytes=self.settings.bucket_bytes,
                 timeout_seconds=self.settings.sync_timeout_seconds,
-                dtype=SYNC_DTYPES.get(self.settings.sync_dtype),
+                dtype=from_name(self.settings.sync_dtype),
             )
 
     async def close(self) -> None:

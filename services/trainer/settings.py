@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings, Targets
-from services.common.weight_transfer import DEFAULT_BUCKET_BYTES
+from services.common.weight_wire import DEFAULT_BUCKET_BYTES
 
 
 class TrainerSettings(ServiceSettings):

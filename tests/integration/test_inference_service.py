@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
-from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
+from services.common.weight_wire import CollectiveGroup, build_manifest, crc32, pack_bucket
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

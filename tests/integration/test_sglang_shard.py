@@ -39,8 +39,8 @@ from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument
 from services.common.server import channel
-from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
-from services.inference.api import (
+from services.common.weight_wire import CollectiveGroup, build_manifest, crc32, pack_bucket
+from services.inference.generation_types import (
     Completion,
     FinishReason,
     GenerationRequest,
@@ -50,7 +50,7 @@ from services.inference.api import (
 )
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
-from services.inference.sglang_shard import ModelSpec, SGLangShard
+from services.inference.sglang_server.shard import ModelSpec, SGLangShard
 from waiting import wait_until
 
 TIMEOUT = 20.0
@@ -818,7 +818,7 @@ def _real_sglang_available() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _real_sglang_available(), reason="needs the sglang package and a CUDA device")
 async def test_real_sglang_server_generates_and_takes_a_weight_update(tiny_model_dir, model_weights, tmp_path):
-    from services.inference.sglang_process import SGLangProcess
+    from services.inference.sglang_server.process import SGLangProcess
 
     spec = ModelSpec.from_model_dir(tiny_model_dir)
     process = SGLangProcess(str(tiny_model_dir), gpu_id=0, log_dir=tmp_path, extra_args=(

@@ -83,7 +83,7 @@ def assert_shard_has(shard: FakeShard, model) -> None:
 
 
 async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_dir, mesh, monkeypatch):
-    from services.trainer import weight_sync
+    from services.common.weight_wire import pipeline as weight_sync
 
     def no_packing(*args, **kwargs):
         raise AssertionError("the parameters are laid out as the buckets: nothing to pack")

@@ -7,8 +7,8 @@ import torch
 
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
-from services.common.weight_transfer import build_manifest, crc32, pack_bucket, pack_bucket_crc32
-from services.trainer.weight_sync import WeightSync, WeightSyncError
+from services.common.weight_wire import build_manifest, crc32, pack_bucket, pack_bucket_crc32
+from services.trainer.weight_push import WeightSync, WeightSyncError
 from trainer_fakes import FakeShard, Servers, load_model, start_shard  # noqa: F401
 
 BUCKET_BYTES = 256 * 1024  # several buckets for the 0.5M-parameter model
@@ -177,8 +177,8 @@ async def test_caller_owned_stubs_work_too(model, shards):
 
 
 async def test_weights_laid_out_as_buckets_are_sent_without_packing(model, shards, monkeypatch):
-    from services.common.weight_transfer import bucket_view, flat_buckets, unpack_bucket
-    from services.trainer import weight_sync
+    from services.common.weight_wire import bucket_view, flat_buckets, unpack_bucket
+    from services.common.weight_wire import pipeline as weight_sync
 
     fakes, targets = shards
     named = {n: p.detach() for n, p in model.named_parameters()}

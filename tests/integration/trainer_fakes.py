@@ -24,8 +24,8 @@ from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from clotho.v1 import policy_pb2, scored_data_pb2
-from services.common.weight_transfer import CollectiveGroup, Manifest, crc32, unpack_bucket
-from services.trainer.weight_sync import in_daemon_thread
+from services.common.weight_wire import CollectiveGroup, Manifest, crc32, unpack_bucket
+from services.common.weight_wire import in_daemon_thread
 
 RECEIVE_TIMEOUT_SECONDS = 10.0
 

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.common.errors import InvalidArgument
-from services.inference.api import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
-from services.inference.engine import GenerationEngine
+from services.inference.generation_types import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
+from services.inference.torch_engine.engine import GenerationEngine
 from waiting import wait_until
 
 

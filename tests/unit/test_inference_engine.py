@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.inference.api import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
-from services.inference.engine import GenerationEngine
+from services.inference.generation_types import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
+from services.inference.torch_engine.engine import GenerationEngine
 
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 

@@ -10,8 +10,8 @@ import asyncio
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.inference.api import Completion, GenerationRequest, SamplingOptions
-from services.inference.engine import GenerationEngine
+from services.inference.generation_types import Completion, GenerationRequest, SamplingOptions
+from services.inference.torch_engine.engine import GenerationEngine
 
 from penalty_reference import penalised_greedy
 
@@ -119,7 +119,7 @@ async def test_bad_penalties_are_invalid_arguments(engine, options, message):
 
 
 async def test_rows_without_penalties_pay_nothing(engine, monkeypatch):
-    from services.inference import batch
+    from services.inference.torch_engine import batch
 
     def boom(*args, **kwargs):
         raise AssertionError("penalty state built for a batch without penalised rows")

@@ -12,8 +12,8 @@ import torch
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
-from services.inference.api import GenerationRequest, SamplingOptions
+from services.common.weight_wire import CollectiveGroup, build_manifest, crc32, pack_bucket
+from services.inference.generation_types import GenerationRequest, SamplingOptions
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
 from services.inference.shard_set import ShardSet

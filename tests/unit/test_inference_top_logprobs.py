@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.inference.api import (
+from services.inference.generation_types import (
     MAX_TOP_LOGPROBS,
     Completion,
     GenerationRequest,
@@ -17,7 +17,7 @@ from services.inference.api import (
     TokenChunk,
     TopLogprobs,
 )
-from services.inference.engine import GenerationEngine
+from services.inference.torch_engine.engine import GenerationEngine
 
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 

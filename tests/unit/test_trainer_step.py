@@ -11,7 +11,7 @@ import torch
 from clotho.v1 import scored_data_pb2 as sd
 from services.trainer.learner import Learner
 from services.trainer.settings import TrainerSettings
-from services.trainer.weight_sync import SyncReport, WeightSync, WeightSyncError
+from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 
 STEP_KEYS = {"event", "step", "policy_version", "mean_score", "loss", "clip_fraction",
              "sync_seconds", "sync_bytes", "step_seconds"}

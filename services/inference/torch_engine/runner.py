@@ -15,17 +15,19 @@ from typing import Mapping, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.inference.kv_cache import SlotKVCache, additive_mask
+from services.common.weight_wire.dtypes import from_name
+from services.inference.torch_engine.kv_cache import SlotKVCache, additive_mask
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelRunner:
     def __init__(self, model_path: Path, device: str, dtype: str) -> None:
         self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[dtype]
+        resolved = from_name(dtype)
+        if resolved is None:
+            raise KeyError(dtype)
+        self.dtype = resolved
         self.model = AutoModelForCausalLM.from_pretrained(
             str(model_path), dtype=self.dtype, attn_implementation="sdpa"
         )

@@ -16,6 +16,10 @@ ask for them, to a copy of the logits the sampler sees. Each penalised sample ke
 own generated-token counts ([V] floats, updated as its tokens are sampled) on its
 SampleState, so they follow it wherever its row moves; batches stack them once per
 change of membership and keep the samples' counts as views of that stack.
+
+Above the ~450-line guide on purpose: the batch, its rows and their per-sample state
+change together at every step (join, decode, penalise, finish), and split apart each
+would have to reach into the others' internals.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from services.inference.api import (
+from services.inference.generation_types import (
     Completion,
     FinishReason,
     GenerationRequest,
@@ -35,8 +39,8 @@ from services.inference.api import (
     TopLogprobs,
     VersionSpan,
 )
-from services.inference.runner import ModelRunner
-from services.inference.sampling import choose_tokens
+from services.inference.torch_engine.runner import ModelRunner
+from services.inference.torch_engine.sampling import choose_tokens
 
 Event = TokenChunk | Completion | BaseException
 _SUBMITTED = itertools.count()

@@ -111,7 +111,7 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class PolicyState:
+class ServedPolicy:
     """The served policy: version 0 is the loaded weights, each commit adds one."""
 
     version: int = 0

@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.inference.api import Completion, GenerationRequest, PolicyState, TokenChunk
-from services.inference.batch import Batch, Event, RequestState
-from services.inference.runner import ModelRunner
+from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk
+from services.inference.torch_engine.batch import Batch, Event, RequestState
+from services.inference.torch_engine.runner import ModelRunner
 from services.inference.validation import resolve_max_new_tokens
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.default_max_new_tokens = default_max_new_tokens
         self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._policy = PolicyState()
+        self._policy = ServedPolicy()
         self._cv = threading.Condition()
         self._intake: collections.deque[RequestState] = collections.deque()
         self._commits: list[_PendingCommit] = []
@@ -127,7 +127,7 @@ class GenerationEngine:
         self._thread.start()
 
     @property
-    def policy(self) -> PolicyState:
+    def policy(self) -> ServedPolicy:
         """The version every token generated from now on is stamped with."""
         return self._policy
 
@@ -195,14 +195,14 @@ class GenerationEngine:
     def commit_weights(
         self, staged: Mapping[str, torch.Tensor], version: int, step: int = 0,
         *, resync: bool = False, adopt: bool = False,
-    ) -> concurrent.futures.Future[PolicyState]:
+    ) -> concurrent.futures.Future[ServedPolicy]:
         """Have the worker copy `staged` (every parameter, by name) into the model between
         two decode steps and serve `version` from then on. The future resolves to the new
-        PolicyState, or fails with InvalidArgument / FailedPrecondition leaving the old
+        ServedPolicy, or fails with InvalidArgument / FailedPrecondition leaving the old
         weights untouched. (Await it with asyncio.wrap_future.) `resync` accepts any
         version, not only current + 1; `adopt` hands the staged tensors over as the new
         parameter storage instead of copying them (the caller must not write them again)."""
-        future: concurrent.futures.Future[PolicyState] = concurrent.futures.Future()
+        future: concurrent.futures.Future[ServedPolicy] = concurrent.futures.Future()
         with self._cv:
             if self._stopping:
                 future.set_exception(Unavailable("the engine is shutting down"))
@@ -324,7 +324,7 @@ class GenerationEngine:
             log.exception("weight commit failed part-way; the engine stops serving")
             commit.future.set_exception(Unavailable(self._broken))
             return
-        self._policy = PolicyState(commit.version, time.time(), commit.step)
+        self._policy = ServedPolicy(commit.version, time.time(), commit.step)
         # Keys and values cached by the old weights are recomputed before the next token
         # (there is no prefix cache, so nothing computed before the commit is reused).
         batch.invalidate_cache()

@@ -1,30 +1,24 @@
 """The sender side of the versioned weight-update protocol.
 
 One push: (re)form the collective group while every shard prepares, broadcast the
-buckets, have every shard verify the checksums, then commit everywhere. The broadcast is
-pipelined: a packer thread fills (and checksums) bucket i + 1 into one of two scratch
-buffers while bucket i is on the wire; a bucket whose tensors already lie contiguously
-in one storage, in manifest order and dtype, is sent from there without packing. Any failure
-aborts the update on every shard and drops the group; the next push forms a new one
-under a new name. Every stage runs under the update's deadline, and every blocking
-collective runs in a worker thread under the group's timeout, so nothing hangs.
+buckets (the pipelined send loop of services.common.weight_wire.pipeline), have every
+shard verify the checksums, then commit everywhere. Any failure aborts the update on
+every shard and drops the group; the next push forms a new one under a new name. Every
+stage runs under the update's deadline, and every blocking collective runs in a worker
+thread under the group's timeout, so nothing hangs.
 
 Transport: gloo over CPU buffers when the model is on the CPU, NCCL over buffers on the
-model's GPU when it is on CUDA (the NCCL path has not yet run on a GPU in CI).
+model's GPU when it is on CUDA (CI exercises gloo only).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Awaitable, Mapping, Sequence
 
 import torch
 from clotho.v1 import inference_service_pb2 as pb
@@ -32,20 +26,17 @@ from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from grpc import aio
 from opentelemetry import trace
 
-from services.common.errors import Aborted
 from services.common.server import channel
-from services.common.weight_transfer import (
+from services.common.weight_wire import pipeline
+from services.common.weight_wire import (
     BACKENDS,
-    BROADCASTS_IN_FLIGHT,
     DEFAULT_BUCKET_BYTES,
     CollectiveGroup,
     Manifest,
-    bucket_view,
+    TrackedGroup,
     build_manifest,
-    crc32,
-    pack_bucket,
-    pack_bucket_crc32,
 )
+from services.trainer.weight_push.report import StageFailed, SyncReport, WeightSyncError, describe
 
 # Tensors the sender reads: a model's parameters, or name -> tensor.
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
@@ -53,105 +44,9 @@ Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
-T = TypeVar("T")
 
 # Abort must reach the shards even when the update's own deadline is spent.
 ABORT_TIMEOUT_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    """One committed update."""
-
-    version: int
-    seconds: float
-    bytes: int
-    buckets: int
-    group_name: str = ""
-    # True when this update formed a new collective group.
-    formed_group: bool = False
-    resync: bool = False
-    # Seconds spent in each stage (prepare, transfer, await, commit).
-    stages: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def bytes_per_second(self) -> float:
-        return self.bytes / self.seconds if self.seconds > 0 else 0.0
-
-
-class WeightSyncError(Aborted):
-    """A weight update failed and was aborted on every shard; they still serve the
-    previous version."""
-
-    def __init__(self, version: int, stage: str, detail: str) -> None:
-        super().__init__(f"weight update to version {version} failed during {stage}: {detail}")
-        self.version = version
-        self.stage = stage
-        self.detail = detail
-
-
-class _StageFailed(Exception):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-@dataclass
-class _Group:
-    """The hosted group and the threads working on it.
-
-    A live gloo group aborts the interpreter at exit, and close() blocks while a
-    collective is in flight; so every thread is tracked and `wait_closed` lets the
-    process shut the group down before it exits.
-    """
-
-    group: CollectiveGroup
-    abandoned: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-    # Packing buffers (raw bytes, viewed as each bucket's dtype), reused across the
-    # group's updates: one is packed while the others are on the wire. Per group, so a send
-    # thread abandoned with an old group never writes into a live update's buffer.
-    scratch: list[torch.Tensor] = field(default_factory=list)
-
-    def scratch_buffers(self, nbytes: int, device: torch.device, count: int) -> list[torch.Tensor]:
-        if len(self.scratch) != count or self.scratch[0].numel() < nbytes or self.scratch[0].device != device:
-            self.scratch = []  # drop the old ones before allocating
-            self.scratch = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
-        return self.scratch
-
-    def run(self, fn: Callable[..., T], *args: Any, name: str) -> "asyncio.Future[T]":
-        return in_daemon_thread(fn, *args, name=name, track=self.threads)
-
-    def connect(self) -> None:
-        self.group.connect()
-        if self.abandoned.is_set():
-            # Dropped while we were joining: nobody else will close it.
-            self.group.close()
-
-    def drop(self) -> None:
-        """Give the group up: its threads stop at their next check, and it is closed
-        in a thread of its own (never on the loop)."""
-        if self.abandoned.is_set():
-            return
-        self.abandoned.set()
-        thread = threading.Thread(target=self.group.close, name="clotho-sync-close", daemon=True)
-        self.threads.append(thread)
-        thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
-    async def wait_closed(self, timeout: float) -> None:
-        """Wait (bounded) until every thread of a dropped group has finished."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        for thread in list(self.threads):
-            left = end - loop.time()
-            if left <= 0:
-                log.warning("group %s still busy after %.1fs", self.group.group_name, timeout)
-                return
-            await in_daemon_thread(thread.join, left, name="clotho-sync-join")
 
 
 @dataclass(frozen=True)
@@ -161,47 +56,6 @@ class _Shard:
     ranks: int
     rank_offset: int
 
-
-def in_daemon_thread(
-    fn: Callable[..., T], *args: Any, name: str, track: list[threading.Thread] | None = None
-) -> "asyncio.Future[T]":
-    """Run a blocking collective call in its own daemon thread.
-
-    Not asyncio.to_thread: a collective abandoned at a deadline keeps its thread until
-    the group's timeout, and must neither occupy the default executor (the learner's
-    torch work runs there) nor hold up interpreter or event-loop shutdown.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not future.done():
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-    def body() -> None:
-        try:
-            ok, value = True, fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            ok, value = False, exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(settle, ok, value)
-
-    thread = threading.Thread(target=body, name=name, daemon=True)
-    if track is not None:
-        track.append(thread)
-    thread.start()
-    return future
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "deadline exceeded"
-    return f"{type(exc).__name__}: {exc}"
 
 
 class WeightSync:
@@ -230,8 +84,8 @@ class WeightSync:
         self.timeout_seconds = timeout_seconds
         self.dtype = dtype
         self._channels = list(channels)
-        self._group: _Group | None = None
-        self._dropped: list[_Group] = []  # given up, possibly still closing
+        self._group: TrackedGroup | None = None
+        self._dropped: list[TrackedGroup] = []  # given up, possibly still closing
         self._shards: list[_Shard] = []
         self._manifest: Manifest | None = None
         self._manifest_proto: pb.WeightManifest | None = None
@@ -354,7 +208,7 @@ class WeightSync:
             mark = time.monotonic()
             crcs = await self._stage(
                 stage, deadline,
-                [("broadcast", handle.run(self._send_buckets, handle, manifest, tensors, name="clotho-sync-send"))],
+                [("broadcast", handle.run(pipeline.send_buckets, handle, manifest, tensors, name="clotho-sync-send"))],
             )
             crcs = crcs[0]
             stages[stage] = time.monotonic() - mark
@@ -379,7 +233,7 @@ class WeightSync:
             ])
             stages[stage] = time.monotonic() - mark
         except BaseException as exc:
-            detail = exc.detail if isinstance(exc, _StageFailed) else _describe(exc)
+            detail = exc.detail if isinstance(exc, StageFailed) else describe(exc)
             if isinstance(exc, asyncio.CancelledError):
                 detail = "the trainer cancelled the update"
             if stage == "commit":
@@ -409,7 +263,7 @@ class WeightSync:
 
     async def _stage(self, stage: str, deadline: float, calls: list[tuple[str, Awaitable[Any]]]) -> list[Any]:
         """Run `calls` concurrently; results in order. On the first failure or at the
-        deadline, cancel the rest and raise _StageFailed naming who failed."""
+        deadline, cancel the rest and raise StageFailed naming who failed."""
         tasks = {asyncio.ensure_future(aw): name for name, aw in calls}
         with tracer.start_as_current_span(f"weight_sync.{stage}"):
             try:
@@ -418,10 +272,10 @@ class WeightSync:
                 failed = [t for t in done if not t.cancelled() and t.exception() is not None]
                 if failed:
                     t = failed[0]
-                    raise _StageFailed(f"{tasks[t]}: {_describe(t.exception())}")  # type: ignore[arg-type]
+                    raise StageFailed(f"{tasks[t]}: {describe(t.exception())}")  # type: ignore[arg-type]
                 if pending:
                     waiting = ", ".join(sorted(tasks[t] for t in pending))
-                    raise _StageFailed(f"deadline of {self.timeout_seconds:g}s exceeded waiting for {waiting}")
+                    raise StageFailed(f"deadline of {self.timeout_seconds:g}s exceeded waiting for {waiting}")
                 return [t.result() for t in tasks]
             finally:
                 for t in tasks:
@@ -436,7 +290,7 @@ class WeightSync:
         group = CollectiveGroup.host(
             self._backend, self.address, world_size, f"clotho-{uuid.uuid4().hex[:12]}", self.timeout_seconds
         )
-        self._group = _Group(group)
+        self._group = TrackedGroup(group)
         log.info("hosting weight-transfer group %s on %s:%d (world size %d)",
                  group.group_name, self.address, group.port, world_size)
 
@@ -446,75 +300,6 @@ class WeightSync:
             self._dropped.append(self._group)
             self._group = None
         self._dropped = [g for g in self._dropped if g.busy]
-
-    def _send_buckets(self, handle: _Group, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> list[int]:
-        """Worker thread: broadcast each bucket in manifest order while a packer thread
-        prepares the next one; returns the buckets' CRCs."""
-        device = next(iter(tensors.values())).device
-        # (bucket, its CRC, the scratch buffer it was packed into or None)
-        ready: queue.SimpleQueue[tuple[torch.Tensor, int, torch.Tensor | None] | BaseException] = queue.SimpleQueue()
-        free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-        # Buckets already contiguous in the tensors' own storage need no scratch space.
-        views = [bucket_view(manifest, i, tensors) for i in range(len(manifest.buckets))]
-        packed = [b.nbytes for b, v in zip(manifest.buckets, views) if v is None]
-        if packed:
-            for buf in handle.scratch_buffers(max(packed), device, BROADCASTS_IN_FLIGHT + 1):
-                free.put(buf)
-        stop = threading.Event()
-
-        def pack_all() -> None:
-            try:
-                for i, bucket in enumerate(manifest.buckets):
-                    flat = views[i]
-                    if flat is not None:
-                        ready.put((flat, crc32(flat), None))
-                        continue
-                    raw = free.get()
-                    if stop.is_set() or handle.abandoned.is_set():
-                        return
-                    flat = raw[: bucket.nbytes].view(bucket.dtype)
-                    if device.type == "cuda":
-                        flat = pack_bucket(manifest, i, tensors, out=flat)
-                        torch.cuda.current_stream(device).synchronize()
-                        ready.put((flat, crc32(flat), raw))
-                    else:
-                        ready.put((flat, pack_bucket_crc32(manifest, i, tensors, flat), raw))
-            except BaseException as exc:  # noqa: BLE001 - handed to the sending thread
-                ready.put(exc)
-
-        packer = threading.Thread(target=pack_all, name="clotho-sync-pack", daemon=True)
-        handle.threads.append(packer)
-        packer.start()
-        crcs = []
-        in_flight: collections.deque[tuple[Any, torch.Tensor | None]] = collections.deque()
-        try:
-            for i in range(len(manifest.buckets)):
-                if handle.abandoned.is_set():
-                    # The update was given up; stop reading tensors the learner now owns.
-                    raise RuntimeError("weight update abandoned")
-                item = ready.get()
-                if isinstance(item, BaseException):
-                    raise RuntimeError(f"packing bucket {i} failed: {item}") from item
-                flat, crc, raw = item
-                crcs.append(crc)
-                in_flight.append((handle.group.broadcast_async(flat, root=0), raw))
-                if len(in_flight) >= BROADCASTS_IN_FLIGHT:
-                    self._finish_one(handle, in_flight, free)
-            while in_flight:
-                self._finish_one(handle, in_flight, free)
-        finally:
-            stop.set()
-            # Unblock a packer waiting for a buffer.
-            for _ in range(BROADCASTS_IN_FLIGHT + 1):
-                free.put(torch.empty(0, dtype=torch.uint8))
-        return crcs
-
-    @staticmethod
-    def _finish_one(handle: _Group, in_flight: "collections.deque", free: "queue.SimpleQueue") -> None:
-        work, raw = in_flight.popleft()
-        handle.group.wait(work)
-        if raw is not None:
-            free.put(raw)  # sent: the packer may fill it again
 
     async def _fail(self, version: int, stage: str, detail: str) -> None:
         """Abort on every shard (best effort, bounded) and drop the group."""
@@ -533,7 +318,7 @@ class WeightSync:
         )
         for name, result in zip(self._names, results):
             if isinstance(result, BaseException):
-                log.warning("abort of version %d on %s failed: %s", version, name, _describe(result))
+                log.warning("abort of version %d on %s failed: %s", version, name, describe(result))
 
 
 def _named_tensors(weights: Weights) -> dict[str, torch.Tensor]:
@@ -551,6 +336,3 @@ def _layout(
         shards.append(_Shard(name, stub, n, offset))
         offset += n
     return shards
-
-
-__all__ = ["WeightSync", "SyncReport", "WeightSyncError", "in_daemon_thread"]
