@@ -38,11 +38,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "clients" / "python"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from clotho.client import GatewayClient, InferenceClient  # noqa: E402
-from clotho.v1 import gateway_service_pb2 as gw  # noqa: E402
-from clotho.v1 import inference_service_pb2 as inf  # noqa: E402
-from clotho.v1 import scored_data_pb2 as sd  # noqa: E402
-from services import launcher  # noqa: E402
+from clotho.client import GatewayClient, InferenceClient
+from clotho.v1 import gateway_service_pb2 as gw
+from clotho.v1 import inference_service_pb2 as inf
+from clotho.v1 import scored_data_pb2 as sd
+from services import launcher
 
 GO_DIR = REPO / "clients" / "go"
 TS_DIR = REPO / "clients" / "typescript"
@@ -53,10 +53,15 @@ def build_consumers(out: Path) -> dict[str, list[str]]:
     go_bin = out / "consumer"
     subprocess.run(
         ["go", "build", "-modfile=offline/go.debian.mod", "-o", str(go_bin), "./examples/consumer"],
-        cwd=GO_DIR, env=env, check=True,
+        cwd=GO_DIR,
+        env=env,
+        check=True,
     )
     subprocess.run([str(TS_DIR / "node_modules" / ".bin" / "tsc"), "-p", "tsconfig.json"], cwd=TS_DIR, check=True)
-    return {"go": [str(go_bin)], "typescript": [shutil.which("node") or "node", str(TS_DIR / "dist" / "examples" / "consumer.js")]}
+    return {
+        "go": [str(go_bin)],
+        "typescript": [shutil.which("node") or "node", str(TS_DIR / "dist" / "examples" / "consumer.js")],
+    }
 
 
 def make_group(i: int, batch_size: int, seq_len: int) -> sd.ScoredGroup:
@@ -98,8 +103,18 @@ async def python_consumer(target: str, batches: int, batch_size: int, ahead: int
 async def process_consumer(argv: list[str], target: str, batches: int, batch_size: int, ahead: int, go: bool) -> dict:
     d = "-" if go else "--"
     proc = await asyncio.create_subprocess_exec(
-        *argv, f"{d}target", target, f"{d}batches", str(batches), f"{d}batch-size", str(batch_size),
-        f"{d}ahead", str(ahead), f"{d}quiet", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv,
+        f"{d}target",
+        target,
+        f"{d}batches",
+        str(batches),
+        f"{d}batch-size",
+        str(batch_size),
+        f"{d}ahead",
+        str(ahead),
+        f"{d}quiet",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -157,12 +172,16 @@ async def main() -> None:
         model = build_tiny_model(tmp / "model")
         children: list[launcher.Child] = []
         try:
-            inference = await launcher.start("inference", "services.inference", ["--model-path", str(model)], tmp / "logs")
+            inference = await launcher.start(
+                "inference", "services.inference", ["--model-path", str(model)], tmp / "logs"
+            )
             children.append(inference)
             inf_addr = f"127.0.0.1:{(await launcher.wait_ready(inference, 180))['grpc_port']}"
             gateway = await launcher.start(
-                "gateway", "services.gateway",
-                ["--http-port", "0", "--inference", inf_addr, "--store", "memory"], tmp / "logs",
+                "gateway",
+                "services.gateway",
+                ["--http-port", "0", "--inference", inf_addr, "--store", "memory"],
+                tmp / "logs",
             )
             children.append(gateway)
             target = f"127.0.0.1:{(await launcher.wait_ready(gateway, 120))['grpc_port']}"

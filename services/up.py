@@ -33,17 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.add_argument(
-        "--trajectory-token", default=os.environ.get("CLOTHO_GATEWAY_TRAJECTORY_TOKEN") or None,
+        "--trajectory-token",
+        default=os.environ.get("CLOTHO_GATEWAY_TRAJECTORY_TOKEN") or None,
         help="the gateway's trajectory_token (default: $CLOTHO_GATEWAY_TRAJECTORY_TOKEN); the "
         "trainer and the demo environment are given it",
     )
     p.add_argument(
-        "--inference-token", default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
+        "--inference-token",
+        default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
         help="the gateway's inference_token (default: $CLOTHO_GATEWAY_INFERENCE_TOKEN); the demo "
         "environment is given it",
     )
     p.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue from the last checkpoint and the gateway's stored queue in --data-dir "
         "(default: start fresh; --steps then counts the total)",
     )
@@ -133,9 +136,7 @@ async def run_up(args: argparse.Namespace) -> dict:
     }
 
     async def start(name: str, module: str, argv: list[str]) -> dict:
-        child = await launcher.start(
-            name, module, argv, log_dir, on_event=progress.on_event, env=child_env.get(name)
-        )
+        child = await launcher.start(name, module, argv, log_dir, on_event=progress.on_event, env=child_env.get(name))
         children.append(child)
         info = await launcher.wait_ready(child, args.ready_timeout)
         print(f"  {name:<9} ready {json.dumps({k: v for k, v in info.items() if k != 'event'})}", flush=True)
@@ -146,24 +147,40 @@ async def run_up(args: argparse.Namespace) -> dict:
         inf = await start("inference", "services.inference", ["--model-path", str(model_path)])
         inference = f"127.0.0.1:{inf['grpc_port']}"
         gw = await start(
-            "gateway", "services.gateway",
-            ["--http-port", str(args.http_port), "--inference", json.dumps([inference]),
-             "--tokenizer-path", str(model_path), "--data-dir", str(data_dir / "gateway")],
+            "gateway",
+            "services.gateway",
+            [
+                "--http-port",
+                str(args.http_port),
+                "--inference",
+                json.dumps([inference]),
+                "--tokenizer-path",
+                str(model_path),
+                "--data-dir",
+                str(data_dir / "gateway"),
+            ],
         )
         gateway_url = f"http://127.0.0.1:{gw['http_port']}"
         trainer_args = [
-            "--model-path", str(model_path),
-            "--gateway", f"127.0.0.1:{gw['grpc_port']}",
-            "--inference", json.dumps([inference]),
-            "--batch-size", str(args.batch_size),
-            "--num-steps", str(args.steps),
-            "--checkpoint-dir", str(data_dir / "checkpoints"),
+            "--model-path",
+            str(model_path),
+            "--gateway",
+            f"127.0.0.1:{gw['grpc_port']}",
+            "--inference",
+            json.dumps([inference]),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-steps",
+            str(args.steps),
+            "--checkpoint-dir",
+            str(data_dir / "checkpoints"),
         ]
         if args.lr is not None:
             trainer_args += ["--lr", str(args.lr)]
         await start("trainer", "services.trainer", trainer_args)
         await start(
-            "env", "services.demo.env",
+            "env",
+            "services.demo.env",
             ["--gateway-url", gateway_url, "--tokenizer-path", str(model_path), "--group-size", str(args.group_size)],
         )
         print(f"training: gateway at {gateway_url}; Ctrl-C stops", flush=True)

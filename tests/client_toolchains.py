@@ -58,24 +58,31 @@ def require_node() -> str:
     return node
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def go_binary(package: str, out_dir: str) -> Path:
     """Build `package` (e.g. ./examples/consumer) of clients/go into out_dir, once."""
     go = require_go()
     out = Path(out_dir) / package.strip("./").replace("/", "_")
     subprocess.run(
-        [go, "build", *GO_FLAGS, "-o", str(out), package], cwd=GO_DIR, env=go_env(), check=True, timeout=600,
+        [go, "build", *GO_FLAGS, "-o", str(out), package],
+        cwd=GO_DIR,
+        env=go_env(),
+        check=True,
+        timeout=600,
         capture_output=True,
     )
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ts_build() -> Path:
     """Compile clients/typescript (src, tests, examples) into its dist/, once."""
     require_node()
     subprocess.run(
-        [str(TS_DIR / "node_modules" / ".bin" / "tsc"), "-p", "tsconfig.json"], cwd=TS_DIR, check=True, timeout=600,
+        [str(TS_DIR / "node_modules" / ".bin" / "tsc"), "-p", "tsconfig.json"],
+        cwd=TS_DIR,
+        check=True,
+        timeout=600,
         capture_output=True,
     )
     return TS_DIR / "dist"

@@ -7,7 +7,8 @@ OpenAI requests (generation/openai_api/protocol.py). Imports nothing but typing.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # What pydantic puts in a location for a union member that is a plain type.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import Any
 
 import uvicorn
 
@@ -21,11 +22,11 @@ from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
 from services.gateway import auth
-from services.gateway.trajectory import receipts
-from services.gateway.http.app import create_app
 from services.gateway.generation.pool import InferencePool
+from services.gateway.http.app import create_app
 from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
+from services.gateway.trajectory import receipts
 from services.gateway.trajectory.state import TrajectoryState
 from services.gateway.trajectory.store import open_store
 
@@ -116,7 +117,9 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         staleness_policy=settings.staleness_policy,
     )
     inference = InferencePool(
-        settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds,
+        settings.inference,
+        settings.tokenizer_path,
+        settings.generate_timeout_seconds,
         eject_seconds=settings.inference_eject_seconds,
     )
     servicer = GatewayServicer(state, inference)
@@ -167,8 +170,13 @@ async def serve(settings: GatewaySettings) -> None:
 
     log.info(
         "gateway: gRPC %s:%d, HTTP %s:%d, store %s%s, inference %s",
-        settings.grpc_bind_host, gateway.port, settings.http_bind[0], gateway.http_port, settings.store,
-        f" in {settings.data_dir}" if settings.store == "sqlite" else "", settings.inference or "none",
+        settings.grpc_bind_host,
+        gateway.port,
+        settings.http_bind[0],
+        gateway.http_port,
+        settings.store,
+        f" in {settings.data_dir}" if settings.store == "sqlite" else "",
+        settings.inference or "none",
     )
     try:
         await run_service(

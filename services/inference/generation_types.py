@@ -4,8 +4,8 @@ be driven and tested without gRPC (the servicer converts at the edge)."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 
 class FinishReason(enum.Enum):

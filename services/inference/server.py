@@ -12,13 +12,13 @@ from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
-from services.inference.torch_engine.engine import engine_from_settings
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from services.inference.shard import Shard
 from services.inference.shard_set import ShardSet
-from services.inference.torch_engine.shard import TorchShard
+from services.inference.torch_engine.engine import engine_from_settings
 from services.inference.torch_engine.loader import WeightReceiver
+from services.inference.torch_engine.shard import TorchShard
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 

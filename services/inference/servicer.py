@@ -5,7 +5,7 @@ protocol fanned out to every shard."""
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from grpc import aio
 
@@ -16,16 +16,16 @@ from services.inference.generation_types import (
     Completion,
     FinishReason,
     GenerationRequest,
-    ServedPolicy,
     SamplingOptions,
+    ServedPolicy,
     TokenChunk,
     TopLogprobs,
 )
-from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.shard_set import ShardSet
-from services.inference.weight_update import UpdateRequest
-from services.inference.torch_engine.shard import TorchShard
+from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
+from services.inference.torch_engine.shard import TorchShard
+from services.inference.weight_update import UpdateRequest
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ served policy is the one that state machine reads from the loader.
 from __future__ import annotations
 
 import abc
-from typing import AsyncIterator, Callable, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk

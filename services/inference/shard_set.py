@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
@@ -67,8 +68,10 @@ class ShardSet:
         """Hand the request to the least-loaded serving shard (ties in turn)."""
         serving = [s for s in self.shards if s.serving]
         if not serving:
-            raise Unavailable(f"none of the {len(self.shards)} shards is serving (a weight update failed; "
-                              "the next complete update resynchronises them)")
+            raise Unavailable(
+                f"none of the {len(self.shards)} shards is serving (a weight update failed; "
+                "the next complete update resynchronises them)"
+            )
         first = next(self._turn) % len(serving)
         rotated = serving[first:] + serving[:first]
         return min(rotated, key=lambda s: s.load).submit(request)
@@ -131,7 +134,13 @@ class ShardSet:
         return results  # type: ignore[return-value]
 
     def _health_changed(self, index: int, serving: bool, reason: str) -> None:
-        log.log(logging.INFO if serving else logging.WARNING, "shard %d (%s) is %s%s", index,
-                self.shards[index].name, "SERVING" if serving else "NOT_SERVING", f": {reason}" if reason else "")
+        log.log(
+            logging.INFO if serving else logging.WARNING,
+            "shard %d (%s) is %s%s",
+            index,
+            self.shards[index].name,
+            "SERVING" if serving else "NOT_SERVING",
+            f": {reason}" if reason else "",
+        )
         if self._listener is not None:
             self._listener(index, serving)

@@ -12,9 +12,10 @@ clip -> optimizer and scheduler step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -116,9 +117,13 @@ class TrainerCore:
             self.model.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
         )
         self.scheduler = build_scheduler(self.optimizer, s.warmup_steps, s.num_steps, s.lr_schedule, s.min_lr_ratio)
-        log.info("loaded %s (%d parameters) on %s%s", source,
-                 sum(p.numel() for p in model.parameters()), self.device,
-                 f", autocast {self.autocast}" if self.autocast else "")
+        log.info(
+            "loaded %s (%d parameters) on %s%s",
+            source,
+            sum(p.numel() for p in model.parameters()),
+            self.device,
+            f", autocast {self.autocast}" if self.autocast else "",
+        )
         if resume_from is None:
             return None
         return self._restore(resume_from)
@@ -156,7 +161,9 @@ class TrainerCore:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
                 set_optimizer_state_dict(
-                    self.model, self.optimizer, optim_state,
+                    self.model,
+                    self.optimizer,
+                    optim_state,
                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
                 )
             else:
@@ -197,7 +204,9 @@ class TrainerCore:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = accumulate(
-            self.model, mine, self.loss,
+            self.model,
+            mine,
+            self.loss,
             loss_scale=float(ranks.world_size),
             grad_sync=ranks.grad_sync(self.model),
             autocast=self.autocast,
@@ -260,8 +269,12 @@ class TrainerCore:
         if self.ranks.is_leader:
             assert state is not None
             checkpoint.write_leader(
-                tmp, self.inner, state=state, optimizer_state=optim_state,
-                scheduler_state=self.scheduler.state_dict(), model_state=model_state,
+                tmp,
+                self.inner,
+                state=state,
+                optimizer_state=optim_state,
+                scheduler_state=self.scheduler.state_dict(),
+                model_state=model_state,
             )
         # Rank 0 publishes the checkpoint only once every rank has written its part.
         self.ranks.barrier()

@@ -23,8 +23,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import grpc
 import torch
@@ -34,8 +35,8 @@ from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
-from services.trainer import checkpoint
 from services.common.weight_wire.dtypes import from_name
+from services.trainer import checkpoint
 from services.trainer.core import StepResult, TrainerCore
 from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
@@ -119,12 +120,20 @@ class Learner:
                 self.resync_needed = True
                 self._saved_step = restored.step
                 self.resumed_from = restored.path
-                self._emit({
-                    "event": "resumed", "step": restored.step, "policy_version": restored.policy_version,
-                    "checkpoint": str(restored.path),
-                })
-                log.info("resumed from %s at step %d, policy version %d",
-                         restored.path, restored.step, restored.policy_version)
+                self._emit(
+                    {
+                        "event": "resumed",
+                        "step": restored.step,
+                        "policy_version": restored.policy_version,
+                        "checkpoint": str(restored.path),
+                    }
+                )
+                log.info(
+                    "resumed from %s at step %d, policy version %d",
+                    restored.path,
+                    restored.step,
+                    restored.policy_version,
+                )
         if self.weight_sync is None:
             self.weight_sync = WeightSync.for_targets(
                 self.settings.inference,
@@ -172,7 +181,7 @@ class Learner:
                     log.info("shards serve %s, the trainer's version is %d: resyncing", off, self.state.version)
                     self.resync_needed = True
                 return await self._push(resync_only=True)
-            except (WeightSyncError, aio.AioRpcError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, WeightSyncError, aio.AioRpcError) as exc:
                 log.warning("resync failed (%s); retrying in %.1fs", exc, backoff)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
@@ -201,10 +210,15 @@ class Learner:
         if version > self.state.version:
             self.state.publish(version, self.step)
         if resync_only:
-            self._emit({
-                "event": "resync", "step": self.step, "policy_version": version,
-                "sync_seconds": report.seconds, "sync_bytes": report.bytes,
-            })
+            self._emit(
+                {
+                    "event": "resync",
+                    "step": self.step,
+                    "policy_version": version,
+                    "sync_seconds": report.seconds,
+                    "sync_bytes": report.bytes,
+                }
+            )
         return report
 
     # -- one step ----------------------------------------------------------------------
@@ -235,8 +249,11 @@ class Learner:
         record = self._step_record(result, report, time.monotonic() - started)
         self.state.record_step(
             self.step,
-            {k: float(v) for k, v in record.items()
-             if isinstance(v, (int, float)) and k not in ("step", "policy_version")},
+            {
+                k: float(v)
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and k not in ("step", "policy_version")
+            },
         )
         interval = self.settings.checkpoint_interval
         if (interval and self.step % interval == 0) or self._finished():

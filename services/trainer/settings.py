@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -130,8 +129,10 @@ class TrainerSettings(ServiceSettings):
     device: str = Field("cpu", description="Torch device for the model, e.g. cpu or cuda:0.")
     seed: int = Field(0, description="Torch random seed.")
     checkpoint_interval: int = Field(
-        0, ge=0, description="Save a checkpoint every this many steps; 0 saves only when training "
-        "ends or the trainer is stopped (SIGTERM)."
+        0,
+        ge=0,
+        description="Save a checkpoint every this many steps; 0 saves only when training "
+        "ends or the trainer is stopped (SIGTERM).",
     )
     checkpoint_keep: int = Field(3, ge=0, description="Complete checkpoints kept (older ones deleted); 0 keeps all.")
     resume: bool = Field(
@@ -141,8 +142,7 @@ class TrainerSettings(ServiceSettings):
     )
     checkpoint_dir: str = Field(
         ".clotho/checkpoints",
-        description="Where checkpoints go (also announced to the gateway and environments); empty disables them."
+        description="Where checkpoints go (also announced to the gateway and environments); empty disables them.",
     )
     wandb_group: str = Field("clotho", description="Weights & Biases group (sent in RegisterTrainer only).")
     wandb_project: str = Field("clotho", description="Weights & Biases project (sent in RegisterTrainer only).")
-

@@ -17,15 +17,16 @@ import asyncio
 import contextlib
 import json
 import math
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from client_toolchains import GO_DIR, TS_DIR, go_binary, require_go, require_node, ts_build
 
 from clotho.client import GatewayClient
 from clotho.v1 import gateway_service_pb2 as gw
-from client_toolchains import GO_DIR, TS_DIR, go_binary, require_go, require_node, ts_build
 from services import launcher
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
@@ -63,10 +64,18 @@ async def gateway(programs, tiny_model_dir: Path, tmp_path_factory: pytest.TempP
         inf_ready = await launcher.wait_ready(inference, 180)
         env = {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": TRAJECTORY, "CLOTHO_GATEWAY_INFERENCE_TOKEN": INFERENCE}
         gateway = await launcher.start(
-            "gateway", "services.gateway",
-            ["--http-port", "0", "--inference", f"127.0.0.1:{inf_ready['grpc_port']}",
-             "--data-dir", str(tmp_path_factory.mktemp("gateway"))],
-            logs, env=env,
+            "gateway",
+            "services.gateway",
+            [
+                "--http-port",
+                "0",
+                "--inference",
+                f"127.0.0.1:{inf_ready['grpc_port']}",
+                "--data-dir",
+                str(tmp_path_factory.mktemp("gateway")),
+            ],
+            logs,
+            env=env,
         )
         children.append(gateway)
         gw_ready = await launcher.wait_ready(gateway, 120)
@@ -83,12 +92,15 @@ async def reset(target: str) -> None:
 
 async def run(argv: list[str], cwd: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin", "CLOTHO_TRAJECTORY_TOKEN": "", "CLOTHO_INFERENCE_TOKEN": ""},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         raise
@@ -127,14 +139,41 @@ async def round_trip(target: str, programs: dict[str, list[str]], env: str, cons
     env_cwd = GO_DIR if env.startswith("go") else TS_DIR
     dash = "-" if consumer.startswith("go") else "--"
     consuming = asyncio.create_task(
-        run([*programs[consumer], f"{dash}target", target, f"{dash}token", TRAJECTORY, f"{dash}batch-size",
-             str(GROUP_SIZE), f"{dash}batches", str(GROUPS), f"{dash}ahead", "2",
-             *(["-json"] if consumer.startswith("go") else [])], consumer_cwd)
+        run(
+            [
+                *programs[consumer],
+                f"{dash}target",
+                target,
+                f"{dash}token",
+                TRAJECTORY,
+                f"{dash}batch-size",
+                str(GROUP_SIZE),
+                f"{dash}batches",
+                str(GROUPS),
+                f"{dash}ahead",
+                "2",
+                *(["-json"] if consumer.startswith("go") else []),
+            ],
+            consumer_cwd,
+        )
     )
     dash = "-" if env.startswith("go") else "--"
     code, out, err = await run(
-        [*programs[env], f"{dash}target", target, f"{dash}token", TRAJECTORY, f"{dash}inference-token", INFERENCE,
-         f"{dash}groups", str(GROUPS), f"{dash}group-size", str(GROUP_SIZE), f"{dash}json"], env_cwd
+        [
+            *programs[env],
+            f"{dash}target",
+            target,
+            f"{dash}token",
+            TRAJECTORY,
+            f"{dash}inference-token",
+            INFERENCE,
+            f"{dash}groups",
+            str(GROUPS),
+            f"{dash}group-size",
+            str(GROUP_SIZE),
+            f"{dash}json",
+        ],
+        env_cwd,
     )
     assert code == 0, f"{env}: {out}\n{err}"
     reports = json_lines(out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
@@ -48,7 +48,9 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
         for i in range(n):
             ids = [request.input_ids[0], 100 + i]
             if request.stream:
-                yield ipb.GenerateResponse(index=i, chunk=ipb.TokenChunk(token_ids=ids, logprobs=[-0.5, -1.5], version=VERSION))
+                yield ipb.GenerateResponse(
+                    index=i, chunk=ipb.TokenChunk(token_ids=ids, logprobs=[-0.5, -1.5], version=VERSION)
+                )
             yield ipb.GenerateResponse(
                 index=i,
                 completion=ipb.Completion(
@@ -91,7 +93,9 @@ async def stub(target: str) -> AsyncIterator[gpb_grpc.GatewayServiceStub]:
 def group(tag: int) -> spb.ScoredGroup:
     return spb.ScoredGroup(
         sequences=[
-            spb.ScoredSequence(tokens=[tag, 100 + i], masks=[-100, 100 + i], score=float(i), inference_logprobs=[0.0, -0.5])
+            spb.ScoredSequence(
+                tokens=[tag, 100 + i], masks=[-100, 100 + i], score=float(i), inference_logprobs=[0.0, -0.5]
+            )
             for i in range(2)
         ]
     )
@@ -121,9 +125,7 @@ async def test_generate_streams_what_the_target_sends_and_leaves_receipts() -> N
         assert list(completions[0].output_logprobs) == pytest.approx([-0.5, -1.5])
         assert completions[1].version_spans[0].version == VERSION
         # The receipt: a group submitted without versions is attributed VERSION.
-        await asyncio.wait_for(
-            gw.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=2, max_token_len=16)), TIMEOUT
-        )
+        await asyncio.wait_for(gw.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=2, max_token_len=16)), TIMEOUT)
         await asyncio.wait_for(gw.RegisterEnv(gpb.RegisterEnvRequest(group_size=2, weight=1.0)), TIMEOUT)
         await submit(gw, [group(5)])
         call = gw.StreamBatches(iter([gpb.StreamBatchesRequest(credits=1)]))
@@ -210,7 +212,10 @@ async def _drain(call) -> None:
 
 
 async def test_each_rpc_takes_the_token_of_its_rest_twin() -> None:
-    async with mesh(trajectory_token=TRAJECTORY, inference_token=INFERENCE) as (target, _http, _fake), stub(target) as gw:
+    async with (
+        mesh(trajectory_token=TRAJECTORY, inference_token=INFERENCE) as (target, _http, _fake),
+        stub(target) as gw,
+    ):
         traj, inf = bearer_metadata(TRAJECTORY), bearer_metadata(INFERENCE)
         unary = {
             "GetLatestExample": gpb.GetLatestExampleRequest(),

@@ -12,7 +12,7 @@ using sets and bitsets where the reference rescans lists.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 
 def take_exact(sizes: Sequence[int], batch_size: int) -> list[int] | None:

@@ -170,8 +170,13 @@ def rpc_error(code: grpc.StatusCode) -> aio.AioRpcError:
 
 def completion(ids, version):
     return ipb.GenerateResponse(
-        completion=ipb.Completion(output_ids=ids, version_spans=[policy_pb2.VersionSpan(start_token=0, version=version),
-                                                                  policy_pb2.VersionSpan(start_token=1, version=version + 1)])
+        completion=ipb.Completion(
+            output_ids=ids,
+            version_spans=[
+                policy_pb2.VersionSpan(start_token=0, version=version),
+                policy_pb2.VersionSpan(start_token=1, version=version + 1),
+            ],
+        )
     )
 
 
@@ -211,7 +216,9 @@ async def test_unavailable_before_any_message_fails_over_and_ejects(recorded):
 
 
 async def test_a_failure_after_output_is_raised_not_retried(recorded):
-    half = FakeStub([ipb.GenerateResponse(chunk=ipb.TokenChunk(token_ids=[5]))], error=rpc_error(grpc.StatusCode.UNAVAILABLE))
+    half = FakeStub(
+        [ipb.GenerateResponse(chunk=ipb.TokenChunk(token_ids=[5]))], error=rpc_error(grpc.StatusCode.UNAVAILABLE)
+    )
     other = FakeStub([completion([1], 0)])
     client = client_with([half, other])
     with pytest.raises(aio.AioRpcError):

@@ -9,13 +9,13 @@ import orjson
 import pytest
 
 from services.common.errors import FailedPrecondition, NotFound
-from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 from services.gateway.trajectory import (
     EnvRegistration,
     Submitted,
     TrainerRegistration,
     TrajectoryState,
 )
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 
 
 def trainer(batch_size=4, starting_step=0):
@@ -23,7 +23,7 @@ def trainer(batch_size=4, starting_step=0):
 
 
 def group(size, env_id=None, tag=0):
-    g = {key: None for key in ATROPOS_KEYS}
+    g = dict.fromkeys(ATROPOS_KEYS)
     g.update(tokens=[[tag, i] for i in range(size)], masks=[[-100, i] for i in range(size)], scores=[0.0] * size)
     g["env_id"] = env_id
     return g

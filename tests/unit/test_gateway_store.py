@@ -12,13 +12,13 @@ import orjson
 import pytest
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 from services.gateway.trajectory import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 from services.gateway.trajectory.sqlite_store import SqliteStore
 
 
 def group(size, env_id=None, tag=0, versions=None):
-    g = {key: None for key in ATROPOS_KEYS}
+    g = dict.fromkeys(ATROPOS_KEYS)
     g.update(tokens=[[tag, i] for i in range(size)], masks=[[-100, i] for i in range(size)], scores=[0.5] * size)
     g["env_id"] = env_id
     if versions is not None:

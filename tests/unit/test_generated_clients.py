@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from client_toolchains import GO_DIR, GO_FLAGS, ROOT, TS_DIR, go_env, require_go, require_node, ts_build
 
 
@@ -67,7 +66,11 @@ def test_a_proto_edit_makes_every_language_stale(tmp_path: Path) -> None:
 
     shutil.copytree(ROOT / "proto", proto_copy)
     edited = proto_copy / "clotho" / "v1" / "policy.proto"
-    edited.write_text(edited.read_text().replace("double committed_at = 2;", "double committed_at = 2;\n  // Extra.\n  string extra = 4;"))
+    edited.write_text(
+        edited.read_text().replace(
+            "double committed_at = 2;", "double committed_at = 2;\n  // Extra.\n  string extra = 4;"
+        )
+    )
     # buf reads proto/ relative to ROOT: run the generator from a copy of the layout.
     gen.ROOT = tmp_path
     (tmp_path / "clients" / "typescript").mkdir(parents=True)
@@ -75,8 +78,12 @@ def test_a_proto_edit_makes_every_language_stale(tmp_path: Path) -> None:
     shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
     gen.generate_typescript(tmp_path)
     gen.generate_go(tmp_path)
-    assert not filecmp.cmp(tmp_path / gen.TS_GEN / "clotho/v1/policy_pb.ts", ROOT / gen.TS_GEN / "clotho/v1/policy_pb.ts", shallow=False)
-    assert not filecmp.cmp(tmp_path / gen.GO_GEN / "clotho/v1/policy.pb.go", ROOT / gen.GO_GEN / "clotho/v1/policy.pb.go", shallow=False)
+    assert not filecmp.cmp(
+        tmp_path / gen.TS_GEN / "clotho/v1/policy_pb.ts", ROOT / gen.TS_GEN / "clotho/v1/policy_pb.ts", shallow=False
+    )
+    assert not filecmp.cmp(
+        tmp_path / gen.GO_GEN / "clotho/v1/policy.pb.go", ROOT / gen.GO_GEN / "clotho/v1/policy.pb.go", shallow=False
+    )
 
 
 @pytest.mark.timeout(600)

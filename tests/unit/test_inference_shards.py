@@ -68,8 +68,14 @@ async def test_one_update_reaches_every_shard_as_consecutive_ranks(server):
     weights = {n: p.detach() + 0.02 for n, p in first.runner.model.named_parameters()}
     manifest = build_manifest(list(weights.items()), 64 * 1024)
     group = CollectiveGroup.host("gloo", "127.0.0.1", 3, f"clotho-{uuid.uuid4().hex[:12]}", TIMEOUT)
-    rendezvous = pb.Rendezvous(backend=pb.COLLECTIVE_BACKEND_GLOO, address="127.0.0.1", port=group.port,
-                               world_size=3, rank_offset=1, group_name=group.group_name)
+    rendezvous = pb.Rendezvous(
+        backend=pb.COLLECTIVE_BACKEND_GLOO,
+        address="127.0.0.1",
+        port=group.port,
+        world_size=3,
+        rank_offset=1,
+        group_name=group.group_name,
+    )
     try:
         too_small = pb.Rendezvous()
         too_small.CopyFrom(rendezvous)
@@ -79,8 +85,11 @@ async def test_one_update_reaches_every_shard_as_consecutive_ranks(server):
 
         connect = asyncio.create_task(asyncio.to_thread(group.connect))
         prepared = await servicer.PrepareWeightUpdate(
-            pb.PrepareWeightUpdateRequest(version=1, manifest=manifest.to_proto(), rendezvous=rendezvous,
-                                          deadline_seconds=30, step=3), None)
+            pb.PrepareWeightUpdateRequest(
+                version=1, manifest=manifest.to_proto(), rendezvous=rendezvous, deadline_seconds=30, step=3
+            ),
+            None,
+        )
         await connect
         assert prepared.joined_group
         crcs = []

@@ -8,16 +8,25 @@ or put `bearer_interceptors(token)` on a channel of your own.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from clotho.v1 import (
     gateway_service_pb2 as gw,
+)
+from clotho.v1 import (
     gateway_service_pb2_grpc as gw_grpc,
+)
+from clotho.v1 import (
     inference_service_pb2 as inf,
+)
+from clotho.v1 import (
     inference_service_pb2_grpc as inf_grpc,
+)
+from clotho.v1 import (
     scored_data_pb2 as sd,
 )
 
@@ -101,7 +110,7 @@ class GatewayClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "GatewayClient":
+    async def __aenter__(self) -> GatewayClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -14,6 +14,7 @@ from clotho.v1 import inference_service_pb2 as pb
 BACKENDS: dict[str, int] = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
 BACKEND_NAMES = {v: k for k, v in BACKENDS.items()}
 
+
 class CollectiveGroup:
     """A process group for weight transfer, independent of any default group (so a
     trainer under torchrun can own it next to its data-parallel group).
@@ -42,7 +43,11 @@ class CollectiveGroup:
         self.timeout = datetime.timedelta(seconds=timeout_seconds)
         if store is None:
             store = dist.TCPStore(
-                address, port, world_size, is_master=(rank == 0), timeout=self.timeout,
+                address,
+                port,
+                world_size,
+                is_master=(rank == 0),
+                timeout=self.timeout,
                 wait_for_workers=False,
             )
         self.store = store
@@ -50,11 +55,17 @@ class CollectiveGroup:
         self._pg: dist.ProcessGroup | None = None
 
     @classmethod
-    def host(cls, backend: str, address: str, world_size: int, group_name: str, timeout_seconds: float) -> "CollectiveGroup":
+    def host(
+        cls, backend: str, address: str, world_size: int, group_name: str, timeout_seconds: float
+    ) -> CollectiveGroup:
         """The rank-0 side: start the store on a free port (its port is `.port`)."""
         store = dist.TCPStore(
-            address, 0, world_size, is_master=True,
-            timeout=datetime.timedelta(seconds=timeout_seconds), wait_for_workers=False,
+            address,
+            0,
+            world_size,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+            wait_for_workers=False,
         )
         return cls(backend, address, store.port, world_size, 0, group_name, timeout_seconds, store=store)
 

@@ -37,7 +37,7 @@ def proto_of(dtype: torch.dtype) -> int:
 
 
 def name_of(dtype: torch.dtype) -> str:
-    """"float32", "bfloat16" or "float16" (KeyError for other dtypes)."""
+    """ "float32", "bfloat16" or "float16" (KeyError for other dtypes)."""
     return _BY_TORCH[dtype].name
 
 

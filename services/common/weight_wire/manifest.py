@@ -3,8 +3,8 @@ laid out in flat, single-dtype buckets, and its proto form, checked on parsing."
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -70,7 +70,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_proto(cls, msg: pb.WeightManifest) -> "Manifest":
+    def from_proto(cls, msg: pb.WeightManifest) -> Manifest:
         """Parse and validate a manifest; raises ValueError naming what is wrong."""
         buckets = []
         for i, b in enumerate(msg.buckets):

@@ -4,7 +4,7 @@ sending a bucket straight from tensors already laid out as it, unpacking views, 
 from __future__ import annotations
 
 import zlib
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -37,9 +37,7 @@ def pack_bucket(
 PACK_CHUNK_BYTES = 1 << 20
 
 
-def pack_bucket_crc32(
-    manifest: Manifest, index: int, tensors: Mapping[str, torch.Tensor], out: torch.Tensor
-) -> int:
+def pack_bucket_crc32(manifest: Manifest, index: int, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> int:
     """pack_bucket into `out` (a CPU tensor of the bucket's size and dtype) and return
     the CRC-32 of the packed bytes, computed chunk by chunk as they are written."""
     bucket = manifest.buckets[index]

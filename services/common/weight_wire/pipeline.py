@@ -20,8 +20,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,7 +42,7 @@ BROADCASTS_IN_FLIGHT = 3
 
 def in_daemon_thread(
     fn: Callable[..., T], *args: Any, name: str, track: list[threading.Thread] | None = None
-) -> "asyncio.Future[T]":
+) -> asyncio.Future[T]:
     """Run a blocking collective call in its own daemon thread.
 
     Not asyncio.to_thread: a collective abandoned at a deadline keeps its thread until
@@ -103,7 +104,7 @@ class TrackedGroup:
             self.scratch = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
         return self.scratch
 
-    def run(self, fn: Callable[..., T], *args: Any, name: str) -> "asyncio.Future[T]":
+    def run(self, fn: Callable[..., T], *args: Any, name: str) -> asyncio.Future[T]:
         return in_daemon_thread(fn, *args, name=name, track=self.threads)
 
     def connect(self) -> None:
@@ -210,7 +211,7 @@ def send_buckets(handle: TrackedGroup, manifest: Manifest, tensors: Mapping[str,
 
 def start_receiving(
     group: CollectiveGroup, staging: list[torch.Tensor], device: torch.device, started: float, name: str
-) -> "concurrent.futures.Future[tuple[list[int], float]]":
+) -> concurrent.futures.Future[tuple[list[int], float]]:
     """Receive every bucket into `staging` (in manifest order) in a thread of its own and
     checksum each in another; the future resolves to (the CRCs, seconds since `started`)
     or fails with a RuntimeError naming the bucket. The threads hold the buffers until

@@ -15,7 +15,8 @@ handlers answer those three paths on the request-body middleware's fast entry
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -79,7 +80,7 @@ class RegisterEnv(BaseModel):
     desired_name: str
     weight: float
     group_size: int = Field(ge=1)
-    min_batch_allocation: Optional[float] = Field(None, ge=0.0, le=1.0)
+    min_batch_allocation: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class EnvIdentifier(BaseModel):

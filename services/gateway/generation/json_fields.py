@@ -4,7 +4,8 @@ vllm_api/protocol.py) share."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from services.common.errors import InvalidArgument
 

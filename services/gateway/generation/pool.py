@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -27,7 +28,6 @@ from opentelemetry import context as otel_context
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import Unavailable
 from services.gateway.generation.routing import Router, Target
-
 from services.gateway.trajectory import receipts as _receipts
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def completion_version(completion: pb.Completion) -> int:
 def record_receipt(completion: pb.Completion) -> None:
     try:
         _receipts.record(list(completion.output_ids), completion_version(completion))
-    except Exception:  # noqa: BLE001 - attribution is best effort; the reply must not fail
+    except Exception:
         log.exception("could not record the version receipt of a completion")
 
 
@@ -120,7 +120,7 @@ class InferencePool:
                     raise Unavailable("no tokenizer: set --tokenizer-path; the inference service reports no model_path")
                 try:
                     self._tokenizer = await self.in_tokenizer_thread(_load_tokenizer, path)
-                except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
+                except Exception as exc:
                     raise Unavailable(f"could not load the tokenizer from {path!r}: {exc}") from exc
                 log.info("loaded tokenizer from %s", path)
         return self._tokenizer

@@ -21,8 +21,9 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -189,14 +190,20 @@ class Router:
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     # No health service: failures alone decide.
                     self._set(target, None, "")
-                    log.info("inference target %s has no grpc.health service; ejecting on failures only", target.address)
+                    log.info(
+                        "inference target %s has no grpc.health service; ejecting on failures only", target.address
+                    )
                     return
                 if code == grpc.StatusCode.NOT_FOUND:
                     # Check on a server that does not know the service name.
                     self._set(target, None, "")
                 elif use_watch and code not in _TRANSIENT:
-                    log.info("health Watch on %s failed (%s); polling Check every %.1fs instead",
-                             target.address, code.name, self.probe_seconds)
+                    log.info(
+                        "health Watch on %s failed (%s); polling Check every %.1fs instead",
+                        target.address,
+                        code.name,
+                        self.probe_seconds,
+                    )
                     use_watch = False
                     continue
                 else:

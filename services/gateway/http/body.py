@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,7 +75,9 @@ class RequestBodyMiddleware:
     """Reads the whole request body (bounded by `max_bytes`), inflates gzip, and hands
     the app a replay of it; later receive() calls go to the client (disconnects)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, fast_routes: dict[tuple[str, str], FastRoute] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, fast_routes: dict[tuple[str, str], FastRoute] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.fast_routes = fast_routes or {}

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc import aio
 
-from services.common.errors import ClothoError
+from services.common.errors import ClothoError, StatusCode
 from services.gateway.field_paths import field_path
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,18 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 VALIDATION_STATUS = 422
 
 
-def http_status(code: grpc.StatusCode) -> int:
-    return HTTP_STATUS.get(code, 500)
+# The same table by code name, so a domain error's StatusCode (services/common/errors.py)
+# and a gRPC status from the inference service answer alike.
+_HTTP_STATUS_BY_NAME = {code.name: status for code, status in HTTP_STATUS.items()}
 
 
-def error_response(code: grpc.StatusCode, message: str, status: int | None = None, **extra: Any) -> JSONResponse:
+def http_status(code: grpc.StatusCode | StatusCode) -> int:
+    return _HTTP_STATUS_BY_NAME.get(code.name, 500)
+
+
+def error_response(
+    code: grpc.StatusCode | StatusCode, message: str, status: int | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse(
         {"error": message, "code": code.name, **extra},
         status_code=status if status is not None else http_status(code),

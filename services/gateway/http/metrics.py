@@ -8,7 +8,7 @@ nothing for them. `/status` stays exactly Atropos' shape: its clients parse it.
 from __future__ import annotations
 
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

@@ -6,7 +6,8 @@ and end it when the stream ends; otherwise the span ends when the handler return
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -22,7 +23,7 @@ class RequestSpan:
         self._use: Any = None
         self._handed_off = False
 
-    def __enter__(self) -> "RequestSpan":
+    def __enter__(self) -> RequestSpan:
         self._use = trace.use_span(self.span, end_on_exit=False)
         self._use.__enter__()
         return self

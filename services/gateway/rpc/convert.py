@@ -184,9 +184,7 @@ def group_from_proto(msg: pb.ScoredGroup) -> dict[str, Any]:
         "distill_logprobs": column("distill_logprobs", lambda s: [list(d.logprobs) for d in s.distill]),
     }
     if any(seq.HasField("policy_version") for seq in sequences):
-        group[POLICY_VERSIONS] = [
-            seq.policy_version if seq.HasField("policy_version") else None for seq in sequences
-        ]
+        group[POLICY_VERSIONS] = [seq.policy_version if seq.HasField("policy_version") else None for seq in sequences]
     return group
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from grpc import aio
@@ -168,8 +169,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         reader = asyncio.create_task(read_credits())
         try:
             while True:
+                # The predicates read the live credit count, which read_credits() raises.
                 taken = await trajectories.next_batch(
-                    may_take=lambda: credits > 0, stop=lambda: bool(failure) or (closed and credits == 0)
+                    may_take=lambda: credits > 0,  # noqa: B023
+                    stop=lambda: bool(failure) or (closed and credits == 0),  # noqa: B023
                 )
                 if taken is None:
                     break

@@ -15,7 +15,8 @@ with the next commit, which the next batch handed out waits for.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from services.gateway.trajectory.queue_index import Group, QueueIndex
 from services.gateway.trajectory.records import (
@@ -119,7 +120,9 @@ class DurableState:
     async def reset(self) -> None:
         await self._durable(self._state.reset)
 
-    async def next_batch(self, may_take: Callable[[], bool], stop: Callable[[], bool]) -> tuple[list[Group], int] | None:
+    async def next_batch(
+        self, may_take: Callable[[], bool], stop: Callable[[], bool]
+    ) -> tuple[list[Group], int] | None:
         """StreamBatches: wait (without polling) until `stop()` (then None) or until
         `may_take()` and a batch can be formed; then the batch and the step it
         brought, once its hand-out is durable."""

@@ -163,6 +163,10 @@ def _row(group: Group) -> GroupRow:
 def _group(row: GroupRow) -> Group:
     gid, qpos, env_id, size, versions, body = row
     return Group(
-        id=gid, size=size, env_id=env_id, body=bytes(body), versions=tuple(orjson.loads(versions)),
+        id=gid,
+        size=size,
+        env_id=env_id,
+        body=bytes(body),
+        versions=tuple(orjson.loads(versions)),
         qpos=-1 if qpos is None else qpos,
     )

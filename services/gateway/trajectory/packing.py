@@ -4,7 +4,7 @@ over group sizes."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def find_subset_summing_to(sizes: Sequence[int], target: int) -> list[int]:

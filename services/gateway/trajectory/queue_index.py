@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Hashable, Iterator, Sequence
 
 
 @dataclass(eq=False, slots=True)
@@ -254,7 +254,7 @@ class QueueIndex:
         # Then the rest of the batch from every env's packs, in queue order.
         if total < batch_size:
             fill = []
-            for (env, size), fifo in self._by_env_size.items():
+            for (_env, size), fifo in self._by_env_size.items():
                 chunk = pack // size
                 packable = (len(fifo) // chunk) * chunk if not pack % size else 0
                 if packable and size <= batch_size - total:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
 from operator import ne
-from typing import Callable, Iterable, Sequence
 
 # Prompt tokens carry this label in Atropos' masks.
 PROMPT_LABEL = -100

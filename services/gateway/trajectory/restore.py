@@ -72,5 +72,9 @@ class ResetRestore(StateBase):
         if groups or self._trainer is not None:
             log.info(
                 "restored: step %d, %d queued, %d buffered, %d formed batches, %d environments",
-                self._step, self._queue.groups, self.buffered_groups, len(self._ready), len(self._envs),
+                self._step,
+                self._queue.groups,
+                self.buffered_groups,
+                len(self._ready),
+                len(self._envs),
             )

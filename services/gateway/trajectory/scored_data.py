@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -73,18 +74,18 @@ class ScoredData(BaseModel):
     tokens: list[list[Int32]]
     masks: list[list[Int32]]
     scores: list[float]
-    advantages: Optional[list[list[float]]] = None
-    ref_logprobs: Optional[list[list[float]]] = None
-    messages: Optional[list[list[dict[str, Any]]]] = None
-    generation_params: Optional[dict[str, Any]] = None
-    inference_logprobs: Optional[list[list[float]]] = None
-    overrides: Optional[list[dict]] = None
-    group_overrides: Optional[dict] = None
-    images: Optional[Any] = None
-    env_id: Optional[int] = None
-    distill_token_ids: Optional[list[list[list[Int32]]]] = None
-    distill_logprobs: Optional[list[list[list[float]]]] = None
-    policy_versions: Optional[list[Optional[Annotated[int, Field(ge=0, le=2**64 - 1)]]]] = None
+    advantages: list[list[float]] | None = None
+    ref_logprobs: list[list[float]] | None = None
+    messages: list[list[dict[str, Any]]] | None = None
+    generation_params: dict[str, Any] | None = None
+    inference_logprobs: list[list[float]] | None = None
+    overrides: list[dict] | None = None
+    group_overrides: dict | None = None
+    images: Any | None = None
+    env_id: int | None = None
+    distill_token_ids: list[list[list[Int32]]] | None = None
+    distill_logprobs: list[list[list[float]]] | None = None
+    policy_versions: list[Annotated[int, Field(ge=0, le=2**64 - 1)] | None] | None = None
 
 
 _ONE = TypeAdapter(ScoredData)

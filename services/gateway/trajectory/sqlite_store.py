@@ -47,8 +47,9 @@ import queue
 import sqlite3
 import threading
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from services.common.errors import FailedPrecondition, Unavailable
 from services.gateway.trajectory.store import GroupRow, Snapshot, Store
@@ -77,6 +78,7 @@ MAX_OPS_PER_COMMIT = 20_000
 # Seconds between two checkpoints at most once per; and the WAL size kept on disk.
 CHECKPOINT_PAUSE_SECONDS = 0.5
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
 
 class SqliteStore(Store):
     """Store in `<directory>/trajectories.sqlite3`; one gateway per directory."""
@@ -261,7 +263,7 @@ class SqliteStore(Store):
                 continue
             try:
                 self._commit(batch)
-            except BaseException as exc:  # noqa: BLE001 - reported to every waiter
+            except BaseException as exc:
                 log.exception("trajectory store: commit failed; refusing further changes")
                 self._notify(batch[-1][0], exc)
                 return
@@ -269,7 +271,7 @@ class SqliteStore(Store):
             if any(op[1] == "delete" for op in batch):
                 try:
                     self._purge()
-                except BaseException as exc:  # noqa: BLE001 - later changes must not be acknowledged
+                except BaseException as exc:
                     log.exception("trajectory store: purge failed; refusing further changes")
                     self._notify(batch[-1][0], exc)
                     return

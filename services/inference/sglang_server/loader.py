@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -136,8 +137,9 @@ class SGLangLoader:
         if update.dropped is not None:
             # Dropped meanwhile (its deadline passed): nothing may stay paused for it.
             if loading.paused:
-                self._spawn(self._call("/continue_generation", {}, timeout=60.0, what="continuing generation",
-                                       check=False))
+                self._spawn(
+                    self._call("/continue_generation", {}, timeout=60.0, what="continuing generation", check=False)
+                )
             raise update.dropped
         update.transfer = asyncio.create_task(self._transfer(update))
         update.transfer.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -171,12 +173,12 @@ class SGLangLoader:
                 f"weight update to version {update.version} failed after SGLang began loading it ({error}); "
                 "serving nothing until a complete update"
             )
-            self._spawn(self._call("/abort_request", {"abort_all": True}, timeout=30.0,
-                                   what="aborting requests", check=False))
+            self._spawn(
+                self._call("/abort_request", {"abort_all": True}, timeout=30.0, what="aborting requests", check=False)
+            )
             self._report_health()
         elif loading.paused:
-            self._spawn(self._call("/continue_generation", {}, timeout=60.0, what="continuing generation",
-                                   check=False))
+            self._spawn(self._call("/continue_generation", {}, timeout=60.0, what="continuing generation", check=False))
 
     async def release(self) -> None:
         """Nothing to leave: the server holds the group (the shard closes the client)."""
@@ -205,8 +207,12 @@ class SGLangLoader:
                 # Only once every weight is in: the server stamps tokens with it from then on.
                 body["weight_version"] = str(update.version)
             update.loading.sent = True
-            await self._call("/update_weights_from_distributed", body, timeout=self.update_timeout,
-                             what=f"receiving bucket {i} of {last + 1}")
+            await self._call(
+                "/update_weights_from_distributed",
+                body,
+                timeout=self.update_timeout,
+                what=f"receiving bucket {i} of {last + 1}",
+            )
 
     async def _destroy_group(self, group_name: str) -> None:
         """Best effort: servers without the route, or with a broken group, are left be."""
@@ -215,9 +221,7 @@ class SGLangLoader:
         except httpx.HTTPError as exc:
             log.info("shard %s: could not destroy group %s: %s", self.name, group_name, exc)
 
-    async def _call(
-        self, route: str, body: dict | None, *, timeout: float, what: str, check: bool = True
-    ) -> dict:
+    async def _call(self, route: str, body: dict | None, *, timeout: float, what: str, check: bool = True) -> dict:
         """POST to the server; SGLang answers {"success": false, "message": ...} with
         HTTP 400 when an operation fails."""
         try:
@@ -238,4 +242,3 @@ class SGLangLoader:
                 raise Aborted(message)
             log.warning("%s", message)
         return payload
-

@@ -17,7 +17,7 @@ class ModelSpec:
     max_context_len: int
 
     @classmethod
-    def from_model_dir(cls, model_path: str | Path, max_context_len: int | None = None) -> "ModelSpec":
+    def from_model_dir(cls, model_path: str | Path, max_context_len: int | None = None) -> ModelSpec:
         """Parameter names and shapes from the config (a model built on the meta device)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -66,11 +66,17 @@ class SGLangProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "sglang.launch_server",
-            "--model-path", self.model_path,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--base-gpu-id", str(self.gpu_id),
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            self.model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-gpu-id",
+            str(self.gpu_id),
             *self.extra_args,
         ]
 
@@ -81,7 +87,7 @@ class SGLangProcess:
                 "is not installed (pip install 'clotho[sglang]' on a GPU machine)"
             )
         log.info("launching SGLang: %s (log %s)", shlex.join(self.command()), self.log_path)
-        with open(self.log_path, "ab") as out:
+        with open(self.log_path, "ab") as out:  # noqa: ASYNC230 - a local log file, opened once
             self.process = await asyncio.create_subprocess_exec(
                 *self.command(), stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
             )
@@ -96,7 +102,7 @@ class SGLangProcess:
             os.killpg(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("SGLang server %s ignored SIGTERM for %.0fs; killing it", self.url, grace)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import httpx
 
@@ -100,7 +101,7 @@ class SGLangShard(Shard, SGLangLoader):
         self._report_health()
         self._health_task = asyncio.create_task(self._watch_health())
 
-    def submit(self, request: GenerationRequest) -> "SGLangStream":
+    def submit(self, request: GenerationRequest) -> SGLangStream:
         if not self.serving:
             raise Unavailable(f"shard {self.name} is not serving: {self.not_serving_reason}")
         max_new_tokens = resolve_max_new_tokens(

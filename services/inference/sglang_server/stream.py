@@ -17,8 +17,9 @@ raw policy's only where it returns original logprobs).
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -54,7 +55,7 @@ class _Sample:
 class SGLangStream:
     """One request on an SGLang shard: a streaming POST /generate read as events."""
 
-    def __init__(self, shard: "SGLangShard", request: GenerationRequest, max_new_tokens: int) -> None:
+    def __init__(self, shard: SGLangShard, request: GenerationRequest, max_new_tokens: int) -> None:
         self.shard = shard
         self.request = request
         self.max_new_tokens = max_new_tokens
@@ -118,7 +119,9 @@ class SGLangStream:
     async def _events(self) -> AsyncIterator[TokenChunk | Completion]:
         shard = self.shard
         try:
-            async with shard.client.stream("POST", "/generate", json=self.body(), timeout=httpx.Timeout(30.0, read=None)) as response:
+            async with shard.client.stream(
+                "POST", "/generate", json=self.body(), timeout=httpx.Timeout(30.0, read=None)
+            ) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")
                     raise _generate_error(response.status_code, text, shard.name)
@@ -130,7 +133,11 @@ class SGLangStream:
                         break
                     event = json.loads(data)
                     if "error" in event:
-                        message = event["error"].get("message", str(event["error"])) if isinstance(event["error"], dict) else str(event["error"])
+                        message = (
+                            event["error"].get("message", str(event["error"]))
+                            if isinstance(event["error"], dict)
+                            else str(event["error"])
+                        )
                         raise InvalidArgument(f"SGLang shard {shard.name}: {message}")
                     for out in self._consume(event):
                         yield out
@@ -197,8 +204,11 @@ class SGLangStream:
         if finish and not sample.done:
             kind = finish.get("type") if isinstance(finish, dict) else str(finish)
             matched = finish.get("matched") if isinstance(finish, dict) else None
-            out.append(self._completion(sample, FINISH_TYPES.get(kind, FinishReason.ABORT),
-                                        "" if matched is None else str(matched)))
+            out.append(
+                self._completion(
+                    sample, FINISH_TYPES.get(kind, FinishReason.ABORT), "" if matched is None else str(matched)
+                )
+            )
         return out
 
     def _version_at(self, meta: dict, position: int) -> int:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ class RequestState:
         stop_ids: frozenset[int],
         generator: torch.Generator,
         loop: asyncio.AbstractEventLoop,
-        queue: "asyncio.Queue[list[Event]]",
+        queue: asyncio.Queue[list[Event]],
     ) -> None:
         self.spec = spec
         self.input_ids = list(spec.input_ids)
@@ -84,7 +84,6 @@ class RequestState:
     @property
     def n(self) -> int:
         return self.spec.sampling.n
-
 
 
 class SampleState:
@@ -322,7 +321,7 @@ class Batch:
         if not self.samples:
             self.stale = False
 
-    def _sampling_params(self, vocab: int) -> "_Params":
+    def _sampling_params(self, vocab: int) -> _Params:
         if self._params is None:
             self._params = _Params.of(self.samples, self.runner.device, vocab)
         return self._params
@@ -342,7 +341,7 @@ class _Penalties:
     repetition: torch.Tensor
 
     @classmethod
-    def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> "_Penalties | None":
+    def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> _Penalties | None:
         rows = [i for i, s in enumerate(samples) if s.request.spec.sampling.penalised]
         if not rows:
             return None
@@ -409,7 +408,7 @@ class _Params:
     penalties: _Penalties | None
 
     @classmethod
-    def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> "_Params":
+    def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> _Params:
         opts = [s.request.spec.sampling for s in samples]
         counts = [s.request.spec.top_logprobs for s in samples]
         asked = [i for i, k in enumerate(counts) if k > 0]

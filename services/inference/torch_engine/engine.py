@@ -21,9 +21,9 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Mapping
 
 import torch
 from transformers import AutoTokenizer
@@ -193,8 +193,13 @@ class GenerationEngine:
         return GenerationStream(state, queue)
 
     def commit_weights(
-        self, staged: Mapping[str, torch.Tensor], version: int, step: int = 0,
-        *, resync: bool = False, adopt: bool = False,
+        self,
+        staged: Mapping[str, torch.Tensor],
+        version: int,
+        step: int = 0,
+        *,
+        resync: bool = False,
+        adopt: bool = False,
     ) -> concurrent.futures.Future[ServedPolicy]:
         """Have the worker copy `staged` (every parameter, by name) into the model between
         two decode steps and serve `version` from then on. The future resolves to the new
@@ -262,7 +267,7 @@ class GenerationEngine:
                         batch.flush()
                     if batch.size and not stepped:
                         batch.step(self._policy.version)
-            except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
+            except Exception as exc:
                 log.exception("generation step failed")
                 batch.fail(admitted, Unavailable(f"generation failed: {exc}"))
             # Counted before the results go out: whoever sees a completion sees its row gone.
@@ -319,7 +324,7 @@ class GenerationEngine:
                 self._adopt_weights(commit.staged)
             else:
                 self.runner.load_weights(commit.staged)
-        except Exception as exc:  # noqa: BLE001 - a copy that failed part-way leaves mixed weights
+        except Exception as exc:
             self._broken = f"weight commit of version {commit.version} failed part-way ({exc}); restart the shard"
             log.exception("weight commit failed part-way; the engine stops serving")
             commit.future.set_exception(Unavailable(self._broken))

@@ -14,7 +14,7 @@ what it returns, under the mask `begin_decode` builds from `starts` and `ends`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -17,13 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
 from services.common.errors import Aborted, ClothoError, InvalidArgument, ResourceExhausted, Unavailable
-from services.common.weight_wire import CollectiveGroup, Manifest, flat_buckets, join_all, start_receiving, unpack_bucket
+from services.common.weight_wire import (
+    CollectiveGroup,
+    Manifest,
+    flat_buckets,
+    join_all,
+    start_receiving,
+    unpack_bucket,
+)
 from services.inference.generation_types import ServedPolicy
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.weight_update import GroupKey, UpdateInFlight, WeightUpdater
@@ -83,7 +91,7 @@ class TorchLoader:
                 self._group, self._group_key = None, None
             try:
                 group = await asyncio.to_thread(self._connect, key, device)
-            except Exception as exc:  # noqa: BLE001 - any join failure ends this update
+            except Exception as exc:
                 raise Unavailable(
                     f"could not join weight group {key.group_name!r} at {key.address}:{key.port} "
                     f"as rank {key.rank} of {key.world_size}: {exc}"
@@ -119,9 +127,11 @@ class TorchLoader:
         }
         try:
             policy = await asyncio.wrap_future(
-                self.engine.commit_weights(staged, update.version, update.step, resync=update.resync, adopt=staging.adopt)
+                self.engine.commit_weights(
+                    staged, update.version, update.step, resync=update.resync, adopt=staging.adopt
+                )
             )
-        except Exception as exc:  # noqa: BLE001 - the state machine drops the update with it
+        except Exception as exc:
             raise Aborted(f"commit of version {update.version} failed: {exc}") from exc
         finally:
             if self.after_commit is not None:
@@ -149,9 +159,13 @@ class TorchLoader:
     def _staging_for(self, manifest: Manifest, device: torch.device) -> list[torch.Tensor]:
         """The spare buffer set when it fits the manifest's buckets, else new buffers."""
         spare, self._spare = self._spare, None
-        if spare is not None and len(spare) == len(manifest.buckets) and all(
-            buf.numel() == b.numel and buf.dtype == b.dtype and buf.device == device
-            for buf, b in zip(spare, manifest.buckets)
+        if (
+            spare is not None
+            and len(spare) == len(manifest.buckets)
+            and all(
+                buf.numel() == b.numel and buf.dtype == b.dtype and buf.device == device
+                for buf, b in zip(spare, manifest.buckets)
+            )
         ):
             return spare
         del spare  # free it before allocating the new set

@@ -9,8 +9,8 @@ calls into a ModelRunner.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -28,9 +28,7 @@ class ModelRunner:
         if resolved is None:
             raise KeyError(dtype)
         self.dtype = resolved
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=self.dtype, attn_implementation="sdpa"
-        )
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype, attn_implementation="sdpa")
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         config = self.model.config
@@ -38,10 +36,10 @@ class ModelRunner:
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         # A full causal mask equals a sliding-window one while sequences fit the window.
         window = getattr(config, "sliding_window", None)
-        if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True):
-            if not self.max_positions or window < self.max_positions:
-                log.info("model has a %d-token sliding window: sequences are limited to it", window)
-                self.max_positions = window
+        sliding = isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True)
+        if sliding and (not self.max_positions or window < self.max_positions):
+            log.info("model has a %d-token sliding window: sequences are limited to it", window)
+            self.max_positions = window
         pad = getattr(config, "pad_token_id", None)
         # Padded positions are masked out; any id inside the vocabulary will do.
         self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.inference.shard import HealthListener, ResultStream, Shard
 from services.inference.generation_types import GenerationRequest
+from services.inference.shard import HealthListener, ResultStream, Shard
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
 

@@ -5,8 +5,9 @@ server's is sglang_server/loader.py."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from services.common.errors import ClothoError
 from services.common.weight_wire import Manifest

@@ -107,8 +107,14 @@ class WeightUpdater:
             raise self._fail(update, exc) from exc.__cause__
         log.info(
             "%s preparing %sversion %d: %d buckets, %d bytes, group %s (%s), deadline %.1fs",
-            self.loader.name, "a resync to " if request.resync else "", version, len(manifest.buckets),
-            manifest.total_bytes, group.group_name, "joined" if joined else "reused", deadline_seconds,
+            self.loader.name,
+            "a resync to " if request.resync else "",
+            version,
+            len(manifest.buckets),
+            manifest.total_bytes,
+            group.group_name,
+            "joined" if joined else "reused",
+            deadline_seconds,
         )
         return joined
 
@@ -120,7 +126,8 @@ class WeightUpdater:
         buckets = len(update.manifest.buckets)
         if len(bucket_crc32s) != buckets:
             raise self._fail(
-                update, Aborted(f"version {version}: got {len(bucket_crc32s)} checksums for {buckets} buckets; update dropped")
+                update,
+                Aborted(f"version {version}: got {len(bucket_crc32s)} checksums for {buckets} buckets; update dropped"),
             )
         assert update.transfer is not None
         remaining = max(0.0, update.deadline - asyncio.get_running_loop().time())
@@ -138,7 +145,8 @@ class WeightUpdater:
         if error is not None:
             raise self._fail(
                 update,
-                error if isinstance(error, ClothoError)
+                error
+                if isinstance(error, ClothoError)
                 else Aborted(f"version {version}: receiving weights failed ({error}); update dropped"),
             )
         crcs, seconds = update.transfer.result()  # a Received
@@ -152,8 +160,13 @@ class WeightUpdater:
                     ),
                 )
         update.verified = TransferResult(update.manifest.total_bytes, seconds)
-        log.info("%s: version %d received%s in %.3fs", self.loader.name, version,
-                 "" if crcs is None else " and verified", seconds)
+        log.info(
+            "%s: version %d received%s in %.3fs",
+            self.loader.name,
+            version,
+            "" if crcs is None else " and verified",
+            seconds,
+        )
         return update.verified
 
     async def commit(self, version: int) -> ServedPolicy:
@@ -182,8 +195,12 @@ class WeightUpdater:
         """Drop the prepared update (a no-op when `version` is not in flight)."""
         update = self._update
         if update is None or update.version != version:
-            log.info("%s: abort of version %d: nothing in flight for it (%s)", self.loader.name, version,
-                     reason or "no reason given")
+            log.info(
+                "%s: abort of version %d: nothing in flight for it (%s)",
+                self.loader.name,
+                version,
+                reason or "no reason given",
+            )
             return self.policy
         if update.commit is not None:
             # Too late to drop: the engine has the commit under way; report what it became.
@@ -222,7 +239,9 @@ class WeightUpdater:
             error = None if fut.cancelled() else fut.exception()
             self._fail(
                 update,
-                error if isinstance(error, ClothoError) else Aborted(f"commit of version {update.version} failed: {error}"),
+                error
+                if isinstance(error, ClothoError)
+                else Aborted(f"commit of version {update.version} failed: {error}"),
             )
             return
         if self._update is update:

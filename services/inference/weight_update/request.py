@@ -4,8 +4,9 @@ checks every shard applies to it, and what a finished transfer reports."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
@@ -26,10 +27,10 @@ class UpdateRequest:
     resync: bool = False
 
     @classmethod
-    def from_proto(cls, msg: pb.PrepareWeightUpdateRequest) -> "UpdateRequest":
+    def from_proto(cls, msg: pb.PrepareWeightUpdateRequest) -> UpdateRequest:
         return cls(msg.version, msg.manifest, msg.rendezvous, msg.deadline_seconds, msg.step, msg.resync)
 
-    def for_rank(self, shift: int) -> "UpdateRequest":
+    def for_rank(self, shift: int) -> UpdateRequest:
         """The same update for the shard `shift` ranks after the rendezvous' rank_offset."""
         rendezvous = pb.Rendezvous()
         rendezvous.CopyFrom(self.rendezvous)
@@ -99,7 +100,9 @@ def check_manifest(msg: pb.WeightManifest, param_specs: Mapping[str, tuple[Any, 
         if spec is None:
             raise InvalidArgument(f"manifest: tensor {t.name!r} is not a parameter of the served model")
         if t.shape != tuple(spec[0]):
-            raise InvalidArgument(f"manifest: tensor {t.name!r} has shape {list(t.shape)}, the model's is {list(spec[0])}")
+            raise InvalidArgument(
+                f"manifest: tensor {t.name!r} has shape {list(t.shape)}, the model's is {list(spec[0])}"
+            )
     missing = sorted(set(param_specs) - seen)
     if missing:
         raise InvalidArgument(f"manifest: parameter {missing[0]!r} is missing ({len(missing)} in all)")

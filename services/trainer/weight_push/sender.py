@@ -17,17 +17,17 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Mapping, Sequence
+from typing import Any
 
 import torch
-from clotho.v1 import inference_service_pb2 as pb
-from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from grpc import aio
 from opentelemetry import trace
 
+from clotho.v1 import inference_service_pb2 as pb
+from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
-from services.common.weight_wire import pipeline
 from services.common.weight_wire import (
     BACKENDS,
     DEFAULT_BUCKET_BYTES,
@@ -35,6 +35,7 @@ from services.common.weight_wire import (
     Manifest,
     TrackedGroup,
     build_manifest,
+    pipeline,
 )
 from services.trainer.weight_push.report import StageFailed, SyncReport, WeightSyncError, describe
 
@@ -55,7 +56,6 @@ class _Shard:
     stub: pb_grpc.InferenceServiceStub
     ranks: int
     rank_offset: int
-
 
 
 class WeightSync:
@@ -93,7 +93,7 @@ class WeightSync:
         self._backend = "gloo"
 
     @classmethod
-    def for_targets(cls, targets: Sequence[str], **kwargs: Any) -> "WeightSync":
+    def for_targets(cls, targets: Sequence[str], **kwargs: Any) -> WeightSync:
         """Open a channel per InferenceService target; `close()` closes them."""
         channels = [channel(t) for t in targets]
         stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
@@ -125,10 +125,12 @@ class WeightSync:
         """The policy version each inference service serves now (waits for services
         that are not up yet, up to `timeout`, default the sync timeout)."""
         left = self.timeout_seconds if timeout is None else timeout
-        replies = await asyncio.gather(*(
-            stub.GetServedPolicy(pb.GetServedPolicyRequest(), timeout=left, wait_for_ready=True)
-            for stub in self._stubs
-        ))
+        replies = await asyncio.gather(
+            *(
+                stub.GetServedPolicy(pb.GetServedPolicyRequest(), timeout=left, wait_for_ready=True)
+                for stub in self._stubs
+            )
+        )
         return {name: int(r.policy.version) for name, r in zip(self._names, replies)}
 
     def _manifest_for(self, tensors: Mapping[str, torch.Tensor]) -> Manifest:
@@ -166,10 +168,14 @@ class WeightSync:
             if formed:
                 # Shards may have restarted with another layout since the last group.
                 left = self._left(deadline)
-                infos = await self._stage(stage, deadline, [
-                    (name, stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=left))
-                    for name, stub in zip(self._names, self._stubs)
-                ])
+                infos = await self._stage(
+                    stage,
+                    deadline,
+                    [
+                        (name, stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=left))
+                        for name, stub in zip(self._names, self._stubs)
+                    ],
+                )
                 self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos])
                 self._backend = "nccl" if next(iter(tensors.values())).is_cuda else "gloo"
                 self._host_group()
@@ -207,7 +213,8 @@ class WeightSync:
             stage = "transfer"
             mark = time.monotonic()
             crcs = await self._stage(
-                stage, deadline,
+                stage,
+                deadline,
                 [("broadcast", handle.run(pipeline.send_buckets, handle, manifest, tensors, name="clotho-sync-send"))],
             )
             crcs = crcs[0]
@@ -216,21 +223,32 @@ class WeightSync:
             stage = "await"
             mark = time.monotonic()
             left = self._left(deadline)
-            await self._stage(stage, deadline, [
-                (s.name, s.stub.AwaitWeightTransfer(
-                    pb.AwaitWeightTransferRequest(version=version, bucket_crc32s=crcs), timeout=left
-                ))
-                for s in self._shards
-            ])
+            await self._stage(
+                stage,
+                deadline,
+                [
+                    (
+                        s.name,
+                        s.stub.AwaitWeightTransfer(
+                            pb.AwaitWeightTransferRequest(version=version, bucket_crc32s=crcs), timeout=left
+                        ),
+                    )
+                    for s in self._shards
+                ],
+            )
             stages[stage] = time.monotonic() - mark
 
             stage = "commit"
             mark = time.monotonic()
             left = self._left(deadline)
-            await self._stage(stage, deadline, [
-                (s.name, s.stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(version=version), timeout=left))
-                for s in self._shards
-            ])
+            await self._stage(
+                stage,
+                deadline,
+                [
+                    (s.name, s.stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(version=version), timeout=left))
+                    for s in self._shards
+                ],
+            )
             stages[stage] = time.monotonic() - mark
         except BaseException as exc:
             detail = exc.detail if isinstance(exc, StageFailed) else describe(exc)
@@ -291,8 +309,13 @@ class WeightSync:
             self._backend, self.address, world_size, f"clotho-{uuid.uuid4().hex[:12]}", self.timeout_seconds
         )
         self._group = TrackedGroup(group)
-        log.info("hosting weight-transfer group %s on %s:%d (world size %d)",
-                 group.group_name, self.address, group.port, world_size)
+        log.info(
+            "hosting weight-transfer group %s on %s:%d (world size %d)",
+            group.group_name,
+            self.address,
+            group.port,
+            world_size,
+        )
 
     def _drop_group(self) -> None:
         if self._group is not None:
@@ -303,8 +326,7 @@ class WeightSync:
 
     async def _fail(self, version: int, stage: str, detail: str) -> None:
         """Abort on every shard (best effort, bounded) and drop the group."""
-        log.warning("weight update to version %d failed during %s: %s; aborting on every shard",
-                    version, stage, detail)
+        log.warning("weight update to version %d failed during %s: %s; aborting on every shard", version, stage, detail)
         self._drop_group()
         reason = f"trainer: {stage} failed: {detail}"
         results = await asyncio.gather(
@@ -327,9 +349,7 @@ def _named_tensors(weights: Weights) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in weights.items()}
 
 
-def _layout(
-    names: Sequence[str], stubs: Sequence[pb_grpc.InferenceServiceStub], counts: Sequence[int]
-) -> list[_Shard]:
+def _layout(names: Sequence[str], stubs: Sequence[pb_grpc.InferenceServiceStub], counts: Sequence[int]) -> list[_Shard]:
     """Rank 0 is the trainer; each service's shards take the next consecutive ranks."""
     shards, offset = [], 1
     for name, stub, n in zip(names, stubs, counts):

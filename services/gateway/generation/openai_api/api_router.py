@@ -43,6 +43,7 @@ from services.gateway.http.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
 
+
 async def _json_body(request: Request) -> Any:
     try:
         return json.loads(await request.body())
@@ -142,8 +143,9 @@ def openai_router(inference: InferencePool) -> APIRouter:
                 # The first message arrives before the 200 goes out: errors keep their status.
                 messages = await prefetch(inference.generate_many(requests, span.context()))
                 return StreamingResponse(
-                    completion_stream(inference, body, call_id, requests, messages, texts, tokenizer, model,
-                                       span.hand_off()),
+                    completion_stream(
+                        inference, body, call_id, requests, messages, texts, tokenizer, model, span.hand_off()
+                    ),
                     media_type="text/event-stream",
                 )
             results = await asyncio.gather(*(inference.collect(r) for r in requests))

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.gateway.generation.openai_api.protocol import FINISH_REASONS
-
 
 Alternatives = list[tuple[str, float]]
 

@@ -6,7 +6,8 @@ built from InferenceService results with render.py.
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -59,8 +60,16 @@ def chat_response(
     completion_tokens = 0
     strings = TokenStrings(tokenizer)
     for k, completion in enumerate(results):
-        r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, body.logprobs,
-                   body.top_logprobs_k, strings)
+        r = render(
+            tokenizer,
+            completion,
+            body.stops,
+            body.skip_special_tokens,
+            body.no_stop_trim,
+            body.logprobs,
+            body.top_logprobs_k,
+            strings,
+        )
         completion_tokens += r.completion_tokens
         logprobs = None
         if body.logprobs:
@@ -102,8 +111,9 @@ def completion_response(
     for i, completions in enumerate(results):
         echo_text = texts[i] if body.echo else ""
         for k, completion in enumerate(completions):
-            r = render(tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, want_lps,
-                       k_top, strings)
+            r = render(
+                tokenizer, completion, body.stops, body.skip_special_tokens, body.no_stop_trim, want_lps, k_top, strings
+            )
             completion_tokens += r.completion_tokens
             logprobs = None
             if want_lps:
@@ -115,7 +125,8 @@ def completion_response(
                     p_lps[0] = None  # the first prompt token has no context
                     p_alts = (
                         strings.alternatives(completion.prompt_top_logprobs, len(ids[i]), k_top)
-                        if k_top else [None] * len(ids[i])
+                        if k_top
+                        else [None] * len(ids[i])
                     )
                     tokens, pieces, lps = p_tokens + tokens, p_pieces + pieces, p_lps + lps
                     alts = p_alts + alts
@@ -185,8 +196,9 @@ async def chat_stream(
     strings = TokenStrings(tokenizer)
     try:
         for k in range(body.n):
-            yield chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
+            yield chunk(
+                {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            )
         async for _, message in messages:
             k = message.index
             sample = samples[k]
@@ -205,19 +217,24 @@ async def chat_stream(
                     yield chunk({"index": k, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None})
                 continue
             completion = message.completion
-            r = await inference.in_tokenizer_thread(render, tokenizer, completion, body.stops, skip,
-                                                    body.no_stop_trim, False)
+            r = await inference.in_tokenizer_thread(
+                render, tokenizer, completion, body.stops, skip, body.no_stop_trim, False
+            )
             completion_tokens += r.completion_tokens
             delta = sample.text.final(r.text)
             logprobs = None
-            rest = list(completion.output_ids)[len(sample.ids):]
+            rest = list(completion.output_ids)[len(sample.ids) :]
             if body.logprobs and rest:
                 tokens, _, alts = await inference.in_tokenizer_thread(
-                    stream_tokens, strings, rest, skip, completion.output_top_logprobs[len(sample.ids):],
+                    stream_tokens,
+                    strings,
+                    rest,
+                    skip,
+                    completion.output_top_logprobs[len(sample.ids) :],
                     body.top_logprobs_k,
                 )
                 logprobs = chat_logprobs(
-                    tokens, list(completion.output_logprobs)[len(sample.ids):], body.top_logprobs, alts
+                    tokens, list(completion.output_logprobs)[len(sample.ids) :], body.top_logprobs, alts
                 )
             yield chunk(
                 {
@@ -291,19 +308,24 @@ async def completion_stream(
                     yield event({"index": i * n + k, "text": delta, "logprobs": logprobs, "finish_reason": None})
                 continue
             completion = message.completion
-            r = await inference.in_tokenizer_thread(render, tokenizer, completion, body.stops, skip,
-                                                    body.no_stop_trim, False)
+            r = await inference.in_tokenizer_thread(
+                render, tokenizer, completion, body.stops, skip, body.no_stop_trim, False
+            )
             completion_tokens += r.completion_tokens
             delta = sample.text.final(r.text)
             logprobs = None
-            rest = list(completion.output_ids)[len(sample.ids):]
+            rest = list(completion.output_ids)[len(sample.ids) :]
             if want_lps and rest:
                 tokens, pieces, alts = await inference.in_tokenizer_thread(
-                    stream_tokens, strings, rest, skip, completion.output_top_logprobs[len(sample.ids):],
+                    stream_tokens,
+                    strings,
+                    rest,
+                    skip,
+                    completion.output_top_logprobs[len(sample.ids) :],
                     body.top_logprobs_k,
                 )
                 logprobs = completion_logprobs(
-                    tokens, pieces, list(completion.output_logprobs)[len(sample.ids):], sample.offset, alts
+                    tokens, pieces, list(completion.output_logprobs)[len(sample.ids) :], sample.offset, alts
                 )
             yield event(
                 {

@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 _GATEWAY_SAMPLING = {"skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"}
 _UINT32, _INT32 = UINT32_MAX, INT32_MAX
 # The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
-# services/inference/api.py).
+# services/inference/generation_types.py).
 MAX_TOP_LOGPROBS = 20
 
 
@@ -143,9 +144,21 @@ def _sampling(where: str, params: Any) -> tuple[pb.SamplingParams, int, list[str
     }
     out.ignore_eos = flags["ignore_eos"]
 
-    known = {"max_new_tokens", "temperature", "top_p", "top_k", "n", "seed", "sampling_seed", "stop",
-             "stop_token_ids", "ignore_eos", "frequency_penalty", "presence_penalty",
-             "repetition_penalty"} | _GATEWAY_SAMPLING
+    known = {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "seed",
+        "sampling_seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+    } | _GATEWAY_SAMPLING
     ignored = sorted(set(params) - known)
     if ignored:
         log.debug("ignoring sampling params the engine does not support: %s", ignored)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from grpc import aio
 from opentelemetry import trace
@@ -48,9 +49,7 @@ def _token_texts(tokenizer: Any, call: GenerateCall) -> _TokenTexts | None:
     return _TokenTexts(tokenizer) if call.return_text_in_logprobs and tokenizer is not None else None
 
 
-def _decode(
-    tokenizer: Any, prompt: Prompt, ids: list[int], texts: _TokenTexts | None
-) -> tuple[str, list[str] | None]:
+def _decode(tokenizer: Any, prompt: Prompt, ids: list[int], texts: _TokenTexts | None) -> tuple[str, list[str] | None]:
     """The text of `ids`, and each token's own text when `texts` is given."""
     if tokenizer is None:
         return "", None
@@ -144,10 +143,17 @@ async def stream(
                     meta["output_token_logprobs"] = state.logprobs
                     if prompt.top_logprobs_k > 0:
                         meta["output_top_logprobs"] = state.tops
-                yield sse_event({"text": text, "output_ids": state.ids, "meta_info": meta, "index": index}, ensure_ascii=True)
+                yield sse_event(
+                    {"text": text, "output_ids": state.ids, "meta_info": meta, "index": index}, ensure_ascii=True
+                )
             else:
                 result = await inference.in_tokenizer_thread(
-                    _final_result, tokenizer, texts, prompt, item.completion, result_rid(prompt, item.index),
+                    _final_result,
+                    tokenizer,
+                    texts,
+                    prompt,
+                    item.completion,
+                    result_rid(prompt, item.index),
                     time.perf_counter() - started,
                 )
                 result["index"] = index

@@ -63,19 +63,42 @@ _UINT32, _INT32 = UINT32_MAX, INT32_MAX
 # vLLM's SamplingParams.max_tokens default.
 DEFAULT_MAX_TOKENS = 16
 # The most alternatives per position: the engine's bound (MAX_TOP_LOGPROBS in
-# services/inference/api.py), and vLLM's default max_logprobs.
+# services/inference/generation_types.py), and vLLM's default max_logprobs.
 MAX_LOGPROBS = 20
 
-SERVED = frozenset({
-    "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "logprobs", "prompt_logprobs", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
-    "presence_penalty", "frequency_penalty", "repetition_penalty",
-})
+SERVED = frozenset(
+    {
+        "n",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "logprobs",
+        "prompt_logprobs",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+        "detokenize",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    }
+)
 # SamplingParams fields that change no sampling: accepted with any value, ignored.
-HARMLESS = frozenset({
-    "spaces_between_special_tokens", "output_kind", "flat_logprobs", "stream_interval", "skip_clone",
-    "skip_reading_prefix_cache", "routed_experts_prompt_start",
-})
+HARMLESS = frozenset(
+    {
+        "spaces_between_special_tokens",
+        "output_kind",
+        "flat_logprobs",
+        "stream_interval",
+        "skip_clone",
+        "skip_reading_prefix_cache",
+        "routed_experts_prompt_start",
+    }
+)
 
 
 def _empty(value: Any) -> bool:
@@ -145,17 +168,14 @@ class VllmCall:
 
 def is_vllm_body(body: Any) -> bool:
     """vLLM's body has `prompt`; SGLang's has `text` or `input_ids`."""
-    return (
-        isinstance(body, dict)
-        and "prompt" in body
-        and body.get("text") is None
-        and body.get("input_ids") is None
-    )
+    return isinstance(body, dict) and "prompt" in body and body.get("text") is None and body.get("input_ids") is None
 
 
 def _token_ids(where: str, value: Any, allow_empty: bool = False) -> list[int]:
     if not isinstance(value, list) or (not value and not allow_empty):
-        raise InvalidArgument(f"{where} must be a {'' if allow_empty else 'non-empty '}list of token ids, got {value!r}")
+        raise InvalidArgument(
+            f"{where} must be a {'' if allow_empty else 'non-empty '}list of token ids, got {value!r}"
+        )
     for k, tok in enumerate(value):
         if not is_int(tok) or not 0 <= tok <= _INT32:
             raise InvalidArgument(f"{where}[{k}] must be a token id, got {tok!r}")
@@ -172,17 +192,17 @@ def _prompt(value: Any) -> tuple[list[int] | None, str | None]:
         if unknown:
             raise InvalidArgument(
                 f"prompt has fields this server does not support: {', '.join(unknown)} "
-                "(give {\"prompt_token_ids\": [...]} or {\"prompt\": \"...\"})"
+                '(give {"prompt_token_ids": [...]} or {"prompt": "..."})'
             )
         ids, text = value.get("prompt_token_ids"), value.get("prompt")
         if ids is not None:
             return _token_ids("prompt.prompt_token_ids", ids), None
         if isinstance(text, str) and text:
             return None, text
-        raise InvalidArgument("prompt must have prompt_token_ids (a non-empty list of token ids) or a non-empty prompt string")
-    raise InvalidArgument(
-        f"prompt must be a string or {{\"prompt_token_ids\": [...]}}, got {type(value).__name__}"
-    )
+        raise InvalidArgument(
+            "prompt must have prompt_token_ids (a non-empty list of token ids) or a non-empty prompt string"
+        )
+    raise InvalidArgument(f'prompt must be a string or {{"prompt_token_ids": [...]}}, got {type(value).__name__}')
 
 
 def parse_vllm(body: dict[str, Any]) -> VllmCall:

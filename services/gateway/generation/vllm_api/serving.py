@@ -5,7 +5,8 @@ one streamed line, rendered in the tokenizer thread (protocol.py)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
