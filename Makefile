@@ -11,9 +11,9 @@ TORCH ?= torch==2.13.0
 PIP = $(VENV)/bin/pip
 STEPS ?= 200
 PYTEST_ARGS ?=
-# `buf breaking` compares proto/ with the proto/ of the previous commit (the first parent, so a merge
-# is compared with the branch it lands on), or of HEAD when the history has one commit.
-BREAKING_REF ?= $(shell git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null && echo HEAD~1 || echo HEAD)
+# `buf breaking` compares proto/ with the proto/ it must stay compatible with (scripts/breaking_ref.sh:
+# before the last commit that changed it, or HEAD's while proto/ has uncommitted changes).
+BREAKING_REF ?= $(shell scripts/breaking_ref.sh)
 
 .PHONY: up test setup setup-test setup-clients protos lint clean
 

@@ -1,5 +1,5 @@
-"""`buf breaking` (FILE rules, buf.yaml) passes for proto/ against the previous commit's
-proto/, and would fail on a breaking edit (a removed field, a renumbered field)."""
+"""`buf breaking` (FILE rules, buf.yaml) passes for proto/ against the proto/ before its last
+change, and would fail on a breaking edit (a removed field, a renumbered field)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,16 @@ def _git(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def previous_ref() -> str:
-    """HEAD~1 (the first parent, so a merge compares with the branch it lands on), or HEAD
-    when the history has a single commit."""
+    """The ref scripts/breaking_ref.sh names (as `make lint` uses it): the parent of the last
+    commit that changed proto/ (first-parent history), HEAD's while proto/ has uncommitted
+    changes, or HEAD when there is no parent."""
     if _git("rev-parse", "--is-inside-work-tree").stdout.strip() != "true":
         pytest.fail(f"{ROOT} is not a git checkout: `buf breaking` compares proto/ with the previous commit")
-    return "HEAD~1" if _git("rev-parse", "--verify", "--quiet", "HEAD~1^{commit}").returncode == 0 else "HEAD"
+    result = subprocess.run(
+        ["sh", str(ROOT / "scripts" / "breaking_ref.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    return result.stdout.strip()
 
 
 def _breaking(input_dir: Path, against: str, cwd: Path) -> subprocess.CompletedProcess[str]:
