@@ -97,8 +97,10 @@ def build_model(out: Path, hidden: int, layers: int, vocab: int, seed: int) -> P
 def workload(n: int, prompt_len: tuple[int, int], new_tokens: tuple[int, int], vocab: int, seed: int):
     rng = random.Random(seed * 1000 + n)
     return [
-        ([1] + [rng.randrange(3, min(vocab, 4000)) for _ in range(rng.randint(*prompt_len) - 1)],
-         rng.randint(*new_tokens))
+        (
+            [1] + [rng.randrange(3, min(vocab, 4000)) for _ in range(rng.randint(*prompt_len) - 1)],
+            rng.randint(*new_tokens),
+        )
         for _ in range(n)
     ]
 
@@ -109,8 +111,14 @@ class Clock:
         self.cpu = time.process_time()
 
     def arm(self, tokens: int, ttfts: list[float]) -> Arm:
-        return Arm(tokens, time.perf_counter() - self.wall, time.process_time() - self.cpu,
-                   statistics.fmean(ttfts), statistics.median(ttfts), max(ttfts))
+        return Arm(
+            tokens,
+            time.perf_counter() - self.wall,
+            time.process_time() - self.cpu,
+            statistics.fmean(ttfts),
+            statistics.median(ttfts),
+            max(ttfts),
+        )
 
 
 def best(runs: list[Arm]) -> Arm:
@@ -118,7 +126,7 @@ def best(runs: list[Arm]) -> Arm:
 
 
 async def run_engine(engine, requests) -> Arm:
-    from services.inference.api import Completion, GenerationRequest, SamplingOptions, TokenChunk
+    from services.inference.generation_types import Completion, GenerationRequest, SamplingOptions, TokenChunk
 
     clock = Clock()
     start = clock.wall
@@ -127,8 +135,11 @@ async def run_engine(engine, requests) -> Arm:
 
     async def one(i: int, prompt: list[int], new: int) -> None:
         nonlocal tokens
-        stream = engine.submit(GenerationRequest(
-            prompt, SamplingOptions(temperature=0.0, max_new_tokens=new, ignore_eos=True), stream=True))
+        stream = engine.submit(
+            GenerationRequest(
+                prompt, SamplingOptions(temperature=0.0, max_new_tokens=new, ignore_eos=True), stream=True
+            )
+        )
         async for event in stream:
             if isinstance(event, TokenChunk) and first[i] is None:
                 first[i] = time.perf_counter() - start
@@ -161,11 +172,19 @@ def generate(model, prompts: list[list[int]], new: int, streamer: FirstToken) ->
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, eos_token_id=None, pad_token_id=0, streamer=streamer)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            streamer=streamer,
+        )
 
 
 def run_generate_per_request(model, requests) -> Arm:
@@ -187,19 +206,28 @@ def run_generate_batched(model, requests) -> Arm:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'conc':>4}  {'arm':<18}{'out tok/s':>10}{'tok/cpu-s':>10}{'TTFT mean':>11}{'TTFT p50':>10}"
-            f"{'TTFT max':>10}{'tokens':>8}{'seconds':>9}  engine speedup (wall, cpu)")
+    head = (
+        f"{'conc':>4}  {'arm':<18}{'out tok/s':>10}{'tok/cpu-s':>10}{'TTFT mean':>11}{'TTFT p50':>10}"
+        f"{'TTFT max':>10}{'tokens':>8}{'seconds':>9}  engine speedup (wall, cpu)"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         for name in ("engine", "generate/request", "generate/batch"):
             a = r[name]
             e = r["engine"]
-            ratio = "" if name == "engine" else (
-                f"x{e['tokens_per_second'] / a['tokens_per_second']:.2f}, "
-                f"x{e['tokens_per_cpu_second'] / a['tokens_per_cpu_second']:.2f}")
-            lines.append(f"{r['concurrency']:>4}  {name:<18}{a['tokens_per_second']:>10.1f}{a['tokens_per_cpu_second']:>10.1f}"
-                         f"{a['ttft_mean']:>10.2f}s{a['ttft_p50']:>9.2f}s{a['ttft_max']:>9.2f}s{a['tokens']:>8}"
-                         f"{a['seconds']:>9.1f}  {ratio}")
+            ratio = (
+                ""
+                if name == "engine"
+                else (
+                    f"x{e['tokens_per_second'] / a['tokens_per_second']:.2f}, "
+                    f"x{e['tokens_per_cpu_second'] / a['tokens_per_cpu_second']:.2f}"
+                )
+            )
+            lines.append(
+                f"{r['concurrency']:>4}  {name:<18}{a['tokens_per_second']:>10.1f}{a['tokens_per_cpu_second']:>10.1f}"
+                f"{a['ttft_mean']:>10.2f}s{a['ttft_p50']:>9.2f}s{a['ttft_max']:>9.2f}s{a['tokens']:>8}"
+                f"{a['seconds']:>9.1f}  {ratio}"
+            )
     return "\n".join(lines)
 
 
@@ -222,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from services.inference.engine import GenerationEngine
+    from services.inference.torch_engine.engine import GenerationEngine
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -230,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
     new_tokens = tuple(int(x) for x in args.new_tokens.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(Path(args.model_dir or tmp) / "bench-llama", args.hidden, args.layers, args.vocab, args.seed)
+        model_dir = build_model(
+            Path(args.model_dir or tmp) / "bench-llama", args.hidden, args.layers, args.vocab, args.seed
+        )
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         engine = GenerationEngine(model_dir, max_batch_size=max(64, max(levels)))
         params = sum(p.numel() for p in hf.parameters())
@@ -248,17 +278,24 @@ def main(argv: list[str] | None = None) -> None:
                     runs["request"].append(run_generate_per_request(hf, requests))
                     runs["batch"].append(run_generate_batched(hf, requests))
                 eng, per_request, batched = best(runs["engine"]), best(runs["request"]), best(runs["batch"])
-                rows.append({
-                    "concurrency": c,
-                    "engine": eng.as_json(),
-                    "generate/request": per_request.as_json(),
-                    "generate/batch": batched.as_json(),
-                    "speedup_vs_generate_per_request": round(eng.tokens_per_second / per_request.tokens_per_second, 2),
-                    "speedup_vs_generate_batch": round(eng.tokens_per_second / batched.tokens_per_second, 2),
-                    "cpu_speedup_vs_generate_per_request": round(
-                        eng.tokens_per_cpu_second / per_request.tokens_per_cpu_second, 2),
-                    "cpu_speedup_vs_generate_batch": round(eng.tokens_per_cpu_second / batched.tokens_per_cpu_second, 2),
-                })
+                rows.append(
+                    {
+                        "concurrency": c,
+                        "engine": eng.as_json(),
+                        "generate/request": per_request.as_json(),
+                        "generate/batch": batched.as_json(),
+                        "speedup_vs_generate_per_request": round(
+                            eng.tokens_per_second / per_request.tokens_per_second, 2
+                        ),
+                        "speedup_vs_generate_batch": round(eng.tokens_per_second / batched.tokens_per_second, 2),
+                        "cpu_speedup_vs_generate_per_request": round(
+                            eng.tokens_per_cpu_second / per_request.tokens_per_cpu_second, 2
+                        ),
+                        "cpu_speedup_vs_generate_batch": round(
+                            eng.tokens_per_cpu_second / batched.tokens_per_cpu_second, 2
+                        ),
+                    }
+                )
                 print(f"# concurrency {c} done", file=sys.stderr, flush=True)
         finally:
             engine.close()

@@ -54,7 +54,15 @@ def run_api_command(port: int) -> list[str]:
     script = Path(sys.executable).with_name("run-api")
     if script.exists():
         return [str(script), "--host", "127.0.0.1", "--port", str(port)]
-    return [sys.executable, "-c", "from atroposlib.cli.run_api import main; main()", "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        sys.executable,
+        "-c",
+        "from atroposlib.cli.run_api import main; main()",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 @contextlib.contextmanager
@@ -98,9 +106,25 @@ def cpu_seconds(pid: int) -> float | None:
 def run_load(load: Path, url: str, server_pid: int, args: argparse.Namespace) -> dict:
     before = cpu_seconds(server_pid)
     out = subprocess.run(
-        [sys.executable, str(load), url, "--groups", str(args.groups), "--group-size", str(args.group_size),
-         "--tokens", str(args.tokens), "--concurrency", str(args.concurrency), "--batch-size", str(args.batch_size)],
-        check=True, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            str(load),
+            url,
+            "--groups",
+            str(args.groups),
+            "--group-size",
+            str(args.group_size),
+            "--tokens",
+            str(args.tokens),
+            "--concurrency",
+            str(args.concurrency),
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     after = cpu_seconds(server_pid)
@@ -110,8 +134,15 @@ def run_load(load: Path, url: str, server_pid: int, args: argparse.Namespace) ->
     return result
 
 
-FIGURES = ("ingest_groups_per_s", "post_p50_ms", "post_p99_ms", "batch_p50_ms", "first_batch_ms", "drain_s",
-           "server_cpu_ms_per_group")
+FIGURES = (
+    "ingest_groups_per_s",
+    "post_p50_ms",
+    "post_p99_ms",
+    "batch_p50_ms",
+    "first_batch_ms",
+    "drain_s",
+    "server_cpu_ms_per_group",
+)
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -139,7 +170,7 @@ def load_group(size: int, tokens: int, env_id: int) -> dict:
     toks = [[random.randrange(32000) for _ in range(tokens)] for _ in range(size)]
     return {
         "tokens": toks,
-        "masks": [[-100] * (tokens // 2) + row[tokens // 2:] for row in toks],
+        "masks": [[-100] * (tokens // 2) + row[tokens // 2 :] for row in toks],
         "scores": [random.choice([0.0, 1.0]) for _ in range(size)],
         "inference_logprobs": [[-0.5] * tokens for _ in range(size)],
         "env_id": env_id,
@@ -150,14 +181,31 @@ async def a_batch_body(url: str, args: argparse.Namespace) -> bytes:
     """One full /batch reply from the gateway (uncompressed), of the load's shape."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         await http.get("/reset_data")
-        await http.post("/register", json={
-            "wandb_group": "g", "wandb_project": "p", "batch_size": args.batch_size, "max_token_len": 4096,
-            "checkpoint_dir": "ckpt", "save_checkpoint_interval": 100, "starting_step": 0, "num_steps": 10**6,
-        })
+        await http.post(
+            "/register",
+            json={
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": args.batch_size,
+                "max_token_len": 4096,
+                "checkpoint_dir": "ckpt",
+                "save_checkpoint_interval": 100,
+                "starting_step": 0,
+                "num_steps": 10**6,
+            },
+        )
         await http.get("/batch")
-        env = (await http.post("/register-env", json={
-            "max_token_length": 4096, "desired_name": "floor", "weight": 1.0, "group_size": args.group_size,
-        })).json()
+        env = (
+            await http.post(
+                "/register-env",
+                json={
+                    "max_token_length": 4096,
+                    "desired_name": "floor",
+                    "weight": 1.0,
+                    "group_size": args.group_size,
+                },
+            )
+        ).json()
         for _ in range(args.batch_size // args.group_size):
             r = await http.post("/scored_data", json=load_group(args.group_size, args.tokens, env["env_id"]))
             r.raise_for_status()
@@ -204,7 +252,7 @@ def small_group(tag: int, env_id: int, size: int, tokens: int) -> dict:
     row = [tag % 30000 + i for i in range(tokens)]
     return {
         "tokens": [row] * size,
-        "masks": [[-100] * (tokens // 2) + row[tokens // 2:]] * size,
+        "masks": [[-100] * (tokens // 2) + row[tokens // 2 :]] * size,
         "scores": [1.0] * size,
         "env_id": env_id,
     }
@@ -230,14 +278,31 @@ async def depth_figures(url: str, grpc_target: str, depth: int, calls: int, args
     Atropos does; the rest hand out those)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http, aio.insecure_channel(grpc_target) as channel:
         await http.get("/reset_data")
-        await http.post("/register", json={
-            "wandb_group": "g", "wandb_project": "p", "batch_size": args.batch_size, "max_token_len": 4096,
-            "checkpoint_dir": "ckpt", "save_checkpoint_interval": 100, "starting_step": 0, "num_steps": 10**6,
-        })
+        await http.post(
+            "/register",
+            json={
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": args.batch_size,
+                "max_token_len": 4096,
+                "checkpoint_dir": "ckpt",
+                "save_checkpoint_interval": 100,
+                "starting_step": 0,
+                "num_steps": 10**6,
+            },
+        )
         await http.get("/batch")
-        env = (await http.post("/register-env", json={
-            "max_token_length": 4096, "desired_name": "deep", "weight": 1.0, "group_size": args.group_size,
-        })).json()
+        env = (
+            await http.post(
+                "/register-env",
+                json={
+                    "max_token_length": 4096,
+                    "desired_name": "deep",
+                    "weight": 1.0,
+                    "group_size": args.group_size,
+                },
+            )
+        ).json()
         await fill(http, depth, env["env_id"], args)
         queued = (await http.get("/status")).json()["queue_size"]
         # Let the store's background checkpoint copy what the fill wrote (up to
@@ -289,7 +354,9 @@ def main() -> None:
     ap.add_argument("--deep", type=int, default=100_000, help="the deep queue for the gateway-only figures (0: skip)")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between filling a queue and timing it")
     ap.add_argument(
-        "--response-gzip", choices=("auto", "always", "never"), default="auto",
+        "--response-gzip",
+        choices=("auto", "always", "never"),
+        default="auto",
         help="the gateway's reply compression (auto: none over loopback; always: as run-api)",
     )
     args = ap.parse_args()
@@ -300,15 +367,29 @@ def main() -> None:
         api_url, gw_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gw_port}"
         gw_grpc_port = free_port()
         gateway_cmd = [
-            sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(gw_port),
-            "--grpc-port", str(gw_grpc_port), "--data-dir", str(work / "gateway-store"),
-            "--max-stored-groups", str(max(200_000, 2 * args.deep)), "--log-level", "WARNING",
-            "--response-gzip", args.response_gzip,
+            sys.executable,
+            "-m",
+            "services.gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(gw_port),
+            "--grpc-port",
+            str(gw_grpc_port),
+            "--data-dir",
+            str(work / "gateway-store"),
+            "--max-stored-groups",
+            str(max(200_000, 2 * args.deep)),
+            "--log-level",
+            "WARNING",
+            "--response-gzip",
+            args.response_gzip,
         ]
         runs: dict[str, list[dict]] = {"run-api": [], "gateway": []}
-        with server("run-api", run_api_command(api_port), api_url, work) as api_proc, server(
-            "gateway", gateway_cmd, gw_url, work
-        ) as gw_proc:
+        with (
+            server("run-api", run_api_command(api_port), api_url, work) as api_proc,
+            server("gateway", gateway_cmd, gw_url, work) as gw_proc,
+        ):
             pids = {"run-api": api_proc.pid, "gateway": gw_proc.pid}
             for round_ in range(args.rounds):
                 order = [("run-api", api_url), ("gateway", gw_url)]
@@ -327,8 +408,12 @@ def main() -> None:
 
     api, gw = runs["run-api"], runs["gateway"]
     figures = {
-        "groups": args.groups, "group_size": args.group_size, "tokens": args.tokens, "rounds": args.rounds,
-        "durable": True, "response_gzip": args.response_gzip,
+        "groups": args.groups,
+        "group_size": args.group_size,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "durable": True,
+        "response_gzip": args.response_gzip,
         "run_api": {k: median_of(api, k) for k in FIGURES},
         "gateway": {k: median_of(gw, k) for k in FIGURES},
         "errors": {"run_api": sum(r["errors"] for r in api), "gateway": sum(r["errors"] for r in gw)},
@@ -346,18 +431,59 @@ def main() -> None:
     r = figures["ratios"]
     rows = [
         ("figure (median of rounds)", "run-api", "gateway", "ratio", "goal"),
-        ("ingest groups/s", f"{a['ingest_groups_per_s']:.0f}", f"{g['ingest_groups_per_s']:.0f}", f"{r['ingest']:.2f}x", ">= 3x"),
-        ("POST /scored_data p50 ms", f"{a['post_p50_ms']:.1f}", f"{g['post_p50_ms']:.1f}", f"{a['post_p50_ms'] / g['post_p50_ms']:.2f}x lower", ""),
-        ("POST /scored_data p99 ms", f"{a['post_p99_ms']:.1f}", f"{g['post_p99_ms']:.1f}", f"{r['post_p99_lower']:.2f}x lower", ""),
-        (f"/batch p50 ms ({args.groups}-group queue)", f"{a['batch_p50_ms']:.2f}", f"{g['batch_p50_ms']:.2f}", f"{r['batch_p50_lower']:.1f}x lower", ">= 10x lower"),
-        ("  the client alone: same bytes, instant server", "", f"{floor:.2f}", f"{a['batch_p50_ms'] / floor:.1f}x (best any server could show)", ""),
-        ("first /batch ms (forms all)", f"{a['first_batch_ms']:.1f}", f"{g['first_batch_ms']:.1f}", f"{a['first_batch_ms'] / g['first_batch_ms']:.1f}x lower", ""),
+        (
+            "ingest groups/s",
+            f"{a['ingest_groups_per_s']:.0f}",
+            f"{g['ingest_groups_per_s']:.0f}",
+            f"{r['ingest']:.2f}x",
+            ">= 3x",
+        ),
+        (
+            "POST /scored_data p50 ms",
+            f"{a['post_p50_ms']:.1f}",
+            f"{g['post_p50_ms']:.1f}",
+            f"{a['post_p50_ms'] / g['post_p50_ms']:.2f}x lower",
+            "",
+        ),
+        (
+            "POST /scored_data p99 ms",
+            f"{a['post_p99_ms']:.1f}",
+            f"{g['post_p99_ms']:.1f}",
+            f"{r['post_p99_lower']:.2f}x lower",
+            "",
+        ),
+        (
+            f"/batch p50 ms ({args.groups}-group queue)",
+            f"{a['batch_p50_ms']:.2f}",
+            f"{g['batch_p50_ms']:.2f}",
+            f"{r['batch_p50_lower']:.1f}x lower",
+            ">= 10x lower",
+        ),
+        (
+            "  the client alone: same bytes, instant server",
+            "",
+            f"{floor:.2f}",
+            f"{a['batch_p50_ms'] / floor:.1f}x (best any server could show)",
+            "",
+        ),
+        (
+            "first /batch ms (forms all)",
+            f"{a['first_batch_ms']:.1f}",
+            f"{g['first_batch_ms']:.1f}",
+            f"{a['first_batch_ms'] / g['first_batch_ms']:.1f}x lower",
+            "",
+        ),
     ]
     if a["server_cpu_ms_per_group"] and g["server_cpu_ms_per_group"]:
-        rows.append((
-            "server CPU ms per group (ingest+drain)", f"{a['server_cpu_ms_per_group']:.2f}",
-            f"{g['server_cpu_ms_per_group']:.2f}", f"{a['server_cpu_ms_per_group'] / g['server_cpu_ms_per_group']:.1f}x less", "",
-        ))
+        rows.append(
+            (
+                "server CPU ms per group (ingest+drain)",
+                f"{a['server_cpu_ms_per_group']:.2f}",
+                f"{g['server_cpu_ms_per_group']:.2f}",
+                f"{a['server_cpu_ms_per_group'] / g['server_cpu_ms_per_group']:.1f}x less",
+                "",
+            )
+        )
     print(table(rows))
     if depths:
         rows = [("gateway alone", *(f"{d:,} queued" for d in depths))]

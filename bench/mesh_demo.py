@@ -95,8 +95,10 @@ def main() -> None:
     print(f"{'':28}{'clotho sync':>14}{'raw gloo':>14}")
     print(f"{'seconds per update':28}{result['sync_seconds']:>14.4f}{raw:>14.4f}")
     print(f"{'MB/s':28}{result['sync_MBps']:>14.1f}{result['raw_gloo_MBps']:>14.1f}")
-    print(f"reward {result['reward_start']:.3f} -> {result['reward_end']:.3f} over {result['steps']} steps, "
-          f"{result['steps_per_minute']:.1f} steps/min")
+    print(
+        f"reward {result['reward_start']:.3f} -> {result['reward_end']:.3f} over {result['steps']} steps, "
+        f"{result['steps_per_minute']:.1f} steps/min"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The cost of taking in one `/scored_data` group: the pydantic path against the C fast
-path (services/gateway/_scored_fast.c), side by side in one run.
+path (services/gateway/trajectory/_scored_fast.c), side by side in one run.
 
 Both produce the canonical compact JSON the group is kept and served as:
   pydantic  encode_group(parse_scored_data(body))
@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.gateway.scored_data import encode_group, parse_scored_data  # noqa: E402
+from services.gateway.trajectory.scored_data import encode_group, parse_scored_data
 
 try:
-    from services.gateway import _scored_fast  # noqa: E402
+    from services.gateway.trajectory import _scored_fast
 except ImportError:
     sys.exit("the C fast path was not built: needs a C compiler and Python headers (pip install --no-deps -e .)")
 
@@ -88,7 +88,9 @@ def main() -> None:
 
     rng = random.Random(0)
     load = load_group(rng, a.sequences, a.tokens)
-    f32_group = dict(load, inference_logprobs=[[f32(-rng.expovariate(1.0)) for _ in range(a.tokens)] for _ in range(a.sequences)])
+    f32_group = dict(
+        load, inference_logprobs=[[f32(-rng.expovariate(1.0)) for _ in range(a.tokens)] for _ in range(a.sequences)]
+    )
     bodies = {
         "load": json.dumps(load).encode(),
         "f32": json.dumps(f32_group, separators=(",", ":")).encode(),
@@ -113,7 +115,12 @@ def main() -> None:
         py = per_call_us(pydantic_path, body, max(a.number // 10, 5), a.repeat)
         c = per_call_us(c_path, body, a.number, a.repeat)
         cc = per_call_us(c_path_completions, body, a.number, a.repeat)
-        results[name] = {"bytes": len(body), "pydantic_us": round(py, 1), "c_us": round(c, 1), "c_completions_us": round(cc, 1)}
+        results[name] = {
+            "bytes": len(body),
+            "pydantic_us": round(py, 1),
+            "c_us": round(c, 1),
+            "c_completions_us": round(cc, 1),
+        }
         print(f"{name:<16}{len(body) / 1000:>7.1f}{py:>13.1f}{c:>9.1f}{py / c:>7.1f}x{cc:>18.1f}{py / cc:>7.1f}x")
     print(json.dumps(results))
 

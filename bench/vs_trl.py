@@ -48,13 +48,21 @@ sys.path.insert(0, str(ROOT))
 SIZES = {
     "tiny": {
         "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4},
-        "task": "repeat", "max_new_tokens": 4, "lr": 1e-3,
-        "steps": 250, "quick_steps": 80, "thresholds": (0.3, 0.45, 0.6),
+        "task": "repeat",
+        "max_new_tokens": 4,
+        "lr": 1e-3,
+        "steps": 250,
+        "quick_steps": 80,
+        "thresholds": (0.3, 0.45, 0.6),
     },
     "heavy": {
         "model": {"hidden_size": 512, "num_layers": 6, "num_heads": 8},
-        "task": "reverse", "max_new_tokens": 32, "lr": 1e-4,
-        "steps": 120, "quick_steps": 20, "thresholds": (0.15, 0.2, 0.25),
+        "task": "reverse",
+        "max_new_tokens": 32,
+        "lr": 1e-4,
+        "steps": 120,
+        "quick_steps": 20,
+        "thresholds": (0.15, 0.2, 0.25),
     },
 }
 PROMPTS_PER_STEP = 4
@@ -78,16 +86,20 @@ def trl_run(args: argparse.Namespace) -> None:
     task = Task(args.task, args.max_new_tokens)
     rng = random.Random(args.seed)
     prompts = [task.prompt(rng) for _ in range(args.steps * PROMPTS_PER_STEP + PROMPTS_PER_STEP)]
-    data = Dataset.from_dict({
-        "prompt": [p.text for p in prompts],
-        "digit": [p.digit for p in prompts],
-        "target": [p.target for p in prompts],
-    })
+    data = Dataset.from_dict(
+        {
+            "prompt": [p.text for p in prompts],
+            "digit": [p.digit for p in prompts],
+            "target": [p.target for p in prompts],
+        }
+    )
 
     def reward(prompts, completions, digit, target, **_):
         from services.demo.task import Prompt
 
-        return [task.score(c, Prompt(text=p, digit=d, target=t)) for p, c, d, t in zip(prompts, completions, digit, target)]
+        return [
+            task.score(c, Prompt(text=p, digit=d, target=t)) for p, c, d, t in zip(prompts, completions, digit, target)
+        ]
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -125,14 +137,21 @@ def trl_run(args: argparse.Namespace) -> None:
 
         def on_log(self, _args, state, _control, logs=None, **k):
             if logs and "reward" in logs:
-                steps.append({
-                    "step": state.global_step, "mean_score": float(logs["reward"]),
-                    "elapsed_seconds": time.monotonic() - Timing.started,
-                })
+                steps.append(
+                    {
+                        "step": state.global_step,
+                        "mean_score": float(logs["reward"]),
+                        "elapsed_seconds": time.monotonic() - Timing.started,
+                    }
+                )
 
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=config, train_dataset=data,
-        processing_class=tok, callbacks=[Timing()],
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[Timing()],
     )
     trainer.train()
     print(json.dumps({"steps": steps, "threads": torch.get_num_threads()}))
@@ -142,10 +161,12 @@ def trl_run(args: argparse.Namespace) -> None:
 
 
 def smoothed(scores: list[float]) -> list[float]:
-    return [statistics.fmean(scores[max(0, i + 1 - SMOOTH): i + 1]) for i in range(len(scores))]
+    return [statistics.fmean(scores[max(0, i + 1 - SMOOTH) : i + 1]) for i in range(len(scores))]
 
 
-def crossings(steps: list[dict], thresholds: tuple[float, ...], offset: float = 0.0) -> dict[float, tuple[int, float] | None]:
+def crossings(
+    steps: list[dict], thresholds: tuple[float, ...], offset: float = 0.0
+) -> dict[float, tuple[int, float] | None]:
     """Per threshold: (step, seconds) when the smoothed mean score first reaches it."""
     smooth = smoothed([s["mean_score"] for s in steps])
     out: dict[float, tuple[int, float] | None] = {}
@@ -164,9 +185,25 @@ def build_model(path: Path, model: dict) -> Path:
 
 
 def run_trl(size: dict, model: Path, steps: int, seed: int, work: Path, threads: int = 0) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_trl", "--model", str(model), "--task", size["task"],
-           "--max-new-tokens", str(size["max_new_tokens"]), "--lr", str(size["lr"]), "--steps", str(steps),
-           "--seed", str(seed), "--out-dir", str(work / "trl")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_trl",
+        "--model",
+        str(model),
+        "--task",
+        size["task"],
+        "--max-new-tokens",
+        str(size["max_new_tokens"]),
+        "--lr",
+        str(size["lr"]),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--out-dir",
+        str(work / "trl"),
+    ]
     started = time.monotonic()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -181,9 +218,24 @@ def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra
     """`clotho up` (from `src`), its step rows timed as they arrive on its stdout, from
     the moment it says the mesh is ready ("training: ...")."""
     data_dir = work / "clotho"
-    cmd = [sys.executable, "-m", "services.cli", "up", "--steps", str(steps), "--data-dir", str(data_dir),
-           "--model-path", str(model), "--lr", str(size["lr"]),
-           "--batch-size", str(PROMPTS_PER_STEP * GROUP_SIZE), "--group-size", str(GROUP_SIZE)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "up",
+        "--steps",
+        str(steps),
+        "--data-dir",
+        str(data_dir),
+        "--model-path",
+        str(model),
+        "--lr",
+        str(size["lr"]),
+        "--batch-size",
+        str(PROMPTS_PER_STEP * GROUP_SIZE),
+        "--group-size",
+        str(GROUP_SIZE),
+    ]
     if src == ROOT:
         cmd += ["--seed", str(seed), "--task", size["task"], "--max-new-tokens", str(size["max_new_tokens"])]
     elif size["task"] != "repeat" or size["max_new_tokens"] != 4:
@@ -220,20 +272,28 @@ def rate(steps: list[dict], offset: float = 0.0) -> float | None:
 
 def report(name: str, size: dict, results: dict[str, dict]) -> None:
     thresholds = size["thresholds"]
-    print(f"\n## {name}: task {size['task']}, {size['max_new_tokens']} new tokens, model {size['model']}, lr {size['lr']}")
-    head = f"| run | steps | steps/min | mean score (first {SMOOTH} -> last {SMOOTH}) | " + " | ".join(
-        f"to {t} (step, s)" for t in thresholds) + " |"
+    print(
+        f"\n## {name}: task {size['task']}, {size['max_new_tokens']} new tokens, model {size['model']}, lr {size['lr']}"
+    )
+    head = (
+        f"| run | steps | steps/min | mean score (first {SMOOTH} -> last {SMOOTH}) | "
+        + " | ".join(f"to {t} (step, s)" for t in thresholds)
+        + " |"
+    )
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     for run, r in results.items():
         steps = r["steps"]
         offset = 0.0
         scores = [s["mean_score"] for s in steps]
-        hits = crossings(steps, thresholds, offset) if steps else {t: None for t in thresholds}
+        hits = crossings(steps, thresholds, offset) if steps else dict.fromkeys(thresholds)
         spm = rate(steps, offset) if steps else r.get("steps_per_minute")
         cells = [f"{h[0]}, {h[1]:.1f}" if h else "not reached" for h in hits.values()]
-        score = (f"{statistics.fmean(scores[:SMOOTH]):.3f} -> {statistics.fmean(scores[-SMOOTH:]):.3f}"
-                 if scores else f"{r.get('reward_start', 0):.3f} -> {r.get('reward_end', 0):.3f}")
+        score = (
+            f"{statistics.fmean(scores[:SMOOTH]):.3f} -> {statistics.fmean(scores[-SMOOTH:]):.3f}"
+            if scores
+            else f"{r.get('reward_start', 0):.3f} -> {r.get('reward_end', 0):.3f}"
+        )
         print(f"| {run} | {len(steps) or r.get('n', 0)} | {spm:.1f} | {score} | " + " | ".join(cells) + " |")
     for run, r in results.items():
         b = r.get("breakdown")
@@ -254,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-src", type=Path, default=None, help="also run `clotho up` from this checkout")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument(
-        "--trl-threads", default="0",
+        "--trl-threads",
+        default="0",
         help="comma-separated torch thread counts for TRL runs; 0: its default (every core)",
     )
     args = p.parse_args(argv)
@@ -266,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work_dir.resolve() / name
         model = build_model(work / "model", size["model"])
         results: dict[str, dict] = {}
-        for threads in ([] if args.skip_trl else [int(x) for x in args.trl_threads.split(",")]):
+        for threads in [] if args.skip_trl else [int(x) for x in args.trl_threads.split(",")]:
             r = run_trl(size, model, steps, args.seed, work, threads)
             label = "TRL GRPOTrainer" + (f" (OMP_NUM_THREADS={threads})" if threads else "")
             results[label] = {"steps": r["steps"], "threads": r["threads"]}
@@ -279,10 +340,14 @@ def main(argv: list[str] | None = None) -> None:
             r = run_clotho(size, model, steps, args.seed, work / label.split()[-1].strip("()"), extra, src)
             s = r["summary"]
             entry = {
-                "steps": r["steps"], "startup": r["startup_seconds"],
-                "breakdown": s.get("step_breakdown_seconds"), "threads": s.get("threads"),
-                "steps_per_minute": s.get("steps_per_minute"), "reward_start": s.get("reward_start"),
-                "reward_end": s.get("reward_end"), "n": s.get("steps"),
+                "steps": r["steps"],
+                "startup": r["startup_seconds"],
+                "breakdown": s.get("step_breakdown_seconds"),
+                "threads": s.get("threads"),
+                "steps_per_minute": s.get("steps_per_minute"),
+                "reward_start": s.get("reward_start"),
+                "reward_end": s.get("reward_end"),
+                "n": s.get("steps"),
             }
             results[label] = entry
         report(name, size, results)

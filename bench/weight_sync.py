@@ -43,15 +43,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from services.common.weight_transfer import DEFAULT_BUCKET_BYTES  # noqa: E402
+from services.common.weight_wire import DEFAULT_BUCKET_BYTES
 
 # Qwen2.5-0.5B's shape.
 QWEN2_05B = dict(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-    tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
 )
 
 
@@ -72,11 +79,12 @@ def build_model(out: Path, layers: int) -> None:
 
 # -- the peer process: raw gloo receiver and disk loader ----------------------------------
 
+
 def peer(conn, model_dir: str) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from services.common.weight_transfer import CollectiveGroup
+    from services.common.weight_wire import CollectiveGroup
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     params = dict(model.named_parameters())
@@ -117,9 +125,10 @@ async def ask(conn, message, expect: str) -> None:
 
 # -- main -----------------------------------------------------------------------------------
 
+
 def lay_out(manifest, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Copy the weights into one contiguous buffer carved into the manifest's buckets."""
-    from services.common.weight_transfer import unpack_bucket
+    from services.common.weight_wire import unpack_bucket
 
     total = manifest.total_bytes
     big = torch.empty(total, dtype=torch.uint8)
@@ -137,8 +146,12 @@ def lay_out(manifest, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dic
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds per method (after warmup)")
-    parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20,
-                        help="weight-sync bucket size in MiB (default: the trainer's)")
+    parser.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=DEFAULT_BUCKET_BYTES / 2**20,
+        help="weight-sync bucket size in MiB (default: the trainer's)",
+    )
     parser.add_argument("--layers", type=int, default=24, help="decoder layers (24 = Qwen2.5-0.5B)")
     parser.add_argument("--keep", type=Path, default=None, help="model directory to reuse (built if missing)")
     args = parser.parse_args()
@@ -146,8 +159,8 @@ async def main() -> None:
     from safetensors.torch import save_file
 
     from services import launcher
-    from services.common.weight_transfer import CollectiveGroup, build_manifest
-    from services.trainer.weight_sync import WeightSync
+    from services.common.weight_wire import CollectiveGroup, build_manifest
+    from services.trainer.weight_push import WeightSync
 
     work = Path(tempfile.mkdtemp(prefix="clotho-bench-ws-"))
     model_dir = args.keep or work / "model"
@@ -171,7 +184,8 @@ async def main() -> None:
     peer_proc = ctx.Process(target=peer, args=(child_conn, str(model_dir)), daemon=True)
     peer_proc.start()
     inference = await launcher.start(
-        "inference", "services.inference",
+        "inference",
+        "services.inference",
         ["--model-path", str(model_dir), "--dtype", "bfloat16", "--weight-update-timeout-seconds", "300"],
         work / "logs",
     )
@@ -184,7 +198,9 @@ async def main() -> None:
         conn.send(("join", (raw_group.port, nbytes)))
         await asyncio.to_thread(raw_group.connect)
         assert await asyncio.to_thread(conn.recv) == "joined"
-        sync = WeightSync.for_targets([f"127.0.0.1:{ready['grpc_port']}"], bucket_bytes=bucket_bytes, timeout_seconds=300)
+        sync = WeightSync.for_targets(
+            [f"127.0.0.1:{ready['grpc_port']}"], bucket_bytes=bucket_bytes, timeout_seconds=300
+        )
         version = 0
         times: dict[str, list[float]] = {"raw gloo": [], "protocol": [], "protocol, packing": [], "disk": []}
         stages: list[dict[str, float]] = []
@@ -231,7 +247,9 @@ async def main() -> None:
         from services.common.server import channel
 
         async with channel(f"127.0.0.1:{ready['grpc_port']}") as ch:
-            served = (await pb_grpc.InferenceServiceStub(ch).GetServedPolicy(pb.GetServedPolicyRequest())).policy.version
+            served = (
+                await pb_grpc.InferenceServiceStub(ch).GetServedPolicy(pb.GetServedPolicyRequest())
+            ).policy.version
         assert served == version, (served, version)
     finally:
         if sync is not None:
@@ -269,13 +287,21 @@ async def main() -> None:
         "protocol_stage_seconds_median": {k: round(v, 3) for k, v in stage_med.items()},
     }
     print(json.dumps(result), flush=True)
-    print(f"\n{params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB bf16, {len(manifest.buckets)} buckets of "
-          f"{bucket_bytes / 2**20:.0f} MiB, best / median of {args.rounds} rounds")
-    print(f"{'method':<20}{'best s':>8}{'median s':>10}{'GB/s (median)':>15}{'vs raw (paired)':>17}{'vs raw (best)':>15}")
+    print(
+        f"\n{params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB bf16, {len(manifest.buckets)} buckets of "
+        f"{bucket_bytes / 2**20:.0f} MiB, best / median of {args.rounds} rounds"
+    )
+    print(
+        f"{'method':<20}{'best s':>8}{'median s':>10}{'GB/s (median)':>15}{'vs raw (paired)':>17}{'vs raw (best)':>15}"
+    )
     for k in times:
-        print(f"{k:<20}{best[k]:>8.3f}{med[k]:>10.3f}{nbytes / med[k] / 1e9:>15.2f}{paired[k]:>17.0%}{raw_best / best[k]:>15.0%}")
+        print(
+            f"{k:<20}{best[k]:>8.3f}{med[k]:>10.3f}{nbytes / med[k] / 1e9:>15.2f}{paired[k]:>17.0%}{raw_best / best[k]:>15.0%}"
+        )
     if stage_med:
-        print("protocol stages, median over both variants (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stage_med.items()))
+        print(
+            "protocol stages, median over both variants (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stage_med.items())
+        )
     print(f"first push (group formed, buffers allocated): {cold:.3f}s")
 
 

@@ -13,9 +13,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 LineHandler = Callable[[str, dict], Awaitable[None] | None]
 
@@ -55,9 +55,7 @@ async def _read_stdout(child: Child, on_event: LineHandler | None) -> None:
             if asyncio.iscoroutine(result):
                 await result
     if not child.ready.done():
-        child.ready.set_exception(
-            RuntimeError(f"{child.name} exited before it was ready; see {child.log_path}")
-        )
+        child.ready.set_exception(RuntimeError(f"{child.name} exited before it was ready; see {child.log_path}"))
 
 
 async def start(
@@ -68,11 +66,14 @@ async def start(
     on_event: LineHandler | None = None,
     env: dict[str, str] | None = None,
 ) -> Child:
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per child, at start
     log_path = log_dir / f"{name}.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+    log_file = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - kept open for the child's lifetime
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args,
+        sys.executable,
+        "-m",
+        module,
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=log_file,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -87,7 +88,7 @@ async def start(
 async def wait_ready(child: Child, timeout: float) -> dict:
     try:
         return await asyncio.wait_for(asyncio.shield(child.ready), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RuntimeError(f"{child.name} not ready after {timeout:.0f}s; see {child.log_path}") from None
 
 
@@ -97,7 +98,7 @@ async def stop(child: Child, grace: float = 10.0) -> int | None:
             child.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(child.proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.kill()
             await child.proc.wait()

@@ -49,7 +49,7 @@ def thread_budget(cores: int) -> dict[str, int]:
         raise ValueError("cores must be at least 1")
     heavy = cores - len(LIGHT_PROCESSES) if cores >= 6 else cores
     trainer = max(1, heavy // 2)
-    return {"inference": max(1, heavy - trainer), "trainer": trainer, **{name: 1 for name in LIGHT_PROCESSES}}
+    return {"inference": max(1, heavy - trainer), "trainer": trainer, **dict.fromkeys(LIGHT_PROCESSES, 1)}
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -71,11 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="repeat", help="the demo environment's task")
     p.add_argument("--max-new-tokens", type=int, default=4, help="tokens per completion")
     p.add_argument(
-        "--no-overlap", action="store_true",
+        "--no-overlap",
+        action="store_true",
         help="push each step's weights before the next step trains (default: while it trains)",
     )
     p.add_argument(
-        "--cores", type=int, default=None,
+        "--cores",
+        type=int,
+        default=None,
         help="cores to divide among the processes (default: those this process may use); "
         "0 sets no thread budget (every process keeps its libraries' defaults)",
     )
@@ -83,17 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.add_argument(
-        "--trajectory-token", default=os.environ.get("CLOTHO_GATEWAY_TRAJECTORY_TOKEN") or None,
+        "--trajectory-token",
+        default=os.environ.get("CLOTHO_GATEWAY_TRAJECTORY_TOKEN") or None,
         help="the gateway's trajectory_token (default: $CLOTHO_GATEWAY_TRAJECTORY_TOKEN); the "
         "trainer and the demo environment are given it",
     )
     p.add_argument(
-        "--inference-token", default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
+        "--inference-token",
+        default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
         help="the gateway's inference_token (default: $CLOTHO_GATEWAY_INFERENCE_TOKEN); the demo "
         "environment is given it",
     )
     p.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue from the last checkpoint and the gateway's stored queue in --data-dir "
         "(default: start fresh; --steps then counts the total)",
     )
@@ -145,8 +151,9 @@ class Progress:
         steps = [s for s in self.steps if "cycle_seconds" in s]
         if not steps:
             return None
-        mean = {k: statistics.fmean(s.get(f"{k}_seconds", 0.0) for s in steps)
-                for k in ("wait", "train", "update", "cycle")}
+        mean = {
+            k: statistics.fmean(s.get(f"{k}_seconds", 0.0) for s in steps) for k in ("wait", "train", "update", "cycle")
+        }
         mean["other"] = max(mean["cycle"] - mean["wait"] - mean["train"] - mean["update"], 0.0)
         return mean
 
@@ -164,7 +171,8 @@ class Progress:
             # The rate once training runs (the mesh's start-up left out).
             "training_steps_per_minute": (
                 60 / statistics.fmean(s["cycle_seconds"] for s in self.steps if "cycle_seconds" in s)
-                if any("cycle_seconds" in s for s in self.steps) else None
+                if any("cycle_seconds" in s for s in self.steps)
+                else None
             ),
             "sync_seconds_mean": statistics.fmean(s["sync_seconds"] for s in syncs) if syncs else None,
             "sync_bytes": syncs[-1].get("sync_bytes") if syncs else None,
@@ -195,8 +203,8 @@ async def run_up(args: argparse.Namespace) -> dict:
 
     progress = Progress(args.quiet)
     progress.target = args.steps
-    data_dir.mkdir(parents=True, exist_ok=True)
-    progress.log = open(data_dir / "steps.jsonl", "w")  # noqa: SIM115 - closed after the run
+    data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything starts
+    progress.log = open(data_dir / "steps.jsonl", "w")  # noqa: SIM115, ASYNC230 - closed after the run
     children: list[launcher.Child] = []
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -222,9 +230,7 @@ async def run_up(args: argparse.Namespace) -> dict:
         return ["--threads", str(threads[name])] if threads is not None else []
 
     async def start(name: str, module: str, argv: list[str]) -> dict:
-        child = await launcher.start(
-            name, module, argv, log_dir, on_event=progress.on_event, env=child_env.get(name)
-        )
+        child = await launcher.start(name, module, argv, log_dir, on_event=progress.on_event, env=child_env.get(name))
         children.append(child)
         info = await launcher.wait_ready(child, args.ready_timeout)
         print(f"  {name:<9} ready {json.dumps({k: v for k, v in info.items() if k != 'event'})}", flush=True)
@@ -234,23 +240,41 @@ async def run_up(args: argparse.Namespace) -> dict:
         print(f"starting the mesh (logs in {log_dir})", flush=True)
         if threads is not None:
             print(f"threads per process ({cores} cores): {json.dumps(threads)}", flush=True)
-        inf = await start("inference", "services.inference", ["--model-path", str(model_path), *threads_flag("inference")])
+        inf = await start(
+            "inference", "services.inference", ["--model-path", str(model_path), *threads_flag("inference")]
+        )
         inference = f"127.0.0.1:{inf['grpc_port']}"
         gw = await start(
-            "gateway", "services.gateway",
-            ["--http-port", str(args.http_port), "--inference", json.dumps([inference]),
-             "--tokenizer-path", str(model_path), "--data-dir", str(data_dir / "gateway"),
-             *threads_flag("gateway")],
+            "gateway",
+            "services.gateway",
+            [
+                "--http-port",
+                str(args.http_port),
+                "--inference",
+                json.dumps([inference]),
+                "--tokenizer-path",
+                str(model_path),
+                "--data-dir",
+                str(data_dir / "gateway"),
+                *threads_flag("gateway"),
+            ],
         )
         gateway_url = f"http://127.0.0.1:{gw['http_port']}"
         trainer_args = [
-            "--model-path", str(model_path),
-            "--gateway", f"127.0.0.1:{gw['grpc_port']}",
-            "--inference", json.dumps([inference]),
-            "--batch-size", str(args.batch_size),
-            "--num-steps", str(args.steps),
-            "--checkpoint-dir", str(data_dir / "checkpoints"),
-            "--seed", str(args.seed),
+            "--model-path",
+            str(model_path),
+            "--gateway",
+            f"127.0.0.1:{gw['grpc_port']}",
+            "--inference",
+            json.dumps([inference]),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-steps",
+            str(args.steps),
+            "--checkpoint-dir",
+            str(data_dir / "checkpoints"),
+            "--seed",
+            str(args.seed),
             *threads_flag("trainer"),
             # One step off (the trainer's default): the next batch is generated while a step
             # trains, and the step's weights are pushed while the next one trains.
@@ -260,9 +284,22 @@ async def run_up(args: argparse.Namespace) -> dict:
             trainer_args += ["--lr", str(args.lr)]
         await start("trainer", "services.trainer", trainer_args)
         await start(
-            "env", "services.demo.env",
-            ["--gateway-url", gateway_url, "--tokenizer-path", str(model_path), "--group-size", str(args.group_size),
-             "--task", args.task, "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)],
+            "env",
+            "services.demo.env",
+            [
+                "--gateway-url",
+                gateway_url,
+                "--tokenizer-path",
+                str(model_path),
+                "--group-size",
+                str(args.group_size),
+                "--task",
+                args.task,
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--seed",
+                str(args.seed),
+            ],
         )
         progress.training_started = time.monotonic() - progress.started
         print(f"training: gateway at {gateway_url}; Ctrl-C stops", flush=True)
@@ -298,7 +335,12 @@ def format_breakdown(b: dict[str, float]) -> str:
     cycle = b["cycle"] or 1e-12
     parts = " / ".join(
         f"{label} {b[key] * 1e3:.1f} ms ({b[key] / cycle:.0%})"
-        for key, label in (("wait", "wait for batch"), ("train", "train"), ("update", "weight update"), ("other", "other"))
+        for key, label in (
+            ("wait", "wait for batch"),
+            ("train", "train"),
+            ("update", "weight update"),
+            ("other", "other"),
+        )
     )
     return f"average step {b['cycle'] * 1e3:.1f} ms: {parts}"
 

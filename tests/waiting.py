@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float = 20.0) -> None:

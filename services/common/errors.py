@@ -1,120 +1,62 @@
-"""Domain errors and the one interceptor that maps them to gRPC status codes.
+"""Domain errors: what a service raises when a request cannot be served, each with the
+status code it becomes.
 
-Services raise these; nothing else in a service touches status codes. The gateway maps
-the codes to HTTP in one table (services/gateway/http_errors.py).
+Services raise these; nothing else in a service touches status codes. `code` is a
+`StatusCode` named exactly as gRPC's, so this module imports no grpc and code below the
+wire (the gateway's trajectory store, the engines) can raise them. Two places turn them
+into answers: services/common/error_interceptor.py (gRPC statuses, one interceptor on
+every server) and services/gateway/http/errors.py (HTTP, one table).
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+import enum
 
-import grpc
-from grpc import aio
 
-log = logging.getLogger(__name__)
+class StatusCode(enum.Enum):
+    """The gRPC status codes a domain error can carry, by gRPC's names."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    FAILED_PRECONDITION = "failed_precondition"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    ABORTED = "aborted"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
+    INTERNAL = "internal"
 
 
 class ClothoError(Exception):
-    """Base of every domain error; `code` is the gRPC status it becomes."""
+    """Base of every domain error; `code` is the status it becomes."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = StatusCode.INTERNAL
 
 
 class InvalidArgument(ClothoError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = StatusCode.INVALID_ARGUMENT
 
 
 class NotFound(ClothoError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = StatusCode.NOT_FOUND
 
 
 class ResourceExhausted(ClothoError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = StatusCode.RESOURCE_EXHAUSTED
 
 
 class Unavailable(ClothoError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = StatusCode.UNAVAILABLE
 
 
 class FailedPrecondition(ClothoError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = StatusCode.FAILED_PRECONDITION
 
 
 class DeadlineExceeded(ClothoError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = StatusCode.DEADLINE_EXCEEDED
 
 
 class Aborted(ClothoError):
-    code = grpc.StatusCode.ABORTED
-
-
-async def _abort(context: aio.ServicerContext, exc: ClothoError) -> None:
-    await context.abort(exc.code, str(exc))
-
-
-def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """Wrap every behaviour of a method handler so domain errors become statuses."""
-
-    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: aio.ServicerContext) -> Any:
-            try:
-                return await fn(request, context)
-            except ClothoError as exc:
-                await _abort(context, exc)
-
-        return call
-
-    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(request, context):
-                    yield item
-            except ClothoError as exc:
-                await _abort(context, exc)
-
-        return call
-
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    def either(fn: Callable[..., Any]) -> Callable[..., Any]:
-        # A streaming handler is an async generator, or a coroutine that writes through
-        # the context (grpc.health.v1 Watch does that).
-        return streaming(fn) if inspect.isasyncgenfunction(fn) else unary(fn)
-
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            either(handler.unary_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        either(handler.stream_stream),
-        handler.request_deserializer,
-        handler.response_serializer,
-    )
-
-
-class ErrorInterceptor(aio.ServerInterceptor):
-    """Turns ClothoError subclasses raised by servicers into their gRPC status."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return _wrap(handler)
+    code = StatusCode.ABORTED

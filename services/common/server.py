@@ -14,16 +14,17 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import ErrorInterceptor
+from services.common.error_interceptor import ErrorInterceptor
 from services.common.telemetry import server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,7 @@ class GrpcServer:
     service_names: list[str] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -159,4 +156,4 @@ def channel(target: str, token: Any = None) -> aio.Channel:
     )
 
 
-__all__ = ["GrpcServer", "build_server", "run_service", "run_main", "announce_ready", "channel", "grpc"]
+__all__ = ["GrpcServer", "announce_ready", "build_server", "channel", "grpc", "run_main", "run_service"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict

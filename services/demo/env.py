@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import httpx
 
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument(
-        "--max-groups-ahead", type=int, default=8,
+        "--max-groups-ahead",
+        type=int,
+        default=8,
         help="groups queued at the gateway or being generated, at most",
     )
     p.add_argument("--seed", type=int, default=0)

@@ -13,10 +13,11 @@ The check runs as the outermost middleware, before the body is read: a request
 without the token costs no body buffering. A refusal is 401 with a JSON body (OpenAI's
 error shape on `/v1/*`, the gateway's elsewhere) and `WWW-Authenticate: Bearer`.
 
-`trajectory_token` also guards gRPC: every `clotho.v1.GatewayService` call (unary and
-streaming alike) must carry metadata `authorization: Bearer <trajectory_token>`, or it
-ends UNAUTHENTICATED before any handler runs (`GrpcBearerInterceptor`, the server's
-first interceptor). `grpc.health.v1.Health` and server reflection stay open for
+Both also guard gRPC: every `clotho.v1.GatewayService` call (unary and streaming
+alike) must carry metadata `authorization: Bearer <token>`, or it ends UNAUTHENTICATED
+before any handler runs (`GrpcBearerInterceptor`, the server's first interceptor).
+`GatewayService.Generate` takes the inference token, as its twin `/generate` does;
+every other method the trajectory token. `grpc.health.v1.Health` and server reflection stay open for
 probes. Clients send the token with `clotho.client.GatewayClient(target, token=...)`
 (or `bearer_interceptors` on a channel), the trainer with `--gateway-token`.
 """
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc import aio
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clotho.client import plain_token
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 INFERENCE = "inference"
@@ -145,14 +149,19 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     return grpc.stream_stream_rpc_method_handler(streaming, *serde)
 
 
+# gRPC methods whose REST twins are inference routes; every other method is trajectory.
+GRPC_INFERENCE_METHODS = frozenset({"/clotho.v1.GatewayService/Generate"})
+
+
 class GrpcBearerInterceptor(aio.ServerInterceptor):
     """Refuses, UNAUTHENTICATED, every call without `authorization: Bearer <token>`
-    metadata, except to the open services (health, reflection). Fails closed: a
-    service added to the server later is guarded too."""
+    metadata, except to the open services (health, reflection). The token is the
+    trajectory token, or the inference token for GRPC_INFERENCE_METHODS; a family
+    whose token is unset stays open. Fails closed: a service added to the server later
+    is guarded by the trajectory token."""
 
-    def __init__(self, token: str, setting: str = "trajectory_token") -> None:
-        self._expected = token
-        self._setting = setting
+    def __init__(self, token: str | None, inference_token: str | None = None) -> None:
+        self._tokens = {TRAJECTORY: token or None, INFERENCE: inference_token or None}
 
     async def intercept_service(
         self,
@@ -164,32 +173,32 @@ class GrpcBearerInterceptor(aio.ServerInterceptor):
         # method is "/package.Service/Method".
         if handler is None or method.lstrip("/").partition("/")[0] in OPEN_GRPC_SERVICES:
             return handler
-        given = _grpc_bearer(handler_call_details.invocation_metadata)
-        if _matches(given, self._expected):
+        family = INFERENCE if method in GRPC_INFERENCE_METHODS else TRAJECTORY
+        expected = self._tokens[family]
+        if expected is None:
             return handler
+        given = _grpc_bearer(handler_call_details.invocation_metadata)
+        if _matches(given, expected):
+            return handler
+        setting = f"{family}_token"
         message = (
-            f"missing bearer token: {method} needs metadata 'authorization: Bearer <{self._setting}>'"
+            f"missing bearer token: {method} needs metadata 'authorization: Bearer <{setting}>'"
             if given is None
-            else f"wrong bearer token for {method} (the gateway's {self._setting})"
+            else f"wrong bearer token for {method} (the gateway's {setting})"
         )
         return _refusal(handler, message)
 
 
-def grpc_interceptors(trajectory_token: Any) -> list[aio.ServerInterceptor]:
-    """The gateway's gRPC auth check when `trajectory_token` (str or SecretStr) is set:
-    pass as build_server's `interceptors`."""
-    token = _plain(trajectory_token)
-    return [GrpcBearerInterceptor(token)] if token else []
-
-
-def _plain(token: Any) -> str | None:
-    value = token.get_secret_value() if hasattr(token, "get_secret_value") else token
-    return value or None
+def grpc_interceptors(trajectory_token: Any, inference_token: Any = None) -> list[aio.ServerInterceptor]:
+    """The gateway's gRPC auth check when either token (str or SecretStr) is set: pass
+    as build_server's `interceptors`."""
+    token, inference = plain_token(trajectory_token), plain_token(inference_token)
+    return [GrpcBearerInterceptor(token, inference)] if token or inference else []
 
 
 def install(app: Any, trajectory_token: Any, inference_token: Any) -> None:
     """Guard `app` when either token (a str or pydantic SecretStr) is set. Call it after
     every other middleware was added: the last added runs first."""
-    trajectory_token, inference_token = _plain(trajectory_token), _plain(inference_token)
+    trajectory_token, inference_token = plain_token(trajectory_token), plain_token(inference_token)
     if trajectory_token or inference_token:
         app.add_middleware(BearerAuthMiddleware, trajectory_token=trajectory_token, inference_token=inference_token)

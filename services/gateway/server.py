@@ -12,21 +12,23 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import Any
 
 import uvicorn
 
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
-from services.gateway import auth, receipts
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.servicer import SERVICE_NAME, GatewayServicer
+from services.gateway import auth
+from services.gateway.generation.pool import InferencePool
+from services.gateway.http.app import create_app
+from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
-from services.gateway.state import TrajectoryState
-from services.gateway.store import open_store
+from services.gateway.trajectory import receipts
+from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.trajectory.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class GatewayServer(GrpcServer):
     """The bound gRPC server plus the HTTP side: start() and stop() run both."""
 
     state: TrajectoryState = field(default_factory=TrajectoryState)
-    inference: InferenceClient | None = None
+    inference: InferencePool | None = None
     app: Any = None
     http: uvicorn.Server | None = None
     http_socket: socket.socket | None = None
@@ -114,16 +116,18 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         max_staleness=settings.max_staleness,
         staleness_policy=settings.staleness_policy,
     )
-    inference = InferenceClient(
-        settings.inference, settings.tokenizer_path, settings.generate_timeout_seconds,
+    inference = InferencePool(
+        settings.inference,
+        settings.tokenizer_path,
+        settings.generate_timeout_seconds,
         eject_seconds=settings.inference_eject_seconds,
     )
-    servicer = GatewayServicer(state)
+    servicer = GatewayServicer(state, inference)
     grpc_server = build_server(
         settings.grpc_bind_host,
         settings.grpc_port,
         [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
-        interceptors=auth.grpc_interceptors(settings.trajectory_token),
+        interceptors=auth.grpc_interceptors(settings.trajectory_token, settings.inference_token),
     )
     app = create_app(state, inference, settings.max_body_bytes, settings.response_gzip)
     # Outside the body middleware: its 413s on /v1/* leave in OpenAI's error shape.
@@ -166,8 +170,13 @@ async def serve(settings: GatewaySettings) -> None:
 
     log.info(
         "gateway: gRPC %s:%d, HTTP %s:%d, store %s%s, inference %s",
-        settings.grpc_bind_host, gateway.port, settings.http_bind[0], gateway.http_port, settings.store,
-        f" in {settings.data_dir}" if settings.store == "sqlite" else "", settings.inference or "none",
+        settings.grpc_bind_host,
+        gateway.port,
+        settings.http_bind[0],
+        gateway.http_port,
+        settings.store,
+        f" in {settings.data_dir}" if settings.store == "sqlite" else "",
+        settings.inference or "none",
     )
     try:
         await run_service(

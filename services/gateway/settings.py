@@ -3,7 +3,6 @@ env vars."""
 
 from __future__ import annotations
 
-
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -46,9 +45,7 @@ class GatewaySettings(ServiceSettings):
         description="Trajectory store: 'sqlite' (durable: acknowledged data, registrations and the "
         "step survive a crash and a restart) or 'memory' (like run-api: gone with the process).",
     )
-    data_dir: str = Field(
-        ".clotho/gateway", description="Directory of the sqlite store (one gateway per directory)."
-    )
+    data_dir: str = Field(".clotho/gateway", description="Directory of the sqlite store (one gateway per directory).")
     store_fsync: bool = Field(
         False,
         description="fsync every group commit (SQLite synchronous=FULL): survive power loss too, "

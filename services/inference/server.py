@@ -12,13 +12,13 @@ from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
-from services.inference.engine import engine_from_settings
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from services.inference.shard import Shard
 from services.inference.shard_set import ShardSet
-from services.inference.torch_shard import TorchShard
-from services.inference.weight_receiver import WeightReceiver
+from services.inference.torch_engine.engine import engine_from_settings
+from services.inference.torch_engine.loader import WeightReceiver
+from services.inference.torch_engine.shard import TorchShard
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -69,14 +69,15 @@ def build_shards(settings: InferenceSettings) -> list[Shard]:
     if settings.engine == "sglang":
         # Imported here: the SGLang adapter needs nothing from sglang itself, but keeps the
         # torch-only path free of its HTTP machinery.
-        from services.inference.sglang_shard import sglang_shards_from_settings
+        from services.inference.sglang_server.shard import sglang_shards_from_settings
 
         return sglang_shards_from_settings(settings)
     shards: list[Shard] = []
     for i, device in enumerate(settings.torch_devices()):
         engine = engine_from_settings(settings, device=device)
-        receiver = WeightReceiver(engine, settings.weight_update_timeout_seconds)
-        shards.append(TorchShard(engine, receiver, name=f"torch-{i}@{device}"))
+        name = f"torch-{i}@{device}"
+        receiver = WeightReceiver(engine, settings.weight_update_timeout_seconds, name=name)
+        shards.append(TorchShard(engine, receiver, name=name))
     return shards
 
 

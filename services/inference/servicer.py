@@ -5,26 +5,27 @@ protocol fanned out to every shard."""
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from grpc import aio
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from clotho.v1 import policy_pb2
-from services.inference.api import (
+from services.inference.generation_types import (
     Completion,
     FinishReason,
     GenerationRequest,
-    PolicyState,
     SamplingOptions,
+    ServedPolicy,
     TokenChunk,
     TopLogprobs,
 )
-from services.inference.engine import GenerationEngine
 from services.inference.shard_set import ShardSet
-from services.inference.torch_shard import TorchShard
-from services.inference.weight_receiver import WeightReceiver
+from services.inference.torch_engine.engine import GenerationEngine
+from services.inference.torch_engine.loader import WeightReceiver
+from services.inference.torch_engine.shard import TorchShard
+from services.inference.weight_update import UpdateRequest
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def PrepareWeightUpdate(
         self, request: pb.PrepareWeightUpdateRequest, context: aio.ServicerContext
     ) -> pb.PrepareWeightUpdateResponse:
-        joined = await self.shards.prepare(
-            request.version, request.manifest, request.rendezvous, request.deadline_seconds, request.step,
-            resync=request.resync,
-        )
+        joined = await self.shards.begin(UpdateRequest.from_proto(request))
         return pb.PrepareWeightUpdateResponse(joined_group=joined)
 
     async def AwaitWeightTransfer(
@@ -183,5 +181,5 @@ def top_logprobs_protos(tops: tuple[TopLogprobs, ...]) -> list[pb.TopLogprobs]:
     return [pb.TopLogprobs(token_ids=t.token_ids, logprobs=t.logprobs) for t in tops]
 
 
-def policy_proto(p: PolicyState) -> policy_pb2.PolicyVersion:
+def policy_proto(p: ServedPolicy) -> policy_pb2.PolicyVersion:
     return policy_pb2.PolicyVersion(version=p.version, committed_at=p.committed_at, step=p.step)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -55,8 +54,10 @@ class InferenceSettings(ServiceSettings):
     )
     dtype: str = Field("float32", description="Parameter dtype: float32, bfloat16 or float16.")
     max_batch_size: int = Field(
-        64, ge=1, description="Most sequences decoded together in one batch (n samples count n); "
-        "requests beyond it wait in FIFO order."
+        64,
+        ge=1,
+        description="Most sequences decoded together in one batch (n samples count n); "
+        "requests beyond it wait in FIFO order.",
     )
     max_batch_tokens: int = Field(
         65536,
@@ -73,8 +74,7 @@ class InferenceSettings(ServiceSettings):
     max_context_len: int | None = Field(
         None,
         ge=1,
-        description="Longest prompt plus completion accepted; unset takes the model config's "
-        "max_position_embeddings.",
+        description="Longest prompt plus completion accepted; unset takes the model config's max_position_embeddings.",
     )
     default_max_new_tokens: int = Field(
         128, ge=0, description="max_new_tokens of requests that leave it unset (clamped to the context)."
@@ -117,7 +117,7 @@ class InferenceSettings(ServiceSettings):
         return value
 
     @model_validator(mode="after")
-    def _shard_layout(self) -> "InferenceSettings":
+    def _shard_layout(self) -> InferenceSettings:
         if self.engine == "torch" and self.shard_devices and len(self.shard_devices) != self.shards:
             raise ValueError(f"shard_devices names {len(self.shard_devices)} devices for {self.shards} shards")
         return self

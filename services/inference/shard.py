@@ -1,16 +1,22 @@
-"""What the service needs from one engine instance (a shard): generate, the policy it
-serves, its load and health, and the shard side of the weight-update protocol.
+"""What the service needs from one engine instance (a shard): generate, its load and
+health, and the shard side of the weight-update protocol.
 
-A shard is one rank of the weight-update group. The torch engine (torch_shard.py) and
-an SGLang server (sglang_shard.py) are shards; ShardSet (shard_set.py) fronts several.
+A shard is one rank of the weight-update group. The torch engine
+(torch_engine/shard.py) and an SGLang server (sglang_server/shard.py) are shards;
+ShardSet (shard_set.py) fronts several. Every shard receives weight updates with the
+same state machine (weight_update/), `updates`, over a loader for its engine; the
+served policy is the one that state machine reads from the loader.
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable, Protocol
+import abc
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from clotho.v1 import inference_service_pb2 as pb
-from services.inference.api import Completion, GenerationRequest, PolicyState, TokenChunk
+from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk
+from services.inference.weight_update import TransferResult, WeightUpdater
 
 # Called with (serving, reason) whenever a shard's health flips.
 HealthListener = Callable[[bool, str], None]
@@ -26,33 +32,46 @@ class ResultStream(Protocol):
         """Stop the request's samples (a no-op once they finished)."""
 
 
-class Shard(Protocol):
+class Shard(abc.ABC):
     kind: str
     name: str
+    updates: WeightUpdater
 
     @property
-    def policy(self) -> PolicyState:
+    def policy(self) -> ServedPolicy:
         """The version every token generated from now on is stamped with."""
+        return self.updates.policy
 
     @property
+    @abc.abstractmethod
     def load(self) -> int:
         """Samples running or waiting on this shard."""
 
     @property
+    @abc.abstractmethod
     def serving(self) -> bool:
         """Whether the shard may take requests (gRPC health SERVING)."""
 
     @property
+    @abc.abstractmethod
     def max_context_len(self) -> int: ...
 
+    @abc.abstractmethod
     def set_health_listener(self, listener: HealthListener) -> None: ...
 
+    @abc.abstractmethod
     async def start(self) -> None:
         """Become ready to serve (launch or attach a server, start health checks)."""
 
+    @abc.abstractmethod
     def submit(self, request: GenerationRequest) -> ResultStream:
         """Queue a request; raises InvalidArgument for a bad one, Unavailable when the
         shard cannot serve."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # The weight-update protocol on this one shard (ShardSet drives `updates` itself).
 
     async def prepare(
         self,
@@ -63,15 +82,13 @@ class Shard(Protocol):
         step: int,
         resync: bool = False,
     ) -> bool:
-        """Join the group as rank `rendezvous.rank_offset` and get ready to receive
-        `version` (any version when `resync`: the trainer restarted or found the shard
-        off its version); returns whether the group was formed for this update."""
+        return await self.updates.prepare(version, manifest, rendezvous, deadline_seconds, step, resync)
 
-    async def await_transfer(self, version: int, bucket_crc32s: list[int]) -> tuple[int, float]:
-        """Wait for every bucket; returns (bytes received, seconds)."""
+    async def await_transfer(self, version: int, bucket_crc32s: list[int]) -> TransferResult:
+        return await self.updates.await_transfer(version, bucket_crc32s)
 
-    async def commit(self, version: int) -> PolicyState: ...
+    async def commit(self, version: int) -> ServedPolicy:
+        return await self.updates.commit(version)
 
-    async def abort(self, version: int, reason: str) -> PolicyState: ...
-
-    async def close(self) -> None: ...
+    async def abort(self, version: int, reason: str) -> ServedPolicy:
+        return await self.updates.abort(version, reason)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
-from services.inference.api import GenerationRequest, PolicyState
+from services.inference.generation_types import GenerationRequest, ServedPolicy
 from services.inference.shard import ResultStream, Shard
+from services.inference.weight_update import UpdateRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class ShardSet:
         return len(self.shards)
 
     @property
-    def policy(self) -> PolicyState:
+    def policy(self) -> ServedPolicy:
         """The lowest version any shard serves (they differ only after a partial commit)."""
         return min((s.policy for s in self.shards), key=lambda p: p.version)
 
@@ -66,8 +68,10 @@ class ShardSet:
         """Hand the request to the least-loaded serving shard (ties in turn)."""
         serving = [s for s in self.shards if s.serving]
         if not serving:
-            raise Unavailable(f"none of the {len(self.shards)} shards is serving (a weight update failed; "
-                              "the next complete update resynchronises them)")
+            raise Unavailable(
+                f"none of the {len(self.shards)} shards is serving (a weight update failed; "
+                "the next complete update resynchronises them)"
+            )
         first = next(self._turn) % len(serving)
         rotated = serving[first:] + serving[:first]
         return min(rotated, key=lambda s: s.load).submit(request)
@@ -81,38 +85,39 @@ class ShardSet:
         step: int,
         resync: bool = False,
     ) -> bool:
+        """`begin` with the fields of a PrepareWeightUpdateRequest."""
+        return await self.begin(UpdateRequest(version, manifest, rendezvous, deadline_seconds, step, resync))
+
+    async def begin(self, request: UpdateRequest) -> bool:
         """Prepare every shard, shard i as rank rank_offset + i. If any fails, the others
         drop the update too and the first error is raised."""
+        rendezvous = request.rendezvous
         last_rank = rendezvous.rank_offset + len(self.shards) - 1
         if rendezvous.world_size and last_rank >= rendezvous.world_size:
             raise InvalidArgument(
                 f"rendezvous: this service has {len(self.shards)} shards, ranks {rendezvous.rank_offset}.."
                 f"{last_rank}, which do not fit world_size {rendezvous.world_size}"
             )
-        calls = []
-        for i, shard in enumerate(self.shards):
-            rdv = pb.Rendezvous()
-            rdv.CopyFrom(rendezvous)
-            rdv.rank_offset = rendezvous.rank_offset + i
-            calls.append(shard.prepare(version, manifest, rdv, deadline_seconds, step, resync=resync))
         try:
-            joined = await self._all(calls)
+            joined = await self._all([s.updates.begin(request.for_rank(i)) for i, s in enumerate(self.shards)])
         except BaseException as exc:
-            await self._all([s.abort(version, f"another shard failed to prepare: {exc}") for s in self.shards],
-                            suppress=True)
+            await self._all(
+                [s.updates.abort(request.version, f"another shard failed to prepare: {exc}") for s in self.shards],
+                suppress=True,
+            )
             raise
         return any(joined)
 
     async def await_transfer(self, version: int, bucket_crc32s: list[int]) -> tuple[int, float]:
-        results = await self._all([s.await_transfer(version, bucket_crc32s) for s in self.shards])
-        return sum(r[0] for r in results), max(r[1] for r in results)
+        results = await self._all([s.updates.await_transfer(version, bucket_crc32s) for s in self.shards])
+        return sum(r.bytes_received for r in results), max(r.seconds for r in results)
 
-    async def commit(self, version: int) -> PolicyState:
-        await self._all([s.commit(version) for s in self.shards])
+    async def commit(self, version: int) -> ServedPolicy:
+        await self._all([s.updates.commit(version) for s in self.shards])
         return self.policy
 
-    async def abort(self, version: int, reason: str) -> PolicyState:
-        await self._all([s.abort(version, reason) for s in self.shards])
+    async def abort(self, version: int, reason: str) -> ServedPolicy:
+        await self._all([s.updates.abort(version, reason) for s in self.shards])
         return self.policy
 
     async def close(self) -> None:
@@ -129,7 +134,13 @@ class ShardSet:
         return results  # type: ignore[return-value]
 
     def _health_changed(self, index: int, serving: bool, reason: str) -> None:
-        log.log(logging.INFO if serving else logging.WARNING, "shard %d (%s) is %s%s", index,
-                self.shards[index].name, "SERVING" if serving else "NOT_SERVING", f": {reason}" if reason else "")
+        log.log(
+            logging.INFO if serving else logging.WARNING,
+            "shard %d (%s) is %s%s",
+            index,
+            self.shards[index].name,
+            "SERVING" if serving else "NOT_SERVING",
+            f": {reason}" if reason else "",
+        )
         if self._listener is not None:
             self._listener(index, serving)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
 
-from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.common.weight_transfer import Manifest
-from services.inference.api import MAX_TOP_LOGPROBS, GenerationRequest
+from services.inference.generation_types import MAX_TOP_LOGPROBS, GenerationRequest
 
 
 def resolve_max_new_tokens(
@@ -56,26 +53,3 @@ def resolve_max_new_tokens(
             f"max_context_len {max_context_len}"
         )
     return opts.max_new_tokens
-
-
-def check_manifest(msg: pb.WeightManifest, param_specs: Mapping[str, tuple[Any, ...]]) -> Manifest:
-    """Parse a weight-update manifest and check it names every parameter of the served
-    model (`param_specs`: name -> (shape, ...)) exactly once, with the model's shapes."""
-    try:
-        manifest = Manifest.from_proto(msg)
-    except ValueError as exc:
-        raise InvalidArgument(f"manifest: {exc}") from exc
-    seen: set[str] = set()
-    for t in manifest.tensors:
-        if t.name in seen:
-            raise InvalidArgument(f"manifest: tensor {t.name!r} appears twice")
-        seen.add(t.name)
-        spec = param_specs.get(t.name)
-        if spec is None:
-            raise InvalidArgument(f"manifest: tensor {t.name!r} is not a parameter of the served model")
-        if t.shape != tuple(spec[0]):
-            raise InvalidArgument(f"manifest: tensor {t.name!r} has shape {list(t.shape)}, the model's is {list(spec[0])}")
-    missing = sorted(set(param_specs) - seen)
-    if missing:
-        raise InvalidArgument(f"manifest: parameter {missing[0]!r} is missing ({len(missing)} in all)")
-    return manifest

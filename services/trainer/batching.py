@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -134,19 +134,25 @@ def prepare(
             old = _per_token(seq.inference_logprobs, n_all, "inference_logprobs", i)
             ref = _per_token(seq.ref_logprobs, n_all, "ref_logprobs", i)
             nan = float("nan")
-            seqs.append(TrainSequence(
-                tokens=list(seq.tokens[:n]),
-                targets=targets,
-                advantages=torch.tensor(
-                    [token_adv[t] for t in targets] if token_adv is not None else [adv] * len(targets),
-                    dtype=torch.float32,
-                ),
-                old_logprobs=torch.tensor([old[t] if old is not None else nan for t in targets], dtype=torch.float32),
-                ref_logprobs=torch.tensor([ref[t] if ref is not None else nan for t in targets], dtype=torch.float32),
-                score=seq.score,
-                env_id=env,
-                staleness=stale,
-            ))
+            seqs.append(
+                TrainSequence(
+                    tokens=list(seq.tokens[:n]),
+                    targets=targets,
+                    advantages=torch.tensor(
+                        [token_adv[t] for t in targets] if token_adv is not None else [adv] * len(targets),
+                        dtype=torch.float32,
+                    ),
+                    old_logprobs=torch.tensor(
+                        [old[t] if old is not None else nan for t in targets], dtype=torch.float32
+                    ),
+                    ref_logprobs=torch.tensor(
+                        [ref[t] if ref is not None else nan for t in targets], dtype=torch.float32
+                    ),
+                    score=seq.score,
+                    env_id=env,
+                    staleness=stale,
+                )
+            )
     if not scores:
         raise ValueError("batch has no sequences")
     if config.adv_norm != "none" or config.adv_clip > 0:
@@ -199,7 +205,7 @@ class MicroBatch:
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def to(self, device: torch.device | str) -> "MicroBatch":
+    def to(self, device: torch.device | str) -> MicroBatch:
         return MicroBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 

@@ -119,7 +119,8 @@ def save(
     tmp = begin(directory, step)
     write_rng(tmp, 0)
     write_leader(
-        tmp, model,
+        tmp,
+        model,
         state={"step": step, "policy_version": policy_version, **(extra or {})},
         optimizer_state=optimizer.state_dict() if optimizer is not None else None,
         scheduler_state=scheduler.state_dict() if scheduler is not None else None,

@@ -12,14 +12,16 @@ clip -> optimizer and scheduler step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from clotho.v1 import scored_data_pb2
-from services.common.weight_transfer import build_manifest, lay_out_parameters
+from services.common.weight_wire import build_manifest, lay_out_parameters
+from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
 from services.trainer.batching import BatchConfig, TrainBatch, dummy_micro_batch, pack, plan_rows, prepare, split
 from services.trainer.distributed import Ranks
@@ -29,8 +31,6 @@ from services.trainer.schedule import build_scheduler
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
-
-SYNC_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -117,9 +117,13 @@ class TrainerCore:
             self.model.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
         )
         self.scheduler = build_scheduler(self.optimizer, s.warmup_steps, s.num_steps, s.lr_schedule, s.min_lr_ratio)
-        log.info("loaded %s (%d parameters) on %s%s", source,
-                 sum(p.numel() for p in model.parameters()), self.device,
-                 f", autocast {self.autocast}" if self.autocast else "")
+        log.info(
+            "loaded %s (%d parameters) on %s%s",
+            source,
+            sum(p.numel() for p in model.parameters()),
+            self.device,
+            f", autocast {self.autocast}" if self.autocast else "",
+        )
         if resume_from is None:
             return None
         return self._restore(resume_from)
@@ -132,7 +136,7 @@ class TrainerCore:
         if not (self.ranks.is_leader and s.inference) or self.ranks.fsdp:
             return False
         named = [(n, p.detach()) for n, p in model.named_parameters()]
-        wire = SYNC_DTYPES.get(s.sync_dtype)
+        wire = from_name(s.sync_dtype)
         if wire is not None and any(t.dtype != wire for _, t in named):
             return False
         lay_out_parameters(model, build_manifest(named, s.bucket_bytes, wire))
@@ -157,7 +161,9 @@ class TrainerCore:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
                 set_optimizer_state_dict(
-                    self.model, self.optimizer, optim_state,
+                    self.model,
+                    self.optimizer,
+                    optim_state,
                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
                 )
             else:
@@ -198,7 +204,9 @@ class TrainerCore:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = accumulate(
-            self.model, mine, self.loss,
+            self.model,
+            mine,
+            self.loss,
             loss_scale=float(ranks.world_size),
             grad_sync=ranks.grad_sync(self.model),
             autocast=self.autocast,
@@ -261,8 +269,12 @@ class TrainerCore:
         if self.ranks.is_leader:
             assert state is not None
             checkpoint.write_leader(
-                tmp, self.inner, state=state, optimizer_state=optim_state,
-                scheduler_state=self.scheduler.state_dict(), model_state=model_state,
+                tmp,
+                self.inner,
+                state=state,
+                optimizer_state=optim_state,
+                scheduler_state=self.scheduler.state_dict(),
+                model_state=model_state,
             )
         # Rank 0 publishes the checkpoint only once every rank has written its part.
         self.ranks.barrier()

@@ -21,8 +21,10 @@ import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,7 +54,7 @@ class Ranks:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str, environ: dict[str, str] | None = None) -> "Ranks":
+    def from_env(cls, device: str, environ: dict[str, str] | None = None) -> Ranks:
         """Join the default group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
         MASTER_ADDR, MASTER_PORT); a plain process is rank 0 of 1."""
         env = os.environ if environ is None else environ
@@ -97,12 +99,13 @@ class Ranks:
     def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
 
-    def grad_sync(self, model: torch.nn.Module) -> Callable[[bool], ContextManager]:
+    def grad_sync(self, model: torch.nn.Module) -> Callable[[bool], AbstractContextManager]:
         """The context for one micro-batch's backward: gradients are reduced across
         ranks on the last micro-batch only."""
         if not self.distributed:
             return lambda last: contextlib.nullcontext()
         if self.fsdp:
+
             @contextlib.contextmanager
             def fsdp_sync(last: bool):
                 model.set_requires_gradient_sync(last)  # type: ignore[operator]

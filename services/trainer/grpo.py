@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -42,8 +43,19 @@ class LossConfig:
 
 # Sums carried across micro-batches (and all-reduced across ranks).
 SUM_KEYS = (
-    "loss", "kl", "clipped", "truncated", "ratio", "abs_log_ratio", "entropy",
-    "targets", "with_old", "with_ref", "real_tokens", "processed_tokens", "advantage",
+    "loss",
+    "kl",
+    "clipped",
+    "truncated",
+    "ratio",
+    "abs_log_ratio",
+    "entropy",
+    "targets",
+    "with_old",
+    "with_ref",
+    "real_tokens",
+    "processed_tokens",
+    "advantage",
 )
 
 
@@ -58,7 +70,7 @@ class StepSums:
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.sums[k] for k in SUM_KEYS], dtype=torch.float64)
 
-    def add(self, other: "StepSums") -> None:
+    def add(self, other: StepSums) -> None:
         for k in SUM_KEYS:
             self.sums[k] += other.sums[k]
         self.ratio_max = max(self.ratio_max, other.ratio_max)
@@ -96,7 +108,7 @@ def token_logprobs(
     """Log-prob of each target of a packed row under `model`, and the policy's entropy
     at that position (no gradient). Logits are computed at target positions only."""
     device = mb.input_ids.device
-    ctx: ContextManager = (
+    ctx: AbstractContextManager = (
         torch.autocast(device_type=device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     )
     with ctx:
@@ -161,7 +173,7 @@ def micro_batch_loss(
     return loss, sums
 
 
-GradSync = Callable[[bool], ContextManager]
+GradSync = Callable[[bool], AbstractContextManager]
 
 
 def accumulate(

@@ -32,8 +32,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import grpc
 import torch
@@ -43,12 +44,13 @@ from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
+from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
-from services.trainer.core import SYNC_DTYPES, StepResult, TrainerCore
+from services.trainer.core import StepResult, TrainerCore
 from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
 from services.trainer.settings import TrainerSettings
-from services.trainer.weight_sync import SyncReport, WeightSync, WeightSyncError
+from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,19 +155,27 @@ class Learner:
                 self.resync_needed = True
                 self._saved_step = restored.step
                 self.resumed_from = restored.path
-                self._emit({
-                    "event": "resumed", "step": restored.step, "policy_version": restored.policy_version,
-                    "checkpoint": str(restored.path),
-                })
-                log.info("resumed from %s at step %d, policy version %d",
-                         restored.path, restored.step, restored.policy_version)
+                self._emit(
+                    {
+                        "event": "resumed",
+                        "step": restored.step,
+                        "policy_version": restored.policy_version,
+                        "checkpoint": str(restored.path),
+                    }
+                )
+                log.info(
+                    "resumed from %s at step %d, policy version %d",
+                    restored.path,
+                    restored.step,
+                    restored.policy_version,
+                )
         if self.weight_sync is None:
             self.weight_sync = WeightSync.for_targets(
                 self.settings.inference,
                 address=self.settings.sync_address,
                 bucket_bytes=self.settings.bucket_bytes,
                 timeout_seconds=self.settings.sync_timeout_seconds,
-                dtype=SYNC_DTYPES.get(self.settings.sync_dtype),
+                dtype=from_name(self.settings.sync_dtype),
             )
 
     async def close(self) -> None:
@@ -207,7 +217,7 @@ class Learner:
                     log.info("shards serve %s, the trainer's version is %d: resyncing", off, self.state.version)
                     self.resync_needed = True
                 return await self._push(resync_only=True)
-            except (WeightSyncError, aio.AioRpcError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, WeightSyncError, aio.AioRpcError) as exc:
                 log.warning("resync failed (%s); retrying in %.1fs", exc, backoff)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
@@ -247,10 +257,15 @@ class Learner:
         if version > self.state.version:
             self.state.publish(version, self.step)
         if resync_only:
-            self._emit({
-                "event": "resync", "step": self.step, "policy_version": version,
-                "sync_seconds": report.seconds, "sync_bytes": report.bytes,
-            })
+            self._emit(
+                {
+                    "event": "resync",
+                    "step": self.step,
+                    "policy_version": version,
+                    "sync_seconds": report.seconds,
+                    "sync_bytes": report.bytes,
+                }
+            )
         return report
 
     # -- one step ----------------------------------------------------------------------
@@ -397,17 +412,18 @@ class Learner:
                 record[key] = timing[key]
         self.state.record_step(
             step,
-            {k: float(v) for k, v in record.items()
-             if isinstance(v, (int, float)) and k not in ("step", "policy_version")},
+            {
+                k: float(v)
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and k not in ("step", "policy_version")
+            },
         )
         if checkpoint:
             await self.save_checkpoint()
         self._emit(record)
         return record
 
-    def _step_record(
-        self, result: StepResult, report: SyncReport | None, seconds: float, step: int
-    ) -> dict[str, Any]:
+    def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float, step: int) -> dict[str, Any]:
         m, batch = result.metrics, result.batch
         staleness = batch.staleness
         record: dict[str, Any] = {
@@ -586,7 +602,8 @@ class Learner:
                 open_ = await grant(in_hand=1) if self.settings.one_step_off else True
                 try:
                     await self.train_step(
-                        list(response.groups), wait_seconds=waited,
+                        list(response.groups),
+                        wait_seconds=waited,
                         overlap=self.settings.one_step_off and self.settings.overlap_weight_update,
                         on_published=published,
                     )

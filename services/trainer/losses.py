@@ -9,8 +9,8 @@ mean, or Dr.GRPO's constant normaliser).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -94,7 +94,10 @@ def weighted_sft_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Ten
 
 
 def normalize_advantages(
-    advantages: torch.Tensor, mode: str, stats: "RunningMoments | None" = None, clip: float = 0.0,
+    advantages: torch.Tensor,
+    mode: str,
+    stats: RunningMoments | None = None,
+    clip: float = 0.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Standardise the advantages of a batch's target tokens, then clip to [-clip, clip].

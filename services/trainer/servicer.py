@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from grpc import aio
 
@@ -32,6 +32,4 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def GetTrainerStatus(
         self, request: pb.GetTrainerStatusRequest, context: aio.ServicerContext
     ) -> pb.GetTrainerStatusResponse:
-        return pb.GetTrainerStatusResponse(
-            step=self.state.step, policy=self.state.policy, metrics=self.state.metrics
-        )
+        return pb.GetTrainerStatusResponse(step=self.state.step, policy=self.state.policy, metrics=self.state.metrics)

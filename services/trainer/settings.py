@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings, Targets
-from services.common.weight_transfer import DEFAULT_BUCKET_BYTES
+from services.common.weight_wire import DEFAULT_BUCKET_BYTES
 
 
 class TrainerSettings(ServiceSettings):
@@ -137,8 +136,10 @@ class TrainerSettings(ServiceSettings):
     device: str = Field("cpu", description="Torch device for the model, e.g. cpu or cuda:0.")
     seed: int = Field(0, description="Torch random seed.")
     checkpoint_interval: int = Field(
-        0, ge=0, description="Save a checkpoint every this many steps; 0 saves only when training "
-        "ends or the trainer is stopped (SIGTERM)."
+        0,
+        ge=0,
+        description="Save a checkpoint every this many steps; 0 saves only when training "
+        "ends or the trainer is stopped (SIGTERM).",
     )
     checkpoint_keep: int = Field(3, ge=0, description="Complete checkpoints kept (older ones deleted); 0 keeps all.")
     resume: bool = Field(
@@ -148,8 +149,7 @@ class TrainerSettings(ServiceSettings):
     )
     checkpoint_dir: str = Field(
         ".clotho/checkpoints",
-        description="Where checkpoints go (also announced to the gateway and environments); empty disables them."
+        description="Where checkpoints go (also announced to the gateway and environments); empty disables them.",
     )
     wandb_group: str = Field("clotho", description="Weights & Biases group (sent in RegisterTrainer only).")
     wandb_project: str = Field("clotho", description="Weights & Biases project (sent in RegisterTrainer only).")
-

@@ -131,8 +131,12 @@ def build_env_class():
                     sequences.append((node.tokens, node.masked_tokens, node.logprobs, choice.message.content))
             else:
                 completion = await self.server.chat_completion(
-                    messages=messages, n=GROUP_SIZE, max_tokens=MAX_NEW_TOKENS, temperature=1.0,
-                    logprobs=True, top_logprobs=1,
+                    messages=messages,
+                    n=GROUP_SIZE,
+                    max_tokens=MAX_NEW_TOKENS,
+                    temperature=1.0,
+                    logprobs=True,
+                    top_logprobs=1,
                 )
                 prompt_text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
@@ -165,18 +169,30 @@ def build_env_class():
 async def start_env(kind: str, gateway_http: int, model_dir: Path, log_path: Path):
     server_type = "openai" if kind == PER_ITEM else kind
     args = [
-        sys.executable, __file__, "serve",
-        "--env.rollout_server_url", f"http://127.0.0.1:{gateway_http}",
-        "--env.tokenizer_name", str(model_dir),
-        "--openai.server_type", server_type,
-        "--openai.base_url", f"http://127.0.0.1:{gateway_http}/v1",
-        "--openai.api_key", TOKEN,
-        "--openai.model_name", "tiny",
-        "--openai.tokenizer_name", str(model_dir),
+        sys.executable,
+        __file__,
+        "serve",
+        "--env.rollout_server_url",
+        f"http://127.0.0.1:{gateway_http}",
+        "--env.tokenizer_name",
+        str(model_dir),
+        "--openai.server_type",
+        server_type,
+        "--openai.base_url",
+        f"http://127.0.0.1:{gateway_http}/v1",
+        "--openai.api_key",
+        TOKEN,
+        "--openai.model_name",
+        "tiny",
+        "--openai.tokenizer_name",
+        str(model_dir),
     ]
     with open(log_path, "wb") as log:
         return await asyncio.create_subprocess_exec(
-            *args, stdout=log, stderr=log, env={**os.environ, **OFFLINE, "CLOTHO_TEST_ENV_KIND": kind},
+            *args,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **OFFLINE, "CLOTHO_TEST_ENV_KIND": kind},
             start_new_session=True,
         )
 
@@ -186,7 +202,7 @@ async def stop_env(proc: asyncio.subprocess.Process) -> None:
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 15)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
 
@@ -242,22 +258,34 @@ async def test_atropos_envs_sglang_openai_vllm_per_item_in_serve_mode_feed_strea
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in PROMPTS
     }
-    args = ["--http-port", "0", "--grpc-port", "0", "--inference", inference, "--inference-token", TOKEN,
-            "--grace-seconds", "1", "--data-dir", str(tmp_path / "store")]
+    args = [
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--inference",
+        inference,
+        "--inference-token",
+        TOKEN,
+        "--grace-seconds",
+        "1",
+        "--data-dir",
+        str(tmp_path / "store"),
+    ]
     seen: dict[str, list] = {t: [] for t in SERVER_TYPES}
     steps: list[int] = []
     async with service_process("services.gateway", args, tmp_path / "gateway") as (_, ready):
         async with GatewayClient(f"127.0.0.1:{ready['grpc_port']}") as client:
             await client.stub.RegisterTrainer(
-                gw.RegisterTrainerRequest(wandb_group="g", wandb_project="p", batch_size=4, max_token_len=256,
-                                          num_steps=100)
+                gw.RegisterTrainerRequest(
+                    wandb_group="g", wandb_project="p", batch_size=4, max_token_len=256, num_steps=100
+                )
             )
             stream = client.batches(ahead=1)
             # The first credit is the trainer starting: the envs may register from then on.
             first = asyncio.create_task(anext(stream))
             envs = [
-                await start_env(t, ready["http_port"], tiny_model_dir, tmp_path / f"env-{t}.log")
-                for t in SERVER_TYPES
+                await start_env(t, ready["http_port"], tiny_model_dir, tmp_path / f"env-{t}.log") for t in SERVER_TYPES
             ]
 
             async def collect() -> None:
@@ -306,7 +334,7 @@ async def test_atropos_envs_sglang_openai_vllm_per_item_in_serve_mode_feed_strea
                 if len(tokens) > prompt_len:
                     completions += 1
                     # The logprobs the gateway served are the model's own, token for token.
-                    expected = true_logprobs(model, tokens)[prompt_len - 1:]
+                    expected = true_logprobs(model, tokens)[prompt_len - 1 :]
                     torch.testing.assert_close(torch.tensor(lps[prompt_len:]), expected, atol=1e-4, rtol=1e-4)
         assert completions > 0, server_type
     # The environments registered apart.

@@ -62,12 +62,30 @@ async def test_training_updates_reach_inference(tiny_model_dir: Path, tmp_path: 
         before, v0 = await _served_prompt_logprobs(client, ids)
         assert v0 == 0
 
-        gw_ready = await start("gateway", "services.gateway", ["--http-port", "0", "--inference", inference, "--data-dir", str(tmp_path / "gateway")])
+        gw_ready = await start(
+            "gateway",
+            "services.gateway",
+            ["--http-port", "0", "--inference", inference, "--data-dir", str(tmp_path / "gateway")],
+        )
         tr_ready = await start(
-            "trainer", "services.trainer",
-            ["--model-path", str(tiny_model_dir), "--gateway", f"127.0.0.1:{gw_ready['grpc_port']}",
-             "--inference", inference, "--batch-size", "16", "--num-steps", str(STEPS),
-             "--checkpoint-dir", str(tmp_path / "ckpt"), "--lr", "0.01"],
+            "trainer",
+            "services.trainer",
+            [
+                "--model-path",
+                str(tiny_model_dir),
+                "--gateway",
+                f"127.0.0.1:{gw_ready['grpc_port']}",
+                "--inference",
+                inference,
+                "--batch-size",
+                "16",
+                "--num-steps",
+                str(STEPS),
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+                "--lr",
+                "0.01",
+            ],
         )
         trainer = children[-1]
 
@@ -80,9 +98,16 @@ async def test_training_updates_reach_inference(tiny_model_dir: Path, tmp_path: 
 
         watcher = asyncio.create_task(watch())
         await start(
-            "env", "services.demo.env",
-            ["--gateway-url", f"http://127.0.0.1:{gw_ready['http_port']}",
-             "--tokenizer-path", str(tiny_model_dir), "--group-size", "8"],
+            "env",
+            "services.demo.env",
+            [
+                "--gateway-url",
+                f"http://127.0.0.1:{gw_ready['http_port']}",
+                "--tokenizer-path",
+                str(tiny_model_dir),
+                "--group-size",
+                "8",
+            ],
         )
         assert await asyncio.wait_for(trainer.proc.wait(), 300) == 0, (logs / "trainer.log").read_text()[-3000:]
         await asyncio.wait_for(watcher, 30)
@@ -93,7 +118,7 @@ async def test_training_updates_reach_inference(tiny_model_dir: Path, tmp_path: 
         assert all(e["sync_ok"] for e in steps), steps
         # Exactly one version per update, none skipped, none repeated.
         assert [e["policy_version"] for e in steps] == list(range(1, STEPS + 1))
-        assert versions_seen == list(range(0, STEPS + 1))
+        assert versions_seen == list(range(STEPS + 1))
 
         served, version = await _served_prompt_logprobs(client, ids)
         assert version == STEPS

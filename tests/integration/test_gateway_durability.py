@@ -21,8 +21,14 @@ from services import launcher
 
 READY_TIMEOUT = 60
 REGISTRATION = {
-    "wandb_group": "g", "wandb_project": "p", "batch_size": 4, "max_token_len": 64,
-    "checkpoint_dir": "/tmp/ckpt", "save_checkpoint_interval": 2, "starting_step": 100, "num_steps": 10,
+    "wandb_group": "g",
+    "wandb_project": "p",
+    "batch_size": 4,
+    "max_token_len": 64,
+    "checkpoint_dir": "/tmp/ckpt",
+    "save_checkpoint_interval": 2,
+    "starting_step": 100,
+    "num_steps": 10,
 }
 
 
@@ -61,9 +67,17 @@ async def test_acknowledged_data_survives_kill_9(tmp_path):
             stub = gpb_grpc.GatewayServiceStub(channel)
             await http.post("/register", json=REGISTRATION)
             assert (await http.get("/batch")).json() == {"batch": None}  # started
-            env = (await http.post("/register-env", json={
-                "max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2,
-            })).json()
+            env = (
+                await http.post(
+                    "/register-env",
+                    json={
+                        "max_token_length": 64,
+                        "desired_name": "e",
+                        "weight": 1.0,
+                        "group_size": 2,
+                    },
+                )
+            ).json()
             assert env["env_id"] == 0
 
             # Concurrent REST posts (they share group commits), a gzip list, gRPC streams.
@@ -74,8 +88,11 @@ async def test_acknowledged_data_survives_kill_9(tmp_path):
 
             await asyncio.gather(*(post(t) for t in range(24)))
             body = gzip.compress(json.dumps([scored(2, tag=t) for t in range(24, 30)]).encode())
-            r = await http.post("/scored_data_list", content=body,
-                                headers={"content-encoding": "gzip", "content-type": "application/json"})
+            r = await http.post(
+                "/scored_data_list",
+                content=body,
+                headers={"content-encoding": "gzip", "content-type": "application/json"},
+            )
             assert r.json() == {"status": "received", "groups_processed": 6}
             acked += range(24, 30)
 
@@ -89,7 +106,8 @@ async def test_acknowledged_data_survives_kill_9(tmp_path):
                 acked += chunk
             # A group of 1 for an env of 2 waits in its env's buffer.
             assert (await http.post("/scored_data", json=scored(1, env_id=0, tag=99))).json() == {
-                "status": "buffered", "buffer_size": 1,
+                "status": "buffered",
+                "buffer_size": 1,
             }
 
             # /batch forms all 20 batches at once and keeps 19; StreamBatches takes one of those.
@@ -115,13 +133,22 @@ async def test_acknowledged_data_survives_kill_9(tmp_path):
             assert (await http.get("/info")).json() == {"batch_size": 4, "max_token_len": 64}
             assert (await http.get("/status")).json() == {"current_step": 120, "queue_size": 6}
             assert (await stub.GetStatus(gpb.GetStatusRequest())).policy_version == 7
-            env = (await http.post("/register-env", json={
-                "max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2,
-            })).json()
+            env = (
+                await http.post(
+                    "/register-env",
+                    json={
+                        "max_token_length": 64,
+                        "desired_name": "e",
+                        "weight": 1.0,
+                        "group_size": 2,
+                    },
+                )
+            ).json()
             assert (env["status"], env["env_id"], env["wandb_name"]) == ("success", 1, "e_1")
             # The buffered group is still waiting for its partner.
             assert (await http.post("/scored_data", json=scored(1, env_id=0, tag=98))).json() == {
-                "status": "buffered", "buffer_size": 0,
+                "status": "buffered",
+                "buffer_size": 0,
             }
             assert (await http.post("/scored_data", json=scored(2, tag=97))).json() == {"status": "received"}
             acked.append(97)

@@ -16,9 +16,8 @@ from grpc import aio
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
 from clotho.v1 import policy_pb2
-from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
-
 from penalty_reference import penalised_greedy_ids
+from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[2]
 EOS = SPECIAL_TOKENS.index("<eos>")
@@ -44,7 +43,12 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
 
     async def GetModelInfo(self, request, context):
         return ipb.GetModelInfoResponse(
-            model_name="tiny", model_path=self.model_path, max_context_len=512, eos_token_id=EOS, engine="fake", shard_count=1
+            model_name="tiny",
+            model_path=self.model_path,
+            max_context_len=512,
+            eos_token_id=EOS,
+            engine="fake",
+            shard_count=1,
         )
 
     async def Generate(self, request, context):
@@ -60,7 +64,9 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
             ids = ids[:limit]
             logprobs = [-0.5 - k for k in range(len(ids))]
             if request.stream:
-                yield ipb.GenerateResponse(index=i, chunk=ipb.TokenChunk(token_ids=ids[:1], logprobs=logprobs[:1], version=5))
+                yield ipb.GenerateResponse(
+                    index=i, chunk=ipb.TokenChunk(token_ids=ids[:1], logprobs=logprobs[:1], version=5)
+                )
             finished = ipb.FINISH_REASON_STOP if ids[-1] == EOS else ipb.FINISH_REASON_LENGTH
             yield ipb.GenerateResponse(
                 index=i,
@@ -129,7 +135,9 @@ async def test_generate_text_single_prompt(fake, gateway_url):
 
 async def test_generate_n_and_batches_are_prompt_major_lists(fake, gateway_url):
     async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
-        r = await http.post("/generate", json={"input_ids": [30, 31], "sampling_params": {"n": 2}, "return_logprob": True})
+        r = await http.post(
+            "/generate", json={"input_ids": [30, 31], "sampling_params": {"n": 2}, "return_logprob": True}
+        )
         samples = r.json()
         assert isinstance(samples, list) and len(samples) == 2
         assert [s["output_ids"] for s in samples] == [[30, char_id("a"), EOS], [30, char_id("b"), EOS]]
@@ -142,7 +150,10 @@ async def test_generate_n_and_batches_are_prompt_major_lists(fake, gateway_url):
         )
         results = r.json()
         assert [res["output_ids"] for res in results] == [
-            [20, char_id("a")], [20, char_id("b")], [25, char_id("a")], [25, char_id("b")],
+            [20, char_id("a")],
+            [20, char_id("b")],
+            [25, char_id("a")],
+            [25, char_id("b")],
         ]
         assert [res["meta_info"]["finish_reason"] for res in results] == [{"type": "length", "length": 2}] * 4
         assert [res["meta_info"]["id"] for res in results] == ["x-0", "x-1", "y-0", "y-1"]
@@ -196,8 +207,20 @@ async def real_inference(tiny_model_dir, tmp_path_factory, service_process):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vllm_url(real_inference, tmp_path_factory, service_process):
     home = tmp_path_factory.mktemp("vllm-gateway")
-    args = ["--http-port", "0", "--grpc-port", "0", "--inference", real_inference, "--grace-seconds", "1",
-            "--inference-token", VLLM_TOKEN, "--data-dir", str(home / "store")]
+    args = [
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--inference",
+        real_inference,
+        "--grace-seconds",
+        "1",
+        "--inference-token",
+        VLLM_TOKEN,
+        "--data-dir",
+        str(home / "store"),
+    ]
     async with service_process("services.gateway", args, home) as (_, ready):
         yield f"http://127.0.0.1:{ready['http_port']}"
 
@@ -219,7 +242,7 @@ def model_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].float()
     logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).squeeze(-1)
-    return logp[len(prompt) - 1:].tolist()
+    return logp[len(prompt) - 1 :].tolist()
 
 
 def model_top(model, tokens: list[int], k: int) -> list[dict[str, float]]:
@@ -230,7 +253,9 @@ def model_top(model, tokens: list[int], k: int) -> list[dict[str, float]]:
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].float()
     values, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-    return [{str(t): v for t, v in zip(row_ids.tolist(), row_values.tolist())} for row_ids, row_values in zip(ids, values)]
+    return [
+        {str(t): v for t, v in zip(row_ids.tolist(), row_values.tolist())} for row_ids, row_values in zip(ids, values)
+    ]
 
 
 def assert_vllm_position(entry: dict, token: int, logprob: float, top: dict[str, float]) -> None:
@@ -252,10 +277,18 @@ async def vllm_generate(url: str, body: dict, status: int = 200) -> dict:
 async def test_vllm_token_prompt_n2_logprobs_are_the_models(vllm_url, hf_model):
     model, tokenizer = hf_model
     prompt = tokenizer.encode("add 2 and 3")
-    out = await vllm_generate(vllm_url, {
-        "prompt": {"prompt_token_ids": prompt}, "logprobs": 0, "n": 2, "max_tokens": 8, "temperature": 1.0,
-        "top_p": 1.0, "seed": 3,
-    })
+    out = await vllm_generate(
+        vllm_url,
+        {
+            "prompt": {"prompt_token_ids": prompt},
+            "logprobs": 0,
+            "n": 2,
+            "max_tokens": 8,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "seed": 3,
+        },
+    )
     assert set(out) == {"text", "prompt", "finish_reasons", "logprobs", "prompt_token_ids", "token_ids"}
     assert out["prompt_token_ids"] == prompt and out["prompt"] == tokenizer.decode(prompt)
     assert len(out["text"]) == len(out["finish_reasons"]) == len(out["logprobs"]) == len(out["token_ids"]) == 2
@@ -283,7 +316,7 @@ async def test_vllm_text_prompt_and_vllm_defaults(vllm_url, hf_model):
     assert len(out["token_ids"][0]) == 16 and out["finish_reasons"] == ["length"]
     # logprobs=3: the sampled token, then the model's 3 most likely (3 or 4 entries).
     prompt, ids = out["prompt_token_ids"], out["token_ids"][0]
-    tops = model_top(model, prompt + ids, 3)[len(prompt) - 1: -1]
+    tops = model_top(model, prompt + ids, 3)[len(prompt) - 1 : -1]
     for entry, tok, lp, top in zip(out["logprobs"][0], ids, model_logprobs(model, prompt, ids), tops):
         assert len(entry) == 1
         assert_vllm_position(entry[0], tok, lp, top)
@@ -321,8 +354,14 @@ async def test_vllm_finish_reasons_length_and_stop(vllm_url, hf_model):
 
 async def test_vllm_seed_is_deterministic(vllm_url, hf_model):
     _, tokenizer = hf_model
-    body = {"prompt": {"prompt_token_ids": tokenizer.encode("spell cat")}, "n": 2, "max_tokens": 10,
-            "temperature": 1.0, "ignore_eos": True, "logprobs": 0}
+    body = {
+        "prompt": {"prompt_token_ids": tokenizer.encode("spell cat")},
+        "n": 2,
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
     first = await vllm_generate(vllm_url, {**body, "seed": 42})
     again = await vllm_generate(vllm_url, {**body, "seed": 42})
     assert first["token_ids"] == again["token_ids"] and first["logprobs"] == again["logprobs"]
@@ -335,10 +374,12 @@ async def test_vllm_and_sglang_bodies_share_the_path(vllm_url, hf_model):
     its own shape."""
     _, tokenizer = hf_model
     prompt = tokenizer.encode("repeat ab")
-    out = await vllm_generate(vllm_url, {"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "seed": 9,
-                                         "logprobs": 0})
-    sglang = await vllm_generate(vllm_url, {"input_ids": prompt, "return_logprob": True,
-                                            "sampling_params": {"max_new_tokens": 6, "seed": 9}})
+    out = await vllm_generate(
+        vllm_url, {"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "seed": 9, "logprobs": 0}
+    )
+    sglang = await vllm_generate(
+        vllm_url, {"input_ids": prompt, "return_logprob": True, "sampling_params": {"max_new_tokens": 6, "seed": 9}}
+    )
     assert set(sglang) == {"text", "output_ids", "meta_info"}
     assert sglang["output_ids"] == out["token_ids"][0]
     assert [lp for lp, _, _ in sglang["meta_info"]["output_token_logprobs"]] == [
@@ -379,11 +420,21 @@ async def test_vllm_bad_fields_are_400_naming_them(vllm_url, body, names):
 
 
 async def test_vllm_harmless_fields_are_accepted(vllm_url):
-    out = await vllm_generate(vllm_url, {
-        "prompt": "hi", "max_tokens": 2, "detokenize": False, "skip_special_tokens": False,
-        "spaces_between_special_tokens": False, "presence_penalty": 0, "min_p": 0.0, "best_of": 1,
-        "logit_bias": None, "output_kind": 2,
-    })
+    out = await vllm_generate(
+        vllm_url,
+        {
+            "prompt": "hi",
+            "max_tokens": 2,
+            "detokenize": False,
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+            "presence_penalty": 0,
+            "min_p": 0.0,
+            "best_of": 1,
+            "logit_bias": None,
+            "output_kind": 2,
+        },
+    )
     assert out["text"] == [""]  # detokenize false: no text, as vLLM
 
 
@@ -398,23 +449,39 @@ async def test_vllm_completions_leave_version_receipts(vllm_url):
     """Scored data whose completion the vLLM dialect served is attributed through its
     receipt (clotho_gateway_versions_attributed{source="receipt"})."""
     prompt = [5, 6, 7]
-    out = await vllm_generate(vllm_url, {"prompt": {"prompt_token_ids": prompt}, "n": 2, "max_tokens": 5,
-                                         "seed": 5, "logprobs": 0})
+    out = await vllm_generate(
+        vllm_url, {"prompt": {"prompt_token_ids": prompt}, "n": 2, "max_tokens": 5, "seed": 5, "logprobs": 0}
+    )
     async with httpx.AsyncClient(base_url=vllm_url, timeout=60, headers=AUTH) as http:
-        r = await http.post("/register", json={
-            "wandb_group": "g", "wandb_project": "p", "batch_size": 2, "max_token_len": 64, "checkpoint_dir": "/c",
-            "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 10,
-        })
+        r = await http.post(
+            "/register",
+            json={
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": 2,
+                "max_token_len": 64,
+                "checkpoint_dir": "/c",
+                "save_checkpoint_interval": 1,
+                "starting_step": 0,
+                "num_steps": 10,
+            },
+        )
         assert r.status_code == 200, r.text
-        r = await http.post("/scored_data", json={
-            "tokens": [prompt + ids for ids in out["token_ids"]],
-            "masks": [[-100] * len(prompt) + ids for ids in out["token_ids"]],
-            "scores": [1.0, 0.0],
-        })
+        r = await http.post(
+            "/scored_data",
+            json={
+                "tokens": [prompt + ids for ids in out["token_ids"]],
+                "masks": [[-100] * len(prompt) + ids for ids in out["token_ids"]],
+                "scores": [1.0, 0.0],
+            },
+        )
         assert r.status_code == 200, r.text
         metrics = (await http.get("/metrics")).text
-    line = next(line for line in metrics.splitlines()
-                if line.startswith("clotho_gateway_versions_attributed") and 'receipt' in line)
+    line = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("clotho_gateway_versions_attributed") and "receipt" in line
+    )
     assert float(line.split()[-1]) == 2.0, line
 
 
@@ -425,13 +492,23 @@ async def test_atroposlib_vllm_server_against_the_gateway(vllm_url, hf_model, ti
     from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
     model, tokenizer = hf_model
-    server = VLLMServer(APIServerConfig(
-        server_type="vllm", base_url=f"{vllm_url}/v1", api_key=VLLM_TOKEN, model_name="tiny",
-        tokenizer_name=str(tiny_model_dir), timeout=60,
-    ))
+    server = VLLMServer(
+        APIServerConfig(
+            server_type="vllm",
+            base_url=f"{vllm_url}/v1",
+            api_key=VLLM_TOKEN,
+            model_name="tiny",
+            tokenizer_name=str(tiny_model_dir),
+            timeout=60,
+        )
+    )
     try:
         prompt_tokens, outputs, logprobs, reasons = await server.tokens_and_logprobs_completion(
-            prompt="name a color", n=2, max_tokens=6, temperature=1.0, stop=["?"],
+            prompt="name a color",
+            n=2,
+            max_tokens=6,
+            temperature=1.0,
+            stop=["?"],
         )
         assert server.server_healthy  # its GET /health answered
         assert prompt_tokens == tokenizer.encode("name a color")
@@ -483,9 +560,14 @@ def assert_sampled_in_top(token_logprobs: list, top_logprobs: list) -> None:
 async def test_sglang_top_logprobs_are_the_models(vllm_url, hf_model):
     model, tokenizer = hf_model
     prompt = tokenizer.encode("add 2 and 3")
-    body = {"input_ids": prompt, "return_logprob": True, "top_logprobs_num": 5, "logprob_start_len": 0,
-            "return_text_in_logprobs": True,
-            "sampling_params": {"max_new_tokens": 8, "temperature": 1.0, "seed": 7, "ignore_eos": True}}
+    body = {
+        "input_ids": prompt,
+        "return_logprob": True,
+        "top_logprobs_num": 5,
+        "logprob_start_len": 0,
+        "return_text_in_logprobs": True,
+        "sampling_params": {"max_new_tokens": 8, "temperature": 1.0, "seed": 7, "ignore_eos": True},
+    }
     out = await vllm_generate(vllm_url, body)
     meta, ids = out["meta_info"], out["output_ids"]
     assert len(ids) == 8
@@ -496,7 +578,8 @@ async def test_sglang_top_logprobs_are_the_models(vllm_url, hf_model):
     for j, entry in enumerate(meta["output_top_logprobs"]):
         assert_sglang_top(entry, tops[len(prompt) - 1 + j], text_of)
     assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(
-        model_logprobs(model, prompt, ids), abs=1e-4)
+        model_logprobs(model, prompt, ids), abs=1e-4
+    )
     assert_sampled_in_top(meta["output_token_logprobs"], meta["output_top_logprobs"])
     # Prompt positions from logprob_start_len 0: the first has no context (None).
     assert len(meta["input_top_logprobs"]) == len(meta["input_token_logprobs"]) == len(prompt)
@@ -521,15 +604,20 @@ async def test_sglang_top_logprobs_are_the_models(vllm_url, hf_model):
 async def test_sglang_top_logprobs_batched_per_prompt_and_n(vllm_url, hf_model):
     model, tokenizer = hf_model
     prompts = [tokenizer.encode("spell cat"), tokenizer.encode("hi")]
-    results = await vllm_generate(vllm_url, {
-        "input_ids": prompts, "return_logprob": True, "top_logprobs_num": [3, 0],
-        "sampling_params": {"n": 2, "max_new_tokens": 4, "seed": 1, "ignore_eos": True},
-    })
+    results = await vllm_generate(
+        vllm_url,
+        {
+            "input_ids": prompts,
+            "return_logprob": True,
+            "top_logprobs_num": [3, 0],
+            "sampling_params": {"n": 2, "max_new_tokens": 4, "seed": 1, "ignore_eos": True},
+        },
+    )
     assert isinstance(results, list) and len(results) == 4  # prompt-major, then sample
     for prompt, res in zip([prompts[0]] * 2, results[:2]):
         meta, ids = res["meta_info"], res["output_ids"]
         assert len(meta["output_top_logprobs"]) == len(ids) == 4
-        tops = model_top(model, prompt + ids, 3)[len(prompt) - 1: -1]
+        tops = model_top(model, prompt + ids, 3)[len(prompt) - 1 : -1]
         for entry, top in zip(meta["output_top_logprobs"], tops):
             assert_sglang_top(entry, top)
         assert_sampled_in_top(meta["output_token_logprobs"], meta["output_top_logprobs"])
@@ -542,9 +630,15 @@ async def test_sglang_top_logprobs_batched_per_prompt_and_n(vllm_url, hf_model):
 async def test_sglang_top_logprobs_stream(vllm_url, hf_model):
     model, tokenizer = hf_model
     prompt = tokenizer.encode("count to 4")
-    body = {"input_ids": prompt, "stream": True, "return_logprob": True, "top_logprobs_num": 3,
-            "logprob_start_len": 0, "return_text_in_logprobs": True,
-            "sampling_params": {"max_new_tokens": 6, "seed": 3, "ignore_eos": True}}
+    body = {
+        "input_ids": prompt,
+        "stream": True,
+        "return_logprob": True,
+        "top_logprobs_num": 3,
+        "logprob_start_len": 0,
+        "return_text_in_logprobs": True,
+        "sampling_params": {"max_new_tokens": 6, "seed": 3, "ignore_eos": True},
+    }
     async with httpx.AsyncClient(base_url=vllm_url, timeout=60, headers=AUTH) as http:
         async with http.stream("POST", "/generate", json=body) as r:
             assert r.status_code == 200
@@ -556,7 +650,7 @@ async def test_sglang_top_logprobs_stream(vllm_url, hf_model):
     ids, meta = final["output_ids"], final["meta_info"]
     text_of = lambda t: tokenizer.decode([t])  # noqa: E731
     tops = model_top(model, prompt + ids, 3)
-    for entry, top in zip(meta["output_top_logprobs"], tops[len(prompt) - 1:]):
+    for entry, top in zip(meta["output_top_logprobs"], tops[len(prompt) - 1 :]):
         assert_sglang_top(entry, top, text_of)
     assert len(meta["output_top_logprobs"]) == 6
     assert meta["input_top_logprobs"][0] is None and len(meta["input_top_logprobs"]) == len(prompt)
@@ -593,14 +687,23 @@ async def test_sglang_top_logprobs_num_bounds_are_400(vllm_url, body, name):
 async def test_vllm_penalties_change_greedy_output_as_the_reference(vllm_url, hf_model):
     model, tokenizer = hf_model
     prompt = tokenizer.encode("count to 4")
-    greedy = {"prompt": {"prompt_token_ids": prompt}, "temperature": 0.0, "ignore_eos": True, "max_tokens": 16,
-              "logprobs": 0}
+    greedy = {
+        "prompt": {"prompt_token_ids": prompt},
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "max_tokens": 16,
+        "logprobs": 0,
+    }
     plain = (await vllm_generate(vllm_url, greedy))["token_ids"][0]
     assert plain == penalised_greedy_ids(model, prompt, 16)
     for penalties in ({"presence_penalty": 2.0, "frequency_penalty": 0.5}, {"repetition_penalty": 3.0}):
         out = await vllm_generate(vllm_url, {**greedy, **penalties})
         expected = penalised_greedy_ids(
-            model, prompt, 16, penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0),
+            model,
+            prompt,
+            16,
+            penalties.get("frequency_penalty", 0.0),
+            penalties.get("presence_penalty", 0.0),
             penalties.get("repetition_penalty", 1.0),
         )
         assert expected != plain
@@ -614,11 +717,15 @@ async def test_sglang_penalties_change_greedy_output_as_the_reference(vllm_url, 
     model, tokenizer = hf_model
     prompt = tokenizer.encode("spell cat")
     sampling = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 16}
-    body = {"input_ids": [prompt, prompt, prompt], "return_logprob": True, "sampling_params": [
-        sampling,
-        {**sampling, "frequency_penalty": 2.0, "presence_penalty": 0.5},
-        {**sampling, "repetition_penalty": 2.5},
-    ]}
+    body = {
+        "input_ids": [prompt, prompt, prompt],
+        "return_logprob": True,
+        "sampling_params": [
+            sampling,
+            {**sampling, "frequency_penalty": 2.0, "presence_penalty": 0.5},
+            {**sampling, "repetition_penalty": 2.5},
+        ],
+    }
     results = await vllm_generate(vllm_url, body)
     expected = [
         penalised_greedy_ids(model, prompt, 16),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -215,8 +215,13 @@ async def test_learner_with_the_gateway_token_trains_against_a_guarded_gateway(t
     from trainer_fakes import toy_batch
 
     settings = TrainerSettings(
-        model_path=str(tiny_model_dir), gateway=guarded, gateway_token=token, inference=[], batch_size=4,
-        num_steps=1, checkpoint_dir="",
+        model_path=str(tiny_model_dir),
+        gateway=guarded,
+        gateway_token=token,
+        inference=[],
+        batch_size=4,
+        num_steps=1,
+        checkpoint_dir="",
     )
     learner = Learner(settings, out=io.StringIO())
     if token is None:

@@ -18,9 +18,8 @@ from grpc import aio
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
 from clotho.v1 import policy_pb2
-from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
-
 from penalty_reference import penalised_greedy_ids
+from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
 
 EOS = SPECIAL_TOKENS.index("<eos>")
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -49,7 +48,11 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
 
     async def GetModelInfo(self, request, context):
         return ipb.GetModelInfoResponse(
-            model_name="tiny", model_path=self.model_path, max_context_len=512, eos_token_id=EOS, engine="fake",
+            model_name="tiny",
+            model_path=self.model_path,
+            max_context_len=512,
+            eos_token_id=EOS,
+            engine="fake",
             shard_count=1,
         )
 
@@ -85,7 +88,8 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
                     version_spans=[policy_pb2.VersionSpan(start_token=0, version=7)],
                     prompt_tokens=len(request.input_ids),
                     prompt_logprobs=[0.0] + [-1.0] * (len(request.input_ids) - 1)
-                    if request.return_prompt_logprobs else [],
+                    if request.return_prompt_logprobs
+                    else [],
                 ),
             )
 
@@ -109,8 +113,18 @@ def fresh_records(fake):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway_url(fake, tmp_path_factory, service_process):
     workdir = tmp_path_factory.mktemp("gateway")
-    args = ["--http-port", "0", "--grpc-port", "0", "--inference", f"127.0.0.1:{fake.port}", "--grace-seconds", "1",
-            "--data-dir", str(workdir / "store")]
+    args = [
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--inference",
+        f"127.0.0.1:{fake.port}",
+        "--grace-seconds",
+        "1",
+        "--data-dir",
+        str(workdir / "store"),
+    ]
     async with service_process("services.gateway", args, workdir) as (_, ready):
         yield f"http://127.0.0.1:{ready['http_port']}"
 
@@ -138,15 +152,23 @@ async def test_chat_completion_applies_the_template_and_returns_n_choices_with_l
         r = await http.post(
             "/v1/chat/completions",
             json={
-                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 50,
-                "temperature": 0.7, "top_p": 0.9, "seed": 3, "logprobs": True, "top_logprobs": 2,
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "n": 2,
+                "max_tokens": 50,
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "seed": 3,
+                "logprobs": True,
+                "top_logprobs": 2,
             },
         )
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "tiny"
     assert [c["message"] for c in out["choices"]] == [
-        {"role": "assistant", "content": "ok a done"}, {"role": "assistant", "content": "ok b done"},
+        {"role": "assistant", "content": "ok a done"},
+        {"role": "assistant", "content": "ok b done"},
     ]
     assert [c["finish_reason"] for c in out["choices"]] == ["stop", "stop"]
     assert out["choices"][0]["matched_stop"] == EOS
@@ -156,15 +178,20 @@ async def test_chat_completion_applies_the_template_and_returns_n_choices_with_l
     # the sampled token alone; the real model's are checked below.)
     assert [e["token"] for e in content] == [*"ok b done", "<eos>"]
     assert content[0] == {
-        "token": "o", "logprob": pytest.approx(-0.1), "bytes": [ord("o")],
+        "token": "o",
+        "logprob": pytest.approx(-0.1),
+        "bytes": [ord("o")],
         "top_logprobs": [{"token": "o", "logprob": pytest.approx(-0.1), "bytes": [ord("o")]}],
     }
     # The prompt (counted once for n) is "<|user|>hi\n<|assistant|>"; 10 tokens per choice.
     assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}
 
     (request,) = fake.requests
-    assert list(request.input_ids) == [SPECIAL_TOKENS.index("<|user|>"), *ids_of("hi\n"),
-                                       SPECIAL_TOKENS.index("<|assistant|>")]
+    assert list(request.input_ids) == [
+        SPECIAL_TOKENS.index("<|user|>"),
+        *ids_of("hi\n"),
+        SPECIAL_TOKENS.index("<|assistant|>"),
+    ]
     sp = request.sampling_params
     assert (sp.n, sp.max_new_tokens, sp.seed) == (2, 50, 3)
     assert sp.temperature == pytest.approx(0.7) and sp.top_p == pytest.approx(0.9)
@@ -187,8 +214,12 @@ async def test_stop_string_is_cut_from_text_and_logprobs(fake, gateway_url):
 
 async def test_chat_stream_sends_role_deltas_finish_and_usage(fake, gateway_url):
     body = {
-        "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True, "stop": " done",
-        "logprobs": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 2,
+        "stream": True,
+        "stop": " done",
+        "logprobs": True,
+        "stream_options": {"include_usage": True},
     }
     async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -230,7 +261,9 @@ async def test_completions_prompt_major_choices_logprobs_and_echo(fake, gateway_
         assert {q.sampling_params.max_new_tokens for q in fake.requests} == {16}
 
         fake.requests.clear()
-        r = await http.post("/v1/completions", json={"prompt": ids_of("hi"), "echo": True, "logprobs": 0, "max_tokens": 2})
+        r = await http.post(
+            "/v1/completions", json={"prompt": ids_of("hi"), "echo": True, "logprobs": 0, "max_tokens": 2}
+        )
         (choice,) = r.json()["choices"]
         assert choice["text"] == "hiok" and choice["finish_reason"] == "length"
         lp = choice["logprobs"]
@@ -257,7 +290,11 @@ async def test_the_openai_client_library_reads_every_shape(gateway_url):
     client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
     try:
         chat = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], n=3, max_tokens=20, logprobs=True,
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            n=3,
+            max_tokens=20,
+            logprobs=True,
             top_logprobs=1,
         )
         assert [c.message.content for c in chat.choices] == ["ok a done", "ok b done", "ok c done"]
@@ -285,24 +322,44 @@ async def test_the_openai_client_library_reads_every_shape(gateway_url):
 @pytest.mark.parametrize(
     "route, body, param, words",
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
-         "temperature", "valid number"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+            "temperature",
+            "valid number",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", "greater than"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": True}, "n", "integer"),
         ("/v1/chat/completions", {"model": "tiny"}, "messages", "required"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-         "messages[0].content[0].type", "not supported"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-         "top_logprobs", "requires logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].type",
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+            "top_logprobs",
+            "requires logprobs",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "string"),
         ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ("/v1/completions", {"prompt": []}, "prompt", "non-empty"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs", "less than"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "less than or equal to 20"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
-                                  "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
-                                  "top_logprobs": -1}, "top_logprobs", "greater than or equal to 0"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+            "less than or equal to 20",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": -1},
+            "top_logprobs",
+            "greater than or equal to 0",
+        ),
     ],
 )
 async def test_validation_errors_are_400_in_openai_shape_naming_the_field(gateway_url, route, body, param, words):
@@ -322,10 +379,14 @@ async def test_upstream_and_body_errors(gateway_url):
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "invalid_argument" and "exceeds the context" in r.json()["error"]["message"]
         # Streams wait for the first upstream message before their 200: a refusal keeps its status.
-        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                          "max_tokens": 5000, "stream": True})
+        r = await http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000, "stream": True},
+        )
         assert r.status_code == 400 and "exceeds the context" in r.json()["error"]["message"]
-        r = await http.post("/generate", json={"input_ids": [5], "stream": True, "sampling_params": {"max_new_tokens": 5000}})
+        r = await http.post(
+            "/generate", json={"input_ids": [5], "stream": True, "sampling_params": {"max_new_tokens": 5000}}
+        )
         assert r.status_code == 400 and r.json()["code"] == "INVALID_ARGUMENT"
 
 
@@ -333,8 +394,13 @@ async def test_generate_stream_carries_logprobs_so_far_and_batch_rids_are_prefix
     """The SGLang route the "sglang" server type uses, streamed with return_logprob:
     every event holds the text, ids and logprobs so far (SGLang's default cumulative
     stream); one rid string for a batch becomes per-prompt ids."""
-    body = {"input_ids": [ids_of("hi"), ids_of("yo")], "stream": True, "return_logprob": True, "rid": "job",
-            "sampling_params": {"max_new_tokens": 3}}
+    body = {
+        "input_ids": [ids_of("hi"), ids_of("yo")],
+        "stream": True,
+        "return_logprob": True,
+        "rid": "job",
+        "sampling_params": {"max_new_tokens": 3},
+    }
     async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as http:
         async with http.stream("POST", "/generate", json=body) as r:
             events = await sse_events(r)
@@ -356,8 +422,18 @@ async def real_url(tiny_model_dir, tmp_path_factory, service_process):
     args = ["--model-path", str(tiny_model_dir), "--grpc-port", "0", "--grace-seconds", "1"]
     async with service_process("services.inference", args, tmp_path_factory.mktemp("inference")) as (_, inference):
         workdir = tmp_path_factory.mktemp("real-gateway")
-        args = ["--http-port", "0", "--grpc-port", "0", "--inference", f"127.0.0.1:{inference['grpc_port']}",
-                "--grace-seconds", "1", "--data-dir", str(workdir / "store")]
+        args = [
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--inference",
+            f"127.0.0.1:{inference['grpc_port']}",
+            "--grace-seconds",
+            "1",
+            "--data-dir",
+            str(workdir / "store"),
+        ]
         async with service_process("services.gateway", args, workdir) as (_, ready):
             yield f"http://127.0.0.1:{ready['http_port']}"
 
@@ -394,7 +470,7 @@ def model_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].float()
     logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).squeeze(-1)
-    return logp[len(prompt) - 1:].tolist()
+    return logp[len(prompt) - 1 :].tolist()
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -407,7 +483,7 @@ def check_chat_content(content: list[dict], prompt: list[int], k: int, hf) -> No
     OpenAI's fields; the sampled token's logprob: the model's (and its entry's)."""
     model, _, ids_of_str = hf
     ids = [ids_of_str[e["token"]] for e in content]
-    tops = model_top(model, prompt + ids, k)[len(prompt) - 1: -1]
+    tops = model_top(model, prompt + ids, k)[len(prompt) - 1 : -1]
     for entry, lp, top in zip(content, model_logprobs(model, prompt, ids), tops):
         assert entry["logprob"] == pytest.approx(lp, abs=1e-4)
         alts = entry["top_logprobs"]
@@ -428,7 +504,7 @@ def check_legacy_tops(tokens: list[str], token_lps: list, top_lps: list, tokens_
     model's k most likely plus the sampled token, its logprob the model's."""
     model, _, ids_of_str = hf
     ids = [ids_of_str[t] for t in tokens]
-    tops = model_top(model, tokens_before + ids, k)[len(tokens_before) - 1: -1]
+    tops = model_top(model, tokens_before + ids, k)[len(tokens_before) - 1 : -1]
     lps = model_logprobs(model, tokens_before, ids)
     for tok, tid, lp, served, top, ref in zip(tokens, ids, token_lps, top_lps, tops, lps):
         assert lp == pytest.approx(ref, abs=1e-4)
@@ -443,8 +519,16 @@ def check_legacy_tops(tokens: list[str], token_lps: list, top_lps: list, tokens_
 async def test_chat_top_logprobs_are_the_models_for_every_choice(real_url, hf_model):
     _, tokenizer, _ = hf_model
     messages = [{"role": "user", "content": "spell cat"}]
-    body = {"messages": messages, "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 11, "ignore_eos": True,
-            "logprobs": True, "top_logprobs": 5}
+    body = {
+        "messages": messages,
+        "n": 2,
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "seed": 11,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
     async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
         r = await http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
@@ -468,8 +552,17 @@ async def test_chat_top_logprobs_are_the_models_for_every_choice(real_url, hf_mo
 async def test_chat_top_logprobs_stream(real_url, hf_model):
     _, tokenizer, _ = hf_model
     messages = [{"role": "user", "content": "count to 4"}]
-    body = {"messages": messages, "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 2, "ignore_eos": True,
-            "logprobs": True, "top_logprobs": 3, "stream": True}
+    body = {
+        "messages": messages,
+        "n": 2,
+        "max_tokens": 5,
+        "temperature": 1.0,
+        "seed": 2,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "stream": True,
+    }
     async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -484,8 +577,16 @@ async def test_chat_top_logprobs_stream(real_url, hf_model):
 
 async def test_completions_top_logprobs_with_echo_n_and_batches(real_url, hf_model):
     _, tokenizer, _ = hf_model
-    body = {"prompt": ["say hi", "add 1"], "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 5, "ignore_eos": True,
-            "logprobs": 4, "echo": True}
+    body = {
+        "prompt": ["say hi", "add 1"],
+        "n": 2,
+        "max_tokens": 5,
+        "temperature": 1.0,
+        "seed": 5,
+        "ignore_eos": True,
+        "logprobs": 4,
+        "echo": True,
+    }
     async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
         r = await http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
@@ -498,16 +599,30 @@ async def test_completions_top_logprobs_with_echo_n_and_batches(real_url, hf_mod
         assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_prompt + 5
         # The echoed prompt: None for the first token, then the model's alternatives.
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-        check_legacy_tops(lp["tokens"][1:n_prompt], lp["token_logprobs"][1:n_prompt], lp["top_logprobs"][1:n_prompt],
-                          prompt[:1], 4, hf_model)
-        check_legacy_tops(lp["tokens"][n_prompt:], lp["token_logprobs"][n_prompt:], lp["top_logprobs"][n_prompt:],
-                          prompt, 4, hf_model)
+        check_legacy_tops(
+            lp["tokens"][1:n_prompt],
+            lp["token_logprobs"][1:n_prompt],
+            lp["top_logprobs"][1:n_prompt],
+            prompt[:1],
+            4,
+            hf_model,
+        )
+        check_legacy_tops(
+            lp["tokens"][n_prompt:], lp["token_logprobs"][n_prompt:], lp["top_logprobs"][n_prompt:], prompt, 4, hf_model
+        )
 
 
 async def test_completions_top_logprobs_stream(real_url, hf_model):
     _, tokenizer, _ = hf_model
-    body = {"prompt": ["hi", "yo"], "max_tokens": 4, "temperature": 1.0, "seed": 8, "ignore_eos": True,
-            "logprobs": 2, "stream": True}
+    body = {
+        "prompt": ["hi", "yo"],
+        "max_tokens": 4,
+        "temperature": 1.0,
+        "seed": 8,
+        "ignore_eos": True,
+        "logprobs": 2,
+        "stream": True,
+    }
     async with httpx.AsyncClient(base_url=real_url, timeout=60) as http:
         async with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -517,8 +632,14 @@ async def test_completions_top_logprobs_stream(real_url, hf_model):
         mine = [c["logprobs"] for c in choices if c["index"] == index and c["logprobs"]]
         tokens = [t for lp in mine for t in lp["tokens"]]
         assert len(tokens) == 4
-        check_legacy_tops(tokens, [v for lp in mine for v in lp["token_logprobs"]],
-                          [d for lp in mine for d in lp["top_logprobs"]], tokenizer.encode(text), 2, hf_model)
+        check_legacy_tops(
+            tokens,
+            [v for lp in mine for v in lp["token_logprobs"]],
+            [d for lp in mine for d in lp["top_logprobs"]],
+            tokenizer.encode(text),
+            2,
+            hf_model,
+        )
 
 
 async def test_openai_client_reads_top_logprobs(real_url, hf_model):
@@ -526,16 +647,21 @@ async def test_openai_client_reads_top_logprobs(real_url, hf_model):
     client = openai.AsyncOpenAI(base_url=f"{real_url}/v1", api_key="unused", max_retries=0)
     try:
         chat = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1, temperature=0.0,
-            logprobs=True, top_logprobs=20,
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=20,
         )
         (first,) = chat.choices[0].logprobs.content
         assert len(first.top_logprobs) == 20
         # Greedy: the sampled token is the most likely one.
         assert first.top_logprobs[0].token == first.token
         assert first.top_logprobs[0].logprob == pytest.approx(first.logprob, abs=1e-6)
-        completion = await client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=5,
-                                                     temperature=0.0)
+        completion = await client.completions.create(
+            model="tiny", prompt="hi", max_tokens=2, logprobs=5, temperature=0.0
+        )
         assert [len(d) for d in completion.choices[0].logprobs.top_logprobs] == [5, 5]
     finally:
         await client.close()
@@ -567,10 +693,17 @@ async def test_penalties_change_greedy_output_as_the_reference(real_url, hf_mode
         messages = [{"role": "user", "content": "say hi"}]
         chat_ids = chat_prompt(tokenizer, messages)
         expected = penalised_greedy_ids(model, chat_ids, 12, presence=2.0)
-        r = await http.post("/v1/chat/completions", json={
-            "messages": messages, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "presence_penalty": 2.0,
-            "logprobs": True,
-        })
+        r = await http.post(
+            "/v1/chat/completions",
+            json={
+                "messages": messages,
+                "max_tokens": 12,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "presence_penalty": 2.0,
+                "logprobs": True,
+            },
+        )
         assert r.status_code == 200, r.text
         content = r.json()["choices"][0]["logprobs"]["content"]
         assert [token_ids[c["token"]] for c in content] == expected

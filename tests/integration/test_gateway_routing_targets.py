@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 import httpx
@@ -37,16 +37,26 @@ class FakeShard(ipb_grpc.InferenceServiceServicer):
         self.gate: asyncio.Event | None = None
 
     async def GetModelInfo(self, request, context):
-        return ipb.GetModelInfoResponse(model_name="tiny", model_path=self.model_path, max_context_len=64,
-                                        eos_token_id=EOS, engine="fake", shard_count=1)
+        return ipb.GetModelInfoResponse(
+            model_name="tiny",
+            model_path=self.model_path,
+            max_context_len=64,
+            eos_token_id=EOS,
+            engine="fake",
+            shard_count=1,
+        )
 
     async def Generate(self, request, context):
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
         yield ipb.GenerateResponse(
-            completion=ipb.Completion(output_ids=[10 + self.number, EOS], output_logprobs=[-0.1, -0.2],
-                                      finish_reason=ipb.FINISH_REASON_STOP, matched_stop=str(EOS))
+            completion=ipb.Completion(
+                output_ids=[10 + self.number, EOS],
+                output_logprobs=[-0.1, -0.2],
+                finish_reason=ipb.FINISH_REASON_STOP,
+                matched_stop=str(EOS),
+            )
         )
 
 
@@ -106,8 +116,20 @@ async def shards(tmp_path_factory):
 async def gateway(shards, tmp_path_factory, service_process):
     targets = ",".join(s.address for s in shards)
     workdir = tmp_path_factory.mktemp("gateway")
-    args = ["--http-port", "0", "--grpc-port", "0", "--inference", targets, "--grace-seconds", "1",
-            "--inference-eject-seconds", "60", "--data-dir", str(workdir / "store")]
+    args = [
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--inference",
+        targets,
+        "--grace-seconds",
+        "1",
+        "--inference-eject-seconds",
+        "60",
+        "--data-dir",
+        str(workdir / "store"),
+    ]
     async with service_process("services.gateway", args, workdir) as (_, ready):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ready['http_port']}", timeout=30) as http:
             yield http
@@ -228,6 +250,7 @@ async def test_no_healthy_target_is_a_clear_503_on_every_inference_route(shards,
     for shard in shards:
         await shard.set_serving(False)
     try:
+
         async def all_down() -> bool:
             return (await gateway.get("/health")).status_code == 503
 

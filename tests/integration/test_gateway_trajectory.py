@@ -39,43 +39,85 @@ async def gateway(tmp_path, service_process):
 
 
 REGISTRATION = {
-    "wandb_group": "g", "wandb_project": "p", "batch_size": 4, "max_token_len": 64,
-    "checkpoint_dir": "/tmp/ckpt", "save_checkpoint_interval": 2, "starting_step": 0, "num_steps": 10,
+    "wandb_group": "g",
+    "wandb_project": "p",
+    "batch_size": 4,
+    "max_token_len": 64,
+    "checkpoint_dir": "/tmp/ckpt",
+    "save_checkpoint_interval": 2,
+    "starting_step": 0,
+    "num_steps": 10,
 }
 
 
 def scored(size, env_id=None, tag=0):
     tokens = [[tag, 100 + i, 200 + i] for i in range(size)]
-    return {"tokens": tokens, "masks": [[-100, 100 + i, 200 + i] for i in range(size)], "scores": [0.5] * size, "env_id": env_id}
+    return {
+        "tokens": tokens,
+        "masks": [[-100, 100 + i, 200 + i] for i in range(size)],
+        "scores": [0.5] * size,
+        "env_id": env_id,
+    }
 
 
 async def test_rest_flow(gateway):
     async with httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
         r = await http.post("/register", json=REGISTRATION)
         assert isinstance(r.json()["uuid"], int)
-        assert (await http.post("/register-env", json={"max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2})).json() == {"status": "wait for trainer to start"}
+        assert (
+            await http.post(
+                "/register-env", json={"max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2}
+            )
+        ).json() == {"status": "wait for trainer to start"}
         assert (await http.get("/batch")).json() == {"batch": None}
-        env = (await http.post("/register-env", json={"max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2})).json()
+        env = (
+            await http.post(
+                "/register-env", json={"max_token_length": 64, "desired_name": "e", "weight": 1.0, "group_size": 2}
+            )
+        ).json()
         assert env["status"] == "success" and env["env_id"] == 0 and env["wandb_name"] == "e_0"
 
         assert (await http.post("/scored_data", json=scored(2, env_id=0, tag=1))).json() == {"status": "received"}
         # A group of 1 for an env of 2 waits in the buffer for a second one.
-        assert (await http.post("/scored_data", json=scored(1, env_id=0, tag=2))).json() == {"status": "buffered", "buffer_size": 1}
+        assert (await http.post("/scored_data", json=scored(1, env_id=0, tag=2))).json() == {
+            "status": "buffered",
+            "buffer_size": 1,
+        }
         body = gzip.compress(json.dumps([scored(1, env_id=0, tag=3)]).encode())
-        r = await http.post("/scored_data_list", content=body, headers={"content-encoding": "gzip", "content-type": "application/json"})
+        r = await http.post(
+            "/scored_data_list", content=body, headers={"content-encoding": "gzip", "content-type": "application/json"}
+        )
         assert r.json() == {"status": "received", "groups_processed": 1, "buffered": 1, "last_buffer_size": 0}
         status_env = (await http.request("GET", "/status-env", json={"env_id": 0})).json()
         assert status_env == {
-            "current_step": 0, "queue_size": 2, "unallocated_fraction": 1.0, "self_queue_size": 2,
-            "max_group_size": 2, "env_weight": 1.0,
+            "current_step": 0,
+            "queue_size": 2,
+            "unallocated_fraction": 1.0,
+            "self_queue_size": 2,
+            "max_group_size": 2,
+            "env_weight": 1.0,
         }
 
         batch = (await http.get("/batch")).json()["batch"]
         assert [g["tokens"][0][0] for g in batch] == [1, 2, 3]
         assert sum(len(g["tokens"]) for g in batch) == 4
-        assert batch[0] == {**scored(2, env_id=0, tag=1), **{k: None for k in (
-            "advantages", "ref_logprobs", "messages", "generation_params", "inference_logprobs",
-            "overrides", "group_overrides", "images", "distill_token_ids", "distill_logprobs")}}
+        assert batch[0] == {
+            **scored(2, env_id=0, tag=1),
+            **dict.fromkeys(
+                (
+                    "advantages",
+                    "ref_logprobs",
+                    "messages",
+                    "generation_params",
+                    "inference_logprobs",
+                    "overrides",
+                    "group_overrides",
+                    "images",
+                    "distill_token_ids",
+                    "distill_logprobs",
+                )
+            ),
+        }
         assert (await http.get("/status")).json() == {"current_step": 1, "queue_size": 0}
         assert (await http.get("/latest_example")).json()["tokens"][0][0] == 3
         assert (await http.get("/info")).json() == {"batch_size": 4, "max_token_len": 64}
@@ -97,7 +139,10 @@ async def read_batch(call) -> gpb.StreamBatchesResponse:
 
 
 async def test_stream_batches_never_sends_more_than_the_credits(gateway):
-    async with aio.insecure_channel(gateway.grpc) as channel, httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
+    async with (
+        aio.insecure_channel(gateway.grpc) as channel,
+        httpx.AsyncClient(base_url=gateway.http, timeout=30) as http,
+    ):
         stub = gpb_grpc.GatewayServiceStub(channel)
         await stub.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=2, starting_step=10, num_steps=100))
         call = stub.StreamBatches()
@@ -149,7 +194,10 @@ async def test_stream_batches_never_sends_more_than_the_credits(gateway):
 async def test_stream_batches_first_hands_out_what_batch_formed(gateway):
     """/batch forms every batch at once (Atropos); StreamBatches hands the ones /batch
     kept back before forming new ones, without counting their steps twice."""
-    async with aio.insecure_channel(gateway.grpc) as channel, httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
+    async with (
+        aio.insecure_channel(gateway.grpc) as channel,
+        httpx.AsyncClient(base_url=gateway.http, timeout=30) as http,
+    ):
         await http.post("/register", json={**REGISTRATION, "batch_size": 2})
         await http.post("/scored_data_list", json=[scored(1, tag=t) for t in range(6)])
         batch = (await http.get("/batch")).json()["batch"]
@@ -179,7 +227,10 @@ async def test_stream_batches_before_registration_fails_cleanly(gateway):
 
 
 async def test_bad_input_is_rejected_and_earlier_data_still_batched(gateway):
-    async with aio.insecure_channel(gateway.grpc) as channel, httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
+    async with (
+        aio.insecure_channel(gateway.grpc) as channel,
+        httpx.AsyncClient(base_url=gateway.http, timeout=30) as http,
+    ):
         await http.post("/register", json={**REGISTRATION, "batch_size": 4})
         assert (await http.post("/scored_data", json=scored(2, tag=1))).json() == {"status": "received"}
 
@@ -191,15 +242,18 @@ async def test_bad_input_is_rejected_and_earlier_data_still_batched(gateway):
 
         r = await http.post("/scored_data", json={**scored(2, tag=3), "scores": ["good", 1.0]})
         assert r.status_code == 422 and r.json()["error"].startswith("scores[0]: ")
-        r = await http.post("/scored_data", content=b"{\"tokens\": [[1, 2]",
-                            headers={"content-type": "application/json"})
+        r = await http.post("/scored_data", content=b'{"tokens": [[1, 2]', headers={"content-type": "application/json"})
         assert r.status_code == 422 and "Invalid JSON" in r.json()["error"]
 
         stub = gpb_grpc.GatewayServiceStub(channel)
 
         async def one_good_one_bad():
-            yield gpb.SubmitScoredDataRequest(group=spb.ScoredGroup(sequences=[spb.ScoredSequence(tokens=[9], masks=[9])]))
-            yield gpb.SubmitScoredDataRequest(group=spb.ScoredGroup(sequences=[spb.ScoredSequence(tokens=[9, 9], masks=[9])]))
+            yield gpb.SubmitScoredDataRequest(
+                group=spb.ScoredGroup(sequences=[spb.ScoredSequence(tokens=[9], masks=[9])])
+            )
+            yield gpb.SubmitScoredDataRequest(
+                group=spb.ScoredGroup(sequences=[spb.ScoredSequence(tokens=[9, 9], masks=[9])])
+            )
 
         with pytest.raises(aio.AioRpcError) as info:
             await stub.SubmitScoredData(one_good_one_bad())
@@ -233,9 +287,10 @@ async def test_create_server_in_process_serves_both_protocols_on_one_state():
     assert port == server.port and server.http_port > 0
     await server.start()
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel, httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{server.http_port}", timeout=30
-        ) as http:
+        async with (
+            aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as http,
+        ):
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service="clotho.v1.GatewayService"))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
-from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
+from services.common.weight_wire import CollectiveGroup, build_manifest, crc32, pack_bucket
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -30,9 +30,12 @@ SEQUENCE = [1, 20, 21, 22, 10, 30, 31, 14, 15, 16, 40, 41]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stub(tiny_model_dir, tmp_path_factory, service_process):
     args = [
-        "--model-path", str(tiny_model_dir),
-        "--grpc-port", "0",
-        "--weight-update-timeout-seconds", str(COLLECTIVE_TIMEOUT),
+        "--model-path",
+        str(tiny_model_dir),
+        "--grpc-port",
+        "0",
+        "--weight-update-timeout-seconds",
+        str(COLLECTIVE_TIMEOUT),
     ]
     async with service_process("services.inference", args, tmp_path_factory.mktemp("inference-logs")) as (_, ready):
         chan = channel(f"127.0.0.1:{ready['grpc_port']}")

@@ -25,7 +25,9 @@ class Servicer(pb_grpc.TrainerServiceServicer):
 
 
 async def test_health_errors_and_streams() -> None:
-    srv = build_server("127.0.0.1", 0, [(pb_grpc.add_TrainerServiceServicer_to_server, Servicer(), "clotho.v1.TrainerService")])
+    srv = build_server(
+        "127.0.0.1", 0, [(pb_grpc.add_TrainerServiceServicer_to_server, Servicer(), "clotho.v1.TrainerService")]
+    )
     await srv.server.start()
     try:
         await srv.set_serving(True)

@@ -39,8 +39,8 @@ from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument
 from services.common.server import channel
-from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
-from services.inference.api import (
+from services.common.weight_wire import CollectiveGroup, build_manifest, crc32, pack_bucket
+from services.inference.generation_types import (
     Completion,
     FinishReason,
     GenerationRequest,
@@ -50,7 +50,7 @@ from services.inference.api import (
 )
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
-from services.inference.sglang_shard import ModelSpec, SGLangShard
+from services.inference.sglang_server.shard import ModelSpec, SGLangShard
 from waiting import wait_until
 
 TIMEOUT = 20.0
@@ -147,7 +147,13 @@ def fake_top(token: int, logprob: float, num: int) -> list[list]:
 
 
 def sglang_style_group(
-    address: str, port: int, world_size: int, rank: int, name: str, backend: str, torch_helper: bool = True,
+    address: str,
+    port: int,
+    world_size: int,
+    rank: int,
+    name: str,
+    backend: str,
+    torch_helper: bool = True,
     timeout_s: float = TIMEOUT,
 ):
     """What SGLang's init_custom_process_group does: a tcp:// rendezvous, a store prefixed
@@ -216,8 +222,14 @@ class StandIn:
             self.record("/init_weights_update_group", obj.model_dump())
             try:
                 self.groups[obj.group_name] = await asyncio.to_thread(
-                    sglang_style_group, obj.master_address, obj.master_port, obj.world_size, obj.rank_offset,
-                    obj.group_name, obj.backend, self.torch_helper,
+                    sglang_style_group,
+                    obj.master_address,
+                    obj.master_port,
+                    obj.world_size,
+                    obj.rank_offset,
+                    obj.group_name,
+                    obj.backend,
+                    self.torch_helper,
                 )
             except Exception as exc:  # noqa: BLE001 - reported as SGLang does
                 return JSONResponse({"success": False, "message": f"Failed to init group: {exc}"}, 400)
@@ -239,14 +251,21 @@ class StandIn:
             # As SGLang's FlattenedTensorBucket now does: the tensors' bytes back to back,
             # received as one uint8 buffer and viewed per tensor in its dtype.
             dtypes = [getattr(torch, d) for d in obj.dtypes]
-            sizes = [int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size()
-                     for s, d in zip(obj.shapes, dtypes)]
+            sizes = [
+                int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in zip(obj.shapes, dtypes)
+            ]
             flat = torch.empty(sum(sizes), dtype=torch.uint8)
             pg = self.groups[obj.group_name]
             await asyncio.to_thread(lambda: pg.broadcast(flat, 0).wait())
             if self.fail_bucket == index:
-                return JSONResponse({"success": False, "message": "Failed to update parameter online: boom. "
-                                     "The full weights of the ModelRunner are partially updated."}, 400)
+                return JSONResponse(
+                    {
+                        "success": False,
+                        "message": "Failed to update parameter online: boom. "
+                        "The full weights of the ModelRunner are partially updated.",
+                    },
+                    400,
+                )
             for name, shape, dtype, part in zip(obj.names, obj.shapes, dtypes, torch.split(flat, sizes)):
                 self.weights[name] = part.view(dtype).reshape(shape).clone()
             if obj.weight_version is not None:
@@ -343,7 +362,11 @@ class StandIn:
             if obj.logprob_start_len == 0:
                 # As SGLang: the first prompt position has no prediction (None).
                 meta["input_top_logprobs"] = [None] + [fake_top(t, -0.5, obj.top_logprobs_num) for t in s["ids"][1:]]
-        return b"data: " + json.dumps({"text": "", "output_ids": ids, "meta_info": meta, "index": index}).encode() + b"\n\n"
+        return (
+            b"data: "
+            + json.dumps({"text": "", "output_ids": ids, "meta_info": meta, "index": index}).encode()
+            + b"\n\n"
+        )
 
 
 async def start_uvicorn(app: FastAPI) -> tuple[uvicorn.Server, asyncio.Task, str]:
@@ -367,8 +390,14 @@ class SGLangCompatibleTrainer:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self.name = f"clotho-{uuid.uuid4().hex[:12]}"
-        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True,
-                                   timeout=datetime.timedelta(seconds=TIMEOUT), wait_for_workers=False)
+        self.store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            world_size,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=TIMEOUT),
+            wait_for_workers=False,
+        )
         self.port = self.store.port
         self.pg = None
 
@@ -380,12 +409,25 @@ class SGLangCompatibleTrainer:
         self.pg.broadcast(flat, 0).wait()
 
     def rendezvous(self, rank_offset: int = 1) -> pb.Rendezvous:
-        return pb.Rendezvous(backend=pb.COLLECTIVE_BACKEND_GLOO, address="127.0.0.1", port=self.port,
-                             world_size=self.world_size, rank_offset=rank_offset, group_name=self.name)
+        return pb.Rendezvous(
+            backend=pb.COLLECTIVE_BACKEND_GLOO,
+            address="127.0.0.1",
+            port=self.port,
+            world_size=self.world_size,
+            rank_offset=rank_offset,
+            group_name=self.name,
+        )
 
 
-async def push(target, trainer: SGLangCompatibleTrainer, weights: dict[str, torch.Tensor], version: int,
-               *, resync: bool = False, between=None) -> None:
+async def push(
+    target,
+    trainer: SGLangCompatibleTrainer,
+    weights: dict[str, torch.Tensor],
+    version: int,
+    *,
+    resync: bool = False,
+    between=None,
+) -> None:
     """Prepare, broadcast, await, commit on `target` (a shard or a ShardSet)."""
     manifest = build_manifest(list(weights.items()), BUCKET_BYTES)
     connect = None if trainer.pg is not None else asyncio.create_task(asyncio.to_thread(trainer.connect))
@@ -469,9 +511,20 @@ async def test_generate_request_and_stream(standins, spec, incremental):
     try:
         request = GenerationRequest(
             PROMPT,
-            SamplingOptions(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=6, stop_token_ids=(999,),
-                            stop=("zz",), n=2, seed=5, ignore_eos=True, frequency_penalty=0.5,
-                            presence_penalty=-0.25, repetition_penalty=1.5),
+            SamplingOptions(
+                temperature=0.7,
+                top_p=0.9,
+                top_k=0,
+                max_new_tokens=6,
+                stop_token_ids=(999,),
+                stop=("zz",),
+                n=2,
+                seed=5,
+                ignore_eos=True,
+                frequency_penalty=0.5,
+                presence_penalty=-0.25,
+                repetition_penalty=1.5,
+            ),
             return_prompt_logprobs=True,
             stream=True,
         )
@@ -500,13 +553,28 @@ async def test_generate_request_and_stream(standins, spec, incremental):
         assert body["return_logprob"] is True and body["logprob_start_len"] == 0
         sp = body["sampling_params"]
         assert [p["sampling_seed"] for p in sp] == [5, 6]
-        assert sp[0] == {"temperature": pytest.approx(0.7), "top_p": pytest.approx(0.9), "top_k": -1,
-                         "max_new_tokens": 6, "stop": ["zz"], "stop_token_ids": [999], "ignore_eos": True,
-                         "no_stop_trim": True, "sampling_seed": 5, "frequency_penalty": 0.5,
-                         "presence_penalty": -0.25, "repetition_penalty": 1.5}
+        assert sp[0] == {
+            "temperature": pytest.approx(0.7),
+            "top_p": pytest.approx(0.9),
+            "top_k": -1,
+            "max_new_tokens": 6,
+            "stop": ["zz"],
+            "stop_token_ids": [999],
+            "ignore_eos": True,
+            "no_stop_trim": True,
+            "sampling_seed": 5,
+            "frequency_penalty": 0.5,
+            "presence_penalty": -0.25,
+            "repetition_penalty": 1.5,
+        }
 
         stop = expected[2]
-        [c] = [e async for e in shard.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=6, stop_token_ids=(stop,))))]
+        [c] = [
+            e
+            async for e in shard.submit(
+                GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=6, stop_token_ids=(stop,)))
+            )
+        ]
         assert c.finish_reason is FinishReason.STOP and c.matched_stop == str(stop)
         assert list(c.output_ids) == expected[: expected.index(stop) + 1]
         assert "n" not in standin.generate_bodies[-1]["sampling_params"]
@@ -565,8 +633,11 @@ async def test_top_logprobs_map_from_sglang_meta_info(standins, spec, incrementa
         assert c.prompt_top_logprobs == () and c.prompt_logprobs == ()
 
         # Neither: SGLang is not asked for any.
-        [c] = [e async for e in shard.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=3), stream=True))
-               if isinstance(e, Completion)]
+        [c] = [
+            e
+            async for e in shard.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=3), stream=True))
+            if isinstance(e, Completion)
+        ]
         assert "top_logprobs_num" not in standin.generate_bodies[-1]
         assert c.output_top_logprobs == () and c.prompt_top_logprobs == ()
 
@@ -611,8 +682,14 @@ async def test_update_drives_sglang_in_order_and_spans_cover_the_commit(shard, m
     assert routes[2 : 2 + len(updates)] == ["/update_weights_from_distributed"] * len(manifest.buckets)
     assert routes[2 + len(updates) :] == ["/flush_cache", "/continue_generation"]
     init = standin.calls[0][1]
-    assert init == {"master_address": "127.0.0.1", "master_port": trainer.port, "rank_offset": 1,
-                    "world_size": 2, "group_name": trainer.name, "backend": "gloo"}
+    assert init == {
+        "master_address": "127.0.0.1",
+        "master_port": trainer.port,
+        "rank_offset": 1,
+        "world_size": 2,
+        "group_name": trainer.name,
+        "backend": "gloo",
+    }
     assert standin.calls[1][1] == {"mode": "retract"}
     for i, (_, body, paused) in enumerate(updates):
         tensors = manifest.tensors_in(i)
@@ -685,8 +762,13 @@ async def _never(*_args) -> None:
 
 async def test_failed_update_is_not_serving_until_a_complete_update(standins, tiny_model_dir, model_weights):
     standin, url = await standins()
-    settings = InferenceSettings(model_path=str(tiny_model_dir), engine="sglang", sglang_urls=[url],
-                                 health_check_interval_seconds=0.2, sglang_startup_timeout_seconds=10)
+    settings = InferenceSettings(
+        model_path=str(tiny_model_dir),
+        engine="sglang",
+        sglang_urls=[url],
+        health_check_interval_seconds=0.2,
+        sglang_startup_timeout_seconds=10,
+    )
     server, port = create_server(settings)
     await server.servicer.start()
     await server.server.start()
@@ -727,8 +809,14 @@ async def test_failed_update_is_not_serving_until_a_complete_update(standins, ti
         assert await _eventually(lambda: status(shard_health_name(0)), SERVING)
         assert await status("clotho.v1.InferenceService") == SERVING
         assert "/destroy_weights_update_group" in standin.routes()
-        responses = [r async for r in stub.Generate(pb.GenerateRequest(
-            input_ids=PROMPT, sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=4)))]
+        responses = [
+            r
+            async for r in stub.Generate(
+                pb.GenerateRequest(
+                    input_ids=PROMPT, sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=4)
+                )
+            )
+        ]
         c = responses[-1].completion
         assert list(c.output_ids) == expected_tokens(PROMPT, 4, version=1)
         assert [(s.start_token, s.version) for s in c.version_spans] == [(0, 1)]
@@ -749,8 +837,9 @@ async def _eventually(get, want, timeout: float = 10.0) -> bool:
 
 async def test_two_shards_are_consecutive_ranks_with_least_loaded_dispatch(standins, tiny_model_dir, model_weights):
     (a, url_a), (b, url_b) = await standins(), await standins()
-    settings = InferenceSettings(model_path=str(tiny_model_dir), engine="sglang", sglang_urls=[url_a, url_b],
-                                 sglang_startup_timeout_seconds=10)
+    settings = InferenceSettings(
+        model_path=str(tiny_model_dir), engine="sglang", sglang_urls=[url_a, url_b], sglang_startup_timeout_seconds=10
+    )
     server, _ = create_server(settings)
     shards = server.servicer.shards
     await shards.start()
@@ -772,8 +861,9 @@ async def test_two_shards_are_consecutive_ranks_with_least_loaded_dispatch(stand
             await shards.prepare(2, build_manifest(list(new.items())).to_proto(), bad, 10, 0)
 
         # Long requests land on alternate shards: each goes to the least-loaded one.
-        streams = [shards.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=40), stream=True))
-                   for _ in range(4)]
+        streams = [
+            shards.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=40), stream=True)) for _ in range(4)
+        ]
         assert [s.shard for s in streams] == [shards.shards[0], shards.shards[1]] * 2
         assert [sh.load for sh in shards.shards] == [2, 2]
         for s in streams:
@@ -818,11 +908,15 @@ def _real_sglang_available() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _real_sglang_available(), reason="needs the sglang package and a CUDA device")
 async def test_real_sglang_server_generates_and_takes_a_weight_update(tiny_model_dir, model_weights, tmp_path):
-    from services.inference.sglang_process import SGLangProcess
+    from services.inference.sglang_server.process import SGLangProcess
 
     spec = ModelSpec.from_model_dir(tiny_model_dir)
-    process = SGLangProcess(str(tiny_model_dir), gpu_id=0, log_dir=tmp_path, extra_args=(
-        "--mem-fraction-static 0.2 --disable-cuda-graph --attention-backend triton --dtype float32"))
+    process = SGLangProcess(
+        str(tiny_model_dir),
+        gpu_id=0,
+        log_dir=tmp_path,
+        extra_args=("--mem-fraction-static 0.2 --disable-cuda-graph --attention-backend triton --dtype float32"),
+    )
     s = SGLangShard(process.url, spec, name="real", process=process, startup_timeout_seconds=600)
     await s.start()
     try:
@@ -834,7 +928,7 @@ async def test_real_sglang_server_generates_and_takes_a_weight_update(tiny_model
             with torch.no_grad():
                 for _ in range(steps):
                     ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            return ids[len(PROMPT):]
+            return ids[len(PROMPT) :]
 
         request = GenerationRequest(PROMPT, SamplingOptions(temperature=0.0, max_new_tokens=8, ignore_eos=True))
         [c] = [e async for e in s.submit(request)]
@@ -845,8 +939,14 @@ async def test_real_sglang_server_generates_and_takes_a_weight_update(tiny_model
         group = CollectiveGroup.host("nccl", "127.0.0.1", 2, f"clotho-{uuid.uuid4().hex[:12]}", 120.0)
         manifest = build_manifest(list(new.items()), BUCKET_BYTES)
         connect = asyncio.create_task(asyncio.to_thread(group.connect))
-        rdv = pb.Rendezvous(backend=pb.COLLECTIVE_BACKEND_NCCL, address="127.0.0.1", port=group.port,
-                            world_size=2, rank_offset=1, group_name=group.group_name)
+        rdv = pb.Rendezvous(
+            backend=pb.COLLECTIVE_BACKEND_NCCL,
+            address="127.0.0.1",
+            port=group.port,
+            world_size=2,
+            rank_offset=1,
+            group_name=group.group_name,
+        )
         await s.prepare(1, manifest.to_proto(), rdv, 300, 1)
         await connect
         gpu = {n: t.cuda() for n, t in new.items()}

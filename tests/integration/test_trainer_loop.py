@@ -21,7 +21,7 @@ from clotho.v1 import trainer_service_pb2 as tr_pb
 from clotho.v1 import trainer_service_pb2_grpc as tr_grpc
 from services.trainer.learner import Learner
 from services.trainer.settings import TrainerSettings
-from trainer_fakes import (  # noqa: F401
+from trainer_fakes import (
     FakeGateway,
     FakeShard,
     Servers,
@@ -33,8 +33,17 @@ from trainer_fakes import (  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 120.0
-STEP_KEYS = {"event", "step", "policy_version", "mean_score", "loss", "clip_fraction",
-             "sync_seconds", "sync_bytes", "step_seconds"}
+STEP_KEYS = {
+    "event",
+    "step",
+    "policy_version",
+    "mean_score",
+    "loss",
+    "clip_fraction",
+    "sync_seconds",
+    "sync_bytes",
+    "step_seconds",
+}
 
 
 @pytest.fixture
@@ -57,8 +66,15 @@ async def mesh(tiny_model_dir):
 
 def settings_for(model_dir, gateway_target, targets, **overrides) -> TrainerSettings:
     values = dict(
-        model_path=str(model_dir), gateway=gateway_target, inference=targets, batch_size=4,
-        num_steps=3, credits=2, bucket_bytes=256 * 1024, sync_timeout_seconds=20.0, checkpoint_dir="",
+        model_path=str(model_dir),
+        gateway=gateway_target,
+        inference=targets,
+        batch_size=4,
+        num_steps=3,
+        credits=2,
+        bucket_bytes=256 * 1024,
+        sync_timeout_seconds=20.0,
+        checkpoint_dir="",
     )
     values.update(overrides)
     return TrainerSettings(**values)
@@ -83,7 +99,7 @@ def assert_shard_has(shard: FakeShard, model) -> None:
 
 
 async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_dir, mesh, monkeypatch):
-    from services.trainer import weight_sync
+    from services.common.weight_wire import pipeline as weight_sync
 
     def no_packing(*args, **kwargs):
         raise AssertionError("the parameters are laid out as the buckets: nothing to pack")
@@ -110,7 +126,7 @@ async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_di
     assert [line["policy_version"] for line in lines] == [1, 2, 3]
     model_bytes = sum(p.numel() * 4 for p in learner.model.parameters())
     for line in lines:
-        assert STEP_KEYS <= line.keys() and line["event"] == "step" and line["sync_ok"]
+        assert line.keys() >= STEP_KEYS and line["event"] == "step" and line["sync_ok"]
         assert line["sync_bytes"] == model_bytes and line["tokens"] > 0
     assert await asyncio.wait_for(watcher, 5) == [0, 1, 2, 3]
 
@@ -134,7 +150,9 @@ async def test_failed_sync_keeps_weights_and_pushes_them_with_the_next_step(tiny
 
     lines = step_lines(out)
     assert [(x["step"], x["policy_version"], x["sync_ok"]) for x in lines] == [
-        (1, 1, True), (2, 1, False), (3, 2, True)
+        (1, 1, True),
+        (2, 1, False),
+        (3, 2, True),
     ]
     assert "injected receive failure" in lines[1]["sync_error"]
     assert gateway.max_in_flight <= 1
@@ -172,12 +190,27 @@ async def test_learner_reopens_the_batch_stream_when_the_gateway_ends_it(tiny_mo
 async def start_trainer(tiny_model_dir, gateway_target, targets, tmp_path, *flags):
     stderr = open(tmp_path / "trainer.stderr", "wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.trainer",
-        "--model-path", str(tiny_model_dir), "--gateway", gateway_target,
-        "--inference", ",".join(targets), "--batch-size", "4",
-        "--bucket-bytes", str(256 * 1024), "--grace-seconds", "1",
-        "--checkpoint-dir", str(tmp_path / "checkpoints"), *flags,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        sys.executable,
+        "-m",
+        "services.trainer",
+        "--model-path",
+        str(tiny_model_dir),
+        "--gateway",
+        gateway_target,
+        "--inference",
+        ",".join(targets),
+        "--batch-size",
+        "4",
+        "--bucket-bytes",
+        str(256 * 1024),
+        "--grace-seconds",
+        "1",
+        "--checkpoint-dir",
+        str(tmp_path / "checkpoints"),
+        *flags,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     stderr.close()
@@ -293,17 +326,16 @@ async def test_overlapped_weight_update_keeps_versions_and_staleness(tiny_model_
             servers.servers.append(server)
             out = io.StringIO()
             learner = Learner(
-                settings_for(tiny_model_dir, gateway_target, [target], credits=1, num_steps=4,
-                             overlap_weight_update=overlap),
+                settings_for(
+                    tiny_model_dir, gateway_target, [target], credits=1, num_steps=4, overlap_weight_update=overlap
+                ),
                 out=out,
             )
             await learner.load()
             watcher = asyncio.ensure_future(collect_versions(learner, until=3 if fail_second else 4))
             await asyncio.wait_for(learner.run(), RUN_SECONDS)
             lines = step_lines(out)
-            results[overlap] = [
-                (x["step"], x["policy_version"], x["sync_ok"], x["staleness_max"]) for x in lines
-            ]
+            results[overlap] = [(x["step"], x["policy_version"], x["sync_ok"], x["staleness_max"]) for x in lines]
             assert await asyncio.wait_for(watcher, 5) == ([0, 1, 2, 3] if fail_second else [0, 1, 2, 3, 4])
             for line in lines:
                 assert {"wait_seconds", "train_seconds", "update_seconds"} <= line.keys()

@@ -36,8 +36,9 @@ def settings(model_dir: str) -> TrainerSettings:
 
 
 def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     from services.trainer.distributed import Ranks
 
     ranks = Ranks.from_env("cpu")
@@ -49,13 +50,16 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
         core.stop_followers()
     else:
         core.follow()
-    torch.save({
-        "params": {n: p.detach().clone() for n, p in core.inner.named_parameters()},
-        "grads": {n: p.grad.detach().clone() for n, p in core.inner.named_parameters()},
-        "loss": result.metrics.loss if result else None,
-        "tokens": result.metrics.tokens if result else None,
-        "step": core.step,
-    }, Path(out) / f"rank{rank}.pt")
+    torch.save(
+        {
+            "params": {n: p.detach().clone() for n, p in core.inner.named_parameters()},
+            "grads": {n: p.grad.detach().clone() for n, p in core.inner.named_parameters()},
+            "loss": result.metrics.loss if result else None,
+            "tokens": result.metrics.tokens if result else None,
+            "step": core.step,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
     ranks.close()
 
 
@@ -109,10 +113,29 @@ async def test_torchrun_two_ranks_train_and_push_from_rank_zero(tiny_model_dir, 
         servers.servers.append(server)
         ckpt = tmp_path / "ckpt"
         child = await launcher.start(
-            "torchrun", "torch.distributed.run",
-            ["--standalone", "--nproc-per-node", "2", "-m", "services.trainer",
-             "--model-path", str(tiny_model_dir), "--gateway", gateway_target, "--inference", shard_target,
-             "--batch-size", "4", "--num-steps", "2", "--checkpoint-dir", str(ckpt), "--grace-seconds", "1"],
+            "torchrun",
+            "torch.distributed.run",
+            [
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "services.trainer",
+                "--model-path",
+                str(tiny_model_dir),
+                "--gateway",
+                gateway_target,
+                "--inference",
+                shard_target,
+                "--batch-size",
+                "4",
+                "--num-steps",
+                "2",
+                "--checkpoint-dir",
+                str(ckpt),
+                "--grace-seconds",
+                "1",
+            ],
             tmp_path / "logs",
         )
         ready = await launcher.wait_ready(child, 120)

@@ -68,9 +68,7 @@ async def served(client: InferenceClient) -> tuple[torch.Tensor, int]:
 
 
 @pytest.mark.timeout(300)
-async def test_kill9_then_restart_resumes_step_version_and_resyncs_inference(
-    tiny_model_dir, tmp_path, service_process
-):
+async def test_kill9_then_restart_resumes_step_version_and_resyncs_inference(tiny_model_dir, tmp_path, service_process):
     gateway = FakeGateway([toy_batch(seed=i) for i in range(3)])
     gateway.hold_when_empty = True
     servers = Servers()
@@ -84,9 +82,24 @@ async def test_kill9_then_restart_resumes_step_version_and_resyncs_inference(
             target = f"127.0.0.1:{info['grpc_port']}"
             client = InferenceClient(target)
             args = [
-                "--model-path", str(tiny_model_dir), "--gateway", gateway_target, "--inference", target,
-                "--batch-size", "4", "--credits", "1", "--checkpoint-dir", str(ckpt),
-                "--checkpoint-interval", "2", "--grace-seconds", "1", "--lr", "0.01",
+                "--model-path",
+                str(tiny_model_dir),
+                "--gateway",
+                gateway_target,
+                "--inference",
+                target,
+                "--batch-size",
+                "4",
+                "--credits",
+                "1",
+                "--checkpoint-dir",
+                str(ckpt),
+                "--checkpoint-interval",
+                "2",
+                "--grace-seconds",
+                "1",
+                "--lr",
+                "0.01",
             ]
             first = Events()
             trainer = await start_trainer(args, tmp_path / "logs-1", first)
@@ -125,8 +138,13 @@ async def test_kill9_then_restart_resumes_step_version_and_resyncs_inference(
                 assert await launcher.stop(trainer, grace=60) == 0
             assert (ckpt / "latest").read_text().strip() == "step-3"
             assert sorted(p.name for p in (ckpt / "step-3").iterdir()) == [
-                "config.json", "generation_config.json", "model.safetensors", "optimizer.pt",
-                "rng-rank0.pt", "scheduler.pt", "trainer_state.json",
+                "config.json",
+                "generation_config.json",
+                "model.safetensors",
+                "optimizer.pt",
+                "rng-rank0.pt",
+                "scheduler.pt",
+                "trainer_state.json",
             ]
             await client.close()
     finally:

@@ -7,9 +7,9 @@ import torch
 
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import channel
-from services.common.weight_transfer import build_manifest, crc32, pack_bucket, pack_bucket_crc32
-from services.trainer.weight_sync import WeightSync, WeightSyncError
-from trainer_fakes import FakeShard, Servers, load_model, start_shard  # noqa: F401
+from services.common.weight_wire import build_manifest, crc32, pack_bucket, pack_bucket_crc32
+from services.trainer.weight_push import WeightSync, WeightSyncError
+from trainer_fakes import FakeShard, Servers, load_model, start_shard
 
 BUCKET_BYTES = 256 * 1024  # several buckets for the 0.5M-parameter model
 
@@ -165,8 +165,12 @@ async def test_push_without_shards_is_a_no_op(model):
 async def test_caller_owned_stubs_work_too(model, shards):
     fakes, targets = shards
     channels = [channel(t) for t in targets]
-    sync = WeightSync([pb_grpc.InferenceServiceStub(c) for c in channels], names=targets,
-                      bucket_bytes=BUCKET_BYTES, timeout_seconds=10.0)
+    sync = WeightSync(
+        [pb_grpc.InferenceServiceStub(c) for c in channels],
+        names=targets,
+        bucket_bytes=BUCKET_BYTES,
+        timeout_seconds=10.0,
+    )
     try:
         await sync.push(model, version=1, step=1)
         assert all(f.version == 1 for f in fakes)
@@ -177,8 +181,8 @@ async def test_caller_owned_stubs_work_too(model, shards):
 
 
 async def test_weights_laid_out_as_buckets_are_sent_without_packing(model, shards, monkeypatch):
-    from services.common.weight_transfer import bucket_view, flat_buckets, unpack_bucket
-    from services.trainer import weight_sync
+    from services.common.weight_wire import bucket_view, flat_buckets, unpack_bucket
+    from services.common.weight_wire import pipeline as weight_sync
 
     fakes, targets = shards
     named = {n: p.detach() for n, p in model.named_parameters()}

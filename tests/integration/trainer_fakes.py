@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 import torch
@@ -24,8 +25,7 @@ from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from clotho.v1 import policy_pb2, scored_data_pb2
-from services.common.weight_transfer import CollectiveGroup, Manifest, crc32, unpack_bucket
-from services.trainer.weight_sync import in_daemon_thread
+from services.common.weight_wire import CollectiveGroup, Manifest, crc32, in_daemon_thread, unpack_bucket
 
 RECEIVE_TIMEOUT_SECONDS = 10.0
 
@@ -48,11 +48,13 @@ def toy_batch(
         seqs = []
         for j in range(group_size):
             completion = torch.randint(7, vocab, (4 + j,), generator=gen).tolist()
-            seqs.append(scored_data_pb2.ScoredSequence(
-                tokens=prompt + completion,
-                masks=[-100] * len(prompt) + completion,
-                score=float(j),
-            ))
+            seqs.append(
+                scored_data_pb2.ScoredSequence(
+                    tokens=prompt + completion,
+                    masks=[-100] * len(prompt) + completion,
+                    score=float(j),
+                )
+            )
         groups.append(scored_data_pb2.ScoredGroup(sequences=seqs))
     return groups
 
@@ -97,8 +99,9 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
         if self.hang_prepare:
             await asyncio.Event().wait()  # until the caller's deadline cancels us
         if not request.resync and request.version != self.version + 1:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"version {request.version} is not {self.version} + 1")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} is not {self.version} + 1"
+            )
         manifest = Manifest.from_proto(request.manifest)
         for t in manifest.tensors:
             if t.name not in self.params or tuple(self.params[t.name].shape) != t.shape:

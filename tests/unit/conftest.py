@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.inference.engine import GenerationEngine
+from services.inference.torch_engine.engine import GenerationEngine
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from atroposlib.api import server as atropos
 
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.state import TrajectoryState
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.http.app import create_app
+from services.gateway.trajectory import TrajectoryState
 
 REGISTRATION = {
     "wandb_group": "group",
@@ -73,7 +73,9 @@ async def run_both(apps, steps):
     disconnected) the gateway must answer, and the session goes on."""
     ref_app, our_app = apps
     async with (
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=ref_app, raise_app_exceptions=False), base_url="http://ref") as ref,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=ref_app, raise_app_exceptions=False), base_url="http://ref"
+        ) as ref,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=our_app), base_url="http://ours") as ours,
     ):
         for method, path, body in steps:
@@ -133,7 +135,11 @@ async def test_flow_with_buffering_and_draining_matches_atropos(apps):
         ("POST", "/scored_data", group(2, env_id=None, seed=8)),
         ("POST", "/scored_data", group(2, env_id=17, seed=9)),
         ("POST", "/scored_data_list", [group(1, env_id=2, seed=s) for s in range(10, 17)]),
-        ("POST", "/scored_data_list", [group(2, env_id=0, seed=20), group(1, env_id=0, seed=21), group(4, env_id=0, seed=22)]),
+        (
+            "POST",
+            "/scored_data_list",
+            [group(2, env_id=0, seed=20), group(1, env_id=0, seed=21), group(4, env_id=0, seed=22)],
+        ),
         ("GET", "/status", None),
         ("GET", "/status-env", {"env_id": 0}),
         ("GET", "/status-env", {"env_id": 1}),
@@ -193,7 +199,13 @@ async def test_random_sessions_match_atropos(apps, seed):
     for e in range(n_envs):
         sizes[e] = rng.choice([1, 2, 4, 8])
         min_alloc = rng.choice([None, None, 0.25, 0.5])
-        steps.append(("POST", "/register-env", env(f"e{e % 2}", sizes[e], weight=rng.choice([0.5, 1.0, 2.0]), min_alloc=min_alloc)))
+        steps.append(
+            (
+                "POST",
+                "/register-env",
+                env(f"e{e % 2}", sizes[e], weight=rng.choice([0.5, 1.0, 2.0]), min_alloc=min_alloc),
+            )
+        )
     connected = set(range(n_envs))
     for k in range(60):
         roll = rng.random()
@@ -202,7 +214,10 @@ async def test_random_sessions_match_atropos(apps, seed):
             size = sizes[env_id] if rng.random() < 0.7 else rng.choice([1, 2, 3, 4, 8])
             steps.append(("POST", "/scored_data", group(size, env_id=env_id, seed=seed * 1000 + k)))
         elif roll < 0.65:
-            items = [group(rng.choice([1, 2, 4]), env_id=rng.randrange(n_envs), seed=seed * 1000 + k * 10 + j) for j in range(3)]
+            items = [
+                group(rng.choice([1, 2, 4]), env_id=rng.randrange(n_envs), seed=seed * 1000 + k * 10 + j)
+                for j in range(3)
+            ]
             steps.append(("POST", "/scored_data_list", items))
         elif roll < 0.8:
             steps.append(("GET", "/status-env", {"env_id": env_id}))
@@ -228,7 +243,9 @@ def every_field(size, env_id, seed):
         "advantages": [[0.1, -2, 1e-05] for _ in tokens],
         "ref_logprobs": [[-0.5, -1.25e-07, 0] for _ in tokens],
         "inference_logprobs": [[-0.25, -3, -1e16] for _ in tokens],
-        "messages": [[{"role": "user", "content": "héllo ✓"}, {"role": "assistant", "content": "4", "reward": 1}] for _ in tokens],
+        "messages": [
+            [{"role": "user", "content": "héllo ✓"}, {"role": "assistant", "content": "4", "reward": 1}] for _ in tokens
+        ],
         "generation_params": {"temperature": 0.7, "top_p": 1, "stop": ["\n"]},
         "overrides": [{"set_advantage_to_zero": i % 2 == 0} for i in range(size)],
         "group_overrides": {"group_size": size, "note": None},
@@ -250,8 +267,16 @@ async def test_every_optional_field_plain_and_gzipped_matches_atropos(apps):
         ("POST", "/scored_data_list", Gzipped([every_field(1, 0, seed=3), every_field(1, 0, seed=4)])),
         ("POST", "/scored_data_list", [every_field(2, None, seed=5), every_field(2, 0, seed=6)]),
         # Only small floats that orjson alone would write as 0.0000999 and 1.5e-6.
-        ("POST", "/scored_data", {**group(4, env_id=None, seed=7), "inference_logprobs": [[-9.99e-05, -1.5e-06]] * 4,
-                                  "tokens": [[1, 2]] * 4, "masks": [[-100, 2]] * 4}),
+        (
+            "POST",
+            "/scored_data",
+            {
+                **group(4, env_id=None, seed=7),
+                "inference_logprobs": [[-9.99e-05, -1.5e-06]] * 4,
+                "tokens": [[1, 2]] * 4,
+                "masks": [[-100, 2]] * 4,
+            },
+        ),
         ("GET", "/latest_example", None),
         ("GET", "/status", None),
         ("GET", "/batch", None),
@@ -272,8 +297,14 @@ def default_collect_group(size, env_id, seed, overrides=None):
     only collect_trajectory): the optional per-sequence fields start as [] and stay
     empty unless the rollouts returned some; group_overrides merges theirs."""
     g = group(size, env_id=env_id, seed=seed)
-    g.update(advantages=[], ref_logprobs=[], messages=[], overrides=[], images=[],
-             group_overrides=overrides if overrides is not None else {})
+    g.update(
+        advantages=[],
+        ref_logprobs=[],
+        messages=[],
+        overrides=[],
+        images=[],
+        group_overrides=overrides if overrides is not None else {},
+    )
     g.pop("inference_logprobs", None)
     return g
 

@@ -13,15 +13,21 @@ import pytest
 
 from services.common.settings import load_settings
 from services.gateway import auth
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.http.app import create_app
 from services.gateway.settings import GatewaySettings
-from services.gateway.state import TrajectoryState
+from services.gateway.trajectory import TrajectoryState
 
 TRAJ, INF = "traj-secret", "inf-secret"
 REGISTRATION = {
-    "wandb_group": "g", "wandb_project": "p", "batch_size": 4, "max_token_len": 64, "checkpoint_dir": "",
-    "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
+    "wandb_group": "g",
+    "wandb_project": "p",
+    "batch_size": 4,
+    "max_token_len": 64,
+    "checkpoint_dir": "",
+    "save_checkpoint_interval": 1,
+    "starting_step": 0,
+    "num_steps": 1,
 }
 
 
@@ -113,12 +119,18 @@ async def test_body_errors_on_v1_are_openai_shaped():
     async with client_for(max_body_bytes=4096) as c:
         # Too large by Content-Length, and only once inflated (gzip).
         for headers, content in (({}, big), ({"content-encoding": "gzip"}, gzip.compress(big))):
-            r = await c.post("/v1/chat/completions", content=content, headers={"content-type": "application/json", **headers})
+            r = await c.post(
+                "/v1/chat/completions", content=content, headers={"content-type": "application/json", **headers}
+            )
             assert r.status_code == 413, r.text
-            assert r.json() == {"error": {
-                "message": "request body exceeds max_body_bytes (4096)", "type": "invalid_request_error",
-                "param": None, "code": "resource_exhausted",
-            }}
+            assert r.json() == {
+                "error": {
+                    "message": "request body exceeds max_body_bytes (4096)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "resource_exhausted",
+                }
+            }
             assert int(r.headers["content-length"]) == len(r.content)
         r = await c.post("/v1/completions", content=b"not gzip", headers={"content-encoding": "gzip"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

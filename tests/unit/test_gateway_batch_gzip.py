@@ -8,10 +8,10 @@ import gzip
 import httpx
 import pytest
 
-from services.gateway.batch_gzip import BatchCompressor
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.state import TrajectoryState
+from services.gateway.atropos_api.batch_gzip import BatchCompressor
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.http.app import create_app
+from services.gateway.trajectory import TrajectoryState
 
 
 def group(tag: int) -> dict:
@@ -26,8 +26,14 @@ async def client():
         r = await c.post(
             "/register",
             json={
-                "wandb_group": "g", "wandb_project": "p", "batch_size": 2, "max_token_len": 64,
-                "checkpoint_dir": "", "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": 2,
+                "max_token_len": 64,
+                "checkpoint_dir": "",
+                "save_checkpoint_interval": 1,
+                "starting_step": 0,
+                "num_steps": 1,
             },
         )
         assert r.status_code == 200
@@ -57,8 +63,8 @@ async def test_batches_formed_together_decode_to_the_same_json_gzipped_or_not(cl
 
 async def test_compressor_hands_prepared_bytes_only_for_the_body_they_were_made_for():
     compressor = BatchCompressor()
-    body_first = b'{"batch":[' + b"1," * 2000 + b'1]}'
-    body_second = b'{"batch":[' + b"2," * 2000 + b'2]}'
+    body_first = b'{"batch":[' + b"1," * 2000 + b"1]}"
+    body_second = b'{"batch":[' + b"2," * 2000 + b"2]}"
     compressor.prepare(body_first)
     assert compressor.take(body_second) is None
     prepared = await compressor.take(body_first)
@@ -83,10 +89,19 @@ async def test_response_gzip_policy_decides_by_the_clients_address(policy, clien
     app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=1 << 20, response_gzip=policy)
     transport = httpx.ASGITransport(app=app, client=(client_host, 5000))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-        await c.post("/register", json={
-            "wandb_group": "g", "wandb_project": "p", "batch_size": 1, "max_token_len": 64,
-            "checkpoint_dir": "", "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
-        })
+        await c.post(
+            "/register",
+            json={
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": 1,
+                "max_token_len": 64,
+                "checkpoint_dir": "",
+                "save_checkpoint_interval": 1,
+                "starting_step": 0,
+                "num_steps": 1,
+            },
+        )
         for tag in range(3):
             await c.post("/scored_data", json=group(tag))
         for tag in (2, 1):  # the first call forms all three batches; the next is prepared ahead

@@ -7,8 +7,9 @@ import random
 
 import pytest
 from atroposlib.api import utils as reference
+from oracles.atropos_packing import take_exact, take_with_min_allocations
 
-from services.gateway.batching import find_subset_summing_to, take_exact, take_with_min_allocations
+from services.gateway.trajectory.packing import find_subset_summing_to
 
 
 def queue_of(sizes, env_ids=None):
@@ -137,7 +138,9 @@ def test_min_allocations_match_reference_on_random_queues():
         ]
         n = rng.randint(0, 30)
         sizes = [rng.choice([1, 2, 2, 4, 4, 8, 3]) for _ in range(n)]
-        env_ids = [rng.choice([*range(n_envs), None]) if rng.random() < 0.1 else rng.randrange(n_envs) for _ in range(n)]
+        env_ids = [
+            rng.choice([*range(n_envs), None]) if rng.random() < 0.1 else rng.randrange(n_envs) for _ in range(n)
+        ]
         batch_size = rng.choice([2, 4, 8, 10, 16])
         got = take_with_min_allocations(sizes, env_ids, batch_size, minimums_of(envs))
         assert got == ref_min(sizes, env_ids, batch_size, envs), (sizes, env_ids, batch_size, envs)

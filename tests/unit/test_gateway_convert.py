@@ -9,13 +9,13 @@ import pytest
 
 from clotho.v1 import scored_data_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.gateway.convert import batch_to_proto, group_from_proto, group_to_proto
-from services.gateway.queue_index import Group
-from services.gateway.scored_data import ATROPOS_KEYS, check_group, encode_group
+from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
+from services.gateway.trajectory.queue_index import Group
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS, check_group, encode_group
 
 
 def bare(tokens):
-    g = {key: None for key in ATROPOS_KEYS}
+    g = dict.fromkeys(ATROPOS_KEYS)
     g.update(tokens=tokens, masks=[[-100] * len(t) for t in tokens], scores=[float(i) for i in range(len(tokens))])
     return g
 
@@ -103,7 +103,9 @@ def test_only_one_distill_side_present():
 
 
 def test_proto_clients_that_skip_present_fields_still_get_their_lists():
-    msg = pb.ScoredGroup(sequences=[pb.ScoredSequence(tokens=[1, 2], masks=[-100, 2], score=1.0, advantages=[0.5, 0.5])])
+    msg = pb.ScoredGroup(
+        sequences=[pb.ScoredSequence(tokens=[1, 2], masks=[-100, 2], score=1.0, advantages=[0.5, 0.5])]
+    )
     back = group_from_proto(msg)
     assert back["advantages"] == [[0.5, 0.5]]
     assert back["ref_logprobs"] is None

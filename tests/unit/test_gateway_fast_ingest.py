@@ -7,9 +7,9 @@ from __future__ import annotations
 import httpx
 
 from services.gateway import auth
-from services.gateway.http_app import create_app
-from services.gateway.inference_client import InferenceClient
-from services.gateway.state import TrajectoryState
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.http.app import create_app
+from services.gateway.trajectory import TrajectoryState
 
 TOKEN = "t-123"
 GROUP = {"tokens": [[1, 2]], "masks": [[-100, 2]], "scores": [1.0]}
@@ -54,10 +54,20 @@ async def test_batch_answers_what_the_full_stack_answers():
     big = {"tokens": [row], "masks": [row], "scores": [1.0]}
     for policy in ("always", "never"):
         async with client(response_gzip=policy) as c:
-            await c.post("/register", headers=auth_header, json={
-                "wandb_group": "g", "wandb_project": "p", "batch_size": 1, "max_token_len": 64,
-                "checkpoint_dir": "", "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
-            })
+            await c.post(
+                "/register",
+                headers=auth_header,
+                json={
+                    "wandb_group": "g",
+                    "wandb_project": "p",
+                    "batch_size": 1,
+                    "max_token_len": 64,
+                    "checkpoint_dir": "",
+                    "save_checkpoint_interval": 1,
+                    "starting_step": 0,
+                    "num_steps": 1,
+                },
+            )
             for tag in range(4):
                 await c.post("/scored_data", headers=auth_header, json={**big, "scores": [float(tag)]})
             answers = []

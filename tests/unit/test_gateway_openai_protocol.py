@@ -8,16 +8,18 @@ import pytest
 
 from clotho.v1 import inference_service_pb2 as ipb
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS, build_tokenizer
-from services.gateway.openai_protocol import (
+from services.gateway.generation.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestInvalid,
+    validate,
+)
+from services.gateway.generation.openai_api.render import (
     StreamText,
     TokenStrings,
     chat_logprobs,
     completion_logprobs,
     render,
-    validate,
 )
 
 EOS = SPECIAL_TOKENS.index("<eos>")
@@ -36,9 +38,19 @@ def test_chat_body_to_sampling_params():
     body = validate(
         ChatCompletionRequest,
         {
-            "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-            "n": 3, "max_tokens": 9, "max_completion_tokens": 7, "temperature": 0, "top_p": 1, "top_k": -1,
-            "stop": ["x", ""], "seed": -1, "presence_penalty": 0.5, "ignore_eos": True, "stop_token_ids": [4],
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "n": 3,
+            "max_tokens": 9,
+            "max_completion_tokens": 7,
+            "temperature": 0,
+            "top_p": 1,
+            "top_k": -1,
+            "stop": ["x", ""],
+            "seed": -1,
+            "presence_penalty": 0.5,
+            "ignore_eos": True,
+            "stop_token_ids": [4],
             "unknown_extension": {"kept": True},
         },
     )
@@ -52,8 +64,9 @@ def test_chat_body_to_sampling_params():
 
 
 def test_penalties_reach_the_engine():
-    body = validate(CompletionRequest, {"prompt": "a", "frequency_penalty": -1.5, "presence_penalty": 2,
-                                        "repetition_penalty": 1.25})
+    body = validate(
+        CompletionRequest, {"prompt": "a", "frequency_penalty": -1.5, "presence_penalty": 2, "repetition_penalty": 1.25}
+    )
     sp = body.sampling_params(body.max_new_tokens)
     assert (sp.frequency_penalty, sp.presence_penalty, sp.repetition_penalty) == (-1.5, 2.0, 1.25)
 
@@ -81,8 +94,12 @@ def test_completion_prompt_forms():
         (ChatCompletionRequest, {"messages": [{"content": "x"}]}, "messages[0].role", "required"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid"),
         (ChatCompletionRequest, {"messages": [{"role": "user"}], "max_tokens": 0}, "max_tokens", "greater than"),
-        (ChatCompletionRequest, {"messages": [{"role": "user"}], "response_format": {"type": "json_schema"}},
-         "response_format.type", "not supported"),
+        (
+            ChatCompletionRequest,
+            {"messages": [{"role": "user"}], "response_format": {"type": "json_schema"}},
+            "response_format.type",
+            "not supported",
+        ),
         (ChatCompletionRequest, {"messages": [{"role": "user"}], "stream": "yes"}, "stream", "boolean"),
     ],
 )
@@ -96,16 +113,21 @@ def test_invalid_bodies_name_the_field(model, body, param, words):
 
 def test_render_cuts_text_and_logprob_tokens_at_a_stop_string(tokenizer):
     ids = ids_of("ab;cd")
-    completion = ipb.Completion(output_ids=ids, output_logprobs=[-1.0] * 5, finish_reason=ipb.FINISH_REASON_STOP,
-                                matched_stop=";c")
+    completion = ipb.Completion(
+        output_ids=ids, output_logprobs=[-1.0] * 5, finish_reason=ipb.FINISH_REASON_STOP, matched_stop=";c"
+    )
     r = render(tokenizer, completion, [";c"], True, False, True)
     assert (r.text, r.finish_reason, r.matched_stop, r.completion_tokens) == ("ab", "stop", ";c", 5)
     assert r.tokens == ["a", "b"] and r.token_ids == ids[:2]
     kept = render(tokenizer, completion, [";c"], True, True, False)  # no_stop_trim
     assert kept.text == "ab;cd"
 
-    eos = ipb.Completion(output_ids=[*ids_of("ok"), EOS], output_logprobs=[-1.0, -2.0, -3.0],
-                         finish_reason=ipb.FINISH_REASON_STOP, matched_stop=str(EOS))
+    eos = ipb.Completion(
+        output_ids=[*ids_of("ok"), EOS],
+        output_logprobs=[-1.0, -2.0, -3.0],
+        finish_reason=ipb.FINISH_REASON_STOP,
+        matched_stop=str(EOS),
+    )
     r = render(tokenizer, eos, [], True, False, True)
     assert (r.text, r.matched_stop, r.tokens) == ("ok", EOS, ["o", "k", "<eos>"])
     length = ipb.Completion(output_ids=ids_of("o"), output_logprobs=[-1.0], finish_reason=ipb.FINISH_REASON_LENGTH)
@@ -116,7 +138,9 @@ def test_logprob_shapes():
     chat = chat_logprobs(["é", "b"], [-0.5, -1.0], 3)
     assert chat["refusal"] is None
     assert chat["content"][0] == {
-        "token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9],
+        "token": "é",
+        "logprob": -0.5,
+        "bytes": [0xC3, 0xA9],
         "top_logprobs": [{"token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9]}],
     }
     assert chat_logprobs(["a"], [-1.0], None)["content"][0]["top_logprobs"] == []
@@ -161,8 +185,10 @@ def test_top_logprobs_k_asked_of_the_engine():
     assert validate(CompletionRequest, {"prompt": "a", "logprobs": 0}).top_logprobs_k == 0
     assert validate(CompletionRequest, {"prompt": "a"}).top_logprobs_k == 0
     # Up to 20 (OpenAI's legacy bound is 5; the engine's is 20).
-    for model, body, param in ((CompletionRequest, {"prompt": "a", "logprobs": 21}, "logprobs"),
-                               (ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+    for model, body, param in (
+        (CompletionRequest, {"prompt": "a", "logprobs": 21}, "logprobs"),
+        (ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ):
         with pytest.raises(RequestInvalid) as err:
             validate(model, body)
         assert err.value.param == param and "less than or equal to 20" in str(err.value)
@@ -185,8 +211,9 @@ def test_token_strings_decode_each_id_once(tokenizer):
 
 def test_render_gives_each_kept_token_its_alternatives(tokenizer):
     ids = ids_of("ab;cd")
-    completion = ipb.Completion(output_ids=ids, output_logprobs=[-1.0] * 5, finish_reason=ipb.FINISH_REASON_STOP,
-                                matched_stop=";c")
+    completion = ipb.Completion(
+        output_ids=ids, output_logprobs=[-1.0] * 5, finish_reason=ipb.FINISH_REASON_STOP, matched_stop=";c"
+    )
     completion.output_top_logprobs.extend(tops(*[[(t, -1.0), (EOS, -2.0)] for t in ids]))
     r = render(tokenizer, completion, [";c"], True, False, True, 1)
     assert r.tokens == ["a", "b"] and r.alternatives == [[("a", -1.0)], [("b", -1.0)]]  # cut at the stop string
@@ -197,7 +224,9 @@ def test_chat_top_logprobs_are_the_k_most_likely():
     alts = [[("b", -0.25), ("é", -0.5), ("c", -3.0)], None]
     chat = chat_logprobs(["é", "x"], [-0.5, -1.0], 2, alts)
     assert chat["content"][0] == {
-        "token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9],
+        "token": "é",
+        "logprob": -0.5,
+        "bytes": [0xC3, 0xA9],
         "top_logprobs": [
             {"token": "b", "logprob": -0.25, "bytes": [ord("b")]},
             {"token": "é", "logprob": -0.5, "bytes": [0xC3, 0xA9]},
@@ -211,8 +240,9 @@ def test_chat_top_logprobs_are_the_k_most_likely():
 
 def test_legacy_top_logprobs_are_the_k_most_likely_plus_the_sampled_token():
     alts = [None, [("b", -0.25), ("c", -0.5)], [("d", -0.1), ("e", -0.2)], None]
-    legacy = completion_logprobs(["a", "b", "x", "y"], ["a", "b", "x", "y"], [None, -0.25, -4.0, -1.0],
-                                 alternatives=alts)
+    legacy = completion_logprobs(
+        ["a", "b", "x", "y"], ["a", "b", "x", "y"], [None, -0.25, -4.0, -1.0], alternatives=alts
+    )
     assert legacy["top_logprobs"] == [
         None,  # the echoed first prompt token
         {"b": -0.25, "c": -0.5},  # the sampled token among the k: k entries

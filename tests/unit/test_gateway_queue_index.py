@@ -8,7 +8,7 @@ import random
 
 from atroposlib.api import utils as reference
 
-from services.gateway.queue_index import Group, QueueIndex
+from services.gateway.trajectory.queue_index import Group, QueueIndex
 
 
 class Queue:

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import Unavailable
-from services.gateway import inference_client as client_module
-from services.gateway.inference_client import InferenceClient
-from services.gateway.routing import Router
+from services.gateway.generation import pool as client_module
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.generation.routing import Router
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -170,8 +170,13 @@ def rpc_error(code: grpc.StatusCode) -> aio.AioRpcError:
 
 def completion(ids, version):
     return ipb.GenerateResponse(
-        completion=ipb.Completion(output_ids=ids, version_spans=[policy_pb2.VersionSpan(start_token=0, version=version),
-                                                                  policy_pb2.VersionSpan(start_token=1, version=version + 1)])
+        completion=ipb.Completion(
+            output_ids=ids,
+            version_spans=[
+                policy_pb2.VersionSpan(start_token=0, version=version),
+                policy_pb2.VersionSpan(start_token=1, version=version + 1),
+            ],
+        )
     )
 
 
@@ -211,7 +216,9 @@ async def test_unavailable_before_any_message_fails_over_and_ejects(recorded):
 
 
 async def test_a_failure_after_output_is_raised_not_retried(recorded):
-    half = FakeStub([ipb.GenerateResponse(chunk=ipb.TokenChunk(token_ids=[5]))], error=rpc_error(grpc.StatusCode.UNAVAILABLE))
+    half = FakeStub(
+        [ipb.GenerateResponse(chunk=ipb.TokenChunk(token_ids=[5]))], error=rpc_error(grpc.StatusCode.UNAVAILABLE)
+    )
     other = FakeStub([completion([1], 0)])
     client = client_with([half, other])
     with pytest.raises(aio.AioRpcError):

@@ -8,8 +8,8 @@ import pytest
 from clotho.v1 import gateway_service_pb2 as gpb
 from clotho.v1 import scored_data_pb2 as spb
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.servicer import GatewayServicer
-from services.gateway.state import TrajectoryState
+from services.gateway.rpc.servicer import GatewayServicer
+from services.gateway.trajectory import TrajectoryState
 
 
 async def submit(servicer, groups):
@@ -30,18 +30,26 @@ async def test_registration_status_and_errors():
     env = gpb.RegisterEnvRequest(max_token_length=100, desired_name="e", weight=1.0, group_size=2)
     with pytest.raises(InvalidArgument):
         await servicer.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=0), None)
-    reply = await servicer.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=2, checkpoint_dir="/c", num_steps=9), None)
+    reply = await servicer.RegisterTrainer(
+        gpb.RegisterTrainerRequest(batch_size=2, checkpoint_dir="/c", num_steps=9), None
+    )
     assert int(reply.uuid) > 0
     assert (await servicer.RegisterEnv(env, None)).status == "wait for trainer to start"
     state.take_batch()
     registered = await servicer.RegisterEnv(env, None)
-    assert (registered.status, registered.env_id, registered.wandb_name, registered.checkpoint_dir, registered.num_steps) == (
-        "success", 0, "e_0", "/c", 9
-    )
+    assert (
+        registered.status,
+        registered.env_id,
+        registered.wandb_name,
+        registered.checkpoint_dir,
+        registered.num_steps,
+    ) == ("success", 0, "e_0", "/c", 9)
     with pytest.raises(InvalidArgument, match="min_batch_allocation"):
         await servicer.RegisterEnv(gpb.RegisterEnvRequest(group_size=1, min_batch_allocation=1.5), None)
 
-    result = await submit(servicer, [spb.ScoredGroup(sequences=[seq(1)], env_id=0), spb.ScoredGroup(sequences=[seq(2), seq(3)], env_id=0)])
+    result = await submit(
+        servicer, [spb.ScoredGroup(sequences=[seq(1)], env_id=0), spb.ScoredGroup(sequences=[seq(2), seq(3)], env_id=0)]
+    )
     assert (result.received, result.buffered) == (1, 1)
     status = await servicer.GetEnvStatus(gpb.GetEnvStatusRequest(env_id=0), None)
     assert (status.queue_size, status.self_queue_size, status.max_group_size, status.env_weight) == (1, 1, 2, 1.0)

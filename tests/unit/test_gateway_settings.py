@@ -10,7 +10,12 @@ def test_defaults_work_locally(monkeypatch):
     for name in ("INFERENCE", "DATA_DIR"):
         monkeypatch.delenv(f"CLOTHO_GATEWAY_{name}", raising=False)
     s = load_settings(GatewaySettings, [])
-    assert (s.http_bind, s.grpc_bind_host, s.inference, s.tokenizer_path) == (("127.0.0.1", 8000), "127.0.0.1", [], None)
+    assert (s.http_bind, s.grpc_bind_host, s.inference, s.tokenizer_path) == (
+        ("127.0.0.1", 8000),
+        "127.0.0.1",
+        [],
+        None,
+    )
     assert s.max_body_bytes > 0 and s.generate_timeout_seconds > 0
     # Durable by default, bounded, staleness off.
     assert (s.store, s.data_dir, s.store_fsync) == ("sqlite", ".clotho/gateway", False)

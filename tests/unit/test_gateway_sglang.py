@@ -7,7 +7,7 @@ import pytest
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import InvalidArgument
-from services.gateway.sglang import parse_generate, result_json
+from services.gateway.generation.sglang_api.protocol import parse_generate, result_json
 
 
 def test_single_prompt_with_sampling_params():
@@ -15,8 +15,16 @@ def test_single_prompt_with_sampling_params():
         {
             "input_ids": [5, 6, 7],
             "sampling_params": {
-                "max_new_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "n": 1,
-                "stop": "\n", "stop_token_ids": [2], "ignore_eos": True, "seed": 11, "min_p": 0.1,
+                "max_new_tokens": 8,
+                "temperature": 0.5,
+                "top_p": 0.9,
+                "top_k": -1,
+                "n": 1,
+                "stop": "\n",
+                "stop_token_ids": [2],
+                "ignore_eos": True,
+                "seed": 11,
+                "min_p": 0.1,
             },
             "return_logprob": True,
             "rid": "req-1",
@@ -34,13 +42,15 @@ def test_single_prompt_with_sampling_params():
 
 
 def test_penalties_reach_the_engine():
-    call = parse_generate({
-        "input_ids": [[1], [2]],
-        "sampling_params": [
-            {"frequency_penalty": 0.5, "presence_penalty": -1, "repetition_penalty": 1.2},
-            {"temperature": 0},
-        ],
-    })
+    call = parse_generate(
+        {
+            "input_ids": [[1], [2]],
+            "sampling_params": [
+                {"frequency_penalty": 0.5, "presence_penalty": -1, "repetition_penalty": 1.2},
+                {"temperature": 0},
+            ],
+        }
+    )
     sp = call.request(0).sampling_params
     assert (sp.frequency_penalty, sp.presence_penalty) == (0.5, -1.0)
     assert sp.repetition_penalty == pytest.approx(1.2)
@@ -68,11 +78,22 @@ def test_batches_and_n_make_lists():
         ({"text": "a", "sampling_params": {"temperature": "hot"}}, "sampling_params.temperature must be a number"),
         ({"text": "a", "sampling_params": {"top_p": 0}}, "sampling_params.top_p must be in (0.0, 1.0]"),
         ({"text": "a", "sampling_params": {"n": 0}}, "sampling_params.n must be between 1"),
-        ({"text": "a", "sampling_params": {"frequency_penalty": 3}}, "sampling_params.frequency_penalty must be in [-2.0, 2.0]"),
-        ({"text": "a", "sampling_params": {"presence_penalty": "x"}}, "sampling_params.presence_penalty must be a number"),
-        ({"text": "a", "sampling_params": {"repetition_penalty": 0}},
-         "sampling_params.repetition_penalty must be in (0.0, inf), got 0"),
-        ({"text": "a", "sampling_params": {"max_new_tokens": 1.5}}, "sampling_params.max_new_tokens must be an integer"),
+        (
+            {"text": "a", "sampling_params": {"frequency_penalty": 3}},
+            "sampling_params.frequency_penalty must be in [-2.0, 2.0]",
+        ),
+        (
+            {"text": "a", "sampling_params": {"presence_penalty": "x"}},
+            "sampling_params.presence_penalty must be a number",
+        ),
+        (
+            {"text": "a", "sampling_params": {"repetition_penalty": 0}},
+            "sampling_params.repetition_penalty must be in (0.0, inf), got 0",
+        ),
+        (
+            {"text": "a", "sampling_params": {"max_new_tokens": 1.5}},
+            "sampling_params.max_new_tokens must be an integer",
+        ),
         ({"text": "a", "sampling_params": {"stop": [1]}}, "sampling_params.stop must be a string or a list"),
         ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params has 1 entries but there are 2 prompts"),
         ({"text": "a", "return_logprob": "yes"}, "return_logprob must be true or false"),
@@ -144,8 +165,10 @@ def test_top_logprobs_num_is_asked_of_the_engine_with_return_logprob():
     # Without return_logprob SGLang returns no logprobs at all: nothing is asked for.
     request = parse_generate({"input_ids": [1], "top_logprobs_num": 4}).request(0)
     assert (request.top_logprobs, request.prompt_top_logprobs) == (0, 0)
-    for body in ({"input_ids": [1], "return_logprob": True}, {"input_ids": [1], "return_logprob": True,
-                                                               "top_logprobs_num": None}):
+    for body in (
+        {"input_ids": [1], "return_logprob": True},
+        {"input_ids": [1], "return_logprob": True, "top_logprobs_num": None},
+    ):
         assert parse_generate(body).request(0).top_logprobs == 0
 
 
@@ -195,7 +218,11 @@ def test_result_json_top_logprobs_have_sglang_shape():
         [[-0.25, 2, None], [-2.0, 3, None]],
     ]
     # Per prompt position from logprob_start_len; the first prompt token has none.
-    assert meta["input_top_logprobs"] == [None, [[-2.0, 6, None], [-2.5, 8, None]], [[-0.125, 1, None], [-3.0, 7, None]]]
+    assert meta["input_top_logprobs"] == [
+        None,
+        [[-2.0, 6, None], [-2.5, 8, None]],
+        [[-0.125, 1, None], [-3.0, 7, None]],
+    ]
     assert len(meta["input_top_logprobs"]) == len(meta["input_token_logprobs"]) == 3
 
     # From logprob_start_len 2; k caps what the engine sent; texts with a decoder.
@@ -217,6 +244,7 @@ def test_result_json_top_logprobs_only_when_asked():
     meta = result_json(parse_generate({"input_ids": [5], "top_logprobs_num": 2}).prompts[0], top_completion(), "", "r")
     assert "output_top_logprobs" not in meta["meta_info"]
     # An engine that sent no alternatives: None per position, the shape kept.
-    meta = result_json(parse_generate({**plain, "top_logprobs_num": 2}).prompts[0], completion(ipb.FINISH_REASON_STOP),
-                       "x", "r")["meta_info"]
+    meta = result_json(
+        parse_generate({**plain, "top_logprobs_num": 2}).prompts[0], completion(ipb.FINISH_REASON_STOP), "x", "r"
+    )["meta_info"]
     assert meta["output_top_logprobs"] == [None, None, None]

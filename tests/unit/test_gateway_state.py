@@ -9,13 +9,13 @@ import orjson
 import pytest
 
 from services.common.errors import FailedPrecondition, NotFound
-from services.gateway.scored_data import ATROPOS_KEYS
-from services.gateway.state import (
+from services.gateway.trajectory import (
     EnvRegistration,
     Submitted,
     TrainerRegistration,
     TrajectoryState,
 )
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 
 
 def trainer(batch_size=4, starting_step=0):
@@ -23,7 +23,7 @@ def trainer(batch_size=4, starting_step=0):
 
 
 def group(size, env_id=None, tag=0):
-    g = {key: None for key in ATROPOS_KEYS}
+    g = dict.fromkeys(ATROPOS_KEYS)
     g.update(tokens=[[tag, i] for i in range(size)], masks=[[-100, i] for i in range(size)], scores=[0.0] * size)
     g["env_id"] = env_id
     return g
@@ -186,7 +186,7 @@ async def test_waiters_wake_when_data_arrives():
 def test_status_arithmetic_reads_counters_not_the_queue(monkeypatch):
     """/status and /status-env answer from the index's counters: with iteration over
     the queue made impossible they still answer, and as Atropos would."""
-    from services.gateway.queue_index import QueueIndex
+    from services.gateway.trajectory.queue_index import QueueIndex
 
     state = started_state(batch_size=16, envs=[EnvRegistration(64, "a", 1.0, 4), EnvRegistration(64, "b", 1.0, 2)])
     state.submit([group(4, 0, tag=t) for t in range(300)] + [group(2, 1, tag=t) for t in range(300)])

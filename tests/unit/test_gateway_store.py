@@ -12,13 +12,13 @@ import orjson
 import pytest
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.gateway.scored_data import ATROPOS_KEYS
-from services.gateway.state import EnvRegistration, TrainerRegistration, TrajectoryState
-from services.gateway.store import SqliteStore
+from services.gateway.trajectory import EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS
+from services.gateway.trajectory.sqlite_store import SqliteStore
 
 
 def group(size, env_id=None, tag=0, versions=None):
-    g = {key: None for key in ATROPOS_KEYS}
+    g = dict.fromkeys(ATROPOS_KEYS)
     g.update(tokens=[[tag, i] for i in range(size)], masks=[[-100, i] for i in range(size)], scores=[0.5] * size)
     g["env_id"] = env_id
     if versions is not None:
@@ -192,7 +192,7 @@ async def test_receipts_come_back_after_a_reopen_newest_capacity_only(tmp_path):
     """Receipts recorded while the gateway served completions are in the store; a
     reopened gateway attributes data to the versions that produced it, keeps only the
     newest `capacity`, and knows the newest served version."""
-    from services.gateway.receipts import Receipts
+    from services.gateway.trajectory.receipts import Receipts
 
     store = SqliteStore(tmp_path, receipt_capacity=3)
     receipts = Receipts(capacity=3)

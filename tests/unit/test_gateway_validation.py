@@ -11,16 +11,16 @@ import grpc
 import httpx
 import pytest
 
-from services.gateway.http_app import create_app
-from services.gateway.http_errors import http_status
-from services.gateway.inference_client import InferenceClient
-from services.gateway.scored_data import (
+from services.gateway.generation.pool import InferencePool as InferenceClient
+from services.gateway.http.app import create_app
+from services.gateway.http.errors import http_status
+from services.gateway.trajectory import TrajectoryState
+from services.gateway.trajectory.scored_data import (
     ScoredDataInvalid,
     encode_group,
     parse_scored_data,
     parse_scored_data_list,
 )
-from services.gateway.state import TrajectoryState
 
 
 def good(n=2, env_id=None):
@@ -99,8 +99,14 @@ async def client():
         await c.post(
             "/register",
             json={
-                "wandb_group": "g", "wandb_project": "p", "batch_size": 4, "max_token_len": 64,
-                "checkpoint_dir": "", "save_checkpoint_interval": 1, "starting_step": 0, "num_steps": 1,
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": 4,
+                "max_token_len": 64,
+                "checkpoint_dir": "",
+                "save_checkpoint_interval": 1,
+                "starting_step": 0,
+                "num_steps": 1,
             },
         )
         yield c
@@ -125,7 +131,9 @@ async def test_rejected_submissions_change_nothing(client):
 
 async def test_gzip_bodies_and_limits(client):
     body = gzip.compress(json.dumps(good()).encode())
-    r = await client.post("/scored_data", content=body, headers={"content-encoding": "gzip", "content-type": "application/json"})
+    r = await client.post(
+        "/scored_data", content=body, headers={"content-encoding": "gzip", "content-type": "application/json"}
+    )
     assert r.json() == {"status": "received"}
     r = await client.post("/scored_data", content=b"not gzip", headers={"content-encoding": "gzip"})
     assert r.status_code == 400 and "gzip" in r.json()["error"]
@@ -154,7 +162,9 @@ async def test_cross_origin_posts_get_the_same_answer_with_cors_headers(client):
 
 
 async def test_fastapi_body_models_answer_422_naming_the_field(client):
-    r = await client.post("/register-env", json={"max_token_length": 10, "desired_name": "e", "weight": "heavy", "group_size": 0})
+    r = await client.post(
+        "/register-env", json={"max_token_length": 10, "desired_name": "e", "weight": "heavy", "group_size": 0}
+    )
     assert r.status_code == 422
     assert "weight: " in r.json()["error"] and "group_size: " in r.json()["error"]
 

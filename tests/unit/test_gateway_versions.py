@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 
 from clotho.v1 import gateway_service_pb2 as gpb
-from services.gateway.receipts import Receipts, completion_tokens
-from services.gateway.scored_data import ATROPOS_KEYS, POLICY_VERSIONS
-from services.gateway.servicer import GatewayServicer
-from services.gateway.state import TrainerRegistration, TrajectoryState
+from services.gateway.rpc.servicer import GatewayServicer
+from services.gateway.trajectory import TrainerRegistration, TrajectoryState
+from services.gateway.trajectory.receipts import Receipts, completion_tokens
+from services.gateway.trajectory.scored_data import ATROPOS_KEYS, POLICY_VERSIONS
 
 
 def group(prompt, completions, versions=None, env_id=None):
     """A group whose sequences are `prompt + completion`, the prompt masked out."""
-    g = {key: None for key in ATROPOS_KEYS}
+    g = dict.fromkeys(ATROPOS_KEYS)
     g["tokens"] = [prompt + c for c in completions]
     g["masks"] = [[-100] * len(prompt) + c for c in completions]
     g["scores"] = [1.0] * len(completions)
@@ -153,9 +153,10 @@ def test_unknown_staleness_policy_is_refused():
 def test_an_empty_policy_versions_list_means_none_given():
     """As every per-sequence field: [] is accepted (run-api takes it) and the
     sequences get the version they would without it."""
-    from services.gateway.convert import group_to_proto
-    from services.gateway.scored_data import parse_scored_data
     import json
+
+    from services.gateway.rpc.convert import group_to_proto
+    from services.gateway.trajectory.scored_data import parse_scored_data
 
     state = new_state(batch_size=2)
     state.observe_version(5)

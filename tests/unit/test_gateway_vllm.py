@@ -9,8 +9,14 @@ from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import policy_pb2
 from services.common.errors import InvalidArgument
 from services.demo.tiny_model import ALPHABET, SPECIAL_TOKENS
-from services.gateway.sglang import parse_generate
-from services.gateway.vllm import DEFAULT_MAX_TOKENS, is_vllm_body, parse_vllm, render, stream_line
+from services.gateway.generation.sglang_api.protocol import parse_generate
+from services.gateway.generation.vllm_api.protocol import (
+    DEFAULT_MAX_TOKENS,
+    is_vllm_body,
+    parse_vllm,
+    render,
+    stream_line,
+)
 
 EOS = SPECIAL_TOKENS.index("<eos>")
 
@@ -28,11 +34,21 @@ def tokenizer(tokenizer_dir):
 
 def test_what_vllm_server_sends_maps_to_the_engine_request():
     # atroposlib's VLLMServer: {"prompt": {"prompt_token_ids": ...}, "logprobs": 0, **kwargs}
-    call = parse_vllm({
-        "prompt": {"prompt_token_ids": [5, 6, 7]}, "logprobs": 0, "n": 4, "max_tokens": 32, "temperature": 0.7,
-        "top_p": 0.9, "top_k": 20, "stop": ["User:", "</answer>"], "stop_token_ids": [3], "seed": 11,
-        "ignore_eos": True,
-    })
+    call = parse_vllm(
+        {
+            "prompt": {"prompt_token_ids": [5, 6, 7]},
+            "logprobs": 0,
+            "n": 4,
+            "max_tokens": 32,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 20,
+            "stop": ["User:", "</answer>"],
+            "stop_token_ids": [3],
+            "seed": 11,
+            "ignore_eos": True,
+        }
+    )
     request = call.request()
     assert list(request.input_ids) == [5, 6, 7] and call.text is None
     sp = request.sampling_params
@@ -74,7 +90,7 @@ def test_dispatch_by_body_shape():
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({"prompt": 5}, "prompt must be a string or {\"prompt_token_ids\": [...]}"),
+        ({"prompt": 5}, 'prompt must be a string or {"prompt_token_ids": [...]}'),
         ({"prompt": ""}, "prompt must not be empty"),
         ({"prompt": {"prompt_token_ids": []}}, "prompt.prompt_token_ids must be a non-empty list"),
         ({"prompt": {"prompt_token_ids": [1, "a"]}}, "prompt.prompt_token_ids[1] must be a token id"),
@@ -94,12 +110,14 @@ def test_dispatch_by_body_shape():
         ({"prompt": "a", "prompt_logprobs": 21}, "prompt_logprobs must be between 0 and 20"),
         ({"prompt": "a", "ignore_eos": 1}, "ignore_eos must be true or false"),
         ({"prompt": "a", "stream": "yes"}, "stream must be true or false"),
-        ({"prompt": "a", "max_new_tokens": 4}, "unknown field(s), not vLLM SamplingParams: max_new_tokens (vLLM spells it max_tokens)"),
+        (
+            {"prompt": "a", "max_new_tokens": 4},
+            "unknown field(s), not vLLM SamplingParams: max_new_tokens (vLLM spells it max_tokens)",
+        ),
         ({"prompt": "a", "model": "m", "foo": 1}, "unknown field(s), not vLLM SamplingParams: foo, model"),
         (
             {"prompt": "a", "min_p": 0.1, "min_tokens": 2, "logit_bias": {"5": 1.0}},
-            "cannot honour (only their defaults are accepted): min_p=0.1, min_tokens=2, "
-            "logit_bias={\"5\": 1.0}",
+            'cannot honour (only their defaults are accepted): min_p=0.1, min_tokens=2, logit_bias={"5": 1.0}',
         ),
         ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty must be in [-2.0, 2.0], got 2.5"),
         ({"prompt": "a", "frequency_penalty": "1"}, "frequency_penalty must be a number"),
@@ -115,12 +133,27 @@ def test_bad_bodies_name_the_field(body, message):
 
 
 def test_harmless_and_default_valued_fields_are_accepted():
-    call = parse_vllm({
-        "prompt": "a", "n": 2, "best_of": 2, "presence_penalty": 0.0, "frequency_penalty": 0, "repetition_penalty": 1.0,
-        "min_p": 0, "min_tokens": 0, "logit_bias": {}, "bad_words": [], "logits_processors": None,
-        "spaces_between_special_tokens": False, "output_kind": 2, "skip_reading_prefix_cache": True,
-        "detokenize": False, "skip_special_tokens": False, "include_stop_str_in_output": True,
-    })
+    call = parse_vllm(
+        {
+            "prompt": "a",
+            "n": 2,
+            "best_of": 2,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0,
+            "repetition_penalty": 1.0,
+            "min_p": 0,
+            "min_tokens": 0,
+            "logit_bias": {},
+            "bad_words": [],
+            "logits_processors": None,
+            "spaces_between_special_tokens": False,
+            "output_kind": 2,
+            "skip_reading_prefix_cache": True,
+            "detokenize": False,
+            "skip_special_tokens": False,
+            "include_stop_str_in_output": True,
+        }
+    )
     assert (call.detokenize, call.skip_special_tokens, call.include_stop_str_in_output) == (False, False, True)
 
 
@@ -187,7 +220,9 @@ def test_stop_text_rules_follow_vllm(tokenizer):
     x = ids_of("x")[0]
     by_id = parse_vllm({"prompt": {"prompt_token_ids": [5]}, "stop_token_ids": [x]})
     assert render(tokenizer, by_id, [completion(ids_of("abx"), ipb.FINISH_REASON_STOP, str(x))])["text"] == ["ab"]
-    keep_id = parse_vllm({"prompt": {"prompt_token_ids": [5]}, "stop_token_ids": [x], "include_stop_str_in_output": True})
+    keep_id = parse_vllm(
+        {"prompt": {"prompt_token_ids": [5]}, "stop_token_ids": [x], "include_stop_str_in_output": True}
+    )
     assert render(tokenizer, keep_id, [completion(ids_of("abx"), ipb.FINISH_REASON_STOP, str(x))])["text"] == ["abx"]
     # skip_special_tokens false keeps special tokens other than the stop token.
     raw = parse_vllm({"prompt": {"prompt_token_ids": [5]}, "skip_special_tokens": False})
@@ -206,8 +241,9 @@ def test_logprobs_k_are_the_token_then_the_top_k(tokenizer):
     a, b, c = ids_of("abc")
     call = parse_vllm({"prompt": {"prompt_token_ids": [5]}, "logprobs": 2})
     # Sampled b (not among the top 2) then c (the most likely): 3 entries, then 2.
-    done = completion([b, c], ipb.FINISH_REASON_LENGTH, logprobs=[-2.0, -0.5],
-                      tops=[([a, c], [-0.25, -0.75]), ([c, a], [-0.5, -1.5])])
+    done = completion(
+        [b, c], ipb.FINISH_REASON_LENGTH, logprobs=[-2.0, -0.5], tops=[([a, c], [-0.25, -0.75]), ([c, a], [-0.5, -1.5])]
+    )
     (positions,) = render(tokenizer, call, [done])["logprobs"]
     assert positions == [[{str(b): -2.0, str(a): -0.25, str(c): -0.75}], [{str(c): -0.5, str(a): -1.5}]]
     assert [list(p[0]) for p in positions] == [[str(b), str(a), str(c)], [str(c), str(a)]]  # token first
@@ -216,21 +252,32 @@ def test_logprobs_k_are_the_token_then_the_top_k(tokenizer):
 def test_prompt_logprobs_as_vllm_none_first(tokenizer):
     prompt = ids_of("hey")
     call = parse_vllm({"prompt": {"prompt_token_ids": prompt}, "prompt_logprobs": 0, "max_tokens": 1})
-    out = render(tokenizer, call, [completion(ids_of("a"), ipb.FINISH_REASON_LENGTH, prompt_logprobs=[0.0, -2.0, -3.0])])
+    out = render(
+        tokenizer, call, [completion(ids_of("a"), ipb.FINISH_REASON_LENGTH, prompt_logprobs=[0.0, -2.0, -3.0])]
+    )
     assert out["prompt_logprobs"] == [None, {str(prompt[1]): -2.0}, {str(prompt[2]): -3.0}]
     assert "logprobs" not in out
     # prompt_logprobs 1: the prompt token, then the most likely one.
     z = ids_of("z")[0]
     call = parse_vllm({"prompt": {"prompt_token_ids": prompt}, "prompt_logprobs": 1, "max_tokens": 1})
-    done = completion(ids_of("a"), ipb.FINISH_REASON_LENGTH, prompt_logprobs=[0.0, -2.0, -3.0],
-                      prompt_tops=[([], []), ([z], [-0.125]), ([prompt[2]], [-3.0])])
+    done = completion(
+        ids_of("a"),
+        ipb.FINISH_REASON_LENGTH,
+        prompt_logprobs=[0.0, -2.0, -3.0],
+        prompt_tops=[([], []), ([z], [-0.125]), ([prompt[2]], [-3.0])],
+    )
     assert render(tokenizer, call, [done])["prompt_logprobs"] == [
-        None, {str(prompt[1]): -2.0, str(z): -0.125}, {str(prompt[2]): -3.0},
+        None,
+        {str(prompt[1]): -2.0, str(z): -0.125},
+        {str(prompt[2]): -3.0},
     ]
 
 
 def test_stream_line_is_prompt_plus_text(tokenizer):
     call = encoded(parse_vllm({"prompt": "hi ", "stream": True, "n": 2}), ids_of("hi "))
-    line = stream_line(tokenizer, call, [completion(ids_of("a"), ipb.FINISH_REASON_LENGTH),
-                                         completion(ids_of("b"), ipb.FINISH_REASON_LENGTH)])
+    line = stream_line(
+        tokenizer,
+        call,
+        [completion(ids_of("a"), ipb.FINISH_REASON_LENGTH), completion(ids_of("b"), ipb.FINISH_REASON_LENGTH)],
+    )
     assert line == b'{"text": ["hi a", "hi b"]}\n'

@@ -38,7 +38,11 @@ def test_stale_check_detects_a_proto_edit(tmp_path: Path) -> None:
     proto_copy = tmp_path / "proto"
     shutil.copytree(ROOT / "proto", proto_copy)
     edited = proto_copy / "clotho" / "v1" / "policy.proto"
-    edited.write_text(edited.read_text().replace("double committed_at = 2;", "double committed_at = 2;\n  // Extra.\n  string extra = 4;"))
+    edited.write_text(
+        edited.read_text().replace(
+            "double committed_at = 2;", "double committed_at = 2;\n  // Extra.\n  string extra = 4;"
+        )
+    )
     gen.PROTO_ROOT = proto_copy
     out = tmp_path / "out"
     out.mkdir()

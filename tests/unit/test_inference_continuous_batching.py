@@ -12,8 +12,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.common.errors import InvalidArgument
-from services.inference.api import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
-from services.inference.engine import GenerationEngine
+from services.inference.generation_types import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    SamplingOptions,
+    TokenChunk,
+    VersionSpan,
+)
+from services.inference.torch_engine.engine import GenerationEngine
 from waiting import wait_until
 
 
@@ -95,7 +102,9 @@ async def test_requests_joining_a_running_batch_match_their_solo_runs(engine):
         for a, b in zip(solo, joined):
             assert b.output_ids == a.output_ids
             assert b.finish_reason is FinishReason.LENGTH and len(b.output_ids) == request.sampling.max_new_tokens
-            torch.testing.assert_close(torch.tensor(b.output_logprobs), torch.tensor(a.output_logprobs), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor(b.output_logprobs), torch.tensor(a.output_logprobs), atol=1e-4, rtol=0
+            )
     assert len({c.output_ids for c in together[3]}) > 1, "the n seeded samples should differ"
 
     # Running rows were never prefilled again: each pass holds only newcomers' prompts,

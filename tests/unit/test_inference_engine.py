@@ -9,8 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.inference.api import Completion, FinishReason, GenerationRequest, SamplingOptions, TokenChunk, VersionSpan
-from services.inference.engine import GenerationEngine
+from services.inference.generation_types import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    SamplingOptions,
+    TokenChunk,
+    VersionSpan,
+)
+from services.inference.torch_engine.engine import GenerationEngine
 
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 
@@ -73,7 +80,9 @@ async def test_scoring_a_fixed_sequence_with_zero_new_tokens(engine, hf_model):
     [c] = await run(engine, GenerationRequest(seq, greedy(max_new_tokens=0), return_prompt_logprobs=True))
     assert c.output_ids == () and c.finish_reason is FinishReason.LENGTH
     assert len(c.prompt_logprobs) == len(seq) and c.prompt_logprobs[0] == 0.0
-    torch.testing.assert_close(torch.tensor(c.prompt_logprobs[1:]), reference_logprobs(hf_model, seq), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(c.prompt_logprobs[1:]), reference_logprobs(hf_model, seq), atol=1e-4, rtol=0
+    )
 
 
 async def test_prompts_of_different_lengths_batched_match_one_at_a_time(engine, hf_model):
@@ -97,7 +106,9 @@ async def test_prompts_of_different_lengths_batched_match_one_at_a_time(engine, 
 
 async def test_n_seeded_samples_are_reproducible(engine):
     def request(seed: int) -> GenerationRequest:
-        return GenerationRequest(PROMPT, SamplingOptions(temperature=1.0, n=4, seed=seed, max_new_tokens=16, ignore_eos=True))
+        return GenerationRequest(
+            PROMPT, SamplingOptions(temperature=1.0, n=4, seed=seed, max_new_tokens=16, ignore_eos=True)
+        )
 
     first = await run(engine, request(123))
     again = await run(engine, request(123))
@@ -110,7 +121,9 @@ async def test_n_seeded_samples_are_reproducible(engine):
 
 
 async def test_streamed_chunks_add_up_to_the_completion(engine):
-    stream = engine.submit(GenerationRequest(PROMPT, SamplingOptions(n=2, seed=1, max_new_tokens=10, ignore_eos=True), stream=True))
+    stream = engine.submit(
+        GenerationRequest(PROMPT, SamplingOptions(n=2, seed=1, max_new_tokens=10, ignore_eos=True), stream=True)
+    )
     chunks: dict[int, list[int]] = {0: [], 1: []}
     finals: dict[int, Completion] = {}
     async for event in stream:
@@ -186,9 +199,7 @@ async def test_default_max_new_tokens_is_clamped_to_the_context(engine):
 
 def perturbed(model, scale: float = 0.05, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {
-        name: p.detach() + scale * torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()
-    }
+    return {name: p.detach() + scale * torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()}
 
 
 async def test_commit_mid_generation_switches_weights_between_steps(tiny_model_dir, hf_model):

@@ -9,11 +9,10 @@ import asyncio
 
 import pytest
 
-from services.common.errors import InvalidArgument
-from services.inference.api import Completion, GenerationRequest, SamplingOptions
-from services.inference.engine import GenerationEngine
-
 from penalty_reference import penalised_greedy
+from services.common.errors import InvalidArgument
+from services.inference.generation_types import Completion, GenerationRequest, SamplingOptions
+from services.inference.torch_engine.engine import GenerationEngine
 
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 OTHER = [1, 9, 9, 40, 41]
@@ -45,8 +44,11 @@ async def test_greedy_with_penalties_matches_the_reference_loop(engine, hf_model
     steps = 24
     plain, _ = reference(hf_model, PROMPT, steps)
     expected, expected_logprobs = reference(
-        hf_model, PROMPT, steps,
-        penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0),
+        hf_model,
+        PROMPT,
+        steps,
+        penalties.get("frequency_penalty", 0.0),
+        penalties.get("presence_penalty", 0.0),
         penalties.get("repetition_penalty", 1.0),
     )
     assert expected != plain, "the penalty should change this greedy output"
@@ -81,8 +83,10 @@ async def test_mixed_batch_rows_get_their_solo_results_as_rows_come_and_go(engin
         GenerationRequest(OTHER, greedy(max_new_tokens=5)),
         GenerationRequest(OTHER, greedy(max_new_tokens=20, repetition_penalty=2.0, n=2)),
         GenerationRequest([1, 33, 34], greedy(max_new_tokens=6, frequency_penalty=2.0)),
-        GenerationRequest([1, 12, 13, 14], SamplingOptions(temperature=1.0, seed=3, max_new_tokens=18,
-                                                           ignore_eos=True, presence_penalty=1.0)),
+        GenerationRequest(
+            [1, 12, 13, 14],
+            SamplingOptions(temperature=1.0, seed=3, max_new_tokens=18, ignore_eos=True, presence_penalty=1.0),
+        ),
     ]
     solo = [[list(c.output_ids) for c in await run(engine, r)] for r in requests]
 
@@ -95,8 +99,9 @@ async def test_mixed_batch_rows_get_their_solo_results_as_rows_come_and_go(engin
 
 
 async def test_seeded_sampling_with_a_penalty_is_reproducible(engine):
-    request = GenerationRequest(PROMPT, SamplingOptions(temperature=1.0, seed=9, max_new_tokens=16,
-                                                        frequency_penalty=1.0, n=2))
+    request = GenerationRequest(
+        PROMPT, SamplingOptions(temperature=1.0, seed=9, max_new_tokens=16, frequency_penalty=1.0, n=2)
+    )
     first = [list(c.output_ids) for c in await run(engine, request)]
     second = [list(c.output_ids) for c in await run(engine, request)]
     assert first == second
@@ -119,7 +124,7 @@ async def test_bad_penalties_are_invalid_arguments(engine, options, message):
 
 
 async def test_rows_without_penalties_pay_nothing(engine, monkeypatch):
-    from services.inference import batch
+    from services.inference.torch_engine import batch
 
     def boom(*args, **kwargs):
         raise AssertionError("penalty state built for a batch without penalised rows")

@@ -12,8 +12,8 @@ import torch
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.weight_transfer import CollectiveGroup, build_manifest, crc32, pack_bucket
-from services.inference.api import GenerationRequest, SamplingOptions
+from services.common.weight_wire import CollectiveGroup, build_manifest, crc32, pack_bucket
+from services.inference.generation_types import GenerationRequest, SamplingOptions
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
 from services.inference.shard_set import ShardSet
@@ -68,8 +68,14 @@ async def test_one_update_reaches_every_shard_as_consecutive_ranks(server):
     weights = {n: p.detach() + 0.02 for n, p in first.runner.model.named_parameters()}
     manifest = build_manifest(list(weights.items()), 64 * 1024)
     group = CollectiveGroup.host("gloo", "127.0.0.1", 3, f"clotho-{uuid.uuid4().hex[:12]}", TIMEOUT)
-    rendezvous = pb.Rendezvous(backend=pb.COLLECTIVE_BACKEND_GLOO, address="127.0.0.1", port=group.port,
-                               world_size=3, rank_offset=1, group_name=group.group_name)
+    rendezvous = pb.Rendezvous(
+        backend=pb.COLLECTIVE_BACKEND_GLOO,
+        address="127.0.0.1",
+        port=group.port,
+        world_size=3,
+        rank_offset=1,
+        group_name=group.group_name,
+    )
     try:
         too_small = pb.Rendezvous()
         too_small.CopyFrom(rendezvous)
@@ -79,8 +85,11 @@ async def test_one_update_reaches_every_shard_as_consecutive_ranks(server):
 
         connect = asyncio.create_task(asyncio.to_thread(group.connect))
         prepared = await servicer.PrepareWeightUpdate(
-            pb.PrepareWeightUpdateRequest(version=1, manifest=manifest.to_proto(), rendezvous=rendezvous,
-                                          deadline_seconds=30, step=3), None)
+            pb.PrepareWeightUpdateRequest(
+                version=1, manifest=manifest.to_proto(), rendezvous=rendezvous, deadline_seconds=30, step=3
+            ),
+            None,
+        )
         await connect
         assert prepared.joined_group
         crcs = []

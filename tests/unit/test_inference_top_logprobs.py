@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.inference.api import (
+from services.inference.generation_types import (
     MAX_TOP_LOGPROBS,
     Completion,
     GenerationRequest,
@@ -17,7 +17,7 @@ from services.inference.api import (
     TokenChunk,
     TopLogprobs,
 )
-from services.inference.engine import GenerationEngine
+from services.inference.torch_engine.engine import GenerationEngine
 
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 
@@ -117,7 +117,9 @@ async def test_rows_without_top_logprobs_get_none_and_pay_nothing(engine, monkey
         return topk(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "topk", counting_topk)
-    stream = engine.submit(GenerationRequest(PROMPT, greedy(max_new_tokens=8, n=2), return_prompt_logprobs=True, stream=True))
+    stream = engine.submit(
+        GenerationRequest(PROMPT, greedy(max_new_tokens=8, n=2), return_prompt_logprobs=True, stream=True)
+    )
     events = [e async for e in stream]
     assert calls == [], "a batch where no row asked for top logprobs ran topk"
     for e in events:
@@ -137,8 +139,13 @@ async def test_a_batch_mixing_rows_with_different_k(engine, hf_model):
     prompts = [[1, 9], [1, 20, 21, 22, 23, 24, 25, 26], [5, 6, 7, 8, 9], [1, 33, 34]]
     ks = [0, 1, 7, 20]
     requests = [
-        GenerationRequest(p, greedy(max_new_tokens=10, n=2 if k == 7 else 1), top_logprobs=k,
-                          prompt_top_logprobs=3 if k == 1 else 0, stream=True)
+        GenerationRequest(
+            p,
+            greedy(max_new_tokens=10, n=2 if k == 7 else 1),
+            top_logprobs=k,
+            prompt_top_logprobs=3 if k == 1 else 0,
+            stream=True,
+        )
         for p, k in zip(prompts, ks)
     ]
     alone = [await run(engine, r) for r in requests]

@@ -12,10 +12,10 @@ import torch
 
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument
-from services.common.weight_transfer import CollectiveGroup, Manifest, build_manifest, crc32, pack_bucket
-from services.inference.engine import GenerationEngine
+from services.common.weight_wire import CollectiveGroup, Manifest, build_manifest, crc32, pack_bucket
 from services.inference.servicer import InferenceServicer
-from services.inference.weight_receiver import WeightReceiver
+from services.inference.torch_engine.engine import GenerationEngine
+from services.inference.torch_engine.loader import WeightReceiver
 from waiting import wait_until
 
 TIMEOUT = 10.0

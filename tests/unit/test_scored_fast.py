@@ -1,4 +1,4 @@
-"""The C fast path of /scored_data ingest (services/gateway/_scored_fast.c) against the
+"""The C fast path of /scored_data ingest (services/gateway/trajectory/_scored_fast.c) against the
 pydantic path it stands in for: whenever it answers, its answer is the Python path's
 byte for byte; whatever the Python path rejects, it declines (None); bodies written by
 Python's json are within its domain; and no mutated body crashes it."""
@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from services.gateway.receipts import completion_tokens
-from services.gateway.scored_data import (
+from services.gateway.trajectory.receipts import completion_tokens
+from services.gateway.trajectory.scored_data import (
     ScoredDataInvalid,
     encode_group,
     incoming,
@@ -22,7 +22,7 @@ from services.gateway.scored_data import (
 )
 
 try:
-    from services.gateway import _scored_fast
+    from services.gateway.trajectory import _scored_fast
 except ImportError as exc:  # pragma: no cover - reported by every test below
     _scored_fast = None
     _IMPORT_ERROR = repr(exc)
@@ -97,7 +97,9 @@ def assert_same(got: tuple, expected: tuple, body: bytes, exact: bool) -> None:
         assert same_but_float_spelling(got[0], expected[0]), (body[:300], got[0][:300], expected[0][:300])
 
 
-def check(fast, body: bytes, *, many: bool = False, must_handle: bool = False, exact: bool = True) -> tuple | list | None:
+def check(
+    fast, body: bytes, *, many: bool = False, must_handle: bool = False, exact: bool = True
+) -> tuple | list | None:
     """canonical_group(body) (canonical_groups(body) when `many`: a list of groups) is
     None or equals the Python path (which then accepts), group by group.
     exact=False allows the documented float spelling exception (mutated digits)."""
@@ -135,9 +137,36 @@ def rand_int(rng: random.Random) -> int:
 
 
 SPECIAL_FLOATS = [
-    0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-5, -1e-5, 1e-7, 1.5e-5, 1e-4, 0.0001234, 1e15, 1e16,
-    1.5e16, 1e22, -1e22, 1e100, 1e-100, 1.7976931348623157e299, 2.5e-300, 123456789012345.0,
-    0.1, 0.2, 0.30000000000000004, 1 / 3, 2 / 3, 9007199254740993.0, 5e-5, 9.999999999999999e-5,
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    0.5,
+    -0.5,
+    1e-5,
+    -1e-5,
+    1e-7,
+    1.5e-5,
+    1e-4,
+    0.0001234,
+    1e15,
+    1e16,
+    1.5e16,
+    1e22,
+    -1e22,
+    1e100,
+    1e-100,
+    1.7976931348623157e299,
+    2.5e-300,
+    123456789012345.0,
+    0.1,
+    0.2,
+    0.30000000000000004,
+    1 / 3,
+    2 / 3,
+    9007199254740993.0,
+    5e-5,
+    9.999999999999999e-5,
 ]
 
 
@@ -155,8 +184,26 @@ def rand_float(rng: random.Random):
 
 
 TRICKY_FLOATS = [
-    1e-05, 1e16, 0.1, -0.0, 0.0, 1.0, 1e-07, 1.5e-05, 1e-300, 1e299, 1e22, 1e15, 0.0001, 0.00012,
-    123456.789, -2.5, 9.999999999999999e-05, 0.30000000000000004, 1 / 3, 1e100,
+    1e-05,
+    1e16,
+    0.1,
+    -0.0,
+    0.0,
+    1.0,
+    1e-07,
+    1.5e-05,
+    1e-300,
+    1e299,
+    1e22,
+    1e15,
+    0.0001,
+    0.00012,
+    123456.789,
+    -2.5,
+    9.999999999999999e-05,
+    0.30000000000000004,
+    1 / 3,
+    1e100,
 ]
 FLAT_STRINGS = ["", "x", "openai", "e-", "0.00001", "a b/c:d", "~", "{[,:]}", "1e-05", "null", " "]
 
@@ -223,7 +270,7 @@ def rand_group(rng: random.Random) -> dict:
 
     def per_sequence(make):
         # [] means none given (scored_data.group_problems), whatever the count.
-        return (lambda: []) if rng.random() < 0.25 else make
+        return (list) if rng.random() < 0.25 else make
 
     for key in ("advantages", "ref_logprobs", "inference_logprobs"):
         maybe(key, per_sequence(lambda: [[rand_float(rng) for _ in range(k)] for k in lens]))
@@ -339,11 +386,26 @@ def test_other_spellings_of_floats_give_repr(fast):
         got = check(fast, body, must_handle=True)
         assert got[0].split(b'"scores":[')[1].split(b"]")[0] == repr(x).encode()
     for lit, expected in [
-        ("5", "5.0"), ("-5", "-5.0"), ("0", "0.0"), ("1E5", "100000.0"), ("1e+16", "1e+16"),
-        ("1e15", "1000000000000000.0"), ("0.00001", "1e-05"), ("0.0001", "0.0001"),
-        ("-0.0", "-0.0"), ("-0e7", "-0.0"), ("0e-999999999999", "0.0"), ("1.50", "1.5"),
-        ("100e-2", "1.0"), ("1e-300", "1e-300"), ("1e299", "1e+299"), ("9.5e-301", "9.5e-301"), ("0.5e0", "0.5"),
-        ("123456789012345", "123456789012345.0"), ("1e22", "1e+22"), ("12.5e-1", "1.25"),
+        ("5", "5.0"),
+        ("-5", "-5.0"),
+        ("0", "0.0"),
+        ("1E5", "100000.0"),
+        ("1e+16", "1e+16"),
+        ("1e15", "1000000000000000.0"),
+        ("0.00001", "1e-05"),
+        ("0.0001", "0.0001"),
+        ("-0.0", "-0.0"),
+        ("-0e7", "-0.0"),
+        ("0e-999999999999", "0.0"),
+        ("1.50", "1.5"),
+        ("100e-2", "1.0"),
+        ("1e-300", "1e-300"),
+        ("1e299", "1e+299"),
+        ("9.5e-301", "9.5e-301"),
+        ("0.5e0", "0.5"),
+        ("123456789012345", "123456789012345.0"),
+        ("1e22", "1e+22"),
+        ("12.5e-1", "1.25"),
     ]:
         body = b'{"tokens":[[1]],"masks":[[1]],"scores":[%s]}' % lit.encode()
         got = check(fast, body, must_handle=True)
@@ -473,7 +535,7 @@ INVALID = {
     "bad utf-8": B + b',"x":"\xff"}',
     "lone surrogate": B + b',"x":"\\ud800"}',
     "unclosed string": B + b',"x":"abc}',
-    "nul byte": B + b'\x00}',
+    "nul byte": B + b"\x00}",
     "form feed": B + b"\x0c}",
     "bom": b"\xef\xbb\xbf" + B + b"}",
 }
@@ -586,9 +648,26 @@ def test_flat_free_form_objects_are_handled(fast):
     """generation_params and group_overrides of scalars: strings, literals, ints
     (kept ints), floats (spelt as repr), in input order, compact."""
     params = {
-        "s": "openai", "empty": "", "e": "1e-05", "t": True, "f": False, "n": None, "zero": 0, "i": -7,
-        "big": I64_MAX, "small": I64_MIN, "a": 1e-05, "b": 1e16, "c": 0.1, "d": -0.0, "g": 1e-07,
-        "h": 1.0, "j": 1e22, "k": 0.0001, "l": 1e15, "m": 2.5e-300,
+        "s": "openai",
+        "empty": "",
+        "e": "1e-05",
+        "t": True,
+        "f": False,
+        "n": None,
+        "zero": 0,
+        "i": -7,
+        "big": I64_MAX,
+        "small": I64_MIN,
+        "a": 1e-05,
+        "b": 1e16,
+        "c": 0.1,
+        "d": -0.0,
+        "g": 1e-07,
+        "h": 1.0,
+        "j": 1e22,
+        "k": 0.0001,
+        "l": 1e15,
+        "m": 2.5e-300,
     }
     expected = json.dumps(params, separators=(",", ":")).encode()
     assert b'"a":1e-05' in expected and b'"b":1e+16' in expected and b'"zero":0,' in expected
@@ -652,7 +731,8 @@ def test_output_longer_than_input(fast):
     logprobs = ",".join(lits[i % len(lits)] for i in range(n))
     body = (
         '{"tokens":[[%s]],"masks":[[%s]],"scores":[1e15],"advantages":[[%s]],'
-        '"distill_token_ids":[[[1]]],"distill_logprobs":[[[1E-4]]]}' % (",".join(["7"] * n), ",".join(["7"] * n), logprobs)
+        '"distill_token_ids":[[[1]]],"distill_logprobs":[[[1E-4]]]}'
+        % (",".join(["7"] * n), ",".join(["7"] * n), logprobs)
     ).encode()
     got = check(fast, body, must_handle=True)
     assert len(got[0]) > 1.5 * len(body)
@@ -725,7 +805,7 @@ def test_read_group_takes_the_fast_path_and_falls_back_to_python(fast, monkeypat
     for what C declines (a free-form field here), the same Incoming either way."""
     from dataclasses import astuple
 
-    from services.gateway import scored_data
+    from services.gateway.trajectory import scored_data
 
     plain = {"tokens": [[5, 6, 7], [8, 9]], "masks": [[-100, 6, 7], [-100, 9]], "scores": [1.0, 0.0], "env_id": 2}
     with_messages = {**plain, "messages": [[{"role": "user", "content": "hi"}], []]}

@@ -31,7 +31,7 @@ def test_budget_on_this_issues_machine() -> None:
 
 
 def test_thread_env_names_every_pool() -> None:
-    assert thread_env(3) == {name: "3" for name in THREAD_ENV_VARS}
+    assert thread_env(3) == dict.fromkeys(THREAD_ENV_VARS, "3")
     assert "OMP_NUM_THREADS" in THREAD_ENV_VARS
 
 

@@ -31,17 +31,15 @@ def model(base_model):
 
 
 def seq(completion: list[int], score: float, prompt: list[int] = PROMPT, **extra) -> sd.ScoredSequence:
-    return sd.ScoredSequence(
-        tokens=prompt + completion, masks=[-100] * len(prompt) + completion, score=score, **extra
-    )
+    return sd.ScoredSequence(tokens=prompt + completion, masks=[-100] * len(prompt) + completion, score=score, **extra)
 
 
 def batch() -> list[sd.ScoredGroup]:
     return [
         sd.ScoredGroup(env_id=0, sequences=[seq([20, 21, 22], 1.0), seq([23, 24], 0.0), seq([25, 26, 27, 28], 0.5)]),
-        sd.ScoredGroup(env_id=3, sequences=[
-            seq([30, 31], 2.0, prompt=[1, 14, 15]), seq([32, 33, 34], -2.0, prompt=[1, 14, 15])
-        ]),
+        sd.ScoredGroup(
+            env_id=3, sequences=[seq([30, 31], 2.0, prompt=[1, 14, 15]), seq([32, 33, 34], -2.0, prompt=[1, 14, 15])]
+        ),
     ]
 
 
@@ -150,8 +148,7 @@ def test_sft_objective_is_advantage_weighted_cross_entropy(model):
     rows = pack(b.sequences, range(len(b.sequences)), budget=64)
     loss = float(micro_batch_loss(model, rows[0], LossConfig(objective="sft"))[0].detach())
     ce_adv = [
-        -alone_logprobs(model, s.tokens)[t] * float(a)
-        for s in b.sequences for t, a in zip(s.targets, s.advantages)
+        -alone_logprobs(model, s.tokens)[t] * float(a) for s in b.sequences for t, a in zip(s.targets, s.advantages)
     ]
     assert loss == pytest.approx(sum(ce_adv) / len(ce_adv), rel=1e-5)
 
@@ -181,7 +178,9 @@ def test_on_policy_ratio_is_one_and_loss_is_minus_mean_advantage(model):
 def test_micro_batches_accumulate_the_same_gradient(model):
     for aggregation in ("token", "sequence"):
         model.zero_grad()
-        whole = grpo_backward(model, batch(), batch_config=BatchConfig(micro_batch_tokens=4096, aggregation=aggregation))
+        whole = grpo_backward(
+            model, batch(), batch_config=BatchConfig(micro_batch_tokens=4096, aggregation=aggregation)
+        )
         grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         split = grpo_backward(model, batch(), batch_config=BatchConfig(micro_batch_tokens=10, aggregation=aggregation))
@@ -203,7 +202,7 @@ def test_a_few_steps_raise_the_logprob_of_the_better_completion(model):
     groups = [sd.ScoredGroup(sequences=[seq(good, 1.0), seq(bad, 0.0)])]
 
     def completion_logprobs() -> tuple[float, float]:
-        return tuple(sum(alone_logprobs(model, PROMPT + c)[len(PROMPT):]) for c in (good, bad))
+        return tuple(sum(alone_logprobs(model, PROMPT + c)[len(PROMPT) :]) for c in (good, bad))
 
     good_before, bad_before = completion_logprobs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

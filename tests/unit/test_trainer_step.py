@@ -11,18 +11,31 @@ import torch
 from clotho.v1 import scored_data_pb2 as sd
 from services.trainer.learner import Learner
 from services.trainer.settings import TrainerSettings
-from services.trainer.weight_sync import SyncReport, WeightSync, WeightSyncError
+from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 
-STEP_KEYS = {"event", "step", "policy_version", "mean_score", "loss", "clip_fraction",
-             "sync_seconds", "sync_bytes", "step_seconds"}
+STEP_KEYS = {
+    "event",
+    "step",
+    "policy_version",
+    "mean_score",
+    "loss",
+    "clip_fraction",
+    "sync_seconds",
+    "sync_bytes",
+    "step_seconds",
+}
 
 
 def groups() -> list[sd.ScoredGroup]:
     prompt = [1, 10, 11, 12]
-    return [sd.ScoredGroup(sequences=[
-        sd.ScoredSequence(tokens=prompt + c, masks=[-100] * 4 + c, score=s)
-        for c, s in (([20, 21, 22], 1.0), ([30, 31], 0.0))
-    ])]
+    return [
+        sd.ScoredGroup(
+            sequences=[
+                sd.ScoredSequence(tokens=prompt + c, masks=[-100] * 4 + c, score=s)
+                for c, s in (([20, 21, 22], 1.0), ([30, 31], 0.0))
+            ]
+        )
+    ]
 
 
 class ScriptedSync:
@@ -60,7 +73,7 @@ async def test_train_step_without_shards_publishes_and_prints_a_step_line(tiny_m
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     record = await learner.train_step(groups())
     assert lines(out) == [record]
-    assert STEP_KEYS <= record.keys()
+    assert record.keys() >= STEP_KEYS
     assert (record["step"], record["policy_version"], record["sync_ok"]) == (1, 1, True)
     assert record["mean_score"] == pytest.approx(0.5) and record["tokens"] == 5
     assert learner.state.version == 1 and learner.state.policy.step == 1
@@ -100,8 +113,13 @@ async def test_malformed_batch_changes_nothing(tiny_model_dir):
 async def test_checkpoint_restores_step_version_optimizer_schedule_and_rng(tiny_model_dir, tmp_path):
     def make(sync):
         s = TrainerSettings(
-            model_path=str(tiny_model_dir), checkpoint_dir=str(tmp_path), checkpoint_interval=2,
-            lr_schedule="cosine", warmup_steps=1, num_steps=10, lr=0.01,
+            model_path=str(tiny_model_dir),
+            checkpoint_dir=str(tmp_path),
+            checkpoint_interval=2,
+            lr_schedule="cosine",
+            warmup_steps=1,
+            num_steps=10,
+            lr=0.01,
         )
         return Learner(s, weight_sync=sync, out=io.StringIO())
 

@@ -8,23 +8,32 @@ or put `bearer_interceptors(token)` on a channel of your own.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from clotho.v1 import (
     gateway_service_pb2 as gw,
+)
+from clotho.v1 import (
     gateway_service_pb2_grpc as gw_grpc,
+)
+from clotho.v1 import (
     inference_service_pb2 as inf,
+)
+from clotho.v1 import (
     inference_service_pb2_grpc as inf_grpc,
+)
+from clotho.v1 import (
     scored_data_pb2 as sd,
 )
 
 _OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 
 
-def _plain(token: Any) -> str | None:
+def plain_token(token: Any) -> str | None:
     """A str, a pydantic SecretStr or None; empty means none."""
     value = token.get_secret_value() if hasattr(token, "get_secret_value") else token
     return value or None
@@ -32,7 +41,7 @@ def _plain(token: Any) -> str | None:
 
 def bearer_metadata(token: Any) -> tuple[tuple[str, str], ...]:
     """Per-call metadata carrying `token` (empty when there is none)."""
-    plain = _plain(token)
+    plain = plain_token(token)
     return (("authorization", f"Bearer {plain}"),) if plain else ()
 
 
@@ -76,7 +85,7 @@ class _StreamStreamBearer(_BearerToken, aio.StreamStreamClientInterceptor):
 def bearer_interceptors(token: Any) -> list[aio.ClientInterceptor]:
     """Channel interceptors that send `token` (a str or SecretStr) on every call, for
     `aio.insecure_channel(..., interceptors=...)`; none when there is no token."""
-    plain = _plain(token)
+    plain = plain_token(token)
     if not plain:
         return []
     return [cls(plain) for cls in (_UnaryUnaryBearer, _UnaryStreamBearer, _StreamUnaryBearer, _StreamStreamBearer)]
@@ -101,7 +110,7 @@ class GatewayClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "GatewayClient":
+    async def __aenter__(self) -> GatewayClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,3 +1,4 @@
+from clotho.v1 import inference_service_pb2 as _inference_service_pb2
 from clotho.v1 import scored_data_pb2 as _scored_data_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -150,3 +151,45 @@ class StreamBatchesResponse(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[_scored_data_pb2.ScoredGroup]
     step: int
     def __init__(self, groups: _Optional[_Iterable[_Union[_scored_data_pb2.ScoredGroup, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class GatewayServiceGenerateRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _inference_service_pb2.GenerateRequest
+    def __init__(self, request: _Optional[_Union[_inference_service_pb2.GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class GatewayServiceGenerateResponse(_message.Message):
+    __slots__ = ("response",)
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    response: _inference_service_pb2.GenerateResponse
+    def __init__(self, response: _Optional[_Union[_inference_service_pb2.GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class GetLatestExampleRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLatestExampleResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: _scored_data_pb2.ScoredGroup
+    def __init__(self, group: _Optional[_Union[_scored_data_pb2.ScoredGroup, _Mapping]] = ...) -> None: ...
+
+class ResetDataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetDataResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("batch_size", "max_token_len")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_LEN_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    max_token_len: int
+    def __init__(self, batch_size: _Optional[int] = ..., max_token_len: _Optional[int] = ...) -> None: ...

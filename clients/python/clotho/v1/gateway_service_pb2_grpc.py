@@ -71,6 +71,26 @@ class GatewayServiceStub:
                 request_serializer=clotho_dot_v1_dot_gateway__service__pb2.StreamBatchesRequest.SerializeToString,
                 response_deserializer=clotho_dot_v1_dot_gateway__service__pb2.StreamBatchesResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/clotho.v1.GatewayService/Generate',
+                request_serializer=clotho_dot_v1_dot_gateway__service__pb2.GatewayServiceGenerateRequest.SerializeToString,
+                response_deserializer=clotho_dot_v1_dot_gateway__service__pb2.GatewayServiceGenerateResponse.FromString,
+                _registered_method=True)
+        self.GetLatestExample = channel.unary_unary(
+                '/clotho.v1.GatewayService/GetLatestExample',
+                request_serializer=clotho_dot_v1_dot_gateway__service__pb2.GetLatestExampleRequest.SerializeToString,
+                response_deserializer=clotho_dot_v1_dot_gateway__service__pb2.GetLatestExampleResponse.FromString,
+                _registered_method=True)
+        self.ResetData = channel.unary_unary(
+                '/clotho.v1.GatewayService/ResetData',
+                request_serializer=clotho_dot_v1_dot_gateway__service__pb2.ResetDataRequest.SerializeToString,
+                response_deserializer=clotho_dot_v1_dot_gateway__service__pb2.ResetDataResponse.FromString,
+                _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/clotho.v1.GatewayService/GetInfo',
+                request_serializer=clotho_dot_v1_dot_gateway__service__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=clotho_dot_v1_dot_gateway__service__pb2.GetInfoResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -128,6 +148,38 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Generates from one prompt through the gateway (the gRPC twin of `/generate`): the
+        call goes to the least loaded healthy InferenceService, and every completion leaves
+        a version receipt so that scored data submitted later is attributed to the policy
+        version that produced it. Guarded by the gateway's inference token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLatestExample(self, request, context):
+        """The latest group that entered the queue (Atropos `/latest_example`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetData(self, request, context):
+        """Forgets the trainer, environments, queue, buffers and step (Atropos `/reset_data`;
+        the latest example survives, as there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInfo(self, request, context):
+        """The registered trainer's batch geometry (Atropos `/info`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +217,26 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.StreamBatches,
                     request_deserializer=clotho_dot_v1_dot_gateway__service__pb2.StreamBatchesRequest.FromString,
                     response_serializer=clotho_dot_v1_dot_gateway__service__pb2.StreamBatchesResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=clotho_dot_v1_dot_gateway__service__pb2.GatewayServiceGenerateRequest.FromString,
+                    response_serializer=clotho_dot_v1_dot_gateway__service__pb2.GatewayServiceGenerateResponse.SerializeToString,
+            ),
+            'GetLatestExample': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLatestExample,
+                    request_deserializer=clotho_dot_v1_dot_gateway__service__pb2.GetLatestExampleRequest.FromString,
+                    response_serializer=clotho_dot_v1_dot_gateway__service__pb2.GetLatestExampleResponse.SerializeToString,
+            ),
+            'ResetData': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetData,
+                    request_deserializer=clotho_dot_v1_dot_gateway__service__pb2.ResetDataRequest.FromString,
+                    response_serializer=clotho_dot_v1_dot_gateway__service__pb2.ResetDataResponse.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=clotho_dot_v1_dot_gateway__service__pb2.GetInfoRequest.FromString,
+                    response_serializer=clotho_dot_v1_dot_gateway__service__pb2.GetInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +430,114 @@ class GatewayService:
             '/clotho.v1.GatewayService/StreamBatches',
             clotho_dot_v1_dot_gateway__service__pb2.StreamBatchesRequest.SerializeToString,
             clotho_dot_v1_dot_gateway__service__pb2.StreamBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clotho.v1.GatewayService/Generate',
+            clotho_dot_v1_dot_gateway__service__pb2.GatewayServiceGenerateRequest.SerializeToString,
+            clotho_dot_v1_dot_gateway__service__pb2.GatewayServiceGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLatestExample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clotho.v1.GatewayService/GetLatestExample',
+            clotho_dot_v1_dot_gateway__service__pb2.GetLatestExampleRequest.SerializeToString,
+            clotho_dot_v1_dot_gateway__service__pb2.GetLatestExampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clotho.v1.GatewayService/ResetData',
+            clotho_dot_v1_dot_gateway__service__pb2.ResetDataRequest.SerializeToString,
+            clotho_dot_v1_dot_gateway__service__pb2.ResetDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clotho.v1.GatewayService/GetInfo',
+            clotho_dot_v1_dot_gateway__service__pb2.GetInfoRequest.SerializeToString,
+            clotho_dot_v1_dot_gateway__service__pb2.GetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

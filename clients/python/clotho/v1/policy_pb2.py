@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63lotho/v1/policy.proto\x12\tclotho.v1\"D\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommitted_at\x18\x02 \x01(\x01\x12\x0c\n\x04step\x18\x03 \x01(\x04\"3\n\x0bVersionSpan\x12\x13\n\x0bstart_token\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63lotho/v1/policy.proto\x12\tclotho.v1\"D\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommitted_at\x18\x02 \x01(\x01\x12\x0c\n\x04step\x18\x03 \x01(\x04\"3\n\x0bVersionSpan\x12\x13\n\x0bstart_token\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x42<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clotho.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1'
   _globals['_POLICYVERSION']._serialized_start=37
   _globals['_POLICYVERSION']._serialized_end=105
   _globals['_VERSIONSPAN']._serialized_start=107

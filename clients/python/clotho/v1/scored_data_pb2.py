@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lotho/v1/scored_data.proto\x12\tclotho.v1\x1a\x1cgoogle/protobuf/struct.proto\"6\n\x0f\x44istillPosition\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xd0\x02\n\x0eScoredSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05masks\x18\x02 \x03(\x05\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x12\n\nadvantages\x18\x04 \x03(\x02\x12\x14\n\x0cref_logprobs\x18\x05 \x03(\x02\x12\x1a\n\x12inference_logprobs\x18\x06 \x03(\x02\x12)\n\x08messages\x18\x07 \x03(\x0b\x32\x17.google.protobuf.Struct\x12*\n\toverrides\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x0epolicy_version\x18\t \x01(\x04H\x00\x88\x01\x01\x12+\n\x07\x64istill\x18\n \x03(\x0b\x32\x1a.clotho.v1.DistillPosition\x12\x16\n\x0epresent_fields\x18\x0b \x03(\tB\x11\n\x0f_policy_version\"\xe9\x01\n\x0bScoredGroup\x12,\n\tsequences\x18\x01 \x03(\x0b\x32\x19.clotho.v1.ScoredSequence\x12\x13\n\x06\x65nv_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x32\n\x11generation_params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\x0fgroup_overrides\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06images\x18\x05 \x01(\x0b\x32\x16.google.protobuf.ValueB\t\n\x07_env_idb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lotho/v1/scored_data.proto\x12\tclotho.v1\x1a\x1cgoogle/protobuf/struct.proto\"6\n\x0f\x44istillPosition\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xd0\x02\n\x0eScoredSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05masks\x18\x02 \x03(\x05\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x12\n\nadvantages\x18\x04 \x03(\x02\x12\x14\n\x0cref_logprobs\x18\x05 \x03(\x02\x12\x1a\n\x12inference_logprobs\x18\x06 \x03(\x02\x12)\n\x08messages\x18\x07 \x03(\x0b\x32\x17.google.protobuf.Struct\x12*\n\toverrides\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x0epolicy_version\x18\t \x01(\x04H\x00\x88\x01\x01\x12+\n\x07\x64istill\x18\n \x03(\x0b\x32\x1a.clotho.v1.DistillPosition\x12\x16\n\x0epresent_fields\x18\x0b \x03(\tB\x11\n\x0f_policy_version\"\xe9\x01\n\x0bScoredGroup\x12,\n\tsequences\x18\x01 \x03(\x0b\x32\x19.clotho.v1.ScoredSequence\x12\x13\n\x06\x65nv_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x32\n\x11generation_params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\x0fgroup_overrides\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06images\x18\x05 \x01(\x0b\x32\x16.google.protobuf.ValueB\t\n\x07_env_idB<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clotho.v1.scored_data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1'
   _globals['_DISTILLPOSITION']._serialized_start=72
   _globals['_DISTILLPOSITION']._serialized_end=126
   _globals['_SCOREDSEQUENCE']._serialized_start=129

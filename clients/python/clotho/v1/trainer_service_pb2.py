@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from clotho.v1 import policy_pb2 as clotho_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lotho/v1/trainer_service.proto\x12\tclotho.v1\x1a\x16\x63lotho/v1/policy.proto\"\x12\n\x10GetPolicyRequest\"=\n\x11GetPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"\x14\n\x12WatchPolicyRequest\"?\n\x13WatchPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"\x19\n\x17GetTrainerStatusRequest\"\xc5\x01\n\x18GetTrainerStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12(\n\x06policy\x18\x02 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\x12\x41\n\x07metrics\x18\x03 \x03(\x0b\x32\x30.clotho.v1.GetTrainerStatusResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x85\x02\n\x0eTrainerService\x12\x46\n\tGetPolicy\x12\x1b.clotho.v1.GetPolicyRequest\x1a\x1c.clotho.v1.GetPolicyResponse\x12N\n\x0bWatchPolicy\x12\x1d.clotho.v1.WatchPolicyRequest\x1a\x1e.clotho.v1.WatchPolicyResponse0\x01\x12[\n\x10GetTrainerStatus\x12\".clotho.v1.GetTrainerStatusRequest\x1a#.clotho.v1.GetTrainerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lotho/v1/trainer_service.proto\x12\tclotho.v1\x1a\x16\x63lotho/v1/policy.proto\"\x12\n\x10GetPolicyRequest\"=\n\x11GetPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"\x14\n\x12WatchPolicyRequest\"?\n\x13WatchPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"\x19\n\x17GetTrainerStatusRequest\"\xc5\x01\n\x18GetTrainerStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12(\n\x06policy\x18\x02 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\x12\x41\n\x07metrics\x18\x03 \x03(\x0b\x32\x30.clotho.v1.GetTrainerStatusResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x85\x02\n\x0eTrainerService\x12\x46\n\tGetPolicy\x12\x1b.clotho.v1.GetPolicyRequest\x1a\x1c.clotho.v1.GetPolicyResponse\x12N\n\x0bWatchPolicy\x12\x1d.clotho.v1.WatchPolicyRequest\x1a\x1e.clotho.v1.WatchPolicyResponse0\x01\x12[\n\x10GetTrainerStatus\x12\".clotho.v1.GetTrainerStatusRequest\x1a#.clotho.v1.GetTrainerStatusResponseB<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clotho.v1.trainer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1'
   _globals['_GETTRAINERSTATUSRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_GETTRAINERSTATUSRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETPOLICYREQUEST']._serialized_start=70

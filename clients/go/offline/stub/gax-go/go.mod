@@ -1,0 +1,1 @@
+module github.com/googleapis/gax-go/v2

@@ -1,0 +1,1 @@
+module github.com/client9/misspell

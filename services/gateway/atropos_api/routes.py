@@ -1,0 +1,236 @@
+"""Atropos' trajectory API routes, same paths, JSON shapes and quirks as
+atroposlib's server (`/status-env` is a GET with a JSON body; `/register-env` answers
+"wait for trainer to start" until the trainer asked for a batch; `/batch` drains
+every full batch).
+
+Every route that changes the state goes through `DurableState` and answers once the
+change is durable. The hot routes (`/scored_data`, `/scored_data_list`, `/batch`) are
+plain Starlette routes: they read and write bytes themselves, and `/batch` splices the
+groups' stored JSON into the reply instead of re-encoding them; the gzip middleware
+finds the next batch compressed before it is asked for (batch_gzip.py). The same
+handlers answer those three paths on the request-body middleware's fast entry
+(http/body.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
+
+from services.common.errors import FailedPrecondition, NotFound
+from services.gateway.atropos_api.batch_gzip import BatchCompressor, wants_gzip
+from services.gateway.trajectory.durable import DurableState
+from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
+from services.gateway.trajectory.scored_data import read_group, read_group_list
+
+log = logging.getLogger(__name__)
+
+# What Atropos answers on /latest_example before any data arrived.
+EMPTY_EXAMPLE = {
+    "tokens": [],
+    "masks": [],
+    "scores": [],
+    "advantages": [],
+    "ref_logprobs": [],
+    "generation_params": [],
+    "inference_logprobs": [],
+    "messages": [],
+    "images": [],
+}
+
+
+EMPTY_EXAMPLE_JSON = orjson.dumps(EMPTY_EXAMPLE)
+RECEIVED = b'{"status":"received"}'
+NO_BATCH = b'{"batch":null}'
+VARY_ORIGIN = (b"vary", b"Origin")
+VARY_BOTH = (b"vary", b"Origin, Accept-Encoding")
+GZIP_ENCODING = (b"content-encoding", b"gzip")
+NOT_REGISTERED = orjson.dumps(
+    {"status": "error", "message": "Trainer not registered. Call /register first.", "batch": []}
+)
+
+
+def batch_json(groups: list) -> bytes:
+    return b'{"batch":[' + b",".join(g.body for g in groups) + b"]}"
+
+
+def json_bytes(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+class Registration(BaseModel):
+    wandb_group: str
+    wandb_project: str
+    batch_size: int
+    max_token_len: int
+    checkpoint_dir: str
+    save_checkpoint_interval: int
+    starting_step: int
+    num_steps: int
+
+
+class RegisterEnv(BaseModel):
+    max_token_length: int
+    desired_name: str
+    weight: float
+    group_size: int = Field(ge=1)
+    min_batch_allocation: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class EnvIdentifier(BaseModel):
+    env_id: int
+
+
+FastRoute = Callable[[bytes, Any], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
+
+
+def add_atropos_routes(
+    app: FastAPI, trajectories: DurableState, compressor: BatchCompressor
+) -> dict[tuple[str, str], FastRoute]:
+    """Add the trajectory API's routes to `app`; returns the handlers of the hot
+    routes for the request-body middleware's fast entry, by (method, path)."""
+    state = trajectories.view
+
+    @app.get("/")
+    async def root() -> dict:
+        return {"message": "AtroposLib API"}
+
+    @app.post("/register")
+    async def register(registration: Registration) -> JSONResponse:
+        requester = await trajectories.register_trainer(TrainerRegistration(**registration.model_dump()))
+        return JSONResponse({"uuid": requester})
+
+    @app.post("/register-env")
+    async def register_env(body: RegisterEnv) -> dict:
+        registered = await trajectories.register_env(EnvRegistration(**body.model_dump()))
+        if registered is None:
+            return {"status": "wait for trainer to start"}
+        return {
+            "status": "success",
+            "env_id": registered.env_id,
+            "wandb_name": registered.wandb_name,
+            "checkpoint_dir": registered.checkpoint_dir,
+            "starting_step": registered.starting_step,
+            "checkpoint_interval": registered.checkpoint_interval,
+            "num_steps": registered.num_steps,
+        }
+
+    @app.post("/disconnect-env")
+    async def disconnect_env(body: EnvIdentifier) -> dict:
+        try:
+            await trajectories.disconnect_env(body.env_id)
+        except NotFound as exc:
+            return {"status": "failure", "error": str(exc)}
+        return {"status": "success"}
+
+    @app.get("/wandb_info")
+    async def wandb_info() -> dict:
+        trainer = state.trainer
+        if trainer is None:
+            return {"group": None, "project": None}
+        return {"group": trainer.wandb_group, "project": trainer.wandb_project}
+
+    @app.get("/info")
+    async def info() -> dict:
+        batch_size, max_token_len = state.info()
+        return {"batch_size": batch_size, "max_token_len": max_token_len}
+
+    async def take_batch_json() -> bytes:
+        """The next batch as /batch's JSON, once its hand-out is durable."""
+        try:
+            taken = await trajectories.take_batch()
+        except FailedPrecondition:
+            return NOT_REGISTERED
+        if taken is None:
+            return NO_BATCH
+        log.debug("sending batch of %d sequences (step %d)", sum(g.size for g in taken), state.step)
+        return batch_json(taken)
+
+    def prepare_next(scope: Any) -> None:
+        upcoming = state.next_ready()
+        if upcoming is not None and wants_gzip(scope, compressor.policy):
+            # The next batch, formed already, compresses while this one travels.
+            compressor.prepare(batch_json(upcoming))
+
+    async def batch(request: Request) -> Response:
+        # The full path (cross-origin callers): the gzip middleware compresses.
+        body = await take_batch_json()
+        prepare_next(request.scope)
+        return json_bytes(body)
+
+    async def batch_fast(_body: bytes, scope: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        # What the full path answers a same-origin caller, headers included (CORS's
+        # Vary: Origin, the gzip middleware's Vary and Content-Encoding).
+        body = await take_batch_json()
+        prepare_next(scope)
+        if len(body) < compressor.minimum_size:
+            return body, [VARY_ORIGIN]
+        if not wants_gzip(scope, compressor.policy):
+            return body, [VARY_BOTH]
+        return await compressor.compressed(body), [VARY_BOTH, GZIP_ENCODING]
+
+    @app.get("/latest_example")
+    async def latest_example() -> Response:
+        latest = state.latest_example()
+        return json_bytes(latest if latest is not None else EMPTY_EXAMPLE_JSON)
+
+    async def ingest_one(body: bytes, _scope: Any = None) -> tuple[bytes, list]:
+        group = read_group(body, state.wants_completions)
+        (outcome,) = await trajectories.submit([group])
+        if outcome.buffered:
+            return orjson.dumps({"status": "buffered", "buffer_size": outcome.buffer_size}), []
+        return RECEIVED, []
+
+    async def ingest_list(body: bytes, _scope: Any = None) -> tuple[bytes, list]:
+        groups = read_group_list(body, state.wants_completions)
+        outcomes = await trajectories.submit(groups)
+        response: dict[str, Any] = {"status": "received", "groups_processed": len(groups)}
+        buffered = [o for o in outcomes if o.buffered]
+        if buffered:
+            response["buffered"] = len(buffered)
+            response["last_buffer_size"] = buffered[-1].buffer_size
+        return orjson.dumps(response), []
+
+    async def scored_data(request: Request) -> Response:
+        return json_bytes((await ingest_one(await request.body()))[0])
+
+    async def scored_data_list(request: Request) -> Response:
+        return json_bytes((await ingest_list(await request.body()))[0])
+
+    # Plain Starlette routes: no dependency injection or response encoding to pay for.
+    app.router.add_route("/batch", batch, methods=["GET"])
+    app.router.add_route("/scored_data", scored_data, methods=["POST"])
+    app.router.add_route("/scored_data_list", scored_data_list, methods=["POST"])
+
+    @app.get("/status")
+    async def status() -> dict:
+        return {"current_step": state.step, "queue_size": state.queue_size}
+
+    @app.get("/status-env")
+    async def status_env(env: EnvIdentifier) -> dict:
+        s = await trajectories.env_status(env.env_id)
+        return {
+            "current_step": s.current_step,
+            "queue_size": s.queue_size,
+            "unallocated_fraction": s.unallocated_fraction,
+            "self_queue_size": s.self_queue_size,
+            "max_group_size": s.max_group_size,
+            "env_weight": s.env_weight,
+        }
+
+    @app.get("/reset_data")
+    async def reset_data() -> PlainTextResponse:
+        await trajectories.reset()
+        return PlainTextResponse("Reset successful", status_code=200)
+
+    return {
+        ("POST", "/scored_data"): ingest_one,
+        ("POST", "/scored_data_list"): ingest_list,
+        ("GET", "/batch"): batch_fast,
+    }

@@ -1,0 +1,249 @@
+"""The gateway's pool of InferenceService targets: routed calls, model info and the
+tokenizer (`InferencePool`, the gateway's client of InferenceService).
+
+Every call goes to the least loaded healthy target (routing.py). A call that fails
+UNAVAILABLE before its first message is retried on another healthy target, so a target
+that just died costs no request. Every Completion that passes through is handed to the
+version receipts (trajectory/receipts.py), so scored data submitted later can be
+attributed to the policy version that produced it.
+
+The tokenizer (chat templates, text prompts and outputs) is loaded once, on first use,
+in its own thread: from `tokenizer_path` if set, else from the model_path the
+inference service reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+from opentelemetry import context as otel_context
+
+from clotho.v1 import inference_service_pb2 as pb
+from services.common.errors import Unavailable
+from services.gateway.generation.routing import Router, Target
+from services.gateway.trajectory import receipts as _receipts
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NO_INFERENCE = (
+    "no inference service configured: start the gateway with --inference host:port "
+    "(or CLOTHO_GATEWAY_INFERENCE) to serve /generate and the OpenAI routes"
+)
+
+
+def completion_version(completion: pb.Completion) -> int:
+    """The version a completion is attributed to: the oldest that produced any of its
+    tokens (a commit mid-sample makes it partly older; staleness counts the oldest)."""
+    spans = completion.version_spans
+    return min(s.version for s in spans) if spans else 0
+
+
+def record_receipt(completion: pb.Completion) -> None:
+    try:
+        _receipts.record(list(completion.output_ids), completion_version(completion))
+    except Exception:
+        log.exception("could not record the version receipt of a completion")
+
+
+class InferencePool:
+    """Talks to one or more InferenceService targets through a Router."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        tokenizer_path: str | None = None,
+        timeout_seconds: float = 600.0,
+        eject_seconds: float = 5.0,
+        router: Router | None = None,
+    ) -> None:
+        self.targets = list(targets)
+        self.timeout_seconds = timeout_seconds
+        self.router = router or Router(self.targets, eject_seconds=eject_seconds)
+        self._tokenizer_path = tokenizer_path
+        self._model_info: pb.GetModelInfoResponse | None = None
+        self._tokenizer: Any = None
+        self._tokenizer_lock = asyncio.Lock()
+        # One thread for tokenizer work: off the event loop, and never two calls into
+        # the same fast tokenizer at once (it raises "Already borrowed").
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.targets)
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self._tokenizer_path
+
+    async def _unary(self, call: Callable[[Target], Awaitable[T]]) -> T:
+        """One unary call on the least loaded target, failing over on UNAVAILABLE."""
+        if not self.targets:
+            raise Unavailable(NO_INFERENCE)
+        tried: list[Target] = []
+        while True:
+            target = self.router.acquire(exclude=tried)
+            try:
+                return await call(target)
+            except aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.failed(target, exc.details() or exc.code().name)
+                tried.append(target)
+                if len(tried) >= len(self.router.targets):
+                    raise
+            finally:
+                self.router.release(target)
+
+    async def model_info(self, refresh: bool = False, timeout: float | None = None) -> pb.GetModelInfoResponse:
+        if self._model_info is None or refresh:
+            self._model_info = await self._unary(
+                lambda t: t.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout_seconds)
+            )
+        return self._model_info
+
+    async def tokenizer(self) -> Any:
+        """The tokenizer, loaded once; raises Unavailable naming the path if it cannot be."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        async with self._tokenizer_lock:
+            if self._tokenizer is None:
+                path = self._tokenizer_path or (await self.model_info()).model_path
+                if not path:
+                    raise Unavailable("no tokenizer: set --tokenizer-path; the inference service reports no model_path")
+                try:
+                    self._tokenizer = await self.in_tokenizer_thread(_load_tokenizer, path)
+                except Exception as exc:
+                    raise Unavailable(f"could not load the tokenizer from {path!r}: {exc}") from exc
+                log.info("loaded tokenizer from %s", path)
+        return self._tokenizer
+
+    async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run tokenizer work (encode, decode, load) in the tokenizer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, functools.partial(fn, *args, **kwargs))
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """The Generate stream for one prompt, under the gateway's deadline, from the
+        least loaded healthy target. Close it (or cancel its consumer) to cancel the
+        call; use `contextlib.aclosing` where the loop may stop early."""
+        if not self.targets:
+            raise Unavailable(NO_INFERENCE)
+        tried: list[Target] = []
+        while True:
+            target = self.router.acquire(exclude=tried)
+            received = False
+            call = None
+            try:
+                call = target.stub.Generate(request, timeout=self.timeout_seconds)
+                async for message in call:
+                    received = True
+                    if message.WhichOneof("payload") == "completion":
+                        record_receipt(message.completion)
+                    yield message
+                return
+            except aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.failed(target, exc.details() or exc.code().name)
+                tried.append(target)
+                # Tokens already went out: the caller has seen part of this sample.
+                if received or len(tried) >= len(self.router.targets):
+                    raise
+                log.info("retrying on another target after %s failed: %s", target.address, exc.details())
+            finally:
+                if call is not None:
+                    call.cancel()
+                self.router.release(target)
+
+    async def generate_many(
+        self, requests: list[pb.GenerateRequest], trace_context: Any = None
+    ) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+        """The messages of several Generate streams as they arrive, each with its
+        request's position. The first failure cancels the others and is raised.
+        `trace_context` (an OpenTelemetry Context) parents the calls' spans."""
+        queue: asyncio.Queue[tuple[int, pb.GenerateResponse | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, request: pb.GenerateRequest) -> None:
+            token = otel_context.attach(trace_context) if trace_context is not None else None
+            try:
+                async for message in self.generate(request):
+                    await queue.put((i, message, None))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put((i, None, exc))
+                return
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            await queue.put((i, None, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                i, message, error = await queue.get()
+                if error is not None:
+                    raise error
+                if message is None:
+                    open_streams -= 1
+                    continue
+                yield i, message
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, request: pb.GenerateRequest) -> list[pb.Completion]:
+        """Every sample's final Completion, in sample order."""
+        n = request.sampling_params.n if request.sampling_params.HasField("n") else 1
+        n = max(n, 1)
+        done: dict[int, pb.Completion] = {}
+        async for message in self.generate(request):
+            if message.WhichOneof("payload") == "completion":
+                done[message.index] = message.completion
+        missing = [i for i in range(n) if i not in done]
+        if missing:
+            raise Unavailable(f"inference stream ended without a result for sample(s) {missing}")
+        return [done[i] for i in range(n)]
+
+    async def close(self) -> None:
+        await self.router.close()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+
+async def prefetch(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for the first item of `stream` and return an iterator over all of it.
+
+    Streaming routes call this before their `200` goes out, so a call that fails at
+    once (no healthy target, a request the engine refuses) still answers with its
+    own HTTP status instead of an error event inside a 200 stream."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+
+    async def chained() -> AsyncIterator[T]:
+        try:
+            if first is not None:
+                yield first
+                async for item in stream:
+                    yield item
+        finally:
+            await stream.aclose()
+
+    return chained()
+
+
+def _load_tokenizer(path: str) -> Any:
+    # transformers is imported here, not at module load: it is slow to import and only
+    # text prompts and text outputs need it.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

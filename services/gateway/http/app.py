@@ -1,0 +1,107 @@
+"""The gateway's HTTP app: Atropos' trajectory API (atropos_api/), SGLang's and
+vLLM's `/generate` (generation/sglang_api/, generation/vllm_api/), the OpenAI routes
+(generation/openai_api/) and Prometheus `/metrics`, behind one error table
+(errors.py), CORS, the precompressed gzip of /batch and the request-body middleware
+(body.py), whose fast entry answers the ingest routes without the framework's
+layers (`GatewayApp`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+
+from services.gateway.atropos_api.batch_gzip import BatchCompressor, PrecompressedGZipMiddleware, ResponseGzip
+from services.gateway.atropos_api.routes import add_atropos_routes
+from services.gateway.generation.openai_api.api_router import openai_router
+from services.gateway.generation.pool import InferencePool
+from services.gateway.generation.sglang_api.api_router import generate_router
+from services.gateway.http import errors as http_errors
+from services.gateway.http.body import RequestBodyMiddleware
+from services.gateway.http.metrics import metrics_response
+from services.gateway.trajectory.durable import DurableState
+from services.gateway.trajectory.state import TrajectoryState
+
+log = logging.getLogger(__name__)
+
+UNTRACED_PATHS = frozenset(
+    {"/scored_data", "/scored_data_list", "/batch", "/status", "/status-env", "/latest_example", "/metrics"}
+)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI with a short way in for the ingest routes.
+
+    `/scored_data` and `/scored_data_list` are answered by RequestBodyMiddleware's
+    fast routes; reaching it through the framework's layers (telemetry, error
+    middleware, body limits) costs a tenth of an ingest. Requests for those paths
+    enter here through the same middlewares that run before RequestBodyMiddleware in
+    the full stack (the bearer-token check, when installed) and RequestBodyMiddleware
+    itself; whatever it does not answer (cross-origin posts) continues through the
+    full stack.
+    """
+
+    fast_paths: frozenset[tuple[str, str]] = frozenset()
+    _fast_entry: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (scope["method"], scope["path"]) in self.fast_paths:
+            entry = self._fast_entry
+            if entry is None:
+                entry = self._fast_entry = self._build_fast_entry()
+            await entry(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    def _build_fast_entry(self) -> Any:
+        full = super().__call__
+        # user_middleware runs outermost first; keep everything up to and including
+        # RequestBodyMiddleware, applied around the full stack.
+        outer = []
+        for middleware in self.user_middleware:
+            outer.append(middleware)
+            if middleware.cls is RequestBodyMiddleware:
+                break
+        else:
+            return full
+        entry: Any = full
+        for middleware in reversed(outer):
+            entry = middleware.cls(entry, *middleware.args, **middleware.kwargs)
+        return entry
+
+
+def create_app(
+    state: TrajectoryState, inference: InferencePool, max_body_bytes: int, response_gzip: ResponseGzip = "auto"
+) -> FastAPI:
+    # FastAPI's own per-request spans, metrics and logs cost more than the trajectory
+    # routes themselves at thousands of posts a second, and those routes call no other
+    # service a trace could follow; the inference routes keep them.
+    app = GatewayApp(
+        title="Clotho gateway (AtroposLib API)",
+        telemetry={"exclude": lambda scope: scope.get("path") in UNTRACED_PATHS},
+    )
+    http_errors.install(app)
+    # Starlette runs the last added middleware first: RequestBodyMiddleware, added at
+    # the end, bounds and inflates bodies before anything else reads them.
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
+    )
+    compressor = BatchCompressor(compresslevel=1, minimum_size=1000, policy=response_gzip)
+    app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)
+
+    fast_routes = add_atropos_routes(app, DurableState(state), compressor)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response(state)
+
+    app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes, fast_routes=fast_routes)
+    app.fast_paths = frozenset(fast_routes)
+
+    app.include_router(generate_router(inference))
+    app.include_router(openai_router(inference))
+    return app
