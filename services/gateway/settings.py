@@ -57,6 +57,13 @@ class GatewaySettings(ServiceSettings):
         description="Capacity in groups (queued, buffered or in a formed batch); past it "
         "/scored_data answers 503 with Retry-After (gRPC RESOURCE_EXHAUSTED). 0: unbounded.",
     )
+    max_kept_batches: int = Field(
+        64,
+        ge=0,
+        description="Batches handed out to a checkpointing trainer (StreamBatches with resume_step) "
+        "that the store keeps until a checkpoint holds them; past it the oldest is released "
+        "(counted as kept_released). Keep the trainer's checkpoint interval below it. 0: unbounded.",
+    )
     max_stored_bytes: int = Field(
         8 * 1024**3, ge=0, description="Capacity in bytes of group JSON held in memory and on disk. 0: unbounded."
     )

@@ -5,7 +5,9 @@ Layout of `<dir>/step-<N>/`:
   optimizer.pt, scheduler.pt       optimizer and LR-scheduler state (torch.save)
   rng-rank<R>.pt                   each rank's torch / CUDA / Python / NumPy RNG state
   trainer_state.json               step, policy version (the last one every shard
-                                   committed) and the learner's running statistics
+                                   committed), the gateway step of the last batch
+                                   trained (`batch_step`) and the learner's running
+                                   statistics
 and `<dir>/latest` names the newest complete one. A checkpoint is written into a
 temporary directory and renamed, so a crash (even kill -9) never leaves a half-written
 `latest`; the oldest complete ones beyond `keep` are deleted.
@@ -31,6 +33,8 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# The gateway step of the last batch the checkpoint's weights include.
+BATCH_STEP = "batch_step"
 
 
 def begin(directory: str | Path, step: int) -> Path:
@@ -152,6 +156,12 @@ def latest(directory: str | Path) -> Path | None:
 
 def read_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def batch_step(state: dict[str, Any]) -> int:
+    """The gateway step of the last batch a checkpoint's trainer state holds (its own
+    step for checkpoints written before batch steps were recorded)."""
+    return int(state.get(BATCH_STEP, state.get("step", 0)))
 
 
 def load_optimizer_state(checkpoint: str | Path) -> dict | None:

@@ -46,6 +46,8 @@ from clotho.v1 import scored_data_pb2
 from services.common.server import channel
 from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
+from services.trainer.acknowledgements import BatchAcknowledgements
+from services.trainer.batch_log import BatchLog
 from services.trainer.core import StepResult, TrainerCore
 from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
@@ -124,6 +126,9 @@ class Learner:
         self._update: asyncio.Task | None = None
         self._epoch = 0
         self._published_epoch = 0
+        # Which gateway batches the weights and the checkpoints hold (acknowledgements.py).
+        self.acks = BatchAcknowledgements(enabled=bool(settings.checkpoint_dir))
+        self.batch_log = BatchLog(settings.batch_log)
 
     @property
     def step(self) -> int:
@@ -155,12 +160,14 @@ class Learner:
                 self.resync_needed = True
                 self._saved_step = restored.step
                 self.resumed_from = restored.path
+                self.acks.restore(checkpoint.read_state(restored.path))
                 self._emit(
                     {
                         "event": "resumed",
                         "step": restored.step,
                         "policy_version": restored.policy_version,
                         "checkpoint": str(restored.path),
+                        "batch_step": self.acks.consumed,
                     }
                 )
                 log.info(
@@ -464,9 +471,11 @@ class Learner:
         """Write a checkpoint of the current step (every rank takes part)."""
         if not self.settings.checkpoint_dir or not self._loaded:
             return
-        state = {"policy_version": self.state.version, "weights_published": self.weights_published}
+        batches = self.acks.checkpoint_fields()
+        state = {"policy_version": self.state.version, "weights_published": self.weights_published, **batches}
         path = await self._in_torch(self.core.save, self.settings.checkpoint_dir, state)
         self._saved_step = self.step
+        self.acks.saved(batches)
         log.info("saved checkpoint %s (step %d, policy version %d)", path, self.step, self.state.version)
 
     def _emit(self, record: dict[str, Any]) -> None:
@@ -555,7 +564,7 @@ class Learner:
         if _CREDIT_HAS_VERSION:
             # Lets the gateway enforce its staleness bound against what shards serve.
             request.policy_version = self.state.version
-        return request
+        return self.acks.annotate(request)
 
     async def _consume(self, stub: gw_grpc.GatewayServiceStub) -> None:
         """One StreamBatches call: grant credits, train on each batch as it arrives.
@@ -566,6 +575,7 @@ class Learner:
         call = stub.StreamBatches(wait_for_ready=True)
         outstanding = 0
         writing = asyncio.Lock()  # an overlapped update also writes (its version)
+        self.acks.open_stream()
 
         async def grant(in_hand: int) -> bool:
             """Add credits; False when the stream is already over."""
@@ -597,6 +607,7 @@ class Learner:
                     raise _StreamEnded()
                 waited = time.monotonic() - waiting
                 outstanding -= 1
+                self.acks.consume(response.step)
                 # The batch is ours now. One step off: let the gateway assemble the next
                 # one while we train. If the stream ended meanwhile, still train.
                 open_ = await grant(in_hand=1) if self.settings.one_step_off else True
@@ -607,8 +618,13 @@ class Learner:
                         overlap=self.settings.one_step_off and self.settings.overlap_weight_update,
                         on_published=published,
                     )
+                    self.batch_log.record(response.step, self.step, response.groups)
                 except ValueError as exc:
                     log.error("skipping malformed batch %d: %s", response.step, exc)
+                if self.acks.unreported:  # tell the gateway what the new checkpoint holds
+                    with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
+                        async with writing:
+                            await call.write(self._credit(0))
                 if not open_:
                     raise _StreamEnded()
             await self._settle_update()

@@ -151,5 +151,10 @@ class TrainerSettings(ServiceSettings):
         ".clotho/checkpoints",
         description="Where checkpoints go (also announced to the gateway and environments); empty disables them.",
     )
+    batch_log: str = Field(
+        "",
+        description="Append one JSON line per batch trained (its gateway step and a CRC32 of each "
+        "group's token ids) to this file; empty writes none.",
+    )
     wandb_group: str = Field("clotho", description="Weights & Biases group (sent in RegisterTrainer only).")
     wandb_project: str = Field("clotho", description="Weights & Biases project (sent in RegisterTrainer only).")

@@ -45,11 +45,18 @@ class StateCollector:
         yield gauge("stored_bytes", "Bytes of group JSON the store holds.", state.held_bytes)
         yield gauge("max_stored_groups", "The store's capacity in groups (0: unbounded).", state.max_groups)
         yield gauge("ready_batches", "Batches formed by /batch and not handed out yet.", state.ready_batches)
+        yield gauge("kept_batches", "Batches handed out and waiting for a trainer checkpoint.", state.kept_batches)
+        yield gauge("kept_groups", "Groups in batches waiting for a trainer checkpoint.", state.kept_groups)
+        yield gauge("checkpointed_step", "The newest step a trainer checkpoint holds.", state.checkpointed_step)
         yield gauge("max_staleness", "The staleness bound in policy versions (0: off).", state.max_staleness)
         yield counter("submitted_groups", "Groups accepted.", c.submitted_groups)
         yield counter("submitted_sequences", "Sequences accepted.", c.submitted_sequences)
         yield counter("refused_full", "Submissions refused because the store was full.", c.refused_full)
         yield counter("batches", "Batches handed out (/batch and StreamBatches).", c.batches_handed_out)
+        yield counter("kept_replayed", "Kept batches sent again to a resumed trainer.", c.kept_replayed)
+        yield counter(
+            "kept_released", "Kept batches released past --max-kept-batches before a checkpoint.", c.kept_released
+        )
         yield counter("stale_dropped_groups", "Groups dropped for staleness.", c.stale_dropped_groups)
         yield counter("stale_dropped_sequences", "Sequences dropped for staleness.", c.stale_dropped_sequences)
         yield counter("stale_kept_groups", "Stale groups handed out anyway.", c.stale_kept_groups)

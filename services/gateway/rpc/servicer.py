@@ -2,7 +2,9 @@
 
 Every call that changes the state goes through `DurableState` and answers only once
 the change is durable: an acknowledged submission survives a crash of the gateway,
-and a batch is deleted from the store before it is sent (at most once).
+and a batch is deleted from the store before it is sent (at most once), unless the
+trainer acknowledges batches through its checkpoints (StreamBatches with
+`resume_step`): then it stays until a checkpoint holds it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     def __init__(self, state: TrajectoryState, inference: Any = None) -> None:
         self._trajectories = DurableState(state)
+        # Acknowledging StreamBatches streams opened so far: only the newest one sends.
+        self._acknowledging_streams = 0
         # The gateway's InferenceService pool (generation.pool.InferencePool), shared
         # with the HTTP /generate route; None serves no Generate.
         self._inference = inference
@@ -141,24 +145,48 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         credit counts as the trainer starting (like the first /batch); batches come
         from the same queue and advance the same step as /batch, one step per batch
         formed (TrajectoryState.take_next). A credit message may carry the trainer's
-        committed policy version. Each batch is deleted from the store before it is
-        sent: a batch is delivered at most once."""
+        committed policy version.
+
+        A stream whose first message sets `resume_step` acknowledges (acknowledged.py):
+        its batches are kept until a `checkpointed_step` covers them, and it is first
+        given again every kept batch after `resume_step`; a newer such stream ends it.
+        Any other stream gets each batch deleted from the store before it is sent: at
+        most once, as /batch."""
         trajectories = self._trajectories
         credits = 0
         closed = False
         failure: list[BaseException] = []
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        acknowledging = first.HasField("resume_step")
+        after = first.resume_step
+        generation = 0
+        if acknowledging:
+            self._acknowledging_streams += 1
+            generation = self._acknowledging_streams
+            checkpointed = first.checkpointed_step if first.HasField("checkpointed_step") else 0
+            await trajectories.open_acknowledged(first.resume_step, checkpointed)
+
+        def apply(request: pb.StreamBatchesRequest) -> None:
+            nonlocal credits
+            if request.HasField("policy_version"):
+                trajectories.note_version(request.policy_version)
+            if acknowledging and request.HasField("checkpointed_step"):
+                trajectories.note_checkpointed(request.checkpointed_step)
+            if request.credits:
+                trajectories.note_started()
+                credits += request.credits
+                trajectories.notify()
 
         async def read_credits() -> None:
-            nonlocal credits, closed
+            nonlocal closed
             try:
-                async for request in request_iterator:
-                    if request.HasField("policy_version"):
-                        trajectories.note_version(request.policy_version)
-                    if request.credits:
-                        trajectories.note_started()
-                        credits += request.credits
-                        trajectories.notify()
-            except FailedPrecondition as exc:
+                async for request in requests:
+                    apply(request)
+            except (FailedPrecondition, Unavailable) as exc:
                 failure.append(exc)
             except Exception as exc:  # noqa: BLE001 - a broken client stream just ends the credits
                 log.debug("StreamBatches credit stream ended: %r", exc)
@@ -166,17 +194,27 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 closed = True
                 trajectories.notify()
 
+        apply(first)
         reader = asyncio.create_task(read_credits())
+
+        def may_take() -> bool:
+            return credits > 0
+
+        def stop() -> bool:
+            superseded = acknowledging and self._acknowledging_streams != generation
+            return bool(failure) or (closed and credits == 0) or superseded
+
         try:
             while True:
                 # The predicates read the live credit count, which read_credits() raises.
-                taken = await trajectories.next_batch(
-                    may_take=lambda: credits > 0,  # noqa: B023
-                    stop=lambda: bool(failure) or (closed and credits == 0),  # noqa: B023
-                )
+                if acknowledging:
+                    taken = await trajectories.next_acknowledged_batch(after, may_take, stop)
+                else:
+                    taken = await trajectories.next_batch(may_take=may_take, stop=stop)
                 if taken is None:
                     break
                 batch, step = taken
+                after = step
                 credits -= 1
                 yield pb.StreamBatchesResponse(groups=batch_to_proto(batch), step=step)
             if failure:

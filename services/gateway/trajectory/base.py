@@ -58,6 +58,10 @@ class StateBase:
     _aside_groups: int
     _aside_bytes: int
 
+    def _restore_kept(self, kept: list[tuple[int, list[Group]]], checkpointed_step: int) -> None:
+        """Startup: the batches kept for an acknowledging trainer (acknowledged.py)."""
+        raise NotImplementedError
+
     def _clear(self) -> None:
         self._trainer = None
         self._requesters = []

@@ -91,6 +91,10 @@ class BatchFormation(Registry):
         reply loses that batch rather than sending it twice)."""
         self.journal.groups_removed(batch, last_of_formation)
         self.journal.step(self._step)
+        self._count_handed_out(batch)
+
+    def _count_handed_out(self, batch: list[Group]) -> None:
+        """Count a batch handed out (and its stale groups kept), wake the waiters."""
         self.counters.batches_handed_out += 1
         if self.max_staleness:
             floor = self.policy_version - self.max_staleness

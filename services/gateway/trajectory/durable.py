@@ -7,10 +7,16 @@ synchronous mutators: every method here that changes the state applies the chang
 so no route or RPC can acknowledge a change that a crash would lose. Reads go through
 `view`, typed read-only.
 
-Two changes are journaled without being waited for, because nothing acknowledges
+A change whose commit fails is undone in memory too: the state is rebuilt from
+what the store committed (`TrajectoryState.reload`), and the failed store refuses
+every later change, so memory and store never disagree (an environment registered in
+memory but not on disk would otherwise shift every later id after a restart).
+
+Three changes are journaled without being waited for, because nothing acknowledges
 them: the trainer's started flag and its reported policy version arriving on the
-StreamBatches credit stream (`note_started`, `note_version`). They become durable
-with the next commit, which the next batch handed out waits for.
+StreamBatches credit stream (`note_started`, `note_version`), and the step its
+checkpoint holds (`note_checkpointed`). They become durable with the next commit,
+which the next batch handed out waits for.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from services.common.errors import Unavailable
 from services.gateway.trajectory.queue_index import Group, QueueIndex
 from services.gateway.trajectory.records import (
     Counters,
@@ -72,6 +79,12 @@ class TrajectoryView(Protocol):
     def max_groups(self) -> int: ...
     @property
     def max_staleness(self) -> int: ...
+    @property
+    def kept_batches(self) -> int: ...
+    @property
+    def kept_groups(self) -> int: ...
+    @property
+    def checkpointed_step(self) -> int: ...
 
     def info(self) -> tuple[int, int]: ...
     def next_ready(self) -> list[Group] | None: ...
@@ -84,13 +97,25 @@ class DurableState:
     def __init__(self, state: TrajectoryState) -> None:
         self._state = state
         self.view: TrajectoryView = state
+        self._rolled_back = False
 
     async def _durable(self, change: Callable[..., T], *args: Any) -> T:
         """Apply `change` (a synchronous mutator: atomic on the event loop), then wait
         until the journal has committed it."""
         result = change(*args)
-        await self._state.journal.sync()
+        await self._sync()
         return result
+
+    async def _sync(self) -> None:
+        """Wait for the journal; if the store failed instead, put memory back to what
+        the store committed (and raise): a change is in both or in neither."""
+        try:
+            await self._state.journal.sync()
+        except Unavailable:
+            if not self._rolled_back:
+                self._rolled_back = True
+                self._state.reload()
+            raise
 
     async def register_trainer(self, registration: TrainerRegistration) -> int:
         return await self._durable(self._state.register_trainer, registration)
@@ -99,7 +124,7 @@ class DurableState:
         """None ("wait for trainer to start") changes nothing and waits for nothing."""
         registered = self._state.register_env(registration)
         if registered is not None:
-            await self._state.journal.sync()
+            await self._sync()
         return registered
 
     async def disconnect_env(self, env_id: int) -> None:
@@ -140,8 +165,39 @@ class DurableState:
             return None
         assert isinstance(batch, list)
         step = state.step
-        await state.journal.sync()
+        await self._sync()
         return batch, step
+
+    async def open_acknowledged(self, resume_step: int, checkpointed_step: int) -> None:
+        """An acknowledging StreamBatches stream opens (acknowledged.py)."""
+        await self._durable(self._state.open_acknowledged, resume_step, checkpointed_step)
+
+    async def next_acknowledged_batch(
+        self, after: int, may_take: Callable[[], bool], stop: Callable[[], bool]
+    ) -> tuple[list[Group], int] | None:
+        """An acknowledging stream whose last batch had step `after`: as `next_batch`,
+        but kept batches after `after` come first and new batches are kept until a
+        checkpoint holds them."""
+        state = self._state
+
+        def ready() -> object:
+            if stop():
+                return _STOPPED
+            if may_take() and state.trainer is not None:
+                return state.take_acknowledged(after)
+            return None
+
+        taken = await state.wakeup.wait_for(ready)
+        if taken is _STOPPED:
+            return None
+        assert isinstance(taken, tuple)
+        await self._sync()
+        return taken
+
+    def note_checkpointed(self, step: int) -> None:
+        """A trainer checkpoint holds every batch up to `step` (journaled, not awaited:
+        a trainer that restarts reports it again when it opens its stream)."""
+        self._state.acknowledge(step)
 
     def note_started(self) -> None:
         """The trainer asked for data (journaled, not awaited: nothing answers it)."""

@@ -5,7 +5,7 @@ The state (state.py and its parts) speaks in records: a `TrainerRegistration`, a
 and bytes. `Journal` turns each change of a record into the store operation that
 records it, and `load` turns what the store held back into records, so the encoding
 (orjson for registrations, environments, versions and formations; `GroupRow` for
-groups; the meta keys) is written here and nowhere else.
+groups; packed int64 ids for kept batches; the meta keys) is written here and nowhere else.
 
 Every method appends without waiting; `sync()` resolves once everything appended
 before it is durable. The state's mutators append; what acknowledges a change awaits
@@ -15,6 +15,7 @@ before it is durable. The state's mutators append; what acknowledges a change aw
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ STARTED = "started"
 POLICY_VERSION = "policy_version"
 MAX_TOKEN_LEN_AFTER_RESET = "max_token_len_after_reset"
 LATEST = "latest"
+CHECKPOINTED_STEP = "checkpointed_step"
 
 
 @dataclass
@@ -51,6 +53,10 @@ class Restored:
     latest: bytes | None = None
     # Served completions' versions, oldest first: (key, version).
     receipts: list[tuple[int, int]] = field(default_factory=list)
+    # Batches kept for an acknowledging trainer, by step: (step, group ids).
+    kept: list[tuple[int, list[int]]] = field(default_factory=list)
+    # The newest step a trainer checkpoint was reported to hold.
+    checkpointed_step: int = 0
 
 
 class Journal:
@@ -108,6 +114,15 @@ class Journal:
         batch kept from that formation."""
         self.store.delete_groups([g.id for g in groups], last_of_formation)
 
+    def batch_kept(self, step: int, batch: list[Group]) -> None:
+        """A batch handed out to an acknowledging trainer, kept under its step."""
+        self.store.keep_batch(step, [g.id for g in batch])
+
+    def batches_released(self, steps: list[int], groups: list[Group], checkpointed_step: int) -> None:
+        """Kept batches forgotten (a checkpoint holds them, or they passed the bound)."""
+        self.store.release_batches(steps, [g.id for g in groups])
+        self._meta(CHECKPOINTED_STEP, checkpointed_step)
+
     def receipt(self, key: int, version: int) -> None:
         """A served completion's version (receipts.py's sink); never waited for."""
         self.store.put_receipt(key, version)
@@ -121,6 +136,7 @@ class Journal:
         self.trainer(None)
         self.step(0)
         self.started(False)
+        self._meta(CHECKPOINTED_STEP, 0)
         self._meta(MAX_TOKEN_LEN_AFTER_RESET, max_token_len_after_reset)
         if latest is not None:
             self.store.put_meta(LATEST, latest)
@@ -143,6 +159,8 @@ class Journal:
             formations=[(formation, orjson.loads(batches)) for formation, batches in snapshot.ready],
             latest=bytes(kept) if kept else None,
             receipts=snapshot.receipts,
+            kept=[(step, list(array("q", ids))) for step, ids in snapshot.kept],
+            checkpointed_step=meta.get(CHECKPOINTED_STEP, 0),
         )
 
     def _meta(self, key: str, value: Any) -> None:

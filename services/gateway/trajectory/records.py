@@ -100,6 +100,10 @@ class Counters:
     versions_explicit: int = 0
     versions_from_receipts: int = 0
     versions_current: int = 0
+    # Kept batches sent again to a trainer that resumed, and kept batches released
+    # past the bound before a checkpoint held them (acknowledged.py).
+    kept_replayed: int = 0
+    kept_released: int = 0
 
 
 class StoreFull(ResourceExhausted):

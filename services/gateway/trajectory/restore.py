@@ -48,6 +48,11 @@ class ResetRestore(StateBase):
             if kept:
                 self._ready, self._formation = kept, formation
             self._next_formation = formation + 1
+        # Batches handed out to an acknowledging trainer and not yet in a checkpoint.
+        handed = [(step, [groups[i] for i in ids if i in groups]) for step, ids in restored.kept]
+        for _, batch in handed:
+            in_batches.update(g.id for g in batch)
+        self._restore_kept(handed, restored.checkpointed_step)
         queued = []
         for group in groups.values():  # in id order: each buffer's order
             if group.id in in_batches:
@@ -71,10 +76,11 @@ class ResetRestore(StateBase):
         self._next_qpos = max((g.qpos for g in groups.values()), default=-1) + 1
         if groups or self._trainer is not None:
             log.info(
-                "restored: step %d, %d queued, %d buffered, %d formed batches, %d environments",
+                "restored: step %d, %d queued, %d buffered, %d formed batches, %d kept batches, %d environments",
                 self._step,
                 self._queue.groups,
                 self.buffered_groups,
                 len(self._ready),
+                len(handed),
                 len(self._envs),
             )

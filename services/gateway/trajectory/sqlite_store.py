@@ -26,13 +26,21 @@ each, freeing their overflow pages) is the expensive part, so it is left to the
 writer's next transaction, which nobody waits for; a restart finishes whatever a
 crash left of it before reading the groups.
 
+Batches handed out over a StreamBatches stream that acknowledges them (its trainer
+checkpoints, see acknowledged.py) are kept instead: the transaction that hands one out
+records its group ids under its step in `kept`, the groups stay, and a later
+transaction (the trainer's checkpoint holds the step) deletes the `kept` row and
+records the ids in `handed` together.
+
 Tables: `meta` (trainer registration, started flag, step, policy version), `envs`
 (registrations), `groups` (every group held: queued, buffered for its env (qpos
 NULL) or in a formed batch), `ready` (the batches one /batch call formed to hand
 out later, one row per call: their group ids, batch by batch; a batch handed out is
 deleted from `groups`, and the row goes with the last one) and `handed` (groups
 handed out or dropped whose rows are not deleted yet) and `receipts` (the versions of
-completions the gateway served, newest `seq` last; trimmed to the receipts' capacity).
+completions the gateway served, newest `seq` last; trimmed to the receipts' capacity)
+and `kept` (batches handed out to an acknowledging trainer and not yet in one of its
+checkpoints: step, group ids).
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS ready (formation INTEGER PRIMARY KEY, batches BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS handed (seq INTEGER PRIMARY KEY, ids BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS receipts (seq INTEGER PRIMARY KEY, key INTEGER NOT NULL UNIQUE, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS kept (step INTEGER PRIMARY KEY, ids BLOB NOT NULL);
 """
 DB_NAME = "trajectories.sqlite3"
 LOCK_NAME = "LOCK"
@@ -149,6 +158,7 @@ class SqliteStore(Store):
             receipts=list(
                 c.execute("SELECT key, version FROM receipts ORDER BY seq DESC LIMIT ?", (self.receipt_capacity,))
             )[::-1],
+            kept=[(step, bytes(ids)) for step, ids in c.execute("SELECT step, ids FROM kept ORDER BY step")],
         )
 
     def start(self) -> None:
@@ -215,6 +225,13 @@ class SqliteStore(Store):
         if ids or formation is not None:
             self._append("delete", ids, formation)
 
+    def keep_batch(self, step: int, ids: list[int]) -> None:
+        self._append("keep", step, array("q", ids).tobytes())
+
+    def release_batches(self, steps: list[int], ids: list[int]) -> None:
+        if steps:
+            self._append("release", steps, ids)
+
     def put_meta(self, key: str, value: bytes) -> None:
         self._append("meta", key, value)
 
@@ -268,7 +285,7 @@ class SqliteStore(Store):
                 self._notify(batch[-1][0], exc)
                 return
             self._notify(batch[-1][0], None)
-            if any(op[1] == "delete" for op in batch):
+            if any(op[1] in ("delete", "release") for op in batch):
                 try:
                     self._purge()
                 except BaseException as exc:
@@ -320,6 +337,15 @@ class SqliteStore(Store):
                     if ids:
                         c.execute("INSERT INTO handed (ids) VALUES (?)", (array("q", ids).tobytes(),))
                     _delete_ids(c, "ready", "formation", [args[1] for args in run if args[1] is not None])
+                elif kind == "keep":
+                    c.executemany("INSERT OR REPLACE INTO kept VALUES (?, ?)", run)
+                elif kind == "release":
+                    # The kept rows and the handed record of their groups in one
+                    # statement group: a crash leaves either both or neither.
+                    _delete_ids(c, "kept", "step", [step for args in run for step in args[0]])
+                    ids = [i for args in run for i in args[1]]
+                    if ids:
+                        c.execute("INSERT INTO handed (ids) VALUES (?)", (array("q", ids).tobytes(),))
                 elif kind == "meta":
                     # Only the last value of a key in a transaction matters (the
                     # step changes with every batch).
@@ -335,6 +361,7 @@ class SqliteStore(Store):
                     c.execute("DELETE FROM ready")
                     c.execute("DELETE FROM envs")
                     c.execute("DELETE FROM handed")
+                    c.execute("DELETE FROM kept")
                 else:  # pragma: no cover - a programming error
                     raise ValueError(f"unknown store operation {kind!r}")
             if meta:

@@ -10,6 +10,8 @@ latest example. It is put together from its parts, one job each:
 - registry.py: trainer and environment registration, `/status-env`;
 - admission.py: submission, attribution, buffering, the store's bounds;
 - batches.py: batch formation (`/batch` and StreamBatches) and staleness;
+- acknowledged.py: batches kept for a trainer until its checkpoint holds them,
+  replayed in order when it restarts;
 - restore.py: `/reset_data` and the restart from the store.
 
 Every method is synchronous and runs on the event loop, so each call is atomic, and
@@ -36,8 +38,10 @@ re-check their condition.
 
 from __future__ import annotations
 
+import logging
+
+from services.gateway.trajectory.acknowledged import DEFAULT_MAX_KEPT_BATCHES, Acknowledged
 from services.gateway.trajectory.admission import Admission
-from services.gateway.trajectory.batches import BatchFormation
 from services.gateway.trajectory.journal import Journal
 from services.gateway.trajectory.receipts import Receipts
 from services.gateway.trajectory.records import Counters, StalenessPolicy
@@ -45,8 +49,10 @@ from services.gateway.trajectory.restore import ResetRestore
 from services.gateway.trajectory.store import Store
 from services.gateway.trajectory.wakeup import Wakeup
 
+log = logging.getLogger(__name__)
 
-class TrajectoryState(Admission, BatchFormation, ResetRestore):
+
+class TrajectoryState(Admission, Acknowledged, ResetRestore):
     """Registration, queue, buffering and batch assembly with Atropos' semantics."""
 
     def __init__(
@@ -59,6 +65,7 @@ class TrajectoryState(Admission, BatchFormation, ResetRestore):
         retry_after_seconds: int = 1,
         max_staleness: int = 0,
         staleness_policy: StalenessPolicy = "drop",
+        max_kept_batches: int = DEFAULT_MAX_KEPT_BATCHES,
     ) -> None:
         if staleness_policy not in ("drop", "keep"):
             raise ValueError(f"staleness_policy must be 'drop' or 'keep', not {staleness_policy!r}")
@@ -71,6 +78,7 @@ class TrajectoryState(Admission, BatchFormation, ResetRestore):
         self.retry_after_seconds = retry_after_seconds
         self.max_staleness = max_staleness
         self.staleness_policy = staleness_policy
+        self.max_kept_batches = max_kept_batches
         self.counters = Counters()
         self._reported_version = 0
         self._latest = None
@@ -82,3 +90,16 @@ class TrajectoryState(Admission, BatchFormation, ResetRestore):
         self._restore(self.journal.load())
         if self.journal.durable:
             self.receipts.sink = self.journal.receipt
+
+    def reload(self) -> None:
+        """Rebuild the state from what the store committed (after a failed commit, so
+        that memory holds no change the store lost). Counters are kept."""
+        try:
+            restored = self.journal.load()
+        except Exception:  # the store refuses changes either way
+            log.exception("could not reload the trajectory state from the failed store")
+            return
+        self._clear()
+        self._restore(restored)
+        log.warning("the trajectory store failed: the state is back to its last commit and refuses changes")
+        self.wakeup.notify()

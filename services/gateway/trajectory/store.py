@@ -27,6 +27,7 @@ class Snapshot:
     groups: list[GroupRow] = field(default_factory=list)
     ready: list[tuple[int, bytes]] = field(default_factory=list)  # (formation, batches JSON)
     receipts: list[tuple[int, int]] = field(default_factory=list)  # (key, version), oldest first
+    kept: list[tuple[int, bytes]] = field(default_factory=list)  # (step, group ids), by step
 
 
 class Store:
@@ -60,6 +61,14 @@ class Store:
     def delete_groups(self, ids: list[int], formation: int | None = None) -> None:
         """Groups handed out or dropped; `formation` when they were the last batch
         kept from that formation."""
+
+    def keep_batch(self, step: int, ids: list[int]) -> None:
+        """A batch handed out to an acknowledging trainer: its groups stay, recorded as
+        the batch of `step`, until a trainer checkpoint holds it."""
+
+    def release_batches(self, steps: list[int], ids: list[int]) -> None:
+        """Kept batches a checkpoint holds (or past their bound): forget them and
+        their groups, in one transaction."""
 
     def put_meta(self, key: str, value: bytes) -> None:
         pass

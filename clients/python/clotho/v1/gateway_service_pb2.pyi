@@ -137,12 +137,16 @@ class SubmitScoredDataResponse(_message.Message):
     def __init__(self, received: _Optional[int] = ..., buffered: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("credits", "policy_version")
+    __slots__ = ("credits", "policy_version", "resume_step", "checkpointed_step")
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
     credits: int
     policy_version: int
-    def __init__(self, credits: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    resume_step: int
+    checkpointed_step: int
+    def __init__(self, credits: _Optional[int] = ..., policy_version: _Optional[int] = ..., resume_step: _Optional[int] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesResponse(_message.Message):
     __slots__ = ("groups", "step")

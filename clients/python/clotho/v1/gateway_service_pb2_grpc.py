@@ -142,7 +142,9 @@ class GatewayServiceServicer:
 
     def StreamBatches(self, request_iterator, context):
         """Streams batches to a trainer. The trainer grants credits; the gateway never sends
-        more batches than the credits granted so far.
+        more batches than the credits granted so far. A trainer that sets `resume_step`
+        acknowledges batches with `checkpointed_step` and gets every batch after its
+        checkpoint again when it restarts (StreamBatchesRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -30,7 +30,9 @@ type GatewayServiceClient interface {
 	// Submits scored groups; answers once every group is durably accepted.
 	SubmitScoredData(ctx context.Context, opts ...grpc.CallOption) (GatewayService_SubmitScoredDataClient, error)
 	// Streams batches to a trainer. The trainer grants credits; the gateway never sends
-	// more batches than the credits granted so far.
+	// more batches than the credits granted so far. A trainer that sets `resume_step`
+	// acknowledges batches with `checkpointed_step` and gets every batch after its
+	// checkpoint again when it restarts (StreamBatchesRequest).
 	StreamBatches(ctx context.Context, opts ...grpc.CallOption) (GatewayService_StreamBatchesClient, error)
 	// Generates from one prompt through the gateway (the gRPC twin of `/generate`): the
 	// call goes to the least loaded healthy InferenceService, and every completion leaves
@@ -240,7 +242,9 @@ type GatewayServiceServer interface {
 	// Submits scored groups; answers once every group is durably accepted.
 	SubmitScoredData(GatewayService_SubmitScoredDataServer) error
 	// Streams batches to a trainer. The trainer grants credits; the gateway never sends
-	// more batches than the credits granted so far.
+	// more batches than the credits granted so far. A trainer that sets `resume_step`
+	// acknowledges batches with `checkpointed_step` and gets every batch after its
+	// checkpoint again when it restarts (StreamBatchesRequest).
 	StreamBatches(GatewayService_StreamBatchesServer) error
 	// Generates from one prompt through the gateway (the gRPC twin of `/generate`): the
 	// call goes to the least loaded healthy InferenceService, and every completion leaves
