@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from services import launcher
+from services.common.telemetry import setup_tracing, shutdown_tracing
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,5 +210,12 @@ async def run_up(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    summary = asyncio.run(run_up(args))
+    # The children read the same OTEL_* variables; `up` itself traces the mesh's start.
+    tracer = setup_tracing("clotho-up")
+    try:
+        with tracer.start_as_current_span("clotho.up") as span:
+            summary = asyncio.run(run_up(args))
+            span.set_attribute("clotho.steps", summary["steps"])
+    finally:
+        shutdown_tracing()
     return 0 if summary["steps"] else 1

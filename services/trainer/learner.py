@@ -30,11 +30,14 @@ from typing import Any, TextIO, TypeVar
 import grpc
 import torch
 from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
+from services.common.telemetry import attached, parse_traceparent
 from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
 from services.trainer.core import StepResult, TrainerCore
@@ -44,6 +47,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("clotho.trainer")
 T = TypeVar("T")
 
 # Gateway restarts and blips: reconnect the batch stream with capped backoff.
@@ -52,6 +56,15 @@ RECONNECT_MAX_SECONDS = 10.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
 # Whether this client's StreamBatchesRequest can carry the trainer's committed version.
 _CREDIT_HAS_VERSION = "policy_version" in gw_pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name
+
+
+@contextlib.contextmanager
+def step_span(step: int) -> Any:
+    """The root span of training step `step` (a new trace, whatever is current)."""
+    with tracer.start_as_current_span(
+        "trainer.step", context=otel_context.Context(), attributes={"clotho.step": step}
+    ) as span:
+        yield span
 
 
 class _StreamEnded(Exception):
@@ -103,7 +116,14 @@ class Learner:
         """Run `fn` in the torch thread. Shielded: a cancelled caller does not stop work
         that is already changing the model (it finishes before anything else runs)."""
         loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self._torch, fn, *args))
+        # The caller's trace context crosses into the torch thread (the step's phases).
+        ctx = otel_context.get_current()
+
+        def in_context() -> T:
+            with attached(ctx):
+                return fn(*args)
+
+        return await asyncio.shield(loop.run_in_executor(self._torch, in_context))
 
     # -- setup -----------------------------------------------------------------------
 
@@ -227,8 +247,18 @@ class Learner:
         """Train on one batch, push the weights to every shard, publish the version once
         all committed, and print the step line. Returns the step line's fields.
 
+        Traced as one root span, `trainer.step` (unless the caller opened it: the
+        batch stream opens it before waiting for the batch): the torch thread's
+        phases and the weight push are its children.
+
         Raises ValueError for a malformed batch (nothing is changed then).
         """
+        if trace.get_current_span().is_recording():
+            return await self._train_step(groups)
+        with step_span(self.step + 1):
+            return await self._train_step(groups)
+
+    async def _train_step(self, groups: Sequence[scored_data_pb2.ScoredGroup]) -> dict[str, Any]:
         await self.load()
         started = time.monotonic()
         # Cleared before the step starts: if we are cancelled while the torch thread
@@ -247,6 +277,17 @@ class Learner:
             # carries these weights on (same version number, newer weights).
             log.error("step %d: %s; keeping the weights, retrying on the next step", self.step, exc)
         record = self._step_record(result, report, time.monotonic() - started)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "clotho.step": self.step,
+                    "clotho.policy_version": self.state.version,
+                    "clotho.sequences": record["sequences"],
+                    "clotho.tokens": record["tokens"],
+                    "clotho.sync_ok": record["sync_ok"],
+                }
+            )
         self.state.record_step(
             self.step,
             {
@@ -420,17 +461,27 @@ class Learner:
             while not self._finished():
                 if not await grant(in_hand=0):
                     raise _StreamEnded()
-                response = await call.read()
-                if response is aio.EOF:
-                    raise _StreamEnded()
-                outstanding -= 1
-                # The batch is ours now. One step off: let the gateway assemble the next
-                # one while we train. If the stream ended meanwhile, still train.
-                open_ = await grant(in_hand=1) if self.settings.one_step_off else True
-                try:
-                    await self.train_step(list(response.groups))
-                except ValueError as exc:
-                    log.error("skipping malformed batch %d: %s", response.step, exc)
+                # The step's trace starts with the wait for its batch.
+                with step_span(self.step + 1) as span:
+                    with tracer.start_as_current_span("trainer.wait_batch"):
+                        response = await call.read()
+                    if response is aio.EOF:
+                        span.set_attribute("clotho.outcome", "stream ended")
+                        raise _StreamEnded()
+                    outstanding -= 1
+                    # The gateway's hand-out span, which links to the batch's submissions.
+                    handed_out = parse_traceparent(response.traceparent) if response.traceparent else None
+                    if handed_out is not None:
+                        span.add_link(handed_out, {"clotho.link": "batch"})
+                    span.set_attribute("clotho.batch_step", response.step)
+                    # The batch is ours now. One step off: let the gateway assemble the next
+                    # one while we train. If the stream ended meanwhile, still train.
+                    open_ = await grant(in_hand=1) if self.settings.one_step_off else True
+                    try:
+                        await self.train_step(list(response.groups))
+                    except ValueError as exc:
+                        log.error("skipping malformed batch %d: %s", response.step, exc)
+                        span.set_status(trace.StatusCode.ERROR, f"malformed batch: {exc}")
                 if not open_:
                     raise _StreamEnded()
             with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
