@@ -98,21 +98,21 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
     return trace.get_tracer(service_name)
 
 
-def server_interceptors() -> list:
+def server_interceptors() -> list[Any]:
     """The tracing interceptor for grpc.aio servers (continues incoming traceparent)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
     from opentelemetry.instrumentation.grpc.filters import negate, service_name
 
     # Health probes are noise in traces, and the instrumentation assumes every streaming
     # handler is an async generator, which health's Watch (a coroutine) is not.
-    return [aio_server_interceptor(filter_=negate(service_name("grpc.health.v1.Health")))]
+    return [aio_server_interceptor(filter_=negate(service_name("grpc.health.v1.Health")))]  # type: ignore[no-untyped-call]
 
 
-def client_interceptors() -> list:
+def client_interceptors() -> list[Any]:
     """Tracing interceptors for grpc.aio channels (sends traceparent in metadata)."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
 
 
 def inject_headers(carrier: dict[str, str] | None = None) -> dict[str, str]:

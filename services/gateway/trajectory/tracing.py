@@ -39,7 +39,7 @@ def handout_span(groups: Sequence[Group], step: int, route: str) -> Iterator[tra
         if ctx is not None and ctx.span_id not in seen:
             seen.add(ctx.span_id)
             links.append(Link(ctx))
-    attributes = {
+    attributes: dict[str, str | int] = {
         "clotho.step": step,
         "clotho.route": route,
         "clotho.groups": len(groups),
