@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from services import launcher
+from services.common.telemetry import setup_tracing, shutdown_tracing
 from services.demo.task import TASKS
 
 # Processes that mostly wait on sockets (the gateway, the demo environment) get one
@@ -347,5 +348,12 @@ def format_breakdown(b: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    summary = asyncio.run(run_up(args))
+    # The children read the same OTEL_* variables; `up` itself traces the mesh's start.
+    tracer = setup_tracing("clotho-up")
+    try:
+        with tracer.start_as_current_span("clotho.up") as span:
+            summary = asyncio.run(run_up(args))
+            span.set_attribute("clotho.steps", summary["steps"])
+    finally:
+        shutdown_tracing()
     return 0 if summary["steps"] else 1

@@ -1,78 +1,118 @@
-"""OpenTelemetry wiring: one tracer provider per process, configured by OTEL_* vars.
+"""OpenTelemetry wiring: one tracer provider per process, configured by OTEL_* vars only.
 
-Export is off unless OTEL_TRACES_EXPORTER or an OTLP endpoint variable is set; the
-tracer and propagation work either way, so trace context always crosses every hop.
+Tracing is off unless the environment asks for it; off, no SDK is installed, every
+span is the API's non-recording span and costs a function call (incoming
+`traceparent` still passes through to the next hop). It is on when:
+- `OTEL_TRACES_EXPORTER` is `otlp` or `console` (exported), or `none` (spans are
+  recorded and sampled but exported nowhere: what tracing costs without an exporter);
+- or an OTLP endpoint is set (`OTEL_EXPORTER_OTLP_ENDPOINT` /
+  `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), which means `otlp`.
+`OTEL_SDK_DISABLED=true` turns it off whatever else is set. The rest is the SDK's own
+reading of the standard variables: `OTEL_TRACES_SAMPLER`(`_ARG`), `OTEL_SERVICE_NAME`
+and `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` (`grpc`, the
+default, or `http/protobuf`), the endpoint, headers and timeout variables, `OTEL_BSP_*`.
+
+Spans leave through a batch processor; every process flushes it when it stops
+(`shutdown_tracing`, called by run_service after SIGTERM, and at exit), and processes
+that do not run run_service call `flush_on_sigterm`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from types import FrameType
+from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 log = logging.getLogger(__name__)
 _configured = False
+# True once an SDK tracer provider is installed: code on hot paths checks this before
+# building anything a span would need.
+enabled = False
+
+_HEX = "0123456789abcdef"
 
 
-def _export_requested(env: Mapping[str, str]) -> str | None:
+def export_mode(env: Mapping[str, str]) -> str | None:
+    """`otlp`, `console`, `none` (recorded, not exported) or None (tracing off)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
     exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter and exporter != "none":
-        return exporter
+    if exporter:
+        return exporter.split(",")[0].strip()
     if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         return "otlp"
     return None
 
 
-def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> trace.Tracer:
-    """Install the process's tracer provider once and return a tracer for `service_name`.
+def _otlp_exporter(env: Mapping[str, str]) -> Any:
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    if protocol.strip().lower().startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    `env` defaults to the process environment: the standard OTEL_* variables are the
-    configuration surface, read here once at start-up.
+        return HttpExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> trace.Tracer:
+    """Install the process's tracer provider once (when the environment asks for
+    tracing) and return a tracer for `service_name`.
+
+    `env` defaults to the process environment, read here once at start-up.
     """
-    global _configured
+    global _configured, enabled
     env = os.environ if env is None else env
     if not _configured:
-        resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", service_name)})
-        provider = TracerProvider(resource=resource)
-        exporter = _export_requested(env)
-        if exporter == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        elif exporter == "console":
-            import sys
-
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            # stderr: stdout carries the services' JSON event lines.
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
-        elif exporter:
-            log.warning("OTEL_TRACES_EXPORTER=%s is not supported; traces are not exported", exporter)
-        trace.set_tracer_provider(provider)
         _configured = True
+        mode = export_mode(env)
+        if mode is not None:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, which
+            # win over this default; TracerProvider reads OTEL_TRACES_SAMPLER(_ARG).
+            name = env.get("OTEL_SERVICE_NAME") or service_name
+            provider = TracerProvider(resource=Resource.create({"service.name": name}))
+            if mode == "otlp":
+                provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(env)))
+            elif mode == "console":
+                from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+                # stderr: stdout carries the services' JSON event lines.
+                provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+            elif mode != "none":
+                log.warning("OTEL_TRACES_EXPORTER=%s is not supported; spans are not exported", mode)
+            trace.set_tracer_provider(provider)
+            enabled = True
     return trace.get_tracer(service_name)
 
 
-def server_interceptors() -> list:
+def server_interceptors() -> list[Any]:
     """The tracing interceptor for grpc.aio servers (continues incoming traceparent)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
     from opentelemetry.instrumentation.grpc.filters import negate, service_name
 
     # Health probes are noise in traces, and the instrumentation assumes every streaming
     # handler is an async generator, which health's Watch (a coroutine) is not.
-    return [aio_server_interceptor(filter_=negate(service_name("grpc.health.v1.Health")))]
+    return [aio_server_interceptor(filter_=negate(service_name("grpc.health.v1.Health")))]  # type: ignore[no-untyped-call]
 
 
-def client_interceptors() -> list:
+def client_interceptors() -> list[Any]:
     """Tracing interceptors for grpc.aio channels (sends traceparent in metadata)."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
 
 
 def inject_headers(carrier: dict[str, str] | None = None) -> dict[str, str]:
@@ -82,13 +122,104 @@ def inject_headers(carrier: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
-def extract_context(headers: Mapping[str, str]):
+def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
     """The trace context carried by incoming HTTP headers."""
     return propagate.extract(dict(headers))
 
 
+def recording_context() -> otel_context.Context | None:
+    """The current context when its span records (to carry into another thread or
+    to parent spans made later); None when there is nothing to record under."""
+    if not trace.get_current_span().is_recording():
+        return None
+    return otel_context.get_current()
+
+
+def traceparent(span: trace.Span | None = None) -> str:
+    """The W3C `traceparent` of `span` (default: the current one); "" when it has no
+    valid context."""
+    ctx = (span or trace.get_current_span()).get_span_context()
+    if not ctx.is_valid:
+        return ""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def parse_traceparent(value: str) -> SpanContext | None:
+    """The span context a W3C `traceparent` names, or None."""
+    parts = value.split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        ctx = SpanContext(int(parts[1], 16), int(parts[2], 16), True, TraceFlags(int(parts[3][:2], 16)))
+    except ValueError:
+        return None
+    return ctx if ctx.is_valid else None
+
+
+def links_to(contexts: Any) -> list[Link]:
+    """Span links to each valid span context in `contexts` (duplicates once)."""
+    seen: set[tuple[int, int]] = set()
+    links = []
+    for ctx in contexts:
+        if ctx is None or not ctx.is_valid or (ctx.trace_id, ctx.span_id) in seen:
+            continue
+        seen.add((ctx.trace_id, ctx.span_id))
+        links.append(Link(ctx))
+    return links
+
+
+@contextlib.contextmanager
+def attached(ctx: otel_context.Context | None) -> Iterator[None]:
+    """Make `ctx` current for the block (a no-op for None): carries a context into a
+    worker thread."""
+    if ctx is None:
+        yield
+        return
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def child_span(name: str, **attributes: Any) -> Iterator[trace.Span]:
+    """A span under the current one, only when that one records (`clotho.`-prefixed
+    attributes); else nothing is made, so code run both traced and untraced (a
+    follower rank) makes no stray root spans."""
+    if not trace.get_current_span().is_recording():
+        yield trace.INVALID_SPAN
+        return
+    tracer = trace.get_tracer("clotho")
+    with tracer.start_as_current_span(name, attributes={f"clotho.{k}": v for k, v in attributes.items()}) as span:
+        yield span
+
+
+def flush_tracing(timeout_millis: int = 5000) -> None:
+    """Export every span ended so far (a no-op when tracing is off)."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush(timeout_millis)
+
+
 def shutdown_tracing() -> None:
+    """Flush and stop the exporter (idempotent; the SDK also does this at exit)."""
     provider = trace.get_tracer_provider()
     shutdown = getattr(provider, "shutdown", None)
     if shutdown is not None:
         shutdown()
+
+
+def flush_on_sigterm() -> None:
+    """For processes without run_service's SIGTERM handling: on SIGTERM, flush the
+    spans, then die of SIGTERM as before. A no-op when tracing is off."""
+    if not enabled:
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(Exception):
+            flush_tracing(3000)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -22,10 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
+from opentelemetry import trace
 
+from services.common.telemetry import flush_on_sigterm, inject_headers, setup_tracing, shutdown_tracing
 from services.demo.task import TASKS, Task
 
 log = logging.getLogger("clotho.demo_env")
+tracer = trace.get_tracer("clotho.demo_env")
 
 
 @dataclass
@@ -89,6 +92,15 @@ class DemoEnv:
         return r.json()
 
     async def one_group(self, client: httpx.AsyncClient) -> float:
+        """One group: /generate, score, /scored_data, under one root span whose
+        context both calls carry (one trace from the environment to the engine and on
+        to the trainer step that uses the group)."""
+        with tracer.start_as_current_span("demo_env.group", kind=trace.SpanKind.CLIENT) as span:
+            mean = await self._one_group(client)
+            span.set_attribute("clotho.mean_score", mean)
+            return mean
+
+    async def _one_group(self, client: httpx.AsyncClient) -> float:
         prompt = self.task.prompt(self.rng)
         prompt_ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)
         r = await client.post(
@@ -102,7 +114,7 @@ class DemoEnv:
                 },
                 "return_logprob": True,
             },
-            headers=self._inference,
+            headers=inject_headers(dict(self._inference)),
         )
         r.raise_for_status()
         outs = r.json()
@@ -125,7 +137,7 @@ class DemoEnv:
                 "inference_logprobs": logprobs,
                 "env_id": self.env_id,
             },
-            headers=self._trajectory,
+            headers=inject_headers(dict(self._trajectory)),
         )
         r.raise_for_status()
         self.sent += 1
@@ -259,12 +271,17 @@ def main(argv: list[str] | None = None) -> None:
         trajectory_token=os.environ.get("CLOTHO_DEMO_TRAJECTORY_TOKEN") or None,
         inference_token=os.environ.get("CLOTHO_DEMO_INFERENCE_TOKEN") or None,
     )
+    setup_tracing("clotho-demo-env")
+    # Killed with SIGTERM (clotho up stops it so): the spans of its last groups leave first.
+    flush_on_sigterm()
     env = DemoEnv(config)
     print(json.dumps({"event": "ready"}), flush=True)
     try:
         asyncio.run(env.run())
     except KeyboardInterrupt:
         pass
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from opentelemetry import trace
+
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.generation_types import GenerationRequest, ServedPolicy
@@ -23,6 +25,16 @@ from services.inference.weight_update import UpdateRequest
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+tracer = trace.get_tracer("clotho.inference.shards")
+
+
+async def _on_shard(stage: str, shard: Shard, version: int, call: Awaitable[T]) -> T:
+    """`call` under a span of the weight-update `stage` on `shard` (a child of the
+    servicer's span: one per shard, in the trainer's push trace)."""
+    attributes = {"clotho.shard": shard.name, "clotho.version": version}
+    with tracer.start_as_current_span(f"shard.{stage}", attributes=attributes):
+        return await call
+
 
 # Called with (shard index, serving) when a shard's health flips.
 ShardHealthListener = Callable[[int, bool], None]
@@ -99,7 +111,12 @@ class ShardSet:
                 f"{last_rank}, which do not fit world_size {rendezvous.world_size}"
             )
         try:
-            joined = await self._all([s.updates.begin(request.for_rank(i)) for i, s in enumerate(self.shards)])
+            joined = await self._all(
+                [
+                    _on_shard("prepare", s, request.version, s.updates.begin(request.for_rank(i)))
+                    for i, s in enumerate(self.shards)
+                ]
+            )
         except BaseException as exc:
             await self._all(
                 [s.updates.abort(request.version, f"another shard failed to prepare: {exc}") for s in self.shards],
@@ -109,15 +126,17 @@ class ShardSet:
         return any(joined)
 
     async def await_transfer(self, version: int, bucket_crc32s: list[int]) -> tuple[int, float]:
-        results = await self._all([s.updates.await_transfer(version, bucket_crc32s) for s in self.shards])
+        results = await self._all(
+            [_on_shard("await", s, version, s.updates.await_transfer(version, bucket_crc32s)) for s in self.shards]
+        )
         return sum(r.bytes_received for r in results), max(r.seconds for r in results)
 
     async def commit(self, version: int) -> ServedPolicy:
-        await self._all([s.updates.commit(version) for s in self.shards])
+        await self._all([_on_shard("commit", s, version, s.updates.commit(version)) for s in self.shards])
         return self.policy
 
     async def abort(self, version: int, reason: str) -> ServedPolicy:
-        await self._all([s.updates.abort(version, reason) for s in self.shards])
+        await self._all([_on_shard("abort", s, version, s.updates.abort(version, reason)) for s in self.shards])
         return self.policy
 
     async def close(self) -> None:

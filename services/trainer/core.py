@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from clotho.v1 import scored_data_pb2
+from services.common.telemetry import child_span
 from services.common.weight_wire import build_manifest, lay_out_parameters
 from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
@@ -193,31 +194,36 @@ class TrainerCore:
     def _step(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> StepResult:
         assert self.model is not None and self.optimizer is not None
         ranks = self.ranks
-        batch = prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
-        shares = split(batch.sequences, ranks.world_size)
-        budget = self.batching.micro_batch_tokens
-        mine = pack(batch.sequences, shares[ranks.rank], budget)
-        # Every rank runs as many micro-batches as the busiest one.
-        rows = max(max(len(plan_rows(batch.sequences, share, budget)) for share in shares), 1)
-        mine += [dummy_micro_batch(self.pad_token_id) for _ in range(rows - len(mine))]
+        # Spans of the step's phases (children of the trainer.step span on rank 0; other
+        # ranks, with no step span current, make none).
+        with child_span("trainer.prepare_batch", groups=len(groups)):
+            batch = prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
+            shares = split(batch.sequences, ranks.world_size)
+            budget = self.batching.micro_batch_tokens
+            mine = pack(batch.sequences, shares[ranks.rank], budget)
+            # Every rank runs as many micro-batches as the busiest one.
+            rows = max(max(len(plan_rows(batch.sequences, share, budget)) for share in shares), 1)
+            mine += [dummy_micro_batch(self.pad_token_id) for _ in range(rows - len(mine))]
 
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = accumulate(
-            self.model,
-            mine,
-            self.loss,
-            loss_scale=float(ranks.world_size),
-            grad_sync=ranks.grad_sync(self.model),
-            autocast=self.autocast,
-        )
-        sums = self._reduce(sums)
-        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
-        self.scheduler.step()
+        with child_span("trainer.forward_backward", micro_batches=len(mine), sequences=len(batch.sequences)):
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = accumulate(
+                self.model,
+                mine,
+                self.loss,
+                loss_scale=float(ranks.world_size),
+                grad_sync=ranks.grad_sync(self.model),
+                autocast=self.autocast,
+            )
+            sums = self._reduce(sums)
+        with child_span("trainer.optimizer_step"):
+            max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            self.optimizer.step()
+            self.scheduler.step()
         self.step += 1
         return StepResult(metrics(batch, sums), grad_norm, lr, batch)
 

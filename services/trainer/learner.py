@@ -39,11 +39,14 @@ from typing import Any, TextIO, TypeVar
 import grpc
 import torch
 from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.server import channel
+from services.common.telemetry import attached, parse_traceparent
 from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
 from services.trainer.acknowledgements import BatchAcknowledgements
@@ -55,6 +58,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("clotho.trainer")
 T = TypeVar("T")
 
 # Gateway restarts and blips: reconnect the batch stream with capped backoff.
@@ -81,6 +85,15 @@ def copy_keeping_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         view.set_(copy, t.storage_offset(), t.size(), t.stride())
         out[name] = view
     return out
+
+
+@contextlib.contextmanager
+def step_span(step: int) -> Any:
+    """The root span of training step `step` (a new trace, whatever is current)."""
+    with tracer.start_as_current_span(
+        "trainer.step", context=otel_context.Context(), attributes={"clotho.step": step}
+    ) as span:
+        yield span
 
 
 class _StreamEnded(Exception):
@@ -142,7 +155,14 @@ class Learner:
         """Run `fn` in the torch thread. Shielded: a cancelled caller does not stop work
         that is already changing the model (it finishes before anything else runs)."""
         loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self._torch, fn, *args))
+        # The caller's trace context crosses into the torch thread (the step's phases).
+        ctx = otel_context.get_current()
+
+        def in_context() -> T:
+            with attached(ctx):
+                return fn(*args)
+
+        return await asyncio.shield(loop.run_in_executor(self._torch, in_context))
 
     # -- setup -----------------------------------------------------------------------
 
@@ -300,8 +320,24 @@ class Learner:
         (and with max_staleness set, which drops sequences by it, the step first waits
         for the update). Returns None then.
 
+        Traced as one root span, `trainer.step` (unless the caller opened it: the
+        batch stream opens it before waiting for the batch): the torch thread's
+        phases and the weight push are its children.
+
         Raises ValueError for a malformed batch (nothing is changed then).
         """
+        if trace.get_current_span().is_recording():
+            return await self._train_step(groups, wait_seconds, overlap, on_published)
+        with step_span(self.step + 1):
+            return await self._train_step(groups, wait_seconds, overlap, on_published)
+
+    async def _train_step(
+        self,
+        groups: Sequence[scored_data_pb2.ScoredGroup],
+        wait_seconds: float,
+        overlap: bool,
+        on_published: Callable[[int], Awaitable[None]] | None,
+    ) -> dict[str, Any] | None:
         await self.load()
         started = time.monotonic()
         if self.settings.max_staleness >= 0:
@@ -417,6 +453,17 @@ class Learner:
         for key in ("wait_seconds", "train_seconds", "update_seconds", "cycle_seconds"):
             if key in timing:
                 record[key] = timing[key]
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "clotho.step": step,
+                    "clotho.policy_version": self.state.version,
+                    "clotho.sequences": record["sequences"],
+                    "clotho.tokens": record["tokens"],
+                    "clotho.sync_ok": record["sync_ok"],
+                }
+            )
         self.state.record_step(
             step,
             {
@@ -601,26 +648,36 @@ class Learner:
             while not self._finished():
                 if not await grant(in_hand=0):
                     raise _StreamEnded()
-                waiting = time.monotonic()
-                response = await call.read()
-                if response is aio.EOF:
-                    raise _StreamEnded()
-                waited = time.monotonic() - waiting
-                outstanding -= 1
-                self.acks.consume(response.step)
-                # The batch is ours now. One step off: let the gateway assemble the next
-                # one while we train. If the stream ended meanwhile, still train.
-                open_ = await grant(in_hand=1) if self.settings.one_step_off else True
-                try:
-                    await self.train_step(
-                        list(response.groups),
-                        wait_seconds=waited,
-                        overlap=self.settings.one_step_off and self.settings.overlap_weight_update,
-                        on_published=published,
-                    )
-                    self.batch_log.record(response.step, self.step, response.groups)
-                except ValueError as exc:
-                    log.error("skipping malformed batch %d: %s", response.step, exc)
+                # The step's trace starts with the wait for its batch.
+                with step_span(self.step + 1) as span:
+                    waiting = time.monotonic()
+                    with tracer.start_as_current_span("trainer.wait_batch"):
+                        response = await call.read()
+                    if response is aio.EOF:
+                        span.set_attribute("clotho.outcome", "stream ended")
+                        raise _StreamEnded()
+                    waited = time.monotonic() - waiting
+                    outstanding -= 1
+                    self.acks.consume(response.step)
+                    # The gateway's hand-out span, which links to the batch's submissions.
+                    handed_out = parse_traceparent(response.traceparent) if response.traceparent else None
+                    if handed_out is not None:
+                        span.add_link(handed_out, {"clotho.link": "batch"})
+                    span.set_attribute("clotho.batch_step", response.step)
+                    # The batch is ours now. One step off: let the gateway assemble the next
+                    # one while we train. If the stream ended meanwhile, still train.
+                    open_ = await grant(in_hand=1) if self.settings.one_step_off else True
+                    try:
+                        await self.train_step(
+                            list(response.groups),
+                            wait_seconds=waited,
+                            overlap=self.settings.one_step_off and self.settings.overlap_weight_update,
+                            on_published=published,
+                        )
+                        self.batch_log.record(response.step, self.step, response.groups)
+                    except ValueError as exc:
+                        log.error("skipping malformed batch %d: %s", response.step, exc)
+                        span.set_status(trace.StatusCode.ERROR, f"malformed batch: {exc}")
                 if self.acks.unreported:  # tell the gateway what the new checkpoint holds
                     with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
                         async with writing:

@@ -139,9 +139,15 @@ class TrackedGroup:
             await in_daemon_thread(thread.join, left, name="clotho-sync-join")
 
 
-def send_buckets(handle: TrackedGroup, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> list[int]:
+def send_buckets(
+    handle: TrackedGroup,
+    manifest: Manifest,
+    tensors: Mapping[str, torch.Tensor],
+    on_sent: Callable[[int], None] | None = None,
+) -> list[int]:
     """Worker thread (rank 0): broadcast each bucket in manifest order while a packer
-    thread prepares the next one; returns the buckets' CRCs."""
+    thread prepares the next one; returns the buckets' CRCs. `on_sent(i)` is called
+    (on this thread) once bucket i's broadcast has completed."""
     device = next(iter(tensors.values())).device
     # (bucket, its CRC, the scratch buffer it was packed into or None)
     ready: queue.SimpleQueue[tuple[torch.Tensor, int, torch.Tensor | None] | BaseException] = queue.SimpleQueue()
@@ -178,13 +184,15 @@ def send_buckets(handle: TrackedGroup, manifest: Manifest, tensors: Mapping[str,
     handle.threads.append(packer)
     packer.start()
     crcs = []
-    in_flight: collections.deque[tuple[Any, torch.Tensor | None]] = collections.deque()
+    in_flight: collections.deque[tuple[Any, torch.Tensor | None, int]] = collections.deque()
 
     def finish_one() -> None:
-        work, raw = in_flight.popleft()
+        work, raw, index = in_flight.popleft()
         handle.group.wait(work)
         if raw is not None:
             free.put(raw)  # sent: the packer may fill it again
+        if on_sent is not None:
+            on_sent(index)
 
     try:
         for i in range(len(manifest.buckets)):
@@ -196,7 +204,7 @@ def send_buckets(handle: TrackedGroup, manifest: Manifest, tensors: Mapping[str,
                 raise RuntimeError(f"packing bucket {i} failed: {item}") from item
             flat, crc, raw = item
             crcs.append(crc)
-            in_flight.append((handle.group.broadcast_async(flat, root=0), raw))
+            in_flight.append((handle.group.broadcast_async(flat, root=0), raw, i))
             if len(in_flight) >= BROADCASTS_IN_FLIGHT:
                 finish_one()
         while in_flight:

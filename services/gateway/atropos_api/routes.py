@@ -28,6 +28,7 @@ from services.gateway.atropos_api.batch_gzip import BatchCompressor, wants_gzip
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
 from services.gateway.trajectory.scored_data import read_group, read_group_list
+from services.gateway.trajectory.tracing import handout_span
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def add_atropos_routes(
         if taken is None:
             return NO_BATCH
         log.debug("sending batch of %d sequences (step %d)", sum(g.size for g in taken), state.step)
-        return batch_json(taken)
+        with handout_span(taken, state.step, "/batch"):
+            return batch_json(taken)
 
     def prepare_next(scope: Any) -> None:
         upcoming = state.next_ready()

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
+from services.common import telemetry
 from services.gateway.atropos_api.batch_gzip import BatchCompressor, PrecompressedGZipMiddleware, ResponseGzip
 from services.gateway.atropos_api.routes import add_atropos_routes
 from services.gateway.generation.openai_api.api_router import openai_router
@@ -23,14 +24,23 @@ from services.gateway.generation.sglang_api.api_router import generate_router
 from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
 from services.gateway.http.metrics import metrics_response
+from services.gateway.http.request_span import traced_fast_route
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
 
 log = logging.getLogger(__name__)
 
-UNTRACED_PATHS = frozenset(
-    {"/scored_data", "/scored_data_list", "/batch", "/status", "/status-env", "/latest_example", "/metrics"}
-)
+# Paths FastAPI's telemetry leaves alone: the fast entry's own (traced_fast_route
+# spans them while tracing is on) and the Prometheus scrape. While tracing is off, the
+# polled status routes are left alone too: FastAPI's telemetry then still costs its
+# bookkeeping when a meter or logger provider is installed.
+FAST_PATHS = frozenset({"/scored_data", "/scored_data_list", "/batch"})
+UNTRACED_WHEN_ON = FAST_PATHS | {"/metrics"}
+UNTRACED_PATHS = UNTRACED_WHEN_ON | {"/status", "/status-env", "/latest_example"}
+
+
+def _untraced(scope: Any) -> bool:
+    return scope.get("path") in (UNTRACED_WHEN_ON if telemetry.enabled else UNTRACED_PATHS)
 
 
 class GatewayApp(FastAPI):
@@ -53,7 +63,10 @@ class GatewayApp(FastAPI):
             entry = self._fast_entry
             if entry is None:
                 entry = self._fast_entry = self._build_fast_entry()
-            await entry(scope, receive, send)
+            if telemetry.enabled:
+                await traced_fast_route(entry, scope, receive, send)
+            else:
+                await entry(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -77,12 +90,12 @@ class GatewayApp(FastAPI):
 def create_app(
     state: TrajectoryState, inference: InferencePool, max_body_bytes: int, response_gzip: ResponseGzip = "auto"
 ) -> FastAPI:
-    # FastAPI's own per-request spans, metrics and logs cost more than the trajectory
-    # routes themselves at thousands of posts a second, and those routes call no other
-    # service a trace could follow; the inference routes keep them.
+    # FastAPI's own per-request spans, metrics and logs cost more than the ingest routes
+    # themselves at thousands of posts a second: those take the fast entry, spanned by
+    # traced_fast_route while tracing is on.
     app = GatewayApp(
         title="Clotho gateway (AtroposLib API)",
-        telemetry={"exclude": lambda scope: scope.get("path") in UNTRACED_PATHS},
+        telemetry={"exclude": _untraced},
     )
     http_errors.install(app)
     # Starlette runs the last added middleware first: RequestBodyMiddleware, added at

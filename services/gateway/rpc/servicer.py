@@ -20,11 +20,13 @@ from grpc import aio
 from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.telemetry import traceparent
 from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
 from services.gateway.trajectory.scored_data import check_group
 from services.gateway.trajectory.state import TrajectoryState
+from services.gateway.trajectory.tracing import handout_span
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 batch, step = taken
                 after = step
                 credits -= 1
-                yield pb.StreamBatchesResponse(groups=batch_to_proto(batch), step=step)
+                with handout_span(batch, step, "StreamBatches") as span:
+                    response = pb.StreamBatchesResponse(
+                        groups=batch_to_proto(batch), step=step, traceparent=traceparent(span)
+                    )
+                yield response
             if failure:
                 raise failure[0]
         finally:

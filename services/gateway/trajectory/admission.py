@@ -12,6 +12,7 @@ from services.gateway.trajectory.packing import find_subset_summing_to
 from services.gateway.trajectory.queue_index import Group
 from services.gateway.trajectory.records import StoreFull, Submitted
 from services.gateway.trajectory.scored_data import Incoming, incoming
+from services.gateway.trajectory.tracing import submission_span
 
 
 class Admission(StateBase):
@@ -28,6 +29,10 @@ class Admission(StateBase):
         records_in = [g if isinstance(g, Incoming) else incoming(g, want) for g in groups]
         sources = [0, 0, 0]  # explicit, receipt, current
         records = [self._new_group(g, sources) for g in records_in]
+        span = submission_span()
+        if span is not None:
+            for record in records:
+                record.span = span
         self._admit(len(records), sum(len(r.body) for r in records))
 
         first_id = self._next_id

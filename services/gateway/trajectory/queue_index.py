@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 
 @dataclass(eq=False, slots=True)
@@ -42,6 +43,10 @@ class Group:
     qpos: int = -1
     # The group's policy version for staleness: its oldest sequence's.
     version: int = field(init=False, default=0)
+    # The OpenTelemetry SpanContext of the submission that brought the group (None
+    # when untraced, and after a restart: spans are not stored), for the hand-out
+    # span's links.
+    span: Any = None
 
     def __post_init__(self) -> None:
         self.version = min(self.versions) if self.versions else 0

@@ -1,5 +1,6 @@
 """Launching SGLang servers as child processes (`python -m sglang.launch_server`) on
-loopback, waiting until they answer /health, and stopping them."""
+loopback, waiting until they answer /health, and stopping them. While this process
+exports spans over OTLP, launched servers get SGLang's tracing flags too."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import shlex
 import signal
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+
+from services.common.telemetry import export_mode
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,20 @@ async def wait_healthy(
         await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
 
+def sglang_trace_args(env: Mapping[str, str], extra_args: Sequence[str]) -> list[str]:
+    """SGLang's own tracing flags when this process exports spans over OTLP (the
+    same collector; SGLang then continues the `traceparent` of each /generate), unless
+    the extra args already say."""
+    if export_mode(env) != "otlp" or "--enable-trace" in extra_args:
+        return []
+    endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "localhost:4317"
+    )
+    # SGLang takes host:port (its exporter speaks OTLP/gRPC).
+    host_port = urlsplit(endpoint).netloc if "://" in endpoint else endpoint
+    return ["--enable-trace", "--otlp-traces-endpoint", host_port]
+
+
 class SGLangProcess:
     """One `python -m sglang.launch_server` child on 127.0.0.1, its output in a log file."""
 
@@ -77,6 +96,7 @@ class SGLangProcess:
             str(self.port),
             "--base-gpu-id",
             str(self.gpu_id),
+            *sglang_trace_args(os.environ, self.extra_args),
             *self.extra_args,
         ]
 

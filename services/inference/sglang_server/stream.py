@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from opentelemetry import propagate, trace
 
 from services.common.errors import ClothoError, InvalidArgument, Unavailable
 from services.inference.generation_types import (
@@ -36,6 +37,7 @@ from services.inference.generation_types import (
 if TYPE_CHECKING:
     from services.inference.sglang_server.shard import SGLangShard
 
+tracer = trace.get_tracer("clotho.inference.sglang")
 FINISH_TYPES = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
 
@@ -118,9 +120,30 @@ class SGLangStream:
 
     async def _events(self) -> AsyncIterator[TokenChunk | Completion]:
         shard = self.shard
+        # The request's client span; its traceparent goes to SGLang, which continues the
+        # trace when launched with --enable-trace.
+        span = (
+            tracer.start_span(
+                "sglang.generate",
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "clotho.shard": shard.name,
+                    "clotho.prompt_tokens": len(self.request.input_ids),
+                    "clotho.n": self._n,
+                    "clotho.max_new_tokens": self.max_new_tokens,
+                },
+            )
+            if trace.get_current_span().is_recording()
+            else None
+        )
+        headers: dict[str, str] = {}
+        first_seen = False
+        reasons: list[str] = []
+        if span is not None:
+            propagate.inject(headers, context=trace.set_span_in_context(span))
         try:
             async with shard.client.stream(
-                "POST", "/generate", json=self.body(), timeout=httpx.Timeout(30.0, read=None)
+                "POST", "/generate", json=self.body(), headers=headers, timeout=httpx.Timeout(30.0, read=None)
             ) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")
@@ -139,12 +162,33 @@ class SGLangStream:
                             else str(event["error"])
                         )
                         raise InvalidArgument(f"SGLang shard {shard.name}: {message}")
-                    for out in self._consume(event):
+                    outs = self._consume(event)
+                    if span is not None and outs:
+                        if not reasons and not first_seen:
+                            first_seen = True
+                            span.add_event("first_token")
+                        reasons += [o.finish_reason.value for o in outs if isinstance(o, Completion)]
+                    for out in outs:
                         yield out
         except httpx.HTTPError as exc:
+            if span is not None:
+                span.set_status(trace.StatusCode.ERROR, str(exc))
             raise Unavailable(f"SGLang shard {shard.name}: {type(exc).__name__}: {exc}") from None
+        except BaseException as exc:
+            if span is not None and not isinstance(exc, GeneratorExit):
+                span.set_status(trace.StatusCode.ERROR, str(exc))
+            raise
         finally:
             self._release()
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "clotho.output_tokens": sum(len(s.output_ids) for s in self._samples),
+                        "clotho.finish_reasons": reasons,
+                        "clotho.policy_versions": sorted({v.version for s in self._samples for v in s.spans}),
+                    }
+                )
+                span.end()
         for sample in self._samples:
             if not sample.done:
                 yield self._completion(sample, FinishReason.ABORT, "")

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +43,7 @@ from services.inference.generation_types import (
 )
 from services.inference.torch_engine.runner import ModelRunner
 from services.inference.torch_engine.sampling import choose_tokens
+from services.inference.torch_engine.spans import write_request_spans
 
 Event = TokenChunk | Completion | BaseException
 _SUBMITTED = itertools.count()
@@ -80,6 +83,16 @@ class RequestState:
         # Where the submitter iterates the results.
         self.loop = loop
         self.queue = queue
+        # Tracing (spans.py): the context the request was submitted in (None: untraced,
+        # and nothing below is noted), the shard's name and the timestamps (ns).
+        self.trace_ctx: Any = None
+        self.shard = ""
+        self.submitted_ns = 0
+        self.admitted_ns = 0
+        self.prefilled_ns = 0
+        self.admitted_with = 0
+        self.samples_done: list[SampleState] = []
+        self.error: BaseException | None = None
 
     @property
     def n(self) -> int:
@@ -98,6 +111,9 @@ class SampleState:
         self.output_top_logprobs: list[TopLogprobs] = []
         self.spans: list[VersionSpan] = []
         self.finish_reason: FinishReason | None = None
+        # Traced requests only: when each of `spans` began, and when the sample ended (ns).
+        self.span_times: list[int] = []
+        self.finished_ns = 0
         self._text_searched = 0
         # Penalised samples only: how often each token was generated so far ([V] float32,
         # made when the row first samples; a view of its batch's stacked counts).
@@ -106,6 +122,8 @@ class SampleState:
     def append(self, token: int, logprob: float, version: int, top: TopLogprobs | None = None) -> None:
         if not self.spans or self.spans[-1].version != version:
             self.spans.append(VersionSpan(len(self.output_ids), version))
+            if self.request.trace_ctx is not None:
+                self.span_times.append(time.time_ns())
         self.tokens.append(token)
         self.output_ids.append(token)
         self.output_logprobs.append(logprob)
@@ -117,6 +135,9 @@ class SampleState:
 
     def finish(self, reason: FinishReason, matched_stop: str = "") -> None:
         self.finish_reason = reason
+        if self.request.trace_ctx is not None:
+            self.finished_ns = time.time_ns()
+            self.request.samples_done.append(self)
         self.request.outbox.append(
             Completion(
                 index=self.index,
@@ -173,6 +194,8 @@ class Batch:
         rows are not touched."""
         for r in requests:
             self._touched[id(r)] = r
+            if r.trace_ctx is not None:
+                r.admitted_ns, r.admitted_with = time.time_ns(), len(requests)
         first = self.size
         last_logits: list[torch.Tensor] = []
         for group in _length_groups(requests):
@@ -182,6 +205,8 @@ class Batch:
             logits = self.runner.prefill(self.cache, [r.input_ids for r in group], dest, src, all_logits=want_all)
             width = logits.shape[1]
             for i, r in enumerate(group):
+                if r.trace_ctx is not None:
+                    r.prefilled_ns = time.time_ns()
                 if r.spec.wants_prompt_logprobs:
                     r.prompt_logprobs, r.prompt_top_logprobs = _prompt_logprobs(
                         logits[i, width - len(r.input_ids) :], r.input_ids, r.spec.prompt_top_logprobs
@@ -239,6 +264,7 @@ class Batch:
         doomed.update({id(s.request): s.request for s in self.samples})
         for r in doomed.values():
             r.outbox.append(error)
+            r.error = error
             self._touched[id(r)] = r
         self.samples, self._params, self.stale, self.reserved_tokens = [], None, False, 0
         self.cache.clear()
@@ -429,6 +455,8 @@ class _Params:
 def _deliver(items: list[tuple[RequestState, list[Event]]]) -> None:
     for request, events in items:
         request.queue.put_nowait(events)
+        if request.trace_ctx is not None and (request.error is not None or len(request.samples_done) >= request.n):
+            write_request_spans(request, request.shard)
 
 
 def _length_groups(requests: Sequence[RequestState], max_padding: float = 0.25) -> list[list[RequestState]]:

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoTokenizer
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.telemetry import recording_context
 from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk
 from services.inference.torch_engine.batch import Batch, Event, RequestState
 from services.inference.torch_engine.runner import ModelRunner
@@ -101,6 +102,8 @@ class GenerationEngine:
         seed: int = 0,
     ) -> None:
         self.model_path = Path(model_path).resolve()
+        # The shard's name on its spans (TorchShard sets it).
+        self.name = "torch"
         self.runner = ModelRunner(self.model_path, device, dtype)
         self.device = self.runner.device
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
@@ -179,6 +182,11 @@ class GenerationEngine:
             else self._default_generator
         )
         state = RequestState(request, max_new_tokens, frozenset(stop_ids), generator, loop, queue)
+        # The worker thread notes this request's timings under the caller's span (the
+        # context crosses the thread on the request; spans.py writes them at the end).
+        state.trace_ctx = recording_context()
+        if state.trace_ctx is not None:
+            state.submitted_ns, state.shard = time.time_ns(), self.name
         if state.reserved_tokens > self.max_batch_tokens:
             raise InvalidArgument(
                 f"request needs {state.reserved_tokens} KV-cache tokens (n x (prompt + max_new_tokens)), "

@@ -22,6 +22,7 @@ class TorchShard(Shard):
         self.engine = engine
         self.updates = receiver
         self.name = name
+        engine.name = name
         self._listener: HealthListener | None = None
         self._reported_serving = True
         receiver.loader.after_commit = self._report_health

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,10 +212,22 @@ class WeightSync:
 
             stage = "transfer"
             mark = time.monotonic()
+            # One span event per bucket sent (noted on the send thread, added at the end).
+            sent: list[tuple[int, int]] = []
+
+            def on_sent(index: int) -> None:
+                sent.append((index, time.time_ns()))
+
             crcs = await self._stage(
                 stage,
                 deadline,
-                [("broadcast", handle.run(pipeline.send_buckets, handle, manifest, tensors, name="clotho-sync-send"))],
+                [
+                    (
+                        "broadcast",
+                        handle.run(pipeline.send_buckets, handle, manifest, tensors, on_sent, name="clotho-sync-send"),
+                    )
+                ],
+                events=lambda span: _bucket_events(span, manifest, sent),
             )
             crcs = crcs[0]
             stages[stage] = time.monotonic() - mark
@@ -279,11 +291,18 @@ class WeightSync:
             raise TimeoutError("deadline exceeded")
         return left
 
-    async def _stage(self, stage: str, deadline: float, calls: list[tuple[str, Awaitable[Any]]]) -> list[Any]:
+    async def _stage(
+        self,
+        stage: str,
+        deadline: float,
+        calls: list[tuple[str, Awaitable[Any]]],
+        events: Callable[[trace.Span], None] | None = None,
+    ) -> list[Any]:
         """Run `calls` concurrently; results in order. On the first failure or at the
-        deadline, cancel the rest and raise StageFailed naming who failed."""
+        deadline, cancel the rest and raise StageFailed naming who failed. `events`
+        adds what the stage noted to its span before the span ends."""
         tasks = {asyncio.ensure_future(aw): name for name, aw in calls}
-        with tracer.start_as_current_span(f"weight_sync.{stage}"):
+        with tracer.start_as_current_span(f"weight_sync.{stage}", attributes={"clotho.shards": len(calls)}) as span:
             try:
                 left = max(deadline - asyncio.get_running_loop().time(), 0.0)
                 done, pending = await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_EXCEPTION)
@@ -296,6 +315,8 @@ class WeightSync:
                     raise StageFailed(f"deadline of {self.timeout_seconds:g}s exceeded waiting for {waiting}")
                 return [t.result() for t in tasks]
             finally:
+                if events is not None and span.is_recording():
+                    events(span)
                 for t in tasks:
                     if not t.done():
                         t.cancel()
@@ -341,6 +362,15 @@ class WeightSync:
         for name, result in zip(self._names, results):
             if isinstance(result, BaseException):
                 log.warning("abort of version %d on %s failed: %s", version, name, describe(result))
+
+
+def _bucket_events(span: trace.Span, manifest: Manifest, sent: list[tuple[int, int]]) -> None:
+    span.set_attribute("clotho.buckets", len(manifest.buckets))
+    span.set_attribute("clotho.bytes", manifest.total_bytes)
+    for index, at in list(sent):
+        span.add_event(
+            "bucket_sent", {"clotho.bucket": index, "clotho.bytes": manifest.buckets[index].nbytes}, timestamp=at
+        )
 
 
 def _named_tensors(weights: Weights) -> dict[str, torch.Tensor]:

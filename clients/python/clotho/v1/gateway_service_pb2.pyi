@@ -149,12 +149,14 @@ class StreamBatchesRequest(_message.Message):
     def __init__(self, credits: _Optional[int] = ..., policy_version: _Optional[int] = ..., resume_step: _Optional[int] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesResponse(_message.Message):
-    __slots__ = ("groups", "step")
+    __slots__ = ("groups", "step", "traceparent")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[_scored_data_pb2.ScoredGroup]
     step: int
-    def __init__(self, groups: _Optional[_Iterable[_Union[_scored_data_pb2.ScoredGroup, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[_scored_data_pb2.ScoredGroup, _Mapping]]] = ..., step: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class GatewayServiceGenerateRequest(_message.Message):
     __slots__ = ("request",)
