@@ -90,6 +90,10 @@ class Learner:
         self.weights_published = True
         self._saved_step = -1
         self.resumed_from: Path | None = None
+        # Registered environment names by env_id, as StreamBatches reports them.
+        self.env_names: dict[int, str] = {}
+        # Called with each step record once printed (metrics, W&B); a failure is only logged.
+        self.step_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def step(self) -> int:
@@ -259,6 +263,11 @@ class Learner:
         if (interval and self.step % interval == 0) or self._finished():
             await self.save_checkpoint()
         self._emit(record)
+        for listener in self.step_listeners:
+            try:
+                listener(record)
+            except Exception:  # observers never stop training
+                log.exception("step listener %r failed", listener)
         return record
 
     def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float) -> dict[str, Any]:
@@ -294,6 +303,8 @@ class Learner:
         }
         for env, score in m.env_mean_scores.items():
             record[f"atropos/env_{env}/mean_score"] = score
+        # By registered name (env_<id> for an environment the gateway did not name).
+        record["env_mean_scores"] = {self.env_names.get(e, f"env_{e}"): s for e, s in m.env_mean_scores.items()}
         if report is None:
             record["sync_error"] = self.last_sync_error
         return record
@@ -424,6 +435,7 @@ class Learner:
                 if response is aio.EOF:
                     raise _StreamEnded()
                 outstanding -= 1
+                self.env_names.update(response.env_names)
                 # The batch is ours now. One step off: let the gateway assemble the next
                 # one while we train. If the stream ended meanwhile, still train.
                 open_ = await grant(in_hand=1) if self.settings.one_step_off else True

@@ -18,7 +18,7 @@ from grpc import aio
 from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
+from services.gateway.rpc.convert import batch_to_proto, env_names, group_from_proto, group_to_proto
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
 from services.gateway.trajectory.scored_data import check_group
@@ -178,7 +178,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     break
                 batch, step = taken
                 credits -= 1
-                yield pb.StreamBatchesResponse(groups=batch_to_proto(batch), step=step)
+                yield pb.StreamBatchesResponse(
+                    groups=batch_to_proto(batch), step=step, env_names=env_names(batch, trajectories.view.envs)
+                )
             if failure:
                 raise failure[0]
         finally:

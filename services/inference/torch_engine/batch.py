@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,12 +99,15 @@ class SampleState:
         self.output_top_logprobs: list[TopLogprobs] = []
         self.spans: list[VersionSpan] = []
         self.finish_reason: FinishReason | None = None
+        self.first_token_at = 0.0
         self._text_searched = 0
         # Penalised samples only: how often each token was generated so far ([V] float32,
         # made when the row first samples; a view of its batch's stacked counts).
         self.counts: torch.Tensor | None = None
 
     def append(self, token: int, logprob: float, version: int, top: TopLogprobs | None = None) -> None:
+        if not self.output_ids:
+            self.first_token_at = time.monotonic()
         if not self.spans or self.spans[-1].version != version:
             self.spans.append(VersionSpan(len(self.output_ids), version))
         self.tokens.append(token)
@@ -129,6 +133,7 @@ class SampleState:
                 prompt_tokens=len(self.request.input_ids),
                 output_top_logprobs=tuple(self.output_top_logprobs),
                 prompt_top_logprobs=self.request.prompt_top_logprobs,
+                first_token_at=self.first_token_at,
             )
         )
 

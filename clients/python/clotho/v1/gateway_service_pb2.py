@@ -26,7 +26,7 @@ from clotho.v1 import inference_service_pb2 as clotho_dot_v1_dot_inference__serv
 from clotho.v1 import scored_data_pb2 as clotho_dot_v1_dot_scored__data__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lotho/v1/gateway_service.proto\x12\tclotho.v1\x1a!clotho/v1/inference_service.proto\x1a\x1b\x63lotho/v1/scored_data.proto\"\xd3\x01\n\x16RegisterTrainerRequest\x12\x13\n\x0bwandb_group\x18\x01 \x01(\t\x12\x15\n\rwandb_project\x18\x02 \x01(\t\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rmax_token_len\x18\x04 \x01(\r\x12\x16\n\x0e\x63heckpoint_dir\x18\x05 \x01(\t\x12 \n\x18save_checkpoint_interval\x18\x06 \x01(\r\x12\x15\n\rstarting_step\x18\x07 \x01(\x04\x12\x11\n\tnum_steps\x18\x08 \x01(\x04\"\'\n\x17RegisterTrainerResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\"\xa4\x01\n\x12RegisterEnvRequest\x12\x18\n\x10max_token_length\x18\x01 \x01(\r\x12\x14\n\x0c\x64\x65sired_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x12\n\ngroup_size\x18\x04 \x01(\r\x12!\n\x14min_batch_allocation\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_min_batch_allocation\"\xa8\x01\n\x13RegisterEnvResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x02 \x01(\x03\x12\x12\n\nwandb_name\x18\x03 \x01(\t\x12\x16\n\x0e\x63heckpoint_dir\x18\x04 \x01(\t\x12\x15\n\rstarting_step\x18\x05 \x01(\x04\x12\x1b\n\x13\x63heckpoint_interval\x18\x06 \x01(\r\x12\x11\n\tnum_steps\x18\x07 \x01(\x04\"&\n\x14\x44isconnectEnvRequest\x12\x0e\n\x06\x65nv_id\x18\x01 \x01(\x03\"\x17\n\x15\x44isconnectEnvResponse\"\x12\n\x10GetStatusRequest\"\xd7\x01\n\x11GetStatusResponse\x12\x14\n\x0c\x63urrent_step\x18\x01 \x01(\x04\x12\x12\n\nqueue_size\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x1c\n\x14stale_dropped_groups\x18\x04 \x01(\x04\x12\x19\n\x11stale_kept_groups\x18\x05 \x01(\x04\x12\x15\n\rmax_staleness\x18\x06 \x01(\x04\x12\x15\n\rstored_groups\x18\x07 \x01(\x04\x12\x19\n\x11max_stored_groups\x18\x08 \x01(\x04\"%\n\x13GetEnvStatusRequest\x12\x0e\n\x06\x65nv_id\x18\x01 \x01(\x03\"\xa3\x01\n\x14GetEnvStatusResponse\x12\x14\n\x0c\x63urrent_step\x18\x01 \x01(\x04\x12\x12\n\nqueue_size\x18\x02 \x01(\x03\x12\x1c\n\x14unallocated_fraction\x18\x03 \x01(\x01\x12\x17\n\x0fself_queue_size\x18\x04 \x01(\x03\x12\x16\n\x0emax_group_size\x18\x05 \x01(\x03\x12\x12\n\nenv_weight\x18\x06 \x01(\x01\"@\n\x17SubmitScoredDataRequest\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.clotho.v1.ScoredGroup\">\n\x18SubmitScoredDataResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x10\n\x08\x62uffered\x18\x02 \x01(\x04\"W\n\x14StreamBatchesRequest\x12\x0f\n\x07\x63redits\x18\x01 \x01(\r\x12\x1b\n\x0epolicy_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_policy_version\"M\n\x15StreamBatchesResponse\x12&\n\x06groups\x18\x01 \x03(\x0b\x32\x16.clotho.v1.ScoredGroup\x12\x0c\n\x04step\x18\x02 \x01(\x04\"L\n\x1dGatewayServiceGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.clotho.v1.GenerateRequest\"O\n\x1eGatewayServiceGenerateResponse\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x1b.clotho.v1.GenerateResponse\"\x19\n\x17GetLatestExampleRequest\"A\n\x18GetLatestExampleResponse\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.clotho.v1.ScoredGroup\"\x12\n\x10ResetDataRequest\"\x13\n\x11ResetDataResponse\"\x10\n\x0eGetInfoRequest\"<\n\x0fGetInfoResponse\x12\x12\n\nbatch_size\x18\x01 \x01(\x03\x12\x15\n\rmax_token_len\x18\x02 \x01(\x03\x32\xa6\x07\n\x0eGatewayService\x12X\n\x0fRegisterTrainer\x12!.clotho.v1.RegisterTrainerRequest\x1a\".clotho.v1.RegisterTrainerResponse\x12L\n\x0bRegisterEnv\x12\x1d.clotho.v1.RegisterEnvRequest\x1a\x1e.clotho.v1.RegisterEnvResponse\x12R\n\rDisconnectEnv\x12\x1f.clotho.v1.DisconnectEnvRequest\x1a .clotho.v1.DisconnectEnvResponse\x12\x46\n\tGetStatus\x12\x1b.clotho.v1.GetStatusRequest\x1a\x1c.clotho.v1.GetStatusResponse\x12O\n\x0cGetEnvStatus\x12\x1e.clotho.v1.GetEnvStatusRequest\x1a\x1f.clotho.v1.GetEnvStatusResponse\x12]\n\x10SubmitScoredData\x12\".clotho.v1.SubmitScoredDataRequest\x1a#.clotho.v1.SubmitScoredDataResponse(\x01\x12V\n\rStreamBatches\x12\x1f.clotho.v1.StreamBatchesRequest\x1a .clotho.v1.StreamBatchesResponse(\x01\x30\x01\x12\x61\n\x08Generate\x12(.clotho.v1.GatewayServiceGenerateRequest\x1a).clotho.v1.GatewayServiceGenerateResponse0\x01\x12[\n\x10GetLatestExample\x12\".clotho.v1.GetLatestExampleRequest\x1a#.clotho.v1.GetLatestExampleResponse\x12\x46\n\tResetData\x12\x1b.clotho.v1.ResetDataRequest\x1a\x1c.clotho.v1.ResetDataResponse\x12@\n\x07GetInfo\x12\x19.clotho.v1.GetInfoRequest\x1a\x1a.clotho.v1.GetInfoResponseB<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63lotho/v1/gateway_service.proto\x12\tclotho.v1\x1a!clotho/v1/inference_service.proto\x1a\x1b\x63lotho/v1/scored_data.proto\"\xd3\x01\n\x16RegisterTrainerRequest\x12\x13\n\x0bwandb_group\x18\x01 \x01(\t\x12\x15\n\rwandb_project\x18\x02 \x01(\t\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rmax_token_len\x18\x04 \x01(\r\x12\x16\n\x0e\x63heckpoint_dir\x18\x05 \x01(\t\x12 \n\x18save_checkpoint_interval\x18\x06 \x01(\r\x12\x15\n\rstarting_step\x18\x07 \x01(\x04\x12\x11\n\tnum_steps\x18\x08 \x01(\x04\"\'\n\x17RegisterTrainerResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\"\xa4\x01\n\x12RegisterEnvRequest\x12\x18\n\x10max_token_length\x18\x01 \x01(\r\x12\x14\n\x0c\x64\x65sired_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x12\n\ngroup_size\x18\x04 \x01(\r\x12!\n\x14min_batch_allocation\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_min_batch_allocation\"\xa8\x01\n\x13RegisterEnvResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x65nv_id\x18\x02 \x01(\x03\x12\x12\n\nwandb_name\x18\x03 \x01(\t\x12\x16\n\x0e\x63heckpoint_dir\x18\x04 \x01(\t\x12\x15\n\rstarting_step\x18\x05 \x01(\x04\x12\x1b\n\x13\x63heckpoint_interval\x18\x06 \x01(\r\x12\x11\n\tnum_steps\x18\x07 \x01(\x04\"&\n\x14\x44isconnectEnvRequest\x12\x0e\n\x06\x65nv_id\x18\x01 \x01(\x03\"\x17\n\x15\x44isconnectEnvResponse\"\x12\n\x10GetStatusRequest\"\xd7\x01\n\x11GetStatusResponse\x12\x14\n\x0c\x63urrent_step\x18\x01 \x01(\x04\x12\x12\n\nqueue_size\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x1c\n\x14stale_dropped_groups\x18\x04 \x01(\x04\x12\x19\n\x11stale_kept_groups\x18\x05 \x01(\x04\x12\x15\n\rmax_staleness\x18\x06 \x01(\x04\x12\x15\n\rstored_groups\x18\x07 \x01(\x04\x12\x19\n\x11max_stored_groups\x18\x08 \x01(\x04\"%\n\x13GetEnvStatusRequest\x12\x0e\n\x06\x65nv_id\x18\x01 \x01(\x03\"\xa3\x01\n\x14GetEnvStatusResponse\x12\x14\n\x0c\x63urrent_step\x18\x01 \x01(\x04\x12\x12\n\nqueue_size\x18\x02 \x01(\x03\x12\x1c\n\x14unallocated_fraction\x18\x03 \x01(\x01\x12\x17\n\x0fself_queue_size\x18\x04 \x01(\x03\x12\x16\n\x0emax_group_size\x18\x05 \x01(\x03\x12\x12\n\nenv_weight\x18\x06 \x01(\x01\"@\n\x17SubmitScoredDataRequest\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.clotho.v1.ScoredGroup\">\n\x18SubmitScoredDataResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x10\n\x08\x62uffered\x18\x02 \x01(\x04\"W\n\x14StreamBatchesRequest\x12\x0f\n\x07\x63redits\x18\x01 \x01(\r\x12\x1b\n\x0epolicy_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_policy_version\"\xc1\x01\n\x15StreamBatchesResponse\x12&\n\x06groups\x18\x01 \x03(\x0b\x32\x16.clotho.v1.ScoredGroup\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x41\n\tenv_names\x18\x03 \x03(\x0b\x32..clotho.v1.StreamBatchesResponse.EnvNamesEntry\x1a/\n\rEnvNamesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x1dGatewayServiceGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.clotho.v1.GenerateRequest\"O\n\x1eGatewayServiceGenerateResponse\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x1b.clotho.v1.GenerateResponse\"\x19\n\x17GetLatestExampleRequest\"A\n\x18GetLatestExampleResponse\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.clotho.v1.ScoredGroup\"\x12\n\x10ResetDataRequest\"\x13\n\x11ResetDataResponse\"\x10\n\x0eGetInfoRequest\"<\n\x0fGetInfoResponse\x12\x12\n\nbatch_size\x18\x01 \x01(\x03\x12\x15\n\rmax_token_len\x18\x02 \x01(\x03\x32\xa6\x07\n\x0eGatewayService\x12X\n\x0fRegisterTrainer\x12!.clotho.v1.RegisterTrainerRequest\x1a\".clotho.v1.RegisterTrainerResponse\x12L\n\x0bRegisterEnv\x12\x1d.clotho.v1.RegisterEnvRequest\x1a\x1e.clotho.v1.RegisterEnvResponse\x12R\n\rDisconnectEnv\x12\x1f.clotho.v1.DisconnectEnvRequest\x1a .clotho.v1.DisconnectEnvResponse\x12\x46\n\tGetStatus\x12\x1b.clotho.v1.GetStatusRequest\x1a\x1c.clotho.v1.GetStatusResponse\x12O\n\x0cGetEnvStatus\x12\x1e.clotho.v1.GetEnvStatusRequest\x1a\x1f.clotho.v1.GetEnvStatusResponse\x12]\n\x10SubmitScoredData\x12\".clotho.v1.SubmitScoredDataRequest\x1a#.clotho.v1.SubmitScoredDataResponse(\x01\x12V\n\rStreamBatches\x12\x1f.clotho.v1.StreamBatchesRequest\x1a .clotho.v1.StreamBatchesResponse(\x01\x30\x01\x12\x61\n\x08Generate\x12(.clotho.v1.GatewayServiceGenerateRequest\x1a).clotho.v1.GatewayServiceGenerateResponse0\x01\x12[\n\x10GetLatestExample\x12\".clotho.v1.GetLatestExampleRequest\x1a#.clotho.v1.GetLatestExampleResponse\x12\x46\n\tResetData\x12\x1b.clotho.v1.ResetDataRequest\x1a\x1c.clotho.v1.ResetDataResponse\x12@\n\x07GetInfo\x12\x19.clotho.v1.GetInfoRequest\x1a\x1a.clotho.v1.GetInfoResponseB<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clotho.v1.gateway_service_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1'
+  _globals['_STREAMBATCHESRESPONSE_ENVNAMESENTRY']._loaded_options = None
+  _globals['_STREAMBATCHESRESPONSE_ENVNAMESENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERTRAINERREQUEST']._serialized_start=111
   _globals['_REGISTERTRAINERREQUEST']._serialized_end=322
   _globals['_REGISTERTRAINERRESPONSE']._serialized_start=324
@@ -60,24 +62,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITSCOREDDATARESPONSE']._serialized_end=1339
   _globals['_STREAMBATCHESREQUEST']._serialized_start=1341
   _globals['_STREAMBATCHESREQUEST']._serialized_end=1428
-  _globals['_STREAMBATCHESRESPONSE']._serialized_start=1430
-  _globals['_STREAMBATCHESRESPONSE']._serialized_end=1507
-  _globals['_GATEWAYSERVICEGENERATEREQUEST']._serialized_start=1509
-  _globals['_GATEWAYSERVICEGENERATEREQUEST']._serialized_end=1585
-  _globals['_GATEWAYSERVICEGENERATERESPONSE']._serialized_start=1587
-  _globals['_GATEWAYSERVICEGENERATERESPONSE']._serialized_end=1666
-  _globals['_GETLATESTEXAMPLEREQUEST']._serialized_start=1668
-  _globals['_GETLATESTEXAMPLEREQUEST']._serialized_end=1693
-  _globals['_GETLATESTEXAMPLERESPONSE']._serialized_start=1695
-  _globals['_GETLATESTEXAMPLERESPONSE']._serialized_end=1760
-  _globals['_RESETDATAREQUEST']._serialized_start=1762
-  _globals['_RESETDATAREQUEST']._serialized_end=1780
-  _globals['_RESETDATARESPONSE']._serialized_start=1782
-  _globals['_RESETDATARESPONSE']._serialized_end=1801
-  _globals['_GETINFOREQUEST']._serialized_start=1803
-  _globals['_GETINFOREQUEST']._serialized_end=1819
-  _globals['_GETINFORESPONSE']._serialized_start=1821
-  _globals['_GETINFORESPONSE']._serialized_end=1881
-  _globals['_GATEWAYSERVICE']._serialized_start=1884
-  _globals['_GATEWAYSERVICE']._serialized_end=2818
+  _globals['_STREAMBATCHESRESPONSE']._serialized_start=1431
+  _globals['_STREAMBATCHESRESPONSE']._serialized_end=1624
+  _globals['_STREAMBATCHESRESPONSE_ENVNAMESENTRY']._serialized_start=1577
+  _globals['_STREAMBATCHESRESPONSE_ENVNAMESENTRY']._serialized_end=1624
+  _globals['_GATEWAYSERVICEGENERATEREQUEST']._serialized_start=1626
+  _globals['_GATEWAYSERVICEGENERATEREQUEST']._serialized_end=1702
+  _globals['_GATEWAYSERVICEGENERATERESPONSE']._serialized_start=1704
+  _globals['_GATEWAYSERVICEGENERATERESPONSE']._serialized_end=1783
+  _globals['_GETLATESTEXAMPLEREQUEST']._serialized_start=1785
+  _globals['_GETLATESTEXAMPLEREQUEST']._serialized_end=1810
+  _globals['_GETLATESTEXAMPLERESPONSE']._serialized_start=1812
+  _globals['_GETLATESTEXAMPLERESPONSE']._serialized_end=1877
+  _globals['_RESETDATAREQUEST']._serialized_start=1879
+  _globals['_RESETDATAREQUEST']._serialized_end=1897
+  _globals['_RESETDATARESPONSE']._serialized_start=1899
+  _globals['_RESETDATARESPONSE']._serialized_end=1918
+  _globals['_GETINFOREQUEST']._serialized_start=1920
+  _globals['_GETINFOREQUEST']._serialized_end=1936
+  _globals['_GETINFORESPONSE']._serialized_start=1938
+  _globals['_GETINFORESPONSE']._serialized_end=1998
+  _globals['_GATEWAYSERVICE']._serialized_start=2001
+  _globals['_GATEWAYSERVICE']._serialized_end=2935
 # @@protoc_insertion_point(module_scope)
