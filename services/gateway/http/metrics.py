@@ -1,17 +1,20 @@
 """Prometheus `/metrics` for the trajectory state: queue depth, store fill, ingest,
-hand-outs, staleness and version attribution.
+hand-outs, staleness and version attribution; and the latency of every HTTP request by
+route (`RouteLatency`).
 
-The values are read from the state when scraped (a custom collector), so ingest pays
-nothing for them. `/status` stays exactly Atropos' shape: its clients parse it.
+The state's values are read from the state when scraped (a custom collector), so ingest
+pays nothing for them; a request pays one histogram observation. `/status` stays exactly
+Atropos' shape: its clients parse it.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.gateway.trajectory.state import TrajectoryState
@@ -68,10 +71,54 @@ class StateCollector:
             yield counter("store_commits", "Transactions the durable store committed.", commits)
 
 
-def metrics_response(state: TrajectoryState) -> Response:
+# Seconds: an ingest post takes tens of microseconds, a /generate up to minutes.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class RouteLatency:
+    """`clotho_gateway_http_request_duration_seconds{method, route}`: from a request's
+    arrival to the end of its response (streams included). `route` is the route's path
+    template; a path no route serves counts as `other`, so the label set stays bounded."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.histogram = Histogram(
+            "clotho_gateway_http_request_duration_seconds",
+            "HTTP request latency by method and route, response streaming included.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str], Any] = {}
+        self._static_paths: frozenset[str] = frozenset()
+
+    def set_routes(self, paths: Iterable[str]) -> None:
+        """The app's route paths: a request whose route the router did not record in
+        its scope (a middleware passed on a copy) is labelled by its path when that is
+        one of them."""
+        self._static_paths = frozenset(p for p in paths if "{" not in p)
+
+    def observe(self, scope: dict[str, Any], seconds: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if path is None:
+            path = scope["path"] if scope["path"] in self._static_paths else "other"
+        key = (scope["method"], path)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.histogram.labels(*key)
+        child.observe(seconds)
+
+
+def metrics_response(state: TrajectoryState, latency: RouteLatency | None = None) -> Response:
     registry = _REGISTRIES.get(state)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StateCollector(state))
         _REGISTRIES[state] = registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(registry)
+    if latency is not None:
+        body += generate_latest(latency.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
