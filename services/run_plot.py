@@ -30,13 +30,23 @@ def write_plot(steps: Sequence[dict[str, Any]], path: Path, title: str = "clotho
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(3, 2))
     try:
-        top.plot(xs, scores, color="#1f77b4", linewidth=1.0, alpha=0.35, label="mean score")
         window = max(1, min(10, len(scores) // 5))
+        # Short runs: every step as a marked point; longer ones: faint steps under a moving average.
+        marker = "o" if len(scores) <= 30 else None
+        top.plot(
+            xs,
+            scores,
+            color="#1f77b4",
+            linewidth=1.0,
+            alpha=0.35 if window > 1 else 1.0,
+            marker=marker,
+            label="mean score",
+        )
         if window > 1:
-            smooth = [
-                sum(scores[max(0, i - window + 1) : i + 1]) / len(scores[max(0, i - window + 1) : i + 1])
-                for i in range(len(scores))
-            ]
+            smooth = []
+            for i in range(len(scores)):
+                recent = scores[max(0, i - window + 1) : i + 1]
+                smooth.append(sum(recent) / len(recent))
             top.plot(xs, smooth, color="#1f77b4", linewidth=2.0, label=f"mean score ({window}-step average)")
         if len(envs) > 1:
             for env, points in sorted(envs.items()):

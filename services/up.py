@@ -226,7 +226,10 @@ async def run_up(args: argparse.Namespace) -> dict:
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"event": "summary", **summary}), flush=True)
     if progress.steps:
-        plot = write_run_plot(progress.steps, data_dir / "summary.png")
+        title = (
+            f"clotho up: {summary['steps']} steps, reward {summary['reward_start']:.3f} -> {summary['reward_end']:.3f}"
+        )
+        plot = write_run_plot(progress.steps, data_dir / "summary.png", title)
         if plot is not None:
             print(f"plot: {plot}", flush=True)
         if traces is not None:
@@ -269,12 +272,12 @@ def wandb_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def write_run_plot(steps: list[dict], path: Path) -> Path | None:
+def write_run_plot(steps: list[dict], path: Path, title: str = "clotho up") -> Path | None:
     """The plot beside the summary; a failure to draw is reported, never fatal."""
     from services.run_plot import write_plot
 
     try:
-        return write_plot(steps, path)
+        return write_plot(steps, path, title)
     except Exception as exc:  # noqa: BLE001 - the run's results are already written
         print(f"could not write the plot {path}: {exc!r}", file=sys.stderr, flush=True)
         return None

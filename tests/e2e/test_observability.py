@@ -73,7 +73,7 @@ def read_wandb_history(run_file: Path) -> list[dict]:
             payloads.append(pending + chunk)
     rows = []
     for payload in payloads:
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
             rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
