@@ -157,3 +157,31 @@ def test_a_batch_names_its_environments() -> None:
     ]
     batch = [Group(id=i, size=2, env_id=e, body=b"{}") for i, e in enumerate([1, 1, None, 7])]
     assert env_names(batch, envs) == {1: "code_0"}
+
+
+def test_gateway_route_latency_buckets_and_labels() -> None:
+    from services.gateway.http.metrics import RouteLatency
+
+    latency = RouteLatency(buckets=(0.01, 0.1))
+    latency.set_routes(["/scored_data", "/v1/models/{model_id:path}"])
+    for seconds in (0.005, 0.01, 0.05, 2.0):
+        latency.observe({"method": "POST", "path": "/scored_data"}, seconds)
+    latency.observe(
+        {"method": "GET", "path": "/v1/models/x", "route": type("R", (), {"path": "/v1/models/{m}"})()}, 0.2
+    )
+    latency.observe({"method": "GET", "path": "/no/such/route"}, 0.001)
+    text = generate_latest(latency.registry).decode()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    name = "clotho_gateway_http_request_duration_seconds"
+    ingest = (("method", "POST"), ("route", "/scored_data"))
+    assert got[(f"{name}_bucket", (("le", "0.01"), *ingest))] == 2  # le is inclusive
+    assert got[(f"{name}_bucket", (("le", "0.1"), *ingest))] == 3
+    assert got[(f"{name}_bucket", (("le", "+Inf"), *ingest))] == 4
+    assert got[(f"{name}_count", ingest)] == 4
+    assert got[(f"{name}_sum", ingest)] == pytest.approx(2.065)
+    assert got[(f"{name}_count", (("method", "GET"), ("route", "/v1/models/{m}")))] == 1
+    assert got[(f"{name}_count", (("method", "GET"), ("route", "other")))] == 1
