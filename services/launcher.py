@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,14 @@ async def start(
     child = Child(name, proc, asyncio.get_running_loop().create_future(), log_path)
     child.reader = asyncio.create_task(_read_stdout(child, on_event))
     return child
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (bound and released), for a child to bind next."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 async def wait_ready(child: Child, timeout: float) -> dict:

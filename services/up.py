@@ -7,7 +7,10 @@ summary, and stops everything on Ctrl-C or after `--steps`.
 The machine's cores are divided among the processes (`thread_budget`): each gets a
 `--threads` setting and OMP/MKL/tokenizer thread counts in its environment, so four
 processes do not each run a torch pool as wide as the machine. The summary says where
-an average step's time went, from the trainer's own timings.
+an average step's time went, from the trainer's own timings. Every service serves
+Prometheus metrics (free ports, in the ready lines); the run ends with a plot beside the
+summary (run_plot.py); `--wandb-project` logs the trainer to W&B and `--trace-ui` shows
+the run's traces in a local viewer (trace_ui.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from services import launcher
+from services import launcher, trace_ui
 from services.common.telemetry import setup_tracing, shutdown_tracing
 from services.demo.task import TASKS
 
@@ -97,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
         help="the gateway's inference_token (default: $CLOTHO_GATEWAY_INFERENCE_TOKEN); the demo "
         "environment is given it",
+    )
+    p.add_argument(
+        "--wandb-project",
+        default=None,
+        help="log the trainer's metrics to this Weights & Biases project under Atropos' names (needs the "
+        "wandb extra); environments get it from the gateway's /wandb_info",
+    )
+    p.add_argument("--wandb-group", default=None, help="the W&B group (default: clotho); implies W&B logging")
+    p.add_argument(
+        "--trace-ui",
+        action="store_true",
+        help="start a local trace viewer (Arize Phoenix, the trace-ui extra) and send every service's spans to it",
     )
     p.add_argument(
         "--resume",
@@ -212,14 +227,11 @@ async def run_up(args: argparse.Namespace) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
 
-    # Tokens travel to the children in their environment, not on command lines (ps).
-    traj, inf_token = args.trajectory_token or "", args.inference_token or ""
-    child_env = {
-        "inference": {},
-        "gateway": {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj, "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token},
-        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj},
-        "env": {"CLOTHO_DEMO_TRAJECTORY_TOKEN": traj, "CLOTHO_DEMO_INFERENCE_TOKEN": inf_token},
-    }
+    traces: trace_ui.TraceUI | None = None
+    if args.trace_ui:
+        traces = await trace_ui.start(data_dir / "trace-ui", launcher.free_port(), launcher.free_port(), log_dir)
+        print(f"traces: {traces.ui_url} (OTLP/gRPC at {traces.otlp_grpc_endpoint})", flush=True)
+    child_env = child_envs(args, traces.otlp_grpc_endpoint if traces is not None else None)
     cores = available_cores() if args.cores is None else args.cores
     threads = thread_budget(cores) if cores > 0 else None
     progress.threads = threads
@@ -242,7 +254,9 @@ async def run_up(args: argparse.Namespace) -> dict:
         if threads is not None:
             print(f"threads per process ({cores} cores): {json.dumps(threads)}", flush=True)
         inf = await start(
-            "inference", "services.inference", ["--model-path", str(model_path), *threads_flag("inference")]
+            "inference",
+            "services.inference",
+            ["--model-path", str(model_path), "--metrics-port", str(launcher.free_port()), *threads_flag("inference")],
         )
         inference = f"127.0.0.1:{inf['grpc_port']}"
         gw = await start(
@@ -280,10 +294,18 @@ async def run_up(args: argparse.Namespace) -> dict:
             # One step off (the trainer's default): the next batch is generated while a step
             # trains, and the step's weights are pushed while the next one trains.
             *([] if args.no_overlap else ["--overlap-weight-update"]),
+            "--metrics-port",
+            str(launcher.free_port()),
         ]
         if args.lr is not None:
             trainer_args += ["--lr", str(args.lr)]
-        await start("trainer", "services.trainer", trainer_args)
+        trainer_args += wandb_args(args)
+        tr = await start("trainer", "services.trainer", trainer_args)
+        print(
+            f"metrics: {gateway_url}/metrics http://127.0.0.1:{inf['metrics_port']}/metrics"
+            f" http://127.0.0.1:{tr['metrics_port']}/metrics",
+            flush=True,
+        )
         await start(
             "env",
             "services.demo.env",
@@ -315,10 +337,21 @@ async def run_up(args: argparse.Namespace) -> dict:
     finally:
         for child in reversed(children):  # env first, inference last
             await launcher.stop(child)
+        if traces is not None:
+            await traces.stop()
     progress.log.close()
     summary = progress.summary()
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"event": "summary", **summary}), flush=True)
+    if progress.steps:
+        title = (
+            f"clotho up: {summary['steps']} steps, reward {summary['reward_start']:.3f} -> {summary['reward_end']:.3f}"
+        )
+        plot = write_run_plot(progress.steps, data_dir / "summary.png", title)
+        if plot is not None:
+            print(f"plot: {plot}", flush=True)
+        if traces is not None:
+            print(f"traces were at {traces.ui_url}; the spans stay in {data_dir / 'trace-ui'}", flush=True)
     if summary["steps"]:
         print(
             f"reward {summary['reward_start']:.3f} -> {summary['reward_end']:.3f} over {summary['steps']} steps"
@@ -346,8 +379,51 @@ def format_breakdown(b: dict[str, float]) -> str:
     return f"average step {b['cycle'] * 1e3:.1f} ms: {parts}"
 
 
+def child_envs(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[str, dict[str, str]]:
+    """Each child's extra environment: its tokens (in the environment, not on command
+    lines, where ps shows them) and, with a trace receiver, the OTEL_* variables."""
+    traj, inf_token = args.trajectory_token or "", args.inference_token or ""
+    envs = {
+        "inference": {},
+        "gateway": {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj, "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token},
+        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj},
+        "env": {"CLOTHO_DEMO_TRAJECTORY_TOKEN": traj, "CLOTHO_DEMO_INFERENCE_TOKEN": inf_token},
+    }
+    if otlp_endpoint is not None:
+        otel = trace_ui.otel_env(otlp_endpoint)
+        for name, env in envs.items():
+            env.update(otel, OTEL_SERVICE_NAME=f"clotho-{name}")
+    return envs
+
+
+def wandb_args(args: argparse.Namespace) -> list[str]:
+    """The trainer's W&B flags: logging on when a project or a group was given."""
+    if args.wandb_project is None and args.wandb_group is None:
+        return []
+    out = ["--wandb"]
+    if args.wandb_project is not None:
+        out += ["--wandb-project", args.wandb_project]
+    if args.wandb_group is not None:
+        out += ["--wandb-group", args.wandb_group]
+    return out
+
+
+def write_run_plot(steps: list[dict], path: Path, title: str = "clotho up") -> Path | None:
+    """The plot beside the summary; a failure to draw is reported, never fatal."""
+    from services.run_plot import write_plot
+
+    try:
+        return write_plot(steps, path, title)
+    except Exception as exc:  # noqa: BLE001 - the run's results are already written
+        print(f"could not write the plot {path}: {exc!r}", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.trace_ui and not trace_ui.available():
+        print(f"clotho up: {trace_ui.INSTALL_HINT}", file=sys.stderr, flush=True)
+        return 2
     # The children read the same OTEL_* variables; `up` itself traces the mesh's start.
     tracer = setup_tracing("clotho-up")
     try:

@@ -108,6 +108,9 @@ class Completion:
     output_top_logprobs: tuple[TopLogprobs, ...] = ()
     # One per prompt token (the first empty) when it asked for prompt_top_logprobs.
     prompt_top_logprobs: tuple[TopLogprobs, ...] = ()
+    # time.monotonic() in the serving process when the sample's first output token was
+    # sampled; 0.0 when unknown (no token, or an engine that does not say).
+    first_token_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from grpc_health.v1 import health_pb2
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.metrics import MetricsEndpoint, serve_metrics
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
+from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from services.inference.shard import Shard
@@ -89,6 +91,7 @@ def create_server(settings: InferenceSettings) -> tuple[InferenceGrpcServer, int
     first = shard_set.shards[0]
     eos = first.engine.eos_token_id if isinstance(first, TorchShard) else _eos_token_id(str(model_path))
     servicer = InferenceServicer(shard_set, model_name=model_name, model_path=str(model_path), eos_token_id=eos)
+    servicer.metrics = InferenceMetrics(shard_set)
     base = build_server(
         settings.host,
         settings.grpc_port,
@@ -122,22 +125,32 @@ async def serve(settings: InferenceSettings) -> None:
     setup_tracing("clotho-inference")
     server, _port = create_server(settings)
     assert server.servicer is not None
+    metrics: MetricsEndpoint | None = None
     try:
+        if settings.metrics_port and server.servicer.metrics is not None:
+            metrics = serve_metrics(settings.host, settings.metrics_port, server.servicer.metrics.registry)
         await server.servicer.start()
     except BaseException:
         await server.servicer.close()
+        if metrics is not None:
+            metrics.close()
         raise
-    await run_service(
-        server,
-        settings.grace_seconds,
-        settings.ready_file,
-        extra_ready={
-            "model_name": settings.served_model_name(),
-            "engine": settings.engine,
-            "shards": len(server.servicer.shards),
-        },
-        on_stop=lambda: server.shutdown(settings.grace_seconds),
-    )
+    try:
+        await run_service(
+            server,
+            settings.grace_seconds,
+            settings.ready_file,
+            extra_ready={
+                "model_name": settings.served_model_name(),
+                "engine": settings.engine,
+                "shards": len(server.servicer.shards),
+                **({"metrics_port": metrics.port} if metrics is not None else {}),
+            },
+            on_stop=lambda: server.shutdown(settings.grace_seconds),
+        )
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 __all__ = ["InferenceGrpcServer", "build_shards", "create_server", "serve", "shard_health_name"]

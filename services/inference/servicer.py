@@ -21,6 +21,7 @@ from services.inference.generation_types import (
     TokenChunk,
     TopLogprobs,
 )
+from services.inference.metrics import InferenceMetrics
 from services.inference.shard_set import ShardSet
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
@@ -59,6 +60,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.model_name = model_name
         self.model_path = model_path
         self.eos_token_id = eos_token_id
+        # Prometheus instruments (metrics.py); None counts nothing.
+        self.metrics: InferenceMetrics | None = None
 
     async def start(self) -> None:
         """Get every shard ready (launch or attach SGLang servers)."""
@@ -67,10 +70,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        timer = self.metrics.request(request.stream) if self.metrics is not None else None
         stream = self.shards.submit(generation_request(request))
         log.debug("generate %s: %d prompt tokens", request.request_id or "-", len(request.input_ids))
+        outcome = "cancelled"
         try:
             async for event in stream:
+                if timer is not None:
+                    if isinstance(event, TokenChunk):
+                        timer.chunk(len(event.token_ids))
+                    else:
+                        timer.completion(event)
                 if isinstance(event, TokenChunk):
                     yield pb.GenerateResponse(
                         index=event.index,
@@ -83,10 +93,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     )
                 else:
                     yield pb.GenerateResponse(index=event.index, completion=completion_proto(event))
+            outcome = "ok"
+        except Exception:
+            outcome = "error"
+            raise
         finally:
             # Reached when the client cancels too (the handler task is cancelled): its
             # samples leave the batch at the next step.
             stream.cancel()
+            if timer is not None:
+                timer.finished(outcome)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: aio.ServicerContext
@@ -121,6 +137,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.CommitWeightUpdateRequest, context: aio.ServicerContext
     ) -> pb.CommitWeightUpdateResponse:
         policy = await self.shards.commit(request.version)
+        if self.metrics is not None:
+            self.metrics.weight_commits.inc()
         return pb.CommitWeightUpdateResponse(policy=policy_proto(policy))
 
     async def AbortWeightUpdate(

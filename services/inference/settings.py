@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.metrics import METRICS_PORT_DESCRIPTION
 from services.common.settings import ServiceSettings, Targets
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -108,6 +109,7 @@ class InferenceSettings(ServiceSettings):
     health_check_interval_seconds: float = Field(
         5.0, gt=0, description="How often each SGLang shard's /health is polled for the shard's gRPC health."
     )
+    metrics_port: int = Field(0, ge=0, le=65535, description=METRICS_PORT_DESCRIPTION)
 
     @field_validator("dtype")
     @classmethod

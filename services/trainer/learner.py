@@ -142,6 +142,10 @@ class Learner:
         # Which gateway batches the weights and the checkpoints hold (acknowledgements.py).
         self.acks = BatchAcknowledgements(enabled=bool(settings.checkpoint_dir))
         self.batch_log = BatchLog(settings.batch_log)
+        # Registered environment names by env_id, as StreamBatches reports them.
+        self.env_names: dict[int, str] = {}
+        # Called with each step record once printed (metrics, W&B); a failure is only logged.
+        self.step_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def step(self) -> int:
@@ -475,6 +479,11 @@ class Learner:
         if checkpoint:
             await self.save_checkpoint()
         self._emit(record)
+        for listener in self.step_listeners:
+            try:
+                listener(record)
+            except Exception:  # observers never stop training
+                log.exception("step listener %r failed", listener)
         return record
 
     def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float, step: int) -> dict[str, Any]:
@@ -510,6 +519,8 @@ class Learner:
         }
         for env, score in m.env_mean_scores.items():
             record[f"atropos/env_{env}/mean_score"] = score
+        # By registered name (env_<id> for an environment the gateway did not name).
+        record["env_mean_scores"] = {self.env_names.get(e, f"env_{e}"): s for e, s in m.env_mean_scores.items()}
         if report is None:
             record["sync_error"] = self.last_sync_error
         return record
@@ -659,6 +670,7 @@ class Learner:
                     waited = time.monotonic() - waiting
                     outstanding -= 1
                     self.acks.consume(response.step)
+                    self.env_names.update(response.env_names)
                     # The gateway's hand-out span, which links to the batch's submissions.
                     handed_out = parse_traceparent(response.traceparent) if response.traceparent else None
                     if handed_out is not None:

@@ -11,12 +11,14 @@ import logging
 import signal
 
 from clotho.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.common.metrics import MetricsEndpoint, serve_metrics
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
 from services.trainer import checkpoint
 from services.trainer.core import TrainerCore
 from services.trainer.distributed import Ranks
 from services.trainer.learner import Learner
+from services.trainer.metrics import TrainerMetrics
 from services.trainer.policy_state import PolicyState
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
@@ -50,14 +52,37 @@ async def serve(settings: TrainerSettings) -> None:
         # Loaded before serving, so the first version anyone sees is the restored one.
         await learner.load()
         grpc_server, _port = create_server(settings, state)
-        await run_service(
-            grpc_server,
-            settings.grace_seconds,
-            settings.ready_file,
-            extra_ready={"step": learner.step, "policy_version": state.version, "rank_count": ranks.world_size},
-            on_stop=learner.close,
-            background=learner.run,
-        )
+        metrics = TrainerMetrics()
+        learner.step_listeners.append(metrics.observe)
+        endpoint: MetricsEndpoint | None = None
+        wandb_run = None
+        try:
+            if settings.metrics_port:
+                endpoint = serve_metrics(settings.host, settings.metrics_port, metrics.registry)
+            if settings.wandb:
+                from services.trainer.wandb_log import WandbLogger
+
+                config = settings.model_dump(mode="json", exclude={"gateway_token"})
+                wandb_run = await asyncio.to_thread(WandbLogger, settings.wandb_project, settings.wandb_group, config)
+                learner.step_listeners.append(wandb_run.log)
+            await run_service(
+                grpc_server,
+                settings.grace_seconds,
+                settings.ready_file,
+                extra_ready={
+                    "step": learner.step,
+                    "policy_version": state.version,
+                    "rank_count": ranks.world_size,
+                    **({"metrics_port": endpoint.port} if endpoint is not None else {}),
+                },
+                on_stop=learner.close,
+                background=learner.run,
+            )
+        finally:
+            if wandb_run is not None:
+                await asyncio.to_thread(wandb_run.close)
+            if endpoint is not None:
+                endpoint.close()
     finally:
         ranks.close()
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.common.metrics import METRICS_PORT_DESCRIPTION
 from services.common.settings import ServiceSettings, Targets
 from services.common.weight_wire import DEFAULT_BUCKET_BYTES
 
@@ -156,5 +157,19 @@ class TrainerSettings(ServiceSettings):
         description="Append one JSON line per batch trained (its gateway step and a CRC32 of each "
         "group's token ids) to this file; empty writes none.",
     )
-    wandb_group: str = Field("clotho", description="Weights & Biases group (sent in RegisterTrainer only).")
-    wandb_project: str = Field("clotho", description="Weights & Biases project (sent in RegisterTrainer only).")
+    wandb_group: str = Field(
+        "clotho",
+        description="Weights & Biases group: sent in RegisterTrainer (the gateway's /wandb_info hands "
+        "it to environments) and, with --wandb, the group of the trainer's own run.",
+    )
+    wandb_project: str = Field(
+        "clotho",
+        description="Weights & Biases project: sent in RegisterTrainer (/wandb_info) and, with "
+        "--wandb, the project the trainer logs its step metrics to under Atropos' names.",
+    )
+    wandb: bool = Field(
+        False,
+        description="Log every step's metrics to Weights & Biases (needs the `wandb` extra; "
+        "WANDB_MODE=offline writes the run locally). Passing --wandb-project turns it on in `clotho up`.",
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description=METRICS_PORT_DESCRIPTION)

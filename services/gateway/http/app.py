@@ -9,6 +9,7 @@ layers (`GatewayApp`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -23,7 +24,7 @@ from services.gateway.generation.pool import InferencePool
 from services.gateway.generation.sglang_api.api_router import generate_router
 from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
-from services.gateway.http.metrics import metrics_response
+from services.gateway.http.metrics import RouteLatency, metrics_response
 from services.gateway.http.request_span import traced_fast_route
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
@@ -57,8 +58,21 @@ class GatewayApp(FastAPI):
 
     fast_paths: frozenset[tuple[str, str]] = frozenset()
     _fast_entry: Any = None
+    # Per-route request latency for /metrics; None measures nothing.
+    latency: RouteLatency | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        latency = self.latency
+        if latency is None or scope["type"] != "http":
+            await self._dispatch(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self._dispatch(scope, receive, send)
+        finally:
+            latency.observe(scope, time.perf_counter() - start)
+
+    async def _dispatch(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and (scope["method"], scope["path"]) in self.fast_paths:
             entry = self._fast_entry
             if entry is None:
@@ -108,13 +122,17 @@ def create_app(
 
     fast_routes = add_atropos_routes(app, DurableState(state), compressor)
 
+    latency = RouteLatency()
+
     @app.get("/metrics")
     async def metrics() -> Response:
-        return metrics_response(state)
+        return metrics_response(state, latency)
 
     app.add_middleware(RequestBodyMiddleware, max_bytes=max_body_bytes, fast_routes=fast_routes)
     app.fast_paths = frozenset(fast_routes)
 
     app.include_router(generate_router(inference))
     app.include_router(openai_router(inference))
+    latency.set_routes(getattr(route, "path", "") for route in app.routes)
+    app.latency = latency
     return app

@@ -1,18 +1,23 @@
 """Prometheus `/metrics` for the trajectory state: queue depth, store fill, ingest,
-hand-outs, staleness and version attribution.
+hand-outs, staleness and version attribution; and the latency of every HTTP request by
+route (`RouteLatency`).
 
-The values are read from the state when scraped (a custom collector), so ingest pays
-nothing for them. `/status` stays exactly Atropos' shape: its clients parse it.
+The state's values are read from the state when scraped (a custom collector), so ingest
+pays nothing for them; a request pays one histogram observation. `/status` stays exactly
+Atropos' shape: its clients parse it.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from services.gateway.trajectory.state import TrajectoryState
 
@@ -75,10 +80,71 @@ class StateCollector:
             yield counter("store_commits", "Transactions the durable store committed.", commits)
 
 
-def metrics_response(state: TrajectoryState) -> Response:
+# Seconds: an ingest post takes tens of microseconds, a /generate up to minutes.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class RouteLatency:
+    """`clotho_gateway_http_request_duration_seconds{method, route}`: from a request's
+    arrival to the end of its response (streams included). `route` is the route's path
+    template; a path no route serves counts as `other`, so the label set stays bounded.
+
+    Requests and scrapes both run on the gateway's event loop, so the counts need no
+    lock: an observation is a bisect and two additions (prometheus-client's Histogram
+    takes a lock and costs several times that on the ingest path)."""
+
+    NAME = "clotho_gateway_http_request_duration_seconds"
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        # (method, route) -> [count per bucket..., count above the last bucket, sum]
+        self._series: dict[tuple[str, str], list[float]] = {}
+        self._static_paths: frozenset[str] = frozenset()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def set_routes(self, paths: Iterable[str]) -> None:
+        """The app's route paths: a request whose route the router did not record in
+        its scope (a middleware passed on a copy) is labelled by its path when that is
+        one of them."""
+        self._static_paths = frozenset(p for p in paths if "{" not in p)
+
+    def observe(self, scope: dict[str, Any], seconds: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if path is None:
+            path = scope["path"] if scope["path"] in self._static_paths else "other"
+        key = (scope["method"], path)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = [0.0] * (len(self.buckets) + 2)
+        series[bisect_left(self.buckets, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            self.NAME,
+            "HTTP request latency by method and route, response streaming included.",
+            labels=["method", "route"],
+        )
+        for (method, route), series in sorted(self._series.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*self.buckets, float("inf")), series[:-1]):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric([method, route], buckets, sum_value=series[-1])
+        yield family
+
+
+def metrics_response(state: TrajectoryState, latency: RouteLatency | None = None) -> Response:
     registry = _REGISTRIES.get(state)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StateCollector(state))
         _REGISTRIES[state] = registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(registry)
+    if latency is not None:
+        body += generate_latest(latency.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

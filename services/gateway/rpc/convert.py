@@ -9,6 +9,7 @@ comes back as an int. Per-token floats are float32 on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -20,6 +21,7 @@ from services.gateway.trajectory.scored_data import PER_SEQUENCE_FIELDS, POLICY_
 
 if TYPE_CHECKING:
     from services.gateway.trajectory.queue_index import Group
+    from services.gateway.trajectory.records import EnvRecord
 
 _KNOWN_PRESENT = frozenset(PER_SEQUENCE_FIELDS)
 # Doubles hold every integer up to 2**53 exactly; beyond that a number stays a float.
@@ -186,6 +188,17 @@ def group_from_proto(msg: pb.ScoredGroup) -> dict[str, Any]:
     if any(seq.HasField("policy_version") for seq in sequences):
         group[POLICY_VERSIONS] = [seq.policy_version if seq.HasField("policy_version") else None for seq in sequences]
     return group
+
+
+def env_names(batch: list[Group], envs: Sequence[EnvRecord]) -> dict[int, str]:
+    """The registered name of each environment in `batch`, by env_id (the trainer
+    reports per-environment metrics under these names)."""
+    names: dict[int, str] = {}
+    for group in batch:
+        env_id = group.env_id
+        if env_id is not None and env_id not in names and 0 <= env_id < len(envs):
+            names[env_id] = envs[env_id].real_name
+    return names
 
 
 def batch_to_proto(batch: list[Group]) -> list[pb.ScoredGroup]:

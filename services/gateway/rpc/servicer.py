@@ -21,7 +21,7 @@ from clotho.v1 import gateway_service_pb2 as pb
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.telemetry import traceparent
-from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
+from services.gateway.rpc.convert import batch_to_proto, env_names, group_from_proto, group_to_proto
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
 from services.gateway.trajectory.scored_data import check_group
@@ -220,7 +220,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 credits -= 1
                 with handout_span(batch, step, "StreamBatches") as span:
                     response = pb.StreamBatchesResponse(
-                        groups=batch_to_proto(batch), step=step, traceparent=traceparent(span)
+                        groups=batch_to_proto(batch),
+                        step=step,
+                        traceparent=traceparent(span),
+                        env_names=env_names(batch, trajectories.view.envs),
                     )
                 yield response
             if failure:

@@ -114,12 +114,15 @@ class SampleState:
         # Traced requests only: when each of `spans` began, and when the sample ended (ns).
         self.span_times: list[int] = []
         self.finished_ns = 0
+        self.first_token_at = 0.0
         self._text_searched = 0
         # Penalised samples only: how often each token was generated so far ([V] float32,
         # made when the row first samples; a view of its batch's stacked counts).
         self.counts: torch.Tensor | None = None
 
     def append(self, token: int, logprob: float, version: int, top: TopLogprobs | None = None) -> None:
+        if not self.output_ids:
+            self.first_token_at = time.monotonic()
         if not self.spans or self.spans[-1].version != version:
             self.spans.append(VersionSpan(len(self.output_ids), version))
             if self.request.trace_ctx is not None:
@@ -150,6 +153,7 @@ class SampleState:
                 prompt_tokens=len(self.request.input_ids),
                 output_top_logprobs=tuple(self.output_top_logprobs),
                 prompt_top_logprobs=self.request.prompt_top_logprobs,
+                first_token_at=self.first_token_at,
             )
         )
 

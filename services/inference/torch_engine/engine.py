@@ -155,6 +155,11 @@ class GenerationEngine:
         return self._active_samples + self._queued_samples
 
     @property
+    def kv_rows(self) -> int:
+        """KV-cache rows in use (one per running sample)."""
+        return self._batch.cache.rows
+
+    @property
     def broken(self) -> str | None:
         """Why the engine cannot serve any more (a commit failed part-way), if so."""
         return self._broken

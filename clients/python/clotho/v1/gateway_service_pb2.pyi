@@ -149,14 +149,23 @@ class StreamBatchesRequest(_message.Message):
     def __init__(self, credits: _Optional[int] = ..., policy_version: _Optional[int] = ..., resume_step: _Optional[int] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesResponse(_message.Message):
-    __slots__ = ("groups", "step", "traceparent")
+    __slots__ = ("groups", "step", "traceparent", "env_names")
+    class EnvNamesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    ENV_NAMES_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[_scored_data_pb2.ScoredGroup]
     step: int
     traceparent: str
-    def __init__(self, groups: _Optional[_Iterable[_Union[_scored_data_pb2.ScoredGroup, _Mapping]]] = ..., step: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    env_names: _containers.ScalarMap[int, str]
+    def __init__(self, groups: _Optional[_Iterable[_Union[_scored_data_pb2.ScoredGroup, _Mapping]]] = ..., step: _Optional[int] = ..., traceparent: _Optional[str] = ..., env_names: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class GatewayServiceGenerateRequest(_message.Message):
     __slots__ = ("request",)
