@@ -6,7 +6,9 @@ it does not run far ahead of the trainer, sample a group per prompt from `/gener
 score it, and post the group to `/scored_data` with masks and inference logprobs aligned
 with the tokens (prompt positions: mask -100, logprob 1.0). A gateway's bearer tokens
 come from CLOTHO_DEMO_TRAJECTORY_TOKEN and CLOTHO_DEMO_INFERENCE_TOKEN (`clotho up`
-sets them).
+sets them). Like an Atropos environment it rides out outages: 429/5xx answers and lost
+connections are retried with backoff (retry.py), so the mesh heals after a gateway or
+inference restart.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from services.demo import retry
 from services.demo.task import make_prompt, score
 
 log = logging.getLogger("clotho.demo_env")
@@ -58,6 +61,15 @@ class DemoEnv:
         self.sent = 0
         self._trajectory = _bearer(config.trajectory_token)
         self._inference = _bearer(config.inference_token)
+        # Set by run(): calls retried across an outage give up only when it is set.
+        self._stop = asyncio.Event()
+
+    async def _call(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: object) -> httpx.Response:
+        """One gateway call, retried with backoff through 429/5xx and dropped
+        connections (a restarting gateway or inference service); other errors raise."""
+        r = await retry.request(client, method, url, stop=self._stop, **kwargs)  # type: ignore[arg-type]
+        r.raise_for_status()
+        return r
 
     async def register(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         body = {
@@ -68,8 +80,7 @@ class DemoEnv:
         }
         delay = 0.05
         while not stop.is_set():
-            r = await client.post("/register-env", json=body, headers=self._trajectory)
-            r.raise_for_status()
+            r = await self._call(client, "POST", "/register-env", json=body, headers=self._trajectory)
             data = r.json()
             if data.get("status") == "success":
                 self.env_id = int(data["env_id"])
@@ -80,14 +91,15 @@ class DemoEnv:
             delay = min(delay * 2, 1.0)
 
     async def _room(self, client: httpx.AsyncClient) -> bool:
-        r = await client.request("GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
-        r.raise_for_status()
+        r = await self._call(client, "GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
         return int(r.json().get("self_queue_size", 0)) < self.config.max_groups_ahead
 
     async def one_group(self, client: httpx.AsyncClient) -> float:
         prompt = make_prompt(self.rng)
         prompt_ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)
-        r = await client.post(
+        r = await self._call(
+            client,
+            "POST",
             "/generate",
             json={
                 "input_ids": prompt_ids,
@@ -100,7 +112,6 @@ class DemoEnv:
             },
             headers=self._inference,
         )
-        r.raise_for_status()
         outs = r.json()
         outs = outs if isinstance(outs, list) else [outs]
         tokens, masks, scores, logprobs = [], [], [], []
@@ -112,7 +123,9 @@ class DemoEnv:
             masks.append([-100] * len(prompt_ids) + out_ids)
             logprobs.append([1.0] * len(prompt_ids) + [float(t[0]) for t in triples])
             scores.append(score(text, prompt.digit, self.config.max_new_tokens))
-        r = await client.post(
+        r = await self._call(
+            client,
+            "POST",
             "/scored_data",
             json={
                 "tokens": tokens,
@@ -123,14 +136,17 @@ class DemoEnv:
             },
             headers=self._trajectory,
         )
-        r.raise_for_status()
         self.sent += 1
         return sum(scores) / len(scores)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
+        self._stop = stop
         async with httpx.AsyncClient(base_url=self.config.gateway_url, timeout=60.0) as client:
-            await self.register(client, stop)
+            try:
+                await self.register(client, stop)
+            except retry.Stopped:
+                return
             sem = asyncio.Semaphore(self.config.concurrency)
 
             async def worker() -> None:
@@ -144,7 +160,10 @@ class DemoEnv:
                             continue
                         await self.one_group(client)
 
-            await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            try:
+                await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            except retry.Stopped:
+                pass
 
 
 def main(argv: list[str] | None = None) -> None:
