@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -19,6 +20,9 @@ import time
 from pathlib import Path
 
 from services import launcher
+
+# Rewards averaged at each end of a run for its summary (and shown as avg10).
+SUMMARY_WINDOW = 10
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,13 +58,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """Prints a row per step and keeps what the summary needs."""
+    """Prints a row per step and keeps what the summary needs: running totals and the
+    first and last SUMMARY_WINDOW rewards, never every step (a run may be endless)."""
 
     HEADER = f"{'step':>5} {'reward':>7} {'avg10':>7} {'version':>7} {'sync ms':>8} {'sync MB/s':>9} {'step s':>7}"
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.steps: list[dict] = []
+        self.step_count = 0
+        self.first_rewards: list[float] = []
+        self.last_rewards: collections.deque[float] = collections.deque(maxlen=SUMMARY_WINDOW)
+        self.policy_version = 0
+        self.syncs = 0
+        self.sync_seconds_total = 0.0
+        self.sync_rate_total = 0.0
+        self.sync_bytes: int | None = None
         self.started = time.monotonic()
         self.done = asyncio.Event()
         self.target: int = 0
@@ -68,11 +80,21 @@ class Progress:
     def on_event(self, name: str, event: dict) -> None:
         if name != "trainer" or event.get("event") != "step":
             return
-        self.steps.append(event)
+        self.step_count += 1
+        reward = event.get("mean_score", 0.0)
+        if len(self.first_rewards) < SUMMARY_WINDOW:
+            self.first_rewards.append(reward)
+        self.last_rewards.append(reward)
+        self.policy_version = event.get("policy_version", 0)
+        if event.get("sync_seconds"):
+            self.syncs += 1
+            self.sync_seconds_total += event["sync_seconds"]
+            self.sync_bytes = event.get("sync_bytes")
+            self.sync_rate_total += event["sync_bytes"] / event["sync_seconds"]
         if not self.quiet:
-            if len(self.steps) == 1:
+            if self.step_count == 1:
                 print(self.HEADER, flush=True)
-            rewards = [s.get("mean_score", 0.0) for s in self.steps[-10:]]
+            rewards = list(self.last_rewards)
             sync_s = event.get("sync_seconds") or 0.0
             sync_b = event.get("sync_bytes") or 0
             rate = sync_b / sync_s / 1e6 if sync_s > 0 else 0.0
@@ -81,25 +103,23 @@ class Progress:
                 f" {event.get('policy_version', 0):>7} {sync_s * 1e3:>8.1f} {rate:>9.1f} {event.get('step_seconds', 0.0):>7.2f}",
                 flush=True,
             )
-        if self.target and len(self.steps) >= self.target:
+        if self.target and self.step_count >= self.target:
             self.done.set()
 
     def summary(self) -> dict:
-        rewards = [s.get("mean_score", 0.0) for s in self.steps]
-        k = max(1, min(10, len(rewards) // 4)) if rewards else 1
-        syncs = [s for s in self.steps if s.get("sync_seconds")]
+        n = self.step_count
+        k = max(1, min(SUMMARY_WINDOW, n // 4)) if n else 1
+        last = list(self.last_rewards)
         elapsed = time.monotonic() - self.started
         return {
-            "steps": len(self.steps),
-            "reward_start": statistics.fmean(rewards[:k]) if rewards else None,
-            "reward_end": statistics.fmean(rewards[-k:]) if rewards else None,
-            "policy_version": self.steps[-1].get("policy_version") if self.steps else 0,
-            "steps_per_minute": len(self.steps) / elapsed * 60 if elapsed > 0 else 0.0,
-            "sync_seconds_mean": statistics.fmean(s["sync_seconds"] for s in syncs) if syncs else None,
-            "sync_bytes": syncs[-1].get("sync_bytes") if syncs else None,
-            "sync_bytes_per_second": (
-                statistics.fmean(s["sync_bytes"] / s["sync_seconds"] for s in syncs) if syncs else None
-            ),
+            "steps": n,
+            "reward_start": statistics.fmean(self.first_rewards[:k]) if n else None,
+            "reward_end": statistics.fmean(last[-k:]) if n else None,
+            "policy_version": self.policy_version,
+            "steps_per_minute": n / elapsed * 60 if elapsed > 0 else 0.0,
+            "sync_seconds_mean": self.sync_seconds_total / self.syncs if self.syncs else None,
+            "sync_bytes": self.sync_bytes if self.syncs else None,
+            "sync_bytes_per_second": self.sync_rate_total / self.syncs if self.syncs else None,
             "wall_seconds": elapsed,
         }
 
