@@ -1,13 +1,18 @@
 """Soak: `clotho up` for N minutes with every process's resident memory sampled.
 
 Starts `python -m services.cli up --steps 0` (until stopped) in a fresh data
-directory, samples the RSS of `clotho up` itself and of each of its children (from
+directory, samples the memory of `clotho up` itself and of each of its children (from
 /proc; Linux only) every --interval seconds, and after --minutes stops the mesh and
-prints, per process, the slope of RSS over time once warm (the samples after
+prints, per process, the slope over time once warm (the samples after
 --warmup-minutes, default a fifth of the run): a least-squares fit in MB/min with its
 standard error, the residual noise (MB) and the growth over the warm window. A slope
 within two standard errors of zero, or whose growth over the window is within the
 noise, counts as flat.
+
+Two measures per process: `anon` (RssAnon: the heap and other private memory, where a
+leak shows) and `rss` (VmRSS: anon plus file-backed pages such as the mapped torch
+libraries, which the kernel drops and faults back in with the machine's page-cache
+pressure, so its slope moves with what else runs on the machine).
 
 Usage: python bench/soak.py [--minutes 30] [--interval 5] [--out soak.json]
 """
@@ -27,15 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def rss_mb(pid: int) -> float | None:
+MEASURES = ("anon", "rss")
+
+
+def memory_mb(pid: int) -> dict[str, float] | None:
+    """RssAnon and VmRSS of `pid` in MB (None once it is gone)."""
+    fields = {"RssAnon:": "anon", "VmRSS:": "rss"}
+    out: dict[str, float] = {}
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE_KB / 1024
-    except (OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in fields:
+                    out[fields[parts[0]]] = int(parts[1]) / 1024
+    except (OSError, ValueError):
         return None
+    return out if len(out) == len(fields) else None
 
 
 def children_of(pid: int) -> list[int]:
@@ -80,6 +94,10 @@ class Fit:
     def flat(self) -> bool:
         return abs(self.slope) <= 2 * self.stderr or abs(self.growth) <= self.noise
 
+    @property
+    def verdict(self) -> str:
+        return "flat" if self.flat else ("GROWS" if self.slope > 0 else "shrinks")
+
 
 def fit(points: list[tuple[float, float]]) -> Fit | None:
     """Least squares of (minutes, MB)."""
@@ -100,10 +118,15 @@ def fit(points: list[tuple[float, float]]) -> Fit | None:
     return Fit(slope, stderr, noise, slope * (xs[-1] - xs[0]), n)
 
 
+def _empty_points() -> dict[str, list[tuple[float, float]]]:
+    return {m: [] for m in MEASURES}
+
+
 @dataclass
 class Series:
     name: str
-    points: list[tuple[float, float]] = field(default_factory=list)
+    # measure -> (minutes, MB)
+    points: dict[str, list[tuple[float, float]]] = field(default_factory=_empty_points)
 
 
 def main() -> int:
@@ -143,9 +166,10 @@ def main() -> int:
                         series[child] = Series(process_name(child))
                 now = (time.monotonic() - start) / 60
                 for pid, s in series.items():
-                    mb = rss_mb(pid)
-                    if mb is not None:
-                        s.points.append((now, mb))
+                    sample = memory_mb(pid)
+                    if sample is not None:
+                        for measure, mb in sample.items():
+                            s.points[measure].append((now, mb))
                 time.sleep(args.interval)
         finally:
             if up.poll() is None:
@@ -160,20 +184,26 @@ def main() -> int:
 
     print(f"soak: {args.minutes:g} min, warm after {warmup:g} min, a sample every {args.interval:g}s")
     print(
-        f"{'process':<12} {'start MB':>9} {'end MB':>9} {'MB/min':>8} {'± se':>7} {'noise MB':>9} {'growth':>8}  verdict"
+        f"{'process':<12} {'measure':<7} {'start MB':>9} {'end MB':>9} {'MB/min':>8} {'± se':>7} "
+        f"{'noise MB':>9} {'growth':>8}  verdict"
     )
-    report = {}
+    report: dict[str, dict] = {}
     for s in series.values():
-        warm = [p for p in s.points if p[0] >= warmup]
-        f = fit(warm)
-        report[s.name] = {"points": s.points, "fit": None if f is None else vars(f) | {"flat": f.flat}}
-        if f is None:
-            print(f"{s.name:<12} (too few warm samples)")
-            continue
-        print(
-            f"{s.name:<12} {warm[0][1]:>9.1f} {warm[-1][1]:>9.1f} {f.slope:>8.3f} {f.stderr:>7.3f} "
-            f"{f.noise:>9.2f} {f.growth:>8.2f}  {'flat' if f.flat else 'GROWS'}"
-        )
+        report[s.name] = {}
+        for measure in MEASURES:
+            warm = [p for p in s.points[measure] if p[0] >= warmup]
+            f = fit(warm)
+            report[s.name][measure] = {
+                "points": s.points[measure],
+                "fit": None if f is None else vars(f) | {"flat": f.flat},
+            }
+            if f is None:
+                print(f"{s.name:<12} {measure:<7} (too few warm samples)")
+                continue
+            print(
+                f"{s.name:<12} {measure:<7} {warm[0][1]:>9.1f} {warm[-1][1]:>9.1f} {f.slope:>8.3f} "
+                f"{f.stderr:>7.3f} {f.noise:>9.2f} {f.growth:>8.2f}  {f.verdict}"
+            )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
