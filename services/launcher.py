@@ -50,8 +50,11 @@ async def _read_stdout(child: Child, on_event: LineHandler | None) -> None:
         if event.get("event") == "ready" and not child.ready.done():
             child.ready.set_result(event)
             continue
-        child.events.append(event)
-        if on_event is not None:
+        if on_event is None:
+            # Kept for callers that read them afterwards (tests); a handler owns them
+            # otherwise, so a long-running parent (clotho up) does not grow per event.
+            child.events.append(event)
+        else:
             result = on_event(child.name, event)
             if asyncio.iscoroutine(result):
                 await result

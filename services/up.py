@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -61,6 +62,10 @@ def thread_env(threads: int) -> dict[str, str]:
     from services.common.settings import THREAD_ENV_VARS
 
     return {name: str(threads) for name in THREAD_ENV_VARS}
+
+
+# Rewards averaged at each end of a run for its summary (and shown as avg10).
+SUMMARY_WINDOW = 10
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,32 +128,57 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """Prints a row per step and keeps what the summary needs."""
+    """Prints a row per step and keeps what the summary needs: running totals and the
+    first and last SUMMARY_WINDOW rewards, never every step (a run may be endless)."""
 
     HEADER = f"{'step':>5} {'reward':>7} {'avg10':>7} {'version':>7} {'sync ms':>8} {'sync MB/s':>9} {'step s':>7}"
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.steps: list[dict] = []
+        self.step_count = 0
+        self.first_rewards: list[float] = []
+        self.last_rewards: collections.deque[float] = collections.deque(maxlen=SUMMARY_WINDOW)
+        self.policy_version = 0
+        self.syncs = 0
+        self.sync_seconds_total = 0.0
+        self.sync_rate_total = 0.0
+        self.sync_bytes: int | None = None
         self.started = time.monotonic()
         self.done = asyncio.Event()
         self.target: int = 0
         self.threads: dict[str, int] | None = None
         self.log: TextIO | None = None  # every step line, with its time since the start
         self.training_started: float | None = None  # seconds after the start
+        # Sums over the steps whose line carries a cycle time (all but the first).
+        self.cycles = 0
+        self.cycle_totals = dict.fromkeys(("wait", "train", "update", "cycle"), 0.0)
 
     def on_event(self, name: str, event: dict) -> None:
         if name != "trainer" or event.get("event") != "step":
             return
         event["elapsed_seconds"] = time.monotonic() - self.started
-        self.steps.append(event)
         if self.log is not None:
             self.log.write(json.dumps(event) + "\n")
             self.log.flush()
+        self.step_count += 1
+        reward = event.get("mean_score", 0.0)
+        if len(self.first_rewards) < SUMMARY_WINDOW:
+            self.first_rewards.append(reward)
+        self.last_rewards.append(reward)
+        self.policy_version = event.get("policy_version", 0)
+        if event.get("sync_seconds"):
+            self.syncs += 1
+            self.sync_seconds_total += event["sync_seconds"]
+            self.sync_bytes = event.get("sync_bytes")
+            self.sync_rate_total += event["sync_bytes"] / event["sync_seconds"]
+        if "cycle_seconds" in event:
+            self.cycles += 1
+            for key in self.cycle_totals:
+                self.cycle_totals[key] += event.get(f"{key}_seconds", 0.0)
         if not self.quiet:
-            if len(self.steps) == 1:
+            if self.step_count == 1:
                 print(self.HEADER, flush=True)
-            rewards = [s.get("mean_score", 0.0) for s in self.steps[-10:]]
+            rewards = list(self.last_rewards)
             sync_s = event.get("sync_seconds") or 0.0
             sync_b = event.get("sync_bytes") or 0
             rate = sync_b / sync_s / 1e6 if sync_s > 0 else 0.0
@@ -157,44 +187,39 @@ class Progress:
                 f" {event.get('policy_version', 0):>7} {sync_s * 1e3:>8.1f} {rate:>9.1f} {event.get('step_seconds', 0.0):>7.2f}",
                 flush=True,
             )
-        if self.target and len(self.steps) >= self.target:
+        if self.target and self.step_count >= self.target:
             self.done.set()
 
     def breakdown(self) -> dict[str, float] | None:
         """Where an average step's time went, in seconds: waiting for the batch, the
         optimizer step, the weight update, and the rest of the cycle between two step
         lines (the first step, which also waits for the mesh to warm up, is left out)."""
-        steps = [s for s in self.steps if "cycle_seconds" in s]
-        if not steps:
+        if not self.cycles:
             return None
-        mean = {
-            k: statistics.fmean(s.get(f"{k}_seconds", 0.0) for s in steps) for k in ("wait", "train", "update", "cycle")
-        }
+        mean = {k: total / self.cycles for k, total in self.cycle_totals.items()}
         mean["other"] = max(mean["cycle"] - mean["wait"] - mean["train"] - mean["update"], 0.0)
         return mean
 
     def summary(self) -> dict:
-        rewards = [s.get("mean_score", 0.0) for s in self.steps]
-        k = max(1, min(10, len(rewards) // 4)) if rewards else 1
-        syncs = [s for s in self.steps if s.get("sync_seconds")]
+        n = self.step_count
+        k = max(1, min(SUMMARY_WINDOW, n // 4)) if n else 1
+        last = list(self.last_rewards)
         elapsed = time.monotonic() - self.started
         return {
-            "steps": len(self.steps),
-            "reward_start": statistics.fmean(rewards[:k]) if rewards else None,
-            "reward_end": statistics.fmean(rewards[-k:]) if rewards else None,
-            "policy_version": self.steps[-1].get("policy_version") if self.steps else 0,
-            "steps_per_minute": len(self.steps) / elapsed * 60 if elapsed > 0 else 0.0,
+            "steps": n,
+            "reward_start": statistics.fmean(self.first_rewards[:k]) if n else None,
+            "reward_end": statistics.fmean(last[-k:]) if n else None,
+            "policy_version": self.policy_version,
+            "steps_per_minute": n / elapsed * 60 if elapsed > 0 else 0.0,
             # The rate once training runs (the mesh's start-up left out).
             "training_steps_per_minute": (
-                60 / statistics.fmean(s["cycle_seconds"] for s in self.steps if "cycle_seconds" in s)
-                if any("cycle_seconds" in s for s in self.steps)
+                60 * self.cycles / self.cycle_totals["cycle"]
+                if self.cycles and self.cycle_totals["cycle"] > 0
                 else None
             ),
-            "sync_seconds_mean": statistics.fmean(s["sync_seconds"] for s in syncs) if syncs else None,
-            "sync_bytes": syncs[-1].get("sync_bytes") if syncs else None,
-            "sync_bytes_per_second": (
-                statistics.fmean(s["sync_bytes"] / s["sync_seconds"] for s in syncs) if syncs else None
-            ),
+            "sync_seconds_mean": self.sync_seconds_total / self.syncs if self.syncs else None,
+            "sync_bytes": self.sync_bytes if self.syncs else None,
+            "sync_bytes_per_second": self.sync_rate_total / self.syncs if self.syncs else None,
             "wall_seconds": elapsed,
             "startup_seconds": self.training_started,
             "step_breakdown_seconds": self.breakdown(),
@@ -343,11 +368,13 @@ async def run_up(args: argparse.Namespace) -> dict:
     summary = progress.summary()
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"event": "summary", **summary}), flush=True)
-    if progress.steps:
+    if progress.step_count:
         title = (
             f"clotho up: {summary['steps']} steps, reward {summary['reward_start']:.3f} -> {summary['reward_end']:.3f}"
         )
-        plot = write_run_plot(progress.steps, data_dir / "summary.png", title)
+        # The step lines come back from steps.jsonl: the run keeps none of them in memory.
+        steps = [json.loads(line) for line in (data_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
+        plot = write_run_plot(steps, data_dir / "summary.png", title)
         if plot is not None:
             print(f"plot: {plot}", flush=True)
         if traces is not None:

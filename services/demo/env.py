@@ -6,7 +6,9 @@ it does not run far ahead of the trainer (`Room`), sample a group per prompt fro
 score it, and post the group to `/scored_data` with masks and inference logprobs aligned
 with the tokens (prompt positions: mask -100, logprob 1.0). A gateway's bearer tokens
 come from CLOTHO_DEMO_TRAJECTORY_TOKEN and CLOTHO_DEMO_INFERENCE_TOKEN (`clotho up`
-sets them).
+sets them). Like an Atropos environment it rides out outages: 429/5xx answers and lost
+connections are retried with backoff (retry.py), so the mesh heals after a gateway or
+inference restart.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import httpx
 from opentelemetry import trace
 
 from services.common.telemetry import flush_on_sigterm, inject_headers, setup_tracing, shutdown_tracing
+from services.demo import retry
 from services.demo.task import TASKS, Task
 
 log = logging.getLogger("clotho.demo_env")
@@ -65,6 +68,15 @@ class DemoEnv:
         self.sent = 0
         self._trajectory = _bearer(config.trajectory_token)
         self._inference = _bearer(config.inference_token)
+        # Set by run(): calls retried across an outage give up only when it is set.
+        self._stop = asyncio.Event()
+
+    async def _call(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: object) -> httpx.Response:
+        """One gateway call, retried with backoff through 429/5xx and dropped
+        connections (a restarting gateway or inference service); other errors raise."""
+        r = await retry.request(client, method, url, stop=self._stop, **kwargs)  # type: ignore[arg-type]
+        r.raise_for_status()
+        return r
 
     async def register(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         body = {
@@ -75,8 +87,7 @@ class DemoEnv:
         }
         delay = 0.05
         while not stop.is_set():
-            r = await client.post("/register-env", json=body, headers=self._trajectory)
-            r.raise_for_status()
+            r = await self._call(client, "POST", "/register-env", json=body, headers=self._trajectory)
             data = r.json()
             if data.get("status") == "success":
                 self.env_id = int(data["env_id"])
@@ -87,8 +98,7 @@ class DemoEnv:
             delay = min(delay * 2, 1.0)
 
     async def _status(self, client: httpx.AsyncClient) -> dict:
-        r = await client.request("GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
-        r.raise_for_status()
+        r = await self._call(client, "GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
         return r.json()
 
     async def one_group(self, client: httpx.AsyncClient) -> float:
@@ -103,7 +113,9 @@ class DemoEnv:
     async def _one_group(self, client: httpx.AsyncClient) -> float:
         prompt = self.task.prompt(self.rng)
         prompt_ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)
-        r = await client.post(
+        r = await self._call(
+            client,
+            "POST",
             "/generate",
             json={
                 "input_ids": prompt_ids,
@@ -116,7 +128,6 @@ class DemoEnv:
             },
             headers=inject_headers(dict(self._inference)),
         )
-        r.raise_for_status()
         outs = r.json()
         outs = outs if isinstance(outs, list) else [outs]
         tokens, masks, scores, logprobs = [], [], [], []
@@ -128,7 +139,9 @@ class DemoEnv:
             masks.append([-100] * len(prompt_ids) + out_ids)
             logprobs.append([1.0] * len(prompt_ids) + [float(t[0]) for t in triples])
             scores.append(self.task.score(text, prompt))
-        r = await client.post(
+        r = await self._call(
+            client,
+            "POST",
             "/scored_data",
             json={
                 "tokens": tokens,
@@ -139,14 +152,17 @@ class DemoEnv:
             },
             headers=inject_headers(dict(self._trajectory)),
         )
-        r.raise_for_status()
         self.sent += 1
         return sum(scores) / len(scores)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
+        self._stop = stop
         async with httpx.AsyncClient(base_url=self.config.gateway_url, timeout=60.0) as client:
-            await self.register(client, stop)
+            try:
+                await self.register(client, stop)
+            except retry.Stopped:
+                return
             room = Room(self.config.max_groups_ahead, lambda: self._status(client))
 
             async def worker() -> None:
@@ -162,6 +178,8 @@ class DemoEnv:
             poller = asyncio.ensure_future(room.poll())
             try:
                 await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            except retry.Stopped:
+                pass
             finally:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -22,6 +22,7 @@ from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
 from services.gateway import auth
+from services.gateway.generation.call_guard import Deadlines
 from services.gateway.generation.pool import InferencePool
 from services.gateway.http.app import create_app
 from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
@@ -122,6 +123,8 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         settings.tokenizer_path,
         settings.generate_timeout_seconds,
         eject_seconds=settings.inference_eject_seconds,
+        deadlines=Deadlines(settings.generate_first_token_seconds, settings.generate_idle_seconds),
+        probe_timeout_seconds=settings.inference_probe_timeout_seconds,
     )
     servicer = GatewayServicer(state, inference)
     grpc_server = build_server(

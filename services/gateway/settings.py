@@ -107,6 +107,25 @@ class GatewaySettings(ServiceSettings):
     generate_timeout_seconds: float = Field(
         600.0, gt=0, description="Deadline of one /generate call to the inference service."
     )
+    generate_first_token_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="Deadline of a streaming inference call's first token; past it the call is retried "
+        "on another target (or answers 504) and the target sits out. 0: no deadline.",
+    )
+    generate_idle_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Longest gap between two messages of a streaming inference call; past it the call "
+        "answers 504 and the target sits out. 0: no deadline.",
+    )
+    inference_probe_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Deadline of the liveness probe (a grpc.health Check every second) of each inference "
+        "target: a target that misses it (a frozen process) is taken out and the calls in flight to it "
+        "are retried elsewhere or fail with 503.",
+    )
     inference_eject_seconds: float = Field(
         5.0,
         gt=0,

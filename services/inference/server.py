@@ -79,7 +79,7 @@ def build_shards(settings: InferenceSettings) -> list[Shard]:
         engine = engine_from_settings(settings, device=device)
         name = f"torch-{i}@{device}"
         receiver = WeightReceiver(engine, settings.weight_update_timeout_seconds, name=name)
-        shards.append(TorchShard(engine, receiver, name=name))
+        shards.append(TorchShard(engine, receiver, name=name, stall_seconds=settings.engine_stall_seconds))
     return shards
 
 

@@ -106,6 +106,13 @@ class InferenceSettings(ServiceSettings):
         gt=0,
         description="HTTP timeout of SGLang's weight-update calls (each waits for its bucket's broadcast).",
     )
+    engine_stall_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A torch shard whose engine makes no progress this long while work waits (a hung "
+        "step or device) reports NOT_SERVING until it moves again, so the gateway routes around it. "
+        "0: no watchdog.",
+    )
     health_check_interval_seconds: float = Field(
         5.0, gt=0, description="How often each SGLang shard's /health is polled for the shard's gRPC health."
     )

@@ -69,9 +69,17 @@ def in_daemon_thread(
 
     thread = threading.Thread(target=body, name=name, daemon=True)
     if track is not None:
-        track.append(thread)
+        keep_alive_only(track, thread)
     thread.start()
     return future
+
+
+def keep_alive_only(track: list[threading.Thread], thread: threading.Thread) -> None:
+    """Add `thread` to `track`, dropping the threads there that have finished (a group
+    lives across every update: a list that only grew would hold two finished threads
+    per update for the life of the process)."""
+    track[:] = [t for t in track if t.is_alive()]
+    track.append(thread)
 
 
 def join_all(threads: list[threading.Thread], timeout: float) -> None:
@@ -120,7 +128,7 @@ class TrackedGroup:
             return
         self.abandoned.set()
         thread = threading.Thread(target=self.group.close, name="clotho-sync-close", daemon=True)
-        self.threads.append(thread)
+        keep_alive_only(self.threads, thread)
         thread.start()
 
     @property
@@ -181,7 +189,7 @@ def send_buckets(
             ready.put(exc)
 
     packer = threading.Thread(target=pack_all, name="clotho-sync-pack", daemon=True)
-    handle.threads.append(packer)
+    keep_alive_only(handle.threads, packer)
     packer.start()
     crcs = []
     in_flight: collections.deque[tuple[Any, torch.Tensor | None, int]] = collections.deque()

@@ -3,7 +3,10 @@ tokenizer (`InferencePool`, the gateway's client of InferenceService).
 
 Every call goes to the least loaded healthy target (routing.py). A call that fails
 UNAVAILABLE before its first message is retried on another healthy target, so a target
-that just died costs no request. Every Completion that passes through is handed to the
+that just died costs no request. A guard (call_guard.py) bounds each call: a target
+found frozen or unreachable while the call waits cancels it (retried elsewhere if
+nothing was streamed yet, else 503), and a streaming call's first token and every gap
+between tokens have deadlines (retried elsewhere before the first token, else 504). Every Completion that passes through is handed to the
 version receipts (trajectory/receipts.py), so scored data submitted later can be
 attributed to the policy version that produced it.
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -26,7 +29,8 @@ from grpc import aio
 from opentelemetry import context as otel_context
 
 from clotho.v1 import inference_service_pb2 as pb
-from services.common.errors import Unavailable
+from services.common.errors import ClothoError, Unavailable
+from services.gateway.generation.call_guard import CallGuard, Deadlines
 from services.gateway.generation.routing import Router, Target
 from services.gateway.trajectory import receipts as _receipts
 
@@ -63,10 +67,15 @@ class InferencePool:
         timeout_seconds: float = 600.0,
         eject_seconds: float = 5.0,
         router: Router | None = None,
+        deadlines: Deadlines | None = None,
+        probe_timeout_seconds: float = 5.0,
     ) -> None:
         self.targets = list(targets)
         self.timeout_seconds = timeout_seconds
-        self.router = router or Router(self.targets, eject_seconds=eject_seconds)
+        self.deadlines = deadlines or Deadlines()
+        self.router = router or Router(
+            self.targets, eject_seconds=eject_seconds, probe_timeout_seconds=probe_timeout_seconds
+        )
         self._tokenizer_path = tokenizer_path
         self._model_info: pb.GetModelInfoResponse | None = None
         self._tokenizer: Any = None
@@ -83,23 +92,35 @@ class InferencePool:
     def tokenizer_path(self) -> str | None:
         return self._tokenizer_path
 
-    async def _unary(self, call: Callable[[Target], Awaitable[T]]) -> T:
-        """One unary call on the least loaded target, failing over on UNAVAILABLE."""
+    async def _unary(self, call: Callable[[Target], Any]) -> Any:
+        """One unary call on the least loaded target, failing over on UNAVAILABLE and
+        on a target lost while the call waits."""
         if not self.targets:
             raise Unavailable(NO_INFERENCE)
         tried: list[Target] = []
         while True:
             target = self.router.acquire(exclude=tried)
+            guard = None
             try:
-                return await call(target)
-            except aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                pending = call(target)
+                guard = CallGuard(pending, target, self.deadlines, streaming=False)
+                return await pending
+            except (aio.AioRpcError, asyncio.CancelledError) as exc:
+                error = _guard_error(guard, exc)
+                if error is None and (
+                    not isinstance(exc, aio.AioRpcError) or exc.code() != grpc.StatusCode.UNAVAILABLE
+                ):
                     raise
-                self.router.failed(target, exc.details() or exc.code().name)
+                reason = str(error) if error is not None else (exc.details() or exc.code().name)  # type: ignore[union-attr]
+                self.router.failed(target, reason)
                 tried.append(target)
                 if len(tried) >= len(self.router.targets):
+                    if error is not None:
+                        raise error from None
                     raise
             finally:
+                if guard is not None:
+                    guard.close()
                 self.router.release(target)
 
     async def model_info(self, refresh: bool = False, timeout: float | None = None) -> pb.GetModelInfoResponse:
@@ -141,24 +162,35 @@ class InferencePool:
             target = self.router.acquire(exclude=tried)
             received = False
             call = None
+            guard = None
             try:
                 call = target.stub.Generate(request, timeout=self.timeout_seconds)
+                guard = CallGuard(call, target, self.deadlines, streaming=request.stream)
                 async for message in call:
                     received = True
+                    guard.progress()
                     if message.WhichOneof("payload") == "completion":
                         record_receipt(message.completion)
                     yield message
                 return
-            except aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            except (aio.AioRpcError, asyncio.CancelledError) as exc:
+                error = _guard_error(guard, exc)
+                if error is None and (
+                    not isinstance(exc, aio.AioRpcError) or exc.code() != grpc.StatusCode.UNAVAILABLE
+                ):
                     raise
-                self.router.failed(target, exc.details() or exc.code().name)
+                reason = str(error) if error is not None else (exc.details() or exc.code().name)  # type: ignore[union-attr]
+                self.router.failed(target, reason)
                 tried.append(target)
                 # Tokens already went out: the caller has seen part of this sample.
                 if received or len(tried) >= len(self.router.targets):
+                    if error is not None:
+                        raise error from None
                     raise
-                log.info("retrying on another target after %s failed: %s", target.address, exc.details())
+                log.info("retrying on another target after %s failed: %s", target.address, reason)
             finally:
+                if guard is not None:
+                    guard.close()
                 if call is not None:
                     call.cancel()
                 self.router.release(target)
@@ -216,6 +248,17 @@ class InferencePool:
     async def close(self) -> None:
         await self.router.close()
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _guard_error(guard: CallGuard | None, exc: BaseException) -> ClothoError | None:
+    """The guard's error if the guard ended this call, None if something else did (a
+    cancellation of the caller's own task is never the guard's)."""
+    if guard is None or guard.error is None:
+        return None
+    task = asyncio.current_task()
+    if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+        return None
+    return guard.error
 
 
 async def prefetch(stream: AsyncIterator[T]) -> AsyncIterator[T]:

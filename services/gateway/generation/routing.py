@@ -8,6 +8,12 @@ robin, so an idle mesh still spreads its work. Health has two sources:
   back; a broken stream counts as unreachable and is re-opened with backoff (the
   re-probe that notices a restarted target). A server that cannot serve Watch is
   polled with Check instead;
+- a liveness probe: a health Check every `probe_seconds` with a `probe_timeout_seconds`
+  deadline, beside the Watch stream. A process that is frozen (SIGSTOP, a wedged event
+  loop) keeps its TCP connection and its Watch stream silent; the probe's deadline
+  notices it, takes the target out and sets its `lost` event, which cancels the calls
+  in flight to it (pool.py retries them elsewhere when nothing was streamed yet). The
+  first answer after that brings it back;
 - failures: a call that ends UNAVAILABLE ejects its target for `eject_seconds`, after
   which it is tried again even if it has no health service to say so.
 
@@ -69,10 +75,19 @@ class Target:
     health_reason: str = ""
     ejected_until: float = 0.0
     eject_reason: str = ""
+    # From the liveness probe: why the target stopped answering ("" while it answers).
+    unresponsive: str = ""
+    # Set while the target is unresponsive or unreachable: calls in flight to it give up.
+    lost: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     watcher: asyncio.Task | None = field(default=None, repr=False)
+    prober: asyncio.Task | None = field(default=None, repr=False)
 
     def healthy(self, now: float) -> bool:
-        return self.serving is not False and now >= self.ejected_until
+        return self.serving is not False and not self.unresponsive and now >= self.ejected_until
+
+    @property
+    def why_lost(self) -> str:
+        return self.unresponsive or self.health_reason or "lost"
 
 
 class Router:
@@ -88,12 +103,14 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         max_backoff_seconds: float = 2.0,
         probe_seconds: float = 1.0,
+        probe_timeout_seconds: float = 5.0,
     ) -> None:
         self.targets = [Target(address=a) for a in addresses]
         self.eject_seconds = eject_seconds
         self.watch_health = watch_health
         self.max_backoff_seconds = max_backoff_seconds
         self.probe_seconds = probe_seconds
+        self.probe_timeout_seconds = probe_timeout_seconds
         self._channel_factory = channel_factory
         self._clock = clock
         self._turn = itertools.count()
@@ -108,6 +125,7 @@ class Router:
             target.stub = pb_grpc.InferenceServiceStub(target.channel)
             if self.watch_health:
                 target.watcher = asyncio.create_task(self._watch(target), name=f"health {target.address}")
+                target.prober = asyncio.create_task(self._probe(target), name=f"liveness {target.address}")
 
     def acquire(self, exclude: Iterable[Target] = ()) -> Target:
         """The least loaded healthy target (round robin among equals), its in-flight
@@ -139,7 +157,9 @@ class Router:
         now = self._clock() if now is None else now
         parts = []
         for t in self.targets:
-            if t.serving is False:
+            if t.unresponsive:
+                why = t.unresponsive
+            elif t.serving is False:
                 why = t.health_reason or "not serving"
             elif now < t.ejected_until:
                 why = f"ejected for {t.ejected_until - now:.1f}s more after: {t.eject_reason}"
@@ -155,10 +175,60 @@ class Router:
                 "target": t.address,
                 "healthy": t.healthy(now),
                 "in_flight": t.in_flight,
-                "reason": "" if t.healthy(now) else (t.health_reason if t.serving is False else t.eject_reason),
+                "reason": "" if t.healthy(now) else self._reason(t),
             }
             for t in self.targets
         ]
+
+    @staticmethod
+    def _reason(t: Target) -> str:
+        if t.unresponsive:
+            return t.unresponsive
+        return t.health_reason if t.serving is False else t.eject_reason
+
+    def any_known_serving(self) -> bool:
+        """Whether some target is healthy and its health service said SERVING (what
+        `/health` answers from without calling anyone)."""
+        self._start()
+        now = self._clock()
+        return any(t.serving is True and t.healthy(now) for t in self.targets)
+
+    async def _probe(self, target: Target) -> None:
+        """Liveness: a Check under a deadline every `probe_seconds`. Only a deadline
+        that passes marks the target unresponsive (a refused connection is the Watch
+        stream's to report); any answer at all clears it."""
+        stub = health_pb2_grpc.HealthStub(target.channel)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        while True:
+            try:
+                await stub.Check(request, timeout=self.probe_timeout_seconds)
+                self._set_unresponsive(target, "")
+            except aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._set_unresponsive(
+                        target, f"unresponsive: no health answer within {self.probe_timeout_seconds:g}s"
+                    )
+                elif code != grpc.StatusCode.UNAVAILABLE:
+                    # Answered, if only to say it has no health service: alive.
+                    self._set_unresponsive(target, "")
+            await asyncio.sleep(self.probe_seconds)
+
+    def _set_unresponsive(self, target: Target, reason: str) -> None:
+        if reason and not target.unresponsive:
+            log.warning("inference target %s is unhealthy: %s", target.address, reason)
+        elif not reason and target.unresponsive:
+            log.info("inference target %s answers again", target.address)
+        target.unresponsive = reason
+        self._update_lost(target)
+
+    @staticmethod
+    def _update_lost(target: Target) -> None:
+        # NOT_SERVING alone (a resync, a drain) lets the calls in flight finish.
+        if target.unresponsive or (target.serving is False and target.health_reason.startswith("unreachable")):
+            target.lost.set()
+        else:
+            target.lost.clear()
 
     async def _watch(self, target: Target) -> None:
         """Follow the target's health: the Watch stream where it works, else a Check
@@ -232,14 +302,16 @@ class Router:
             log.info("inference target %s is healthy again", target.address)
         target.serving = serving
         target.health_reason = reason
+        self._update_lost(target)
 
     async def close(self) -> None:
         for target in self.targets:
-            if target.watcher is not None:
-                target.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await target.watcher
-                target.watcher = None
+            for task in (target.watcher, target.prober):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            target.watcher = target.prober = None
             if target.channel is not None:
                 await target.channel.close()
                 target.channel = target.stub = None

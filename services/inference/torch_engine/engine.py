@@ -11,6 +11,10 @@ recomputes the running rows' KV cache if a commit made it stale, admits waiting 
 into the running batch (a prefill of the newcomers only, within the bounds on rows,
 reserved KV tokens and prefill tokens per turn; the rest wait in FIFO order), then runs
 one decode step for every row. Finished rows leave the batch at once.
+
+Progress: the worker stamps `_progress_at` at every turn; `stalled_seconds()` is how
+long it has made none while work is waiting (0 when idle), what the shard's watchdog
+(torch_engine/shard.py) reads to report a wedged engine NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ class GenerationEngine:
         self._active_samples = 0
         self._queued_samples = 0
         self._batch = Batch(self.runner, self._decode_text, max_batch_size)
+        self._progress_at = time.monotonic()
+        # True while the worker is in a turn (not waiting for work).
+        self._working = False
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
 
@@ -164,6 +171,12 @@ class GenerationEngine:
         """Why the engine cannot serve any more (a commit failed part-way), if so."""
         return self._broken
 
+    def stalled_seconds(self) -> float:
+        """Seconds the worker has made no progress while work waits; 0 when idle."""
+        if not (self._working or self._intake or self._commits):
+            return 0.0
+        return max(time.monotonic() - self._progress_at, 0.0)
+
     @property
     def tokens_generated(self) -> int:
         """Tokens sampled since start, over all requests."""
@@ -200,6 +213,8 @@ class GenerationEngine:
         with self._cv:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
+            if not self._working:
+                self._progress_at = time.monotonic()
             self._intake.append(state)
             self._queued_samples += state.n
             self._cv.notify()
@@ -225,6 +240,8 @@ class GenerationEngine:
             if self._stopping:
                 future.set_exception(Unavailable("the engine is shutting down"))
                 return future
+            if not self._working:
+                self._progress_at = time.monotonic()
             self._commits.append(_PendingCommit(staged, version, step, future, resync, adopt))
             self._cv.notify()
         return future
@@ -254,13 +271,19 @@ class GenerationEngine:
         batch = self._batch
         while True:
             with self._cv:
-                while not (self._stopping or self._intake or self._commits or batch.size):
-                    self._cv.wait()
+                self._progress_at = time.monotonic()
+                if not (self._stopping or self._intake or self._commits or batch.size):
+                    self._working = False
+                    while not (self._stopping or self._intake or self._commits or batch.size):
+                        self._cv.wait()
+                    self._progress_at = time.monotonic()
+                self._working = True
                 if self._stopping:
                     break
                 commits, self._commits = self._commits, []
             for commit in commits:
                 self._apply_commit(commit, batch)
+                self._progress_at = time.monotonic()
             admitted: list[RequestState] = []
             try:
                 with torch.inference_mode():

@@ -1,6 +1,12 @@
 """The embedded torch engine as a shard: generation on the engine's worker thread,
-health from the engine (it stops serving only when a commit failed part-way), weight
-updates through the shard's WeightReceiver."""
+health from the engine, weight updates through the shard's WeightReceiver.
+
+The shard stops serving when a commit failed part-way (for good) and, through a
+watchdog on the event loop, while the engine is wedged: work waiting and no progress
+for `stall_seconds` (a step that never returns, a device that hangs). The watchdog
+reads one timestamp, so health stays prompt however busy the engine thread is; the
+shard serves again as soon as the engine moves.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +24,24 @@ log = logging.getLogger(__name__)
 class TorchShard(Shard):
     kind = "torch"
 
-    def __init__(self, engine: GenerationEngine, receiver: WeightReceiver, name: str = "torch-0") -> None:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        receiver: WeightReceiver,
+        name: str = "torch-0",
+        stall_seconds: float = 60.0,
+        watchdog_seconds: float = 1.0,
+    ) -> None:
         self.engine = engine
         self.updates = receiver
         self.name = name
         engine.name = name
+        self.stall_seconds = stall_seconds
+        self.watchdog_seconds = watchdog_seconds
         self._listener: HealthListener | None = None
         self._reported_serving = True
+        self._stalled: str = ""
+        self._watchdog: asyncio.Task | None = None
         receiver.loader.after_commit = self._report_health
 
     @property
@@ -33,7 +50,7 @@ class TorchShard(Shard):
 
     @property
     def serving(self) -> bool:
-        return self.engine.broken is None
+        return self.engine.broken is None and not self._stalled
 
     @property
     def max_context_len(self) -> int:
@@ -43,13 +60,31 @@ class TorchShard(Shard):
         self._listener = listener
 
     async def start(self) -> None:
-        pass
+        if self.stall_seconds > 0 and self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch(), name=f"watchdog {self.name}")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watchdog_seconds)
+            self.check_progress()
+
+    def check_progress(self) -> None:
+        """Mark the shard wedged (NOT_SERVING) or moving again from the engine's progress."""
+        stalled = self.engine.stalled_seconds()
+        if stalled >= self.stall_seconds:
+            self._stalled = f"engine made no progress for {stalled:.0f}s with work waiting"
+        else:
+            self._stalled = ""
+        self._report_health()
 
     def submit(self, request: GenerationRequest) -> ResultStream:
         return self.engine.submit(request)
 
     async def close(self) -> None:
         """Drop any update in flight and stop the engine's worker."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         await self.updates.close()
         await asyncio.to_thread(self.engine.close)
 
@@ -58,4 +93,4 @@ class TorchShard(Shard):
         if serving != self._reported_serving:
             self._reported_serving = serving
             if self._listener is not None:
-                self._listener(serving, self.engine.broken or "")
+                self._listener(serving, self.engine.broken or self._stalled)

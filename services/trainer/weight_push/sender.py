@@ -7,6 +7,12 @@ every shard and drops the group; the next push forms a new one under a new name.
 stage runs under the update's deadline, and every blocking collective runs in a worker
 thread under the group's timeout, so nothing hangs.
 
+From prepare on, a peer watch (peer_watch.py) probes every inference service each
+second: one that dies (or stops answering) mid-update fails the stage at once, naming
+it ("shard 1 (host:port) died during transfer"), instead of the update waiting out
+its deadline. A stage that fails or runs out of time for another reason checks the
+peers once more, so a dead peer is named rather than the symptom it caused.
+
 Transport: gloo over CPU buffers when the model is on the CPU, NCCL over buffers on the
 model's GPU when it is on CUDA (CI exercises gloo only).
 """
@@ -37,6 +43,7 @@ from services.common.weight_wire import (
     build_manifest,
     pipeline,
 )
+from services.trainer.weight_push.peer_watch import PeerWatch
 from services.trainer.weight_push.report import StageFailed, SyncReport, WeightSyncError, describe
 
 # Tensors the sender reads: a model's parameters, or name -> tensor.
@@ -76,6 +83,8 @@ class WeightSync:
         timeout_seconds: float = 60.0,
         channels: Sequence[aio.Channel] = (),
         dtype: torch.dtype | None = None,
+        probe_seconds: float = 1.0,
+        probe_timeout_seconds: float = 5.0,
     ) -> None:
         self._stubs = list(stubs)
         self._names = list(names) if names is not None else [f"shard-{i}" for i in range(len(self._stubs))]
@@ -91,6 +100,7 @@ class WeightSync:
         self._manifest_proto: pb.WeightManifest | None = None
         self._lock = asyncio.Lock()
         self._backend = "gloo"
+        self._peers = PeerWatch(self._names, self._stubs, probe_seconds, probe_timeout_seconds)
 
     @classmethod
     def for_targets(cls, targets: Sequence[str], **kwargs: Any) -> WeightSync:
@@ -207,7 +217,7 @@ class WeightSync:
                     resync=resync,
                 )
                 calls.append((shard.name, shard.stub.PrepareWeightUpdate(request, timeout=left)))
-            await self._stage(stage, deadline, calls)
+            await self._stage(stage, deadline, calls, watch=True)
             stages[stage] = time.monotonic() - mark
 
             stage = "transfer"
@@ -228,6 +238,7 @@ class WeightSync:
                     )
                 ],
                 events=lambda span: _bucket_events(span, manifest, sent),
+                watch=True,
             )
             crcs = crcs[0]
             stages[stage] = time.monotonic() - mark
@@ -247,6 +258,7 @@ class WeightSync:
                     )
                     for s in self._shards
                 ],
+                watch=True,
             )
             stages[stage] = time.monotonic() - mark
 
@@ -260,6 +272,7 @@ class WeightSync:
                     (s.name, s.stub.CommitWeightUpdate(pb.CommitWeightUpdateRequest(version=version), timeout=left))
                     for s in self._shards
                 ],
+                watch=True,
             )
             stages[stage] = time.monotonic() - mark
         except BaseException as exc:
@@ -297,27 +310,43 @@ class WeightSync:
         deadline: float,
         calls: list[tuple[str, Awaitable[Any]]],
         events: Callable[[trace.Span], None] | None = None,
+        watch: bool = False,
     ) -> list[Any]:
         """Run `calls` concurrently; results in order. On the first failure or at the
         deadline, cancel the rest and raise StageFailed naming who failed. `events`
-        adds what the stage noted to its span before the span ends."""
-        tasks = {asyncio.ensure_future(aw): name for name, aw in calls}
+        adds what the stage noted to its span before the span ends. With `watch`, a
+        peer that dies meanwhile fails the stage at once, named."""
+        loop = asyncio.get_running_loop()
+        tasks: dict[asyncio.Future[Any], str] = {asyncio.ensure_future(aw): name for name, aw in calls}
+        watcher = asyncio.ensure_future(self._peers.watch(stage)) if watch else None
         with tracer.start_as_current_span(f"weight_sync.{stage}", attributes={"clotho.shards": len(calls)}) as span:
             try:
-                left = max(deadline - asyncio.get_running_loop().time(), 0.0)
-                done, pending = await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_EXCEPTION)
-                failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-                if failed:
-                    t = failed[0]
-                    raise StageFailed(f"{tasks[t]}: {describe(t.exception())}")  # type: ignore[arg-type]
-                if pending:
-                    waiting = ", ".join(sorted(tasks[t] for t in pending))
-                    raise StageFailed(f"deadline of {self.timeout_seconds:g}s exceeded waiting for {waiting}")
+                waiting: set[asyncio.Future[Any]] = set(tasks)
+                if watcher is not None:
+                    waiting.add(watcher)
+                while any(t in waiting for t in tasks):
+                    left = deadline - loop.time()
+                    done: set[asyncio.Future[Any]] = set()
+                    if left > 0:
+                        done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        pending = ", ".join(sorted(tasks[t] for t in tasks if not t.done()))
+                        cause = f"deadline of {self.timeout_seconds:g}s exceeded waiting for {pending}"
+                        raise StageFailed(await self._peers.blame(stage, cause) if watch else cause)
+                    waiting -= done
+                    if watcher is not None and watcher in done:
+                        watcher.result()  # raises StageFailed naming the dead peer
+                    failed = [t for t in done if t is not watcher and (t.cancelled() or t.exception() is not None)]
+                    if failed:
+                        t = failed[0]
+                        error = None if t.cancelled() else t.exception()
+                        cause = f"{tasks[t]}: {describe(error) if error is not None else 'cancelled'}"
+                        raise StageFailed(await self._peers.blame(stage, cause) if watch else cause)
                 return [t.result() for t in tasks]
             finally:
                 if events is not None and span.is_recording():
                     events(span)
-                for t in tasks:
+                for t in [*tasks, *([watcher] if watcher is not None else [])]:
                     if not t.done():
                         t.cancel()
                     else:

@@ -27,6 +27,9 @@ from services.gateway.http.request_span import RequestSpan
 
 log = logging.getLogger(__name__)
 
+# How long /health waits for a target that has not reported its health yet.
+HEALTH_PROBE_SECONDS = 2.0
+
 
 def generate_router(inference: InferencePool) -> APIRouter:
     router = APIRouter()
@@ -78,11 +81,15 @@ def generate_router(inference: InferencePool) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
-        """200 once a healthy target answers (SGLang's probe reads only the status);
-        the body lists every target's health and load for operators."""
+        """200 while a target is healthy (SGLang's probe reads only the status); the
+        body lists every target's health and load for operators. Answered from what the
+        router's health watchers know, without waiting on any engine; only while no
+        target has said SERVING yet (just started) does it ask one, under
+        HEALTH_PROBE_SECONDS."""
         if not inference.configured:
             return error_response(Unavailable.code, NO_INFERENCE)
-        await inference.model_info(refresh=True, timeout=10.0)
+        if not inference.router.any_known_serving():
+            await inference.model_info(refresh=True, timeout=HEALTH_PROBE_SECONDS)
         return JSONResponse({"targets": inference.router.status()})
 
     @router.get("/get_model_info")
