@@ -115,6 +115,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         retry_after_seconds=settings.retry_after_seconds,
         max_staleness=settings.max_staleness,
         staleness_policy=settings.staleness_policy,
+        refuse_oversized_groups=settings.refuse_oversized_groups,
     )
     inference = InferencePool(
         settings.inference,

@@ -21,7 +21,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Unavaila
 from services.gateway.rpc.convert import batch_to_proto, group_from_proto, group_to_proto
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
-from services.gateway.trajectory.scored_data import check_group
+from services.gateway.trajectory.scored_data import admit_group
 from services.gateway.trajectory.state import TrajectoryState
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 group = group_from_proto(request.group)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"{where}{exc}") from None
-            groups.append(check_group(group, prefix=where))
+            # The same door as /scored_data (scored_data.admit_group).
+            groups.append(admit_group(group, self._trajectories.view.limits, prefix=where))
         outcomes = await self._trajectories.submit(groups)
         buffered = sum(1 for o in outcomes if o.buffered)
         return pb.SubmitScoredDataResponse(received=len(outcomes) - buffered, buffered=buffered)

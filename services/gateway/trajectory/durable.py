@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from services.gateway.trajectory.door import DoorLimits
 from services.gateway.trajectory.queue_index import Group, QueueIndex
 from services.gateway.trajectory.records import (
     Counters,
@@ -72,6 +73,8 @@ class TrajectoryView(Protocol):
     def max_groups(self) -> int: ...
     @property
     def max_staleness(self) -> int: ...
+    @property
+    def limits(self) -> DoorLimits: ...
 
     def info(self) -> tuple[int, int]: ...
     def next_ready(self) -> list[Group] | None: ...

@@ -59,6 +59,7 @@ class TrajectoryState(Admission, BatchFormation, ResetRestore):
         retry_after_seconds: int = 1,
         max_staleness: int = 0,
         staleness_policy: StalenessPolicy = "drop",
+        refuse_oversized_groups: bool = False,
     ) -> None:
         if staleness_policy not in ("drop", "keep"):
             raise ValueError(f"staleness_policy must be 'drop' or 'keep', not {staleness_policy!r}")
@@ -71,6 +72,7 @@ class TrajectoryState(Admission, BatchFormation, ResetRestore):
         self.retry_after_seconds = retry_after_seconds
         self.max_staleness = max_staleness
         self.staleness_policy = staleness_policy
+        self.refuse_oversized_groups = refuse_oversized_groups
         self.counters = Counters()
         self._reported_version = 0
         self._latest = None
