@@ -90,6 +90,8 @@ class Learner:
         self.weights_published = True
         self._saved_step = -1
         self.resumed_from: Path | None = None
+        # Batches the gateway sent that held no usable sequence (skipped, not trained).
+        self.skipped_batches = 0
 
     @property
     def step(self) -> int:
@@ -291,7 +293,15 @@ class Learner:
             "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
             "staleness_max": max(staleness, default=0),
             "stale_dropped": batch.stale_dropped,
+            # Sequences dropped as unusable, and optional fields ignored (batching.py).
+            "unusable_dropped": sum(batch.dropped.values()),
+            "fallbacks": sum(batch.fallbacks.values()),
+            "skipped_batches": self.skipped_batches,
         }
+        for reason, count in sorted(batch.dropped.items()):
+            record[f"dropped/{reason}"] = count
+        for reason, count in sorted(batch.fallbacks.items()):
+            record[f"fallback/{reason}"] = count
         for env, score in m.env_mean_scores.items():
             record[f"atropos/env_{env}/mean_score"] = score
         if report is None:
@@ -430,6 +440,7 @@ class Learner:
                 try:
                     await self.train_step(list(response.groups))
                 except ValueError as exc:
+                    self.skipped_batches += 1
                     log.error("skipping malformed batch %d: %s", response.step, exc)
                 if not open_:
                     raise _StreamEnded()
