@@ -117,9 +117,14 @@ def _unusable(seq: scored_data_pb2.ScoredSequence, vocab_size: int | None) -> st
     return None
 
 
-def _per_token(values: Sequence[float], n: int, what: str, index: int, fallbacks: dict[str, int]) -> list[float] | None:
-    """The field's values when usable for the sequence, else None (counted)."""
-    if not len(values):
+def _per_token(
+    seq: scored_data_pb2.ScoredSequence, what: str, index: int, fallbacks: dict[str, int]
+) -> list[float] | None:
+    """The field's values when usable for the sequence, else None (counted when the
+    field was sent: filled in, or named in present_fields but missing for this one)."""
+    values: Sequence[float] = getattr(seq, what)
+    n = len(seq.tokens)
+    if not len(values) and what not in seq.present_fields:
         return None
     if len(values) != n:
         reason = f"{what}_length"
@@ -189,9 +194,9 @@ def prepare(
                 continue
             n = n_all if limit is None else min(n_all, limit)
             targets = [t for t in range(1, n) if seq.masks[t] != IGNORE_INDEX]
-            token_adv = _per_token(seq.advantages, n_all, "advantages", i, fallbacks)
-            old = _per_token(seq.inference_logprobs, n_all, "inference_logprobs", i, fallbacks)
-            ref = _per_token(seq.ref_logprobs, n_all, "ref_logprobs", i, fallbacks)
+            token_adv = _per_token(seq, "advantages", i, fallbacks)
+            old = _per_token(seq, "inference_logprobs", i, fallbacks)
+            ref = _per_token(seq, "ref_logprobs", i, fallbacks)
             nan = float("nan")
             seqs.append(
                 TrainSequence(
