@@ -23,6 +23,7 @@ from services.gateway.generation.sglang_api.api_router import generate_router
 from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
 from services.gateway.http.metrics import metrics_response
+from services.gateway.http.openapi_doc import install_openapi
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
 
@@ -104,4 +105,5 @@ def create_app(
 
     app.include_router(generate_router(inference))
     app.include_router(openai_router(inference))
+    install_openapi(app)
     return app
