@@ -122,7 +122,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         """All or nothing: every group is checked as it arrives and the stream's groups
         enter the queue together once the client has sent them all; the answer comes
         once they are durable (RESOURCE_EXHAUSTED when the store is full)."""
-        groups = []
+        groups: list[dict[str, Any]] = []
         async for request in request_iterator:
             where = f"groups[{len(groups)}]."
             try:
