@@ -141,7 +141,7 @@ def group_to_proto(group: dict[str, Any]) -> pb.ScoredGroup:
 
 def group_from_proto(msg: pb.ScoredGroup) -> dict[str, Any]:
     """A ScoredGroup as the Atropos group dict (field types as the proto gives them;
-    callers check lengths with scored_data.check_group)."""
+    callers check it with scored_data.admit_group)."""
     sequences = list(msg.sequences)
     present: set[str] = set()
     for i, seq in enumerate(sequences):
