@@ -30,6 +30,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.trajectory import receipts
 from services.gateway.trajectory.state import TrajectoryState
 from services.gateway.trajectory.store import open_store
+from services.gateway.vocabulary import learn_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class GatewayServer(GrpcServer):
     http: uvicorn.Server | None = None
     http_socket: socket.socket | None = None
     http_task: asyncio.Task | None = None
+    vocabulary_task: asyncio.Task | None = None
 
     @property
     def http_port(self) -> int:
@@ -78,8 +80,14 @@ class GatewayServer(GrpcServer):
     async def start_http(self) -> None:
         assert self.http is not None and self.http_socket is not None
         self.http_task = asyncio.create_task(self.http.serve(sockets=[self.http_socket]))
+        if self.inference is not None:
+            self.vocabulary_task = asyncio.create_task(learn_vocabulary(self.inference, self.state))
 
     async def stop_http(self) -> None:
+        if self.vocabulary_task is not None:
+            self.vocabulary_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.vocabulary_task
         if self.http is not None and self.http_task is not None:
             self.http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
@@ -117,6 +125,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         max_staleness=settings.max_staleness,
         staleness_policy=settings.staleness_policy,
         max_kept_batches=settings.max_kept_batches,
+        refuse_oversized_groups=settings.refuse_oversized_groups,
     )
     inference = InferencePool(
         settings.inference,

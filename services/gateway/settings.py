@@ -79,6 +79,12 @@ class GatewaySettings(ServiceSettings):
         description="What batch assembly does with groups past max_staleness: 'drop' them "
         "(batches stay exactly batch_size) or 'keep' them; counted either way (GetStatus, /metrics).",
     )
+    refuse_oversized_groups: bool = Field(
+        True,
+        description="Refuse (422 / INVALID_ARGUMENT) a group, or an environment's group_size, "
+        "larger than the trainer's batch size: no batch could ever hold it, and Atropos' batch "
+        "formation stops for good behind it. Off: exactly run-api's behaviour.",
+    )
     receipt_capacity: int = Field(
         100_000,
         ge=0,

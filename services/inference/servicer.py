@@ -114,6 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             eos_token_id=self.eos_token_id,
             engine=self.shards.kind,
             shard_count=len(self.shards),
+            vocab_size=self.shards.vocab_size,
         )
 
     async def GetServedPolicy(

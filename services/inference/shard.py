@@ -56,6 +56,11 @@ class Shard(abc.ABC):
     @abc.abstractmethod
     def max_context_len(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size (0: unknown)."""
+        return 0
+
     @abc.abstractmethod
     def set_health_listener(self, listener: HealthListener) -> None: ...
 

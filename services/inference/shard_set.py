@@ -67,6 +67,11 @@ class ShardSet:
         return min(s.max_context_len for s in self.shards)
 
     @property
+    def vocab_size(self) -> int:
+        """The smallest vocabulary of the shards (0: some shard does not know)."""
+        return min(s.vocab_size for s in self.shards)
+
+    @property
     def serving(self) -> bool:
         return any(s.serving for s in self.shards)
 

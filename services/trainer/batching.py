@@ -12,6 +12,16 @@ ids (see `tests/unit/test_trainer_batching.py`, which checks that packed log-pro
 unpacked ones), so no padding is computed at all. The forward pass asks for logits at
 target positions only (`logits_to_keep`), which keeps the vocabulary-sized tensors as
 small as the completions.
+
+What a trainer cannot use is judged per sequence, never by failing the batch
+(`Unusable`): a sequence with no tokens, a token id outside the model's vocabulary or
+a score that is not finite is dropped; an optional per-token field (advantages,
+inference_logprobs, ref_logprobs) whose length differs from the tokens' or that holds
+a non-finite number is ignored for that sequence (group advantages, on-policy
+logprobs, no reference term instead), as `run-api` lets such fields through. Both are
+counted per reason in `TrainBatch.dropped` / `TrainBatch.fallbacks` (the step line's
+`dropped/*` and `fallback/*`) and logged once per reason. Only masks that do not line
+up with their tokens fail the batch (ValueError): the gateway never lets them through.
 """
 
 from __future__ import annotations
@@ -44,6 +54,9 @@ class BatchConfig:
     micro_batch_tokens: int = 8192
     # Drop sequences generated more than this many versions ago (None keeps all).
     max_staleness: int | None = None
+    # The model's vocabulary size: a sequence with a token id outside it is dropped
+    # (None: only negative ids are).
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -70,6 +83,10 @@ class TrainBatch:
     env_scores: dict[int, list[float]]
     stale_dropped: int = 0
     staleness: list[int] = field(default_factory=list)
+    # Sequences dropped as unusable, per reason (Unusable), and optional fields
+    # ignored for a sequence, per field and reason.
+    dropped: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_targets(self) -> int:
@@ -80,11 +97,44 @@ class TrainBatch:
         return sum(len(s.tokens) for s in self.sequences)
 
 
-def _per_token(values: Sequence[float], n: int, what: str, index: int) -> list[float] | None:
-    if len(values) == n:
+_logged: set[str] = set()
+
+
+def _log_once(reason: str, message: str, *args: object) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning(message + " (logged once; counted in the step line)", *args)
+
+
+def _unusable(seq: scored_data_pb2.ScoredSequence, vocab_size: int | None) -> str | None:
+    """Why a sequence cannot be trained on at all, or None."""
+    if not seq.tokens:
+        return "empty"
+    if not math.isfinite(seq.score):
+        return "non_finite_score"
+    if min(seq.tokens) < 0 or (vocab_size is not None and max(seq.tokens) >= vocab_size):
+        return "token_out_of_vocab"
+    return None
+
+
+def _per_token(
+    seq: scored_data_pb2.ScoredSequence, what: str, index: int, fallbacks: dict[str, int]
+) -> list[float] | None:
+    """The field's values when usable for the sequence, else None (counted when the
+    field was sent: filled in, or named in present_fields but missing for this one)."""
+    values: Sequence[float] = getattr(seq, what)
+    n = len(seq.tokens)
+    if not len(values) and what not in seq.present_fields:
+        return None
+    if len(values) != n:
+        reason = f"{what}_length"
+        _log_once(reason, "sequence %d sent %d %s for %d tokens; ignoring them", index, len(values), what, n)
+    elif not all(map(math.isfinite, values)):
+        reason = f"{what}_non_finite"
+        _log_once(reason, "sequence %d sent non-finite %s; ignoring them", index, what)
+    else:
         return list(values)
-    if len(values):
-        log.warning("sequence %d sent %d %s for %d tokens; ignoring them", index, len(values), what, n)
+    fallbacks[reason] = fallbacks.get(reason, 0) + 1
     return None
 
 
@@ -96,28 +146,42 @@ def prepare(
     moments: RunningMoments | None = None,
 ) -> TrainBatch:
     """Advantages, sampling/reference log-probs and aggregation weights of every
-    sequence of the batch, stale sequences dropped.
+    sequence of the batch, stale and unusable sequences dropped (module docstring).
 
-    Advantages are the group-normalised scores (over the whole group, stale members
-    included), replaced per token by the environment's own `advantages` where it sent
-    them; then normalised over the batch's targets and clipped as configured. Raises
-    ValueError when a sequence's masks do not line up with its tokens or nothing is left.
+    Advantages are the group-normalised scores (over the group's usable members, stale
+    ones included), replaced per token by the environment's own `advantages` where it
+    sent usable ones; then normalised over the batch's targets and clipped as
+    configured. Raises ValueError when a sequence's masks do not line up with its
+    tokens or no usable sequence is left.
     """
     seqs: list[TrainSequence] = []
     scores: list[float] = []
     env_scores: dict[int, list[float]] = {}
     staleness_seen: list[int] = []
     dropped = 0
+    unusable: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+    first_reason = ""
     index = 0
     limit = config.max_token_len
     for group in groups:
-        group_adv = group_advantages([s.score for s in group.sequences], config.normalize_std, config.std_eps)
-        env = group.env_id if group.HasField("env_id") else None
-        for seq, adv in zip(group.sequences, group_adv):
+        usable = []
+        for seq in group.sequences:
             i, index = index, index + 1
             n_all = len(seq.tokens)
             if len(seq.masks) != n_all:
                 raise ValueError(f"sequence {i}: {len(seq.masks)} masks for {n_all} tokens")
+            reason = _unusable(seq, config.vocab_size)
+            if reason is None:
+                usable.append((i, seq))
+                continue
+            unusable[reason] = unusable.get(reason, 0) + 1
+            first_reason = first_reason or f"sequence {i}: {reason}"
+            _log_once(reason, "sequence %d dropped: %s", i, reason)
+        group_adv = group_advantages([s.score for _, s in usable], config.normalize_std, config.std_eps)
+        env = group.env_id if group.HasField("env_id") else None
+        for (i, seq), adv in zip(usable, group_adv):
+            n_all = len(seq.tokens)
             scores.append(seq.score)
             if env is not None:
                 env_scores.setdefault(env, []).append(seq.score)
@@ -130,9 +194,9 @@ def prepare(
                 continue
             n = n_all if limit is None else min(n_all, limit)
             targets = [t for t in range(1, n) if seq.masks[t] != IGNORE_INDEX]
-            token_adv = _per_token(seq.advantages, n_all, "advantages", i)
-            old = _per_token(seq.inference_logprobs, n_all, "inference_logprobs", i)
-            ref = _per_token(seq.ref_logprobs, n_all, "ref_logprobs", i)
+            token_adv = _per_token(seq, "advantages", i, fallbacks)
+            old = _per_token(seq, "inference_logprobs", i, fallbacks)
+            ref = _per_token(seq, "ref_logprobs", i, fallbacks)
             nan = float("nan")
             seqs.append(
                 TrainSequence(
@@ -154,7 +218,7 @@ def prepare(
                 )
             )
     if not scores:
-        raise ValueError("batch has no sequences")
+        raise ValueError(f"batch has no usable sequences{' (' + first_reason + ')' if first_reason else ''}")
     if config.adv_norm != "none" or config.adv_clip > 0:
         flat = torch.cat([s.advantages for s in seqs]) if seqs else torch.zeros(0)
         normed = normalize_advantages(flat, config.adv_norm, moments, config.adv_clip, config.std_eps)
@@ -165,7 +229,7 @@ def prepare(
     weights = token_weights([len(s.targets) for s in seqs], config.aggregation, config.max_token_len)
     for s, w in zip(seqs, weights):
         s.weight = w
-    return TrainBatch(seqs, scores, env_scores, dropped, staleness_seen)
+    return TrainBatch(seqs, scores, env_scores, dropped, staleness_seen, unusable, fallbacks)
 
 
 def split(sequences: Sequence[TrainSequence], ranks: int) -> list[list[int]]:

@@ -11,11 +11,12 @@ clip -> optimizer and scheduler step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -111,6 +112,9 @@ class TrainerCore:
         model.train()
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
+        # A sequence with a token id the embedding cannot look up is dropped (batching).
+        vocab = int(cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings)
+        self.batching = dataclasses.replace(self.batching, vocab_size=vocab)
         self.autocast = self._autocast_dtype()
         self.laid_out = self._lay_out_for_sync(model)
         self.model = self.ranks.wrap(model)

@@ -146,6 +146,8 @@ class Learner:
         self.env_names: dict[int, str] = {}
         # Called with each step record once printed (metrics, W&B); a failure is only logged.
         self.step_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Batches the gateway sent that held no usable sequence (skipped, not trained).
+        self.skipped_batches = 0
 
     @property
     def step(self) -> int:
@@ -516,7 +518,15 @@ class Learner:
             "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
             "staleness_max": max(staleness, default=0),
             "stale_dropped": batch.stale_dropped,
+            # Sequences dropped as unusable, and optional fields ignored (batching.py).
+            "unusable_dropped": sum(batch.dropped.values()),
+            "fallbacks": sum(batch.fallbacks.values()),
+            "skipped_batches": self.skipped_batches,
         }
+        for reason, count in sorted(batch.dropped.items()):
+            record[f"dropped/{reason}"] = count
+        for reason, count in sorted(batch.fallbacks.items()):
+            record[f"fallback/{reason}"] = count
         for env, score in m.env_mean_scores.items():
             record[f"atropos/env_{env}/mean_score"] = score
         # By registered name (env_<id> for an environment the gateway did not name).
@@ -688,6 +698,7 @@ class Learner:
                         )
                         self.batch_log.record(response.step, self.step, response.groups)
                     except ValueError as exc:
+                        self.skipped_batches += 1
                         log.error("skipping malformed batch %d: %s", response.step, exc)
                         span.set_status(trace.StatusCode.ERROR, f"malformed batch: {exc}")
                 if self.acks.unreported:  # tell the gateway what the new checkpoint holds

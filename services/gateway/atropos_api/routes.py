@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -65,27 +65,33 @@ def json_bytes(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
+# Integers the store keeps as int64; beyond them a record could not be journaled.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class Registration(BaseModel):
     wandb_group: str
     wandb_project: str
-    batch_size: int
-    max_token_len: int
+    batch_size: int = Field(ge=1, le=2**63 - 1)
+    max_token_len: Int64
     checkpoint_dir: str
-    save_checkpoint_interval: int
-    starting_step: int
-    num_steps: int
+    save_checkpoint_interval: Int64
+    starting_step: Int64
+    num_steps: Int64
 
 
 class RegisterEnv(BaseModel):
-    max_token_length: int
+    max_token_length: Int64
     desired_name: str
-    weight: float
-    group_size: int = Field(ge=1)
+    # A non-finite or negative weight would break /status-env's arithmetic for every env.
+    weight: float = Field(ge=0.0, allow_inf_nan=False)
+    group_size: int = Field(ge=1, le=2**63 - 1)
     min_batch_allocation: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class EnvIdentifier(BaseModel):
-    env_id: int
+    # Atropos indexes a list with it: a negative id would name an env from the end.
+    env_id: int = Field(ge=0, le=2**63 - 1)
 
 
 FastRoute = Callable[[bytes, Any], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
@@ -183,14 +189,14 @@ def add_atropos_routes(
         return json_bytes(latest if latest is not None else EMPTY_EXAMPLE_JSON)
 
     async def ingest_one(body: bytes, _scope: Any = None) -> tuple[bytes, list]:
-        group = read_group(body, state.wants_completions)
+        group = read_group(body, state.wants_completions, state.limits)
         (outcome,) = await trajectories.submit([group])
         if outcome.buffered:
             return orjson.dumps({"status": "buffered", "buffer_size": outcome.buffer_size}), []
         return RECEIVED, []
 
     async def ingest_list(body: bytes, _scope: Any = None) -> tuple[bytes, list]:
-        groups = read_group_list(body, state.wants_completions)
+        groups = read_group_list(body, state.wants_completions, state.limits)
         outcomes = await trajectories.submit(groups)
         response: dict[str, Any] = {"status": "received", "groups_processed": len(groups)}
         buffered = [o for o in outcomes if o.buffered]

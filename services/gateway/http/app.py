@@ -25,6 +25,7 @@ from services.gateway.generation.sglang_api.api_router import generate_router
 from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
+from services.gateway.http.openapi_doc import install_openapi
 from services.gateway.http.request_span import traced_fast_route
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
@@ -135,4 +136,5 @@ def create_app(
     app.include_router(openai_router(inference))
     latency.set_routes(getattr(route, "path", "") for route in app.routes)
     app.latency = latency
+    install_openapi(app)
     return app

@@ -5,6 +5,11 @@ ScoredSequence has no presence for repeated fields, so `present_fields` on every
 sequence names the ones that were sent, and an empty list round-trips as an empty
 list. Struct and Value carry JSON; their numbers are doubles, so an integral number
 comes back as an int. Per-token floats are float32 on the wire.
+
+A group the door took with an optional field whose length disagrees with tokens
+(as run-api takes it, scored_data.py) travels as far as it goes: sequence i carries
+entry i where there is one, and the field is named present on every sequence; the
+trainer decides per sequence what it can use (services/trainer/batching.py).
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ def group_to_proto(group: dict[str, Any]) -> pb.ScoredGroup:
     distill_lps = given["distill_logprobs"]
     versions = group.get(POLICY_VERSIONS) or None
 
+    def entry(values: list | None, i: int) -> Any:
+        return values[i] if values is not None and i < len(values) else None
+
     sequences = []
     for i, tokens in enumerate(group["tokens"]):
         seq = pb.ScoredSequence(
@@ -102,25 +110,21 @@ def group_to_proto(group: dict[str, Any]) -> pb.ScoredGroup:
             score=group["scores"][i],
             present_fields=present,
         )
-        if advantages is not None:
-            seq.advantages.extend(advantages[i])
-        if ref_logprobs is not None:
-            seq.ref_logprobs.extend(ref_logprobs[i])
-        if inference_logprobs is not None:
-            seq.inference_logprobs.extend(inference_logprobs[i])
-        if messages is not None:
-            for message in messages[i]:
+        if (row := entry(advantages, i)) is not None:
+            seq.advantages.extend(row)
+        if (row := entry(ref_logprobs, i)) is not None:
+            seq.ref_logprobs.extend(row)
+        if (row := entry(inference_logprobs, i)) is not None:
+            seq.inference_logprobs.extend(row)
+        if (chat := entry(messages, i)) is not None:
+            for message in chat:
                 seq.messages.add().update(message)
-        if overrides is not None:
+        if (override := entry(overrides, i)) is not None:
             seq.overrides.SetInParent()
-            seq.overrides.update(overrides[i])
-        if distill_ids is not None or distill_lps is not None:
-            rows = len((distill_ids if distill_ids is not None else distill_lps)[i])
-            for k in range(rows):
-                seq.distill.add(
-                    token_ids=distill_ids[i][k] if distill_ids is not None else (),
-                    logprobs=distill_lps[i][k] if distill_lps is not None else (),
-                )
+            seq.overrides.update(override)
+        ids, lps = entry(distill_ids, i) or [], entry(distill_lps, i) or []
+        for k in range(max(len(ids), len(lps))):
+            seq.distill.add(token_ids=ids[k] if k < len(ids) else (), logprobs=lps[k] if k < len(lps) else ())
         if versions is not None and versions[i] is not None:
             seq.policy_version = versions[i]
         sequences.append(seq)
@@ -139,7 +143,7 @@ def group_to_proto(group: dict[str, Any]) -> pb.ScoredGroup:
 
 def group_from_proto(msg: pb.ScoredGroup) -> dict[str, Any]:
     """A ScoredGroup as the Atropos group dict (field types as the proto gives them;
-    callers check lengths with scored_data.check_group)."""
+    callers check it with scored_data.admit_group)."""
     sequences = list(msg.sequences)
     present: set[str] = set()
     for i, seq in enumerate(sequences):

@@ -24,7 +24,7 @@ from services.common.telemetry import traceparent
 from services.gateway.rpc.convert import batch_to_proto, env_names, group_from_proto, group_to_proto
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
-from services.gateway.trajectory.scored_data import check_group
+from services.gateway.trajectory.scored_data import admit_group
 from services.gateway.trajectory.state import TrajectoryState
 from services.gateway.trajectory.tracing import handout_span
 
@@ -128,14 +128,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         """All or nothing: every group is checked as it arrives and the stream's groups
         enter the queue together once the client has sent them all; the answer comes
         once they are durable (RESOURCE_EXHAUSTED when the store is full)."""
-        groups = []
+        groups: list[dict[str, Any]] = []
         async for request in request_iterator:
             where = f"groups[{len(groups)}]."
             try:
                 group = group_from_proto(request.group)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"{where}{exc}") from None
-            groups.append(check_group(group, prefix=where))
+            # The same door as /scored_data (scored_data.admit_group).
+            groups.append(admit_group(group, self._trajectories.view.limits, prefix=where))
         outcomes = await self._trajectories.submit(groups)
         buffered = sum(1 for o in outcomes if o.buffered)
         return pb.SubmitScoredDataResponse(received=len(outcomes) - buffered, buffered=buffered)

@@ -24,8 +24,8 @@
 PyDoc_STRVAR(MODULE_DOC,
 "C fast path for Atropos ScoredData bodies (/scored_data and /scored_data_list).\n"
 "\n"
-"canonical_group(body: bytes, want_completions: bool) -> tuple | None\n"
-"canonical_groups(body: bytes, want_completions: bool) -> list[tuple] | None\n"
+"canonical_group(body: bytes, want_completions: bool, token_limit=None) -> tuple | None\n"
+"canonical_groups(body: bytes, want_completions: bool, token_limit=None) -> list | None\n"
 "\n"
 "Each tuple is (encoded, size, env_id, policy_versions, completions):\n"
 "  encoded          bytes: encode_group(parse_scored_data(body)), byte for byte (but see\n"
@@ -52,7 +52,9 @@ PyDoc_STRVAR(MODULE_DOC,
 "group_overrides null or a flat object of at most 64 entries, keys plain ASCII\n"
 "without escapes and no duplicate, values plain ASCII strings without escapes,\n"
 "true, false, null, JSON integers within int64 (no '-0'; kept as integers) or\n"
-"floats (spelt as below). Nested values go to the Python path. Only TypeError is\n"
+"floats (spelt as below). Nested values go to the Python path. With token_limit\n"
+"(the door's checks, scored_data.door_problems): an empty sequence, a token id\n"
+"outside [0, token_limit) or a negative env_id is declined too. Only TypeError is\n"
 "raised (body not bytes), and MemoryError when memory runs out.\n"
 "\n"
 "Float spelling. Floats are re-spelt as Python's repr(float(x)) would spell them,\n"
@@ -148,6 +150,9 @@ typedef struct {
     Vec pv;                /* policy versions, -1 for null */
     int64_t env_id;
     int want;
+    /* The door's checks (canonical_group's `token_limit`): when > 0, tokens outside
+     * [0, token_limit), an empty sequence or a negative env_id are declined. */
+    int64_t token_limit;
     int nomem;
 } Ctx;
 
@@ -1029,7 +1034,7 @@ parse_field(Ctx *c, int id)
         return -1;
     switch (id) {
     case F_TOKENS:
-        return parse_rows(c, 0, &c->lens[F_TOKENS], c->want ? &c->tokvals : NULL, &count);
+        return parse_rows(c, 0, &c->lens[F_TOKENS], c->want || c->token_limit ? &c->tokvals : NULL, &count);
     case F_MASKS:
         return parse_rows(c, 0, &c->lens[F_MASKS], c->want ? &c->maskvals : NULL, &count);
     case F_SCORES:
@@ -1106,6 +1111,25 @@ check_group(Ctx *c)
     return 0;
 }
 
+/* scored_data.door_problems, for what the fast path sees: every sequence has a
+ * token, every token id is in [0, token_limit), env_id is not negative (the
+ * non-finite floats door_problems refuses are never accepted here). */
+static int
+check_door(Ctx *c)
+{
+    const Vec *lens = &c->lens[F_TOKENS];
+    for (Py_ssize_t i = 0; i < lens->n; i++)
+        if (lens->v[i] == 0)
+            return -1;
+    const int64_t *tok = c->tokvals.v;
+    for (Py_ssize_t j = 0; j < c->tokvals.n; j++)
+        if (tok[j] < 0 || tok[j] >= c->token_limit)
+            return -1;
+    if (HAS(c, F_ENV_ID) && c->env_id < 0)
+        return -1;
+    return 0;
+}
+
 /* A group object at c->p (whitespace skipped), nested at `depth`. */
 static int
 parse_group(Ctx *c, int depth)
@@ -1155,7 +1179,9 @@ parse_group(Ctx *c, int depth)
     const unsigned required = (1u << F_TOKENS) | (1u << F_MASKS) | (1u << F_SCORES);
     if ((c->present & required) != required)
         return -1;
-    return check_group(c);
+    if (check_group(c) < 0)
+        return -1;
+    return c->token_limit > 0 ? check_door(c) : 0;
 }
 
 /* ------------------------------------------------------------------------------ */
@@ -1284,9 +1310,20 @@ fail:
 static int
 read_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Ctx *c)
 {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "%s() takes exactly 2 arguments (%zd given)", name, nargs);
+    if (nargs != 2 && nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 2 or 3 arguments (%zd given)", name, nargs);
         return -1;
+    }
+    int64_t token_limit = 0;
+    if (nargs == 3 && args[2] != Py_None) {
+        long long limit = PyLong_AsLongLong(args[2]);
+        if (limit == -1 && PyErr_Occurred())
+            return -1;
+        if (limit < 1) {
+            PyErr_Format(PyExc_ValueError, "%s() token_limit must be at least 1", name);
+            return -1;
+        }
+        token_limit = (int64_t)limit;
     }
     if (!PyBytes_Check(args[0])) {
         PyErr_Format(PyExc_TypeError, "%s() argument 1 must be bytes, not %.200s", name,
@@ -1300,6 +1337,7 @@ read_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Ctx *c)
     c->p = (const uchar *)PyBytes_AS_STRING(args[0]);
     c->end = c->p + PyBytes_GET_SIZE(args[0]);
     c->want = want;
+    c->token_limit = token_limit;
     return 0;
 }
 
@@ -1315,7 +1353,8 @@ decline(Ctx *c)
 }
 
 PyDoc_STRVAR(canonical_group_doc,
-"canonical_group(body: bytes, want_completions: bool) -> tuple | None\n"
+"canonical_group(body: bytes, want_completions: bool, token_limit: int | None = None)\n"
+"    -> tuple | None\n"
 "\n"
 "One /scored_data body as (encoded, size, env_id, policy_versions, completions), or\n"
 "None when the body is outside the fast path's domain (see the module docstring).");
@@ -1339,7 +1378,8 @@ canonical_group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(canonical_groups_doc,
-"canonical_groups(body: bytes, want_completions: bool) -> list[tuple] | None\n"
+"canonical_groups(body: bytes, want_completions: bool, token_limit: int | None = None)\n"
+"    -> list[tuple] | None\n"
 "\n"
 "A /scored_data_list body (a JSON array of groups): one canonical_group tuple per\n"
 "group, or None when any group is outside the fast path's domain.");

@@ -7,6 +7,7 @@ batches.py, restore.py) share and answers the questions the routes, GetStatus an
 
 from __future__ import annotations
 
+from services.gateway.trajectory.door import DoorLimits
 from services.gateway.trajectory.journal import Journal
 from services.gateway.trajectory.queue_index import Group, QueueIndex
 from services.gateway.trajectory.receipts import Receipts
@@ -129,6 +130,20 @@ class StateBase:
     @property
     def envs(self) -> list[EnvRecord]:
         return list(self._envs)
+
+    # The model's vocabulary size, learned from the inference service (the gateway
+    # server sets it); None: the door refuses only negative token ids.
+    vocab_size: int | None = None
+    # Refuse groups larger than the trainer's batch size (door.py); off in a bare
+    # state, which behaves exactly as run-api (that wedges behind such a group).
+    refuse_oversized_groups: bool = False
+
+    @property
+    def limits(self) -> DoorLimits:
+        """What the door checks submissions against (door.py)."""
+        trainer = self._trainer
+        batch_size = trainer.batch_size if trainer is not None and self.refuse_oversized_groups else None
+        return DoorLimits(self.vocab_size, batch_size)
 
     def info(self) -> tuple[int, int]:
         """Atropos' /info: (batch_size, max_token_len), -1 where unknown."""

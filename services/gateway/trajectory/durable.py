@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from services.common.errors import Unavailable
+from services.gateway.trajectory.door import DoorLimits
 from services.gateway.trajectory.queue_index import Group, QueueIndex
 from services.gateway.trajectory.records import (
     Counters,
@@ -85,6 +86,8 @@ class TrajectoryView(Protocol):
     def kept_groups(self) -> int: ...
     @property
     def checkpointed_step(self) -> int: ...
+    @property
+    def limits(self) -> DoorLimits: ...
 
     def info(self) -> tuple[int, int]: ...
     def next_ready(self) -> list[Group] | None: ...

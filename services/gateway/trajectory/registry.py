@@ -7,7 +7,7 @@ import math
 import time
 import uuid
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.gateway.trajectory.base import StateBase
 from services.gateway.trajectory.records import (
     EnvRecord,
@@ -27,14 +27,17 @@ class Registry(StateBase):
     def register_trainer(self, registration: TrainerRegistration) -> int:
         """Register a trainer; returns its id (a random 128-bit integer). As in Atropos,
         only the first registration sets the batch geometry; later ones just get ids."""
+        if registration.batch_size < 1:
+            raise InvalidArgument(f"batch_size is {registration.batch_size}: it must be at least 1")
         self.journal.check()
         if self._trainer is None:
+            # Journaled first: a record the journal cannot take changes nothing in memory.
+            self.journal.trainer(registration)
+            self.journal.step(registration.starting_step)
+            self.journal.started(False)
             self._trainer = registration
             self._step = registration.starting_step
             self._started = False
-            self.journal.trainer(registration)
-            self.journal.step(self._step)
-            self.journal.started(False)
         requester = uuid.uuid4().int
         self._requesters.append(requester)
         self.wakeup.notify()
@@ -62,6 +65,7 @@ class Registry(StateBase):
         trainer asked for its first batch."""
         if not self._started or self._trainer is None:
             return None
+        self._check_env(registration)
         self.journal.check()
         same_name = sum(1 for e in self._envs if e.desired_name == registration.desired_name)
         record = EnvRecord(
@@ -74,8 +78,9 @@ class Registry(StateBase):
             min_batch_allocation=registration.min_batch_allocation,
             last_update=time.time(),
         )
-        self._envs.append(record)
+        # Journaled first: a record the journal cannot take changes nothing in memory.
         self.journal.env(record)
+        self._envs.append(record)
         self.wakeup.notify()
         return EnvRegistered(
             env_id=record.registered_id,
@@ -86,9 +91,28 @@ class Registry(StateBase):
             num_steps=self._trainer.num_steps,
         )
 
+    def _check_env(self, registration: EnvRegistration) -> None:
+        """What no environment can be registered with (the same on REST and gRPC)."""
+        weight = registration.weight
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidArgument(f"weight is {weight}: it must be a finite number, not negative")
+        if registration.group_size < 1:
+            raise InvalidArgument(f"group_size is {registration.group_size}: it must be at least 1")
+        minimum = registration.min_batch_allocation
+        if minimum is not None and not 0.0 <= minimum <= 1.0:
+            raise InvalidArgument(f"min_batch_allocation is {minimum}: it must be in [0, 1]")
+        trainer = self._trainer
+        if self.refuse_oversized_groups and trainer is not None and registration.group_size > trainer.batch_size:
+            raise InvalidArgument(
+                f"group_size is {registration.group_size} but the trainer's batch size is "
+                f"{trainer.batch_size}: no batch could hold one group"
+            )
+
     def _env(self, env_id: int) -> EnvRecord:
-        # Atropos indexes its list, so -1 is the last environment.
-        if not -len(self._envs) <= env_id < len(self._envs):
+        # Atropos indexes its list, so -1 would be the last environment: refused.
+        if env_id < 0:
+            raise InvalidArgument(f"env_id is {env_id}: environment ids are not negative")
+        if not env_id < len(self._envs):
             raise NotFound(f"env_id {env_id} is not registered ({len(self._envs)} environments registered)")
         return self._envs[env_id]
 

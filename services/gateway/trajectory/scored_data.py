@@ -3,8 +3,19 @@
 A group is kept as the same dict Atropos' server builds (every Atropos key present,
 None when absent), so `/batch` answers byte for byte what Atropos would. Parsing
 accepts what Atropos' pydantic model accepts (lax types) and then checks what Atropos
-does not: per-sequence lengths agree, so a trainer never receives a malformed group.
-Every problem names its field and index.
+does not. Every problem names its field and index.
+
+Two levels of checking:
+- `parse_scored_data` / `group_problems`: a well-formed group, every per-sequence
+  length agreeing (the C fast path takes only such groups).
+- The door (`read_group`, `read_group_list`, `admit_group`: what the ingest routes
+  and SubmitScoredData take): as lenient as `run-api` on the optional fields
+  (advantages, ref_logprobs, inference_logprobs, messages, overrides, distill_*
+  whose lengths disagree with tokens are kept and returned by `/batch` as sent; the
+  trainer decides per sequence what it can use of them), strict where the data would
+  poison training: masks and scores must line up with tokens (they decide what is
+  trained on and how), and `door.door_problems` (non-finite numbers, token ids outside
+  the vocabulary, empty sequences, groups larger than a batch, negative env ids).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.common.errors import InvalidArgument
 from services.gateway.field_paths import field_path
+from services.gateway.trajectory.door import DoorLimits, door_problems, env_id_problems, size_problems
 from services.gateway.trajectory.receipts import completion_tokens
 
 try:  # the C fast path (_scored_fast.c), built by `pip install`
@@ -166,8 +178,11 @@ def encode_group(group: dict[str, Any]) -> bytes:
     return b"".join((head[:-1], b",", tail[1:])) if len(tail) > 2 else head
 
 
-def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:
-    """Everything wrong with a group dict whose fields already have the right types."""
+def group_problems(group: dict[str, Any], prefix: str = "", optional: bool = True) -> list[str]:
+    """Everything wrong with a group dict whose fields already have the right types.
+    With optional=False, only what `run-api` refuses too or what decides training
+    (masks and scores per sequence, messages' role and content, Clotho's
+    policy_versions): the optional fields' lengths are not checked."""
     p = prefix
     problems: list[str] = []
     tokens = group["tokens"]
@@ -194,20 +209,22 @@ def group_problems(group: dict[str, Any], prefix: str = "") -> list[str]:
                 problems.append(f"{p}masks[{i}] has {len(mask)} entries but tokens[{i}] has {len(toks)}")
     per_sequence("scores", optional=False)
     for name in PER_TOKEN_FIELDS:
-        values = per_sequence(name)
+        values = per_sequence(name) if optional else None
         if values is None:
             continue
         for i, (toks, row) in enumerate(zip(tokens, values)):
             if len(row) != len(toks):
                 problems.append(f"{p}{name}[{i}] has {len(row)} entries but tokens[{i}] has {len(toks)}")
-    messages = per_sequence("messages")
+    messages = per_sequence("messages") if optional else group.get("messages")
     if messages is not None:
         for i, chat in enumerate(messages):
             for j, message in enumerate(chat):
                 if "role" not in message or "content" not in message:
                     problems.append(f"{p}messages[{i}][{j}] must have 'role' and 'content' fields")
-    per_sequence("overrides")
     per_sequence(POLICY_VERSIONS)
+    if not optional:
+        return problems
+    per_sequence("overrides")
     ids = per_sequence("distill_token_ids")
     logprobs = per_sequence("distill_logprobs")
     if ids is not None and logprobs is not None:
@@ -257,6 +274,51 @@ def parse_scored_data_list(body: bytes) -> list[dict[str, Any]]:
     return groups
 
 
+# -- the door: what the ingest routes and SubmitScoredData take ----------------------
+
+
+def admission_problems(group: dict[str, Any], limits: DoorLimits, prefix: str = "") -> list[str]:
+    """What the door refuses in a group dict whose fields have the right types: the
+    required fields' shape and what would poison training (module docstring)."""
+    problems = group_problems(group, prefix, optional=False)
+    poison = door_problems(group, limits, prefix) if group["tokens"] else []
+    if problems or poison:
+        # Refused anyway: name everything wrong, the optional fields' lengths too.
+        return group_problems(group, prefix) + poison
+    return problems
+
+
+def admit_group(group: dict[str, Any], limits: DoorLimits, prefix: str = "") -> dict[str, Any]:
+    """Return `group` unchanged, or raise ScoredDataInvalid naming what the door refuses."""
+    problems = admission_problems(group, limits, prefix)
+    if problems:
+        raise ScoredDataInvalid(problems)
+    return group
+
+
+def admit_scored_data(body: bytes, limits: DoorLimits) -> dict[str, Any]:
+    """One group from a `/scored_data` JSON body, as the door takes it."""
+    try:
+        data = _ONE.validate_json(body)
+    except ValidationError as exc:
+        raise ScoredDataInvalid(_pydantic_problems(exc)) from None
+    return admit_group(to_group(data), limits)
+
+
+def admit_scored_data_list(body: bytes, limits: DoorLimits) -> list[dict[str, Any]]:
+    """Every group of a `/scored_data_list` JSON body, as the door takes them; one
+    refused group refuses them all."""
+    try:
+        items = _MANY.validate_json(body)
+    except ValidationError as exc:
+        raise ScoredDataInvalid(_pydantic_problems(exc)) from None
+    groups = [to_group(item) for item in items]
+    problems = [msg for i, g in enumerate(groups) for msg in admission_problems(g, limits, prefix=f"[{i}].")]
+    if problems:
+        raise ScoredDataInvalid(problems)
+    return groups
+
+
 # -- what the trajectory state takes in ------------------------------------------
 
 
@@ -294,22 +356,38 @@ def fast_path_available() -> bool:
     return _scored_fast is not None
 
 
-def read_group(body: bytes, want_completions: bool) -> Incoming:
-    """One `/scored_data` body as an Incoming, or ScoredDataInvalid naming what is
-    wrong. The C fast path takes what it can in one pass over the bytes; whatever it
-    declines (free-form fields, lax types, anything invalid) goes through pydantic,
+def _size_checked(items: list[Incoming], limits: DoorLimits, many: bool) -> list[Incoming]:
+    # What the C fast path leaves to its caller: the group's size against the batch.
+    problems = [
+        msg
+        for i, item in enumerate(items)
+        for msg in size_problems(item.size, limits, f"[{i}]." if many else "")
+        + env_id_problems(item.env_id, f"[{i}]." if many else "")
+    ]
+    if problems:
+        raise ScoredDataInvalid(problems)
+    return items
+
+
+def read_group(body: bytes, want_completions: bool, limits: DoorLimits | None = None) -> Incoming:
+    """One `/scored_data` body as an Incoming, or ScoredDataInvalid naming what the
+    door refuses. The C fast path takes what it can in one pass over the bytes (only
+    well-formed groups that pass the door); whatever it declines (free-form fields,
+    lax types, lengths run-api lets through, anything refused) goes through pydantic,
     which gives the same result or the error."""
+    limits = limits if limits is not None else DoorLimits()
     if _scored_fast is not None:
-        fast = _scored_fast.canonical_group(body, want_completions)
+        fast = _scored_fast.canonical_group(body, want_completions, limits.token_limit)
         if fast is not None:
-            return Incoming(*fast)
-    return incoming(parse_scored_data(body), want_completions)
+            return _size_checked([Incoming(*fast)], limits, False)[0]
+    return incoming(admit_scored_data(body, limits), want_completions)
 
 
-def read_group_list(body: bytes, want_completions: bool) -> list[Incoming]:
-    """Every group of a `/scored_data_list` body (one bad group rejects them all)."""
+def read_group_list(body: bytes, want_completions: bool, limits: DoorLimits | None = None) -> list[Incoming]:
+    """Every group of a `/scored_data_list` body (one refused group refuses them all)."""
+    limits = limits if limits is not None else DoorLimits()
     if _scored_fast is not None:
-        fast = _scored_fast.canonical_groups(body, want_completions)
+        fast = _scored_fast.canonical_groups(body, want_completions, limits.token_limit)
         if fast is not None:
-            return [Incoming(*item) for item in fast]
-    return [incoming(group, want_completions) for group in parse_scored_data_list(body)]
+            return _size_checked([Incoming(*item) for item in fast], limits, True)
+    return [incoming(group, want_completions) for group in admit_scored_data_list(body, limits)]

@@ -66,6 +66,7 @@ class TrajectoryState(Admission, Acknowledged, ResetRestore):
         max_staleness: int = 0,
         staleness_policy: StalenessPolicy = "drop",
         max_kept_batches: int = DEFAULT_MAX_KEPT_BATCHES,
+        refuse_oversized_groups: bool = False,
     ) -> None:
         if staleness_policy not in ("drop", "keep"):
             raise ValueError(f"staleness_policy must be 'drop' or 'keep', not {staleness_policy!r}")
@@ -79,6 +80,7 @@ class TrajectoryState(Admission, Acknowledged, ResetRestore):
         self.max_staleness = max_staleness
         self.staleness_policy = staleness_policy
         self.max_kept_batches = max_kept_batches
+        self.refuse_oversized_groups = refuse_oversized_groups
         self.counters = Counters()
         self._reported_version = 0
         self._latest = None

@@ -77,6 +77,10 @@ class SGLangShard(Shard, SGLangLoader):
     def max_context_len(self) -> int:
         return self.spec.max_context_len
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.spec.vocab_size)
+
     def set_health_listener(self, listener: HealthListener) -> None:
         self._listener = listener
 

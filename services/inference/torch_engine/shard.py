@@ -56,6 +56,10 @@ class TorchShard(Shard):
     def max_context_len(self) -> int:
         return self.engine.max_context_len
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.vocab_size)
+
     def set_health_listener(self, listener: HealthListener) -> None:
         self._listener = listener
 

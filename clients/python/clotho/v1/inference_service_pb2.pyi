@@ -142,20 +142,22 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count")
+    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count", "vocab_size")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     max_context_len: int
     eos_token_id: int
     engine: str
     shard_count: int
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class GetServedPolicyRequest(_message.Message):
     __slots__ = ()
