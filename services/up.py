@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -127,11 +128,18 @@ async def run_up(args: argparse.Namespace) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
 
-    # Tokens travel to the children in their environment, not on command lines (ps).
+    # Tokens travel to the children in their environment, not on command lines (ps). The
+    # service token, fresh for every run, guards InferenceService and TrainerService.
     traj, inf_token = args.trajectory_token or "", args.inference_token or ""
+    service_token = secrets.token_urlsafe(32)
     child_env = {
-        "gateway": {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj, "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token},
-        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj},
+        "inference": {"CLOTHO_INFERENCE_SERVICE_TOKEN": service_token},
+        "gateway": {
+            "CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj,
+            "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token,
+            "CLOTHO_GATEWAY_SERVICE_TOKEN": service_token,
+        },
+        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj, "CLOTHO_TRAINER_SERVICE_TOKEN": service_token},
         "env": {"CLOTHO_DEMO_TRAJECTORY_TOKEN": traj, "CLOTHO_DEMO_INFERENCE_TOKEN": inf_token},
     }
 

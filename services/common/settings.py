@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 T = TypeVar("T", bound="ServiceSettings")
@@ -49,6 +50,51 @@ class ServiceSettings(BaseSettings):
         description="If set, a JSON line with the bound ports is written here once serving "
         "(the clotho launcher reads it).",
     )
+    service_token: SecretStr | None = Field(
+        None,
+        description="The mesh's service token: every call to InferenceService and TrainerService "
+        "must carry 'authorization: Bearer <token>' (grpc.health and reflection stay open), and "
+        "the trainer and the gateway present it to the inference services. Set it through the "
+        "environment (CLOTHO_INFERENCE_SERVICE_TOKEN, CLOTHO_TRAINER_SERVICE_TOKEN, "
+        "CLOTHO_GATEWAY_SERVICE_TOKEN) or service_token_file, not on a command line. Unset: no "
+        "check, which is refused beyond loopback unless --insecure.",
+    )
+    service_token_file: str | None = Field(
+        None, description="A file holding service_token (surrounding whitespace ignored)."
+    )
+    tls_cert_file: str | None = Field(
+        None,
+        description="PEM certificate chain this service listens with (TLS; needs tls_key_file); also "
+        "presented as the client certificate when tls_ca_file is set (mTLS).",
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle: channels to other services speak TLS and verify them against it, "
+        "and a server with a certificate requires client certificates signed by it (mTLS).",
+    )
+    insecure: bool = Field(
+        False,
+        description="Allow listening beyond loopback (--host 0.0.0.0, a LAN address) without a "
+        "service token; without it such a service refuses to start.",
+    )
+
+    @model_validator(mode="after")
+    def _tokens_from_files(self) -> ServiceSettings:
+        """Every `X_token_file` field fills its `X_token` field (giving both is an error)."""
+        for name in type(self).model_fields:
+            if not name.endswith("_token_file"):
+                continue
+            path, target = getattr(self, name), name.removesuffix("_file")
+            if not path:
+                continue
+            if getattr(self, target, None) is not None:
+                raise ValueError(f"{target} and {name} are both set; give one")
+            token = Path(path).expanduser().read_text().strip()
+            if not token:
+                raise ValueError(f"{name} {path!r} is empty")
+            setattr(self, target, SecretStr(token))
+        return self
 
 
 def load_settings(cls: type[T], argv: Sequence[str] | None = None) -> T:

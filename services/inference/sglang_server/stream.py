@@ -142,7 +142,7 @@ class SGLangStream:
                     for out in self._consume(event):
                         yield out
         except httpx.HTTPError as exc:
-            raise Unavailable(f"SGLang shard {shard.name}: {type(exc).__name__}: {exc}") from None
+            raise Unavailable(f"SGLang shard {shard.name}: {exc or 'connection error'}") from None
         finally:
             self._release()
         for sample in self._samples:
