@@ -33,7 +33,7 @@ async def _abort(context: aio.ServicerContext, exc: ClothoError) -> None:
     await context.abort(grpc_code(exc), str(exc))
 
 
-async def _internal(context: aio.ServicerContext, method: str) -> None:
+async def _internal(context: aio.ServicerContext[Any, Any], method: str) -> None:
     log.exception("unexpected error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 

@@ -75,8 +75,10 @@ class ServiceSettings(BaseSettings):
     )
     insecure: bool = Field(
         False,
-        description="Allow listening beyond loopback (--host 0.0.0.0, a LAN address) without a "
-        "service token; without it such a service refuses to start.",
+        description="Allow the inference service and the trainer to listen beyond loopback "
+        "(--host 0.0.0.0, a LAN address; the trainer's --sync-address too) without a service "
+        "token; without it they refuse to start. The gateway's own routes are guarded by its "
+        "trajectory and inference tokens instead.",
     )
 
     @model_validator(mode="after")

@@ -91,7 +91,7 @@ class CollectiveGroup:
             dist.PrefixStore(f"{self.group_name}/", dist.PrefixStore(self.group_name, self.store)),
         )
         if self.backend == "gloo":
-            options = dist.ProcessGroupGloo._Options()
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # untyped in torch's stubs
             options._timeout = self.timeout
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._transport_address())]
             self._pg = dist.ProcessGroupGloo(prefix, self.rank, self.world_size, options)
