@@ -20,6 +20,7 @@ import asyncio
 import collections
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -409,11 +410,17 @@ def format_breakdown(b: dict[str, float]) -> str:
 def child_envs(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[str, dict[str, str]]:
     """Each child's extra environment: its tokens (in the environment, not on command
     lines, where ps shows them) and, with a trace receiver, the OTEL_* variables."""
+    # The service token, fresh for every run, guards InferenceService and TrainerService.
     traj, inf_token = args.trajectory_token or "", args.inference_token or ""
+    service_token = secrets.token_urlsafe(32)
     envs = {
-        "inference": {},
-        "gateway": {"CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj, "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token},
-        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj},
+        "inference": {"CLOTHO_INFERENCE_SERVICE_TOKEN": service_token},
+        "gateway": {
+            "CLOTHO_GATEWAY_TRAJECTORY_TOKEN": traj,
+            "CLOTHO_GATEWAY_INFERENCE_TOKEN": inf_token,
+            "CLOTHO_GATEWAY_SERVICE_TOKEN": service_token,
+        },
+        "trainer": {"CLOTHO_TRAINER_GATEWAY_TOKEN": traj, "CLOTHO_TRAINER_SERVICE_TOKEN": service_token},
         "env": {"CLOTHO_DEMO_TRAJECTORY_TOKEN": traj, "CLOTHO_DEMO_INFERENCE_TOKEN": inf_token},
     }
     if otlp_endpoint is not None:

@@ -25,9 +25,11 @@ def service_process():
     from services import launcher
 
     @contextlib.asynccontextmanager
-    async def run(module: str, args: list[str], log_dir: Path, *, ready_timeout: float = 120.0):
+    async def run(
+        module: str, args: list[str], log_dir: Path, *, ready_timeout: float = 120.0, env: dict | None = None
+    ):
         name = module.rsplit(".", 1)[-1]
-        child = await launcher.start(name, module, args, log_dir)
+        child = await launcher.start(name, module, args, log_dir, env=env)
         try:
             info = await launcher.wait_ready(child, ready_timeout)
             yield child, info

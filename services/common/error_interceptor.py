@@ -1,5 +1,9 @@
 """The one interceptor that turns domain errors (services/common/errors.py) raised by a
-servicer into gRPC statuses; every server gets it from services/common/server.py."""
+servicer into gRPC statuses; every server gets it from services/common/server.py.
+
+Anything else a servicer raises is a bug: it is logged in full here and the client gets
+INTERNAL with a generic message that names no exception class, path or internal state.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +25,22 @@ def grpc_code(exc: ClothoError) -> grpc.StatusCode:
     return grpc.StatusCode[exc.code.name]
 
 
+# What a client is told about an unexpected failure (the server's log has the rest).
+INTERNAL_MESSAGE = "internal error (logged by the server)"
+
+
 async def _abort(context: aio.ServicerContext, exc: ClothoError) -> None:
     await context.abort(grpc_code(exc), str(exc))
 
 
-def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """Wrap every behaviour of a method handler so domain errors become statuses."""
+async def _internal(context: aio.ServicerContext[Any, Any], method: str) -> None:
+    log.exception("unexpected error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """Wrap every behaviour of a method handler so domain errors become statuses and
+    anything unexpected becomes a generic INTERNAL."""
 
     def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: aio.ServicerContext) -> Any:
@@ -34,6 +48,10 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 return await fn(request, context)
             except ClothoError as exc:
                 await _abort(context, exc)
+            except aio.AbortError:
+                raise  # context.abort() already chose the status
+            except Exception:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
+                await _internal(context, method)
 
         return call
 
@@ -44,6 +62,10 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                     yield item
             except ClothoError as exc:
                 await _abort(context, exc)
+            except aio.AbortError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
+                await _internal(context, method)
 
         return call
 
@@ -89,4 +111,4 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _wrap(handler)
+        return _wrap(handler, handler_call_details.method)

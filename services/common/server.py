@@ -1,8 +1,9 @@
 """The one gRPC server skeleton every service uses.
 
 `build_server` makes a grpc.aio server with interceptors (a service's own, such as an
-auth check, then tracing, then errors), grpc.health.v1 and reflection, binds it and
-returns it with its port. `run_service` starts it, announces readiness, and on
+auth check, then tracing, then errors), grpc.health.v1 and reflection, binds it (with
+TLS when given server credentials, see services/common/access.py) and returns it with
+its port. `run_service` starts it, announces readiness, and on
 SIGTERM/SIGINT flips health to NOT_SERVING and stops with a grace period.
 """
 
@@ -58,10 +59,12 @@ def build_server(
     port: int,
     register: Iterable[tuple[Callable[[Any, aio.Server], None], Any, str]],
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Create and bind a server. `register` holds (add_XServicer_to_server, servicer,
     full service name) triples. `interceptors` run first, in order, before tracing and
-    the error mapping (an auth check there refuses a call before anything else runs)."""
+    the error mapping (an auth check there refuses a call before anything else runs).
+    `credentials`: TLS for the port; None listens in plaintext."""
     server = aio.server(
         interceptors=[*interceptors, *server_interceptors(), ErrorInterceptor()],
         options=GRPC_OPTIONS,
@@ -76,7 +79,8 @@ def build_server(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind gRPC server to {host}:{port}")
     return GrpcServer(server=server, port=bound, health=health_servicer, service_names=names)
@@ -145,15 +149,23 @@ def run_main(coro_factory: Callable[[], Awaitable[None]], log_level: str = "INFO
         asyncio.run(coro_factory())
 
 
-def channel(target: str, token: Any = None) -> aio.Channel:
-    """An insecure grpc.aio channel with the tracing interceptors and message limits;
-    with a `token` (str or SecretStr) every call carries `authorization: Bearer <token>`."""
+def channel(
+    target: str,
+    token: Any = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> aio.Channel:
+    """A grpc.aio channel with the tracing interceptors and message limits (or
+    `options`); with a `token` (str or SecretStr) every call carries `authorization:
+    Bearer <token>`; with `credentials` it speaks TLS, else plaintext."""
     from clotho.client import bearer_interceptors
     from services.common.telemetry import client_interceptors
 
-    return aio.insecure_channel(
-        target, options=GRPC_OPTIONS, interceptors=[*client_interceptors(), *bearer_interceptors(token)]
-    )
+    interceptors = [*client_interceptors(), *bearer_interceptors(token)]
+    opts = list(GRPC_OPTIONS if options is None else options)
+    if credentials is not None:
+        return aio.secure_channel(target, credentials, options=opts, interceptors=interceptors)
+    return aio.insecure_channel(target, options=opts, interceptors=interceptors)
 
 
 __all__ = ["GrpcServer", "announce_ready", "build_server", "channel", "grpc", "run_main", "run_service"]

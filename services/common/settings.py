@@ -6,9 +6,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 T = TypeVar("T", bound="ServiceSettings")
@@ -59,6 +60,53 @@ class ServiceSettings(BaseSettings):
         "libraries' defaults (every core). `clotho up` divides the machine's cores among "
         "its processes.",
     )
+    service_token: SecretStr | None = Field(
+        None,
+        description="The mesh's service token: every call to InferenceService and TrainerService "
+        "must carry 'authorization: Bearer <token>' (grpc.health and reflection stay open), and "
+        "the trainer and the gateway present it to the inference services. Set it through the "
+        "environment (CLOTHO_INFERENCE_SERVICE_TOKEN, CLOTHO_TRAINER_SERVICE_TOKEN, "
+        "CLOTHO_GATEWAY_SERVICE_TOKEN) or service_token_file, not on a command line. Unset: no "
+        "check, which is refused beyond loopback unless --insecure.",
+    )
+    service_token_file: str | None = Field(
+        None, description="A file holding service_token (surrounding whitespace ignored)."
+    )
+    tls_cert_file: str | None = Field(
+        None,
+        description="PEM certificate chain this service listens with (TLS; needs tls_key_file); also "
+        "presented as the client certificate when tls_ca_file is set (mTLS).",
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle: channels to other services speak TLS and verify them against it, "
+        "and a server with a certificate requires client certificates signed by it (mTLS).",
+    )
+    insecure: bool = Field(
+        False,
+        description="Allow the inference service and the trainer to listen beyond loopback "
+        "(--host 0.0.0.0, a LAN address; the trainer's --sync-address too) without a service "
+        "token; without it they refuse to start. The gateway's own routes are guarded by its "
+        "trajectory and inference tokens instead.",
+    )
+
+    @model_validator(mode="after")
+    def _tokens_from_files(self) -> ServiceSettings:
+        """Every `X_token_file` field fills its `X_token` field (giving both is an error)."""
+        for name in type(self).model_fields:
+            if not name.endswith("_token_file"):
+                continue
+            path, target = getattr(self, name), name.removesuffix("_file")
+            if not path:
+                continue
+            if getattr(self, target, None) is not None:
+                raise ValueError(f"{target} and {name} are both set; give one")
+            token = Path(path).expanduser().read_text().strip()
+            if not token:
+                raise ValueError(f"{name} {path!r} is empty")
+            setattr(self, target, SecretStr(token))
+        return self
 
 
 # Environment variables through which the libraries a service loads size their pools.

@@ -19,11 +19,13 @@ from typing import Any
 import uvicorn
 
 from clotho.v1 import gateway_service_pb2_grpc as pb_grpc
+from services.common.access import Access
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
 from services.gateway import auth
 from services.gateway.generation.call_guard import Deadlines
 from services.gateway.generation.pool import InferencePool
+from services.gateway.generation.routing import Router, open_channel
 from services.gateway.http.app import create_app
 from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -127,13 +129,19 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         max_kept_batches=settings.max_kept_batches,
         refuse_oversized_groups=settings.refuse_oversized_groups,
     )
+    # service_token and TLS towards the inference services; TLS on the gRPC port.
+    access = Access.from_settings(settings)
     inference = InferencePool(
         settings.inference,
         settings.tokenizer_path,
         settings.generate_timeout_seconds,
-        eject_seconds=settings.inference_eject_seconds,
         deadlines=Deadlines(settings.generate_first_token_seconds, settings.generate_idle_seconds),
-        probe_timeout_seconds=settings.inference_probe_timeout_seconds,
+        router=Router(
+            settings.inference,
+            eject_seconds=settings.inference_eject_seconds,
+            probe_timeout_seconds=settings.inference_probe_timeout_seconds,
+            channel_factory=lambda address: open_channel(address, access),
+        ),
     )
     servicer = GatewayServicer(state, inference)
     grpc_server = build_server(
@@ -141,6 +149,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         settings.grpc_port,
         [(pb_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
         interceptors=auth.grpc_interceptors(settings.trajectory_token, settings.inference_token),
+        credentials=access.server_credentials(),
     )
     app = create_app(state, inference, settings.max_body_bytes, settings.response_gzip)
     # Outside the body middleware: its 413s on /v1/* leave in OpenAI's error shape.

@@ -97,8 +97,9 @@ class GatewaySettings(ServiceSettings):
     )
     tokenizer_path: str | None = Field(
         None,
-        description="Tokenizer directory for text in /generate; default: the model_path "
-        "that InferenceService.GetModelInfo reports.",
+        description="Tokenizer (a directory or a Hugging Face id) for text in /generate and /v1/*; "
+        "default: the model name InferenceService.GetModelInfo reports, which only loads when "
+        "the model is served under its Hugging Face id.",
     )
     max_body_bytes: int = Field(
         256 * 1024 * 1024,
@@ -148,6 +149,8 @@ class GatewaySettings(ServiceSettings):
         description="Bearer token /generate, /get_model_info and /v1/* require (an Atropos "
         "APIServerConfig sends its api_key as one); unset leaves them open.",
     )
+    trajectory_token_file: str | None = Field(None, description="A file holding trajectory_token.")
+    inference_token_file: str | None = Field(None, description="A file holding inference_token.")
 
     @property
     def http_bind(self) -> tuple[str, int]:

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.access import Access
 from services.common.metrics import MetricsEndpoint, serve_metrics
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
@@ -84,18 +85,23 @@ def build_shards(settings: InferenceSettings) -> list[Shard]:
 
 
 def create_server(settings: InferenceSettings) -> tuple[InferenceGrpcServer, int]:
-    """Load the model(s), start the engine threads and bind (not start) the gRPC server."""
+    """Load the model(s), start the engine threads and bind (not start) the gRPC server.
+    Raises ExposureRefused before loading anything when the bind would be unsafe."""
+    access = Access.from_settings(settings)
+    access.check_exposure("inference", [settings.host])
     model_name = settings.served_model_name()
     model_path = settings.resolved_model_path()
     shard_set = ShardSet(build_shards(settings))
     first = shard_set.shards[0]
     eos = first.engine.eos_token_id if isinstance(first, TorchShard) else _eos_token_id(str(model_path))
-    servicer = InferenceServicer(shard_set, model_name=model_name, model_path=str(model_path), eos_token_id=eos)
+    servicer = InferenceServicer(shard_set, model_name=model_name, eos_token_id=eos)
     servicer.metrics = InferenceMetrics(shard_set)
     base = build_server(
         settings.host,
         settings.grpc_port,
         [(pb_grpc.add_InferenceServiceServicer_to_server, servicer, SERVICE_NAME)],
+        interceptors=access.server_interceptors(),
+        credentials=access.server_credentials(),
     )
     server = InferenceGrpcServer(**{f.name: getattr(base, f.name) for f in fields(GrpcServer)}, servicer=servicer)
     pending: set[asyncio.Task] = set()

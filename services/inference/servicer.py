@@ -38,7 +38,10 @@ _FINISH_REASONS = {
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Serves `shards`, or one torch engine with its weight receiver (a single shard)."""
+    """Serves `shards`, or one torch engine with its weight receiver (a single shard).
+
+    Nothing it answers names a local path: GetModelInfo's `model_path` carries the served
+    model name (a Hugging Face id when the model is served under one)."""
 
     def __init__(
         self,
@@ -46,7 +49,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         receiver: WeightReceiver | None = None,
         model_name: str = "",
         *,
-        model_path: str = "",
         eos_token_id: int = -1,
     ) -> None:
         if isinstance(shards, GenerationEngine):
@@ -54,11 +56,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if receiver is None:
                 raise ValueError("a torch engine needs its WeightReceiver")
             shards = ShardSet([TorchShard(engine, receiver)])
-            model_path = model_path or str(engine.model_path)
+            model_name = model_name or engine.model_path.name
             eos_token_id = engine.eos_token_id if eos_token_id < 0 else eos_token_id
         self.shards = shards
         self.model_name = model_name
-        self.model_path = model_path
         self.eos_token_id = eos_token_id
         # Prometheus instruments (metrics.py); None counts nothing.
         self.metrics: InferenceMetrics | None = None
@@ -109,7 +110,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetModelInfoResponse:
         return pb.GetModelInfoResponse(
             model_name=self.model_name,
-            model_path=self.model_path,
+            model_path=self.model_name,
             max_context_len=self.shards.max_context_len,
             eos_token_id=self.eos_token_id,
             engine=self.shards.kind,

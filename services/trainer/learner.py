@@ -45,6 +45,7 @@ from opentelemetry import trace
 from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
+from services.common.access import Access
 from services.common.server import channel
 from services.common.telemetry import attached, parse_traceparent
 from services.common.weight_wire.dtypes import from_name
@@ -205,6 +206,7 @@ class Learner:
         if self.weight_sync is None:
             self.weight_sync = WeightSync.for_targets(
                 self.settings.inference,
+                access=Access.from_settings(self.settings),
                 address=self.settings.sync_address,
                 bucket_bytes=self.settings.bucket_bytes,
                 timeout_seconds=self.settings.sync_timeout_seconds,
@@ -559,7 +561,11 @@ class Learner:
         streamed batches until `num_steps` steps are done or `stop` is set."""
         stop = stop or asyncio.Event()
         await self.load()
-        gateway = channel(self.settings.gateway, token=self.settings.gateway_token)
+        gateway = channel(
+            self.settings.gateway,
+            token=self.settings.gateway_token,
+            credentials=Access.from_settings(self.settings).channel_credentials(),
+        )
         work = asyncio.ensure_future(self._run(gw_grpc.GatewayServiceStub(gateway), stop))
         stopped = asyncio.ensure_future(stop.wait())
         try:

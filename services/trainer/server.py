@@ -11,6 +11,7 @@ import logging
 import signal
 
 from clotho.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.common.access import Access
 from services.common.metrics import MetricsEndpoint, serve_metrics
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
@@ -28,14 +29,26 @@ log = logging.getLogger(__name__)
 
 
 def create_server(settings: TrainerSettings, state: PolicyState | None = None) -> tuple[GrpcServer, int]:
-    """A bound, not yet started server serving `state` (a fresh one if not given)."""
+    """A bound, not yet started server serving `state` (a fresh one if not given).
+    Raises ExposureRefused when the bind would be unsafe."""
+    access = check_exposure(settings)
     servicer = TrainerServicer(state if state is not None else PolicyState())
     grpc_server = build_server(
         settings.host,
         settings.grpc_port,
         [(pb_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)],
+        interceptors=access.server_interceptors(),
+        credentials=access.server_credentials(),
     )
     return grpc_server, grpc_server.port
+
+
+def check_exposure(settings: TrainerSettings) -> Access:
+    """The trainer's credentials, once its listening addresses (gRPC, and the weight
+    transfer's rendezvous store and gloo transport) are judged safe."""
+    access = Access.from_settings(settings)
+    access.check_exposure("trainer", [settings.host, *([settings.sync_address] if settings.inference else [])])
+    return access
 
 
 async def serve(settings: TrainerSettings) -> None:

@@ -32,8 +32,10 @@ class TrainerSettings(ServiceSettings):
     gateway_token: SecretStr | None = Field(
         None,
         description="The gateway's trajectory_token, sent on every GatewayService call as "
-        "'authorization: Bearer <token>'; unset sends none (a gateway without a token).",
+        "'authorization: Bearer <token>'; unset sends none (a gateway without a token). Set it "
+        "through CLOTHO_TRAINER_GATEWAY_TOKEN or gateway_token_file.",
     )
+    gateway_token_file: str | None = Field(None, description="A file holding gateway_token.")
     # NoDecode: the env var is read as "a:1,b:2" (or JSON), not only as JSON.
     inference: Targets = Field(
         default_factory=list,
@@ -132,7 +134,9 @@ class TrainerSettings(ServiceSettings):
     )
     sync_address: str = Field(
         "127.0.0.1",
-        description="Host the trainer's rendezvous store binds and advertises to the shards.",
+        description="Address the trainer's weight-transfer rendezvous store and its gloo "
+        "transport listen on, and advertise to the shards (beyond loopback it needs a "
+        "service_token or --insecure, like --host).",
     )
     device: str = Field("cpu", description="Torch device for the model, e.g. cpu or cuda:0.")
     seed: int = Field(0, description="Torch random seed.")

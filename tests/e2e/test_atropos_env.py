@@ -259,6 +259,8 @@ async def test_atropos_envs_sglang_openai_vllm_per_item_in_serve_mode_feed_strea
         for p in PROMPTS
     }
     args = [
+        "--tokenizer-path",
+        str(tiny_model_dir),
         "--http-port",
         "0",
         "--grpc-port",

@@ -67,6 +67,8 @@ async def gateway(programs, tiny_model_dir: Path, tmp_path_factory: pytest.TempP
             "gateway",
             "services.gateway",
             [
+                "--tokenizer-path",
+                str(tiny_model_dir),
                 "--http-port",
                 "0",
                 "--inference",

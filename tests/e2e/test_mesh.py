@@ -65,7 +65,18 @@ async def test_training_updates_reach_inference(tiny_model_dir: Path, tmp_path: 
         gw_ready = await start(
             "gateway",
             "services.gateway",
-            ["--http-port", "0", "--inference", inference, "--data-dir", str(tmp_path / "gateway")],
+            # The inference service names its model but never hands out its local path,
+            # so the gateway is told where the tokenizer is.
+            [
+                "--http-port",
+                "0",
+                "--inference",
+                inference,
+                "--tokenizer-path",
+                str(tiny_model_dir),
+                "--data-dir",
+                str(tmp_path / "gateway"),
+            ],
         )
         tr_ready = await start(
             "trainer",

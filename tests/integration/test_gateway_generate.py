@@ -205,9 +205,11 @@ async def real_inference(tiny_model_dir, tmp_path_factory, service_process):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vllm_url(real_inference, tmp_path_factory, service_process):
+async def vllm_url(real_inference, tiny_model_dir, tmp_path_factory, service_process):
     home = tmp_path_factory.mktemp("vllm-gateway")
     args = [
+        "--tokenizer-path",
+        str(tiny_model_dir),
         "--http-port",
         "0",
         "--grpc-port",

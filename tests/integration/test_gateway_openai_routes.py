@@ -423,6 +423,8 @@ async def real_url(tiny_model_dir, tmp_path_factory, service_process):
     async with service_process("services.inference", args, tmp_path_factory.mktemp("inference")) as (_, inference):
         workdir = tmp_path_factory.mktemp("real-gateway")
         args = [
+            "--tokenizer-path",
+            str(tiny_model_dir),
             "--http-port",
             "0",
             "--grpc-port",

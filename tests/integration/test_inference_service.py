@@ -154,7 +154,8 @@ async def served_version(stub) -> int:
 async def test_generate_end_to_end(stub, trainer, tiny_model_dir):
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.engine, info.shard_count, info.max_context_len, info.eos_token_id) == ("torch", 1, 512, 2)
-    assert info.model_path == str(Path(tiny_model_dir).resolve()) and info.model_name == Path(tiny_model_dir).name
+    # Issue 10: GetModelInfo names the served model, never its local path.
+    assert info.model_path == Path(tiny_model_dir).name and info.model_name == Path(tiny_model_dir).name
 
     request = pb.GenerateRequest(
         input_ids=SEQUENCE,

@@ -1,9 +1,16 @@
 """The collective group a weight update is broadcast over, independent of any default
-group, meeting peers on the store keys SGLang's own group helper uses."""
+group, meeting peers on the store keys SGLang's own group helper uses.
+
+Every socket it listens on binds one address: the rendezvous store listens on the
+address it advertises (torch's TCPStore alone would listen on every interface), and the
+gloo transport listens on that address on the hosting side and, on a joining side, on
+the local address that routes to the store.
+"""
 
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch
 import torch.distributed as dist
@@ -58,14 +65,19 @@ class CollectiveGroup:
     def host(
         cls, backend: str, address: str, world_size: int, group_name: str, timeout_seconds: float
     ) -> CollectiveGroup:
-        """The rank-0 side: start the store on a free port (its port is `.port`)."""
+        """The rank-0 side: start the store on a free port of `address` (its port is
+        `.port`), listening on that address only."""
+        listener = listen_socket(address)
+        port = listener.getsockname()[1]
         store = dist.TCPStore(
             address,
-            0,
+            port,
             world_size,
             is_master=True,
             timeout=datetime.timedelta(seconds=timeout_seconds),
             wait_for_workers=False,
+            # The store takes the socket over and closes it with itself.
+            master_listen_fd=listener.detach(),
         )
         return cls(backend, address, store.port, world_size, 0, group_name, timeout_seconds, store=store)
 
@@ -79,13 +91,23 @@ class CollectiveGroup:
             dist.PrefixStore(f"{self.group_name}/", dist.PrefixStore(self.group_name, self.store)),
         )
         if self.backend == "gloo":
-            self._pg = dist.ProcessGroupGloo(prefix, self.rank, self.world_size, self.timeout)
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # untyped in torch's stubs
+            options._timeout = self.timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._transport_address())]
+            self._pg = dist.ProcessGroupGloo(prefix, self.rank, self.world_size, options)
         elif self.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout
             self._pg = dist.ProcessGroupNCCL(prefix, self.rank, self.world_size, opts)
         else:
             raise ValueError(f"unknown backend {self.backend!r}")
+
+    def _transport_address(self) -> str:
+        """Where this rank's gloo transport listens: the store's address on rank 0, else
+        the local address that routes to the store."""
+        if self.rank == 0:
+            return self.address
+        return local_address_towards(self.address, self.port)
 
     @property
     def connected(self) -> bool:
@@ -116,3 +138,25 @@ class CollectiveGroup:
                     shutdown()
                 except Exception:  # noqa: BLE001 - a broken group may fail to shut down; we drop it anyway
                     pass
+
+
+def listen_socket(address: str) -> socket.socket:
+    """A TCP socket listening on a free port of `address` only."""
+    family, kind, proto, _name, sockaddr = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def local_address_towards(address: str, port: int) -> str:
+    """This machine's address on the route to `address` (no packet is sent)."""
+    family, _kind, _proto, _name, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(sockaddr)
+        return str(probe.getsockname()[0])

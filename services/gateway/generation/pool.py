@@ -11,8 +11,10 @@ version receipts (trajectory/receipts.py), so scored data submitted later can be
 attributed to the policy version that produced it.
 
 The tokenizer (chat templates, text prompts and outputs) is loaded once, on first use,
-in its own thread: from `tokenizer_path` if set, else from the model_path the
-inference service reports.
+in its own thread: from `tokenizer_path` if set, else by the model name the inference
+service reports (a Hugging Face id; the inference service never hands out local paths).
+A tokenizer that cannot be loaded is answered 503 without the path or the cause, which go
+to the gateway's log.
 """
 
 from __future__ import annotations
@@ -138,11 +140,14 @@ class InferencePool:
             if self._tokenizer is None:
                 path = self._tokenizer_path or (await self.model_info()).model_path
                 if not path:
-                    raise Unavailable("no tokenizer: set --tokenizer-path; the inference service reports no model_path")
+                    raise Unavailable("no tokenizer: set the gateway's --tokenizer-path")
                 try:
                     self._tokenizer = await self.in_tokenizer_thread(_load_tokenizer, path)
                 except Exception as exc:
-                    raise Unavailable(f"could not load the tokenizer from {path!r}: {exc}") from exc
+                    log.error("could not load the tokenizer from %r: %s", path, exc, exc_info=True)
+                    raise Unavailable(
+                        "the gateway could not load its tokenizer (see its log); set its --tokenizer-path"
+                    ) from None
                 log.info("loaded tokenizer from %s", path)
         return self._tokenizer
 

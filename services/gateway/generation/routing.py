@@ -36,6 +36,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.access import Access
 from services.common.errors import Unavailable
 from services.common.server import GRPC_OPTIONS
 
@@ -55,10 +56,10 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def open_channel(address: str) -> aio.Channel:
-    from services.common.telemetry import client_interceptors
-
-    return aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
+def open_channel(address: str, access: Access | None = None) -> aio.Channel:
+    """A channel to one InferenceService target, presenting `access`'s service token (and
+    TLS when it has a CA), with quick reconnects."""
+    return (access or Access()).channel(address, options=_CHANNEL_OPTIONS)
 
 
 @dataclass

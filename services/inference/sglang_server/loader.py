@@ -229,7 +229,7 @@ class SGLangLoader:
         except httpx.TimeoutException:
             raise DeadlineExceeded(f"shard {self.name}: {what} timed out after {timeout:.0f}s") from None
         except httpx.HTTPError as exc:
-            raise Unavailable(f"shard {self.name}: {what} failed: {type(exc).__name__}: {exc}") from None
+            raise Unavailable(f"shard {self.name}: {what} failed: {exc or 'connection error'}") from None
         try:
             payload = response.json()
         except ValueError:

@@ -173,7 +173,7 @@ class SGLangStream:
         except httpx.HTTPError as exc:
             if span is not None:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
-            raise Unavailable(f"SGLang shard {shard.name}: {type(exc).__name__}: {exc}") from None
+            raise Unavailable(f"SGLang shard {shard.name}: {exc or 'connection error'}") from None
         except BaseException as exc:
             if span is not None and not isinstance(exc, GeneratorExit):
                 span.set_status(trace.StatusCode.ERROR, str(exc))

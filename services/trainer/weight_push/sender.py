@@ -33,6 +33,7 @@ from opentelemetry import trace
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.access import Access
 from services.common.server import channel
 from services.common.weight_wire import (
     BACKENDS,
@@ -103,9 +104,10 @@ class WeightSync:
         self._peers = PeerWatch(self._names, self._stubs, probe_seconds, probe_timeout_seconds)
 
     @classmethod
-    def for_targets(cls, targets: Sequence[str], **kwargs: Any) -> WeightSync:
-        """Open a channel per InferenceService target; `close()` closes them."""
-        channels = [channel(t) for t in targets]
+    def for_targets(cls, targets: Sequence[str], access: Access | None = None, **kwargs: Any) -> WeightSync:
+        """Open a channel per InferenceService target, presenting `access`'s service token
+        (TLS when it has a CA); `close()` closes them."""
+        channels = [access.channel(t) if access is not None else channel(t) for t in targets]
         stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
         return cls(stubs, names=list(targets), channels=channels, **kwargs)
 

@@ -99,7 +99,8 @@ def generate_router(inference: InferencePool) -> APIRouter:
         info = await inference.model_info()
         return {
             "model_path": info.model_path,
-            "tokenizer_path": inference.tokenizer_path or info.model_path,
+            # The served name, never the gateway's own tokenizer directory.
+            "tokenizer_path": info.model_path,
             "is_generation": True,
             "model_name": info.model_name,
             "max_context_len": info.max_context_len,

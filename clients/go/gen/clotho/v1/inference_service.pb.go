@@ -861,7 +861,8 @@ type GetModelInfoResponse struct {
 
 	// The model's name as clients address it (the OpenAI `model` field).
 	ModelName string `protobuf:"bytes,1,opt,name=model_name,json=modelName,proto3" json:"model_name,omitempty"`
-	// Local path of the model directory (config, tokenizer), as the service sees it.
+	// The served model's name again (a Hugging Face id when it is served under one), for
+	// clients that read SGLang's `model_path`; never a local path.
 	ModelPath string `protobuf:"bytes,2,opt,name=model_path,json=modelPath,proto3" json:"model_path,omitempty"`
 	// The longest sequence (prompt plus completion) the engine accepts.
 	MaxContextLen uint32 `protobuf:"varint,3,opt,name=max_context_len,json=maxContextLen,proto3" json:"max_context_len,omitempty"`

@@ -421,7 +421,8 @@ export type GetModelInfoResponse = Message<"clotho.v1.GetModelInfoResponse"> & {
   modelName: string;
 
   /**
-   * Local path of the model directory (config, tokenizer), as the service sees it.
+   * The served model's name again (a Hugging Face id when it is served under one), for
+   * clients that read SGLang's `model_path`; never a local path.
    *
    * @generated from field: string model_path = 2;
    */
