@@ -108,7 +108,16 @@ async def test_metrics_move_with_the_work_and_wandb_holds_atropos_names(
         gw = await start(
             "gateway",
             "services.gateway",
-            ["--http-port", "0", "--inference", inference, "--data-dir", str(tmp_path / "gateway")],
+            [
+                "--http-port",
+                "0",
+                "--inference",
+                inference,
+                "--tokenizer-path",
+                str(tiny_model_dir),
+                "--data-dir",
+                str(tmp_path / "gateway"),
+            ],
         )
         gateway_url = f"http://127.0.0.1:{gw['http_port']}"
 

@@ -44,6 +44,8 @@ async def mesh(tiny_model_dir, tmp_path_factory, service_process):
                 "0",
                 "--inference",
                 ",".join(address for _, address in shards),
+                "--tokenizer-path",
+                str(tiny_model_dir),
                 "--inference-probe-timeout-seconds",
                 str(PROBE_TIMEOUT),
                 "--inference-eject-seconds",
