@@ -12,6 +12,7 @@ from grpc import aio
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from clotho.v1 import policy_pb2
+from services.common.weight_wire import shm
 from services.inference.generation_types import (
     Completion,
     FinishReason,
@@ -98,6 +99,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             eos_token_id=self.eos_token_id,
             engine=self.shards.kind,
             shard_count=len(self.shards),
+            host_id=shm.host_id(),
+            accepts_shared_memory=self.shards.accepts_shared_memory and shm.available(),
         )
 
     async def GetServedPolicy(

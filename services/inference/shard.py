@@ -36,6 +36,8 @@ class Shard(abc.ABC):
     kind: str
     name: str
     updates: WeightUpdater
+    # Whether the shard receives weights through the same-host shared-memory transport.
+    accepts_shared_memory: bool = False
 
     @property
     def policy(self) -> ServedPolicy:

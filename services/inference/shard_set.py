@@ -46,6 +46,10 @@ class ShardSet:
         return len(self.shards)
 
     @property
+    def accepts_shared_memory(self) -> bool:
+        return all(s.accepts_shared_memory for s in self.shards)
+
+    @property
     def policy(self) -> ServedPolicy:
         """The lowest version any shard serves (they differ only after a partial commit)."""
         return min((s.policy for s in self.shards), key=lambda p: p.version)

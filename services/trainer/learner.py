@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -141,6 +143,8 @@ class Learner:
                 bucket_bytes=self.settings.bucket_bytes,
                 timeout_seconds=self.settings.sync_timeout_seconds,
                 dtype=from_name(self.settings.sync_dtype),
+                transport=self.settings.weight_transport,
+                run_id=self.settings.run_id or _run_id(self.settings.checkpoint_dir),
             )
 
     async def close(self) -> None:
@@ -437,3 +441,8 @@ class Learner:
                 await call.done_writing()
         finally:
             call.cancel()
+
+
+def _run_id(checkpoint_dir: str) -> str:
+    """A stable id for a run: the same checkpoint directory, the same id."""
+    return hashlib.sha256(os.path.abspath(checkpoint_dir).encode()).hexdigest()[:12]

@@ -122,6 +122,17 @@ class TrainerSettings(ServiceSettings):
         description="dtype of the weights on the wire (the shards' dtype, e.g. bfloat16 halves the "
         "bytes of float32 master weights); empty sends the trainer's own dtype.",
     )
+    weight_transport: Literal["auto", "collective", "shm"] = Field(
+        "auto",
+        description="How weights reach the inference services: auto sends through shared memory "
+        "to those on this host that accept it (same host id in GetModelInfo, weights on the CPU) "
+        "and through the collective to the others; collective or shm forces one.",
+    )
+    run_id: str = Field(
+        "",
+        description="Names this run's shared-memory weight segments, so a restarted trainer removes "
+        "what a crash left; empty: derived from checkpoint_dir.",
+    )
     sync_address: str = Field(
         "127.0.0.1",
         description="Host the trainer's rendezvous store binds and advertises to the shards.",

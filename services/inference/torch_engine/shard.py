@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 class TorchShard(Shard):
     kind = "torch"
+    accepts_shared_memory = True
 
     def __init__(self, engine: GenerationEngine, receiver: WeightReceiver, name: str = "torch-0") -> None:
         self.engine = engine

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clotho.v1 import policy_pb2 as clotho_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clotho/v1/inference_service.proto\x12\tclotho.v1\x1a\x16\x63lotho/v1/policy.proto\"\xb4\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x04\n\x02_nB\x07\n\x05_seedB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x15\n\x13_repetition_penalty\"\xcf\x01\n\x0fGenerateRequest\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x32\n\x0fsampling_params\x18\x02 \x01(\x0b\x32\x19.clotho.v1.SamplingParams\x12\x1e\n\x16return_prompt_logprobs\x18\x03 \x01(\x08\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x1b\n\x13prompt_top_logprobs\x18\x07 \x01(\r\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"p\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.clotho.v1.TopLogprobs\"\xc8\x02\n\nCompletion\x12\x12\n\noutput_ids\x18\x01 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x02 \x03(\x02\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.clotho.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12-\n\rversion_spans\x18\x05 \x03(\x0b\x32\x16.clotho.v1.VersionSpan\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x33\n\x13output_top_logprobs\x18\x08 \x03(\x0b\x32\x16.clotho.v1.TopLogprobs\x12\x33\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x16.clotho.v1.TopLogprobs\"\x81\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.clotho.v1.TokenChunkH\x00\x12+\n\ncompletion\x18\x03 \x01(\x0b\x32\x15.clotho.v1.CompletionH\x00\x42\t\n\x07payload\"\x15\n\x13GetModelInfoRequest\"\x92\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x03 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x13\n\x0bshard_count\x18\x06 \x01(\r\"\x18\n\x16GetServedPolicyRequest\"C\n\x17GetServedPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"j\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.clotho.v1.DType\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"<\n\nBucketSpec\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.clotho.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\"`\n\x0eWeightManifest\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.clotho.v1.TensorSpec\x12&\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x15.clotho.v1.BucketSpec\"\x97\x01\n\nRendezvous\x12-\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x1c.clotho.v1.CollectiveBackend\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x13\n\x0brank_offset\x18\x05 \x01(\r\x12\x12\n\ngroup_name\x18\x06 \x01(\t\"\xbd\x01\n\x1aPrepareWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.clotho.v1.WeightManifest\x12)\n\nrendezvous\x18\x03 \x01(\x0b\x32\x15.clotho.v1.Rendezvous\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x0e\n\x06resync\x18\x06 \x01(\x08\"3\n\x1bPrepareWeightUpdateResponse\x12\x14\n\x0cjoined_group\x18\x01 \x01(\x08\"D\n\x1a\x41waitWeightTransferRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rbucket_crc32s\x18\x02 \x03(\r\"F\n\x1b\x41waitWeightTransferResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\",\n\x19\x43ommitWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"F\n\x1a\x43ommitWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\";\n\x18\x41\x62ortWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x19\x41\x62ortWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x02\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x03*q\n\x11\x43ollectiveBackend\x12\"\n\x1e\x43OLLECTIVE_BACKEND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_GLOO\x10\x01\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_NCCL\x10\x02\x32\x93\x05\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.clotho.v1.GenerateRequest\x1a\x1b.clotho.v1.GenerateResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.clotho.v1.GetModelInfoRequest\x1a\x1f.clotho.v1.GetModelInfoResponse\x12X\n\x0fGetServedPolicy\x12!.clotho.v1.GetServedPolicyRequest\x1a\".clotho.v1.GetServedPolicyResponse\x12\x64\n\x13PrepareWeightUpdate\x12%.clotho.v1.PrepareWeightUpdateRequest\x1a&.clotho.v1.PrepareWeightUpdateResponse\x12\x64\n\x13\x41waitWeightTransfer\x12%.clotho.v1.AwaitWeightTransferRequest\x1a&.clotho.v1.AwaitWeightTransferResponse\x12\x61\n\x12\x43ommitWeightUpdate\x12$.clotho.v1.CommitWeightUpdateRequest\x1a%.clotho.v1.CommitWeightUpdateResponse\x12^\n\x11\x41\x62ortWeightUpdate\x12#.clotho.v1.AbortWeightUpdateRequest\x1a$.clotho.v1.AbortWeightUpdateResponseB<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clotho/v1/inference_service.proto\x12\tclotho.v1\x1a\x16\x63lotho/v1/policy.proto\"\xb4\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x04\n\x02_nB\x07\n\x05_seedB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x15\n\x13_repetition_penalty\"\xcf\x01\n\x0fGenerateRequest\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x32\n\x0fsampling_params\x18\x02 \x01(\x0b\x32\x19.clotho.v1.SamplingParams\x12\x1e\n\x16return_prompt_logprobs\x18\x03 \x01(\x08\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x1b\n\x13prompt_top_logprobs\x18\x07 \x01(\r\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"p\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.clotho.v1.TopLogprobs\"\xc8\x02\n\nCompletion\x12\x12\n\noutput_ids\x18\x01 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x02 \x03(\x02\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.clotho.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12-\n\rversion_spans\x18\x05 \x03(\x0b\x32\x16.clotho.v1.VersionSpan\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x33\n\x13output_top_logprobs\x18\x08 \x03(\x0b\x32\x16.clotho.v1.TopLogprobs\x12\x33\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x16.clotho.v1.TopLogprobs\"\x81\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.clotho.v1.TokenChunkH\x00\x12+\n\ncompletion\x18\x03 \x01(\x0b\x32\x15.clotho.v1.CompletionH\x00\x42\t\n\x07payload\"\x15\n\x13GetModelInfoRequest\"\xc2\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x03 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x13\n\x0bshard_count\x18\x06 \x01(\r\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12\x1d\n\x15\x61\x63\x63\x65pts_shared_memory\x18\x08 \x01(\x08\"\x18\n\x16GetServedPolicyRequest\"C\n\x17GetServedPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\"j\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.clotho.v1.DType\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"<\n\nBucketSpec\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.clotho.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\"`\n\x0eWeightManifest\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.clotho.v1.TensorSpec\x12&\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x15.clotho.v1.BucketSpec\"\xd0\x01\n\nRendezvous\x12-\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x1c.clotho.v1.CollectiveBackend\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x13\n\x0brank_offset\x18\x05 \x01(\r\x12\x12\n\ngroup_name\x18\x06 \x01(\t\x12\x37\n\rshared_memory\x18\x07 \x01(\x0b\x32 .clotho.v1.SharedMemoryTransport\"f\n\x15SharedMemoryTransport\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x15\n\rsegment_bytes\x18\x02 \x01(\x04\x12\x12\n\nbuffer_set\x18\x03 \x01(\r\x12\x11\n\tupdate_id\x18\x04 \x01(\x04\"\xbd\x01\n\x1aPrepareWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.clotho.v1.WeightManifest\x12)\n\nrendezvous\x18\x03 \x01(\x0b\x32\x15.clotho.v1.Rendezvous\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x0e\n\x06resync\x18\x06 \x01(\x08\"3\n\x1bPrepareWeightUpdateResponse\x12\x14\n\x0cjoined_group\x18\x01 \x01(\x08\"D\n\x1a\x41waitWeightTransferRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rbucket_crc32s\x18\x02 \x03(\r\"F\n\x1b\x41waitWeightTransferResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\",\n\x19\x43ommitWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"F\n\x1a\x43ommitWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion\";\n\x18\x41\x62ortWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x19\x41\x62ortWeightUpdateResponse\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.clotho.v1.PolicyVersion*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\\\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x02\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x03*q\n\x11\x43ollectiveBackend\x12\"\n\x1e\x43OLLECTIVE_BACKEND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_GLOO\x10\x01\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_NCCL\x10\x02\x32\x93\x05\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.clotho.v1.GenerateRequest\x1a\x1b.clotho.v1.GenerateResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.clotho.v1.GetModelInfoRequest\x1a\x1f.clotho.v1.GetModelInfoResponse\x12X\n\x0fGetServedPolicy\x12!.clotho.v1.GetServedPolicyRequest\x1a\".clotho.v1.GetServedPolicyResponse\x12\x64\n\x13PrepareWeightUpdate\x12%.clotho.v1.PrepareWeightUpdateRequest\x1a&.clotho.v1.PrepareWeightUpdateResponse\x12\x64\n\x13\x41waitWeightTransfer\x12%.clotho.v1.AwaitWeightTransferRequest\x1a&.clotho.v1.AwaitWeightTransferResponse\x12\x61\n\x12\x43ommitWeightUpdate\x12$.clotho.v1.CommitWeightUpdateRequest\x1a%.clotho.v1.CommitWeightUpdateResponse\x12^\n\x11\x41\x62ortWeightUpdate\x12#.clotho.v1.AbortWeightUpdateRequest\x1a$.clotho.v1.AbortWeightUpdateResponseB<Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clotho.v1.inference_service
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/clotho/clotho/clients/go/gen/clotho/v1;clothov1'
-  _globals['_FINISHREASON']._serialized_start=2676
-  _globals['_FINISHREASON']._serialized_end=2796
-  _globals['_DTYPE']._serialized_start=2798
-  _globals['_DTYPE']._serialized_end=2890
-  _globals['_COLLECTIVEBACKEND']._serialized_start=2892
-  _globals['_COLLECTIVEBACKEND']._serialized_end=3005
+  _globals['_FINISHREASON']._serialized_start=2885
+  _globals['_FINISHREASON']._serialized_end=3005
+  _globals['_DTYPE']._serialized_start=3007
+  _globals['_DTYPE']._serialized_end=3099
+  _globals['_COLLECTIVEBACKEND']._serialized_start=3101
+  _globals['_COLLECTIVEBACKEND']._serialized_end=3214
   _globals['_SAMPLINGPARAMS']._serialized_start=73
   _globals['_SAMPLINGPARAMS']._serialized_end=509
   _globals['_GENERATEREQUEST']._serialized_start=512
@@ -54,35 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=1350
   _globals['_GETMODELINFOREQUEST']._serialized_end=1371
   _globals['_GETMODELINFORESPONSE']._serialized_start=1374
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1520
-  _globals['_GETSERVEDPOLICYREQUEST']._serialized_start=1522
-  _globals['_GETSERVEDPOLICYREQUEST']._serialized_end=1546
-  _globals['_GETSERVEDPOLICYRESPONSE']._serialized_start=1548
-  _globals['_GETSERVEDPOLICYRESPONSE']._serialized_end=1615
-  _globals['_TENSORSPEC']._serialized_start=1617
-  _globals['_TENSORSPEC']._serialized_end=1723
-  _globals['_BUCKETSPEC']._serialized_start=1725
-  _globals['_BUCKETSPEC']._serialized_end=1785
-  _globals['_WEIGHTMANIFEST']._serialized_start=1787
-  _globals['_WEIGHTMANIFEST']._serialized_end=1883
-  _globals['_RENDEZVOUS']._serialized_start=1886
-  _globals['_RENDEZVOUS']._serialized_end=2037
-  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_start=2040
-  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_end=2229
-  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_start=2231
-  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_end=2282
-  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_start=2284
-  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_end=2352
-  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_start=2354
-  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_end=2424
-  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_start=2426
-  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_end=2470
-  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_start=2472
-  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_end=2542
-  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_start=2544
-  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_end=2603
-  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_start=2605
-  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_end=2674
-  _globals['_INFERENCESERVICE']._serialized_start=3008
-  _globals['_INFERENCESERVICE']._serialized_end=3667
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1568
+  _globals['_GETSERVEDPOLICYREQUEST']._serialized_start=1570
+  _globals['_GETSERVEDPOLICYREQUEST']._serialized_end=1594
+  _globals['_GETSERVEDPOLICYRESPONSE']._serialized_start=1596
+  _globals['_GETSERVEDPOLICYRESPONSE']._serialized_end=1663
+  _globals['_TENSORSPEC']._serialized_start=1665
+  _globals['_TENSORSPEC']._serialized_end=1771
+  _globals['_BUCKETSPEC']._serialized_start=1773
+  _globals['_BUCKETSPEC']._serialized_end=1833
+  _globals['_WEIGHTMANIFEST']._serialized_start=1835
+  _globals['_WEIGHTMANIFEST']._serialized_end=1931
+  _globals['_RENDEZVOUS']._serialized_start=1934
+  _globals['_RENDEZVOUS']._serialized_end=2142
+  _globals['_SHAREDMEMORYTRANSPORT']._serialized_start=2144
+  _globals['_SHAREDMEMORYTRANSPORT']._serialized_end=2246
+  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_start=2249
+  _globals['_PREPAREWEIGHTUPDATEREQUEST']._serialized_end=2438
+  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_start=2440
+  _globals['_PREPAREWEIGHTUPDATERESPONSE']._serialized_end=2491
+  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_start=2493
+  _globals['_AWAITWEIGHTTRANSFERREQUEST']._serialized_end=2561
+  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_start=2563
+  _globals['_AWAITWEIGHTTRANSFERRESPONSE']._serialized_end=2633
+  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_start=2635
+  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_end=2679
+  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_start=2681
+  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_end=2751
+  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_start=2753
+  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_end=2812
+  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_start=2814
+  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_end=2883
+  _globals['_INFERENCESERVICE']._serialized_start=3217
+  _globals['_INFERENCESERVICE']._serialized_end=3876
 # @@protoc_insertion_point(module_scope)

@@ -142,20 +142,24 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count")
+    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count", "host_id", "accepts_shared_memory")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     max_context_len: int
     eos_token_id: int
     engine: str
     shard_count: int
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    host_id: str
+    accepts_shared_memory: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ..., host_id: _Optional[str] = ..., accepts_shared_memory: _Optional[bool] = ...) -> None: ...
 
 class GetServedPolicyRequest(_message.Message):
     __slots__ = ()
@@ -198,20 +202,34 @@ class WeightManifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[BucketSpec, _Mapping]]] = ...) -> None: ...
 
 class Rendezvous(_message.Message):
-    __slots__ = ("backend", "address", "port", "world_size", "rank_offset", "group_name")
+    __slots__ = ("backend", "address", "port", "world_size", "rank_offset", "group_name", "shared_memory")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     backend: CollectiveBackend
     address: str
     port: int
     world_size: int
     rank_offset: int
     group_name: str
-    def __init__(self, backend: _Optional[_Union[CollectiveBackend, str]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemoryTransport
+    def __init__(self, backend: _Optional[_Union[CollectiveBackend, str]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryTransport, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryTransport(_message.Message):
+    __slots__ = ("segment", "segment_bytes", "buffer_set", "update_id")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SET_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    segment_bytes: int
+    buffer_set: int
+    update_id: int
+    def __init__(self, segment: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., buffer_set: _Optional[int] = ..., update_id: _Optional[int] = ...) -> None: ...
 
 class PrepareWeightUpdateRequest(_message.Message):
     __slots__ = ("version", "manifest", "rendezvous", "deadline_seconds", "step", "resync")

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file clotho/v1/inference_service.proto.
  */
 export const file_clotho_v1_inference_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IpIBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0iGAoWR2V0U2VydmVkUG9saWN5UmVxdWVzdCJDChdHZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiJqCgpUZW5zb3JTcGVjEgwKBG5hbWUYASABKAkSDQoFc2hhcGUYAiADKAQSHwoFZHR5cGUYAyABKA4yEC5jbG90aG8udjEuRFR5cGUSDgoGYnVja2V0GAQgASgNEg4KBm9mZnNldBgFIAEoBCI8CgpCdWNrZXRTcGVjEh8KBWR0eXBlGAEgASgOMhAuY2xvdGhvLnYxLkRUeXBlEg0KBW51bWVsGAIgASgEImAKDldlaWdodE1hbmlmZXN0EiYKB3RlbnNvcnMYASADKAsyFS5jbG90aG8udjEuVGVuc29yU3BlYxImCgdidWNrZXRzGAIgAygLMhUuY2xvdGhvLnYxLkJ1Y2tldFNwZWMilwEKClJlbmRlenZvdXMSLQoHYmFja2VuZBgBIAEoDjIcLmNsb3Roby52MS5Db2xsZWN0aXZlQmFja2VuZBIPCgdhZGRyZXNzGAIgASgJEgwKBHBvcnQYAyABKA0SEgoKd29ybGRfc2l6ZRgEIAEoDRITCgtyYW5rX29mZnNldBgFIAEoDRISCgpncm91cF9uYW1lGAYgASgJIr0BChpQcmVwYXJlV2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEisKCG1hbmlmZXN0GAIgASgLMhkuY2xvdGhvLnYxLldlaWdodE1hbmlmZXN0EikKCnJlbmRlenZvdXMYAyABKAsyFS5jbG90aG8udjEuUmVuZGV6dm91cxIYChBkZWFkbGluZV9zZWNvbmRzGAQgASgBEgwKBHN0ZXAYBSABKAQSDgoGcmVzeW5jGAYgASgIIjMKG1ByZXBhcmVXZWlnaHRVcGRhdGVSZXNwb25zZRIUCgxqb2luZWRfZ3JvdXAYASABKAgiRAoaQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBBIVCg1idWNrZXRfY3JjMzJzGAIgAygNIkYKG0F3YWl0V2VpZ2h0VHJhbnNmZXJSZXNwb25zZRIWCg5ieXRlc19yZWNlaXZlZBgBIAEoBBIPCgdzZWNvbmRzGAIgASgBIiwKGUNvbW1pdFdlaWdodFVwZGF0ZVJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBCJGChpDb21taXRXZWlnaHRVcGRhdGVSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiI7ChhBYm9ydFdlaWdodFVwZGF0ZVJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBBIOCgZyZWFzb24YAiABKAkiRQoZQWJvcnRXZWlnaHRVcGRhdGVSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbip4CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISFwoTRklOSVNIX1JFQVNPTl9BQk9SVBADKlwKBURUeXBlEhYKEkRfVFlQRV9VTlNQRUNJRklFRBAAEhIKDkRfVFlQRV9GTE9BVDMyEAESEwoPRF9UWVBFX0JGTE9BVDE2EAISEgoORF9UWVBFX0ZMT0FUMTYQAypxChFDb2xsZWN0aXZlQmFja2VuZBIiCh5DT0xMRUNUSVZFX0JBQ0tFTkRfVU5TUEVDSUZJRUQQABIbChdDT0xMRUNUSVZFX0JBQ0tFTkRfR0xPTxABEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9OQ0NMEAIykwUKEEluZmVyZW5jZVNlcnZpY2USRQoIR2VuZXJhdGUSGi5jbG90aG8udjEuR2VuZXJhdGVSZXF1ZXN0GhsuY2xvdGhvLnYxLkdlbmVyYXRlUmVzcG9uc2UwARJPCgxHZXRNb2RlbEluZm8SHi5jbG90aG8udjEuR2V0TW9kZWxJbmZvUmVxdWVzdBofLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXNwb25zZRJYCg9HZXRTZXJ2ZWRQb2xpY3kSIS5jbG90aG8udjEuR2V0U2VydmVkUG9saWN5UmVxdWVzdBoiLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRJkChNQcmVwYXJlV2VpZ2h0VXBkYXRlEiUuY2xvdGhvLnYxLlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0GiYuY2xvdGhvLnYxLlByZXBhcmVXZWlnaHRVcGRhdGVSZXNwb25zZRJkChNBd2FpdFdlaWdodFRyYW5zZmVyEiUuY2xvdGhvLnYxLkF3YWl0V2VpZ2h0VHJhbnNmZXJSZXF1ZXN0GiYuY2xvdGhvLnYxLkF3YWl0V2VpZ2h0VHJhbnNmZXJSZXNwb25zZRJhChJDb21taXRXZWlnaHRVcGRhdGUSJC5jbG90aG8udjEuQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBolLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXNwb25zZRJeChFBYm9ydFdlaWdodFVwZGF0ZRIjLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlcXVlc3QaJC5jbG90aG8udjEuQWJvcnRXZWlnaHRVcGRhdGVSZXNwb25zZUI8WjpnaXRodWIuY29tL2Nsb3Roby9jbG90aG8vY2xpZW50cy9nby9nZW4vY2xvdGhvL3YxO2Nsb3Rob3YxYgZwcm90bzM", [file_clotho_v1_policy]);
+  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IsIBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SDwoHaG9zdF9pZBgHIAEoCRIdChVhY2NlcHRzX3NoYXJlZF9tZW1vcnkYCCABKAgiGAoWR2V0U2VydmVkUG9saWN5UmVxdWVzdCJDChdHZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiJqCgpUZW5zb3JTcGVjEgwKBG5hbWUYASABKAkSDQoFc2hhcGUYAiADKAQSHwoFZHR5cGUYAyABKA4yEC5jbG90aG8udjEuRFR5cGUSDgoGYnVja2V0GAQgASgNEg4KBm9mZnNldBgFIAEoBCI8CgpCdWNrZXRTcGVjEh8KBWR0eXBlGAEgASgOMhAuY2xvdGhvLnYxLkRUeXBlEg0KBW51bWVsGAIgASgEImAKDldlaWdodE1hbmlmZXN0EiYKB3RlbnNvcnMYASADKAsyFS5jbG90aG8udjEuVGVuc29yU3BlYxImCgdidWNrZXRzGAIgAygLMhUuY2xvdGhvLnYxLkJ1Y2tldFNwZWMi0AEKClJlbmRlenZvdXMSLQoHYmFja2VuZBgBIAEoDjIcLmNsb3Roby52MS5Db2xsZWN0aXZlQmFja2VuZBIPCgdhZGRyZXNzGAIgASgJEgwKBHBvcnQYAyABKA0SEgoKd29ybGRfc2l6ZRgEIAEoDRITCgtyYW5rX29mZnNldBgFIAEoDRISCgpncm91cF9uYW1lGAYgASgJEjcKDXNoYXJlZF9tZW1vcnkYByABKAsyIC5jbG90aG8udjEuU2hhcmVkTWVtb3J5VHJhbnNwb3J0ImYKFVNoYXJlZE1lbW9yeVRyYW5zcG9ydBIPCgdzZWdtZW50GAEgASgJEhUKDXNlZ21lbnRfYnl0ZXMYAiABKAQSEgoKYnVmZmVyX3NldBgDIAEoDRIRCgl1cGRhdGVfaWQYBCABKAQivQEKGlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSKwoIbWFuaWZlc3QYAiABKAsyGS5jbG90aG8udjEuV2VpZ2h0TWFuaWZlc3QSKQoKcmVuZGV6dm91cxgDIAEoCzIVLmNsb3Roby52MS5SZW5kZXp2b3VzEhgKEGRlYWRsaW5lX3NlY29uZHMYBCABKAESDAoEc3RlcBgFIAEoBBIOCgZyZXN5bmMYBiABKAgiMwobUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEhQKDGpvaW5lZF9ncm91cBgBIAEoCCJEChpBd2FpdFdlaWdodFRyYW5zZmVyUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEhUKDWJ1Y2tldF9jcmMzMnMYAiADKA0iRgobQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEhYKDmJ5dGVzX3JlY2VpdmVkGAEgASgEEg8KB3NlY29uZHMYAiABKAEiLAoZQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEIkYKGkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIjsKGEFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEg4KBnJlYXNvbhgCIAEoCSJFChlBYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqXAoFRFR5cGUSFgoSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoORF9UWVBFX0ZMT0FUMzIQARITCg9EX1RZUEVfQkZMT0FUMTYQAhISCg5EX1RZUEVfRkxPQVQxNhADKnEKEUNvbGxlY3RpdmVCYWNrZW5kEiIKHkNPTExFQ1RJVkVfQkFDS0VORF9VTlNQRUNJRklFRBAAEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9HTE9PEAESGwoXQ09MTEVDVElWRV9CQUNLRU5EX05DQ0wQAjKTBQoQSW5mZXJlbmNlU2VydmljZRJFCghHZW5lcmF0ZRIaLmNsb3Roby52MS5HZW5lcmF0ZVJlcXVlc3QaGy5jbG90aG8udjEuR2VuZXJhdGVSZXNwb25zZTABEk8KDEdldE1vZGVsSW5mbxIeLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXF1ZXN0Gh8uY2xvdGhvLnYxLkdldE1vZGVsSW5mb1Jlc3BvbnNlElgKD0dldFNlcnZlZFBvbGljeRIhLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0GiIuY2xvdGhvLnYxLkdldFNlcnZlZFBvbGljeVJlc3BvbnNlEmQKE1ByZXBhcmVXZWlnaHRVcGRhdGUSJS5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlcXVlc3QaJi5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEmQKE0F3YWl0V2VpZ2h0VHJhbnNmZXISJS5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QaJi5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEmEKEkNvbW1pdFdlaWdodFVwZGF0ZRIkLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXF1ZXN0GiUuY2xvdGhvLnYxLkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEl4KEUFib3J0V2VpZ2h0VXBkYXRlEiMuY2xvdGhvLnYxLkFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBokLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlQjxaOmdpdGh1Yi5jb20vY2xvdGhvL2Nsb3Roby9jbGllbnRzL2dvL2dlbi9jbG90aG8vdjE7Y2xvdGhvdjFiBnByb3RvMw", [file_clotho_v1_policy]);
 
 /**
  * How to sample; unset fields take the engine's defaults.
@@ -454,6 +454,22 @@ export type GetModelInfoResponse = Message<"clotho.v1.GetModelInfoResponse"> & {
    * @generated from field: uint32 shard_count = 6;
    */
   shardCount: number;
+
+  /**
+   * The machine this service runs on: its kernel boot id and hostname. A trainer whose
+   * own host id is the same may send weights through shared memory.
+   *
+   * @generated from field: string host_id = 7;
+   */
+  hostId: string;
+
+  /**
+   * Every shard behind this service can receive weights through the shared-memory
+   * transport (Rendezvous.shared_memory).
+   *
+   * @generated from field: bool accepts_shared_memory = 8;
+   */
+  acceptsSharedMemory: boolean;
 };
 
 /**
@@ -651,6 +667,16 @@ export type Rendezvous = Message<"clotho.v1.Rendezvous"> & {
    * @generated from field: string group_name = 6;
    */
   groupName: string;
+
+  /**
+   * Set when trainer and shard share a host: the buckets travel through this
+   * shared-memory segment instead of a collective (backend, address and port are then
+   * unset; world_size and rank_offset number the segment's readers as they would number
+   * ranks, the trainer being 0).
+   *
+   * @generated from field: clotho.v1.SharedMemoryTransport shared_memory = 7;
+   */
+  sharedMemory?: SharedMemoryTransport | undefined;
 };
 
 /**
@@ -659,6 +685,52 @@ export type Rendezvous = Message<"clotho.v1.Rendezvous"> & {
  */
 export const RendezvousSchema: GenMessage<Rendezvous> = /*@__PURE__*/
   messageDesc(file_clotho_v1_inference_service, 13);
+
+/**
+ * A same-host weight transport: a segment (a file in /dev/shm) holding a header and two
+ * sets of the manifest's buckets. The trainer packs each bucket straight into the set
+ * named here and marks it written in the header; the shard checksums it there and, at
+ * commit, serves from it (the trainer writes the next update into the other set). The
+ * trainer unlinks the segment's name once every reader has opened it.
+ *
+ * @generated from message clotho.v1.SharedMemoryTransport
+ */
+export type SharedMemoryTransport = Message<"clotho.v1.SharedMemoryTransport"> & {
+  /**
+   * The segment's name in /dev/shm; a new name means a new segment.
+   *
+   * @generated from field: string segment = 1;
+   */
+  segment: string;
+
+  /**
+   * The segment's size in bytes.
+   *
+   * @generated from field: uint64 segment_bytes = 2;
+   */
+  segmentBytes: bigint;
+
+  /**
+   * Which of the segment's two bucket sets carries this update.
+   *
+   * @generated from field: uint32 buffer_set = 3;
+   */
+  bufferSet: number;
+
+  /**
+   * Identifies this update in the segment's header; the shard checks it.
+   *
+   * @generated from field: uint64 update_id = 4;
+   */
+  updateId: bigint;
+};
+
+/**
+ * Describes the message clotho.v1.SharedMemoryTransport.
+ * Use `create(SharedMemoryTransportSchema)` to create a new message.
+ */
+export const SharedMemoryTransportSchema: GenMessage<SharedMemoryTransport> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 14);
 
 /**
  * Starts a weight update.
@@ -716,7 +788,7 @@ export type PrepareWeightUpdateRequest = Message<"clotho.v1.PrepareWeightUpdateR
  * Use `create(PrepareWeightUpdateRequestSchema)` to create a new message.
  */
 export const PrepareWeightUpdateRequestSchema: GenMessage<PrepareWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 14);
+  messageDesc(file_clotho_v1_inference_service, 15);
 
 /**
  * Acknowledges that the shard is in the group and receiving.
@@ -737,7 +809,7 @@ export type PrepareWeightUpdateResponse = Message<"clotho.v1.PrepareWeightUpdate
  * Use `create(PrepareWeightUpdateResponseSchema)` to create a new message.
  */
 export const PrepareWeightUpdateResponseSchema: GenMessage<PrepareWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 15);
+  messageDesc(file_clotho_v1_inference_service, 16);
 
 /**
  * Waits for the transfer of a prepared update to finish. The checksums travel here,
@@ -767,7 +839,7 @@ export type AwaitWeightTransferRequest = Message<"clotho.v1.AwaitWeightTransferR
  * Use `create(AwaitWeightTransferRequestSchema)` to create a new message.
  */
 export const AwaitWeightTransferRequestSchema: GenMessage<AwaitWeightTransferRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 16);
+  messageDesc(file_clotho_v1_inference_service, 17);
 
 /**
  * The transfer arrived intact.
@@ -795,7 +867,7 @@ export type AwaitWeightTransferResponse = Message<"clotho.v1.AwaitWeightTransfer
  * Use `create(AwaitWeightTransferResponseSchema)` to create a new message.
  */
 export const AwaitWeightTransferResponseSchema: GenMessage<AwaitWeightTransferResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 17);
+  messageDesc(file_clotho_v1_inference_service, 18);
 
 /**
  * Switches to a fully transferred version.
@@ -816,7 +888,7 @@ export type CommitWeightUpdateRequest = Message<"clotho.v1.CommitWeightUpdateReq
  * Use `create(CommitWeightUpdateRequestSchema)` to create a new message.
  */
 export const CommitWeightUpdateRequestSchema: GenMessage<CommitWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 18);
+  messageDesc(file_clotho_v1_inference_service, 19);
 
 /**
  * The shard serves the new version.
@@ -837,7 +909,7 @@ export type CommitWeightUpdateResponse = Message<"clotho.v1.CommitWeightUpdateRe
  * Use `create(CommitWeightUpdateResponseSchema)` to create a new message.
  */
 export const CommitWeightUpdateResponseSchema: GenMessage<CommitWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 19);
+  messageDesc(file_clotho_v1_inference_service, 20);
 
 /**
  * Drops a prepared update.
@@ -865,7 +937,7 @@ export type AbortWeightUpdateRequest = Message<"clotho.v1.AbortWeightUpdateReque
  * Use `create(AbortWeightUpdateRequestSchema)` to create a new message.
  */
 export const AbortWeightUpdateRequestSchema: GenMessage<AbortWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 20);
+  messageDesc(file_clotho_v1_inference_service, 21);
 
 /**
  * The update was dropped.
@@ -886,7 +958,7 @@ export type AbortWeightUpdateResponse = Message<"clotho.v1.AbortWeightUpdateResp
  * Use `create(AbortWeightUpdateResponseSchema)` to create a new message.
  */
 export const AbortWeightUpdateResponseSchema: GenMessage<AbortWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 21);
+  messageDesc(file_clotho_v1_inference_service, 22);
 
 /**
  * Why a sample ended.

@@ -1,0 +1,316 @@
+"""The same-host weight transport: buckets in a shared-memory segment instead of a
+collective.
+
+A segment is a file in /dev/shm (POSIX shared memory) mapped by the trainer and by
+every shard on its host:
+
+    header (one page)  magic, segment bytes, update id, the set being written, buckets
+                       written so far, and per reader the set it serves (-1: none)
+    set 0, set 1       each the manifest's buckets, every bucket page-aligned
+
+The trainer packs (and checksums) each bucket straight into its place in the set the
+update uses, then bumps `written`; a shard's reader thread checksums bucket i in place
+as soon as `written` > i. No socket carries data. At commit the engine takes the set's
+bucket views over as its parameters (no copy) and records the set it serves in the
+header; the next update goes into the other set, so the trainer never writes memory a
+shard serves from, and a shard never serves a mix of two updates' bytes. The CRC-32 of
+every bucket still travels in AwaitWeightTransfer, so a bucket damaged in the segment
+(or read torn) fails the update, which then keeps the old weights.
+
+Lifetime: the trainer creates the segment, and unlinks its name as soon as every reader
+has opened it (Prepare answered), so from then on the memory lives exactly as long as
+some process maps it: a SIGKILLed trainer or shard leaves no name behind. Names carry
+the trainer's run id and pid (`clotho-wt-<run>-<pid>-<nonce>`); a trainer removes the
+names of segments its own run or a dead process left (a crash between creating and
+unlinking) before it creates one. On any failure the trainer drops the segment and the
+next update uses a new one (as a collective group is re-formed under a new name).
+
+Ordering: the header words are 8-byte aligned stores, and a reader loads `written`
+before the bucket's bytes; on x86 (TSO) that orders them. Elsewhere a torn read can only
+fail the checksum, never pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from services.common.weight_wire.manifest import Manifest
+from services.common.weight_wire.packing import crc32, pack_bucket, pack_bucket_crc32
+
+SEGMENT_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "clotho-wt-"
+HEADER_BYTES = 4096
+ALIGN = 4096
+MAGIC = 0x434C4F54484F5745  # "CLOTHOWE"
+MAX_READERS = 256
+SETS = 2
+
+# Header words (int64).
+_MAGIC, _BYTES, _UPDATE, _SET, _WRITTEN = 0, 1, 2, 3, 4
+_SERVING = 16  # _SERVING + reader: the set that reader serves, -1 for none
+
+# How long a waiting side sleeps between looks at the header: first short sleeps (a
+# bucket takes milliseconds to pack), then at most this long.
+POLL_MAX_SECONDS = 0.002
+
+
+def host_id() -> str:
+    """This machine: its kernel boot id and hostname (two processes with the same id
+    share /dev/shm, unless one runs in a container with its own)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{boot}/{socket.gethostname()}"
+
+
+def available() -> bool:
+    """Whether this machine has POSIX shared memory where this module looks for it."""
+    return SEGMENT_DIR.is_dir() and os.access(SEGMENT_DIR, os.W_OK)
+
+
+def bucket_offsets(manifest: Manifest) -> tuple[list[int], int]:
+    """Each bucket's byte offset within a set (page-aligned), and the set's size."""
+    offsets, cursor = [], 0
+    for b in manifest.buckets:
+        offsets.append(cursor)
+        cursor += -(-b.nbytes // ALIGN) * ALIGN
+    return offsets, max(cursor, ALIGN)
+
+
+def segment_bytes(manifest: Manifest) -> int:
+    return HEADER_BYTES + SETS * bucket_offsets(manifest)[1]
+
+
+def _safe_run_id(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", run_id)[:32] or "run"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def segment_names() -> list[str]:
+    """Names of every Clotho weight segment in /dev/shm now."""
+    if not SEGMENT_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SEGMENT_DIR.iterdir() if p.name.startswith(SEGMENT_PREFIX))
+
+
+def clean_stale_segments(run_id: str) -> list[str]:
+    """Unlink segments left by this run (an earlier incarnation of this trainer) or by a
+    process that no longer exists; returns their names."""
+    removed = []
+    mine = f"{SEGMENT_PREFIX}{_safe_run_id(run_id)}-"
+    for name in segment_names():
+        parts = name[len(SEGMENT_PREFIX) :].rsplit("-", 2)
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        stale = (name.startswith(mine) and pid != os.getpid()) or (pid is not None and not _pid_alive(pid))
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                (SEGMENT_DIR / name).unlink()
+            removed.append(name)
+    return removed
+
+
+class _Mapped:
+    """A mapped segment: the header words and the bucket views of each set."""
+
+    def __init__(self, path: Path, nbytes: int, manifest: Manifest) -> None:
+        self.name = path.name
+        self.nbytes = nbytes
+        self.manifest = manifest
+        self.offsets, self.set_bytes = bucket_offsets(manifest)
+        self.storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
+        raw = torch.empty(0, dtype=torch.uint8).set_(self.storage, 0, (nbytes,))
+        self.header = raw[:HEADER_BYTES].view(torch.int64)
+        self._raw = raw
+
+    def bucket(self, buffer_set: int, index: int) -> torch.Tensor:
+        """Bucket `index` of set `buffer_set`, as a flat tensor of the bucket's dtype."""
+        b = self.manifest.buckets[index]
+        start = HEADER_BYTES + buffer_set * self.set_bytes + self.offsets[index]
+        return self._raw[start : start + b.nbytes].view(b.dtype)
+
+    def word(self, index: int) -> int:
+        return int(self.header[index].item())
+
+    def set_word(self, index: int, value: int) -> None:
+        self.header[index] = value
+
+
+class SharedSegment(_Mapped):
+    """The trainer's side: creates the segment, writes updates into it, unlinks it."""
+
+    def __init__(self, path: Path, nbytes: int, manifest: Manifest, readers: int) -> None:
+        super().__init__(path, nbytes, manifest)
+        self.path = path
+        self.readers = readers
+        self.set_word(_MAGIC, MAGIC)
+        self.set_word(_BYTES, nbytes)
+        for r in range(readers):
+            self.set_word(_SERVING + r, -1)
+        self.set_word(_SET, -1)
+
+    @classmethod
+    def create(cls, manifest: Manifest, readers: int, run_id: str) -> SharedSegment:
+        if not 1 <= readers <= MAX_READERS:
+            raise ValueError(f"a segment has 1 to {MAX_READERS} readers, not {readers}")
+        clean_stale_segments(run_id)
+        nbytes = segment_bytes(manifest)
+        name = f"{SEGMENT_PREFIX}{_safe_run_id(run_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = SEGMENT_DIR / name
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+        except BaseException:
+            os.close(fd)
+            path.unlink()
+            raise
+        os.close(fd)
+        try:
+            return cls(path, nbytes, manifest, readers)
+        except BaseException:
+            path.unlink()
+            raise
+
+    def begin(self, update_id: int) -> int:
+        """Start writing an update: pick the set no reader serves and reset `written`.
+        Returns the set. Raises RuntimeError when every set is served by some reader
+        (readers that disagree: the caller starts a new segment)."""
+        serving = {self.word(_SERVING + r) for r in range(self.readers)}
+        free = [s for s in range(SETS) if s not in serving]
+        if not free:
+            raise RuntimeError(f"segment {self.name}: readers serve from both sets")
+        self.set_word(_SET, -1)
+        self.set_word(_WRITTEN, 0)
+        self.set_word(_UPDATE, update_id)
+        self.set_word(_SET, free[0])
+        return free[0]
+
+    def publish(self, written: int) -> None:
+        """Buckets [0, written) of the current update are complete."""
+        self.set_word(_WRITTEN, written)
+
+    def unlink(self) -> None:
+        """Remove the name (mappings stay valid)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    @property
+    def linked(self) -> bool:
+        return self.path.exists()
+
+
+class SegmentReader(_Mapped):
+    """A shard's side: maps a segment by name (while it is still linked)."""
+
+    @classmethod
+    def open(cls, name: str, nbytes: int, manifest: Manifest) -> SegmentReader:
+        if "/" in name or not name.startswith(SEGMENT_PREFIX):
+            raise ValueError(f"not a weight segment name: {name!r}")
+        path = SEGMENT_DIR / name
+        size = path.stat().st_size  # FileNotFoundError once the trainer unlinked it
+        if size != nbytes or nbytes < segment_bytes(manifest):
+            raise ValueError(f"segment {name} has {size} bytes; the update needs {segment_bytes(manifest)}")
+        reader = cls(path, nbytes, manifest)
+        if reader.word(_MAGIC) != MAGIC:
+            raise ValueError(f"segment {name} has no weight-segment header")
+        return reader
+
+    def check_update(self, update_id: int, buffer_set: int) -> None:
+        if self.word(_UPDATE) != update_id or self.word(_SET) != buffer_set:
+            raise ValueError(
+                f"segment {self.name} holds update {self.word(_UPDATE):#x} in set {self.word(_SET)}, "
+                f"not update {update_id:#x} in set {buffer_set}"
+            )
+
+    def serve(self, reader: int, buffer_set: int) -> None:
+        """Record which set this reader's engine now serves from (-1: none)."""
+        self.set_word(_SERVING + reader, buffer_set)
+
+
+def write_buckets(
+    segment: SharedSegment,
+    manifest: Manifest,
+    tensors: Mapping[str, torch.Tensor],
+    buffer_set: int,
+    abandoned: threading.Event,
+) -> list[int]:
+    """Worker thread (trainer): pack each bucket into its place in `buffer_set`,
+    checksumming as it goes, and publish it. Returns the buckets' CRCs."""
+    crcs = []
+    on_cpu = next(iter(tensors.values())).device.type == "cpu" if tensors else True
+    for i in range(len(manifest.buckets)):
+        if abandoned.is_set():
+            raise RuntimeError("weight update abandoned")
+        out = segment.bucket(buffer_set, i)
+        if on_cpu:
+            crcs.append(pack_bucket_crc32(manifest, i, tensors, out))
+        else:
+            pack_bucket(manifest, i, tensors, out=out)
+            crcs.append(crc32(out))
+        segment.publish(i + 1)
+    return crcs
+
+
+def start_reading(
+    reader: SegmentReader,
+    buffer_set: int,
+    update_id: int,
+    started: float,
+    stop: threading.Event,
+    timeout_seconds: float,
+    name: str,
+) -> concurrent.futures.Future[tuple[list[int], float]]:
+    """Checksum every bucket of the update in place as the trainer publishes it, in a
+    thread of its own; the future resolves to (the CRCs, seconds since `started`) or
+    fails with a RuntimeError naming the bucket. Stops at `stop`, at `timeout_seconds`
+    without progress, or when the segment's header moves to another update."""
+    done: concurrent.futures.Future[tuple[list[int], float]] = concurrent.futures.Future()
+    buckets = len(reader.manifest.buckets)
+
+    def body() -> None:
+        crcs: list[int] = []
+        try:
+            last_progress = time.monotonic()
+            pause = 0.0001
+            while len(crcs) < buckets:
+                if stop.is_set():
+                    raise RuntimeError("the update was dropped")
+                if reader.word(_UPDATE) != update_id or reader.word(_SET) != buffer_set:
+                    raise RuntimeError("the segment moved on to another update")
+                written = reader.word(_WRITTEN)
+                if written > len(crcs):
+                    while len(crcs) < min(written, buckets):
+                        crcs.append(crc32(reader.bucket(buffer_set, len(crcs))))
+                    last_progress, pause = time.monotonic(), 0.0001
+                    continue
+                if time.monotonic() - last_progress > timeout_seconds:
+                    raise RuntimeError(f"no bucket written for {timeout_seconds:.1f}s (is the trainer alive?)")
+                time.sleep(pause)
+                pause = min(pause * 2, POLL_MAX_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - reported through the future
+            done.set_exception(RuntimeError(f"bucket {len(crcs)} of {buckets}: {exc}"))
+            return
+        done.set_result((crcs, time.monotonic() - started))
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return done
