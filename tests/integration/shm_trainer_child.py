@@ -27,7 +27,7 @@ def stalling_write(segment, manifest, tensors, buffer_set, abandoned: threading.
     from services.common.weight_wire import pack_bucket
 
     pack_bucket(manifest, 0, tensors, out=out)
-    segment.publish(1)
+    segment.publish(manifest.buckets[0].nbytes)
     print("midway", flush=True)
     while True:
         time.sleep(1)

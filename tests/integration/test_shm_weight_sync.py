@@ -114,13 +114,14 @@ async def test_a_corrupted_bucket_keeps_the_old_weights(target, served, monkeypa
     write = shm.write_buckets
 
     def corrupting(segment, manifest, tensors, buffer_set, abandoned):
-        crcs = []
-        for i in range(len(manifest.buckets)):
+        crcs, written = [], 0
+        for i, bucket in enumerate(manifest.buckets):
             out = segment.bucket(buffer_set, i)
             crcs.append(pack_bucket_crc32(manifest, i, tensors, out))
             if i == 2:  # damaged in the segment after its checksum was taken
                 out.view(torch.uint8)[5] ^= 0xFF
-            segment.publish(i + 1)
+            written += bucket.nbytes
+            segment.publish(written)
         return crcs
 
     monkeypatch.setattr(shm, "write_buckets", corrupting)

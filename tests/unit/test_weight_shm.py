@@ -117,7 +117,7 @@ def test_a_reader_without_progress_gives_up():
     try:
         reader = shm.SegmentReader.open(segment.name, segment.nbytes, manifest)
         s = segment.begin(update_id=1)
-        with pytest.raises(RuntimeError, match="no bucket written"):
+        with pytest.raises(RuntimeError, match="no bytes written"):
             shm.start_reading(reader, s, 1, 0.0, threading.Event(), 0.2, "unit-read").result(10)
     finally:
         segment.unlink()
@@ -146,3 +146,21 @@ def test_stale_segments_of_this_run_or_of_dead_processes_are_removed():
     finally:
         segment.unlink()
     assert segment.name not in shm.segment_names()
+
+
+def test_pieces_cover_every_bucket_in_order_and_match_packing():
+    from services.common.weight_wire import pack_bucket
+
+    named = [("a", torch.randn(3, 700)), ("b", torch.randn(5)), ("c", torch.randn(2_000_000))]
+    tensors = dict(named)
+    manifest = build_manifest(named, bucket_bytes=1 << 20)
+    segment = shm.SharedSegment.create(manifest, readers=1, run_id="unit")
+    try:
+        s = segment.begin(update_id=3)
+        crcs = shm.write_buckets(segment, manifest, tensors, s, threading.Event())
+        assert segment.word(shm._WRITTEN) == manifest.total_bytes
+        for i in range(len(manifest.buckets)):
+            expected = pack_bucket(manifest, i, tensors)
+            assert torch.equal(segment.bucket(s, i), expected) and crcs[i] == crc32(expected)
+    finally:
+        segment.unlink()

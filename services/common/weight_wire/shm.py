@@ -8,9 +8,10 @@ every shard on its host:
                        written so far, and per reader the set it serves (-1: none)
     set 0, set 1       each the manifest's buckets, every bucket page-aligned
 
-The trainer packs (and checksums) each bucket straight into its place in the set the
-update uses, then bumps `written`; a shard's reader thread checksums bucket i in place
-as soon as `written` > i. No socket carries data. At commit the engine takes the set's
+The trainer packs each bucket straight into its place in the set the update uses, a
+few MiB at a time, bumping `written` (bytes, in manifest order) after each piece and
+checksumming the piece in a second thread; a shard's reader thread checksums the bytes
+in place as soon as they are published, so it trails the writer by one piece. No socket carries data. At commit the engine takes the set's
 bucket views over as its parameters (no copy) and records the set it serves in the
 header; the next update goes into the other set, so the trainer never writes memory a
 shard serves from, and a shard never serves a mix of two updates' bytes. The CRC-32 of
@@ -35,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import queue
 import re
 import socket
 import threading
@@ -46,7 +48,7 @@ from pathlib import Path
 import torch
 
 from services.common.weight_wire.manifest import Manifest
-from services.common.weight_wire.packing import crc32, pack_bucket, pack_bucket_crc32
+from services.common.weight_wire.packing import crc32_extend
 
 SEGMENT_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "clotho-wt-"
@@ -206,7 +208,8 @@ class SharedSegment(_Mapped):
         return free[0]
 
     def publish(self, written: int) -> None:
-        """Buckets [0, written) of the current update are complete."""
+        """The first `written` bytes of the update (its buckets' bytes in manifest order,
+        alignment padding not counted) are final."""
         self.set_word(_WRITTEN, written)
 
     def unlink(self) -> None:
@@ -247,6 +250,32 @@ class SegmentReader(_Mapped):
         self.set_word(_SERVING + reader, buffer_set)
 
 
+# The writer publishes progress (and the reader checksums) this many bytes at a time:
+# the reader's checksum then trails the writer by one chunk, not by one bucket.
+CHUNK_BYTES = 4 << 20
+
+
+def _pieces(manifest: Manifest, index: int) -> list[tuple[int, int, str | None, int]]:
+    """The bucket in writing order: (start element, stop element, tensor name or None for
+    a gap to zero, the tensor's first element), cut into CHUNK_BYTES pieces."""
+    bucket = manifest.buckets[index]
+    step = max(CHUNK_BYTES // torch.empty((), dtype=bucket.dtype).element_size(), 1)
+    spans: list[tuple[int, int, str | None, int]] = []
+    cursor = 0
+    for t in sorted(manifest.tensors_in(index), key=lambda t: t.offset):
+        if t.offset > cursor:
+            spans.append((cursor, t.offset, None, 0))
+        spans.append((t.offset, t.offset + t.numel, t.name, 0))
+        cursor = max(cursor, t.offset + t.numel)
+    if cursor < bucket.numel:
+        spans.append((cursor, bucket.numel, None, 0))
+    pieces = []
+    for lo, hi, name, _ in spans:
+        for a in range(lo, hi, step):
+            pieces.append((a, min(a + step, hi), name, a - lo))
+    return pieces
+
+
 def write_buckets(
     segment: SharedSegment,
     manifest: Manifest,
@@ -254,20 +283,45 @@ def write_buckets(
     buffer_set: int,
     abandoned: threading.Event,
 ) -> list[int]:
-    """Worker thread (trainer): pack each bucket into its place in `buffer_set`,
-    checksumming as it goes, and publish it. Returns the buckets' CRCs."""
-    crcs = []
-    on_cpu = next(iter(tensors.values())).device.type == "cpu" if tensors else True
-    for i in range(len(manifest.buckets)):
-        if abandoned.is_set():
-            raise RuntimeError("weight update abandoned")
-        out = segment.bucket(buffer_set, i)
-        if on_cpu:
-            crcs.append(pack_bucket_crc32(manifest, i, tensors, out))
-        else:
-            pack_bucket(manifest, i, tensors, out=out)
-            crcs.append(crc32(out))
-        segment.publish(i + 1)
+    """Worker thread (trainer): copy each bucket into its place in `buffer_set` piece by
+    piece, publishing the bytes written after every piece, while a second thread
+    checksums the pieces just written (so the checksum costs no time on the copying
+    thread). Returns the buckets' CRCs."""
+    crcs = [0] * len(manifest.buckets)
+    written: queue.SimpleQueue[tuple[int, torch.Tensor] | None] = queue.SimpleQueue()
+    failed: list[BaseException] = []
+
+    def checksum() -> None:
+        try:
+            while (item := written.get()) is not None:
+                i, piece = item
+                crcs[i] = crc32_extend(memoryview(piece.numpy()), crcs[i])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the writer
+            failed.append(exc)
+
+    checksummer = threading.Thread(target=checksum, name="clotho-sync-shm-crc", daemon=True)
+    checksummer.start()
+    total = 0
+    try:
+        for i, bucket in enumerate(manifest.buckets):
+            out = segment.bucket(buffer_set, i)
+            raw = out.view(torch.uint8)
+            size = out.element_size()
+            for lo, hi, name, at in _pieces(manifest, i):
+                if abandoned.is_set() or failed:
+                    raise RuntimeError("weight update abandoned")
+                if name is None:
+                    out[lo:hi].zero_()
+                else:
+                    out[lo:hi].copy_(tensors[name].detach().reshape(-1)[at : at + hi - lo])
+                written.put((i, raw[lo * size : hi * size]))
+                segment.publish(total + hi * size)
+            total += bucket.nbytes
+    finally:
+        written.put(None)
+        checksummer.join()
+    if failed:
+        raise RuntimeError(f"checksumming failed: {failed[0]}") from failed[0]
     return crcs
 
 
@@ -285,30 +339,38 @@ def start_reading(
     fails with a RuntimeError naming the bucket. Stops at `stop`, at `timeout_seconds`
     without progress, or when the segment's header moves to another update."""
     done: concurrent.futures.Future[tuple[list[int], float]] = concurrent.futures.Future()
-    buckets = len(reader.manifest.buckets)
+    buckets = reader.manifest.buckets
 
     def body() -> None:
         crcs: list[int] = []
+        crc = 0
+        done_bytes = 0  # of the current bucket
+        before = 0  # bytes of the buckets already checksummed
         try:
             last_progress = time.monotonic()
             pause = 0.0001
-            while len(crcs) < buckets:
+            while len(crcs) < len(buckets):
                 if stop.is_set():
                     raise RuntimeError("the update was dropped")
                 if reader.word(_UPDATE) != update_id or reader.word(_SET) != buffer_set:
                     raise RuntimeError("the segment moved on to another update")
-                written = reader.word(_WRITTEN)
-                if written > len(crcs):
-                    while len(crcs) < min(written, buckets):
-                        crcs.append(crc32(reader.bucket(buffer_set, len(crcs))))
+                available = min(reader.word(_WRITTEN) - before, buckets[len(crcs)].nbytes)
+                if available > done_bytes:
+                    raw = reader.bucket(buffer_set, len(crcs)).view(torch.uint8)
+                    crc = crc32_extend(memoryview(raw[done_bytes:available].numpy()), crc)
+                    done_bytes = available
+                    if done_bytes == buckets[len(crcs)].nbytes:
+                        crcs.append(crc)
+                        before += done_bytes
+                        crc = done_bytes = 0
                     last_progress, pause = time.monotonic(), 0.0001
                     continue
                 if time.monotonic() - last_progress > timeout_seconds:
-                    raise RuntimeError(f"no bucket written for {timeout_seconds:.1f}s (is the trainer alive?)")
+                    raise RuntimeError(f"no bytes written for {timeout_seconds:.1f}s (is the trainer alive?)")
                 time.sleep(pause)
                 pause = min(pause * 2, POLL_MAX_SECONDS)
         except Exception as exc:  # noqa: BLE001 - reported through the future
-            done.set_exception(RuntimeError(f"bucket {len(crcs)} of {buckets}: {exc}"))
+            done.set_exception(RuntimeError(f"bucket {len(crcs)} of {len(buckets)}: {exc}"))
             return
         done.set_result((crcs, time.monotonic() - started))
 

@@ -104,7 +104,6 @@ class TorchLoader:
     async def begin_update(self, update: UpdateInFlight) -> bool:
         if update.group.segment is not None:
             return await self._begin_shared(update)
-        self._segment = None
         key = update.group
         device = self.engine.device if key.backend == "nccl" else torch.device("cpu")
         specs = self.engine.parameter_specs
@@ -147,9 +146,6 @@ class TorchLoader:
         key = update.group
         seg = key.segment
         assert seg is not None
-        if self._group is not None:
-            self._close_in_background(self._group)
-            self._group, self._group_key = None, None
         joined = False
         if self._segment is None or self._segment.name != seg.segment:
             self._segment = None
