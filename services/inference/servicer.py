@@ -22,6 +22,7 @@ from services.inference.generation_types import (
     TokenChunk,
     TopLogprobs,
 )
+from services.inference.memory import MemoryReport
 from services.inference.shard_set import ShardSet
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
@@ -132,6 +133,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         policy = await self.shards.abort(request.version, request.reason)
         return pb.AbortWeightUpdateResponse(policy=policy_proto(policy))
 
+    async def ReleaseMemory(
+        self, request: pb.ReleaseMemoryRequest, context: aio.ServicerContext
+    ) -> pb.ReleaseMemoryResponse:
+        reports = await self.shards.release_memory()
+        return pb.ReleaseMemoryResponse(shards=memory_protos(self.shards, reports))
+
+    async def ResumeMemory(
+        self, request: pb.ResumeMemoryRequest, context: aio.ServicerContext
+    ) -> pb.ResumeMemoryResponse:
+        reports = await self.shards.resume_memory()
+        return pb.ResumeMemoryResponse(shards=memory_protos(self.shards, reports))
+
     async def close(self) -> None:
         """Drop any update in flight and stop every shard."""
         await self.shards.close()
@@ -178,6 +191,23 @@ def completion_proto(c: Completion) -> pb.Completion:
         output_top_logprobs=top_logprobs_protos(c.output_top_logprobs),
         prompt_top_logprobs=top_logprobs_protos(c.prompt_top_logprobs),
     )
+
+
+def memory_protos(shards: ShardSet, reports: list[MemoryReport]) -> list[pb.ShardMemory]:
+    return [
+        pb.ShardMemory(
+            shard=s.name,
+            phase=r.phase,
+            kv_cache_bytes=r.kv_cache_bytes,
+            freed_bytes=r.freed_bytes,
+            allocated_bytes=r.allocated_bytes,
+            peak_allocated_bytes=r.peak_allocated_bytes,
+            device_used_bytes=r.device_used_bytes,
+            device_total_bytes=r.device_total_bytes,
+            rss_bytes=r.rss_bytes,
+        )
+        for s, r in zip(shards.shards, reports)
+    ]
 
 
 def top_logprobs_protos(tops: tuple[TopLogprobs, ...]) -> list[pb.TopLogprobs]:

@@ -17,6 +17,7 @@ from typing import TypeVar
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.generation_types import GenerationRequest, ServedPolicy
+from services.inference.memory import MemoryReport
 from services.inference.shard import ResultStream, Shard
 from services.inference.weight_update import UpdateRequest
 
@@ -123,6 +124,14 @@ class ShardSet:
     async def abort(self, version: int, reason: str) -> ServedPolicy:
         await self._all([s.updates.abort(version, reason) for s in self.shards])
         return self.policy
+
+    async def release_memory(self) -> list[MemoryReport]:
+        """Colocated mode: every shard frees its KV cache."""
+        return await self._all([s.release_memory() for s in self.shards])
+
+    async def resume_memory(self) -> list[MemoryReport]:
+        """Colocated mode: every shard takes its KV cache back."""
+        return await self._all([s.resume_memory() for s in self.shards])
 
     async def close(self) -> None:
         await self._all([s.close() for s in self.shards], suppress=True)

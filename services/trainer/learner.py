@@ -238,19 +238,34 @@ class Learner:
         # Cleared before the step starts: if we are cancelled while the torch thread
         # finishes it, the final checkpoint must not claim these weights are published.
         published, self.weights_published = self.weights_published, False
+        # Colocated mode: the engines give their KV cache up for the step and the push.
+        colocation = (
+            self.weight_sync.colocation(torch.device(self.settings.device))
+            if self.weight_sync is not None and self._colocated
+            else None
+        )
+        memory: dict[str, Any] = {}
+        if colocation is not None:
+            memory["released"] = await colocation.release()
         try:
-            result: StepResult = await self._in_torch(self.core.train, list(groups), self.state.version)
-        except ValueError:
-            self.weights_published = published  # rejected before anything changed
-            raise
-        report: SyncReport | None = None
-        try:
-            report = await self._push()
-        except WeightSyncError as exc:
-            # The shards still serve the last committed version; the next step's push
-            # carries these weights on (same version number, newer weights).
-            log.error("step %d: %s; keeping the weights, retrying on the next step", self.step, exc)
+            try:
+                result: StepResult = await self._in_torch(self.core.train, list(groups), self.state.version)
+            except ValueError:
+                self.weights_published = published  # rejected before anything changed
+                raise
+            report: SyncReport | None = None
+            try:
+                report = await self._push()
+            except WeightSyncError as exc:
+                # The shards still serve the last committed version; the next step's push
+                # carries these weights on (same version number, newer weights).
+                log.error("step %d: %s; keeping the weights, retrying on the next step", self.step, exc)
+        finally:
+            if colocation is not None:
+                memory["resumed"] = await colocation.resume()
         record = self._step_record(result, report, time.monotonic() - started)
+        if memory:
+            record["memory"] = memory
         self.state.record_step(
             self.step,
             {
@@ -264,6 +279,10 @@ class Learner:
             await self.save_checkpoint()
         self._emit(record)
         return record
+
+    @property
+    def _colocated(self) -> bool:
+        return bool(self.settings.colocated and self.weight_sync is not None and self.weight_sync.has_shards)
 
     def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float) -> dict[str, Any]:
         m, batch = result.metrics, result.batch

@@ -128,6 +128,12 @@ class TrainerSettings(ServiceSettings):
         "to those on this host that accept it (same host id in GetModelInfo, weights on the CPU) "
         "and through the collective to the others; collective or shm forces one.",
     )
+    colocated: bool = Field(
+        False,
+        description="Trainer and inference share a device: every inference service frees its KV "
+        "cache for each step and takes it back after the new weights are committed; each "
+        "step line reports the memory of both phases.",
+    )
     run_id: str = Field(
         "",
         description="Names this run's shared-memory weight segments, so a restarted trainer removes "

@@ -44,6 +44,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,6 +133,16 @@ def clean_stale_segments(run_id: str) -> list[str]:
     return removed
 
 
+def _view(storage: Any, nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor over the whole mapping."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU uint8 tensor, without a copy."""
+    return memoryview(t.numpy())  # type: ignore[arg-type]
+
+
 class _Mapped:
     """A mapped segment: the header words and the bucket views of each set."""
 
@@ -141,7 +152,7 @@ class _Mapped:
         self.manifest = manifest
         self.offsets, self.set_bytes = bucket_offsets(manifest)
         self.storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
-        raw = torch.empty(0, dtype=torch.uint8).set_(self.storage, 0, (nbytes,))
+        raw = _view(self.storage, nbytes)
         self.header = raw[:HEADER_BYTES].view(torch.int64)
         self._raw = raw
 
@@ -149,7 +160,8 @@ class _Mapped:
         """Bucket `index` of set `buffer_set`, as a flat tensor of the bucket's dtype."""
         b = self.manifest.buckets[index]
         start = HEADER_BYTES + buffer_set * self.set_bytes + self.offsets[index]
-        return self._raw[start : start + b.nbytes].view(b.dtype)
+        flat: torch.Tensor = self._raw[start : start + b.nbytes].view(b.dtype)
+        return flat
 
     def word(self, index: int) -> int:
         return int(self.header[index].item())
@@ -295,7 +307,7 @@ def write_buckets(
         try:
             while (item := written.get()) is not None:
                 i, piece = item
-                crcs[i] = crc32_extend(memoryview(piece.numpy()), crcs[i])
+                crcs[i] = crc32_extend(_bytes(piece), crcs[i])
         except BaseException as exc:  # noqa: BLE001 - re-raised by the writer
             failed.append(exc)
 
@@ -357,7 +369,7 @@ def start_reading(
                 available = min(reader.word(_WRITTEN) - before, buckets[len(crcs)].nbytes)
                 if available > done_bytes:
                     raw = reader.bucket(buffer_set, len(crcs)).view(torch.uint8)
-                    crc = crc32_extend(memoryview(raw[done_bytes:available].numpy()), crc)
+                    crc = crc32_extend(_bytes(raw[done_bytes:available]), crc)
                     done_bytes = available
                     if done_bytes == buckets[len(crcs)].nbytes:
                         crcs.append(crc)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 
 from services.inference.generation_types import GenerationRequest
+from services.inference.memory import MemoryReport
 from services.inference.shard import HealthListener, ResultStream, Shard
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
@@ -47,6 +48,12 @@ class TorchShard(Shard):
 
     def submit(self, request: GenerationRequest) -> ResultStream:
         return self.engine.submit(request)
+
+    async def release_memory(self) -> MemoryReport:
+        return await asyncio.wrap_future(self.engine.release_memory())
+
+    async def resume_memory(self) -> MemoryReport:
+        return await asyncio.wrap_future(self.engine.resume_memory())
 
     async def close(self) -> None:
         """Drop any update in flight and stop the engine's worker."""

@@ -40,6 +40,7 @@ from services.common.weight_wire import (
     build_manifest,
     pipeline,
 )
+from services.trainer.weight_push.colocate import Colocation
 from services.trainer.weight_push.report import StageFailed, SyncReport, WeightSyncError, describe
 from services.trainer.weight_push.shm_link import SegmentLink, reader_layout, uses_shared_memory
 
@@ -116,6 +117,10 @@ class WeightSync:
     @property
     def has_shards(self) -> bool:
         return bool(self._stubs)
+
+    def colocation(self, device: torch.device) -> Colocation:
+        """Memory release and resume of the same services, for colocated mode."""
+        return Colocation(self._stubs, self._names, device)
 
     @property
     def group_name(self) -> str | None:

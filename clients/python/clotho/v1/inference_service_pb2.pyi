@@ -294,3 +294,45 @@ class AbortWeightUpdateResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     policy: _policy_pb2.PolicyVersion
     def __init__(self, policy: _Optional[_Union[_policy_pb2.PolicyVersion, _Mapping]] = ...) -> None: ...
+
+class ReleaseMemoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseMemoryResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardMemory]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardMemory, _Mapping]]] = ...) -> None: ...
+
+class ResumeMemoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeMemoryResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardMemory]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardMemory, _Mapping]]] = ...) -> None: ...
+
+class ShardMemory(_message.Message):
+    __slots__ = ("shard", "phase", "kv_cache_bytes", "freed_bytes", "allocated_bytes", "peak_allocated_bytes", "device_used_bytes", "device_total_bytes", "rss_bytes")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    phase: str
+    kv_cache_bytes: int
+    freed_bytes: int
+    allocated_bytes: int
+    peak_allocated_bytes: int
+    device_used_bytes: int
+    device_total_bytes: int
+    rss_bytes: int
+    def __init__(self, shard: _Optional[str] = ..., phase: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., freed_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., peak_allocated_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...

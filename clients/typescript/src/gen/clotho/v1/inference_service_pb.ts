@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file clotho/v1/inference_service.proto.
  */
 export const file_clotho_v1_inference_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IsIBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SDwoHaG9zdF9pZBgHIAEoCRIdChVhY2NlcHRzX3NoYXJlZF9tZW1vcnkYCCABKAgiGAoWR2V0U2VydmVkUG9saWN5UmVxdWVzdCJDChdHZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiJqCgpUZW5zb3JTcGVjEgwKBG5hbWUYASABKAkSDQoFc2hhcGUYAiADKAQSHwoFZHR5cGUYAyABKA4yEC5jbG90aG8udjEuRFR5cGUSDgoGYnVja2V0GAQgASgNEg4KBm9mZnNldBgFIAEoBCI8CgpCdWNrZXRTcGVjEh8KBWR0eXBlGAEgASgOMhAuY2xvdGhvLnYxLkRUeXBlEg0KBW51bWVsGAIgASgEImAKDldlaWdodE1hbmlmZXN0EiYKB3RlbnNvcnMYASADKAsyFS5jbG90aG8udjEuVGVuc29yU3BlYxImCgdidWNrZXRzGAIgAygLMhUuY2xvdGhvLnYxLkJ1Y2tldFNwZWMi0AEKClJlbmRlenZvdXMSLQoHYmFja2VuZBgBIAEoDjIcLmNsb3Roby52MS5Db2xsZWN0aXZlQmFja2VuZBIPCgdhZGRyZXNzGAIgASgJEgwKBHBvcnQYAyABKA0SEgoKd29ybGRfc2l6ZRgEIAEoDRITCgtyYW5rX29mZnNldBgFIAEoDRISCgpncm91cF9uYW1lGAYgASgJEjcKDXNoYXJlZF9tZW1vcnkYByABKAsyIC5jbG90aG8udjEuU2hhcmVkTWVtb3J5VHJhbnNwb3J0ImYKFVNoYXJlZE1lbW9yeVRyYW5zcG9ydBIPCgdzZWdtZW50GAEgASgJEhUKDXNlZ21lbnRfYnl0ZXMYAiABKAQSEgoKYnVmZmVyX3NldBgDIAEoDRIRCgl1cGRhdGVfaWQYBCABKAQivQEKGlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSKwoIbWFuaWZlc3QYAiABKAsyGS5jbG90aG8udjEuV2VpZ2h0TWFuaWZlc3QSKQoKcmVuZGV6dm91cxgDIAEoCzIVLmNsb3Roby52MS5SZW5kZXp2b3VzEhgKEGRlYWRsaW5lX3NlY29uZHMYBCABKAESDAoEc3RlcBgFIAEoBBIOCgZyZXN5bmMYBiABKAgiMwobUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEhQKDGpvaW5lZF9ncm91cBgBIAEoCCJEChpBd2FpdFdlaWdodFRyYW5zZmVyUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEhUKDWJ1Y2tldF9jcmMzMnMYAiADKA0iRgobQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEhYKDmJ5dGVzX3JlY2VpdmVkGAEgASgEEg8KB3NlY29uZHMYAiABKAEiLAoZQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEIkYKGkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIjsKGEFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEg4KBnJlYXNvbhgCIAEoCSJFChlBYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqXAoFRFR5cGUSFgoSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoORF9UWVBFX0ZMT0FUMzIQARITCg9EX1RZUEVfQkZMT0FUMTYQAhISCg5EX1RZUEVfRkxPQVQxNhADKnEKEUNvbGxlY3RpdmVCYWNrZW5kEiIKHkNPTExFQ1RJVkVfQkFDS0VORF9VTlNQRUNJRklFRBAAEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9HTE9PEAESGwoXQ09MTEVDVElWRV9CQUNLRU5EX05DQ0wQAjKTBQoQSW5mZXJlbmNlU2VydmljZRJFCghHZW5lcmF0ZRIaLmNsb3Roby52MS5HZW5lcmF0ZVJlcXVlc3QaGy5jbG90aG8udjEuR2VuZXJhdGVSZXNwb25zZTABEk8KDEdldE1vZGVsSW5mbxIeLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXF1ZXN0Gh8uY2xvdGhvLnYxLkdldE1vZGVsSW5mb1Jlc3BvbnNlElgKD0dldFNlcnZlZFBvbGljeRIhLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0GiIuY2xvdGhvLnYxLkdldFNlcnZlZFBvbGljeVJlc3BvbnNlEmQKE1ByZXBhcmVXZWlnaHRVcGRhdGUSJS5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlcXVlc3QaJi5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEmQKE0F3YWl0V2VpZ2h0VHJhbnNmZXISJS5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QaJi5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEmEKEkNvbW1pdFdlaWdodFVwZGF0ZRIkLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXF1ZXN0GiUuY2xvdGhvLnYxLkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEl4KEUFib3J0V2VpZ2h0VXBkYXRlEiMuY2xvdGhvLnYxLkFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBokLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlQjxaOmdpdGh1Yi5jb20vY2xvdGhvL2Nsb3Roby9jbGllbnRzL2dvL2dlbi9jbG90aG8vdjE7Y2xvdGhvdjFiBnByb3RvMw", [file_clotho_v1_policy]);
+  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IsIBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SDwoHaG9zdF9pZBgHIAEoCRIdChVhY2NlcHRzX3NoYXJlZF9tZW1vcnkYCCABKAgiGAoWR2V0U2VydmVkUG9saWN5UmVxdWVzdCJDChdHZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiJqCgpUZW5zb3JTcGVjEgwKBG5hbWUYASABKAkSDQoFc2hhcGUYAiADKAQSHwoFZHR5cGUYAyABKA4yEC5jbG90aG8udjEuRFR5cGUSDgoGYnVja2V0GAQgASgNEg4KBm9mZnNldBgFIAEoBCI8CgpCdWNrZXRTcGVjEh8KBWR0eXBlGAEgASgOMhAuY2xvdGhvLnYxLkRUeXBlEg0KBW51bWVsGAIgASgEImAKDldlaWdodE1hbmlmZXN0EiYKB3RlbnNvcnMYASADKAsyFS5jbG90aG8udjEuVGVuc29yU3BlYxImCgdidWNrZXRzGAIgAygLMhUuY2xvdGhvLnYxLkJ1Y2tldFNwZWMi0AEKClJlbmRlenZvdXMSLQoHYmFja2VuZBgBIAEoDjIcLmNsb3Roby52MS5Db2xsZWN0aXZlQmFja2VuZBIPCgdhZGRyZXNzGAIgASgJEgwKBHBvcnQYAyABKA0SEgoKd29ybGRfc2l6ZRgEIAEoDRITCgtyYW5rX29mZnNldBgFIAEoDRISCgpncm91cF9uYW1lGAYgASgJEjcKDXNoYXJlZF9tZW1vcnkYByABKAsyIC5jbG90aG8udjEuU2hhcmVkTWVtb3J5VHJhbnNwb3J0ImYKFVNoYXJlZE1lbW9yeVRyYW5zcG9ydBIPCgdzZWdtZW50GAEgASgJEhUKDXNlZ21lbnRfYnl0ZXMYAiABKAQSEgoKYnVmZmVyX3NldBgDIAEoDRIRCgl1cGRhdGVfaWQYBCABKAQivQEKGlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSKwoIbWFuaWZlc3QYAiABKAsyGS5jbG90aG8udjEuV2VpZ2h0TWFuaWZlc3QSKQoKcmVuZGV6dm91cxgDIAEoCzIVLmNsb3Roby52MS5SZW5kZXp2b3VzEhgKEGRlYWRsaW5lX3NlY29uZHMYBCABKAESDAoEc3RlcBgFIAEoBBIOCgZyZXN5bmMYBiABKAgiMwobUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEhQKDGpvaW5lZF9ncm91cBgBIAEoCCJEChpBd2FpdFdlaWdodFRyYW5zZmVyUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEhUKDWJ1Y2tldF9jcmMzMnMYAiADKA0iRgobQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEhYKDmJ5dGVzX3JlY2VpdmVkGAEgASgEEg8KB3NlY29uZHMYAiABKAEiLAoZQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEIkYKGkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIjsKGEFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEg4KBnJlYXNvbhgCIAEoCSJFChlBYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIhYKFFJlbGVhc2VNZW1vcnlSZXF1ZXN0Ij8KFVJlbGVhc2VNZW1vcnlSZXNwb25zZRImCgZzaGFyZHMYASADKAsyFi5jbG90aG8udjEuU2hhcmRNZW1vcnkiFQoTUmVzdW1lTWVtb3J5UmVxdWVzdCI+ChRSZXN1bWVNZW1vcnlSZXNwb25zZRImCgZzaGFyZHMYASADKAsyFi5jbG90aG8udjEuU2hhcmRNZW1vcnki2QEKC1NoYXJkTWVtb3J5Eg0KBXNoYXJkGAEgASgJEg0KBXBoYXNlGAIgASgJEhYKDmt2X2NhY2hlX2J5dGVzGAMgASgEEhMKC2ZyZWVkX2J5dGVzGAQgASgEEhcKD2FsbG9jYXRlZF9ieXRlcxgFIAEoBBIcChRwZWFrX2FsbG9jYXRlZF9ieXRlcxgGIAEoBBIZChFkZXZpY2VfdXNlZF9ieXRlcxgHIAEoBBIaChJkZXZpY2VfdG90YWxfYnl0ZXMYCCABKAQSEQoJcnNzX2J5dGVzGAkgASgEKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqXAoFRFR5cGUSFgoSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoORF9UWVBFX0ZMT0FUMzIQARITCg9EX1RZUEVfQkZMT0FUMTYQAhISCg5EX1RZUEVfRkxPQVQxNhADKnEKEUNvbGxlY3RpdmVCYWNrZW5kEiIKHkNPTExFQ1RJVkVfQkFDS0VORF9VTlNQRUNJRklFRBAAEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9HTE9PEAESGwoXQ09MTEVDVElWRV9CQUNLRU5EX05DQ0wQAjK4BgoQSW5mZXJlbmNlU2VydmljZRJFCghHZW5lcmF0ZRIaLmNsb3Roby52MS5HZW5lcmF0ZVJlcXVlc3QaGy5jbG90aG8udjEuR2VuZXJhdGVSZXNwb25zZTABEk8KDEdldE1vZGVsSW5mbxIeLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXF1ZXN0Gh8uY2xvdGhvLnYxLkdldE1vZGVsSW5mb1Jlc3BvbnNlElgKD0dldFNlcnZlZFBvbGljeRIhLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0GiIuY2xvdGhvLnYxLkdldFNlcnZlZFBvbGljeVJlc3BvbnNlEmQKE1ByZXBhcmVXZWlnaHRVcGRhdGUSJS5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlcXVlc3QaJi5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEmQKE0F3YWl0V2VpZ2h0VHJhbnNmZXISJS5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QaJi5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEmEKEkNvbW1pdFdlaWdodFVwZGF0ZRIkLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXF1ZXN0GiUuY2xvdGhvLnYxLkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEl4KEUFib3J0V2VpZ2h0VXBkYXRlEiMuY2xvdGhvLnYxLkFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBokLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlElIKDVJlbGVhc2VNZW1vcnkSHy5jbG90aG8udjEuUmVsZWFzZU1lbW9yeVJlcXVlc3QaIC5jbG90aG8udjEuUmVsZWFzZU1lbW9yeVJlc3BvbnNlEk8KDFJlc3VtZU1lbW9yeRIeLmNsb3Roby52MS5SZXN1bWVNZW1vcnlSZXF1ZXN0Gh8uY2xvdGhvLnYxLlJlc3VtZU1lbW9yeVJlc3BvbnNlQjxaOmdpdGh1Yi5jb20vY2xvdGhvL2Nsb3Roby9jbGllbnRzL2dvL2dlbi9jbG90aG8vdjE7Y2xvdGhvdjFiBnByb3RvMw", [file_clotho_v1_policy]);
 
 /**
  * How to sample; unset fields take the engine's defaults.
@@ -961,6 +961,155 @@ export const AbortWeightUpdateResponseSchema: GenMessage<AbortWeightUpdateRespon
   messageDesc(file_clotho_v1_inference_service, 22);
 
 /**
+ * Asks every shard of the service to free its KV cache.
+ *
+ * @generated from message clotho.v1.ReleaseMemoryRequest
+ */
+export type ReleaseMemoryRequest = Message<"clotho.v1.ReleaseMemoryRequest"> & {
+};
+
+/**
+ * Describes the message clotho.v1.ReleaseMemoryRequest.
+ * Use `create(ReleaseMemoryRequestSchema)` to create a new message.
+ */
+export const ReleaseMemoryRequestSchema: GenMessage<ReleaseMemoryRequest> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 23);
+
+/**
+ * Memory after the release.
+ *
+ * @generated from message clotho.v1.ReleaseMemoryResponse
+ */
+export type ReleaseMemoryResponse = Message<"clotho.v1.ReleaseMemoryResponse"> & {
+  /**
+   * One entry per shard, in shard order.
+   *
+   * @generated from field: repeated clotho.v1.ShardMemory shards = 1;
+   */
+  shards: ShardMemory[];
+};
+
+/**
+ * Describes the message clotho.v1.ReleaseMemoryResponse.
+ * Use `create(ReleaseMemoryResponseSchema)` to create a new message.
+ */
+export const ReleaseMemoryResponseSchema: GenMessage<ReleaseMemoryResponse> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 24);
+
+/**
+ * Asks every shard of the service to take its KV cache back and resume generation.
+ *
+ * @generated from message clotho.v1.ResumeMemoryRequest
+ */
+export type ResumeMemoryRequest = Message<"clotho.v1.ResumeMemoryRequest"> & {
+};
+
+/**
+ * Describes the message clotho.v1.ResumeMemoryRequest.
+ * Use `create(ResumeMemoryRequestSchema)` to create a new message.
+ */
+export const ResumeMemoryRequestSchema: GenMessage<ResumeMemoryRequest> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 25);
+
+/**
+ * Memory after the resume.
+ *
+ * @generated from message clotho.v1.ResumeMemoryResponse
+ */
+export type ResumeMemoryResponse = Message<"clotho.v1.ResumeMemoryResponse"> & {
+  /**
+   * One entry per shard, in shard order.
+   *
+   * @generated from field: repeated clotho.v1.ShardMemory shards = 1;
+   */
+  shards: ShardMemory[];
+};
+
+/**
+ * Describes the message clotho.v1.ResumeMemoryResponse.
+ * Use `create(ResumeMemoryResponseSchema)` to create a new message.
+ */
+export const ResumeMemoryResponseSchema: GenMessage<ResumeMemoryResponse> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 26);
+
+/**
+ * One shard's memory at a phase boundary of colocated mode.
+ *
+ * @generated from message clotho.v1.ShardMemory
+ */
+export type ShardMemory = Message<"clotho.v1.ShardMemory"> & {
+  /**
+   * The shard's name.
+   *
+   * @generated from field: string shard = 1;
+   */
+  shard: string;
+
+  /**
+   * The phase that begins: "released" or "resumed".
+   *
+   * @generated from field: string phase = 2;
+   */
+  phase: string;
+
+  /**
+   * Bytes the KV cache holds now.
+   *
+   * @generated from field: uint64 kv_cache_bytes = 3;
+   */
+  kvCacheBytes: bigint;
+
+  /**
+   * Bytes the KV cache freed (release) or 0.
+   *
+   * @generated from field: uint64 freed_bytes = 4;
+   */
+  freedBytes: bigint;
+
+  /**
+   * Device bytes this process has allocated now (0 on CPU, or when the engine does not say).
+   *
+   * @generated from field: uint64 allocated_bytes = 5;
+   */
+  allocatedBytes: bigint;
+
+  /**
+   * Peak device bytes this process allocated during the phase that just ended.
+   *
+   * @generated from field: uint64 peak_allocated_bytes = 6;
+   */
+  peakAllocatedBytes: bigint;
+
+  /**
+   * Device bytes in use by every process now (the device's total minus its free memory).
+   *
+   * @generated from field: uint64 device_used_bytes = 7;
+   */
+  deviceUsedBytes: bigint;
+
+  /**
+   * The device's total memory (0 on CPU).
+   *
+   * @generated from field: uint64 device_total_bytes = 8;
+   */
+  deviceTotalBytes: bigint;
+
+  /**
+   * Resident memory of the shard's process now, in bytes (CPU).
+   *
+   * @generated from field: uint64 rss_bytes = 9;
+   */
+  rssBytes: bigint;
+};
+
+/**
+ * Describes the message clotho.v1.ShardMemory.
+ * Use `create(ShardMemorySchema)` to create a new message.
+ */
+export const ShardMemorySchema: GenMessage<ShardMemory> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 27);
+
+/**
  * Why a sample ended.
  *
  * @generated from enum clotho.v1.FinishReason
@@ -1154,6 +1303,28 @@ export const InferenceService: GenService<{
     methodKind: "unary";
     input: typeof AbortWeightUpdateRequestSchema;
     output: typeof AbortWeightUpdateResponseSchema;
+  },
+  /**
+   * Colocated mode: pauses generation and frees the engine's KV cache (requests in
+   * flight keep their tokens) so a trainer on the same device can use the memory.
+   *
+   * @generated from rpc clotho.v1.InferenceService.ReleaseMemory
+   */
+  releaseMemory: {
+    methodKind: "unary";
+    input: typeof ReleaseMemoryRequestSchema;
+    output: typeof ReleaseMemoryResponseSchema;
+  },
+  /**
+   * Colocated mode: takes the KV cache back and resumes generation (the keys and values
+   * of requests in flight are recomputed under the weights served then).
+   *
+   * @generated from rpc clotho.v1.InferenceService.ResumeMemory
+   */
+  resumeMemory: {
+    methodKind: "unary";
+    input: typeof ResumeMemoryRequestSchema;
+    output: typeof ResumeMemoryResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_clotho_v1_inference_service, 0);
