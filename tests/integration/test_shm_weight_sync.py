@@ -199,3 +199,25 @@ async def test_a_trainer_killed_mid_transfer_leaves_the_old_weights_and_no_segme
     finally:
         await sync.close()
     assert shm.segment_names() == [] and time.monotonic() - start < 60
+
+
+async def test_colocated_release_push_resume_serves_the_new_weights(target, served):
+    """Colocated mode over gRPC: the service frees its KV cache, the update lands while
+    it is released, and after the resume it serves the trainer's logprobs."""
+    sync = make_sync(target)
+    colocation = sync.colocation(torch.device("cpu"))
+    try:
+        released = await colocation.release()
+        [(name, shard)] = released["shards"].items()
+        assert name.startswith(target) and shard["phase"] == "released"
+        assert int(shard.get("kv_cache_bytes", 0)) == 0 and int(shard["rss_bytes"]) > 0
+        assert "rss_bytes" in released["trainer"]
+        weights = served.perturbed(40)
+        report = await sync.push(weights, served.version + 1, served.version + 1)
+        resumed = await colocation.resume()
+        assert next(iter(resumed["shards"].values()))["phase"] == "resumed"
+        served.version, served.weights = report.version, weights
+        await assert_serves(target, served)
+    finally:
+        await sync.close()
+    assert shm.segment_names() == []
