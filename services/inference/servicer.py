@@ -102,6 +102,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             shard_count=len(self.shards),
             host_id=shm.host_id(),
             accepts_shared_memory=self.shards.accepts_shared_memory and shm.available(),
+            device_uuid=self.shards.device_uuid,
         )
 
     async def GetServedPolicy(

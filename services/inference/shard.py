@@ -40,6 +40,8 @@ class Shard(abc.ABC):
     updates: WeightUpdater
     # Whether the shard receives weights through the same-host shared-memory transport.
     accepts_shared_memory: bool = False
+    # UUID of the CUDA device the shard runs on ("" on CPU or when unknown).
+    device_uuid: str = ""
 
     @property
     def policy(self) -> ServedPolicy:

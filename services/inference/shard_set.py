@@ -51,6 +51,12 @@ class ShardSet:
         return all(s.accepts_shared_memory for s in self.shards)
 
     @property
+    def device_uuid(self) -> str:
+        """The GPU every shard runs on, when they share one ("" otherwise)."""
+        uuids = {s.device_uuid for s in self.shards}
+        return uuids.pop() if len(uuids) == 1 else ""
+
+    @property
     def policy(self) -> ServedPolicy:
         """The lowest version any shard serves (they differ only after a partial commit)."""
         return min((s.policy for s in self.shards), key=lambda p: p.version)

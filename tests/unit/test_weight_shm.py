@@ -164,3 +164,51 @@ def test_pieces_cover_every_bucket_in_order_and_match_packing():
             assert torch.equal(segment.bucket(s, i), expected) and crcs[i] == crc32(expected)
     finally:
         segment.unlink()
+
+
+def test_cuda_weights_take_shared_memory_only_on_the_services_own_gpu():
+    gpu = pb.GetModelInfoResponse(host_id=HERE, accepts_shared_memory=True, device_uuid="GPU-1")
+    assert uses_shared_memory("auto", gpu, on_cpu=False, device_uuid="GPU-1")
+    assert not uses_shared_memory("auto", gpu, on_cpu=False, device_uuid="GPU-2")
+    assert not uses_shared_memory("auto", info(), on_cpu=False, device_uuid="GPU-1")  # a CPU service
+    with pytest.raises(ValueError, match="another device"):
+        uses_shared_memory("shm", gpu, on_cpu=False, device_uuid="GPU-2")
+
+
+def test_cuda_ipc_handles_travel_as_messages():
+    from services.common.weight_wire import cuda_ipc
+
+    shared = (0, b"\x01" * 64, 4096, 0, b"/torch_123", 8, b"\x02" * 64, True)
+    msg = cuda_ipc.to_proto(shared)
+    assert cuda_ipc.from_proto(pb.CudaIpcHandle.FromString(msg.SerializeToString())) == shared
+    assert cuda_ipc.device_uuid(torch.device("cpu")) == ""
+
+
+def test_a_rendezvous_with_cuda_sets_needs_one_handle_per_set():
+    r = pb.Rendezvous(
+        world_size=2,
+        rank_offset=1,
+        group_name="clotho-wt-x-1-a",
+        shared_memory=pb.SharedMemoryTransport(segment="clotho-wt-x-1-a", segment_bytes=4096, update_id=5),
+    )
+    assert check_rendezvous(r).segment.cuda_sets == ()
+    r.shared_memory.cuda_sets.add(device=0, handle=b"h")
+    with pytest.raises(InvalidArgument, match="2 handles"):
+        check_rendezvous(r)
+    r.shared_memory.cuda_sets.add(device=0, handle=b"g")
+    key = check_rendezvous(r)
+    assert [h.handle for h in key.segment.cuda_sets] == [b"h", b"g"]
+
+
+def test_a_reader_copying_out_checksums_what_it_keeps():
+    tensors, manifest = small_manifest()
+    segment = shm.SharedSegment.create(manifest, readers=1, run_id="unit")
+    try:
+        reader = shm.SegmentReader.open(segment.name, segment.nbytes, manifest)
+        s = segment.begin(update_id=9)
+        kept = [torch.empty(b.numel, dtype=b.dtype) for b in manifest.buckets]
+        reading = shm.start_reading(reader, s, 9, 0.0, threading.Event(), 10.0, "unit-copy", copy_into=kept)
+        crcs = shm.write_buckets(segment, manifest, tensors, s, threading.Event())
+        assert reading.result(10)[0] == crcs == [crc32(k) for k in kept]
+    finally:
+        segment.unlink()

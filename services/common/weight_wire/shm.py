@@ -26,6 +26,10 @@ names of segments its own run or a dead process left (a crash between creating a
 unlinking) before it creates one. On any failure the trainer drops the segment and the
 next update uses a new one (as a collective group is re-formed under a new name).
 
+On one GPU (the trainer's weights on the shard's device) the two sets are the trainer's
+device allocations shared by CUDA IPC handles (cuda_ipc.py) and the segment is only the
+header; the shard then copies each piece into its own buffers and checksums the copy.
+
 Ordering: the header words are 8-byte aligned stores, and a reader loads `written`
 before the bucket's bytes; on x86 (TSO) that orders them. Elsewhere a torn read can only
 fail the checksum, never pass unnoticed.
@@ -48,6 +52,8 @@ from typing import Any
 
 import torch
 
+from clotho.v1 import inference_service_pb2 as pb
+from services.common.weight_wire import cuda_ipc
 from services.common.weight_wire.manifest import Manifest
 from services.common.weight_wire.packing import crc32_extend
 
@@ -146,8 +152,10 @@ def _bytes(t: torch.Tensor) -> memoryview:
 class _Mapped:
     """A mapped segment: the header words and the bucket views of each set."""
 
-    def __init__(self, path: Path, nbytes: int, manifest: Manifest) -> None:
+    def __init__(self, path: Path, nbytes: int, manifest: Manifest, sets: list[torch.Tensor] | None = None) -> None:
         self.name = path.name
+        # Device buffers holding the sets (CUDA IPC); None: the sets follow the header.
+        self.sets = sets
         self.nbytes = nbytes
         self.manifest = manifest
         self.offsets, self.set_bytes = bucket_offsets(manifest)
@@ -159,6 +167,10 @@ class _Mapped:
     def bucket(self, buffer_set: int, index: int) -> torch.Tensor:
         """Bucket `index` of set `buffer_set`, as a flat tensor of the bucket's dtype."""
         b = self.manifest.buckets[index]
+        if self.sets is not None:
+            start = self.offsets[index]
+            on_device: torch.Tensor = self.sets[buffer_set][start : start + b.nbytes].view(b.dtype)
+            return on_device
         start = HEADER_BYTES + buffer_set * self.set_bytes + self.offsets[index]
         flat: torch.Tensor = self._raw[start : start + b.nbytes].view(b.dtype)
         return flat
@@ -173,9 +185,18 @@ class _Mapped:
 class SharedSegment(_Mapped):
     """The trainer's side: creates the segment, writes updates into it, unlinks it."""
 
-    def __init__(self, path: Path, nbytes: int, manifest: Manifest, readers: int) -> None:
-        super().__init__(path, nbytes, manifest)
+    def __init__(
+        self,
+        path: Path,
+        nbytes: int,
+        manifest: Manifest,
+        readers: int,
+        sets: list[torch.Tensor] | None = None,
+        cuda_handles: list[pb.CudaIpcHandle] | None = None,
+    ) -> None:
+        super().__init__(path, nbytes, manifest, sets)
         self.path = path
+        self.cuda_handles = cuda_handles or []
         self.readers = readers
         self.set_word(_MAGIC, MAGIC)
         self.set_word(_BYTES, nbytes)
@@ -184,11 +205,16 @@ class SharedSegment(_Mapped):
         self.set_word(_SET, -1)
 
     @classmethod
-    def create(cls, manifest: Manifest, readers: int, run_id: str) -> SharedSegment:
+    def create(cls, manifest: Manifest, readers: int, run_id: str, device: torch.device | None = None) -> SharedSegment:
+        """A new segment; with a CUDA `device` its sets are device memory shared by IPC."""
         if not 1 <= readers <= MAX_READERS:
             raise ValueError(f"a segment has 1 to {MAX_READERS} readers, not {readers}")
         clean_stale_segments(run_id)
-        nbytes = segment_bytes(manifest)
+        sets: list[torch.Tensor] | None = None
+        handles: list[pb.CudaIpcHandle] | None = None
+        if device is not None and device.type == "cuda":
+            sets, handles = cuda_ipc.export_sets(bucket_offsets(manifest)[1], SETS, device)
+        nbytes = HEADER_BYTES if sets is not None else segment_bytes(manifest)
         name = f"{SEGMENT_PREFIX}{_safe_run_id(run_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path = SEGMENT_DIR / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -200,7 +226,7 @@ class SharedSegment(_Mapped):
             raise
         os.close(fd)
         try:
-            return cls(path, nbytes, manifest, readers)
+            return cls(path, nbytes, manifest, readers, sets, handles)
         except BaseException:
             path.unlink()
             raise
@@ -238,14 +264,30 @@ class SegmentReader(_Mapped):
     """A shard's side: maps a segment by name (while it is still linked)."""
 
     @classmethod
-    def open(cls, name: str, nbytes: int, manifest: Manifest) -> SegmentReader:
+    def open(
+        cls,
+        name: str,
+        nbytes: int,
+        manifest: Manifest,
+        cuda_sets: list[pb.CudaIpcHandle] | None = None,
+        device: torch.device | None = None,
+    ) -> SegmentReader:
+        """Map a segment; with `cuda_sets`, open the trainer's device sets on `device`."""
         if "/" in name or not name.startswith(SEGMENT_PREFIX):
             raise ValueError(f"not a weight segment name: {name!r}")
         path = SEGMENT_DIR / name
         size = path.stat().st_size  # FileNotFoundError once the trainer unlinked it
-        if size != nbytes or nbytes < segment_bytes(manifest):
-            raise ValueError(f"segment {name} has {size} bytes; the update needs {segment_bytes(manifest)}")
-        reader = cls(path, nbytes, manifest)
+        need = HEADER_BYTES if cuda_sets else segment_bytes(manifest)
+        if size != nbytes or nbytes < need:
+            raise ValueError(f"segment {name} has {size} bytes; the update needs {need}")
+        sets = None
+        if cuda_sets:
+            if device is None or device.type != "cuda" or len(cuda_sets) != SETS:
+                raise ValueError(f"segment {name}: CUDA sets need {SETS} handles and a CUDA device")
+            sets = [cuda_ipc.open_set(h, device) for h in cuda_sets]
+            if any(s.numel() < bucket_offsets(manifest)[1] for s in sets):
+                raise ValueError(f"segment {name}: a CUDA set is smaller than the manifest's buckets")
+        reader = cls(path, nbytes, manifest, sets)
         if reader.word(_MAGIC) != MAGIC:
             raise ValueError(f"segment {name} has no weight-segment header")
         return reader
@@ -307,7 +349,7 @@ def write_buckets(
         try:
             while (item := written.get()) is not None:
                 i, piece = item
-                crcs[i] = crc32_extend(_bytes(piece), crcs[i])
+                crcs[i] = crc32_extend(_bytes(piece.cpu()), crcs[i])
         except BaseException as exc:  # noqa: BLE001 - re-raised by the writer
             failed.append(exc)
 
@@ -326,6 +368,8 @@ def write_buckets(
                     out[lo:hi].zero_()
                 else:
                     out[lo:hi].copy_(tensors[name].detach().reshape(-1)[at : at + hi - lo])
+                if out.is_cuda:  # published only once the copy has landed
+                    torch.cuda.current_stream(out.device).synchronize()
                 written.put((i, raw[lo * size : hi * size]))
                 segment.publish(total + hi * size)
             total += bucket.nbytes
@@ -345,11 +389,14 @@ def start_reading(
     stop: threading.Event,
     timeout_seconds: float,
     name: str,
+    copy_into: list[torch.Tensor] | None = None,
 ) -> concurrent.futures.Future[tuple[list[int], float]]:
     """Checksum every bucket of the update in place as the trainer publishes it, in a
     thread of its own; the future resolves to (the CRCs, seconds since `started`) or
     fails with a RuntimeError naming the bucket. Stops at `stop`, at `timeout_seconds`
-    without progress, or when the segment's header moves to another update."""
+    without progress, or when the segment's header moves to another update. With
+    `copy_into` (one flat buffer per bucket) each piece is first copied there and the
+    copy is checksummed: what is verified is what the shard keeps."""
     done: concurrent.futures.Future[tuple[list[int], float]] = concurrent.futures.Future()
     buckets = reader.manifest.buckets
 
@@ -368,8 +415,12 @@ def start_reading(
                     raise RuntimeError("the segment moved on to another update")
                 available = min(reader.word(_WRITTEN) - before, buckets[len(crcs)].nbytes)
                 if available > done_bytes:
-                    raw = reader.bucket(buffer_set, len(crcs)).view(torch.uint8)
-                    crc = crc32_extend(_bytes(raw[done_bytes:available]), crc)
+                    piece = reader.bucket(buffer_set, len(crcs)).view(torch.uint8)[done_bytes:available]
+                    if copy_into is not None:
+                        kept = copy_into[len(crcs)].view(torch.uint8)[done_bytes:available]
+                        kept.copy_(piece)
+                        piece = kept
+                    crc = crc32_extend(_bytes(piece.cpu()), crc)
                     done_bytes = available
                     if done_bytes == buckets[len(crcs)].nbytes:
                         crcs.append(crc)

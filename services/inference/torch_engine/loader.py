@@ -16,6 +16,9 @@ the loader maps the segment once (kept across updates, as a group is), checksums
 bucket in place as the trainer publishes it, and at commit the engine adopts the
 segment's bucket views as its parameters, then the header records which set it serves
 so the trainer writes the next update into the other one. No staging copy, no socket.
+When the segment's sets are the trainer's GPU memory (CUDA IPC), each piece is copied
+into the shard's own staging buffers as it is published and the copy is checksummed;
+the commit is then the collective path's.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class _Staging:
     reader: int = 0
     buffer_set: int = -1
     stop: threading.Event | None = None
+    # The buffers are the shard's own (copied from CUDA IPC sets), not the segment's.
+    copied: bool = False
 
 
 class TorchLoader:
@@ -149,9 +154,16 @@ class TorchLoader:
         joined = False
         if self._segment is None or self._segment.name != seg.segment:
             self._segment = None
+            if seg.cuda_sets and self.engine.device.type != "cuda":
+                raise InvalidArgument("rendezvous: CUDA IPC sets need a CUDA engine; this shard runs on the CPU")
             try:
                 self._segment = await asyncio.to_thread(
-                    SegmentReader.open, seg.segment, seg.segment_bytes, update.manifest
+                    SegmentReader.open,
+                    seg.segment,
+                    seg.segment_bytes,
+                    update.manifest,
+                    list(seg.cuda_sets) or None,
+                    self.engine.device if seg.cuda_sets else None,
                 )
             except (OSError, ValueError, RuntimeError) as exc:
                 raise Unavailable(f"could not map weight segment {seg.segment!r}: {exc}") from exc
@@ -162,10 +174,21 @@ class TorchLoader:
         except ValueError as exc:
             raise FailedPrecondition(str(exc)) from exc
         specs = self.engine.parameter_specs
-        adopt = self.engine.device.type == "cpu" and all(t.dtype == specs[t.name][1] for t in update.manifest.tensors)
+        same_dtypes = all(t.dtype == specs[t.name][1] for t in update.manifest.tensors)
         stop = threading.Event()
-        views = [reader.bucket(seg.buffer_set, i) for i in range(len(update.manifest.buckets))]
-        update.loading = _Staging(views, torch.device("cpu"), adopt, reader, key.rank - 1, seg.buffer_set, stop)
+        copy_into = None
+        if seg.cuda_sets:
+            try:
+                copy_into = self._staging_for(update.manifest, self.engine.device)
+            except RuntimeError as exc:
+                raise ResourceExhausted(f"no memory to stage version {update.version}: {exc}") from exc
+            update.loading = _Staging(
+                copy_into, self.engine.device, same_dtypes, reader, key.rank - 1, seg.buffer_set, stop, copied=True
+            )
+        else:
+            adopt = self.engine.device.type == "cpu" and same_dtypes
+            views = [reader.bucket(seg.buffer_set, i) for i in range(len(update.manifest.buckets))]
+            update.loading = _Staging(views, torch.device("cpu"), adopt, reader, key.rank - 1, seg.buffer_set, stop)
         update.transfer = asyncio.wrap_future(
             start_reading(
                 reader,
@@ -175,6 +198,7 @@ class TorchLoader:
                 stop,
                 update.deadline_seconds,
                 name=f"weights-v{update.version}",
+                copy_into=copy_into,
             )
         )
         update.transfer.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -199,7 +223,10 @@ class TorchLoader:
         finally:
             if self.after_commit is not None:
                 self.after_commit()
-        if staging.segment is not None:
+        if staging.segment is not None and staging.copied:
+            staging.segment.serve(staging.reader, -1)  # nothing served from the trainer's sets
+            self._recycle(staging)
+        elif staging.segment is not None:
             # The trainer writes the next update into the set nobody serves.
             staging.segment.serve(staging.reader, staging.buffer_set if staging.adopt else -1)
             staging.buffers = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common.weight_wire import cuda_ipc
 from services.inference.generation_types import GenerationRequest
 from services.inference.memory import MemoryReport
 from services.inference.shard import HealthListener, ResultStream, Shard
@@ -27,6 +28,10 @@ class TorchShard(Shard):
         self._listener: HealthListener | None = None
         self._reported_serving = True
         receiver.loader.after_commit = self._report_health
+
+    @property
+    def device_uuid(self) -> str:  # type: ignore[override]
+        return cuda_ipc.device_uuid(self.engine.device)
 
     @property
     def load(self) -> int:

@@ -46,6 +46,8 @@ class SegmentKey:
     segment_bytes: int
     buffer_set: int
     update_id: int
+    # The trainer's device sets (CUDA IPC), or empty when the sets are in the segment.
+    cuda_sets: tuple[pb.CudaIpcHandle, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ def _check_shared_memory(r: pb.Rendezvous) -> GroupKey:
         raise InvalidArgument(
             f"rendezvous: rank_offset {r.rank_offset} must be in [1, world_size {r.world_size}) (readers count from 1)"
         )
-    segment = SegmentKey(m.segment, int(m.segment_bytes), int(m.buffer_set), int(m.update_id))
+    if m.cuda_sets and len(m.cuda_sets) != 2:
+        raise InvalidArgument(f"rendezvous: cuda_sets must hold 2 handles, got {len(m.cuda_sets)}")
+    segment = SegmentKey(m.segment, int(m.segment_bytes), int(m.buffer_set), int(m.update_id), tuple(m.cuda_sets))
     return GroupKey("shm", "", 0, int(r.world_size), int(r.rank_offset), m.segment, segment)
 
 

@@ -38,6 +38,7 @@ from services.common.weight_wire import (
     Manifest,
     TrackedGroup,
     build_manifest,
+    cuda_ipc,
     pipeline,
 )
 from services.trainer.weight_push.colocate import Colocation
@@ -200,9 +201,11 @@ class WeightSync:
                         for name, stub in zip(self._names, self._stubs)
                     ],
                 )
-                on_cpu = not next(iter(tensors.values())).is_cuda
+                device = next(iter(tensors.values())).device
+                on_cpu = device.type == "cpu"
+                uuid_here = cuda_ipc.device_uuid(device)
                 try:
-                    shared = [uses_shared_memory(self.transport, i, on_cpu) for i in infos]
+                    shared = [uses_shared_memory(self.transport, i, on_cpu, device_uuid=uuid_here) for i in infos]
                 except ValueError as exc:
                     raise StageFailed(str(exc)) from exc
                 self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos], shared)
@@ -211,7 +214,7 @@ class WeightSync:
                     self._host_group()
                 readers = sum(s.ranks for s in self._shards if s.shm)
                 if readers:
-                    self._link = SegmentLink.create(manifest, readers, self.run_id)
+                    self._link = SegmentLink.create(manifest, readers, self.run_id, None if on_cpu else device)
                 self._laid_out = True
             handle, link = self._group, self._link
             world_size = 1 + sum(s.ranks for s in self._shards if not s.shm)

@@ -2,8 +2,9 @@
 shards take it, the segment they share, and the thread that writes an update into it.
 
 Choice, per inference service, from its GetModelInfo: `shm` when the setting is `shm`,
-or when it is `auto`, the service reports the trainer's own host id and accepts shared
-memory, and the weights are on the CPU; otherwise the collective.
+or when it is `auto`, the service reports the trainer's own host id, accepts shared
+memory, and either the weights are on the CPU or they are on the GPU the service reports
+(its device UUID: then the sets are shared by CUDA IPC); otherwise the collective.
 """
 
 from __future__ import annotations
@@ -24,24 +25,28 @@ Transport = Literal["auto", "collective", "shm"]
 TRANSPORTS: tuple[str, ...] = ("auto", "collective", "shm")
 
 
-def uses_shared_memory(setting: str, info: pb.GetModelInfoResponse, on_cpu: bool, here: str | None = None) -> bool:
+def uses_shared_memory(
+    setting: str, info: pb.GetModelInfoResponse, on_cpu: bool, here: str | None = None, device_uuid: str = ""
+) -> bool:
     """Whether weights go to this service through shared memory. `here` is the trainer's
-    host id (default: this machine's). Raises ValueError when `shm` is forced on a
-    service that cannot take it."""
+    host id (default: this machine's), `device_uuid` the UUID of the GPU its weights are
+    on (when not `on_cpu`). Raises ValueError when `shm` is forced on a service that
+    cannot take it."""
     if setting not in TRANSPORTS:
         raise ValueError(f"weight transport must be one of {', '.join(TRANSPORTS)}, not {setting!r}")
     if setting == "collective":
         return False
     same_host = bool(info.host_id) and info.host_id == (here if here is not None else shm.host_id())
-    able = same_host and info.accepts_shared_memory and on_cpu and shm.available()
+    same_device = on_cpu or (bool(device_uuid) and info.device_uuid == device_uuid)
+    able = same_host and info.accepts_shared_memory and same_device and shm.available()
     if setting == "shm" and not able:
         why = (
             "runs on another host"
             if not same_host
             else "does not accept shared memory"
             if not info.accepts_shared_memory
-            else "the weights are not on the CPU"
-            if not on_cpu
+            else "the weights are on another device than the service's"
+            if not same_device
             else "this machine has no /dev/shm"
         )
         raise ValueError(f"weight_transport is shm but the service {why}")
@@ -59,8 +64,9 @@ class SegmentLink:
     update_id: int = 0
 
     @classmethod
-    def create(cls, manifest: Manifest, readers: int, run_id: str) -> SegmentLink:
-        return cls(shm.SharedSegment.create(manifest, readers, run_id))
+    def create(cls, manifest: Manifest, readers: int, run_id: str, device: torch.device | None = None) -> SegmentLink:
+        """A segment for `readers`; with a CUDA `device`, its sets live there (CUDA IPC)."""
+        return cls(shm.SharedSegment.create(manifest, readers, run_id, device))
 
     @property
     def name(self) -> str:
@@ -82,6 +88,7 @@ class SegmentLink:
                 segment_bytes=self.segment.nbytes,
                 buffer_set=self.buffer_set,
                 update_id=self.update_id,
+                cuda_sets=self.segment.cuda_handles,
             ),
         )
 

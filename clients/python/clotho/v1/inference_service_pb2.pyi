@@ -142,7 +142,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count", "host_id", "accepts_shared_memory")
+    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count", "host_id", "accepts_shared_memory", "device_uuid")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class GetModelInfoResponse(_message.Message):
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     max_context_len: int
@@ -159,7 +160,8 @@ class GetModelInfoResponse(_message.Message):
     shard_count: int
     host_id: str
     accepts_shared_memory: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ..., host_id: _Optional[str] = ..., accepts_shared_memory: _Optional[bool] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ..., host_id: _Optional[str] = ..., accepts_shared_memory: _Optional[bool] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class GetServedPolicyRequest(_message.Message):
     __slots__ = ()
@@ -220,16 +222,38 @@ class Rendezvous(_message.Message):
     def __init__(self, backend: _Optional[_Union[CollectiveBackend, str]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryTransport, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryTransport(_message.Message):
-    __slots__ = ("segment", "segment_bytes", "buffer_set", "update_id")
+    __slots__ = ("segment", "segment_bytes", "buffer_set", "update_id", "cuda_sets")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUFFER_SET_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    CUDA_SETS_FIELD_NUMBER: _ClassVar[int]
     segment: str
     segment_bytes: int
     buffer_set: int
     update_id: int
-    def __init__(self, segment: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., buffer_set: _Optional[int] = ..., update_id: _Optional[int] = ...) -> None: ...
+    cuda_sets: _containers.RepeatedCompositeFieldContainer[CudaIpcHandle]
+    def __init__(self, segment: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., buffer_set: _Optional[int] = ..., update_id: _Optional[int] = ..., cuda_sets: _Optional[_Iterable[_Union[CudaIpcHandle, _Mapping]]] = ...) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("device", "handle", "size_bytes", "offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class PrepareWeightUpdateRequest(_message.Message):
     __slots__ = ("version", "manifest", "rendezvous", "deadline_seconds", "step", "resync")

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file clotho/v1/inference_service.proto.
  */
 export const file_clotho_v1_inference_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IsIBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SDwoHaG9zdF9pZBgHIAEoCRIdChVhY2NlcHRzX3NoYXJlZF9tZW1vcnkYCCABKAgiGAoWR2V0U2VydmVkUG9saWN5UmVxdWVzdCJDChdHZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiJqCgpUZW5zb3JTcGVjEgwKBG5hbWUYASABKAkSDQoFc2hhcGUYAiADKAQSHwoFZHR5cGUYAyABKA4yEC5jbG90aG8udjEuRFR5cGUSDgoGYnVja2V0GAQgASgNEg4KBm9mZnNldBgFIAEoBCI8CgpCdWNrZXRTcGVjEh8KBWR0eXBlGAEgASgOMhAuY2xvdGhvLnYxLkRUeXBlEg0KBW51bWVsGAIgASgEImAKDldlaWdodE1hbmlmZXN0EiYKB3RlbnNvcnMYASADKAsyFS5jbG90aG8udjEuVGVuc29yU3BlYxImCgdidWNrZXRzGAIgAygLMhUuY2xvdGhvLnYxLkJ1Y2tldFNwZWMi0AEKClJlbmRlenZvdXMSLQoHYmFja2VuZBgBIAEoDjIcLmNsb3Roby52MS5Db2xsZWN0aXZlQmFja2VuZBIPCgdhZGRyZXNzGAIgASgJEgwKBHBvcnQYAyABKA0SEgoKd29ybGRfc2l6ZRgEIAEoDRITCgtyYW5rX29mZnNldBgFIAEoDRISCgpncm91cF9uYW1lGAYgASgJEjcKDXNoYXJlZF9tZW1vcnkYByABKAsyIC5jbG90aG8udjEuU2hhcmVkTWVtb3J5VHJhbnNwb3J0ImYKFVNoYXJlZE1lbW9yeVRyYW5zcG9ydBIPCgdzZWdtZW50GAEgASgJEhUKDXNlZ21lbnRfYnl0ZXMYAiABKAQSEgoKYnVmZmVyX3NldBgDIAEoDRIRCgl1cGRhdGVfaWQYBCABKAQivQEKGlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSKwoIbWFuaWZlc3QYAiABKAsyGS5jbG90aG8udjEuV2VpZ2h0TWFuaWZlc3QSKQoKcmVuZGV6dm91cxgDIAEoCzIVLmNsb3Roby52MS5SZW5kZXp2b3VzEhgKEGRlYWRsaW5lX3NlY29uZHMYBCABKAESDAoEc3RlcBgFIAEoBBIOCgZyZXN5bmMYBiABKAgiMwobUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEhQKDGpvaW5lZF9ncm91cBgBIAEoCCJEChpBd2FpdFdlaWdodFRyYW5zZmVyUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEhUKDWJ1Y2tldF9jcmMzMnMYAiADKA0iRgobQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEhYKDmJ5dGVzX3JlY2VpdmVkGAEgASgEEg8KB3NlY29uZHMYAiABKAEiLAoZQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEIkYKGkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIjsKGEFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEg4KBnJlYXNvbhgCIAEoCSJFChlBYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIhYKFFJlbGVhc2VNZW1vcnlSZXF1ZXN0Ij8KFVJlbGVhc2VNZW1vcnlSZXNwb25zZRImCgZzaGFyZHMYASADKAsyFi5jbG90aG8udjEuU2hhcmRNZW1vcnkiFQoTUmVzdW1lTWVtb3J5UmVxdWVzdCI+ChRSZXN1bWVNZW1vcnlSZXNwb25zZRImCgZzaGFyZHMYASADKAsyFi5jbG90aG8udjEuU2hhcmRNZW1vcnki2QEKC1NoYXJkTWVtb3J5Eg0KBXNoYXJkGAEgASgJEg0KBXBoYXNlGAIgASgJEhYKDmt2X2NhY2hlX2J5dGVzGAMgASgEEhMKC2ZyZWVkX2J5dGVzGAQgASgEEhcKD2FsbG9jYXRlZF9ieXRlcxgFIAEoBBIcChRwZWFrX2FsbG9jYXRlZF9ieXRlcxgGIAEoBBIZChFkZXZpY2VfdXNlZF9ieXRlcxgHIAEoBBIaChJkZXZpY2VfdG90YWxfYnl0ZXMYCCABKAQSEQoJcnNzX2J5dGVzGAkgASgEKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqXAoFRFR5cGUSFgoSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoORF9UWVBFX0ZMT0FUMzIQARITCg9EX1RZUEVfQkZMT0FUMTYQAhISCg5EX1RZUEVfRkxPQVQxNhADKnEKEUNvbGxlY3RpdmVCYWNrZW5kEiIKHkNPTExFQ1RJVkVfQkFDS0VORF9VTlNQRUNJRklFRBAAEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9HTE9PEAESGwoXQ09MTEVDVElWRV9CQUNLRU5EX05DQ0wQAjK4BgoQSW5mZXJlbmNlU2VydmljZRJFCghHZW5lcmF0ZRIaLmNsb3Roby52MS5HZW5lcmF0ZVJlcXVlc3QaGy5jbG90aG8udjEuR2VuZXJhdGVSZXNwb25zZTABEk8KDEdldE1vZGVsSW5mbxIeLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXF1ZXN0Gh8uY2xvdGhvLnYxLkdldE1vZGVsSW5mb1Jlc3BvbnNlElgKD0dldFNlcnZlZFBvbGljeRIhLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0GiIuY2xvdGhvLnYxLkdldFNlcnZlZFBvbGljeVJlc3BvbnNlEmQKE1ByZXBhcmVXZWlnaHRVcGRhdGUSJS5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlcXVlc3QaJi5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEmQKE0F3YWl0V2VpZ2h0VHJhbnNmZXISJS5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QaJi5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEmEKEkNvbW1pdFdlaWdodFVwZGF0ZRIkLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXF1ZXN0GiUuY2xvdGhvLnYxLkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEl4KEUFib3J0V2VpZ2h0VXBkYXRlEiMuY2xvdGhvLnYxLkFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBokLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlElIKDVJlbGVhc2VNZW1vcnkSHy5jbG90aG8udjEuUmVsZWFzZU1lbW9yeVJlcXVlc3QaIC5jbG90aG8udjEuUmVsZWFzZU1lbW9yeVJlc3BvbnNlEk8KDFJlc3VtZU1lbW9yeRIeLmNsb3Roby52MS5SZXN1bWVNZW1vcnlSZXF1ZXN0Gh8uY2xvdGhvLnYxLlJlc3VtZU1lbW9yeVJlc3BvbnNlQjxaOmdpdGh1Yi5jb20vY2xvdGhvL2Nsb3Roby9jbGllbnRzL2dvL2dlbi9jbG90aG8vdjE7Y2xvdGhvdjFiBnByb3RvMw", [file_clotho_v1_policy]);
+  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0ItcBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SDwoHaG9zdF9pZBgHIAEoCRIdChVhY2NlcHRzX3NoYXJlZF9tZW1vcnkYCCABKAgSEwoLZGV2aWNlX3V1aWQYCSABKAkiGAoWR2V0U2VydmVkUG9saWN5UmVxdWVzdCJDChdHZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiJqCgpUZW5zb3JTcGVjEgwKBG5hbWUYASABKAkSDQoFc2hhcGUYAiADKAQSHwoFZHR5cGUYAyABKA4yEC5jbG90aG8udjEuRFR5cGUSDgoGYnVja2V0GAQgASgNEg4KBm9mZnNldBgFIAEoBCI8CgpCdWNrZXRTcGVjEh8KBWR0eXBlGAEgASgOMhAuY2xvdGhvLnYxLkRUeXBlEg0KBW51bWVsGAIgASgEImAKDldlaWdodE1hbmlmZXN0EiYKB3RlbnNvcnMYASADKAsyFS5jbG90aG8udjEuVGVuc29yU3BlYxImCgdidWNrZXRzGAIgAygLMhUuY2xvdGhvLnYxLkJ1Y2tldFNwZWMi0AEKClJlbmRlenZvdXMSLQoHYmFja2VuZBgBIAEoDjIcLmNsb3Roby52MS5Db2xsZWN0aXZlQmFja2VuZBIPCgdhZGRyZXNzGAIgASgJEgwKBHBvcnQYAyABKA0SEgoKd29ybGRfc2l6ZRgEIAEoDRITCgtyYW5rX29mZnNldBgFIAEoDRISCgpncm91cF9uYW1lGAYgASgJEjcKDXNoYXJlZF9tZW1vcnkYByABKAsyIC5jbG90aG8udjEuU2hhcmVkTWVtb3J5VHJhbnNwb3J0IpMBChVTaGFyZWRNZW1vcnlUcmFuc3BvcnQSDwoHc2VnbWVudBgBIAEoCRIVCg1zZWdtZW50X2J5dGVzGAIgASgEEhIKCmJ1ZmZlcl9zZXQYAyABKA0SEQoJdXBkYXRlX2lkGAQgASgEEisKCWN1ZGFfc2V0cxgFIAMoCzIYLmNsb3Roby52MS5DdWRhSXBjSGFuZGxlIsQBCg1DdWRhSXBjSGFuZGxlEg4KBmRldmljZRgBIAEoDRIOCgZoYW5kbGUYAiABKAwSEgoKc2l6ZV9ieXRlcxgDIAEoBBIUCgxvZmZzZXRfYnl0ZXMYBCABKAQSGgoScmVmX2NvdW50ZXJfaGFuZGxlGAUgASgMEhoKEnJlZl9jb3VudGVyX29mZnNldBgGIAEoBBIUCgxldmVudF9oYW5kbGUYByABKAwSGwoTZXZlbnRfc3luY19yZXF1aXJlZBgIIAEoCCK9AQoaUHJlcGFyZVdlaWdodFVwZGF0ZVJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBBIrCghtYW5pZmVzdBgCIAEoCzIZLmNsb3Roby52MS5XZWlnaHRNYW5pZmVzdBIpCgpyZW5kZXp2b3VzGAMgASgLMhUuY2xvdGhvLnYxLlJlbmRlenZvdXMSGAoQZGVhZGxpbmVfc2Vjb25kcxgEIAEoARIMCgRzdGVwGAUgASgEEg4KBnJlc3luYxgGIAEoCCIzChtQcmVwYXJlV2VpZ2h0VXBkYXRlUmVzcG9uc2USFAoMam9pbmVkX2dyb3VwGAEgASgIIkQKGkF3YWl0V2VpZ2h0VHJhbnNmZXJSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSFQoNYnVja2V0X2NyYzMycxgCIAMoDSJGChtBd2FpdFdlaWdodFRyYW5zZmVyUmVzcG9uc2USFgoOYnl0ZXNfcmVjZWl2ZWQYASABKAQSDwoHc2Vjb25kcxgCIAEoASIsChlDb21taXRXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQiRgoaQ29tbWl0V2VpZ2h0VXBkYXRlUmVzcG9uc2USKAoGcG9saWN5GAEgASgLMhguY2xvdGhvLnYxLlBvbGljeVZlcnNpb24iOwoYQWJvcnRXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSDgoGcmVhc29uGAIgASgJIkUKGUFib3J0V2VpZ2h0VXBkYXRlUmVzcG9uc2USKAoGcG9saWN5GAEgASgLMhguY2xvdGhvLnYxLlBvbGljeVZlcnNpb24iFgoUUmVsZWFzZU1lbW9yeVJlcXVlc3QiPwoVUmVsZWFzZU1lbW9yeVJlc3BvbnNlEiYKBnNoYXJkcxgBIAMoCzIWLmNsb3Roby52MS5TaGFyZE1lbW9yeSIVChNSZXN1bWVNZW1vcnlSZXF1ZXN0Ij4KFFJlc3VtZU1lbW9yeVJlc3BvbnNlEiYKBnNoYXJkcxgBIAMoCzIWLmNsb3Roby52MS5TaGFyZE1lbW9yeSLZAQoLU2hhcmRNZW1vcnkSDQoFc2hhcmQYASABKAkSDQoFcGhhc2UYAiABKAkSFgoOa3ZfY2FjaGVfYnl0ZXMYAyABKAQSEwoLZnJlZWRfYnl0ZXMYBCABKAQSFwoPYWxsb2NhdGVkX2J5dGVzGAUgASgEEhwKFHBlYWtfYWxsb2NhdGVkX2J5dGVzGAYgASgEEhkKEWRldmljZV91c2VkX2J5dGVzGAcgASgEEhoKEmRldmljZV90b3RhbF9ieXRlcxgIIAEoBBIRCglyc3NfYnl0ZXMYCSABKAQqeAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAypcCgVEVHlwZRIWChJEX1RZUEVfVU5TUEVDSUZJRUQQABISCg5EX1RZUEVfRkxPQVQzMhABEhMKD0RfVFlQRV9CRkxPQVQxNhACEhIKDkRfVFlQRV9GTE9BVDE2EAMqcQoRQ29sbGVjdGl2ZUJhY2tlbmQSIgoeQ09MTEVDVElWRV9CQUNLRU5EX1VOU1BFQ0lGSUVEEAASGwoXQ09MTEVDVElWRV9CQUNLRU5EX0dMT08QARIbChdDT0xMRUNUSVZFX0JBQ0tFTkRfTkNDTBACMrgGChBJbmZlcmVuY2VTZXJ2aWNlEkUKCEdlbmVyYXRlEhouY2xvdGhvLnYxLkdlbmVyYXRlUmVxdWVzdBobLmNsb3Roby52MS5HZW5lcmF0ZVJlc3BvbnNlMAESTwoMR2V0TW9kZWxJbmZvEh4uY2xvdGhvLnYxLkdldE1vZGVsSW5mb1JlcXVlc3QaHy5jbG90aG8udjEuR2V0TW9kZWxJbmZvUmVzcG9uc2USWAoPR2V0U2VydmVkUG9saWN5EiEuY2xvdGhvLnYxLkdldFNlcnZlZFBvbGljeVJlcXVlc3QaIi5jbG90aG8udjEuR2V0U2VydmVkUG9saWN5UmVzcG9uc2USZAoTUHJlcGFyZVdlaWdodFVwZGF0ZRIlLmNsb3Roby52MS5QcmVwYXJlV2VpZ2h0VXBkYXRlUmVxdWVzdBomLmNsb3Roby52MS5QcmVwYXJlV2VpZ2h0VXBkYXRlUmVzcG9uc2USZAoTQXdhaXRXZWlnaHRUcmFuc2ZlchIlLmNsb3Roby52MS5Bd2FpdFdlaWdodFRyYW5zZmVyUmVxdWVzdBomLmNsb3Roby52MS5Bd2FpdFdlaWdodFRyYW5zZmVyUmVzcG9uc2USYQoSQ29tbWl0V2VpZ2h0VXBkYXRlEiQuY2xvdGhvLnYxLkNvbW1pdFdlaWdodFVwZGF0ZVJlcXVlc3QaJS5jbG90aG8udjEuQ29tbWl0V2VpZ2h0VXBkYXRlUmVzcG9uc2USXgoRQWJvcnRXZWlnaHRVcGRhdGUSIy5jbG90aG8udjEuQWJvcnRXZWlnaHRVcGRhdGVSZXF1ZXN0GiQuY2xvdGhvLnYxLkFib3J0V2VpZ2h0VXBkYXRlUmVzcG9uc2USUgoNUmVsZWFzZU1lbW9yeRIfLmNsb3Roby52MS5SZWxlYXNlTWVtb3J5UmVxdWVzdBogLmNsb3Roby52MS5SZWxlYXNlTWVtb3J5UmVzcG9uc2USTwoMUmVzdW1lTWVtb3J5Eh4uY2xvdGhvLnYxLlJlc3VtZU1lbW9yeVJlcXVlc3QaHy5jbG90aG8udjEuUmVzdW1lTWVtb3J5UmVzcG9uc2VCPFo6Z2l0aHViLmNvbS9jbG90aG8vY2xvdGhvL2NsaWVudHMvZ28vZ2VuL2Nsb3Roby92MTtjbG90aG92MWIGcHJvdG8z", [file_clotho_v1_policy]);
 
 /**
  * How to sample; unset fields take the engine's defaults.
@@ -470,6 +470,14 @@ export type GetModelInfoResponse = Message<"clotho.v1.GetModelInfoResponse"> & {
    * @generated from field: bool accepts_shared_memory = 8;
    */
   acceptsSharedMemory: boolean;
+
+  /**
+   * UUID of the CUDA device the shards run on (empty on CPU). A trainer on the same host
+   * and device may send weights through CUDA IPC (SharedMemoryTransport.cuda_sets).
+   *
+   * @generated from field: string device_uuid = 9;
+   */
+  deviceUuid: string;
 };
 
 /**
@@ -723,6 +731,16 @@ export type SharedMemoryTransport = Message<"clotho.v1.SharedMemoryTransport"> &
    * @generated from field: uint64 update_id = 4;
    */
   updateId: bigint;
+
+  /**
+   * Set when the trainer's weights are on the shard's GPU: the two bucket sets live in
+   * the trainer's device memory (one handle per set) and the segment holds only the
+   * header. The shard copies each bucket into its own memory as it is published and
+   * checksums the copy, so it never serves memory the trainer owns.
+   *
+   * @generated from field: repeated clotho.v1.CudaIpcHandle cuda_sets = 5;
+   */
+  cudaSets: CudaIpcHandle[];
 };
 
 /**
@@ -731,6 +749,77 @@ export type SharedMemoryTransport = Message<"clotho.v1.SharedMemoryTransport"> &
  */
 export const SharedMemoryTransportSchema: GenMessage<SharedMemoryTransport> = /*@__PURE__*/
   messageDesc(file_clotho_v1_inference_service, 14);
+
+/**
+ * A CUDA IPC handle of one device allocation, as torch's storage sharing gives it.
+ *
+ * @generated from message clotho.v1.CudaIpcHandle
+ */
+export type CudaIpcHandle = Message<"clotho.v1.CudaIpcHandle"> & {
+  /**
+   * Device index in the exporting process.
+   *
+   * @generated from field: uint32 device = 1;
+   */
+  device: number;
+
+  /**
+   * The cudaIpcMemHandle of the allocation.
+   *
+   * @generated from field: bytes handle = 2;
+   */
+  handle: Uint8Array;
+
+  /**
+   * Bytes of the shared storage.
+   *
+   * @generated from field: uint64 size_bytes = 3;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Offset of the storage within the allocation, in bytes.
+   *
+   * @generated from field: uint64 offset_bytes = 4;
+   */
+  offsetBytes: bigint;
+
+  /**
+   * torch's reference-counter file handle (keeps the exporter from freeing the memory
+   * while an importer holds it).
+   *
+   * @generated from field: bytes ref_counter_handle = 5;
+   */
+  refCounterHandle: Uint8Array;
+
+  /**
+   * Offset within the reference-counter file.
+   *
+   * @generated from field: uint64 ref_counter_offset = 6;
+   */
+  refCounterOffset: bigint;
+
+  /**
+   * The cudaIpcEventHandle to wait on before reading.
+   *
+   * @generated from field: bytes event_handle = 7;
+   */
+  eventHandle: Uint8Array;
+
+  /**
+   * Whether the importer must wait on the event.
+   *
+   * @generated from field: bool event_sync_required = 8;
+   */
+  eventSyncRequired: boolean;
+};
+
+/**
+ * Describes the message clotho.v1.CudaIpcHandle.
+ * Use `create(CudaIpcHandleSchema)` to create a new message.
+ */
+export const CudaIpcHandleSchema: GenMessage<CudaIpcHandle> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 15);
 
 /**
  * Starts a weight update.
@@ -788,7 +877,7 @@ export type PrepareWeightUpdateRequest = Message<"clotho.v1.PrepareWeightUpdateR
  * Use `create(PrepareWeightUpdateRequestSchema)` to create a new message.
  */
 export const PrepareWeightUpdateRequestSchema: GenMessage<PrepareWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 15);
+  messageDesc(file_clotho_v1_inference_service, 16);
 
 /**
  * Acknowledges that the shard is in the group and receiving.
@@ -809,7 +898,7 @@ export type PrepareWeightUpdateResponse = Message<"clotho.v1.PrepareWeightUpdate
  * Use `create(PrepareWeightUpdateResponseSchema)` to create a new message.
  */
 export const PrepareWeightUpdateResponseSchema: GenMessage<PrepareWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 16);
+  messageDesc(file_clotho_v1_inference_service, 17);
 
 /**
  * Waits for the transfer of a prepared update to finish. The checksums travel here,
@@ -839,7 +928,7 @@ export type AwaitWeightTransferRequest = Message<"clotho.v1.AwaitWeightTransferR
  * Use `create(AwaitWeightTransferRequestSchema)` to create a new message.
  */
 export const AwaitWeightTransferRequestSchema: GenMessage<AwaitWeightTransferRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 17);
+  messageDesc(file_clotho_v1_inference_service, 18);
 
 /**
  * The transfer arrived intact.
@@ -867,7 +956,7 @@ export type AwaitWeightTransferResponse = Message<"clotho.v1.AwaitWeightTransfer
  * Use `create(AwaitWeightTransferResponseSchema)` to create a new message.
  */
 export const AwaitWeightTransferResponseSchema: GenMessage<AwaitWeightTransferResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 18);
+  messageDesc(file_clotho_v1_inference_service, 19);
 
 /**
  * Switches to a fully transferred version.
@@ -888,7 +977,7 @@ export type CommitWeightUpdateRequest = Message<"clotho.v1.CommitWeightUpdateReq
  * Use `create(CommitWeightUpdateRequestSchema)` to create a new message.
  */
 export const CommitWeightUpdateRequestSchema: GenMessage<CommitWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 19);
+  messageDesc(file_clotho_v1_inference_service, 20);
 
 /**
  * The shard serves the new version.
@@ -909,7 +998,7 @@ export type CommitWeightUpdateResponse = Message<"clotho.v1.CommitWeightUpdateRe
  * Use `create(CommitWeightUpdateResponseSchema)` to create a new message.
  */
 export const CommitWeightUpdateResponseSchema: GenMessage<CommitWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 20);
+  messageDesc(file_clotho_v1_inference_service, 21);
 
 /**
  * Drops a prepared update.
@@ -937,7 +1026,7 @@ export type AbortWeightUpdateRequest = Message<"clotho.v1.AbortWeightUpdateReque
  * Use `create(AbortWeightUpdateRequestSchema)` to create a new message.
  */
 export const AbortWeightUpdateRequestSchema: GenMessage<AbortWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 21);
+  messageDesc(file_clotho_v1_inference_service, 22);
 
 /**
  * The update was dropped.
@@ -958,7 +1047,7 @@ export type AbortWeightUpdateResponse = Message<"clotho.v1.AbortWeightUpdateResp
  * Use `create(AbortWeightUpdateResponseSchema)` to create a new message.
  */
 export const AbortWeightUpdateResponseSchema: GenMessage<AbortWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 22);
+  messageDesc(file_clotho_v1_inference_service, 23);
 
 /**
  * Asks every shard of the service to free its KV cache.
@@ -973,7 +1062,7 @@ export type ReleaseMemoryRequest = Message<"clotho.v1.ReleaseMemoryRequest"> & {
  * Use `create(ReleaseMemoryRequestSchema)` to create a new message.
  */
 export const ReleaseMemoryRequestSchema: GenMessage<ReleaseMemoryRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 23);
+  messageDesc(file_clotho_v1_inference_service, 24);
 
 /**
  * Memory after the release.
@@ -994,7 +1083,7 @@ export type ReleaseMemoryResponse = Message<"clotho.v1.ReleaseMemoryResponse"> &
  * Use `create(ReleaseMemoryResponseSchema)` to create a new message.
  */
 export const ReleaseMemoryResponseSchema: GenMessage<ReleaseMemoryResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 24);
+  messageDesc(file_clotho_v1_inference_service, 25);
 
 /**
  * Asks every shard of the service to take its KV cache back and resume generation.
@@ -1009,7 +1098,7 @@ export type ResumeMemoryRequest = Message<"clotho.v1.ResumeMemoryRequest"> & {
  * Use `create(ResumeMemoryRequestSchema)` to create a new message.
  */
 export const ResumeMemoryRequestSchema: GenMessage<ResumeMemoryRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 25);
+  messageDesc(file_clotho_v1_inference_service, 26);
 
 /**
  * Memory after the resume.
@@ -1030,7 +1119,7 @@ export type ResumeMemoryResponse = Message<"clotho.v1.ResumeMemoryResponse"> & {
  * Use `create(ResumeMemoryResponseSchema)` to create a new message.
  */
 export const ResumeMemoryResponseSchema: GenMessage<ResumeMemoryResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 26);
+  messageDesc(file_clotho_v1_inference_service, 27);
 
 /**
  * One shard's memory at a phase boundary of colocated mode.
@@ -1107,7 +1196,7 @@ export type ShardMemory = Message<"clotho.v1.ShardMemory"> & {
  * Use `create(ShardMemorySchema)` to create a new message.
  */
 export const ShardMemorySchema: GenMessage<ShardMemory> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 27);
+  messageDesc(file_clotho_v1_inference_service, 28);
 
 /**
  * Why a sample ended.
