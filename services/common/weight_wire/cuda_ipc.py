@@ -30,7 +30,7 @@ def export_sets(set_bytes: int, count: int, device: torch.device) -> tuple[list[
     for _ in range(count):
         buf = torch.zeros(set_bytes, dtype=torch.uint8, device=device)
         sets.append(buf)
-        handles.append(to_proto(buf.untyped_storage()._share_cuda_()))
+        handles.append(to_proto(buf.untyped_storage()._share_cuda_()))  # type: ignore[no-untyped-call]
     torch.cuda.synchronize(device)
     return sets, handles
 
