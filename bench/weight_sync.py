@@ -14,6 +14,12 @@ load from anything else on the machine hits every method alike:
   protocol, packing    the same from separate parameter tensors, packed (and checksummed)
                into the next bucket while one is on the wire, as when casting float32
                master weights to bfloat16 or after an FSDP gather
+  shm protocol WeightSync.push through the same-host transport into a second inference
+               process: the trainer packs (and checksums) each bucket straight into a
+               shared-memory segment, the shard checksums it in place and adopts it at
+               commit (prepare, await and commit included)
+  memcpy       one copy of the same bytes into a buffer already faulted in (the floor
+               of any transfer through memory: the shm protocol makes one copy too)
   disk         safetensors save_file of the weights, then load_file and a copy into
                the model in the peer process (page cache, no fsync: disk's best case)
 
@@ -21,9 +27,9 @@ Prints one JSON line and a table. Usage:
   python bench/weight_sync.py [--rounds 7] [--bucket-mb 64]
 
 Other processes on a small shared machine make single timings noisy, so the rounds are
-interleaved and "vs raw" is the median over rounds of raw's time divided by the
+interleaved and "vs raw" ("vs memcpy") is the median over rounds of raw's time divided by the
 method's time in the same round (a paired comparison); best and median times are shown
-too.
+too, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -183,28 +189,43 @@ async def main() -> None:
     conn, child_conn = ctx.Pipe()
     peer_proc = ctx.Process(target=peer, args=(child_conn, str(model_dir)), daemon=True)
     peer_proc.start()
-    inference = await launcher.start(
-        "inference",
-        "services.inference",
-        ["--model-path", str(model_dir), "--dtype", "bfloat16", "--weight-update-timeout-seconds", "300"],
-        work / "logs",
-    )
+    serve_args = ["--model-path", str(model_dir), "--dtype", "bfloat16", "--weight-update-timeout-seconds", "300"]
+    # One inference process per transport, so neither's buffers depend on the other's rounds.
+    inference = await launcher.start("inference", "services.inference", serve_args, work / "logs")
+    inference_shm = await launcher.start("inference-shm", "services.inference", serve_args, work / "logs")
+    load_before = os.getloadavg()
     raw_group = None
     sync = None
+    shm_sync = None
     try:
         ready = await launcher.wait_ready(inference, 600)
+        ready_shm = await launcher.wait_ready(inference_shm, 600)
         assert await asyncio.to_thread(conn.recv) == "ready"
         raw_group = CollectiveGroup.host("gloo", "127.0.0.1", 2, "bench-raw", 120.0)
         conn.send(("join", (raw_group.port, nbytes)))
         await asyncio.to_thread(raw_group.connect)
         assert await asyncio.to_thread(conn.recv) == "joined"
         sync = WeightSync.for_targets(
-            [f"127.0.0.1:{ready['grpc_port']}"], bucket_bytes=bucket_bytes, timeout_seconds=300
+            [f"127.0.0.1:{ready['grpc_port']}"], bucket_bytes=bucket_bytes, timeout_seconds=300, transport="collective"
+        )
+        shm_sync = WeightSync.for_targets(
+            [f"127.0.0.1:{ready_shm['grpc_port']}"], bucket_bytes=bucket_bytes, timeout_seconds=300, transport="shm"
         )
         version = 0
-        times: dict[str, list[float]] = {"raw gloo": [], "protocol": [], "protocol, packing": [], "disk": []}
+        shm_version = 0
+        times: dict[str, list[float]] = {
+            "raw gloo": [],
+            "protocol": [],
+            "protocol, packing": [],
+            "shm protocol": [],
+            "memcpy": [],
+            "disk": [],
+        }
         stages: list[dict[str, float]] = []
+        shm_stages: list[dict[str, float]] = []
         cold = None
+        copy_dst = torch.empty_like(big)
+        copy_dst.fill_(0)  # faulted in once, as the shard's buffers are after the first updates
 
         async def raw() -> float:
             start = time.perf_counter()
@@ -220,6 +241,19 @@ async def main() -> None:
             stages.append(report.stages)
             return report.seconds
 
+        async def shm_protocol(weights) -> float:
+            nonlocal shm_version
+            shm_version += 1
+            report = await shm_sync.push(weights, shm_version, shm_version)
+            assert report.group_name.startswith("clotho-wt-"), report.group_name
+            shm_stages.append(report.stages)
+            return report.seconds
+
+        async def memcpy() -> float:
+            start = time.perf_counter()
+            await asyncio.to_thread(copy_dst.copy_, big)
+            return time.perf_counter() - start
+
         async def disk() -> float:
             path = work / "weights.safetensors"
             start = time.perf_counter()
@@ -234,11 +268,18 @@ async def main() -> None:
         cold = await protocol(laid_out)
         await protocol(named)
         await raw()
+        # Both sets of the segment are faulted in by the first two updates.
+        cold_shm = await shm_protocol(named)
+        await shm_protocol(named)
+        await memcpy()
         stages.clear()
+        shm_stages.clear()
         for _ in range(args.rounds):
             times["raw gloo"].append(await raw())
             times["protocol"].append(await protocol(laid_out))
             times["protocol, packing"].append(await protocol(named))
+            times["shm protocol"].append(await shm_protocol(named))
+            times["memcpy"].append(await memcpy())
             times["disk"].append(await disk())
 
         # The inference process really serves the last update.
@@ -251,9 +292,16 @@ async def main() -> None:
                 await pb_grpc.InferenceServiceStub(ch).GetServedPolicy(pb.GetServedPolicyRequest())
             ).policy.version
         assert served == version, (served, version)
+        async with channel(f"127.0.0.1:{ready_shm['grpc_port']}") as ch:
+            served = (
+                await pb_grpc.InferenceServiceStub(ch).GetServedPolicy(pb.GetServedPolicyRequest())
+            ).policy.version
+        assert served == shm_version, (served, shm_version)
     finally:
         if sync is not None:
             await sync.close()
+        if shm_sync is not None:
+            await shm_sync.close()
         with_stop = peer_proc.is_alive()
         if with_stop:
             conn.send(("stop", None))
@@ -261,6 +309,7 @@ async def main() -> None:
         if raw_group is not None:
             raw_group.close()
         await launcher.stop(inference, grace=60)
+        await launcher.stop(inference_shm, grace=60)
         peer_proc.join(30)
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -269,7 +318,10 @@ async def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     raw_best = best["raw gloo"]
     paired = {k: statistics.median(r / t for r, t in zip(times["raw gloo"], v)) for k, v in times.items()}
+    vs_copy = {k: statistics.median(c / t for c, t in zip(times["memcpy"], v)) for k, v in times.items()}
     stage_med = {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {}
+    shm_stage_med = {k: statistics.median(s[k] for s in shm_stages) for k in shm_stages[0]} if shm_stages else {}
+    load_after = os.getloadavg()
     result = {
         "bench": "weight_sync",
         "params": params,
@@ -284,7 +336,12 @@ async def main() -> None:
         "GBps_best": {k: round(nbytes / v / 1e9, 3) for k, v in best.items()},
         "fraction_of_raw_best": {k: round(raw_best / v, 3) for k, v in best.items()},
         "fraction_of_raw_paired_median": {k: round(v, 3) for k, v in paired.items()},
+        "fraction_of_memcpy_paired_median": {k: round(v, 3) for k, v in vs_copy.items()},
         "protocol_stage_seconds_median": {k: round(v, 3) for k, v in stage_med.items()},
+        "shm_protocol_stage_seconds_median": {k: round(v, 3) for k, v in shm_stage_med.items()},
+        "cold_first_shm_push_s": round(cold_shm, 3),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
     }
     print(json.dumps(result), flush=True)
     print(
@@ -292,17 +349,24 @@ async def main() -> None:
         f"{bucket_bytes / 2**20:.0f} MiB, best / median of {args.rounds} rounds"
     )
     print(
-        f"{'method':<20}{'best s':>8}{'median s':>10}{'GB/s (median)':>15}{'vs raw (paired)':>17}{'vs raw (best)':>15}"
+        f"{'method':<20}{'best s':>8}{'median s':>10}{'GB/s (median)':>15}{'vs raw (paired)':>17}"
+        f"{'vs raw (best)':>15}{'vs memcpy (paired)':>20}"
     )
     for k in times:
         print(
-            f"{k:<20}{best[k]:>8.3f}{med[k]:>10.3f}{nbytes / med[k] / 1e9:>15.2f}{paired[k]:>17.0%}{raw_best / best[k]:>15.0%}"
+            f"{k:<20}{best[k]:>8.3f}{med[k]:>10.3f}{nbytes / med[k] / 1e9:>15.2f}{paired[k]:>17.0%}"
+            f"{raw_best / best[k]:>15.0%}{vs_copy[k]:>20.0%}"
         )
     if stage_med:
         print(
             "protocol stages, median over both variants (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stage_med.items())
         )
-    print(f"first push (group formed, buffers allocated): {cold:.3f}s")
+    if shm_stage_med:
+        print("shm protocol stages, median (s): " + ", ".join(f"{k} {v:.3f}" for k, v in shm_stage_med.items()))
+    print(
+        f"first push (group formed, buffers allocated): {cold:.3f}s; first shm push (segment created): {cold_shm:.3f}s"
+    )
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from grpc import aio
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from clotho.v1 import policy_pb2
+from services.common.weight_wire import shm
 from services.inference.generation_types import (
     Completion,
     FinishReason,
@@ -21,6 +22,7 @@ from services.inference.generation_types import (
     TokenChunk,
     TopLogprobs,
 )
+from services.inference.memory import MemoryReport
 from services.inference.metrics import InferenceMetrics
 from services.inference.shard_set import ShardSet
 from services.inference.torch_engine.engine import GenerationEngine
@@ -116,6 +118,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             engine=self.shards.kind,
             shard_count=len(self.shards),
             vocab_size=self.shards.vocab_size,
+            host_id=shm.host_id(),
+            accepts_shared_memory=self.shards.accepts_shared_memory and shm.available(),
+            device_uuid=self.shards.device_uuid,
         )
 
     async def GetServedPolicy(
@@ -148,6 +153,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.AbortWeightUpdateResponse:
         policy = await self.shards.abort(request.version, request.reason)
         return pb.AbortWeightUpdateResponse(policy=policy_proto(policy))
+
+    async def ReleaseMemory(
+        self, request: pb.ReleaseMemoryRequest, context: aio.ServicerContext
+    ) -> pb.ReleaseMemoryResponse:
+        reports = await self.shards.release_memory()
+        return pb.ReleaseMemoryResponse(shards=memory_protos(self.shards, reports))
+
+    async def ResumeMemory(
+        self, request: pb.ResumeMemoryRequest, context: aio.ServicerContext
+    ) -> pb.ResumeMemoryResponse:
+        reports = await self.shards.resume_memory()
+        return pb.ResumeMemoryResponse(shards=memory_protos(self.shards, reports))
 
     async def close(self) -> None:
         """Drop any update in flight and stop every shard."""
@@ -195,6 +212,23 @@ def completion_proto(c: Completion) -> pb.Completion:
         output_top_logprobs=top_logprobs_protos(c.output_top_logprobs),
         prompt_top_logprobs=top_logprobs_protos(c.prompt_top_logprobs),
     )
+
+
+def memory_protos(shards: ShardSet, reports: list[MemoryReport]) -> list[pb.ShardMemory]:
+    return [
+        pb.ShardMemory(
+            shard=s.name,
+            phase=r.phase,
+            kv_cache_bytes=r.kv_cache_bytes,
+            freed_bytes=r.freed_bytes,
+            allocated_bytes=r.allocated_bytes,
+            peak_allocated_bytes=r.peak_allocated_bytes,
+            device_used_bytes=r.device_used_bytes,
+            device_total_bytes=r.device_total_bytes,
+            rss_bytes=r.rss_bytes,
+        )
+        for s, r in zip(shards.shards, reports)
+    ]
 
 
 def top_logprobs_protos(tops: tuple[TopLogprobs, ...]) -> list[pb.TopLogprobs]:

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from clotho.v1 import inference_service_pb2 as pb
+from services.common.errors import FailedPrecondition
 from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk
+from services.inference.memory import MemoryReport
 from services.inference.weight_update import TransferResult, WeightUpdater
 
 # Called with (serving, reason) whenever a shard's health flips.
@@ -36,6 +38,10 @@ class Shard(abc.ABC):
     kind: str
     name: str
     updates: WeightUpdater
+    # Whether the shard receives weights through the same-host shared-memory transport.
+    accepts_shared_memory: bool = False
+    # UUID of the CUDA device the shard runs on ("" on CPU or when unknown).
+    device_uuid: str = ""
 
     @property
     def policy(self) -> ServedPolicy:
@@ -63,6 +69,14 @@ class Shard(abc.ABC):
 
     @abc.abstractmethod
     def set_health_listener(self, listener: HealthListener) -> None: ...
+
+    async def release_memory(self) -> MemoryReport:
+        """Colocated mode: pause generation and free the KV cache."""
+        raise FailedPrecondition(f"a {self.kind} shard cannot release its memory")
+
+    async def resume_memory(self) -> MemoryReport:
+        """Colocated mode: take the KV cache back and resume generation."""
+        raise FailedPrecondition(f"a {self.kind} shard cannot resume its memory")
 
     @abc.abstractmethod
     async def start(self) -> None:

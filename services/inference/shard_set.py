@@ -19,6 +19,7 @@ from opentelemetry import trace
 from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.generation_types import GenerationRequest, ServedPolicy
+from services.inference.memory import MemoryReport
 from services.inference.shard import ResultStream, Shard
 from services.inference.weight_update import UpdateRequest
 
@@ -56,6 +57,16 @@ class ShardSet:
 
     def __len__(self) -> int:
         return len(self.shards)
+
+    @property
+    def accepts_shared_memory(self) -> bool:
+        return all(s.accepts_shared_memory for s in self.shards)
+
+    @property
+    def device_uuid(self) -> str:
+        """The GPU every shard runs on, when they share one ("" otherwise)."""
+        uuids = {s.device_uuid for s in self.shards}
+        return uuids.pop() if len(uuids) == 1 else ""
 
     @property
     def policy(self) -> ServedPolicy:
@@ -143,6 +154,14 @@ class ShardSet:
     async def abort(self, version: int, reason: str) -> ServedPolicy:
         await self._all([_on_shard("abort", s, version, s.updates.abort(version, reason)) for s in self.shards])
         return self.policy
+
+    async def release_memory(self) -> list[MemoryReport]:
+        """Colocated mode: every shard frees its KV cache."""
+        return await self._all([s.release_memory() for s in self.shards])
+
+    async def resume_memory(self) -> list[MemoryReport]:
+        """Colocated mode: every shard takes its KV cache back."""
+        return await self._all([s.resume_memory() for s in self.shards])
 
     async def close(self) -> None:
         await self._all([s.close() for s in self.shards], suppress=True)

@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,6 +59,7 @@ from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
 from services.trainer.settings import TrainerSettings
 from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
+from services.trainer.weight_push.colocate import Colocation
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("clotho.trainer")
@@ -211,6 +214,8 @@ class Learner:
                 bucket_bytes=self.settings.bucket_bytes,
                 timeout_seconds=self.settings.sync_timeout_seconds,
                 dtype=from_name(self.settings.sync_dtype),
+                transport=self.settings.weight_transport,
+                run_id=self.settings.run_id or _run_id(self.settings.checkpoint_dir),
             )
 
     async def close(self) -> None:
@@ -361,7 +366,23 @@ class Learner:
         checkpoint_due = bool(interval and after % interval == 0) or (
             self.settings.num_steps > 0 and after >= self.settings.num_steps
         )
-        overlapped = overlap and not checkpoint_due and self.weight_sync is not None and self.weight_sync.has_shards
+        # Colocated mode: the engines give their KV cache up for the step and the push
+        # (which then runs on the critical path: nothing generates meanwhile).
+        colocation = (
+            self.weight_sync.colocation(torch.device(self.settings.device))
+            if self.weight_sync is not None and self._colocated
+            else None
+        )
+        memory: dict[str, Any] = {}
+        if colocation is not None:
+            memory["released"] = await colocation.release()
+        overlapped = (
+            overlap
+            and colocation is None
+            and not checkpoint_due
+            and self.weight_sync is not None
+            and self.weight_sync.has_shards
+        )
         weights: dict[str, torch.Tensor] | None = None
         try:
             if overlapped:
@@ -373,6 +394,8 @@ class Learner:
             # Rejected before anything changed.
             self._epoch = epoch
             self.weights_published = published or self._published_epoch == epoch
+            if colocation is not None:
+                await colocation.resume()
             raise
         step = self.step
         trained = time.monotonic()
@@ -396,7 +419,9 @@ class Learner:
                 )
             )
             return None
-        return await self._finish_step(result, step, timing, on_published, checkpoint=checkpoint_due)
+        return await self._finish_step(
+            result, step, timing, on_published, checkpoint=checkpoint_due, colocation=colocation, memory=memory
+        )
 
     def _train_and_copy(
         self, groups: list[scored_data_pb2.ScoredGroup], version: int
@@ -437,16 +462,24 @@ class Learner:
         checkpoint: bool,
         weights: dict[str, torch.Tensor] | None = None,
         weights_epoch: int = 0,
+        colocation: Colocation | None = None,
+        memory: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Push the step's weights, publish, print the step line, checkpoint when due."""
+        """Push the step's weights, publish, print the step line, checkpoint when due.
+        With `colocation` the engines take their memory back after the push; `memory`
+        (what release and resume reported) goes into the step line."""
         pushed = time.monotonic()
         report: SyncReport | None = None
         try:
-            report = await self._push(weights=weights, weights_epoch=weights_epoch)
-        except WeightSyncError as exc:
-            # The shards still serve the last committed version; the next step's push
-            # carries these weights on (same version number, newer weights).
-            log.error("step %d: %s; keeping the weights, retrying on the next step", step, exc)
+            try:
+                report = await self._push(weights=weights, weights_epoch=weights_epoch)
+            except WeightSyncError as exc:
+                # The shards still serve the last committed version; the next step's push
+                # carries these weights on (same version number, newer weights).
+                log.error("step %d: %s; keeping the weights, retrying on the next step", step, exc)
+        finally:
+            if colocation is not None and memory is not None:
+                memory["resumed"] = await colocation.resume()
         if report is not None and on_published is not None and weights is not None:
             with contextlib.suppress(Exception):
                 await on_published(self.state.version)
@@ -454,6 +487,8 @@ class Learner:
             timing["update_seconds"] = time.monotonic() - pushed
             self._note_cycle(timing)
         record = self._step_record(result, report, time.monotonic() - timing["started"], step)
+        if memory:
+            record["memory"] = memory
         # The step's critical path, as the loop lived it: the wait for the batch, the
         # optimizer step, the weight update (until every shard committed; overlapped,
         # only the wait for the previous update), and the whole cycle since the previous
@@ -489,6 +524,10 @@ class Learner:
             except Exception:  # observers never stop training
                 log.exception("step listener %r failed", listener)
         return record
+
+    @property
+    def _colocated(self) -> bool:
+        return bool(self.settings.colocated and self.weight_sync is not None and self.weight_sync.has_shards)
 
     def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float, step: int) -> dict[str, Any]:
         m, batch = result.metrics, result.batch
@@ -718,3 +757,8 @@ class Learner:
                 await call.done_writing()
         finally:
             call.cancel()
+
+
+def _run_id(checkpoint_dir: str) -> str:
+    """A stable id for a run: the same checkpoint directory, the same id."""
+    return hashlib.sha256(os.path.abspath(checkpoint_dir).encode()).hexdigest()[:12]

@@ -132,6 +132,23 @@ class TrainerSettings(ServiceSettings):
         description="dtype of the weights on the wire (the shards' dtype, e.g. bfloat16 halves the "
         "bytes of float32 master weights); empty sends the trainer's own dtype.",
     )
+    weight_transport: Literal["auto", "collective", "shm"] = Field(
+        "auto",
+        description="How weights reach the inference services: auto sends through shared memory "
+        "to those on this host that accept it (same host id in GetModelInfo, weights on the CPU) "
+        "and through the collective to the others; collective or shm forces one.",
+    )
+    colocated: bool = Field(
+        False,
+        description="Trainer and inference share a device: every inference service frees its KV "
+        "cache for each step and takes it back after the new weights are committed; each "
+        "step line reports the memory of both phases.",
+    )
+    run_id: str = Field(
+        "",
+        description="Names this run's shared-memory weight segments, so a restarted trainer removes "
+        "what a crash left; empty: derived from checkpoint_dir.",
+    )
     sync_address: str = Field(
         "127.0.0.1",
         description="Address the trainer's weight-transfer rendezvous store and its gloo "

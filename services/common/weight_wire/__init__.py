@@ -10,6 +10,8 @@ reports afterwards. Tensors keep their Hugging Face names.
   packing     pack/unpack, buckets sent in place, CRC-32
   collective  CollectiveGroup and the backend names
   pipeline    the pipelined send and receive loops and their threads
+  shm         the same-host transport: buckets in a shared-memory segment
+  cuda_ipc    the same transport's sets in the trainer's GPU memory (CUDA IPC handles)
 """
 
 from services.common.weight_wire.collective import BACKEND_NAMES, BACKENDS, CollectiveGroup

@@ -122,6 +122,12 @@ def unpack_bucket(manifest: Manifest, index: int, flat: torch.Tensor) -> Iterato
         yield t.name, flat[t.offset : t.offset + t.numel].view(t.shape)
 
 
+def crc32_extend(data: memoryview, crc: int = 0) -> int:
+    """Continue a CRC-32 over more bytes (crc32 of a whole = crc32_extend of its parts in
+    order); releases the GIL."""
+    return _crc32(data, crc) & 0xFFFFFFFF
+
+
 def crc32(flat: torch.Tensor) -> int:
     """CRC-32 (zlib's polynomial) of a tensor's bytes; releases the GIL, so it overlaps
     with a collective running in another thread."""

@@ -96,6 +96,10 @@ class SGLangLoader:
         return self._served.version == version and self.serving
 
     def check_update(self, manifest: Manifest, group: GroupKey) -> None:
+        if group.segment is not None:
+            raise InvalidArgument(
+                "rendezvous: an SGLang shard receives weights through a collective, not shared memory"
+            )
         for i, bucket in enumerate(manifest.buckets):
             # SGLang rebuilds a flattened bucket by concatenating its tensors in order.
             offset = 0

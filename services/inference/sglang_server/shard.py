@@ -13,6 +13,7 @@ import httpx
 
 from services.common.errors import Unavailable
 from services.inference.generation_types import GenerationRequest, ServedPolicy
+from services.inference.memory import MemoryReport
 from services.inference.sglang_server.loader import SGLangLoader
 from services.inference.sglang_server.model_spec import ModelSpec
 from services.inference.sglang_server.process import SGLangProcess, wait_healthy
@@ -116,6 +117,20 @@ class SGLangShard(Shard, SGLangLoader):
             default_max_new_tokens=self.default_max_new_tokens,
         )
         return SGLangStream(self, request, max_new_tokens)
+
+    async def release_memory(self) -> MemoryReport:
+        """Colocated mode: retract running requests and have SGLang free its KV cache
+        (and weights' memory) with /release_memory_occupation; the server must run with
+        --enable-memory-saver."""
+        await self._call("/pause_generation", {"mode": "retract"}, timeout=60.0, what="pausing generation")
+        await self._call("/release_memory_occupation", {}, timeout=120.0, what="releasing memory")
+        return MemoryReport("released", 0)
+
+    async def resume_memory(self) -> MemoryReport:
+        """Colocated mode: /resume_memory_occupation, then /continue_generation."""
+        await self._call("/resume_memory_occupation", {}, timeout=120.0, what="resuming memory")
+        await self._call("/continue_generation", {}, timeout=60.0, what="continuing generation")
+        return MemoryReport("resumed", 0)
 
     async def weight_version(self) -> str | None:
         """The server's weight version: GET /get_weight_version, or the newer

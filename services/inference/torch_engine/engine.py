@@ -15,6 +15,12 @@ one decode step for every row. Finished rows leave the batch at once.
 Progress: the worker stamps `_progress_at` at every turn; `stalled_seconds()` is how
 long it has made none while work is waiting (0 when idle), what the shard's watchdog
 (torch_engine/shard.py) reads to report a wedged engine NOT_SERVING.
+
+Colocated mode: `release_memory` has the worker free the KV cache and stop stepping
+(requests wait; running rows keep their tokens; commits still apply), `resume_memory`
+has it take the cache back: the running rows' keys and values are recomputed under the
+weights served then, as after a commit. (Above 450 lines: the worker loop owns requests,
+commits and memory operations under one lock, and splitting it would spread that lock.)
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from transformers import AutoTokenizer
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.telemetry import recording_context
 from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk
+from services.inference.memory import MemoryReport, measure
 from services.inference.torch_engine.batch import Batch, Event, RequestState
 from services.inference.torch_engine.runner import ModelRunner
 from services.inference.validation import resolve_max_new_tokens
@@ -125,6 +132,10 @@ class GenerationEngine:
         self._cv = threading.Condition()
         self._intake: collections.deque[RequestState] = collections.deque()
         self._commits: list[_PendingCommit] = []
+        # Colocated mode: ("release" | "resume", future) waiting for the worker, and
+        # whether the KV cache is given up now.
+        self._memory_ops: list[tuple[str, concurrent.futures.Future[MemoryReport]]] = []
+        self._released = False
         self._stopping = False
         self._broken: str | None = None
         self._active_samples = 0
@@ -172,8 +183,9 @@ class GenerationEngine:
         return self._broken
 
     def stalled_seconds(self) -> float:
-        """Seconds the worker has made no progress while work waits; 0 when idle."""
-        if not (self._working or self._intake or self._commits):
+        """Seconds the worker has made no progress while work waits; 0 when idle (and
+        while released in colocated mode, when requests wait by design)."""
+        if not self._working and (self._released or not (self._intake or self._commits)):
             return 0.0
         return max(time.monotonic() - self._progress_at, 0.0)
 
@@ -246,6 +258,29 @@ class GenerationEngine:
             self._cv.notify()
         return future
 
+    @property
+    def released(self) -> bool:
+        """Whether the KV cache is given up (colocated mode, between release and resume)."""
+        return self._released
+
+    def release_memory(self) -> concurrent.futures.Future[MemoryReport]:
+        """Have the worker free the KV cache and pause generation (colocated mode)."""
+        return self._memory_op("release")
+
+    def resume_memory(self) -> concurrent.futures.Future[MemoryReport]:
+        """Have the worker take the KV cache back and resume generation."""
+        return self._memory_op("resume")
+
+    def _memory_op(self, kind: str) -> concurrent.futures.Future[MemoryReport]:
+        future: concurrent.futures.Future[MemoryReport] = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping:
+                future.set_exception(Unavailable("the engine is shutting down"))
+                return future
+            self._memory_ops.append((kind, future))
+            self._cv.notify()
+        return future
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker; requests still queued or running end with Unavailable."""
         with self._cv:
@@ -267,23 +302,35 @@ class GenerationEngine:
 
     # -- worker thread ----------------------------------------------------------------
 
+    def _has_work(self, batch: Batch) -> bool:
+        """Whether the worker has something to do (called under the lock)."""
+        return bool(
+            self._stopping or self._commits or self._memory_ops or (not self._released and (self._intake or batch.size))
+        )
+
     def _run(self) -> None:
         batch = self._batch
         while True:
             with self._cv:
                 self._progress_at = time.monotonic()
-                if not (self._stopping or self._intake or self._commits or batch.size):
+                if not self._has_work(batch):
+                    # Idle (or released, in colocated mode): no progress is owed meanwhile.
                     self._working = False
-                    while not (self._stopping or self._intake or self._commits or batch.size):
+                    while not self._has_work(batch):
                         self._cv.wait()
                     self._progress_at = time.monotonic()
                 self._working = True
                 if self._stopping:
                     break
                 commits, self._commits = self._commits, []
+                memory_ops, self._memory_ops = self._memory_ops, []
             for commit in commits:
                 self._apply_commit(commit, batch)
                 self._progress_at = time.monotonic()
+            for kind, future in memory_ops:
+                self._apply_memory_op(kind, future, batch)
+            if self._released:
+                continue
             admitted: list[RequestState] = []
             try:
                 with torch.inference_mode():
@@ -372,6 +419,22 @@ class GenerationEngine:
         log.info("serving policy version %d (step %d)", commit.version, commit.step)
         commit.future.set_result(self._policy)
 
+    def _apply_memory_op(self, kind: str, future: concurrent.futures.Future[MemoryReport], batch: Batch) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        freed = 0
+        if kind == "release":
+            freed = batch.cache.release() if not self._released else 0
+            self._released = True
+            batch.invalidate_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            self._released = False
+        report = measure("released" if self._released else "resumed", self.device, batch.cache.bytes_allocated, freed)
+        log.info("KV cache %s (%d bytes freed)", report.phase, freed)
+        future.set_result(report)
+
     def _adopt_weights(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Point each parameter at its staged tensor (a copy where dtype or device
         differ): a commit of any size then costs no memory traffic."""
@@ -388,6 +451,10 @@ class GenerationEngine:
             waiting, self._intake = list(self._intake), collections.deque()
             self._queued_samples = 0
             commits, self._commits = self._commits, []
+            memory_ops, self._memory_ops = self._memory_ops, []
+        for _, future in memory_ops:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Unavailable("the engine is shutting down"))
         batch.fail(waiting, Unavailable("the engine is shutting down"))
         batch.flush()
         for commit in commits:

@@ -87,6 +87,14 @@ class SlotKVCache:
                     store.append(fresh)
         self.slots, self.capacity = slots, capacity
 
+    def release(self) -> int:
+        """Free the buffers but keep the rows (their keys and values must be recomputed
+        before the next forward; `reserve` allocates again). Returns the bytes freed."""
+        freed = self.bytes_allocated
+        self.k, self.v = [], []
+        self.slots = self.capacity = 0
+        return freed
+
     def clear(self) -> None:
         """Forget every row and free the buffers."""
         self.k, self.v = [], []

@@ -10,6 +10,15 @@ the staging of the next update (no fresh allocation, so no page faults on the ne
 receive): the shard holds two copies of the weights, the served one and the next one.
 Everything that can block (joining, receiving, closing a group) runs in threads, never
 on the event loop.
+
+Same host (a rendezvous naming a shared-memory segment, services.common.weight_wire.shm):
+the loader maps the segment once (kept across updates, as a group is), checksums each
+bucket in place as the trainer publishes it, and at commit the engine adopts the
+segment's bucket views as its parameters, then the header records which set it serves
+so the trainer writes the next update into the other one. No staging copy, no socket.
+When the segment's sets are the trainer's GPU memory (CUDA IPC), each piece is copied
+into the shard's own staging buffers as it is published and the copy is checksummed;
+the commit is then the collective path's.
 """
 
 from __future__ import annotations
@@ -23,7 +32,14 @@ from typing import Any
 
 import torch
 
-from services.common.errors import Aborted, ClothoError, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import (
+    Aborted,
+    ClothoError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.weight_wire import (
     CollectiveGroup,
     Manifest,
@@ -32,6 +48,7 @@ from services.common.weight_wire import (
     start_receiving,
     unpack_bucket,
 )
+from services.common.weight_wire.shm import SegmentReader, start_reading
 from services.inference.generation_types import ServedPolicy
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.weight_update import GroupKey, UpdateInFlight, WeightUpdater
@@ -45,6 +62,14 @@ class _Staging:
     device: torch.device
     # The engine takes the staging buffers over as its parameters.
     adopt: bool
+    # Same-host transport: the segment the buffers lie in, this shard's reader index,
+    # the set, and what stops the reader thread.
+    segment: SegmentReader | None = None
+    reader: int = 0
+    buffer_set: int = -1
+    stop: threading.Event | None = None
+    # The buffers are the shard's own (copied from CUDA IPC sets), not the segment's.
+    copied: bool = False
 
 
 class TorchLoader:
@@ -63,6 +88,8 @@ class TorchLoader:
         # and a free set to receive the next update into.
         self._live: list[torch.Tensor] | None = None
         self._spare: list[torch.Tensor] | None = None
+        # The shared-memory segment of same-host updates, mapped while the trainer keeps it.
+        self._segment: SegmentReader | None = None
 
     @property
     def served(self) -> ServedPolicy:
@@ -80,6 +107,8 @@ class TorchLoader:
             raise InvalidArgument("rendezvous: NCCL needs a CUDA engine; this shard runs on " + str(self.engine.device))
 
     async def begin_update(self, update: UpdateInFlight) -> bool:
+        if update.group.segment is not None:
+            return await self._begin_shared(update)
         key = update.group
         device = self.engine.device if key.backend == "nccl" else torch.device("cpu")
         specs = self.engine.parameter_specs
@@ -117,6 +146,64 @@ class TorchLoader:
         update.transfer.add_done_callback(lambda f: f.cancelled() or f.exception())
         return joined
 
+    async def _begin_shared(self, update: UpdateInFlight) -> bool:
+        """Map the segment (unless already mapped) and checksum its buckets as they land."""
+        key = update.group
+        seg = key.segment
+        assert seg is not None
+        joined = False
+        if self._segment is None or self._segment.name != seg.segment:
+            self._segment = None
+            if seg.cuda_sets and self.engine.device.type != "cuda":
+                raise InvalidArgument("rendezvous: CUDA IPC sets need a CUDA engine; this shard runs on the CPU")
+            try:
+                self._segment = await asyncio.to_thread(
+                    SegmentReader.open,
+                    seg.segment,
+                    seg.segment_bytes,
+                    update.manifest,
+                    list(seg.cuda_sets) or None,
+                    self.engine.device if seg.cuda_sets else None,
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise Unavailable(f"could not map weight segment {seg.segment!r}: {exc}") from exc
+            joined = True
+        reader = self._segment
+        try:
+            reader.check_update(seg.update_id, seg.buffer_set)
+        except ValueError as exc:
+            raise FailedPrecondition(str(exc)) from exc
+        specs = self.engine.parameter_specs
+        same_dtypes = all(t.dtype == specs[t.name][1] for t in update.manifest.tensors)
+        stop = threading.Event()
+        copy_into = None
+        if seg.cuda_sets:
+            try:
+                copy_into = self._staging_for(update.manifest, self.engine.device)
+            except RuntimeError as exc:
+                raise ResourceExhausted(f"no memory to stage version {update.version}: {exc}") from exc
+            update.loading = _Staging(
+                copy_into, self.engine.device, same_dtypes, reader, key.rank - 1, seg.buffer_set, stop, copied=True
+            )
+        else:
+            adopt = self.engine.device.type == "cpu" and same_dtypes
+            views = [reader.bucket(seg.buffer_set, i) for i in range(len(update.manifest.buckets))]
+            update.loading = _Staging(views, torch.device("cpu"), adopt, reader, key.rank - 1, seg.buffer_set, stop)
+        update.transfer = asyncio.wrap_future(
+            start_reading(
+                reader,
+                seg.buffer_set,
+                seg.update_id,
+                update.started,
+                stop,
+                update.deadline_seconds,
+                name=f"weights-v{update.version}",
+                copy_into=copy_into,
+            )
+        )
+        update.transfer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return joined
+
     async def commit_update(self, update: UpdateInFlight) -> ServedPolicy:
         staging: _Staging = update.loading
         assert staging.buffers is not None
@@ -136,12 +223,27 @@ class TorchLoader:
         finally:
             if self.after_commit is not None:
                 self.after_commit()
-        self._recycle(staging)
+        if staging.segment is not None and staging.copied:
+            staging.segment.serve(staging.reader, -1)  # nothing served from the trainer's sets
+            self._recycle(staging)
+        elif staging.segment is not None:
+            # The trainer writes the next update into the set nobody serves.
+            staging.segment.serve(staging.reader, staging.buffer_set if staging.adopt else -1)
+            staging.buffers = None
+            if staging.adopt:
+                self._live = self._spare = None  # the parameters live in the segment now
+        else:
+            self._recycle(staging)
         return policy
 
     def drop_update(self, update: UpdateInFlight, error: ClothoError) -> None:
         if update.loading is not None:
             update.loading.buffers = None
+            if update.loading.stop is not None:
+                update.loading.stop.set()
+        # The trainer drops its segment after a failure; parameters adopted from it
+        # keep their memory mapped through their own references.
+        self._segment = None
         if self._group is not None:
             self._close_in_background(self._group)
             self._group, self._group_key = None, None
@@ -153,6 +255,7 @@ class TorchLoader:
             self._close_in_background(self._group)
             self._group, self._group_key = None, None
         self._spare = None
+        self._segment = None
         closers, self._closers = self._closers, []
         await asyncio.to_thread(join_all, closers, self.collective_timeout + 5.0)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common.weight_wire import cuda_ipc
 from services.inference.generation_types import GenerationRequest
+from services.inference.memory import MemoryReport
 from services.inference.shard import HealthListener, ResultStream, Shard
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class TorchShard(Shard):
     kind = "torch"
+    accepts_shared_memory = True
 
     def __init__(
         self,
@@ -43,6 +46,10 @@ class TorchShard(Shard):
         self._stalled: str = ""
         self._watchdog: asyncio.Task | None = None
         receiver.loader.after_commit = self._report_health
+
+    @property
+    def device_uuid(self) -> str:  # type: ignore[override]
+        return cuda_ipc.device_uuid(self.engine.device)
 
     @property
     def load(self) -> int:
@@ -83,6 +90,12 @@ class TorchShard(Shard):
 
     def submit(self, request: GenerationRequest) -> ResultStream:
         return self.engine.submit(request)
+
+    async def release_memory(self) -> MemoryReport:
+        return await asyncio.wrap_future(self.engine.release_memory())
+
+    async def resume_memory(self) -> MemoryReport:
+        return await asyncio.wrap_future(self.engine.resume_memory())
 
     async def close(self) -> None:
         """Drop any update in flight and stop the engine's worker."""

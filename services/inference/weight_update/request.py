@@ -39,8 +39,22 @@ class UpdateRequest:
 
 
 @dataclass(frozen=True)
+class SegmentKey:
+    """A checked shared-memory rendezvous: the segment, and where in it this update is."""
+
+    segment: str
+    segment_bytes: int
+    buffer_set: int
+    update_id: int
+    # The trainer's device sets (CUDA IPC), or empty when the sets are in the segment.
+    cuda_sets: tuple[pb.CudaIpcHandle, ...] = ()
+
+
+@dataclass(frozen=True)
 class GroupKey:
-    """A checked rendezvous: the group a shard joins, as which rank."""
+    """A checked rendezvous: the group a shard joins, as which rank. For the same-host
+    transport `backend` is "shm", `group_name` the segment, `rank` - 1 the reader index,
+    and `segment` says where the update lies."""
 
     backend: str
     address: str
@@ -48,6 +62,7 @@ class GroupKey:
     world_size: int
     rank: int
     group_name: str
+    segment: SegmentKey | None = None
 
 
 class TransferResult(NamedTuple):
@@ -65,6 +80,8 @@ class Received(NamedTuple):
 
 
 def check_rendezvous(r: pb.Rendezvous) -> GroupKey:
+    if r.HasField("shared_memory"):
+        return _check_shared_memory(r)
     backend = BACKEND_NAMES.get(r.backend)
     if backend is None:
         raise InvalidArgument(f"rendezvous: backend must be GLOO or NCCL, got {r.backend}")
@@ -77,6 +94,22 @@ def check_rendezvous(r: pb.Rendezvous) -> GroupKey:
             f"rendezvous: rank_offset {r.rank_offset} must be in [1, world_size {r.world_size}) (rank 0 is the trainer)"
         )
     return GroupKey(backend, r.address, int(r.port), int(r.world_size), int(r.rank_offset), r.group_name)
+
+
+def _check_shared_memory(r: pb.Rendezvous) -> GroupKey:
+    m = r.shared_memory
+    if not m.segment or "/" in m.segment or m.segment != r.group_name:
+        raise InvalidArgument(f"rendezvous: bad shared-memory segment {m.segment!r}")
+    if m.buffer_set not in (0, 1):
+        raise InvalidArgument(f"rendezvous: buffer_set must be 0 or 1, got {m.buffer_set}")
+    if not 1 <= r.rank_offset < r.world_size:
+        raise InvalidArgument(
+            f"rendezvous: rank_offset {r.rank_offset} must be in [1, world_size {r.world_size}) (readers count from 1)"
+        )
+    if m.cuda_sets and len(m.cuda_sets) != 2:
+        raise InvalidArgument(f"rendezvous: cuda_sets must hold 2 handles, got {len(m.cuda_sets)}")
+    segment = SegmentKey(m.segment, int(m.segment_bytes), int(m.buffer_set), int(m.update_id), tuple(m.cuda_sets))
+    return GroupKey("shm", "", 0, int(r.world_size), int(r.rank_offset), m.segment, segment)
 
 
 def check_deadline(deadline_seconds: float) -> None:

@@ -7,14 +7,17 @@ every shard and drops the group; the next push forms a new one under a new name.
 stage runs under the update's deadline, and every blocking collective runs in a worker
 thread under the group's timeout, so nothing hangs.
 
+Transport, per inference service: shared memory when it runs on the trainer's host
+(shm_link.py says when; services.common.weight_wire.shm how), else the collective: gloo
+over CPU buffers when the model is on the CPU, NCCL over buffers on the model's GPU when
+it is on CUDA. Both may serve one push (same-host and remote services together); the
+buckets and their CRCs are the same either way.
+
 From prepare on, a peer watch (peer_watch.py) probes every inference service each
 second: one that dies (or stops answering) mid-update fails the stage at once, naming
 it ("shard 1 (host:port) died during transfer"), instead of the update waiting out
 its deadline. A stage that fails or runs out of time for another reason checks the
 peers once more, so a dead peer is named rather than the symptom it caused.
-
-Transport: gloo over CPU buffers when the model is on the CPU, NCCL over buffers on the
-model's GPU when it is on CUDA (CI exercises gloo only).
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ from services.common.weight_wire import (
     Manifest,
     TrackedGroup,
     build_manifest,
+    cuda_ipc,
     pipeline,
 )
+from services.trainer.weight_push.colocate import Colocation
 from services.trainer.weight_push.peer_watch import PeerWatch
 from services.trainer.weight_push.report import StageFailed, SyncReport, WeightSyncError, describe
+from services.trainer.weight_push.shm_link import SegmentLink, reader_layout, uses_shared_memory
 
 # Tensors the sender reads: a model's parameters, or name -> tensor.
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
@@ -63,7 +69,9 @@ class _Shard:
     name: str
     stub: pb_grpc.InferenceServiceStub
     ranks: int
+    # The first rank in the collective, or the first reader of the segment when `shm`.
     rank_offset: int
+    shm: bool = False
 
 
 class WeightSync:
@@ -72,6 +80,8 @@ class WeightSync:
     `stubs` are InferenceService stubs (one per inference service; a service may front
     several shards, as its GetModelInfo().shard_count says). With no stubs a push is a
     no-op that succeeds. `dtype` is the wire dtype (None: each tensor's own).
+    `transport` is auto|collective|shm (see shm_link.py); `run_id` names this run's
+    shared-memory segments, so a restarted trainer removes what a crash left.
     """
 
     def __init__(
@@ -86,6 +96,8 @@ class WeightSync:
         dtype: torch.dtype | None = None,
         probe_seconds: float = 1.0,
         probe_timeout_seconds: float = 5.0,
+        transport: str = "auto",
+        run_id: str = "",
     ) -> None:
         self._stubs = list(stubs)
         self._names = list(names) if names is not None else [f"shard-{i}" for i in range(len(self._stubs))]
@@ -102,6 +114,10 @@ class WeightSync:
         self._lock = asyncio.Lock()
         self._backend = "gloo"
         self._peers = PeerWatch(self._names, self._stubs, probe_seconds, probe_timeout_seconds)
+        self.transport = transport
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._link: SegmentLink | None = None
+        self._laid_out = False
 
     @classmethod
     def for_targets(cls, targets: Sequence[str], access: Access | None = None, **kwargs: Any) -> WeightSync:
@@ -115,9 +131,18 @@ class WeightSync:
     def has_shards(self) -> bool:
         return bool(self._stubs)
 
+    def colocation(self, device: torch.device) -> Colocation:
+        """Memory release and resume of the same services, for colocated mode."""
+        return Colocation(self._stubs, self._names, device)
+
     @property
     def group_name(self) -> str | None:
         return self._group.group.group_name if self._group else None
+
+    @property
+    def segment_name(self) -> str | None:
+        """The shared-memory segment same-host shards read from, if any."""
+        return self._link.name if self._link else None
 
     @property
     def manifest(self) -> Manifest | None:
@@ -176,7 +201,7 @@ class WeightSync:
         stages: dict[str, float] = {}
         stage = "layout"
         try:
-            formed = self._group is None
+            formed = not self._laid_out
             if formed:
                 # Shards may have restarted with another layout since the last group.
                 left = self._left(deadline)
@@ -188,38 +213,60 @@ class WeightSync:
                         for name, stub in zip(self._names, self._stubs)
                     ],
                 )
-                self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos])
-                self._backend = "nccl" if next(iter(tensors.values())).is_cuda else "gloo"
-                self._host_group()
-            assert self._group is not None
-            handle = self._group
-            world_size = 1 + sum(s.ranks for s in self._shards)
+                device = next(iter(tensors.values())).device
+                on_cpu = device.type == "cpu"
+                uuid_here = cuda_ipc.device_uuid(device)
+                try:
+                    shared = [uses_shared_memory(self.transport, i, on_cpu, device_uuid=uuid_here) for i in infos]
+                except ValueError as exc:
+                    raise StageFailed(str(exc)) from exc
+                self._shards = _layout(self._names, self._stubs, [max(int(i.shard_count), 1) for i in infos], shared)
+                self._backend = "gloo" if on_cpu else "nccl"
+                if any(not s.shm for s in self._shards):
+                    self._host_group()
+                readers = sum(s.ranks for s in self._shards if s.shm)
+                if readers:
+                    self._link = SegmentLink.create(manifest, readers, self.run_id, None if on_cpu else device)
+                self._laid_out = True
+            handle, link = self._group, self._link
+            world_size = 1 + sum(s.ranks for s in self._shards if not s.shm)
+            readers = sum(s.ranks for s in self._shards if s.shm)
+            if link is not None:
+                link.begin()
 
             stage = "prepare"
             mark = time.monotonic()
             left = self._left(deadline)
             calls: list[tuple[str, Awaitable[Any]]] = []
-            if formed:
+            if formed and handle is not None:
                 joining = handle.run(handle.connect, name="clotho-sync-connect")
                 calls.append(("trainer rank 0 joining the group", joining))
             for shard in self._shards:
-                request = pb.PrepareWeightUpdateRequest(
-                    version=version,
-                    manifest=self._manifest_proto,
-                    rendezvous=pb.Rendezvous(
+                if shard.shm:
+                    assert link is not None
+                    rendezvous = link.rendezvous(shard.rank_offset, readers)
+                else:
+                    assert handle is not None
+                    rendezvous = pb.Rendezvous(
                         backend=BACKENDS[handle.group.backend],
                         address=self.address,
                         port=handle.group.port,
                         world_size=world_size,
                         rank_offset=shard.rank_offset,
                         group_name=handle.group.group_name,
-                    ),
+                    )
+                request = pb.PrepareWeightUpdateRequest(
+                    version=version,
+                    manifest=self._manifest_proto,
+                    rendezvous=rendezvous,
                     deadline_seconds=left,
                     step=step,
                     resync=resync,
                 )
                 calls.append((shard.name, shard.stub.PrepareWeightUpdate(request, timeout=left)))
             await self._stage(stage, deadline, calls, watch=True)
+            if link is not None:
+                link.opened()  # every reader maps it now: no name left to leak
             stages[stage] = time.monotonic() - mark
 
             stage = "transfer"
@@ -230,19 +277,21 @@ class WeightSync:
             def on_sent(index: int) -> None:
                 sent.append((index, time.time_ns()))
 
-            crcs = await self._stage(
-                stage,
-                deadline,
-                [
+            sends: list[tuple[str, Awaitable[Any]]] = []
+            if handle is not None:
+                sends.append(
                     (
                         "broadcast",
                         handle.run(pipeline.send_buckets, handle, manifest, tensors, on_sent, name="clotho-sync-send"),
                     )
-                ],
-                events=lambda span: _bucket_events(span, manifest, sent),
-                watch=True,
-            )
-            crcs = crcs[0]
+                )
+            if link is not None:
+                sends.append(("shared memory", link.send(manifest, tensors)))
+            crcs = (
+                await self._stage(
+                    stage, deadline, sends, events=lambda span: _bucket_events(span, manifest, sent), watch=True
+                )
+            )[0]
             stages[stage] = time.monotonic() - mark
 
             stage = "await"
@@ -293,7 +342,7 @@ class WeightSync:
             seconds=time.monotonic() - start,
             bytes=manifest.total_bytes,
             buckets=len(manifest.buckets),
-            group_name=handle.group.group_name,
+            group_name=handle.group.group_name if handle is not None else link.name if link is not None else "",
             formed_group=formed,
             resync=resync,
             stages=stages,
@@ -370,6 +419,10 @@ class WeightSync:
         )
 
     def _drop_group(self) -> None:
+        self._laid_out = False
+        if self._link is not None:
+            self._link.drop()
+            self._link = None
         if self._group is not None:
             self._group.drop()
             self._dropped.append(self._group)
@@ -410,10 +463,17 @@ def _named_tensors(weights: Weights) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in weights.items()}
 
 
-def _layout(names: Sequence[str], stubs: Sequence[pb_grpc.InferenceServiceStub], counts: Sequence[int]) -> list[_Shard]:
-    """Rank 0 is the trainer; each service's shards take the next consecutive ranks."""
-    shards, offset = [], 1
-    for name, stub, n in zip(names, stubs, counts):
-        shards.append(_Shard(name, stub, n, offset))
-        offset += n
-    return shards
+def _layout(
+    names: Sequence[str],
+    stubs: Sequence[pb_grpc.InferenceServiceStub],
+    counts: Sequence[int],
+    shared: Sequence[bool],
+) -> list[_Shard]:
+    """Rank 0 is the trainer; each collective service's shards take the next
+    consecutive ranks, each same-host service's shards the next readers of the segment."""
+    ranks = iter(reader_layout([n for n, s in zip(counts, shared) if not s]))
+    readers = iter(reader_layout([n for n, s in zip(counts, shared) if s]))
+    return [
+        _Shard(name, stub, n, next(readers) if s else next(ranks), s)
+        for name, stub, n, s in zip(names, stubs, counts, shared)
+    ]

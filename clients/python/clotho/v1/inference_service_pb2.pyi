@@ -142,7 +142,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count", "vocab_size")
+    __slots__ = ("model_name", "model_path", "max_context_len", "eos_token_id", "engine", "shard_count", "vocab_size", "host_id", "accepts_shared_memory", "device_uuid")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,9 @@ class GetModelInfoResponse(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     max_context_len: int
@@ -157,7 +160,10 @@ class GetModelInfoResponse(_message.Message):
     engine: str
     shard_count: int
     vocab_size: int
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    host_id: str
+    accepts_shared_memory: bool
+    device_uuid: str
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_context_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., engine: _Optional[str] = ..., shard_count: _Optional[int] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., accepts_shared_memory: _Optional[bool] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class GetServedPolicyRequest(_message.Message):
     __slots__ = ()
@@ -200,20 +206,56 @@ class WeightManifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[BucketSpec, _Mapping]]] = ...) -> None: ...
 
 class Rendezvous(_message.Message):
-    __slots__ = ("backend", "address", "port", "world_size", "rank_offset", "group_name")
+    __slots__ = ("backend", "address", "port", "world_size", "rank_offset", "group_name", "shared_memory")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     backend: CollectiveBackend
     address: str
     port: int
     world_size: int
     rank_offset: int
     group_name: str
-    def __init__(self, backend: _Optional[_Union[CollectiveBackend, str]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemoryTransport
+    def __init__(self, backend: _Optional[_Union[CollectiveBackend, str]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., group_name: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryTransport, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryTransport(_message.Message):
+    __slots__ = ("segment", "segment_bytes", "buffer_set", "update_id", "cuda_sets")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SET_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    CUDA_SETS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    segment_bytes: int
+    buffer_set: int
+    update_id: int
+    cuda_sets: _containers.RepeatedCompositeFieldContainer[CudaIpcHandle]
+    def __init__(self, segment: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., buffer_set: _Optional[int] = ..., update_id: _Optional[int] = ..., cuda_sets: _Optional[_Iterable[_Union[CudaIpcHandle, _Mapping]]] = ...) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("device", "handle", "size_bytes", "offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class PrepareWeightUpdateRequest(_message.Message):
     __slots__ = ("version", "manifest", "rendezvous", "deadline_seconds", "step", "resync")
@@ -278,3 +320,45 @@ class AbortWeightUpdateResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     policy: _policy_pb2.PolicyVersion
     def __init__(self, policy: _Optional[_Union[_policy_pb2.PolicyVersion, _Mapping]] = ...) -> None: ...
+
+class ReleaseMemoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseMemoryResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardMemory]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardMemory, _Mapping]]] = ...) -> None: ...
+
+class ResumeMemoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeMemoryResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardMemory]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardMemory, _Mapping]]] = ...) -> None: ...
+
+class ShardMemory(_message.Message):
+    __slots__ = ("shard", "phase", "kv_cache_bytes", "freed_bytes", "allocated_bytes", "peak_allocated_bytes", "device_used_bytes", "device_total_bytes", "rss_bytes")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    phase: str
+    kv_cache_bytes: int
+    freed_bytes: int
+    allocated_bytes: int
+    peak_allocated_bytes: int
+    device_used_bytes: int
+    device_total_bytes: int
+    rss_bytes: int
+    def __init__(self, shard: _Optional[str] = ..., phase: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., freed_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., peak_allocated_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,16 @@ class InferenceServiceStub:
                 request_serializer=clotho_dot_v1_dot_inference__service__pb2.AbortWeightUpdateRequest.SerializeToString,
                 response_deserializer=clotho_dot_v1_dot_inference__service__pb2.AbortWeightUpdateResponse.FromString,
                 _registered_method=True)
+        self.ReleaseMemory = channel.unary_unary(
+                '/clotho.v1.InferenceService/ReleaseMemory',
+                request_serializer=clotho_dot_v1_dot_inference__service__pb2.ReleaseMemoryRequest.SerializeToString,
+                response_deserializer=clotho_dot_v1_dot_inference__service__pb2.ReleaseMemoryResponse.FromString,
+                _registered_method=True)
+        self.ResumeMemory = channel.unary_unary(
+                '/clotho.v1.InferenceService/ResumeMemory',
+                request_serializer=clotho_dot_v1_dot_inference__service__pb2.ResumeMemoryRequest.SerializeToString,
+                response_deserializer=clotho_dot_v1_dot_inference__service__pb2.ResumeMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -129,6 +139,22 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseMemory(self, request, context):
+        """Colocated mode: pauses generation and frees the engine's KV cache (requests in
+        flight keep their tokens) so a trainer on the same device can use the memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeMemory(self, request, context):
+        """Colocated mode: takes the KV cache back and resumes generation (the keys and values
+        of requests in flight are recomputed under the weights served then).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +192,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.AbortWeightUpdate,
                     request_deserializer=clotho_dot_v1_dot_inference__service__pb2.AbortWeightUpdateRequest.FromString,
                     response_serializer=clotho_dot_v1_dot_inference__service__pb2.AbortWeightUpdateResponse.SerializeToString,
+            ),
+            'ReleaseMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseMemory,
+                    request_deserializer=clotho_dot_v1_dot_inference__service__pb2.ReleaseMemoryRequest.FromString,
+                    response_serializer=clotho_dot_v1_dot_inference__service__pb2.ReleaseMemoryResponse.SerializeToString,
+            ),
+            'ResumeMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeMemory,
+                    request_deserializer=clotho_dot_v1_dot_inference__service__pb2.ResumeMemoryRequest.FromString,
+                    response_serializer=clotho_dot_v1_dot_inference__service__pb2.ResumeMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +395,60 @@ class InferenceService:
             '/clotho.v1.InferenceService/AbortWeightUpdate',
             clotho_dot_v1_dot_inference__service__pb2.AbortWeightUpdateRequest.SerializeToString,
             clotho_dot_v1_dot_inference__service__pb2.AbortWeightUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clotho.v1.InferenceService/ReleaseMemory',
+            clotho_dot_v1_dot_inference__service__pb2.ReleaseMemoryRequest.SerializeToString,
+            clotho_dot_v1_dot_inference__service__pb2.ReleaseMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clotho.v1.InferenceService/ResumeMemory',
+            clotho_dot_v1_dot_inference__service__pb2.ResumeMemoryRequest.SerializeToString,
+            clotho_dot_v1_dot_inference__service__pb2.ResumeMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

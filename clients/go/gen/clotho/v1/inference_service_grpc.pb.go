@@ -33,6 +33,12 @@ type InferenceServiceClient interface {
 	CommitWeightUpdate(ctx context.Context, in *CommitWeightUpdateRequest, opts ...grpc.CallOption) (*CommitWeightUpdateResponse, error)
 	// Drops the staged weights of an update; the shard keeps serving the old version.
 	AbortWeightUpdate(ctx context.Context, in *AbortWeightUpdateRequest, opts ...grpc.CallOption) (*AbortWeightUpdateResponse, error)
+	// Colocated mode: pauses generation and frees the engine's KV cache (requests in
+	// flight keep their tokens) so a trainer on the same device can use the memory.
+	ReleaseMemory(ctx context.Context, in *ReleaseMemoryRequest, opts ...grpc.CallOption) (*ReleaseMemoryResponse, error)
+	// Colocated mode: takes the KV cache back and resumes generation (the keys and values
+	// of requests in flight are recomputed under the weights served then).
+	ResumeMemory(ctx context.Context, in *ResumeMemoryRequest, opts ...grpc.CallOption) (*ResumeMemoryResponse, error)
 }
 
 type inferenceServiceClient struct {
@@ -129,6 +135,24 @@ func (c *inferenceServiceClient) AbortWeightUpdate(ctx context.Context, in *Abor
 	return out, nil
 }
 
+func (c *inferenceServiceClient) ReleaseMemory(ctx context.Context, in *ReleaseMemoryRequest, opts ...grpc.CallOption) (*ReleaseMemoryResponse, error) {
+	out := new(ReleaseMemoryResponse)
+	err := c.cc.Invoke(ctx, "/clotho.v1.InferenceService/ReleaseMemory", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *inferenceServiceClient) ResumeMemory(ctx context.Context, in *ResumeMemoryRequest, opts ...grpc.CallOption) (*ResumeMemoryResponse, error) {
+	out := new(ResumeMemoryResponse)
+	err := c.cc.Invoke(ctx, "/clotho.v1.InferenceService/ResumeMemory", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InferenceServiceServer is the server API for InferenceService service.
 // All implementations must embed UnimplementedInferenceServiceServer
 // for forward compatibility
@@ -149,6 +173,12 @@ type InferenceServiceServer interface {
 	CommitWeightUpdate(context.Context, *CommitWeightUpdateRequest) (*CommitWeightUpdateResponse, error)
 	// Drops the staged weights of an update; the shard keeps serving the old version.
 	AbortWeightUpdate(context.Context, *AbortWeightUpdateRequest) (*AbortWeightUpdateResponse, error)
+	// Colocated mode: pauses generation and frees the engine's KV cache (requests in
+	// flight keep their tokens) so a trainer on the same device can use the memory.
+	ReleaseMemory(context.Context, *ReleaseMemoryRequest) (*ReleaseMemoryResponse, error)
+	// Colocated mode: takes the KV cache back and resumes generation (the keys and values
+	// of requests in flight are recomputed under the weights served then).
+	ResumeMemory(context.Context, *ResumeMemoryRequest) (*ResumeMemoryResponse, error)
 	mustEmbedUnimplementedInferenceServiceServer()
 }
 
@@ -176,6 +206,12 @@ func (UnimplementedInferenceServiceServer) CommitWeightUpdate(context.Context, *
 }
 func (UnimplementedInferenceServiceServer) AbortWeightUpdate(context.Context, *AbortWeightUpdateRequest) (*AbortWeightUpdateResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AbortWeightUpdate not implemented")
+}
+func (UnimplementedInferenceServiceServer) ReleaseMemory(context.Context, *ReleaseMemoryRequest) (*ReleaseMemoryResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ReleaseMemory not implemented")
+}
+func (UnimplementedInferenceServiceServer) ResumeMemory(context.Context, *ResumeMemoryRequest) (*ResumeMemoryResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ResumeMemory not implemented")
 }
 func (UnimplementedInferenceServiceServer) mustEmbedUnimplementedInferenceServiceServer() {}
 
@@ -319,6 +355,42 @@ func _InferenceService_AbortWeightUpdate_Handler(srv interface{}, ctx context.Co
 	return interceptor(ctx, in, info, handler)
 }
 
+func _InferenceService_ReleaseMemory_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseMemoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InferenceServiceServer).ReleaseMemory(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/clotho.v1.InferenceService/ReleaseMemory",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InferenceServiceServer).ReleaseMemory(ctx, req.(*ReleaseMemoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _InferenceService_ResumeMemory_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResumeMemoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InferenceServiceServer).ResumeMemory(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/clotho.v1.InferenceService/ResumeMemory",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InferenceServiceServer).ResumeMemory(ctx, req.(*ResumeMemoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _InferenceService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "clotho.v1.InferenceService",
 	HandlerType: (*InferenceServiceServer)(nil),
@@ -346,6 +418,14 @@ var _InferenceService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AbortWeightUpdate",
 			Handler:    _InferenceService_AbortWeightUpdate_Handler,
+		},
+		{
+			MethodName: "ReleaseMemory",
+			Handler:    _InferenceService_ReleaseMemory_Handler,
+		},
+		{
+			MethodName: "ResumeMemory",
+			Handler:    _InferenceService_ResumeMemory_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file clotho/v1/inference_service.proto.
  */
 export const file_clotho_v1_inference_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IqYBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SEgoKdm9jYWJfc2l6ZRgHIAEoDSIYChZHZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0IkMKF0dldFNlcnZlZFBvbGljeVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uImoKClRlbnNvclNwZWMSDAoEbmFtZRgBIAEoCRINCgVzaGFwZRgCIAMoBBIfCgVkdHlwZRgDIAEoDjIQLmNsb3Roby52MS5EVHlwZRIOCgZidWNrZXQYBCABKA0SDgoGb2Zmc2V0GAUgASgEIjwKCkJ1Y2tldFNwZWMSHwoFZHR5cGUYASABKA4yEC5jbG90aG8udjEuRFR5cGUSDQoFbnVtZWwYAiABKAQiYAoOV2VpZ2h0TWFuaWZlc3QSJgoHdGVuc29ycxgBIAMoCzIVLmNsb3Roby52MS5UZW5zb3JTcGVjEiYKB2J1Y2tldHMYAiADKAsyFS5jbG90aG8udjEuQnVja2V0U3BlYyKXAQoKUmVuZGV6dm91cxItCgdiYWNrZW5kGAEgASgOMhwuY2xvdGhvLnYxLkNvbGxlY3RpdmVCYWNrZW5kEg8KB2FkZHJlc3MYAiABKAkSDAoEcG9ydBgDIAEoDRISCgp3b3JsZF9zaXplGAQgASgNEhMKC3Jhbmtfb2Zmc2V0GAUgASgNEhIKCmdyb3VwX25hbWUYBiABKAkivQEKGlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0Eg8KB3ZlcnNpb24YASABKAQSKwoIbWFuaWZlc3QYAiABKAsyGS5jbG90aG8udjEuV2VpZ2h0TWFuaWZlc3QSKQoKcmVuZGV6dm91cxgDIAEoCzIVLmNsb3Roby52MS5SZW5kZXp2b3VzEhgKEGRlYWRsaW5lX3NlY29uZHMYBCABKAESDAoEc3RlcBgFIAEoBBIOCgZyZXN5bmMYBiABKAgiMwobUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEhQKDGpvaW5lZF9ncm91cBgBIAEoCCJEChpBd2FpdFdlaWdodFRyYW5zZmVyUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEhUKDWJ1Y2tldF9jcmMzMnMYAiADKA0iRgobQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEhYKDmJ5dGVzX3JlY2VpdmVkGAEgASgEEg8KB3NlY29uZHMYAiABKAEiLAoZQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEIkYKGkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uIjsKGEFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEg4KBnJlYXNvbhgCIAEoCSJFChlBYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqXAoFRFR5cGUSFgoSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoORF9UWVBFX0ZMT0FUMzIQARITCg9EX1RZUEVfQkZMT0FUMTYQAhISCg5EX1RZUEVfRkxPQVQxNhADKnEKEUNvbGxlY3RpdmVCYWNrZW5kEiIKHkNPTExFQ1RJVkVfQkFDS0VORF9VTlNQRUNJRklFRBAAEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9HTE9PEAESGwoXQ09MTEVDVElWRV9CQUNLRU5EX05DQ0wQAjKTBQoQSW5mZXJlbmNlU2VydmljZRJFCghHZW5lcmF0ZRIaLmNsb3Roby52MS5HZW5lcmF0ZVJlcXVlc3QaGy5jbG90aG8udjEuR2VuZXJhdGVSZXNwb25zZTABEk8KDEdldE1vZGVsSW5mbxIeLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXF1ZXN0Gh8uY2xvdGhvLnYxLkdldE1vZGVsSW5mb1Jlc3BvbnNlElgKD0dldFNlcnZlZFBvbGljeRIhLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0GiIuY2xvdGhvLnYxLkdldFNlcnZlZFBvbGljeVJlc3BvbnNlEmQKE1ByZXBhcmVXZWlnaHRVcGRhdGUSJS5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlcXVlc3QaJi5jbG90aG8udjEuUHJlcGFyZVdlaWdodFVwZGF0ZVJlc3BvbnNlEmQKE0F3YWl0V2VpZ2h0VHJhbnNmZXISJS5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QaJi5jbG90aG8udjEuQXdhaXRXZWlnaHRUcmFuc2ZlclJlc3BvbnNlEmEKEkNvbW1pdFdlaWdodFVwZGF0ZRIkLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXF1ZXN0GiUuY2xvdGhvLnYxLkNvbW1pdFdlaWdodFVwZGF0ZVJlc3BvbnNlEl4KEUFib3J0V2VpZ2h0VXBkYXRlEiMuY2xvdGhvLnYxLkFib3J0V2VpZ2h0VXBkYXRlUmVxdWVzdBokLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlc3BvbnNlQjxaOmdpdGh1Yi5jb20vY2xvdGhvL2Nsb3Roby9jbGllbnRzL2dvL2dlbi9jbG90aG8vdjE7Y2xvdGhvdjFiBnByb3RvMw", [file_clotho_v1_policy]);
+  fileDesc("CiFjbG90aG8vdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SCWNsb3Roby52MSK0AwoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAJIAIgBARISCgV0b3BfcBgCIAEoAkgBiAEBEhIKBXRvcF9rGAMgASgFSAKIAQESGwoObWF4X25ld190b2tlbnMYBCABKA1IA4gBARIWCg5zdG9wX3Rva2VuX2lkcxgFIAMoBRIMCgRzdG9wGAYgAygJEg4KAW4YByABKA1IBIgBARISCgppZ25vcmVfZW9zGAggASgIEhEKBHNlZWQYCSABKARIBYgBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgKIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYCyABKAJIB4gBARIfChJyZXBldGl0aW9uX3BlbmFsdHkYDCABKAJICIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IRCg9fbWF4X25ld190b2tlbnNCBAoCX25CBwoFX3NlZWRCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QhMKEV9wcmVzZW5jZV9wZW5hbHR5QhUKE19yZXBldGl0aW9uX3BlbmFsdHkizwEKD0dlbmVyYXRlUmVxdWVzdBIRCglpbnB1dF9pZHMYASADKAUSMgoPc2FtcGxpbmdfcGFyYW1zGAIgASgLMhkuY2xvdGhvLnYxLlNhbXBsaW5nUGFyYW1zEh4KFnJldHVybl9wcm9tcHRfbG9ncHJvYnMYAyABKAgSDgoGc3RyZWFtGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkSFAoMdG9wX2xvZ3Byb2JzGAYgASgNEhsKE3Byb21wdF90b3BfbG9ncHJvYnMYByABKA0iMgoLVG9wTG9ncHJvYnMSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCInAKClRva2VuQ2h1bmsSEQoJdG9rZW5faWRzGAEgAygFEhAKCGxvZ3Byb2JzGAIgAygCEg8KB3ZlcnNpb24YAyABKAQSLAoMdG9wX2xvZ3Byb2JzGAQgAygLMhYuY2xvdGhvLnYxLlRvcExvZ3Byb2JzIsgCCgpDb21wbGV0aW9uEhIKCm91dHB1dF9pZHMYASADKAUSFwoPb3V0cHV0X2xvZ3Byb2JzGAIgAygCEi4KDWZpbmlzaF9yZWFzb24YAyABKA4yFy5jbG90aG8udjEuRmluaXNoUmVhc29uEhQKDG1hdGNoZWRfc3RvcBgEIAEoCRItCg12ZXJzaW9uX3NwYW5zGAUgAygLMhYuY2xvdGhvLnYxLlZlcnNpb25TcGFuEhcKD3Byb21wdF9sb2dwcm9icxgGIAMoAhIVCg1wcm9tcHRfdG9rZW5zGAcgASgNEjMKE291dHB1dF90b3BfbG9ncHJvYnMYCCADKAsyFi5jbG90aG8udjEuVG9wTG9ncHJvYnMSMwoTcHJvbXB0X3RvcF9sb2dwcm9icxgJIAMoCzIWLmNsb3Roby52MS5Ub3BMb2dwcm9icyKBAQoQR2VuZXJhdGVSZXNwb25zZRINCgVpbmRleBgBIAEoDRImCgVjaHVuaxgCIAEoCzIVLmNsb3Roby52MS5Ub2tlbkNodW5rSAASKwoKY29tcGxldGlvbhgDIAEoCzIVLmNsb3Roby52MS5Db21wbGV0aW9uSABCCQoHcGF5bG9hZCIVChNHZXRNb2RlbEluZm9SZXF1ZXN0IusBChRHZXRNb2RlbEluZm9SZXNwb25zZRISCgptb2RlbF9uYW1lGAEgASgJEhIKCm1vZGVsX3BhdGgYAiABKAkSFwoPbWF4X2NvbnRleHRfbGVuGAMgASgNEhQKDGVvc190b2tlbl9pZBgEIAEoBRIOCgZlbmdpbmUYBSABKAkSEwoLc2hhcmRfY291bnQYBiABKA0SEgoKdm9jYWJfc2l6ZRgHIAEoDRIPCgdob3N0X2lkGAggASgJEh0KFWFjY2VwdHNfc2hhcmVkX21lbW9yeRgJIAEoCBITCgtkZXZpY2VfdXVpZBgKIAEoCSIYChZHZXRTZXJ2ZWRQb2xpY3lSZXF1ZXN0IkMKF0dldFNlcnZlZFBvbGljeVJlc3BvbnNlEigKBnBvbGljeRgBIAEoCzIYLmNsb3Roby52MS5Qb2xpY3lWZXJzaW9uImoKClRlbnNvclNwZWMSDAoEbmFtZRgBIAEoCRINCgVzaGFwZRgCIAMoBBIfCgVkdHlwZRgDIAEoDjIQLmNsb3Roby52MS5EVHlwZRIOCgZidWNrZXQYBCABKA0SDgoGb2Zmc2V0GAUgASgEIjwKCkJ1Y2tldFNwZWMSHwoFZHR5cGUYASABKA4yEC5jbG90aG8udjEuRFR5cGUSDQoFbnVtZWwYAiABKAQiYAoOV2VpZ2h0TWFuaWZlc3QSJgoHdGVuc29ycxgBIAMoCzIVLmNsb3Roby52MS5UZW5zb3JTcGVjEiYKB2J1Y2tldHMYAiADKAsyFS5jbG90aG8udjEuQnVja2V0U3BlYyLQAQoKUmVuZGV6dm91cxItCgdiYWNrZW5kGAEgASgOMhwuY2xvdGhvLnYxLkNvbGxlY3RpdmVCYWNrZW5kEg8KB2FkZHJlc3MYAiABKAkSDAoEcG9ydBgDIAEoDRISCgp3b3JsZF9zaXplGAQgASgNEhMKC3Jhbmtfb2Zmc2V0GAUgASgNEhIKCmdyb3VwX25hbWUYBiABKAkSNwoNc2hhcmVkX21lbW9yeRgHIAEoCzIgLmNsb3Roby52MS5TaGFyZWRNZW1vcnlUcmFuc3BvcnQikwEKFVNoYXJlZE1lbW9yeVRyYW5zcG9ydBIPCgdzZWdtZW50GAEgASgJEhUKDXNlZ21lbnRfYnl0ZXMYAiABKAQSEgoKYnVmZmVyX3NldBgDIAEoDRIRCgl1cGRhdGVfaWQYBCABKAQSKwoJY3VkYV9zZXRzGAUgAygLMhguY2xvdGhvLnYxLkN1ZGFJcGNIYW5kbGUixAEKDUN1ZGFJcGNIYW5kbGUSDgoGZGV2aWNlGAEgASgNEg4KBmhhbmRsZRgCIAEoDBISCgpzaXplX2J5dGVzGAMgASgEEhQKDG9mZnNldF9ieXRlcxgEIAEoBBIaChJyZWZfY291bnRlcl9oYW5kbGUYBSABKAwSGgoScmVmX2NvdW50ZXJfb2Zmc2V0GAYgASgEEhQKDGV2ZW50X2hhbmRsZRgHIAEoDBIbChNldmVudF9zeW5jX3JlcXVpcmVkGAggASgIIr0BChpQcmVwYXJlV2VpZ2h0VXBkYXRlUmVxdWVzdBIPCgd2ZXJzaW9uGAEgASgEEisKCG1hbmlmZXN0GAIgASgLMhkuY2xvdGhvLnYxLldlaWdodE1hbmlmZXN0EikKCnJlbmRlenZvdXMYAyABKAsyFS5jbG90aG8udjEuUmVuZGV6dm91cxIYChBkZWFkbGluZV9zZWNvbmRzGAQgASgBEgwKBHN0ZXAYBSABKAQSDgoGcmVzeW5jGAYgASgIIjMKG1ByZXBhcmVXZWlnaHRVcGRhdGVSZXNwb25zZRIUCgxqb2luZWRfZ3JvdXAYASABKAgiRAoaQXdhaXRXZWlnaHRUcmFuc2ZlclJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBBIVCg1idWNrZXRfY3JjMzJzGAIgAygNIkYKG0F3YWl0V2VpZ2h0VHJhbnNmZXJSZXNwb25zZRIWCg5ieXRlc19yZWNlaXZlZBgBIAEoBBIPCgdzZWNvbmRzGAIgASgBIiwKGUNvbW1pdFdlaWdodFVwZGF0ZVJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBCJGChpDb21taXRXZWlnaHRVcGRhdGVSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiI7ChhBYm9ydFdlaWdodFVwZGF0ZVJlcXVlc3QSDwoHdmVyc2lvbhgBIAEoBBIOCgZyZWFzb24YAiABKAkiRQoZQWJvcnRXZWlnaHRVcGRhdGVSZXNwb25zZRIoCgZwb2xpY3kYASABKAsyGC5jbG90aG8udjEuUG9saWN5VmVyc2lvbiIWChRSZWxlYXNlTWVtb3J5UmVxdWVzdCI/ChVSZWxlYXNlTWVtb3J5UmVzcG9uc2USJgoGc2hhcmRzGAEgAygLMhYuY2xvdGhvLnYxLlNoYXJkTWVtb3J5IhUKE1Jlc3VtZU1lbW9yeVJlcXVlc3QiPgoUUmVzdW1lTWVtb3J5UmVzcG9uc2USJgoGc2hhcmRzGAEgAygLMhYuY2xvdGhvLnYxLlNoYXJkTWVtb3J5ItkBCgtTaGFyZE1lbW9yeRINCgVzaGFyZBgBIAEoCRINCgVwaGFzZRgCIAEoCRIWCg5rdl9jYWNoZV9ieXRlcxgDIAEoBBITCgtmcmVlZF9ieXRlcxgEIAEoBBIXCg9hbGxvY2F0ZWRfYnl0ZXMYBSABKAQSHAoUcGVha19hbGxvY2F0ZWRfYnl0ZXMYBiABKAQSGQoRZGV2aWNlX3VzZWRfYnl0ZXMYByABKAQSGgoSZGV2aWNlX3RvdGFsX2J5dGVzGAggASgEEhEKCXJzc19ieXRlcxgJIAEoBCp4CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISFwoTRklOSVNIX1JFQVNPTl9BQk9SVBADKlwKBURUeXBlEhYKEkRfVFlQRV9VTlNQRUNJRklFRBAAEhIKDkRfVFlQRV9GTE9BVDMyEAESEwoPRF9UWVBFX0JGTE9BVDE2EAISEgoORF9UWVBFX0ZMT0FUMTYQAypxChFDb2xsZWN0aXZlQmFja2VuZBIiCh5DT0xMRUNUSVZFX0JBQ0tFTkRfVU5TUEVDSUZJRUQQABIbChdDT0xMRUNUSVZFX0JBQ0tFTkRfR0xPTxABEhsKF0NPTExFQ1RJVkVfQkFDS0VORF9OQ0NMEAIyuAYKEEluZmVyZW5jZVNlcnZpY2USRQoIR2VuZXJhdGUSGi5jbG90aG8udjEuR2VuZXJhdGVSZXF1ZXN0GhsuY2xvdGhvLnYxLkdlbmVyYXRlUmVzcG9uc2UwARJPCgxHZXRNb2RlbEluZm8SHi5jbG90aG8udjEuR2V0TW9kZWxJbmZvUmVxdWVzdBofLmNsb3Roby52MS5HZXRNb2RlbEluZm9SZXNwb25zZRJYCg9HZXRTZXJ2ZWRQb2xpY3kSIS5jbG90aG8udjEuR2V0U2VydmVkUG9saWN5UmVxdWVzdBoiLmNsb3Roby52MS5HZXRTZXJ2ZWRQb2xpY3lSZXNwb25zZRJkChNQcmVwYXJlV2VpZ2h0VXBkYXRlEiUuY2xvdGhvLnYxLlByZXBhcmVXZWlnaHRVcGRhdGVSZXF1ZXN0GiYuY2xvdGhvLnYxLlByZXBhcmVXZWlnaHRVcGRhdGVSZXNwb25zZRJkChNBd2FpdFdlaWdodFRyYW5zZmVyEiUuY2xvdGhvLnYxLkF3YWl0V2VpZ2h0VHJhbnNmZXJSZXF1ZXN0GiYuY2xvdGhvLnYxLkF3YWl0V2VpZ2h0VHJhbnNmZXJSZXNwb25zZRJhChJDb21taXRXZWlnaHRVcGRhdGUSJC5jbG90aG8udjEuQ29tbWl0V2VpZ2h0VXBkYXRlUmVxdWVzdBolLmNsb3Roby52MS5Db21taXRXZWlnaHRVcGRhdGVSZXNwb25zZRJeChFBYm9ydFdlaWdodFVwZGF0ZRIjLmNsb3Roby52MS5BYm9ydFdlaWdodFVwZGF0ZVJlcXVlc3QaJC5jbG90aG8udjEuQWJvcnRXZWlnaHRVcGRhdGVSZXNwb25zZRJSCg1SZWxlYXNlTWVtb3J5Eh8uY2xvdGhvLnYxLlJlbGVhc2VNZW1vcnlSZXF1ZXN0GiAuY2xvdGhvLnYxLlJlbGVhc2VNZW1vcnlSZXNwb25zZRJPCgxSZXN1bWVNZW1vcnkSHi5jbG90aG8udjEuUmVzdW1lTWVtb3J5UmVxdWVzdBofLmNsb3Roby52MS5SZXN1bWVNZW1vcnlSZXNwb25zZUI8WjpnaXRodWIuY29tL2Nsb3Roby9jbG90aG8vY2xpZW50cy9nby9nZW4vY2xvdGhvL3YxO2Nsb3Rob3YxYgZwcm90bzM", [file_clotho_v1_policy]);
 
 /**
  * How to sample; unset fields take the engine's defaults.
@@ -463,6 +463,30 @@ export type GetModelInfoResponse = Message<"clotho.v1.GetModelInfoResponse"> & {
    * @generated from field: uint32 vocab_size = 7;
    */
   vocabSize: number;
+
+  /**
+   * The machine this service runs on: its kernel boot id and hostname. A trainer whose
+   * own host id is the same may send weights through shared memory.
+   *
+   * @generated from field: string host_id = 8;
+   */
+  hostId: string;
+
+  /**
+   * Every shard behind this service can receive weights through the shared-memory
+   * transport (Rendezvous.shared_memory).
+   *
+   * @generated from field: bool accepts_shared_memory = 9;
+   */
+  acceptsSharedMemory: boolean;
+
+  /**
+   * UUID of the CUDA device the shards run on (empty on CPU). A trainer on the same host
+   * and device may send weights through CUDA IPC (SharedMemoryTransport.cuda_sets).
+   *
+   * @generated from field: string device_uuid = 10;
+   */
+  deviceUuid: string;
 };
 
 /**
@@ -660,6 +684,16 @@ export type Rendezvous = Message<"clotho.v1.Rendezvous"> & {
    * @generated from field: string group_name = 6;
    */
   groupName: string;
+
+  /**
+   * Set when trainer and shard share a host: the buckets travel through this
+   * shared-memory segment instead of a collective (backend, address and port are then
+   * unset; world_size and rank_offset number the segment's readers as they would number
+   * ranks, the trainer being 0).
+   *
+   * @generated from field: clotho.v1.SharedMemoryTransport shared_memory = 7;
+   */
+  sharedMemory?: SharedMemoryTransport | undefined;
 };
 
 /**
@@ -668,6 +702,133 @@ export type Rendezvous = Message<"clotho.v1.Rendezvous"> & {
  */
 export const RendezvousSchema: GenMessage<Rendezvous> = /*@__PURE__*/
   messageDesc(file_clotho_v1_inference_service, 13);
+
+/**
+ * A same-host weight transport: a segment (a file in /dev/shm) holding a header and two
+ * sets of the manifest's buckets. The trainer packs each bucket straight into the set
+ * named here and marks it written in the header; the shard checksums it there and, at
+ * commit, serves from it (the trainer writes the next update into the other set). The
+ * trainer unlinks the segment's name once every reader has opened it.
+ *
+ * @generated from message clotho.v1.SharedMemoryTransport
+ */
+export type SharedMemoryTransport = Message<"clotho.v1.SharedMemoryTransport"> & {
+  /**
+   * The segment's name in /dev/shm; a new name means a new segment.
+   *
+   * @generated from field: string segment = 1;
+   */
+  segment: string;
+
+  /**
+   * The segment's size in bytes.
+   *
+   * @generated from field: uint64 segment_bytes = 2;
+   */
+  segmentBytes: bigint;
+
+  /**
+   * Which of the segment's two bucket sets carries this update.
+   *
+   * @generated from field: uint32 buffer_set = 3;
+   */
+  bufferSet: number;
+
+  /**
+   * Identifies this update in the segment's header; the shard checks it.
+   *
+   * @generated from field: uint64 update_id = 4;
+   */
+  updateId: bigint;
+
+  /**
+   * Set when the trainer's weights are on the shard's GPU: the two bucket sets live in
+   * the trainer's device memory (one handle per set) and the segment holds only the
+   * header. The shard copies each bucket into its own memory as it is published and
+   * checksums the copy, so it never serves memory the trainer owns.
+   *
+   * @generated from field: repeated clotho.v1.CudaIpcHandle cuda_sets = 5;
+   */
+  cudaSets: CudaIpcHandle[];
+};
+
+/**
+ * Describes the message clotho.v1.SharedMemoryTransport.
+ * Use `create(SharedMemoryTransportSchema)` to create a new message.
+ */
+export const SharedMemoryTransportSchema: GenMessage<SharedMemoryTransport> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 14);
+
+/**
+ * A CUDA IPC handle of one device allocation, as torch's storage sharing gives it.
+ *
+ * @generated from message clotho.v1.CudaIpcHandle
+ */
+export type CudaIpcHandle = Message<"clotho.v1.CudaIpcHandle"> & {
+  /**
+   * Device index in the exporting process.
+   *
+   * @generated from field: uint32 device = 1;
+   */
+  device: number;
+
+  /**
+   * The cudaIpcMemHandle of the allocation.
+   *
+   * @generated from field: bytes handle = 2;
+   */
+  handle: Uint8Array;
+
+  /**
+   * Bytes of the shared storage.
+   *
+   * @generated from field: uint64 size_bytes = 3;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Offset of the storage within the allocation, in bytes.
+   *
+   * @generated from field: uint64 offset_bytes = 4;
+   */
+  offsetBytes: bigint;
+
+  /**
+   * torch's reference-counter file handle (keeps the exporter from freeing the memory
+   * while an importer holds it).
+   *
+   * @generated from field: bytes ref_counter_handle = 5;
+   */
+  refCounterHandle: Uint8Array;
+
+  /**
+   * Offset within the reference-counter file.
+   *
+   * @generated from field: uint64 ref_counter_offset = 6;
+   */
+  refCounterOffset: bigint;
+
+  /**
+   * The cudaIpcEventHandle to wait on before reading.
+   *
+   * @generated from field: bytes event_handle = 7;
+   */
+  eventHandle: Uint8Array;
+
+  /**
+   * Whether the importer must wait on the event.
+   *
+   * @generated from field: bool event_sync_required = 8;
+   */
+  eventSyncRequired: boolean;
+};
+
+/**
+ * Describes the message clotho.v1.CudaIpcHandle.
+ * Use `create(CudaIpcHandleSchema)` to create a new message.
+ */
+export const CudaIpcHandleSchema: GenMessage<CudaIpcHandle> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 15);
 
 /**
  * Starts a weight update.
@@ -725,7 +886,7 @@ export type PrepareWeightUpdateRequest = Message<"clotho.v1.PrepareWeightUpdateR
  * Use `create(PrepareWeightUpdateRequestSchema)` to create a new message.
  */
 export const PrepareWeightUpdateRequestSchema: GenMessage<PrepareWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 14);
+  messageDesc(file_clotho_v1_inference_service, 16);
 
 /**
  * Acknowledges that the shard is in the group and receiving.
@@ -746,7 +907,7 @@ export type PrepareWeightUpdateResponse = Message<"clotho.v1.PrepareWeightUpdate
  * Use `create(PrepareWeightUpdateResponseSchema)` to create a new message.
  */
 export const PrepareWeightUpdateResponseSchema: GenMessage<PrepareWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 15);
+  messageDesc(file_clotho_v1_inference_service, 17);
 
 /**
  * Waits for the transfer of a prepared update to finish. The checksums travel here,
@@ -776,7 +937,7 @@ export type AwaitWeightTransferRequest = Message<"clotho.v1.AwaitWeightTransferR
  * Use `create(AwaitWeightTransferRequestSchema)` to create a new message.
  */
 export const AwaitWeightTransferRequestSchema: GenMessage<AwaitWeightTransferRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 16);
+  messageDesc(file_clotho_v1_inference_service, 18);
 
 /**
  * The transfer arrived intact.
@@ -804,7 +965,7 @@ export type AwaitWeightTransferResponse = Message<"clotho.v1.AwaitWeightTransfer
  * Use `create(AwaitWeightTransferResponseSchema)` to create a new message.
  */
 export const AwaitWeightTransferResponseSchema: GenMessage<AwaitWeightTransferResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 17);
+  messageDesc(file_clotho_v1_inference_service, 19);
 
 /**
  * Switches to a fully transferred version.
@@ -825,7 +986,7 @@ export type CommitWeightUpdateRequest = Message<"clotho.v1.CommitWeightUpdateReq
  * Use `create(CommitWeightUpdateRequestSchema)` to create a new message.
  */
 export const CommitWeightUpdateRequestSchema: GenMessage<CommitWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 18);
+  messageDesc(file_clotho_v1_inference_service, 20);
 
 /**
  * The shard serves the new version.
@@ -846,7 +1007,7 @@ export type CommitWeightUpdateResponse = Message<"clotho.v1.CommitWeightUpdateRe
  * Use `create(CommitWeightUpdateResponseSchema)` to create a new message.
  */
 export const CommitWeightUpdateResponseSchema: GenMessage<CommitWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 19);
+  messageDesc(file_clotho_v1_inference_service, 21);
 
 /**
  * Drops a prepared update.
@@ -874,7 +1035,7 @@ export type AbortWeightUpdateRequest = Message<"clotho.v1.AbortWeightUpdateReque
  * Use `create(AbortWeightUpdateRequestSchema)` to create a new message.
  */
 export const AbortWeightUpdateRequestSchema: GenMessage<AbortWeightUpdateRequest> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 20);
+  messageDesc(file_clotho_v1_inference_service, 22);
 
 /**
  * The update was dropped.
@@ -895,7 +1056,156 @@ export type AbortWeightUpdateResponse = Message<"clotho.v1.AbortWeightUpdateResp
  * Use `create(AbortWeightUpdateResponseSchema)` to create a new message.
  */
 export const AbortWeightUpdateResponseSchema: GenMessage<AbortWeightUpdateResponse> = /*@__PURE__*/
-  messageDesc(file_clotho_v1_inference_service, 21);
+  messageDesc(file_clotho_v1_inference_service, 23);
+
+/**
+ * Asks every shard of the service to free its KV cache.
+ *
+ * @generated from message clotho.v1.ReleaseMemoryRequest
+ */
+export type ReleaseMemoryRequest = Message<"clotho.v1.ReleaseMemoryRequest"> & {
+};
+
+/**
+ * Describes the message clotho.v1.ReleaseMemoryRequest.
+ * Use `create(ReleaseMemoryRequestSchema)` to create a new message.
+ */
+export const ReleaseMemoryRequestSchema: GenMessage<ReleaseMemoryRequest> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 24);
+
+/**
+ * Memory after the release.
+ *
+ * @generated from message clotho.v1.ReleaseMemoryResponse
+ */
+export type ReleaseMemoryResponse = Message<"clotho.v1.ReleaseMemoryResponse"> & {
+  /**
+   * One entry per shard, in shard order.
+   *
+   * @generated from field: repeated clotho.v1.ShardMemory shards = 1;
+   */
+  shards: ShardMemory[];
+};
+
+/**
+ * Describes the message clotho.v1.ReleaseMemoryResponse.
+ * Use `create(ReleaseMemoryResponseSchema)` to create a new message.
+ */
+export const ReleaseMemoryResponseSchema: GenMessage<ReleaseMemoryResponse> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 25);
+
+/**
+ * Asks every shard of the service to take its KV cache back and resume generation.
+ *
+ * @generated from message clotho.v1.ResumeMemoryRequest
+ */
+export type ResumeMemoryRequest = Message<"clotho.v1.ResumeMemoryRequest"> & {
+};
+
+/**
+ * Describes the message clotho.v1.ResumeMemoryRequest.
+ * Use `create(ResumeMemoryRequestSchema)` to create a new message.
+ */
+export const ResumeMemoryRequestSchema: GenMessage<ResumeMemoryRequest> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 26);
+
+/**
+ * Memory after the resume.
+ *
+ * @generated from message clotho.v1.ResumeMemoryResponse
+ */
+export type ResumeMemoryResponse = Message<"clotho.v1.ResumeMemoryResponse"> & {
+  /**
+   * One entry per shard, in shard order.
+   *
+   * @generated from field: repeated clotho.v1.ShardMemory shards = 1;
+   */
+  shards: ShardMemory[];
+};
+
+/**
+ * Describes the message clotho.v1.ResumeMemoryResponse.
+ * Use `create(ResumeMemoryResponseSchema)` to create a new message.
+ */
+export const ResumeMemoryResponseSchema: GenMessage<ResumeMemoryResponse> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 27);
+
+/**
+ * One shard's memory at a phase boundary of colocated mode.
+ *
+ * @generated from message clotho.v1.ShardMemory
+ */
+export type ShardMemory = Message<"clotho.v1.ShardMemory"> & {
+  /**
+   * The shard's name.
+   *
+   * @generated from field: string shard = 1;
+   */
+  shard: string;
+
+  /**
+   * The phase that begins: "released" or "resumed".
+   *
+   * @generated from field: string phase = 2;
+   */
+  phase: string;
+
+  /**
+   * Bytes the KV cache holds now.
+   *
+   * @generated from field: uint64 kv_cache_bytes = 3;
+   */
+  kvCacheBytes: bigint;
+
+  /**
+   * Bytes the KV cache freed (release) or 0.
+   *
+   * @generated from field: uint64 freed_bytes = 4;
+   */
+  freedBytes: bigint;
+
+  /**
+   * Device bytes this process has allocated now (0 on CPU, or when the engine does not say).
+   *
+   * @generated from field: uint64 allocated_bytes = 5;
+   */
+  allocatedBytes: bigint;
+
+  /**
+   * Peak device bytes this process allocated during the phase that just ended.
+   *
+   * @generated from field: uint64 peak_allocated_bytes = 6;
+   */
+  peakAllocatedBytes: bigint;
+
+  /**
+   * Device bytes in use by every process now (the device's total minus its free memory).
+   *
+   * @generated from field: uint64 device_used_bytes = 7;
+   */
+  deviceUsedBytes: bigint;
+
+  /**
+   * The device's total memory (0 on CPU).
+   *
+   * @generated from field: uint64 device_total_bytes = 8;
+   */
+  deviceTotalBytes: bigint;
+
+  /**
+   * Resident memory of the shard's process now, in bytes (CPU).
+   *
+   * @generated from field: uint64 rss_bytes = 9;
+   */
+  rssBytes: bigint;
+};
+
+/**
+ * Describes the message clotho.v1.ShardMemory.
+ * Use `create(ShardMemorySchema)` to create a new message.
+ */
+export const ShardMemorySchema: GenMessage<ShardMemory> = /*@__PURE__*/
+  messageDesc(file_clotho_v1_inference_service, 28);
 
 /**
  * Why a sample ended.
@@ -1091,6 +1401,28 @@ export const InferenceService: GenService<{
     methodKind: "unary";
     input: typeof AbortWeightUpdateRequestSchema;
     output: typeof AbortWeightUpdateResponseSchema;
+  },
+  /**
+   * Colocated mode: pauses generation and frees the engine's KV cache (requests in
+   * flight keep their tokens) so a trainer on the same device can use the memory.
+   *
+   * @generated from rpc clotho.v1.InferenceService.ReleaseMemory
+   */
+  releaseMemory: {
+    methodKind: "unary";
+    input: typeof ReleaseMemoryRequestSchema;
+    output: typeof ReleaseMemoryResponseSchema;
+  },
+  /**
+   * Colocated mode: takes the KV cache back and resumes generation (the keys and values
+   * of requests in flight are recomputed under the weights served then).
+   *
+   * @generated from rpc clotho.v1.InferenceService.ResumeMemory
+   */
+  resumeMemory: {
+    methodKind: "unary";
+    input: typeof ResumeMemoryRequestSchema;
+    output: typeof ResumeMemoryResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_clotho_v1_inference_service, 0);
