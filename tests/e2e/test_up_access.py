@@ -4,6 +4,7 @@ gateway present it, and the mesh trains and syncs every step."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,5 +48,7 @@ async def test_up_trains_with_a_service_token(tiny_model_dir: Path, tmp_path: Pa
     assert by_name["gateway"][1]["CLOTHO_GATEWAY_SERVICE_TOKEN"] == token
     assert all(token not in " ".join(argv) for argv, _env, _child in started)
     # Every update reached the (guarded) inference service.
-    steps = [e for e in by_name["trainer"][2].events if e.get("event") == "step"]
+    # The trainer's step lines, as `clotho up` wrote them (it keeps none in memory).
+    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
+    steps = [e for e in map(json.loads, lines) if e.get("event") == "step"]
     assert [e["step"] for e in steps] == [1, 2] and all(e["sync_ok"] for e in steps), steps

@@ -47,14 +47,15 @@ async def test_shard_killed_mid_transfer_is_named_before_the_deadline(inference,
     real_send = sender_module.pipeline.send_buckets
     killed = []
 
-    def send_after_the_shard_dies(handle, manifest, tensors):
+    def send_after_the_shard_dies(handle, manifest, tensors, *rest):
         # Rank 0 is about to broadcast: the shard has joined the group, then dies.
         os.kill(child.proc.pid, signal.SIGKILL)
         killed.append(time.monotonic())
-        return real_send(handle, manifest, tensors)
+        return real_send(handle, manifest, tensors, *rest)
 
     monkeypatch.setattr(sender_module.pipeline, "send_buckets", send_after_the_shard_dies)
-    sync = WeightSync.for_targets([address], bucket_bytes=64 * 1024, timeout_seconds=DEADLINE)
+    # The collective path: the shard dies while gloo carries the buckets.
+    sync = WeightSync.for_targets([address], bucket_bytes=64 * 1024, timeout_seconds=DEADLINE, transport="collective")
     start = time.monotonic()
     try:
         with pytest.raises(WeightSyncError) as err:
@@ -77,13 +78,13 @@ async def test_shard_frozen_mid_transfer_is_named_before_the_deadline(inference,
     model = load_model(tiny_model_dir)
     real_send = sender_module.pipeline.send_buckets
 
-    def send_after_the_shard_freezes(handle, manifest, tensors):
+    def send_after_the_shard_freezes(handle, manifest, tensors, *rest):
         os.kill(child.proc.pid, signal.SIGSTOP)
-        return real_send(handle, manifest, tensors)
+        return real_send(handle, manifest, tensors, *rest)
 
     monkeypatch.setattr(sender_module.pipeline, "send_buckets", send_after_the_shard_freezes)
     sync = WeightSync.for_targets(
-        [address], bucket_bytes=64 * 1024, timeout_seconds=DEADLINE, probe_timeout_seconds=2.0
+        [address], bucket_bytes=64 * 1024, timeout_seconds=DEADLINE, probe_timeout_seconds=2.0, transport="collective"
     )
     start = time.monotonic()
     try:
