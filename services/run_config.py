@@ -27,8 +27,8 @@ a command, `{gateway_url}` (the gateway's Atropos API), `{openai_url}` (its Open
 SGLang routes, `{gateway_url}/v1`), `{model_path}` and `{python}` (this interpreter)
 are filled in; an Atropos `serve` command is also given whichever of
 `--env.rollout_server_url`, `--openai.base_url`, `--openai.server_type sglang`,
-`--env.tokenizer_name` and (with an inference token) `--openai.api_key` it does not
-set itself. Every environment process also finds CLOTHO_GATEWAY_URL and
+`--env.tokenizer_name` and `--openai.api_key` (the gateway's inference token, else a
+placeholder: Atropos' OpenAI client wants one) it does not set itself. Every environment process also finds CLOTHO_GATEWAY_URL and
 CLOTHO_OPENAI_URL in its environment.
 """
 
@@ -184,10 +184,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _parser()
     pre, _ = parser.parse_known_args(argv)
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    file_envs = None
     if pre.config is not None:
         top, sections = _load_file(pre.config, parser)
+        file_envs = top.pop("env", None)  # --env appends: the file's list is replaced, not extended
         parser.set_defaults(**top)
     args, rest = parser.parse_known_args(argv)
+    if args.env is None:
+        args.env = file_envs
     for section, values in _section_flags(rest, parser).items():
         sections[section].update(values)
     for section, values in sections.items():
@@ -254,8 +258,9 @@ def env_command(
             "--openai.server_type": "sglang",
             "--env.tokenizer_name": str(model_path),
         }
-        if inference_token:
-            extra["--openai.api_key"] = inference_token
+        # The OpenAI client of an Atropos server refuses to start without a key; the gateway
+        # checks it only when it has an inference token.
+        extra["--openai.api_key"] = inference_token or "clotho"
         for flag, value in extra.items():
             if not _has_flag(argv, flag):
                 argv += [flag, value]
@@ -273,10 +278,10 @@ def env_names(commands: list[str]) -> list[str]:
     names: list[str] = []
     for cmd in commands:
         words = shlex.split(cmd)
-        script = next((w for w in words if w.endswith(".py")), None)
+        script = next((Path(w).stem for w in words if w.endswith(".py")), None)
         if script is None and "-m" in words and words.index("-m") + 1 < len(words):
             script = words[words.index("-m") + 1]
-        base = "env-" + (Path(script).stem if script else "cmd").replace(".", "-")
+        base = "env-" + (script or "cmd").replace(".", "-")
         name, n = base, 2
         while name in names:
             name, n = f"{base}-{n}", n + 1
