@@ -300,7 +300,10 @@ async def run_up(args: argparse.Namespace) -> dict:
             await start("env", "services.demo.env", flags(demo))
         progress.training_started = time.monotonic() - progress.started
         print(f"training: gateway at {gateway_url}; Ctrl-C stops", flush=True)
-        waiters = [asyncio.create_task(progress.done.wait()), asyncio.create_task(interrupted.wait())]
+        waiters: list[asyncio.Task[Any]] = [
+            asyncio.create_task(progress.done.wait()),
+            asyncio.create_task(interrupted.wait()),
+        ]
         waiters += [asyncio.create_task(c.proc.wait()) for c in children]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:

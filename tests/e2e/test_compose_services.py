@@ -97,12 +97,15 @@ class Stack:
         self.ports["otel-collector"] = {"4317": collector_port, "4318": free_port()}
 
     def ours(self, name: str) -> bool:
-        return "build" in self.config["services"][name]
+        """Built from the project's image (dependencies outside the profile count as not ours)."""
+        return "build" in self.config["services"].get(name, {})
 
     def map_text(self, text: str, own: str) -> str:
         for host, svc in self.names.items():
             for port, local in self.ports.get(svc, {}).items():
                 text = text.replace(f"{host}:{port}", f"127.0.0.1:{local}")
+        for port, local in self.ports[own].items():  # its own ports, as its health check names them
+            text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{local}")
         for volume in self.config["services"][own].get("volumes", []):
             text = text.replace(volume["target"], str(self.volume_dir(volume)))
         return text.replace("0.0.0.0", "127.0.0.1")
