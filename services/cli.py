@@ -14,6 +14,7 @@ commands:
   trainer       run the GRPO trainer
   demo-env      run the built-in demo environment against a gateway
   build-model   write the tiny local model and tokenizer into a directory
+  health        ask a service's gRPC health (exit 0 when SERVING; container health checks)
 
 `clotho <command> --help` lists a command's flags."""
 
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
         from services.up import main as up_main
 
         raise SystemExit(up_main(rest))
+    if command == "health":
+        from services.health import main as health_main
+
+        raise SystemExit(health_main(rest))
     module = MODULES.get(command)
     if module is None:
         print(f"clotho: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -97,6 +97,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+async def start_command(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
+    """Start a command that announces nothing (a user's environment): its stdout and
+    stderr both go to its log, and it counts as ready once started."""
+    log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per child, at start
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - kept open for the child's lifetime
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=log_file,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,
+    )
+    log_file.close()
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    ready.set_result({"event": "ready", "pid": proc.pid})
+    return Child(name, proc, ready, log_path)
+
+
+def log_tail(child: Child, lines: int = 20) -> str:
+    """The last `lines` lines of a child's log."""
+    try:
+        text = child.log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 async def wait_ready(child: Child, timeout: float) -> dict:
     try:
         return await asyncio.wait_for(asyncio.shield(child.ready), timeout)

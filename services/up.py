@@ -1,8 +1,11 @@
 """`clotho up`: the whole mesh on this machine, training visibly.
 
-Builds the tiny local model if needed, starts inference, gateway, trainer and the demo
-environment as separate processes on loopback, prints one line per training step and a
-summary, and stops everything on Ctrl-C or after `--steps`.
+Builds the tiny local model if needed (or takes the user's `--model-path`), starts
+inference, gateway, trainer and the environments (the demo environment, or the user's
+own Atropos environment commands, `--env`) as separate processes on loopback, prints
+one line per training step and a summary, and stops everything on Ctrl-C or after
+`--steps`. A child that dies is named with the tail of its log, and the rest stop.
+What to run comes from flags and a run file (services/run_config.py).
 
 The machine's cores are divided among the processes (`thread_budget`): each gets a
 `--threads` setting and OMP/MKL/tokenizer thread counts in its environment, so four
@@ -27,11 +30,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from services import launcher, trace_ui
 from services.common.telemetry import setup_tracing, shutdown_tracing
-from services.demo.task import TASKS
+from services.run_config import _parser, cuda_visible, device_list, env_command, env_names, flags, parse_args
+
+__all__ = ["_parser", "run_up", "thread_budget", "thread_env"]
 
 # Processes that mostly wait on sockets (the gateway, the demo environment) get one
 # thread; the trainer and the inference service share the rest.
@@ -67,65 +72,6 @@ def thread_env(threads: int) -> dict[str, str]:
 
 # Rewards averaged at each end of a run for its summary (and shown as avg10).
 SUMMARY_WINDOW = 10
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clotho up", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200, help="trainer steps before stopping (0 = until Ctrl-C)")
-    p.add_argument("--data-dir", type=Path, default=Path(".clotho"), help="model, logs and summary go here")
-    p.add_argument("--model-path", type=Path, default=None, help="an HF model directory (default: build a tiny one)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per training batch")
-    p.add_argument("--group-size", type=int, default=8, help="samples per prompt")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (trainer default if unset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the trainer and the demo environment")
-    p.add_argument("--task", choices=TASKS, default="repeat", help="the demo environment's task")
-    p.add_argument("--max-new-tokens", type=int, default=4, help="tokens per completion")
-    p.add_argument(
-        "--no-overlap",
-        action="store_true",
-        help="push each step's weights before the next step trains (default: while it trains)",
-    )
-    p.add_argument(
-        "--cores",
-        type=int,
-        default=None,
-        help="cores to divide among the processes (default: those this process may use); "
-        "0 sets no thread budget (every process keeps its libraries' defaults)",
-    )
-    p.add_argument("--http-port", type=int, default=0, help="gateway REST port (0 = a free one)")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
-    p.add_argument(
-        "--trajectory-token",
-        default=os.environ.get("CLOTHO_GATEWAY_TRAJECTORY_TOKEN") or None,
-        help="the gateway's trajectory_token (default: $CLOTHO_GATEWAY_TRAJECTORY_TOKEN); the "
-        "trainer and the demo environment are given it",
-    )
-    p.add_argument(
-        "--inference-token",
-        default=os.environ.get("CLOTHO_GATEWAY_INFERENCE_TOKEN") or None,
-        help="the gateway's inference_token (default: $CLOTHO_GATEWAY_INFERENCE_TOKEN); the demo "
-        "environment is given it",
-    )
-    p.add_argument(
-        "--wandb-project",
-        default=None,
-        help="log the trainer's metrics to this Weights & Biases project under Atropos' names (needs the "
-        "wandb extra); environments get it from the gateway's /wandb_info",
-    )
-    p.add_argument("--wandb-group", default=None, help="the W&B group (default: clotho); implies W&B logging")
-    p.add_argument(
-        "--trace-ui",
-        action="store_true",
-        help="start a local trace viewer (Arize Phoenix, the trace-ui extra) and send every service's spans to it",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the last checkpoint and the gateway's stored queue in --data-dir "
-        "(default: start fresh; --steps then counts the total)",
-    )
-    return p
 
 
 class Progress:
@@ -228,11 +174,54 @@ class Progress:
         }
 
 
+def report_death(child: launcher.Child) -> None:
+    """Name a child that died and show the end of its log."""
+    tail = launcher.log_tail(child)
+    print(
+        f"{child.name} exited with {child.proc.returncode}; last lines of {child.log_path}:\n{tail}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _died(child: launcher.Child, done: bool) -> bool:
+    """Whether a child's exit is a failure: any non-zero status, or an exit before the
+    run is done (the trainer alone may finish on its own, after its last step)."""
+    rc = child.proc.returncode
+    if rc is None:
+        return False
+    return rc != 0 or (child.name != "trainer" and not done)
+
+
+def inference_settings(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The inference service's settings and the environment its engine needs."""
+    devices = device_list(getattr(args, "inference_devices", ""))
+    values: dict[str, Any] = {
+        "model_path": str(model_path),
+        "engine": getattr(args, "engine", "torch"),
+        "shards": getattr(args, "shards", 1),
+    }
+    env: dict[str, str] = {}
+    if values["engine"] == "sglang":
+        visible = cuda_visible(devices)
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+    elif len(devices) == 1:
+        values["device"] = devices[0]
+    elif devices:
+        values["shard_devices"] = devices
+    return values, env
+
+
 async def run_up(args: argparse.Namespace) -> dict:
     data_dir: Path = args.data_dir.resolve()
     log_dir = data_dir / "logs"
     model_path = args.model_path.resolve() if args.model_path else data_dir / "model"
+    sections: dict[str, dict[str, Any]] = getattr(args, "sections", None) or {}
+    env_commands: list[str] = list(getattr(args, "env", None) or [])
     if not (model_path / "config.json").exists():
+        if args.model_path:
+            raise SystemExit(f"clotho up: {model_path} has no config.json (a Hugging Face model directory)")
         from services.demo.tiny_model import build_tiny_model
 
         print(f"building the tiny demo model in {model_path}", flush=True)
@@ -248,6 +237,7 @@ async def run_up(args: argparse.Namespace) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything starts
     progress.log = open(data_dir / "steps.jsonl", "w")  # noqa: SIM115, ASYNC230 - closed after the run
     children: list[launcher.Child] = []
+    failed: list[str] = []
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -265,13 +255,22 @@ async def run_up(args: argparse.Namespace) -> dict:
         for name, n in threads.items():
             child_env[name].update(thread_env(n))
 
-    def threads_flag(name: str) -> list[str]:
-        return ["--threads", str(threads[name])] if threads is not None else []
+    def with_threads(name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` with the process's thread budget, then the run's section for it."""
+        if threads is not None:
+            values["threads"] = threads[name]
+        return {**values, **sections.get(name, {})}
 
     async def start(name: str, module: str, argv: list[str]) -> dict:
         child = await launcher.start(name, module, argv, log_dir, on_event=progress.on_event, env=child_env.get(name))
         children.append(child)
-        info = await launcher.wait_ready(child, args.ready_timeout)
+        try:
+            info = await launcher.wait_ready(child, args.ready_timeout)
+        except RuntimeError:
+            await asyncio.sleep(0.2)  # let the log receive the child's last words
+            failed.append(name)
+            report_death(child)
+            raise
         print(f"  {name:<9} ready {json.dumps({k: v for k, v in info.items() if k != 'event'})}", flush=True)
         return info
 
@@ -279,94 +278,89 @@ async def run_up(args: argparse.Namespace) -> dict:
         print(f"starting the mesh (logs in {log_dir})", flush=True)
         if threads is not None:
             print(f"threads per process ({cores} cores): {json.dumps(threads)}", flush=True)
+        inf_values, inf_env = inference_settings(args, model_path)
+        child_env["inference"].update(inf_env)
         inf = await start(
             "inference",
             "services.inference",
-            ["--model-path", str(model_path), "--metrics-port", str(launcher.free_port()), *threads_flag("inference")],
+            flags(with_threads("inference", {**inf_values, "metrics_port": launcher.free_port()})),
         )
         inference = f"127.0.0.1:{inf['grpc_port']}"
-        gw = await start(
-            "gateway",
-            "services.gateway",
-            [
-                "--http-port",
-                str(args.http_port),
-                "--inference",
-                json.dumps([inference]),
-                "--tokenizer-path",
-                str(model_path),
-                "--data-dir",
-                str(data_dir / "gateway"),
-                *threads_flag("gateway"),
-            ],
-        )
+        gateway_values = {
+            "http_port": args.http_port,
+            "inference": [inference],
+            "tokenizer_path": str(model_path),
+            "data_dir": str(data_dir / "gateway"),
+        }
+        gw = await start("gateway", "services.gateway", flags(with_threads("gateway", gateway_values)))
         gateway_url = f"http://127.0.0.1:{gw['http_port']}"
-        trainer_args = [
-            "--model-path",
-            str(model_path),
-            "--gateway",
-            f"127.0.0.1:{gw['grpc_port']}",
-            "--inference",
-            json.dumps([inference]),
-            "--batch-size",
-            str(args.batch_size),
-            "--num-steps",
-            str(args.steps),
-            "--checkpoint-dir",
-            str(data_dir / "checkpoints"),
-            "--seed",
-            str(args.seed),
-            *threads_flag("trainer"),
+        trainer_values: dict[str, Any] = {
+            "model_path": str(model_path),
+            "gateway": f"127.0.0.1:{gw['grpc_port']}",
+            "inference": [inference],
+            "batch_size": args.batch_size,
+            "num_steps": args.steps,
+            "checkpoint_dir": str(data_dir / "checkpoints"),
+            "seed": args.seed,
+            "device": getattr(args, "trainer_device", "cpu"),
             # One step off (the trainer's default): the next batch is generated while a step
             # trains, and the step's weights are pushed while the next one trains.
-            *([] if args.no_overlap else ["--overlap-weight-update"]),
-            "--metrics-port",
-            str(launcher.free_port()),
-        ]
-        if args.lr is not None:
-            trainer_args += ["--lr", str(args.lr)]
-        trainer_args += wandb_args(args)
-        tr = await start("trainer", "services.trainer", trainer_args)
+            "overlap_weight_update": not args.no_overlap,
+            "lr": args.lr,
+            "metrics_port": launcher.free_port(),
+            **wandb_settings(args),
+        }
+        tr = await start("trainer", "services.trainer", flags(with_threads("trainer", trainer_values)))
         print(
             f"metrics: {gateway_url}/metrics http://127.0.0.1:{inf['metrics_port']}/metrics"
             f" http://127.0.0.1:{tr['metrics_port']}/metrics",
             flush=True,
         )
-        await start(
-            "env",
-            "services.demo.env",
-            [
-                "--gateway-url",
-                gateway_url,
-                "--tokenizer-path",
-                str(model_path),
-                "--group-size",
-                str(args.group_size),
-                "--task",
-                args.task,
-                "--max-new-tokens",
-                str(args.max_new_tokens),
-                "--seed",
-                str(args.seed),
-            ],
-        )
+        if env_commands:
+            env_vars = {
+                **child_env["env"],
+                "CLOTHO_GATEWAY_URL": gateway_url,
+                "CLOTHO_OPENAI_URL": f"{gateway_url}/v1",
+            }
+            for name, template in zip(env_names(env_commands), env_commands):
+                argv = env_command(template, gateway_url, model_path, args.inference_token)
+                children.append(await launcher.start_command(name, argv, log_dir, env=env_vars))
+                print(f"  {name:<9} started: {template}", flush=True)
+        else:
+            demo = {
+                "gateway_url": gateway_url,
+                "tokenizer_path": str(model_path),
+                "group_size": args.group_size,
+                "task": args.task,
+                "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed,
+            }
+            await start("env", "services.demo.env", flags(demo))
         progress.training_started = time.monotonic() - progress.started
         print(f"training: gateway at {gateway_url}; Ctrl-C stops", flush=True)
-        waiters = [asyncio.create_task(progress.done.wait()), asyncio.create_task(interrupted.wait())]
+        waiters: list[asyncio.Task[Any]] = [
+            asyncio.create_task(progress.done.wait()),
+            asyncio.create_task(interrupted.wait()),
+        ]
         waiters += [asyncio.create_task(c.proc.wait()) for c in children]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
+        await asyncio.sleep(0.2)  # a trainer's last step line, or a dying child's last log lines
         for c in children:
-            if c.proc.returncode not in (None, 0):
-                print(f"{c.name} exited with {c.proc.returncode}; see {c.log_path}", file=sys.stderr, flush=True)
+            if _died(c, progress.done.is_set() or interrupted.is_set()):
+                failed.append(c.name)
+                report_death(c)
+    except RuntimeError as err:
+        print(f"clotho up: {err}", file=sys.stderr, flush=True)
     finally:
-        for child in reversed(children):  # env first, inference last
+        for child in reversed(children):  # environments first, inference last
             await launcher.stop(child)
         if traces is not None:
             await traces.stop()
     progress.log.close()
     summary = progress.summary()
+    summary["failed"] = failed
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"event": "summary", **summary}), flush=True)
     if progress.step_count:
@@ -432,13 +426,18 @@ def child_envs(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[str,
 
 def wandb_args(args: argparse.Namespace) -> list[str]:
     """The trainer's W&B flags: logging on when a project or a group was given."""
+    return flags(wandb_settings(args))
+
+
+def wandb_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer's W&B settings: logging on when a project or a group was given."""
     if args.wandb_project is None and args.wandb_group is None:
-        return []
-    out = ["--wandb"]
+        return {}
+    out: dict[str, Any] = {"wandb": True}
     if args.wandb_project is not None:
-        out += ["--wandb-project", args.wandb_project]
+        out["wandb_project"] = args.wandb_project
     if args.wandb_group is not None:
-        out += ["--wandb-group", args.wandb_group]
+        out["wandb_group"] = args.wandb_group
     return out
 
 
@@ -454,7 +453,7 @@ def write_run_plot(steps: list[dict], path: Path, title: str = "clotho up") -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.trace_ui and not trace_ui.available():
         print(f"clotho up: {trace_ui.INSTALL_HINT}", file=sys.stderr, flush=True)
         return 2
@@ -466,4 +465,4 @@ def main(argv: list[str] | None = None) -> int:
             span.set_attribute("clotho.steps", summary["steps"])
     finally:
         shutdown_tracing()
-    return 0 if summary["steps"] else 1
+    return 0 if summary["steps"] and not summary.get("failed") else 1
