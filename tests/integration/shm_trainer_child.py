@@ -22,7 +22,7 @@ from services.common.weight_wire import shm
 from services.trainer.weight_push import WeightSync
 
 
-def stalling_write(segment, manifest, tensors, buffer_set, abandoned: threading.Event):
+def stalling_write(segment, manifest, tensors, buffer_set, abandoned: threading.Event, on_sent=None):
     out = segment.bucket(buffer_set, 0)
     from services.common.weight_wire import pack_bucket
 

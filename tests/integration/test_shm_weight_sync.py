@@ -113,7 +113,7 @@ async def test_updates_travel_through_shared_memory_and_serve_the_trainers_logpr
 async def test_a_corrupted_bucket_keeps_the_old_weights(target, served, monkeypatch):
     write = shm.write_buckets
 
-    def corrupting(segment, manifest, tensors, buffer_set, abandoned):
+    def corrupting(segment, manifest, tensors, buffer_set, abandoned, on_sent=None):
         crcs, written = [], 0
         for i, bucket in enumerate(manifest.buckets):
             out = segment.bucket(buffer_set, i)
@@ -146,9 +146,9 @@ async def test_a_missed_deadline_keeps_the_old_weights(target, served, monkeypat
     write = shm.write_buckets
     release = threading.Event()
 
-    def stalling(segment, manifest, tensors, buffer_set, abandoned):
+    def stalling(segment, manifest, tensors, buffer_set, abandoned, on_sent=None):
         release.wait(10)
-        return write(segment, manifest, tensors, buffer_set, abandoned)
+        return write(segment, manifest, tensors, buffer_set, abandoned, on_sent)
 
     monkeypatch.setattr(shm, "write_buckets", stalling)
     sync = make_sync(target, timeout=3.0)

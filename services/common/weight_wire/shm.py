@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -336,11 +336,13 @@ def write_buckets(
     tensors: Mapping[str, torch.Tensor],
     buffer_set: int,
     abandoned: threading.Event,
+    on_sent: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Worker thread (trainer): copy each bucket into its place in `buffer_set` piece by
     piece, publishing the bytes written after every piece, while a second thread
     checksums the pieces just written (so the checksum costs no time on the copying
-    thread). Returns the buckets' CRCs."""
+    thread). `on_sent(i)` is called once bucket i is published whole (as the collective
+    send loop does). Returns the buckets' CRCs."""
     crcs = [0] * len(manifest.buckets)
     written: queue.SimpleQueue[tuple[int, torch.Tensor] | None] = queue.SimpleQueue()
     failed: list[BaseException] = []
@@ -373,6 +375,8 @@ def write_buckets(
                 written.put((i, raw[lo * size : hi * size]))
                 segment.publish(total + hi * size)
             total += bucket.nbytes
+            if on_sent is not None:
+                on_sent(i)
     finally:
         written.put(None)
         checksummer.join()

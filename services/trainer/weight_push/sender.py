@@ -286,7 +286,8 @@ class WeightSync:
                     )
                 )
             if link is not None:
-                sends.append(("shared memory", link.send(manifest, tensors)))
+                # Without a collective the shared-memory writer reports the buckets sent.
+                sends.append(("shared memory", link.send(manifest, tensors, on_sent if handle is None else None)))
             crcs = (
                 await self._stage(
                     stage, deadline, sends, events=lambda span: _bucket_events(span, manifest, sent), watch=True

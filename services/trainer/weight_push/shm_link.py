@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,7 +92,12 @@ class SegmentLink:
             ),
         )
 
-    def send(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> asyncio.Future[list[int]]:
+    def send(
+        self,
+        manifest: Manifest,
+        tensors: Mapping[str, torch.Tensor],
+        on_sent: Callable[[int], None] | None = None,
+    ) -> asyncio.Future[list[int]]:
         return in_daemon_thread(
             shm.write_buckets,
             self.segment,
@@ -100,6 +105,7 @@ class SegmentLink:
             tensors,
             self.buffer_set,
             self.abandoned,
+            on_sent,
             name="clotho-sync-shm",
             track=self.threads,
         )
