@@ -36,6 +36,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
@@ -284,8 +285,9 @@ async def test_atropos_envs_sglang_openai_vllm_per_item_in_serve_mode_feed_strea
                 )
             )
             stream = client.batches(ahead=1)
+            assert isinstance(stream, AsyncGenerator)
             # The first credit is the trainer starting: the envs may register from then on.
-            first = asyncio.create_task(anext(stream))
+            first = asyncio.create_task(stream.__anext__())
             envs = [
                 await start_env(t, ready["http_port"], tiny_model_dir, tmp_path / f"env-{t}.log") for t in SERVER_TYPES
             ]

@@ -106,6 +106,7 @@ async def run(argv: list[str], cwd: Path) -> tuple[int, str, str]:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         raise
+    assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
 
@@ -182,7 +183,7 @@ async def round_trip(target: str, programs: dict[str, list[str]], env: str, cons
     assert [r["received"] for r in reports] == [1] * GROUPS, reports
     c_code, c_out, c_err = await consuming
     assert c_code == 0, f"{consumer}: {c_out}\n{c_err}"
-    versions = [r["versions"] if "versions" in r else None for r in reports]
+    versions: list[Any] = [r["versions"] if "versions" in r else None for r in reports]
     if versions[0] is None:  # the Go environment does not report versions: version 0 served
         versions = [["0"] * GROUP_SIZE for _ in reports]
     assert_intact([r["submitted"] for r in reports], versions, json_lines(c_out))

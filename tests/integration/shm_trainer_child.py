@@ -35,7 +35,7 @@ def stalling_write(segment, manifest, tensors, buffer_set, abandoned: threading.
 
 async def main() -> None:
     target, model_dir, version, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    shm.write_buckets = stalling_write  # type: ignore[assignment]
+    shm.write_buckets = stalling_write
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     weights = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
     sync = WeightSync.for_targets([target], bucket_bytes=64 * 1024, timeout_seconds=timeout, run_id="child")

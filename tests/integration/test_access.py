@@ -174,10 +174,13 @@ def test_token_from_a_file_or_the_environment(tmp_path, monkeypatch) -> None:
     path = tmp_path / "token"
     path.write_text(f"  {TOKEN}\n")
     settings = load_settings(TrainerSettings, ["--service-token-file", str(path), "--gateway-token-file", str(path)])
+    assert settings.service_token is not None and settings.gateway_token is not None
     assert settings.service_token.get_secret_value() == TOKEN
     assert settings.gateway_token.get_secret_value() == TOKEN
     monkeypatch.setenv("CLOTHO_TRAINER_SERVICE_TOKEN", "from-env")
-    assert load_settings(TrainerSettings, []).service_token.get_secret_value() == "from-env"
+    service_token = load_settings(TrainerSettings, []).service_token
+    assert service_token is not None
+    assert service_token.get_secret_value() == "from-env"
     with pytest.raises(ValueError, match="both set"):
         load_settings(TrainerSettings, ["--service-token-file", str(path)])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -20,10 +21,13 @@ from trainer_fakes import FakeShard, load_model, start_shard
 BATCH = 4
 
 
-def group(k: int, **fields) -> dict:
+def group(k: int, **fields: Any) -> dict[str, Any]:
     """Two sequences with tokens from the tiny vocabulary (7..39), unique per k."""
     tokens = [[7, 8, 9, 10 + k % 20, 11], [7, 8, 9, 12, 10 + k % 20, 13]]
-    body = {"tokens": tokens, "masks": [[-100, -100, 9, 10 + k % 20, 11], [-100, -100, 9, 12, 10 + k % 20, 13]]}
+    body: dict[str, Any] = {
+        "tokens": tokens,
+        "masks": [[-100, -100, 9, 10 + k % 20, 11], [-100, -100, 9, 12, 10 + k % 20, 13]],
+    }
     body["scores"] = [1.0, 0.0]
     return {**body, **fields}
 
@@ -89,8 +93,8 @@ async def test_unusable_input_is_refused_or_dropped_and_training_goes_on(
                 group(5),
                 group(6, scores=[0.5, 0.25]),
             ]
-            for body in through:
-                r = await http.post("/scored_data", json=body)
+            for accepted in through:
+                r = await http.post("/scored_data", json=accepted)
                 assert r.json() == {"status": "received"}, r.text
 
             steps = [await read_json_line(proc) for _ in range(3)]

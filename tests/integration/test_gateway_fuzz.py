@@ -178,7 +178,7 @@ def grpc_fuzz(target: str) -> list[str]:
 
 
 async def drain(http: httpx.AsyncClient) -> list[dict]:
-    out = []
+    out: list[dict] = []
     while True:
         batch = (await http.get("/batch")).json()["batch"]
         if batch is None:

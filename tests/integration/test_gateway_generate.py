@@ -40,6 +40,7 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
         self.model_path = model_path
         self.requests: list[ipb.GenerateRequest] = []
         self.metadata: list[dict[str, str]] = []
+        self.port = 0
 
     async def GetModelInfo(self, request, context):
         return ipb.GetModelInfoResponse(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -28,18 +29,21 @@ from services.common.settings import load_settings
 from services.gateway.settings import GatewaySettings
 from services.trainer.settings import TrainerSettings
 
+if TYPE_CHECKING:
+    from services.gateway.server import GatewayServer
+
 TOKEN = "grpc-secret"
 TIMEOUT = 30
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(token: str | None, **settings: object) -> AsyncIterator[str]:
+async def running_gateway(token: str | None, **settings: Any) -> AsyncIterator[str]:
     async with running_server(token, **settings) as server:
         yield f"127.0.0.1:{server.port}"
 
 
 @contextlib.asynccontextmanager
-async def running_server(token: str | None, **settings: object):
+async def running_server(token: str | None, **settings: Any) -> AsyncIterator[GatewayServer]:
     from services.gateway.server import create_server
 
     server, _port = create_server(
@@ -92,14 +96,14 @@ async def test_calls_without_the_token_are_unauthenticated(guarded):
     async with aio.insecure_channel(guarded) as ch:
         stub = gpb_grpc.GatewayServiceStub(ch)
         missing = await refused(stub.GetStatus(gpb.GetStatusRequest()))
-        assert "missing bearer token" in missing.details()
-        assert "/clotho.v1.GatewayService/GetStatus" in missing.details()
-        assert "authorization: Bearer <trajectory_token>" in missing.details()
+        assert "missing bearer token" in (missing.details() or "")
+        assert "/clotho.v1.GatewayService/GetStatus" in (missing.details() or "")
+        assert "authorization: Bearer <trajectory_token>" in (missing.details() or "")
         wrong = await refused(stub.GetStatus(gpb.GetStatusRequest(), metadata=bearer_metadata("nope")))
-        assert "wrong bearer token" in wrong.details()
+        assert "wrong bearer token" in (wrong.details() or "")
         # Not a bearer credential at all counts as missing.
         basic = await refused(stub.GetStatus(gpb.GetStatusRequest(), metadata=(("authorization", f"Basic {TOKEN}"),)))
-        assert "missing bearer token" in basic.details()
+        assert "missing bearer token" in (basic.details() or "")
         await refused(stub.RegisterTrainer(gpb.RegisterTrainerRequest(batch_size=4)))
 
         # Client streaming, and the bidirectional batch stream.
@@ -107,8 +111,8 @@ async def test_calls_without_the_token_are_unauthenticated(guarded):
             yield gpb.SubmitScoredDataRequest(group=group(1))
 
         await refused(stub.SubmitScoredData(one()))
-        assert "missing bearer token" in (await stream_batches_refused(stub)).details()
-        assert "wrong bearer token" in (await stream_batches_refused(stub, bearer_metadata("nope"))).details()
+        assert "missing bearer token" in ((await stream_batches_refused(stub)).details() or "")
+        assert "wrong bearer token" in ((await stream_batches_refused(stub, bearer_metadata("nope"))).details() or "")
 
         # Nothing refused reached the state.
         status = await stub.GetStatus(gpb.GetStatusRequest(), metadata=bearer_metadata(TOKEN))
@@ -144,6 +148,7 @@ async def test_gateway_client_with_the_token_submits_and_streams(guarded):
         batches = client.batches(ahead=1)
         batch = await asyncio.wait_for(batches.__anext__(), TIMEOUT)
         assert sorted(g.sequences[0].tokens[0] for g in batch.groups) == [1, 2]
+        assert isinstance(batches, AsyncGenerator)
         await batches.aclose()
         assert (await client.stub.GetStatus(gpb.GetStatusRequest())).current_step == 1
 
@@ -202,9 +207,12 @@ async def test_without_a_token_everything_is_open(open_gateway):
 
 def test_trainer_gateway_token_from_flag_and_env(monkeypatch):
     s = load_settings(TrainerSettings, ["--gateway-token", TOKEN])
+    assert s.gateway_token is not None
     assert s.gateway_token.get_secret_value() == TOKEN and TOKEN not in repr(s)
     monkeypatch.setenv("CLOTHO_TRAINER_GATEWAY_TOKEN", "from-env")
-    assert load_settings(TrainerSettings, []).gateway_token.get_secret_value() == "from-env"
+    token = load_settings(TrainerSettings, []).gateway_token
+    assert token is not None
+    assert token.get_secret_value() == "from-env"
     monkeypatch.delenv("CLOTHO_TRAINER_GATEWAY_TOKEN")
     assert load_settings(TrainerSettings, []).gateway_token is None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import httpx
@@ -64,7 +65,7 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def mesh(**settings: object) -> AsyncIterator[tuple[str, str, FakeInference]]:
+async def mesh(**settings: Any) -> AsyncIterator[tuple[str, str, FakeInference]]:
     """(gRPC target, HTTP base URL, fake) of a gateway in front of the fake."""
     from services.gateway.server import create_server
 
@@ -140,7 +141,7 @@ async def test_generate_carries_the_targets_error_and_the_trace_context() -> Non
             async for _ in gw.Generate(generate_request([0]), timeout=TIMEOUT):
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "prompt starts with 0" in info.value.details()
+        assert "prompt starts with 0" in (info.value.details() or "")
         traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         async for _ in gw.Generate(generate_request([3]), metadata=(("traceparent", traceparent),), timeout=TIMEOUT):
             pass

@@ -7,6 +7,7 @@ model, checked against the model's own distribution."""
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -45,6 +46,7 @@ class FakeInference(ipb_grpc.InferenceServiceServicer):
     def __init__(self, model_path: str) -> None:
         self.model_path = model_path
         self.requests: list[ipb.GenerateRequest] = []
+        self.port = 0
 
     async def GetModelInfo(self, request, context):
         return ipb.GetModelInfoResponse(
@@ -298,11 +300,16 @@ async def test_the_openai_client_library_reads_every_shape(gateway_url):
             top_logprobs=1,
         )
         assert [c.message.content for c in chat.choices] == ["ok a done", "ok b done", "ok c done"]
-        assert chat.choices[2].logprobs.content[0].top_logprobs[0].token == "o"
+        chat_logprobs = chat.choices[2].logprobs
+        assert chat_logprobs is not None and chat_logprobs.content is not None
+        assert chat_logprobs.content[0].top_logprobs[0].token == "o"
+        assert chat.usage is not None
         assert chat.usage.completion_tokens == 30
 
         completion = await client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=1)
-        assert completion.choices[0].text == "ok" and completion.choices[0].logprobs.tokens == ["o", "k"]
+        completion_logprobs = completion.choices[0].logprobs
+        assert completion_logprobs is not None
+        assert completion.choices[0].text == "ok" and completion_logprobs.tokens == ["o", "k"]
 
         stream = await client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True, stop="e"
@@ -312,7 +319,7 @@ async def test_the_openai_client_library_reads_every_shape(gateway_url):
 
         with pytest.raises(openai.BadRequestError) as err:
             await client.chat.completions.create(model="tiny", messages=[], max_tokens=1)
-        assert err.value.body["param"] == "messages"
+        assert cast(dict[str, Any], err.value.body)["param"] == "messages"
         models = await client.models.list()
         assert [m.id for m in models.data] == ["tiny"]
     finally:
@@ -656,7 +663,9 @@ async def test_openai_client_reads_top_logprobs(real_url, hf_model):
             logprobs=True,
             top_logprobs=20,
         )
-        (first,) = chat.choices[0].logprobs.content
+        chat_logprobs = chat.choices[0].logprobs
+        assert chat_logprobs is not None and chat_logprobs.content is not None
+        (first,) = chat_logprobs.content
         assert len(first.top_logprobs) == 20
         # Greedy: the sampled token is the most likely one.
         assert first.top_logprobs[0].token == first.token
@@ -664,7 +673,9 @@ async def test_openai_client_reads_top_logprobs(real_url, hf_model):
         completion = await client.completions.create(
             model="tiny", prompt="hi", max_tokens=2, logprobs=5, temperature=0.0
         )
-        assert [len(d) for d in completion.choices[0].logprobs.top_logprobs] == [5, 5]
+        completion_logprobs = completion.choices[0].logprobs
+        assert completion_logprobs is not None and completion_logprobs.top_logprobs is not None
+        assert [len(d) for d in completion_logprobs.top_logprobs] == [5, 5]
     finally:
         await client.close()
 

@@ -89,9 +89,11 @@ class Shard:
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        assert self.health is not None
         await self.health.set(SERVICE, status)
 
     async def stop(self) -> None:
+        assert self.server is not None
         await self.server.stop(0)
 
     @property
@@ -166,7 +168,11 @@ async def test_calls_go_to_the_least_loaded_target(shards, gateway):
         pending = []
         for k in range(3):
             pending.append(asyncio.create_task(generate(gateway)))
-            await wait_for(lambda k=k: sum(s.fake.calls for s in shards) == k + 1, f"call {k} to arrive")
+
+            def arrived(k: int = k) -> bool:
+                return sum(s.fake.calls for s in shards) == k + 1
+
+            await wait_for(arrived, f"call {k} to arrive")
         # Three calls in flight, one on each target.
         assert [s.fake.calls for s in shards] == [1, 1, 1]
         # Target 1 finishes; it is now the least loaded and takes the next call.

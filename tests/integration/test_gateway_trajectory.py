@@ -223,7 +223,7 @@ async def test_stream_batches_before_registration_fails_cleanly(gateway):
         with pytest.raises(aio.AioRpcError) as info:
             await asyncio.wait_for(call.read(), 30)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "not registered" in info.value.details()
+        assert "not registered" in (info.value.details() or "")
 
 
 async def test_bad_input_is_rejected_and_earlier_data_still_batched(gateway):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -164,7 +165,7 @@ async def test_generate_end_to_end(stub, trainer, tiny_model_dir):
         request_id="e2e",
     )
     responses = [r async for r in stub.Generate(request)]
-    chunks = {0: [], 1: []}
+    chunks: dict[int, list[int]] = {0: [], 1: []}
     completions = {}
     for r in responses:
         if r.WhichOneof("payload") == "chunk":
@@ -184,7 +185,7 @@ async def test_generate_end_to_end(stub, trainer, tiny_model_dir):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         [r async for r in stub.Generate(bad)]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "input_ids[1] = 999" in err.value.details()
+    assert "input_ids[1] = 999" in (err.value.details() or "")
 
 
 async def test_top_logprobs_end_to_end(stub, trainer):
@@ -237,11 +238,12 @@ async def test_top_logprobs_end_to_end(stub, trainer):
         else:
             assert len(r.completion.output_top_logprobs) == len(r.completion.prompt_top_logprobs) == 0
     for field in ("top_logprobs", "prompt_top_logprobs"):
-        bad = pb.GenerateRequest(input_ids=SEQUENCE, **{field: 21})
+        out_of_range: dict[str, Any] = {field: 21}
+        bad = pb.GenerateRequest(input_ids=SEQUENCE, **out_of_range)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             [r async for r in stub.Generate(bad)]
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith(f"{field} must be between 0 and 20, got 21")
+        assert (err.value.details() or "").startswith(f"{field} must be between 0 and 20, got 21")
 
 
 async def test_update_with_wrong_checksums_keeps_the_old_version(stub, trainer):
@@ -251,7 +253,7 @@ async def test_update_with_wrong_checksums_keeps_the_old_version(stub, trainer):
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.push(trainer.perturbed(seed=1), wrong_crc=True)
-    assert err.value.code() == grpc.StatusCode.ABORTED and "crc32" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.ABORTED and "crc32" in (err.value.details() or "")
 
     assert await served_version(stub) == before_version == trainer.version
     assert await served_prompt_logprobs(stub) == before

@@ -51,7 +51,7 @@ async def test_health_errors_and_streams() -> None:
                 raise AssertionError("expected INVALID_ARGUMENT")
             except aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "version must be positive" in exc.details()
+                assert "version must be positive" in (exc.details() or "")
             call = stub.WatchPolicy(pb.WatchPolicyRequest())
             assert await call.read() == pb.WatchPolicyResponse()
             try:

@@ -22,7 +22,7 @@ import json
 import socket
 import threading
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytest
 import pytest_asyncio
@@ -51,6 +51,7 @@ from services.inference.generation_types import (
 from services.inference.server import create_server, shard_health_name
 from services.inference.settings import InferenceSettings
 from services.inference.sglang_server.shard import ModelSpec, SGLangShard
+from services.inference.sglang_server.stream import SGLangStream
 from waiting import wait_until
 
 TIMEOUT = 20.0
@@ -158,7 +159,14 @@ def sglang_style_group(
 ):
     """What SGLang's init_custom_process_group does: a tcp:// rendezvous, a store prefixed
     by the group name, torch's process-group helper."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        GroupName,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", rank, world_size, timeout=timeout))
@@ -169,7 +177,7 @@ def sglang_style_group(
         # the group name is free): the store keys torch's helper uses, formed directly.
         return dist.ProcessGroupGloo(PrefixStore("cpu/", PrefixStore(f"{name}/", store)), rank, world_size, timeout)
     pg, _ = _new_process_group_helper(
-        world_size, rank, [], Backend(backend), store, group_name=name, backend_options=None, timeout=timeout
+        world_size, rank, [], Backend(backend), store, group_name=GroupName(name), backend_options=None, timeout=timeout
     )
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
@@ -327,7 +335,7 @@ class StandIn:
                 s["lps"].append(fake_logprob(token, version))
                 s["spans"][-1]["end"] = len(s["out"])
                 self.tokens_streamed += 1
-                finish = None
+                finish: dict[str, Any] | None = None
                 if self.aborted != aborted_at:
                     finish = {"type": "abort", "message": "Abort all requests"}
                 elif s["sp"].stop_token_ids and token in s["sp"].stop_token_ids:
@@ -399,14 +407,16 @@ class SGLangCompatibleTrainer:
             wait_for_workers=False,
         )
         self.port = self.store.port
-        self.pg = None
+        self.pg: dist.ProcessGroupGloo | None = None
 
     def connect(self) -> None:
         prefix = dist.PrefixStore("cpu/", dist.PrefixStore(f"{self.name}/", dist.PrefixStore(self.name, self.store)))
         self.pg = dist.ProcessGroupGloo(prefix, 0, self.world_size, datetime.timedelta(seconds=TIMEOUT))
 
     def broadcast(self, flat: torch.Tensor) -> None:
-        self.pg.broadcast(flat, 0).wait()
+        assert self.pg is not None
+        # torch's stub gives Backend (ProcessGroupGloo's base) none of the collectives it has.
+        self.pg.broadcast(flat, 0).wait()  # type: ignore[attr-defined]
 
     def rendezvous(self, rank_offset: int = 1) -> pb.Rendezvous:
         return pb.Rendezvous(
@@ -466,7 +476,7 @@ def perturbed(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Te
 
 @pytest_asyncio.fixture
 async def standins(model_weights):
-    servers = []
+    servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
 
     async def make(**kw) -> tuple[StandIn, str]:
         # torch registers group names per process: only the first stand-in uses its helper.
@@ -498,6 +508,13 @@ def expected_tokens(prompt: list[int], steps: int, version: int = 0) -> list[int
 
 
 PROMPT = [1, 20, 21, 22, 10]
+
+
+def only_completion(events: list[TokenChunk | Completion]) -> Completion:
+    """The one event of a request that does not stream: its Completion."""
+    [c] = events
+    assert isinstance(c, Completion)
+    return c
 
 
 # -- generation ---------------------------------------------------------------------------
@@ -569,12 +586,14 @@ async def test_generate_request_and_stream(standins, spec, incremental):
         }
 
         stop = expected[2]
-        [c] = [
-            e
-            async for e in shard.submit(
-                GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=6, stop_token_ids=(stop,)))
-            )
-        ]
+        c = only_completion(
+            [
+                e
+                async for e in shard.submit(
+                    GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=6, stop_token_ids=(stop,)))
+                )
+            ]
+        )
         assert c.finish_reason is FinishReason.STOP and c.matched_stop == str(stop)
         assert list(c.output_ids) == expected[: expected.index(stop) + 1]
         assert "n" not in standin.generate_bodies[-1]["sampling_params"]
@@ -626,7 +645,7 @@ async def test_top_logprobs_map_from_sglang_meta_info(standins, spec, incrementa
 
         # Only output top logprobs: no prompt logprobs asked, none returned.
         request = GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=3), top_logprobs=4)
-        [c] = [e async for e in shard.submit(request)]
+        c = only_completion([e async for e in shard.submit(request)])
         body = standin.generate_bodies[-1]
         assert body["top_logprobs_num"] == 4 and body["logprob_start_len"] == -1
         assert list(c.output_top_logprobs) == [expected_top(t, 4) for t in expected_tokens(PROMPT, 3)]
@@ -745,7 +764,7 @@ async def test_abort_before_any_bucket_keeps_serving_the_old_weights(shard, mode
     standin.fail_bucket = None
     connect = asyncio.create_task(asyncio.to_thread(trainer.connect))
     # Hold the first bucket call back: the abort comes before SGLang loads anything.
-    s._send_buckets = _never  # type: ignore[method-assign]
+    s._send_buckets = _never
     await s.prepare(1, manifest.to_proto(), trainer.rendezvous(), 60, 0)
     await connect
     policy = await s.abort(1, "another shard failed")
@@ -770,7 +789,9 @@ async def test_failed_update_is_not_serving_until_a_complete_update(standins, ti
         sglang_startup_timeout_seconds=10,
     )
     server, port = create_server(settings)
-    await server.servicer.start()
+    servicer = server.servicer
+    assert servicer is not None
+    await servicer.start()
     await server.server.start()
     await server.set_serving(True)
     chan = channel(f"127.0.0.1:{port}")
@@ -791,8 +812,8 @@ async def test_failed_update_is_not_serving_until_a_complete_update(standins, ti
         # trainer's broadcasts all complete and SGLang's weights are half new.
         standin.fail_bucket = len(build_manifest(list(model_weights.items()), BUCKET_BYTES).buckets) - 1
         with pytest.raises(Aborted, match="partially updated"):
-            await push(server.servicer.shards, trainer, perturbed(model_weights, seed=3), version=1)
-        await server.servicer.shards.abort(1, "transfer failed")
+            await push(servicer.shards, trainer, perturbed(model_weights, seed=3), version=1)
+        await servicer.shards.abort(1, "transfer failed")
         await wait_until(lambda: "/abort_request" in standin.routes())
         assert await _eventually(lambda: status(shard_health_name(0)), health_pb2.HealthCheckResponse.NOT_SERVING)
         assert await status("clotho.v1.InferenceService") == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -805,7 +826,7 @@ async def test_failed_update_is_not_serving_until_a_complete_update(standins, ti
         # The trainer re-forms its group and pushes again: a complete update resyncs.
         standin.fail_bucket = None
         trainer = SGLangCompatibleTrainer(world_size=2)
-        await push(server.servicer.shards, trainer, perturbed(model_weights, seed=4), version=1)
+        await push(servicer.shards, trainer, perturbed(model_weights, seed=4), version=1)
         assert await _eventually(lambda: status(shard_health_name(0)), SERVING)
         assert await status("clotho.v1.InferenceService") == SERVING
         assert "/destroy_weights_update_group" in standin.routes()
@@ -823,7 +844,7 @@ async def test_failed_update_is_not_serving_until_a_complete_update(standins, ti
     finally:
         await chan.close()
         await server.server.stop(0)
-        await server.servicer.close()
+        await servicer.close()
 
 
 async def _eventually(get, want, timeout: float = 10.0) -> bool:
@@ -841,6 +862,7 @@ async def test_two_shards_are_consecutive_ranks_with_least_loaded_dispatch(stand
         model_path=str(tiny_model_dir), engine="sglang", sglang_urls=[url_a, url_b], sglang_startup_timeout_seconds=10
     )
     server, _ = create_server(settings)
+    assert server.servicer is not None
     shards = server.servicer.shards
     await shards.start()
     try:
@@ -862,7 +884,10 @@ async def test_two_shards_are_consecutive_ranks_with_least_loaded_dispatch(stand
 
         # Long requests land on alternate shards: each goes to the least-loaded one.
         streams = [
-            shards.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=40), stream=True)) for _ in range(4)
+            cast(
+                SGLangStream, shards.submit(GenerationRequest(PROMPT, SamplingOptions(max_new_tokens=40), stream=True))
+            )
+            for _ in range(4)
         ]
         assert [s.shard for s in streams] == [shards.shards[0], shards.shards[1]] * 2
         assert [sh.load for sh in shards.shards] == [2, 2]
@@ -931,7 +956,7 @@ async def test_real_sglang_server_generates_and_takes_a_weight_update(tiny_model
             return ids[len(PROMPT) :]
 
         request = GenerationRequest(PROMPT, SamplingOptions(temperature=0.0, max_new_tokens=8, ignore_eos=True))
-        [c] = [e async for e in s.submit(request)]
+        c = only_completion([e async for e in s.submit(request)])
         assert list(c.output_ids) == greedy(model_weights, 8)
 
         # The trainer side as the real trainer forms it (NCCL, rank 0).
@@ -958,7 +983,7 @@ async def test_real_sglang_server_generates_and_takes_a_weight_update(tiny_model
         await s.await_transfer(1, crcs)
         await s.commit(1)
         group.close()
-        [c] = [e async for e in s.submit(request)]
+        c = only_completion([e async for e in s.submit(request)])
         assert list(c.output_ids) == greedy(new, 8)
         assert [(sp.start_token, sp.version) for sp in c.version_spans] == [(0, 1)]
     finally:

@@ -134,7 +134,7 @@ async def test_training_step_is_one_trace_to_every_shard_linked_to_its_submissio
                     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw['http_port']}", timeout=60) as c:
                         for seed in range(2):
                             (await c.post("/scored_data", json=group_json(seed))).raise_for_status()
-                    (step,) = await receiver.wait_for(lambda s: s.name == "trainer.step" and s.links, timeout=120)
+                    (step,) = await receiver.wait_for(lambda s: s.name == "trainer.step" and bool(s.links), timeout=120)
                     await receiver.wait_for(lambda s: s.name == "shard.commit", count=2, timeout=60)
                     # One step is all it was asked for: it stops by itself.
                     await asyncio.wait_for(trainer.proc.wait(), 60)

@@ -111,7 +111,9 @@ async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_di
     learner = Learner(settings_for(tiny_model_dir, gateway_target, targets), out=out)
     await learner.load()
     assert learner.core.laid_out
-    initial = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    model = learner.model
+    assert model is not None
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     watcher = asyncio.ensure_future(collect_versions(learner, until=3))
     await asyncio.wait_for(learner.run(), RUN_SECONDS)
 
@@ -124,13 +126,15 @@ async def test_learner_streams_with_credits_and_commits_every_step(tiny_model_di
     lines = step_lines(out)
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert [line["policy_version"] for line in lines] == [1, 2, 3]
-    model_bytes = sum(p.numel() * 4 for p in learner.model.parameters())
+    model = learner.model
+    assert model is not None
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
     for line in lines:
         assert line.keys() >= STEP_KEYS and line["event"] == "step" and line["sync_ok"]
         assert line["sync_bytes"] == model_bytes and line["tokens"] > 0
     assert await asyncio.wait_for(watcher, 5) == [0, 1, 2, 3]
 
-    changed = any(not torch.equal(p.detach(), initial[n]) for n, p in learner.model.named_parameters())
+    changed = any(not torch.equal(p.detach(), initial[n]) for n, p in model.named_parameters())
     assert changed
     for shard in shards:
         assert shard.methods() == ["prepare", "await", "commit"] * 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     torch.save(
         {
             "params": {n: p.detach().clone() for n, p in core.inner.named_parameters()},
-            "grads": {n: p.grad.detach().clone() for n, p in core.inner.named_parameters()},
+            "grads": {n: cast(torch.Tensor, p.grad).detach().clone() for n, p in core.inner.named_parameters()},
             "loss": result.metrics.loss if result else None,
             "tokens": result.metrics.tokens if result else None,
             "step": core.step,
@@ -141,6 +142,7 @@ async def test_torchrun_two_ranks_train_and_push_from_rank_zero(tiny_model_dir, 
         ready = await launcher.wait_ready(child, 120)
         assert ready["rank_count"] == 2
         assert await asyncio.wait_for(child.proc.wait(), 180) == 0, child.log_path.read_text()[-3000:]
+        assert child.reader is not None
         await child.reader
         steps = [e for e in child.events if e.get("event") == "step"]
         assert [(e["step"], e["policy_version"], e["sync_ok"]) for e in steps] == [(1, 1, True), (2, 2, True)]

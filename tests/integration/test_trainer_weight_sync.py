@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 
@@ -193,7 +195,9 @@ async def test_weights_laid_out_as_buckets_are_sent_without_packing(model, shard
         for name, view in unpack_bucket(manifest, i, flat):
             view.copy_(named[name])
             laid_out[name] = view
-    assert all(bucket_view(manifest, i, laid_out).data_ptr() == f.data_ptr() for i, f in enumerate(flats))
+    assert all(
+        cast(torch.Tensor, bucket_view(manifest, i, laid_out)).data_ptr() == f.data_ptr() for i, f in enumerate(flats)
+    )
     assert bucket_view(manifest, 0, named) is None  # separate parameters: packed
 
     def no_packing(*args, **kwargs):
@@ -217,6 +221,7 @@ async def test_wire_dtype_casts_float32_weights_to_bfloat16(model, shards):
     try:
         report = await sync.push(model, version=1, step=1)
         assert report.bytes == sum(p.numel() * 2 for p in model.parameters())
+        assert sync.manifest is not None
         assert {b.dtype for b in sync.manifest.buckets} == {torch.bfloat16}
         for fake in fakes:
             for name, p in model.named_parameters():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from clotho.v1 import policy_pb2, scored_data_pb2
 from services.common.weight_wire import CollectiveGroup, Manifest, crc32, in_daemon_thread, unpack_bucket
 
 RECEIVE_TIMEOUT_SECONDS = 10.0
+
+_Context = aio.ServicerContext[Any, Any]
 
 
 def load_model(path: Path) -> torch.nn.Module:
@@ -72,7 +74,7 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
     """An InferenceService with `shard_count` ranks that receives weight updates into a
     dict of tensors and records the calls it got as (method, version)."""
 
-    def __init__(self, params: dict[str, torch.Tensor], shard_count: int = 1) -> None:
+    def __init__(self, params: Mapping[str, torch.Tensor], shard_count: int = 1) -> None:
         self.params = {n: t.detach().clone() for n, t in params.items()}
         self.shard_count = shard_count
         self.version = 0
@@ -88,13 +90,17 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
         self._await_calls = 0
         self._prepared: _Prepared | None = None
 
-    async def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: _Context) -> pb.GetModelInfoResponse:
         return pb.GetModelInfoResponse(model_name="tiny", engine="fake", shard_count=self.shard_count)
 
-    async def GetServedPolicy(self, request, context):
+    async def GetServedPolicy(
+        self, request: pb.GetServedPolicyRequest, context: _Context
+    ) -> pb.GetServedPolicyResponse:
         return pb.GetServedPolicyResponse(policy=policy_pb2.PolicyVersion(version=self.version))
 
-    async def PrepareWeightUpdate(self, request, context):
+    async def PrepareWeightUpdate(
+        self, request: pb.PrepareWeightUpdateRequest, context: _Context
+    ) -> pb.PrepareWeightUpdateResponse:
         self.calls.append(("resync" if request.resync else "prepare", request.version))
         if self.hang_prepare:
             await asyncio.Event().wait()  # until the caller's deadline cancels us
@@ -124,8 +130,8 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
             threading.Thread(target=self._receive, args=(g, bufs, res), daemon=True)
             for g, bufs, res in zip(self.groups, staging, results)
         ]
-        for t in threads:
-            t.start()
+        for th in threads:
+            th.start()
         self._prepared = _Prepared(request.version, manifest, staging, threads, results)
         return pb.PrepareWeightUpdateResponse(joined_group=joined)
 
@@ -140,7 +146,9 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
         except Exception as exc:  # noqa: BLE001 - reported by Await
             result["error"] = exc
 
-    async def AwaitWeightTransfer(self, request, context):
+    async def AwaitWeightTransfer(
+        self, request: pb.AwaitWeightTransferRequest, context: _Context
+    ) -> pb.AwaitWeightTransferResponse:
         self.calls.append(("await", request.version))
         self._await_calls += 1
         p = self._prepared
@@ -158,7 +166,9 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
         self.received_crcs.append(list(request.bucket_crc32s))
         return pb.AwaitWeightTransferResponse(bytes_received=p.manifest.total_bytes)
 
-    async def CommitWeightUpdate(self, request, context):
+    async def CommitWeightUpdate(
+        self, request: pb.CommitWeightUpdateRequest, context: _Context
+    ) -> pb.CommitWeightUpdateResponse:
         self.calls.append(("commit", request.version))
         p = self._prepared
         if p is None or p.version != request.version:
@@ -172,7 +182,9 @@ class FakeShard(pb_grpc.InferenceServiceServicer):
             self.journal.append(("commit", request.version))
         return pb.CommitWeightUpdateResponse(policy=policy_pb2.PolicyVersion(version=self.version))
 
-    async def AbortWeightUpdate(self, request, context):
+    async def AbortWeightUpdate(
+        self, request: pb.AbortWeightUpdateRequest, context: _Context
+    ) -> pb.AbortWeightUpdateResponse:
         self.calls.append(("abort", request.version))
         self.abort_reasons.append(request.reason)
         self._drop()
@@ -219,11 +231,15 @@ class FakeGateway(gw_grpc.GatewayServiceServicer):
         self.batches.append(batch)
         self._added.set()
 
-    async def RegisterTrainer(self, request, context):
+    async def RegisterTrainer(
+        self, request: gw_pb.RegisterTrainerRequest, context: _Context
+    ) -> gw_pb.RegisterTrainerResponse:
         self.registrations.append(request)
         return gw_pb.RegisterTrainerResponse(uuid="42")
 
-    async def StreamBatches(self, request_iterator, context):
+    async def StreamBatches(
+        self, request_iterator: AsyncIterator[gw_pb.StreamBatchesRequest], context: _Context
+    ) -> AsyncIterator[gw_pb.StreamBatchesResponse]:
         credits = 0
         changed = asyncio.Event()
 
@@ -270,7 +286,7 @@ class FakeGateway(gw_grpc.GatewayServiceServicer):
             reader.cancel()
 
 
-async def start_server(add, servicer) -> tuple[aio.Server, str]:
+async def start_server(add: Callable[[Any, aio.Server], None], servicer: object) -> tuple[aio.Server, str]:
     server = aio.server()
     add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
