@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -26,7 +27,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def missing(what: str) -> None:
+def missing(what: str) -> NoReturn:
     message = f"{what} is not installed: run `make setup-clients`"
     if in_ci():
         pytest.fail(f"{message} (CI=true: client tests must run)")

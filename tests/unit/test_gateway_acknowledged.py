@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from services.common.errors import Unavailable
-from services.gateway.trajectory import DurableState, EnvRegistration, TrainerRegistration, TrajectoryState
+from services.gateway.trajectory import DurableState, EnvRegistration, Group, TrainerRegistration, TrajectoryState
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 from services.gateway.trajectory.sqlite_store import DB_NAME, SqliteStore
 
@@ -28,6 +28,13 @@ def tags(batch) -> list[int]:
 
 def registration(batch_size: int = 2, starting_step: int = 0) -> TrainerRegistration:
     return TrainerRegistration("g", "p", batch_size, 64, "/ckpt", 2, starting_step, 99)
+
+
+def take(state: TrajectoryState, after: int) -> tuple[list[Group], int]:
+    """take_acknowledged where a batch is known to be ready."""
+    taken = state.take_acknowledged(after)
+    assert taken is not None
+    return taken
 
 
 async def open_state(path, **kwargs) -> tuple[SqliteStore, TrajectoryState]:
@@ -55,7 +62,7 @@ async def test_kept_until_checkpointed_then_replayed_in_order_after_a_resume(tmp
     trained: dict[int, list[int]] = {}
     after = 0
     for _ in range(3):
-        batch, step = state.take_acknowledged(after)
+        batch, step = take(state, after)
         trained[step] = tags(batch)
         after = step
     assert list(trained) == [1, 2, 3] and state.step == 3
@@ -74,9 +81,9 @@ async def test_kept_until_checkpointed_then_replayed_in_order_after_a_resume(tmp
     # The trainer dies and resumes from that checkpoint: batch 3 again, same step,
     # then new batches.
     state.open_acknowledged(2, 2)
-    batch, step = state.take_acknowledged(2)
+    batch, step = take(state, 2)
     assert (step, tags(batch)) == (3, trained[3])
-    batch, step = state.take_acknowledged(3)
+    batch, step = take(state, 3)
     assert step == 4 and not set(tags(batch)) & {t for b in trained.values() for t in b}
     trained[4] = tags(batch)
     assert state.counters.kept_replayed == 1
@@ -112,11 +119,11 @@ async def test_a_reconnect_without_a_restart_gets_only_what_it_has_not_consumed(
         state.register_trainer(registration())
         state.submit([group(t) for t in range(6)])
         state.open_acknowledged(0, 0)
-        first, _ = state.take_acknowledged(0)
-        second, _ = state.take_acknowledged(1)
+        first, _ = take(state, 0)
+        second, _ = take(state, 1)
         # The stream broke after batch 1 reached the trainer, batch 2 did not.
         state.open_acknowledged(1, 0)
-        batch, step = state.take_acknowledged(1)
+        batch, step = take(state, 1)
         assert (step, tags(batch)) == (2, tags(second))
         assert state.kept_steps() == [1, 2]  # nothing checkpointed yet
     finally:
@@ -131,7 +138,7 @@ async def test_the_bound_releases_the_oldest_kept_batch(tmp_path):
         state.open_acknowledged(0, 0)
         after = 0
         for _ in range(4):
-            _, after = state.take_acknowledged(after)
+            _, after = take(state, after)
         assert state.kept_steps() == [3, 4] and state.counters.kept_released == 2
         await store.sync()
         assert kept_rows(tmp_path) == [3, 4]
@@ -146,7 +153,7 @@ async def test_resume_keeps_the_step_at_least_the_trainers(tmp_path):
         state.submit([group(t) for t in range(2)])
         state.open_acknowledged(7, 7)
         assert state.step == 7
-        _, step = state.take_acknowledged(7)
+        _, step = take(state, 7)
         assert step == 8
     finally:
         await store.close()
@@ -158,7 +165,7 @@ async def test_batch_stays_at_most_once_beside_kept_batches(tmp_path):
         state.register_trainer(registration())
         state.submit([group(t) for t in range(6)])
         state.open_acknowledged(0, 0)
-        kept, _ = state.take_acknowledged(0)
+        kept, _ = take(state, 0)
         # /batch never sees kept batches and deletes what it hands out.
         handed = state.take_batch()
         assert handed is not None and not set(tags(handed)) & set(tags(kept))
@@ -182,7 +189,7 @@ async def test_batches_batch_formed_go_at_most_once_to_an_acknowledging_stream(t
         state.register_trainer(registration())
         state.submit([group(t) for t in range(6)])
         state.take_batch()  # forms three, keeps two for later calls; step 3
-        batch, step = state.take_acknowledged(0)
+        batch, step = take(state, 0)
         assert step == 3 and state.kept_batches == 0 and state.ready_batches == 1
     finally:
         await store.close()
@@ -193,7 +200,8 @@ async def test_a_failed_commit_leaves_memory_as_the_store_holds_it(tmp_path):
     durable = DurableState(state)
     await durable.register_trainer(registration())
     durable.note_started()
-    assert (await durable.register_env(EnvRegistration(64, "a", 1.0, 1))).env_id == 0
+    registered = await durable.register_env(EnvRegistration(64, "a", 1.0, 1))
+    assert registered is not None and registered.env_id == 0
     store._append("bogus")  # the next transaction cannot commit
     with pytest.raises(Unavailable):
         await durable.register_env(EnvRegistration(64, "b", 1.0, 1))

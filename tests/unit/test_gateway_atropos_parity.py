@@ -7,6 +7,7 @@ import gzip
 import json
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -190,7 +191,8 @@ async def test_min_batch_allocation_flow_matches_atropos(apps):
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_sessions_match_atropos(apps, seed):
     rng = random.Random(seed)
-    steps = [
+    # (method, path, JSON body): a body is an object, a list of them, or none.
+    steps: list[tuple[str, str, Any]] = [
         ("POST", "/register", {**REGISTRATION, "batch_size": rng.choice([4, 8, 16])}),
         ("GET", "/batch", None),
     ]

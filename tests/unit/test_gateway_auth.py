@@ -147,6 +147,7 @@ async def test_body_errors_on_v1_are_openai_shaped():
 def test_tokens_come_from_flags_and_env_and_stay_secret(monkeypatch):
     monkeypatch.setenv("CLOTHO_GATEWAY_INFERENCE_TOKEN", INF)
     s = load_settings(GatewaySettings, ["--trajectory-token", TRAJ])
+    assert s.trajectory_token is not None and s.inference_token is not None
     assert s.trajectory_token.get_secret_value() == TRAJ
     assert s.inference_token.get_secret_value() == INF
     assert TRAJ not in repr(s) and INF not in repr(s)

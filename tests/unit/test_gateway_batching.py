@@ -70,6 +70,7 @@ def test_take_with_min_allocations_crafted():
         {"registered_id": 0, "connected": True, "min_batch_allocation": 0.5},
         {"registered_id": 1, "connected": True, "min_batch_allocation": None},
     ]
+    env_ids: list[int | None]
     sizes, env_ids = [2, 2, 2, 2], [1, 1, 0, 0]
     # env 0 is owed 2 sequences: its first pack; the rest in queue order (index 0).
     assert take_with_min_allocations(sizes, env_ids, 4, minimums_of(envs)) == [2, 0]

@@ -165,10 +165,10 @@ async def test_rest_and_grpc_refuse_alike_and_change_nothing(http_and_rpc, name,
 async def test_registrations_that_would_break_the_state_are_refused(http_and_rpc):
     state, client, servicer = http_and_rpc
     env = {"max_token_length": 10, "desired_name": "x", "group_size": 2}
-    for weight in ("NaN", "Infinity", "-1.0"):
+    for weight_literal in ("NaN", "Infinity", "-1.0"):
         r = await client.post(
             "/register-env",
-            content=f'{{"max_token_length":10,"desired_name":"x","group_size":2,"weight":{weight}}}',
+            content=f'{{"max_token_length":10,"desired_name":"x","group_size":2,"weight":{weight_literal}}}',
             headers={"content-type": "application/json"},
         )
         assert r.status_code == 422 and "weight" in r.text, r.text

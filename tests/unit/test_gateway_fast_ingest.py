@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 
 from services.gateway import auth
+from services.gateway.atropos_api.batch_gzip import ResponseGzip
 from services.gateway.generation.pool import InferencePool as InferenceClient
 from services.gateway.http.app import create_app
 from services.gateway.trajectory import TrajectoryState
@@ -15,7 +16,7 @@ TOKEN = "t-123"
 GROUP = {"tokens": [[1, 2]], "masks": [[-100, 2]], "scores": [1.0]}
 
 
-def client(max_body_bytes: int = 64 * 1024, response_gzip: str = "auto") -> httpx.AsyncClient:
+def client(max_body_bytes: int = 64 * 1024, response_gzip: ResponseGzip = "auto") -> httpx.AsyncClient:
     app = create_app(TrajectoryState(), InferenceClient([]), max_body_bytes=max_body_bytes, response_gzip=response_gzip)
     auth.install(app, TOKEN, None)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")

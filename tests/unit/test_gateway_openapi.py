@@ -9,7 +9,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from services.gateway.generation.pool import InferencePool
-from services.gateway.http.app import create_app
+from services.gateway.http.app import GatewayApp, create_app
 from services.gateway.trajectory import TrajectoryState
 from services.gateway.trajectory.scored_data import ScoredData
 
@@ -57,4 +57,5 @@ async def test_every_route_has_its_bodies():
     batch = paths["/batch"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert batch == {"$ref": "#/components/schemas/BatchReply"}
     # The ingest routes still take the fast entry (documented, not parsed by FastAPI).
+    assert isinstance(app, GatewayApp)
     assert ("POST", "/scored_data") in app.fast_paths and ("GET", "/batch") in app.fast_paths

@@ -89,7 +89,9 @@ def test_status_counters_follow_the_queue():
     index = queue.index
     assert (index.max_size, index.env_max_size(0), index.env_max_size(1), index.env_max_size(5)) == (8, 4, 8, 0)
     assert index.env_sequences() == {0: 6, 1: 9, None: 2}
-    assert [g.qpos for g in index.pop_exact(8)] == [4]
+    popped = index.pop_exact(8)
+    assert popped is not None
+    assert [g.qpos for g in popped] == [4]
     assert (index.max_size, index.env_max_size(1)) == (4, 1)
     assert index.env_sequences() == {0: 6, 1: 1, None: 2}
 
@@ -122,7 +124,9 @@ def test_batch_assembly_work_does_not_grow_with_the_queue():
         index = deep_queue(depth)
         index.examined = 0
         for _ in range(10):
-            assert len(index.pop_exact(64)) == 8
+            popped = index.pop_exact(64)
+            assert popped is not None
+            assert len(popped) == 8
         work[depth] = index.examined
     assert work[100] == work[100_000] <= 10 * (8 + 1)
 
@@ -131,6 +135,7 @@ def test_batch_assembly_work_does_not_grow_with_the_queue():
         index.examined = 0
         for _ in range(10):
             batch = index.pop_with_minimums(64, [(0, 0.25), (1, 0.25)])
+            assert batch is not None
             assert sum(g.size for g in batch) == 64
         work[depth] = index.examined
     assert work[100] == work[100_000] <= 10 * 3 * (8 + 3)

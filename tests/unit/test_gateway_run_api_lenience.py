@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -37,7 +38,7 @@ def good() -> dict:
 
 MESSAGE = {"role": "user", "content": "q"}
 # Bodies run-api's ScoredData accepts: optional fields whose lengths disagree.
-LENIENT = {
+LENIENT: dict[str, dict[str, Any]] = {
     "advantages row short": {"advantages": [[0.5, 0.5], [0.1, 0.2]]},
     "advantages row long": {"advantages": [[0.5, 0.5, 0.5, 0.5], [0.1, 0.2]]},
     "advantages one row for two": {"advantages": [[0.5, 0.5, 0.5]]},
@@ -138,7 +139,7 @@ def test_a_trainer_uses_what_it_can_of_such_a_group(name):
 
 
 # Where the gateway is stricter than run-api, and why (the README lists these).
-DEPARTURES = {
+DEPARTURES: dict[str, dict[str, Any]] = {
     # masks decide which tokens are trained on: misaligned, no token can be used.
     "masks one row for two": {"masks": [[-100, 2, 3]]},
     "masks row short": {"masks": [[-100, 2], [-100, 4]]},

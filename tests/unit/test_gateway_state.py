@@ -58,6 +58,7 @@ def test_environments_wait_for_the_trainer_to_start():
     assert state.take_batch() is None  # the trainer asked: started
     first = state.register_env(EnvRegistration(64, "env", 1.0, 2))
     second = state.register_env(EnvRegistration(64, "env", 1.0, 2))
+    assert first is not None and second is not None
     assert (first.env_id, first.wandb_name, first.starting_step) == (0, "env_0", 7)
     assert (second.env_id, second.wandb_name) == (1, "env_1")
     assert (first.checkpoint_dir, first.checkpoint_interval, first.num_steps) == ("/ckpt", 5, 50)
@@ -102,6 +103,7 @@ def test_only_the_first_registration_sets_the_geometry():
     state = TrajectoryState()
     state.register_trainer(trainer(batch_size=8, starting_step=2))
     state.register_trainer(trainer(batch_size=2, starting_step=9))
+    assert state.trainer is not None
     assert state.trainer.batch_size == 8
     assert state.step == 2
 

@@ -80,6 +80,7 @@ async def test_everything_comes_back_after_a_reopen(tmp_path):
             state.submit([group(1, 0, tag=70)])  # completes the buffered one
         while (expected := twin.take_batch()) is not None:
             got = reopened.take_batch()
+            assert got is not None
             assert [g.body for g in got] == [g.body for g in expected]
             assert [g.versions for g in got] == [g.versions for g in expected]
         assert reopened.take_batch() is None and reopened.step == twin.step
@@ -164,6 +165,7 @@ async def test_handed_out_groups_are_purged_after_the_commit_and_after_a_crash_b
     state.register_trainer(TrainerRegistration("g", "p", 2, 64, "/ckpt", 3, 0, 99))
     state.submit([group(1, tag=t) for t in range(4)])
     taken = state.take_batch()  # forms two batches, hands out the last
+    assert taken is not None
     await store.sync()
     ids = {g.id for g in taken}
     await store.close()
@@ -217,6 +219,8 @@ async def test_receipts_come_back_after_a_reopen_newest_capacity_only(tmp_path):
         g = group(1, tag=5)
         g.update(tokens=[[1, 102, 7]], masks=[[-100, 102, 7]])
         reopened.submit([g])
-        assert reopened.take_batch()[0].versions == (2,)
+        batch = reopened.take_batch()
+        assert batch is not None
+        assert batch[0].versions == (2,)
     finally:
         await reopened_store.close()

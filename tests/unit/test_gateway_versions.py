@@ -4,6 +4,8 @@ batches that stay exactly batch_size."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from clotho.v1 import gateway_service_pb2 as gpb
@@ -11,6 +13,9 @@ from services.gateway.rpc.servicer import GatewayServicer
 from services.gateway.trajectory import TrainerRegistration, TrajectoryState
 from services.gateway.trajectory.receipts import Receipts, completion_tokens
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS, POLICY_VERSIONS
+
+# The servicer reads nothing from the gRPC context in these calls.
+NO_CONTEXT: Any = None
 
 
 def group(prompt, completions, versions=None, env_id=None):
@@ -82,8 +87,10 @@ def test_max_staleness_drop_removes_stale_groups_and_batches_stay_exact():
     state.observe_version(3)
     # Allowed: versions >= 2. The groups at 0 and 1 go; 3, 3 make the first batch.
     first = state.take_next()
+    assert first is not None
     assert sum(g.size for g in first) == 4 and versions(first) == [3, 3, 3, 3]
     second = state.take_next()
+    assert second is not None
     assert sum(g.size for g in second) == 4 and sorted(versions(second)) == [2, 2, 3, 3]
     c = state.counters
     assert (c.stale_dropped_groups, c.stale_dropped_sequences, c.stale_kept_groups) == (2, 4, 0)
@@ -140,14 +147,14 @@ async def test_get_status_reports_the_counts():
     state.submit([group([1], [[1], [2]], versions=[0, 0])])
     state.observe_version(2)
     state.take_next()
-    status = await GatewayServicer(state).GetStatus(gpb.GetStatusRequest(), None)
+    status = await GatewayServicer(state).GetStatus(gpb.GetStatusRequest(), NO_CONTEXT)
     assert (status.policy_version, status.stale_kept_groups, status.stale_dropped_groups) == (2, 1, 0)
     assert (status.max_staleness, status.stored_groups, status.max_stored_groups, status.current_step) == (1, 0, 50, 1)
 
 
 def test_unknown_staleness_policy_is_refused():
     with pytest.raises(ValueError, match="staleness_policy"):
-        TrajectoryState(staleness_policy="ignore")
+        TrajectoryState(staleness_policy=cast(Any, "ignore"))
 
 
 def test_an_empty_policy_versions_list_means_none_given():

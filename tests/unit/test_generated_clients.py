@@ -9,13 +9,15 @@ import filecmp
 import importlib.util
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from client_toolchains import GO_DIR, GO_FLAGS, ROOT, TS_DIR, go_env, require_go, require_node, ts_build
 
 
-def _load_generator():
+def _load_generator() -> Any:
     spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECKED_IN = ROOT / "clients" / "python" / "clotho" / "v1"
 
 
-def _load_generator():
+def _load_generator() -> Any:
     spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ from services.inference.torch_engine.engine import GenerationEngine
 PROMPT = [1, 20, 21, 22, 10, 30, 31]
 
 
-def greedy(sampling: SamplingOptions | None = None, **kw) -> SamplingOptions:
-    base = dict(temperature=0.0, ignore_eos=True)
+def greedy(sampling: SamplingOptions | None = None, **kw: Any) -> SamplingOptions:
+    base: dict[str, Any] = dict(temperature=0.0, ignore_eos=True)
     base.update(kw)
     return SamplingOptions(**base)
 
@@ -218,6 +219,7 @@ async def test_commit_mid_generation_switches_weights_between_steps(tiny_model_d
                     commit = eng.commit_weights(new_weights, version=1, step=7)
             else:
                 completion = event
+        assert commit is not None and completion is not None
         policy = await asyncio.wrap_future(commit)
         assert (policy.version, policy.step) == (1, 7) and eng.policy == policy
 

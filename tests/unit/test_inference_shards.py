@@ -26,6 +26,7 @@ async def server(tiny_model_dir):
     settings = InferenceSettings(model_path=str(tiny_model_dir), shards=2, weight_update_timeout_seconds=TIMEOUT)
     srv, _port = create_server(settings)
     yield srv
+    assert srv.servicer is not None
     await srv.servicer.close()
 
 

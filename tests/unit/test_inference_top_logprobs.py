@@ -5,6 +5,8 @@ that asked, each row with its own k, streamed per token."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -189,10 +191,14 @@ async def test_a_batch_mixing_rows_with_different_k(engine, hf_model):
 
 @pytest.mark.parametrize("field", ["top_logprobs", "prompt_top_logprobs"])
 async def test_k_above_the_bound_is_an_invalid_argument(engine, field):
+    def request(k: int) -> GenerationRequest:
+        top_k: dict[str, Any] = {field: k}
+        return GenerationRequest(PROMPT, greedy(max_new_tokens=2), **top_k)
+
     with pytest.raises(InvalidArgument, match=f"^{field} must be between 0 and 20, got 21"):
-        engine.submit(GenerationRequest(PROMPT, greedy(max_new_tokens=2), **{field: 21}))
+        engine.submit(request(21))
     with pytest.raises(InvalidArgument, match=f"^{field} must be between 0 and 20, got -1"):
-        engine.submit(GenerationRequest(PROMPT, greedy(max_new_tokens=2), **{field: -1}))
-    [c] = await run(engine, GenerationRequest(PROMPT, greedy(max_new_tokens=2), **{field: 20}))
+        engine.submit(request(-1))
+    [c] = await run(engine, request(20))
     tops = c.output_top_logprobs if field == "top_logprobs" else c.prompt_top_logprobs[1:]
     assert tops and all(len(t.token_ids) == 20 for t in tops)

@@ -41,7 +41,7 @@ async def test_wedged_engine_reports_not_serving_and_recovers(engine):
             release.wait(30)
             real_step(version)
 
-        engine._batch.step = hung_step  # type: ignore[method-assign]
+        engine._batch.step = hung_step
         request = GenerationRequest(input_ids=[5, 6, 7], sampling=SamplingOptions(max_new_tokens=3, ignore_eos=True))
         stream = engine.submit(request)
         await wait_until(lambda: not shard.serving, timeout=10)

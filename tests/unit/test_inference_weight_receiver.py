@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -19,6 +21,8 @@ from services.inference.torch_engine.loader import WeightReceiver
 from waiting import wait_until
 
 TIMEOUT = 10.0
+# The servicer reads nothing from the gRPC context in these calls.
+NO_CONTEXT: Any = None
 
 
 @pytest.fixture
@@ -213,10 +217,11 @@ async def test_cancelled_generate_stops_its_samples(engine, receiver):
         sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True, n=3),
         stream=True,
     )
-    responses = servicer.Generate(request, context=None)
+    responses = servicer.Generate(request, context=NO_CONTEXT)
     first = await anext(responses)
     assert first.WhichOneof("payload") == "chunk"
     await wait_until(lambda: engine.active_samples == 3)
+    assert isinstance(responses, AsyncGenerator)
     await responses.aclose()  # what a client cancel does to the handler
     await wait_until(lambda: engine.active_samples == 0)
     assert engine.tokens_generated < 3 * 400, "the samples ran to the end instead of stopping"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import threading
+from typing import Any
 
 from services.common.weight_wire.pipeline import in_daemon_thread
 from services.up import Progress
@@ -22,7 +23,7 @@ async def test_tracked_threads_do_not_accumulate():
 
 def test_progress_summary_keeps_totals_not_every_step():
     progress = Progress(quiet=True)
-    events = [
+    events: list[dict[str, Any]] = [
         {"event": "step", "mean_score": i / 100, "policy_version": i, "sync_seconds": 0.5, "sync_bytes": 1000}
         for i in range(1, 101)
     ]

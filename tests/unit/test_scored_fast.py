@@ -9,6 +9,7 @@ import json
 import random
 import re
 import struct
+from typing import Any
 
 import pytest
 
@@ -97,11 +98,10 @@ def assert_same(got: tuple, expected: tuple, body: bytes, exact: bool) -> None:
         assert same_but_float_spelling(got[0], expected[0]), (body[:300], got[0][:300], expected[0][:300])
 
 
-def check(
-    fast, body: bytes, *, many: bool = False, must_handle: bool = False, exact: bool = True
-) -> tuple | list | None:
+def check(fast, body: bytes, *, many: bool = False, must_handle: bool = False, exact: bool = True) -> Any:
     """canonical_group(body) (canonical_groups(body) when `many`: a list of groups) is
-    None or equals the Python path (which then accepts), group by group.
+    None or equals the Python path (which then accepts), group by group. The result is
+    the extension's own (a tuple, a list of them, or None), untyped as the module is.
     exact=False allows the documented float spelling exception (mutated digits)."""
     want = random.random() < 0.5
     what = "a list" if many else "a body"
@@ -811,7 +811,12 @@ def test_read_group_takes_the_fast_path_and_falls_back_to_python(fast, monkeypat
     with_messages = {**plain, "messages": [[{"role": "user", "content": "hi"}], []]}
     calls = []
     real = fast.canonical_group
-    monkeypatch.setattr(scored_data._scored_fast, "canonical_group", lambda *a: calls.append(real(*a)) or calls[-1])
+
+    def recording(*args: Any) -> Any:
+        calls.append(real(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(scored_data._scored_fast, "canonical_group", recording)
     for group in (plain, with_messages):
         body = json.dumps(group).encode()
         got = scored_data.read_group(body, True)
@@ -819,6 +824,7 @@ def test_read_group_takes_the_fast_path_and_falls_back_to_python(fast, monkeypat
         assert [list(x) if isinstance(x, tuple) else x for x in astuple(got)] == [
             list(x) if isinstance(x, list) else x for x in astuple(expected)
         ]
+        assert got.completions is not None
         assert [tuple(c) for c in got.completions] == [(6, 7), (9,)]
     assert calls[0] is not None and calls[1] is None  # C took the first, declined the second
     with pytest.raises(ScoredDataInvalid, match="masks"):

@@ -202,7 +202,8 @@ def test_a_few_steps_raise_the_logprob_of_the_better_completion(model):
     groups = [sd.ScoredGroup(sequences=[seq(good, 1.0), seq(bad, 0.0)])]
 
     def completion_logprobs() -> tuple[float, float]:
-        return tuple(sum(alone_logprobs(model, PROMPT + c)[len(PROMPT) :]) for c in (good, bad))
+        good_logprob, bad_logprob = (sum(alone_logprobs(model, PROMPT + c)[len(PROMPT) :]) for c in (good, bad))
+        return good_logprob, bad_logprob
 
     good_before, bad_before = completion_logprobs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

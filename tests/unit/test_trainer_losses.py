@@ -92,6 +92,7 @@ def test_k3_kl_by_hand():
     # Gradient: d/dlogp (e^(ref-logp) - (ref-logp) - 1) = 1 - e^(ref-logp).
     lp = logp.clone().requires_grad_(True)
     k3_kl(lp, ref).sum().backward()
+    assert lp.grad is not None
     assert lp.grad.tolist() == pytest.approx([0.0, 1 - E, 1 - math.exp(-0.5)], rel=1e-6)
 
 
@@ -130,10 +131,10 @@ def test_advantage_normalisation_and_clipping():
     assert first.tolist() == pytest.approx([-1.0, 1.0])  # mean 1.5, std 0.5
     second = normalize_advantages(torch.tensor([3.0, 6.0]), "global", moments, eps=0.0)
     assert second.tolist() == pytest.approx([0.0, 3 / std])  # over 1, 2, 3, 6
-    assert (moments.count, moments.mean, moments.std) == (4, pytest.approx(3.0), pytest.approx(std))
+    assert (moments.count, moments.mean, moments.std) == (4, pytest.approx(3.0), pytest.approx(std))  # type: ignore[comparison-overlap]  # approx's stub type does not say it equals floats
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
-    assert (restored.count, restored.mean, restored.std) == (4, pytest.approx(3.0), pytest.approx(std))
+    assert (restored.count, restored.mean, restored.std) == (4, pytest.approx(3.0), pytest.approx(std))  # type: ignore[comparison-overlap]  # approx's stub type does not say it equals floats
 
 
 def test_lr_schedule_warmup_then_cosine_or_constant():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import pytest
 
@@ -13,12 +15,14 @@ from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
 
 WAIT_SECONDS = 5.0
+# The servicer methods read nothing from the gRPC context in these calls.
+NO_CONTEXT: Any = None
 
 
 async def test_watch_policy_sends_current_version_then_every_new_one():
     state = PolicyState()
     servicer = TrainerServicer(state)
-    stream = servicer.WatchPolicy(pb.WatchPolicyRequest(), None)
+    stream = servicer.WatchPolicy(pb.WatchPolicyRequest(), NO_CONTEXT)
     first = await asyncio.wait_for(anext(stream), WAIT_SECONDS)
     assert first.policy.version == 0
 
@@ -32,10 +36,11 @@ async def test_watch_policy_sends_current_version_then_every_new_one():
     assert all(m.policy.committed_at > 0 for m in seen)
 
     # A watcher that joins late starts from the current version.
-    late = servicer.WatchPolicy(pb.WatchPolicyRequest(), None)
+    late = servicer.WatchPolicy(pb.WatchPolicyRequest(), NO_CONTEXT)
     assert (await asyncio.wait_for(anext(late), WAIT_SECONDS)).policy.version == 3
 
     assert state.watcher_count == 2
+    assert isinstance(stream, AsyncGenerator) and isinstance(late, AsyncGenerator)
     await stream.aclose()
     await late.aclose()
     assert state.watcher_count == 0
@@ -43,25 +48,26 @@ async def test_watch_policy_sends_current_version_then_every_new_one():
 
 async def test_watch_blocks_until_a_new_version_is_published():
     state = PolicyState()
-    stream = TrainerServicer(state).WatchPolicy(pb.WatchPolicyRequest(), None)
+    stream = TrainerServicer(state).WatchPolicy(pb.WatchPolicyRequest(), NO_CONTEXT)
     await anext(stream)
     pending = asyncio.ensure_future(anext(stream))
     done, _ = await asyncio.wait({pending}, timeout=0.05)
     assert not done
     state.publish(1, step=1)
     assert (await asyncio.wait_for(pending, WAIT_SECONDS)).policy.version == 1
+    assert isinstance(stream, AsyncGenerator)
     await stream.aclose()
 
 
 async def test_get_policy_and_status():
     state = PolicyState()
     servicer = TrainerServicer(state)
-    assert (await servicer.GetPolicy(pb.GetPolicyRequest(), None)).policy.version == 0
+    assert (await servicer.GetPolicy(pb.GetPolicyRequest(), NO_CONTEXT)).policy.version == 0
     state.publish(1, step=4, committed_at=123.0)
     state.record_step(4, {"loss": 0.5, "mean_score": 0.25})
-    policy = (await servicer.GetPolicy(pb.GetPolicyRequest(), None)).policy
+    policy = (await servicer.GetPolicy(pb.GetPolicyRequest(), NO_CONTEXT)).policy
     assert (policy.version, policy.step, policy.committed_at) == (1, 4, 123.0)
-    status = await servicer.GetTrainerStatus(pb.GetTrainerStatusRequest(), None)
+    status = await servicer.GetTrainerStatus(pb.GetTrainerStatusRequest(), NO_CONTEXT)
     assert status.step == 4 and status.policy.version == 1
     assert dict(status.metrics) == {"loss": 0.5, "mean_score": 0.25}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import AsyncGenerator
+from typing import cast
 
 import pytest
 import torch
@@ -43,7 +45,7 @@ class ScriptedSync:
 
     def __init__(self, fail: set[int]) -> None:
         self.fail = fail
-        self.pushes: list[tuple[int, int]] = []
+        self.pushes: list[tuple[int, int, bool]] = []
 
     has_shards = True
 
@@ -70,8 +72,10 @@ async def test_train_step_without_shards_publishes_and_prints_a_step_line(tiny_m
     learner = Learner(settings(tiny_model_dir), out=out)
     await learner.load()
     assert isinstance(learner.weight_sync, WeightSync)
+    assert learner.model is not None
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     record = await learner.train_step(groups())
+    assert record is not None
     assert lines(out) == [record]
     assert record.keys() >= STEP_KEYS
     assert (record["step"], record["policy_version"], record["sync_ok"]) == (1, 1, True)
@@ -84,9 +88,10 @@ async def test_train_step_without_shards_publishes_and_prints_a_step_line(tiny_m
 async def test_failed_push_keeps_the_published_version_and_retries_it_next_step(tiny_model_dir):
     out = io.StringIO()
     sync = ScriptedSync(fail={2})
-    learner = Learner(settings(tiny_model_dir), weight_sync=sync, out=out)
+    learner = Learner(settings(tiny_model_dir), weight_sync=cast(WeightSync, sync), out=out)
     published = []
     watch = learner.state.watch()
+    assert isinstance(watch, AsyncGenerator)
     published.append((await anext(watch)).version)
     for _ in range(3):
         await learner.train_step(groups())
@@ -121,7 +126,7 @@ async def test_checkpoint_restores_step_version_optimizer_schedule_and_rng(tiny_
             num_steps=10,
             lr=0.01,
         )
-        return Learner(s, weight_sync=sync, out=io.StringIO())
+        return Learner(s, weight_sync=cast(WeightSync, sync), out=io.StringIO())
 
     first = make(ScriptedSync(fail=set()))
     records = [await first.train_step(groups()) for _ in range(2)]
@@ -158,14 +163,14 @@ async def test_unpublished_weights_resume_as_the_next_version(tiny_model_dir, tm
     """A checkpoint whose weights no shard ever committed (the push failed) must not
     reuse the version number of older weights."""
     s = TrainerSettings(model_path=str(tiny_model_dir), checkpoint_dir=str(tmp_path), checkpoint_interval=2)
-    first = Learner(s, weight_sync=ScriptedSync(fail={2}), out=io.StringIO())
+    first = Learner(s, weight_sync=cast(WeightSync, ScriptedSync(fail={2})), out=io.StringIO())
     for _ in range(2):
         await first.train_step(groups())
     await first.close()
     assert json.loads((tmp_path / "step-2" / "trainer_state.json").read_text())["weights_published"] is False
 
     sync = ScriptedSync(fail=set())
-    second = Learner(s, weight_sync=sync, out=io.StringIO())
+    second = Learner(s, weight_sync=cast(WeightSync, sync), out=io.StringIO())
     await second.load()
     assert (second.step, second.state.version) == (2, 1)
     await second.sync_shards()
@@ -182,6 +187,7 @@ async def test_step_line_has_per_environment_scores_and_off_policy_metrics(tiny_
         s.policy_version = v
     learner.state.restore(5, 0)
     record = await learner.train_step(batch)
+    assert record is not None
     assert record["atropos/env_0/mean_score"] == pytest.approx(0.5)
     assert record["atropos/env_4/mean_score"] == pytest.approx(1.5)
     # Staleness 0 and 3 (versions 5 and 2 at version 5): the second one is dropped.

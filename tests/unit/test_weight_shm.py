@@ -191,12 +191,15 @@ def test_a_rendezvous_with_cuda_sets_needs_one_handle_per_set():
         group_name="clotho-wt-x-1-a",
         shared_memory=pb.SharedMemoryTransport(segment="clotho-wt-x-1-a", segment_bytes=4096, update_id=5),
     )
-    assert check_rendezvous(r).segment.cuda_sets == ()
+    segment = check_rendezvous(r).segment
+    assert segment is not None
+    assert segment.cuda_sets == ()
     r.shared_memory.cuda_sets.add(device=0, handle=b"h")
     with pytest.raises(InvalidArgument, match="2 handles"):
         check_rendezvous(r)
     r.shared_memory.cuda_sets.add(device=0, handle=b"g")
     key = check_rendezvous(r)
+    assert key.segment is not None
     assert [h.handle for h in key.segment.cuda_sets] == [b"h", b"g"]
 
 
