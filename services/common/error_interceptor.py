@@ -1,7 +1,8 @@
 """The one interceptor that turns domain errors (services/common/errors.py) raised by a
 servicer into gRPC statuses; every server gets it from services/common/server.py.
 
-Anything else a servicer raises is a bug: it is logged in full here and the client gets
+A request that does not decode as its method's message is refused INVALID_ARGUMENT
+(services/common/request_decoding.py). Anything else a servicer raises is a bug: it is logged in full here and the client gets
 INTERNAL with a generic message that names no exception class, path or internal state.
 """
 
@@ -16,6 +17,7 @@ import grpc
 from grpc import aio
 
 from services.common.errors import ClothoError
+from services.common.request_decoding import DecodedStream, Undecodable, tolerant_deserializer
 
 log = logging.getLogger(__name__)
 
@@ -38,47 +40,82 @@ async def _internal(context: aio.ServicerContext[Any, Any], method: str) -> None
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
+async def _decoded(
+    request: Any, streaming: bool, context: aio.ServicerContext[Any, Any]
+) -> tuple[Any, DecodedStream | None]:
+    """The request as the servicer sees it: a unary request that did not decode is
+    refused here; a stream is read through DecodedStream."""
+    if streaming:
+        stream = DecodedStream(request)
+        return stream, stream
+    if isinstance(request, Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    return request, None
+
+
+async def _undecodable(context: aio.ServicerContext[Any, Any], stream: DecodedStream | None) -> None:
+    """Ends the call INVALID_ARGUMENT when a message of its request stream did not
+    decode, whatever the servicer made of that."""
+    if stream is not None and stream.failure is not None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.failure)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """Wrap every behaviour of a method handler so domain errors become statuses and
     anything unexpected becomes a generic INTERNAL."""
 
+    request_streaming = bool(handler.stream_unary or handler.stream_stream)
+
     def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: aio.ServicerContext) -> Any:
+            request, stream = await _decoded(request, request_streaming, context)
             try:
-                return await fn(request, context)
+                result = await fn(request, context)
             except ClothoError as exc:
+                await _undecodable(context, stream)
                 await _abort(context, exc)
             except aio.AbortError:
                 raise  # context.abort() already chose the status
             except Exception:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
+                await _undecodable(context, stream)
                 await _internal(context, method)
+            else:
+                await _undecodable(context, stream)
+                return result
 
         return call
 
     def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            request, stream = await _decoded(request, request_streaming, context)
             try:
                 async for item in fn(request, context):
                     yield item
             except ClothoError as exc:
+                await _undecodable(context, stream)
                 await _abort(context, exc)
             except aio.AbortError:
                 raise
             except Exception:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
+                await _undecodable(context, stream)
                 await _internal(context, method)
+            else:
+                await _undecodable(context, stream)
 
         return call
+
+    deserializer = tolerant_deserializer(handler.request_deserializer, method)
 
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             unary(handler.unary_unary),
-            handler.request_deserializer,
+            deserializer,
             handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
             unary(handler.stream_unary),
-            handler.request_deserializer,
+            deserializer,
             handler.response_serializer,
         )
 
@@ -90,12 +127,12 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             either(handler.unary_stream),
-            handler.request_deserializer,
+            deserializer,
             handler.response_serializer,
         )
     return grpc.stream_stream_rpc_method_handler(
         either(handler.stream_stream),
-        handler.request_deserializer,
+        deserializer,
         handler.response_serializer,
     )
 

@@ -10,6 +10,10 @@ once their body is read they are answered right here (`fast_routes`), without th
 framework's routing, middleware and telemetry layers, which cost about as much as the
 handler. Cross-origin requests (an `Origin` header) take the full path, where CORS
 answers them.
+
+A JSON body no route can take (nested too deep, text that cannot be encoded: see
+json_guard.py) is refused 400 here, naming the field, before any route reads it; the
+fast routes ask only once their own parser has refused a body.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ClothoError
 from services.gateway.http.errors import clotho_error_response
+from services.gateway.http.json_guard import body_problem
 
 # A fast route: the request body and scope in; a 200's JSON body and any headers
 # beyond content-type and content-length out (domain errors raised).
@@ -51,12 +56,18 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
-def _error(path: str, status: int, message: str, code: str) -> dict[str, Any]:
+def _error(path: str, status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
     """The gateway's error body, or OpenAI's shape on `/v1/*`."""
     if path == "/v1" or path.startswith("/v1/"):
         kind = "invalid_request_error"
-        return {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
+        return {"error": {"message": message, "type": kind, "param": param, "code": code.lower()}}
     return {"error": message, "code": code}
+
+
+async def _refuse_json(send: Send, path: str, problem: tuple[str, str]) -> None:
+    """400 for a body no route can take (json_guard.py)."""
+    field, message = problem
+    await _reply(send, 400, _error(path, 400, message, "INVALID_ARGUMENT", param=field))
 
 
 async def _reply(send: Send, status: int, payload: dict[str, Any]) -> None:
@@ -137,6 +148,10 @@ class RequestBodyMiddleware:
         if fast is not None and not cross_origin:
             await _answer(fast, body, scope, receive, send)
             return
+        problem = body_problem(body) if body else None
+        if problem is not None:
+            await _refuse_json(send, path, problem)
+            return
 
         replayed = False
 
@@ -154,6 +169,11 @@ async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive,
     try:
         answer, headers = await route(body, scope)
     except ClothoError as exc:
+        # The ingest parser refuses what json_guard finds without naming the field.
+        problem = body_problem(body)
+        if problem is not None:
+            await _refuse_json(send, scope.get("path", ""), problem)
+            return
         await clotho_error_response(exc)(scope, receive, send)
         return
     await send(
