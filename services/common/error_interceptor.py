@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -18,6 +18,9 @@ from grpc import aio
 from services.common.errors import ClothoError
 
 log = logging.getLogger(__name__)
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
 
 
 def grpc_code(exc: ClothoError) -> grpc.StatusCode:
@@ -29,7 +32,7 @@ def grpc_code(exc: ClothoError) -> grpc.StatusCode:
 INTERNAL_MESSAGE = "internal error (logged by the server)"
 
 
-async def _abort(context: aio.ServicerContext, exc: ClothoError) -> None:
+async def _abort(context: aio.ServicerContext[Any, Any], exc: ClothoError) -> None:
     await context.abort(grpc_code(exc), str(exc))
 
 
@@ -38,12 +41,15 @@ async def _internal(context: aio.ServicerContext[Any, Any], method: str) -> None
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler[_Req, _Resp], method: str) -> grpc.RpcMethodHandler[_Req, _Resp]:
     """Wrap every behaviour of a method handler so domain errors become statuses and
-    anything unexpected becomes a generic INTERNAL."""
+    anything unexpected becomes a generic INTERNAL.
 
-    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: aio.ServicerContext) -> Any:
+    grpc's stubs type the behaviours as grpc.server's synchronous callables; under aio
+    they return awaitables (or async iterators), hence Callable[..., Any] here."""
+
+    def unary(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await fn(request, context)
             except ClothoError as exc:
@@ -55,8 +61,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         return call
 
-    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    def streaming(fn: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
                 async for item in fn(request, context):
                     yield item
@@ -93,6 +99,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
             handler.request_deserializer,
             handler.response_serializer,
         )
+    if handler.stream_stream is None:
+        return handler  # a handler with no behaviour has nothing to wrap
     return grpc.stream_stream_rpc_method_handler(
         either(handler.stream_stream),
         handler.request_deserializer,
@@ -105,9 +113,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
