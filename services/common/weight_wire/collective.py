@@ -18,8 +18,8 @@ import torch.distributed as dist
 from clotho.v1 import inference_service_pb2 as pb
 
 # Collective backends by name, as CollectiveGroup takes them, and by wire enum.
-BACKENDS: dict[str, int] = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
-BACKEND_NAMES = {v: k for k, v in BACKENDS.items()}
+BACKENDS: dict[str, pb.CollectiveBackend] = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
+BACKEND_NAMES: dict[int, str] = {v: k for k, v in BACKENDS.items()}
 
 
 class CollectiveGroup:
