@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -20,6 +20,9 @@ from services.common.errors import ClothoError
 from services.common.request_decoding import DecodedStream, Undecodable, tolerant_deserializer
 
 log = logging.getLogger(__name__)
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
 
 
 def grpc_code(exc: ClothoError) -> grpc.StatusCode:
@@ -31,7 +34,7 @@ def grpc_code(exc: ClothoError) -> grpc.StatusCode:
 INTERNAL_MESSAGE = "internal error (logged by the server)"
 
 
-async def _abort(context: aio.ServicerContext, exc: ClothoError) -> None:
+async def _abort(context: aio.ServicerContext[Any, Any], exc: ClothoError) -> None:
     await context.abort(grpc_code(exc), str(exc))
 
 
@@ -60,14 +63,17 @@ async def _undecodable(context: aio.ServicerContext[Any, Any], stream: DecodedSt
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.failure)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler[_Req, _Resp], method: str) -> grpc.RpcMethodHandler[_Req, _Resp]:
     """Wrap every behaviour of a method handler so domain errors become statuses and
-    anything unexpected becomes a generic INTERNAL."""
+    anything unexpected becomes a generic INTERNAL.
+
+    grpc's stubs type the behaviours as grpc.server's synchronous callables; under aio
+    they return awaitables (or async iterators), hence Callable[..., Any] here."""
 
     request_streaming = bool(handler.stream_unary or handler.stream_stream)
 
-    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: aio.ServicerContext) -> Any:
+    def unary(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             request, stream = await _decoded(request, request_streaming, context)
             try:
                 result = await fn(request, context)
@@ -85,8 +91,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         return call
 
-    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    def streaming(fn: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             request, stream = await _decoded(request, request_streaming, context)
             try:
                 async for item in fn(request, context):
@@ -130,6 +136,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
             deserializer,
             handler.response_serializer,
         )
+    if handler.stream_stream is None:
+        return handler  # a handler with no behaviour has nothing to wrap
     return grpc.stream_stream_rpc_method_handler(
         either(handler.stream_stream),
         deserializer,
@@ -142,9 +150,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

@@ -15,7 +15,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ async def run_service(
     ready_file: str | None = None,
     extra_ready: dict[str, Any] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
-    background: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+    background: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
     """Start, announce, wait for SIGTERM/SIGINT (or `background` to finish), stop."""
     await grpc_server.server.start()
@@ -115,7 +115,7 @@ async def run_service(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     announce_ready(ready_file, grpc_port=grpc_server.port, **(extra_ready or {}))
-    task = None
+    task: asyncio.Task[None] | None = None
     if background is not None:
         task = asyncio.create_task(background(stop))
         task.add_done_callback(lambda _t: stop.set())
@@ -130,11 +130,13 @@ async def run_service(
         await on_stop()
     await grpc_server.server.stop(grace_seconds)
     shutdown_tracing()
-    if task is not None and task.done() and not task.cancelled() and task.exception():
-        raise task.exception()  # type: ignore[misc]
+    if task is not None and task.done() and not task.cancelled():
+        failure = task.exception()
+        if failure is not None:
+            raise failure
 
 
-def run_main(coro_factory: Callable[[], Awaitable[None]], log_level: str = "INFO") -> None:
+def run_main(coro_factory: Callable[[], Coroutine[Any, Any, None]], log_level: str = "INFO") -> None:
     """Run a service's main coroutine on uvloop (asyncio where uvloop is missing)."""
     logging.basicConfig(
         level=log_level.upper(),

@@ -22,6 +22,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import httpx
 from opentelemetry import trace
@@ -134,7 +135,8 @@ class DemoEnv:
         for out in outs:
             triples = out["meta_info"]["output_token_logprobs"]
             out_ids = [int(t[1]) for t in triples]
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            # A flat id list decodes to one string (transformers types decode as str | list[str]).
+            text = cast(str, self.tokenizer.decode(out_ids, skip_special_tokens=True))
             tokens.append(prompt_ids + out_ids)
             masks.append([-100] * len(prompt_ids) + out_ids)
             logprobs.append([1.0] * len(prompt_ids) + [float(t[0]) for t in triples])

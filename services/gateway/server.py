@@ -161,7 +161,8 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         log_level=settings.log_level.lower(),
         access_log=False,
         lifespan="off",
-        timeout_graceful_shutdown=settings.grace_seconds,
+        # uvicorn annotates int; the value goes to asyncio.timeout, which takes a float.
+        timeout_graceful_shutdown=settings.grace_seconds,  # type: ignore[arg-type]
     )
     gateway = GatewayServer(
         server=grpc_server.server,

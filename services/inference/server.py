@@ -74,7 +74,7 @@ def build_shards(settings: InferenceSettings) -> list[Shard]:
         # torch-only path free of its HTTP machinery.
         from services.inference.sglang_server.shard import sglang_shards_from_settings
 
-        return sglang_shards_from_settings(settings)
+        return [*sglang_shards_from_settings(settings)]
     shards: list[Shard] = []
     for i, device in enumerate(settings.torch_devices()):
         engine = engine_from_settings(settings, device=device)

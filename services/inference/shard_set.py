@@ -20,7 +20,7 @@ from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.generation_types import GenerationRequest, ServedPolicy
 from services.inference.memory import MemoryReport
-from services.inference.shard import ResultStream, Shard
+from services.inference.shard import HealthListener, ResultStream, Shard
 from services.inference.weight_update import UpdateRequest
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ tracer = trace.get_tracer("clotho.inference.shards")
 async def _on_shard(stage: str, shard: Shard, version: int, call: Awaitable[T]) -> T:
     """`call` under a span of the weight-update `stage` on `shard` (a child of the
     servicer's span: one per shard, in the trainer's push trace)."""
-    attributes = {"clotho.shard": shard.name, "clotho.version": version}
+    attributes: dict[str, str | int] = {"clotho.shard": shard.name, "clotho.version": version}
     with tracer.start_as_current_span(f"shard.{stage}", attributes=attributes):
         return await call
 
@@ -49,7 +49,10 @@ class ShardSet:
         self._listener: ShardHealthListener | None = None
         self._turn = itertools.count()
         for i, shard in enumerate(self.shards):
-            shard.set_health_listener(lambda serving, reason, i=i: self._health_changed(i, serving, reason))
+            shard.set_health_listener(self._listener_for(i))
+
+    def _listener_for(self, index: int) -> HealthListener:
+        return lambda serving, reason: self._health_changed(index, serving, reason)
 
     @property
     def kind(self) -> str:

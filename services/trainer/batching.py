@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -270,7 +271,8 @@ class MicroBatch:
         return int(self.input_ids.shape[1])
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+        moved: dict[str, Any] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return MicroBatch(**moved)
 
 
 def pack(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[MicroBatch]:

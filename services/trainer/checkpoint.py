@@ -24,10 +24,13 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -77,12 +80,12 @@ def write_leader(
     state: dict[str, Any],
     optimizer_state: dict[str, Any] | None = None,
     scheduler_state: dict[str, Any] | None = None,
-    model_state: dict[str, torch.Tensor] | None = None,
+    model_state: dict[str, Any] | None = None,
 ) -> None:
     """Rank 0's part: weights (from `model_state` when given, e.g. gathered from FSDP
     shards), optimizer, scheduler and the JSON state (written last)."""
     tmp = Path(tmp)
-    model.save_pretrained(tmp, state_dict=model_state)
+    cast("PreTrainedModel", model).save_pretrained(tmp, state_dict=model_state)  # a Hugging Face model
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     if scheduler_state is not None:

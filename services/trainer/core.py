@@ -108,7 +108,8 @@ class TrainerCore:
         torch.manual_seed(s.seed + self.ranks.rank)
         source = resume_from if resume_from is not None else s.model_path
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-        model.to(self.device)
+        # transformers wraps `to` with functools.wraps(Module.to), which types it unbound.
+        model.to(self.device)  # type: ignore[arg-type]
         model.train()
         pad = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
@@ -118,9 +119,7 @@ class TrainerCore:
         self.autocast = self._autocast_dtype()
         self.laid_out = self._lay_out_for_sync(model)
         self.model = self.ranks.wrap(model)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, s.warmup_steps, s.num_steps, s.lr_schedule, s.min_lr_ratio)
         log.info(
             "loaded %s (%d parameters) on %s%s",

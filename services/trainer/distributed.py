@@ -121,9 +121,12 @@ class Ranks:
         inner = self.unwrap(model)
         if not self.fsdp:
             return {n: p.detach() for n, p in inner.named_parameters()}
+        from torch.distributed.tensor import DTensor
+
         out = {}
         for name, p in inner.named_parameters():
-            full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            detached = p.detach()
+            full = detached.full_tensor() if isinstance(detached, DTensor) else detached
             if self.is_leader:
                 out[name] = full
             else:
@@ -134,7 +137,7 @@ class Ranks:
 
     def broadcast_command(self, command: str, payload: Any = None) -> tuple[str, Any]:
         """Rank 0 sends (command, payload); every rank returns it."""
-        box = [command, payload] if self.is_leader else [None, None]
+        box: list[Any] = [command, payload] if self.is_leader else [None, None]
         if self.distributed:
             dist.broadcast_object_list(box, src=0)
         return box[0], box[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from clotho.v1 import policy_pb2
 
@@ -53,7 +53,7 @@ class PolicyState:
             queue.put_nowait(self.policy)
         return self.policy
 
-    async def watch(self) -> AsyncIterator[policy_pb2.PolicyVersion]:
+    async def watch(self) -> AsyncGenerator[policy_pb2.PolicyVersion, None]:
         """The current version, then every newly published one, until cancelled."""
         queue: asyncio.Queue[policy_pb2.PolicyVersion] = asyncio.Queue()
         self._watchers.add(queue)

@@ -8,8 +8,8 @@ or put `bearer_interceptors(token)` on a channel of your own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 from grpc import aio
@@ -29,6 +29,9 @@ from clotho.v1 import (
 from clotho.v1 import (
     scored_data_pb2 as sd,
 )
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
 
 _OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 
@@ -63,22 +66,48 @@ class _BearerToken:
 
 
 class _UnaryUnaryBearer(_BearerToken, aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[aio.ClientCallDetails, _Req], Awaitable[aio.UnaryUnaryCall[_Req, _Resp]]],
+        client_call_details: aio.ClientCallDetails,
+        request: _Req,
+    ) -> aio.UnaryUnaryCall[_Req, _Resp]:
         return await continuation(self._details(client_call_details), request)
 
 
 class _UnaryStreamBearer(_BearerToken, aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[override]
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[aio.ClientCallDetails, _Req], Awaitable[aio.UnaryStreamCall[_Req, _Resp]]],
+        client_call_details: aio.ClientCallDetails,
+        request: _Req,
+    ) -> aio.UnaryStreamCall[_Req, _Resp]:
         return await continuation(self._details(client_call_details), request)
 
 
 class _StreamUnaryBearer(_BearerToken, aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[
+            [aio.ClientCallDetails, AsyncIterable[_Req] | Iterable[_Req]],
+            Awaitable[aio.StreamUnaryCall[_Req, _Resp]],
+        ],
+        client_call_details: aio.ClientCallDetails,
+        request_iterator: AsyncIterable[_Req] | Iterable[_Req],
+    ) -> aio.StreamUnaryCall[_Req, _Resp]:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
 class _StreamStreamBearer(_BearerToken, aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[
+            [aio.ClientCallDetails, AsyncIterable[_Req] | Iterable[_Req]],
+            Awaitable[aio.StreamStreamCall[_Req, _Resp]],
+        ],
+        client_call_details: aio.ClientCallDetails,
+        request_iterator: AsyncIterable[_Req] | Iterable[_Req],
+    ) -> aio.StreamStreamCall[_Req, _Resp]:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
@@ -121,7 +150,10 @@ class GatewayClient:
             for g in groups:
                 yield gw.SubmitScoredDataRequest(group=g)
 
-        return await self.stub.SubmitScoredData(requests(), metadata=self._metadata or None)
+        response: gw.SubmitScoredDataResponse = await self.stub.SubmitScoredData(
+            requests(), metadata=self._metadata or None
+        )
+        return response
 
     async def batches(self, ahead: int = 1) -> AsyncIterator[gw.StreamBatchesResponse]:
         """Yield batches forever, never holding more than `ahead` unconsumed ones: one new
@@ -142,6 +174,23 @@ class GatewayClient:
             call.cancel()
 
 
+class SamplingFields(TypedDict, total=False):
+    """The fields of inf.SamplingParams, as keyword arguments of InferenceClient.generate."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    stop_token_ids: Iterable[int]
+    stop: Iterable[str]
+    n: int
+    ignore_eos: bool
+    seed: int
+    frequency_penalty: float
+    presence_penalty: float
+    repetition_penalty: float
+
+
 class InferenceClient:
     """Generate from an InferenceService."""
 
@@ -159,7 +208,7 @@ class InferenceClient:
         return_prompt_logprobs: bool = False,
         top_logprobs: int = 0,
         prompt_top_logprobs: int = 0,
-        **sampling: object,
+        **sampling: Unpack[SamplingFields],
     ) -> list[inf.Completion]:
         """All samples' final results, ordered by sample index. `top_logprobs` /
         `prompt_top_logprobs` (at most 20) also return that many most likely tokens per

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from clotho.v1 import inference_service_pb2 as pb
 
 # Collective backends by name, as CollectiveGroup takes them, and by wire enum.
-BACKENDS: dict[str, int] = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
-BACKEND_NAMES = {v: k for k, v in BACKENDS.items()}
+BACKENDS: dict[str, pb.CollectiveBackend] = {"gloo": pb.COLLECTIVE_BACKEND_GLOO, "nccl": pb.COLLECTIVE_BACKEND_NCCL}
+BACKEND_NAMES: dict[int, str] = {v: k for k, v in BACKENDS.items()}
 
 
 class CollectiveGroup:
@@ -59,7 +59,8 @@ class CollectiveGroup:
             )
         self.store = store
         self.port = store.port
-        self._pg: dist.ProcessGroup | None = None
+        # The backend objects themselves (not a ProcessGroup wrapping them).
+        self._pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
 
     @classmethod
     def host(
@@ -123,7 +124,8 @@ class CollectiveGroup:
         buckets (a stop-and-wait per bucket leaves it idle for a round trip each time)."""
         if self._pg is None:
             raise RuntimeError("collective group is not connected")
-        return self._pg.broadcast(tensor, root, self.timeout)
+        work: dist.Work = self._pg.broadcast(tensor, root, self.timeout)  # type: ignore[union-attr]  # torch's stubs omit Backend.broadcast
+        return work
 
     def wait(self, work: dist.Work) -> None:
         """Wait for a started collective; raises (never hangs) past the group's timeout."""

@@ -13,7 +13,7 @@ from clotho.v1 import inference_service_pb2 as pb
 @dataclass(frozen=True)
 class WireDtype:
     torch: torch.dtype
-    proto: int
+    proto: pb.DType
     name: str
 
 
@@ -23,7 +23,7 @@ WIRE_DTYPES: tuple[WireDtype, ...] = (
     WireDtype(torch.float16, pb.D_TYPE_FLOAT16, "float16"),
 )
 _BY_TORCH = {d.torch: d for d in WIRE_DTYPES}
-_BY_PROTO = {d.proto: d for d in WIRE_DTYPES}
+_BY_PROTO: dict[int, WireDtype] = {d.proto: d for d in WIRE_DTYPES}
 _BY_NAME = {d.name: d for d in WIRE_DTYPES}
 
 
@@ -31,7 +31,7 @@ def transferable(dtype: torch.dtype) -> bool:
     return dtype in _BY_TORCH
 
 
-def proto_of(dtype: torch.dtype) -> int:
+def proto_of(dtype: torch.dtype) -> pb.DType:
     """The manifest enum of a transferable dtype (KeyError otherwise)."""
     return _BY_TORCH[dtype].proto
 

@@ -51,16 +51,16 @@ def pack_bucket_crc32(manifest: Manifest, index: int, tensors: Mapping[str, torc
     for t in manifest.tensors_in(index):
         if t.offset != cursor:  # a gap the manifest leaves: checksum it as it is
             out[cursor : t.offset].zero_()
-            crc = _crc32(memoryview(raw[cursor * size : t.offset * size]), crc)
+            crc = _crc32(raw[cursor * size : t.offset * size].data, crc)
         src = tensors[t.name].detach().reshape(-1)
         for start in range(0, t.numel, step):
             stop = min(start + step, t.numel)
             out[t.offset + start : t.offset + stop].copy_(src[start:stop])
-            crc = _crc32(memoryview(raw[(t.offset + start) * size : (t.offset + stop) * size]), crc)
+            crc = _crc32(raw[(t.offset + start) * size : (t.offset + stop) * size].data, crc)
         cursor = t.offset + t.numel
     if cursor != bucket.numel:
         out[cursor:].zero_()
-        crc = _crc32(memoryview(raw[cursor * size :]), crc)
+        crc = _crc32(raw[cursor * size :].data, crc)
     return crc & 0xFFFFFFFF
 
 
@@ -88,7 +88,7 @@ def bucket_view(manifest: Manifest, index: int, tensors: Mapping[str, torch.Tens
     if start < 0 or (start + bucket.numel) * first.element_size() > storage.nbytes():
         return None
     flat = torch.empty(0, dtype=bucket.dtype, device=first.device)
-    flat.set_(storage, start, (bucket.numel,))
+    flat.set_(storage, start, (bucket.numel,), (1,))
     return flat
 
 
@@ -132,4 +132,4 @@ def crc32(flat: torch.Tensor) -> int:
     """CRC-32 (zlib's polynomial) of a tensor's bytes; releases the GIL, so it overlaps
     with a collective running in another thread."""
     data = flat.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return _crc32(memoryview(data)) & 0xFFFFFFFF
+    return _crc32(data.data) & 0xFFFFFFFF

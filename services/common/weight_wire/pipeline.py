@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from services.common.weight_wire.collective import CollectiveGroup
 from services.common.weight_wire.manifest import Manifest
@@ -60,6 +61,7 @@ def in_daemon_thread(
                 future.set_exception(value)
 
     def body() -> None:
+        value: T | BaseException
         try:
             ok, value = True, fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
@@ -249,7 +251,7 @@ def start_receiving(
         received = 0
         # Bucket i + 1's receive is posted before bucket i is waited for, so the
         # sender never waits for us between buckets.
-        in_flight: collections.deque = collections.deque()
+        in_flight: collections.deque[tuple[torch.Tensor, dist.Work]] = collections.deque()
 
         def finish_one() -> None:
             nonlocal received

@@ -33,7 +33,7 @@ from services.gateway.trajectory.tracing import handout_span
 log = logging.getLogger(__name__)
 
 # What Atropos answers on /latest_example before any data arrived.
-EMPTY_EXAMPLE = {
+EMPTY_EXAMPLE: dict[str, list[Any]] = {
     "tokens": [],
     "masks": [],
     "scores": [],

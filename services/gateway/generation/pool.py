@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -202,7 +202,7 @@ class InferencePool:
 
     async def generate_many(
         self, requests: list[pb.GenerateRequest], trace_context: Any = None
-    ) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+    ) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
         """The messages of several Generate streams as they arrive, each with its
         request's position. The first failure cancels the others and is raised.
         `trace_context` (an OpenTelemetry Context) parents the calls' spans."""
@@ -266,7 +266,7 @@ def _guard_error(guard: CallGuard | None, exc: BaseException) -> ClothoError | N
     return guard.error
 
 
-async def prefetch(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+async def prefetch(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
     """Wait for the first item of `stream` and return an iterator over all of it.
 
     Streaming routes call this before their `200` goes out, so a call that fails at
@@ -277,7 +277,7 @@ async def prefetch(stream: AsyncIterator[T]) -> AsyncIterator[T]:
     except StopAsyncIteration:
         first = None
 
-    async def chained() -> AsyncIterator[T]:
+    async def chained() -> AsyncGenerator[T, None]:
         try:
             if first is not None:
                 yield first

@@ -92,7 +92,8 @@ class GatewayApp(FastAPI):
         outer = []
         for middleware in self.user_middleware:
             outer.append(middleware)
-            if middleware.cls is RequestBodyMiddleware:
+            factory: object = middleware.cls
+            if factory is RequestBodyMiddleware:
                 break
         else:
             return full
@@ -119,7 +120,8 @@ def create_app(
         CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
     )
     compressor = BatchCompressor(compresslevel=1, minimum_size=1000, policy=response_gzip)
-    app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)
+    # mypy cannot match a constructor taking **kwargs: Any against Starlette's ParamSpec factory.
+    app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)  # type: ignore[arg-type]
 
     fast_routes = add_atropos_routes(app, DurableState(state), compressor)
 

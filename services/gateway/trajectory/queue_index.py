@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -52,7 +52,10 @@ class Group:
         self.version = min(self.versions) if self.versions else 0
 
 
-Fifo = OrderedDict  # queue position -> Group, in queue order
+# An environment's key in the queue's counters: its env_id (None for groups without one).
+EnvKey = int | None
+
+Fifo = OrderedDict[int, Group]  # queue position -> Group, in queue order
 
 
 def _chunks(fifo: Fifo, chunk: int) -> Iterator[list[Group]]:
@@ -67,9 +70,9 @@ class QueueIndex:
 
     def __init__(self) -> None:
         self._by_size: dict[int, Fifo] = {}
-        self._by_env_size: dict[tuple[Hashable, int], Fifo] = {}
-        self._env_sizes: dict[Hashable, dict[int, int]] = {}
-        self._env_sequences: dict[Hashable, int] = {}
+        self._by_env_size: dict[tuple[EnvKey, int], Fifo] = {}
+        self._env_sizes: dict[EnvKey, dict[int, int]] = {}
+        self._env_sequences: dict[EnvKey, int] = {}
         self._by_version: dict[int, Fifo] = {}
         self._version_heap: list[int] = []
         self.groups = 0
@@ -121,10 +124,10 @@ class QueueIndex:
             self._env_sequences[env] = left
         else:
             del self._env_sequences[env]
-        fifo = self._by_version.get(group.version)
-        if fifo is not None:  # pop_older_than takes whole versions out first
-            fifo.pop(qpos, None)
-            if not fifo:
+        version_fifo = self._by_version.get(group.version)
+        if version_fifo is not None:  # pop_older_than takes whole versions out first
+            version_fifo.pop(qpos, None)
+            if not version_fifo:
                 del self._by_version[group.version]
         self.groups -= 1
         self.sequences -= size
@@ -145,10 +148,10 @@ class QueueIndex:
         """The largest group size in the queue (0 when empty)."""
         return max(self._by_size, default=0)
 
-    def env_max_size(self, env_id: Hashable) -> int:
+    def env_max_size(self, env_id: EnvKey) -> int:
         return max(self._env_sizes.get(env_id, ()), default=0)
 
-    def env_sequences(self) -> dict[Hashable, int]:
+    def env_sequences(self) -> dict[EnvKey, int]:
         """Queued sequences per env_id (None for groups without one); read only."""
         return self._env_sequences
 
@@ -189,7 +192,7 @@ class QueueIndex:
                 heapq.heappop(heap)
         return None
 
-    def pop_with_minimums(self, batch_size: int, minimums: Sequence[tuple[Hashable, float]]) -> list[Group] | None:
+    def pop_with_minimums(self, batch_size: int, minimums: Sequence[tuple[EnvKey, float]]) -> list[Group] | None:
         """Remove and return the next batch that gives every environment in `minimums`
         (connected envs with a `min_batch_allocation`, in registration order) its
         share, as `take_with_min_allocations` (the same oracle) would choose it, or None."""
@@ -199,7 +202,7 @@ class QueueIndex:
             return self.pop_exact(batch_size)
         pack = self.max_size
 
-        def packable_sizes(env: Hashable) -> list[tuple[int, Fifo]]:
+        def packable_sizes(env: EnvKey) -> list[tuple[int, Fifo]]:
             out = []
             for size in self._env_sizes.get(env, ()):
                 fifo = self._by_env_size[(env, size)]
@@ -207,7 +210,7 @@ class QueueIndex:
                     out.append((size, fifo))
             return out
 
-        owed: dict[Hashable, int] = {}
+        owed: dict[EnvKey, int] = {}
         for env, fraction in minimums:
             wanted = int(batch_size * fraction)
             if wanted <= 0:

@@ -146,7 +146,7 @@ class Registry(StateBase):
             self.journal.env(me)
 
         batch_size = self._trainer.batch_size if self._trainer is not None else 0
-        reserved = {
+        reserved: dict[int | None, int] = {
             e.registered_id: int(batch_size * e.min_batch_allocation)
             for e in envs
             if e.connected and e.min_batch_allocation is not None

@@ -36,7 +36,7 @@ class ResetRestore(StateBase):
         self._envs = restored.envs
 
         groups = restored.groups
-        in_batches = set()
+        in_batches: set[int] = set()
         for formation, batches in restored.formations:
             # Batches already handed out are gone from `groups` (deleted whole, in
             # one transaction each); the rest is the stack, in formation order.

@@ -194,9 +194,10 @@ class SqliteStore(Store):
             raise Unavailable(f"the trajectory store failed and accepts no changes: {self._failure}")
 
     def _append(self, kind: str, *args: Any) -> None:
-        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+        loop = self._loop  # set together with _loop_thread
+        if loop is not None and self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             # Receipts may be recorded from any thread; the journal is the loop's.
-            self._loop.call_soon_threadsafe(self._append, kind, *args)
+            loop.call_soon_threadsafe(self._append, kind, *args)
             return
         self._appended += 1
         self._pending.append((self._appended, kind, args))

@@ -250,7 +250,7 @@ class SGLangStream:
             matched = finish.get("matched") if isinstance(finish, dict) else None
             out.append(
                 self._completion(
-                    sample, FINISH_TYPES.get(kind, FinishReason.ABORT), "" if matched is None else str(matched)
+                    sample, FINISH_TYPES.get(kind or "", FinishReason.ABORT), "" if matched is None else str(matched)
                 )
             )
         return out

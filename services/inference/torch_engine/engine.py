@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoTokenizer
@@ -462,7 +463,8 @@ class GenerationEngine:
                 commit.future.set_exception(Unavailable("the engine is shutting down"))
 
     def _decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        # A flat id list decodes to one string (transformers types decode as str | list[str]).
+        return cast(str, self.tokenizer.decode(ids))
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

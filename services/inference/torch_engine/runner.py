@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -29,15 +30,20 @@ class ModelRunner:
             raise KeyError(dtype)
         self.dtype = resolved
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype, attn_implementation="sdpa")
-        self.model.to(self.device).eval()
+        # transformers wraps `to` with functools.wraps(Module.to), which types it unbound.
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
         self.model.requires_grad_(False)
         config = self.model.config
-        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        self.vocab_size = int(cast(torch.nn.Embedding, self.model.get_input_embeddings()).num_embeddings)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         # A full causal mask equals a sliding-window one while sequences fit the window.
         window = getattr(config, "sliding_window", None)
-        sliding = isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True)
-        if sliding and (not self.max_positions or window < self.max_positions):
+        if (
+            isinstance(window, int)
+            and window > 0
+            and getattr(config, "use_sliding_window", True)
+            and (not self.max_positions or window < self.max_positions)
+        ):
             log.info("model has a %d-token sliding window: sequences are limited to it", window)
             self.max_positions = window
         pad = getattr(config, "pad_token_id", None)

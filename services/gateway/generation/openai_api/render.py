@@ -196,7 +196,7 @@ def _legacy_top(token: str, logprob: float, alts: Alternatives | None) -> dict[s
 def completion_logprobs(
     tokens: list[str],
     pieces: list[str],
-    logprobs: list[float | None],
+    logprobs: Sequence[float | None],
     start_offset: int = 0,
     alternatives: Sequence[Alternatives | None] | None = None,
 ) -> dict[str, Any]:

@@ -6,7 +6,7 @@ built from InferenceService results with render.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -117,6 +117,7 @@ def completion_response(
             completion_tokens += r.completion_tokens
             logprobs = None
             if want_lps:
+                lps: list[float | None]
                 tokens, pieces, lps = r.tokens, r.pieces, list(r.logprobs)
                 alts = list(r.alternatives) if k_top else [None] * len(tokens)
                 if body.echo:
@@ -174,7 +175,7 @@ async def chat_stream(
     inference: InferencePool,
     body: ChatCompletionRequest,
     request: pb.GenerateRequest,
-    messages: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    messages: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
     tokenizer: Any,
     model: str,
     span: trace.Span,
@@ -260,7 +261,7 @@ async def completion_stream(
     body: CompletionRequest,
     response_id: str,
     requests: list[pb.GenerateRequest],
-    messages: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    messages: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
     texts: list[str],
     tokenizer: Any,
     model: str,

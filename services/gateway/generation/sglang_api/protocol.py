@@ -345,14 +345,14 @@ def result_json(
         "weight_version_spans": [[s.start_token, s.version] for s in completion.version_spans],
     }
     if prompt.return_logprob:
-        texts = token_texts or [None] * len(output_ids)
+        texts: Sequence[str | None] = token_texts or [None] * len(output_ids)
         meta["output_token_logprobs"] = [
             [lp, tok, t] for lp, tok, t in zip(completion.output_logprobs, output_ids, texts)
         ]
         start = prompt.logprob_start_len
         if start >= 0 and prompt.input_ids is not None:
             lps = list(completion.prompt_logprobs)
-            ptexts = prompt_token_texts or [None] * len(prompt.input_ids)
+            ptexts: Sequence[str | None] = prompt_token_texts or [None] * len(prompt.input_ids)
             meta["input_token_logprobs"] = [
                 [(lps[k] if 0 < k < len(lps) else None), prompt.input_ids[k], ptexts[k]]
                 for k in range(start, len(prompt.input_ids))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +113,7 @@ def _final_result(
 async def stream(
     inference: InferencePool,
     call: GenerateCall,
-    messages: AsyncIterator[tuple[int, Any]],
+    messages: AsyncGenerator[tuple[int, Any], None],
     tokenizer: Any,
     span: trace.Span,
 ) -> AsyncIterator[bytes]:
