@@ -27,20 +27,30 @@ def test_ordinary_bodies_pass() -> None:
 
 def test_nesting_names_the_field() -> None:
     body = '{"model": "m", "messages": [{"role": "user", "content": ' + deep(MAX_JSON_DEPTH) + "}]}"
-    field, message = body_problem(body.encode())
+    problem = body_problem(body.encode())
+    assert problem is not None
+    field, message = problem
     assert field.startswith("messages[0].content[0]") and field.endswith("...")
     assert message == f"{field}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
-    field, _ = body_problem(('[1, "]]", ' + deep(100_000) + "]").encode())
+    problem = body_problem(('[1, "]]", ' + deep(100_000) + "]").encode())
+    assert problem is not None
+    field, _ = problem
     assert field.startswith("[2][0]")
     keys = '{"a": 1, "b\\"]": 2, "c": ' + deep(MAX_JSON_DEPTH) + "}"
-    assert body_problem(keys.encode())[0].startswith("c[0]")
+    problem = body_problem(keys.encode())
+    assert problem is not None
+    assert problem[0].startswith("c[0]")
 
 
 def test_lone_surrogates_name_the_field() -> None:
     body = json.dumps({"text": ["ok", "a\udc00"], "x": {"k\ud800": 1}}).encode()
-    field, message = body_problem(body)
+    problem = body_problem(body)
+    assert problem is not None
+    field, message = problem
     assert field == "text[1]"
     assert "\\udc00 at character 1" in message
-    field, message = body_problem(json.dumps({"x": {"k\ud800": 1}}).encode())
+    problem = body_problem(json.dumps({"x": {"k\ud800": 1}}).encode())
+    assert problem is not None
+    field, message = problem
     assert field == "x.k\\ud800"
     message.encode("utf-8")  # the answer itself can be encoded
