@@ -14,6 +14,7 @@ from services.common.errors import Unavailable
 from services.gateway.trajectory import DurableState, EnvRegistration, Group, TrainerRegistration, TrajectoryState
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 from services.gateway.trajectory.sqlite_store import DB_NAME, SqliteStore
+from waiting import wait_until
 
 
 def group(tag: int) -> dict:
@@ -173,6 +174,8 @@ async def test_batch_stays_at_most_once_beside_kept_batches(tmp_path):
         plain = state.take_next()
         assert plain is not None
         await store.sync()
+        # The handed-out groups' rows go in the purge that follows the commit.
+        await wait_until(lambda: group_rows(tmp_path) <= 2)
         assert kept_rows(tmp_path) == [1]
         assert group_rows(tmp_path) == 2
         # /reset_data forgets kept batches.
