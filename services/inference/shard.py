@@ -67,8 +67,15 @@ class Shard(abc.ABC):
         """The model's vocabulary size (0: unknown)."""
         return 0
 
-    @abc.abstractmethod
-    def set_health_listener(self, listener: HealthListener) -> None: ...
+    # Told (serving, reason) whenever the shard's health changes (gRPC health per shard).
+    _listener: HealthListener | None = None
+
+    def set_health_listener(self, listener: HealthListener) -> None:
+        self._listener = listener
+
+    def _tell_listener(self, serving: bool, reason: str) -> None:
+        if self._listener is not None:
+            self._listener(serving, reason)
 
     async def release_memory(self) -> MemoryReport:
         """Colocated mode: pause generation and free the KV cache."""

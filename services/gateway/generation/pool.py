@@ -108,18 +108,7 @@ class InferencePool:
                 guard = CallGuard(pending, target, self.deadlines, streaming=False)
                 return await pending
             except (aio.AioRpcError, asyncio.CancelledError) as exc:
-                error = _guard_error(guard, exc)
-                if error is None and (
-                    not isinstance(exc, aio.AioRpcError) or exc.code() != grpc.StatusCode.UNAVAILABLE
-                ):
-                    raise
-                reason = str(error) if error is not None else (exc.details() or exc.code().name)  # type: ignore[union-attr]
-                self.router.failed(target, reason)
-                tried.append(target)
-                if len(tried) >= len(self.router.targets):
-                    if error is not None:
-                        raise error from None
-                    raise
+                self._fail_over(target, guard, exc, tried, streamed=False)
             finally:
                 if guard is not None:
                     guard.close()
@@ -179,19 +168,7 @@ class InferencePool:
                     yield message
                 return
             except (aio.AioRpcError, asyncio.CancelledError) as exc:
-                error = _guard_error(guard, exc)
-                if error is None and (
-                    not isinstance(exc, aio.AioRpcError) or exc.code() != grpc.StatusCode.UNAVAILABLE
-                ):
-                    raise
-                reason = str(error) if error is not None else (exc.details() or exc.code().name)  # type: ignore[union-attr]
-                self.router.failed(target, reason)
-                tried.append(target)
-                # Tokens already went out: the caller has seen part of this sample.
-                if received or len(tried) >= len(self.router.targets):
-                    if error is not None:
-                        raise error from None
-                    raise
+                reason = self._fail_over(target, guard, exc, tried, streamed=received)
                 log.info("retrying on another target after %s failed: %s", target.address, reason)
             finally:
                 if guard is not None:
@@ -253,6 +230,31 @@ class InferencePool:
     async def close(self) -> None:
         await self.router.close()
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _fail_over(
+        self,
+        target: Target,
+        guard: CallGuard | None,
+        exc: aio.AioRpcError | asyncio.CancelledError,
+        tried: list[Target],
+        *,
+        streamed: bool,
+    ) -> str:
+        """A call to `target` ended with `exc` (called from its except block). Re-raises
+        what is not the target's failure, and what cannot move to another target (part
+        of the answer already streamed, or no target left); otherwise records the
+        failure and returns its reason, to retry elsewhere."""
+        error = _guard_error(guard, exc)
+        if error is None and (not isinstance(exc, aio.AioRpcError) or exc.code() != grpc.StatusCode.UNAVAILABLE):
+            raise exc
+        reason = str(error) if error is not None else (exc.details() or exc.code().name)  # type: ignore[union-attr]
+        self.router.failed(target, reason)
+        tried.append(target)
+        if streamed or len(tried) >= len(self.router.targets):
+            if error is not None:
+                raise error from None
+            raise exc
+        return reason
 
 
 def _guard_error(guard: CallGuard | None, exc: BaseException) -> ClothoError | None:

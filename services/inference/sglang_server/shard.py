@@ -18,7 +18,7 @@ from services.inference.sglang_server.loader import SGLangLoader
 from services.inference.sglang_server.model_spec import ModelSpec
 from services.inference.sglang_server.process import SGLangProcess, wait_healthy
 from services.inference.sglang_server.stream import SGLangStream
-from services.inference.shard import HealthListener, Shard
+from services.inference.shard import Shard
 from services.inference.validation import resolve_max_new_tokens
 from services.inference.weight_update import WeightUpdater
 
@@ -56,7 +56,6 @@ class SGLangShard(Shard, SGLangLoader):
         self._load = 0
         self._reachable = False
         self._reported: bool | None = None
-        self._listener: HealthListener | None = None
         self._health_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
@@ -81,9 +80,6 @@ class SGLangShard(Shard, SGLangLoader):
     @property
     def vocab_size(self) -> int:
         return int(self.spec.vocab_size)
-
-    def set_health_listener(self, listener: HealthListener) -> None:
-        self._listener = listener
 
     async def start(self) -> None:
         """Launch the server (when this shard owns one) or attach, wait for /health, and
@@ -185,8 +181,7 @@ class SGLangShard(Shard, SGLangLoader):
         serving = self.serving
         if serving != self._reported:
             self._reported = serving
-            if self._listener is not None:
-                self._listener(serving, self.not_serving_reason or "")
+            self._tell_listener(serving, self.not_serving_reason or "")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -16,7 +16,7 @@ import logging
 from services.common.weight_wire import cuda_ipc
 from services.inference.generation_types import GenerationRequest
 from services.inference.memory import MemoryReport
-from services.inference.shard import HealthListener, ResultStream, Shard
+from services.inference.shard import ResultStream, Shard
 from services.inference.torch_engine.engine import GenerationEngine
 from services.inference.torch_engine.loader import WeightReceiver
 
@@ -41,7 +41,6 @@ class TorchShard(Shard):
         engine.name = name
         self.stall_seconds = stall_seconds
         self.watchdog_seconds = watchdog_seconds
-        self._listener: HealthListener | None = None
         self._reported_serving = True
         self._stalled: str = ""
         self._watchdog: asyncio.Task | None = None
@@ -66,9 +65,6 @@ class TorchShard(Shard):
     @property
     def vocab_size(self) -> int:
         return int(self.engine.vocab_size)
-
-    def set_health_listener(self, listener: HealthListener) -> None:
-        self._listener = listener
 
     async def start(self) -> None:
         if self.stall_seconds > 0 and self._watchdog is None:
@@ -109,5 +105,4 @@ class TorchShard(Shard):
         serving = self.serving
         if serving != self._reported_serving:
             self._reported_serving = serving
-            if self._listener is not None:
-                self._listener(serving, self.engine.broken or self._stalled)
+            self._tell_listener(serving, self.engine.broken or self._stalled)
