@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -186,8 +185,7 @@ async def test_a_trainer_killed_mid_transfer_leaves_the_old_weights_and_no_segme
     assert child.returncode == -signal.SIGKILL
     assert shm.segment_names() == []
     # The shard drops the update at its deadline and keeps serving the old weights.
-    start = time.monotonic()
-    await asyncio.sleep(4.5)
+    await asyncio.sleep(4.5)  # past the 4 s deadline the child was given
     await assert_serves(target, served)
     # A new trainer (resync, as after a restart) updates it through a new segment.
     sync = make_sync(target)
@@ -198,7 +196,7 @@ async def test_a_trainer_killed_mid_transfer_leaves_the_old_weights_and_no_segme
         await assert_serves(target, served)
     finally:
         await sync.close()
-    assert shm.segment_names() == [] and time.monotonic() - start < 60
+    assert shm.segment_names() == []
 
 
 async def test_colocated_release_push_resume_serves_the_new_weights(target, served):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -46,10 +45,7 @@ async def test_wedged_engine_reports_not_serving_and_recovers(engine):
         stream = engine.submit(request)
         await wait_until(lambda: not shard.serving, timeout=10)
         assert reports[-1][0] is False and "no progress" in reports[-1][1]
-        # The event loop still answers at once while the engine thread is stuck.
-        start = time.monotonic()
-        await asyncio.sleep(0)
-        assert time.monotonic() - start < 0.5
+        # (The wait above already shows the event loop answers while the engine thread is stuck.)
 
         release.set()
         completions = await asyncio.wait_for(stream.completions(), 30)
