@@ -14,11 +14,10 @@ import abc
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import FailedPrecondition
 from services.inference.generation_types import Completion, GenerationRequest, ServedPolicy, TokenChunk
 from services.inference.memory import MemoryReport
-from services.inference.weight_update import TransferResult, WeightUpdater
+from services.inference.weight_update import PreparesByFields, TransferResult, UpdateRequest, WeightUpdater
 
 # Called with (serving, reason) whenever a shard's health flips.
 HealthListener = Callable[[bool, str], None]
@@ -34,7 +33,7 @@ class ResultStream(Protocol):
         """Stop the request's samples (a no-op once they finished)."""
 
 
-class Shard(abc.ABC):
+class Shard(PreparesByFields):
     kind: str
     name: str
     updates: WeightUpdater
@@ -99,16 +98,8 @@ class Shard(abc.ABC):
 
     # The weight-update protocol on this one shard (ShardSet drives `updates` itself).
 
-    async def prepare(
-        self,
-        version: int,
-        manifest: pb.WeightManifest,
-        rendezvous: pb.Rendezvous,
-        deadline_seconds: float,
-        step: int,
-        resync: bool = False,
-    ) -> bool:
-        return await self.updates.prepare(version, manifest, rendezvous, deadline_seconds, step, resync)
+    async def begin(self, request: UpdateRequest) -> bool:
+        return await self.updates.begin(request)
 
     async def await_transfer(self, version: int, bucket_crc32s: list[int]) -> TransferResult:
         return await self.updates.await_transfer(version, bucket_crc32s)

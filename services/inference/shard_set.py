@@ -16,12 +16,11 @@ from typing import TypeVar
 
 from opentelemetry import trace
 
-from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.inference.generation_types import GenerationRequest, ServedPolicy
 from services.inference.memory import MemoryReport
 from services.inference.shard import HealthListener, ResultStream, Shard
-from services.inference.weight_update import UpdateRequest
+from services.inference.weight_update import PreparesByFields, UpdateRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ async def _on_shard(stage: str, shard: Shard, version: int, call: Awaitable[T]) 
 ShardHealthListener = Callable[[int, bool], None]
 
 
-class ShardSet:
+class ShardSet(PreparesByFields):
     def __init__(self, shards: Sequence[Shard]) -> None:
         if not shards:
             raise ValueError("a service needs at least one shard")
@@ -106,18 +105,6 @@ class ShardSet:
         first = next(self._turn) % len(serving)
         rotated = serving[first:] + serving[:first]
         return min(rotated, key=lambda s: s.load).submit(request)
-
-    async def prepare(
-        self,
-        version: int,
-        manifest: pb.WeightManifest,
-        rendezvous: pb.Rendezvous,
-        deadline_seconds: float,
-        step: int,
-        resync: bool = False,
-    ) -> bool:
-        """`begin` with the fields of a PrepareWeightUpdateRequest."""
-        return await self.begin(UpdateRequest(version, manifest, rendezvous, deadline_seconds, step, resync))
 
     async def begin(self, request: UpdateRequest) -> bool:
         """Prepare every shard, shard i as rank rank_offset + i. If any fails, the others

@@ -4,6 +4,15 @@ engine's and SGLang's live with their engines)."""
 
 from services.inference.weight_update.loader import UpdateInFlight, WeightLoader
 from services.inference.weight_update.machine import WeightUpdater
-from services.inference.weight_update.request import GroupKey, Received, TransferResult, UpdateRequest
+from services.inference.weight_update.request import GroupKey, PreparesByFields, Received, TransferResult, UpdateRequest
 
-__all__ = ["GroupKey", "Received", "TransferResult", "UpdateInFlight", "UpdateRequest", "WeightLoader", "WeightUpdater"]
+__all__ = [
+    "GroupKey",
+    "PreparesByFields",
+    "Received",
+    "TransferResult",
+    "UpdateInFlight",
+    "UpdateRequest",
+    "WeightLoader",
+    "WeightUpdater",
+]

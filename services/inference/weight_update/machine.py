@@ -23,11 +23,11 @@ import asyncio
 import logging
 import time
 
-from clotho.v1 import inference_service_pb2 as pb
 from services.common.errors import Aborted, ClothoError, DeadlineExceeded, FailedPrecondition, Unavailable
 from services.inference.generation_types import ServedPolicy
 from services.inference.weight_update.loader import UpdateInFlight, WeightLoader
 from services.inference.weight_update.request import (
+    PreparesByFields,
     TransferResult,
     UpdateRequest,
     check_deadline,
@@ -38,7 +38,7 @@ from services.inference.weight_update.request import (
 log = logging.getLogger(__name__)
 
 
-class WeightUpdater:
+class WeightUpdater(PreparesByFields):
     """The weight-update protocol of one shard over its engine's `loader`.
     `default_deadline_seconds` applies when a Prepare carries none."""
 
@@ -56,18 +56,6 @@ class WeightUpdater:
     @property
     def in_flight_version(self) -> int | None:
         return self._update.version if self._update is not None else None
-
-    async def prepare(
-        self,
-        version: int,
-        manifest: pb.WeightManifest,
-        rendezvous: pb.Rendezvous,
-        deadline_seconds: float,
-        step: int,
-        resync: bool = False,
-    ) -> bool:
-        """`begin` with the fields of a PrepareWeightUpdateRequest."""
-        return await self.begin(UpdateRequest(version, manifest, rendezvous, deadline_seconds, step, resync))
 
     async def begin(self, request: UpdateRequest) -> bool:
         """Check the update, join (or reuse) the group and start receiving. Returns

@@ -3,6 +3,7 @@ checks every shard applies to it, and what a finished transfer reports."""
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -36,6 +37,26 @@ class UpdateRequest:
         rendezvous.CopyFrom(self.rendezvous)
         rendezvous.rank_offset = self.rendezvous.rank_offset + shift
         return replace(self, rendezvous=rendezvous)
+
+
+class PreparesByFields(abc.ABC):
+    """`prepare(...)` with a PrepareWeightUpdateRequest's fields spelt out, for whatever
+    takes an UpdateRequest in `begin` (the state machine, a shard, the shard set)."""
+
+    @abc.abstractmethod
+    async def begin(self, request: UpdateRequest) -> bool: ...
+
+    async def prepare(
+        self,
+        version: int,
+        manifest: pb.WeightManifest,
+        rendezvous: pb.Rendezvous,
+        deadline_seconds: float,
+        step: int,
+        resync: bool = False,
+    ) -> bool:
+        """`begin` with the fields of a PrepareWeightUpdateRequest."""
+        return await self.begin(UpdateRequest(version, manifest, rendezvous, deadline_seconds, step, resync))
 
 
 @dataclass(frozen=True)
