@@ -4,7 +4,7 @@ opentelemetry-proto, grpcio and pyyaml).
 
     python collector_standin.py serve /var/lib/otel/traces.jsonl [--listen 0.0.0.0:4317]
     python collector_standin.py show /var/lib/otel/traces.jsonl
-    python collector_standin.py scrape /etc/prometheus/prometheus.yml
+    python collector_standin.py scrape /etc/prometheus/prometheus.yml [--retry-seconds 60]
 
 `serve` is an OTLP/gRPC TraceService that appends every export request to a JSON-lines
 file, one OTLP/JSON `ExportTraceServiceRequest` per line with hex ids: the collector's
@@ -21,6 +21,7 @@ import json
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from collections import defaultdict
 from concurrent import futures
@@ -129,21 +130,36 @@ def show(path: Path) -> int:
     return 0
 
 
-def scrape(config: Path) -> int:
+def _scrape_once(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    samples = [ln for ln in lines if ln and not ln.startswith("#")]
+    clotho = sorted({ln.split("{")[0].split(" ")[0] for ln in samples if ln.startswith("clotho_")})
+    return f"{len(samples)} samples, e.g. {', '.join(clotho[:3]) or '-'}"
+
+
+def scrape(config: Path, retry_seconds: float) -> int:
+    """Every target once; a target that does not answer yet is retried for `retry_seconds`."""
+    targets = [
+        (job["job_name"], f"http://{target}{job.get('metrics_path', '/metrics')}")
+        for job in yaml.safe_load(config.read_text())["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ]
+    deadline = time.monotonic() + retry_seconds
     failed = 0
-    for job in yaml.safe_load(config.read_text())["scrape_configs"]:
-        for static in job.get("static_configs", []):
-            for target in static["targets"]:
-                url = f"http://{target}{job.get('metrics_path', '/metrics')}"
-                try:
-                    with urllib.request.urlopen(url, timeout=10) as reply:
-                        lines = reply.read().decode().splitlines()
-                    samples = [ln for ln in lines if ln and not ln.startswith("#")]
-                    clotho = sorted({ln.split("{")[0].split(" ")[0] for ln in samples if ln.startswith("clotho_")})
-                    print(f"  {job['job_name']} {url}: {len(samples)} samples, e.g. {', '.join(clotho[:3]) or '-'}")
-                except OSError as exc:
-                    failed += 1
-                    print(f"  {job['job_name']} {url}: FAILED {exc}")
+    for job, url in targets:
+        while True:
+            try:
+                print(f"  {job} {url}: {_scrape_once(url)}", flush=True)
+                break
+            except OSError as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(1)
+                    continue
+                failed += 1
+                print(f"  {job} {url}: FAILED {exc}", flush=True)
+                break
     return 1 if failed else 0
 
 
@@ -154,14 +170,16 @@ def main() -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--listen", default="0.0.0.0:4317")
     sub.add_parser("show").add_argument("path", type=Path)
-    sub.add_parser("scrape").add_argument("config", type=Path)
+    p = sub.add_parser("scrape")
+    p.add_argument("config", type=Path)
+    p.add_argument("--retry-seconds", type=float, default=0.0)
     args = parser.parse_args()
     if args.cmd == "serve":
         serve(args.path, args.listen)
     elif args.cmd == "show":
         sys.exit(show(args.path))
     else:
-        sys.exit(scrape(args.config))
+        sys.exit(scrape(args.config, args.retry_seconds))
 
 
 if __name__ == "__main__":

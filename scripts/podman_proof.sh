@@ -78,8 +78,8 @@ if ! curl -sf -o /dev/null --max-time 10 "$TORCH_INDEX_URL/torch/"; then
   echo "== $TORCH_INDEX_URL unreachable: a local mirror of the CPU index"
   "$PY" -m pip download -q --only-binary :all: -d "$WORK/cpu-wheels" "torch==$TORCH_VERSION" 2>/dev/null
   ls "$WORK/cpu-wheels/torch-$TORCH_VERSION+cpu-"*.whl >/dev/null
-  PORT="$("$PY" - "$WORK" <<'EOF'
-import html, pathlib, re, socket, sys, urllib.parse
+  "$PY" - "$WORK" <<'EOF'
+import html, pathlib, re, sys, urllib.parse
 work = pathlib.Path(sys.argv[1])
 projects: dict[str, list[str]] = {}
 for whl in sorted((work / "cpu-wheels").glob("*.whl")):
@@ -88,11 +88,9 @@ for name, files in projects.items():  # PEP 503: one page per project
     (work / "cpu-index" / name).mkdir(parents=True, exist_ok=True)
     links = "".join(f'<a href="/cpu-wheels/{urllib.parse.quote(f)}">{html.escape(f)}</a>\n' for f in files)
     (work / "cpu-index" / name / "index.html").write_text(links)
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    print(s.getsockname()[1])
 EOF
-)"
+  # A fixed port: the index URL is a build argument, and a new value would miss the cache.
+  PORT="${CPU_INDEX_PORT:-8765}"
   python3 -m http.server --bind 127.0.0.1 "$PORT" --directory "$WORK" >"$WORK/index.log" 2>&1 &
   PIDS+=($!)
   TORCH_INDEX_URL="http://127.0.0.1:$PORT/cpu-index"
@@ -103,7 +101,8 @@ fi
 echo "== build localhost/clotho:cpu (docker/Dockerfile.cpu on localhost/clotho-base)"
 start=$SECONDS
 # --network host: RUN steps reach the package indexes (and the local mirror) as the host does.
-podman build --pull=never --network host --layers \
+# --format docker: the OCI format (podman's default) drops HEALTHCHECK.
+podman build --pull=never --network host --layers --format docker \
   --build-arg BASE_IMAGE=localhost/clotho-base --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
   -f "$ROOT/docker/Dockerfile.cpu" -t localhost/clotho:cpu "$ROOT" >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log"; exit 1; }
@@ -111,7 +110,7 @@ cached=$(grep -c 'Using cache' "$WORK/build.log" || true)
 grep -E '^torch [0-9]' "$WORK/build.log" | sed 's/^/   /' || true
 echo "   built in $((SECONDS - start)) s ($cached steps from the cache):" \
   "$(podman image inspect localhost/clotho:cpu --format '{{.Id}} {{.Size}}' | awk '{printf "%s, %d MB", substr($1,1,12), $2/1e6}')"
-podman run --rm --network none localhost/clotho:cpu --help >/dev/null
+podman run --rm --network none --no-healthcheck localhost/clotho:cpu --help >/dev/null
 echo "   runs as $(podman image inspect localhost/clotho:cpu --format '{{.Config.User}}'), entrypoint" \
   "$(podman image inspect localhost/clotho:cpu --format '{{.Config.Entrypoint}}'), healthcheck" \
   "$(podman image inspect localhost/clotho:cpu --format '{{.Config.Healthcheck.Test}}')"
@@ -161,9 +160,13 @@ start=$SECONDS
 echo "   up in $((SECONDS - start)) s"
 "${C[@]}" ps -a --format 'table {{.Service}}\t{{.Status}}\t{{.Ports}}' | sed 's/^/   /'
 
+echo "== Prometheus' targets (docker/prometheus.yml), scraped from the compose network"
+# Now, while the trainer runs (it exits after its steps, and its name with it).
+"${C[@]}" exec -T otel-collector python /opt/clotho-proof/collector_standin.py scrape \
+  /opt/clotho-proof/prometheus.yml --retry-seconds 60 | sed 's/^ */   /'
+
 echo "== training $STEPS steps (the trainer's step lines)"
 printed=0
-scraped=0
 deadline=$((SECONDS + TIMEOUT))
 state=running
 while :; do
@@ -176,12 +179,6 @@ keep = ("step", "policy_version", "mean_score", "loss", "kl", "tokens", "step_se
 print("   " + " ".join(f"{k}={e[k]:.4g}" if isinstance(e[k], float) else f"{k}={e[k]}" for k in keep if k in e))' "$line"
   done
   printed=${#lines[@]}
-  if [ "$scraped" = 0 ] && [ "$printed" -gt 0 ]; then
-    echo "== Prometheus' targets (docker/prometheus.yml), scraped from the compose network"
-    "${C[@]}" exec -T otel-collector python /opt/clotho-proof/collector_standin.py scrape \
-      /opt/clotho-proof/prometheus.yml || true
-    scraped=1
-  fi
   [ "$state" = running ] || break
   [ "$SECONDS" -lt "$deadline" ] || { echo "timed out after $TIMEOUT s"; exit 1; }
   sleep 5
