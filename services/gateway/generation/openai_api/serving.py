@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,6 +19,8 @@ from services.common.errors import ClothoError
 from services.gateway.generation.openai_api.error_shape import error_body, error_from_exception
 from services.gateway.generation.openai_api.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.generation.openai_api.render import (
+    Alternatives,
+    Rendered,
     StreamText,
     TokenStrings,
     chat_logprobs,
@@ -30,6 +33,8 @@ from services.gateway.generation.openai_api.render import (
 )
 from services.gateway.generation.pool import InferencePool
 from services.gateway.http.sse import DONE, sse_event
+
+_StreamBody = ChatCompletionRequest | CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +167,78 @@ def _stream_error(exc: Exception) -> bytes:
     return sse_event(body)
 
 
-class _Sample:
-    """Streaming state of one choice."""
+@dataclass
+class _Streamed:
+    """A run of streamed tokens, ready for either route's logprobs shape."""
 
-    def __init__(self, stops: list[str], no_stop_trim: bool) -> None:
-        self.text = StreamText(stops, no_stop_trim)
+    tokens: list[str]
+    pieces: list[str]
+    alternatives: list[Alternatives | None] | None
+    logprobs: list[float]
+
+
+class _Sample:
+    """Streaming state of one choice: the ids so far, the text sent so far, and the text
+    offset of the next logprob token (completions). `chunk` and `completion` turn the
+    engine's messages into the text delta to send and, when logprobs were asked for,
+    the streamed tokens (both in the tokenizer thread)."""
+
+    def __init__(self, inference: InferencePool, tokenizer: Any, strings: TokenStrings, body: _StreamBody) -> None:
+        self.inference = inference
+        self.tokenizer = tokenizer
+        self.strings = strings
+        self.body = body
+        self.text = StreamText(body.stops, body.no_stop_trim)
         self.ids: list[int] = []
-        self.offset = 0  # text offset of the next logprob token (completions)
+        self.offset = 0
+
+    async def _tokens(self, ids: list[int], tops: Any, logprobs: list[float]) -> _Streamed:
+        tokens, pieces, alts = await self.inference.in_tokenizer_thread(
+            stream_tokens, self.strings, ids, self.body.skip_special_tokens, tops, self.body.top_logprobs_k
+        )
+        return _Streamed(tokens, pieces, alts, logprobs)
+
+    async def chunk(self, chunk: pb.TokenChunk, want_logprobs: bool) -> tuple[str, _Streamed | None]:
+        new_ids = list(chunk.token_ids)
+        self.ids.extend(new_ids)
+        skip = self.body.skip_special_tokens
+        text = await self.inference.in_tokenizer_thread(self.tokenizer.decode, self.ids, skip_special_tokens=skip)
+        delta = self.text.update(text)
+        if not (want_logprobs and new_ids):
+            return delta, None
+        return delta, await self._tokens(new_ids, chunk.top_logprobs, list(chunk.logprobs))
+
+    async def completion(
+        self, completion: pb.Completion, want_logprobs: bool
+    ) -> tuple[Rendered, str, _Streamed | None]:
+        b = self.body
+        r = await self.inference.in_tokenizer_thread(
+            render, self.tokenizer, completion, b.stops, b.skip_special_tokens, b.no_stop_trim, False
+        )
+        delta = self.text.final(r.text)
+        sent = len(self.ids)
+        rest = list(completion.output_ids)[sent:]
+        if not (want_logprobs and rest):
+            return r, delta, None
+        streamed = await self._tokens(
+            rest, completion.output_top_logprobs[sent:], list(completion.output_logprobs)[sent:]
+        )
+        return r, delta, streamed
+
+
+def _chat_logprobs(streamed: _Streamed | None, top: int | None) -> dict[str, Any] | None:
+    if streamed is None:
+        return None
+    return chat_logprobs(streamed.tokens, streamed.logprobs, top, streamed.alternatives)
+
+
+def _completion_logprobs(sample: _Sample, streamed: _Streamed | None) -> dict[str, Any] | None:
+    """A completion's logprobs at the sample's text offset, which moves past them."""
+    if streamed is None:
+        return None
+    out = completion_logprobs(streamed.tokens, streamed.pieces, streamed.logprobs, sample.offset, streamed.alternatives)
+    sample.offset += sum(len(p) for p in streamed.pieces)
+    return out
 
 
 async def chat_stream(
@@ -191,10 +261,10 @@ async def chat_stream(
             event["usage"] = None
         return sse_event(event)
 
-    samples = [_Sample(body.stops, body.no_stop_trim) for _ in range(body.n)]
-    completion_tokens = 0
-    skip = body.skip_special_tokens
     strings = TokenStrings(tokenizer)
+    samples = [_Sample(inference, tokenizer, strings, body) for _ in range(body.n)]
+    completion_tokens = 0
+    want_lps = bool(body.logprobs)
     try:
         for k in range(body.n):
             yield chunk(
@@ -204,44 +274,18 @@ async def chat_stream(
             k = message.index
             sample = samples[k]
             if message.WhichOneof("payload") == "chunk":
-                new_ids = list(message.chunk.token_ids)
-                sample.ids.extend(new_ids)
-                text = await inference.in_tokenizer_thread(tokenizer.decode, sample.ids, skip_special_tokens=skip)
-                delta = sample.text.update(text)
-                logprobs = None
-                if body.logprobs and new_ids:
-                    tokens, _, alts = await inference.in_tokenizer_thread(
-                        stream_tokens, strings, new_ids, skip, message.chunk.top_logprobs, body.top_logprobs_k
-                    )
-                    logprobs = chat_logprobs(tokens, list(message.chunk.logprobs), body.top_logprobs, alts)
+                delta, streamed = await sample.chunk(message.chunk, want_lps)
+                logprobs = _chat_logprobs(streamed, body.top_logprobs)
                 if delta or logprobs:
                     yield chunk({"index": k, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": None})
                 continue
-            completion = message.completion
-            r = await inference.in_tokenizer_thread(
-                render, tokenizer, completion, body.stops, skip, body.no_stop_trim, False
-            )
+            r, delta, streamed = await sample.completion(message.completion, want_lps)
             completion_tokens += r.completion_tokens
-            delta = sample.text.final(r.text)
-            logprobs = None
-            rest = list(completion.output_ids)[len(sample.ids) :]
-            if body.logprobs and rest:
-                tokens, _, alts = await inference.in_tokenizer_thread(
-                    stream_tokens,
-                    strings,
-                    rest,
-                    skip,
-                    completion.output_top_logprobs[len(sample.ids) :],
-                    body.top_logprobs_k,
-                )
-                logprobs = chat_logprobs(
-                    tokens, list(completion.output_logprobs)[len(sample.ids) :], body.top_logprobs, alts
-                )
             yield chunk(
                 {
                     "index": k,
                     "delta": {"content": delta} if delta else {},
-                    "logprobs": logprobs,
+                    "logprobs": _chat_logprobs(streamed, body.top_logprobs),
                     "finish_reason": r.finish_reason,
                     "matched_stop": r.matched_stop,
                 }
@@ -279,10 +323,9 @@ async def completion_stream(
         return sse_event(out)
 
     n = body.n
-    samples = {(i, k): _Sample(body.stops, body.no_stop_trim) for i in range(len(requests)) for k in range(n)}
-    want_lps = body.logprobs is not None
-    skip = body.skip_special_tokens
     strings = TokenStrings(tokenizer)
+    samples = {(i, k): _Sample(inference, tokenizer, strings, body) for i in range(len(requests)) for k in range(n)}
+    want_lps = body.logprobs is not None
     completion_tokens = 0
     try:
         if body.echo:
@@ -294,45 +337,18 @@ async def completion_stream(
             k = message.index
             sample = samples[(i, k)]
             if message.WhichOneof("payload") == "chunk":
-                new_ids = list(message.chunk.token_ids)
-                sample.ids.extend(new_ids)
-                text = await inference.in_tokenizer_thread(tokenizer.decode, sample.ids, skip_special_tokens=skip)
-                delta = sample.text.update(text)
-                logprobs = None
-                if want_lps and new_ids:
-                    tokens, pieces, alts = await inference.in_tokenizer_thread(
-                        stream_tokens, strings, new_ids, skip, message.chunk.top_logprobs, body.top_logprobs_k
-                    )
-                    logprobs = completion_logprobs(tokens, pieces, list(message.chunk.logprobs), sample.offset, alts)
-                    sample.offset += sum(len(p) for p in pieces)
+                delta, streamed = await sample.chunk(message.chunk, want_lps)
+                logprobs = _completion_logprobs(sample, streamed)
                 if delta or logprobs:
                     yield event({"index": i * n + k, "text": delta, "logprobs": logprobs, "finish_reason": None})
                 continue
-            completion = message.completion
-            r = await inference.in_tokenizer_thread(
-                render, tokenizer, completion, body.stops, skip, body.no_stop_trim, False
-            )
+            r, delta, streamed = await sample.completion(message.completion, want_lps)
             completion_tokens += r.completion_tokens
-            delta = sample.text.final(r.text)
-            logprobs = None
-            rest = list(completion.output_ids)[len(sample.ids) :]
-            if want_lps and rest:
-                tokens, pieces, alts = await inference.in_tokenizer_thread(
-                    stream_tokens,
-                    strings,
-                    rest,
-                    skip,
-                    completion.output_top_logprobs[len(sample.ids) :],
-                    body.top_logprobs_k,
-                )
-                logprobs = completion_logprobs(
-                    tokens, pieces, list(completion.output_logprobs)[len(sample.ids) :], sample.offset, alts
-                )
             yield event(
                 {
                     "index": i * n + k,
                     "text": delta,
-                    "logprobs": logprobs,
+                    "logprobs": _completion_logprobs(sample, streamed),
                     "finish_reason": r.finish_reason,
                     "matched_stop": r.matched_stop,
                 }
