@@ -33,6 +33,10 @@ from services.gateway.trajectory.state import TrajectoryState
 log = logging.getLogger(__name__)
 
 
+# Prometheus scrapes are noise in traces.
+UNTRACED_PATHS = frozenset({"/metrics"})
+
+
 class GatewayApp(FastAPI):
     """FastAPI with a short way in for the ingest routes.
 
@@ -57,7 +61,7 @@ class GatewayApp(FastAPI):
         latency = self.latency
         start = time.perf_counter()
         try:
-            if telemetry.enabled:
+            if telemetry.enabled and scope["path"] not in UNTRACED_PATHS:
                 await traced_request(self._dispatch, scope, receive, send)
             else:
                 await self._dispatch(scope, receive, send)
