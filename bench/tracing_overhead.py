@@ -305,10 +305,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write every figure here")
     args = p.parse_args()
     out = asyncio.run(main_async(args))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
     print()
     print(table(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":
