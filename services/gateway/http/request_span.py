@@ -1,33 +1,48 @@
 """Server spans of the gateway's HTTP routes, continuing the caller's traceparent.
 
-FastAPI's own telemetry opens a server span for every route it answers. The ingest
-routes (`/scored_data`, `/scored_data_list`, `/batch`) are answered on the fast entry
-below FastAPI (GatewayApp), so `traced_fast_route` opens theirs, only while tracing is
-on (services.common.telemetry.enabled): off, the fast entry pays one attribute read.
+One span per request, made here by `traced_request` around the whole ASGI app while
+tracing is on (services.common.telemetry.enabled; off, GatewayApp pays one attribute
+read and nothing here runs): a SERVER span named by method and route
+(`POST /scored_data`, `GET /v1/models/{model_id:path}`), its attributes set in bulk
+(method, path, route, status), ended when the response (streamed ones included) is
+complete. FastAPI's own telemetry is off: it made the server span, an operation span
+per endpoint and, with ours, an internal span per inference route, three spans where
+one says the same. The caller's context is only extracted when a header the
+configured propagators read is there.
 
-`RequestSpan` is the inference routes' span around the gRPC calls they make: a child
-of FastAPI's span when there is one, else a server span of its own. A streamed
-response outlives the handler, so it can take the span over (`hand_off`) and end it
-when the stream ends; otherwise the span ends when the handler returns.
+`RequestSpan` is the inference routes' span around the gRPC calls they make: the
+request's server span when there is one (the usual case), else a server span of its
+own. A streamed response outlives the handler, so it can take the span over
+(`hand_off`) and end it when the stream ends; otherwise the span ends when the
+handler returns. A borrowed server span is ended by `traced_request`, never by them.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.common.telemetry import extract_context
 
 tracer = trace.get_tracer("clotho.gateway")
 
+# The server span of the request being answered (set by traced_request).
+_server_span: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar("clotho_server_span", default=None)
+
 
 class RequestSpan:
     def __init__(self, name: str, headers: Mapping[str, str]) -> None:
-        if trace.get_current_span().get_span_context().is_valid:
+        current = trace.get_current_span()
+        self._owned = True
+        if current is not trace.INVALID_SPAN and current is _server_span.get():
+            self.span = current
+            self._owned = False
+        elif current.get_span_context().is_valid:
             self.span = tracer.start_span(name, kind=SpanKind.INTERNAL)
         else:
             self.span = tracer.start_span(name, context=extract_context(headers), kind=SpanKind.SERVER)
@@ -35,11 +50,14 @@ class RequestSpan:
         self._handed_off = False
 
     def __enter__(self) -> RequestSpan:
-        self._use = trace.use_span(self.span, end_on_exit=False)
-        self._use.__enter__()
+        if self._owned:
+            self._use = trace.use_span(self.span, end_on_exit=False)
+            self._use.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if not self._owned:
+            return
         try:
             self._use.__exit__(*exc)
         finally:
@@ -51,33 +69,77 @@ class RequestSpan:
         return trace.set_span_in_context(self.span)
 
     def hand_off(self) -> trace.Span:
-        """The caller (a streamed response) now ends the span."""
+        """The caller (a streamed response) now ends the span (a borrowed server span:
+        a stand-in whose end does nothing; traced_request ends the real one)."""
+        if not self._owned:
+            return trace.NonRecordingSpan(self.span.get_span_context())
         self._handed_off = True
         return self.span
 
 
-def _scope_headers(scope: Any) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+_propagator_fields: tuple[Any, frozenset[bytes]] | None = None
 
 
-async def traced_fast_route(app: Any, scope: Any, receive: Any, send: Any) -> None:
-    """Run the ASGI `app` for one request under a server span named by its method and
-    path, the response status recorded on it."""
+def _parent_context(scope: Any) -> otel_context.Context | None:
+    """The caller's context when the request carries a header the configured
+    propagators read (`traceparent`, `baggage`, ...); None (the current one) else."""
+    global _propagator_fields
+    textmap = propagate.get_global_textmap()
+    cached = _propagator_fields
+    if cached is None or cached[0] is not textmap:
+        cached = _propagator_fields = (textmap, frozenset(f.lower().encode("latin-1") for f in textmap.fields))
+    fields = cached[1]
+    headers = scope.get("headers", ())
+    for key, _ in headers:
+        if key.lower() in fields:
+            return extract_context({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers})
+    return None
+
+
+async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
+    """Run the ASGI `app` for one HTTP request under its server span."""
     method, path = scope["method"], scope["path"]
+    parent = _parent_context(scope)
     span = tracer.start_span(
         f"{method} {path}",
-        context=extract_context(_scope_headers(scope)),
+        context=parent,
         kind=SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": path, "http.route": path},
+        attributes={"http.request.method": method, "url.path": path},
     )
+    status = 0
 
     async def send_status(message: Any) -> None:
+        nonlocal status
         if message["type"] == "http.response.start":
-            status = int(message["status"])
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(StatusCode.ERROR)
+            status = message["status"]
         await send(message)
 
-    with trace.use_span(span, end_on_exit=True):
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    span_token = _server_span.set(span)
+    error: BaseException | None = None
+    try:
         await app(scope, receive, send_status)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        _server_span.reset(span_token)
+        otel_context.detach(token)
+        if span.is_recording():
+            # The route template, when the router matched one (Starlette leaves it
+            # in the scope); else the path.
+            route = getattr(scope.get("route"), "path", None) or path
+            if route != path:
+                span.update_name(f"{method} {route}")
+            attributes: dict[str, Any] = {"http.route": route}
+            if status:
+                attributes["http.response.status_code"] = status
+            if error is not None or status >= 500 or not status:
+                attributes["error.type"] = (
+                    type(error).__qualname__ if error is not None else str(status or "incomplete")
+                )
+                span.set_attributes(attributes)
+                span.set_status(StatusCode.ERROR)
+            else:
+                span.set_attributes(attributes)
+        span.end()

@@ -1,0 +1,246 @@
+"""OTLP trace export requests written straight to protobuf wire bytes.
+
+The SDK's `encode_spans` builds one protobuf object per span, attribute, value, event
+and link from Python: about as much CPU per span as making the span, all of it under
+the GIL of the process being traced. `encode_request` writes the same
+`ExportTraceServiceRequest` (same fields, same values, same grouping by resource and
+instrumentation scope) as bytes, reusing the bytes of what repeats from span to span:
+the resource and scope headers, and attribute key/value pairs (a route's method, path
+and status, a shard's name). tests/unit/test_otlp_encode.py checks it against
+`encode_spans` field for field.
+
+Field numbers are opentelemetry-proto's (trace/v1/trace.proto, common/v1/common.proto,
+resource/v1/resource.proto, collector/trace/v1/trace_service.proto).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.trace import SpanKind
+
+log = logging.getLogger(__name__)
+
+_pack_d = struct.Struct("<d").pack
+_pack_q = struct.Struct("<Q").pack
+_pack_i = struct.Struct("<I").pack
+
+# SpanFlags: the context carries is_remote (0x100), and it is remote (0x200).
+_FLAGS_LOCAL = b"\x85\x01" + _pack_i(0x100)  # field 16, fixed32
+_FLAGS_REMOTE = b"\x85\x01" + _pack_i(0x300)
+_LINK_FLAGS_LOCAL = b"\x35" + _pack_i(0x100)  # Link.flags: field 6, fixed32
+_LINK_FLAGS_REMOTE = b"\x35" + _pack_i(0x300)
+
+
+# SpanKind (INTERNAL=0 ...) -> Span.kind (SPAN_KIND_INTERNAL=1 ...), field 6.
+_KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    n = len(payload)
+    return tag + (bytes((n,)) if n < 0x80 else _varint(n)) + payload
+
+
+def _str(tag: bytes, value: str) -> bytes:
+    return _ld(tag, value.encode()) if value else b""
+
+
+def _any_value(value: Any) -> bytes:
+    """An AnyValue message's payload (its fields are a oneof: a zero value is still
+    written)."""
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _ld(b"\x0a", value.encode())
+    if isinstance(value, int):
+        return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    if isinstance(value, float):
+        return b"\x21" + _pack_d(value)
+    if isinstance(value, bytes):
+        return _ld(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _any_value(v)) for v in value))
+    if isinstance(value, Mapping):
+        return _ld(b"\x32", b"".join(_ld(b"\x0a", _key_value(str(k), v)) for k, v in value.items()))
+    raise TypeError(f"Invalid type {type(value)} of value {value}")
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    return _str(b"\x0a", key) + _ld(b"\x12", _any_value(value))
+
+
+# (key, type, value) -> the KeyValue's bytes, for scalar values; bounded.
+_kv_cache: dict[tuple[str, type, Any], bytes] = {}
+_KV_CACHE_MAX = 4096
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
+    """Each attribute as a length-delimited KeyValue field `tag`."""
+    if not attributes:
+        return b""
+    parts = []
+    cache = _kv_cache
+    for key, value in attributes.items():
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or kind is float:
+            k = (key, kind, value)
+            kv = cache.get(k)
+            if kv is None:
+                kv = _ld(tag, _key_value(key, value))
+                if len(cache) < _KV_CACHE_MAX and (kind is not str or len(value) <= 64):
+                    cache[k] = kv
+            parts.append(kv)
+            continue
+        try:
+            parts.append(_ld(tag, _key_value(key, value)))
+        except Exception as error:  # the SDK's encoder logs and skips such an attribute too
+            log.exception("Failed to encode key %s: %s", key, error)
+    return b"".join(parts)
+
+
+def _trace_state(state: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in state.items()) if state is not None else ""
+
+
+# id(scope) -> its InstrumentationScope bytes; the scopes live as long as their tracers.
+_scope_cache: dict[int, tuple[Any, bytes]] = {}
+_resource_cache: dict[int, tuple[Any, bytes]] = {}
+
+
+def _scope_bytes(scope: Any) -> bytes:
+    hit = _scope_cache.get(id(scope))
+    if hit is not None and hit[0] is scope:
+        return hit[1]
+    if scope is None:
+        payload = b""
+    else:
+        payload = (
+            _str(b"\x0a", scope.name) + _str(b"\x12", scope.version or "") + _attributes(b"\x1a", scope.attributes)
+        )
+    encoded = _ld(b"\x0a", payload)
+    if len(_scope_cache) < 256:
+        _scope_cache[id(scope)] = (scope, encoded)
+    return encoded
+
+
+def _resource_bytes(resource: Any) -> bytes:
+    hit = _resource_cache.get(id(resource))
+    if hit is not None and hit[0] is resource:
+        return hit[1]
+    encoded = _ld(b"\x0a", _attributes(b"\x0a", resource.attributes))
+    if len(_resource_cache) < 64:
+        _resource_cache[id(resource)] = (resource, encoded)
+    return encoded
+
+
+def encode_span(span: Any) -> bytes:
+    """One SDK ReadableSpan as the payload of an OTLP Span message.
+
+    Reads the ReadableSpan's fields, not its properties: those copy the attributes,
+    events and links into new containers, a third of the encoding's time."""
+    ctx = span._context
+    parent = span._parent
+    out = [
+        b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),
+        b"\x12\x08" + ctx.span_id.to_bytes(8, "big"),
+    ]
+    state = ctx.trace_state
+    if state:
+        out.append(_str(b"\x1a", _trace_state(state)))
+    if parent:
+        out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    out.append(_str(b"\x2a", span._name))
+    out.append(_KINDS[span._kind])
+    if span._start_time:
+        out.append(b"\x39" + _pack_q(span._start_time))
+    if span._end_time:
+        out.append(b"\x41" + _pack_q(span._end_time))
+    attributes = span._attributes
+    if attributes:
+        out.append(_attributes(b"\x4a", attributes))
+        dropped = getattr(attributes, "dropped", 0)
+        if dropped:
+            out.append(b"\x50" + _varint(dropped))
+    events = span._events
+    if events:
+        for event in events:
+            payload = (b"\x09" + _pack_q(event.timestamp) if event.timestamp else b"") + _str(b"\x12", event.name)
+            payload += _attributes(b"\x1a", event.attributes)
+            if event.dropped_attributes:
+                payload += b"\x20" + _varint(event.dropped_attributes)
+            out.append(_ld(b"\x5a", payload))
+        dropped = getattr(events, "dropped", 0)
+        if dropped:
+            out.append(b"\x60" + _varint(dropped))
+    links = span._links
+    if links:
+        for link in links:
+            lc = link.context
+            payload = b"\x0a\x10" + lc.trace_id.to_bytes(16, "big") + b"\x12\x08" + lc.span_id.to_bytes(8, "big")
+            payload += _attributes(b"\x22", link.attributes)
+            if link.dropped_attributes:
+                payload += b"\x28" + _varint(link.dropped_attributes)
+            payload += _LINK_FLAGS_REMOTE if lc.is_remote else _LINK_FLAGS_LOCAL
+            out.append(_ld(b"\x6a", payload))
+        dropped = getattr(links, "dropped", 0)
+        if dropped:
+            out.append(b"\x70" + _varint(dropped))
+    status = span._status
+    if status is not None:
+        code = status.status_code.value
+        if code or status.description:
+            out.append(
+                _ld(b"\x7a", _str(b"\x12", status.description or "") + (b"\x18" + bytes((code,)) if code else b""))
+            )
+        else:
+            out.append(b"\x7a\x00")
+    out.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
+    return b"".join(out)
+
+
+def _group(index: dict[int, Any], entries: list[Any], key: Any) -> Any:
+    """The entry for `key` (by identity, else by equality, as the SDK groups)."""
+    entry = index.get(id(key))
+    if entry is None:
+        entry = next((e for e in entries if e[0] == key), None)
+        if entry is None:
+            entry = (key, [], {})
+            entries.append(entry)
+        index[id(key)] = entry
+    return entry
+
+
+def encode_request(spans: Sequence[Any]) -> bytes:
+    """An ExportTraceServiceRequest holding `spans` (ReadableSpans), grouped by
+    resource, then instrumentation scope, in first-seen order like the SDK's."""
+    resources: list[Any] = []  # (resource, [(scope, [span bytes], {})], {id(scope): entry})
+    by_id: dict[int, Any] = {}
+    for span in spans:
+        res = _group(by_id, resources, span.resource)
+        scope = _group(res[2], res[1], span.instrumentation_scope or None)
+        scope[1].append(_ld(b"\x12", encode_span(span)))
+    out = []
+    for resource, scopes, _ in resources:
+        scope_spans = []
+        for scope, encoded, _ in scopes:
+            schema = scope.schema_url if scope is not None else ""
+            scope_spans.append(_ld(b"\x12", _scope_bytes(scope) + b"".join(encoded) + _str(b"\x1a", schema or "")))
+        out.append(_ld(b"\x0a", _resource_bytes(resource) + b"".join(scope_spans) + _str(b"\x1a", resource.schema_url)))
+    return b"".join(out)
