@@ -4,22 +4,32 @@ Starts `python -m services.cli up --steps 0` (until stopped) in a fresh data
 directory, samples the memory of `clotho up` itself and of each of its children (from
 /proc; Linux only) every --interval seconds, and after --minutes stops the mesh and
 prints, per process, the slope over time once warm (the samples after
---warmup-minutes, default a fifth of the run): a least-squares fit in MB/min with its
-standard error, the residual noise (MB) and the growth over the warm window. A slope
-within two standard errors of zero, or whose growth over the window is within the
-noise, counts as flat.
+--warmup-minutes, default the first half of the run, so the slope is that of the second
+half): a least-squares fit in MB/min with its standard error, the residual noise (MB)
+and the growth over the warm window. A slope within two standard errors of zero, or
+whose growth over the window is within the noise, counts as flat.
+
+Warm-up is what a process fills once and then keeps: allocator arenas and caches, the
+tokenizer's and torch's first allocations, and structures bounded by design (the
+gateway's version receipts, up to 100k distinct completions: the demo's repeat task
+serves a few dozen, so they stay that small here; the trajectory store's kept batches, up
+to --gateway.max_kept_batches, full within seconds). The excluded window is printed
+with the table, and so are the trainer's steps in the warm window (memory that grows
+per step shows in KB per 1000 steps as well as MB/min) and the load average at the
+start and end (a loaded machine runs fewer steps per minute).
 
 Two measures per process: `anon` (RssAnon: the heap and other private memory, where a
 leak shows) and `rss` (VmRSS: anon plus file-backed pages such as the mapped torch
 libraries, which the kernel drops and faults back in with the machine's page-cache
 pressure, so its slope moves with what else runs on the machine).
 
-Usage: python bench/soak.py [--minutes 30] [--interval 5] [--out soak.json]
+Usage: python bench/soak.py [--minutes 30] [--warmup-minutes M] [--interval 5] [--out soak.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -118,6 +128,19 @@ def fit(points: list[tuple[float, float]]) -> Fit | None:
     return Fit(slope, stderr, noise, slope * (xs[-1] - xs[0]), n)
 
 
+def step_times(path: Path) -> list[float]:
+    """When each trainer step ended, in minutes since the start (clotho up's step log)."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    out.append(json.loads(line)["elapsed_seconds"] / 60)
+    except OSError:
+        pass
+    return out
+
+
 def _empty_points() -> dict[str, list[tuple[float, float]]]:
     return {m: [] for m in MEASURES}
 
@@ -133,13 +156,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="how long the mesh runs")
     ap.add_argument(
-        "--warmup-minutes", type=float, default=None, help="samples ignored at the start (default: a fifth)"
+        "--warmup-minutes", type=float, default=None, help="samples ignored at the start (default: half the run)"
     )
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None, help="write the samples and fits here as JSON")
     args = ap.parse_args()
-    warmup = args.minutes / 5 if args.warmup_minutes is None else args.warmup_minutes
+    warmup = args.minutes / 2 if args.warmup_minutes is None else args.warmup_minutes
+    load_start = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="clotho-soak-") as data_dir:
         cmd = [
@@ -181,11 +205,22 @@ def main() -> int:
                     up.wait()
         if up.returncode not in (0, -signal.SIGINT, 130) and time.monotonic() < end:
             print(f"clotho up exited early with {up.returncode}; logs in {data_dir}/logs", file=sys.stderr)
+        steps = step_times(Path(data_dir) / "steps.jsonl")
+    load_end = os.getloadavg()
 
-    print(f"soak: {args.minutes:g} min, warm after {warmup:g} min, a sample every {args.interval:g}s")
+    warm_steps = sum(1 for t in steps if t >= warmup)
+    print(
+        f"soak: {args.minutes:g} min, a sample every {args.interval:g}s; warm-up excluded: the first {warmup:g} min "
+        f"(fits over {args.minutes - warmup:g} min)"
+    )
+    print(
+        f"trainer steps: {len(steps)} in all, {warm_steps} in the warm window "
+        f"({warm_steps / max(args.minutes - warmup, 1e-9):.0f}/min); load average "
+        f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end"
+    )
     print(
         f"{'process':<12} {'measure':<7} {'start MB':>9} {'end MB':>9} {'MB/min':>8} {'± se':>7} "
-        f"{'noise MB':>9} {'growth':>8}  verdict"
+        f"{'noise MB':>9} {'growth':>8} {'KB/1k st':>8}  verdict"
     )
     report: dict[str, dict] = {}
     for s in series.values():
@@ -200,12 +235,15 @@ def main() -> int:
             if f is None:
                 print(f"{s.name:<12} {measure:<7} (too few warm samples)")
                 continue
+            per_kstep = f.growth * 1024 / warm_steps * 1000 if warm_steps else float("nan")
             print(
                 f"{s.name:<12} {measure:<7} {warm[0][1]:>9.1f} {warm[-1][1]:>9.1f} {f.slope:>8.3f} "
-                f"{f.stderr:>7.3f} {f.noise:>9.2f} {f.growth:>8.2f}  {f.verdict}"
+                f"{f.stderr:>7.3f} {f.noise:>9.2f} {f.growth:>8.2f} {per_kstep:>8.1f}  {f.verdict}"
             )
     if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        meta = {"minutes": args.minutes, "warmup_minutes": warmup, "steps": len(steps), "warm_steps": warm_steps}
+        meta |= {"load_start": load_start, "load_end": load_end}
+        args.out.write_text(json.dumps({"run": meta, "processes": report}, indent=1) + "\n")
     return 0
 
 
