@@ -214,7 +214,7 @@ def refit(path: Path, warmup: float | None, floor_mb_per_hour: float) -> int:
     """Print the table again from an --out JSON with another warm-up or floor (also
     reads the older JSON, a bare {process: {measure: {points}}}, without run figures)."""
     saved = json.loads(path.read_text())
-    run = saved.get("run") or {"minutes": None, "interval": 5.0}
+    run = {"minutes": None, "interval": 5.0} | saved.get("run", {})
     processes = saved.get("processes", saved)
     points = {
         name: {m: [tuple(p) for p in series[m]["points"]] for m in MEASURES} for name, series in processes.items()
