@@ -6,6 +6,7 @@ bounded only by the call timeout and the target's liveness."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from grpc import aio
@@ -13,7 +14,7 @@ from grpc import aio
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import DeadlineExceeded
-from services.gateway.generation.call_guard import Deadlines
+from services.gateway.generation.call_guard import CallGuard, Deadlines
 from services.gateway.generation.pool import InferencePool
 
 
@@ -99,5 +100,32 @@ async def test_non_streaming_calls_have_no_token_deadlines(start_targets):
     try:
         (completion,) = await asyncio.wait_for(pool.collect(pb.GenerateRequest(input_ids=[1], stream=False)), 10)
         assert completion.output_ids == [3]
+    finally:
+        await pool.close()
+
+
+def _alive(kind: type) -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+async def test_finished_calls_are_freed_without_the_cycle_collector(start_targets):
+    """A guard lets go of its task when closed, so a finished call (its guard, the gRPC
+    call, the request, the cancelled task's traceback) is freed at once, not left for a
+    full garbage collection: in a long run those piled up in the oldest generation."""
+    (address,) = await start_targets(Target(1))
+    pool = InferencePool([address], deadlines=Deadlines(first_token_seconds=5, idle_seconds=5))
+    try:
+        await messages(pool, stream=True)  # channel and health watcher set up
+        gc.collect()
+        gc.disable()
+        try:
+            for stream in (True, False) * 25:
+                out = await messages(pool, stream=stream)
+                assert out[-1].completion.output_ids == [1]
+            await asyncio.sleep(0)  # the last guard's cancelled task finishes
+            assert _alive(CallGuard) == 0
+            assert _alive(aio.UnaryStreamCall) <= 1
+        finally:
+            gc.enable()
     finally:
         await pool.close()

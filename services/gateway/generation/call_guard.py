@@ -45,7 +45,10 @@ class CallGuard:
         self.last = self.started
         self.received = False
         self.error: ClothoError | None = None
-        self._task = asyncio.create_task(self._run(), name=f"guard {target.address}")
+        # The task's coroutine holds this guard; the guard lets go of the task when it
+        # is closed, so no cycle (task -> guard -> task) keeps a finished call, its
+        # request and its cancellation traceback alive until a full garbage collection.
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._run(), name=f"guard {target.address}")
 
     def progress(self) -> None:
         self.received = True
@@ -82,4 +85,6 @@ class CallGuard:
         self._call.cancel()
 
     def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
