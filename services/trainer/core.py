@@ -192,24 +192,29 @@ class TrainerCore:
 
     # -- steps ------------------------------------------------------------------------
 
-    def check(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> None:
-        """Raise ValueError for a malformed batch (rank 0 checks before broadcasting)."""
-        prepare(groups, self.batching, policy_version=policy_version, moments=RunningMoments())
+    def check(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> TrainBatch:
+        """Raise ValueError for a malformed batch (rank 0 checks before broadcasting).
+        Returns the batch as prepared without the running advantage moments."""
+        return prepare(groups, self.batching, policy_version=policy_version, moments=RunningMoments())
 
     def train(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> StepResult:
         """Rank 0: one optimizer step on `groups`, every rank taking part."""
-        self.check(groups, policy_version)
+        checked = self.check(groups, policy_version)
         payload = ([g.SerializeToString() for g in groups], policy_version)
         self.ranks.broadcast_command("step", payload)
-        return self._step(groups, policy_version)
+        # The checked batch is the step's own unless advantages are normalised by the
+        # running moments (which the step's prepare updates).
+        return self._step(groups, policy_version, None if self.batching.adv_norm == "global" else checked)
 
-    def _step(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> StepResult:
+    def _step(
+        self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int, prepared: TrainBatch | None = None
+    ) -> StepResult:
         assert self.model is not None and self.optimizer is not None
         ranks = self.ranks
         # Spans of the step's phases (children of the trainer.step span on rank 0; other
         # ranks, with no step span current, make none).
         with child_span("trainer.prepare_batch", groups=len(groups)):
-            batch = prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
+            batch = prepared or prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
             shares = split(batch.sequences, ranks.world_size)
             budget, layout = self.batching.micro_batch_tokens, self.batching.layout
             mine = micro_batches(batch.sequences, shares[ranks.rank], budget, layout)
