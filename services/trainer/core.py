@@ -200,8 +200,8 @@ class TrainerCore:
     def train(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> StepResult:
         """Rank 0: one optimizer step on `groups`, every rank taking part."""
         checked = self.check(groups, policy_version)
-        payload = ([g.SerializeToString() for g in groups], policy_version)
-        self.ranks.broadcast_command("step", payload)
+        if self.ranks.distributed:
+            self.ranks.broadcast_command("step", ([g.SerializeToString() for g in groups], policy_version))
         # The checked batch is the step's own unless advantages are normalised by the
         # running moments (which the step's prepare updates).
         return self._step(groups, policy_version, None if self.batching.adv_norm == "global" else checked)
