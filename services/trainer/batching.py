@@ -5,13 +5,23 @@ ref_logprobs) are aligned with `tokens`; `masks[t] == -100` marks a prompt token
 is predicted from position t - 1, so the targets of a sequence are its tokens t >= 1
 whose mask is not -100.
 
-Packing: sequences are laid end to end in rows of at most `micro_batch_tokens` tokens
-(first fit, longest first), with position ids restarting at 0 for each sequence and no
-attention mask. Transformers then builds a block-diagonal causal mask from the position
-ids (see `tests/unit/test_trainer_batching.py`, which checks that packed log-probs equal
-unpacked ones), so no padding is computed at all. The forward pass asks for logits at
-target positions only (`logits_to_keep`), which keeps the vocabulary-sized tensors as
-small as the completions.
+Two layouts of a micro-batch (`BatchConfig.layout`), both with no attention mask and
+position ids restarting at 0 for each sequence, from which Transformers builds a
+block-diagonal causal mask (`tests/unit/test_trainer_grpo.py` checks that packed
+log-probs equal unpacked ones):
+
+- "packed": sequences laid end to end in one row of at most `micro_batch_tokens` tokens
+  (first fit, longest first): no padding at all, but attention over the whole row, so
+  its cost grows with the square of the row (and the mask is a dense L x L one).
+- "rows": rows as wide as the micro-batch's longest sequence, the shorter sequences
+  first-fit into them (longest first), padded at their end, as many rows as fit in
+  `micro_batch_tokens` (rows x width). Attention stays within a row: linear in the
+  batch. Where every row holds one sequence (equal lengths, the usual GRPO batch) the
+  mask is plain causal and attention takes SDPA's fused path. Padding sits after each
+  row's last token, where causal attention never lets a real token see it.
+
+The forward pass asks for logits at target columns only (`logits_to_keep`), which keeps
+the vocabulary-sized tensors as small as the completions.
 
 What a trainer cannot use is judged per sequence, never by failing the batch
 (`Unusable`): a sequence with no tokens, a token id outside the model's vocabulary or
@@ -53,6 +63,8 @@ class BatchConfig:
     aggregation: str = "token"
     max_token_len: int | None = None
     micro_batch_tokens: int = 8192
+    # "packed" or "rows" (module docstring).
+    layout: str = "packed"
     # Drop sequences generated more than this many versions ago (None keeps all).
     max_staleness: int | None = None
     # The model's vocabulary size: a sequence with a token id outside it is dropped
@@ -249,11 +261,12 @@ def split(sequences: Sequence[TrainSequence], ranks: int) -> list[list[int]]:
 
 @dataclass
 class MicroBatch:
-    """One packed row: [1, L] inputs and one entry per target in the row."""
+    """One forward pass: [R, L] inputs and one entry per target in them."""
 
-    input_ids: torch.Tensor  # [1, L] long
-    position_ids: torch.Tensor  # [1, L] long, restarting at 0 per sequence
-    logit_index: torch.Tensor  # [n] long: position whose logits predict each target
+    input_ids: torch.Tensor  # [R, L] long
+    position_ids: torch.Tensor  # [R, L] long, restarting at 0 per sequence
+    logit_columns: torch.Tensor  # [C] long: the columns whose logits are computed
+    logit_index: torch.Tensor  # [n] long: the logits (in [R * C]) that predict each target
     labels: torch.Tensor  # [n] long: the target token ids
     advantages: torch.Tensor  # [n]
     old_logprobs: torch.Tensor  # [n], NaN where not sent
@@ -268,26 +281,49 @@ class MicroBatch:
 
     @property
     def length(self) -> int:
-        return int(self.input_ids.shape[1])
+        """Tokens processed (padding included)."""
+        return int(self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> MicroBatch:
         moved: dict[str, Any] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return MicroBatch(**moved)
 
 
+LAYOUTS = ("packed", "rows")
+
+
 def pack(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[MicroBatch]:
     """Pack the given sequences into rows of at most `budget` tokens (a longer sequence
-    gets a row of its own), first fit by decreasing length. Sequences without targets
-    are left out: they contribute nothing to the loss."""
-    return [_row(sequences, row) for row in plan_rows(sequences, indices, budget)]
+    gets a row of its own), first fit by decreasing length, one row per micro-batch.
+    Sequences without targets are left out: they contribute nothing to the loss."""
+    return [_micro_batch(sequences, [row]) for row in plan_rows(sequences, indices, budget)]
+
+
+def micro_batches(
+    sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int, layout: str = "packed"
+) -> list[MicroBatch]:
+    """The given sequences as micro-batches of `layout` (module docstring)."""
+    return [_micro_batch(sequences, rows) for rows in plan(sequences, indices, budget, layout)]
+
+
+def plan(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int, layout: str) -> list[list[list[int]]]:
+    """Which sequences go in which row of which micro-batch."""
+    if layout == "packed":
+        return [[row] for row in plan_rows(sequences, indices, budget)]
+    if layout == "rows":
+        return _plan_padded_rows(sequences, indices, budget)
+    raise ValueError(f"unknown batch layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def _live_by_length(sequences: Sequence[TrainSequence], indices: Sequence[int]) -> list[int]:
+    return sorted((i for i in indices if sequences[i].targets), key=lambda i: (-len(sequences[i].tokens), i))
 
 
 def plan_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[list[int]]:
-    """Which sequences go in which row (see `pack`)."""
-    order = sorted((i for i in indices if sequences[i].targets), key=lambda i: (-len(sequences[i].tokens), i))
+    """Which sequences go in which packed row (see `pack`)."""
     rows: list[list[int]] = []
     fill: list[int] = []
-    for i in order:
+    for i in _live_by_length(sequences, indices):
         n = len(sequences[i].tokens)
         for r, used in enumerate(fill):
             if used + n <= budget:
@@ -300,33 +336,78 @@ def plan_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget
     return rows
 
 
-def _row(sequences: Sequence[TrainSequence], row: Sequence[int]) -> MicroBatch:
-    ids: list[int] = []
-    pos: list[int] = []
-    logit_index: list[int] = []
+def _plan_padded_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[list[list[int]]]:
+    """Micro-batches of rows as wide as their longest sequence (the first left), shorter
+    sequences first fit into the rows' free ends, rows added while rows x width stays
+    within `budget` (one row at least)."""
+    left = _live_by_length(sequences, indices)
+    out: list[list[list[int]]] = []
+    while left:
+        width = len(sequences[left[0]].tokens)
+        rows: list[list[int]] = []
+        fill: list[int] = []
+        rest: list[int] = []
+        for i in left:
+            n = len(sequences[i].tokens)
+            for r, used in enumerate(fill):
+                if used + n <= width:
+                    rows[r].append(i)
+                    fill[r] += n
+                    break
+            else:
+                if not rows or (len(rows) + 1) * width <= budget:
+                    rows.append([i])
+                    fill.append(n)
+                else:
+                    rest.append(i)
+        out.append(rows)
+        left = rest
+    return out
+
+
+def _micro_batch(sequences: Sequence[TrainSequence], rows: Sequence[Sequence[int]]) -> MicroBatch:
+    """Rows of sequences laid end to end, padded at their end to the longest row."""
+    width = max(sum(len(sequences[i].tokens) for i in row) for row in rows)
+    ids: list[list[int]] = []
+    pos: list[list[int]] = []
+    where: list[tuple[int, int]] = []  # (row, column) of each target's logits
     labels: list[int] = []
     seq_index: list[int] = []
     weights: list[float] = []
-    for i in row:
-        s = sequences[i]
-        offset = len(ids)
-        ids.extend(s.tokens)
-        pos.extend(range(len(s.tokens)))
-        logit_index.extend(offset + t - 1 for t in s.targets)
-        labels.extend(s.tokens[t] for t in s.targets)
-        seq_index.extend([i] * len(s.targets))
-        weights.extend([s.weight] * len(s.targets))
+    order: list[int] = []
+    real = 0
+    for r, row in enumerate(rows):
+        row_ids: list[int] = []
+        row_pos: list[int] = []
+        for i in row:
+            s = sequences[i]
+            offset = len(row_ids)
+            row_ids.extend(s.tokens)
+            row_pos.extend(range(len(s.tokens)))
+            where.extend((r, offset + t - 1) for t in s.targets)
+            labels.extend(s.tokens[t] for t in s.targets)
+            seq_index.extend([i] * len(s.targets))
+            weights.extend([s.weight] * len(s.targets))
+            order.append(i)
+        real += len(row_ids)
+        pad = width - len(row_ids)
+        # Padding continues the row's last positions: no new sequence starts in it.
+        ids.append(row_ids + [row_ids[-1]] * pad)
+        pos.append(row_pos + list(range(row_pos[-1] + 1, row_pos[-1] + 1 + pad)))
+    columns = sorted({c for _, c in where})
+    slot = {c: k for k, c in enumerate(columns)}
     return MicroBatch(
-        input_ids=torch.tensor([ids], dtype=torch.long),
-        position_ids=torch.tensor([pos], dtype=torch.long),
-        logit_index=torch.tensor(logit_index, dtype=torch.long),
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        position_ids=torch.tensor(pos, dtype=torch.long),
+        logit_columns=torch.tensor(columns, dtype=torch.long),
+        logit_index=torch.tensor([r * len(columns) + slot[c] for r, c in where], dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
-        advantages=torch.cat([sequences[i].advantages for i in row]),
-        old_logprobs=torch.cat([sequences[i].old_logprobs for i in row]),
-        ref_logprobs=torch.cat([sequences[i].ref_logprobs for i in row]),
+        advantages=torch.cat([sequences[i].advantages for i in order]),
+        old_logprobs=torch.cat([sequences[i].old_logprobs for i in order]),
+        ref_logprobs=torch.cat([sequences[i].ref_logprobs for i in order]),
         weights=torch.tensor(weights, dtype=torch.float32),
         seq_index=torch.tensor(seq_index, dtype=torch.long),
-        real_tokens=len(ids),
+        real_tokens=real,
     )
 
 
@@ -337,6 +418,7 @@ def dummy_micro_batch(token_id: int = 0) -> MicroBatch:
     return MicroBatch(
         input_ids=torch.tensor([[token_id, token_id]], dtype=torch.long),
         position_ids=torch.tensor([[0, 1]], dtype=torch.long),
+        logit_columns=torch.tensor([0], dtype=torch.long),
         logit_index=torch.tensor([0], dtype=torch.long),
         labels=torch.tensor([token_id], dtype=torch.long),
         advantages=torch.zeros(1),

@@ -25,7 +25,7 @@ from services.common.telemetry import child_span
 from services.common.weight_wire import build_manifest, lay_out_parameters
 from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
-from services.trainer.batching import BatchConfig, TrainBatch, dummy_micro_batch, pack, plan_rows, prepare, split
+from services.trainer.batching import BatchConfig, TrainBatch, dummy_micro_batch, micro_batches, plan, prepare, split
 from services.trainer.distributed import Ranks
 from services.trainer.grpo import GRPOMetrics, LossConfig, StepSums, accumulate, metrics
 from services.trainer.losses import RunningMoments
@@ -71,6 +71,7 @@ def batch_config(s: TrainerSettings) -> BatchConfig:
         aggregation=s.aggregation,
         max_token_len=s.max_token_len,
         micro_batch_tokens=s.micro_batch_tokens,
+        layout=s.batch_layout,
         max_staleness=None if s.max_staleness < 0 else s.max_staleness,
     )
 
@@ -119,7 +120,15 @@ class TrainerCore:
         self.autocast = self._autocast_dtype()
         self.laid_out = self._lay_out_for_sync(model)
         self.model = self.ranks.wrap(model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=s.lr,
+            betas=s.betas,
+            weight_decay=s.weight_decay,
+            # One fused kernel over every parameter (as transformers' default optimizer);
+            # not under FSDP2, whose DTensor parameters take the for-each path.
+            fused=not self.ranks.fsdp and self.device.type in ("cpu", "cuda"),
+        )
         self.scheduler = build_scheduler(self.optimizer, s.warmup_steps, s.num_steps, s.lr_schedule, s.min_lr_ratio)
         log.info(
             "loaded %s (%d parameters) on %s%s",
@@ -183,29 +192,34 @@ class TrainerCore:
 
     # -- steps ------------------------------------------------------------------------
 
-    def check(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> None:
-        """Raise ValueError for a malformed batch (rank 0 checks before broadcasting)."""
-        prepare(groups, self.batching, policy_version=policy_version, moments=RunningMoments())
+    def check(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> TrainBatch:
+        """Raise ValueError for a malformed batch (rank 0 checks before broadcasting).
+        Returns the batch as prepared without the running advantage moments."""
+        return prepare(groups, self.batching, policy_version=policy_version, moments=RunningMoments())
 
     def train(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> StepResult:
         """Rank 0: one optimizer step on `groups`, every rank taking part."""
-        self.check(groups, policy_version)
-        payload = ([g.SerializeToString() for g in groups], policy_version)
-        self.ranks.broadcast_command("step", payload)
-        return self._step(groups, policy_version)
+        checked = self.check(groups, policy_version)
+        if self.ranks.distributed:
+            self.ranks.broadcast_command("step", ([g.SerializeToString() for g in groups], policy_version))
+        # The checked batch is the step's own unless advantages are normalised by the
+        # running moments (which the step's prepare updates).
+        return self._step(groups, policy_version, None if self.batching.adv_norm == "global" else checked)
 
-    def _step(self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int) -> StepResult:
+    def _step(
+        self, groups: Sequence[scored_data_pb2.ScoredGroup], policy_version: int, prepared: TrainBatch | None = None
+    ) -> StepResult:
         assert self.model is not None and self.optimizer is not None
         ranks = self.ranks
         # Spans of the step's phases (children of the trainer.step span on rank 0; other
         # ranks, with no step span current, make none).
         with child_span("trainer.prepare_batch", groups=len(groups)):
-            batch = prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
+            batch = prepared or prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
             shares = split(batch.sequences, ranks.world_size)
-            budget = self.batching.micro_batch_tokens
-            mine = pack(batch.sequences, shares[ranks.rank], budget)
+            budget, layout = self.batching.micro_batch_tokens, self.batching.layout
+            mine = micro_batches(batch.sequences, shares[ranks.rank], budget, layout)
             # Every rank runs as many micro-batches as the busiest one.
-            rows = max(max(len(plan_rows(batch.sequences, share, budget)) for share in shares), 1)
+            rows = max(max(len(plan(batch.sequences, share, budget, layout)) for share in shares), 1)
             mine += [dummy_micro_batch(self.pad_token_id) for _ in range(rows - len(mine))]
 
         with child_span("trainer.forward_backward", micro_batches=len(mine), sequences=len(batch.sequences)):

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from clotho.v1 import scored_data_pb2
-from services.trainer.batching import BatchConfig, MicroBatch, TrainBatch, pack, prepare
+from services.trainer.batching import BatchConfig, MicroBatch, TrainBatch, micro_batches, prepare
 from services.trainer.losses import k3_kl, ppo_loss, weighted_sft_loss
 
 OBJECTIVES = ("grpo", "sft")
@@ -105,8 +105,8 @@ class GRPOMetrics:
 def token_logprobs(
     model: torch.nn.Module, mb: MicroBatch, autocast: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target of a packed row under `model`, and the policy's entropy
-    at that position (no gradient). Logits are computed at target positions only."""
+    """Log-prob of each target of a micro-batch under `model`, and the policy's entropy
+    at that position (no gradient). Logits are computed at target columns only."""
     device = mb.input_ids.device
     ctx: AbstractContextManager = (
         torch.autocast(device_type=device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
@@ -116,9 +116,9 @@ def token_logprobs(
             input_ids=mb.input_ids,
             position_ids=mb.position_ids,
             use_cache=False,
-            logits_to_keep=mb.logit_index,
+            logits_to_keep=mb.logit_columns,
         )
-    logits = out.logits[0].float()  # [n_targets, V]
+    logits = out.logits.flatten(0, 1)[mb.logit_index].float()  # [n_targets, V]
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, mb.labels.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
@@ -231,9 +231,10 @@ def grpo_backward(
     *,
     policy_version: int = 0,
 ) -> GRPOMetrics:
-    """Single-process convenience: prepare, pack and accumulate the whole batch's
+    """Single-process convenience: prepare, lay out and accumulate the whole batch's
     gradient into `model` (gradients are not zeroed, no optimizer step)."""
     batch = groups if isinstance(groups, TrainBatch) else prepare(groups, batch_config, policy_version=policy_version)
-    mbs = pack(batch.sequences, range(len(batch.sequences)), batch_config.micro_batch_tokens)
+    indices = range(len(batch.sequences))
+    mbs = micro_batches(batch.sequences, indices, batch_config.micro_batch_tokens, batch_config.layout)
     sums = accumulate(model, mbs, loss)
     return metrics(batch, sums)

@@ -1,11 +1,12 @@
 """The training loop on rank 0: batches from the gateway -> step -> weight push ->
-publish -> checkpoint.
+publish -> checkpoint. This module is the step; its neighbours hold the other jobs:
 
-The trainer is the authority on policy versions. A version is published only after
-every shard committed it; when a push fails the trainer keeps the step's weights and
-pushes the next step's weights under the same next version, as a resync (shards that
-restarted or lost track accept it whatever they serve), so the published version always
-names weights every shard serves.
+- batch_stream.py: registration with the gateway, the StreamBatches call, credits and
+  reconnects (each batch that arrives is one `train_step`);
+- publisher.py: versions on the shards (push, publish once every shard committed,
+  resync, the overlapped update in flight);
+- acknowledgements.py: which gateway batches the weights and the checkpoints hold;
+- step_record.py: the step's trace root and its step line.
 
 Resume: with a checkpoint in checkpoint_dir the learner starts at its step and version
 and, before it asks for any batch, resyncs every shard to the checkpoint's weights
@@ -14,13 +15,8 @@ version). All torch work runs in one dedicated thread, in order: a SIGTERM that 
 a step in flight still lets its optimizer step finish before the final checkpoint.
 
 With overlap_weight_update (one step off), a step's weights are copied and pushed while
-the next step trains; the next push starts only once that one is over, so versions are
-still published in order and only once committed. Every step line carries the step's
-critical path (wait for the batch, train, weight update, cycle).
-
-Longer than most modules (~600 lines): the loop, the version bookkeeping and the
-overlapped update share the same state (version, published weights, update in flight)
-and are easier to check side by side than split.
+the next step trains (publisher.py). Every step line carries the step's critical path
+(wait for the batch, train, weight update, cycle).
 """
 
 from __future__ import annotations
@@ -38,70 +34,31 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-import grpc
 import torch
-from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from clotho.v1 import gateway_service_pb2 as gw_pb
 from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import scored_data_pb2
 from services.common.access import Access
 from services.common.server import channel
-from services.common.telemetry import attached, parse_traceparent
+from services.common.telemetry import attached
 from services.common.weight_wire.dtypes import from_name
 from services.trainer import checkpoint
 from services.trainer.acknowledgements import BatchAcknowledgements
 from services.trainer.batch_log import BatchLog
+from services.trainer.batch_stream import BatchStream
 from services.trainer.core import StepResult, TrainerCore
 from services.trainer.distributed import Ranks
 from services.trainer.policy_state import PolicyState
+from services.trainer.publisher import Publisher, copy_keeping_layout
 from services.trainer.settings import TrainerSettings
+from services.trainer.step_record import step_record, step_span
 from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
 from services.trainer.weight_push.colocate import Colocation
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("clotho.trainer")
 T = TypeVar("T")
-
-# Gateway restarts and blips: reconnect the batch stream with capped backoff.
-RECONNECT_MIN_SECONDS = 0.5
-RECONNECT_MAX_SECONDS = 10.0
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
-# Whether this client's StreamBatchesRequest can carry the trainer's committed version.
-_CREDIT_HAS_VERSION = "policy_version" in gw_pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name
-
-
-def copy_keeping_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of `tensors` laid out as they are: each storage they use is copied once
-    and every tensor becomes the same view of the copy (parameters laid out as the
-    weight-sync buckets stay so: the copy is sent without packing)."""
-    copies: dict[int, torch.UntypedStorage] = {}
-    out = {}
-    for name, t in tensors.items():
-        storage = t.untyped_storage()
-        copy = copies.get(storage.data_ptr())
-        if copy is None:
-            copy = copies[storage.data_ptr()] = torch.UntypedStorage(storage.nbytes(), device=storage.device)
-            copy.copy_(storage)
-        view = torch.empty(0, dtype=t.dtype, device=t.device)
-        view.set_(copy, t.storage_offset(), t.size(), t.stride())
-        out[name] = view
-    return out
-
-
-@contextlib.contextmanager
-def step_span(step: int) -> Any:
-    """The root span of training step `step` (a new trace, whatever is current)."""
-    with tracer.start_as_current_span(
-        "trainer.step", context=otel_context.Context(), attributes={"clotho.step": step}
-    ) as span:
-        yield span
-
-
-class _StreamEnded(Exception):
-    """The gateway closed the batch stream."""
 
 
 class Learner:
@@ -122,27 +79,21 @@ class Learner:
     ) -> None:
         self.settings = settings
         self.state = state if state is not None else PolicyState()
-        self.weight_sync = weight_sync
         self._out = out
+        self.publisher = Publisher(
+            self.state,
+            weight_sync,
+            full_weights=self._full_weights,
+            current_step=lambda: self.core.step,
+            emit=self._emit,
+        )
         self.core = TrainerCore(settings, ranks)
         self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clotho-torch")
         self._loaded = False
         self._closed = False
-        self.last_sync: SyncReport | None = None
-        self.last_sync_error: str | None = None
-        # The next push must be a resync (after a restore, or a failed push).
-        self.resync_needed = False
-        # The weights are the ones published under state.version.
-        self.weights_published = True
         self._saved_step = -1
         self.resumed_from: Path | None = None
         self._last_step_end: float | None = None
-        # Overlapped weight updates (one step off): the update in flight, which finishes
-        # its step (publishes, prints the step line); `_epoch` counts optimizer steps and
-        # `_published_epoch` is the last one whose weights every shard committed.
-        self._update: asyncio.Task | None = None
-        self._epoch = 0
-        self._published_epoch = 0
         # Which gateway batches the weights and the checkpoints hold (acknowledgements.py).
         self.acks = BatchAcknowledgements(enabled=bool(settings.checkpoint_dir))
         self.batch_log = BatchLog(settings.batch_log)
@@ -185,9 +136,7 @@ class Learner:
             self._loaded = True
             if restored is not None:
                 self.state.restore(restored.policy_version, restored.step)
-                self.weights_published = restored.weights_published
-                self._published_epoch = 0 if restored.weights_published else -1
-                self.resync_needed = True
+                self.publisher.restored(restored.weights_published)
                 self._saved_step = restored.step
                 self.resumed_from = restored.path
                 self.acks.restore(checkpoint.read_state(restored.path))
@@ -224,7 +173,7 @@ class Learner:
         if self._closed:
             return
         self._closed = True
-        await self._settle_update()
+        await self.publisher.settle()
         if self._loaded:
             if self.step > self._saved_step:
                 with contextlib.suppress(Exception):
@@ -239,74 +188,37 @@ class Learner:
 
     async def sync_shards(self, stop: asyncio.Event | None = None) -> SyncReport | None:
         """Before training: bring every shard to the trainer's version and weights when
-        a checkpoint was restored or a shard serves another version. Retries (with
-        backoff) until it succeeds or `stop` is set."""
+        a checkpoint was restored or a shard serves another version (publisher.py)."""
         await self.load()
-        assert self.weight_sync is not None
-        if not self.weight_sync.has_shards:
-            return None
-        stop = stop or asyncio.Event()
-        backoff = RECONNECT_MIN_SECONDS
-        while not stop.is_set():
-            try:
-                if not self.resync_needed:
-                    served = await self.weight_sync.served_versions()
-                    off = {n: v for n, v in served.items() if v != self.state.version}
-                    if not off:
-                        return None
-                    log.info("shards serve %s, the trainer's version is %d: resyncing", off, self.state.version)
-                    self.resync_needed = True
-                return await self._push(resync_only=True)
-            except (TimeoutError, WeightSyncError, aio.AioRpcError) as exc:
-                log.warning("resync failed (%s); retrying in %.1fs", exc, backoff)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
-        return None
+        return await self.publisher.sync_shards(stop)
 
-    async def _push(
-        self, resync_only: bool = False, weights: dict[str, torch.Tensor] | None = None, weights_epoch: int = 0
-    ) -> SyncReport:
-        """Push the weights as the next version (or, for a resync of published weights,
-        as the current one); publish it once every shard committed. Raises
-        WeightSyncError (the next push is then a resync). `weights`: a copy of the
-        step's weights taken in the torch thread after optimizer step `weights_epoch`
-        (the next step may change the parameters meanwhile); by default the parameters
-        themselves are sent."""
-        assert self.weight_sync is not None
-        same_version = resync_only and self.weights_published
-        version = self.state.version if same_version else self.state.version + 1
-        if weights is None:
-            epoch = self._epoch
-            weights = await self._in_torch(self.core.full_weights)
-        else:
-            epoch = weights_epoch
-        try:
-            report = await self.weight_sync.push(weights, version, self.step, resync=self.resync_needed)
-        except WeightSyncError as exc:
-            self.resync_needed = True
-            self.last_sync_error = str(exc)
-            raise
-        finally:
-            del weights
-        self.resync_needed = False
-        self._published_epoch = epoch
-        # A step that started since (overlapped) has changed the weights again.
-        self.weights_published = self._epoch == epoch
-        self.last_sync, self.last_sync_error = report, None
-        if version > self.state.version:
-            self.state.publish(version, self.step)
-        if resync_only:
-            self._emit(
-                {
-                    "event": "resync",
-                    "step": self.step,
-                    "policy_version": version,
-                    "sync_seconds": report.seconds,
-                    "sync_bytes": report.bytes,
-                }
-            )
-        return report
+    async def _full_weights(self) -> dict[str, torch.Tensor]:
+        return await self._in_torch(self.core.full_weights)
+
+    # Where the versions stand (publisher.py).
+    @property
+    def weight_sync(self) -> WeightSync | None:
+        return self.publisher.weight_sync
+
+    @weight_sync.setter
+    def weight_sync(self, value: WeightSync | None) -> None:
+        self.publisher.weight_sync = value
+
+    @property
+    def resync_needed(self) -> bool:
+        return self.publisher.resync_needed
+
+    @property
+    def weights_published(self) -> bool:
+        return self.publisher.weights_published
+
+    @property
+    def last_sync(self) -> SyncReport | None:
+        return self.publisher.last_sync
+
+    @property
+    def last_sync_error(self) -> str | None:
+        return self.publisher.last_sync_error
 
     # -- one step ----------------------------------------------------------------------
 
@@ -354,14 +266,15 @@ class Learner:
         await self.load()
         started = time.monotonic()
         if self.settings.max_staleness >= 0:
-            await self._settle_update()
+            await self.publisher.settle()
+        pub = self.publisher
         # Where an update is in flight, its version is the one this batch is counted against.
-        pending = self._update is not None and not self._update.done()
+        pending = pub.pending
         version = self.state.version + 1 if pending else self.state.version
         # Cleared before the step starts: if we are cancelled while the torch thread
         # finishes it, the final checkpoint must not claim these weights are published.
-        published, self.weights_published = self.weights_published, False
-        epoch, self._epoch = self._epoch, self._epoch + 1
+        published, pub.weights_published = pub.weights_published, False
+        epoch, pub.epoch = pub.epoch, pub.epoch + 1
         interval, after = self.settings.checkpoint_interval, self.step + 1
         checkpoint_due = bool(interval and after % interval == 0) or (
             self.settings.num_steps > 0 and after >= self.settings.num_steps
@@ -392,15 +305,15 @@ class Learner:
                 result = await self._in_torch(self.core.train, list(groups), version)
         except ValueError:
             # Rejected before anything changed.
-            self._epoch = epoch
-            self.weights_published = published or self._published_epoch == epoch
+            pub.epoch = epoch
+            pub.weights_published = published or pub.published_epoch == epoch
             if colocation is not None:
                 await colocation.resume()
             raise
         step = self.step
         trained = time.monotonic()
         # The previous step's update must finish before this one's starts (versions in order).
-        await self._settle_update()
+        await pub.settle()
         if pending and self.state.version < version:
             # The update this batch was counted against did not publish its version.
             result.batch.staleness = [max(x - 1, 0) for x in result.batch.staleness]
@@ -413,9 +326,9 @@ class Learner:
         if weights is not None:
             timing["update_seconds"] = time.monotonic() - trained  # waiting for the previous update
             self._note_cycle(timing)
-            self._update = asyncio.ensure_future(
+            pub.start(
                 self._finish_step(
-                    result, step, timing, on_published, weights=weights, weights_epoch=self._epoch, checkpoint=False
+                    result, step, timing, on_published, weights=weights, weights_epoch=pub.epoch, checkpoint=False
                 )
             )
             return None
@@ -435,22 +348,6 @@ class Learner:
         if self._last_step_end is not None:
             timing["cycle_seconds"] = end - self._last_step_end
         self._last_step_end = end
-
-    async def _settle_update(self) -> None:
-        """Wait for the weight update in flight, if any. A failed push does not raise
-        (its step line reports it and the next push is a resync); a caller cancelled
-        meanwhile leaves the update running (close() waits for it)."""
-        task = self._update
-        if task is None:
-            return
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                raise  # our caller was cancelled, not the update
-        finally:
-            if task.done() and self._update is task:
-                self._update = None
 
     async def _finish_step(
         self,
@@ -472,7 +369,7 @@ class Learner:
         report: SyncReport | None = None
         try:
             try:
-                report = await self._push(weights=weights, weights_epoch=weights_epoch)
+                report = await self.publisher.push(weights=weights, weights_epoch=weights_epoch)
             except WeightSyncError as exc:
                 # The shards still serve the last committed version; the next step's push
                 # carries these weights on (same version number, newer weights).
@@ -486,7 +383,16 @@ class Learner:
         if "update_seconds" not in timing:
             timing["update_seconds"] = time.monotonic() - pushed
             self._note_cycle(timing)
-        record = self._step_record(result, report, time.monotonic() - timing["started"], step)
+        record = step_record(
+            result,
+            report,
+            time.monotonic() - timing["started"],
+            step,
+            policy_version=self.state.version,
+            skipped_batches=self.skipped_batches,
+            env_names=self.env_names,
+            sync_error=self.last_sync_error,
+        )
         if memory:
             record["memory"] = memory
         # The step's critical path, as the loop lived it: the wait for the batch, the
@@ -529,53 +435,6 @@ class Learner:
     def _colocated(self) -> bool:
         return bool(self.settings.colocated and self.weight_sync is not None and self.weight_sync.has_shards)
 
-    def _step_record(self, result: StepResult, report: SyncReport | None, seconds: float, step: int) -> dict[str, Any]:
-        m, batch = result.metrics, result.batch
-        staleness = batch.staleness
-        record: dict[str, Any] = {
-            "event": "step",
-            "step": step,
-            "policy_version": self.state.version,
-            "mean_score": m.mean_score,
-            "loss": m.loss,
-            "kl": m.kl,
-            "clip_fraction": m.clip_fraction,
-            "sync_seconds": report.seconds if report else 0.0,
-            "sync_bytes": report.bytes if report else 0,
-            "step_seconds": seconds,
-            "sync_ok": report is not None,
-            "entropy": m.entropy,
-            "ratio_mean": m.ratio_mean,
-            "ratio_max": m.ratio_max,
-            "ratio_min": m.ratio_min,
-            "is_truncated_fraction": m.is_truncated_fraction,
-            "abs_log_ratio_mean": m.abs_log_ratio_mean,
-            "advantage_mean": m.advantage_mean,
-            "grad_norm": result.grad_norm,
-            "lr": result.lr,
-            "tokens": m.tokens,
-            "sequences": m.sequences,
-            "real_token_fraction": m.real_token_fraction,
-            "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
-            "staleness_max": max(staleness, default=0),
-            "stale_dropped": batch.stale_dropped,
-            # Sequences dropped as unusable, and optional fields ignored (batching.py).
-            "unusable_dropped": sum(batch.dropped.values()),
-            "fallbacks": sum(batch.fallbacks.values()),
-            "skipped_batches": self.skipped_batches,
-        }
-        for reason, count in sorted(batch.dropped.items()):
-            record[f"dropped/{reason}"] = count
-        for reason, count in sorted(batch.fallbacks.items()):
-            record[f"fallback/{reason}"] = count
-        for env, score in m.env_mean_scores.items():
-            record[f"atropos/env_{env}/mean_score"] = score
-        # By registered name (env_<id> for an environment the gateway did not name).
-        record["env_mean_scores"] = {self.env_names.get(e, f"env_{e}"): s for e, s in m.env_mean_scores.items()}
-        if report is None:
-            record["sync_error"] = self.last_sync_error
-        return record
-
     async def save_checkpoint(self) -> None:
         """Write a checkpoint of the current step (every rank takes part)."""
         if not self.settings.checkpoint_dir or not self._loaded:
@@ -592,7 +451,7 @@ class Learner:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def _finished(self) -> bool:
+    def finished(self) -> bool:
         return self.settings.num_steps > 0 and self.step >= self.settings.num_steps
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -605,7 +464,8 @@ class Learner:
             token=self.settings.gateway_token,
             credentials=Access.from_settings(self.settings).channel_credentials(),
         )
-        work = asyncio.ensure_future(self._run(gw_grpc.GatewayServiceStub(gateway), stop))
+        stream = BatchStream(self, gw_grpc.GatewayServiceStub(gateway))
+        work = asyncio.ensure_future(stream.run(stop))
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -620,143 +480,6 @@ class Learner:
                         await task
             await gateway.close()
             await self.close()
-
-    async def _register(self, stub: gw_grpc.GatewayServiceStub) -> None:
-        s = self.settings
-        # wait_for_ready: the gateway may come up after us.
-        reply = await stub.RegisterTrainer(
-            gw_pb.RegisterTrainerRequest(
-                wandb_group=s.wandb_group,
-                wandb_project=s.wandb_project,
-                batch_size=s.batch_size,
-                max_token_len=s.max_token_len,
-                checkpoint_dir=s.checkpoint_dir,
-                save_checkpoint_interval=s.checkpoint_interval,
-                starting_step=self.step,
-                num_steps=s.num_steps,
-            ),
-            wait_for_ready=True,
-        )
-        log.info("registered with the gateway at %s as trainer %s", s.gateway, reply.uuid)
-
-    async def _run(self, stub: gw_grpc.GatewayServiceStub, stop: asyncio.Event) -> None:
-        await self.sync_shards(stop)
-        if self._finished() or stop.is_set():
-            return
-        await self._register(stub)
-        backoff = RECONNECT_MIN_SECONDS
-        while not self._finished() and not stop.is_set():
-            steps_before = self.step
-            try:
-                await self._consume(stub)
-            except _StreamEnded:
-                log.warning("the gateway closed the batch stream; reconnecting")
-            except aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE:
-                    raise
-                log.warning("batch stream failed (%s: %s); reconnecting", exc.code().name, exc.details())
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    # The gateway lost our registration (it restarted).
-                    await self._register(stub)
-            if self._finished():
-                break
-            backoff = RECONNECT_MIN_SECONDS if self.step > steps_before else min(backoff * 2, RECONNECT_MAX_SECONDS)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-
-    def _grant(self, outstanding: int, in_hand: int = 0) -> int:
-        """Credits to add so that at most `credits` batches are ever requested ahead and
-        no more than the remaining steps (less the `in_hand` batch) are requested."""
-        want = self.settings.credits - outstanding
-        if self.settings.num_steps > 0:
-            want = min(want, self.settings.num_steps - self.step - in_hand - outstanding)
-        return max(want, 0)
-
-    def _credit(self, n: int) -> gw_pb.StreamBatchesRequest:
-        request = gw_pb.StreamBatchesRequest(credits=n)
-        if _CREDIT_HAS_VERSION:
-            # Lets the gateway enforce its staleness bound against what shards serve.
-            request.policy_version = self.state.version
-        return self.acks.annotate(request)
-
-    async def _consume(self, stub: gw_grpc.GatewayServiceStub) -> None:
-        """One StreamBatches call: grant credits, train on each batch as it arrives.
-
-        one_step_off: the next batch is requested when a batch arrives, so its
-        generation overlaps this step; otherwise only after the step's weights are
-        committed, so it is generated by them."""
-        call = stub.StreamBatches(wait_for_ready=True)
-        outstanding = 0
-        writing = asyncio.Lock()  # an overlapped update also writes (its version)
-        self.acks.open_stream()
-
-        async def grant(in_hand: int) -> bool:
-            """Add credits; False when the stream is already over."""
-            nonlocal outstanding
-            n = self._grant(outstanding, in_hand)
-            if n:
-                try:
-                    async with writing:
-                        await call.write(self._credit(n))
-                except (asyncio.InvalidStateError, aio.AioRpcError):
-                    return False
-                outstanding += n
-            return True
-
-        async def published(version: int) -> None:
-            """An overlapped update committed: tell the gateway now, as the next credit
-            would have in step with the update."""
-            if _CREDIT_HAS_VERSION:
-                async with writing:
-                    await call.write(gw_pb.StreamBatchesRequest(credits=0, policy_version=version))
-
-        try:
-            while not self._finished():
-                if not await grant(in_hand=0):
-                    raise _StreamEnded()
-                # The step's trace starts with the wait for its batch.
-                with step_span(self.step + 1) as span:
-                    waiting = time.monotonic()
-                    with tracer.start_as_current_span("trainer.wait_batch"):
-                        response = await call.read()
-                    if response is aio.EOF:
-                        span.set_attribute("clotho.outcome", "stream ended")
-                        raise _StreamEnded()
-                    waited = time.monotonic() - waiting
-                    outstanding -= 1
-                    self.acks.consume(response.step)
-                    self.env_names.update(response.env_names)
-                    # The gateway's hand-out span, which links to the batch's submissions.
-                    handed_out = parse_traceparent(response.traceparent) if response.traceparent else None
-                    if handed_out is not None:
-                        span.add_link(handed_out, {"clotho.link": "batch"})
-                    span.set_attribute("clotho.batch_step", response.step)
-                    # The batch is ours now. One step off: let the gateway assemble the next
-                    # one while we train. If the stream ended meanwhile, still train.
-                    open_ = await grant(in_hand=1) if self.settings.one_step_off else True
-                    try:
-                        await self.train_step(
-                            list(response.groups),
-                            wait_seconds=waited,
-                            overlap=self.settings.one_step_off and self.settings.overlap_weight_update,
-                            on_published=published,
-                        )
-                        self.batch_log.record(response.step, self.step, response.groups)
-                    except ValueError as exc:
-                        self.skipped_batches += 1
-                        log.error("skipping malformed batch %d: %s", response.step, exc)
-                        span.set_status(trace.StatusCode.ERROR, f"malformed batch: {exc}")
-                if self.acks.unreported:  # tell the gateway what the new checkpoint holds
-                    with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
-                        async with writing:
-                            await call.write(self._credit(0))
-                if not open_:
-                    raise _StreamEnded()
-            await self._settle_update()
-            with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
-                await call.done_writing()
-        finally:
-            call.cancel()
 
 
 def _run_id(checkpoint_dir: str) -> str:

@@ -86,8 +86,14 @@ class TrainerSettings(ServiceSettings):
     micro_batch_tokens: int = Field(
         8192,
         ge=2,
-        description="Tokens per forward/backward pass: sequences are packed into rows of at most "
-        "this many tokens (no padding); gradients accumulate over the rows of a batch.",
+        description="Tokens per forward/backward pass (padding included): gradients accumulate "
+        "over a batch's micro-batches.",
+    )
+    batch_layout: Literal["rows", "packed"] = Field(
+        "rows",
+        description="rows: one row per sequence (shorter ones sharing a row), padded to the "
+        "longest, attention linear in the batch; packed: every sequence end to end in one row "
+        "of micro_batch_tokens (no padding, attention quadratic in the row).",
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="After warmup: constant, or cosine decay to min_lr_ratio at num_steps."
