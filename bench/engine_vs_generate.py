@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         # ignore eos (every row runs new_tokens): the same work as the engine with ignore_eos.
-        results["generate"] = [
-            generate_round(model, b, args.group, new_tokens, pad, None) for b in batches
-        ][1:]
+        results["generate"] = [generate_round(model, b, args.group, new_tokens, pad, None) for b in batches][1:]
     if "engine" in arms:
         from services.inference.torch_engine.engine import GenerationEngine
 
@@ -139,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.size}: {args.prompts}x{args.group} sequences x {new_tokens} tokens, {args.threads} thread(s)")
     for arm, times in results.items():
         med = statistics.median(times)
-        print(f"  {arm:<9} {med * 1e3:8.1f} CPU ms/step-generation  {tokens / med:8.0f} tokens/CPU-s  (rounds {[round(t * 1e3) for t in times]})")
+        print(
+            f"  {arm:<9} {med * 1e3:8.1f} CPU ms/step-generation  {tokens / med:8.0f} tokens/CPU-s  (rounds {[round(t * 1e3) for t in times]})"
+        )
 
 
 if __name__ == "__main__":

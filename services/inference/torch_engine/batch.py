@@ -252,7 +252,9 @@ class Batch:
         completions so far, not n prompts."""
         if not all(s.output_ids for s in self.samples):
             rows = list(range(self.size))
-            return self.runner.prefill(self.cache, [s.tokens for s in self.samples], rows, rows, all_logits=False)[:, -1]
+            return self.runner.prefill(self.cache, [s.tokens for s in self.samples], rows, rows, all_logits=False)[
+                :, -1
+            ]
         requests: dict[int, RequestState] = {}
         rows_of: dict[int, list[int]] = {}
         for row, s in enumerate(self.samples):
