@@ -23,6 +23,8 @@ training, weight update, the rest). Wall times count from the start of training:
 
 `--trl-threads 0,1` runs TRL with its default thread pool and with one thread (on a
 machine shared with other work, a pool as wide as the machine stalls).
+`--thread-policies share,split` runs Clotho once per thread policy (`clotho up
+--thread-policy`: the trainer and inference sharing the cores, or dividing them).
 `--before` adds a Clotho run with `--cores 0` (no thread budget: every process keeps
 torch's default pool), the configuration before the budget existed; `--baseline-src DIR`
 adds one from another checkout of the repository (e.g. `git archive` of an older commit),
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -310,9 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default per size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path(".clotho/bench-vs-trl"))
+    p.add_argument(
+        "--clotho-variant",
+        action="append",
+        default=[],
+        help="extra `clotho up` arguments for one more Clotho run (repeatable), e.g. '--thread-policy share --inference.nice 0'",
+    )
     p.add_argument("--before", action="store_true", help="also run Clotho with no thread budget (--cores 0)")
     p.add_argument("--baseline-src", type=Path, default=None, help="also run `clotho up` from this checkout")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument(
+        "--thread-policies",
+        default="auto",
+        help="comma-separated `clotho up --thread-policy` values, one Clotho run each (e.g. share,split)",
+    )
     p.add_argument(
         "--trl-threads",
         default="0",
@@ -331,13 +345,18 @@ def main(argv: list[str] | None = None) -> None:
             r = run_trl(size, model, steps, args.seed, work, threads)
             label = "TRL GRPOTrainer" + (f" (OMP_NUM_THREADS={threads})" if threads else "")
             results[label] = {"steps": r["steps"], "threads": r["threads"]}
-        runs = [("clotho up", [], ROOT)]
+        runs = [
+            ("clotho up" + (f" --thread-policy {tp}" if tp != "auto" else ""), ["--thread-policy", tp], ROOT)
+            for tp in args.thread_policies.split(",")
+        ]
+        for variant in args.clotho_variant:
+            runs.append((f"clotho up {variant}", shlex.split(variant), ROOT))
         if args.before:
             runs.append(("clotho up --cores 0 (no thread budget)", ["--cores", "0"], ROOT))
         if args.baseline_src:
             runs.append((f"clotho up ({args.baseline_src.name})", [], args.baseline_src.resolve()))
         for label, extra, src in runs:
-            r = run_clotho(size, model, steps, args.seed, work / label.split()[-1].strip("()"), extra, src)
+            r = run_clotho(size, model, steps, args.seed, work / f"run{len(results)}", extra, src)
             s = r["summary"]
             entry = {
                 "steps": r["steps"],

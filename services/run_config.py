@@ -107,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
         help="cores to divide among the processes (default: those this process may use); "
         "0 sets no thread budget (every process keeps its libraries' defaults)",
     )
+    p.add_argument(
+        "--thread-policy",
+        choices=("auto", "share", "split"),
+        default="auto",
+        help="share: the trainer and the inference service may each use every core, the "
+        "inference service at a lower priority (the trainer's step is the critical path; "
+        "generation fills the cycles it leaves); split: they divide the cores; auto: share "
+        "on up to 4 cores, split above",
+    )
     p.add_argument("--http-port", type=int, default=0, help="gateway REST port (0 = a free one)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each service may take to start")
     p.add_argument("--quiet", action="store_true", help="print only the summary")

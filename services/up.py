@@ -7,9 +7,12 @@ one line per training step and a summary, and stops everything on Ctrl-C or afte
 `--steps`. A child that dies is named with the tail of its log, and the rest stop.
 What to run comes from flags and a run file (services/run_config.py).
 
-The machine's cores are divided among the processes (`thread_budget`): each gets a
-`--threads` setting and OMP/MKL/tokenizer thread counts in its environment, so four
-processes do not each run a torch pool as wide as the machine. The summary says where
+Each process gets a `--threads` setting and OMP/MKL/tokenizer thread counts in its
+environment (`thread_plan`), so four processes do not each run a torch pool as wide as
+the machine: on a few cores the trainer and the inference service share them, the
+inference service at a lower priority (`--nice`), so generation fills whatever the
+trainer's step leaves; on more cores they divide them (`thread_budget`). OpenMP pools
+sleep rather than spin when idle (OMP_WAIT_POLICY=PASSIVE). The summary says where
 an average step's time went, from the trainer's own timings. Every service serves
 Prometheus metrics (free ports, in the ready lines); the run ends with a plot beside the
 summary (run_plot.py); `--wandb-project` logs the trainer to W&B and `--trace-ui` shows
@@ -36,7 +39,7 @@ from services import launcher, trace_ui
 from services.common.telemetry import setup_tracing, shutdown_tracing
 from services.run_config import _parser, cuda_visible, device_list, env_command, env_names, flags, parse_args
 
-__all__ = ["_parser", "run_up", "thread_budget", "thread_env"]
+__all__ = ["_parser", "run_up", "thread_budget", "thread_env", "thread_plan"]
 
 # Processes that mostly wait on sockets (the gateway, the demo environment) get one
 # thread; the trainer and the inference service share the rest.
@@ -61,6 +64,39 @@ def thread_budget(cores: int) -> dict[str, int]:
     heavy = cores - len(LIGHT_PROCESSES) if cores >= 6 else cores
     trainer = max(1, heavy // 2)
     return {"inference": max(1, heavy - trainer), "trainer": trainer, **dict.fromkeys(LIGHT_PROCESSES, 1)}
+
+
+# Below this many cores `clotho up` shares them between the trainer and the inference
+# service (thread_plan's "auto"): with few cores, a core left to one side idles whenever
+# that side waits for the other.
+SHARE_BELOW_CORES = 5
+# How much lower the inference service's CPU priority is when it shares the cores.
+INFERENCE_NICE = 10
+# OpenMP pools sleep when they run out of work instead of spinning: where processes
+# share cores, a spinning pool would burn the cycles the other needs.
+WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def thread_plan(cores: int, policy: str = "auto") -> tuple[dict[str, int], dict[str, int]]:
+    """(threads per process, nice per process) for `cores` cores under `policy`.
+
+    split: `thread_budget`, nobody niced. share: the trainer and the inference service
+    may each use every core, the inference service at a lower priority. The trainer's
+    step is the critical path (the environments keep batches generated ahead), so it
+    takes the cores whenever it computes, and generation runs in what it leaves: while
+    it waits for a batch, while its pool idles between operations, while weights go out;
+    neither side leaves a core idle while the other has work. auto: share below
+    SHARE_BELOW_CORES cores, split above (where each side's share is several cores)."""
+    if policy == "auto":
+        policy = "share" if cores < SHARE_BELOW_CORES else "split"
+    if policy == "split":
+        return thread_budget(cores), {}
+    if policy != "share":
+        raise ValueError(f"unknown thread policy {policy!r}")
+    if cores < 1:
+        raise ValueError("cores must be at least 1")
+    threads = {"inference": cores, "trainer": cores, **dict.fromkeys(LIGHT_PROCESSES, 1)}
+    return threads, {"inference": INFERENCE_NICE}
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -249,16 +285,19 @@ async def run_up(args: argparse.Namespace) -> dict:
         print(f"traces: {traces.ui_url} (OTLP/gRPC at {traces.otlp_grpc_endpoint})", flush=True)
     child_env = child_envs(args, traces.otlp_grpc_endpoint if traces is not None else None)
     cores = available_cores() if args.cores is None else args.cores
-    threads = thread_budget(cores) if cores > 0 else None
+    threads, nice = thread_plan(cores, getattr(args, "thread_policy", "auto")) if cores > 0 else (None, {})
     progress.threads = threads
     if threads is not None:
         for name, n in threads.items():
-            child_env[name].update(thread_env(n))
+            child_env[name].update(thread_env(n), **WAIT_ENV)
 
     def with_threads(name: str, values: dict[str, Any]) -> dict[str, Any]:
-        """`values` with the process's thread budget, then the run's section for it."""
+        """`values` with the process's thread budget and priority, then the run's section
+        for it."""
         if threads is not None:
             values["threads"] = threads[name]
+        if nice.get(name):
+            values["nice"] = nice[name]
         return {**values, **sections.get(name, {})}
 
     async def start(name: str, module: str, argv: list[str]) -> dict:
@@ -277,7 +316,8 @@ async def run_up(args: argparse.Namespace) -> dict:
     try:
         print(f"starting the mesh (logs in {log_dir})", flush=True)
         if threads is not None:
-            print(f"threads per process ({cores} cores): {json.dumps(threads)}", flush=True)
+            niced = f", nice {json.dumps(nice)}" if nice else ""
+            print(f"threads per process ({cores} cores): {json.dumps(threads)}{niced}", flush=True)
         inf_values, inf_env = inference_settings(args, model_path)
         child_env["inference"].update(inf_env)
         inf = await start(

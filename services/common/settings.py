@@ -60,6 +60,14 @@ class ServiceSettings(BaseSettings):
         "libraries' defaults (every core). `clotho up` divides the machine's cores among "
         "its processes.",
     )
+    nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Lower this process's CPU priority by this much (Unix nice) when it starts, so "
+        "that where processes share cores the others' work comes first; `clotho up` lowers the "
+        "inference service's when the trainer and the inference service share the cores.",
+    )
     service_token: SecretStr | None = Field(
         None,
         description="The mesh's service token: every call to InferenceService and TrainerService "
@@ -134,9 +142,19 @@ def apply_thread_budget(threads: int) -> None:
         pass
 
 
+def apply_nice(increment: int) -> None:
+    """Lower this process's CPU priority by `increment` (0: unchanged). On Linux the
+    priority is per thread and inherited by threads started later: call it before the
+    compute pools start (load_settings does)."""
+    if increment > 0 and hasattr(os, "nice"):
+        os.nice(increment)
+
+
 def load_settings(cls: type[T], argv: Sequence[str] | None = None) -> T:
     """Build `cls` from CLOTHO_* env vars, overridden by command-line flags in `argv`,
-    and apply its thread budget (a service loads its settings once, before any work)."""
+    and apply its thread budget and priority (a service loads its settings once, before
+    any work)."""
     settings = CliApp.run(cls, cli_args=list(argv or []))
     apply_thread_budget(settings.threads)
+    apply_nice(settings.nice)
     return settings

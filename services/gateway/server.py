@@ -183,6 +183,9 @@ async def serve(settings: GatewaySettings) -> None:
     gateway, _ = create_server(settings)
     gateway.state.store.start()
     await gateway.start_http()
+    # The tokenizer loads while the rest of the mesh starts, not under the first request.
+    inference = gateway.inference
+    preload = asyncio.ensure_future(inference.preload_tokenizer()) if inference is not None else None
 
     async def watch_http(_stop: asyncio.Event) -> None:
         # Ends the process if the HTTP server dies; shielded so that a normal stop
@@ -211,4 +214,6 @@ async def serve(settings: GatewaySettings) -> None:
             background=watch_http,
         )
     finally:
+        if preload is not None:
+            preload.cancel()
         await gateway.state.store.close()

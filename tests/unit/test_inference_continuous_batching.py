@@ -178,3 +178,51 @@ async def test_commit_lands_between_steps_for_every_row_in_flight(engine, tiny_m
         assert out[k:] == reference_greedy(new_model, prompt + out[:k], len(out) - k)
     assert cc.version_spans == (VersionSpan(0, 1),)
     assert list(cc.output_ids) == reference_greedy(new_model, c_prompt, 10)
+
+
+@torch.no_grad()
+def test_prompt_prefill_then_extend_equals_prefilling_whole_sequences(tiny_model_dir):
+    """The recompute after a commit: each prompt prefilled (shared by its rows), then every
+    row's generated tokens in one extend pass, gives the logits and the cache a prefill of
+    the whole sequences gives (and the decode step after it agrees)."""
+    from services.inference.torch_engine.runner import ModelRunner
+
+    runner = ModelRunner(tiny_model_dir, "cpu", "float32")
+    prompts = [[1, 20, 21, 22, 10, 30, 31], [1, 9]]
+    outputs = [[5, 6, 7], [8], [40, 41, 42, 43, 44], [3, 3]]
+    prompt_of = [0, 0, 1, 1]
+    whole = [prompts[p] + o for p, o in zip(prompt_of, outputs)]
+    rows = list(range(len(whole)))
+
+    full = runner.new_cache(8)
+    want = runner.prefill(full, whole, rows, rows, all_logits=False)[:, -1]
+    split = runner.new_cache(8)
+    runner.prefill(split, prompts, rows, prompt_of, all_logits=False)
+    got = runner.extend(split, outputs)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert [e - s for s, e in zip(split.starts, split.ends)] == [len(w) for w in whole]
+    step = torch.tensor([11, 12, 13, 14])
+    torch.testing.assert_close(runner.decode(split, step), runner.decode(full, step), atol=1e-4, rtol=0)
+
+
+async def test_recompute_after_a_commit_prefills_each_prompt_once(engine, tiny_model_dir):
+    old_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    new_weights = perturbed(old_model, seed=2)
+    new_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    new_model.load_state_dict(new_weights, strict=False)
+    prefills = record_prefills(engine)
+
+    a_prompt, b_prompt = [1, 20, 21, 22, 10, 30, 31], [1, 9, 8, 7]
+    a = Watched(engine, GenerationRequest(a_prompt, greedy(max_new_tokens=40, n=3), stream=True))
+    b = Watched(engine, GenerationRequest(b_prompt, greedy(max_new_tokens=40), stream=True))
+    await wait_until(lambda: a.chunks >= 12 and b.chunks >= 4)
+    await asyncio.wrap_future(engine.commit_weights(new_weights, version=1, step=1))
+    done_a, [done_b] = await a.result(), await b.result()
+
+    # Every prefill ran prompts only: the completions so far went through extend.
+    assert all(seq in (a_prompt, b_prompt) for call in prefills for seq in call)
+    for prompt, done in [*((a_prompt, d) for d in done_a), (b_prompt, done_b)]:
+        k = done.version_spans[1].start_token
+        out = list(done.output_ids)
+        assert out[:k] == reference_greedy(old_model, prompt, k)
+        assert out[k:] == reference_greedy(new_model, prompt + out[:k], len(out) - k)

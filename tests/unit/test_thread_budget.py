@@ -67,3 +67,38 @@ def test_zero_threads_changes_nothing(monkeypatch) -> None:
     settings = load_settings(TrainerSettings, [])
     assert settings.threads == 0
     assert not any(name in os.environ for name in THREAD_ENV_VARS)
+
+
+def test_plan_on_few_cores_shares_them_with_inference_at_lower_priority() -> None:
+    from services.up import INFERENCE_NICE, thread_plan
+
+    threads, nice = thread_plan(2)
+    assert threads == {"inference": 2, "trainer": 2, "gateway": 1, "env": 1}
+    assert nice == {"inference": INFERENCE_NICE} and INFERENCE_NICE > 0
+    assert thread_plan(2, "share") == (threads, nice)
+    assert thread_plan(1, "share")[0]["trainer"] == 1
+
+
+def test_plan_split_is_the_budget_and_auto_splits_many_cores() -> None:
+    from services.up import thread_plan
+
+    for cores in (1, 2, 4, 8, 16):
+        assert thread_plan(cores, "split") == (thread_budget(cores), {})
+    assert thread_plan(16) == (thread_budget(16), {})
+    with pytest.raises(ValueError):
+        thread_plan(2, "spread")
+    with pytest.raises(ValueError):
+        thread_plan(0, "share")
+
+
+def test_loading_settings_applies_nice_in_a_fresh_process() -> None:
+    code = (
+        "import os\n"
+        "from services.inference.settings import InferenceSettings\n"
+        "from services.common.settings import load_settings\n"
+        "before = os.nice(0)\n"
+        "load_settings(InferenceSettings, ['--nice', '3', '--model-path', 'x'])\n"
+        "print(os.nice(0) - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "3"

@@ -10,9 +10,10 @@ between tokens have deadlines (retried elsewhere before the first token, else 50
 version receipts (trajectory/receipts.py), so scored data submitted later can be
 attributed to the policy version that produced it.
 
-The tokenizer (chat templates, text prompts and outputs) is loaded once, on first use,
-in its own thread: from `tokenizer_path` if set, else by the model name the inference
-service reports (a Hugging Face id; the inference service never hands out local paths).
+The tokenizer (chat templates, text prompts and outputs) is loaded once, in its own
+thread: from `tokenizer_path`, as the gateway starts (`preload_tokenizer`), else on first
+use by the model name the inference service reports (a Hugging Face id; the inference
+service never hands out local paths).
 A tokenizer that cannot be loaded is answered 503 without the path or the cause, which go
 to the gateway's log.
 """
@@ -20,6 +21,7 @@ to the gateway's log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -139,6 +141,15 @@ class InferencePool:
                     ) from None
                 log.info("loaded tokenizer from %s", path)
         return self._tokenizer
+
+    async def preload_tokenizer(self) -> None:
+        """Load the tokenizer from tokenizer_path now, not on the first request that
+        needs it (loading costs seconds: the first generation would wait for it). A
+        failure is logged and the load is tried again on use."""
+        if not self._tokenizer_path:
+            return
+        with contextlib.suppress(Unavailable):
+            await self.tokenizer()
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run tokenizer work (encode, decode, load) in the tokenizer's thread."""

@@ -236,15 +236,35 @@ class Batch:
         if self.stale:
             # Recompute every row's keys under the weights now served, and take the next
             # token from that pass.
-            rows = list(range(self.size))
-            logits = self.runner.prefill(self.cache, [s.tokens for s in self.samples], rows, rows, all_logits=False)
+            last = self._recompute()
             self.stale = False
-            last = logits[:, -1]
         else:
             tokens = torch.tensor([s.tokens[-1] for s in self.samples], dtype=torch.long, device=self.runner.device)
             last = self.runner.decode(self.cache, tokens)
         self._advance(last, version, 0)
         self._prune()
+
+    def _recompute(self) -> torch.Tensor:
+        """Every row's keys and values from its tokens, under the weights served now;
+        returns the logits after each row's last token [rows, V]. Each request's prompt
+        is prefilled once into all its rows (as at admission), then each row's generated
+        tokens run in one pass over it: a group of n samples costs one prompt and n
+        completions so far, not n prompts."""
+        if not all(s.output_ids for s in self.samples):
+            rows = list(range(self.size))
+            return self.runner.prefill(self.cache, [s.tokens for s in self.samples], rows, rows, all_logits=False)[
+                :, -1
+            ]
+        requests: dict[int, RequestState] = {}
+        rows_of: dict[int, list[int]] = {}
+        for row, s in enumerate(self.samples):
+            requests.setdefault(id(s.request), s.request)
+            rows_of.setdefault(id(s.request), []).append(row)
+        for group in _length_groups(list(requests.values())):
+            dest = [row for r in group for row in rows_of[id(r)]]
+            src = [i for i, r in enumerate(group) for _ in rows_of[id(r)]]
+            self.runner.prefill(self.cache, [r.input_ids for r in group], dest, src, all_logits=False)
+        return self.runner.extend(self.cache, [s.output_ids for s in self.samples])
 
     def invalidate_cache(self) -> None:
         self.stale = bool(self.samples)

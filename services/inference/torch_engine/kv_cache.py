@@ -55,6 +55,7 @@ class SlotKVCache:
         self._width = 0
         self._cols: torch.Tensor | None = None
         self._window = (0, 0)
+        self._lengths: list[int] = []
 
     @property
     def rows(self) -> int:
@@ -156,9 +157,30 @@ class SlotKVCache:
         self._mode, self._cols, self._window = "decode", ends, (lo, hi)
         return (ends - starts)[:, None], additive_mask(visible, self.dtype)[:, None, None, :]
 
+    def begin_extend(self, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a pass that feeds lengths[r] more tokens to every row r, right-padded
+        to a common width m: column j of row r goes to cache column ends[r] + j and sees
+        the row's cached keys and its own tokens up to j. (Padding columns write past the
+        row's end, where its next tokens overwrite them, and are never visible to a real
+        one.) Returns (position ids [rows, m], additive attention mask [rows, 1, m,
+        window])."""
+        rows, width = self.rows, max(lengths)
+        self.reserve(rows, max(self.ends) + width)
+        lo, hi = min(self.starts), max(self.ends) + width
+        starts = torch.tensor(self.starts, dtype=torch.long, device=self.device)
+        ends = torch.tensor(self.ends, dtype=torch.long, device=self.device)
+        offsets = torch.arange(width, device=self.device)
+        last = ends[:, None] + offsets[None, :]  # [rows, m]: the column each token goes to
+        cols = torch.arange(lo, hi, device=self.device)
+        visible = (cols[None, None, :] >= starts[:, None, None]) & (cols[None, None, :] <= last[:, :, None])
+        self._mode, self._cols, self._window, self._lengths = "extend", last, (lo, hi), list(lengths)
+        return (ends - starts)[:, None] + offsets[None, :], additive_mask(visible, self.dtype)[:, None]
+
     def end_forward(self) -> None:
         if self._mode == "decode":
             self.ends = [e + 1 for e in self.ends]
+        elif self._mode == "extend":
+            self.ends = [e + n for e, n in zip(self.ends, self._lengths)]
         self._mode, self._dest, self._src, self._cols = "", None, None, None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -178,7 +200,17 @@ class SlotKVCache:
             v_buf[index, :, self._cols] = value[:, :, 0]
             lo, hi = self._window
             return k_buf[:rows, :, lo:hi], v_buf[:rows, :, lo:hi]
-        raise RuntimeError("SlotKVCache.update called outside a prefill or decode pass")
+        if self._mode == "extend":
+            assert self._cols is not None
+            k_buf, v_buf = self.k[layer_idx], self.v[layer_idx]
+            rows = self.rows
+            index = torch.arange(rows, device=self.device)[:, None]
+            # [rows, heads, m, dim] -> the [rows, m] (row, column) places, heads and dim kept.
+            k_buf[index, :, self._cols] = key.transpose(1, 2)
+            v_buf[index, :, self._cols] = value.transpose(1, 2)
+            lo, hi = self._window
+            return k_buf[:rows, :, lo:hi], v_buf[:rows, :, lo:hi]
+        raise RuntimeError("SlotKVCache.update called outside a prefill, decode or extend pass")
 
     # Model code may ask the cache how long it is; positions and masks are always passed
     # explicitly, so nothing depends on the answer.

@@ -1,5 +1,6 @@
 """The model and its forward passes over a SlotKVCache: prefill of left-padded prompts into
-chosen cache rows, one-token decode steps for every row, and copying new weights in.
+chosen cache rows, one-token decode steps for every row, several tokens per row after
+what the rows hold (extend), and copying new weights in.
 
 Positions and the 4D attention mask are always built here and passed explicitly, so the
 model never infers them from padding or from the cache. Only the engine's worker thread
@@ -113,6 +114,28 @@ class ModelRunner:
         finally:
             cache.end_forward()
         return out.logits[:, -1]
+
+    def extend(self, cache: SlotKVCache, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed tokens[r] (at least one) to cache row r after what it holds, all rows in
+        one pass. Returns the logits after each row's last token [rows, V]."""
+        lengths = [len(t) for t in tokens]
+        width = max(lengths)
+        ids = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
+        for row, seq in enumerate(tokens):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        positions, mask = cache.begin_extend(lengths)
+        try:
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        finally:
+            cache.end_forward()
+        last = torch.tensor(lengths, dtype=torch.long, device=self.device) - 1
+        return out.logits[torch.arange(len(tokens), device=self.device), last]
 
     def check_weights(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Raise ValueError naming the first tensor that does not fit the model."""
