@@ -304,7 +304,9 @@ async def prefetch(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
 
 def _load_tokenizer(path: str) -> Any:
     # transformers is imported here, not at module load: it is slow to import and only
-    # text prompts and text outputs need it.
+    # text prompts and text outputs need it. Nothing is downloaded at run time: a path
+    # that is not a local directory is looked up in the local cache only (a served model
+    # name fails at once instead of retrying the Hub for half a minute).
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
