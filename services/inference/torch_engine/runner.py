@@ -86,14 +86,26 @@ class ModelRunner:
         visible = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)[None]
         mask = additive_mask(visible, self.dtype)
         cache.begin_prefill(dest, src, [len(s) for s in sequences], width)
+        return self._forward(cache, ids, mask[:, None], positions, logits_to_keep=0 if all_logits else 1)
+
+    def _forward(
+        self,
+        cache: SlotKVCache,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """The model over `ids` with `cache` (its forward already begun); the cache's
+        forward ends whatever happens. Returns the logits."""
         try:
             out = self.model(
                 input_ids=ids,
-                attention_mask=mask[:, None],
+                attention_mask=mask,
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=logits_to_keep,
             )
         finally:
             cache.end_forward()
@@ -103,17 +115,7 @@ class ModelRunner:
         """One step: feed token[r] to every cache row r at its next position. Returns
         logits [rows, V]."""
         positions, mask = cache.begin_decode()
-        try:
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-        finally:
-            cache.end_forward()
-        return out.logits[:, -1]
+        return self._forward(cache, tokens[:, None], mask, positions)[:, -1]
 
     def extend(self, cache: SlotKVCache, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """Feed tokens[r] (at least one) to cache row r after what it holds, all rows in
@@ -124,18 +126,9 @@ class ModelRunner:
         for row, seq in enumerate(tokens):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         positions, mask = cache.begin_extend(lengths)
-        try:
-            out = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-        finally:
-            cache.end_forward()
+        logits = self._forward(cache, ids.to(self.device), mask, positions)
         last = torch.tensor(lengths, dtype=torch.long, device=self.device) - 1
-        return out.logits[torch.arange(len(tokens), device=self.device), last]
+        return logits[torch.arange(len(tokens), device=self.device), last]
 
     def check_weights(self, staged: Mapping[str, torch.Tensor]) -> None:
         """Raise ValueError naming the first tensor that does not fit the model."""
