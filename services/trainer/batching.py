@@ -325,15 +325,21 @@ def plan_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget
     fill: list[int] = []
     for i in _live_by_length(sequences, indices):
         n = len(sequences[i].tokens)
-        for r, used in enumerate(fill):
-            if used + n <= budget:
-                rows[r].append(i)
-                fill[r] += n
-                break
-        else:
+        if not _first_fit(rows, fill, i, n, budget):
             rows.append([i])
             fill.append(n)
     return rows
+
+
+def _first_fit(rows: list[list[int]], fill: list[int], i: int, n: int, capacity: int) -> bool:
+    """Put sequence i (n tokens) in the first row with room for it (row r holds fill[r]
+    of `capacity` tokens); False where none has."""
+    for r, used in enumerate(fill):
+        if used + n <= capacity:
+            rows[r].append(i)
+            fill[r] += n
+            return True
+    return False
 
 
 def _plan_padded_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[list[list[int]]]:
@@ -349,12 +355,7 @@ def _plan_padded_rows(sequences: Sequence[TrainSequence], indices: Sequence[int]
         rest: list[int] = []
         for i in left:
             n = len(sequences[i].tokens)
-            for r, used in enumerate(fill):
-                if used + n <= width:
-                    rows[r].append(i)
-                    fill[r] += n
-                    break
-            else:
+            if not _first_fit(rows, fill, i, n, width):
                 if not rows or (len(rows) + 1) * width <= budget:
                     rows.append([i])
                     fill.append(n)
