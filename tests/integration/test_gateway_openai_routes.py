@@ -15,6 +15,7 @@ import openai
 import pytest
 import pytest_asyncio
 from grpc import aio
+from service_args import gateway_args
 
 from clotho.v1 import inference_service_pb2 as ipb
 from clotho.v1 import inference_service_pb2_grpc as ipb_grpc
@@ -429,20 +430,7 @@ async def real_url(tiny_model_dir, tmp_path_factory, service_process):
     args = ["--model-path", str(tiny_model_dir), "--grpc-port", "0", "--grace-seconds", "1"]
     async with service_process("services.inference", args, tmp_path_factory.mktemp("inference")) as (_, inference):
         workdir = tmp_path_factory.mktemp("real-gateway")
-        args = [
-            "--tokenizer-path",
-            str(tiny_model_dir),
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--inference",
-            f"127.0.0.1:{inference['grpc_port']}",
-            "--grace-seconds",
-            "1",
-            "--data-dir",
-            str(workdir / "store"),
-        ]
+        args = gateway_args(workdir, f"127.0.0.1:{inference['grpc_port']}", tiny_model_dir)
         async with service_process("services.gateway", args, workdir) as (_, ready):
             yield f"http://127.0.0.1:{ready['http_port']}"
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from grpc import aio
+from service_args import gateway_args
 
 from clotho.v1 import gateway_service_pb2 as gpb
 from clotho.v1 import gateway_service_pb2_grpc as gpb_grpc
@@ -40,20 +41,7 @@ async def mesh(tiny_model_dir, tmp_path_factory, service_process):
     args = ["--model-path", str(tiny_model_dir), "--grpc-port", "0", "--grace-seconds", "1"]
     async with service_process("services.inference", args, tmp_path_factory.mktemp("inference")) as (_, inference):
         workdir = tmp_path_factory.mktemp("gateway")
-        args = [
-            "--tokenizer-path",
-            str(tiny_model_dir),
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--inference",
-            f"127.0.0.1:{inference['grpc_port']}",
-            "--grace-seconds",
-            "1",
-            "--data-dir",
-            str(workdir / "store"),
-        ]
+        args = gateway_args(workdir, f"127.0.0.1:{inference['grpc_port']}", tiny_model_dir)
         async with service_process("services.gateway", args, workdir) as (_, gateway):
             trainer, trainer_port = create_trainer_server(TrainerSettings(grpc_port=0, inference=[]))
             await trainer.server.start()

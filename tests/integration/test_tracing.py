@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from otlp_receiver import Span, export_env, otlp_receiver
+from service_args import gateway_args
 
 from services import launcher
 
@@ -36,13 +37,6 @@ def ancestry(span: Span, spans: list[Span]) -> list[Span]:
     return chain
 
 
-def gateway_args(workdir: Path, inference_port: int | None = None) -> list[str]:
-    args = ["--http-port", "0", "--grpc-port", "0", "--grace-seconds", "1", "--data-dir", str(workdir / "store")]
-    if inference_port is not None:
-        args += ["--inference", f"127.0.0.1:{inference_port}"]
-    return args
-
-
 def group_json(seed: int) -> dict:
     prompt = [7 + (seed + i) % 30 for i in range(5)]
     tokens, masks = [], []
@@ -59,7 +53,7 @@ async def test_generate_is_one_trace_from_gateway_to_engine(tiny_model_dir, tmp_
             monkeypatch.setenv(key, value)
         inference_args = ["--model-path", str(tiny_model_dir), "--grpc-port", "0", "--grace-seconds", "1"]
         async with service_process("services.inference", inference_args, tmp_path / "inf") as (_, inf):
-            args = gateway_args(tmp_path / "gw", inf["grpc_port"])
+            args = gateway_args(tmp_path / "gw", f"127.0.0.1:{inf['grpc_port']}")
             async with service_process("services.gateway", args, tmp_path / "gw") as (_, gw):
                 caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
                 headers = {"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"}
