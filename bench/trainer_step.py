@@ -4,6 +4,7 @@
     python bench/trainer_step.py --sizes heavy --threads 1 --rounds 3
     python bench/trainer_step.py --baseline-src /tmp/main-src   # also an older checkout
     python bench/trainer_step.py --sizes heavy --profile        # + where Clotho's step goes
+    python bench/trainer_step.py --sizes heavy --layouts rows,shared_prefix   # both layouts
 
 One batch as `bench/vs_trl.py` trains on: 32 sequences (4 prompts x 8 samples) of a
 prompt and a completion (tiny: the repeat task's 10-token prompt, 4 new tokens; heavy:
@@ -16,7 +17,8 @@ Two steps, timed in interleaved rounds in one process (torch at `--threads`):
 
 - clotho: `TrainerCore.train(groups, version)`, the trainer's whole step (checks,
   advantages, the micro-batch plan, forward/backward, clip, AdamW, scheduler), as
-  rank 0 runs it in its torch thread;
+  rank 0 runs it in its torch thread; one per `--layouts` entry (`batch_layout`:
+  shared_prefix, rows, packed; empty: the default only), each its own model copy;
 - trl: what TRL's GRPOTrainer does for the same batch (trl 1.16, beta 0): one padded
   forward over the 32 sequences with logits for the completion positions only,
   log-softmax gather and entropy, the clipped GRPO loss (DAPO token mean), backward,
@@ -132,23 +134,33 @@ def child(args: argparse.Namespace) -> None:
     from services.trainer.settings import TrainerSettings
 
     size = SIZES[args.size]
-    settings = TrainerSettings(model_path=args.model, lr=size["lr"], grad_clip=1.0, checkpoint_dir="", device="cpu")
-    core = TrainerCore(settings)
-    core.load()
-    vocab = core.batching.vocab_size or 16
+    steps = {}
+    cores = []
+    for layout in args.layouts.split(",") if args.layouts else [""]:
+        extra = {"batch_layout": layout} if layout else {}
+        settings = TrainerSettings(
+            model_path=args.model, lr=size["lr"], grad_clip=1.0, checkpoint_dir="", device="cpu", **extra
+        )
+        core = TrainerCore(settings)
+        core.load()
+        cores.append(core)
+        steps[f"clotho:{layout}" if layout else "clotho"] = core
+    vocab = cores[0].batching.vocab_size or 16
     groups = make_groups(vocab, size["prompt"], size["completion"])
     trl = TrlStep(args.model, size["lr"], groups)
 
-    def clotho_step() -> None:
+    def clotho_step(core=cores[-1]) -> None:  # profiled: the last layout
         core.train(groups, 0)
 
-    times: dict[str, list[float]] = {"clotho": [], "trl": []}
+    order = [(name, lambda c=c: c.train(groups, 0)) for name, c in steps.items()] + [("trl", trl.step)]
+    times: dict[str, list[float]] = {name: [] for name, _ in order}
     for _ in range(args.warmup):
-        clotho_step()
-        trl.step()
+        for _, fn in order:
+            fn()
     for r in range(args.rounds):
-        order = [("clotho", clotho_step), ("trl", trl.step)]
-        for name, fn in order if r % 2 == 0 else order[::-1]:
+        # Interleaved, each one first in turn.
+        k = r % len(order)
+        for name, fn in order[k:] + order[:k]:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -181,6 +193,8 @@ def run_child(src: Path, size: str, model: Path, threads: int, args: argparse.Na
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "--src", str(src), "--size", size]
     cmd += ["--model", str(model), "--threads", str(threads), "--rounds", str(args.rounds)]
     cmd += ["--warmup", str(args.warmup), "--profile", str(args.profile if src == ROOT or args.profile_baseline else 0)]
+    if src == ROOT and args.layouts:
+        cmd += ["--layouts", args.layouts]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src, env=env)
@@ -202,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", type=int, default=0, help="print the top N ops of one clotho step")
     p.add_argument("--profile-baseline", action="store_true", help="profile the baseline's step too")
     p.add_argument("--work", type=Path, default=Path("/tmp/clotho-bench-trainer-step"))
+    p.add_argument(
+        "--layouts",
+        default="rows,shared_prefix",
+        help="this tree's trainer with each batch_layout (comma-separated; empty: its default only)",
+    )
     args = p.parse_args(argv)
     rows = []
     print(f"load average at start: {os.getloadavg()}")
@@ -213,12 +232,14 @@ def main(argv: list[str] | None = None) -> None:
                 r = run_child(src, size, model, threads, args)
                 rows.append((size, threads, label if args.baseline_src else "clotho", r))
     print(f"load average at end: {os.getloadavg()}")
-    print(f"\n{'size':6} {'threads':>7} {'tree':8} {'tokens':>6} {'clotho s':>9} {'trl s':>8} {'clotho/trl':>10}")
+    print(f"\n{'size':6} {'threads':>7} {'clotho':22} {'tokens':>6} {'clotho s':>9} {'trl s':>8} {'clotho/trl':>10}")
     for size, threads, label, r in rows:
-        print(
-            f"{size:6} {threads:>7} {label:8} {r['tokens']:>6} {r['clotho']:>9.3f} {r['trl']:>8.3f} "
-            f"{r['clotho'] / r['trl']:>10.2f}"
-        )
+        for key in (k for k in r if k.startswith("clotho")):
+            name = f"{label} {key.partition(':')[2]}".strip()
+            print(
+                f"{size:6} {threads:>7} {name:22} {r['tokens']:>6} {r[key]:>9.3f} {r['trl']:>8.3f} "
+                f"{r[key] / r['trl']:>10.2f}"
+            )
 
 
 if __name__ == "__main__":
@@ -232,6 +253,7 @@ if __name__ == "__main__":
         c.add_argument("--rounds", type=int, default=5)
         c.add_argument("--warmup", type=int, default=1)
         c.add_argument("--profile", type=int, default=0)
+        c.add_argument("--layouts", default="")
         child(c.parse_args())
     else:
         main()

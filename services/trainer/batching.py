@@ -5,10 +5,12 @@ ref_logprobs) are aligned with `tokens`; `masks[t] == -100` marks a prompt token
 is predicted from position t - 1, so the targets of a sequence are its tokens t >= 1
 whose mask is not -100.
 
-Two layouts of a micro-batch (`BatchConfig.layout`), both with no attention mask and
-position ids restarting at 0 for each sequence, from which Transformers builds a
-block-diagonal causal mask (`tests/unit/test_trainer_grpo.py` checks that packed
-log-probs equal unpacked ones):
+Three layouts of a micro-batch (`BatchConfig.layout`). The first two have no attention
+mask and position ids restarting at 0 for each sequence, from which Transformers builds
+a block-diagonal causal mask (`tests/unit/test_trainer_grpo.py` checks that packed
+log-probs equal unpacked ones; `tests/unit/test_trainer_layout.py` and
+`tests/unit/test_trainer_shared_prefix.py` that the others give the same log-probs,
+loss and gradients):
 
 - "packed": sequences laid end to end in one row of at most `micro_batch_tokens` tokens
   (first fit, longest first): no padding at all, but attention over the whole row, so
@@ -19,6 +21,18 @@ log-probs equal unpacked ones):
   batch. Where every row holds one sequence (equal lengths, the usual GRPO batch) the
   mask is plain causal and attention takes SDPA's fused path. Padding sits after each
   row's last token, where causal attention never lets a real token see it.
+- "shared_prefix": sequences with the same prompt (the same tokens before their first
+  target, as GRPO's samples of one prompt have) become one tree laid out in a row: the
+  prompt once, then each sequence's rest, positions continuing after the prompt, with
+  a 4D mask (`MicroBatch.attention_mask`) in which every rest sees the prompt and its
+  own earlier tokens only. The prompt is computed once for all of its sequences (its
+  gradient is the sum over them, as autograd sums over the columns that read it); the
+  first target of each sequence is predicted from the prompt's last column. A sequence
+  whose prompt no other has is a tree of one (a plain row). Trees are first-fit into
+  rows like "rows" (a tree wider than `micro_batch_tokens` is cut into several, each
+  with the prompt). The prompt is found from the data, not from the group: a group
+  whose members have different prompts trains as "rows" does, and equal prompts of
+  different groups share.
 
 The forward pass asks for logits at target columns only (`logits_to_keep`), which keeps
 the vocabulary-sized tensors as small as the completions.
@@ -63,7 +77,7 @@ class BatchConfig:
     aggregation: str = "token"
     max_token_len: int | None = None
     micro_batch_tokens: int = 8192
-    # "packed" or "rows" (module docstring).
+    # "packed", "rows" or "shared_prefix" (module docstring).
     layout: str = "packed"
     # Drop sequences generated more than this many versions ago (None keeps all).
     max_staleness: int | None = None
@@ -245,18 +259,77 @@ def prepare(
     return TrainBatch(seqs, scores, env_scores, dropped, staleness_seen, unusable, fallbacks)
 
 
-def split(sequences: Sequence[TrainSequence], ranks: int) -> list[list[int]]:
+def split(sequences: Sequence[TrainSequence], ranks: int, layout: str = "rows") -> list[list[int]]:
     """Indices of the sequences each rank trains on, balanced by token count (longest
-    first onto the least loaded rank). Deterministic: every rank computes the same."""
+    first onto the least loaded rank). Deterministic: every rank computes the same.
+    Under "shared_prefix" the units are the sequences sharing a prompt (a tree, counted
+    by its tokens with the prompt once), cut only where one would outweigh a rank's
+    fair share, so that a group's samples share their prompt on one rank."""
+    units: list[tuple[int, list[int]]]
+    if layout == "shared_prefix" and ranks > 1:
+        loose = [i for i in range(len(sequences)) if not sequences[i].targets]
+        trees = _trees(sequences, [i for i in range(len(sequences)) if sequences[i].targets])
+        total = sum(_tree_tokens(sequences, t) for t in trees) + sum(len(sequences[i].tokens) for i in loose)
+        fair = -(-total // ranks)
+        units = [(len(sequences[i].tokens), [i]) for i in loose]
+        units += [(_tree_tokens(sequences, t), t) for tree in trees for t in _deal(sequences, tree, fair)]
+    else:
+        units = [(len(sequences[i].tokens), [i]) for i in range(len(sequences))]
     loads = [0] * ranks
     out: list[list[int]] = [[] for _ in range(ranks)]
-    for i in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].tokens), i)):
+    for cost, members in sorted(units, key=lambda u: (-u[0], u[1][0])):
         r = min(range(ranks), key=lambda r: (loads[r], r))
-        out[r].append(i)
-        loads[r] += len(sequences[i].tokens)
+        out[r].extend(members)
+        loads[r] += cost
     for ids in out:
         ids.sort()
     return out
+
+
+def _prompt(s: TrainSequence) -> int:
+    """Tokens before the sequence's first target (its prompt, for sharing)."""
+    return s.targets[0]
+
+
+def _trees(sequences: Sequence[TrainSequence], indices: Sequence[int]) -> list[list[int]]:
+    """The given sequences (with targets) grouped by prompt (the same tokens before
+    their first target), in order of first appearance; a prompt of one is a tree of one."""
+    trees: dict[tuple[int, ...], list[int]] = {}
+    for i in indices:
+        s = sequences[i]
+        trees.setdefault(tuple(s.tokens[: _prompt(s)]), []).append(i)
+    return list(trees.values())
+
+
+def _tree_tokens(sequences: Sequence[TrainSequence], tree: Sequence[int]) -> int:
+    """Tokens of a tree laid out: its prompt once, then every member's rest."""
+    prompt = _prompt(sequences[tree[0]])
+    return prompt + sum(len(sequences[i].tokens) - prompt for i in tree)
+
+
+def _deal(sequences: Sequence[TrainSequence], tree: Sequence[int], fair: int) -> list[list[int]]:
+    """A tree as few trees of about equal tokens, none (but a lone member) above `fair`
+    unless the prompt makes it so: members longest first onto the lightest piece."""
+    count = min(len(tree), -(-_tree_tokens(sequences, tree) // fair))
+    pieces: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for i in sorted(tree, key=lambda i: (-len(sequences[i].tokens), i)):
+        k = min(range(count), key=lambda k: (loads[k], k))
+        pieces[k].append(i)
+        loads[k] += len(sequences[i].tokens)
+    return [sorted(piece) for piece in pieces]
+
+
+def _cut(sequences: Sequence[TrainSequence], tree: Sequence[int], capacity: int) -> list[list[int]]:
+    """A tree as trees of at most `capacity` tokens each (one member at least), longest
+    members first; every piece has the prompt."""
+    pieces: list[list[int]] = []
+    for i in sorted(tree, key=lambda i: (-len(sequences[i].tokens), i)):
+        if pieces and _tree_tokens(sequences, pieces[-1] + [i]) <= capacity:
+            pieces[-1].append(i)
+        else:
+            pieces.append([i])
+    return pieces
 
 
 @dataclass
@@ -274,6 +347,9 @@ class MicroBatch:
     weights: torch.Tensor  # [n] aggregation weight of each target
     seq_index: torch.Tensor  # [n] which sequence (of the TrainBatch) each target is in
     real_tokens: int
+    # [R, 1, L, L] bool, True where a column may attend to another ("shared_prefix" rows
+    # that share a prompt); None: the causal mask Transformers builds from position_ids.
+    attention_mask: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:
@@ -289,7 +365,7 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-LAYOUTS = ("packed", "rows")
+LAYOUTS = ("packed", "rows", "shared_prefix")
 
 
 def pack(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[MicroBatch]:
@@ -303,7 +379,8 @@ def micro_batches(
     sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int, layout: str = "packed"
 ) -> list[MicroBatch]:
     """The given sequences as micro-batches of `layout` (module docstring)."""
-    return [_micro_batch(sequences, rows) for rows in plan(sequences, indices, budget, layout)]
+    share = layout == "shared_prefix"
+    return [_micro_batch(sequences, rows, share) for rows in plan(sequences, indices, budget, layout)]
 
 
 def plan(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int, layout: str) -> list[list[list[int]]]:
@@ -311,7 +388,12 @@ def plan(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int
     if layout == "packed":
         return [[row] for row in plan_rows(sequences, indices, budget)]
     if layout == "rows":
-        return _plan_padded_rows(sequences, indices, budget)
+        live = _live_by_length(sequences, indices)
+        return _plan_padded_rows([(len(sequences[i].tokens), [i]) for i in live], budget)
+    if layout == "shared_prefix":
+        trees = _trees(sequences, [i for i in indices if sequences[i].targets])
+        units = [(_tree_tokens(sequences, t), t) for tree in trees for t in _cut(sequences, tree, budget)]
+        return _plan_padded_rows(sorted(units, key=lambda u: (-u[0], u[1][0])), budget)
     raise ValueError(f"unknown batch layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 
@@ -325,78 +407,115 @@ def plan_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget
     fill: list[int] = []
     for i in _live_by_length(sequences, indices):
         n = len(sequences[i].tokens)
-        if not _first_fit(rows, fill, i, n, budget):
+        if not _first_fit(rows, fill, [i], n, budget):
             rows.append([i])
             fill.append(n)
     return rows
 
 
-def _first_fit(rows: list[list[int]], fill: list[int], i: int, n: int, capacity: int) -> bool:
-    """Put sequence i (n tokens) in the first row with room for it (row r holds fill[r]
+def _first_fit(rows: list[list[int]], fill: list[int], members: list[int], n: int, capacity: int) -> bool:
+    """Put `members` (n tokens) in the first row with room for them (row r holds fill[r]
     of `capacity` tokens); False where none has."""
     for r, used in enumerate(fill):
         if used + n <= capacity:
-            rows[r].append(i)
+            rows[r].extend(members)
             fill[r] += n
             return True
     return False
 
 
-def _plan_padded_rows(sequences: Sequence[TrainSequence], indices: Sequence[int], budget: int) -> list[list[list[int]]]:
-    """Micro-batches of rows as wide as their longest sequence (the first left), shorter
-    sequences first fit into the rows' free ends, rows added while rows x width stays
-    within `budget` (one row at least)."""
-    left = _live_by_length(sequences, indices)
+def _plan_padded_rows(units: Sequence[tuple[int, list[int]]], budget: int) -> list[list[list[int]]]:
+    """Micro-batches of rows as wide as their widest unit (tokens, sequences: a sequence,
+    or a tree of them), longest first; the first left sets the width, shorter units
+    first fit into the rows' free ends, rows added while rows x width stays within
+    `budget` (one row at least)."""
+    left = list(units)
     out: list[list[list[int]]] = []
     while left:
-        width = len(sequences[left[0]].tokens)
+        width = left[0][0]
         rows: list[list[int]] = []
         fill: list[int] = []
-        rest: list[int] = []
-        for i in left:
-            n = len(sequences[i].tokens)
-            if not _first_fit(rows, fill, i, n, width):
+        rest: list[tuple[int, list[int]]] = []
+        for n, members in left:
+            if not _first_fit(rows, fill, members, n, width):
                 if not rows or (len(rows) + 1) * width <= budget:
-                    rows.append([i])
+                    rows.append(list(members))
                     fill.append(n)
                 else:
-                    rest.append(i)
+                    rest.append((n, members))
         out.append(rows)
         left = rest
     return out
 
 
-def _micro_batch(sequences: Sequence[TrainSequence], rows: Sequence[Sequence[int]]) -> MicroBatch:
-    """Rows of sequences laid end to end, padded at their end to the longest row."""
-    width = max(sum(len(sequences[i].tokens) for i in row) for row in rows)
+def _micro_batch(sequences: Sequence[TrainSequence], rows: Sequence[Sequence[int]], share: bool = False) -> MicroBatch:
+    """Rows of sequences laid end to end, padded at their end to the longest row. With
+    `share`, the sequences of a row that have the same prompt are laid out as a tree
+    (module docstring) under a 4D mask; where no row has two such sequences, the
+    micro-batch is the same as without `share`."""
+    laid = [_trees(sequences, row) if share else [[i] for i in row] for row in rows]
+    tree_mask = any(len(tree) > 1 for row in laid for tree in row)
     ids: list[list[int]] = []
     pos: list[list[int]] = []
+    tree_of: list[list[int]] = []  # per column: tree number in the row (-1 padding)
+    branch_of: list[list[int]] = []  # per column: member of the tree (-1 its prompt)
     where: list[tuple[int, int]] = []  # (row, column) of each target's logits
     labels: list[int] = []
     seq_index: list[int] = []
     weights: list[float] = []
     order: list[int] = []
     real = 0
-    for r, row in enumerate(rows):
+    for r, row in enumerate(laid):
         row_ids: list[int] = []
         row_pos: list[int] = []
-        for i in row:
-            s = sequences[i]
-            offset = len(row_ids)
-            row_ids.extend(s.tokens)
-            row_pos.extend(range(len(s.tokens)))
-            where.extend((r, offset + t - 1) for t in s.targets)
-            labels.extend(s.tokens[t] for t in s.targets)
-            seq_index.extend([i] * len(s.targets))
-            weights.extend([s.weight] * len(s.targets))
-            order.append(i)
+        row_tree: list[int] = []
+        row_branch: list[int] = []
+        for k, tree in enumerate(row):
+            # A tree of one is the sequence laid out whole (its "prompt" is empty).
+            prompt = _prompt(sequences[tree[0]]) if len(tree) > 1 else 0
+            head = len(row_ids)
+            row_ids.extend(sequences[tree[0]].tokens[:prompt])
+            row_pos.extend(range(prompt))
+            row_tree.extend([k] * prompt)
+            row_branch.extend([-1] * prompt)
+            for b, i in enumerate(tree):
+                s = sequences[i]
+                # Token t is predicted from token t - 1's column: in the prompt, or in
+                # the member's own rest (laid out from `offset` on, at positions >= prompt).
+                offset = len(row_ids) - prompt
+                row_ids.extend(s.tokens[prompt:])
+                row_pos.extend(range(prompt, len(s.tokens)))
+                row_tree.extend([k] * (len(s.tokens) - prompt))
+                row_branch.extend([b] * (len(s.tokens) - prompt))
+                where.extend((r, head + t - 1 if t - 1 < prompt else offset + t - 1) for t in s.targets)
+                labels.extend(s.tokens[t] for t in s.targets)
+                seq_index.extend([i] * len(s.targets))
+                weights.extend([s.weight] * len(s.targets))
+                order.append(i)
         real += len(row_ids)
+        ids.append(row_ids)
+        pos.append(row_pos)
+        tree_of.append(row_tree)
+        branch_of.append(row_branch)
+    width = max(len(row) for row in ids)
+    for row_ids, row_pos, row_tree, row_branch in zip(ids, pos, tree_of, branch_of):
         pad = width - len(row_ids)
         # Padding continues the row's last positions: no new sequence starts in it.
-        ids.append(row_ids + [row_ids[-1]] * pad)
-        pos.append(row_pos + list(range(row_pos[-1] + 1, row_pos[-1] + 1 + pad)))
+        row_pos.extend(range(row_pos[-1] + 1, row_pos[-1] + 1 + pad))
+        row_ids.extend([row_ids[-1]] * pad)
+        row_tree.extend([-1] * pad)
+        row_branch.extend([-1] * pad)
     columns = sorted({c for _, c in where})
     slot = {c: k for k, c in enumerate(columns)}
+    mask = None
+    if tree_mask:
+        tree = torch.tensor(tree_of, dtype=torch.long)
+        branch = torch.tensor(branch_of, dtype=torch.long)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same_tree = tree[:, :, None] == tree[:, None, :]
+        # Column q sees column k <= q of its own tree: the prompt, or its own branch.
+        visible = (branch[:, None, :] == -1) | (branch[:, :, None] == branch[:, None, :])
+        mask = (causal & same_tree & visible)[:, None]
     return MicroBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),
         position_ids=torch.tensor(pos, dtype=torch.long),
@@ -409,6 +528,7 @@ def _micro_batch(sequences: Sequence[TrainSequence], rows: Sequence[Sequence[int
         weights=torch.tensor(weights, dtype=torch.float32),
         seq_index=torch.tensor(seq_index, dtype=torch.long),
         real_tokens=real,
+        attention_mask=mask,
     )
 
 

@@ -117,6 +117,11 @@ class TrainerCore:
         # A sequence with a token id the embedding cannot look up is dropped (batching).
         vocab = int(cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings)
         self.batching = dataclasses.replace(self.batching, vocab_size=vocab)
+        attention = getattr(model.config, "_attn_implementation", None)
+        if self.batching.layout == "shared_prefix" and attention not in ("sdpa", "eager"):
+            # Its 4D mask needs an attention that takes one.
+            log.warning("batch layout shared_prefix needs sdpa or eager attention, not %s: using rows", attention)
+            self.batching = dataclasses.replace(self.batching, layout="rows")
         self.autocast = self._autocast_dtype()
         self.laid_out = self._lay_out_for_sync(model)
         self.model = self.ranks.wrap(model)
@@ -215,8 +220,8 @@ class TrainerCore:
         # ranks, with no step span current, make none).
         with child_span("trainer.prepare_batch", groups=len(groups)):
             batch = prepared or prepare(groups, self.batching, policy_version=policy_version, moments=self.moments)
-            shares = split(batch.sequences, ranks.world_size)
             budget, layout = self.batching.micro_batch_tokens, self.batching.layout
+            shares = split(batch.sequences, ranks.world_size, layout)
             mine = micro_batches(batch.sequences, shares[ranks.rank], budget, layout)
             # Every rank runs as many micro-batches as the busiest one.
             rows = max(max(len(plan(batch.sequences, share, budget, layout)) for share in shares), 1)

@@ -111,12 +111,16 @@ def token_logprobs(
     ctx: AbstractContextManager = (
         torch.autocast(device_type=device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     )
+    extra = {}
+    if mb.attention_mask is not None:
+        extra["attention_mask"] = _attention_mask(model, mb.attention_mask)
     with ctx:
         out = model(
             input_ids=mb.input_ids,
             position_ids=mb.position_ids,
             use_cache=False,
             logits_to_keep=mb.logit_columns,
+            **extra,
         )
     logits = out.logits.flatten(0, 1)[mb.logit_index].float()  # [n_targets, V]
     logp_all = torch.log_softmax(logits, dim=-1)
@@ -124,6 +128,18 @@ def token_logprobs(
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def _attention_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's 4D mask (True: may attend) as the model's attention takes it:
+    boolean for SDPA, additive (0 / dtype min) for eager attention, which adds it."""
+    config = getattr(model, "module", model).config
+    if config._attn_implementation != "eager":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def micro_batch_loss(

@@ -89,11 +89,14 @@ class TrainerSettings(ServiceSettings):
         description="Tokens per forward/backward pass (padding included): gradients accumulate "
         "over a batch's micro-batches.",
     )
-    batch_layout: Literal["rows", "packed"] = Field(
-        "rows",
-        description="rows: one row per sequence (shorter ones sharing a row), padded to the "
-        "longest, attention linear in the batch; packed: every sequence end to end in one row "
-        "of micro_batch_tokens (no padding, attention quadratic in the row).",
+    batch_layout: Literal["shared_prefix", "rows", "packed"] = Field(
+        "shared_prefix",
+        description="shared_prefix: as rows, but the sequences with the same prompt (the tokens "
+        "before their first completion token, as a group's samples have) are one row: the "
+        "prompt computed once, each completion attending to it and to itself (a 4D mask; "
+        "sdpa or eager attention, else rows); rows: one row per sequence (shorter ones sharing "
+        "a row), padded to the longest, attention linear in the batch; packed: every sequence "
+        "end to end in one row of micro_batch_tokens (no padding, attention quadratic in the row).",
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="After warmup: constant, or cosine decay to min_lr_ratio at num_steps."
