@@ -308,8 +308,8 @@ def _tree_tokens(sequences: Sequence[TrainSequence], tree: Sequence[int]) -> int
 
 
 def _deal(sequences: Sequence[TrainSequence], tree: Sequence[int], fair: int) -> list[list[int]]:
-    """A tree as few trees of about equal tokens, none (but a lone member) above `fair`
-    unless the prompt makes it so: members longest first onto the lightest piece."""
+    """A tree as the fewest pieces that its tokens allow at `fair` tokens each, every
+    piece with the prompt: members longest first onto the lightest piece."""
     count = min(len(tree), -(-_tree_tokens(sequences, tree) // fair))
     pieces: list[list[int]] = [[] for _ in range(count)]
     loads = [0] * count
@@ -509,12 +509,12 @@ def _micro_batch(sequences: Sequence[TrainSequence], rows: Sequence[Sequence[int
     slot = {c: k for k, c in enumerate(columns)}
     mask = None
     if tree_mask:
-        tree = torch.tensor(tree_of, dtype=torch.long)
-        branch = torch.tensor(branch_of, dtype=torch.long)
+        tree_ids = torch.tensor(tree_of, dtype=torch.long)
+        branch_ids = torch.tensor(branch_of, dtype=torch.long)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        same_tree = tree[:, :, None] == tree[:, None, :]
+        same_tree = tree_ids[:, :, None] == tree_ids[:, None, :]
         # Column q sees column k <= q of its own tree: the prompt, or its own branch.
-        visible = (branch[:, None, :] == -1) | (branch[:, :, None] == branch[:, None, :])
+        visible = (branch_ids[:, None, :] == -1) | (branch_ids[:, :, None] == branch_ids[:, None, :])
         mask = (causal & same_tree & visible)[:, None]
     return MicroBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),

@@ -133,13 +133,11 @@ def token_logprobs(
 def _attention_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     """A micro-batch's 4D mask (True: may attend) as the model's attention takes it:
     boolean for SDPA, additive (0 / dtype min) for eager attention, which adds it."""
-    config = getattr(model, "module", model).config
-    if config._attn_implementation != "eager":
+    config = getattr(getattr(model, "module", model), "config", None)
+    if getattr(config, "_attn_implementation", None) != "eager":
         return allowed
     dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def micro_batch_loss(
