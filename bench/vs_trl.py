@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [
             ("clotho up" + (f" --thread-policy {tp}" if tp != "auto" else ""), ["--thread-policy", tp], ROOT)
             for tp in args.thread_policies.split(",")
+            if tp  # --thread-policies '': only the --clotho-variant runs
         ]
         for variant in args.clotho_variant:
             runs.append((f"clotho up {variant}", shlex.split(variant), ROOT))

@@ -67,12 +67,13 @@ class TrainerSettings(ServiceSettings):
         "inference_logprobs is capped at this value (its gradient weight too); 0 disables.",
     )
     policy_loss: Literal["ppo", "decoupled"] = Field(
-        "ppo",
-        description="grpo's policy loss. ppo: the ratio against the sampling policy "
-        "(inference_logprobs) is clipped to [1-clip_eps, 1+clip_eps_high] (stale tokens whose "
-        "ratio left the band give no gradient). decoupled (Hilton et al. 2021; AReaL): the clip "
-        "is anchored at the current policy and the sampling policy is corrected by a detached "
-        "importance weight truncated at is_cap, so stale data still gives its reweighted gradient.",
+        "decoupled",
+        description="grpo's policy loss. decoupled (Hilton et al. 2021; AReaL): the clip is "
+        "anchored at the current policy and the sampling policy is corrected by a detached "
+        "importance weight truncated at is_cap, so data a few versions old still gives its "
+        "reweighted gradient; on-policy data gives exactly ppo's. ppo: the ratio against the "
+        "sampling policy (inference_logprobs) is clipped to [1-clip_eps, 1+clip_eps_high], so "
+        "stale tokens whose ratio left the band give no gradient.",
     )
     kl_coef: float = Field(
         0.0, ge=0, description="Weight of the k3 KL to the reference policy (needs ref_logprobs in the data)."
