@@ -263,7 +263,9 @@ def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra
     proc.wait()
     if proc.returncode != 0 or summary is None:
         raise RuntimeError(f"clotho up failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-    return {"summary": summary, "steps": rows, "startup_seconds": (training or now) - started}
+    lines = data_dir / "steps.jsonl"
+    events = [json.loads(x) for x in lines.read_text().splitlines() if x.strip()] if lines.exists() else []
+    return {"summary": summary, "steps": rows, "startup_seconds": (training or now) - started, "events": events}
 
 
 def rate(steps: list[dict], offset: float = 0.0) -> float | None:
@@ -298,6 +300,25 @@ def report(name: str, size: dict, results: dict[str, dict]) -> None:
             else f"{r.get('reward_start', 0):.3f} -> {r.get('reward_end', 0):.3f}"
         )
         print(f"| {run} | {len(steps) or r.get('n', 0)} | {spm:.1f} | {score} | " + " | ".join(cells) + " |")
+    # The curve per step: the smoothed mean score at every tenth step, and for Clotho how
+    # old its data was (policy versions) and how much of it PPO clipped.
+    marks = [
+        m for m in (10, 20, 30, 40, 60, 80, 120, 160, 200, 250) if m <= max(len(r["steps"]) for r in results.values())
+    ]
+    head = "| run | " + " | ".join(f"step {m}" for m in marks) + " | staleness mean | clip fraction (steps 1-10, all) |"
+    print()
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for run, r in results.items():
+        smooth = smoothed([s["mean_score"] for s in r["steps"]])
+        cells = [f"{smooth[m - 1]:.3f}" if m <= len(smooth) else "" for m in marks]
+        events = r.get("events") or []
+        stale = clip = ""
+        if events:
+            stale = f"{statistics.fmean(e.get('staleness_mean', 0.0) for e in events):.2f}"
+            clips = [e.get("clip_fraction", 0.0) for e in events]
+            clip = f"{statistics.fmean(clips[:10]):.3f}, {statistics.fmean(clips):.3f}"
+        print(f"| {run} | " + " | ".join(cells) + f" | {stale} | {clip} |")
     for run, r in results.items():
         b = r.get("breakdown")
         if b:
@@ -323,6 +344,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-src", type=Path, default=None, help="also run `clotho up` from this checkout")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument(
+        "--save", type=Path, default=None, help="also write each size's runs (every step) as JSON: PATH-<size>.json"
+    )
+    p.add_argument(
+        "--trl-from",
+        type=Path,
+        default=None,
+        help="with --skip-trl: show TRL's runs from a --save file of an earlier run (its curve per step is deterministic per seed)",
+    )
+    p.add_argument(
         "--thread-policies",
         default="auto",
         help="comma-separated `clotho up --thread-policy` values, one Clotho run each (e.g. share,split)",
@@ -341,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work_dir.resolve() / name
         model = build_model(work / "model", size["model"])
         results: dict[str, dict] = {}
+        if args.trl_from is not None:
+            saved = json.loads(
+                args.trl_from.with_name(f"{args.trl_from.stem}-{name}{args.trl_from.suffix}").read_text()
+            )
+            results.update({k: v for k, v in saved.items() if k.startswith("TRL")})
         for threads in [] if args.skip_trl else [int(x) for x in args.trl_threads.split(",")]:
             r = run_trl(size, model, steps, args.seed, work, threads)
             label = "TRL GRPOTrainer" + (f" (OMP_NUM_THREADS={threads})" if threads else "")
@@ -348,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [
             ("clotho up" + (f" --thread-policy {tp}" if tp != "auto" else ""), ["--thread-policy", tp], ROOT)
             for tp in args.thread_policies.split(",")
+            if tp  # --thread-policies '': only the --clotho-variant runs
         ]
         for variant in args.clotho_variant:
             runs.append((f"clotho up {variant}", shlex.split(variant), ROOT))
@@ -367,10 +403,16 @@ def main(argv: list[str] | None = None) -> None:
                 "reward_start": s.get("reward_start"),
                 "reward_end": s.get("reward_end"),
                 "n": s.get("steps"),
+                "events": r["events"],
             }
             results[label] = entry
         report(name, size, results)
         print(flush=True)
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            out = args.save.with_name(f"{args.save.stem}-{name}{args.save.suffix}")
+            out.write_text(json.dumps({"load_average": load, **results}))
+            print(f"saved {out}", flush=True)
 
 
 def _trl_main(argv: list[str]) -> None:

@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="repeat", help="the demo environment's task")
     p.add_argument("--max-new-tokens", type=int, default=4, help="tokens per completion (demo environment)")
     p.add_argument(
+        "--max-batches-offpolicy",
+        type=int,
+        default=1,
+        help="trainer batches the demo environment keeps queued at the gateway or being generated "
+        "(Atropos' max_batches_offpolicy): the data's age in policy versions grows with it",
+    )
+    p.add_argument(
         "--no-overlap",
         action="store_true",
         help="push each step's weights before the next step trains (default: while it trains)",

@@ -373,6 +373,7 @@ async def run_up(args: argparse.Namespace) -> dict:
                 "group_size": args.group_size,
                 "task": args.task,
                 "max_new_tokens": args.max_new_tokens,
+                "max_batches_offpolicy": getattr(args, "max_batches_offpolicy", 1),
                 "seed": args.seed,
             }
             await start("env", "services.demo.env", flags(demo))

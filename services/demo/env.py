@@ -43,7 +43,11 @@ class DemoEnvConfig:
     max_new_tokens: int = 4
     temperature: float = 1.0
     concurrency: int = 4
-    max_groups_ahead: int = 8
+    # Groups queued at the gateway or being generated, at most: max_batches_offpolicy
+    # trainer batches (Atropos' BaseEnvConfig setting, batch size from /info), unless
+    # max_groups_ahead is set.
+    max_batches_offpolicy: int = 1
+    max_groups_ahead: int | None = None
     max_token_length: int | None = None  # None: the task's longest sequence, at least 64
     name: str | None = None  # None: the task's name
     task: str = "repeat"
@@ -97,6 +101,24 @@ class DemoEnv:
             # The Atropos protocol has no push for "trainer started": retry with backoff.
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def groups_ahead(self, client: httpx.AsyncClient) -> int:
+        """The Room's limit: `max_groups_ahead`, or as an Atropos environment sizes it,
+        max_batches_offpolicy * batch_size // group_size with the trainer's batch size
+        from `/info` (known once registration succeeded: it waits for the trainer). A
+        gateway without it (or a batch size it does not know) leaves `concurrency`."""
+        c = self.config
+        if c.max_groups_ahead is not None:
+            return max(1, c.max_groups_ahead)
+        batch_size = 0
+        with contextlib.suppress(httpx.HTTPError, ValueError, TypeError):
+            r = await retry.request(client, "GET", "/info", stop=self._stop, headers=self._trajectory)
+            if r.status_code == 200:
+                batch_size = int(r.json().get("batch_size", 0))
+        if batch_size <= 0:
+            log.warning("no trainer batch size at /info: at most %d groups ahead", c.concurrency)
+            return max(1, c.concurrency)
+        return max(1, c.max_batches_offpolicy * batch_size // c.group_size)
 
     async def _status(self, client: httpx.AsyncClient) -> dict:
         r = await self._call(client, "GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
@@ -165,7 +187,12 @@ class DemoEnv:
                 await self.register(client, stop)
             except retry.Stopped:
                 return
-            room = Room(self.config.max_groups_ahead, lambda: self._status(client))
+            try:
+                limit = await self.groups_ahead(client)
+            except retry.Stopped:
+                return
+            log.info("at most %d groups queued or generating ahead of the trainer", limit)
+            room = Room(limit, lambda: self._status(client))
 
             async def worker() -> None:
                 while not stop.is_set():
@@ -276,10 +303,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument(
+        "--max-batches-offpolicy",
+        type=int,
+        default=1,
+        help="trainer batches queued at the gateway or being generated, at most (Atropos' "
+        "max_batches_offpolicy; the batch size comes from the gateway's /info)",
+    )
+    p.add_argument(
         "--max-groups-ahead",
         type=int,
-        default=8,
-        help="groups queued at the gateway or being generated, at most",
+        default=None,
+        help="groups queued at the gateway or being generated, at most (overrides --max-batches-offpolicy)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-groups", type=int, default=None)

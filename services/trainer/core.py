@@ -60,6 +60,7 @@ def loss_config(s: TrainerSettings) -> LossConfig:
         clip_high=s.clip_eps if s.clip_eps_high is None else s.clip_eps_high,
         is_cap=s.is_cap,
         kl_coef=s.kl_coef,
+        policy_loss=s.policy_loss,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 
 from clotho.v1 import scored_data_pb2
 from services.trainer.batching import BatchConfig, MicroBatch, TrainBatch, micro_batches, prepare
-from services.trainer.losses import k3_kl, ppo_loss, weighted_sft_loss
+from services.trainer.losses import POLICY_LOSSES, decoupled_loss, k3_kl, ppo_loss, weighted_sft_loss
 
 OBJECTIVES = ("grpo", "sft")
 
@@ -35,10 +35,15 @@ class LossConfig:
     # Truncated importance sampling: cap of the ratio against the sampling policy (0: off).
     is_cap: float = 2.0
     kl_coef: float = 0.0
+    # grpo's policy loss: "ppo" clips against the sampling policy; "decoupled" against the
+    # current one, with a truncated importance weight for the sampling policy (losses.py).
+    policy_loss: str = "ppo"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {', '.join(POLICY_LOSSES)}, not {self.policy_loss!r}")
 
 
 # Sums carried across micro-batches (and all-reduced across ranks).
@@ -148,7 +153,8 @@ def micro_batch_loss(
     has_old = ~torch.isnan(mb.old_logprobs)
     old = torch.where(has_old, mb.old_logprobs, logp.detach())
     if config.objective == "grpo":
-        terms = ppo_loss(logp, old, mb.advantages, config.clip_low, config.clip_high, config.is_cap)
+        policy = decoupled_loss if config.policy_loss == "decoupled" else ppo_loss
+        terms = policy(logp, old, mb.advantages, config.clip_low, config.clip_high, config.is_cap)
         per_token = terms.loss
         ratio, clipped, truncated = terms.ratio, terms.clipped, terms.truncated
     else:

@@ -81,6 +81,48 @@ def ppo_loss(
     return PolicyTerms(loss=loss, ratio=ratio.detach(), clipped=was_clipped, truncated=truncated)
 
 
+def decoupled_loss(
+    logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    is_cap: float = 0.0,
+    proximal_logp: torch.Tensor | None = None,
+) -> PolicyTerms:
+    """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization";
+    AReaL's decoupled loss): the clip is anchored at a proximal policy, and the gap from
+    the behaviour policy that sampled the token (`inference_logprobs`) is corrected by a
+    detached importance weight.
+
+    With `proximal_logp` unset the proximal policy is the current one (one optimizer step
+    per batch): r = exp(logp - logp.detach()) has value 1 and gradient grad(logp), so the
+    clip never binds, and the weight w = exp(logp.detach() - behaviour_logp), truncated
+    at C = is_cap when C > 0 (min(w, C)), carries the off-policy correction:
+        loss = -w * min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),
+        gradient = -min(w, C) * A * grad(logp).
+    Unlike `ppo_loss`, stale data is not clipped away: a token whose sampling policy is a
+    few versions old still gives its (reweighted) gradient. With behaviour == current
+    it is `ppo_loss` exactly (w = r = 1)."""
+    prox = logp.detach() if proximal_logp is None else proximal_logp.detach()
+    with torch.no_grad():
+        weight = torch.exp((prox - behaviour_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+        truncated = weight > is_cap if is_cap > 0 else torch.zeros_like(weight, dtype=torch.bool)
+        weight_used = weight.clamp(max=is_cap) if is_cap > 0 else weight
+    ratio = torch.exp((logp - prox).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    unclipped = ratio * advantages
+    clipped_value = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -weight_used * torch.minimum(unclipped, clipped_value)
+    with torch.no_grad():
+        was_clipped = ((ratio > 1.0 + clip_high) & (advantages > 0)) | ((ratio < 1.0 - clip_low) & (advantages < 0))
+        # The ratio reported is against the sampling policy, as ppo_loss's: how far the data is off-policy.
+        behaviour_ratio = torch.exp((logp.detach() - behaviour_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    return PolicyTerms(loss=loss, ratio=behaviour_ratio, clipped=was_clipped, truncated=truncated)
+
+
+POLICY_LOSSES = ("ppo", "decoupled")
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || ref) per sampled token:
     exp(ref - logp) - (ref - logp) - 1 (non-negative, unbiased, low variance)."""

@@ -66,6 +66,15 @@ class TrainerSettings(ServiceSettings):
         description="Truncated importance sampling: the ratio against the sampling policy's "
         "inference_logprobs is capped at this value (its gradient weight too); 0 disables.",
     )
+    policy_loss: Literal["ppo", "decoupled"] = Field(
+        "decoupled",
+        description="grpo's policy loss. decoupled (Hilton et al. 2021; AReaL): the clip is "
+        "anchored at the current policy and the sampling policy is corrected by a detached "
+        "importance weight truncated at is_cap, so data a few versions old still gives its "
+        "reweighted gradient; on-policy data gives exactly ppo's. ppo: the ratio against the "
+        "sampling policy (inference_logprobs) is clipped to [1-clip_eps, 1+clip_eps_high], so "
+        "stale tokens whose ratio left the band give no gradient.",
+    )
     kl_coef: float = Field(
         0.0, ge=0, description="Weight of the k3 KL to the reference policy (needs ref_logprobs in the data)."
     )

@@ -45,3 +45,31 @@ async def test_room_polls_at_a_fraction_of_the_step_interval() -> None:
     assert room.queued == 4
     room.observe({"self_queue_size": 0, "current_step": 13}, now=10.0)  # a long pause
     assert room.interval() == Room.MAX_INTERVAL
+
+
+async def test_groups_ahead_is_sized_from_the_trainers_batch_as_atropos_does(tokenizer_dir) -> None:
+    """max_batches_offpolicy * batch_size // group_size (batch size from /info);
+    max_groups_ahead overrides it; a gateway without /info leaves `concurrency`."""
+    import httpx
+
+    from services.demo.env import DemoEnv, DemoEnvConfig
+
+    info: dict = {"batch_size": 32, "max_token_len": 64}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/info" and info:
+            return httpx.Response(200, json=info)
+        return httpx.Response(404, json={})
+
+    async def ahead(**config) -> int:
+        env = DemoEnv(DemoEnvConfig(gateway_url="http://gw", tokenizer_path=tokenizer_dir, group_size=8, **config))
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://gw") as client:
+            return await env.groups_ahead(client)
+
+    assert await ahead() == 4  # one batch of 4 groups of 8
+    assert await ahead(max_batches_offpolicy=2) == 8
+    assert await ahead(max_groups_ahead=3) == 3
+    info["batch_size"] = 4  # smaller than a group: still one group at a time
+    assert await ahead() == 1
+    info.clear()
+    assert await ahead(concurrency=3) == 3

@@ -143,6 +143,28 @@ def test_micro_batch_loss_is_the_hand_formula(model):
     assert m.kl == pytest.approx(math.exp(0.3) - 0.3 - 1, rel=1e-4)
 
 
+def test_decoupled_loss_weights_stale_tokens_instead_of_clipping_them(model):
+    """Data sampled by a policy the trainer now finds e^0.4 ~ 1.49 times likelier at every
+    target: PPO clips every positive-advantage token (ratio > 1.28); the decoupled loss
+    clips none and gives the on-policy gradient scaled by the truncated weight (cap 1.3)."""
+    stale = with_logprobs(batch(), shift=-0.4, model=model)
+    ppo = grpo_backward(model, stale, LossConfig(clip_low=0.2, clip_high=0.28, is_cap=1.3))
+    assert ppo.clip_fraction > 0.3
+    model.zero_grad()
+    config = LossConfig(clip_low=0.2, clip_high=0.28, is_cap=1.3, policy_loss="decoupled")
+    m = grpo_backward(model, stale, config)
+    decoupled = [p.grad.clone() for p in model.parameters()]
+    assert m.clip_fraction == 0.0 and m.is_truncated_fraction == 1.0
+    assert m.ratio_mean == pytest.approx(math.exp(0.4), rel=1e-4)
+    model.zero_grad()
+    on_policy = grpo_backward(model, with_logprobs(batch(), shift=0.0, model=model), config)
+    assert m.loss == pytest.approx(1.3 * on_policy.loss, rel=1e-4)
+    for g, p in zip(decoupled, model.parameters()):
+        torch.testing.assert_close(g, 1.3 * p.grad, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="policy_loss"):
+        LossConfig(policy_loss="ppo2")
+
+
 def test_sft_objective_is_advantage_weighted_cross_entropy(model):
     b = prepare(batch())
     rows = pack(b.sequences, range(len(b.sequences)), budget=64)

@@ -9,6 +9,7 @@ import torch
 
 from services.trainer.losses import (
     RunningMoments,
+    decoupled_loss,
     group_advantages,
     k3_kl,
     normalize_advantages,
@@ -72,6 +73,56 @@ def test_truncated_importance_sampling_caps_ratio_and_gradient_weight():
     assert grad.tolist() == pytest.approx([0.0, -1.0, 0.0, math.exp(0.1), -math.exp(-2.0), 2.0], rel=1e-6)
     # Reported ratios are the true ones, before truncation.
     assert terms.ratio[5].item() == pytest.approx(E**1.5)
+
+
+def test_decoupled_gradient_is_truncated_weight_times_advantage_times_grad_logp():
+    """Same six tokens as above (current log-prob 0, behaviour ratio exp(-old)): no token is
+    clipped, each gives -min(w, cap) * A * grad(logp) with w = pi / pi_behaviour."""
+    for cap in (0.0, 2.0):
+        logp = torch.zeros(6, requires_grad=True)
+        terms = decoupled_loss(logp, torch.tensor(OLD), torch.tensor(ADV), 0.2, 0.2, is_cap=cap)
+        terms.loss.sum().backward()
+        w = [math.exp(-o) for o in OLD]
+        w_used = [min(x, cap) if cap else x for x in w]
+        assert logp.grad is not None
+        assert logp.grad.tolist() == pytest.approx([-x * a for x, a in zip(w_used, ADV)], rel=1e-6)
+        # The loss's value is -w A (the proximal ratio is 1).
+        assert terms.loss.tolist() == pytest.approx([-x * a for x, a in zip(w_used, ADV)], rel=1e-6)
+        # Nothing clipped (the clip is anchored at the current policy); truncation reported
+        # against the cap; the ratio reported is the true one against the sampling policy.
+        assert not terms.clipped.any()
+        assert terms.truncated.tolist() == ([x > 2.0 for x in w] if cap else [False] * 6)
+        assert terms.ratio.tolist() == pytest.approx(w, rel=1e-6)
+
+
+def test_decoupled_equals_ppo_on_policy():
+    """Data sampled by the current policy: both losses, values and gradients, are -A."""
+    torch.manual_seed(0)
+    base = torch.randn(8)
+    adv = torch.randn(8)
+    grads = []
+    for loss in (ppo_loss, decoupled_loss):
+        logp = base.clone().requires_grad_(True)
+        terms = loss(logp, base.clone(), adv, 0.2, 0.28, 2.0)
+        terms.loss.sum().backward()
+        assert terms.loss.tolist() == pytest.approx((-adv).tolist(), rel=1e-6)
+        assert not terms.clipped.any() and not terms.truncated.any()
+        grads.append(logp.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_decoupled_clips_against_a_proximal_policy():
+    """With a proximal policy other than the current one, PPO's clip applies to
+    pi / pi_proximal, and the weight is pi_proximal / pi_behaviour."""
+    logp = torch.zeros(2, requires_grad=True)
+    prox = torch.tensor([-0.5, 0.0])  # ratio e^0.5 ~ 1.65 (clipped for A > 0), then 1
+    behaviour = torch.tensor([-0.5, 0.7])  # weights 1 and e^-0.7
+    terms = decoupled_loss(logp, behaviour, torch.tensor([1.0, 1.0]), 0.2, 0.2, 2.0, proximal_logp=prox)
+    terms.loss.sum().backward()
+    assert terms.clipped.tolist() == [True, False]
+    assert terms.loss.tolist() == pytest.approx([-1.2, -math.exp(-0.7)], rel=1e-6)
+    assert logp.grad is not None
+    assert logp.grad.tolist() == pytest.approx([0.0, -math.exp(-0.7)], rel=1e-6)
 
 
 def test_asymmetric_clip_range():
