@@ -43,17 +43,17 @@ class ServerSpan(trace.Span):
     """One recorded span, in the field layout otlp_encode.encode_span reads."""
 
     __slots__ = (
-        "_context",
-        "_parent",
-        "_name",
-        "_kind",
-        "_start_time",
-        "_end_time",
         "_attributes",
+        "_context",
+        "_end_time",
         "_events",
+        "_kind",
         "_links",
-        "_status",
+        "_name",
+        "_parent",
         "_recorder",
+        "_start_time",
+        "_status",
     )
 
     def __init__(

@@ -73,8 +73,8 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
         accepts_server_spans = True
 
         def _initialize_channel_and_stub(self) -> None:
-            super()._initialize_channel_and_stub()
-            self._client = _RawTraceStub(self._channel)
+            super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
+            self._client = _RawTraceStub(self._channel)  # type: ignore[assignment]
 
         def _translate_data(self, data: Any) -> Any:
             return encode_request(data)
