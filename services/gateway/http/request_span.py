@@ -8,7 +8,9 @@ read and nothing here runs): a SERVER span named by method and route
 complete. FastAPI's own telemetry is off: it made the server span, an operation span
 per endpoint and, with ours, an internal span per inference route, three spans where
 one says the same. The caller's context is only extracted when a header the
-configured propagators read is there.
+configured propagators read is there. When the export takes them (OTLP/gRPC, or
+none), the server span is a services.common.server_span.ServerSpan, not an SDK span:
+the same fields for a tenth of the CPU (an ingest request paid ~45 us for the SDK's).
 
 `RequestSpan` is the inference routes' span around the gRPC calls they make: the
 request's server span when there is one (the usual case), else a server span of its
