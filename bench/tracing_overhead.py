@@ -24,7 +24,9 @@ Two figures per stack and workload, each the median over `--rounds` rounds:
                 included; from /proc/<pid>/task/*/schedstat) per request answered:
                 the cost tracing adds to each request, which competing load moves
                 far less. For /generate the inference process's is shown too.
-Costs are against `off`; the load average is printed before and after.
+Costs are against `off`; the load average is printed before and after. Each stack's
+start-up work (the gateway loads its tokenizer in the background) is waited out
+before the first round.
 
     .venv/bin/python bench/tracing_overhead.py [--rounds 5] [--seconds 3] [--connections 8]
 """
@@ -133,6 +135,30 @@ async def one_connection(port: int, request: bytes, until: float, counts: list[i
         writer.close()
 
 
+async def settle(port: int, pid: int, request: bytes) -> None:
+    """Wait out a new stack's start-up work: one `/generate` (it needs the tokenizer,
+    which the gateway loads in the background after it is ready: importing it costs
+    seconds of CPU that would land in the first round), then until the gateway's
+    CPU is quiet (under 5% of a core over half a second, at most 30 s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await reader.readexactly(length)
+    finally:
+        writer.close()
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline:
+        c0 = cpu_seconds(pid)
+        await asyncio.sleep(0.5)
+        if cpu_seconds(pid) - c0 < 0.025:
+            return
+
+
 async def measure(
     port: int, pids: list[int], request: bytes, seconds: float, connections: int
 ) -> tuple[float, list[float]]:
@@ -215,6 +241,9 @@ async def main_async(args: argparse.Namespace) -> dict:
     try:
         for mode in MODES:
             stacks[mode] = await start_stack(mode, endpoint, model, workdir)
+        for children, port in stacks.values():
+            path, body = bodies["generate"]
+            await settle(port, children[0].proc.pid, request_bytes(path, body, port))
         for r in range(args.rounds):
             k = r % len(MODES)
             order = MODES[k:] + MODES[:k]

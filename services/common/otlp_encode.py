@@ -115,6 +115,40 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     return b"".join(parts)
 
 
+# (tag, keys, values, value types) -> the whole attribute block's bytes: a route's
+# spans repeat the same attributes request after request; bounded.
+_block_cache: dict[Any, bytes] = {}
+_BLOCK_CACHE_MAX = 1024
+
+
+def _attribute_block(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
+    """_attributes, cached whole when every value is hashable."""
+    values = tuple(attributes.values())
+    try:
+        key = (tag, tuple(attributes), values, tuple(map(type, values)))
+        hit = _block_cache.get(key)
+    except TypeError:  # an unhashable value
+        return _attributes(tag, attributes)
+    if hit is None:
+        hit = _attributes(tag, attributes)
+        if len(_block_cache) < _BLOCK_CACHE_MAX:
+            _block_cache[key] = hit
+    return hit
+
+
+# (name, kind) -> the Span's name and kind fields.
+_name_cache: dict[tuple[str, Any], bytes] = {}
+
+
+def _name_kind(name: str, kind: Any) -> bytes:
+    hit = _name_cache.get((name, kind))
+    if hit is None:
+        hit = _str(b"\x2a", name) + _KINDS[kind]
+        if len(_name_cache) < _BLOCK_CACHE_MAX:
+            _name_cache[(name, kind)] = hit
+    return hit
+
+
 def _trace_state(state: Any) -> str:
     return ",".join(f"{k}={v}" for k, v in state.items()) if state is not None else ""
 
@@ -166,15 +200,14 @@ def encode_span(span: Any) -> bytes:
         out.append(_str(b"\x1a", _trace_state(state)))
     if parent:
         out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    out.append(_str(b"\x2a", span._name))
-    out.append(_KINDS[span._kind])
+    out.append(_name_kind(span._name, span._kind))
     if span._start_time:
         out.append(b"\x39" + _pack_q(span._start_time))
     if span._end_time:
         out.append(b"\x41" + _pack_q(span._end_time))
     attributes = span._attributes
     if attributes:
-        out.append(_attributes(b"\x4a", attributes))
+        out.append(_attribute_block(b"\x4a", attributes))
         dropped = getattr(attributes, "dropped", 0)
         if dropped:
             out.append(b"\x50" + _varint(dropped))

@@ -60,19 +60,39 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
 
         return HttpExporter()
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from services.common.otlp_encode import encode_request
 
     class WireEncodedExporter(OTLPSpanExporter):
         """The SDK's OTLP/gRPC exporter (endpoint, TLS, headers, compression, retries
         from OTEL_* as before) with the request written by otlp_encode, a fifth of the
-        SDK encoder's CPU; protobuf's C parser turns it into the message the stub sends."""
+        SDK encoder's CPU, and sent as those bytes (the stub's request serializer is
+        the identity: no protobuf message is built). It exports SDK spans and
+        services.common.server_span's ServerSpans alike."""
 
-        def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
-            return ExportTraceServiceRequest.FromString(encode_request(data))
+        accepts_server_spans = True
+
+        def _initialize_channel_and_stub(self) -> None:
+            super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
+            self._client = _RawTraceStub(self._channel)  # type: ignore[assignment]
+
+        def _translate_data(self, data: Any) -> Any:
+            return encode_request(data)
 
     return WireEncodedExporter()
+
+
+class _RawTraceStub:
+    """TraceService's Export taking the request as wire bytes."""
+
+    def __init__(self, channel: Any) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+        self.Export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
 
 
 def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> trace.Tracer:
@@ -107,6 +127,20 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
             trace.set_tracer_provider(provider)
             enabled = True
     return trace.get_tracer(service_name)
+
+
+_recorders: dict[str, Any] = {}
+
+
+def server_span_recorder(tracer_name: str) -> Any:
+    """A services.common.server_span.Recorder for `tracer_name` when the installed
+    provider's export takes its spans (OTLP/gRPC or none), else None (use the SDK's
+    tracer). Only meaningful once tracing is enabled."""
+    if tracer_name not in _recorders:
+        from services.common.server_span import Recorder
+
+        _recorders[tracer_name] = Recorder.for_provider(trace.get_tracer_provider(), tracer_name) if enabled else None
+    return _recorders[tracer_name]
 
 
 def server_interceptors() -> list[Any]:

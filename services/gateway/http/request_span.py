@@ -8,7 +8,9 @@ read and nothing here runs): a SERVER span named by method and route
 complete. FastAPI's own telemetry is off: it made the server span, an operation span
 per endpoint and, with ours, an internal span per inference route, three spans where
 one says the same. The caller's context is only extracted when a header the
-configured propagators read is there.
+configured propagators read is there. When the export takes them (OTLP/gRPC, or
+none), the server span is a services.common.server_span.ServerSpan, not an SDK span:
+the same fields for a tenth of the CPU (an ingest request paid ~45 us for the SDK's).
 
 `RequestSpan` is the inference routes' span around the gRPC calls they make: the
 request's server span when there is one (the usual case), else a server span of its
@@ -27,7 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from services.common.telemetry import extract_context
+from services.common.telemetry import extract_context, server_span_recorder
 
 tracer = trace.get_tracer("clotho.gateway")
 
@@ -96,16 +98,26 @@ def _parent_context(scope: Any) -> otel_context.Context | None:
     return None
 
 
+_UNSET_RECORDER: Any = object()
+_recorder: Any = _UNSET_RECORDER
+
+
 async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
     """Run the ASGI `app` for one HTTP request under its server span."""
+    global _recorder
+    recorder = _recorder
+    if recorder is _UNSET_RECORDER:
+        recorder = _recorder = server_span_recorder("clotho.gateway")
     method, path = scope["method"], scope["path"]
     parent = _parent_context(scope)
-    span = tracer.start_span(
-        f"{method} {path}",
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": path},
-    )
+    attributes = {"http.request.method": method, "url.path": path}
+    if recorder is not None:
+        # A ServerSpan (services.common.server_span): the SDK span's fields at a
+        # fraction of its cost; exported by the same processor.
+        parent_span = trace.get_current_span(parent).get_span_context()
+        span = recorder.start(f"{method} {path}", parent_span, SpanKind.SERVER, attributes, parent)
+    else:
+        span = tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
     status = 0
 
     async def send_status(message: Any) -> None:
@@ -131,15 +143,13 @@ async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
             route = getattr(scope.get("route"), "path", None) or path
             if route != path:
                 span.update_name(f"{method} {route}")
-            attributes: dict[str, Any] = {"http.route": route}
+            ended: dict[str, Any] = {"http.route": route}
             if status:
-                attributes["http.response.status_code"] = status
+                ended["http.response.status_code"] = status
             if error is not None or status >= 500 or not status:
-                attributes["error.type"] = (
-                    type(error).__qualname__ if error is not None else str(status or "incomplete")
-                )
-                span.set_attributes(attributes)
+                ended["error.type"] = type(error).__qualname__ if error is not None else str(status or "incomplete")
+                span.set_attributes(ended)
                 span.set_status(StatusCode.ERROR)
             else:
-                span.set_attributes(attributes)
+                span.set_attributes(ended)
         span.end()

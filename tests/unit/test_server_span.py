@@ -1,0 +1,116 @@
+"""services.common.server_span: the gateway's per-request span without the SDK's span
+machinery. It must sample as the provider's sampler does, parent SDK spans, and encode
+to the same OTLP bytes as the SDK span it stands for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+
+from services.common.otlp_encode import encode_request
+from services.common.server_span import Recorder, ServerSpan
+
+
+class Collect(SpanExporter):
+    accepts_server_spans = True
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+def provider(sampler: Any = None) -> tuple[TracerProvider, Collect]:
+    p = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler)
+    out = Collect()
+    p.add_span_processor(BatchSpanProcessor(out))
+    return p, out
+
+
+def remote(sampled: bool) -> SpanContext:
+    return SpanContext(0xABC, 0xDEF, True, TraceFlags(1 if sampled else 0))
+
+
+def test_recorder_only_for_exporters_that_take_server_spans() -> None:
+    p, _ = provider()
+    assert Recorder.for_provider(p, "x") is not None
+    assert Recorder.for_provider(TracerProvider(), "x") is not None  # exporter "none"
+
+    class Other(Collect):
+        accepts_server_spans = False
+
+    q = TracerProvider()
+    q.add_span_processor(BatchSpanProcessor(Other()))
+    assert Recorder.for_provider(q, "x") is None
+    assert Recorder.for_provider(trace.NoOpTracerProvider(), "x") is None
+
+
+def test_default_sampler_follows_the_parent() -> None:
+    p, _ = provider()
+    rec = Recorder.for_provider(p, "x")
+    assert rec is not None
+    root = rec.start("r", None, SpanKind.SERVER, {})
+    assert isinstance(root, ServerSpan) and root.get_span_context().trace_flags.sampled
+    child = rec.start("c", remote(True), SpanKind.SERVER, {})
+    ctx = child.get_span_context()
+    assert isinstance(child, ServerSpan) and ctx.trace_id == 0xABC and ctx.trace_flags.sampled
+    unsampled = rec.start("u", remote(False), SpanKind.SERVER, {})
+    assert isinstance(unsampled, NonRecordingSpan)
+    assert unsampled.get_span_context().trace_id == 0xABC and not unsampled.get_span_context().trace_flags.sampled
+
+
+def test_other_samplers_are_asked() -> None:
+    for sampler, recorded in ((sampling.ALWAYS_OFF, False), (sampling.TraceIdRatioBased(1.0), True)):
+        p, _ = provider(sampler)
+        rec = Recorder.for_provider(p, "x")
+        assert rec is not None
+        span = rec.start("r", None, SpanKind.SERVER, {})
+        assert isinstance(span, ServerSpan) is recorded
+        assert span.get_span_context().trace_flags.sampled is recorded
+
+
+def test_parents_sdk_spans_and_encodes_like_the_sdk_span() -> None:
+    p, out = provider()
+    rec = Recorder.for_provider(p, "clotho.gateway")
+    assert rec is not None
+    span: Any = rec.start("POST /x", remote(True), SpanKind.SERVER, {"http.request.method": "POST", "url.path": "/x"})
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        with p.get_tracer("inner").start_as_current_span("inner") as inner:
+            parent = getattr(inner, "parent", None)
+            assert parent is not None and parent.span_id == span.get_span_context().span_id
+    finally:
+        otel_context.detach(token)
+    span.update_name("POST /{route}")
+    span.set_attributes({"http.route": "/{route}", "http.response.status_code": 500})
+    span.set_status(StatusCode.ERROR)
+    span.add_event("e", {"k": 1})
+    span.end()
+    p.force_flush()
+    server = [s for s in out.spans if isinstance(s, ServerSpan)]
+    assert len(server) == 1 and len(out.spans) == 2
+
+    # The SDK span with the same fields encodes to the same bytes.
+    sdk: Any = p.get_tracer("clotho.gateway").start_span(
+        "POST /x",
+        context=trace.set_span_in_context(NonRecordingSpan(remote(True))),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": "POST", "url.path": "/x"},
+        start_time=span._start_time,
+    )
+    sdk._context = span.get_span_context()
+    sdk.update_name("POST /{route}")
+    sdk.set_attributes({"http.route": "/{route}", "http.response.status_code": 500})
+    sdk.set_status(StatusCode.ERROR)
+    sdk.add_event("e", {"k": 1}, timestamp=span._events[0].timestamp)
+    sdk.end(end_time=span._end_time)
+    p.force_flush()
+    assert encode_request([server[0]]) == encode_request([out.spans[-1]])
