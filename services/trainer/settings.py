@@ -129,6 +129,15 @@ class TrainerSettings(ServiceSettings):
         "generation overlaps this step (data at most one version stale); off waits until "
         "the step's weights are committed (on-policy).",
     )
+    next_batch: Literal["on_arrival", "after_step"] = Field(
+        "on_arrival",
+        description="With one_step_off, when the next batch is asked for: on_arrival, as soon "
+        "as a batch arrives (its assembly and transfer overlap the whole step); after_step, once "
+        "the step's optimizer step is done, while its weights are pushed (with "
+        "overlap_weight_update). An environment that keeps a batch ahead at the gateway "
+        "refills it when a batch is taken, so after_step hands the trainer data one policy "
+        "version fresher, at the cost of the batch's hop on the critical path.",
+    )
     overlap_weight_update: bool = Field(
         False,
         description="With one_step_off: push a step's weights (a copy) while the next step "
