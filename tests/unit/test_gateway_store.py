@@ -231,16 +231,16 @@ async def test_sqlite_memory_stays_under_its_cap_whatever_the_commit_sizes(tmp_p
     past the bound or by a checkpoint) with commits of every size from 1 to 300 groups
     and a few floods: SQLite's heap stays under MEMORY_CAP_BYTES. One prepared
     statement per distinct row count used to stay cached (128 of them, ~650 bytes a
-    row), so varied commit sizes alone filled ~17 MB here, slowly enough to read as a
-    slope in a soak."""
-    from services.gateway.trajectory.sqlite_store import MEMORY_CAP_BYTES, sqlite_memory_used
-
-    if sqlite_memory_used() is None:
-        pytest.skip("sqlite3_memory_used cannot be read here (no shared libsqlite3 mapped)")
+    row), so varied commit sizes filled 35 MB here (the cap is 8 MiB), slowly enough
+    to read as a slope in a soak."""
     import gc
+
+    from services.gateway.trajectory.sqlite_store import MEMORY_CAP_BYTES, sqlite_memory_used
 
     gc.collect()
     baseline = sqlite_memory_used()
+    if baseline is None:
+        pytest.skip("sqlite3_memory_used cannot be read here (no shared libsqlite3 mapped)")
     store = SqliteStore(tmp_path)
     state = TrajectoryState(store, max_kept_batches=4)
     store.start()
@@ -278,7 +278,7 @@ async def test_metrics_show_sqlite_memory_and_the_wal(tmp_path):
     try:
         state.submit([group(2, tag=1)])
         await store.sync()
-        lines = metrics_response(state).body.decode().splitlines()
+        lines = bytes(metrics_response(state).body).decode().splitlines()
         values = {line.split()[0]: float(line.split()[1]) for line in lines if line and not line.startswith("#")}
         assert values["clotho_gateway_store_wal_bytes"] > 0
         if sqlite_memory_used() is not None:
