@@ -26,6 +26,11 @@ leak shows) and `rss` (VmRSS: anon plus file-backed pages such as the mapped tor
 libraries, which the kernel drops and faults back in with the machine's page-cache
 pressure, so its slope moves with what else runs on the machine).
 
+The gateway's own view is sampled too (its /metrics, on a port the soak picks): SQLite's
+heap in the gateway (`clotho_gateway_store_sqlite_bytes`, capped by the store at 8 MiB)
+and the store's WAL on disk (`clotho_gateway_store_wal_bytes`), printed under the table
+with their start, end and largest values.
+
 Usage: python bench/soak.py [--minutes 30] [--warmup-minutes M] [--interval 5] [--out soak.json]
        python bench/soak.py --refit soak.json [--warmup-minutes M]   (the table again)
 """
@@ -38,10 +43,12 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +71,47 @@ def memory_mb(pid: int) -> dict[str, float] | None:
     except (OSError, ValueError):
         return None
     return out if len(out) == len(fields) else None
+
+
+# The gateway's gauges the soak follows: (metric, label in the report).
+GATEWAY_GAUGES = (
+    ("clotho_gateway_store_sqlite_bytes", "SQLite heap"),
+    ("clotho_gateway_store_wal_bytes", "WAL on disk"),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_gauges(port: int) -> dict[str, float]:
+    """GATEWAY_GAUGES from the gateway's /metrics in MB ({} while it does not answer)."""
+    wanted = {name for name, _ in GATEWAY_GAUGES}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in wanted:
+            with contextlib.suppress(ValueError):
+                out[parts[0]] = float(parts[1]) / 2**20
+    return out
+
+
+def print_gateway_gauges(gauges: dict[str, list[tuple[float, float]]]) -> None:
+    for name, label in GATEWAY_GAUGES:
+        points = gauges.get(name) or []
+        if points:
+            values = [v for _, v in points]
+            print(
+                f"gateway {label}: {values[0]:.2f} MB at the start, {values[-1]:.2f} at the end, "
+                f"{max(values):.2f} at most ({len(points)} samples)"
+            )
 
 
 def children_of(pid: int) -> list[int]:
@@ -223,6 +271,7 @@ def refit(path: Path, warmup: float | None, floor_mb_per_hour: float) -> int:
         run["minutes"] = max(p[-1][0] for series in points.values() for p in series.values() if p)
     minutes = run["minutes"]
     print_report(points, run.get("step_minutes", []), run, minutes / 2 if warmup is None else warmup, floor_mb_per_hour)
+    print_gateway_gauges(saved.get("gateway_gauges", {}))
     return 0
 
 
@@ -245,6 +294,8 @@ def main() -> int:
     warmup = args.minutes / 2 if args.warmup_minutes is None else args.warmup_minutes
     load_start = os.getloadavg()
 
+    http_port = free_port()
+    gauges: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in GATEWAY_GAUGES}
     with tempfile.TemporaryDirectory(prefix="clotho-soak-") as data_dir:
         cmd = [
             sys.executable,
@@ -258,6 +309,8 @@ def main() -> int:
             str(args.batch_size),
             "--data-dir",
             data_dir,
+            "--http-port",
+            str(http_port),
         ]
         up = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True)
         series: dict[int, Series] = {up.pid: Series("clotho up")}
@@ -274,6 +327,8 @@ def main() -> int:
                     if sample is not None:
                         for measure, mb in sample.items():
                             s.points[measure].append((now, mb))
+                for name, mb in gateway_gauges(http_port).items():
+                    gauges[name].append((now, mb))
                 time.sleep(args.interval)
         finally:
             if up.poll() is None:
@@ -290,6 +345,8 @@ def main() -> int:
     points = {s.name: s.points for s in series.values()}
     run = {"minutes": args.minutes, "interval": args.interval, "load_start": load_start, "load_end": load_end}
     report = print_report(points, steps, run, warmup, args.floor_mb_per_hour)
+    print_gateway_gauges(gauges)
+    report["gateway_gauges"] = gauges
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -8,7 +8,7 @@ import random
 
 from atroposlib.api import utils as reference
 
-from services.gateway.trajectory.queue_index import Group, QueueIndex
+from services.gateway.trajectory.queue_index import VERSION_HEAP_SLACK, Group, QueueIndex
 
 
 class Queue:
@@ -139,3 +139,28 @@ def test_batch_assembly_work_does_not_grow_with_the_queue():
             assert sum(g.size for g in batch) == 64
         work[depth] = index.examined
     assert work[100] == work[100_000] <= 10 * 3 * (8 + 3)
+
+
+def test_the_version_heap_stays_bounded_without_a_staleness_bound():
+    """clotho up: no staleness bound (nothing calls pop_older_than) and a new policy
+    version every step. The heap of versions gained one entry per version for good (the
+    gateway's soak slope, ~40 bytes a step); it now holds at most twice the live
+    versions plus VERSION_HEAP_SLACK, and staleness still finds every old group after
+    its rebuilds."""
+    queue = Queue()
+    index = queue.index
+    rng = random.Random(0)
+    most = 0
+    for step in range(1, 10_001):
+        # A group of this step's version and one of a recent one (versions empty out
+        # of order), then a batch of two.
+        queue.append(4, version=step)
+        queue.append(4, version=max(0, step - rng.randrange(5)))
+        assert index.pop_exact(8) is not None
+        most = max(most, len(index._version_heap))
+        assert len(index._version_heap) <= 2 * len(index._by_version) + VERSION_HEAP_SLACK
+    assert most <= 2 * 10 + VERSION_HEAP_SLACK, most
+    live = sorted(g.version for g in index)
+    floor = live[len(live) // 2] if live else 0
+    assert sorted(g.version for g in index.pop_older_than(floor)) == [v for v in live if v < floor]
+    assert sorted(g.version for g in index) == [v for v in live if v >= floor]

@@ -224,3 +224,64 @@ async def test_receipts_come_back_after_a_reopen_newest_capacity_only(tmp_path):
         assert batch[0].versions == (2,)
     finally:
         await reopened_store.close()
+
+
+async def test_sqlite_memory_stays_under_its_cap_whatever_the_commit_sizes(tmp_path):
+    """The mesh's cycle (ingest, a batch kept for an acknowledging trainer, released
+    past the bound or by a checkpoint) with commits of every size from 1 to 300 groups
+    and a few floods: SQLite's heap stays under MEMORY_CAP_BYTES. One prepared
+    statement per distinct row count used to stay cached (128 of them, ~650 bytes a
+    row), so varied commit sizes filled 35 MB here (the cap is 8 MiB), slowly enough
+    to read as a slope in a soak."""
+    import gc
+
+    from services.gateway.trajectory.sqlite_store import MEMORY_CAP_BYTES, sqlite_memory_used
+
+    gc.collect()
+    baseline = sqlite_memory_used()
+    if baseline is None:
+        pytest.skip("sqlite3_memory_used cannot be read here (no shared libsqlite3 mapped)")
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store, max_kept_batches=4)
+    store.start()
+    try:
+        state.register_trainer(TrainerRegistration("g", "p", 8, 64, "/ckpt", 3, 0, 99))
+        state.open_acknowledged(0, 0)
+        after, most = 0, 0
+        sizes = [*range(1, 301), 2000, 5000, 3, 4097]
+        for n, groups in enumerate(sizes):
+            state.observe_version(n)
+            state.submit([group(2, tag=n) for _ in range(groups)])
+            await store.sync()
+            while (taken := state.take_acknowledged(after)) is not None:
+                after = taken[1]
+            if n % 7 == 0:
+                state.acknowledge(after)
+            await store.sync()
+            used = store.memory_bytes
+            assert used is not None
+            most = max(most, used - baseline)
+        assert state.kept_batches <= 4 and state.queue_size < 4
+        assert most <= MEMORY_CAP_BYTES, f"SQLite held {most} bytes, over its cap of {MEMORY_CAP_BYTES}"
+    finally:
+        await store.close()
+
+
+async def test_metrics_show_sqlite_memory_and_the_wal(tmp_path):
+    """`/metrics` carries the store's SQLite heap and WAL size (read at scrape time)."""
+    from services.gateway.http.metrics import metrics_response
+    from services.gateway.trajectory.sqlite_store import sqlite_memory_used
+
+    store = SqliteStore(tmp_path)
+    state = TrajectoryState(store)
+    store.start()
+    try:
+        state.submit([group(2, tag=1)])
+        await store.sync()
+        lines = bytes(metrics_response(state).body).decode().splitlines()
+        values = {line.split()[0]: float(line.split()[1]) for line in lines if line and not line.startswith("#")}
+        assert values["clotho_gateway_store_wal_bytes"] > 0
+        if sqlite_memory_used() is not None:
+            assert values["clotho_gateway_store_sqlite_bytes"] > 0
+    finally:
+        await store.close()

@@ -78,6 +78,12 @@ class StateCollector:
         commits = getattr(state.store, "commits", None)
         if commits is not None:
             yield counter("store_commits", "Transactions the durable store committed.", commits)
+        memory = getattr(state.store, "memory_bytes", None)
+        if memory is not None:
+            yield gauge("store_sqlite_bytes", "SQLite's heap in the gateway (sqlite3_memory_used).", memory)
+        wal = getattr(state.store, "wal_bytes", None)
+        if wal is not None:
+            yield gauge("store_wal_bytes", "The durable store's write-ahead log on disk.", wal)
 
 
 # Seconds: an ingest post takes tens of microseconds, a /generate up to minutes.

@@ -56,6 +56,8 @@ class Group:
 EnvKey = int | None
 
 Fifo = OrderedDict[int, Group]  # queue position -> Group, in queue order
+# Dead entries the version heap may hold beyond twice its live versions (_forget_version).
+VERSION_HEAP_SLACK = 16
 
 
 def _chunks(fifo: Fifo, chunk: int) -> Iterator[list[Group]]:
@@ -128,10 +130,21 @@ class QueueIndex:
         if version_fifo is not None:  # pop_older_than takes whole versions out first
             version_fifo.pop(qpos, None)
             if not version_fifo:
-                del self._by_version[group.version]
+                self._forget_version(group.version)
         self.groups -= 1
         self.sequences -= size
         self.bytes -= len(group.body)
+
+    def _forget_version(self, version: int) -> None:
+        """A version's last queued group left. Its heap entry stays until
+        `pop_older_than` reaches it, and without a staleness bound nothing does: with
+        a new policy version every step, the heap would gain an entry per step for
+        good. So once dead entries outnumber the live versions (plus a few), the heap
+        is rebuilt from the live ones (a sorted list is a heap): at most
+        2 x live + VERSION_HEAP_SLACK entries, at amortized O(1) per version."""
+        del self._by_version[version]
+        if len(self._version_heap) > 2 * len(self._by_version) + VERSION_HEAP_SLACK:
+            self._version_heap = sorted(self._by_version)
 
     def remove_all(self, groups: Sequence[Group]) -> None:
         for group in groups:

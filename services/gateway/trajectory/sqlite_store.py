@@ -32,6 +32,12 @@ records its group ids under its step in `kept`, the groups stay, and a later
 transaction (the trainer's checkpoint holds the step) deletes the `kept` row and
 records the ids in `handed` together.
 
+Memory: SQLite's heap stays under MEMORY_CAP_BYTES (8 MiB): a 2 MiB page cache for
+the writer (CACHE_KIB, explicit), a small one for the checkpointer, and a fixed set of
+prepared statements (multi-row statements take a power of two rows, see
+MAX_ROWS_PER_STATEMENT). `/metrics` shows it (`clotho_gateway_store_sqlite_bytes`) and
+the WAL's size on disk (`clotho_gateway_store_wal_bytes`).
+
 Tables: `meta` (trainer registration, started flag, step, policy version), `envs`
 (registrations), `groups` (every group held: queued, buffered for its env (qpos
 NULL) or in a formed batch), `ready` (the batches one /batch call formed to hand
@@ -47,7 +53,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -87,6 +95,16 @@ MAX_OPS_PER_COMMIT = 20_000
 # Seconds between two checkpoints at most once per; and the WAL size kept on disk.
 CHECKPOINT_PAUSE_SECONDS = 0.5
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# SQLite's page cache per connection, KiB (the writer's; SQLite's default is 2000).
+# The checkpointer's connection copies WAL frames without its page cache and keeps
+# only the schema there.
+CACHE_KIB = 2048
+CHECKPOINTER_CACHE_KIB = 256
+# What SQLite's heap in the gateway stays under (sqlite3_memory_used, the
+# `clotho_gateway_store_sqlite_bytes` gauge): the two page caches, the writer's prepared
+# statements (a fixed set, at most ~2 MB: see MAX_ROWS_PER_STATEMENT), the schema and
+# the WAL bookkeeping. tests/unit/test_gateway_store.py holds the store to it.
+MEMORY_CAP_BYTES = 8 * 1024 * 1024
 
 
 class SqliteStore(Store):
@@ -113,6 +131,7 @@ class SqliteStore(Store):
         # Groups are tens of KB: 16 KiB pages need a quarter of the overflow pages of
         # the default 4 KiB (SQLite uses it only when creating the file).
         self._conn.execute("PRAGMA page_size=16384")
+        self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         # Some builds (Debian's) zero every freed page: a batch handed out would write
@@ -144,6 +163,20 @@ class SqliteStore(Store):
         self.commits = 0
         self.checkpoints = 0
         self.purges = 0
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """SQLite's heap in this process (sqlite3_memory_used: every connection's page
+        cache, prepared statements and schema); None where it cannot be read."""
+        return sqlite_memory_used()
+
+    @property
+    def wal_bytes(self) -> int:
+        """The size of the write-ahead log on disk (0 when there is none)."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
 
     # -- startup ---------------------------------------------------------------
 
@@ -299,6 +332,7 @@ class SqliteStore(Store):
         """Copy the WAL into the database now and then, with a connection of its own
         (a PASSIVE checkpoint runs alongside the writer's commits)."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA cache_size=-{CHECKPOINTER_CACHE_KIB}")
         try:
             while True:
                 self._committed_since_checkpoint.wait()
@@ -421,24 +455,70 @@ class SqliteStore(Store):
                 future.set_result(None)
 
 
+@functools.cache
+def _sqlite_library() -> Any:
+    """The libsqlite3 the sqlite3 module runs on, when it is a shared library this
+    process has mapped (dlopen of a mapped path hands back that same library, whose
+    counters are the ones that count); None otherwise (a statically linked build, no
+    /proc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "libsqlite3" in line and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+            lib.sqlite3_memory_used.restype = ctypes.c_int64
+            lib.sqlite3_memory_used.argtypes = []
+        except (OSError, AttributeError):
+            continue
+        return lib
+    return None
+
+
+def sqlite_memory_used() -> int | None:
+    """Bytes SQLite holds on the heap in this process (None where unreadable)."""
+    lib = _sqlite_library()
+    return None if lib is None else int(lib.sqlite3_memory_used())
+
+
 # SQLite's default limit on the parameters of one statement.
 MAX_PARAMETERS = 32_000
+# Rows one multi-row statement takes at most (powers of two). The sqlite3 module keeps
+# every distinct statement text it ran prepared (an LRU of 128), and a prepared
+# multi-row statement holds ~650 bytes per row for a group insert, ~190 per id for a
+# delete: one text per row count (a commit's row counts vary with the load) filled that
+# cache slowly toward 128 statements of up to 3 MB each. Runs are cut into a power of
+# two rows per statement instead (`_chunks`: at most log2(max) + 1 statements for a
+# short run), so only a fixed, small set of statement texts exists (~2 MB prepared
+# at most, `STATEMENT_BYTES`).
+MAX_ROWS_PER_STATEMENT = 1024
+MAX_IDS_PER_STATEMENT = 4096
+
+
+def _chunks(n: int, most: int) -> Iterator[tuple[int, int]]:
+    """(start, length) pieces of `n` items: `most` at a time, then the rest by
+    descending powers of two (`most` is one)."""
+    start, size = 0, most
+    while start < n:
+        while size > n - start:
+            size >>= 1
+        yield start, size
+        start += size
 
 
 def _many_rows(c: sqlite3.Connection, insert: str, width: int, values: list[Any]) -> None:
-    """`insert` + "(?, ...), (?, ...)": every row in as few statements as the
-    parameter limit allows."""
-    per_statement = (MAX_PARAMETERS // width) * width
+    """`insert` + "(?, ...), (?, ...)": every row in a few statements of a power of
+    two rows each."""
     row = "(" + ",".join("?" * width) + ")"
-    for start in range(0, len(values), per_statement):
-        chunk = values[start : start + per_statement]
-        c.execute(insert + ",".join([row] * (len(chunk) // width)), chunk)
+    for start, rows in _chunks(len(values) // width, MAX_ROWS_PER_STATEMENT):
+        c.execute(insert + ",".join([row] * rows), values[start * width : (start + rows) * width])
 
 
 def _delete_ids(c: sqlite3.Connection, table: str, column: str, ids: list[int]) -> None:
-    for start in range(0, len(ids), MAX_PARAMETERS):
-        chunk = ids[start : start + MAX_PARAMETERS]
-        c.execute(f"DELETE FROM {table} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)
+    for start, size in _chunks(len(ids), MAX_IDS_PER_STATEMENT):
+        c.execute(f"DELETE FROM {table} WHERE {column} IN ({','.join('?' * size)})", ids[start : start + size])
 
 
 def _runs(batch: list[tuple[int, str, tuple[Any, ...]]]) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
