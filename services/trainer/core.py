@@ -106,7 +106,7 @@ class TrainerCore:
         self.step = 0
         self.pad_token_id = 0
         self.laid_out = False
-        self.parameters = 0  # the model's parameter count (this rank's part under FSDP2)
+        self.parameters = 0  # the model's parameter count (whole, before any wrapper)
 
     @property
     def inner(self) -> torch.nn.Module:
