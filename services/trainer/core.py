@@ -11,9 +11,10 @@ clip -> optimizer and scheduler step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -77,6 +78,20 @@ def batch_config(s: TrainerSettings) -> BatchConfig:
     )
 
 
+@contextlib.contextmanager
+def step_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on `threads` intra-op threads (None: as set), then restore them."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class TrainerCore:
     def __init__(self, settings: TrainerSettings, ranks: Ranks | None = None) -> None:
         self.settings = settings
@@ -92,6 +107,7 @@ class TrainerCore:
         self.step = 0
         self.pad_token_id = 0
         self.laid_out = False
+        self.parameters = 0  # the model's parameter count (whole, before any wrapper)
 
     @property
     def inner(self) -> torch.nn.Module:
@@ -124,6 +140,7 @@ class TrainerCore:
             log.warning("batch layout shared_prefix needs sdpa or eager attention, not %s: using rows", attention)
             self.batching = dataclasses.replace(self.batching, layout="rows")
         self.autocast = self._autocast_dtype()
+        self.parameters = sum(p.numel() for p in model.parameters())
         self.laid_out = self._lay_out_for_sync(model)
         self.model = self.ranks.wrap(model)
         self.optimizer = torch.optim.AdamW(
@@ -228,7 +245,10 @@ class TrainerCore:
             rows = max(max(len(plan(batch.sequences, share, budget, layout)) for share in shares), 1)
             mine += [dummy_micro_batch(self.pad_token_id) for _ in range(rows - len(mine))]
 
-        with child_span("trainer.forward_backward", micro_batches=len(mine), sequences=len(batch.sequences)):
+        with (
+            step_threads(self.step_threads(batch.num_tokens)),
+            child_span("trainer.forward_backward", micro_batches=len(mine), sequences=len(batch.sequences)),
+        ):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             sums = accumulate(
@@ -240,7 +260,7 @@ class TrainerCore:
                 autocast=self.autocast,
             )
             sums = self._reduce(sums)
-        with child_span("trainer.optimizer_step"):
+        with step_threads(self.step_threads(batch.num_tokens)), child_span("trainer.optimizer_step"):
             max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
@@ -249,6 +269,12 @@ class TrainerCore:
             self.scheduler.step()
         self.step += 1
         return StepResult(metrics(batch, sums), grad_norm, lr, batch)
+
+    def step_threads(self, tokens: int) -> int | None:
+        """The intra-op threads for a step over `tokens` tokens: one below the
+        single_thread_work setting, else None (the process's own)."""
+        limit = self.settings.single_thread_work
+        return 1 if limit > 0 and self.parameters * tokens < limit else None
 
     def _reduce(self, sums: StepSums) -> StepSums:
         if not self.ranks.distributed:

@@ -117,6 +117,16 @@ class TrainerSettings(ServiceSettings):
         description="bfloat16 autocast of forward passes: auto uses it on devices with native "
         "bf16 (CUDA), not on CPU; master weights and optimizer state stay float32.",
     )
+    single_thread_work: float = Field(
+        4e9,
+        ge=0,
+        description="A step whose work (the model's parameters x the batch's tokens) is below "
+        "this runs its forward, backward and optimizer step on one intra-op thread: on a model "
+        "and batch this small a thread pool's hand-offs cost more CPU than they save, and the "
+        "cores shared with generation are better left to it (the tiny demo: 0.5M parameters x "
+        "448 tokens = 2.4e8; a 25M-parameter model x 2,368 tokens = 5.9e10). 0: always the "
+        "process's threads.",
+    )
     max_staleness: int = Field(
         -1,
         ge=-1,
