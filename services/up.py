@@ -344,8 +344,11 @@ async def run_up(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "device": getattr(args, "trainer_device", "cpu"),
             # One step off (the trainer's default): the next batch is generated while a step
-            # trains, and the step's weights are pushed while the next one trains.
+            # trains, and the step's weights are pushed while the next one trains. The next
+            # batch is asked for once the optimizer step is done: the environment's batch
+            # ahead is then refilled with the newest weights (data ~1 version old, not 2).
             "overlap_weight_update": not args.no_overlap,
+            "next_batch": "after_step",
             "lr": args.lr,
             "metrics_port": launcher.free_port(),
             **wandb_settings(args),
