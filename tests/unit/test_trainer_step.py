@@ -9,8 +9,8 @@ from typing import cast
 
 import pytest
 import torch
+from trainer_groups import groups
 
-from clotho.v1 import scored_data_pb2 as sd
 from services.trainer.learner import Learner
 from services.trainer.settings import TrainerSettings
 from services.trainer.weight_push import SyncReport, WeightSync, WeightSyncError
@@ -26,18 +26,6 @@ STEP_KEYS = {
     "sync_bytes",
     "step_seconds",
 }
-
-
-def groups() -> list[sd.ScoredGroup]:
-    prompt = [1, 10, 11, 12]
-    return [
-        sd.ScoredGroup(
-            sequences=[
-                sd.ScoredSequence(tokens=prompt + c, masks=[-100] * 4 + c, score=s)
-                for c, s in (([20, 21, 22], 1.0), ([30, 31], 0.0))
-            ]
-        )
-    ]
 
 
 class ScriptedSync:

@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainer_groups import groups
 
-from clotho.v1 import scored_data_pb2 as sd
 from services.trainer.core import TrainerCore, step_threads
 from services.trainer.settings import TrainerSettings
-
-
-def groups() -> list[sd.ScoredGroup]:
-    prompt = [1, 10, 11, 12]
-    return [
-        sd.ScoredGroup(
-            sequences=[
-                sd.ScoredSequence(tokens=prompt + c, masks=[-100] * 4 + c, score=s)
-                for c, s in (([20, 21, 22], 1.0), ([30, 31], 0.0))
-            ]
-        )
-    ]
 
 
 @pytest.fixture
