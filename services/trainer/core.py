@@ -245,32 +245,31 @@ class TrainerCore:
             rows = max(max(len(plan(batch.sequences, share, budget, layout)) for share in shares), 1)
             mine += [dummy_micro_batch(self.pad_token_id) for _ in range(rows - len(mine))]
 
-        with (
-            step_threads(self.step_threads(batch.num_tokens)),
-            child_span("trainer.forward_backward", micro_batches=len(mine), sequences=len(batch.sequences)),
-        ):
-            self.model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            sums = accumulate(
-                self.model,
-                mine,
-                self.loss,
-                loss_scale=float(ranks.world_size),
-                grad_sync=ranks.grad_sync(self.model),
-                autocast=self.autocast,
-            )
-            sums = self._reduce(sums)
-        with step_threads(self.step_threads(batch.num_tokens)), child_span("trainer.optimizer_step"):
-            max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            self.optimizer.step()
-            self.scheduler.step()
+        # One thread setting for the step's forward/backward and its optimizer step.
+        with step_threads(self._threads_for(batch.num_tokens)):
+            with child_span("trainer.forward_backward", micro_batches=len(mine), sequences=len(batch.sequences)):
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                sums = accumulate(
+                    self.model,
+                    mine,
+                    self.loss,
+                    loss_scale=float(ranks.world_size),
+                    grad_sync=ranks.grad_sync(self.model),
+                    autocast=self.autocast,
+                )
+                sums = self._reduce(sums)
+            with child_span("trainer.optimizer_step"):
+                max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+                lr = float(self.optimizer.param_groups[0]["lr"])
+                self.optimizer.step()
+                self.scheduler.step()
         self.step += 1
         return StepResult(metrics(batch, sums), grad_norm, lr, batch)
 
-    def step_threads(self, tokens: int) -> int | None:
+    def _threads_for(self, tokens: int) -> int | None:
         """The intra-op threads for a step over `tokens` tokens: one below the
         single_thread_work setting, else None (the process's own)."""
         limit = self.settings.single_thread_work

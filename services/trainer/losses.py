@@ -71,14 +71,19 @@ def ppo_loss(
         ratio_used = ratio * scale
     else:
         ratio_used = ratio
-    unclipped = ratio_used * advantages
-    clipped_value = ratio_used.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped_value)
+    objective, was_clipped = _clipped_objective(ratio_used, advantages, clip_low, clip_high)
+    return PolicyTerms(loss=-objective, ratio=ratio.detach(), clipped=was_clipped, truncated=truncated)
+
+
+def _clipped_objective(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) per token, and where the
+    clipped branch won (no gradient there)."""
+    objective = torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages)
     with torch.no_grad():
-        was_clipped = ((ratio_used > 1.0 + clip_high) & (advantages > 0)) | (
-            (ratio_used < 1.0 - clip_low) & (advantages < 0)
-        )
-    return PolicyTerms(loss=loss, ratio=ratio.detach(), clipped=was_clipped, truncated=truncated)
+        was_clipped = ((ratio > 1.0 + clip_high) & (advantages > 0)) | ((ratio < 1.0 - clip_low) & (advantages < 0))
+    return objective, was_clipped
 
 
 def decoupled_loss(
@@ -109,15 +114,16 @@ def decoupled_loss(
         weight = torch.exp((prox - behaviour_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         truncated = weight > is_cap if is_cap > 0 else torch.zeros_like(weight, dtype=torch.bool)
         weight_used = weight.clamp(max=is_cap) if is_cap > 0 else weight
+        # The ratio reported is against the sampling policy, as ppo_loss's: how far the data
+        # is off-policy (the weight itself when the proximal policy is the current one).
+        behaviour_ratio = (
+            weight
+            if proximal_logp is None
+            else torch.exp((logp.detach() - behaviour_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+        )
     ratio = torch.exp((logp - prox).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    unclipped = ratio * advantages
-    clipped_value = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = -weight_used * torch.minimum(unclipped, clipped_value)
-    with torch.no_grad():
-        was_clipped = ((ratio > 1.0 + clip_high) & (advantages > 0)) | ((ratio < 1.0 - clip_low) & (advantages < 0))
-        # The ratio reported is against the sampling policy, as ppo_loss's: how far the data is off-policy.
-        behaviour_ratio = torch.exp((logp.detach() - behaviour_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    return PolicyTerms(loss=loss, ratio=behaviour_ratio, clipped=was_clipped, truncated=truncated)
+    objective, was_clipped = _clipped_objective(ratio, advantages, clip_low, clip_high)
+    return PolicyTerms(loss=-weight_used * objective, ratio=behaviour_ratio, clipped=was_clipped, truncated=truncated)
 
 
 POLICY_LOSSES = ("ppo", "decoupled")
