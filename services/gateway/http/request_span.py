@@ -98,16 +98,9 @@ def _parent_context(scope: Any) -> otel_context.Context | None:
     return None
 
 
-_UNSET_RECORDER: Any = object()
-_recorder: Any = _UNSET_RECORDER
-
-
 async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
     """Run the ASGI `app` for one HTTP request under its server span."""
-    global _recorder
-    recorder = _recorder
-    if recorder is _UNSET_RECORDER:
-        recorder = _recorder = server_span_recorder("clotho.gateway")
+    recorder = server_span_recorder("clotho.gateway")  # looked up once, then cached there
     method, path = scope["method"], scope["path"]
     parent = _parent_context(scope)
     attributes = {"http.request.method": method, "url.path": path}

@@ -492,7 +492,7 @@ MAX_PARAMETERS = 32_000
 # cache slowly toward 128 statements of up to 3 MB each. Runs are cut into a power of
 # two rows per statement instead (`_chunks`: at most log2(max) + 1 statements for a
 # short run), so only a fixed, small set of statement texts exists (~2 MB prepared
-# at most, `STATEMENT_BYTES`).
+# at most, inside MEMORY_CAP_BYTES).
 MAX_ROWS_PER_STATEMENT = 1024
 MAX_IDS_PER_STATEMENT = 4096
 
