@@ -42,6 +42,50 @@ class _StreamEnded(Exception):
     """The gateway closed the batch stream."""
 
 
+class _Stream:
+    """One StreamBatches call as the learner uses it: credit writes from several tasks
+    (the step loop and an overlapped update), one at a time, and reads that tell a
+    stream that ended from one that failed.
+
+    When the gateway ends the stream while a write of ours is in flight, gRPC core fails
+    that send and marks the whole call INTERNAL, so a concurrent read raises INTERNAL
+    instead of returning EOF. That is the stream ending, not a server error: a read that
+    fails INTERNAL after one of our sends failed reads as the end of the stream."""
+
+    def __init__(self, call: aio.StreamStreamCall[gw_pb.StreamBatchesRequest, gw_pb.StreamBatchesResponse]) -> None:
+        self.call = call
+        self._writing = asyncio.Lock()
+        self._send_failed = False
+
+    async def send(self, request: gw_pb.StreamBatchesRequest) -> bool:
+        """Write `request`; False when the stream is already over."""
+        async with self._writing:
+            if self._send_failed:
+                return False
+            try:
+                await self.call.write(request)
+            except (asyncio.InvalidStateError, aio.AioRpcError):
+                self._send_failed = True  # set under the lock: read() waits for it
+                return False
+        return True
+
+    async def read(self) -> gw_pb.StreamBatchesResponse | None:
+        """The next batch, or None when the stream has ended."""
+        try:
+            response = await self.call.read()
+        except aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INTERNAL:
+                raise
+            async with self._writing:  # a failing send records it before releasing
+                if not self._send_failed:
+                    raise
+            return None
+        if response is aio.EOF:
+            return None
+        assert isinstance(response, gw_pb.StreamBatchesResponse)
+        return response
+
+
 class BatchStream:
     """The learner's batch stream from one gateway (`stub`)."""
 
@@ -115,8 +159,8 @@ class BatchStream:
         """One StreamBatches call: grant credits, train on each batch as it arrives."""
         learner, settings = self.learner, self.learner.settings
         call = self.stub.StreamBatches(wait_for_ready=True)
+        stream = _Stream(call)
         outstanding = 0
-        writing = asyncio.Lock()  # an overlapped update also writes (its version)
         learner.acks.open_stream()
 
         async def grant(in_hand: int) -> bool:
@@ -124,20 +168,17 @@ class BatchStream:
             nonlocal outstanding
             n = self._grant(outstanding, in_hand)
             if n:
-                try:
-                    async with writing:
-                        await call.write(self._credit(n))
-                except (asyncio.InvalidStateError, aio.AioRpcError):
+                if not await stream.send(self._credit(n)):
                     return False
                 outstanding += n
             return True
 
         async def published(version: int) -> None:
             """An overlapped update committed: tell the gateway now, as the next credit
-            would have in step with the update."""
+            would have in step with the update (lost if the stream is over: the next
+            stream's first credit carries it)."""
             if _CREDIT_HAS_VERSION:
-                async with writing:
-                    await call.write(gw_pb.StreamBatchesRequest(credits=0, policy_version=version))
+                await stream.send(gw_pb.StreamBatchesRequest(credits=0, policy_version=version))
 
         try:
             while not learner.finished():
@@ -147,8 +188,8 @@ class BatchStream:
                 with step_span(learner.step + 1) as span:
                     waiting = time.monotonic()
                     with tracer.start_as_current_span("trainer.wait_batch"):
-                        response = await call.read()
-                    if response is aio.EOF:
+                        response = await stream.read()
+                    if response is None:
                         span.set_attribute("clotho.outcome", "stream ended")
                         raise _StreamEnded()
                     waited = time.monotonic() - waiting
@@ -177,9 +218,7 @@ class BatchStream:
                         log.error("skipping malformed batch %d: %s", response.step, exc)
                         span.set_status(trace.StatusCode.ERROR, f"malformed batch: {exc}")
                 if learner.acks.unreported:  # tell the gateway what the new checkpoint holds
-                    with contextlib.suppress(asyncio.InvalidStateError, aio.AioRpcError):
-                        async with writing:
-                            await call.write(self._credit(0))
+                    await stream.send(self._credit(0))
                 if not open_:
                     raise _StreamEnded()
             await learner.publisher.settle()

@@ -4,6 +4,7 @@ process (`python -m services.trainer`) end to end against the same doubles."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import json
@@ -17,8 +18,10 @@ import pytest
 import torch
 
 from clotho.v1 import gateway_service_pb2 as gw_pb
+from clotho.v1 import gateway_service_pb2_grpc as gw_grpc
 from clotho.v1 import trainer_service_pb2 as tr_pb
 from clotho.v1 import trainer_service_pb2_grpc as tr_grpc
+from services.trainer.batch_stream import _Stream
 from services.trainer.learner import Learner
 from services.trainer.settings import TrainerSettings
 from trainer_fakes import (
@@ -27,6 +30,7 @@ from trainer_fakes import (
     Servers,
     load_model,
     start_gateway,
+    start_server,
     start_shard,
     toy_batch,
 )
@@ -394,3 +398,41 @@ async def test_overlapped_weight_update_keeps_versions_and_staleness(tiny_model_
         assert results[True] == [(1, 1, True, 0), (2, 1, False, 1), (3, 2, True, 1), (4, 3, True, 2)]
     else:
         assert results[True] == [(1, 1, True, 0), (2, 2, True, 1), (3, 3, True, 2), (4, 4, True, 3)]
+
+
+class EndsAfterTwoCredits(gw_grpc.GatewayServiceServicer):
+    """Sends one batch, then ends the stream as the trainer's second credit arrives:
+    while the trainer may still be writing more."""
+
+    async def StreamBatches(self, request_iterator, context):
+        await request_iterator.__anext__()
+        yield gw_pb.StreamBatchesResponse(step=1)
+        await request_iterator.__anext__()
+
+
+async def test_a_stream_ended_while_the_trainer_writes_reads_as_ended():
+    # gRPC core fails a send racing the stream's end and marks the call INTERNAL; a
+    # concurrent read then raises INTERNAL instead of returning EOF (about half the
+    # rounds here). The learner must see the end of the stream and reconnect.
+    server, target = await start_server(gw_grpc.add_GatewayServiceServicer_to_server, EndsAfterTwoCredits())
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = gw_grpc.GatewayServiceStub(channel)
+            outcomes = collections.Counter()
+            for _ in range(200):
+                stream = _Stream(stub.StreamBatches())
+                assert await stream.send(gw_pb.StreamBatchesRequest(credits=1))
+                assert (await stream.read()).step == 1
+
+                async def keep_writing(stream=stream) -> None:
+                    while await stream.send(gw_pb.StreamBatchesRequest(credits=1)):
+                        pass
+
+                writer = asyncio.ensure_future(keep_writing())
+                assert await stream.read() is None
+                await asyncio.wait_for(writer, RUN_SECONDS)
+                outcomes["send failed first" if stream._send_failed else "read EOF"] += 1
+                stream.call.cancel()
+            assert outcomes["send failed first"] > 0, outcomes
+    finally:
+        await server.stop(None)
