@@ -418,11 +418,12 @@ async def test_a_stream_ended_while_the_trainer_writes_reads_as_ended():
     try:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = gw_grpc.GatewayServiceStub(channel)
-            outcomes = collections.Counter()
+            outcomes: collections.Counter[str] = collections.Counter()
             for _ in range(200):
                 stream = _Stream(stub.StreamBatches())
                 assert await stream.send(gw_pb.StreamBatchesRequest(credits=1))
-                assert (await stream.read()).step == 1
+                first = await stream.read()
+                assert first is not None and first.step == 1
 
                 async def keep_writing(stream=stream) -> None:
                     while await stream.send(gw_pb.StreamBatchesRequest(credits=1)):
