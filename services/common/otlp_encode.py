@@ -248,6 +248,66 @@ def encode_span(span: Any) -> bytes:
     return b"".join(out)
 
 
+_ids = struct.Struct(">HQQHQ").pack  # Span.trace_id (two halves) and span_id, with their tags
+_parent_id = struct.Struct(">HQ").pack  # Span.parent_span_id with its tag
+_times = struct.Struct("<BQBQ").pack  # start and end time, with their tags
+_M64 = (1 << 64) - 1
+
+# A ServerSpan's (name, kind, status, parent's remoteness, attribute items and their
+# types) -> (name and kind bytes, attributes + status + flags bytes): a route's spans
+# differ only in ids and times; bounded.
+_server_cache: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+def _server_parts(span: Any, key: tuple[Any, ...]) -> tuple[bytes, bytes]:
+    name_kind = _name_kind(span._name, span._kind)
+    status = span._status
+    code = status.status_code.value
+    if code or status.description:
+        status_bytes = _ld(b"\x7a", _str(b"\x12", status.description or "") + (b"\x18" + bytes((code,)) if code else b""))
+    else:
+        status_bytes = b"\x7a\x00"
+    parent = span._parent
+    flags = _FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL
+    parts = (name_kind, _attributes(b"\x4a", span._attributes) + status_bytes + flags)
+    if len(_server_cache) < _BLOCK_CACHE_MAX:
+        _server_cache[key] = parts
+    return parts
+
+
+def encode_server_span(span: Any) -> bytes:
+    """A services.common.server_span.ServerSpan as a length-delimited Span field (tag
+    2 of ScopeSpans): what encode_span writes, from a per-route template (the
+    fields that repeat) around its ids and times. Events or a trace state take
+    encode_span's way."""
+    ctx = span._context
+    if span._events or ctx[4] or not span._end_time:
+        return _ld(b"\x12", encode_span(span))
+    attributes = span._attributes
+    parent = span._parent
+    status = span._status
+    key = (
+        span._name,
+        span._kind,
+        status.status_code,
+        status.description,
+        parent is not None and parent[2],
+        *attributes.items(),
+        *map(type, attributes.values()),
+    )
+    try:
+        parts = _server_cache.get(key) or _server_parts(span, key)
+    except TypeError:  # an unhashable attribute value
+        return _ld(b"\x12", encode_span(span))
+    trace_id = ctx[0]
+    body = _ids(0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, ctx[1])
+    if parent is not None:
+        body += _parent_id(0x2208, parent[1])
+    body += parts[0] + _times(0x39, span._start_time, 0x41, span._end_time) + parts[1]
+    n = len(body)
+    return (b"\x12" + bytes((n,)) if n < 0x80 else b"\x12" + _varint(n)) + body
+
+
 def _group(index: dict[int, Any], entries: list[Any], key: Any) -> Any:
     """The entry for `key` (by identity, else by equality, as the SDK groups)."""
     entry = index.get(id(key))
@@ -263,9 +323,22 @@ def _group(index: dict[int, Any], entries: list[Any], key: Any) -> Any:
 def encode_request(spans: Sequence[Any]) -> bytes:
     """An ExportTraceServiceRequest holding `spans` (ReadableSpans), grouped by
     resource, then instrumentation scope, in first-seen order like the SDK's."""
+    from services.common.server_span import ServerSpan
+
     resources: list[Any] = []  # (resource, [(scope, [span bytes], {})], {id(scope): entry})
     by_id: dict[int, Any] = {}
+    # A ServerSpan's recorder -> its scope's entry (the recorder holds one resource
+    # and scope).
+    by_recorder: dict[int, Any] = {}
     for span in spans:
+        if type(span) is ServerSpan:
+            recorder = span._recorder
+            scope = by_recorder.get(id(recorder))
+            if scope is None:
+                res = _group(by_id, resources, recorder.resource)
+                scope = by_recorder[id(recorder)] = _group(res[2], res[1], recorder.scope or None)
+            scope[1].append(encode_server_span(span))
+            continue
         res = _group(by_id, resources, span.resource)
         scope = _group(res[2], res[1], span.instrumentation_scope or None)
         scope[1].append(_ld(b"\x12", encode_span(span)))

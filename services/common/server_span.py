@@ -155,6 +155,19 @@ class ServerSpan(trace.Span):
         return f'ServerSpan(name="{self._name}", context={self._context})'
 
 
+class HttpServerSpan(ServerSpan):
+    """A ServerSpan that also stands in for an ASGI request's `send`, keeping the
+    response's status (services.gateway.http.request_span): one object per request,
+    no closure."""
+
+    __slots__ = ("send", "status_code")
+
+    async def send_status(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status_code = message["status"]
+        await self.send(message)
+
+
 class Recorder:
     """Starts ServerSpans for one tracer (its resource and instrumentation scope)
     under the provider's sampler and id generator, and hands ended sampled ones to
@@ -225,9 +238,10 @@ class Recorder:
         kind: SpanKind,
         attributes: dict[str, Any],
         parent_context: Any = None,
+        span_type: type[ServerSpan] = ServerSpan,
     ) -> trace.Span:
-        """A span under `parent` (None or invalid: a root); `parent_context` is the
-        Context it came from, for a sampler that is asked."""
+        """A span (a `span_type`) under `parent` (None or invalid: a root);
+        `parent_context` is the Context it came from, for a sampler that is asked."""
         if parent is not None and not parent[5]:
             parent = None
         if self._random_ids:
@@ -262,4 +276,4 @@ class Recorder:
         context = _new_context(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
         if not record:
             return trace.NonRecordingSpan(context)
-        return ServerSpan(self, name, context, parent, kind, attributes)
+        return span_type(self, name, context, parent, kind, attributes)

@@ -114,3 +114,58 @@ def test_parents_sdk_spans_and_encodes_like_the_sdk_span() -> None:
     sdk.end(end_time=span._end_time)
     p.force_flush()
     assert encode_request([server[0]]) == encode_request([out.spans[-1]])
+
+
+def test_server_spans_encode_to_the_sdk_encoders_bytes() -> None:
+    """encode_request's ServerSpan way (a per-route template around ids and times)
+    writes what the SDK's own OTLP encoder writes for SDK spans with the same fields:
+    roots, local and remote parents, kinds, every scalar attribute type (True and 1
+    under one key, which a template keyed by value alone would confuse), error
+    statuses, a span with an event, the same route twice, SDK spans in between."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    p, _ = provider()
+    rec = Recorder.for_provider(p, "clotho.gateway")
+    assert rec is not None
+    local = SpanContext(0x1234, 0x5678, False, TraceFlags(1))
+    cases: list[tuple[str, SpanContext | None, SpanKind, dict[str, Any], Any]] = [
+        ("POST /scored_data", None, SpanKind.SERVER, {"m": "POST", "code": 200}, None),
+        ("POST /scored_data", None, SpanKind.SERVER, {"m": "POST", "code": 200}, None),
+        ("POST /scored_data", remote(True), SpanKind.SERVER, {"m": "POST", "code": 200}, None),
+        ("/clotho.v1.X/Generate", local, SpanKind.CLIENT, {"flag": True, "n": 1, "f": 0.5}, None),
+        ("/clotho.v1.X/Generate", local, SpanKind.CLIENT, {"flag": 1, "n": True, "f": 0.5}, None),
+        ("GET /x", None, SpanKind.SERVER, {"code": 500, "e": "boom"}, (StatusCode.ERROR, "bad")),
+        ("GET /x", None, SpanKind.SERVER, {"code": 500}, (StatusCode.ERROR, None)),
+        ("GET /y", None, SpanKind.INTERNAL, {}, (StatusCode.OK, None)),
+        ("GET /event", None, SpanKind.SERVER, {"a": "b"}, "event"),
+    ]
+    ours: list[Any] = []
+    twins: list[Any] = []
+    sdk_tracer = p.get_tracer("clotho.gateway")
+    other = p.get_tracer("other")
+    for i, (name, parent, kind, attributes, extra) in enumerate(cases):
+        span: Any = rec.start(name, parent, kind, dict(attributes))
+        if isinstance(extra, tuple):
+            span.set_status(extra[0], extra[1])
+        elif extra == "event":
+            span.add_event("e", {"k": 1})
+        span.end()
+        ours.append(span)
+        parent_ctx = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+        twin: Any = sdk_tracer.start_span(
+            name, context=parent_ctx, kind=kind, attributes=attributes, start_time=span._start_time
+        )
+        twin._context = span.get_span_context()
+        if isinstance(extra, tuple):
+            twin.set_status(extra[0], extra[1])
+        elif extra == "event":
+            twin.add_event("e", {"k": 1}, timestamp=span._events[0].timestamp)
+        twin.end(end_time=span._end_time)
+        twins.append(twin)
+        if i % 3 == 1:  # an SDK span of another scope in between
+            with other.start_as_current_span(f"sdk {i}") as sdk:
+                pass
+            ours.append(sdk)
+            twins.append(sdk)
+    p.force_flush()
+    assert encode_request(ours) == encode_spans(twins).SerializeToString()
