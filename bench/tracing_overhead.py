@@ -11,24 +11,33 @@ The receiver (opentelemetry-proto's TraceService) runs in a process of its own a
 10 and only parses and counts what arrives: its CPU never shares the bench client's or
 a gateway's interpreter, and the scheduler gives the services under test the cores
 first; its CPU per request is reported apart.
-The load alternates between the stacks round by round, the order rotating (so drift on
-a shared machine hits all of them alike): for `--seconds` each, `--connections`
-keep-alive HTTP/1.1 connections post small `/scored_data` groups (2 sequences x 16
-tokens: the per-request cost is the point), then the same for `/generate` (3 prompt
-tokens, n=1, `--new-tokens` tokens). The client is a raw asyncio HTTP/1.1 loop
-(pre-built request bytes), the same for every stack.
-Two figures per stack and workload, each the median over `--rounds` rounds:
+The load alternates between the stacks in many short rounds (ABCD, BCDA, ...: the
+order rotates so drift on a shared machine hits all of them alike): for `--seconds`
+each, `--connections` keep-alive HTTP/1.1 connections post small `/scored_data` groups
+(2 sequences x 16 tokens: the per-request cost is the point), then the same for
+`/generate` (3 prompt tokens, n=1, `--new-tokens` tokens). The client is a raw asyncio
+HTTP/1.1 loop on uvloop (pre-built request bytes), the same for every stack; with
+`--ingest-rate` / `--generate-rate` it offers a fixed load (paced), so every stack
+answers at the same rate and wakes as often (CPU per request depends on how many
+requests one wake-up of the event loop serves).
+Figures per stack and workload, each the median over `--rounds` rounds:
   req/s         throughput: what a user sees, but on a busy machine it moves with
                 everyone else's load;
   CPU us/req    CPU time of the gateway process (all its threads, the exporter's
-                included; from /proc/<pid>/task/*/schedstat) per request answered:
-                the cost tracing adds to each request, which competing load moves
-                far less. For /generate the inference process's is shown too.
-Costs are against `off`; the load average is printed before and after. Each stack's
-start-up work (the gateway loads its tokenizer in the background) is waited out
-before the first round.
+                included; from /proc/<pid>/task/*/schedstat) per request answered,
+                and of its main thread alone: the cost tracing adds to each request,
+                which competing load moves far less. For /generate the inference
+                process's is shown too.
+Costs are paired: each round's figure over `off`'s in the same round, the median of
+those ratios and their quartiles (the spread); off-again's is the A/A noise floor.
+Printed with them: the load average before and after, each gateway's busy share of
+one core (well under 1: the gateways are not starved by the client) and the bench
+client's own CPU per request. Each stack's start-up work (the gateway loads its
+tokenizer in the background) is waited out before the first round; SIGTERM stops
+the stacks as Ctrl-C does.
 
-    .venv/bin/python bench/tracing_overhead.py [--rounds 5] [--seconds 3] [--connections 8]
+    .venv/bin/python bench/tracing_overhead.py [--rounds 12] [--seconds 1.5] [--connections 8]
+        [--works ingest generate] [--ingest-rate R] [--generate-rate R] [--json out.json]
 """
 
 from __future__ import annotations

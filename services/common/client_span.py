@@ -62,15 +62,13 @@ def _with_context(details: aio.ClientCallDetails, context: Any) -> aio.ClientCal
     metadata = aio.Metadata(*tuple(details.metadata or ()))
     for key, value in carrier.items():
         metadata[key.lower()] = value
-    return aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+    return aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
 
 def _start(details: aio.ClientCallDetails) -> tuple[Any, aio.ClientCallDetails]:
     """(the call's span or None, the details to call with)."""
     current = otel_context.get_current()
-    parent_span = current.get(_SPAN_KEY)
+    parent_span: Any = current.get(_SPAN_KEY)
     if not telemetry.enabled:
         # No SDK: nothing records; carry a valid incoming context on, else nothing.
         if parent_span is None or not parent_span.get_span_context().is_valid:
@@ -100,7 +98,9 @@ def _end(span: Any, call: Any) -> None:
                 _finish(span, _CANCELLED, "Locally cancelled by application!")
                 return
             # A call type that keeps its status elsewhere: ask it.
-            asyncio.ensure_future(_finish_later(span, finished))
+            task = asyncio.ensure_future(_finish_later(span, finished))
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
             return
         _finish(span, status.code(), status.details())
 
@@ -108,6 +108,9 @@ def _end(span: Any, call: Any) -> None:
         call.add_done_callback(done)
     except NotImplementedError:  # a wrapped call without callbacks: end now
         span.end()
+
+
+_finishing: set[asyncio.Future[None]] = set()  # _finish_later tasks, held until done
 
 
 async def _finish_later(span: Any, call: Any) -> None:

@@ -71,7 +71,9 @@ class ServerSpan(trace.Span):
         self._parent = parent
         self._kind = kind
         self._attributes = attributes
-        self._events: list[Any] = []
+        # A list once an event is added (most spans have none: one object less for
+        # each span waiting in the export queue).
+        self._events: Sequence[Any] = ()
         self._links: Sequence[Any] = ()
         self._status = _UNSET
         self._end_time: int | None = None
@@ -115,7 +117,10 @@ class ServerSpan(trace.Span):
         if self._end_time is None:
             from opentelemetry.sdk.trace import Event
 
-            self._events.append(Event(name, dict(attributes or {}), time_ns() if timestamp is None else timestamp))
+            events = self._events
+            if not isinstance(events, list):
+                events = self._events = []
+            events.append(Event(name, dict(attributes or {}), time_ns() if timestamp is None else timestamp))
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -161,6 +166,8 @@ class HttpServerSpan(ServerSpan):
     no closure."""
 
     __slots__ = ("send", "status_code")
+    send: Any  # the ASGI send it stands in for
+    status_code: int  # the response's status once started, else 0
 
     async def send_status(self, message: Any) -> None:
         if message["type"] == "http.response.start":

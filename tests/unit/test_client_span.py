@@ -128,7 +128,10 @@ async def test_a_call_without_a_current_span_is_a_root(target: Any, tracing_on: 
     p.force_flush()
     (span,) = out.spans
     assert span._parent is None
-    assert _traceparent_ids(servicer.traceparents[0]) == (span.get_span_context().trace_id, span.get_span_context().span_id)
+    assert _traceparent_ids(servicer.traceparents[0]) == (
+        span.get_span_context().trace_id,
+        span.get_span_context().span_id,
+    )
 
 
 async def test_tracing_off_passes_an_incoming_context_through(target: Any, monkeypatch: pytest.MonkeyPatch) -> None:

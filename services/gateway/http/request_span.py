@@ -122,7 +122,7 @@ def begin_request(scope: Any, send: Any) -> tuple[Any, Any, Any]:
     method, path = scope["method"], scope["path"]
     parent = _parent_context(scope)
     base = otel_context.get_current() if parent is None else parent
-    parent_span = base.get(_SPAN_KEY)
+    parent_span: Any = base.get(_SPAN_KEY)
     span = recorder.start(
         f"{method} {path}",
         None if parent_span is None else parent_span.get_span_context(),
@@ -142,7 +142,13 @@ def begin_request(scope: Any, send: Any) -> tuple[Any, Any, Any]:
 def end_request(span: Any, scope: Any, token: Any, error: BaseException | None) -> None:
     """Close what begin_request opened, after the app answered (or raised `error`)."""
     otel_context.detach(token)
-    if type(span) is not HttpServerSpan or span._end_time is not None:
+    if type(span) is not HttpServerSpan:
+        return
+    # An ended span waits in the export queue (hundreds at a time): it must not keep
+    # the request's objects (uvicorn's response cycle, its scope and buffers) alive
+    # that long, where every garbage collection walks them.
+    span.send = None
+    if span._end_time is not None:
         return
     status = span.status_code
     if error is not None or status >= 500 or not status:
