@@ -20,8 +20,8 @@ BREAKING_REF ?= $(shell scripts/breaking_ref.sh)
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The C fast path is compiled by the install: a changed source installs again.
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml services/gateway/trajectory/_scored_fast.c
+# The C fast paths are compiled by the install: a changed source installs again.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml services/gateway/trajectory/_scored_fast.c services/common/_otlp_fast.c
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e .
 	touch $@

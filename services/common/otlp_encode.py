@@ -15,6 +15,7 @@ resource/v1/resource.proto, collector/trace/v1/trace_service.proto).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import struct
 from collections.abc import Mapping, Sequence
@@ -248,6 +249,86 @@ def encode_span(span: Any) -> bytes:
     return b"".join(out)
 
 
+_ids = struct.Struct(">HQQHQ").pack  # Span.trace_id (two halves) and span_id, with their tags
+_parent_id = struct.Struct(">HQ").pack  # Span.parent_span_id with its tag
+_times = struct.Struct("<BQBQ").pack  # start and end time, with their tags
+_M64 = (1 << 64) - 1
+
+# A ServerSpan's (name, kind, status, parent's remoteness, attribute items and their
+# types) -> (name and kind bytes, attributes + status + flags bytes): a route's spans
+# differ only in ids and times; bounded.
+_server_cache: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+def _server_parts(span: Any, key: tuple[Any, ...]) -> tuple[bytes, bytes]:
+    name_kind = _name_kind(span._name, span._kind)
+    status = span._status
+    code = status.status_code.value
+    if code or status.description:
+        status_bytes = _ld(
+            b"\x7a", _str(b"\x12", status.description or "") + (b"\x18" + bytes((code,)) if code else b"")
+        )
+    else:
+        status_bytes = b"\x7a\x00"
+    parent = span._parent
+    flags = _FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL
+    parts = (name_kind, _attributes(b"\x4a", span._attributes) + status_bytes + flags)
+    if len(_server_cache) < _BLOCK_CACHE_MAX:
+        _server_cache[key] = parts
+    return parts
+
+
+def encode_server_span(span: Any) -> bytes:
+    """A services.common.server_span.ServerSpan as a length-delimited Span field (tag
+    2 of ScopeSpans): what encode_span writes, from a per-route template (the
+    fields that repeat) around its ids and times. Events or a trace state take
+    encode_span's way."""
+    ctx = span._context
+    if span._events or ctx[4] or not span._end_time or not span._start_time:
+        return _ld(b"\x12", encode_span(span))
+    attributes = span._attributes
+    parent = span._parent
+    status = span._status
+    key = (
+        span._name,
+        span._kind,
+        status.status_code,
+        status.description,
+        parent is not None and parent[2],
+        *attributes.items(),
+        *map(type, attributes.values()),
+    )
+    try:
+        parts = _server_cache.get(key) or _server_parts(span, key)
+    except TypeError:  # an unhashable attribute value
+        return _ld(b"\x12", encode_span(span))
+    trace_id = ctx[0]
+    body = _ids(0x0A10, trace_id >> 64, trace_id & _M64, 0x1208, ctx[1])
+    if parent is not None:
+        body += _parent_id(0x2208, parent[1])
+    body += parts[0] + _times(0x39, span._start_time, 0x41, span._end_time) + parts[1]
+    n = len(body)
+    return (b"\x12" + bytes((n,)) if n < 0x80 else b"\x12" + _varint(n)) + body
+
+
+def _span_field(span: Any) -> bytes:
+    return _ld(b"\x12", encode_span(span))
+
+
+try:  # the C encoder of ServerSpan runs (_otlp_fast.c), built by `pip install`
+    _encode_server_spans: Any = importlib.import_module("services.common._otlp_fast").encode_server_spans
+except ImportError:  # no compiler at install: the same bytes from Python
+    _encode_server_spans = None
+
+
+def _server_run(spans: list[Any]) -> bytes:
+    """Consecutive ServerSpans' Span fields: encode_server_span's bytes, from C when
+    the extension is built."""
+    if _encode_server_spans is not None:
+        return bytes(_encode_server_spans(spans, _server_cache, _server_parts, _span_field))
+    return b"".join(map(encode_server_span, spans))
+
+
 def _group(index: dict[int, Any], entries: list[Any], key: Any) -> Any:
     """The entry for `key` (by identity, else by equality, as the SDK groups)."""
     entry = index.get(id(key))
@@ -263,9 +344,27 @@ def _group(index: dict[int, Any], entries: list[Any], key: Any) -> Any:
 def encode_request(spans: Sequence[Any]) -> bytes:
     """An ExportTraceServiceRequest holding `spans` (ReadableSpans), grouped by
     resource, then instrumentation scope, in first-seen order like the SDK's."""
+    from services.common.server_span import ServerSpan
+
     resources: list[Any] = []  # (resource, [(scope, [span bytes], {})], {id(scope): entry})
     by_id: dict[int, Any] = {}
+    # A ServerSpan's recorder -> its scope's entry (the recorder holds one resource
+    # and scope).
+    by_recorder: dict[int, Any] = {}
     for span in spans:
+        if isinstance(span, ServerSpan):
+            recorder = span._recorder
+            scope = by_recorder.get(id(recorder))
+            if scope is None:
+                res = _group(by_id, resources, recorder.resource)
+                scope = by_recorder[id(recorder)] = _group(res[2], res[1], recorder.scope or None)
+            # Consecutive ServerSpans of a scope gather in a list, encoded as one run.
+            encoded = scope[1]
+            if encoded and type(encoded[-1]) is list:
+                encoded[-1].append(span)
+            else:
+                encoded.append([span])
+            continue
         res = _group(by_id, resources, span.resource)
         scope = _group(res[2], res[1], span.instrumentation_scope or None)
         scope[1].append(_ld(b"\x12", encode_span(span)))
@@ -274,6 +373,7 @@ def encode_request(spans: Sequence[Any]) -> bytes:
         scope_spans = []
         for scope, encoded, _ in scopes:
             schema = scope.schema_url if scope is not None else ""
-            scope_spans.append(_ld(b"\x12", _scope_bytes(scope) + b"".join(encoded) + _str(b"\x1a", schema or "")))
+            body = b"".join(_server_run(part) if type(part) is list else part for part in encoded)
+            scope_spans.append(_ld(b"\x12", _scope_bytes(scope) + body + _str(b"\x1a", schema or "")))
         out.append(_ld(b"\x0a", _resource_bytes(resource) + b"".join(scope_spans) + _str(b"\x1a", resource.schema_url)))
     return b"".join(out)

@@ -71,7 +71,9 @@ class ServerSpan(trace.Span):
         self._parent = parent
         self._kind = kind
         self._attributes = attributes
-        self._events: list[Any] = []
+        # A list once an event is added (most spans have none: one object less for
+        # each span waiting in the export queue).
+        self._events: Sequence[Any] = ()
         self._links: Sequence[Any] = ()
         self._status = _UNSET
         self._end_time: int | None = None
@@ -115,7 +117,10 @@ class ServerSpan(trace.Span):
         if self._end_time is None:
             from opentelemetry.sdk.trace import Event
 
-            self._events.append(Event(name, dict(attributes or {}), time_ns() if timestamp is None else timestamp))
+            events = self._events
+            if not isinstance(events, list):
+                events = self._events = []
+            events.append(Event(name, dict(attributes or {}), time_ns() if timestamp is None else timestamp))
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -153,6 +158,21 @@ class ServerSpan(trace.Span):
 
     def __repr__(self) -> str:
         return f'ServerSpan(name="{self._name}", context={self._context})'
+
+
+class HttpServerSpan(ServerSpan):
+    """A ServerSpan that also stands in for an ASGI request's `send`, keeping the
+    response's status (services.gateway.http.request_span): one object per request,
+    no closure."""
+
+    __slots__ = ("send", "status_code")
+    send: Any  # the ASGI send it stands in for
+    status_code: int  # the response's status once started, else 0
+
+    async def send_status(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status_code = message["status"]
+        await self.send(message)
 
 
 class Recorder:
@@ -225,9 +245,10 @@ class Recorder:
         kind: SpanKind,
         attributes: dict[str, Any],
         parent_context: Any = None,
+        span_type: type[ServerSpan] = ServerSpan,
     ) -> trace.Span:
-        """A span under `parent` (None or invalid: a root); `parent_context` is the
-        Context it came from, for a sampler that is asked."""
+        """A span (a `span_type`) under `parent` (None or invalid: a root);
+        `parent_context` is the Context it came from, for a sampler that is asked."""
         if parent is not None and not parent[5]:
             parent = None
         if self._random_ids:
@@ -262,4 +283,4 @@ class Recorder:
         context = _new_context(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
         if not record:
             return trace.NonRecordingSpan(context)
-        return ServerSpan(self, name, context, parent, kind, attributes)
+        return span_type(self, name, context, parent, kind, attributes)

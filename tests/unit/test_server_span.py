@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -13,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
+from services.common import otlp_encode
 from services.common.otlp_encode import encode_request
 from services.common.server_span import Recorder, ServerSpan
 
@@ -114,3 +116,106 @@ def test_parents_sdk_spans_and_encodes_like_the_sdk_span() -> None:
     sdk.end(end_time=span._end_time)
     p.force_flush()
     assert encode_request([server[0]]) == encode_request([out.spans[-1]])
+
+
+@pytest.fixture(params=["c", "python"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """otlp_encode's ServerSpan runs from the C extension (_otlp_fast), then from
+    Python: both must write the SDK's bytes."""
+    if request.param == "c":
+        if otlp_encode._encode_server_spans is None:
+            pytest.skip("the C extension services.common._otlp_fast is not built")
+    else:
+        monkeypatch.setattr(otlp_encode, "_encode_server_spans", None)
+    monkeypatch.setattr(otlp_encode, "_server_cache", {})
+    return str(request.param)
+
+
+def test_server_spans_encode_to_the_sdk_encoders_bytes(encoder: str) -> None:
+    """encode_request's ServerSpan way (a per-route template around ids and times)
+    writes what the SDK's own OTLP encoder writes for SDK spans with the same fields:
+    roots, local and remote parents, kinds, every scalar attribute type (True and 1
+    under one key, which a template keyed by value alone would confuse), error
+    statuses, a span with an event, the same route twice, SDK spans in between."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    p, _ = provider()
+    rec = Recorder.for_provider(p, "clotho.gateway")
+    assert rec is not None
+    local = SpanContext(0x1234, 0x5678, False, TraceFlags(1))
+    cases: list[tuple[str, SpanContext | None, SpanKind, dict[str, Any], Any]] = [
+        ("POST /scored_data", None, SpanKind.SERVER, {"m": "POST", "code": 200}, None),
+        ("POST /scored_data", None, SpanKind.SERVER, {"m": "POST", "code": 200}, None),
+        ("POST /scored_data", remote(True), SpanKind.SERVER, {"m": "POST", "code": 200}, None),
+        ("/clotho.v1.X/Generate", local, SpanKind.CLIENT, {"flag": True, "n": 1, "f": 0.5}, None),
+        ("/clotho.v1.X/Generate", local, SpanKind.CLIENT, {"flag": 1, "n": True, "f": 0.5}, None),
+        ("GET /x", None, SpanKind.SERVER, {"code": 500, "e": "boom"}, (StatusCode.ERROR, "bad")),
+        ("GET /x", None, SpanKind.SERVER, {"code": 500}, (StatusCode.ERROR, None)),
+        ("GET /y", None, SpanKind.INTERNAL, {}, (StatusCode.OK, None)),
+        ("GET /event", None, SpanKind.SERVER, {"a": "b"}, "event"),
+    ]
+    ours: list[Any] = []
+    twins: list[Any] = []
+    sdk_tracer = p.get_tracer("clotho.gateway")
+    other = p.get_tracer("other")
+    for i, (name, parent, kind, attributes, extra) in enumerate(cases):
+        span: Any = rec.start(name, parent, kind, dict(attributes))
+        if isinstance(extra, tuple):
+            span.set_status(extra[0], extra[1])
+        elif extra == "event":
+            span.add_event("e", {"k": 1})
+        span.end()
+        ours.append(span)
+        parent_ctx = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+        twin: Any = sdk_tracer.start_span(
+            name, context=parent_ctx, kind=kind, attributes=attributes, start_time=span._start_time
+        )
+        twin._context = span.get_span_context()
+        if isinstance(extra, tuple):
+            twin.set_status(extra[0], extra[1])
+        elif extra == "event":
+            twin.add_event("e", {"k": 1}, timestamp=span._events[0].timestamp)
+        twin.end(end_time=span._end_time)
+        twins.append(twin)
+        if i % 3 == 1:  # an SDK span of another scope in between
+            with other.start_as_current_span(f"sdk {i}") as sdk:
+                pass
+            ours.append(sdk)
+            twins.append(sdk)
+    p.force_flush()
+    assert encode_request(ours) == encode_spans(twins).SerializeToString()
+
+
+def test_the_c_encoder_writes_what_python_writes() -> None:
+    """_otlp_fast against otlp_encode's Python for ServerSpans the template covers and
+    those it hands back (events, a trace state, an unhashable attribute, one not
+    ended), cache cold and warm."""
+    if otlp_encode._encode_server_spans is None:
+        pytest.skip("the C extension services.common._otlp_fast is not built")
+    from opentelemetry.trace.span import TraceState
+
+    p, _ = provider()
+    rec = Recorder.for_provider(p, "x")
+    assert rec is not None
+    spans: list[Any] = []
+    for i in range(40):
+        parent = None if i % 3 == 0 else SpanContext(1 << 127 | i, (1 << 63) | i, i % 2 == 0, TraceFlags(1))
+        span: Any = rec.start(f"route {i % 4}", parent, SpanKind(i % 5), {"i": i % 2, "s": "x" * (i % 3)})
+        if i % 7 == 0:
+            span.add_event("e", {"k": i})
+        if i % 11 == 0:
+            span._attributes["unhashable"] = [1, 2]
+        if i % 13 == 0:
+            span._context = SpanContext(
+                span._context.trace_id, span._context.span_id, False, TraceFlags(1), TraceState([("k", "v")])
+            )
+        if i % 5 == 0:
+            span.set_status(StatusCode.ERROR, "no" if i % 2 else None)
+        if i != 39:
+            span.end()
+        spans.append(span)
+    for _ in range(2):  # cold, then warm cache
+        c = otlp_encode._encode_server_spans(
+            spans, otlp_encode._server_cache, otlp_encode._server_parts, otlp_encode._span_field
+        )
+        assert c == b"".join(map(otlp_encode.encode_server_span, spans))

@@ -26,7 +26,7 @@ from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
 from services.gateway.http.openapi_doc import install_openapi
-from services.gateway.http.request_span import traced_request
+from services.gateway.http.request_span import begin_request, end_request, traced_request
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
 
@@ -61,10 +61,20 @@ class GatewayApp(FastAPI):
         latency = self.latency
         start = time.perf_counter()
         try:
-            if telemetry.enabled and scope["path"] not in UNTRACED_PATHS:
-                await traced_request(self._dispatch, scope, receive, send)
-            else:
+            if not telemetry.enabled or scope["path"] in UNTRACED_PATHS:
                 await self._dispatch(scope, receive, send)
+            else:
+                # The request's server span, inline (request_span.begin_request).
+                span, traced_send, token = begin_request(scope, send)
+                if span is None:
+                    await traced_request(self._dispatch, scope, receive, send)
+                    return
+                try:
+                    await self._dispatch(scope, receive, traced_send)
+                except BaseException as exc:
+                    end_request(span, scope, token, exc)
+                    raise
+                end_request(span, scope, token, None)
         finally:
             if latency is not None:
                 latency.observe(scope, time.perf_counter() - start)

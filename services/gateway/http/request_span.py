@@ -1,6 +1,6 @@
 """Server spans of the gateway's HTTP routes, continuing the caller's traceparent.
 
-One span per request, made here by `traced_request` around the whole ASGI app while
+One span per request, opened and closed by GatewayApp around its dispatch while
 tracing is on (services.common.telemetry.enabled; off, GatewayApp pays one attribute
 read and nothing here runs): a SERVER span named by method and route
 (`POST /scored_data`, `GET /v1/models/{model_id:path}`), its attributes set in bulk
@@ -9,14 +9,18 @@ complete. FastAPI's own telemetry is off: it made the server span, an operation 
 per endpoint and, with ours, an internal span per inference route, three spans where
 one says the same. The caller's context is only extracted when a header the
 configured propagators read is there. When the export takes them (OTLP/gRPC, or
-none), the server span is a services.common.server_span.ServerSpan, not an SDK span:
-the same fields for a tenth of the CPU (an ingest request paid ~45 us for the SDK's).
+none), the server span is a services.common.server_span.HttpServerSpan, not an SDK
+span: the same fields for a tenth of the CPU (an ingest request paid ~45 us for the
+SDK's), opened inline (`begin_request` / `end_request`: no coroutine or closure of
+their own per request; the span itself wraps `send` to keep the status). Other
+exports read SDK spans: `traced_request` runs the request under one.
 
 `RequestSpan` is the inference routes' span around the gRPC calls they make: the
 request's server span when there is one (the usual case), else a server span of its
 own. A streamed response outlives the handler, so it can take the span over
 (`hand_off`) and end it when the stream ends; otherwise the span ends when the
-handler returns. A borrowed server span is ended by `traced_request`, never by them.
+handler returns. A borrowed server span is ended by end_request (or traced_request),
+never by them.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 
+from services.common.server_span import HttpServerSpan
 from services.common.telemetry import extract_context, server_span_recorder
 
 tracer = trace.get_tracer("clotho.gateway")
 
-# The server span of the request being answered (set by traced_request).
+# The server span of the request being answered when it is an SDK span (set by
+# traced_request); an HttpServerSpan (begin_request) is known by its type.
 _server_span: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar("clotho_server_span", default=None)
 
 
@@ -41,7 +48,7 @@ class RequestSpan:
     def __init__(self, name: str, headers: Mapping[str, str]) -> None:
         current = trace.get_current_span()
         self._owned = True
-        if current is not trace.INVALID_SPAN and current is _server_span.get():
+        if type(current) is HttpServerSpan or (current is not trace.INVALID_SPAN and current is _server_span.get()):
             self.span = current
             self._owned = False
         elif current.get_span_context().is_valid:
@@ -92,25 +99,100 @@ def _parent_context(scope: Any) -> otel_context.Context | None:
         cached = _propagator_fields = (textmap, frozenset(f.lower().encode("latin-1") for f in textmap.fields))
     fields = cached[1]
     headers = scope.get("headers", ())
-    for key, _ in headers:
-        if key.lower() in fields:
+    for key, _ in headers:  # ASGI header names are lower-case
+        if key in fields:
             return extract_context({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers})
     return None
 
 
-async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
-    """Run the ASGI `app` for one HTTP request under its server span."""
+def begin_request(scope: Any, send: Any) -> tuple[Any, Any, Any]:
+    """Open the request's server span as a ServerSpan (the export takes them):
+    (span, the `send` to answer through, the context token to end_request with);
+    the span is made current. (None, None, None) when the export needs SDK spans:
+    then run the request under traced_request.
+
+    GatewayApp calls this and end_request around its own dispatch, with no
+    coroutine or closure of their own per request: the span stands in for `send`
+    (HttpServerSpan.send_status) and keeps the response's status. What the API's
+    helpers do (get_current_span, set_span_in_context) is done on the Context
+    directly: each of them reads the current context again."""
     recorder = server_span_recorder("clotho.gateway")  # looked up once, then cached there
+    if recorder is None:
+        return None, None, None
+    method, path = scope["method"], scope["path"]
+    parent = _parent_context(scope)
+    base = otel_context.get_current() if parent is None else parent
+    parent_span: Any = base.get(_SPAN_KEY)
+    span = recorder.start(
+        f"{method} {path}",
+        None if parent_span is None else parent_span.get_span_context(),
+        SpanKind.SERVER,
+        {"http.request.method": method, "url.path": path},
+        base,
+        HttpServerSpan,
+    )
+    token = otel_context.attach(otel_context.Context({**base, _SPAN_KEY: span}))
+    if type(span) is not HttpServerSpan:  # not sampled: nothing to record
+        return span, send, token
+    span.send = send
+    span.status_code = 0
+    return span, span.send_status, token
+
+
+def end_request(span: Any, scope: Any, token: Any, error: BaseException | None) -> None:
+    """Close what begin_request opened, after the app answered (or raised `error`)."""
+    otel_context.detach(token)
+    if type(span) is not HttpServerSpan:
+        return
+    # An ended span waits in the export queue (hundreds at a time): it must not keep
+    # the request's objects (uvicorn's response cycle, its scope and buffers) alive
+    # that long, where every garbage collection walks them.
+    span.send = None
+    if span._end_time is not None:
+        return
+    status = span.status_code
+    if error is not None or status >= 500 or not status:
+        _finish(span, scope, status, error)
+        return
+    # _finish's success case, written into the span's own attribute dict.
+    path = scope["path"]
+    route = getattr(scope.get("route"), "path", None) or path
+    if route != path:
+        span._name = f"{scope['method']} {route}"
+    attributes = span._attributes
+    attributes["http.route"] = route
+    attributes["http.response.status_code"] = status
+    span.end()
+
+
+def _finish(span: Any, scope: Any, status: int, error: BaseException | None) -> None:
+    """The route, status and error of a recording server span; then it ends."""
+    if span.is_recording():
+        # The route template, when the router matched one (Starlette leaves it
+        # in the scope); else the path.
+        path = scope["path"]
+        route = getattr(scope.get("route"), "path", None) or path
+        if route != path:
+            span.update_name(f"{scope['method']} {route}")
+        ended: dict[str, Any] = {"http.route": route}
+        if status:
+            ended["http.response.status_code"] = status
+        if error is not None or status >= 500 or not status:
+            ended["error.type"] = type(error).__qualname__ if error is not None else str(status or "incomplete")
+            span.set_attributes(ended)
+            span.set_status(StatusCode.ERROR)
+        else:
+            span.set_attributes(ended)
+    span.end()
+
+
+async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
+    """Run the ASGI `app` for one HTTP request under its server span (an SDK span:
+    exports that read SDK spans; GatewayApp takes begin_request's way otherwise)."""
     method, path = scope["method"], scope["path"]
     parent = _parent_context(scope)
     attributes = {"http.request.method": method, "url.path": path}
-    if recorder is not None:
-        # A ServerSpan (services.common.server_span): the SDK span's fields at a
-        # fraction of its cost; exported by the same processor.
-        parent_span = trace.get_current_span(parent).get_span_context()
-        span = recorder.start(f"{method} {path}", parent_span, SpanKind.SERVER, attributes, parent)
-    else:
-        span = tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    span = tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
     status = 0
 
     async def send_status(message: Any) -> None:
@@ -130,19 +212,4 @@ async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
     finally:
         _server_span.reset(span_token)
         otel_context.detach(token)
-        if span.is_recording():
-            # The route template, when the router matched one (Starlette leaves it
-            # in the scope); else the path.
-            route = getattr(scope.get("route"), "path", None) or path
-            if route != path:
-                span.update_name(f"{method} {route}")
-            ended: dict[str, Any] = {"http.route": route}
-            if status:
-                ended["http.response.status_code"] = status
-            if error is not None or status >= 500 or not status:
-                ended["error.type"] = type(error).__qualname__ if error is not None else str(status or "incomplete")
-                span.set_attributes(ended)
-                span.set_status(StatusCode.ERROR)
-            else:
-                span.set_attributes(ended)
-        span.end()
+        _finish(span, scope, status, error)

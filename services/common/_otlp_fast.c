@@ -1,0 +1,375 @@
+/* OTLP wire bytes for runs of services.common.server_span.ServerSpans: what
+ * services/common/otlp_encode.py's encode_server_span writes, span by span, without
+ * the Python-level work per span (the template key, the id and time packing, the
+ * concatenations). The template parts (a route's name, kind, attributes, status and
+ * flags bytes) still come from Python (otlp_encode._server_parts) on a cache miss,
+ * and any span outside the template's domain (events, a trace state, no end time) is
+ * handed to Python's encoder: the two stay one definition, tested against the SDK's
+ * encoder (tests/unit/test_server_span.py, tests/unit/test_otlp_encode.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+PyDoc_STRVAR(MODULE_DOC,
+"C encoder for runs of ServerSpans (services.common.otlp_encode).\n"
+"\n"
+"encode_server_spans(spans: list, cache: dict, parts, fallback) -> bytes\n"
+"\n"
+"The concatenation of each span's length-delimited Span field (tag 2 of ScopeSpans),\n"
+"as otlp_encode.encode_server_span writes it. `cache` maps a span's template key\n"
+"(name, kind, status code, status description, parent's is_remote, then each\n"
+"attribute item, then each attribute value's type) to (name and kind bytes,\n"
+"attributes + status + flags bytes); `parts(span, key)` makes (and caches) a missing\n"
+"entry; `fallback(span)` encodes a span the template does not cover (events, a\n"
+"trace state, no end time, an unhashable attribute) and returns its field bytes.\n");
+
+static PyObject *s_context, *s_parent, *s_start_time, *s_end_time, *s_name, *s_kind, *s_status, *s_attributes,
+    *s_events, *s_status_code, *s_description;
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, Py_ssize_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buf_put(Buf *b, const void *src, Py_ssize_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return -1;
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static Py_ssize_t
+varint(unsigned char *out, uint64_t n)
+{
+    Py_ssize_t i = 0;
+    while (n >= 0x80) {
+        out[i++] = (unsigned char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    out[i++] = (unsigned char)n;
+    return i;
+}
+
+/* `v` (a non-negative int below 2**(8n)) as n big-endian bytes. */
+static int
+uint_be(PyObject *v, unsigned char *out, Py_ssize_t n)
+{
+    if (!PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "span id is not an int");
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t need = PyLong_AsNativeBytes(v, out, n, Py_ASNATIVEBYTES_BIG_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER |
+                                                         Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (need < 0)
+        return -1;
+    if (need > n) {
+        PyErr_SetString(PyExc_OverflowError, "span id too large");
+        return -1;
+    }
+    return 0;
+#else
+    return _PyLong_AsByteArray((PyLongObject *)v, out, (size_t)n, 0, 0);
+#endif
+}
+
+static void
+le64(unsigned char *out, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        out[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* The span's template key, as otlp_encode.encode_server_span builds it; NULL with
+ * an error set on failure. */
+static PyObject *
+template_key(PyObject *span, PyObject *parent, PyObject *attributes)
+{
+    PyObject *key = NULL, *name = NULL, *kind = NULL, *status = NULL, *code = NULL, *description = NULL;
+    if (!PyDict_Check(attributes)) {
+        PyErr_SetString(PyExc_TypeError, "attributes are not a dict");
+        return NULL;
+    }
+    Py_ssize_t n = PyDict_GET_SIZE(attributes);
+    name = PyObject_GetAttr(span, s_name);
+    kind = name ? PyObject_GetAttr(span, s_kind) : NULL;
+    status = kind ? PyObject_GetAttr(span, s_status) : NULL;
+    code = status ? PyObject_GetAttr(status, s_status_code) : NULL;
+    description = code ? PyObject_GetAttr(status, s_description) : NULL;
+    if (description == NULL)
+        goto done;
+    PyObject *remote = Py_False;
+    if (parent != Py_None) {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 3) {
+            PyErr_SetString(PyExc_TypeError, "parent is not a SpanContext");
+            goto done;
+        }
+        remote = PyTuple_GET_ITEM(parent, 2);
+    }
+    key = PyTuple_New(5 + 2 * n);
+    if (key == NULL)
+        goto done;
+    PyTuple_SET_ITEM(key, 0, name);
+    PyTuple_SET_ITEM(key, 1, kind);
+    PyTuple_SET_ITEM(key, 2, code);
+    PyTuple_SET_ITEM(key, 3, description);
+    name = kind = code = description = NULL;  /* the key owns them */
+    Py_INCREF(remote);
+    PyTuple_SET_ITEM(key, 4, remote);
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(attributes, &pos, &k, &v)) {
+        if (i >= n) {
+            PyErr_SetString(PyExc_RuntimeError, "attributes changed size");
+            Py_CLEAR(key);
+            goto done;
+        }
+        PyObject *item = PyTuple_Pack(2, k, v);
+        if (item == NULL) {
+            Py_CLEAR(key);
+            goto done;
+        }
+        PyTuple_SET_ITEM(key, 5 + i, item);
+        Py_INCREF(Py_TYPE(v));
+        PyTuple_SET_ITEM(key, 5 + n + i, (PyObject *)Py_TYPE(v));
+        i++;
+    }
+done:
+    Py_XDECREF(name);
+    Py_XDECREF(kind);
+    Py_XDECREF(status);
+    Py_XDECREF(code);
+    Py_XDECREF(description);
+    return key;
+}
+
+/* 1: the template covers `span` (and *parts is its (name_kind, tail) tuple, a new
+ * reference); 0: hand it to the fallback; -1: an error. */
+static int
+span_parts(PyObject *span, PyObject *ctx, PyObject *parent, PyObject *cache, PyObject *make_parts, PyObject **parts)
+{
+    PyObject *events = PyObject_GetAttr(span, s_events);
+    if (events == NULL)
+        return -1;
+    int has_events = PyObject_IsTrue(events);
+    Py_DECREF(events);
+    if (has_events != 0)
+        return has_events < 0 ? -1 : 0;
+    int has_state = PyObject_IsTrue(PyTuple_GET_ITEM(ctx, 4));
+    if (has_state != 0)
+        return has_state < 0 ? -1 : 0;
+    PyObject *attributes = PyObject_GetAttr(span, s_attributes);
+    if (attributes == NULL)
+        return -1;
+    PyObject *key = template_key(span, parent, attributes);
+    Py_DECREF(attributes);
+    if (key == NULL)
+        return -1;
+    PyObject *hit = PyDict_GetItemWithError(cache, key);
+    if (hit != NULL) {
+        Py_INCREF(hit);
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {  /* an unhashable value */
+            PyErr_Clear();
+            return 0;
+        }
+        return -1;
+    } else {
+        hit = PyObject_CallFunctionObjArgs(make_parts, span, key, NULL);
+    }
+    Py_DECREF(key);
+    if (hit == NULL)
+        return -1;
+    if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(hit, 0)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(hit, 1))) {
+        Py_DECREF(hit);
+        PyErr_SetString(PyExc_TypeError, "template parts must be (bytes, bytes)");
+        return -1;
+    }
+    *parts = hit;
+    return 1;
+}
+
+static int
+put_fallback(Buf *out, PyObject *fallback, PyObject *span)
+{
+    PyObject *encoded = PyObject_CallOneArg(fallback, span);
+    if (encoded == NULL)
+        return -1;
+    if (!PyBytes_Check(encoded)) {
+        Py_DECREF(encoded);
+        PyErr_SetString(PyExc_TypeError, "fallback must return bytes");
+        return -1;
+    }
+    int rc = buf_put(out, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded));
+    Py_DECREF(encoded);
+    return rc;
+}
+
+/* One span into `out`; -1 on error. */
+static int
+encode_one(Buf *out, PyObject *span, PyObject *cache, PyObject *make_parts, PyObject *fallback)
+{
+    int rc = -1;
+    PyObject *ctx = NULL, *parent = NULL, *start = NULL, *end = NULL, *parts = NULL;
+    ctx = PyObject_GetAttr(span, s_context);
+    if (ctx == NULL)
+        goto done;
+    if (!PyTuple_Check(ctx) || PyTuple_GET_SIZE(ctx) < 5) {
+        rc = put_fallback(out, fallback, span);
+        goto done;
+    }
+    end = PyObject_GetAttr(span, s_end_time);
+    if (end == NULL)
+        goto done;
+    if (!PyLong_Check(end)) {  /* not ended */
+        rc = put_fallback(out, fallback, span);
+        goto done;
+    }
+    parent = PyObject_GetAttr(span, s_parent);
+    start = parent ? PyObject_GetAttr(span, s_start_time) : NULL;
+    if (start == NULL)
+        goto done;
+    if (!PyLong_Check(start) || (parent != Py_None && (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 3))) {
+        rc = put_fallback(out, fallback, span);
+        goto done;
+    }
+    int covered = span_parts(span, ctx, parent, cache, make_parts, &parts);
+    if (covered < 0)
+        goto done;
+    if (covered == 0) {
+        rc = put_fallback(out, fallback, span);
+        goto done;
+    }
+    uint64_t start_ns = PyLong_AsUnsignedLongLong(start), end_ns = PyLong_AsUnsignedLongLong(end);
+    if (PyErr_Occurred())
+        goto done;
+    if (start_ns == 0 || end_ns == 0) {  /* a zero time is left out: encode_span's way */
+        Py_CLEAR(parts);
+        rc = put_fallback(out, fallback, span);
+        goto done;
+    }
+    /* ids, parent id, name+kind, times, tail */
+    unsigned char ids[2 + 16 + 2 + 8 + 2 + 8];
+    Py_ssize_t ids_len = 0;
+    ids[ids_len++] = 0x0A;
+    ids[ids_len++] = 0x10;
+    if (uint_be(PyTuple_GET_ITEM(ctx, 0), ids + ids_len, 16) < 0)
+        goto done;
+    ids_len += 16;
+    ids[ids_len++] = 0x12;
+    ids[ids_len++] = 0x08;
+    if (uint_be(PyTuple_GET_ITEM(ctx, 1), ids + ids_len, 8) < 0)
+        goto done;
+    ids_len += 8;
+    if (parent != Py_None) {
+        ids[ids_len++] = 0x22;
+        ids[ids_len++] = 0x08;
+        if (uint_be(PyTuple_GET_ITEM(parent, 1), ids + ids_len, 8) < 0)
+            goto done;
+        ids_len += 8;
+    }
+    unsigned char times[18];
+    times[0] = 0x39;
+    le64(times + 1, start_ns);
+    times[9] = 0x41;
+    le64(times + 10, end_ns);
+    PyObject *name_kind = PyTuple_GET_ITEM(parts, 0), *tail = PyTuple_GET_ITEM(parts, 1);
+    Py_ssize_t body = ids_len + PyBytes_GET_SIZE(name_kind) + 18 + PyBytes_GET_SIZE(tail);
+    unsigned char head[11];
+    head[0] = 0x12;
+    Py_ssize_t head_len = 1 + varint(head + 1, (uint64_t)body);
+    if (buf_reserve(out, head_len + body) < 0)
+        goto done;
+    buf_put(out, head, head_len);
+    buf_put(out, ids, ids_len);
+    buf_put(out, PyBytes_AS_STRING(name_kind), PyBytes_GET_SIZE(name_kind));
+    buf_put(out, times, 18);
+    buf_put(out, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail));
+    rc = 0;
+done:
+    Py_XDECREF(ctx);
+    Py_XDECREF(parent);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+    Py_XDECREF(parts);
+    return rc;
+}
+
+static PyObject *
+encode_server_spans(PyObject *self, PyObject *args)
+{
+    PyObject *spans, *cache, *make_parts, *fallback;
+    if (!PyArg_ParseTuple(args, "O!O!OO:encode_server_spans", &PyList_Type, &spans, &PyDict_Type, &cache, &make_parts,
+                          &fallback))
+        return NULL;
+    Buf out = {NULL, 0, 0};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i);
+        Py_INCREF(span);
+        int rc = encode_one(&out, span, cache, make_parts, fallback);
+        Py_DECREF(span);
+        if (rc < 0) {
+            PyMem_Free(out.data);
+            return NULL;
+        }
+    }
+    PyObject *result = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+    PyMem_Free(out.data);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_server_spans", encode_server_spans, METH_VARARGS,
+     "encode_server_spans(spans, cache, parts, fallback) -> bytes (see the module doc)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "services.common._otlp_fast", MODULE_DOC, -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__otlp_fast(void)
+{
+#define INTERN(var, text)                              \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) \
+        return NULL;
+    INTERN(s_context, "_context");
+    INTERN(s_parent, "_parent");
+    INTERN(s_start_time, "_start_time");
+    INTERN(s_end_time, "_end_time");
+    INTERN(s_name, "_name");
+    INTERN(s_kind, "_kind");
+    INTERN(s_status, "_status");
+    INTERN(s_attributes, "_attributes");
+    INTERN(s_events, "_events");
+    INTERN(s_status_code, "status_code");
+    INTERN(s_description, "description");
+#undef INTERN
+    return PyModule_Create(&module_def);
+}
