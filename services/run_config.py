@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         "(Atropos' max_batches_offpolicy): the data's age in policy versions grows with it",
     )
     p.add_argument(
+        "--fixed-lead",
+        action="store_true",
+        help="the demo environment keeps --max-batches-offpolicy batches ahead always (default: one, "
+        "more only while the trainer waits for data)",
+    )
+    p.add_argument(
         "--no-overlap",
         action="store_true",
         help="push each step's weights before the next step trains (default: while it trains)",

@@ -445,11 +445,12 @@ def main(argv: list[str] | None = None) -> None:
         help="groups queued at the gateway or being generated, at most (overrides --max-batches-offpolicy)",
     )
     p.add_argument(
-        "--fixed-lead",
-        dest="adaptive_lead",
-        action="store_false",
-        help="keep --max-batches-offpolicy batches ahead always (default: one, more only while "
-        "the gateway reports the trainer waiting for data)",
+        "--adaptive-lead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with a Clotho gateway: keep one batch ahead, more (up to --max-batches-offpolicy) "
+        "only while the gateway reports the trainer waiting for data; --no-adaptive-lead: "
+        "always --max-batches-offpolicy",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-groups", type=int, default=None)
