@@ -98,9 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batches-offpolicy",
         type=int,
-        default=1,
-        help="trainer batches the demo environment keeps queued at the gateway or being generated "
-        "(Atropos' max_batches_offpolicy): the data's age in policy versions grows with it",
+        default=2,
+        help="trainer batches the demo environment keeps queued at the gateway or being generated, "
+        "at most (Atropos' max_batches_offpolicy): it starts one ahead and keeps more only while the "
+        "trainer waits for data (see --fixed-lead); the data's age in policy versions grows with the lead",
+    )
+    p.add_argument(
+        "--fixed-lead",
+        action="store_true",
+        help="the demo environment keeps --max-batches-offpolicy batches ahead always (default: one, "
+        "more only while the trainer waits for data)",
     )
     p.add_argument(
         "--no-overlap",

@@ -48,6 +48,9 @@ class DemoEnvConfig:
     # max_groups_ahead is set.
     max_batches_offpolicy: int = 1
     max_groups_ahead: int | None = None
+    # With a Clotho gateway: start one batch ahead and keep more (up to the limit
+    # above) only while the trainer waits for data (Room). False: always the limit.
+    adaptive_lead: bool = True
     max_token_length: int | None = None  # None: the task's longest sequence, at least 64
     name: str | None = None  # None: the task's name
     task: str = "repeat"
@@ -71,6 +74,7 @@ class DemoEnv:
         self.rng = random.Random(config.seed)
         self.env_id: int | None = None
         self.sent = 0
+        self.batch_groups: int | None = None  # groups per trainer batch, once /info told
         self._trajectory = _bearer(config.trajectory_token)
         self._inference = _bearer(config.inference_token)
         # Set by run(): calls retried across an outage give up only when it is set.
@@ -118,11 +122,39 @@ class DemoEnv:
         if batch_size <= 0:
             log.warning("no trainer batch size at /info: at most %d groups ahead", c.concurrency)
             return max(1, c.concurrency)
+        self.batch_groups = max(1, batch_size // c.group_size)
         return max(1, c.max_batches_offpolicy * batch_size // c.group_size)
 
     async def _status(self, client: httpx.AsyncClient) -> dict:
         r = await self._call(client, "GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
         return r.json()
+
+    async def _watch(self, client: httpx.AsyncClient, step: int, queue: int, wait: float) -> dict:
+        """/status-env as a long poll (a Clotho extension; run-api answers at once)."""
+        r = await self._call(
+            client,
+            "GET",
+            "/status-env",
+            params={"wait": wait, "step": step, "queue": queue},
+            json={"env_id": self.env_id},
+            headers=self._trajectory,
+        )
+        return r.json()
+
+    def room(self, client: httpx.AsyncClient, limit: int) -> Room:
+        """The Room for `limit` groups ahead: adaptive from one trainer batch up to it
+        (when the batch size is known and adaptive_lead is on), fixed otherwise."""
+        c = self.config
+        one_batch = self.batch_groups
+        if c.max_groups_ahead is not None or not c.adaptive_lead or one_batch is None or one_batch >= limit:
+            return Room(limit, lambda: self._status(client), lambda *a: self._watch(client, *a))
+        return Room(
+            one_batch,
+            lambda: self._status(client),
+            lambda *a: self._watch(client, *a),
+            max_limit=limit,
+            step_groups=one_batch,
+        )
 
     async def one_group(self, client: httpx.AsyncClient) -> float:
         """One group: /generate, score, /scored_data, under one root span whose
@@ -191,8 +223,8 @@ class DemoEnv:
                 limit = await self.groups_ahead(client)
             except retry.Stopped:
                 return
-            log.info("at most %d groups queued or generating ahead of the trainer", limit)
-            room = Room(limit, lambda: self._status(client))
+            room = self.room(client, limit)
+            log.info("%d groups queued or generating ahead of the trainer (at most %d)", room.limit, room.max_limit)
 
             async def worker() -> None:
                 while not stop.is_set():
@@ -206,7 +238,9 @@ class DemoEnv:
 
             poller = asyncio.ensure_future(room.poll())
             try:
-                await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+                # Enough workers to generate every group the lead allows at once.
+                workers = max(self.config.concurrency, room.max_limit)
+                await asyncio.gather(*(worker() for _ in range(workers)))
             except retry.Stopped:
                 pass
             finally:
@@ -221,18 +255,46 @@ class Room:
 
     Workers wait on a condition, not a timer: they wake as soon as the count drops.
     The gateway's queue shrinks when the trainer takes a batch, which the Atropos
-    protocol does not push, so one poller asks `/status-env` on behalf of every
-    worker, and only while some worker waits; it asks at a fraction of the trainer's
-    observed step interval (its `current_step` changing), so a consumed batch is seen
-    within a few milliseconds without a request storm.
+    protocol does not push, so one poller asks on behalf of every worker, and only
+    while some worker waits:
+    - `watch` (a Clotho gateway's `/status-env?wait=`): a long poll the gateway
+      answers the moment the trainer's step changes or this env's queue shrinks, so
+      a batch handed out is seen with no request in between;
+    - else (Atropos' run-api: the answer lacks `trainer_wait_seconds`) `status`, at a
+      fraction of the trainer's observed step interval (its `current_step` changing),
+      so a consumed batch is seen within a few milliseconds without a request storm.
+
+    The lead adapts between `limit` and `max_limit` (steps of `step_groups`, one
+    trainer batch) when the gateway says how long the trainer has waited for data
+    (`trainer_wait_seconds`): while the trainer waits more than GROW_ABOVE of the
+    time, one batch more is kept ahead (generation is the bottleneck: more groups at
+    once keep the engine busier); while it waits less than SHRINK_BELOW, one batch
+    less (the trainer is the bottleneck: a batch generated earlier would only be
+    older). Without that figure the lead is `max_limit`, as in Atropos.
     """
 
     MIN_INTERVAL = 0.002
     MAX_INTERVAL = 0.05
+    LONG_POLL_SECONDS = 5.0
+    GROW_ABOVE = 0.10
+    SHRINK_BELOW = 0.02
+    SETTLE_STEPS = 4  # trainer steps observed at a lead before it may change again
 
-    def __init__(self, limit: int, status: Callable[[], Awaitable[dict]]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        status: Callable[[], Awaitable[dict]],
+        watch: Callable[[int, int, float], Awaitable[dict]] | None = None,
+        *,
+        max_limit: int | None = None,
+        step_groups: int | None = None,
+    ) -> None:
         self.limit = max(1, limit)
+        self.min_limit = self.limit
+        self.max_limit = max(self.limit, max_limit or self.limit)
+        self.step_groups = max(1, step_groups or self.limit)
         self.status = status
+        self.watch = watch
         self.queued = 0  # at the gateway, as last seen (plus what we posted since)
         self.generating = 0
         self.waiting = 0
@@ -240,6 +302,13 @@ class Room:
         self.step: int | None = None
         self.step_seen: float | None = None
         self.step_interval: float | None = None
+        self.requests = 0  # status requests sent (tests count them)
+        # The trainer's waiting, as the gateway reports it: (seconds waited, when seen)
+        # at the last step change, the smoothed fraction of time since, steps counted.
+        self._wait_mark: tuple[float, float] | None = None
+        self.wait_fraction: float | None = None
+        self._wanted = self.limit
+        self._settled = 0
 
     def _free(self) -> bool:
         return self.queued + self.generating < self.limit
@@ -265,14 +334,73 @@ class Room:
         return min(max(self.step_interval / 8, self.MIN_INTERVAL), self.MAX_INTERVAL)
 
     def observe(self, status: dict, now: float) -> None:
-        """A /status-env answer: the queue as the gateway sees it, the trainer's step."""
+        """A /status-env answer: the queue as the gateway sees it, the trainer's step
+        (and, from a Clotho gateway, how long the trainer has waited for data)."""
         self.queued = int(status.get("self_queue_size", 0))
         step = status.get("current_step")
         if isinstance(step, int) and step != self.step:
-            if self.step is not None and self.step_seen is not None and step > self.step:
+            stepped = self.step is not None and step > self.step
+            if stepped and self.step_seen is not None:
+                assert self.step is not None
                 seen = (now - self.step_seen) / (step - self.step)
                 self.step_interval = seen if self.step_interval is None else 0.7 * self.step_interval + 0.3 * seen
             self.step, self.step_seen = step, now
+            waited = status.get("trainer_wait_seconds")
+            if stepped and isinstance(waited, (int, float)):
+                self._adapt(float(waited), now)
+
+    def _adapt(self, waited: float, now: float) -> None:
+        """At a step change: the fraction of the time since the last one the trainer
+        spent waiting for data, smoothed; the lead moves by one batch when it is
+        clearly high or low for SETTLE_STEPS steps at the current lead."""
+        mark, self._wait_mark = self._wait_mark, (waited, now)
+        if mark is None or self.max_limit == self.min_limit:
+            return  # the first step (the trainer's wait for the first batch) is no measure
+        elapsed = now - mark[1]
+        if elapsed <= 0:
+            return
+        fraction = min(1.0, max(0.0, (waited - mark[0]) / elapsed))
+        self.wait_fraction = fraction if self.wait_fraction is None else 0.5 * self.wait_fraction + 0.5 * fraction
+        if self.wait_fraction > self.GROW_ABOVE:
+            want = min(self.max_limit, self.limit + self.step_groups)
+        elif self.wait_fraction < self.SHRINK_BELOW:
+            want = max(self.min_limit, self.limit - self.step_groups)
+        else:
+            want = self.limit
+        # The same move wanted SETTLE_STEPS steps in a row (one slow step moves nothing).
+        self._settled = self._settled + 1 if want == self._wanted else 1
+        self._wanted = want
+        if self._settled >= self.SETTLE_STEPS and want != self.limit:
+            limit = want
+            log.info(
+                "the trainer waited %.0f%% of the time for data: %d groups ahead (was %d)",
+                100 * self.wait_fraction,
+                limit,
+                self.limit,
+            )
+            self.limit = limit
+            self._settled = 0
+            self.wait_fraction = None
+
+    async def _ask(self) -> dict:
+        self.requests += 1
+        if self.watch is None:
+            return await self.status()
+        try:
+            status = await self.watch(-1 if self.step is None else self.step, self.queued, self.LONG_POLL_SECONDS)
+        except httpx.HTTPStatusError as exc:
+            if not 400 <= exc.response.status_code < 500:
+                raise
+            status = None  # a server that refuses the parameters: no extension either
+        if status is None or "trainer_wait_seconds" not in status:
+            # Atropos' run-api: it answered at once, without the extension. Poll from now
+            # on, at the lead Atropos would keep.
+            log.info("the gateway has no /status-env long poll: polling it, %d groups ahead", self.max_limit)
+            self.watch = None
+            self.limit = self.min_limit = self.max_limit
+            if status is None:
+                status = await self.status()
+        return status
 
     async def poll(self) -> None:
         loop = asyncio.get_running_loop()
@@ -280,7 +408,7 @@ class Room:
             async with self.changed:
                 await self.changed.wait_for(lambda: self.waiting > 0 and not self._free())
             try:
-                status = await self.status()
+                status = await self._ask()
             except httpx.HTTPError as exc:
                 log.warning("status-env failed: %s", exc)
                 await asyncio.sleep(self.MAX_INTERVAL)
@@ -290,7 +418,8 @@ class Room:
                 if self._free():
                     self.changed.notify_all()
                     continue
-            await asyncio.sleep(self.interval())
+            if self.watch is None:
+                await asyncio.sleep(self.interval())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -314,6 +443,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="groups queued at the gateway or being generated, at most (overrides --max-batches-offpolicy)",
+    )
+    p.add_argument(
+        "--adaptive-lead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with a Clotho gateway: keep one batch ahead, more (up to --max-batches-offpolicy) "
+        "only while the gateway reports the trainer waiting for data; --no-adaptive-lead: "
+        "always --max-batches-offpolicy",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-groups", type=int, default=None)

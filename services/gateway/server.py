@@ -23,6 +23,7 @@ from services.common.access import Access
 from services.common.server import GrpcServer, build_server, run_service
 from services.common.telemetry import setup_tracing
 from services.gateway import auth
+from services.gateway.atropos_api.routes import close_long_polls
 from services.gateway.generation.call_guard import Deadlines
 from services.gateway.generation.pool import InferencePool
 from services.gateway.generation.routing import Router, open_channel
@@ -90,6 +91,8 @@ class GatewayServer(GrpcServer):
             self.vocabulary_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.vocabulary_task
+        if self.app is not None:
+            close_long_polls(self.app)  # waiting /status-env long polls answer now
         if self.http is not None and self.http_task is not None:
             self.http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):

@@ -73,3 +73,49 @@ async def test_groups_ahead_is_sized_from_the_trainers_batch_as_atropos_does(tok
     assert await ahead() == 1
     info.clear()
     assert await ahead(concurrency=3) == 3
+
+
+def _trainer_waiting(room: Room, fraction: float, steps: int, step_seconds: float = 0.1) -> None:
+    """`steps` trainer steps of `step_seconds`, each spent `fraction` waiting for data."""
+    now = room.step_seen or 0.0
+    step = room.step or 0
+    waited = room._wait_mark[0] if room._wait_mark else 0.0
+    for _ in range(steps):
+        now += step_seconds
+        step += 1
+        waited += fraction * step_seconds
+        room.observe({"self_queue_size": 0, "current_step": step, "trainer_wait_seconds": waited}, now=now)
+
+
+async def test_the_lead_grows_while_the_trainer_waits_and_shrinks_once_it_does_not() -> None:
+    async def status() -> dict:
+        return {}
+
+    room = Room(4, status, max_limit=12, step_groups=4)
+    # The first step's wait (the first batch: model loading, a cold start) is no measure.
+    room.observe({"self_queue_size": 0, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
+    room.observe({"self_queue_size": 0, "current_step": 1, "trainer_wait_seconds": 30.0}, now=31.0)
+    _trainer_waiting(room, 0.001, Room.SETTLE_STEPS * 3)  # trainer-bound (the heavy size)
+    assert room.limit == 4
+    _trainer_waiting(room, 0.5, Room.SETTLE_STEPS - 1)  # generation-bound (the tiny size)
+    assert room.limit == 4  # not before SETTLE_STEPS steps
+    _trainer_waiting(room, 0.5, 1)
+    assert room.limit == 8
+    _trainer_waiting(room, 0.35, Room.SETTLE_STEPS * 3)
+    assert room.limit == 12  # the cap
+    _trainer_waiting(room, 0.05, Room.SETTLE_STEPS * 3)  # in between: stays
+    assert room.limit == 12
+    _trainer_waiting(room, 0.0, Room.SETTLE_STEPS * 3)
+    assert room.limit == 4  # back to one batch ahead, one batch at a time
+
+
+async def test_a_fixed_room_ignores_the_trainers_waiting() -> None:
+    async def status() -> dict:
+        return {}
+
+    room = Room(8, status)
+    room.observe({"self_queue_size": 0, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
+    _trainer_waiting(room, 0.9, Room.SETTLE_STEPS * 3)
+    assert room.limit == 8
+    _trainer_waiting(room, 0.0, Room.SETTLE_STEPS * 3)
+    assert room.limit == 8

@@ -19,14 +19,14 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.gateway.atropos_api.batch_gzip import BatchCompressor, wants_gzip
 from services.gateway.trajectory.durable import DurableState
-from services.gateway.trajectory.records import EnvRegistration, TrainerRegistration
+from services.gateway.trajectory.records import EnvRegistration, EnvStatus, TrainerRegistration
 from services.gateway.trajectory.scored_data import read_group, read_group_list
 from services.gateway.trajectory.tracing import handout_span
 
@@ -95,6 +95,32 @@ class EnvIdentifier(BaseModel):
 
 
 FastRoute = Callable[[bytes, Any], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
+
+# The longest a `/status-env?wait=` long poll is held (a client asking more gets this).
+MAX_STATUS_WAIT_SECONDS = 30.0
+
+
+class LongPolls:
+    """The status long polls of one app: `close()` (the gateway stopping) answers every
+    waiting one at once, so none holds up the HTTP server's graceful shutdown."""
+
+    def __init__(self, trajectories: DurableState) -> None:
+        self._trajectories = trajectories
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+        self._trajectories.notify()
+
+
+def close_long_polls(app: Any) -> None:
+    """Answer the app's waiting status long polls now (before the HTTP server stops)."""
+    polls = getattr(app.state, "long_polls", None)
+    if isinstance(polls, LongPolls):
+        polls.close()
 
 
 def add_atropos_routes(
@@ -220,10 +246,35 @@ def add_atropos_routes(
     async def status() -> dict:
         return {"current_step": state.step, "queue_size": state.queue_size}
 
+    long_polls = LongPolls(trajectories)
+    app.state.long_polls = long_polls
+
     @app.get("/status-env")
-    async def status_env(env: EnvIdentifier) -> dict:
-        s = await trajectories.env_status(env.env_id)
-        return {
+    async def status_env(
+        env: EnvIdentifier,
+        wait: Annotated[float | None, Query(ge=0.0, allow_inf_nan=False)] = None,
+        step: Annotated[int | None, Query()] = None,
+        queue: Annotated[int | None, Query()] = None,
+    ) -> dict:
+        """Atropos' answer, at once. A Clotho extension (the demo env uses it; Atropos
+        environments send none of these parameters and get the same JSON as ever):
+        `?wait=S` answers once the trainer's step differs from `step` or this env's
+        queue (`self_queue_size`) is below `queue` (the trainer took a batch), or after
+        S seconds (at most MAX_STATUS_WAIT_SECONDS), and adds how the trainer waits for
+        data: `trainer_waiting` (batches it asked for and has not received) and
+        `trainer_wait_seconds` (seconds it has had such a request outstanding, in all)."""
+        if wait is None:
+            s = await trajectories.env_status(env.env_id)
+        else:
+
+            def changed(now: EnvStatus) -> bool:
+                return (step is not None and now.current_step != step) or (
+                    queue is not None and now.self_queue_size < queue
+                )
+
+            timeout = min(wait, MAX_STATUS_WAIT_SECONDS)
+            s = await trajectories.env_status_once(env.env_id, changed, timeout, long_polls.is_closing)
+        answer: dict[str, Any] = {
             "current_step": s.current_step,
             "queue_size": s.queue_size,
             "unallocated_fraction": s.unallocated_fraction,
@@ -231,6 +282,11 @@ def add_atropos_routes(
             "max_group_size": s.max_group_size,
             "env_weight": s.env_weight,
         }
+        if wait is not None:
+            demand = trajectories.demand
+            answer["trainer_waiting"] = demand.outstanding
+            answer["trainer_wait_seconds"] = demand.waited_seconds()
+        return answer
 
     @app.get("/reset_data")
     async def reset_data() -> PlainTextResponse:

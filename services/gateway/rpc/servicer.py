@@ -182,6 +182,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             if request.credits:
                 trajectories.note_started()
                 credits += request.credits
+                trajectories.demand.asked(request.credits)
                 trajectories.notify()
 
         async def read_credits() -> None:
@@ -219,6 +220,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 batch, step = taken
                 after = step
                 credits -= 1
+                trajectories.demand.answered()
                 with handout_span(batch, step, "StreamBatches") as span:
                     response = pb.StreamBatchesResponse(
                         groups=batch_to_proto(batch),
@@ -231,6 +233,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 raise failure[0]
         finally:
             reader.cancel()
+            trajectories.demand.answered(credits)  # withdrawn with the stream
 
     # -- parity with the REST side: /generate, /latest_example, /reset_data, /info -------
 

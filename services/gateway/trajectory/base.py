@@ -7,6 +7,7 @@ batches.py, restore.py) share and answers the questions the routes, GetStatus an
 
 from __future__ import annotations
 
+from services.gateway.trajectory.demand import TrainerDemand
 from services.gateway.trajectory.door import DoorLimits
 from services.gateway.trajectory.journal import Journal
 from services.gateway.trajectory.queue_index import Group, QueueIndex
@@ -25,6 +26,7 @@ class StateBase:
     """The fields of the trajectory state and its read-only views."""
 
     wakeup: Wakeup
+    demand: TrainerDemand
     store: Store
     journal: Journal
     receipts: Receipts

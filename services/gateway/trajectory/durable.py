@@ -21,10 +21,13 @@ which the next batch handed out waits for.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from services.common.errors import Unavailable
+from services.gateway.trajectory.demand import TrainerDemand
 from services.gateway.trajectory.door import DoorLimits
 from services.gateway.trajectory.queue_index import Group, QueueIndex
 from services.gateway.trajectory.records import (
@@ -136,6 +139,24 @@ class DurableState:
     async def env_status(self, env_id: int) -> EnvStatus:
         """Durable too: the env's group size may have grown."""
         return await self._durable(self._state.env_status, env_id)
+
+    async def env_status_once(
+        self, env_id: int, changed: Callable[[EnvStatus], bool], timeout: float, closing: Callable[[], bool]
+    ) -> EnvStatus:
+        """`env_status` once `changed(status)` or `closing()` holds, or after `timeout`
+        seconds (a long poll: waits on the state's wakeup, without polling)."""
+        state = self._state
+        status = state.env_status(env_id)  # an unknown env_id raises before any wait
+        if timeout > 0 and not closing() and not changed(status):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await state.wakeup.wait_for(lambda: closing() or changed(state.env_status(env_id)))
+        return await self.env_status(env_id)
+
+    @property
+    def demand(self) -> TrainerDemand:
+        """The trainer's outstanding StreamBatches credits and its time waiting (demand.py)."""
+        return self._state.demand
 
     async def submit(self, groups: list[Incoming] | list[dict[str, Any]]) -> list[Submitted]:
         return await self._durable(self._state.submit, groups)

@@ -42,6 +42,7 @@ import logging
 
 from services.gateway.trajectory.acknowledged import DEFAULT_MAX_KEPT_BATCHES, Acknowledged
 from services.gateway.trajectory.admission import Admission
+from services.gateway.trajectory.demand import TrainerDemand
 from services.gateway.trajectory.journal import Journal
 from services.gateway.trajectory.receipts import Receipts
 from services.gateway.trajectory.records import Counters, StalenessPolicy
@@ -71,6 +72,8 @@ class TrajectoryState(Admission, Acknowledged, ResetRestore):
         if staleness_policy not in ("drop", "keep"):
             raise ValueError(f"staleness_policy must be 'drop' or 'keep', not {staleness_policy!r}")
         self.wakeup = Wakeup()
+        # StreamBatches credits outstanding and how long the trainer waited (demand.py).
+        self.demand = TrainerDemand()
         self.store = store if store is not None else Store()
         self.journal = Journal(self.store)
         self.receipts = receipts if receipts is not None else Receipts()
