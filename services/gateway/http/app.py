@@ -21,7 +21,7 @@ from services.gateway.atropos_api.batch_gzip import BatchCompressor, Precompress
 from services.gateway.atropos_api.routes import add_atropos_routes
 from services.gateway.generation.openai_api.api_router import openai_router
 from services.gateway.generation.pool import InferencePool
-from services.gateway.generation.sglang_api.api_router import generate_router
+from services.gateway.generation.sglang_api.api_router import generate_fast_route, generate_router
 from services.gateway.http import errors as http_errors
 from services.gateway.http.body import RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
@@ -40,8 +40,8 @@ UNTRACED_PATHS = frozenset({"/metrics"})
 class GatewayApp(FastAPI):
     """FastAPI with a short way in for the ingest routes.
 
-    `/scored_data` and `/scored_data_list` are answered by RequestBodyMiddleware's
-    fast routes; reaching it through the framework's layers (telemetry, error
+    `/scored_data`, `/scored_data_list`, `/batch` and a non-streamed `/generate` are
+    answered by RequestBodyMiddleware's fast routes; reaching them through the framework's layers (telemetry, error
     middleware, body limits) costs a tenth of an ingest. Requests for those paths
     enter here through the same middlewares that run before RequestBodyMiddleware in
     the full stack (the bearer-token check, when installed) and RequestBodyMiddleware
@@ -117,6 +117,7 @@ def create_app(
     app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)  # type: ignore[arg-type]
 
     fast_routes = add_atropos_routes(app, DurableState(state), compressor)
+    fast_routes["POST", "/generate"] = generate_fast_route(inference, compressor)
 
     latency = RouteLatency()
 

@@ -23,15 +23,18 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from grpc import aio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ClothoError
-from services.gateway.http.errors import clotho_error_response
+from services.gateway.http.errors import clotho_error_response, rpc_error_response
 from services.gateway.http.json_guard import body_problem
 
 # A fast route: the request body and scope in; a 200's JSON body and any headers
-# beyond content-type and content-length out (domain errors raised).
-FastRoute = Callable[[bytes, Scope], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
+# beyond content-type and content-length out (domain errors and the inference
+# service's statuses raised, answered through the error table), or None: not this
+# request (it takes the full stack).
+FastRoute = Callable[[bytes, Scope], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]] | None]]
 
 
 class BodyTooLarge(Exception):
@@ -145,8 +148,7 @@ class RequestBodyMiddleware:
             scope = {**scope, "headers": headers}
 
         fast = self.fast_routes.get((scope["method"], scope["path"]))
-        if fast is not None and not cross_origin:
-            await _answer(fast, body, scope, receive, send)
+        if fast is not None and not cross_origin and await _answer(fast, body, scope, receive, send):
             return
         problem = body_problem(body) if body else None
         if problem is not None:
@@ -165,17 +167,25 @@ class RequestBodyMiddleware:
         await self.app(scope, replay, send)
 
 
-async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive, send: Send) -> bool:
+    """Answer with a fast route; False when the route leaves the request to the full
+    stack (nothing sent)."""
     try:
-        answer, headers = await route(body, scope)
+        answered = await route(body, scope)
     except ClothoError as exc:
         # The ingest parser refuses what json_guard finds without naming the field.
         problem = body_problem(body)
         if problem is not None:
             await _refuse_json(send, scope.get("path", ""), problem)
-            return
+            return True
         await clotho_error_response(exc)(scope, receive, send)
-        return
+        return True
+    except aio.AioRpcError as exc:
+        await rpc_error_response(exc)(scope, receive, send)
+        return True
+    if answered is None:
+        return False
+    answer, headers = answered
     await send(
         {
             "type": "http.response.start",
@@ -188,3 +198,4 @@ async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive,
         }
     )
     await send({"type": "http.response.body", "body": answer})
+    return True
