@@ -187,9 +187,11 @@ class Gateway:
         r = await self.http.request("GET", "/status-env", json={"env_id": self.env_id})
         r.raise_for_status()
 
-    async def step(self, count: bool) -> None:
+    async def step(self, count: bool, only_generate: bool = False) -> None:
         t = thread_ns(self.pid)
         answers = await self.generate()
+        if only_generate:  # for profiling the route alone
+            return
         marks = [thread_ns(self.pid)]
         await self.scored(answers)
         marks.append(thread_ns(self.pid))
@@ -250,7 +252,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             order = gateways[r % len(gateways) :] + gateways[: r % len(gateways)]
             for gw in order:
                 for _ in range(args.steps):
-                    await gw.step(count=True)
+                    await gw.step(count=True, only_generate=args.only_generate)
             print(json.dumps({"round": r, "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
         elapsed = time.perf_counter() - started
         out = {
@@ -322,6 +324,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="steps per tree per round")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--only-generate", action="store_true", help="only /generate calls (to profile the route)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, stores)")
     p.add_argument("--json", type=Path, help="also write every figure here")
     args = p.parse_args()
