@@ -81,6 +81,14 @@ def thread_table(pid: int) -> dict[str, int]:
     return out
 
 
+def io_bytes(pid: int) -> dict[str, int]:
+    """/proc/<pid>/io: wchar (every write: sockets, the WAL, the database) and
+    write_bytes (what reached the storage layer)."""
+    with open(f"/proc/{pid}/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return {k: int(fields[k]) for k in ("wchar", "write_bytes")}
+
+
 def stat_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -245,6 +253,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 await gw.step(count=False)
         cpu0 = {gw.name: stat_seconds(gw.pid) for gw in gateways}
         threads0 = {gw.name: thread_table(gw.pid) for gw in gateways}
+        io0 = {gw.name: io_bytes(gw.pid) for gw in gateways}
         steps0 = {gw.name: 0 for gw in gateways}
         load_before = os.getloadavg()
         started = time.perf_counter()
@@ -270,6 +279,10 @@ async def main_async(args: argparse.Namespace) -> dict:
                     for name, ns in sorted(thread_table(gw.pid).items())
                     if ns - threads0[gw.name].get(name, 0) > 0
                 }
+                for gw in gateways
+            },
+            "io_kb_per_step": {
+                gw.name: {k: (v - io0[gw.name][k]) / gw.steps / 1024 for k, v in io_bytes(gw.pid).items()}
                 for gw in gateways
             },
             "steps": {gw.name: gw.steps for gw in gateways},
@@ -305,6 +318,12 @@ def table(out: dict) -> str:
     if len(names) > 1:
         row += f" | {stat[-1] / stat[0]:.2f} |"
     lines.append(row)
+    io = [out["io_kb_per_step"][n] for n in names]
+    for key in ("wchar", "write_bytes"):
+        row = f"| {key} KB per step | " + " | ".join(f"{v[key]:.1f}" for v in io)
+        if len(names) > 1:
+            row += f" | {io[-1][key] / max(io[0][key], 1e-9):.2f} |"
+        lines.append(row)
     for n in names:
         per = out["threads_ms_per_step"][n]
         lines.append(f"{n} by thread (ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))

@@ -37,6 +37,10 @@ from services.gateway.http.json_guard import body_problem
 FastRoute = Callable[[bytes, Scope], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]] | None]]
 
 
+# Set in the scope of a request a fast route left to the full stack.
+_DECLINED = "clotho.fast_route_declined"
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -148,8 +152,12 @@ class RequestBodyMiddleware:
             scope = {**scope, "headers": headers}
 
         fast = self.fast_routes.get((scope["method"], scope["path"]))
-        if fast is not None and not cross_origin and await _answer(fast, body, scope, receive, send):
-            return
+        if fast is not None and not cross_origin and not scope.get(_DECLINED):
+            if await _answer(fast, body, scope, receive, send):
+                return
+            # The full stack behind the fast entry has this middleware again: it
+            # need not ask the route a second time.
+            scope = {**scope, _DECLINED: True}
         problem = body_problem(body) if body else None
         if problem is not None:
             await _refuse_json(send, path, problem)
@@ -178,10 +186,15 @@ async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive,
         if problem is not None:
             await _refuse_json(send, scope.get("path", ""), problem)
             return True
-        await clotho_error_response(exc)(scope, receive, send)
-        return True
+        error = clotho_error_response(exc)
     except aio.AioRpcError as exc:
-        await rpc_error_response(exc)(scope, receive, send)
+        error = rpc_error_response(exc)
+    else:
+        error = None
+    if error is not None:
+        # As the full stack answers a same-origin request: CORS adds Vary.
+        error.headers["vary"] = "Origin"
+        await error(scope, receive, send)
         return True
     if answered is None:
         return False

@@ -7,8 +7,8 @@ interceptor carries it on.
 A non-streamed SGLang `/generate` (what environments send on every group) is also
 answered on the request-body middleware's fast entry (`generate_fast_route`, see
 http/body.py), without the framework's layers: the same handler, the same answer
-bytes and headers (the `Vary` the gzip middleware adds to a body of its minimum size),
-the same errors. Streams, vLLM's dialect, cross-origin calls and answers the gzip
+bytes and headers (the `Vary` that CORS and the gzip middleware add), the same
+errors. Streams, vLLM's dialect, cross-origin calls and answers the gzip
 middleware would compress take the full stack.
 """
 
@@ -121,7 +121,10 @@ def generate_fast_route(inference: InferencePool, compressor: BatchCompressor) -
     """The fast entry of `/generate` (http/body.py): a non-streamed SGLang call answered
     as the route answers it; None (take the full stack) for anything else."""
     handler = _handler(inference)
-    vary = [(b"vary", b"Accept-Encoding")]
+    # What the full stack adds to a same-origin answer: CORS's Vary, and the gzip
+    # middleware's (which leaves a loopback answer plain) on a body of its minimum size.
+    vary = [(b"vary", b"Origin")]
+    vary_large = [(b"vary", b"Origin, Accept-Encoding")]
 
     async def fast(raw: bytes, scope: Scope) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
         if wants_gzip(scope, compressor.policy):
@@ -139,9 +142,7 @@ def generate_fast_route(inference: InferencePool, compressor: BatchCompressor) -
         if call.stream:
             return None
         data = _render_json(await handler.answer(call, Headers(scope=scope)))
-        # The gzip middleware (which leaves a loopback answer plain) adds Vary to a body
-        # of its minimum size.
-        return data, vary if len(data) >= compressor.minimum_size else []
+        return data, vary_large if len(data) >= compressor.minimum_size else vary
 
     return fast
 
