@@ -47,7 +47,7 @@ class FakePool(InferencePool):
     async def tokenizer(self) -> Any:
         return CharTokenizer()
 
-    async def generate(self, request: ipb.GenerateRequest) -> AsyncIterator[ipb.GenerateResponse]:  # type: ignore[override]
+    async def generate(self, request: ipb.GenerateRequest) -> AsyncIterator[ipb.GenerateResponse]:
         self.calls += 1
         if self.fail is not None:
             raise aio.AioRpcError(self.fail, aio.Metadata(), aio.Metadata(), details="engine said no")

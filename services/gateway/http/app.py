@@ -23,7 +23,7 @@ from services.gateway.generation.openai_api.api_router import openai_router
 from services.gateway.generation.pool import InferencePool
 from services.gateway.generation.sglang_api.api_router import generate_fast_route, generate_router
 from services.gateway.http import errors as http_errors
-from services.gateway.http.body import RequestBodyMiddleware
+from services.gateway.http.body import FastRoute, RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
 from services.gateway.http.openapi_doc import install_openapi
 from services.gateway.http.request_span import traced_request
@@ -116,7 +116,7 @@ def create_app(
     # mypy cannot match a constructor taking **kwargs: Any against Starlette's ParamSpec factory.
     app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)  # type: ignore[arg-type]
 
-    fast_routes = add_atropos_routes(app, DurableState(state), compressor)
+    fast_routes: dict[tuple[str, str], FastRoute] = dict(add_atropos_routes(app, DurableState(state), compressor))
     fast_routes["POST", "/generate"] = generate_fast_route(inference, compressor)
 
     latency = RouteLatency()

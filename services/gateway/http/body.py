@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from grpc import aio
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ClothoError
@@ -178,6 +179,7 @@ class RequestBodyMiddleware:
 async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive, send: Send) -> bool:
     """Answer with a fast route; False when the route leaves the request to the full
     stack (nothing sent)."""
+    error: Response | None = None
     try:
         answered = await route(body, scope)
     except ClothoError as exc:
@@ -189,8 +191,6 @@ async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive,
         error = clotho_error_response(exc)
     except aio.AioRpcError as exc:
         error = rpc_error_response(exc)
-    else:
-        error = None
     if error is not None:
         # As the full stack answers a same-origin request: CORS adds Vary.
         error.headers["vary"] = "Origin"
