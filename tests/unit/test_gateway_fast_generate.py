@@ -191,3 +191,10 @@ async def test_generate_without_inference_is_503_either_way(monkeypatch):
         async with client(InferencePool([]), patch) as c:
             answers.append(comparable(await c.post("/generate", json=BODIES[0], headers=HEADERS)))
     assert answers[0] == answers[1] and answers[0][0] == 503
+
+
+async def test_fast_generate_counts_under_its_route_in_metrics():
+    async with client(FakePool()) as c:
+        assert (await c.post("/generate", json=BODIES[0], headers=HEADERS)).status_code == 200
+        text = (await c.get("/metrics")).text
+    assert 'clotho_gateway_http_request_duration_seconds_count{method="POST",route="/generate"} 1.0' in text

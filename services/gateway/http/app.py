@@ -130,7 +130,9 @@ def create_app(
 
     app.include_router(generate_router(inference))
     app.include_router(openai_router(inference))
-    latency.set_routes(getattr(route, "path", "") for route in app.routes)
+    # The fast routes' paths too: an included router's routes (/generate) are not
+    # app.routes' own, and a fast route's request never meets the router.
+    latency.set_routes([*(getattr(route, "path", "") for route in app.routes), *(path for _, path in fast_routes)])
     app.latency = latency
     install_openapi(app)
     return app
