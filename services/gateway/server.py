@@ -26,7 +26,7 @@ from services.gateway import auth
 from services.gateway.atropos_api.routes import close_long_polls
 from services.gateway.generation.call_guard import Deadlines
 from services.gateway.generation.pool import InferencePool
-from services.gateway.generation.routing import Router, open_channel
+from services.gateway.generation.routing import Router, call_metadata, open_channel
 from services.gateway.http.app import create_app
 from services.gateway.rpc.servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -144,6 +144,7 @@ def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
             eject_seconds=settings.inference_eject_seconds,
             probe_timeout_seconds=settings.inference_probe_timeout_seconds,
             channel_factory=lambda address: open_channel(address, access),
+            metadata_factory=lambda: call_metadata(access),
         ),
     )
     servicer = GatewayServicer(state, inference)

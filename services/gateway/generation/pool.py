@@ -119,7 +119,9 @@ class InferencePool:
     async def model_info(self, refresh: bool = False, timeout: float | None = None) -> pb.GetModelInfoResponse:
         if self._model_info is None or refresh:
             self._model_info = await self._unary(
-                lambda t: t.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout_seconds)
+                lambda t: t.stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), **t.call_kwargs(timeout or self.timeout_seconds)
+                )
             )
         return self._model_info
 
@@ -169,7 +171,7 @@ class InferencePool:
             call = None
             guard = None
             try:
-                call = target.stub.Generate(request, timeout=self.timeout_seconds)
+                call = target.stub.Generate(request, **target.call_kwargs(self.timeout_seconds))
                 guard = CallGuard(call, target, self.deadlines, streaming=request.stream)
                 async for message in call:
                     received = True

@@ -21,9 +21,9 @@ from services.gateway.atropos_api.batch_gzip import BatchCompressor, Precompress
 from services.gateway.atropos_api.routes import add_atropos_routes
 from services.gateway.generation.openai_api.api_router import openai_router
 from services.gateway.generation.pool import InferencePool
-from services.gateway.generation.sglang_api.api_router import generate_router
+from services.gateway.generation.sglang_api.api_router import generate_fast_route, generate_router
 from services.gateway.http import errors as http_errors
-from services.gateway.http.body import RequestBodyMiddleware
+from services.gateway.http.body import FastRoute, RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
 from services.gateway.http.openapi_doc import install_openapi
 from services.gateway.http.request_span import begin_request, end_request, traced_request
@@ -40,8 +40,8 @@ UNTRACED_PATHS = frozenset({"/metrics"})
 class GatewayApp(FastAPI):
     """FastAPI with a short way in for the ingest routes.
 
-    `/scored_data` and `/scored_data_list` are answered by RequestBodyMiddleware's
-    fast routes; reaching it through the framework's layers (telemetry, error
+    `/scored_data`, `/scored_data_list`, `/batch` and a non-streamed `/generate` are
+    answered by RequestBodyMiddleware's fast routes; reaching them through the framework's layers (telemetry, error
     middleware, body limits) costs a tenth of an ingest. Requests for those paths
     enter here through the same middlewares that run before RequestBodyMiddleware in
     the full stack (the bearer-token check, when installed) and RequestBodyMiddleware
@@ -126,7 +126,8 @@ def create_app(
     # mypy cannot match a constructor taking **kwargs: Any against Starlette's ParamSpec factory.
     app.add_middleware(PrecompressedGZipMiddleware, compressor=compressor)  # type: ignore[arg-type]
 
-    fast_routes = add_atropos_routes(app, DurableState(state), compressor)
+    fast_routes: dict[tuple[str, str], FastRoute] = dict(add_atropos_routes(app, DurableState(state), compressor))
+    fast_routes["POST", "/generate"] = generate_fast_route(inference, compressor)
 
     latency = RouteLatency()
 
@@ -139,7 +140,9 @@ def create_app(
 
     app.include_router(generate_router(inference))
     app.include_router(openai_router(inference))
-    latency.set_routes(getattr(route, "path", "") for route in app.routes)
+    # The fast routes' paths too: an included router's routes (/generate) are not
+    # app.routes' own, and a fast route's request never meets the router.
+    latency.set_routes([*(getattr(route, "path", "") for route in app.routes), *(path for _, path in fast_routes)])
     app.latency = latency
     install_openapi(app)
     return app

@@ -23,15 +23,23 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from grpc import aio
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ClothoError
-from services.gateway.http.errors import clotho_error_response
+from services.gateway.http.errors import clotho_error_response, rpc_error_response
 from services.gateway.http.json_guard import body_problem
 
 # A fast route: the request body and scope in; a 200's JSON body and any headers
-# beyond content-type and content-length out (domain errors raised).
-FastRoute = Callable[[bytes, Scope], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]
+# beyond content-type and content-length out (domain errors and the inference
+# service's statuses raised, answered through the error table), or None: not this
+# request (it takes the full stack).
+FastRoute = Callable[[bytes, Scope], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]] | None]]
+
+
+# Set in the scope of a request a fast route left to the full stack.
+_DECLINED = "clotho.fast_route_declined"
 
 
 class BodyTooLarge(Exception):
@@ -145,9 +153,12 @@ class RequestBodyMiddleware:
             scope = {**scope, "headers": headers}
 
         fast = self.fast_routes.get((scope["method"], scope["path"]))
-        if fast is not None and not cross_origin:
-            await _answer(fast, body, scope, receive, send)
-            return
+        if fast is not None and not cross_origin and not scope.get(_DECLINED):
+            if await _answer(fast, body, scope, receive, send):
+                return
+            # The full stack behind the fast entry has this middleware again: it
+            # need not ask the route a second time.
+            scope = {**scope, _DECLINED: True}
         problem = body_problem(body) if body else None
         if problem is not None:
             await _refuse_json(send, path, problem)
@@ -165,17 +176,29 @@ class RequestBodyMiddleware:
         await self.app(scope, replay, send)
 
 
-async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive, send: Send) -> bool:
+    """Answer with a fast route; False when the route leaves the request to the full
+    stack (nothing sent)."""
+    error: Response | None = None
     try:
-        answer, headers = await route(body, scope)
+        answered = await route(body, scope)
     except ClothoError as exc:
         # The ingest parser refuses what json_guard finds without naming the field.
         problem = body_problem(body)
         if problem is not None:
             await _refuse_json(send, scope.get("path", ""), problem)
-            return
-        await clotho_error_response(exc)(scope, receive, send)
-        return
+            return True
+        error = clotho_error_response(exc)
+    except aio.AioRpcError as exc:
+        error = rpc_error_response(exc)
+    if error is not None:
+        # As the full stack answers a same-origin request: CORS adds Vary.
+        error.headers["vary"] = "Origin"
+        await error(scope, receive, send)
+        return True
+    if answered is None:
+        return False
+    answer, headers = answered
     await send(
         {
             "type": "http.response.start",
@@ -188,3 +211,4 @@ async def _answer(route: FastRoute, body: bytes, scope: Scope, receive: Receive,
         }
     )
     await send({"type": "http.response.body", "body": answer})
+    return True

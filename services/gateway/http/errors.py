@@ -92,11 +92,16 @@ async def _clotho_error(_request: Request, exc: Exception) -> JSONResponse:
     return clotho_error_response(exc)
 
 
-async def _rpc_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, aio.AioRpcError)
+def rpc_error_response(exc: aio.AioRpcError) -> JSONResponse:
+    """The answer to a status from the inference service (also used by the fast path)."""
     code = exc.code()
     log.info("upstream call failed: %s %s", code.name, exc.details())
     return error_response(code, f"inference service: {exc.details() or code.name}")
+
+
+async def _rpc_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, aio.AioRpcError)
+    return rpc_error_response(exc)
 
 
 async def _request_invalid(_request: Request, exc: Exception) -> JSONResponse:

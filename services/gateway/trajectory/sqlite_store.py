@@ -94,6 +94,10 @@ LOCK_NAME = "LOCK"
 MAX_OPS_PER_COMMIT = 20_000
 # Seconds between two checkpoints at most once per; and the WAL size kept on disk.
 CHECKPOINT_PAUSE_SECONDS = 0.5
+# Receipts (nobody waits for them) ride with the next change's commit, or after this
+# long when no change comes: every /generate committing its own would write a few
+# pages per call for a few rows (and a commit each).
+RECEIPT_FLUSH_SECONDS = 0.25
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # SQLite's page cache per connection, KiB (the writer's; SQLite's default is 2000).
 # The checkpointer's connection copies WAL frames without its page cache and keeps
@@ -148,6 +152,7 @@ class SqliteStore(Store):
         self._ops: queue.SimpleQueue[list[tuple[int, str, tuple[Any, ...]]] | None] = queue.SimpleQueue()
         self._pending: list[tuple[int, str, tuple[Any, ...]]] = []
         self._flush_scheduled = False
+        self._lazy_flush: asyncio.TimerHandle | None = None
         self._appended = 0
         self._committed = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
@@ -238,8 +243,24 @@ class SqliteStore(Store):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _append_lazy(self, kind: str, *args: Any) -> None:
+        """Append an operation nobody waits for: it goes to the writer with the next
+        operation that is flushed at once, or RECEIPT_FLUSH_SECONDS from now (or
+        with a `sync()` or `close()`), whichever comes first."""
+        loop = self._loop
+        if loop is not None and self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+            loop.call_soon_threadsafe(self._append_lazy, kind, *args)
+            return
+        self._appended += 1
+        self._pending.append((self._appended, kind, args))
+        if self._lazy_flush is None and not self._flush_scheduled and loop is not None:
+            self._lazy_flush = loop.call_later(RECEIPT_FLUSH_SECONDS, self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._lazy_flush is not None:
+            self._lazy_flush.cancel()
+            self._lazy_flush = None
         if self._pending:
             pending, self._pending = self._pending, []
             self._ops.put(pending)
@@ -274,7 +295,7 @@ class SqliteStore(Store):
 
     def put_receipt(self, key: int, version: int) -> None:
         if not self._closed:  # the process-wide receipts may outlive a store (tests)
-            self._append("receipt", key, version)
+            self._append_lazy("receipt", key, version)
 
     def reset(self) -> None:
         self._append("reset")
@@ -285,6 +306,8 @@ class SqliteStore(Store):
             return
         if self._thread is None:
             raise Unavailable("the trajectory store is not running")
+        if self._lazy_flush is not None:
+            self._flush()  # what waits for a timer goes now
         future = asyncio.get_running_loop().create_future()
         # Waiters queue up in the order of the sequence numbers they wait for.
         self._waiters.append((self._appended, future))
