@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from services.common.weight_wire.dtypes import from_name
 from services.inference.torch_engine.kv_cache import SlotKVCache, additive_mask
+from services.inference.torch_engine.lean_llama import LeanLlama
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class ModelRunner:
         self.parameters = sum(math.prod(shape) for shape, _ in self.parameter_specs.values())
         self._pool_threads = 0
         self._threads_now = 0
+        # The model's forward without the transformers wrappers, where it is exact (None:
+        # the model is called).
+        self.lean: LeanLlama | None = LeanLlama(self.model) if LeanLlama.supports(self.model) else None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = int(text.num_attention_heads)
         self.num_layers = int(text.num_hidden_layers)
@@ -109,6 +113,8 @@ class ModelRunner:
         if self.single_thread_work > 0:
             self._set_threads(1 if self.parameters * ids.numel() < self.single_thread_work else 0)
         try:
+            if self.lean is not None:
+                return self.lean(ids, mask, positions, cache, logits_to_keep)
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
