@@ -49,7 +49,22 @@ def prompts(task: str, count: int, length: int, rng: random.Random) -> list[str]
 
 def proc_cpu(pid: int) -> float:
     """utime + stime of a process (all threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _cpu(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """utime + stime per thread of a process, in seconds."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = _cpu(task / "stat")
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -134,16 +149,23 @@ async def service_worker(args) -> dict:
 
                 for _ in range(args.warmup):
                     await step()
-                rounds = []
+                rounds, split = [], []
                 for _ in range(args.rounds):
-                    cpu, wall, tokens = proc_cpu(server.pid), time.perf_counter(), 0
+                    cpu, threads, wall, tokens = proc_cpu(server.pid), thread_cpu(server.pid), time.perf_counter(), 0
                     for _ in range(args.steps):
                         tokens += await step()
                     rounds.append((proc_cpu(server.pid) - cpu, time.perf_counter() - wall, tokens))
+                    after = thread_cpu(server.pid)
+                    used = {t: after[t] - threads.get(t, 0.0) for t in after}
+                    # The event loop's thread (the process's first), then the busiest other
+                    # (the engine's worker), then the rest (gRPC's, OpenMP's).
+                    main_thread = used.pop(server.pid, 0.0)
+                    busiest = max(used.values(), default=0.0)
+                    split.append([main_thread, busiest, sum(used.values()) - busiest])
         finally:
             server.terminate()
             server.wait(30)
-    return {"rounds": rounds}
+    return {"rounds": rounds, "threads": split}
 
 
 # -- driver --------------------------------------------------------------------------------
@@ -214,11 +236,14 @@ def main(argv: list[str] | None = None) -> None:
         trees = {"main": main_tree(args.main, keep), "branch": REPO}
         modes = args.modes.split(",")
         results: dict[str, dict[str, list]] = {m: {t: [] for t in trees} for m in modes}
+        splits: dict[str, list] = {t: [] for t in trees}
         load_before = os.getloadavg()
         for _ in range(args.rounds):
             for mode in modes:
                 for name, tree in trees.items():
-                    results[mode][name] += run_arm(tree, mode, args, model)["rounds"]
+                    arm = run_arm(tree, mode, args, model)
+                    results[mode][name] += arm["rounds"]
+                    splits[name] += arm.get("threads", [])
         load_after = os.getloadavg()
 
     steps = args.steps
@@ -233,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
                 "tokens_per_step": tokens / steps,
                 "cpu_ms_all_rounds": [round(1000 * r[0] / steps, 2) for r in results[mode][name]],
             }
+            if mode == "service" and splits[name]:
+                best = min(splits[name], key=sum)
+                summary[f"{mode}/{name}"]["threads_ms_per_step"] = {
+                    k: round(1000 * v / steps, 2) for k, v in zip(("event_loop", "engine", "other"), best)
+                }
     print(
         json.dumps(
             {
@@ -248,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{args.size}: {args.prompts} requests x n={args.n}, {args.new_tokens or size['new_tokens']} new tokens, "
         f"{args.threads} torch thread(s); load average {load_before[0]:.2f} -> {load_after[0]:.2f}"
     )
-    head = f"{'arm':<18}{'CPU ms/step':>12}{'steps/s':>9}{'requests/s':>12}   branch/main CPU"
+    head = f"{'arm':<18}{'CPU ms/step':>12}{'steps/s':>9}{'requests/s':>12}   branch/main CPU   loop/engine/other ms"
     print(head + "\n" + "-" * len(head))
     for mode in modes:
         for name in trees:
@@ -256,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
             ratio = s["cpu_ms_per_step"] / summary[f"{mode}/main"]["cpu_ms_per_step"]
             print(
                 f"{mode + '/' + name:<18}{s['cpu_ms_per_step']:>12.2f}{s['steps_per_s']:>9.1f}"
-                f"{s['requests_per_s']:>12.1f}   {'' if name == 'main' else f'x{ratio:.2f}'}"
+                f"{s['requests_per_s']:>12.1f}   {'' if name == 'main' else f'x{ratio:.2f}':<18}"
+                + (" / ".join(f"{v:.1f}" for v in s["threads_ms_per_step"].values()) if "threads_ms_per_step" in s else "")
             )
 
 
