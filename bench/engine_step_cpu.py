@@ -106,10 +106,10 @@ async def engine_worker(args) -> dict:
 
 async def service_worker(args) -> dict:
     import grpc
+    from transformers import AutoTokenizer
 
     from clotho.v1 import inference_service_pb2 as pb
     from clotho.v1 import inference_service_pb2_grpc as pb_grpc
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     rng = random.Random(0)
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=0, help="default: the size's")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the serving process (clotho up on 2 cores: 2)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads of the serving process (clotho up on 2 cores: 2)"
+    )
     p.add_argument("--steps", type=int, default=60, help="steps per round")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="rounds per arm (interleaved); the best counts")
@@ -287,7 +289,11 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{mode + '/' + name:<18}{s['cpu_ms_per_step']:>12.2f}{s['steps_per_s']:>9.1f}"
                 f"{s['requests_per_s']:>12.1f}   {'' if name == 'main' else f'x{ratio:.2f}':<18}"
-                + (" / ".join(f"{v:.1f}" for v in s["threads_ms_per_step"].values()) if "threads_ms_per_step" in s else "")
+                + (
+                    " / ".join(f"{v:.1f}" for v in s["threads_ms_per_step"].values())
+                    if "threads_ms_per_step" in s
+                    else ""
+                )
             )
 
 

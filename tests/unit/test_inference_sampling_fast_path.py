@@ -68,16 +68,16 @@ async def test_engine_samples_the_same_with_and_without_the_fast_path(tiny_model
         reordered |= args[3] is not None
         return real(*args)
 
+    of = batch_module._Params.of
+
+    def general_only(cls, *args):
+        return dataclasses.replace(of(*args), plain=False)
+
     monkeypatch.setattr(batch_module, "sample_plain", counted)
     results = []
     for fast in (True, False):
         if not fast:
-            of = batch_module._Params.of
-            monkeypatch.setattr(
-                batch_module._Params,
-                "of",
-                classmethod(lambda cls, *a: dataclasses.replace(of(*a), plain=False)),
-            )
+            monkeypatch.setattr(batch_module._Params, "of", classmethod(general_only))
         engine = GenerationEngine(tiny_model_dir, max_batch_size=16, seed=4)
         try:
             results.append(await run(engine, workload()))

@@ -89,7 +89,9 @@ class LeanLlama:
             x = _rms_norm(hidden, layer.post_attention_layernorm)
             mlp = layer.mlp
             gate = mlp.act_fn(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
-            x = F.linear(gate * F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight, mlp.down_proj.bias)
+            x = F.linear(
+                gate * F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight, mlp.down_proj.bias
+            )
             hidden = residual + x
         hidden = _rms_norm(hidden, model.model.norm)
         if logits_to_keep:
