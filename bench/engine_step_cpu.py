@@ -32,10 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "new_tokens": 4, "task": "repeat"},
     "heavy": {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "new_tokens": 32, "task": "reverse"},
 }
