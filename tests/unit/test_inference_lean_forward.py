@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from services.inference.generation_types import GenerationRequest, SamplingOptions
@@ -28,11 +29,12 @@ def passes(runner: ModelRunner) -> tuple[list[torch.Tensor], list[torch.Tensor]]
     return out, [*cache.k, *cache.v]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @torch.inference_mode()
-def test_lean_forward_equals_the_model_bit_for_bit(tiny_model_dir):
-    lean = ModelRunner(tiny_model_dir, "cpu", "float32")
+def test_lean_forward_equals_the_model_bit_for_bit(tiny_model_dir, dtype):
+    lean = ModelRunner(tiny_model_dir, "cpu", dtype)
     assert lean.lean is not None
-    plain = ModelRunner(tiny_model_dir, "cpu", "float32")
+    plain = ModelRunner(tiny_model_dir, "cpu", dtype)
     plain.lean = None
     (got, got_kv), (want, want_kv) = passes(lean), passes(plain)
     for g, w in zip([*got, *got_kv], [*want, *want_kv], strict=True):
