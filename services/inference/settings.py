@@ -81,6 +81,15 @@ class InferenceSettings(ServiceSettings):
         128, ge=0, description="max_new_tokens of requests that leave it unset (clamped to the context)."
     )
     seed: int = Field(0, description="Seed of the engine's sampler for requests that carry no seed.")
+    single_thread_work: float = Field(
+        1e8,
+        ge=0,
+        description="A torch-engine forward pass on CPU whose work (the model's parameters x the "
+        "tokens it feeds) is below this runs on one intra-op thread: on passes this small a thread "
+        "pool's hand-offs cost more CPU than they save (a tiny-demo decode step: 0.5M parameters x "
+        "32 rows = 1.6e7, its prefill ~2e7); larger passes keep the process's threads, where they "
+        "shorten the pass (a 25M-parameter model's decode step: 8e8). 0: always the process's threads.",
+    )
     weight_update_timeout_seconds: float = Field(
         60.0,
         gt=0,

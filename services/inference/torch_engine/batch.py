@@ -42,7 +42,7 @@ from services.inference.generation_types import (
     VersionSpan,
 )
 from services.inference.torch_engine.runner import ModelRunner
-from services.inference.torch_engine.sampling import choose_tokens
+from services.inference.torch_engine.sampling import choose_tokens, sample_plain
 from services.inference.torch_engine.spans import write_request_spans
 
 Event = TokenChunk | Completion | BaseException
@@ -321,9 +321,12 @@ class Batch:
         # Penalties change only what the sampler sees (a penalised copy); rows that asked
         # for none, and every batch where no row did, sample from the raw logits.
         sampled_from = logits if pen is None else pen.apply(logits)
-        tokens = choose_tokens(
-            sampled_from, params.temperature, params.top_p, params.top_k, params.generators, params.keys
-        )
+        if params.plain:
+            tokens = sample_plain(sampled_from, params.temperature, params.generators[0], params.plain_order)
+        else:
+            tokens = choose_tokens(
+                sampled_from, params.temperature, params.top_p, params.top_k, params.generators, params.keys
+            )
         if pen is not None:
             pen.count(tokens)
         # Logprobs under the policy itself (raw logits), whatever the sampling temperature
@@ -456,23 +459,44 @@ class _Params:
     max_top: int
     # The penalised rows and their state (None when no row asked: the fast path).
     penalties: _Penalties | None
+    # Every row samples from its whole softmax with one generator (sample_plain applies),
+    # and the rows in the order they draw in (None: row order).
+    plain: bool
+    plain_order: torch.Tensor | None
 
     @classmethod
     def of(cls, samples: Sequence[SampleState], device: torch.device, vocab: int) -> _Params:
         opts = [s.request.spec.sampling for s in samples]
         counts = [s.request.spec.top_logprobs for s in samples]
         asked = [i for i, k in enumerate(counts) if k > 0]
+        keys = [(s.request.seq, s.index) for s in samples]
+        temperature = torch.tensor([o.temperature for o in opts], dtype=torch.float32, device=device)
+        top_p = torch.tensor([o.top_p for o in opts], dtype=torch.float32, device=device)
+        top_k = torch.tensor([o.top_k for o in opts], dtype=torch.long, device=device)
+        generators = [s.request.generator for s in samples]
+        # Decided on the tensors choose_tokens reads, with its own tests: no row greedy,
+        # none filtered.
+        plain = (
+            bool(samples)
+            and all(g is generators[0] for g in generators)
+            and bool((temperature > 0).all())
+            and not bool(((top_k > 0) | (top_p < 1)).any())
+        )
+        order = sorted(range(len(samples)), key=keys.__getitem__) if plain else []
+        in_order = order == list(range(len(samples)))
         return cls(
-            torch.tensor([o.temperature for o in opts], dtype=torch.float32, device=device),
-            torch.tensor([o.top_p for o in opts], dtype=torch.float32, device=device),
-            torch.tensor([o.top_k for o in opts], dtype=torch.long, device=device),
-            [s.request.generator for s in samples],
-            [(s.request.seq, s.index) for s in samples],
+            temperature,
+            top_p,
+            top_k,
+            generators,
+            keys,
             counts,
             asked,
             torch.tensor(asked, dtype=torch.long, device=device) if asked else None,
             max(counts, default=0),
             _Penalties.of(samples, device, vocab),
+            plain,
+            None if in_order else torch.tensor(order, dtype=torch.long, device=device),
         )
 
 

@@ -112,11 +112,12 @@ class GenerationEngine:
         max_context_len: int | None = None,
         default_max_new_tokens: int = 128,
         seed: int = 0,
+        single_thread_work: float = 0.0,
     ) -> None:
         self.model_path = Path(model_path).resolve()
         # The shard's name on its spans (TorchShard sets it).
         self.name = "torch"
-        self.runner = ModelRunner(self.model_path, device, dtype)
+        self.runner = ModelRunner(self.model_path, device, dtype, single_thread_work=single_thread_work)
         self.device = self.runner.device
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.vocab_size = self.runner.vocab_size
@@ -493,6 +494,7 @@ def engine_from_settings(settings, device: str | None = None) -> GenerationEngin
         max_context_len=settings.max_context_len,
         default_max_new_tokens=settings.default_max_new_tokens,
         seed=settings.seed,
+        single_thread_work=settings.single_thread_work,
     )
 
 

@@ -10,6 +10,7 @@ calls into a ModelRunner.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
@@ -19,12 +20,13 @@ from transformers import AutoModelForCausalLM
 
 from services.common.weight_wire.dtypes import from_name
 from services.inference.torch_engine.kv_cache import SlotKVCache, additive_mask
+from services.inference.torch_engine.lean_llama import LeanLlama
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model_path: Path, device: str, dtype: str) -> None:
+    def __init__(self, model_path: Path, device: str, dtype: str, *, single_thread_work: float = 0.0) -> None:
         self.device = torch.device(device)
         resolved = from_name(dtype)
         if resolved is None:
@@ -53,6 +55,16 @@ class ModelRunner:
         self.parameter_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             name: (tuple(p.shape), p.dtype) for name, p in self.model.named_parameters()
         }
+        # CPU passes below this many parameter x token products run on one intra-op thread
+        # (0: never). The pool's size is per calling thread; the worker's own is read on its
+        # first pass.
+        self.single_thread_work = single_thread_work if self.device.type == "cpu" else 0.0
+        self.parameters = sum(math.prod(shape) for shape, _ in self.parameter_specs.values())
+        self._pool_threads = 0
+        self._threads_now = 0
+        # The model's forward without the transformers wrappers, where it is exact (None:
+        # the model is called).
+        self.lean: LeanLlama | None = LeanLlama(self.model) if LeanLlama.supports(self.model) else None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = int(text.num_attention_heads)
         self.num_layers = int(text.num_hidden_layers)
@@ -98,7 +110,11 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The model over `ids` with `cache` (its forward already begun); the cache's
         forward ends whatever happens. Returns the logits."""
+        if self.single_thread_work > 0:
+            self._set_threads(1 if self.parameters * ids.numel() < self.single_thread_work else 0)
         try:
+            if self.lean is not None:
+                return self.lean(ids, mask, positions, cache, logits_to_keep)
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -110,6 +126,15 @@ class ModelRunner:
         finally:
             cache.end_forward()
         return out.logits
+
+    def _set_threads(self, threads: int) -> None:
+        """Run the next passes on `threads` intra-op threads (0: the pool's own size)."""
+        if not self._pool_threads:
+            self._pool_threads = self._threads_now = torch.get_num_threads()
+        threads = threads or self._pool_threads
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
 
     def decode(self, cache: SlotKVCache, tokens: torch.Tensor) -> torch.Tensor:
         """One step: feed token[r] to every cache row r at its next position. Returns

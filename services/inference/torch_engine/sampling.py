@@ -68,3 +68,18 @@ def choose_tokens(
         picks[sorted_rows] = order.gather(-1, picks[sorted_rows][:, None]).squeeze(-1)
     tokens[rows] = picks
     return tokens
+
+
+def sample_plain(
+    logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator, order: torch.Tensor | None
+) -> torch.Tensor:
+    """`choose_tokens` for the common batch where every row samples (temperature > 0)
+    from its whole softmax (no top-k, no top-p) with one shared generator: the same
+    operations on the same values, without the per-row dispatch. `order` lists the rows
+    in their keys' order (the order they draw in; None: row order)."""
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    if order is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    tokens[order] = torch.multinomial(probs[order], 1, generator=generator).squeeze(-1)
+    return tokens
