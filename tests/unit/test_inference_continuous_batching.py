@@ -6,6 +6,7 @@ weight commit lands between two steps for every row in flight."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -77,6 +78,41 @@ def record_prefills(engine: GenerationEngine) -> list[list[list[int]]]:
     return calls
 
 
+class DecodeGate:
+    """Stops the engine's worker before a chosen decode pass until released, so a test
+    can act while rows are known to be mid-decode (however fast the worker runs)."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.passes = 0
+        self._pause_at: int | None = None
+        self._paused = threading.Event()
+        self._go = threading.Event()
+        original = engine.runner.decode
+
+        def decode(cache, tokens):
+            if self._pause_at is not None and self.passes >= self._pause_at:
+                self._pause_at = None
+                self._paused.set()
+                self._go.wait()
+                self._go.clear()
+            self.passes += 1
+            return original(cache, tokens)
+
+        engine.runner.decode = decode  # type: ignore[method-assign]
+
+    def arm(self, passes: int) -> None:
+        """Hold the worker once `passes` more decode passes have run (call it while the
+        worker is held or idle, so that the count starts from a known pass)."""
+        self._paused.clear()
+        self._pause_at = self.passes + passes
+
+    async def held(self) -> None:
+        await asyncio.to_thread(self._paused.wait)
+
+    def release(self) -> None:
+        self._go.set()
+
+
 @pytest.fixture
 def engine(tiny_model_dir):
     eng = GenerationEngine(tiny_model_dir, max_batch_size=16)
@@ -88,13 +124,19 @@ async def test_requests_joining_a_running_batch_match_their_solo_runs(engine):
     alone = [await Watched(engine, r).result() for r in REQUESTS]
 
     prefills = record_prefills(engine)
-    watched: list[Watched] = []
-    for request in REQUESTS:
-        if watched:
-            # Join while the earlier ones are mid-decode.
-            await wait_until(lambda: watched[-1].chunks >= 3)
-            assert engine.active_samples > 0
+    gate = DecodeGate(engine)
+    gate.arm(3)
+    watched = [Watched(engine, REQUESTS[0])]
+    for request in REQUESTS[1:]:
+        # Join while the earlier ones are mid-decode: the worker is held three decode
+        # passes after the last one joined (every request decodes at least 8 tokens).
+        await gate.held()
+        assert engine.active_samples > 0
         watched.append(Watched(engine, request))
+        gate.arm(3)
+        gate.release()
+    await gate.held()
+    gate.release()
     together = [await w.result() for w in watched]
 
     for request, solo, joined in zip(REQUESTS, alone, together):
