@@ -187,8 +187,13 @@ class Recorder:
         sdk_tracer = provider.get_tracer(tracer_name)
         self.resource = provider.resource
         self.scope = sdk_tracer._instrumentation_scope
+        from services.common.span_sink import SpanSink
+
         processors = provider._active_span_processor._span_processors
+        # A lone SpanSink takes ended spans straight (no fan-out, no batch processor).
         self.on_end = provider._active_span_processor.on_end if processors else None
+        if len(processors) == 1 and type(processors[0]) is SpanSink:
+            self.on_end = processors[0].add
         self._ids = provider.id_generator
         self._random_ids = type(self._ids) is RandomIdGenerator
         random_flag = TraceFlags.RANDOM_TRACE_ID if self._ids.is_trace_id_random() else 0
@@ -224,7 +229,11 @@ class Recorder:
 
         if not isinstance(provider, TracerProvider):
             return None
+        from services.common.span_sink import SpanSink
+
         for processor in provider._active_span_processor._span_processors:
+            if isinstance(processor, SpanSink):
+                continue
             if not isinstance(processor, BatchSpanProcessor):
                 return None
             exporter = processor._batch_processor._exporter

@@ -116,7 +116,14 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
             name = env.get("OTEL_SERVICE_NAME") or service_name
             provider = TracerProvider(resource=Resource.create({"service.name": name}))
             if mode == "otlp":
-                provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(env)))
+                exporter = _otlp_exporter(env)
+                if getattr(exporter, "accepts_server_spans", False):
+                    from services.common.span_sink import SpanSink
+
+                    # Ended spans onto a list, no BatchSpanProcessor (span_sink.py).
+                    provider.add_span_processor(SpanSink(exporter))
+                else:
+                    provider.add_span_processor(BatchSpanProcessor(exporter))
             elif mode == "console":
                 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
