@@ -219,3 +219,34 @@ def test_the_c_encoder_writes_what_python_writes() -> None:
             spans, otlp_encode._server_cache, otlp_encode._server_parts, otlp_encode._span_field
         )
         assert c == b"".join(map(otlp_encode.encode_server_span, spans))
+
+
+def test_a_batch_of_one_recorders_server_spans_encodes_as_the_general_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_request's short way (every span a ServerSpan of one recorder: one C
+    run) writes what the span-by-span grouping writes; a mixed batch takes the latter."""
+    if otlp_encode._encode_server_spans is None:
+        pytest.skip("the C extension services.common._otlp_fast is not built")
+    p, out = provider()
+    rec = Recorder.for_provider(p, "clotho.gateway")
+    other = Recorder.for_provider(p, "other")
+    assert rec is not None and other is not None
+    spans: list[Any] = []
+    for i in range(20):
+        span: Any = rec.start("POST /scored_data", None, SpanKind.SERVER, {"url.path": "/scored_data", "i": i % 3})
+        if i % 4 == 0:
+            span.set_status(StatusCode.ERROR, "bad" if i % 8 else None)
+        span.end()
+        spans.append(span)
+    assert otlp_encode._common_recorder(spans) is rec
+    fast = encode_request(spans)
+    monkeypatch.setattr(otlp_encode, "_common_recorder", lambda _spans: None)
+    assert fast == encode_request(spans)
+    monkeypatch.undo()
+    mixed = [*spans, other.start("x", None, SpanKind.INTERNAL, {})]
+    mixed[-1].end()
+    assert otlp_encode._common_recorder(mixed) is None
+    with p.get_tracer("sdk").start_as_current_span("sdk"):
+        pass
+    p.force_flush()
+    assert otlp_encode._common_recorder([*spans, *out.spans]) is None
+    assert otlp_encode._common_recorder([]) is None
