@@ -219,6 +219,9 @@ class Recorder:
         ):
             self._inline = "parent"
         self._flags_cache: dict[int, TraceFlags] = {}
+        # start_root applies: a root's sampling is decided inline and sampled, ids random.
+        self.root_inline = self._random_ids and (self._inline == "parent" or (self._inline == "always" and self._always))
+        self._root_sampled = self._root_flags[True]
 
     @classmethod
     def for_provider(cls, provider: Any, tracer_name: str) -> Recorder | None:
@@ -246,6 +249,17 @@ class Recorder:
         if flags is None:
             flags = self._flags_cache[value] = TraceFlags(value)
         return flags
+
+    def start_root(
+        self, name: str, kind: SpanKind, attributes: dict[str, Any], span_type: type[ServerSpan] = ServerSpan
+    ) -> Any:
+        """start(name, None, kind, attributes, None, span_type) when `root_inline`:
+        a sampled root, nothing asked."""
+        span_id = _getrandbits(64) or 1
+        context = _new_context(
+            SpanContext, (_getrandbits(128) or 1, span_id, False, self._root_sampled, DEFAULT_TRACE_STATE, True)
+        )
+        return span_type(self, name, context, None, kind, attributes)
 
     def start(
         self,
