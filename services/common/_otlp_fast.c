@@ -12,6 +12,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 PyDoc_STRVAR(MODULE_DOC,
 "C encoder for runs of ServerSpans (services.common.otlp_encode).\n"
@@ -27,14 +28,27 @@ PyDoc_STRVAR(MODULE_DOC,
 "trace state, no end time, an unhashable attribute) and returns its field bytes.\n");
 
 static PyObject *s_context, *s_parent, *s_start_time, *s_end_time, *s_name, *s_kind, *s_status, *s_attributes,
-    *s_events, *s_status_code, *s_description, *s_recorder;
+    *s_events, *s_status_code, *s_description, *s_recorder, *s_links;
 
 /* Where a ServerSpan type keeps its slots: read straight from the object (a
  * generic getattr per field was a third of a span's encoding). A type whose fields
  * are not all plain slots has no layout and is read with getattr. */
-enum { F_CONTEXT, F_PARENT, F_START, F_END, F_NAME, F_KIND, F_STATUS, F_ATTRIBUTES, F_EVENTS, F_RECORDER, NFIELDS };
+enum {
+    F_CONTEXT,
+    F_PARENT,
+    F_START,
+    F_END,
+    F_NAME,
+    F_KIND,
+    F_STATUS,
+    F_ATTRIBUTES,
+    F_EVENTS,
+    F_RECORDER,
+    F_LINKS,
+    NFIELDS
+};
 static PyObject **field_names[NFIELDS] = {&s_context, &s_parent, &s_start_time, &s_end_time, &s_name,
-                                          &s_kind,    &s_status, &s_attributes, &s_events,   &s_recorder};
+                                          &s_kind,    &s_status, &s_attributes, &s_events,   &s_recorder, &s_links};
 
 typedef struct {
     PyTypeObject *type;
@@ -452,7 +466,57 @@ common_recorder(PyObject *self, PyObject *spans)
     return recorder;
 }
 
+/* new_span(type, recorder, name, context, parent, kind, attributes, status): what
+ * ServerSpan.__init__ makes (no events or links, not ended, started now), its
+ * slots set here; a type without a slot layout is called instead. */
+static PyObject *
+new_span(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "new_span(type, recorder, name, context, parent, kind, attributes, status)");
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)args[0];
+    const Layout *layout = layout_of(tp);
+    if (layout == NULL)
+        return PyObject_Vectorcall(args[0], args + 1, 6, NULL);
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *start = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    if (start == NULL)
+        return NULL;
+    PyObject *span = tp->tp_alloc(tp, 0);
+    if (span == NULL) {
+        Py_DECREF(start);
+        return NULL;
+    }
+#define SET(f, v) (*(PyObject **)((char *)span + layout->offset[f]) = Py_NewRef(v))
+    SET(F_RECORDER, args[1]);
+    SET(F_NAME, args[2]);
+    SET(F_CONTEXT, args[3]);
+    SET(F_PARENT, args[4]);
+    SET(F_KIND, args[5]);
+    SET(F_ATTRIBUTES, args[6]);
+    SET(F_STATUS, args[7]);
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) {
+        Py_DECREF(start);
+        Py_DECREF(span);
+        return NULL;
+    }
+    SET(F_EVENTS, empty);
+    SET(F_LINKS, empty);
+    Py_DECREF(empty);
+    SET(F_END, Py_None);
+    *(PyObject **)((char *)span + layout->offset[F_START]) = start; /* the span owns it */
+#undef SET
+    return span;
+}
+
 static PyMethodDef methods[] = {
+    {"new_span", (PyCFunction)(void (*)(void))new_span, METH_FASTCALL,
+     "new_span(type, recorder, name, context, parent, kind, attributes, status) -> a ServerSpan started now"},
     {"common_recorder", common_recorder, METH_O,
      "common_recorder(spans: list) -> the `_recorder` every span holds when all are ServerSpans of one recorder, "
      "else None"},
@@ -483,6 +547,7 @@ PyInit__otlp_fast(void)
     INTERN(s_status_code, "status_code");
     INTERN(s_description, "description");
     INTERN(s_recorder, "_recorder");
+    INTERN(s_links, "_links");
 #undef INTERN
     return PyModule_Create(&module_def);
 }

@@ -23,6 +23,7 @@ SDK as before.
 
 from __future__ import annotations
 
+import importlib
 import random
 import traceback
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,10 @@ from opentelemetry.trace.status import Status, StatusCode
 _UNSET = Status(StatusCode.UNSET)
 _new_context = tuple.__new__
 _getrandbits = random.getrandbits
+try:  # ServerSpan.__init__'s work in C (_otlp_fast.c's new_span), built by `pip install`
+    _new_span: Any = importlib.import_module("services.common._otlp_fast").new_span
+except (ImportError, AttributeError):
+    _new_span = None
 
 
 class ServerSpan(trace.Span):
@@ -220,7 +225,9 @@ class Recorder:
             self._inline = "parent"
         self._flags_cache: dict[int, TraceFlags] = {}
         # start_root applies: a root's sampling is decided inline and sampled, ids random.
-        self.root_inline = self._random_ids and (self._inline == "parent" or (self._inline == "always" and self._always))
+        self.root_inline = self._random_ids and (
+            self._inline == "parent" or (self._inline == "always" and self._always)
+        )
         self._root_sampled = self._root_flags[True]
 
     @classmethod
@@ -259,6 +266,8 @@ class Recorder:
         context = _new_context(
             SpanContext, (_getrandbits(128) or 1, span_id, False, self._root_sampled, DEFAULT_TRACE_STATE, True)
         )
+        if _new_span is not None:
+            return _new_span(span_type, self, name, context, None, kind, attributes, _UNSET)
         return span_type(self, name, context, None, kind, attributes)
 
     def start(
@@ -306,4 +315,6 @@ class Recorder:
         context = _new_context(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
         if not record:
             return trace.NonRecordingSpan(context)
+        if _new_span is not None:
+            return _new_span(span_type, self, name, context, parent, kind, attributes, _UNSET)
         return span_type(self, name, context, parent, kind, attributes)

@@ -250,3 +250,31 @@ def test_a_batch_of_one_recorders_server_spans_encodes_as_the_general_way(monkey
     p.force_flush()
     assert otlp_encode._common_recorder([*spans, *out.spans]) is None
     assert otlp_encode._common_recorder([]) is None
+
+
+def test_spans_made_in_c_hold_what_init_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """server_span's _new_span (C) and ServerSpan.__init__ make the same span."""
+    from services.common import server_span
+
+    if server_span._new_span is None:
+        pytest.skip("the C extension services.common._otlp_fast is not built")
+    from services.common.server_span import HttpServerSpan
+
+    p, _ = provider()
+    rec = Recorder.for_provider(p, "x")
+    assert rec is not None
+    made = []
+    for new in (server_span._new_span, None):
+        monkeypatch.setattr(server_span, "_new_span", new)
+        made.append(rec.start("n", remote(True), SpanKind.SERVER, {"a": 1}, None, HttpServerSpan))
+        made.append(rec.start_root("r", SpanKind.CLIENT, {"b": 2}, ServerSpan))
+    fields = [f for f in ServerSpan.__slots__ if f not in ("_start_time",)]
+    for c, py in ((made[0], made[2]), (made[1], made[3])):
+        assert type(c) is type(py)
+        for f in fields:
+            if f != "_context":
+                assert getattr(c, f) == getattr(py, f), f
+        assert c._start_time > 0 and abs(c._start_time - py._start_time) < 10**9
+        assert c.is_recording() and c._context.is_valid and c._context.trace_flags.sampled
+    made[0].end()
+    assert not made[0].is_recording()
