@@ -51,11 +51,6 @@ def child(requests: int, gc_on: bool) -> None:
     from services.gateway.trajectory import TrajectoryState
 
     telemetry.setup_tracing("clotho-gateway")
-    if os.environ.get("PROBE_EXPORT"):
-        sys.path.insert(0, "/tmp")
-        import trace2_probe
-
-        trace2_probe.patch()
     app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
     body = json.dumps(GROUP, separators=(",", ":")).encode()
     headers = [(b"host", b"gw"), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
