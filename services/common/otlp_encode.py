@@ -360,8 +360,8 @@ def encode_request(spans: Sequence[Any]) -> bytes:
         scope = recorder.scope or None
         resource = recorder.resource
         schema = scope.schema_url if scope is not None else ""
-        scope_spans = _ld(b"\x12", _scope_bytes(scope) + _server_run(spans) + _str(b"\x1a", schema or ""))
-        return _ld(b"\x0a", _resource_bytes(resource) + scope_spans + _str(b"\x1a", resource.schema_url))
+        one_scope = _ld(b"\x12", _scope_bytes(scope) + _server_run(spans) + _str(b"\x1a", schema or ""))
+        return _ld(b"\x0a", _resource_bytes(resource) + one_scope + _str(b"\x1a", resource.schema_url))
     resources: list[Any] = []  # (resource, [(scope, [span bytes], {})], {id(scope): entry})
     by_id: dict[int, Any] = {}
     # A ServerSpan's recorder -> its scope's entry (the recorder holds one resource

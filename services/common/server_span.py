@@ -316,5 +316,6 @@ class Recorder:
         if not record:
             return trace.NonRecordingSpan(context)
         if _new_span is not None:
-            return _new_span(span_type, self, name, context, parent, kind, attributes, _UNSET)
+            span: ServerSpan = _new_span(span_type, self, name, context, parent, kind, attributes, _UNSET)
+            return span
         return span_type(self, name, context, parent, kind, attributes)

@@ -33,6 +33,8 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 log = logging.getLogger(__name__)
+# The SDK's readers of the OTEL_BSP_* variables (untyped).
+_BSP: Any = BatchSpanProcessor
 
 
 class SpanSink(SpanProcessor):
@@ -47,14 +49,14 @@ class SpanSink(SpanProcessor):
         export_timeout_millis: float | None = None,
     ) -> None:
         if max_queue_size is None:
-            max_queue_size = BatchSpanProcessor._default_max_queue_size()
+            max_queue_size = _BSP._default_max_queue_size()
         if schedule_delay_millis is None:
-            schedule_delay_millis = BatchSpanProcessor._default_schedule_delay_millis()
+            schedule_delay_millis = _BSP._default_schedule_delay_millis()
         if max_export_batch_size is None:
-            max_export_batch_size = BatchSpanProcessor._default_max_export_batch_size()
+            max_export_batch_size = _BSP._default_max_export_batch_size()
         if export_timeout_millis is None:
-            export_timeout_millis = BatchSpanProcessor._default_export_timeout_millis()
-        BatchSpanProcessor._validate_arguments(max_queue_size, schedule_delay_millis, max_export_batch_size)
+            export_timeout_millis = _BSP._default_export_timeout_millis()
+        _BSP._validate_arguments(max_queue_size, schedule_delay_millis, max_export_batch_size)
         self.exporter = exporter
         self.max_queue_size = max_queue_size
         self.max_export_batch_size = max_export_batch_size

@@ -263,7 +263,7 @@ def test_spans_made_in_c_hold_what_init_sets(monkeypatch: pytest.MonkeyPatch) ->
     p, _ = provider()
     rec = Recorder.for_provider(p, "x")
     assert rec is not None
-    made = []
+    made: list[Any] = []
     for new in (server_span._new_span, None):
         monkeypatch.setattr(server_span, "_new_span", new)
         made.append(rec.start("n", remote(True), SpanKind.SERVER, {"a": 1}, None, HttpServerSpan))

@@ -173,7 +173,7 @@ def end_request(span: Any, scope: Any, token: Any, error: BaseException | None) 
     else:
         try:
             var.reset(token)
-        except Exception:  # what otel_context.detach does with a token of another context
+        except (ValueError, RuntimeError):  # a token of another context, or used: as otel_context.detach
             _log.exception("Failed to detach context")
     if type(span) is not HttpServerSpan:
         return
