@@ -6,7 +6,7 @@ at end, the processors' fan-out): on the gateway's ingest route, whose whole
 request is ~80 us, that was most of what turning tracing on cost. A `ServerSpan`
 holds only what the span's export needs (ids, times, name, a plain attribute dict,
 status), in the fields services.common.otlp_encode reads from an SDK ReadableSpan,
-so the same batch processor and wire encoder export both kinds side by side.
+so the same span processor and wire encoder export both kinds side by side.
 
 It is a real `opentelemetry.trace.Span` (API): made current, it parents the SDK's
 spans (gRPC client calls, child spans), `get_current_span()` finds it, and its
@@ -183,7 +183,8 @@ class HttpServerSpan(ServerSpan):
 class Recorder:
     """Starts ServerSpans for one tracer (its resource and instrumentation scope)
     under the provider's sampler and id generator, and hands ended sampled ones to
-    the provider's span processor."""
+    the provider's span processor (to a lone services.common.span_sink.SpanSink
+    straight: its `add`)."""
 
     def __init__(self, provider: Any, tracer_name: str) -> None:
         from opentelemetry.sdk.trace import sampling
