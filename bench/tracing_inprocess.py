@@ -18,7 +18,7 @@ Figures, the median over rounds, in us per request:
 extensions are used).
 
     .venv/bin/python bench/tracing_inprocess.py [--requests 20000] [--rounds 5] [--gc on off]
-        [--modes off on exporting] [--tree PATH ...]
+        [--modes off on exporting] [--concurrency 1] [--tree PATH ...]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ GROUP = {
 }
 
 
-def child(requests: int, gc_on: bool) -> None:
+def child(requests: int, gc_on: bool, concurrency: int = 1) -> None:
     """One measurement in this process (its OTEL_* variables set by the parent)."""
     sys.path.insert(0, os.getcwd())
     from services.common import telemetry
@@ -82,9 +82,13 @@ def child(requests: int, gc_on: bool) -> None:
             "state": {},
         }
 
-    async def run(n: int) -> None:
+    async def one(n: int) -> None:
         for _ in range(n):
             await app(scope(), receive, send)
+
+    async def run(n: int) -> None:
+        # `concurrency` requests in flight at once, each its own task (as a server's).
+        await asyncio.gather(*(asyncio.ensure_future(one(n // concurrency)) for _ in range(concurrency)))
 
     loop = asyncio.new_event_loop()
     loop.run_until_complete(run(2000))  # warm: caches, the fast entry, templates
@@ -109,10 +113,11 @@ def main() -> None:
     parser.add_argument("--gc", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--modes", nargs="+", default=["off", "on", "exporting"])
     parser.add_argument("--tree", action="append", default=None)
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (tasks)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.requests, args.gc == ["on"])
+        child(args.requests - args.requests % args.concurrency, args.gc == ["on"], args.concurrency)
         return
     trees = [str(Path(t).resolve()) for t in (args.tree or [str(HERE)])]
     receiver = subprocess.Popen(
@@ -146,7 +151,8 @@ def main() -> None:
                 for tree, mode in cells:
                     env = {**envs[mode], "OMP_NUM_THREADS": "1", "PYTHONPATH": tree}
                     out = subprocess.run(
-                        [sys.executable, __file__, "--child", "--requests", str(args.requests), "--gc", gc_mode],
+                        [sys.executable, __file__, "--child", "--requests", str(args.requests), "--gc", gc_mode]
+                        + ["--concurrency", str(args.concurrency)],
                         cwd=tree,
                         env=env,
                         capture_output=True,
