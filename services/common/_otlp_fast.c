@@ -9,8 +9,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 PyDoc_STRVAR(MODULE_DOC,
 "C encoder for runs of ServerSpans (services.common.otlp_encode).\n"
@@ -26,7 +28,85 @@ PyDoc_STRVAR(MODULE_DOC,
 "trace state, no end time, an unhashable attribute) and returns its field bytes.\n");
 
 static PyObject *s_context, *s_parent, *s_start_time, *s_end_time, *s_name, *s_kind, *s_status, *s_attributes,
-    *s_events, *s_status_code, *s_description;
+    *s_events, *s_status_code, *s_description, *s_recorder, *s_links;
+
+/* Where a ServerSpan type keeps its slots: read straight from the object (a
+ * generic getattr per field was a third of a span's encoding). A type whose fields
+ * are not all plain slots has no layout and is read with getattr. */
+enum {
+    F_CONTEXT,
+    F_PARENT,
+    F_START,
+    F_END,
+    F_NAME,
+    F_KIND,
+    F_STATUS,
+    F_ATTRIBUTES,
+    F_EVENTS,
+    F_RECORDER,
+    F_LINKS,
+    NFIELDS
+};
+static PyObject **field_names[NFIELDS] = {&s_context, &s_parent, &s_start_time, &s_end_time, &s_name,
+                                          &s_kind,    &s_status, &s_attributes, &s_events,   &s_recorder, &s_links};
+
+typedef struct {
+    PyTypeObject *type;
+    Py_ssize_t offset[NFIELDS];
+} Layout;
+
+#define MAX_LAYOUTS 8
+static Layout layouts[MAX_LAYOUTS];
+static int n_layouts;
+static PyTypeObject *no_layout[MAX_LAYOUTS];
+static int n_no_layout;
+
+static const Layout *
+layout_of(PyTypeObject *tp)
+{
+    for (int i = 0; i < n_layouts; i++)
+        if (layouts[i].type == tp)
+            return &layouts[i];
+    for (int i = 0; i < n_no_layout; i++)
+        if (no_layout[i] == tp)
+            return NULL;
+    Layout l;
+    l.type = tp;
+    for (int f = 0; f < NFIELDS; f++) {
+        PyObject *d = _PyType_Lookup(tp, *field_names[f]);
+        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            if (n_no_layout < MAX_LAYOUTS) {
+                Py_INCREF(tp);
+                no_layout[n_no_layout++] = tp;
+            }
+            return NULL;
+        }
+        l.offset[f] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    if (n_layouts == MAX_LAYOUTS)
+        return NULL;
+    Py_INCREF(tp);
+    layouts[n_layouts] = l;
+    return &layouts[n_layouts++];
+}
+
+/* Field `f` of `span` (a new reference; NULL with AttributeError when unset). */
+static PyObject *
+field(PyObject *span, const Layout *layout, int f)
+{
+    if (layout != NULL) {
+        PyObject *v = *(PyObject **)((char *)span + layout->offset[f]);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }
+    }
+    return PyObject_GetAttr(span, *field_names[f]);
+}
+
+/* The last Status seen and its (code, description): a route's spans share one. */
+static PyObject *last_status, *last_code, *last_description;
 
 typedef struct {
     char *data;
@@ -103,24 +183,37 @@ le64(unsigned char *out, uint64_t v)
         out[i] = (unsigned char)(v >> (8 * i));
 }
 
-/* The span's template key, as otlp_encode.encode_server_span builds it; NULL with
- * an error set on failure. */
+/* The span's template key: (name, kind, status code, status description, parent's
+ * is_remote, then each attribute's key and value, then each value's type), the
+ * kind and code by identity (enum members; Enum's hash is Python code). Its own
+ * shape: it never equals a key otlp_encode.encode_server_span makes. NULL with an
+ * error set on failure. */
 static PyObject *
-template_key(PyObject *span, PyObject *parent, PyObject *attributes)
+template_key(PyObject *span, const Layout *layout, PyObject *parent, PyObject *attributes)
 {
-    PyObject *key = NULL, *name = NULL, *kind = NULL, *status = NULL, *code = NULL, *description = NULL;
+    PyObject *key = NULL, *name = NULL, *kind = NULL, *status = NULL;
     if (!PyDict_Check(attributes)) {
         PyErr_SetString(PyExc_TypeError, "attributes are not a dict");
         return NULL;
     }
     Py_ssize_t n = PyDict_GET_SIZE(attributes);
-    name = PyObject_GetAttr(span, s_name);
-    kind = name ? PyObject_GetAttr(span, s_kind) : NULL;
-    status = kind ? PyObject_GetAttr(span, s_status) : NULL;
-    code = status ? PyObject_GetAttr(status, s_status_code) : NULL;
-    description = code ? PyObject_GetAttr(status, s_description) : NULL;
-    if (description == NULL)
+    name = field(span, layout, F_NAME);
+    kind = name ? field(span, layout, F_KIND) : NULL;
+    status = kind ? field(span, layout, F_STATUS) : NULL;
+    if (status == NULL)
         goto done;
+    if (status != last_status) {
+        PyObject *code = PyObject_GetAttr(status, s_status_code);
+        PyObject *description = code ? PyObject_GetAttr(status, s_description) : NULL;
+        if (description == NULL) {
+            Py_XDECREF(code);
+            goto done;
+        }
+        Py_XSETREF(last_code, code);
+        Py_XSETREF(last_description, description);
+        Py_INCREF(status);
+        Py_XSETREF(last_status, status);
+    }
     PyObject *remote = Py_False;
     if (parent != Py_None) {
         if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 3) {
@@ -129,14 +222,22 @@ template_key(PyObject *span, PyObject *parent, PyObject *attributes)
         }
         remote = PyTuple_GET_ITEM(parent, 2);
     }
-    key = PyTuple_New(5 + 2 * n);
+    key = PyTuple_New(5 + 3 * n);
     if (key == NULL)
         goto done;
+    PyObject *kind_id = PyLong_FromVoidPtr(kind), *code_id = PyLong_FromVoidPtr(last_code);
+    if (kind_id == NULL || code_id == NULL) {
+        Py_XDECREF(kind_id);
+        Py_XDECREF(code_id);
+        Py_CLEAR(key);
+        goto done;
+    }
     PyTuple_SET_ITEM(key, 0, name);
-    PyTuple_SET_ITEM(key, 1, kind);
-    PyTuple_SET_ITEM(key, 2, code);
-    PyTuple_SET_ITEM(key, 3, description);
-    name = kind = code = description = NULL;  /* the key owns them */
+    name = NULL; /* the key owns it */
+    PyTuple_SET_ITEM(key, 1, kind_id);
+    PyTuple_SET_ITEM(key, 2, code_id);
+    Py_INCREF(last_description);
+    PyTuple_SET_ITEM(key, 3, last_description);
     Py_INCREF(remote);
     PyTuple_SET_ITEM(key, 4, remote);
     Py_ssize_t pos = 0, i = 0;
@@ -147,31 +248,28 @@ template_key(PyObject *span, PyObject *parent, PyObject *attributes)
             Py_CLEAR(key);
             goto done;
         }
-        PyObject *item = PyTuple_Pack(2, k, v);
-        if (item == NULL) {
-            Py_CLEAR(key);
-            goto done;
-        }
-        PyTuple_SET_ITEM(key, 5 + i, item);
+        Py_INCREF(k);
+        PyTuple_SET_ITEM(key, 5 + 2 * i, k);
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(key, 6 + 2 * i, v);
         Py_INCREF(Py_TYPE(v));
-        PyTuple_SET_ITEM(key, 5 + n + i, (PyObject *)Py_TYPE(v));
+        PyTuple_SET_ITEM(key, 5 + 2 * n + i, (PyObject *)Py_TYPE(v));
         i++;
     }
 done:
     Py_XDECREF(name);
     Py_XDECREF(kind);
     Py_XDECREF(status);
-    Py_XDECREF(code);
-    Py_XDECREF(description);
     return key;
 }
 
 /* 1: the template covers `span` (and *parts is its (name_kind, tail) tuple, a new
  * reference); 0: hand it to the fallback; -1: an error. */
 static int
-span_parts(PyObject *span, PyObject *ctx, PyObject *parent, PyObject *cache, PyObject *make_parts, PyObject **parts)
+span_parts(PyObject *span, const Layout *layout, PyObject *ctx, PyObject *parent, PyObject *cache,
+           PyObject *make_parts, PyObject **parts)
 {
-    PyObject *events = PyObject_GetAttr(span, s_events);
+    PyObject *events = field(span, layout, F_EVENTS);
     if (events == NULL)
         return -1;
     int has_events = PyObject_IsTrue(events);
@@ -181,10 +279,10 @@ span_parts(PyObject *span, PyObject *ctx, PyObject *parent, PyObject *cache, PyO
     int has_state = PyObject_IsTrue(PyTuple_GET_ITEM(ctx, 4));
     if (has_state != 0)
         return has_state < 0 ? -1 : 0;
-    PyObject *attributes = PyObject_GetAttr(span, s_attributes);
+    PyObject *attributes = field(span, layout, F_ATTRIBUTES);
     if (attributes == NULL)
         return -1;
-    PyObject *key = template_key(span, parent, attributes);
+    PyObject *key = template_key(span, layout, parent, attributes);
     Py_DECREF(attributes);
     if (key == NULL)
         return -1;
@@ -236,29 +334,30 @@ encode_one(Buf *out, PyObject *span, PyObject *cache, PyObject *make_parts, PyOb
 {
     int rc = -1;
     PyObject *ctx = NULL, *parent = NULL, *start = NULL, *end = NULL, *parts = NULL;
-    ctx = PyObject_GetAttr(span, s_context);
+    const Layout *layout = layout_of(Py_TYPE(span));
+    ctx = field(span, layout, F_CONTEXT);
     if (ctx == NULL)
         goto done;
     if (!PyTuple_Check(ctx) || PyTuple_GET_SIZE(ctx) < 5) {
         rc = put_fallback(out, fallback, span);
         goto done;
     }
-    end = PyObject_GetAttr(span, s_end_time);
+    end = field(span, layout, F_END);
     if (end == NULL)
         goto done;
     if (!PyLong_Check(end)) {  /* not ended */
         rc = put_fallback(out, fallback, span);
         goto done;
     }
-    parent = PyObject_GetAttr(span, s_parent);
-    start = parent ? PyObject_GetAttr(span, s_start_time) : NULL;
+    parent = field(span, layout, F_PARENT);
+    start = parent ? field(span, layout, F_START) : NULL;
     if (start == NULL)
         goto done;
     if (!PyLong_Check(start) || (parent != Py_None && (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 3))) {
         rc = put_fallback(out, fallback, span);
         goto done;
     }
-    int covered = span_parts(span, ctx, parent, cache, make_parts, &parts);
+    int covered = span_parts(span, layout, ctx, parent, cache, make_parts, &parts);
     if (covered < 0)
         goto done;
     if (covered == 0) {
@@ -343,7 +442,84 @@ encode_server_spans(PyObject *self, PyObject *args)
     return result;
 }
 
+static PyObject *
+common_recorder(PyObject *self, PyObject *spans)
+{
+    if (!PyList_Check(spans)) {
+        PyErr_SetString(PyExc_TypeError, "spans must be a list");
+        return NULL;
+    }
+    PyObject *recorder = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i);
+        const Layout *layout = layout_of(Py_TYPE(span));
+        if (layout == NULL)
+            Py_RETURN_NONE;
+        PyObject *r = *(PyObject **)((char *)span + layout->offset[F_RECORDER]);
+        if (r == NULL || (recorder != NULL && r != recorder))
+            Py_RETURN_NONE;
+        recorder = r;
+    }
+    if (recorder == NULL)
+        Py_RETURN_NONE;
+    Py_INCREF(recorder);
+    return recorder;
+}
+
+/* new_span(type, recorder, name, context, parent, kind, attributes, status): what
+ * ServerSpan.__init__ makes (no events or links, not ended, started now), its
+ * slots set here; a type without a slot layout is called instead. */
+static PyObject *
+new_span(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "new_span(type, recorder, name, context, parent, kind, attributes, status)");
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)args[0];
+    const Layout *layout = layout_of(tp);
+    if (layout == NULL)
+        return PyObject_Vectorcall(args[0], args + 1, 6, NULL);
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *start = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    if (start == NULL)
+        return NULL;
+    PyObject *span = tp->tp_alloc(tp, 0);
+    if (span == NULL) {
+        Py_DECREF(start);
+        return NULL;
+    }
+#define SET(f, v) (*(PyObject **)((char *)span + layout->offset[f]) = Py_NewRef(v))
+    SET(F_RECORDER, args[1]);
+    SET(F_NAME, args[2]);
+    SET(F_CONTEXT, args[3]);
+    SET(F_PARENT, args[4]);
+    SET(F_KIND, args[5]);
+    SET(F_ATTRIBUTES, args[6]);
+    SET(F_STATUS, args[7]);
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) {
+        Py_DECREF(start);
+        Py_DECREF(span);
+        return NULL;
+    }
+    SET(F_EVENTS, empty);
+    SET(F_LINKS, empty);
+    Py_DECREF(empty);
+    SET(F_END, Py_None);
+    *(PyObject **)((char *)span + layout->offset[F_START]) = start; /* the span owns it */
+#undef SET
+    return span;
+}
+
 static PyMethodDef methods[] = {
+    {"new_span", (PyCFunction)(void (*)(void))new_span, METH_FASTCALL,
+     "new_span(type, recorder, name, context, parent, kind, attributes, status) -> a ServerSpan started now"},
+    {"common_recorder", common_recorder, METH_O,
+     "common_recorder(spans: list) -> the `_recorder` every span holds when all are ServerSpans of one recorder, "
+     "else None"},
     {"encode_server_spans", encode_server_spans, METH_VARARGS,
      "encode_server_spans(spans, cache, parts, fallback) -> bytes (see the module doc)"},
     {NULL, NULL, 0, NULL},
@@ -370,6 +546,8 @@ PyInit__otlp_fast(void)
     INTERN(s_events, "_events");
     INTERN(s_status_code, "status_code");
     INTERN(s_description, "description");
+    INTERN(s_recorder, "_recorder");
+    INTERN(s_links, "_links");
 #undef INTERN
     return PyModule_Create(&module_def);
 }

@@ -316,9 +316,11 @@ def _span_field(span: Any) -> bytes:
 
 
 try:  # the C encoder of ServerSpan runs (_otlp_fast.c), built by `pip install`
-    _encode_server_spans: Any = importlib.import_module("services.common._otlp_fast").encode_server_spans
+    _fast: Any = importlib.import_module("services.common._otlp_fast")
+    _encode_server_spans: Any = _fast.encode_server_spans
+    _common_recorder: Any = _fast.common_recorder
 except ImportError:  # no compiler at install: the same bytes from Python
-    _encode_server_spans = None
+    _encode_server_spans = _common_recorder = None
 
 
 def _server_run(spans: list[Any]) -> bytes:
@@ -346,6 +348,20 @@ def encode_request(spans: Sequence[Any]) -> bytes:
     resource, then instrumentation scope, in first-seen order like the SDK's."""
     from services.common.server_span import ServerSpan
 
+    if (
+        _encode_server_spans is not None
+        and type(spans) is list
+        and spans
+        and isinstance(spans[0], ServerSpan)
+        and (recorder := _common_recorder(spans)) is not None
+    ):
+        # The usual batch: ServerSpans of one recorder (one resource, one scope), all
+        # in one run, nothing done per span in Python.
+        scope = recorder.scope or None
+        resource = recorder.resource
+        schema = scope.schema_url if scope is not None else ""
+        one_scope = _ld(b"\x12", _scope_bytes(scope) + _server_run(spans) + _str(b"\x1a", schema or ""))
+        return _ld(b"\x0a", _resource_bytes(resource) + one_scope + _str(b"\x1a", resource.schema_url))
     resources: list[Any] = []  # (resource, [(scope, [span bytes], {})], {id(scope): entry})
     by_id: dict[int, Any] = {}
     # A ServerSpan's recorder -> its scope's entry (the recorder holds one resource

@@ -6,7 +6,7 @@ at end, the processors' fan-out): on the gateway's ingest route, whose whole
 request is ~80 us, that was most of what turning tracing on cost. A `ServerSpan`
 holds only what the span's export needs (ids, times, name, a plain attribute dict,
 status), in the fields services.common.otlp_encode reads from an SDK ReadableSpan,
-so the same batch processor and wire encoder export both kinds side by side.
+so the same span processor and wire encoder export both kinds side by side.
 
 It is a real `opentelemetry.trace.Span` (API): made current, it parents the SDK's
 spans (gRPC client calls, child spans), `get_current_span()` finds it, and its
@@ -23,6 +23,7 @@ SDK as before.
 
 from __future__ import annotations
 
+import importlib
 import random
 import traceback
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,10 @@ from opentelemetry.trace.status import Status, StatusCode
 _UNSET = Status(StatusCode.UNSET)
 _new_context = tuple.__new__
 _getrandbits = random.getrandbits
+try:  # ServerSpan.__init__'s work in C (_otlp_fast.c's new_span), built by `pip install`
+    _new_span: Any = importlib.import_module("services.common._otlp_fast").new_span
+except (ImportError, AttributeError):
+    _new_span = None
 
 
 class ServerSpan(trace.Span):
@@ -178,7 +183,8 @@ class HttpServerSpan(ServerSpan):
 class Recorder:
     """Starts ServerSpans for one tracer (its resource and instrumentation scope)
     under the provider's sampler and id generator, and hands ended sampled ones to
-    the provider's span processor."""
+    the provider's span processor (to a lone services.common.span_sink.SpanSink
+    straight: its `add`)."""
 
     def __init__(self, provider: Any, tracer_name: str) -> None:
         from opentelemetry.sdk.trace import sampling
@@ -187,8 +193,13 @@ class Recorder:
         sdk_tracer = provider.get_tracer(tracer_name)
         self.resource = provider.resource
         self.scope = sdk_tracer._instrumentation_scope
+        from services.common.span_sink import SpanSink
+
         processors = provider._active_span_processor._span_processors
+        # A lone SpanSink takes ended spans straight (no fan-out, no batch processor).
         self.on_end = provider._active_span_processor.on_end if processors else None
+        if len(processors) == 1 and type(processors[0]) is SpanSink:
+            self.on_end = processors[0].add
         self._ids = provider.id_generator
         self._random_ids = type(self._ids) is RandomIdGenerator
         random_flag = TraceFlags.RANDOM_TRACE_ID if self._ids.is_trace_id_random() else 0
@@ -214,6 +225,11 @@ class Recorder:
         ):
             self._inline = "parent"
         self._flags_cache: dict[int, TraceFlags] = {}
+        # start_root applies: a root's sampling is decided inline and sampled, ids random.
+        self.root_inline = self._random_ids and (
+            self._inline == "parent" or (self._inline == "always" and self._always)
+        )
+        self._root_sampled = self._root_flags[True]
 
     @classmethod
     def for_provider(cls, provider: Any, tracer_name: str) -> Recorder | None:
@@ -224,7 +240,11 @@ class Recorder:
 
         if not isinstance(provider, TracerProvider):
             return None
+        from services.common.span_sink import SpanSink
+
         for processor in provider._active_span_processor._span_processors:
+            if isinstance(processor, SpanSink):
+                continue
             if not isinstance(processor, BatchSpanProcessor):
                 return None
             exporter = processor._batch_processor._exporter
@@ -237,6 +257,19 @@ class Recorder:
         if flags is None:
             flags = self._flags_cache[value] = TraceFlags(value)
         return flags
+
+    def start_root(
+        self, name: str, kind: SpanKind, attributes: dict[str, Any], span_type: type[ServerSpan] = ServerSpan
+    ) -> Any:
+        """start(name, None, kind, attributes, None, span_type) when `root_inline`:
+        a sampled root, nothing asked."""
+        span_id = _getrandbits(64) or 1
+        context = _new_context(
+            SpanContext, (_getrandbits(128) or 1, span_id, False, self._root_sampled, DEFAULT_TRACE_STATE, True)
+        )
+        if _new_span is not None:
+            return _new_span(span_type, self, name, context, None, kind, attributes, _UNSET)
+        return span_type(self, name, context, None, kind, attributes)
 
     def start(
         self,
@@ -283,4 +316,7 @@ class Recorder:
         context = _new_context(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
         if not record:
             return trace.NonRecordingSpan(context)
+        if _new_span is not None:
+            span: ServerSpan = _new_span(span_type, self, name, context, parent, kind, attributes, _UNSET)
+            return span
         return span_type(self, name, context, parent, kind, attributes)

@@ -12,9 +12,10 @@ reading of the standard variables: `OTEL_TRACES_SAMPLER`(`_ARG`), `OTEL_SERVICE_
 and `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` (`grpc`, the
 default, or `http/protobuf`), the endpoint, headers and timeout variables, `OTEL_BSP_*`.
 
-Spans leave through a batch processor; every process flushes it when it stops
-(`shutdown_tracing`, called by run_service after SIGTERM, and at exit), and processes
-that do not run run_service call `flush_on_sigterm`.
+Spans leave through a batch processor (with OTLP/gRPC, services.common.span_sink's
+SpanSink: the same OTEL_BSP_* settings, an ended span a list append); every process
+flushes it when it stops (`shutdown_tracing`, called by run_service after SIGTERM, and
+at exit), and processes that do not run run_service call `flush_on_sigterm`.
 """
 
 from __future__ import annotations
@@ -116,7 +117,14 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
             name = env.get("OTEL_SERVICE_NAME") or service_name
             provider = TracerProvider(resource=Resource.create({"service.name": name}))
             if mode == "otlp":
-                provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(env)))
+                exporter = _otlp_exporter(env)
+                if getattr(exporter, "accepts_server_spans", False):
+                    from services.common.span_sink import SpanSink
+
+                    # Ended spans onto a list, no BatchSpanProcessor (span_sink.py).
+                    provider.add_span_processor(SpanSink(exporter))
+                else:
+                    provider.add_span_processor(BatchSpanProcessor(exporter))
             elif mode == "console":
                 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 

@@ -219,3 +219,62 @@ def test_the_c_encoder_writes_what_python_writes() -> None:
             spans, otlp_encode._server_cache, otlp_encode._server_parts, otlp_encode._span_field
         )
         assert c == b"".join(map(otlp_encode.encode_server_span, spans))
+
+
+def test_a_batch_of_one_recorders_server_spans_encodes_as_the_general_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_request's short way (every span a ServerSpan of one recorder: one C
+    run) writes what the span-by-span grouping writes; a mixed batch takes the latter."""
+    if otlp_encode._encode_server_spans is None:
+        pytest.skip("the C extension services.common._otlp_fast is not built")
+    p, out = provider()
+    rec = Recorder.for_provider(p, "clotho.gateway")
+    other = Recorder.for_provider(p, "other")
+    assert rec is not None and other is not None
+    spans: list[Any] = []
+    for i in range(20):
+        span: Any = rec.start("POST /scored_data", None, SpanKind.SERVER, {"url.path": "/scored_data", "i": i % 3})
+        if i % 4 == 0:
+            span.set_status(StatusCode.ERROR, "bad" if i % 8 else None)
+        span.end()
+        spans.append(span)
+    assert otlp_encode._common_recorder(spans) is rec
+    fast = encode_request(spans)
+    monkeypatch.setattr(otlp_encode, "_common_recorder", lambda _spans: None)
+    assert fast == encode_request(spans)
+    monkeypatch.undo()
+    mixed = [*spans, other.start("x", None, SpanKind.INTERNAL, {})]
+    mixed[-1].end()
+    assert otlp_encode._common_recorder(mixed) is None
+    with p.get_tracer("sdk").start_as_current_span("sdk"):
+        pass
+    p.force_flush()
+    assert otlp_encode._common_recorder([*spans, *out.spans]) is None
+    assert otlp_encode._common_recorder([]) is None
+
+
+def test_spans_made_in_c_hold_what_init_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """server_span's _new_span (C) and ServerSpan.__init__ make the same span."""
+    from services.common import server_span
+
+    if server_span._new_span is None:
+        pytest.skip("the C extension services.common._otlp_fast is not built")
+    from services.common.server_span import HttpServerSpan
+
+    p, _ = provider()
+    rec = Recorder.for_provider(p, "x")
+    assert rec is not None
+    made: list[Any] = []
+    for new in (server_span._new_span, None):
+        monkeypatch.setattr(server_span, "_new_span", new)
+        made.append(rec.start("n", remote(True), SpanKind.SERVER, {"a": 1}, None, HttpServerSpan))
+        made.append(rec.start_root("r", SpanKind.CLIENT, {"b": 2}, ServerSpan))
+    fields = [f for f in ServerSpan.__slots__ if f not in ("_start_time",)]
+    for c, py in ((made[0], made[2]), (made[1], made[3])):
+        assert type(c) is type(py)
+        for f in fields:
+            if f != "_context":
+                assert getattr(c, f) == getattr(py, f), f
+        assert c._start_time > 0 and abs(c._start_time - py._start_time) < 10**9
+        assert c.is_recording() and c._context.is_valid and c._context.trace_flags.sampled
+    made[0].end()
+    assert not made[0].is_recording()

@@ -26,6 +26,7 @@ never by them.
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ from services.common.server_span import HttpServerSpan
 from services.common.telemetry import extract_context, server_span_recorder
 
 tracer = trace.get_tracer("clotho.gateway")
+_log = logging.getLogger(__name__)
 
 # The server span of the request being answered when it is an SDK span (set by
 # traced_request); an HttpServerSpan (begin_request) is known by its type.
@@ -105,6 +107,22 @@ def _parent_context(scope: Any) -> otel_context.Context | None:
     return None
 
 
+def _context_var() -> Any:
+    """The ContextVar behind opentelemetry.context (its default runtime context), or
+    None when another runtime context is configured (then attach/detach are used)."""
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is ContextVarsRuntimeContext:
+        return getattr(runtime, "_current_context", None)
+    return None
+
+
+_current_context = _context_var()
+_Context = otel_context.Context
+_EMPTY: dict[str, Any] = {}
+
+
 def begin_request(scope: Any, send: Any) -> tuple[Any, Any, Any]:
     """Open the request's server span as a ServerSpan (the export takes them):
     (span, the `send` to answer through, the context token to end_request with);
@@ -114,24 +132,32 @@ def begin_request(scope: Any, send: Any) -> tuple[Any, Any, Any]:
     GatewayApp calls this and end_request around its own dispatch, with no
     coroutine or closure of their own per request: the span stands in for `send`
     (HttpServerSpan.send_status) and keeps the response's status. What the API's
-    helpers do (get_current_span, set_span_in_context) is done on the Context
-    directly: each of them reads the current context again."""
+    helpers do (get_current_span, set_span_in_context, attach) is done on the
+    Context and its ContextVar directly: each of them reads the current context
+    again. A request with no trace header under no current span (the usual one) is
+    a root: the recorder's short way (Recorder.start_root)."""
     recorder = server_span_recorder("clotho.gateway")  # looked up once, then cached there
     if recorder is None:
         return None, None, None
     method, path = scope["method"], scope["path"]
     parent = _parent_context(scope)
-    base = otel_context.get_current() if parent is None else parent
-    parent_span: Any = base.get(_SPAN_KEY)
-    span = recorder.start(
-        f"{method} {path}",
-        None if parent_span is None else parent_span.get_span_context(),
-        SpanKind.SERVER,
-        {"http.request.method": method, "url.path": path},
-        base,
-        HttpServerSpan,
-    )
-    token = otel_context.attach(otel_context.Context({**base, _SPAN_KEY: span}))
+    var = _current_context
+    base = (otel_context.get_current() if var is None else var.get()) if parent is None else parent
+    parent_span: Any = base.get(_SPAN_KEY) if base else None
+    attributes = {"http.request.method": method, "url.path": path}
+    if parent_span is None and recorder.root_inline:
+        span: Any = recorder.start_root(f"{method} {path}", SpanKind.SERVER, attributes, HttpServerSpan)
+    else:
+        span = recorder.start(
+            f"{method} {path}",
+            None if parent_span is None else parent_span.get_span_context(),
+            SpanKind.SERVER,
+            attributes,
+            base,
+            HttpServerSpan,
+        )
+    ctx = _Context({**base, _SPAN_KEY: span} if base else {_SPAN_KEY: span})
+    token = otel_context.attach(ctx) if var is None else var.set(ctx)
     if type(span) is not HttpServerSpan:  # not sampled: nothing to record
         return span, send, token
     span.send = send
@@ -141,7 +167,14 @@ def begin_request(scope: Any, send: Any) -> tuple[Any, Any, Any]:
 
 def end_request(span: Any, scope: Any, token: Any, error: BaseException | None) -> None:
     """Close what begin_request opened, after the app answered (or raised `error`)."""
-    otel_context.detach(token)
+    var = _current_context
+    if var is None:
+        otel_context.detach(token)
+    else:
+        try:
+            var.reset(token)
+        except (ValueError, RuntimeError):  # a token of another context, or used: as otel_context.detach
+            _log.exception("Failed to detach context")
     if type(span) is not HttpServerSpan:
         return
     # An ended span waits in the export queue (hundreds at a time): it must not keep
@@ -156,7 +189,8 @@ def end_request(span: Any, scope: Any, token: Any, error: BaseException | None) 
         return
     # _finish's success case, written into the span's own attribute dict.
     path = scope["path"]
-    route = getattr(scope.get("route"), "path", None) or path
+    route = scope.get("route")
+    route = path if route is None else getattr(route, "path", None) or path
     if route != path:
         span._name = f"{scope['method']} {route}"
     attributes = span._attributes

@@ -1,0 +1,162 @@
+"""A span processor for the OTLP/gRPC wire exporter: ended spans go onto a plain list.
+
+The SDK's BatchSpanProcessor costs the thread that ends a span ~2.5 us per span on
+the gateway's ingest route (the provider's fan-out, a pid check, its metrics hooks,
+the deque, an Event checked per span), a few percent of a whole ingest request. Here
+ending a ServerSpan (services.common.server_span) is `SpanSink.add`: one length check
+against the queue's bound and a list append (atomic under the GIL: no lock per span);
+the exporter thread is woken once per batch (when the list reaches the batch size)
+or wakes on its schedule, takes what is queued in runs of up to the batch size and
+exports each run as one request (services.common.otlp_encode writes a run of
+ServerSpans in one C call). SDK spans (child spans, the gRPC server
+instrumentation's) come through the provider's `on_end` into the same list.
+
+The BatchSpanProcessor's settings and behaviour are kept: OTEL_BSP_SCHEDULE_DELAY,
+OTEL_BSP_MAX_QUEUE_SIZE (past it a span is dropped and counted: `dropped`),
+OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_EXPORT_TIMEOUT (read the SDK's way, from the
+SDK's defaults); `force_flush` exports everything queued before it returns,
+`shutdown` (the provider's, at exit and after SIGTERM) exports what is queued, then
+stops the exporter; a forked child starts with an empty queue and its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+# The SDK's readers of the OTEL_BSP_* variables (untyped).
+_BSP: Any = BatchSpanProcessor
+
+
+class SpanSink(SpanProcessor):
+    """Batches ended spans for `exporter` (one that takes ServerSpans and SDK spans)."""
+
+    def __init__(
+        self,
+        exporter: Any,
+        schedule_delay_millis: float | None = None,
+        max_queue_size: int | None = None,
+        max_export_batch_size: int | None = None,
+        export_timeout_millis: float | None = None,
+    ) -> None:
+        if max_queue_size is None:
+            max_queue_size = _BSP._default_max_queue_size()
+        if schedule_delay_millis is None:
+            schedule_delay_millis = _BSP._default_schedule_delay_millis()
+        if max_export_batch_size is None:
+            max_export_batch_size = _BSP._default_max_export_batch_size()
+        if export_timeout_millis is None:
+            export_timeout_millis = _BSP._default_export_timeout_millis()
+        _BSP._validate_arguments(max_queue_size, schedule_delay_millis, max_export_batch_size)
+        self.exporter = exporter
+        self.max_queue_size = max_queue_size
+        self.max_export_batch_size = max_export_batch_size
+        self.export_timeout_millis = export_timeout_millis
+        self._delay = schedule_delay_millis / 1e3
+        # Spans dropped because the queue was full.
+        self.dropped = 0
+        self._shutdown = False
+        self._limit = max_queue_size
+        self._start()
+        if hasattr(os, "register_at_fork"):
+            reinit = weakref.WeakMethod(self._start)
+
+            def after_in_child() -> None:
+                start = reinit()
+                if start is not None:
+                    start()
+
+            os.register_at_fork(after_in_child=after_in_child)
+
+    def _start(self) -> None:
+        # Appended to by the threads that end spans; only the exporter (under
+        # _export_lock) removes from its front.
+        self._spans: list[Any] = []
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._worker, name="OtelSpanSink", daemon=True)
+        self._thread.start()
+
+    def add(self, span: Any) -> None:
+        """Queue an ended, sampled span (what ServerSpan.end calls)."""
+        spans = self._spans
+        n = len(spans)
+        if n >= self._limit:  # the queue's bound; 0 once shut down
+            self._drop()
+            return
+        spans.append(span)
+        if n + 1 == self.max_export_batch_size:
+            self._wake.set()
+
+    def _drop(self) -> None:
+        if not self.dropped and not self._shutdown:
+            log.warning("span queue full (OTEL_BSP_MAX_QUEUE_SIZE=%d): dropping spans", self.max_queue_size)
+        self.dropped += 1
+
+    # SpanProcessor: SDK spans.
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: Any) -> None:
+        if span.context.trace_flags.sampled:
+            self.add(span)
+
+    def _worker(self) -> None:
+        wake = self._wake
+        while not self._shutdown:
+            if len(self._spans) < self.max_export_batch_size:
+                wake.wait(self._delay)
+                wake.clear()
+            if self._shutdown:
+                break
+            self._export(everything=False)
+        # shutdown() exports what is left once this thread is done.
+
+    def _export(self, everything: bool) -> None:
+        """Export what is queued in runs of up to the batch size (when not
+        `everything`, stop once less than a batch is left unless nothing was sent)."""
+        with self._export_lock:
+            spans = self._spans
+            batch_size = self.max_export_batch_size
+            sent = False
+            while spans and (everything or not sent or len(spans) >= batch_size):
+                batch = spans[:batch_size]
+                del spans[: len(batch)]  # appends only go to the end: these are the same spans
+                sent = True
+                token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+                try:
+                    self.exporter.export(batch)
+                except Exception:
+                    log.exception("Exception while exporting spans.")
+                finally:
+                    detach(token)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        if self._shutdown:
+            return False
+        self._export(everything=True)
+        return True
+
+    def shutdown(self, timeout_millis: int = 30000) -> None:
+        if self._shutdown:
+            return
+        deadline = time.monotonic() + timeout_millis / 1e3
+        self._shutdown = True
+        self._limit = 0
+        self._wake.set()
+        self._thread.join(timeout_millis / 1e3)
+        self._export(everything=True)
+        remaining = max(0.0, deadline - time.monotonic()) * 1e3
+        try:
+            self.exporter.shutdown(timeout_millis=remaining)
+        except TypeError:  # an exporter whose shutdown takes no timeout
+            self.exporter.shutdown()
