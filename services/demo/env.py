@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -270,7 +271,12 @@ class Room:
     time, one batch more is kept ahead (generation is the bottleneck: more groups at
     once keep the engine busier); while it waits less than SHRINK_BELOW, one batch
     less (the trainer is the bottleneck: a batch generated earlier would only be
-    older). Without that figure the lead is `max_limit`, as in Atropos.
+    older). A bigger lead is a trial: it costs staleness (worse learning per step), so
+    it stays only if the trainer's steps then come at least MIN_GAIN faster over
+    TRIAL_STEPS steps; otherwise the lead goes back and no growth is tried for a
+    back-off (BACKOFF_STEPS, doubling to MAX_BACKOFF_STEPS). A trainer can wait for
+    reasons more groups at once do not cure (the hand-off's latency, an engine already
+    at its throughput). Without that figure the lead is `max_limit`, as in Atropos.
     """
 
     MIN_INTERVAL = 0.002
@@ -279,6 +285,10 @@ class Room:
     GROW_ABOVE = 0.10
     SHRINK_BELOW = 0.02
     SETTLE_STEPS = 4  # trainer steps observed at a lead before it may change again
+    TRIAL_STEPS = 8  # steps that measure a lead's step interval (before and after growing)
+    MIN_GAIN = 0.10  # a bigger lead stays if steps come this much faster (fraction)
+    BACKOFF_STEPS = 32  # steps before growth is tried again after a trial that did not pay
+    MAX_BACKOFF_STEPS = 1024
 
     def __init__(
         self,
@@ -309,6 +319,12 @@ class Room:
         self.wait_fraction: float | None = None
         self._wanted = self.limit
         self._settled = 0
+        # (step, time) of the last steps at the current lead; a growth on trial: (the
+        # lead before, its step interval, the step it grew at, when); growth held until.
+        self._marks: deque[tuple[int, float]] = deque(maxlen=self.TRIAL_STEPS + 1)
+        self._trial: tuple[int, float, int, float] | None = None
+        self._no_growth_before = 0
+        self._backoff = self.BACKOFF_STEPS
 
     def _free(self) -> bool:
         return self.queued + self.generating < self.limit
@@ -361,8 +377,15 @@ class Room:
             return
         fraction = min(1.0, max(0.0, (waited - mark[0]) / elapsed))
         self.wait_fraction = fraction if self.wait_fraction is None else 0.5 * self.wait_fraction + 0.5 * fraction
+        step = self.step if self.step is not None else 0
+        self._marks.append((step, now))
+        if self._trial is not None and self._judge_trial(step, now):
+            return
         if self.wait_fraction > self.GROW_ABOVE:
             want = min(self.max_limit, self.limit + self.step_groups)
+            measured = len(self._marks) > self.TRIAL_STEPS
+            if want > self.limit and (step < self._no_growth_before or not measured or self._trial is not None):
+                want = self.limit  # backing off, not yet measured at this lead, or on trial
         elif self.wait_fraction < self.SHRINK_BELOW:
             want = max(self.min_limit, self.limit - self.step_groups)
         else:
@@ -371,16 +394,52 @@ class Room:
         self._settled = self._settled + 1 if want == self._wanted else 1
         self._wanted = want
         if self._settled >= self.SETTLE_STEPS and want != self.limit:
-            limit = want
             log.info(
                 "the trainer waited %.0f%% of the time for data: %d groups ahead (was %d)",
                 100 * self.wait_fraction,
-                limit,
+                want,
                 self.limit,
             )
-            self.limit = limit
-            self._settled = 0
-            self.wait_fraction = None
+            if want > self.limit:
+                (first_step, first_time), (last_step, last_time) = self._marks[0], self._marks[-1]
+                self._trial = (self.limit, (last_time - first_time) / (last_step - first_step), step, now)
+            else:
+                self._trial = None
+            self._set_limit(want)
+
+    def _set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._settled = 0
+        self.wait_fraction = None
+        last = self._marks[-1] if self._marks else None
+        self._marks.clear()
+        if last is not None:
+            self._marks.append(last)
+
+    def _judge_trial(self, step: int, now: float) -> bool:
+        """A grown lead after TRIAL_STEPS steps: kept if steps came MIN_GAIN faster than
+        before it grew, else undone (True) and growth held off for a back-off."""
+        assert self._trial is not None
+        before_limit, before, grew_step, grew_time = self._trial
+        if step - grew_step < self.TRIAL_STEPS:
+            return False
+        self._trial = None
+        after = (now - grew_time) / (step - grew_step)
+        if after <= before * (1 - self.MIN_GAIN):
+            self._backoff = self.BACKOFF_STEPS
+            return False
+        log.info(
+            "%d groups ahead made steps no faster (%.1f ms vs %.1f ms): back to %d for %d steps",
+            self.limit,
+            1000 * after,
+            1000 * before,
+            before_limit,
+            self._backoff,
+        )
+        self._set_limit(before_limit)
+        self._no_growth_before = step + self._backoff
+        self._backoff = min(2 * self._backoff, self.MAX_BACKOFF_STEPS)
+        return True
 
     async def _ask(self) -> dict:
         self.requests += 1

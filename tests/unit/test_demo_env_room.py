@@ -87,7 +87,7 @@ def _trainer_waiting(room: Room, fraction: float, steps: int, step_seconds: floa
         room.observe({"self_queue_size": 0, "current_step": step, "trainer_wait_seconds": waited}, now=now)
 
 
-async def test_the_lead_grows_while_the_trainer_waits_and_shrinks_once_it_does_not() -> None:
+def _adaptive_room() -> Room:
     async def status() -> dict:
         return {}
 
@@ -95,18 +95,51 @@ async def test_the_lead_grows_while_the_trainer_waits_and_shrinks_once_it_does_n
     # The first step's wait (the first batch: model loading, a cold start) is no measure.
     room.observe({"self_queue_size": 0, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
     room.observe({"self_queue_size": 0, "current_step": 1, "trainer_wait_seconds": 30.0}, now=31.0)
+    return room
+
+
+async def test_the_lead_grows_while_the_trainer_waits_and_shrinks_once_it_does_not() -> None:
+    room = _adaptive_room()
     _trainer_waiting(room, 0.001, Room.SETTLE_STEPS * 3)  # trainer-bound (the heavy size)
     assert room.limit == 4
     _trainer_waiting(room, 0.5, Room.SETTLE_STEPS - 1)  # generation-bound (the tiny size)
     assert room.limit == 4  # not before SETTLE_STEPS steps
     _trainer_waiting(room, 0.5, 1)
     assert room.limit == 8
-    _trainer_waiting(room, 0.35, Room.SETTLE_STEPS * 3)
+    # Two batches ahead make steps faster (0.1 -> 0.07 s): the growth stays, and the next.
+    _trainer_waiting(room, 0.35, Room.TRIAL_STEPS + 1, step_seconds=0.07)
+    assert room.limit == 8
+    _trainer_waiting(room, 0.35, Room.SETTLE_STEPS, step_seconds=0.07)
     assert room.limit == 12  # the cap
-    _trainer_waiting(room, 0.05, Room.SETTLE_STEPS * 3)  # in between: stays
+    _trainer_waiting(room, 0.15, Room.TRIAL_STEPS * 2, step_seconds=0.05)
     assert room.limit == 12
-    _trainer_waiting(room, 0.0, Room.SETTLE_STEPS * 3)
+    _trainer_waiting(room, 0.05, Room.SETTLE_STEPS * 3, step_seconds=0.05)  # in between: stays
+    assert room.limit == 12
+    _trainer_waiting(room, 0.0, Room.SETTLE_STEPS * 3, step_seconds=0.05)
     assert room.limit == 4  # back to one batch ahead, one batch at a time
+
+
+async def test_a_bigger_lead_that_makes_no_step_faster_is_undone_and_backed_off() -> None:
+    # The trainer waits (a third of each step) but more groups at once do not make
+    # steps faster: the grown lead is undone after its trial and growth is held off,
+    # each time twice as long.
+    room = _adaptive_room()
+    _trainer_waiting(room, 0.33, Room.TRIAL_STEPS + Room.SETTLE_STEPS)
+    assert room.limit == 8
+    _trainer_waiting(room, 0.33, Room.TRIAL_STEPS - 1)
+    assert room.limit == 8  # on trial
+    _trainer_waiting(room, 0.33, 1)
+    assert room.limit == 4  # steps were no faster: undone
+    _trainer_waiting(room, 0.33, Room.BACKOFF_STEPS - 1)
+    assert room.limit == 4  # held off
+    _trainer_waiting(room, 0.33, Room.SETTLE_STEPS + 1)
+    assert room.limit == 8  # tried again after the back-off
+    _trainer_waiting(room, 0.33, Room.TRIAL_STEPS)
+    assert room.limit == 4
+    _trainer_waiting(room, 0.33, Room.BACKOFF_STEPS + Room.SETTLE_STEPS)
+    assert room.limit == 4  # the second back-off is twice as long
+    _trainer_waiting(room, 0.33, Room.BACKOFF_STEPS + 1)
+    assert room.limit == 8
 
 
 async def test_a_fixed_room_ignores_the_trainers_waiting() -> None:
