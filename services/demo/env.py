@@ -130,13 +130,18 @@ class DemoEnv:
         r = await self._call(client, "GET", "/status-env", json={"env_id": self.env_id}, headers=self._trajectory)
         return r.json()
 
-    async def _watch(self, client: httpx.AsyncClient, step: int, queue: int, wait: float) -> dict:
+    async def _watch(
+        self, client: httpx.AsyncClient, step: int, queue: int, wait: float, version: int | None = None
+    ) -> dict:
         """/status-env as a long poll (a Clotho extension; run-api answers at once)."""
+        params: dict[str, float | int] = {"wait": wait, "step": step, "queue": queue}
+        if version is not None:
+            params["version"] = version
         r = await self._call(
             client,
             "GET",
             "/status-env",
-            params={"wait": wait, "step": step, "queue": queue},
+            params=params,
             json={"env_id": self.env_id},
             headers=self._trajectory,
         )
@@ -289,12 +294,13 @@ class Room:
     MIN_GAIN = 0.10  # a bigger lead stays if steps come this much faster (fraction)
     BACKOFF_STEPS = 32  # steps before growth is tried again after a trial that did not pay
     MAX_BACKOFF_STEPS = 1024
+    MAX_COMMIT_WAIT_SECONDS = 1.0  # the longest a freed room waits for fresh weights
 
     def __init__(
         self,
         limit: int,
         status: Callable[[], Awaitable[dict]],
-        watch: Callable[[int, int, float], Awaitable[dict]] | None = None,
+        watch: Callable[..., Awaitable[dict]] | None = None,
         *,
         max_limit: int | None = None,
         step_groups: int | None = None,
@@ -474,11 +480,42 @@ class Room:
                 continue
             async with self.changed:
                 self.observe(status, loop.time())
-                if self._free():
+                free = self._free()
+            if free and self._stale_weights(status):
+                await self._await_commit(status, loop)
+            if free:
+                async with self.changed:
                     self.changed.notify_all()
-                    continue
+                continue
             if self.watch is None:
                 await asyncio.sleep(self.interval())
+
+    def _stale_weights(self, status: dict) -> bool:
+        """Room freed (the trainer took a batch) while the trainer is the bottleneck and
+        the weights of its last step are not committed yet. Generating now would sample
+        from the policy before them: a version older for nothing, since the trainer has
+        its batch and trains for a while yet. (When the trainer waits for data, nothing
+        is held: generation is the bottleneck.)"""
+        version = status.get("policy_version")
+        if self.watch is None or not isinstance(version, int) or self.step is None:
+            return False
+        if self.wait_fraction is None or self.wait_fraction >= self.SHRINK_BELOW or self.limit != self.min_limit:
+            return False
+        # The trainer took the batch of step `current_step`; the weights of the step
+        # before it are version current_step - 1 (one version per step).
+        return version < self.step - 1
+
+    async def _await_commit(self, status: dict, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait (a long poll, at most a quarter of a step) for a newer committed policy."""
+        assert self.watch is not None and self.step is not None
+        wait = min(self.MAX_COMMIT_WAIT_SECONDS, (self.step_interval or 0.0) / 4)
+        if wait <= 0:
+            return
+        self.requests += 1
+        with contextlib.suppress(httpx.HTTPError):
+            answer = await self.watch(self.step, self.queued, wait, int(status["policy_version"]))
+            async with self.changed:
+                self.observe(answer, loop.time())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -150,13 +150,22 @@ async def test_the_long_poll_times_out_and_the_plain_route_keeps_atropos_json() 
         took = time.monotonic() - started
         assert r.status_code == 200 and 0.35 <= took < 3.0, took
         answer = r.json()
-        assert set(answer) == ATROPOS_KEYS | {"trainer_waiting", "trainer_wait_seconds"}
+        assert set(answer) == ATROPOS_KEYS | {"trainer_waiting", "trainer_wait_seconds", "policy_version"}
         # The credit given at registration is still outstanding: the trainer waits.
         assert answer["trainer_waiting"] == 1 and answer["trainer_wait_seconds"] >= 0.35
         # A changed step answers at once; an unknown env as the plain route does.
         started = time.monotonic()
         r = await http.request("GET", "/status-env", params={"wait": 5, "step": step + 7}, json={"env_id": env_id})
         assert r.status_code == 200 and time.monotonic() - started < 1.0
+        # So does a committed policy newer than `version`; the same policy waits.
+        newer = {"wait": 5, "step": step, "version": answer["policy_version"] - 1}
+        started = time.monotonic()
+        r = await http.request("GET", "/status-env", params=newer, json={"env_id": env_id})
+        assert r.status_code == 200 and time.monotonic() - started < 1.0
+        same = {"wait": 0.3, "step": step, "version": answer["policy_version"]}
+        started = time.monotonic()
+        r = await http.request("GET", "/status-env", params=same, json={"env_id": env_id})
+        assert r.status_code == 200 and time.monotonic() - started >= 0.25
         r = await http.request("GET", "/status-env", params={"wait": 5, "step": step}, json={"env_id": 99})
         plain_unknown = await http.request("GET", "/status-env", json={"env_id": 99})
         assert r.status_code == plain_unknown.status_code != 200

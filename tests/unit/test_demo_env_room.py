@@ -152,3 +152,48 @@ async def test_a_fixed_room_ignores_the_trainers_waiting() -> None:
     assert room.limit == 8
     _trainer_waiting(room, 0.0, Room.SETTLE_STEPS * 3)
     assert room.limit == 8
+
+
+async def _freed_room(wait_fraction: float) -> tuple[Room, list[tuple], list[str]]:
+    """A room at its limit whose long poll reports the trainer taking a batch before
+    the weights of its last step are committed; returns the watch calls and events."""
+    calls: list[tuple] = []
+    events: list[str] = []
+
+    async def status() -> dict:
+        return {}
+
+    async def watch(step: int, queue: int, wait: float, version: int | None = None) -> dict:
+        calls.append((step, queue, version))
+        assert room._wait_mark is not None
+        answer = {"self_queue_size": 0, "current_step": 31, "trainer_wait_seconds": room._wait_mark[0]}
+        if version is None:
+            events.append("handed out")
+            return {**answer, "policy_version": 29}  # step 30's weights still in flight
+        await asyncio.sleep(0.01)
+        events.append("committed")
+        return {**answer, "policy_version": 30}
+
+    room = Room(4, status, watch, max_limit=8, step_groups=4)
+    room.observe({"self_queue_size": 4, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
+    _trainer_waiting(room, wait_fraction, 30)
+    room.queued = 4  # at the limit: a worker waits
+    poller = asyncio.ensure_future(room.poll())
+    try:
+        await asyncio.wait_for(room.acquire(), 5)
+        events.append("generating")
+    finally:
+        poller.cancel()
+    return room, calls, events
+
+
+async def test_a_trainer_bound_room_waits_for_the_last_steps_weights_before_generating() -> None:
+    room, calls, events = await _freed_room(wait_fraction=0.001)
+    assert events == ["handed out", "committed", "generating"]
+    assert calls[-1][2] == 29  # answered once a policy newer than 29 is committed
+
+
+async def test_a_generation_bound_room_generates_at_once() -> None:
+    room, calls, events = await _freed_room(wait_fraction=0.5)
+    assert events[-2:] == ["handed out", "generating"]
+    assert all(version is None for _, _, version in calls)

@@ -255,21 +255,26 @@ def add_atropos_routes(
         wait: Annotated[float | None, Query(ge=0.0, allow_inf_nan=False)] = None,
         step: Annotated[int | None, Query()] = None,
         queue: Annotated[int | None, Query()] = None,
+        version: Annotated[int | None, Query()] = None,
     ) -> dict:
         """Atropos' answer, at once. A Clotho extension (the demo env uses it; Atropos
         environments send none of these parameters and get the same JSON as ever):
         `?wait=S` answers once the trainer's step differs from `step` or this env's
-        queue (`self_queue_size`) is below `queue` (the trainer took a batch), or after
-        S seconds (at most MAX_STATUS_WAIT_SECONDS), and adds how the trainer waits for
-        data: `trainer_waiting` (batches it asked for and has not received) and
-        `trainer_wait_seconds` (seconds it has had such a request outstanding, in all)."""
+        queue (`self_queue_size`) is below `queue` (the trainer took a batch) or the
+        trainer's committed policy version is above `version`, or after S seconds (at
+        most MAX_STATUS_WAIT_SECONDS), and adds how the trainer waits for data:
+        `trainer_waiting` (batches it asked for and has not received),
+        `trainer_wait_seconds` (seconds it has had such a request outstanding, in all),
+        and `policy_version` (the newest committed policy the gateway knows of)."""
         if wait is None:
             s = await trajectories.env_status(env.env_id)
         else:
 
             def changed(now: EnvStatus) -> bool:
-                return (step is not None and now.current_step != step) or (
-                    queue is not None and now.self_queue_size < queue
+                return (
+                    (step is not None and now.current_step != step)
+                    or (queue is not None and now.self_queue_size < queue)
+                    or (version is not None and state.policy_version > version)
                 )
 
             timeout = min(wait, MAX_STATUS_WAIT_SECONDS)
@@ -286,6 +291,7 @@ def add_atropos_routes(
             demand = trajectories.demand
             answer["trainer_waiting"] = demand.outstanding
             answer["trainer_wait_seconds"] = demand.waited_seconds()
+            answer["policy_version"] = state.policy_version
         return answer
 
     @app.get("/reset_data")
