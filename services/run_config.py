@@ -98,10 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batches-offpolicy",
         type=int,
-        default=2,
+        default=1,
         help="trainer batches the demo environment keeps queued at the gateway or being generated, "
-        "at most (Atropos' max_batches_offpolicy): it starts one ahead and keeps more only while the "
-        "trainer waits for data (see --fixed-lead); the data's age in policy versions grows with the lead",
+        "at most (Atropos' max_batches_offpolicy); above 1, it starts one ahead and keeps more only while "
+        "the trainer waits for data and steps come faster for it (see --fixed-lead); the data's age in "
+        "policy versions grows with the lead",
     )
     p.add_argument(
         "--fixed-lead",

@@ -376,7 +376,7 @@ async def run_up(args: argparse.Namespace) -> dict:
                 "group_size": args.group_size,
                 "task": args.task,
                 "max_new_tokens": args.max_new_tokens,
-                "max_batches_offpolicy": getattr(args, "max_batches_offpolicy", 2),
+                "max_batches_offpolicy": getattr(args, "max_batches_offpolicy", 1),
                 "adaptive_lead": not getattr(args, "fixed_lead", False),
                 "seed": args.seed,
             }
