@@ -376,13 +376,15 @@ class Room:
         spent waiting for data, smoothed; the lead moves by one batch when it is
         clearly high or low for SETTLE_STEPS steps at the current lead."""
         mark, self._wait_mark = self._wait_mark, (waited, now)
-        if mark is None or self.max_limit == self.min_limit:
+        if mark is None:
             return  # the first step (the trainer's wait for the first batch) is no measure
         elapsed = now - mark[1]
         if elapsed <= 0:
             return
         fraction = min(1.0, max(0.0, (waited - mark[0]) / elapsed))
         self.wait_fraction = fraction if self.wait_fraction is None else 0.5 * self.wait_fraction + 0.5 * fraction
+        if self.max_limit == self.min_limit:
+            return  # a fixed lead (the fraction still decides whether to wait for weights)
         step = self.step if self.step is not None else 0
         self._marks.append((step, now))
         if self._trial is not None and self._judge_trial(step, now):

@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from services.demo.env import Room
 
 
@@ -154,7 +156,7 @@ async def test_a_fixed_room_ignores_the_trainers_waiting() -> None:
     assert room.limit == 8
 
 
-async def _freed_room(wait_fraction: float) -> tuple[Room, list[tuple], list[str]]:
+async def _freed_room(wait_fraction: float, max_limit: int = 8) -> tuple[Room, list[tuple], list[str]]:
     """A room at its limit whose long poll reports the trainer taking a batch before
     the weights of its last step are committed; returns the watch calls and events."""
     calls: list[tuple] = []
@@ -174,7 +176,7 @@ async def _freed_room(wait_fraction: float) -> tuple[Room, list[tuple], list[str
         events.append("committed")
         return {**answer, "policy_version": 30}
 
-    room = Room(4, status, watch, max_limit=8, step_groups=4)
+    room = Room(4, status, watch, max_limit=max_limit, step_groups=4)
     room.observe({"self_queue_size": 4, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
     _trainer_waiting(room, wait_fraction, 30)
     room.queued = 4  # at the limit: a worker waits
@@ -187,8 +189,9 @@ async def _freed_room(wait_fraction: float) -> tuple[Room, list[tuple], list[str
     return room, calls, events
 
 
-async def test_a_trainer_bound_room_waits_for_the_last_steps_weights_before_generating() -> None:
-    room, calls, events = await _freed_room(wait_fraction=0.001)
+@pytest.mark.parametrize("max_limit", [8, 4], ids=["adaptive", "fixed"])
+async def test_a_trainer_bound_room_waits_for_the_last_steps_weights_before_generating(max_limit: int) -> None:
+    room, calls, events = await _freed_room(wait_fraction=0.001, max_limit=max_limit)
     assert events == ["handed out", "committed", "generating"]
     assert calls[-1][2] == 29  # answered once a policy newer than 29 is committed
 
