@@ -15,27 +15,14 @@ import pytest
 from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+from span_collect import provider
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import client_span, telemetry
 from services.common.server import channel
 from services.common.server_span import Recorder, ServerSpan
-
-
-class Collect(SpanExporter):
-    accepts_server_spans = True
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
 
 
 class Target(pb_grpc.InferenceServiceServicer):
@@ -68,9 +55,7 @@ async def target() -> Any:
 @pytest.fixture
 def tracing_on(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A provider whose export takes ServerSpans, as telemetry would install it."""
-    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
-    out = Collect()
-    p.add_span_processor(BatchSpanProcessor(out))
+    p, out = provider()
     monkeypatch.setattr(telemetry, "enabled", True)
     monkeypatch.setattr(telemetry, "_recorders", {client_span.TRACER_NAME: Recorder.for_provider(p, "c")})
     yield p, out

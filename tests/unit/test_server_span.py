@@ -9,32 +9,14 @@ from typing import Any
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+from span_collect import Collect, provider
 
 from services.common import otlp_encode
 from services.common.otlp_encode import encode_request
 from services.common.server_span import Recorder, ServerSpan
-
-
-class Collect(SpanExporter):
-    accepts_server_spans = True
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-
-def provider(sampler: Any = None) -> tuple[TracerProvider, Collect]:
-    p = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler)
-    out = Collect()
-    p.add_span_processor(BatchSpanProcessor(out))
-    return p, out
 
 
 def remote(sampled: bool) -> SpanContext:
