@@ -37,9 +37,12 @@ def _value(v):  # an AnyValue as Python
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[Span] = []
+        self.request_sizes: list[int] = []  # spans per export request, in arrival order
         self._lock = threading.Lock()
 
     def Export(self, request, context):
+        with self._lock:
+            self.request_sizes.append(sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans))
         for rs in request.resource_spans:
             res = {a.key: _value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:

@@ -5,16 +5,13 @@ runs of up to the batch size, and none is lost on flush or shutdown."""
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 from typing import Any
 
-import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
-from otlp_receiver import Receiver
+from otlp_receiver import otlp_receiver
 
 from services.common.server_span import Recorder
 from services.common.span_sink import SpanSink
@@ -118,32 +115,16 @@ def test_a_full_batch_leaves_without_waiting_for_the_schedule() -> None:
 
 
 def test_a_run_of_spans_reaches_the_receiver_in_one_request(monkeypatch: Any) -> None:
-    class Counting(Receiver):
-        def __init__(self) -> None:
-            super().__init__()
-            self.requests: list[int] = []
-
-        def Export(self, request: Any, context: Any) -> Any:
-            self.requests.append(sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans))
-            return super().Export(request, context)
-
-    receiver = Counting()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    with otlp_receiver() as (receiver, endpoint):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
         exporter = _otlp_exporter({})
         sink = SpanSink(exporter, schedule_delay_millis=60_000, max_export_batch_size=512, max_queue_size=2048)
         p, recorder = sink_provider(sink)
         end_spans(recorder, 300)
         assert sink.force_flush()
-        assert receiver.requests == [300]
+        assert receiver.request_sizes == [300]
         spans = receiver.find(lambda s: s.name == "POST /scored_data")
         assert sorted(s.attributes["i"] for s in spans) == list(range(300))
         assert {s.service for s in spans} == {"t"}
         p.shutdown()
-    finally:
-        server.stop(0)
