@@ -14,6 +14,9 @@ PYTEST_ARGS ?=
 # `buf breaking` compares proto/ with the proto/ it must stay compatible with (scripts/breaking_ref.sh:
 # before the last commit that changed it, or HEAD's while proto/ has uncommitted changes).
 BREAKING_REF ?= $(shell scripts/breaking_ref.sh)
+# buf clones .git 50 commits deep unless told: a ref further back than that fails to
+# check out, so clone as deep as the history is.
+BREAKING_DEPTH ?= $(shell git rev-list --count HEAD 2>/dev/null || echo 50)
 
 .PHONY: up test setup setup-test setup-clients protos lint clean
 
@@ -68,7 +71,7 @@ LINT_CHECKS = \
 	"mypy" \
 	"lint-imports --no-cache" \
 	"buf lint" \
-	"buf breaking proto --against .git\#ref=$(BREAKING_REF),subdir=proto"
+	"buf breaking proto --against .git\#ref=$(BREAKING_REF),subdir=proto,depth=$(BREAKING_DEPTH)"
 
 lint: setup-test
 	@failed=""; \
