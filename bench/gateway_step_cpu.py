@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "clients" / "python"))
 from clotho.v1 import gateway_service_pb2 as gpb
 from clotho.v1 import gateway_service_pb2_grpc as gpb_grpc
 from services import launcher
+from services.demo.env import scored_data
 from services.demo.tiny_model import build_tiny_model
 
 PHASES = ("generate", "scored", "batch", "status")
@@ -166,24 +167,8 @@ class Gateway:
 
     async def scored(self, answers) -> None:
         for ids, outs in answers:
-            tokens, masks, scores, logprobs = [], [], [], []
-            for out in outs:
-                triples = out["meta_info"]["output_token_logprobs"]
-                out_ids = [int(t[1]) for t in triples]
-                tokens.append(ids + out_ids)
-                masks.append([-100] * len(ids) + out_ids)
-                logprobs.append([1.0] * len(ids) + [float(t[0]) for t in triples])
-                scores.append(float(self.rng.random() < 0.5))
-            r = await self.http.post(
-                "/scored_data",
-                json={
-                    "tokens": tokens,
-                    "masks": masks,
-                    "scores": scores,
-                    "inference_logprobs": logprobs,
-                    "env_id": self.env_id,
-                },
-            )
+            body = scored_data(ids, outs, lambda _ids: float(self.rng.random() < 0.5), self.env_id)
+            r = await self.http.post("/scored_data", json=body)
             r.raise_for_status()
 
     async def batch(self) -> None:

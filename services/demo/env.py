@@ -61,6 +61,23 @@ class DemoEnvConfig:
     inference_token: str | None = field(default=None, repr=False)
 
 
+def scored_data(
+    prompt_ids: list[int], answers: list[dict], score: Callable[[list[int]], float], env_id: int | None
+) -> dict:
+    """An Atropos /scored_data body for one prompt's group from SGLang /generate answers
+    (`return_logprob`): each sequence the prompt plus its completion, the prompt masked
+    (-100), the engine's logprobs on the completion, `score(completion ids)` each."""
+    tokens, masks, scores, logprobs = [], [], [], []
+    for out in answers:
+        triples = out["meta_info"]["output_token_logprobs"]
+        out_ids = [int(t[1]) for t in triples]
+        tokens.append(prompt_ids + out_ids)
+        masks.append([-100] * len(prompt_ids) + out_ids)
+        logprobs.append([1.0] * len(prompt_ids) + [float(t[0]) for t in triples])
+        scores.append(score(out_ids))
+    return {"tokens": tokens, "masks": masks, "scores": scores, "inference_logprobs": logprobs, "env_id": env_id}
+
+
 def _bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -189,31 +206,15 @@ class DemoEnv:
             },
             headers=inject_headers(dict(self._inference)),
         )
-        outs = r.json()
-        outs = outs if isinstance(outs, list) else [outs]
-        tokens, masks, scores, logprobs = [], [], [], []
-        for out in outs:
-            triples = out["meta_info"]["output_token_logprobs"]
-            out_ids = [int(t[1]) for t in triples]
+        answers = r.json()
+
+        def score(out_ids: list[int]) -> float:
             # A flat id list decodes to one string (transformers types decode as str | list[str]).
-            text = cast(str, self.tokenizer.decode(out_ids, skip_special_tokens=True))
-            tokens.append(prompt_ids + out_ids)
-            masks.append([-100] * len(prompt_ids) + out_ids)
-            logprobs.append([1.0] * len(prompt_ids) + [float(t[0]) for t in triples])
-            scores.append(self.task.score(text, prompt))
-        r = await self._call(
-            client,
-            "POST",
-            "/scored_data",
-            json={
-                "tokens": tokens,
-                "masks": masks,
-                "scores": scores,
-                "inference_logprobs": logprobs,
-                "env_id": self.env_id,
-            },
-            headers=inject_headers(dict(self._trajectory)),
-        )
+            return self.task.score(cast(str, self.tokenizer.decode(out_ids, skip_special_tokens=True)), prompt)
+
+        body = scored_data(prompt_ids, answers if isinstance(answers, list) else [answers], score, self.env_id)
+        r = await self._call(client, "POST", "/scored_data", json=body, headers=inject_headers(dict(self._trajectory)))
+        scores = body["scores"]
         self.sent += 1
         return sum(scores) / len(scores)
 
