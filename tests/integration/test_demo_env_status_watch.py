@@ -122,10 +122,9 @@ async def test_the_env_learns_of_a_hand_out_with_no_request_in_between(tokenizer
             assert asked <= 3, asked  # one long poll waits; nothing polls
             credits.give()  # the trainer takes the queued batch
             assert len((await credits.batch()).groups) == 2
-            started = time.monotonic()
             await asyncio.wait_for(third, TIMEOUT)
-            assert time.monotonic() - started < 1.0
-            assert room.requests == asked  # the waiting long poll's answer freed the room
+            # The waiting long poll's answer freed the room (not its timeout: no second ask).
+            assert room.requests == asked
             assert room.watch is not None and room.queued == 0
         finally:
             poller.cancel()
@@ -148,20 +147,20 @@ async def test_the_long_poll_times_out_and_the_plain_route_keeps_atropos_json() 
             "GET", "/status-env", params={"wait": 0.4, "step": step, "queue": 0}, json={"env_id": env_id}
         )
         took = time.monotonic() - started
-        assert r.status_code == 200 and 0.35 <= took < 3.0, took
+        assert r.status_code == 200 and took >= 0.35, took
         answer = r.json()
         assert set(answer) == ATROPOS_KEYS | {"trainer_waiting", "trainer_wait_seconds", "policy_version"}
         # The credit given at registration is still outstanding: the trainer waits.
         assert answer["trainer_waiting"] == 1 and answer["trainer_wait_seconds"] >= 0.35
         # A changed step answers at once; an unknown env as the plain route does.
-        started = time.monotonic()
-        r = await http.request("GET", "/status-env", params={"wait": 5, "step": step + 7}, json={"env_id": env_id})
-        assert r.status_code == 200 and time.monotonic() - started < 1.0
+        # (Asked to wait 3 x TIMEOUT: answered within TIMEOUT means it did not wait.)
+        changed = {"wait": 3 * TIMEOUT, "step": step + 7}
+        r = await asyncio.wait_for(http.request("GET", "/status-env", params=changed, json={"env_id": env_id}), TIMEOUT)
+        assert r.status_code == 200
         # So does a committed policy newer than `version`; the same policy waits.
-        newer = {"wait": 5, "step": step, "version": answer["policy_version"] - 1}
-        started = time.monotonic()
-        r = await http.request("GET", "/status-env", params=newer, json={"env_id": env_id})
-        assert r.status_code == 200 and time.monotonic() - started < 1.0
+        newer = {"wait": 3 * TIMEOUT, "step": step, "version": answer["policy_version"] - 1}
+        r = await asyncio.wait_for(http.request("GET", "/status-env", params=newer, json={"env_id": env_id}), TIMEOUT)
+        assert r.status_code == 200
         same = {"wait": 0.3, "step": step, "version": answer["policy_version"]}
         started = time.monotonic()
         r = await http.request("GET", "/status-env", params=same, json={"env_id": env_id})
@@ -193,9 +192,7 @@ async def test_a_waiting_long_poll_does_not_hold_up_shutdown() -> None:
             await asyncio.sleep(0.3)
             assert not poll.done()
             credits.queue.put_nowait(None)
-        started = time.monotonic()
-        await asyncio.wait_for(server.stop_http(), TIMEOUT)
-        assert time.monotonic() - started < 3.0
+        await asyncio.wait_for(server.stop_http(), TIMEOUT)  # not the poll's 30 s
         answer = await asyncio.wait_for(poll, TIMEOUT)
         assert answer.status_code == 200 and answer.json()["current_step"] == step
 
