@@ -7,7 +7,6 @@ through unchanged and a call without one carries none."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -23,6 +22,7 @@ from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import client_span, telemetry
 from services.common.server import channel
 from services.common.server_span import Recorder, ServerSpan
+from waiting import wait_until
 
 
 class Target(pb_grpc.InferenceServiceServicer):
@@ -62,6 +62,12 @@ def tracing_on(monkeypatch: pytest.MonkeyPatch) -> Any:
     p.shutdown()
 
 
+def _exported(p: Any, out: Any, name: str | None = None) -> list[Any]:
+    """The spans exported so far (after a flush), those named `name` if given."""
+    p.force_flush()
+    return [s for s in out.spans if name is None or s.name == name]
+
+
 def _traceparent_ids(value: str | None) -> tuple[int, int]:
     assert value is not None
     _, trace_id, span_id, _ = value.split("-")
@@ -86,10 +92,10 @@ async def test_a_call_is_a_client_span_under_the_current_span(target: Any, traci
     finally:
         otel_context.detach(token)
     server_span.end()
-    await asyncio.sleep(0.05)  # done callbacks run on the loop
-    p.force_flush()
-    calls = [s for s in out.spans if s.name == "/clotho.v1.InferenceService/Generate"]
-    assert len(calls) == 2 and all(isinstance(s, ServerSpan) for s in calls)
+    # Client spans end from the calls' done callbacks, which run on the loop.
+    await wait_until(lambda: len(_exported(p, out, "/clotho.v1.InferenceService/Generate")) == 2)
+    calls = _exported(p, out, "/clotho.v1.InferenceService/Generate")
+    assert all(isinstance(s, ServerSpan) for s in calls)
     ok, failed = calls
     server_ctx = server_span.get_span_context()
     for span, received in zip(calls, servicer.traceparents, strict=True):
@@ -109,8 +115,7 @@ async def test_a_call_without_a_current_span_is_a_root(target: Any, tracing_on: 
     servicer, stub = target
     p, out = tracing_on
     await _generate(stub, [1])
-    await asyncio.sleep(0.05)
-    p.force_flush()
+    await wait_until(lambda: _exported(p, out))
     (span,) = out.spans
     assert span._parent is None
     assert _traceparent_ids(servicer.traceparents[0]) == (
