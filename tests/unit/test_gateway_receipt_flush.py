@@ -11,6 +11,7 @@ from services.gateway.trajectory import sqlite_store as sqlite_module
 from services.gateway.trajectory.receipts import Receipts
 from services.gateway.trajectory.scored_data import ATROPOS_KEYS
 from services.gateway.trajectory.sqlite_store import SqliteStore
+from waiting import wait_until
 
 
 def group(tag: int) -> dict:
@@ -20,6 +21,7 @@ def group(tag: int) -> dict:
 
 
 async def settle() -> None:
+    """A few turns of the loop (a flush scheduled for now would have run)."""
     for _ in range(5):
         await asyncio.sleep(0.01)
 
@@ -58,10 +60,7 @@ async def test_receipts_alone_commit_after_a_while_or_at_a_sync_or_close(tmp_pat
     store.start()
     try:
         receipts.record([1, 7], 3)
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if store.commits:
-                break
+        await wait_until(lambda: store.commits)  # the flush timer's commit
         assert store.commits == 1 and stored_receipts(store) == 1
         monkeypatch.setattr(sqlite_module, "RECEIPT_FLUSH_SECONDS", 30.0)
         receipts.record([2, 7], 3)
