@@ -52,7 +52,9 @@ def _breaking(input_dir: Path, against: str, cwd: Path) -> subprocess.CompletedP
 
 def test_protos_are_compatible_with_the_previous_commit() -> None:
     ref = previous_ref()
-    result = _breaking(Path("proto"), f".git#ref={ref},subdir=proto", ROOT)
+    # As deep as the history (buf clones 50 commits unless told; the ref may be further back).
+    depth = _git("rev-list", "--count", "HEAD").stdout.strip() or "50"
+    result = _breaking(Path("proto"), f".git#ref={ref},subdir=proto,depth={depth}", ROOT)
     assert result.returncode == 0, f"buf breaking against {ref}:\n{result.stdout}{result.stderr}"
 
 
