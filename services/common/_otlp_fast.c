@@ -11,8 +11,11 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <errno.h>
 #include <string.h>
 #include <time.h>
+#include <pthread.h>
+#include <sys/random.h>
 
 PyDoc_STRVAR(MODULE_DOC,
 "C encoder for runs of ServerSpans (services.common.otlp_encode).\n"
@@ -466,6 +469,47 @@ common_recorder(PyObject *self, PyObject *spans)
     return recorder;
 }
 
+/* A ServerSpan of type `tp` (slot layout `layout`) started now: what
+ * ServerSpan.__init__ makes (no events or links, not ended); the arguments are
+ * borrowed. */
+static PyObject *
+make_span(PyTypeObject *tp, const Layout *layout, PyObject *recorder, PyObject *name, PyObject *context,
+          PyObject *parent, PyObject *kind, PyObject *attributes, PyObject *status)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *start = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    if (start == NULL)
+        return NULL;
+    PyObject *span = tp->tp_alloc(tp, 0);
+    if (span == NULL) {
+        Py_DECREF(start);
+        return NULL;
+    }
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) {
+        Py_DECREF(start);
+        Py_DECREF(span);
+        return NULL;
+    }
+#define SET(f, v) (*(PyObject **)((char *)span + layout->offset[f]) = Py_NewRef(v))
+    SET(F_RECORDER, recorder);
+    SET(F_NAME, name);
+    SET(F_CONTEXT, context);
+    SET(F_PARENT, parent);
+    SET(F_KIND, kind);
+    SET(F_ATTRIBUTES, attributes);
+    SET(F_STATUS, status);
+    SET(F_EVENTS, empty);
+    SET(F_LINKS, empty);
+    SET(F_END, Py_None);
+#undef SET
+    Py_DECREF(empty);
+    *(PyObject **)((char *)span + layout->offset[F_START]) = start; /* the span owns it */
+    return span;
+}
+
 /* new_span(type, recorder, name, context, parent, kind, attributes, status): what
  * ServerSpan.__init__ makes (no events or links, not ended, started now), its
  * slots set here; a type without a slot layout is called instead. */
@@ -480,39 +524,567 @@ new_span(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const Layout *layout = layout_of(tp);
     if (layout == NULL)
         return PyObject_Vectorcall(args[0], args + 1, 6, NULL);
+    return make_span(tp, layout, args[1], args[2], args[3], args[4], args[5], args[6], args[7]);
+}
+
+/* ---- The gateway's per-request server span (services.gateway.http.request_span) ----
+ *
+ * What request_span.begin_request / end_request do for the common request -- no
+ * header the propagators read, nothing in the current context, a root the
+ * recorder samples inline with random ids -- without a Python frame: the span,
+ * its SpanContext, the Context made current (the ContextVar behind
+ * opentelemetry.context), and a StatusSend standing in for the ASGI `send` that
+ * keeps the response's status. Any other request, and any span whose end is not
+ * the plain success case, goes through the Python functions given at build time
+ * (one definition of the semantics; tests compare the two).
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *send; /* the ASGI send stood in for; NULL once the request ended */
+    long status;    /* the response's status once started, else 0 */
+    vectorcallfunc vectorcall;
+} StatusSend;
+
+static PyObject *s_type, *s_status_key, *s_response_start, *s_headers, *s_method, *s_path, *s_route, *s_path_attr,
+    *s_method_attr, *s_url_path_attr, *s_route_attr, *s_status_attr, *s_textmap_global, *s_recorders_global;
+
+static PyObject *
+StatusSend_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    StatusSend *self = (StatusSend *)obj;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "send(message) takes one message");
+        return NULL;
+    }
+    PyObject *message = args[0];
+    if (PyDict_Check(message)) {
+        PyObject *type = PyDict_GetItemWithError(message, s_type);
+        if (type == NULL && PyErr_Occurred())
+            return NULL;
+        if (type != NULL && PyUnicode_Check(type) && PyUnicode_Compare(type, s_response_start) == 0) {
+            PyObject *status = PyDict_GetItemWithError(message, s_status_key);
+            if (status == NULL && PyErr_Occurred())
+                return NULL;
+            if (status != NULL && PyLong_Check(status)) {
+                long value = PyLong_AsLong(status);
+                if (value == -1 && PyErr_Occurred())
+                    return NULL;
+                self->status = value;
+            }
+        }
+    }
+    if (self->send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send after the request's span ended");
+        return NULL;
+    }
+    return PyObject_Vectorcall(self->send, args, 1, NULL);
+}
+
+static int
+StatusSend_traverse(StatusSend *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->send);
+    return 0;
+}
+
+static int
+StatusSend_clear(StatusSend *self)
+{
+    Py_CLEAR(self->send);
+    return 0;
+}
+
+static void
+StatusSend_dealloc(StatusSend *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->send);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+StatusSend_get_status(StatusSend *self, void *closure)
+{
+    return PyLong_FromLong(self->status);
+}
+
+static PyGetSetDef StatusSend_getset[] = {
+    {"status_code", (getter)StatusSend_get_status, NULL, "the response's status once started, else 0", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject StatusSendType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "services.common._otlp_fast.StatusSend",
+    .tp_basicsize = sizeof(StatusSend),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "An ASGI send that keeps the response's status (HttpSpans.begin's).",
+    .tp_vectorcall_offset = offsetof(StatusSend, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)StatusSend_traverse,
+    .tp_clear = (inquiry)StatusSend_clear,
+    .tp_dealloc = (destructor)StatusSend_dealloc,
+    .tp_getset = StatusSend_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *recorder;        /* the Recorder (services.common.server_span) */
+    PyObject *span_type;       /* HttpServerSpan */
+    PyObject *var;             /* the ContextVar holding the current Context */
+    PyObject *context_type;    /* opentelemetry.context.Context */
+    PyObject *span_key;        /* the Context key of the current span */
+    PyObject *span_context;    /* opentelemetry.trace.SpanContext */
+    PyObject *flags;           /* a sampled root's TraceFlags */
+    PyObject *trace_state;     /* DEFAULT_TRACE_STATE */
+    PyObject *status;          /* Status(UNSET) */
+    PyObject *kind;            /* SpanKind.SERVER */
+    PyObject *on_end;          /* what takes an ended sampled span, or None */
+    PyObject *propagate_dict;  /* opentelemetry.propagate's globals */
+    PyObject *textmap;         /* the global textmap `fields` are of */
+    PyObject *fields;          /* tuple of the header names (bytes, lower case) it reads */
+    PyObject *telemetry_dict;  /* services.common.telemetry's globals */
+    PyObject *tracer_name;     /* the recorder's key in telemetry._recorders */
+    PyObject *begin_fallback;  /* request_span.begin_request */
+    PyObject *end_fallback;    /* request_span.end_request */
+    PyObject *finish;          /* request_span._finish */
+    PyObject *detach_failed;   /* called with the exception when the context reset fails */
+    const Layout *layout;
+} HttpSpans;
+
+static PyTypeObject HttpSpansType;
+
+#define HTTP_SPANS_NOBJ 20
+
+static PyObject **
+http_spans_objects(HttpSpans *self, int i)
+{
+    PyObject **all[HTTP_SPANS_NOBJ] = {
+        &self->recorder,       &self->span_type,      &self->var,            &self->context_type, &self->span_key,
+        &self->span_context,   &self->flags,          &self->trace_state,    &self->status,       &self->kind,
+        &self->on_end,         &self->propagate_dict, &self->textmap,        &self->fields,       &self->telemetry_dict,
+        &self->tracer_name,    &self->begin_fallback, &self->end_fallback,   &self->finish,       &self->detach_failed,
+    };
+    return all[i];
+}
+
+static int
+HttpSpans_traverse(HttpSpans *self, visitproc visit, void *arg)
+{
+    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
+        Py_VISIT(*http_spans_objects(self, i));
+    return 0;
+}
+
+static int
+HttpSpans_clear(HttpSpans *self)
+{
+    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
+        Py_CLEAR(*http_spans_objects(self, i));
+    return 0;
+}
+
+static void
+HttpSpans_dealloc(HttpSpans *self)
+{
+    PyObject_GC_UnTrack(self);
+    HttpSpans_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* HttpSpans(recorder, span_type, var, context_type, span_key, span_context, flags,
+ *           trace_state, status, kind, on_end, propagate_dict, textmap,
+ *           fields, telemetry_dict, tracer_name, begin_fallback, end_fallback, finish,
+ *           detach_failed) */
+static PyObject *
+HttpSpans_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "HttpSpans takes positional arguments");
+        return NULL;
+    }
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != HTTP_SPANS_NOBJ) {
+        PyErr_Format(PyExc_TypeError, "HttpSpans takes %d arguments", HTTP_SPANS_NOBJ);
+        return NULL;
+    }
+    PyObject *span_type = PyTuple_GET_ITEM(args, 1);
+    if (!PyType_Check(span_type) || (layout_of((PyTypeObject *)span_type)) == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "span_type must be a ServerSpan type with slots");
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(PyTuple_GET_ITEM(args, 2)) || !PyType_Check(PyTuple_GET_ITEM(args, 3)) ||
+        !PyType_Check(PyTuple_GET_ITEM(args, 5)) || !PyTuple_Check(PyTuple_GET_ITEM(args, 13)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(args, 11)) || !PyDict_Check(PyTuple_GET_ITEM(args, 14))) {
+        PyErr_SetString(PyExc_TypeError, "HttpSpans: var must be a ContextVar, context_type and span_context types, "
+                                         "fields a tuple, propagate_dict and telemetry_dict dicts");
+        return NULL;
+    }
+    PyTypeObject *span_context = (PyTypeObject *)PyTuple_GET_ITEM(args, 5);
+    if (!PyType_IsSubtype(span_context, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)PyTuple_GET_ITEM(args, 3), &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError, "HttpSpans: span_context must be a tuple type, context_type a dict type");
+        return NULL;
+    }
+    HttpSpans *self = PyObject_GC_New(HttpSpans, type);
+    if (self == NULL)
+        return NULL;
+    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
+        *http_spans_objects(self, i) = Py_NewRef(PyTuple_GET_ITEM(args, i));
+    self->layout = layout_of((PyTypeObject *)span_type);
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* Random span and trace ids: bytes from the kernel (getrandom), drawn a page at a
+ * time (a syscall per ~170 requests); a forked child drops what is left of its
+ * parent's page, so the two never share ids. Only the GIL holder draws. */
+static unsigned char id_bytes[4096];
+static size_t id_pos = sizeof(id_bytes);
+
+static void
+ids_after_fork(void)
+{
+    id_pos = sizeof(id_bytes);
+}
+
+static int
+draw_id_bytes(unsigned char *out, size_t n)
+{
+    if (id_pos + n > sizeof(id_bytes)) {
+        size_t got = 0;
+        while (got < sizeof(id_bytes)) {
+            ssize_t r = getrandom(id_bytes + got, sizeof(id_bytes) - got, 0);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            got += (size_t)r;
+        }
+        id_pos = 0;
+    }
+    memcpy(out, id_bytes + id_pos, n);
+    id_pos += n;
+    return 0;
+}
+
+/* A random id of `n` bytes (8 or 16) as an int, never 0 (as server_span.Recorder's). */
+static PyObject *
+random_id(size_t n)
+{
+    unsigned char raw[16];
+    if (draw_id_bytes(raw, n) < 0)
+        return NULL;
+    int zero = 1;
+    for (size_t i = 0; i < n; i++)
+        zero &= raw[i] == 0;
+    if (zero)
+        return PyLong_FromLong(1);
+    if (n == 8) {
+        uint64_t v;
+        memcpy(&v, raw, 8);
+        return PyLong_FromUnsignedLongLong((unsigned long long)v);
+    }
+    return _PyLong_FromByteArray(raw, n, 1, 0);
+}
+
+/* "method path" (both str): the two copied into one new string when both are ASCII
+ * (PyUnicode_FromFormat parses its format each time: a third of begin's work). */
+static PyObject *
+span_name(PyObject *method, PyObject *path)
+{
+    if (PyUnicode_IS_ASCII(method) && PyUnicode_IS_ASCII(path)) {
+        Py_ssize_t lm = PyUnicode_GET_LENGTH(method), lp = PyUnicode_GET_LENGTH(path);
+        PyObject *name = PyUnicode_New(lm + 1 + lp, 127);
+        if (name == NULL)
+            return NULL;
+        Py_UCS1 *out = PyUnicode_1BYTE_DATA(name);
+        memcpy(out, PyUnicode_1BYTE_DATA(method), lm);
+        out[lm] = ' ';
+        memcpy(out + lm + 1, PyUnicode_1BYTE_DATA(path), lp);
+        return name;
+    }
+    return PyUnicode_FromFormat("%U %U", method, path);
+}
+
+/* 1 when the request takes the short way, 0 when it needs begin_request, -1 on error. */
+static int
+http_begin_applies(HttpSpans *self, PyObject *scope)
+{
+    PyObject *recorders = PyDict_GetItemWithError(self->telemetry_dict, s_recorders_global);
+    if (recorders == NULL || !PyDict_Check(recorders))
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *recorder = PyDict_GetItemWithError(recorders, self->tracer_name);
+    if (recorder != self->recorder)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *textmap = PyDict_GetItemWithError(self->propagate_dict, s_textmap_global);
+    if (textmap != self->textmap)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *headers = PyDict_GetItemWithError(scope, s_headers);
+    if (headers == NULL)
+        return PyErr_Occurred() ? -1 : 1;
+    if (!PyList_Check(headers) && !PyTuple_Check(headers))
+        return 0;
+    Py_ssize_t nfields = PyTuple_GET_SIZE(self->fields);
+    PyObject **items = PySequence_Fast_ITEMS(headers);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(headers); i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 1)
+            return 0;
+        PyObject *key = PyTuple_GET_ITEM(pair, 0);
+        if (!PyBytes_Check(key))
+            return 0;
+        Py_ssize_t len = PyBytes_GET_SIZE(key);
+        for (Py_ssize_t f = 0; f < nfields; f++) {
+            PyObject *field = PyTuple_GET_ITEM(self->fields, f);
+            if (PyBytes_GET_SIZE(field) == len && memcmp(PyBytes_AS_STRING(field), PyBytes_AS_STRING(key), len) == 0)
+                return 0; /* the caller's context: extracted by begin_request */
+        }
+    }
+    return 1;
+}
+
+/* begin(scope, send) -> (span, send, token): begin_request's result. */
+static PyObject *
+HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "begin(scope, send)");
+        return NULL;
+    }
+    PyObject *scope = args[0], *send = args[1];
+    int applies = PyDict_Check(scope) ? http_begin_applies(self, scope) : 0;
+    if (applies < 0)
+        return NULL;
+    PyObject *base = NULL;
+    if (applies) {
+        if (PyContextVar_Get(self->var, NULL, &base) < 0)
+            return NULL;
+        /* A current context with anything in it (a span, baggage): begin_request. */
+        applies = base != NULL && PyDict_Check(base) && PyDict_GET_SIZE(base) == 0;
+        Py_XDECREF(base);
+    }
+    PyObject *method = NULL, *path = NULL;
+    if (applies) {
+        method = PyDict_GetItemWithError(scope, s_method);
+        path = method == NULL ? NULL : PyDict_GetItemWithError(scope, s_path);
+        if (PyErr_Occurred())
+            return NULL;
+        applies = method != NULL && path != NULL && PyUnicode_Check(method) && PyUnicode_Check(path);
+    }
+    if (!applies)
+        return PyObject_Vectorcall(self->begin_fallback, args, 2, NULL);
+
+    PyObject *result = NULL, *trace_id = NULL, *span_id = NULL, *context = NULL, *attributes = NULL, *name = NULL,
+             *span = NULL, *ctx = NULL, *token = NULL, *empty = NULL;
+    StatusSend *status_send = NULL;
+    /* The span id first, as Recorder.start_root draws them. */
+    if ((span_id = random_id(8)) == NULL || (trace_id = random_id(16)) == NULL)
+        goto done;
+    PyTypeObject *sc_type = (PyTypeObject *)self->span_context;
+    if ((context = sc_type->tp_alloc(sc_type, 6)) == NULL)
+        goto done;
+    PyTuple_SET_ITEM(context, 0, Py_NewRef(trace_id));
+    PyTuple_SET_ITEM(context, 1, Py_NewRef(span_id));
+    PyTuple_SET_ITEM(context, 2, Py_NewRef(Py_False));
+    PyTuple_SET_ITEM(context, 3, Py_NewRef(self->flags));
+    PyTuple_SET_ITEM(context, 4, Py_NewRef(self->trace_state));
+    PyTuple_SET_ITEM(context, 5, Py_NewRef(Py_True));
+    if ((attributes = PyDict_New()) == NULL || PyDict_SetItem(attributes, s_method_attr, method) < 0 ||
+        PyDict_SetItem(attributes, s_url_path_attr, path) < 0)
+        goto done;
+    if ((name = span_name(method, path)) == NULL)
+        goto done;
+    if ((span = make_span((PyTypeObject *)self->span_type, self->layout, self->recorder, name, context, Py_None,
+                          self->kind, attributes, self->status)) == NULL)
+        goto done;
+    PyTypeObject *ctx_type = (PyTypeObject *)self->context_type;
+    if ((empty = PyTuple_New(0)) == NULL || (ctx = ctx_type->tp_new(ctx_type, empty, NULL)) == NULL ||
+        PyDict_SetItem(ctx, self->span_key, span) < 0)
+        goto done;
+    if ((status_send = PyObject_GC_New(StatusSend, &StatusSendType)) == NULL)
+        goto done;
+    status_send->send = Py_NewRef(send);
+    status_send->status = 0;
+    status_send->vectorcall = StatusSend_vectorcall;
+    PyObject_GC_Track(status_send);
+    if ((token = PyContextVar_Set(self->var, ctx)) == NULL)
+        goto done;
+    result = PyTuple_Pack(3, span, (PyObject *)status_send, token);
+    if (result == NULL) /* the context stays as it was */
+        PyContextVar_Reset(self->var, token);
+done:
+    Py_XDECREF(trace_id);
+    Py_XDECREF(span_id);
+    Py_XDECREF(context);
+    Py_XDECREF(attributes);
+    Py_XDECREF(name);
+    Py_XDECREF(span);
+    Py_XDECREF(empty);
+    Py_XDECREF(ctx);
+    Py_XDECREF(token);
+    Py_XDECREF(status_send);
+    return result;
+}
+
+/* end(span, send, scope, token, error): end_request's work; None. */
+static PyObject *
+HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "end(span, send, scope, token, error)");
+        return NULL;
+    }
+    PyObject *span = args[0], *send = args[1], *scope = args[2], *token = args[3], *error = args[4];
+    if (!Py_IS_TYPE(send, &StatusSendType) || Py_TYPE(span) != (PyTypeObject *)self->span_type || !PyDict_Check(scope)) {
+        PyObject *fallback_args[4] = {span, scope, token, error};
+        return PyObject_Vectorcall(self->end_fallback, fallback_args, 4, NULL);
+    }
+    StatusSend *status_send = (StatusSend *)send;
+    if (PyContextVar_Reset(self->var, token) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError) && !PyErr_ExceptionMatches(PyExc_RuntimeError))
+            return NULL;
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        PyObject *logged = PyObject_CallOneArg(self->detach_failed, value);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        if (logged == NULL)
+            return NULL;
+        Py_DECREF(logged);
+    }
+    long status = status_send->status;
+    /* The ended span must not keep the request's objects alive (see end_request). */
+    Py_CLEAR(status_send->send);
+    const Layout *layout = self->layout;
+    PyObject **end_slot = (PyObject **)((char *)span + layout->offset[F_END]);
+    if (*end_slot != NULL && *end_slot != Py_None)
+        Py_RETURN_NONE;
+    if (error != Py_None || status >= 500 || status == 0) {
+        PyObject *code = PyLong_FromLong(status);
+        if (code == NULL)
+            return NULL;
+        PyObject *finish_args[4] = {span, scope, code, error};
+        PyObject *r = PyObject_Vectorcall(self->finish, finish_args, 4, NULL);
+        Py_DECREF(code);
+        return r;
+    }
+    PyObject *path = PyDict_GetItemWithError(scope, s_path);
+    if (path == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "path");
+        return NULL;
+    }
+    Py_INCREF(path);
+    PyObject *route = NULL;
+    PyObject *matched = PyDict_GetItemWithError(scope, s_route);
+    if (matched == NULL && PyErr_Occurred())
+        goto fail;
+    if (matched != NULL && matched != Py_None) {
+        if (_PyObject_LookupAttr(matched, s_path_attr, &route) < 0)
+            goto fail;
+        if (route != NULL) {
+            int truth = PyObject_IsTrue(route);
+            if (truth < 0)
+                goto fail;
+            if (!truth)
+                Py_CLEAR(route);
+        }
+    }
+    if (route == NULL)
+        route = Py_NewRef(path);
+    if (route != path) {
+        int same = PyUnicode_Check(route) ? PyUnicode_Compare(route, path) : -1;
+        if (same == -1 && PyErr_Occurred())
+            goto fail;
+        if (same != 0) {
+            PyObject *method = PyDict_GetItemWithError(scope, s_method);
+            if (method == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_KeyError, "method");
+                goto fail;
+            }
+            PyObject *name = PyUnicode_Check(method) && PyUnicode_Check(route) ? span_name(method, route)
+                                                                                : PyUnicode_FromFormat("%S %S", method, route);
+            if (name == NULL)
+                goto fail;
+            PyObject **name_slot = (PyObject **)((char *)span + layout->offset[F_NAME]);
+            Py_XSETREF(*name_slot, name);
+        }
+    }
+    PyObject *attributes = *(PyObject **)((char *)span + layout->offset[F_ATTRIBUTES]);
+    PyObject *code = PyLong_FromLong(status);
+    if (code == NULL || attributes == NULL || PyDict_SetItem(attributes, s_route_attr, route) < 0 ||
+        PyDict_SetItem(attributes, s_status_attr, code) < 0) {
+        Py_XDECREF(code);
+        if (attributes == NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "_attributes");
+        goto fail;
+    }
+    Py_DECREF(code);
+    Py_CLEAR(route);
+    Py_CLEAR(path);
+    /* ServerSpan.end */
     struct timespec ts;
     if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *start = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
-    if (start == NULL)
+    PyObject *end = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    if (end == NULL)
         return NULL;
-    PyObject *span = tp->tp_alloc(tp, 0);
-    if (span == NULL) {
-        Py_DECREF(start);
-        return NULL;
+    Py_XSETREF(*end_slot, end);
+    if (self->on_end != Py_None) {
+        PyObject *context = *(PyObject **)((char *)span + layout->offset[F_CONTEXT]);
+        long flags = 0;
+        if (context != NULL && PyTuple_Check(context) && PyTuple_GET_SIZE(context) > 3) {
+            flags = PyLong_AsLong(PyTuple_GET_ITEM(context, 3));
+            if (flags == -1 && PyErr_Occurred())
+                return NULL;
+        }
+        if (flags & 1) {
+            PyObject *r = PyObject_CallOneArg(self->on_end, span);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+        }
     }
-#define SET(f, v) (*(PyObject **)((char *)span + layout->offset[f]) = Py_NewRef(v))
-    SET(F_RECORDER, args[1]);
-    SET(F_NAME, args[2]);
-    SET(F_CONTEXT, args[3]);
-    SET(F_PARENT, args[4]);
-    SET(F_KIND, args[5]);
-    SET(F_ATTRIBUTES, args[6]);
-    SET(F_STATUS, args[7]);
-    PyObject *empty = PyTuple_New(0);
-    if (empty == NULL) {
-        Py_DECREF(start);
-        Py_DECREF(span);
-        return NULL;
-    }
-    SET(F_EVENTS, empty);
-    SET(F_LINKS, empty);
-    Py_DECREF(empty);
-    SET(F_END, Py_None);
-    *(PyObject **)((char *)span + layout->offset[F_START]) = start; /* the span owns it */
-#undef SET
-    return span;
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(route);
+    Py_XDECREF(path);
+    return NULL;
 }
+
+static PyMethodDef HttpSpans_methods[] = {
+    {"begin", (PyCFunction)(void (*)(void))HttpSpans_begin, METH_FASTCALL,
+     "begin(scope, send) -> (span, send, token): request_span.begin_request's"},
+    {"end", (PyCFunction)(void (*)(void))HttpSpans_end, METH_FASTCALL,
+     "end(span, send, scope, token, error): request_span.end_request's"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef HttpSpans_members[] = {
+    {"recorder", T_OBJECT_EX, offsetof(HttpSpans, recorder), READONLY, "the Recorder its spans are of"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HttpSpansType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "services.common._otlp_fast.HttpSpans",
+    .tp_basicsize = sizeof(HttpSpans),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The gateway's request server spans opened and closed in C (see request_span.http_spans).",
+    .tp_new = HttpSpans_new,
+    .tp_traverse = (traverseproc)HttpSpans_traverse,
+    .tp_clear = (inquiry)HttpSpans_clear,
+    .tp_dealloc = (destructor)HttpSpans_dealloc,
+    .tp_methods = HttpSpans_methods,
+    .tp_members = HttpSpans_members,
+};
 
 static PyMethodDef methods[] = {
     {"new_span", (PyCFunction)(void (*)(void))new_span, METH_FASTCALL,
@@ -548,6 +1120,34 @@ PyInit__otlp_fast(void)
     INTERN(s_description, "description");
     INTERN(s_recorder, "_recorder");
     INTERN(s_links, "_links");
+    INTERN(s_type, "type");
+    INTERN(s_status_key, "status");
+    INTERN(s_response_start, "http.response.start");
+    INTERN(s_headers, "headers");
+    INTERN(s_method, "method");
+    INTERN(s_path, "path");
+    INTERN(s_route, "route");
+    INTERN(s_path_attr, "path");
+    INTERN(s_method_attr, "http.request.method");
+    INTERN(s_url_path_attr, "url.path");
+    INTERN(s_route_attr, "http.route");
+    INTERN(s_status_attr, "http.response.status_code");
+    INTERN(s_textmap_global, "_HTTP_TEXT_FORMAT");
+    INTERN(s_recorders_global, "_recorders");
 #undef INTERN
-    return PyModule_Create(&module_def);
+    if (pthread_atfork(NULL, NULL, ids_after_fork) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
+    if (PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&HttpSpansType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0 ||
+        PyModule_AddObjectRef(module, "HttpSpans", (PyObject *)&HttpSpansType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -26,7 +26,7 @@ from services.gateway.http import errors as http_errors
 from services.gateway.http.body import FastRoute, RequestBodyMiddleware
 from services.gateway.http.metrics import RouteLatency, metrics_response
 from services.gateway.http.openapi_doc import install_openapi
-from services.gateway.http.request_span import begin_request, end_request, traced_request
+from services.gateway.http.request_span import http_spans, traced_request
 from services.gateway.trajectory.durable import DurableState
 from services.gateway.trajectory.state import TrajectoryState
 
@@ -53,6 +53,8 @@ class GatewayApp(FastAPI):
     _fast_entry: Any = None
     # Per-route request latency for /metrics; None measures nothing.
     latency: RouteLatency | None = None
+    # request_span.http_spans(), once tracing is on.
+    _spans: Any = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -64,17 +66,20 @@ class GatewayApp(FastAPI):
             if not telemetry.enabled or scope["path"] in UNTRACED_PATHS:
                 await self._dispatch(scope, receive, send)
             else:
-                # The request's server span, inline (request_span.begin_request).
-                span, traced_send, token = begin_request(scope, send)
+                # The request's server span, inline (request_span.http_spans).
+                spans = self._spans
+                if spans is None:
+                    spans = self._spans = http_spans()
+                span, traced_send, token = spans.begin(scope, send)
                 if span is None:
                     await traced_request(self._dispatch, scope, receive, send)
                     return
                 try:
                     await self._dispatch(scope, receive, traced_send)
                 except BaseException as exc:
-                    end_request(span, scope, token, exc)
+                    spans.end(span, traced_send, scope, token, exc)
                     raise
-                end_request(span, scope, token, None)
+                spans.end(span, traced_send, scope, token, None)
         finally:
             if latency is not None:
                 latency.observe(scope, time.perf_counter() - start)

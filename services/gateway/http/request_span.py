@@ -26,15 +26,18 @@ never by them.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
+from services.common import current_span, server_span, telemetry
 from services.common.server_span import HttpServerSpan
 from services.common.telemetry import extract_context, server_span_recorder
 
@@ -107,18 +110,7 @@ def _parent_context(scope: Any) -> otel_context.Context | None:
     return None
 
 
-def _context_var() -> Any:
-    """The ContextVar behind opentelemetry.context (its default runtime context), or
-    None when another runtime context is configured (then attach/detach are used)."""
-    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
-
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    if type(runtime) is ContextVarsRuntimeContext:
-        return getattr(runtime, "_current_context", None)
-    return None
-
-
-_current_context = _context_var()
+_current_context = current_span.context_var
 _Context = otel_context.Context
 _EMPTY: dict[str, Any] = {}
 
@@ -218,6 +210,72 @@ def _finish(span: Any, scope: Any, status: int, error: BaseException | None) -> 
         else:
             span.set_attributes(ended)
     span.end()
+
+
+class PySpans:
+    """begin_request / end_request behind the interface of the C HttpSpans
+    (services.common._otlp_fast), when that does not apply."""
+
+    @staticmethod
+    def begin(scope: Any, send: Any) -> tuple[Any, Any, Any]:
+        return begin_request(scope, send)
+
+    @staticmethod
+    def end(span: Any, send: Any, scope: Any, token: Any, error: BaseException | None) -> None:
+        end_request(span, scope, token, error)
+
+
+_py_spans = PySpans()
+try:  # built by `pip install` (optional, as the encoder it lives with)
+    _HttpSpans: Any = importlib.import_module("services.common._otlp_fast").HttpSpans
+except (ImportError, AttributeError):
+    _HttpSpans = None
+
+
+def _detach_failed(error: BaseException) -> None:
+    _log.error("Failed to detach context", exc_info=error)
+
+
+def http_spans() -> Any:
+    """What GatewayApp opens and closes a request's server span with while tracing is
+    on: `begin(scope, send)` -> (span, send, token) as begin_request's, and
+    `end(span, send, scope, token, error)` as end_request's.
+
+    The C HttpSpans when the recorder starts roots inline (the default sampler, random
+    ids) and the context is the default ContextVar one: the common request (no
+    header the propagators read, an empty current context) is opened and closed
+    without a Python frame -- a tenth of begin_request and end_request's instructions
+    -- and any other request, or a span that did not end in success, goes through
+    begin_request / end_request and _finish, which it was built with. A recorder that
+    is no longer telemetry's (tests swap them) sends every request that way too.
+    Else PySpans (begin_request / end_request)."""
+    recorder = server_span_recorder("clotho.gateway")
+    var = _current_context
+    if _HttpSpans is None or recorder is None or not recorder.root_inline or var is None:
+        return _py_spans
+    textmap = propagate.get_global_textmap()
+    return _HttpSpans(
+        recorder,
+        HttpServerSpan,
+        var,
+        _Context,
+        _SPAN_KEY,
+        SpanContext,
+        recorder._root_sampled,
+        DEFAULT_TRACE_STATE,
+        server_span._UNSET,
+        SpanKind.SERVER,
+        recorder.on_end,
+        vars(propagate),
+        textmap,
+        tuple(f.lower().encode("latin-1") for f in textmap.fields),
+        vars(telemetry),
+        "clotho.gateway",
+        begin_request,
+        end_request,
+        _finish,
+        _detach_failed,
+    )
 
 
 async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:

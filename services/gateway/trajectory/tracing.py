@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext
 
+from services.common.current_span import sampled_span_context
 from services.gateway.trajectory.queue_index import Group
 
 tracer = trace.get_tracer("clotho.gateway.trajectory")
@@ -21,8 +22,7 @@ tracer = trace.get_tracer("clotho.gateway.trajectory")
 
 def submission_span() -> SpanContext | None:
     """The current span's context when it is sampled (what a later link can find)."""
-    ctx = trace.get_current_span().get_span_context()
-    return ctx if ctx.is_valid and ctx.trace_flags.sampled else None
+    return sampled_span_context()
 
 
 @contextlib.contextmanager

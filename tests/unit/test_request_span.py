@@ -1,0 +1,176 @@
+"""The gateway's HTTP server spans (services.gateway.http.request_span) through a real
+GatewayApp: the C way (services.common._otlp_fast.HttpSpans, what the gateway uses
+when the extension is built) and the Python one (begin_request / end_request) make
+the same span for every kind of request -- a plain root, a continued traceparent, a
+request under a current span, a route template, a client error, a raised error --
+and leave the caller's context as it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+from span_collect import provider
+
+from services.common import telemetry
+from services.common.server_span import Recorder
+from services.gateway.generation.pool import InferencePool
+from services.gateway.http import request_span
+from services.gateway.http.app import create_app
+from services.gateway.trajectory import TrajectoryState
+
+GROUP = {"tokens": [[1, 2, 3]], "masks": [[-100, 2, 3]], "scores": [1.0]}
+
+
+@pytest.fixture(params=["c", "python"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Tracing on (a provider whose export takes ServerSpans, as telemetry installs
+    it), the request spans made the C way or the Python way."""
+    if request.param == "c":
+        assert request_span._HttpSpans is not None, "the _otlp_fast extension is not built (pip install -e .)"
+    else:
+        monkeypatch.setattr(request_span, "_HttpSpans", None)
+    p, out = provider()
+    monkeypatch.setattr(telemetry, "enabled", True)
+    monkeypatch.setattr(telemetry, "_recorders", {"clotho.gateway": Recorder.for_provider(p, "clotho.gateway")})
+    yield request.param, p, out
+    p.shutdown()
+
+
+@pytest.fixture
+async def client(way: Any) -> Any:
+    app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: str) -> dict:
+        return {"item": item_id}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        yield c, app, way
+
+
+def exported(way: Any) -> list[Any]:
+    _, p, out = way
+    p.force_flush()
+    return list(out.spans)
+
+
+# ServerSpans hold what the export reads in the SDK span's private fields (_kind,
+# _parent, _attributes, _status, _start_time, _end_time), not its properties.
+
+
+def only(spans: list[Any]) -> Any:
+    assert len(spans) == 1, [s.name for s in spans]
+    return spans[0]
+
+
+async def test_a_plain_request_is_a_sampled_root_with_its_route_and_status(client: Any) -> None:
+    c, app, way = client
+    r = await c.post("/scored_data", json=GROUP)
+    assert r.status_code == 200
+    span = only(exported(way))
+    assert span.name == "POST /scored_data"
+    assert span._kind is SpanKind.SERVER
+    assert span._parent is None
+    assert span.context.trace_flags.sampled and span.context.trace_id and span.context.span_id
+    assert dict(span._attributes) == {
+        "http.request.method": "POST",
+        "url.path": "/scored_data",
+        "http.route": "/scored_data",
+        "http.response.status_code": 200,
+    }
+    assert span._status.status_code is StatusCode.UNSET
+    assert span._start_time <= span._end_time
+    # The request's context was made current for it, and is no longer.
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    assert type(app._spans).__name__ == ("HttpSpans" if way[0] == "c" else "PySpans")
+
+
+async def test_a_traceparent_is_continued(client: Any) -> None:
+    c, _, way = client
+    trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    headers = {"traceparent": f"00-{trace_id:032x}-{parent_id:016x}-01"}
+    assert (await c.post("/scored_data", json=GROUP, headers=headers)).status_code == 200
+    span = only(exported(way))
+    assert span.context.trace_id == trace_id
+    assert span._parent is not None and span._parent.span_id == parent_id and span._parent.is_remote
+    assert span.context.span_id != parent_id
+
+
+async def test_a_request_under_a_current_span_is_its_child(client: Any) -> None:
+    c, _, way = client
+    _, p, _ = way
+    with p.get_tracer("t").start_as_current_span("caller") as caller:
+        assert (await c.get("/status")).status_code == 200
+        assert trace.get_current_span() is caller
+    spans = {s.name: s for s in exported(way)}
+    server = spans["GET /status"]
+    assert server._parent is not None and server._parent.span_id == caller.get_span_context().span_id
+    assert server.context.trace_id == caller.get_span_context().trace_id
+
+
+async def test_a_route_template_names_the_span(client: Any) -> None:
+    c, _, way = client
+    assert (await c.get("/items/abc")).json() == {"item": "abc"}
+    span = only(exported(way))
+    assert span.name == "GET /items/{item_id}"
+    assert span._attributes["url.path"] == "/items/abc"
+    assert span._attributes["http.route"] == "/items/{item_id}"
+
+
+async def test_a_client_error_is_not_a_span_error(client: Any) -> None:
+    c, _, way = client
+    r = await c.post("/scored_data", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500
+    span = only(exported(way))
+    assert span._attributes["http.response.status_code"] == r.status_code
+    assert span._status.status_code is StatusCode.UNSET
+    assert "error.type" not in span._attributes
+
+
+async def test_a_raised_error_ends_the_span_as_an_error(client: Any) -> None:
+    c, _, way = client
+    assert (await c.get("/boom")).status_code == 500
+    span = only(exported(way))
+    assert span.name == "GET /boom"
+    assert span._status.status_code is StatusCode.ERROR
+    assert span._attributes["error.type"] == "RuntimeError"
+    assert span._attributes["http.route"] == "/boom"
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize("way", ["c"], indirect=True)  # the Python way draws from `random`: it reseeds a child
+def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
+    """The C way draws ids from a page of kernel randomness: a forked child must not
+    draw what is left of its parent's page (both would make the same ids)."""
+    import os
+
+    spans = request_span.http_spans()
+    scope = {"type": "http", "method": "GET", "path": "/status", "headers": []}
+
+    def ids() -> tuple[int, int]:
+        span, send, token = spans.begin(scope, None)
+        spans.end(span, send, scope, token, None)
+        ctx = span.get_span_context()
+        return ctx.trace_id, ctx.span_id
+
+    ids()  # the page is drawn
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without pytest's teardown
+        os.write(write, " ".join(map(str, ids())).encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child = tuple(int(x) for x in os.read(read, 200).split())
+    os.close(read)
+    assert status == 0
+    assert ids() != child
