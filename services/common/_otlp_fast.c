@@ -331,6 +331,51 @@ put_fallback(Buf *out, PyObject *fallback, PyObject *span)
     return rc;
 }
 
+/* An ended span already written as its Span field (tag 2 of ScopeSpans, with its
+ * length), and the recorder (resource and scope) it belongs to: what HttpSpans
+ * queues on a SpanSink in place of the span. Not tracked by the garbage collector
+ * (it holds no container of its own: one object less for every collection to walk
+ * while it waits in the queue); the bytes inline. */
+typedef struct {
+    PyObject_VAR_HEAD
+    PyObject *recorder;
+    char data[1];
+} EncodedSpan;
+
+static void
+EncodedSpan_dealloc(EncodedSpan *self)
+{
+    Py_CLEAR(self->recorder);
+    PyObject_Free(self);
+}
+
+static PyObject *
+EncodedSpan_get_data(EncodedSpan *self, void *closure)
+{
+    return PyBytes_FromStringAndSize(self->data, Py_SIZE(self));
+}
+
+static PyGetSetDef EncodedSpan_getset[] = {
+    {"data", (getter)EncodedSpan_get_data, NULL, "the Span field's bytes (tag, length, Span)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef EncodedSpan_members[] = {
+    {"_recorder", T_OBJECT_EX, offsetof(EncodedSpan, recorder), READONLY, "the Recorder the span is of"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject EncodedSpanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "services.common._otlp_fast.EncodedSpan",
+    .tp_basicsize = offsetof(EncodedSpan, data),
+    .tp_itemsize = 1,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An ended span as its OTLP Span field's bytes, and its recorder.",
+    .tp_dealloc = (destructor)EncodedSpan_dealloc,
+    .tp_getset = EncodedSpan_getset,
+    .tp_members = EncodedSpan_members,
+};
+
 /* One span into `out`; -1 on error. */
 static int
 encode_one(Buf *out, PyObject *span, PyObject *cache, PyObject *make_parts, PyObject *fallback)
@@ -432,6 +477,13 @@ encode_server_spans(PyObject *self, PyObject *args)
     Buf out = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
         PyObject *span = PyList_GET_ITEM(spans, i);
+        if (Py_IS_TYPE(span, &EncodedSpanType)) {
+            if (buf_put(&out, ((EncodedSpan *)span)->data, Py_SIZE(span)) < 0) {
+                PyMem_Free(out.data);
+                return NULL;
+            }
+            continue;
+        }
         Py_INCREF(span);
         int rc = encode_one(&out, span, cache, make_parts, fallback);
         Py_DECREF(span);
@@ -455,10 +507,15 @@ common_recorder(PyObject *self, PyObject *spans)
     PyObject *recorder = NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
         PyObject *span = PyList_GET_ITEM(spans, i);
-        const Layout *layout = layout_of(Py_TYPE(span));
-        if (layout == NULL)
-            Py_RETURN_NONE;
-        PyObject *r = *(PyObject **)((char *)span + layout->offset[F_RECORDER]);
+        PyObject *r;
+        if (Py_IS_TYPE(span, &EncodedSpanType)) {
+            r = ((EncodedSpan *)span)->recorder;
+        } else {
+            const Layout *layout = layout_of(Py_TYPE(span));
+            if (layout == NULL)
+                Py_RETURN_NONE;
+            r = *(PyObject **)((char *)span + layout->offset[F_RECORDER]);
+        }
         if (r == NULL || (recorder != NULL && r != recorder))
             Py_RETURN_NONE;
         recorder = r;
@@ -649,12 +706,14 @@ typedef struct {
     PyObject *end_fallback;    /* request_span.end_request */
     PyObject *finish;          /* request_span._finish */
     PyObject *detach_failed;   /* called with the exception when the context reset fails */
+    PyObject *sink;            /* the SpanSink ended spans go to encoded (on_end is its add), or None */
     const Layout *layout;
+    unsigned char kind_byte; /* Span.kind's value for `kind` */
 } HttpSpans;
 
 static PyTypeObject HttpSpansType;
 
-#define HTTP_SPANS_NOBJ 20
+#define HTTP_SPANS_NOBJ 21
 
 static PyObject **
 http_spans_objects(HttpSpans *self, int i)
@@ -664,6 +723,7 @@ http_spans_objects(HttpSpans *self, int i)
         &self->span_context,   &self->flags,          &self->trace_state,    &self->status,       &self->kind,
         &self->on_end,         &self->propagate_dict, &self->textmap,        &self->fields,       &self->telemetry_dict,
         &self->tracer_name,    &self->begin_fallback, &self->end_fallback,   &self->finish,       &self->detach_failed,
+        &self->sink,
     };
     return all[i];
 }
@@ -695,7 +755,7 @@ HttpSpans_dealloc(HttpSpans *self)
 /* HttpSpans(recorder, span_type, var, context_type, span_key, span_context, flags,
  *           trace_state, status, kind, on_end, propagate_dict, textmap,
  *           fields, telemetry_dict, tracer_name, begin_fallback, end_fallback, finish,
- *           detach_failed) */
+ *           detach_failed, sink) */
 static PyObject *
 HttpSpans_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -733,6 +793,16 @@ HttpSpans_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         *http_spans_objects(self, i) = Py_NewRef(PyTuple_GET_ITEM(args, i));
     self->layout = layout_of((PyTypeObject *)span_type);
     PyObject_GC_Track(self);
+    PyObject *value = PyObject_GetAttrString(self->kind, "value");
+    long kind = value == NULL ? -1 : PyLong_AsLong(value);
+    Py_XDECREF(value);
+    if (kind < 0 || kind > 126) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "HttpSpans: kind must be a SpanKind");
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->kind_byte = (unsigned char)(kind + 1);
     return (PyObject *)self;
 }
 
@@ -929,6 +999,208 @@ done:
     return result;
 }
 
+static Buf span_scratch; /* encode_http_span's buffer: only the GIL holder writes it */
+
+static int
+put_tag_len(Buf *b, unsigned char tag, Py_ssize_t n)
+{
+    unsigned char head[11];
+    head[0] = tag;
+    Py_ssize_t k = 1 + varint(head + 1, (uint64_t)n);
+    return buf_put(b, head, k);
+}
+
+static int
+put_fixed64(Buf *b, unsigned char tag, uint64_t v)
+{
+    unsigned char out[9];
+    out[0] = tag;
+    le64(out + 1, v);
+    return buf_put(b, out, 9);
+}
+
+/* An attribute value's AnyValue payload into `v` (at most 10 bytes) or, for a str,
+ * its UTF-8 in *text; 1 written, 0 a type this does not write, -1 error. */
+static int
+any_value(PyObject *value, unsigned char *v, Py_ssize_t *vlen, const char **text, Py_ssize_t *tlen)
+{
+    *text = NULL;
+    if (PyUnicode_CheckExact(value)) {
+        *text = PyUnicode_AsUTF8AndSize(value, tlen);
+        return *text == NULL ? -1 : 1;
+    }
+    if (PyBool_Check(value)) {
+        v[0] = 0x10;
+        v[1] = value == Py_True;
+        *vlen = 2;
+        return 1;
+    }
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long n = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow)
+            return 0;
+        v[0] = 0x18;
+        *vlen = 1 + varint(v + 1, (uint64_t)n);
+        return 1;
+    }
+    if (PyFloat_CheckExact(value)) {
+        double d = PyFloat_AS_DOUBLE(value);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        v[0] = 0x21;
+        le64(v + 1, bits);
+        *vlen = 9;
+        return 1;
+    }
+    return 0;
+}
+
+/* The ended `span` as its Span field, what otlp_encode.encode_server_span writes for
+ * it, when it is the usual server span (a root, no events, links or trace state, its
+ * status unset, scalar attributes): 1 and an EncodedSpan in *out; 0 when it is not
+ * (then it goes to the sink as it is); -1 on error. */
+static int
+encode_http_span(HttpSpans *self, PyObject *span, PyObject **out)
+{
+    const Layout *layout = self->layout;
+#define SLOT(f) (*(PyObject **)((char *)span + layout->offset[f]))
+    PyObject *ctx = SLOT(F_CONTEXT), *events = SLOT(F_EVENTS), *links = SLOT(F_LINKS), *name = SLOT(F_NAME),
+             *attributes = SLOT(F_ATTRIBUTES), *start = SLOT(F_START), *end = SLOT(F_END);
+    if (ctx == NULL || !PyTuple_Check(ctx) || PyTuple_GET_SIZE(ctx) < 6 || PyTuple_GET_ITEM(ctx, 4) != self->trace_state ||
+        SLOT(F_PARENT) != Py_None || SLOT(F_STATUS) != self->status || SLOT(F_KIND) != self->kind ||
+        events == NULL || PyObject_Length(events) != 0 || links == NULL || PyObject_Length(links) != 0 ||
+        name == NULL || !PyUnicode_CheckExact(name) || attributes == NULL || !PyDict_CheckExact(attributes) ||
+        start == NULL || !PyLong_CheckExact(start) || end == NULL || !PyLong_CheckExact(end)) {
+        if (PyErr_Occurred())
+            return -1;
+        return 0;
+    }
+#undef SLOT
+    unsigned char ids[2 + 16 + 2 + 8];
+    ids[0] = 0x0a;
+    ids[1] = 0x10;
+    ids[18] = 0x12;
+    ids[19] = 0x08;
+    if (uint_be(PyTuple_GET_ITEM(ctx, 0), ids + 2, 16) < 0 || uint_be(PyTuple_GET_ITEM(ctx, 1), ids + 20, 8) < 0)
+        return -1;
+    /* Times are made here and by time_ns(): non-negative, below 2**64 (the mask
+     * conversion is a loop over the digits, not _PyLong_AsByteArray's). */
+    if (_PyLong_Sign(start) < 0 || _PyLong_Sign(end) < 0)
+        return 0;
+    uint64_t t0 = PyLong_AsUnsignedLongLongMask(start), t1 = PyLong_AsUnsignedLongLongMask(end);
+    if (PyErr_Occurred())
+        return -1;
+    Py_ssize_t name_len;
+    const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
+    if (name_text == NULL)
+        return -1;
+    Buf *b = &span_scratch;
+    b->len = 0;
+    /* The Span message, then its field header in front (the length known then). */
+    if (buf_reserve(b, 16) < 0)
+        return -1;
+    b->len = 16; /* room for the tag and length */
+    if (buf_put(b, ids, sizeof(ids)) < 0)
+        return -1;
+    if (name_len && (put_tag_len(b, 0x2a, name_len) < 0 || buf_put(b, name_text, name_len) < 0))
+        return -1;
+    unsigned char kind[2] = {0x30, self->kind_byte};
+    if (buf_put(b, kind, 2) < 0 || (t0 && put_fixed64(b, 0x39, t0) < 0) || (t1 && put_fixed64(b, 0x41, t1) < 0))
+        return -1;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(attributes, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key))
+            return 0;
+        Py_ssize_t klen, tlen = 0, vlen = 0;
+        const char *ktext = PyUnicode_AsUTF8AndSize(key, &klen), *text;
+        if (ktext == NULL)
+            return -1;
+        unsigned char v[12];
+        int ok = any_value(value, v, &vlen, &text, &tlen);
+        if (ok <= 0)
+            return ok;
+        unsigned char vhead[11];
+        Py_ssize_t any_len = text != NULL ? 1 + varint(vhead, (uint64_t)tlen) + tlen : vlen;
+        Py_ssize_t kv_len = (klen ? 1 + varint(vhead, (uint64_t)klen) + klen : 0) + 1 + varint(vhead, any_len) + any_len;
+        if (put_tag_len(b, 0x4a, kv_len) < 0 || (klen && (put_tag_len(b, 0x0a, klen) < 0 || buf_put(b, ktext, klen) < 0)) ||
+            put_tag_len(b, 0x12, any_len) < 0)
+            return -1;
+        if (text != NULL ? (put_tag_len(b, 0x0a, tlen) < 0 || buf_put(b, text, tlen) < 0) : buf_put(b, v, vlen) < 0)
+            return -1;
+    }
+    /* Status (unset), then SpanFlags: a local root. */
+    static const unsigned char tail[] = {0x7a, 0x00, 0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
+    if (buf_put(b, tail, sizeof(tail)) < 0)
+        return -1;
+    Py_ssize_t body = b->len - 16;
+    unsigned char head[11];
+    head[0] = 0x12;
+    Py_ssize_t hlen = 1 + varint(head + 1, (uint64_t)body);
+    EncodedSpan *encoded = PyObject_NewVar(EncodedSpan, &EncodedSpanType, hlen + body);
+    if (encoded == NULL)
+        return -1;
+    memcpy(encoded->data, head, hlen);
+    memcpy(encoded->data + hlen, b->data + 16, body);
+    encoded->recorder = Py_NewRef(self->recorder);
+    *out = (PyObject *)encoded;
+    return 1;
+}
+
+static PyObject *s_sink_spans, *s_sink_limit, *s_sink_batch, *s_sink_wake, *s_sink_drop, *s_set;
+
+/* SpanSink.add(entry), its list append and checks without a Python frame. */
+static int
+sink_add(PyObject *sink, PyObject *entry)
+{
+    PyObject *spans = PyObject_GetAttr(sink, s_sink_spans);
+    if (spans == NULL)
+        return -1;
+    int rc = -1;
+    PyObject *limit = NULL, *batch = NULL, *r = NULL;
+    if (!PyList_CheckExact(spans)) {
+        PyErr_SetString(PyExc_TypeError, "SpanSink._spans is not a list");
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(spans);
+    if ((limit = PyObject_GetAttr(sink, s_sink_limit)) == NULL)
+        goto done;
+    Py_ssize_t lim = PyLong_AsSsize_t(limit);
+    if (lim == -1 && PyErr_Occurred())
+        goto done;
+    if (n >= lim) { /* the queue's bound; 0 once shut down */
+        r = PyObject_CallMethodNoArgs(sink, s_sink_drop);
+        rc = r == NULL ? -1 : 0;
+        goto done;
+    }
+    if (PyList_Append(spans, entry) < 0)
+        goto done;
+    if ((batch = PyObject_GetAttr(sink, s_sink_batch)) == NULL)
+        goto done;
+    Py_ssize_t size = PyLong_AsSsize_t(batch);
+    if (size == -1 && PyErr_Occurred())
+        goto done;
+    if (n + 1 == size) {
+        PyObject *wake = PyObject_GetAttr(sink, s_sink_wake);
+        if (wake == NULL)
+            goto done;
+        r = PyObject_CallMethodNoArgs(wake, s_set);
+        Py_DECREF(wake);
+        if (r == NULL)
+            goto done;
+    }
+    rc = 0;
+done:
+    Py_DECREF(spans);
+    Py_XDECREF(limit);
+    Py_XDECREF(batch);
+    Py_XDECREF(r);
+    return rc;
+}
+
 /* end(span, send, scope, token, error): end_request's work; None. */
 static PyObject *
 HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1047,6 +1319,17 @@ HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
                 return NULL;
         }
         if (flags & 1) {
+            if (self->sink != Py_None) { /* the sink takes it written: the span itself ends here */
+                PyObject *encoded = NULL;
+                int written = encode_http_span(self, span, &encoded);
+                if (written < 0)
+                    return NULL;
+                int added = sink_add(self->sink, written ? encoded : span);
+                Py_XDECREF(encoded);
+                if (added < 0)
+                    return NULL;
+                Py_RETURN_NONE;
+            }
             PyObject *r = PyObject_CallOneArg(self->on_end, span);
             if (r == NULL)
                 return NULL;
@@ -1134,18 +1417,25 @@ PyInit__otlp_fast(void)
     INTERN(s_status_attr, "http.response.status_code");
     INTERN(s_textmap_global, "_HTTP_TEXT_FORMAT");
     INTERN(s_recorders_global, "_recorders");
+    INTERN(s_sink_spans, "_spans");
+    INTERN(s_sink_limit, "_limit");
+    INTERN(s_sink_batch, "max_export_batch_size");
+    INTERN(s_sink_wake, "_wake");
+    INTERN(s_sink_drop, "_drop");
+    INTERN(s_set, "set");
 #undef INTERN
     if (pthread_atfork(NULL, NULL, ids_after_fork) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
-    if (PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&HttpSpansType) < 0)
+    if (PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&HttpSpansType) < 0 || PyType_Ready(&EncodedSpanType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;
     if (PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0 ||
-        PyModule_AddObjectRef(module, "HttpSpans", (PyObject *)&HttpSpansType) < 0) {
+        PyModule_AddObjectRef(module, "HttpSpans", (PyObject *)&HttpSpansType) < 0 ||
+        PyModule_AddObjectRef(module, "EncodedSpan", (PyObject *)&EncodedSpanType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

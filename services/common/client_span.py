@@ -10,6 +10,7 @@ the configured propagators write it) at a fraction of the cost:
 - the span is a services.common.server_span.ServerSpan (kind CLIENT) when the export
   takes them, else an SDK span as before (console and OTLP/HTTP exports);
 - it ends from the call's done callback: the call itself is handed back, not wrapped;
+- health probes (grpc.health.v1.Health) make no span, as on the servers' side;
 - tracing off (no SDK), a call only carries the current context on when there is a
   valid one (an incoming `traceparent` still passes through to the next hop), and
   makes no span.
@@ -33,16 +34,21 @@ TRACER_NAME = "clotho.grpc.client"
 _STATUS_CODE = "rpc.grpc.status_code"
 _CANCELLED = 1  # grpc.StatusCode.CANCELLED's number
 
-# (method) -> (span name, its attributes but the status): a channel's methods repeat.
-_methods: dict[Any, tuple[str, dict[str, Any]]] = {}
+# (method) -> (span name, its attributes but the status, whether it is traced): a
+# channel's methods repeat.
+_methods: dict[Any, tuple[str, dict[str, Any], bool]] = {}
+# Health probes are noise in traces (the servers' interceptor skips them too), and the
+# gateway's pool probes every shard on a timer.
+_UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health"})
 
 
-def _method(method: Any) -> tuple[str, dict[str, Any]]:
+def _method(method: Any) -> tuple[str, dict[str, Any], bool]:
     hit = _methods.get(method)
     if hit is None:
         name = method.decode() if isinstance(method, bytes) else str(method)
         service, _, meth = name.lstrip("/").partition("/")
-        hit = (name, {"rpc.system": "grpc", "rpc.method": meth, "rpc.service": service})
+        attributes = {"rpc.system": "grpc", "rpc.method": meth, "rpc.service": service}
+        hit = (name, attributes, service not in _UNTRACED_SERVICES)
         if len(_methods) < 1024:
             _methods[method] = hit
     return hit
@@ -74,7 +80,9 @@ def _start(details: aio.ClientCallDetails) -> tuple[Any, aio.ClientCallDetails]:
         if parent_span is None or not parent_span.get_span_context().is_valid:
             return None, details
         return None, _with_context(details, current)
-    name, attributes = _method(details.method)
+    name, attributes, traced = _method(details.method)
+    if not traced:
+        return None, details
     attributes = {**attributes, _STATUS_CODE: 0}
     recorder = telemetry.server_span_recorder(TRACER_NAME)
     if recorder is not None:

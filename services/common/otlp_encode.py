@@ -319,8 +319,11 @@ try:  # the C encoder of ServerSpan runs (_otlp_fast.c), built by `pip install`
     _fast: Any = importlib.import_module("services.common._otlp_fast")
     _encode_server_spans: Any = _fast.encode_server_spans
     _common_recorder: Any = _fast.common_recorder
+    # A span the gateway wrote as its bytes when it ended (request_span.http_spans).
+    _EncodedSpan: Any = _fast.EncodedSpan
 except ImportError:  # no compiler at install: the same bytes from Python
     _encode_server_spans = _common_recorder = None
+    _EncodedSpan = type(None)
 
 
 def _server_run(spans: list[Any]) -> bytes:
@@ -343,6 +346,11 @@ def _group(index: dict[int, Any], entries: list[Any], key: Any) -> Any:
     return entry
 
 
+# type -> whether its spans are ServerSpans (or EncodedSpans): isinstance against
+# ServerSpan is an ABC check (trace.Span), a few microseconds a span.
+_server_types: dict[type, bool] = {}
+
+
 def encode_request(spans: Sequence[Any]) -> bytes:
     """An ExportTraceServiceRequest holding `spans` (ReadableSpans), grouped by
     resource, then instrumentation scope, in first-seen order like the SDK's."""
@@ -352,7 +360,7 @@ def encode_request(spans: Sequence[Any]) -> bytes:
         _encode_server_spans is not None
         and type(spans) is list
         and spans
-        and isinstance(spans[0], ServerSpan)
+        and (isinstance(spans[0], ServerSpan) or type(spans[0]) is _EncodedSpan)
         and (recorder := _common_recorder(spans)) is not None
     ):
         # The usual batch: ServerSpans of one recorder (one resource, one scope), all
@@ -367,9 +375,19 @@ def encode_request(spans: Sequence[Any]) -> bytes:
     # A ServerSpan's recorder -> its scope's entry (the recorder holds one resource
     # and scope).
     by_recorder: dict[int, Any] = {}
+    run: list[Any] | None = None  # the run the last span joined, while the next may
+    run_recorder: Any = None
+    server_types = _server_types
     for span in spans:
-        if isinstance(span, ServerSpan):
+        kind = type(span)
+        is_server = server_types.get(kind)
+        if is_server is None:
+            is_server = server_types[kind] = kind is _EncodedSpan or issubclass(kind, ServerSpan)
+        if is_server:
             recorder = span._recorder
+            if recorder is run_recorder and run is not None:  # the usual batch: one long run
+                run.append(span)
+                continue
             scope = by_recorder.get(id(recorder))
             if scope is None:
                 res = _group(by_id, resources, recorder.resource)
@@ -377,10 +395,14 @@ def encode_request(spans: Sequence[Any]) -> bytes:
             # Consecutive ServerSpans of a scope gather in a list, encoded as one run.
             encoded = scope[1]
             if encoded and type(encoded[-1]) is list:
-                encoded[-1].append(span)
+                run = encoded[-1]
+                run.append(span)
             else:
-                encoded.append([span])
+                run = [span]
+                encoded.append(run)
+            run_recorder = recorder
             continue
+        run = run_recorder = None  # its bytes may follow the run in the same scope
         res = _group(by_id, resources, span.resource)
         scope = _group(res[2], res[1], span.instrumentation_scope or None)
         scope[1].append(_ld(b"\x12", encode_span(span)))

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
@@ -31,6 +32,7 @@ class Target(pb_grpc.InferenceServiceServicer):
 
     def __init__(self) -> None:
         self.traceparents: list[str | None] = []
+        self.channel: Any = None
 
     async def Generate(self, request: Any, context: Any) -> Any:
         self.traceparents.append(dict(context.invocation_metadata()).get("traceparent"))
@@ -44,9 +46,11 @@ async def target() -> Any:
     servicer = Target()
     server = aio.server()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     ch = channel(f"127.0.0.1:{port}")
+    servicer.channel = ch  # for calls of other services on the same channel
     yield servicer, pb_grpc.InferenceServiceStub(ch)
     await ch.close()
     await server.stop(0)
@@ -135,3 +139,16 @@ async def test_tracing_off_passes_an_incoming_context_through(target: Any, monke
     finally:
         otel_context.detach(token)
     assert servicer.traceparents == [None, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]
+
+
+async def test_health_probes_make_no_span(target: Any, tracing_on: Any) -> None:
+    """The gateway's pool probes every shard on a timer: noise in traces, as the
+    servers' interceptor already says (it skips them)."""
+    servicer, stub = target
+    p, out = tracing_on
+    probe = health_pb2_grpc.HealthStub(servicer.channel)
+    reply = await probe.Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    await _generate(stub, [1])
+    await wait_until(lambda: _exported(p, out))
+    assert [s.name for s in _exported(p, out)] == ["/clotho.v1.InferenceService/Generate"]

@@ -174,3 +174,68 @@ def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
     os.close(read)
     assert status == 0
     assert ids() != child
+
+
+async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the OTLP/gRPC export's SpanSink, the C way writes each usual span as its
+    OTLP bytes when it ends (an EncodedSpan); they are byte for byte what the encoder
+    writes for the same spans, in a whole export request too. A span the bytes do not
+    cover (an event) goes to the sink as it is."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from services.common import otlp_encode
+    from services.common._otlp_fast import EncodedSpan
+    from services.common.span_sink import SpanSink
+
+    class Keep:
+        accepts_server_spans = True
+
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self, **kwargs: Any) -> None:
+            pass
+
+    sink = SpanSink(Keep(), schedule_delay_millis=60_000)
+    p = TracerProvider(resource=Resource.create({"service.name": "gw"}))
+    p.add_span_processor(sink)
+    monkeypatch.setattr(telemetry, "enabled", True)
+    monkeypatch.setattr(telemetry, "_recorders", {"clotho.gateway": Recorder.for_provider(p, "clotho.gateway")})
+    app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
+    seen: list[Any] = []
+
+    @app.get("/attrs/{name}")
+    async def attrs(name: str) -> dict:
+        span = trace.get_current_span()
+        span.set_attributes({"i": -3, "big": 1 << 40, "b": True, "f": 0.25, "s": "", "u": "ünï"})
+        seen.append(span)
+        return {}
+
+    @app.get("/plain")
+    async def plain() -> dict:
+        seen.append(trace.get_current_span())
+        return {}
+
+    @app.get("/event")
+    async def event() -> dict:
+        span = trace.get_current_span()
+        span.add_event("e", {"k": 1})
+        seen.append(span)
+        return {}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        for path in ("/plain", "/attrs/ä", "/event", "/plain"):
+            assert (await c.get(path)).status_code == 200
+    entries = list(sink._spans)
+    assert [type(e).__name__ for e in entries] == ["EncodedSpan", "EncodedSpan", "HttpServerSpan", "EncodedSpan"]
+    assert entries[2] is seen[2]
+    for entry, span in zip(entries, seen, strict=True):
+        if type(entry) is EncodedSpan:
+            assert entry._recorder is span._recorder
+            assert entry.data == otlp_encode.encode_server_span(span)
+    assert otlp_encode.encode_request(entries) == otlp_encode.encode_request(seen)
+    assert otlp_encode.encode_request([entries[0], entries[3]]) == otlp_encode.encode_request([seen[0], seen[3]])
+    p.shutdown()

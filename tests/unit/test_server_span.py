@@ -164,6 +164,11 @@ def test_server_spans_encode_to_the_sdk_encoders_bytes(encoder: str) -> None:
                 pass
             ours.append(sdk)
             twins.append(sdk)
+        if i % 3 == 2:  # an SDK span of the same scope in between: it splits the run
+            with sdk_tracer.start_as_current_span(f"same scope {i}") as sdk:
+                pass
+            ours.append(sdk)
+            twins.append(sdk)
     p.force_flush()
     assert encode_request(ours) == encode_spans(twins).SerializeToString()
 

@@ -275,7 +275,17 @@ def http_spans() -> Any:
         end_request,
         _finish,
         _detach_failed,
+        _sink_of(recorder.on_end),
     )
+
+
+def _sink_of(on_end: Any) -> Any:
+    """The SpanSink whose `add` is `on_end` (it then takes spans written as their
+    OTLP bytes, services.common._otlp_fast.EncodedSpan), else None."""
+    from services.common.span_sink import SpanSink
+
+    sink = getattr(on_end, "__self__", None)
+    return sink if type(sink) is SpanSink and getattr(on_end, "__func__", None) is SpanSink.add else None
 
 
 async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
