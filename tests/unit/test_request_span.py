@@ -186,6 +186,7 @@ async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: p
     from opentelemetry.sdk.trace.export import SpanExportResult
 
     from services.common import otlp_encode
+
     EncodedSpan = otlp_encode._EncodedSpan
     from services.common.span_sink import SpanSink
 
