@@ -1,0 +1,222 @@
+"""What tracing costs the gateway per ingest request, counted in instructions.
+
+bench/tracing_overhead.py measures what a user sees (throughput, CPU per request) and
+needs a quiet machine: on a shared one its quartiles span tens of percent. This bench
+counts instructions instead, which repeat to within a fraction of a percent whatever
+else runs: each stack's gateway runs under valgrind's callgrind (instrumentation off
+until the load starts), an inference process with the tiny model behind it (not
+measured), memory store. After a warm-up (and the gateway's start-up work), `--requests`
+small `/scored_data` groups are posted over `--connections` keep-alive connections
+while callgrind counts; the figure is the gateway's instructions (every thread, and
+its main thread apart) per request. Modes, as tracing_overhead.py's:
+  off        no OTEL_* set (the default)
+  on         OTEL_TRACES_EXPORTER=none: spans recorded and sampled, exported nowhere
+  exporting  OTLP/gRPC, 100% sampling, to a receiver (its own process, not counted);
+             OTEL_BSP_SCHEDULE_DELAY is long, so batches leave full (512 spans), as
+             they do at the rates tracing_overhead.py drives (a batch fills in ~40 ms)
+             and not at the rate valgrind allows.
+`--baseline-src DIR` runs the same for another checkout of the repository (its C
+extensions built in place: `python -c "from setuptools import setup; setup()"
+build_ext --inplace` there) in the same run, side by side.
+
+Instructions are not time: cache misses and IPC are not in them, so a cost here is a
+lower bound of the CPU cost, and the relation to throughput is tracing_overhead.py's
+to show. Needs valgrind (`apt-get install valgrind`).
+
+    .venv/bin/python bench/tracing_instructions.py [--requests 4096] [--connections 16]
+        [--modes off,on,exporting] [--baseline-src DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from tracing_overhead import mode_env, request_bytes, settle
+
+from services import launcher
+from services.demo.tiny_model import build_tiny_model
+
+GROUP = {
+    "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
+    "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
+    "scores": [0.0, 1.0],
+}
+GENERATE = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}}
+
+
+def totals(path: Path) -> int:
+    """The instruction count of one callgrind output file (its `totals:` line; the
+    `summary:` line is written at start-up, before any counting)."""
+    found = None
+    for line in path.read_text().splitlines():
+        if line.startswith("totals:"):
+            found = int(line.split()[1])
+    if found is None:
+        raise RuntimeError(f"no totals in {path}")
+    return found
+
+
+async def post_all(port: int, request: bytes, per_connection: int, connections: int) -> None:
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(per_connection):
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                if int(head.split(b" ", 2)[1]) != 200:
+                    raise RuntimeError(f"HTTP error: {head!r}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+
+
+async def instrument(pid: int, state: str) -> None:
+    """Turn callgrind's counting in process `pid` on or off."""
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control", "-i", state, str(pid), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError(f"callgrind_control -i {state} {pid} failed")
+
+
+async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Instructions per request of the gateway of `tree` in `mode`: all threads, main."""
+    env = mode_env(mode, endpoint)
+    if mode == "exporting":
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "600000"  # batches leave when full (512)
+    env["PYTHONPATH"] = str(tree)
+    out_dir = work / f"{tree.name}-{mode}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inference = await launcher.start(
+        f"inference-{mode}",
+        "services.inference",
+        ["--model-path", str(model), "--grpc-port", "0", "--grace-seconds", "1"],
+        out_dir,
+        env=env,
+    )
+    ready = await launcher.wait_ready(inference, 180)
+    gateway_args = [
+        "--http-port", "0", "--grpc-port", "0", "--grace-seconds", "1", "--store", "memory",
+        "--max-stored-groups", "100000000", "--max-stored-bytes", str(1 << 40),
+        "--inference", f"127.0.0.1:{ready['grpc_port']}", "--tokenizer-path", str(model),
+    ]  # fmt: skip
+    out_file = out_dir / "callgrind.out"
+    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+    argv += [f"--callgrind-out-file={out_file}", sys.executable, "-m", "services.gateway", *gateway_args]
+    with open(out_dir / "gateway.log", "wb") as log:
+        gateway = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            cwd=tree,
+            text=True,
+        )
+    try:
+        assert gateway.stdout is not None
+        while True:
+            line = gateway.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the gateway of {tree} ({mode}) exited; see {out_dir / 'gateway.log'}")
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "ready":
+                break
+        port = int(event["http_port"])
+        await settle(port, gateway.pid, request_bytes("/generate", GENERATE, port))
+        request = request_bytes("/scored_data", GROUP, port)
+        await post_all(port, request, 32, args.connections)  # warm-up, not counted
+        per_connection = args.requests // args.connections
+        n = per_connection * args.connections
+        await instrument(gateway.pid, "on")
+        await post_all(port, request, per_connection, args.connections)
+        await instrument(gateway.pid, "off")
+    finally:
+        gateway.terminate()
+        gateway.wait(120)
+        await launcher.stop(inference)
+    threads = sorted(out_dir.glob("callgrind.out-*"))
+    counts = [totals(t) for t in threads]
+    return {"all": sum(counts) / n, "main": counts[0] / n, "requests": n}
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="clotho-tracing-instructions-"))
+    model = build_tiny_model(work / "model")
+    receiver = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "tracing_overhead.py"), "--serve-receiver"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdout is not None and receiver.stdin is not None
+    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+    trees = {"this tree": REPO}
+    if args.baseline_src is not None:
+        trees = {"baseline": args.baseline_src.resolve(), **trees}
+    results: dict[str, dict[str, dict]] = {}
+    try:
+        for label, tree in trees.items():
+            for mode in args.modes.split(","):
+                results.setdefault(label, {})[mode] = await measure(tree, mode, endpoint, model, work, args)
+                print(json.dumps({"tree": label, "mode": mode, **results[label][mode]}), flush=True)
+    finally:
+        receiver.stdin.write("\n")
+        receiver.stdin.flush()
+        received = receiver.stdout.readline().strip()
+        receiver.stdin.close()
+        receiver.wait(10)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nreceiver: {received}")
+    print(f"{args.requests} x /scored_data (2 sequences x 16 tokens) over {args.connections} connections\n")
+    print("| tree | mode | instructions/request (all threads) | main thread | cost over off (all) | (main) |")
+    print("|---|---|---|---|---|---|")
+    for label, modes in results.items():
+        off = modes.get("off")
+        for mode, r in modes.items():
+            cost = f"+{r['all'] / off['all'] - 1:.1%}" if off and mode != "off" else ""
+            main = f"+{r['main'] / off['main'] - 1:.1%}" if off and mode != "off" else ""
+            print(f"| {label} | {mode} | {r['all'] / 1e3:.1f}k | {r['main'] / 1e3:.1f}k | {cost} | {main} |")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=4096)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--modes", default="off,on,exporting")
+    p.add_argument("--baseline-src", type=Path, default=None, help="another checkout, its C extensions built")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep the callgrind outputs")
+    args = p.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("needs valgrind (apt-get install valgrind)")
+    results = asyncio.run(main_async(args))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
