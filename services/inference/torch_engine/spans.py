@@ -13,6 +13,11 @@ Generate span), carried explicitly across the thread:
                                middle of a sample shows as two, each with its version
 
 Untraced requests (no recording span at submit) note nothing and write nothing.
+
+When the export takes them (OTLP/gRPC, or none) the spans are
+services.common.server_span ServerSpans from the tracer's Recorder, not SDK spans:
+the same fields at a fraction of the CPU (four or more spans per request, each
+~25 us through the SDK, were most of what exporting cost the inference process).
 """
 
 from __future__ import annotations
@@ -22,11 +27,40 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from services.common import telemetry
 
 if TYPE_CHECKING:
     from services.inference.torch_engine.batch import RequestState, SampleState
 
-tracer = trace.get_tracer("clotho.inference.engine")
+TRACER_NAME = "clotho.inference.engine"
+tracer = trace.get_tracer(TRACER_NAME)
+
+
+def _starter(parent_ctx: Any) -> Any:
+    """start(name, parent span or None (the request's context), start_time,
+    attributes) -> a started span: the tracer's Recorder when the export takes
+    ServerSpans, else the SDK tracer."""
+    recorder = telemetry.server_span_recorder(TRACER_NAME)
+    if recorder is None:
+
+        def start_sdk(name: str, parent: Any, start_time: int, attributes: dict[str, Any] | None = None) -> Any:
+            context = parent_ctx if parent is None else trace.set_span_in_context(parent)
+            return tracer.start_span(name, context=context, start_time=start_time, attributes=attributes)
+
+        return start_sdk
+    request_parent = trace.get_current_span(parent_ctx).get_span_context()
+
+    def start(name: str, parent: Any, start_time: int, attributes: dict[str, Any] | None = None) -> Any:
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in (attributes or {}).items()}
+        parent_span = request_parent if parent is None else parent.get_span_context()
+        span = recorder.start(name, parent_span, SpanKind.INTERNAL, values, parent_ctx)
+        if span.is_recording():
+            span._start_time = start_time
+        return span
+
+    return start
 
 
 def write_request_spans(request: RequestState, shard: str) -> None:
@@ -57,31 +91,31 @@ def write_request_spans(request: RequestState, shard: str) -> None:
     }
     if first_tokens:
         attributes["clotho.time_to_first_token_ms"] = (min(first_tokens) - submitted) / 1e6
-    root = tracer.start_span("engine.generate", context=ctx, start_time=submitted, attributes=attributes)
+    start = _starter(ctx)
+    root = start("engine.generate", None, submitted, attributes)
     if first_tokens:
         root.add_event("first_token", timestamp=min(first_tokens))
     if request.error is not None:
         root.record_exception(request.error)
         root.set_status(trace.StatusCode.ERROR, str(request.error))
-    parent = trace.set_span_in_context(root)
     if request.admitted_ns:
-        tracer.start_span("engine.queue", context=parent, start_time=submitted).end(end_time=admitted)
-        prefill = tracer.start_span(
+        start("engine.queue", root, submitted).end(end_time=admitted)
+        prefill = start(
             "engine.prefill",
-            context=parent,
-            start_time=admitted,
-            attributes={"clotho.prompt_tokens": len(request.input_ids), "clotho.batch_requests": request.admitted_with},
+            root,
+            admitted,
+            {"clotho.prompt_tokens": len(request.input_ids), "clotho.batch_requests": request.admitted_with},
         )
         prefill.end(end_time=prefilled)
     for s in samples:
         times = [*s.span_times, s.finished_ns or ended]
         for i, version_span in enumerate(s.spans):
             stop = s.spans[i + 1].start_token if i + 1 < len(s.spans) else len(s.output_ids)
-            decode = tracer.start_span(
+            decode = start(
                 "engine.decode",
-                context=parent,
-                start_time=times[i],
-                attributes={
+                root,
+                times[i],
+                {
                     "clotho.sample": s.index,
                     "clotho.policy_version": version_span.version,
                     "clotho.start_token": version_span.start_token,
