@@ -152,13 +152,11 @@ def server_span_recorder(tracer_name: str) -> Any:
 
 
 def server_interceptors() -> list[Any]:
-    """The tracing interceptor for grpc.aio servers (continues incoming traceparent)."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-    from opentelemetry.instrumentation.grpc.filters import negate, service_name
+    """The tracing interceptor for grpc.aio servers: a SERVER span per call while
+    tracing is on, continuing the caller's traceparent (services.common.server_rpc_span)."""
+    from services.common.server_rpc_span import ServerSpans
 
-    # Health probes are noise in traces, and the instrumentation assumes every streaming
-    # handler is an async generator, which health's Watch (a coroutine) is not.
-    return [aio_server_interceptor(filter_=negate(service_name("grpc.health.v1.Health")))]  # type: ignore[no-untyped-call]
+    return [ServerSpans()]
 
 
 def client_interceptors() -> list[Any]:

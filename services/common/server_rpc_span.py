@@ -1,0 +1,209 @@
+"""Server spans of the mesh's gRPC services (grpc.aio servers), light.
+
+opentelemetry-instrumentation-grpc's aio server interceptor wrapped every call, traced
+or not: a wrapt proxy around the servicer context, the caller's context extracted and
+a span started through the SDK (~25-30 us of CPU, see server_span.py) and, for a
+streamed response, an async generator of its own that every message passed through --
+and it did all of that with tracing off too, on every Generate and weight-update call.
+This interceptor keeps what its spans said (a SERVER span named by the full method,
+`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, an ERROR status for
+the codes the semantic conventions call server errors, the caller's `traceparent`
+continued, the span current while the handler runs):
+- tracing off (no SDK), a call is handed to the servicer untouched unless its metadata
+  carries a trace context, which is then made current so it passes on to the next hop;
+- the span is a services.common.server_span.ServerSpan when the export takes them,
+  else an SDK span (console and OTLP/HTTP exports);
+- the servicer context is not wrapped: the status is read from it when the call ends;
+- health probes (grpc.health.v1.Health) make no span.
+The peer address and user agent attributes of the instrumentation are not recorded:
+they cost a parse per call, and a mesh's peers are its own services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.trace.status import Status, StatusCode
+
+from services.common import telemetry
+
+TRACER_NAME = "clotho.grpc.server"
+_STATUS_CODE = "rpc.grpc.status_code"
+_UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health"})
+# What the semantic conventions count as a server's error; the rest (INVALID_ARGUMENT,
+# NOT_FOUND, ...) are the caller's.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+log = logging.getLogger(__name__)
+
+# method -> (its attributes but the status, whether it is traced); bounded.
+_methods: dict[str, tuple[dict[str, Any], bool]] = {}
+
+
+def _method(method: str) -> tuple[dict[str, Any], bool]:
+    hit = _methods.get(method)
+    if hit is None:
+        service, _, name = method.lstrip("/").partition("/")
+        hit = ({"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}, service not in _UNTRACED_SERVICES)
+        if len(_methods) < 1024:
+            _methods[method] = hit
+    return hit
+
+
+_fields: tuple[Any, frozenset[str]] | None = None
+
+
+def _carried(metadata: Any) -> dict[str, str] | None:
+    """The metadata entries the configured propagators read, or None."""
+    global _fields
+    textmap = propagate.get_global_textmap()
+    cached = _fields
+    if cached is None or cached[0] is not textmap:
+        cached = _fields = (textmap, frozenset(f.lower() for f in textmap.fields))
+    fields = cached[1]
+    carrier = None
+    for key, value in metadata or ():
+        if key in fields:
+            if carrier is None:
+                carrier = {}
+            carrier[key] = value if isinstance(value, str) else value.decode("latin-1")
+    return carrier
+
+
+def _open(method: str, attributes: dict[str, Any], metadata: Any) -> tuple[Any, Any]:
+    """(the call's span or None, the context token to detach, or None)."""
+    carrier = _carried(metadata)
+    incoming = propagate.extract(carrier) if carrier is not None else None
+    if not telemetry.enabled:
+        return None, (otel_context.attach(incoming) if incoming is not None else None)
+    base = incoming if incoming is not None else otel_context.get_current()
+    parent_span: Any = base.get(_SPAN_KEY)
+    values = {**attributes, _STATUS_CODE: 0}
+    recorder = telemetry.server_span_recorder(TRACER_NAME)
+    if recorder is not None:
+        parent = None if parent_span is None else parent_span.get_span_context()
+        span = recorder.start(method, parent, SpanKind.SERVER, values, base)
+    else:
+        span = trace.get_tracer(TRACER_NAME).start_span(method, context=base, kind=SpanKind.SERVER, attributes=values)
+    return span, otel_context.attach(otel_context.Context({**base, _SPAN_KEY: span}))
+
+
+def _close(span: Any, token: Any, context: Any, error: BaseException | None) -> None:
+    if token is not None:
+        try:
+            otel_context.detach(token)
+        except Exception:  # a stream closed from another task: its context is gone anyway
+            log.debug("trace context of a call not detached", exc_info=True)
+    if span is None:
+        return
+    code = context.code()
+    if isinstance(code, int):
+        code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    if code is None:
+        if error is None:
+            code = grpc.StatusCode.OK
+        elif isinstance(error, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = grpc.StatusCode.UNKNOWN
+    if code is not grpc.StatusCode.OK:
+        span.set_attribute(_STATUS_CODE, code.value[0])
+        if code in _SERVER_ERRORS:
+            span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or ''}"))
+    if error is not None and not isinstance(error, (aio.AbortError, asyncio.CancelledError)):
+        span.record_exception(error)
+    span.end()
+
+
+def _wrap(handler: Any, method: str, attributes: dict[str, Any], metadata: Any) -> Any:
+    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: Any) -> Any:
+            span, token = _open(method, attributes, metadata)
+            try:
+                result = await fn(request, context)
+            except BaseException as exc:
+                _close(span, token, context, exc)
+                raise
+            _close(span, token, context, None)
+            return result
+
+        return call
+
+    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+            span, token = _open(method, attributes, metadata)
+            error: BaseException | None = None
+            try:
+                async for item in fn(request, context):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                _close(span, token, context, error)
+
+        return call
+
+    def either(fn: Any) -> Any:
+        # A streaming handler is an async generator, or a coroutine that writes through
+        # the context: the wrapper must be the same kind (grpc.aio asks which).
+        return streaming(fn) if inspect.isasyncgenfunction(fn) else unary(fn)
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            either(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            either(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+    return handler
+
+
+class ServerSpans(aio.ServerInterceptor):
+    """A SERVER span per call while tracing is on; off, only a caller's trace context
+    is made current (see the module doc)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        attributes, traced = _method(method)
+        if not traced:
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        if not telemetry.enabled and _carried(metadata) is None:
+            return handler
+        return _wrap(handler, method, attributes, metadata)
