@@ -200,3 +200,64 @@ async def test_a_generation_bound_room_generates_at_once() -> None:
     room, calls, events = await _freed_room(wait_fraction=0.5)
     assert events[-2:] == ["handed out", "generating"]
     assert all(version is None for _, _, version in calls)
+
+
+@pytest.mark.parametrize("wait_fraction", [0.5, 0.001], ids=["generation-bound", "trainer-bound"])
+async def test_an_on_policy_room_generates_only_from_the_weights_of_the_step_that_took_the_batch(
+    wait_fraction: float,
+) -> None:
+    """The trainer takes the batch of step 31 while step 30's weights are in flight:
+    an on-policy room stays shut through the commit of 30 (still one step behind) and
+    opens at 31's, however the trainer waits; a worker's own wake-up does not open it."""
+    calls: list[tuple] = []
+    events: list[str] = []
+    committed = iter([30, 31])
+
+    async def status() -> dict:
+        return {}
+
+    async def watch(step: int, queue: int, wait: float, version: int | None = None) -> dict:
+        calls.append((step, queue, version))
+        answer = {"self_queue_size": 0, "current_step": 31, "trainer_wait_seconds": 0.0}
+        if version is None:
+            events.append("handed out")
+            return {**answer, "policy_version": 29}
+        await asyncio.sleep(0.01)
+        v = next(committed)
+        events.append(f"committed {v}")
+        return {**answer, "policy_version": v}
+
+    room = Room(4, status, watch, on_policy=True)
+    room.observe({"self_queue_size": 4, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
+    _trainer_waiting(room, wait_fraction, 30)
+    room.queued = 4  # at the limit: workers wait
+    poller = asyncio.ensure_future(room.poll())
+    try:
+        first = asyncio.ensure_future(room.acquire())
+        await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(room.acquire())  # its notify wakes the first
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        events.append("generating")
+    finally:
+        poller.cancel()
+    assert events == ["handed out", "committed 30", "committed 31", "generating"]
+    assert [version for _, _, version in calls] == [None, 29, 30]
+
+
+async def test_max_batches_offpolicy_zero_is_one_batch_on_policy(tokenizer_dir) -> None:
+    import httpx
+
+    from services.demo.env import DemoEnv, DemoEnvConfig
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"batch_size": 32})
+
+    env = DemoEnv(
+        DemoEnvConfig(
+            gateway_url="http://gw", tokenizer_path=tokenizer_dir, group_size=8, max_batches_offpolicy=0, on_policy=True
+        )
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://gw") as client:
+        limit = await env.groups_ahead(client)
+        room = env.room(client, limit)
+    assert limit == 4 and room.on_policy and room.max_limit == 4
