@@ -500,7 +500,7 @@ class Room:
             async with self.changed:
                 self.observe(status, loop.time())
                 free = self._free()
-                if free and self.on_policy and self._behind(status):
+                if free and self.on_policy and self.watch is not None and self._behind(status):
                     self._shut = True  # no worker starts until the weights are there
             if self._shut:
                 try:
