@@ -309,6 +309,10 @@ class Room:
     MAX_BACKOFF_STEPS = 1024
     MAX_COMMIT_WAIT_SECONDS = 1.0  # the longest a freed room waits for fresh weights
     MAX_ON_POLICY_WAIT_SECONDS = 60.0  # on_policy: the longest it waits for a step's weights
+    # A long poll whose count went out of date is sent again after this many steps
+    # (the trainer takes the next batch within about one) and at least this long.
+    OUTDATED_GRACE_STEPS = 1.5
+    MIN_OUTDATED_GRACE = 0.02
 
     def __init__(
         self,
@@ -466,6 +470,45 @@ class Room:
         self._backoff = min(2 * self._backoff, self.MAX_BACKOFF_STEPS)
         return True
 
+    async def _ask_current(self) -> dict:
+        """`_ask`, sent again when it went out of date: every worker's group posted since
+        it was sent (none generating), the count grown past what it asked about, and
+        no answer within a grace of OUTDATED_GRACE_STEPS steps. The gateway answers a
+        long poll when this env's queue drops below the count sent; a count that is one
+        too high (a group's POST answered after an answer that already counted it, or
+        the batch holding it handed out) makes the room look full while the trainer
+        waits for a group, and only a poll with the grown count is answered at once.
+        Without a long poll (Atropos' run-api) or while groups are generating, it is
+        `_ask`."""
+        while True:
+            sent = self.queued
+            ask = asyncio.ensure_future(self._ask())
+            outdated = asyncio.ensure_future(self._outdated(sent))
+            try:
+                await asyncio.wait({ask, outdated}, return_when=asyncio.FIRST_COMPLETED)
+                if not ask.done():
+                    await asyncio.wait({ask}, timeout=self._outdated_grace())
+                if ask.done():
+                    return ask.result()
+            finally:
+                outdated.cancel()
+                if not ask.done():
+                    ask.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        await ask
+            log.debug("status-env asked about %d queued groups, %d now: asking again", sent, self.queued)
+
+    async def _outdated(self, sent: int) -> None:
+        """Until no group is generating and more are queued than `sent` (a long poll only)."""
+        if self.watch is None:
+            await asyncio.Event().wait()  # never: run-api is polled, each answer current
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.generating == 0 and self.queued > sent)
+
+    def _outdated_grace(self) -> float:
+        interval = self.step_interval if self.step_interval is not None else self.MAX_INTERVAL
+        return min(self.LONG_POLL_SECONDS, max(self.MIN_OUTDATED_GRACE, self.OUTDATED_GRACE_STEPS * interval))
+
     async def _ask(self) -> dict:
         self.requests += 1
         if self.watch is None:
@@ -492,7 +535,7 @@ class Room:
             async with self.changed:
                 await self.changed.wait_for(lambda: self.waiting > 0 and not self._free())
             try:
-                status = await self._ask()
+                status = await self._ask_current()
             except httpx.HTTPError as exc:
                 log.warning("status-env failed: %s", exc)
                 await asyncio.sleep(self.MAX_INTERVAL)
