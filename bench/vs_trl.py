@@ -250,7 +250,7 @@ def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra
         "--group-size",
         str(GROUP_SIZE),
     ]
-    if src == ROOT:
+    if src == ROOT or _has_flag(src, "--task"):
         cmd += ["--seed", str(seed), "--task", size["task"], "--max-new-tokens", str(size["max_new_tokens"])]
     elif size["task"] != "repeat" or size["max_new_tokens"] != 4:
         raise ValueError("an older checkout runs only the tiny size")
@@ -277,6 +277,11 @@ def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra
     lines = data_dir / "steps.jsonl"
     events = [json.loads(x) for x in lines.read_text().splitlines() if x.strip()] if lines.exists() else []
     return {"summary": summary, "steps": rows, "startup_seconds": (training or now) - started, "events": events}
+
+
+def _has_flag(src: Path, flag: str) -> bool:
+    """Whether another checkout's `clotho up` takes `flag` (older ones take no --seed/--task)."""
+    return any(f'"{flag}"' in path.read_text() for path in (src / "services").glob("*.py"))
 
 
 def rate(steps: list[dict], offset: float = 0.0) -> float | None:
