@@ -3,6 +3,7 @@
     python bench/vs_trl.py            # both sizes, full length
     python bench/vs_trl.py --quick    # a short run of each
     python bench/vs_trl.py --sizes tiny --before   # also Clotho with no thread budget
+    python bench/vs_trl.py --sizes tiny --seeds 5  # every run over seeds 0..4, medians
 
 Needs the bench extra (`pip install -e .[bench]`: trl). Two sizes:
 
@@ -29,6 +30,16 @@ machine shared with other work, a pool as wide as the machine stalls).
 torch's default pool), the configuration before the budget existed; `--baseline-src DIR`
 adds one from another checkout of the repository (e.g. `git archive` of an older commit),
 run with its own `clotho up`.
+
+`--seeds N` (seeds --seed .. --seed+N-1) or `--seeds 3,7,11` repeats every run once per
+seed (the seed of TRL's run and of `clotho up`: its prompts, sampling and trainer), the
+runs of one seed one after another, so load drifts over all of them alike. It prints each
+seed's steps/min and (step, seconds) to each threshold, then per run the medians over the
+seeds (a threshold not reached counts as never), how many seeds reached it, in how many
+seeds the run's wall time to it was no worse than TRL's with the same seed, and the mean
+smoothed score per step over the seeds with its range. TRL with a fixed seed is
+deterministic; Clotho is not (asynchronous timing decides which policy version generates
+which group), so one seed is not evidence of a difference in learning per step.
 
 Internal: `vs_trl.py _trl ...` is the TRL run itself, in a child process.
 """
@@ -239,7 +250,7 @@ def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra
         "--group-size",
         str(GROUP_SIZE),
     ]
-    if src == ROOT:
+    if src == ROOT or _has_flag(src, "--task"):
         cmd += ["--seed", str(seed), "--task", size["task"], "--max-new-tokens", str(size["max_new_tokens"])]
     elif size["task"] != "repeat" or size["max_new_tokens"] != 4:
         raise ValueError("an older checkout runs only the tiny size")
@@ -266,6 +277,11 @@ def run_clotho(size: dict, model: Path, steps: int, seed: int, work: Path, extra
     lines = data_dir / "steps.jsonl"
     events = [json.loads(x) for x in lines.read_text().splitlines() if x.strip()] if lines.exists() else []
     return {"summary": summary, "steps": rows, "startup_seconds": (training or now) - started, "events": events}
+
+
+def _has_flag(src: Path, flag: str) -> bool:
+    """Whether another checkout's `clotho up` takes `flag` (older ones take no --seed/--task)."""
+    return any(f'"{flag}"' in path.read_text() for path in (src / "services").glob("*.py"))
 
 
 def rate(steps: list[dict], offset: float = 0.0) -> float | None:
@@ -327,12 +343,114 @@ def report(name: str, size: dict, results: dict[str, dict]) -> None:
             print(f"- {run}: {format_breakdown(b)}; start-up {r.get('startup', 0.0):.1f} s; threads {r.get('threads')}")
 
 
+def parse_seeds(seeds: str | None, seed: int) -> list[int]:
+    """`--seeds`: None -> [seed]; "N" -> seed .. seed+N-1; "a,b,c" -> those."""
+    if seeds is None:
+        return [seed]
+    if "," in seeds:
+        return [int(x) for x in seeds.split(",") if x.strip()]
+    n = int(seeds)
+    if n <= 0:
+        raise ValueError("--seeds N needs N >= 1")
+    return [seed + i for i in range(n)]
+
+
+def _median(values: list[float]) -> float:
+    """The median, a threshold never reached counting as infinity."""
+    return statistics.median(values) if values else float("inf")
+
+
+def _cell(v: float, fmt: str) -> str:
+    return "never" if v == float("inf") else format(v, fmt)
+
+
+def report_seeds(name: str, size: dict, per_seed: dict[int, dict[str, dict]]) -> None:
+    """Several seeds: each seed's figures, then per run the medians over the seeds, and
+    how often its wall time to each threshold was no worse than TRL's same seed."""
+    thresholds = size["thresholds"]
+    seeds = list(per_seed)
+    labels = list(dict.fromkeys(label for results in per_seed.values() for label in results))
+    trl = next((label for label in labels if label.startswith("TRL")), None)
+    print(
+        f"\n## {name}: task {size['task']}, {size['max_new_tokens']} new tokens, model {size['model']}, "
+        f"lr {size['lr']}; seeds {', '.join(map(str, seeds))}"
+    )
+    head = (
+        "| run | seed | steps | steps/min | "
+        + " | ".join(f"to {t} (step, s)" for t in thresholds)
+        + " | staleness mean |"
+    )
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    # (label) -> per threshold: steps and seconds per seed; steps/min per seed
+    hit_steps: dict[str, dict[float, list[float]]] = {k: {t: [] for t in thresholds} for k in labels}
+    hit_secs: dict[str, dict[float, list[float]]] = {k: {t: [] for t in thresholds} for k in labels}
+    wins: dict[str, dict[float, int]] = {k: dict.fromkeys(thresholds, 0) for k in labels}
+    rates: dict[str, list[float]] = {k: [] for k in labels}
+    curves: dict[str, list[list[float]]] = {k: [] for k in labels}
+    for seed, results in per_seed.items():
+        trl_hits = crossings(results[trl]["steps"], thresholds) if trl in results else None
+        for label, r in results.items():
+            steps = r["steps"]
+            hits = crossings(steps, thresholds) if steps else dict.fromkeys(thresholds)
+            spm = (rate(steps) if steps else r.get("steps_per_minute")) or 0.0
+            rates[label].append(spm)
+            curves[label].append(smoothed([s["mean_score"] for s in steps]))
+            for t, h in hits.items():
+                hit_steps[label][t].append(float(h[0]) if h else float("inf"))
+                hit_secs[label][t].append(h[1] if h else float("inf"))
+                if trl_hits is not None:
+                    theirs = trl_hits[t]
+                    mine = h[1] if h else float("inf")
+                    if theirs is None or mine <= theirs[1]:
+                        wins[label][t] += 1
+            events = r.get("events") or []
+            stale = f"{statistics.fmean(e.get('staleness_mean', 0.0) for e in events):.2f}" if events else ""
+            cells = [f"{h[0]}, {h[1]:.1f}" if h else "not reached" for h in hits.values()]
+            print(f"| {label} | {seed} | {len(steps)} | {spm:.1f} | " + " | ".join(cells) + f" | {stale} |")
+    print()
+    head = (
+        f"| run (median of {len(seeds)} seeds) | steps/min | "
+        + " | ".join(f"to {t}: steps | to {t}: s" for t in thresholds)
+        + " | reached | wall <= TRL's (same seed) |"
+    )
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for label in labels:
+        cells = [
+            f"{_cell(_median(hit_steps[label][t]), '.0f')} | {_cell(_median(hit_secs[label][t]), '.1f')}"
+            for t in thresholds
+        ]
+        reached = " / ".join(f"{sum(v != float('inf') for v in hit_steps[label][t])}" for t in thresholds)
+        won = "" if label == trl or trl is None else " / ".join(f"{wins[label][t]}" for t in thresholds)
+        print(f"| {label} | {_median(rates[label]):.1f} | " + " | ".join(cells) + f" | {reached} | {won} |")
+    # The curve per step over the seeds: mean of the smoothed score (min-max).
+    longest = max(len(c) for cs in curves.values() for c in cs)
+    marks = [m for m in (10, 20, 40, 60, 80, 100, 120, 140, 160, 200, 250) if m <= longest]
+    head = "| run: smoothed score, mean over seeds (min-max) | " + " | ".join(f"step {m}" for m in marks) + " |"
+    print()
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for label in labels:
+        cells = []
+        for m in marks:
+            vals = [c[m - 1] for c in curves[label] if len(c) >= m]
+            cells.append(f"{statistics.fmean(vals):.3f} ({min(vals):.2f}-{max(vals):.2f})" if vals else "")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test of the bench)")
     p.add_argument("--sizes", default="tiny,heavy", help="comma-separated: tiny, heavy")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default per size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="repeat every run per seed: N (seeds --seed .. --seed+N-1) or a comma-separated list; "
+        "prints each seed's figures and the medians",
+    )
     p.add_argument("--work-dir", type=Path, default=Path(".clotho/bench-vs-trl"))
     p.add_argument(
         "--clotho-variant",
@@ -363,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated torch thread counts for TRL runs; 0: its default (every core)",
     )
     args = p.parse_args(argv)
+    seeds = parse_seeds(args.seeds, args.seed)
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for name in args.sizes.split(","):
@@ -370,49 +489,75 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or (size["quick_steps"] if args.quick else size["steps"])
         work = args.work_dir.resolve() / name
         model = build_model(work / "model", size["model"])
-        results: dict[str, dict] = {}
+        saved: dict = {}
         if args.trl_from is not None:
             saved = json.loads(
                 args.trl_from.with_name(f"{args.trl_from.stem}-{name}{args.trl_from.suffix}").read_text()
             )
-            results.update({k: v for k, v in saved.items() if k.startswith("TRL")})
-        for threads in [] if args.skip_trl else [int(x) for x in args.trl_threads.split(",")]:
-            r = run_trl(size, model, steps, args.seed, work, threads)
-            label = "TRL GRPOTrainer" + (f" (OMP_NUM_THREADS={threads})" if threads else "")
-            results[label] = {"steps": r["steps"], "threads": r["threads"]}
-        runs = [
-            ("clotho up" + (f" --thread-policy {tp}" if tp != "auto" else ""), ["--thread-policy", tp], ROOT)
-            for tp in args.thread_policies.split(",")
-            if tp  # --thread-policies '': only the --clotho-variant runs
-        ]
-        for variant in args.clotho_variant:
-            runs.append((f"clotho up {variant}", shlex.split(variant), ROOT))
-        if args.before:
-            runs.append(("clotho up --cores 0 (no thread budget)", ["--cores", "0"], ROOT))
-        if args.baseline_src:
-            runs.append((f"clotho up ({args.baseline_src.name})", [], args.baseline_src.resolve()))
-        for label, extra, src in runs:
-            r = run_clotho(size, model, steps, args.seed, work / f"run{len(results)}", extra, src)
-            s = r["summary"]
-            entry = {
-                "steps": r["steps"],
-                "startup": r["startup_seconds"],
-                "breakdown": s.get("step_breakdown_seconds"),
-                "threads": s.get("threads"),
-                "steps_per_minute": s.get("steps_per_minute"),
-                "reward_start": s.get("reward_start"),
-                "reward_end": s.get("reward_end"),
-                "n": s.get("steps"),
-                "events": r["events"],
-            }
-            results[label] = entry
-        report(name, size, results)
+        per_seed: dict[int, dict[str, dict]] = {}
+        for seed in seeds:
+            results = per_seed.setdefault(seed, {})
+            if saved:
+                # A multi-seed file keeps each seed's runs; a one-seed file its own seed's.
+                runs_of = saved.get("seeds", {}).get(str(seed)) if "seeds" in saved else saved
+                results.update({k: v for k, v in (runs_of or {}).items() if k.startswith("TRL")})
+            seed_work = work if len(seeds) == 1 else work / f"seed{seed}"
+            for threads in [] if args.skip_trl else [int(x) for x in args.trl_threads.split(",")]:
+                r = run_trl(size, model, steps, seed, seed_work, threads)
+                label = "TRL GRPOTrainer" + (f" (OMP_NUM_THREADS={threads})" if threads else "")
+                results[label] = {"steps": r["steps"], "threads": r["threads"]}
+                _progress(name, seed, label, r["steps"], size["thresholds"], len(seeds))
+            runs = [
+                ("clotho up" + (f" --thread-policy {tp}" if tp != "auto" else ""), ["--thread-policy", tp], ROOT)
+                for tp in args.thread_policies.split(",")
+                if tp  # --thread-policies '': only the --clotho-variant runs
+            ]
+            for variant in args.clotho_variant:
+                runs.append((f"clotho up {variant}", shlex.split(variant), ROOT))
+            if args.before:
+                runs.append(("clotho up --cores 0 (no thread budget)", ["--cores", "0"], ROOT))
+            if args.baseline_src:
+                runs.append((f"clotho up ({args.baseline_src.name})", [], args.baseline_src.resolve()))
+            for label, extra, src in runs:
+                r = run_clotho(size, model, steps, seed, seed_work / f"run{len(results)}", extra, src)
+                s = r["summary"]
+                entry = {
+                    "steps": r["steps"],
+                    "startup": r["startup_seconds"],
+                    "breakdown": s.get("step_breakdown_seconds"),
+                    "threads": s.get("threads"),
+                    "steps_per_minute": s.get("steps_per_minute"),
+                    "reward_start": s.get("reward_start"),
+                    "reward_end": s.get("reward_end"),
+                    "n": s.get("steps"),
+                    "events": r["events"],
+                }
+                results[label] = entry
+                _progress(name, seed, label, r["steps"], size["thresholds"], len(seeds))
+        if len(seeds) == 1:
+            report(name, size, per_seed[seeds[0]])
+        else:
+            report_seeds(name, size, per_seed)
         print(flush=True)
         if args.save:
             args.save.parent.mkdir(parents=True, exist_ok=True)
             out = args.save.with_name(f"{args.save.stem}-{name}{args.save.suffix}")
-            out.write_text(json.dumps({"load_average": load, **results}))
+            body = (
+                {"load_average": load, **per_seed[seeds[0]]}
+                if len(seeds) == 1
+                else {"load_average": load, "seeds": {str(k): v for k, v in per_seed.items()}}
+            )
+            out.write_text(json.dumps(body))
             print(f"saved {out}", flush=True)
+
+
+def _progress(name: str, seed: int, label: str, steps: list[dict], thresholds: tuple[float, ...], n: int) -> None:
+    """With several seeds, a line per finished run (to stderr: the tables stay clean)."""
+    if n == 1:
+        return
+    hits = crossings(steps, thresholds) if steps else dict.fromkeys(thresholds)
+    cells = ", ".join(f"{t}: " + (f"step {h[0]} {h[1]:.1f} s" if h else "-") for t, h in hits.items())
+    print(f"[{name} seed {seed}] {label}: {len(steps)} steps, {cells}", file=sys.stderr, flush=True)
 
 
 def _trl_main(argv: list[str]) -> None:

@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         help="trainer batches the demo environment keeps queued at the gateway or being generated, "
         "at most (Atropos' max_batches_offpolicy); above 1, it starts one ahead and keeps more only while "
         "the trainer waits for data and steps come faster for it (see --fixed-lead); the data's age in "
-        "policy versions grows with the lead",
+        "policy versions grows with the lead; 0: on-policy, each batch generated only from the weights of "
+        "the step before it (no overlap of generation with training)",
     )
     p.add_argument(
         "--fixed-lead",

@@ -1,10 +1,12 @@
 """The demo environment's Room: groups ahead of the trainer, without timed sleeps."""
 
 import asyncio
+import contextlib
 
 import pytest
 
 from services.demo.env import Room
+from waiting import wait_until
 
 
 async def test_room_blocks_at_the_limit_and_wakes_when_the_trainer_consumes() -> None:
@@ -200,3 +202,150 @@ async def test_a_generation_bound_room_generates_at_once() -> None:
     room, calls, events = await _freed_room(wait_fraction=0.5)
     assert events[-2:] == ["handed out", "generating"]
     assert all(version is None for _, _, version in calls)
+
+
+@pytest.mark.parametrize("wait_fraction", [0.5, 0.001], ids=["generation-bound", "trainer-bound"])
+async def test_an_on_policy_room_generates_only_from_the_weights_of_the_step_that_took_the_batch(
+    wait_fraction: float,
+) -> None:
+    """The trainer takes the batch of step 31 while step 30's weights are in flight:
+    an on-policy room stays shut through the commit of 30 (still one step behind) and
+    opens at 31's, however the trainer waits; a worker's own wake-up does not open it."""
+    calls: list[tuple] = []
+    events: list[str] = []
+    committed = iter([30, 31])
+
+    async def status() -> dict:
+        return {}
+
+    async def watch(step: int, queue: int, wait: float, version: int | None = None) -> dict:
+        calls.append((step, queue, version))
+        answer = {"self_queue_size": 0, "current_step": 31, "trainer_wait_seconds": 0.0}
+        if version is None:
+            events.append("handed out")
+            return {**answer, "policy_version": 29}
+        await asyncio.sleep(0.01)
+        v = next(committed)
+        events.append(f"committed {v}")
+        return {**answer, "policy_version": v}
+
+    room = Room(4, status, watch, on_policy=True)
+    room.observe({"self_queue_size": 4, "current_step": 0, "trainer_wait_seconds": 0.0}, now=0.0)
+    _trainer_waiting(room, wait_fraction, 30)
+    room.queued = 4  # at the limit: workers wait
+    poller = asyncio.ensure_future(room.poll())
+    try:
+        first = asyncio.ensure_future(room.acquire())
+        await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(room.acquire())  # its notify wakes the first
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        events.append("generating")
+    finally:
+        poller.cancel()
+    assert events == ["handed out", "committed 30", "committed 31", "generating"]
+    assert [version for _, _, version in calls] == [None, 29, 30]
+
+
+async def test_max_batches_offpolicy_zero_is_one_batch_on_policy(tokenizer_dir) -> None:
+    import httpx
+
+    from services.demo.env import DemoEnv, DemoEnvConfig
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"batch_size": 32})
+
+    env = DemoEnv(
+        DemoEnvConfig(
+            gateway_url="http://gw", tokenizer_path=tokenizer_dir, group_size=8, max_batches_offpolicy=0, on_policy=True
+        )
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://gw") as client:
+        limit = await env.groups_ahead(client)
+        room = env.room(client, limit)
+    assert limit == 4 and room.on_policy and room.max_limit == 4
+
+
+class _Gateway:
+    """The gateway's long poll as far as a Room sees it: answered when the step differs
+    from the one sent or this env's queue is below the count sent, else at the timeout."""
+
+    def __init__(self) -> None:
+        self.queue = 0
+        self.step = 0
+        self.changed = asyncio.Condition()
+        self.asks: list[tuple[int, int]] = []
+
+    async def watch(self, step: int, queue: int, wait: float, version: int | None = None) -> dict:
+        self.asks.append((step, queue))
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.changed.wait_for(lambda: self.step != step or self.queue < queue)
+            return {
+                "self_queue_size": self.queue,
+                "current_step": self.step,
+                "trainer_wait_seconds": 0.0,
+                "policy_version": self.step,
+            }
+
+    async def post(self) -> None:
+        async with self.changed:
+            self.queue += 1
+            self.changed.notify_all()
+
+    async def hand_out(self, groups: int) -> None:
+        async with self.changed:
+            self.queue -= groups
+            self.step += 1
+            self.changed.notify_all()
+
+
+async def test_a_room_that_counted_a_group_twice_asks_again_instead_of_waiting_out_the_long_poll() -> None:
+    """The batch's last group lands and is handed out before its POST is answered: the
+    room counts it again (one queued too many), fills with the next batch's other three
+    groups and, with a long poll sent before they were posted, would wait out its
+    timeout (5 s in `clotho up`; the trainer waits for the fourth group all along).
+    It asks again with the grown count, answered at once."""
+    gw = _Gateway()
+
+    async def status() -> dict:
+        return {}
+
+    room = Room(4, status, gw.watch)
+    room.LONG_POLL_SECONDS = 30.0  # the stall, were it not asked again, outlasts the test
+    now = asyncio.get_running_loop().time()
+    room.observe({"self_queue_size": 0, "current_step": 0, "trainer_wait_seconds": 0.0}, now=now)
+    poller = asyncio.ensure_future(room.poll())
+    try:
+        for _ in range(4):
+            await room.acquire()
+        for _ in range(3):
+            await gw.post()
+            room.posted()
+        first = asyncio.ensure_future(room.acquire())  # full: the poller asks (step 0, 3 queued)
+        await wait_until(lambda: len(gw.asks) == 1)
+        await gw.post()  # the fourth group lands...
+        await gw.hand_out(4)  # ...and the trainer takes the batch: the long poll answers
+        await asyncio.wait_for(first, 5)
+        room.posted()  # the fourth group's POST answered late: counted again
+        assert (room.queued, room.generating) == (1, 1)
+        for _ in range(2):
+            await asyncio.wait_for(room.acquire(), 5)  # the room fills with 3 real groups
+        await gw.post()  # one lands, its answer still on the way
+        waiting = asyncio.ensure_future(room.acquire())  # the poller asks (step 1, 1 queued)
+        await wait_until(lambda: len(gw.asks) == 2)
+        room.posted()
+        for _ in range(2):
+            await gw.post()
+            room.posted()
+        others = [asyncio.ensure_future(room.acquire()) for _ in range(2)]  # the workers wait again
+        assert gw.queue == 3 and (room.queued, room.generating) == (4, 0)
+        # Asked again with 4 queued (the gateway has 3): one of the waiting workers generates.
+        workers = [waiting, *others]
+        done, _ = await asyncio.wait(workers, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and (1, 4) in gw.asks
+        assert (room.queued, room.generating) == (3, 1)
+        for task in workers:
+            task.cancel()
+    finally:
+        poller.cancel()
