@@ -71,18 +71,19 @@ def _with_context(details: aio.ClientCallDetails, context: Any) -> aio.ClientCal
     return aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
 
-def _start(details: aio.ClientCallDetails) -> tuple[Any, aio.ClientCallDetails]:
-    """(the call's span or None, the details to call with)."""
+def _open(method: Any) -> tuple[Any, Any]:
+    """(the call's span or None, the Context whose trace fields the call carries, or
+    None for none)."""
     current = otel_context.get_current()
     parent_span: Any = current.get(_SPAN_KEY)
     if not telemetry.enabled:
         # No SDK: nothing records; carry a valid incoming context on, else nothing.
         if parent_span is None or not parent_span.get_span_context().is_valid:
-            return None, details
-        return None, _with_context(details, current)
-    name, attributes, traced = _method(details.method)
+            return None, None
+        return None, current
+    name, attributes, traced = _method(method)
     if not traced:
-        return None, details
+        return None, None
     attributes = {**attributes, _STATUS_CODE: 0}
     recorder = telemetry.server_span_recorder(TRACER_NAME)
     if recorder is not None:
@@ -90,7 +91,36 @@ def _start(details: aio.ClientCallDetails) -> tuple[Any, aio.ClientCallDetails]:
         span = recorder.start(name, parent, SpanKind.CLIENT, attributes, current)
     else:
         span = trace.get_tracer(TRACER_NAME).start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-    return span, _with_context(details, otel_context.Context({**current, _SPAN_KEY: span}))
+    return span, otel_context.Context({**current, _SPAN_KEY: span})
+
+
+def _start(details: aio.ClientCallDetails) -> tuple[Any, aio.ClientCallDetails]:
+    """(the call's span or None, the details to call with)."""
+    span, context = _open(details.method)
+    return span, details if context is None else _with_context(details, context)
+
+
+def start_call(method: str) -> tuple[Any, tuple[tuple[str, str], ...]]:
+    """For a call on a channel without these interceptors (the gateway's inference
+    channels: a grpc.aio interceptor wraps every call and message in Python): (its
+    CLIENT span or None, the metadata entries that carry the trace context on). Give
+    the call to `end_call` (or its failure to `fail_call`)."""
+    span, context = _open(method)
+    if context is None:
+        return span, ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return span, tuple((key.lower(), value) for key, value in carrier.items())
+
+
+def end_call(span: Any, call: Any) -> None:
+    """End start_call's span when `call` is done, with its status."""
+    _end(span, call)
+
+
+def fail_call(span: Any, exc: BaseException) -> None:
+    """End start_call's span for a call that could not be made."""
+    _fail(span, exc)
 
 
 def _end(span: Any, call: Any) -> None:

@@ -40,6 +40,9 @@ from services.gateway.trajectory import receipts as _receipts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The methods' full names (their client spans' names).
+GENERATE = "/clotho.v1.InferenceService/Generate"
+GET_MODEL_INFO = "/clotho.v1.InferenceService/GetModelInfo"
 
 NO_INFERENCE = (
     "no inference service configured: start the gateway with --inference host:port "
@@ -119,8 +122,8 @@ class InferencePool:
     async def model_info(self, refresh: bool = False, timeout: float | None = None) -> pb.GetModelInfoResponse:
         if self._model_info is None or refresh:
             self._model_info = await self._unary(
-                lambda t: t.stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), **t.call_kwargs(timeout or self.timeout_seconds)
+                lambda t: t.call(
+                    GET_MODEL_INFO, t.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout or self.timeout_seconds
                 )
             )
         return self._model_info
@@ -171,7 +174,7 @@ class InferencePool:
             call = None
             guard = None
             try:
-                call = target.stub.Generate(request, **target.call_kwargs(self.timeout_seconds))
+                call = target.call(GENERATE, target.stub.Generate, request, self.timeout_seconds)
                 guard = CallGuard(call, target, self.deadlines, streaming=request.stream)
                 async for message in call:
                     received = True
