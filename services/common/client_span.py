@@ -23,7 +23,7 @@ from typing import Any
 
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
@@ -84,13 +84,7 @@ def _open(method: Any) -> tuple[Any, Any]:
     name, attributes, traced = _method(method)
     if not traced:
         return None, None
-    attributes = {**attributes, _STATUS_CODE: 0}
-    recorder = telemetry.server_span_recorder(TRACER_NAME)
-    if recorder is not None:
-        parent = None if parent_span is None else parent_span.get_span_context()
-        span = recorder.start(name, parent, SpanKind.CLIENT, attributes, current)
-    else:
-        span = trace.get_tracer(TRACER_NAME).start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    span = telemetry.start_span(TRACER_NAME, name, current, SpanKind.CLIENT, {**attributes, _STATUS_CODE: 0})
     return span, otel_context.Context({**current, _SPAN_KEY: span})
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
@@ -96,14 +96,7 @@ def _open(method: str, attributes: dict[str, Any], metadata: Any) -> tuple[Any, 
     if not telemetry.enabled:
         return None, (otel_context.attach(incoming) if incoming is not None else None)
     base = incoming if incoming is not None else otel_context.get_current()
-    parent_span: Any = base.get(_SPAN_KEY)
-    values = {**attributes, _STATUS_CODE: 0}
-    recorder = telemetry.server_span_recorder(TRACER_NAME)
-    if recorder is not None:
-        parent = None if parent_span is None else parent_span.get_span_context()
-        span = recorder.start(method, parent, SpanKind.SERVER, values, base)
-    else:
-        span = trace.get_tracer(TRACER_NAME).start_span(method, context=base, kind=SpanKind.SERVER, attributes=values)
+    span = telemetry.start_span(TRACER_NAME, method, base, SpanKind.SERVER, {**attributes, _STATUS_CODE: 0})
     return span, otel_context.attach(otel_context.Context({**base, _SPAN_KEY: span}))
 
 

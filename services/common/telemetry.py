@@ -31,7 +31,8 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 log = logging.getLogger(__name__)
 _configured = False
@@ -149,6 +150,31 @@ def server_span_recorder(tracer_name: str) -> Any:
 
         _recorders[tracer_name] = Recorder.for_provider(trace.get_tracer_provider(), tracer_name) if enabled else None
     return _recorders[tracer_name]
+
+
+def start_span(
+    tracer_name: str,
+    name: str,
+    context: Any,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+    start_time: int | None = None,
+) -> Any:
+    """A span of `tracer_name` under `context`'s span (a root without one): a
+    services.common.server_span ServerSpan from the tracer's Recorder when the export
+    takes them (list attributes as tuples, as set_attribute stores them), else the
+    SDK's span. Only while tracing is enabled."""
+    recorder = server_span_recorder(tracer_name)
+    if recorder is None:
+        tracer = trace.get_tracer(tracer_name)
+        return tracer.start_span(name, context=context, kind=kind, attributes=attributes, start_time=start_time)
+    parent_span: Any = context.get(_SPAN_KEY)
+    parent = None if parent_span is None else parent_span.get_span_context()
+    values = {k: tuple(v) if type(v) is list else v for k, v in attributes.items()}
+    span = recorder.start(name, parent, kind, values, context)
+    if start_time is not None and span.is_recording():
+        span._start_time = start_time
+    return span
 
 
 def server_interceptors() -> list[Any]:

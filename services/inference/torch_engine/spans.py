@@ -35,30 +35,15 @@ if TYPE_CHECKING:
     from services.inference.torch_engine.batch import RequestState, SampleState
 
 TRACER_NAME = "clotho.inference.engine"
-tracer = trace.get_tracer(TRACER_NAME)
 
 
-def _starter(parent_ctx: Any) -> Any:
+def _starter(request_ctx: Any) -> Any:
     """start(name, parent span or None (the request's context), start_time,
-    attributes) -> a started span: the tracer's Recorder when the export takes
-    ServerSpans, else the SDK tracer."""
-    recorder = telemetry.server_span_recorder(TRACER_NAME)
-    if recorder is None:
-
-        def start_sdk(name: str, parent: Any, start_time: int, attributes: dict[str, Any] | None = None) -> Any:
-            context = parent_ctx if parent is None else trace.set_span_in_context(parent)
-            return tracer.start_span(name, context=context, start_time=start_time, attributes=attributes)
-
-        return start_sdk
-    request_parent = trace.get_current_span(parent_ctx).get_span_context()
+    attributes) -> a started INTERNAL span (telemetry.start_span)."""
 
     def start(name: str, parent: Any, start_time: int, attributes: dict[str, Any] | None = None) -> Any:
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in (attributes or {}).items()}
-        parent_span = request_parent if parent is None else parent.get_span_context()
-        span = recorder.start(name, parent_span, SpanKind.INTERNAL, values, parent_ctx)
-        if span.is_recording():
-            span._start_time = start_time
-        return span
+        context = request_ctx if parent is None else trace.set_span_in_context(parent)
+        return telemetry.start_span(TRACER_NAME, name, context, SpanKind.INTERNAL, attributes or {}, start_time)
 
     return start
 
