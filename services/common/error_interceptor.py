@@ -110,38 +110,41 @@ def _wrap(handler: grpc.RpcMethodHandler[_Req, _Resp], method: str) -> grpc.RpcM
 
         return call
 
-    deserializer = tolerant_deserializer(handler.request_deserializer, method)
+    return rewrap(handler, unary, streaming, tolerant_deserializer(handler.request_deserializer, method))
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler[_Req, _Resp],
+    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    streaming: Callable[[Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Any = None,
+) -> grpc.RpcMethodHandler[_Req, _Resp]:
+    """`handler` with its behaviour wrapped by an interceptor: `unary(fn)` for a unary
+    response; for a streamed one `streaming(fn)` when the behaviour is an async
+    generator, else `unary(fn)` (a coroutine that writes through the context, as
+    grpc.health.v1 Watch does: the wrapper must be of the same kind, grpc.aio asks
+    which). The request deserializer is replaced when one is given."""
+    deserializer = request_deserializer or handler.request_deserializer
+
+    def either(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return streaming(fn) if inspect.isasyncgenfunction(fn) else unary(fn)
 
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            deserializer,
-            handler.response_serializer,
+            unary(handler.unary_unary), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary),
-            deserializer,
-            handler.response_serializer,
+            unary(handler.stream_unary), deserializer, handler.response_serializer
         )
-
-    def either(fn: Callable[..., Any]) -> Callable[..., Any]:
-        # A streaming handler is an async generator, or a coroutine that writes through
-        # the context (grpc.health.v1 Watch does that).
-        return streaming(fn) if inspect.isasyncgenfunction(fn) else unary(fn)
-
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            either(handler.unary_stream),
-            deserializer,
-            handler.response_serializer,
+            either(handler.unary_stream), deserializer, handler.response_serializer
         )
     if handler.stream_stream is None:
         return handler  # a handler with no behaviour has nothing to wrap
     return grpc.stream_stream_rpc_method_handler(
-        either(handler.stream_stream),
-        deserializer,
-        handler.response_serializer,
+        either(handler.stream_stream), deserializer, handler.response_serializer
     )
 
 

@@ -22,7 +22,6 @@ they cost a parse per call, and a mesh's peers are its own services.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -36,6 +35,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
 
 from services.common import telemetry
+from services.common.error_interceptor import rewrap
 
 TRACER_NAME = "clotho.grpc.server"
 _STATUS_CODE = "rpc.grpc.status_code"
@@ -156,28 +156,7 @@ def _wrap(handler: Any, method: str, attributes: dict[str, Any], metadata: Any) 
 
         return call
 
-    def either(fn: Any) -> Any:
-        # A streaming handler is an async generator, or a coroutine that writes through
-        # the context: the wrapper must be the same kind (grpc.aio asks which).
-        return streaming(fn) if inspect.isasyncgenfunction(fn) else unary(fn)
-
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            either(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(
-            either(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
-    return handler
+    return rewrap(handler, unary, streaming)
 
 
 class ServerSpans(aio.ServerInterceptor):
