@@ -526,6 +526,16 @@ common_recorder(PyObject *self, PyObject *spans)
     return recorder;
 }
 
+/* time.time_ns() as an int (a new reference; NULL with an error set). */
+static PyObject *
+now_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+}
+
 /* A ServerSpan of type `tp` (slot layout `layout`) started now: what
  * ServerSpan.__init__ makes (no events or links, not ended); the arguments are
  * borrowed. */
@@ -533,10 +543,7 @@ static PyObject *
 make_span(PyTypeObject *tp, const Layout *layout, PyObject *recorder, PyObject *name, PyObject *context,
           PyObject *parent, PyObject *kind, PyObject *attributes, PyObject *status)
 {
-    struct timespec ts;
-    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *start = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    PyObject *start = now_ns();
     if (start == NULL)
         return NULL;
     PyObject *span = tp->tp_alloc(tp, 0);
@@ -1303,10 +1310,7 @@ HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
     Py_CLEAR(route);
     Py_CLEAR(path);
     /* ServerSpan.end */
-    struct timespec ts;
-    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *end = PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    PyObject *end = now_ns();
     if (end == NULL)
         return NULL;
     Py_XSETREF(*end_slot, end);

@@ -119,10 +119,6 @@ class Target:
         kwargs: dict[str, Any] = {"timeout": timeout}
         if self.metadata is None:
             return kwargs
-        if telemetry.enabled:  # a span of the call's own: Target.call
-            if self.metadata:
-                kwargs["metadata"] = self.metadata
-            return kwargs
         metadata = self.metadata
         if trace.get_current_span().get_span_context().is_valid:
             carrier: dict[str, str] = {}
