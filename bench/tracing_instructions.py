@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from tracing_overhead import mode_env, request_bytes, settle
+from tracing_overhead import mode_env, read_response, request_bytes, settle
 
 from services import launcher
 from services.demo.tiny_model import build_tiny_model
@@ -75,13 +75,8 @@ async def post_all(port: int, request: bytes, per_connection: int, connections: 
         try:
             for _ in range(per_connection):
                 writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                await reader.readexactly(length)
-                if int(head.split(b" ", 2)[1]) != 200:
+                status, head = await read_response(reader)
+                if status != 200:
                     raise RuntimeError(f"HTTP error: {head!r}")
         finally:
             writer.close()

@@ -131,6 +131,17 @@ def request_bytes(path: str, body: dict, port: int) -> bytes:
     return head + data
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response off `reader` (its body by Content-Length): (status, head)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1]), head
+
+
 async def one_connection(port: int, request: bytes, until: float, counts: list[int], interval: float = 0.0) -> None:
     """Post `request` until `until`, one at a time; with an `interval`, at most one
     per interval (paced: a fixed offered load)."""
@@ -145,13 +156,7 @@ async def one_connection(port: int, request: bytes, until: float, counts: list[i
                 else:
                     due = now  # behind: no burst to catch up
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status, head = await read_response(reader)
             if status != 200:
                 raise RuntimeError(f"HTTP {status}: {head!r}")
             counts[0] += 1
@@ -167,12 +172,7 @@ async def settle(port: int, pid: int, request: bytes) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        await reader.readexactly(length)
+        await read_response(reader)
     finally:
         writer.close()
     deadline = time.perf_counter() + 30

@@ -26,3 +26,13 @@ def provider(sampler: Any = None) -> tuple[TracerProvider, Collect]:
     out = Collect()
     p.add_span_processor(BatchSpanProcessor(out))
     return p, out
+
+
+def trace_with(monkeypatch: Any, p: TracerProvider, *tracer_names: str) -> None:
+    """Tracing on for this test, as services.common.telemetry would install it: the
+    recorders of `tracer_names` on provider `p` (whose export takes ServerSpans)."""
+    from services.common import telemetry
+    from services.common.server_span import Recorder
+
+    monkeypatch.setattr(telemetry, "enabled", True)
+    monkeypatch.setattr(telemetry, "_recorders", {name: Recorder.for_provider(p, name) for name in tracer_names})

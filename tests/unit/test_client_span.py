@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
-from span_collect import provider
+from span_collect import provider, trace_with
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
@@ -60,8 +60,7 @@ async def target() -> Any:
 def tracing_on(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A provider whose export takes ServerSpans, as telemetry would install it."""
     p, out = provider()
-    monkeypatch.setattr(telemetry, "enabled", True)
-    monkeypatch.setattr(telemetry, "_recorders", {client_span.TRACER_NAME: Recorder.for_provider(p, "c")})
+    trace_with(monkeypatch, p, client_span.TRACER_NAME)
     yield p, out
     p.shutdown()
 

@@ -12,13 +12,12 @@ import pytest
 from grpc import aio
 from opentelemetry import context, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
-from span_collect import provider
+from span_collect import provider, trace_with
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import client_span, telemetry
 from services.common.access import Access
-from services.common.server_span import Recorder
 from services.gateway.generation import routing
 from services.gateway.generation.pool import GENERATE
 from services.gateway.generation.routing import Target, call_metadata
@@ -81,9 +80,7 @@ async def test_with_tracing_on_a_call_makes_its_client_span_on_a_bare_channel(mo
     span under the current span, sends its traceparent with the token, and ends it
     with the call's status."""
     p, out = provider()
-    monkeypatch.setattr(routing.telemetry, "enabled", True)
-    recorders = {client_span.TRACER_NAME: Recorder.for_provider(p, "c"), "server": Recorder.for_provider(p, "s")}
-    monkeypatch.setattr(telemetry, "_recorders", recorders)
+    trace_with(monkeypatch, p, client_span.TRACER_NAME, "server")
     servicer = _Inference()
     server = aio.server()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
@@ -93,7 +90,7 @@ async def test_with_tracing_on_a_call_makes_its_client_span_on_a_bare_channel(mo
     try:
         assert not getattr(channel, "_unary_stream_interceptors", None)
         target = Target("x", channel=channel, stub=pb_grpc.InferenceServiceStub(channel), metadata=TOKEN)
-        server_recorder: Any = recorders["server"]
+        server_recorder: Any = telemetry.server_span_recorder("server")
         caller: Any = server_recorder.start("POST /generate", None, SpanKind.SERVER, {})
         token = context.attach(trace.set_span_in_context(caller))
         try:

@@ -13,10 +13,8 @@ import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
-from span_collect import provider
+from span_collect import provider, trace_with
 
-from services.common import telemetry
-from services.common.server_span import Recorder
 from services.gateway.generation.pool import InferencePool
 from services.gateway.http import request_span
 from services.gateway.http.app import create_app
@@ -34,8 +32,7 @@ def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
     else:
         monkeypatch.setattr(request_span, "_HttpSpans", None)
     p, out = provider()
-    monkeypatch.setattr(telemetry, "enabled", True)
-    monkeypatch.setattr(telemetry, "_recorders", {"clotho.gateway": Recorder.for_provider(p, "clotho.gateway")})
+    trace_with(monkeypatch, p, "clotho.gateway")
     yield request.param, p, out
     p.shutdown()
 
@@ -202,8 +199,7 @@ async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: p
     sink = SpanSink(Keep(), schedule_delay_millis=60_000)
     p = TracerProvider(resource=Resource.create({"service.name": "gw"}))
     p.add_span_processor(sink)
-    monkeypatch.setattr(telemetry, "enabled", True)
-    monkeypatch.setattr(telemetry, "_recorders", {"clotho.gateway": Recorder.for_provider(p, "clotho.gateway")})
+    trace_with(monkeypatch, p, "clotho.gateway")
     app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
     seen: list[Any] = []
 

@@ -16,13 +16,13 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
-from span_collect import provider
+from span_collect import provider, trace_with
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import server_rpc_span, telemetry
 from services.common.error_interceptor import ErrorInterceptor
-from services.common.server_span import Recorder, ServerSpan
+from services.common.server_span import ServerSpan
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 PARENT_ID = 0x00F067AA0BA902B7
@@ -79,8 +79,7 @@ async def target(request: pytest.FixtureRequest) -> Any:
 @pytest.fixture
 def tracing_on(monkeypatch: pytest.MonkeyPatch) -> Any:
     p, out = provider()
-    monkeypatch.setattr(telemetry, "enabled", True)
-    monkeypatch.setattr(telemetry, "_recorders", {server_rpc_span.TRACER_NAME: Recorder.for_provider(p, "s")})
+    trace_with(monkeypatch, p, server_rpc_span.TRACER_NAME)
     yield p, out
     p.shutdown()
 
