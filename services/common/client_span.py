@@ -35,14 +35,16 @@ _STATUS_CODE = "rpc.grpc.status_code"
 _CANCELLED = 1  # grpc.StatusCode.CANCELLED's number
 
 # (method) -> (span name, its attributes but the status, whether it is traced): a
-# channel's methods repeat.
+# channel's methods repeat. The server side (server_rpc_span) reads the same table.
 _methods: dict[Any, tuple[str, dict[str, Any], bool]] = {}
-# Health probes are noise in traces (the servers' interceptor skips them too), and the
-# gateway's pool probes every shard on a timer.
+# Health probes are noise in traces (on both sides of a call), and the gateway's pool
+# probes every shard on a timer.
 _UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health"})
 
 
-def _method(method: Any) -> tuple[str, dict[str, Any], bool]:
+def rpc_method(method: Any) -> tuple[str, dict[str, Any], bool]:
+    """A gRPC method's full name (str or bytes) -> (its span name, `rpc.*` attributes,
+    whether its calls are traced)."""
     hit = _methods.get(method)
     if hit is None:
         name = method.decode() if isinstance(method, bytes) else str(method)
@@ -81,7 +83,7 @@ def _open(method: Any) -> tuple[Any, Any]:
         if parent_span is None or not parent_span.get_span_context().is_valid:
             return None, None
         return None, current
-    name, attributes, traced = _method(method)
+    name, attributes, traced = rpc_method(method)
     if not traced:
         return None, None
     span = telemetry.start_span(TRACER_NAME, name, current, SpanKind.CLIENT, {**attributes, _STATUS_CODE: 0})

@@ -35,11 +35,11 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
 
 from services.common import telemetry
+from services.common.client_span import rpc_method
 from services.common.error_interceptor import rewrap
 
 TRACER_NAME = "clotho.grpc.server"
 _STATUS_CODE = "rpc.grpc.status_code"
-_UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health"})
 # What the semantic conventions count as a server's error; the rest (INVALID_ARGUMENT,
 # NOT_FOUND, ...) are the caller's.
 _SERVER_ERRORS = frozenset(
@@ -54,20 +54,6 @@ _SERVER_ERRORS = frozenset(
 )
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 log = logging.getLogger(__name__)
-
-# method -> (its attributes but the status, whether it is traced); bounded.
-_methods: dict[str, tuple[dict[str, Any], bool]] = {}
-
-
-def _method(method: str) -> tuple[dict[str, Any], bool]:
-    hit = _methods.get(method)
-    if hit is None:
-        service, _, name = method.lstrip("/").partition("/")
-        hit = ({"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}, service not in _UNTRACED_SERVICES)
-        if len(_methods) < 1024:
-            _methods[method] = hit
-    return hit
-
 
 _fields: tuple[Any, frozenset[str]] | None = None
 
@@ -172,7 +158,7 @@ class ServerSpans(aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        attributes, traced = _method(method)
+        _, attributes, traced = rpc_method(method)
         if not traced:
             return handler
         metadata = handler_call_details.invocation_metadata
