@@ -339,6 +339,7 @@ put_fallback(Buf *out, PyObject *fallback, PyObject *span)
 typedef struct {
     PyObject_VAR_HEAD
     PyObject *recorder;
+    Py_ssize_t spans; /* how many Span fields the bytes hold (SpanBuffer.take: a run) */
     char data[1];
 } EncodedSpan;
 
@@ -362,6 +363,7 @@ static PyGetSetDef EncodedSpan_getset[] = {
 
 static PyMemberDef EncodedSpan_members[] = {
     {"_recorder", T_OBJECT_EX, offsetof(EncodedSpan, recorder), READONLY, "the Recorder the span is of"},
+    {"spans", T_PYSSIZET, offsetof(EncodedSpan, spans), READONLY, "how many spans the bytes hold"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -370,7 +372,7 @@ static PyTypeObject EncodedSpanType = {
     .tp_basicsize = offsetof(EncodedSpan, data),
     .tp_itemsize = 1,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "An ended span as its OTLP Span field's bytes, and its recorder.",
+    .tp_doc = "Ended spans (one, or a run) as their OTLP Span fields' bytes, and their recorder.",
     .tp_dealloc = (destructor)EncodedSpan_dealloc,
     .tp_getset = EncodedSpan_getset,
     .tp_members = EncodedSpan_members,
@@ -608,6 +610,11 @@ typedef struct {
     PyObject *send; /* the ASGI send stood in for; NULL once the request ended */
     long status;    /* the response's status once started, else 0 */
     vectorcallfunc vectorcall;
+    /* The span's SpanContext as begin made it, and its ids as the bytes they are
+     * written as (trace id, then span id, big-endian): the encoder writes them
+     * without reading the ints back while the span still holds this context. */
+    PyObject *context;
+    unsigned char ids[24];
 } StatusSend;
 
 static PyObject *s_type, *s_status_key, *s_response_start, *s_headers, *s_method, *s_path, *s_route, *s_path_attr,
@@ -649,6 +656,7 @@ static int
 StatusSend_traverse(StatusSend *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->send);
+    Py_VISIT(self->context);
     return 0;
 }
 
@@ -656,6 +664,7 @@ static int
 StatusSend_clear(StatusSend *self)
 {
     Py_CLEAR(self->send);
+    Py_CLEAR(self->context);
     return 0;
 }
 
@@ -664,6 +673,7 @@ StatusSend_dealloc(StatusSend *self)
 {
     PyObject_GC_UnTrack(self);
     Py_CLEAR(self->send);
+    Py_CLEAR(self->context);
     PyObject_GC_Del(self);
 }
 
@@ -713,7 +723,7 @@ typedef struct {
     PyObject *end_fallback;    /* request_span.end_request */
     PyObject *finish;          /* request_span._finish */
     PyObject *detach_failed;   /* called with the exception when the context reset fails */
-    PyObject *sink;            /* the SpanSink ended spans go to encoded (on_end is its add), or None */
+    PyObject *sink;            /* the SpanBuffer of the SpanSink whose add is on_end, or None */
     const Layout *layout;
     unsigned char kind_byte; /* Span.kind's value for `kind` */
 } HttpSpans;
@@ -847,24 +857,38 @@ draw_id_bytes(unsigned char *out, size_t n)
     return 0;
 }
 
-/* A random id of `n` bytes (8 or 16) as an int, never 0 (as server_span.Recorder's). */
-static PyObject *
-random_id(size_t n)
+/* A root's span id and trace id (random_id's, drawn in that order) and, in `be`,
+ * the bytes they are written as (trace id, span id; big-endian). -1 on error. */
+static int
+root_ids(PyObject **span_id, PyObject **trace_id, unsigned char be[24])
 {
-    unsigned char raw[16];
-    if (draw_id_bytes(raw, n) < 0)
-        return NULL;
-    int zero = 1;
-    for (size_t i = 0; i < n; i++)
-        zero &= raw[i] == 0;
-    if (zero)
-        return PyLong_FromLong(1);
-    if (n == 8) {
-        uint64_t v;
-        memcpy(&v, raw, 8);
-        return PyLong_FromUnsignedLongLong((unsigned long long)v);
+    unsigned char raw[24];
+    if (draw_id_bytes(raw, 24) < 0)
+        return -1;
+    int span_zero = 1, trace_zero = 1;
+    for (int i = 0; i < 8; i++)
+        span_zero &= raw[i] == 0;
+    for (int i = 8; i < 24; i++)
+        trace_zero &= raw[i] == 0;
+    if (span_zero)
+        raw[0] = 1; /* never 0: random_id's 1 */
+    if (trace_zero)
+        raw[8] = 1;
+    uint64_t v;
+    memcpy(&v, raw, 8);
+    for (int i = 0; i < 8; i++)
+        be[16 + i] = (unsigned char)(v >> (56 - 8 * i));
+    for (int i = 0; i < 16; i++)
+        be[i] = raw[23 - i]; /* the int is read little-endian from raw[8:24] */
+    *span_id = PyLong_FromUnsignedLongLong((unsigned long long)v);
+    if (*span_id == NULL)
+        return -1;
+    *trace_id = _PyLong_FromByteArray(raw + 8, 16, 1, 0);
+    if (*trace_id == NULL) {
+        Py_CLEAR(*span_id);
+        return -1;
     }
-    return _PyLong_FromByteArray(raw, n, 1, 0);
+    return 0;
 }
 
 /* "method path" (both str): the two copied into one new string when both are ASCII
@@ -957,8 +981,8 @@ HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL, *trace_id = NULL, *span_id = NULL, *context = NULL, *attributes = NULL, *name = NULL,
              *span = NULL, *ctx = NULL, *token = NULL, *empty = NULL;
     StatusSend *status_send = NULL;
-    /* The span id first, as Recorder.start_root draws them. */
-    if ((span_id = random_id(8)) == NULL || (trace_id = random_id(16)) == NULL)
+    unsigned char be_ids[24];
+    if (root_ids(&span_id, &trace_id, be_ids) < 0)
         goto done;
     PyTypeObject *sc_type = (PyTypeObject *)self->span_context;
     if ((context = sc_type->tp_alloc(sc_type, 6)) == NULL)
@@ -969,6 +993,9 @@ HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(context, 3, Py_NewRef(self->flags));
     PyTuple_SET_ITEM(context, 4, Py_NewRef(self->trace_state));
     PyTuple_SET_ITEM(context, 5, Py_NewRef(Py_True));
+    /* Ints, flags and the shared default TraceState: it can be in no cycle, so the
+     * collector need not walk it (a stored group keeps it for its batch's links). */
+    PyObject_GC_UnTrack(context);
     if ((attributes = PyDict_New()) == NULL || PyDict_SetItem(attributes, s_method_attr, method) < 0 ||
         PyDict_SetItem(attributes, s_url_path_attr, path) < 0)
         goto done;
@@ -981,11 +1008,15 @@ HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
     if ((empty = PyTuple_New(0)) == NULL || (ctx = ctx_type->tp_new(ctx_type, empty, NULL)) == NULL ||
         PyDict_SetItem(ctx, self->span_key, span) < 0)
         goto done;
+    /* The Context holds the span alone, which refers to nothing that holds it back. */
+    PyObject_GC_UnTrack(ctx);
     if ((status_send = PyObject_GC_New(StatusSend, &StatusSendType)) == NULL)
         goto done;
     status_send->send = Py_NewRef(send);
     status_send->status = 0;
     status_send->vectorcall = StatusSend_vectorcall;
+    status_send->context = Py_NewRef(context);
+    memcpy(status_send->ids, be_ids, 24);
     PyObject_GC_Track(status_send);
     if ((token = PyContextVar_Set(self->var, ctx)) == NULL)
         goto done;
@@ -1004,26 +1035,6 @@ done:
     Py_XDECREF(token);
     Py_XDECREF(status_send);
     return result;
-}
-
-static Buf span_scratch; /* encode_http_span's buffer: only the GIL holder writes it */
-
-static int
-put_tag_len(Buf *b, unsigned char tag, Py_ssize_t n)
-{
-    unsigned char head[11];
-    head[0] = tag;
-    Py_ssize_t k = 1 + varint(head + 1, (uint64_t)n);
-    return buf_put(b, head, k);
-}
-
-static int
-put_fixed64(Buf *b, unsigned char tag, uint64_t v)
-{
-    unsigned char out[9];
-    out[0] = tag;
-    le64(out + 1, v);
-    return buf_put(b, out, 9);
 }
 
 /* An attribute value's AnyValue payload into `v` (at most 10 bytes) or, for a str,
@@ -1065,12 +1076,250 @@ any_value(PyObject *value, unsigned char *v, Py_ssize_t *vlen, const char **text
     return 0;
 }
 
+/* ---- SpanBuffer: the gateway's ended request spans, queued as their bytes ----
+ *
+ * A SpanSink's queue for the spans HttpSpans writes when they end: their Span fields
+ * back to back in one buffer (no object per span, nothing for the collector), with
+ * where each ends, so the exporter takes a batch of them as one EncodedSpan run. The
+ * sink's list of span objects (`queue`) counts toward the same bound; `wake` is
+ * called when the two together reach a batch, `drop` for a span past the bound.
+ * Only the GIL holder touches it. */
+typedef struct {
+    PyObject_HEAD
+    Buf buf;
+    Py_ssize_t *ends; /* ends[i]: where span i's bytes end in buf */
+    Py_ssize_t count, ends_cap;
+    Py_ssize_t limit; /* the bound on spans here and in `queue`; 0 once shut down */
+    Py_ssize_t batch; /* the export batch size */
+    PyObject *recorder; /* the spans' recorder (the first writer's), or NULL while empty */
+    PyObject *queue;    /* the sink's list */
+    PyObject *wake;     /* called with no arguments */
+    PyObject *drop;
+} SpanBuffer;
+
+static PyTypeObject SpanBufferType;
+
+static int
+SpanBuffer_traverse(SpanBuffer *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->recorder);
+    Py_VISIT(self->queue);
+    Py_VISIT(self->wake);
+    Py_VISIT(self->drop);
+    return 0;
+}
+
+static int
+SpanBuffer_clear_refs(SpanBuffer *self)
+{
+    Py_CLEAR(self->recorder);
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->wake);
+    Py_CLEAR(self->drop);
+    return 0;
+}
+
+static void
+SpanBuffer_dealloc(SpanBuffer *self)
+{
+    PyObject_GC_UnTrack(self);
+    SpanBuffer_clear_refs(self);
+    PyMem_Free(self->buf.data);
+    PyMem_Free(self->ends);
+    PyObject_GC_Del(self);
+}
+
+/* SpanBuffer(queue: list, wake, drop, limit, batch) */
+static PyObject *
+SpanBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *queue, *wake, *drop;
+    Py_ssize_t limit, batch;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "SpanBuffer takes positional arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!OOnn:SpanBuffer", &PyList_Type, &queue, &wake, &drop, &limit, &batch))
+        return NULL;
+    if (batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "SpanBuffer: batch must be positive");
+        return NULL;
+    }
+    SpanBuffer *self = PyObject_GC_New(SpanBuffer, type);
+    if (self == NULL)
+        return NULL;
+    self->buf = (Buf){NULL, 0, 0};
+    self->ends = NULL;
+    self->count = self->ends_cap = 0;
+    self->limit = limit;
+    self->batch = batch;
+    self->recorder = NULL;
+    self->queue = Py_NewRef(queue);
+    self->wake = Py_NewRef(wake);
+    self->drop = Py_NewRef(drop);
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static Py_ssize_t
+SpanBuffer_len(SpanBuffer *self)
+{
+    return self->count;
+}
+
+static void
+span_buffer_empty(SpanBuffer *self)
+{
+    self->buf.len = 0;
+    self->count = 0;
+    Py_CLEAR(self->recorder);
+}
+
+/* take(n) -> an EncodedSpan holding the first min(n, len) spans (in the order they
+ * came), or None when empty. */
+static PyObject *
+SpanBuffer_take(SpanBuffer *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n > self->count)
+        n = self->count;
+    if (n <= 0)
+        Py_RETURN_NONE;
+    Py_ssize_t size = self->ends[n - 1];
+    EncodedSpan *run = PyObject_NewVar(EncodedSpan, &EncodedSpanType, size);
+    if (run == NULL)
+        return NULL;
+    memcpy(run->data, self->buf.data, size);
+    run->recorder = Py_NewRef(self->recorder);
+    run->spans = n;
+    if (n == self->count) {
+        span_buffer_empty(self);
+    } else {
+        Py_ssize_t rest = self->buf.len - size;
+        memmove(self->buf.data, self->buf.data + size, rest);
+        self->buf.len = rest;
+        for (Py_ssize_t i = n; i < self->count; i++)
+            self->ends[i - n] = self->ends[i] - size;
+        self->count -= n;
+    }
+    return (PyObject *)run;
+}
+
+/* clear(): drop what is queued (a forked child's copy is its parent's to export). */
+static PyObject *
+SpanBuffer_clear(SpanBuffer *self, PyObject *unused)
+{
+    span_buffer_empty(self);
+    Py_RETURN_NONE;
+}
+
+/* The queue's length, this buffer's spans and the list's. */
+static Py_ssize_t
+span_buffer_queued(SpanBuffer *self)
+{
+    return self->count + (PyList_Check(self->queue) ? PyList_GET_SIZE(self->queue) : 0);
+}
+
+/* After a span joined the queue: wake the exporter when it made a batch. */
+static int
+span_buffer_joined(SpanBuffer *self)
+{
+    if (span_buffer_queued(self) != self->batch)
+        return 0;
+    PyObject *r = PyObject_CallNoArgs(self->wake);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static PyMethodDef SpanBuffer_methods[] = {
+    {"take", (PyCFunction)SpanBuffer_take, METH_O,
+     "take(n) -> an EncodedSpan run of the first min(n, len) spans, or None when empty"},
+    {"clear", (PyCFunction)SpanBuffer_clear, METH_NOARGS, "drop every span queued here"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef SpanBuffer_members[] = {
+    {"limit", T_PYSSIZET, offsetof(SpanBuffer, limit), 0, "the bound on spans here and in the queue list"},
+    {"batch", T_PYSSIZET, offsetof(SpanBuffer, batch), 0, "the export batch size"},
+    {"wake", T_OBJECT_EX, offsetof(SpanBuffer, wake), 0, "called when the queue reaches a batch"},
+    {"queue", T_OBJECT_EX, offsetof(SpanBuffer, queue), READONLY, "the sink's list of span objects"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods SpanBuffer_as_sequence = {
+    .sq_length = (lenfunc)SpanBuffer_len,
+};
+
+static PyTypeObject SpanBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "services.common._otlp_fast.SpanBuffer",
+    .tp_basicsize = sizeof(SpanBuffer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Ended spans queued for a SpanSink as their OTLP bytes (HttpSpans writes them).",
+    .tp_new = SpanBuffer_new,
+    .tp_traverse = (traverseproc)SpanBuffer_traverse,
+    .tp_clear = (inquiry)SpanBuffer_clear_refs,
+    .tp_dealloc = (destructor)SpanBuffer_dealloc,
+    .tp_methods = SpanBuffer_methods,
+    .tp_members = SpanBuffer_members,
+    .tp_as_sequence = &SpanBuffer_as_sequence,
+};
+
+static Py_ssize_t
+varint_len(uint64_t n)
+{
+    Py_ssize_t k = 1;
+    while (n >= 0x80) {
+        n >>= 7;
+        k++;
+    }
+    return k;
+}
+
+static unsigned char *
+put_varint(unsigned char *p, uint64_t n)
+{
+    while (n >= 0x80) {
+        *p++ = (unsigned char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    *p++ = (unsigned char)n;
+    return p;
+}
+
+/* A length-delimited field's tag and length. */
+static unsigned char *
+put_head(unsigned char *p, unsigned char tag, Py_ssize_t n)
+{
+    *p++ = tag;
+    return put_varint(p, (uint64_t)n);
+}
+
+static unsigned char *
+put_fixed64(unsigned char *p, unsigned char tag, uint64_t v)
+{
+    *p++ = tag;
+    le64(p, v);
+    return p + 9 - 1;
+}
+
+#define FAST_ATTRIBUTES 16
+
+typedef struct {
+    const char *key, *text;
+    Py_ssize_t klen, tlen, vlen, any_len, kv_len;
+    unsigned char v[12];
+} AttrOut;
+
 /* The ended `span` as its Span field, what otlp_encode.encode_server_span writes for
  * it, when it is the usual server span (a root, no events, links or trace state, its
- * status unset, scalar attributes): 1 and an EncodedSpan in *out; 0 when it is not
- * (then it goes to the sink as it is); -1 on error. */
+ * status unset, up to FAST_ATTRIBUTES scalar attributes), appended to `out` (its
+ * exact size reserved first, then written in place): 1; 0 when it is not the usual
+ * span (nothing written); -1 on error. `ids` are the bytes of the span's ids when
+ * `status_send` made its context (see StatusSend), else read from the ints. */
 static int
-encode_http_span(HttpSpans *self, PyObject *span, PyObject **out)
+encode_http_span(HttpSpans *self, PyObject *span, StatusSend *status_send, Buf *out)
 {
     const Layout *layout = self->layout;
 #define SLOT(f) (*(PyObject **)((char *)span + layout->offset[f]))
@@ -1080,19 +1329,20 @@ encode_http_span(HttpSpans *self, PyObject *span, PyObject **out)
         SLOT(F_PARENT) != Py_None || SLOT(F_STATUS) != self->status || SLOT(F_KIND) != self->kind ||
         events == NULL || PyObject_Length(events) != 0 || links == NULL || PyObject_Length(links) != 0 ||
         name == NULL || !PyUnicode_CheckExact(name) || attributes == NULL || !PyDict_CheckExact(attributes) ||
-        start == NULL || !PyLong_CheckExact(start) || end == NULL || !PyLong_CheckExact(end)) {
+        PyDict_GET_SIZE(attributes) > FAST_ATTRIBUTES || start == NULL || !PyLong_CheckExact(start) || end == NULL ||
+        !PyLong_CheckExact(end)) {
         if (PyErr_Occurred())
             return -1;
         return 0;
     }
 #undef SLOT
-    unsigned char ids[2 + 16 + 2 + 8];
-    ids[0] = 0x0a;
-    ids[1] = 0x10;
-    ids[18] = 0x12;
-    ids[19] = 0x08;
-    if (uint_be(PyTuple_GET_ITEM(ctx, 0), ids + 2, 16) < 0 || uint_be(PyTuple_GET_ITEM(ctx, 1), ids + 20, 8) < 0)
-        return -1;
+    unsigned char read_ids[24];
+    const unsigned char *ids = status_send->ids;
+    if (ctx != status_send->context) {
+        if (uint_be(PyTuple_GET_ITEM(ctx, 0), read_ids, 16) < 0 || uint_be(PyTuple_GET_ITEM(ctx, 1), read_ids + 16, 8) < 0)
+            return -1;
+        ids = read_ids;
+    }
     /* Times are made here and by time_ns(): non-negative, below 2**64 (the mask
      * conversion is a loop over the digits, not _PyLong_AsByteArray's). */
     if (_PyLong_Sign(start) < 0 || _PyLong_Sign(end) < 0)
@@ -1104,108 +1354,115 @@ encode_http_span(HttpSpans *self, PyObject *span, PyObject **out)
     const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
     if (name_text == NULL)
         return -1;
-    Buf *b = &span_scratch;
-    b->len = 0;
-    /* The Span message, then its field header in front (the length known then). */
-    if (buf_reserve(b, 16) < 0)
-        return -1;
-    b->len = 16; /* room for the tag and length */
-    if (buf_put(b, ids, sizeof(ids)) < 0)
-        return -1;
-    if (name_len && (put_tag_len(b, 0x2a, name_len) < 0 || buf_put(b, name_text, name_len) < 0))
-        return -1;
-    unsigned char kind[2] = {0x30, self->kind_byte};
-    if (buf_put(b, kind, 2) < 0 || (t0 && put_fixed64(b, 0x39, t0) < 0) || (t1 && put_fixed64(b, 0x41, t1) < 0))
-        return -1;
-    Py_ssize_t pos = 0;
+    /* The body's size: ids, name, kind, times, attributes, status and flags. */
+    Py_ssize_t body = 2 + 16 + 2 + 8 + 2 + (t0 ? 9 : 0) + (t1 ? 9 : 0) + 8;
+    if (name_len)
+        body += 1 + varint_len((uint64_t)name_len) + name_len;
+    AttrOut attrs[FAST_ATTRIBUTES];
+    Py_ssize_t n_attrs = 0, pos = 0;
     PyObject *key, *value;
     while (PyDict_Next(attributes, &pos, &key, &value)) {
-        if (!PyUnicode_CheckExact(key))
+        if (!PyUnicode_CheckExact(key) || n_attrs == FAST_ATTRIBUTES)
             return 0;
-        Py_ssize_t klen, tlen = 0, vlen = 0;
-        const char *ktext = PyUnicode_AsUTF8AndSize(key, &klen), *text;
-        if (ktext == NULL)
+        AttrOut *a = &attrs[n_attrs++];
+        a->key = PyUnicode_AsUTF8AndSize(key, &a->klen);
+        if (a->key == NULL)
             return -1;
-        unsigned char v[12];
-        int ok = any_value(value, v, &vlen, &text, &tlen);
+        a->tlen = a->vlen = 0;
+        int ok = any_value(value, a->v, &a->vlen, &a->text, &a->tlen);
         if (ok <= 0)
             return ok;
-        unsigned char vhead[11];
-        Py_ssize_t any_len = text != NULL ? 1 + varint(vhead, (uint64_t)tlen) + tlen : vlen;
-        Py_ssize_t kv_len = (klen ? 1 + varint(vhead, (uint64_t)klen) + klen : 0) + 1 + varint(vhead, any_len) + any_len;
-        if (put_tag_len(b, 0x4a, kv_len) < 0 || (klen && (put_tag_len(b, 0x0a, klen) < 0 || buf_put(b, ktext, klen) < 0)) ||
-            put_tag_len(b, 0x12, any_len) < 0)
-            return -1;
-        if (text != NULL ? (put_tag_len(b, 0x0a, tlen) < 0 || buf_put(b, text, tlen) < 0) : buf_put(b, v, vlen) < 0)
-            return -1;
+        a->any_len = a->text != NULL ? 1 + varint_len((uint64_t)a->tlen) + a->tlen : a->vlen;
+        a->kv_len = (a->klen ? 1 + varint_len((uint64_t)a->klen) + a->klen : 0) + 1 +
+                    varint_len((uint64_t)a->any_len) + a->any_len;
+        body += 1 + varint_len((uint64_t)a->kv_len) + a->kv_len;
+    }
+    Py_ssize_t field = 1 + varint_len((uint64_t)body) + body;
+    if (buf_reserve(out, field) < 0)
+        return -1;
+    unsigned char *p = (unsigned char *)out->data + out->len, *first = p;
+    p = put_head(p, 0x12, body);
+    p = put_head(p, 0x0a, 16);
+    memcpy(p, ids, 16);
+    p = put_head(p + 16, 0x12, 8);
+    memcpy(p, ids + 16, 8);
+    p += 8;
+    if (name_len) {
+        p = put_head(p, 0x2a, name_len);
+        memcpy(p, name_text, name_len);
+        p += name_len;
+    }
+    *p++ = 0x30;
+    *p++ = self->kind_byte;
+    if (t0)
+        p = put_fixed64(p, 0x39, t0);
+    if (t1)
+        p = put_fixed64(p, 0x41, t1);
+    for (Py_ssize_t i = 0; i < n_attrs; i++) {
+        AttrOut *a = &attrs[i];
+        p = put_head(p, 0x4a, a->kv_len);
+        if (a->klen) {
+            p = put_head(p, 0x0a, a->klen);
+            memcpy(p, a->key, a->klen);
+            p += a->klen;
+        }
+        p = put_head(p, 0x12, a->any_len);
+        if (a->text != NULL) {
+            p = put_head(p, 0x0a, a->tlen);
+            memcpy(p, a->text, a->tlen);
+            p += a->tlen;
+        } else {
+            memcpy(p, a->v, a->vlen);
+            p += a->vlen;
+        }
     }
     /* Status (unset), then SpanFlags: a local root. */
     static const unsigned char tail[] = {0x7a, 0x00, 0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
-    if (buf_put(b, tail, sizeof(tail)) < 0)
+    memcpy(p, tail, sizeof(tail));
+    p += sizeof(tail);
+    if (p - first != field) {
+        PyErr_SetString(PyExc_SystemError, "encode_http_span: size mismatch");
         return -1;
-    Py_ssize_t body = b->len - 16;
-    unsigned char head[11];
-    head[0] = 0x12;
-    Py_ssize_t hlen = 1 + varint(head + 1, (uint64_t)body);
-    EncodedSpan *encoded = PyObject_NewVar(EncodedSpan, &EncodedSpanType, hlen + body);
-    if (encoded == NULL)
-        return -1;
-    memcpy(encoded->data, head, hlen);
-    memcpy(encoded->data + hlen, b->data + 16, body);
-    encoded->recorder = Py_NewRef(self->recorder);
-    *out = (PyObject *)encoded;
+    }
+    out->len += field;
     return 1;
 }
 
-static PyObject *s_sink_spans, *s_sink_limit, *s_sink_batch, *s_sink_wake, *s_sink_drop, *s_set;
-
-/* SpanSink.add(entry), its list append and checks without a Python frame. */
+/* The ended, sampled `span` onto the sink's queue: written into `buffer` when it is
+ * the usual span of this recorder, else as it is onto the queue list; dropped (and
+ * counted by `drop`) past the bound. -1 on error. */
 static int
-sink_add(PyObject *sink, PyObject *entry)
+queue_span(HttpSpans *self, SpanBuffer *buffer, PyObject *span, StatusSend *status_send)
 {
-    PyObject *spans = PyObject_GetAttr(sink, s_sink_spans);
-    if (spans == NULL)
+    if (span_buffer_queued(buffer) >= buffer->limit) { /* the queue's bound; 0 once shut down */
+        PyObject *r = PyObject_CallNoArgs(buffer->drop);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    int written = 0;
+    if (buffer->recorder == NULL || buffer->recorder == self->recorder) {
+        if (buffer->count == buffer->ends_cap) {
+            Py_ssize_t cap = buffer->ends_cap ? 2 * buffer->ends_cap : 512;
+            Py_ssize_t *ends = PyMem_Realloc(buffer->ends, cap * sizeof(Py_ssize_t));
+            if (ends == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            buffer->ends = ends;
+            buffer->ends_cap = cap;
+        }
+        written = encode_http_span(self, span, status_send, &buffer->buf);
+        if (written < 0)
+            return -1;
+    }
+    if (written) {
+        buffer->ends[buffer->count++] = buffer->buf.len;
+        if (buffer->recorder == NULL)
+            buffer->recorder = Py_NewRef(self->recorder);
+    } else if (PyList_Append(buffer->queue, span) < 0) {
         return -1;
-    int rc = -1;
-    PyObject *limit = NULL, *batch = NULL, *r = NULL;
-    if (!PyList_CheckExact(spans)) {
-        PyErr_SetString(PyExc_TypeError, "SpanSink._spans is not a list");
-        goto done;
     }
-    Py_ssize_t n = PyList_GET_SIZE(spans);
-    if ((limit = PyObject_GetAttr(sink, s_sink_limit)) == NULL)
-        goto done;
-    Py_ssize_t lim = PyLong_AsSsize_t(limit);
-    if (lim == -1 && PyErr_Occurred())
-        goto done;
-    if (n >= lim) { /* the queue's bound; 0 once shut down */
-        r = PyObject_CallMethodNoArgs(sink, s_sink_drop);
-        rc = r == NULL ? -1 : 0;
-        goto done;
-    }
-    if (PyList_Append(spans, entry) < 0)
-        goto done;
-    if ((batch = PyObject_GetAttr(sink, s_sink_batch)) == NULL)
-        goto done;
-    Py_ssize_t size = PyLong_AsSsize_t(batch);
-    if (size == -1 && PyErr_Occurred())
-        goto done;
-    if (n + 1 == size) {
-        PyObject *wake = PyObject_GetAttr(sink, s_sink_wake);
-        if (wake == NULL)
-            goto done;
-        r = PyObject_CallMethodNoArgs(wake, s_set);
-        Py_DECREF(wake);
-        if (r == NULL)
-            goto done;
-    }
-    rc = 0;
-done:
-    Py_DECREF(spans);
-    Py_XDECREF(limit);
-    Py_XDECREF(batch);
-    Py_XDECREF(r);
-    return rc;
+    return span_buffer_joined(buffer);
 }
 
 /* end(span, send, scope, token, error): end_request's work; None. */
@@ -1323,14 +1580,8 @@ HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
                 return NULL;
         }
         if (flags & 1) {
-            if (self->sink != Py_None) { /* the sink takes it written: the span itself ends here */
-                PyObject *encoded = NULL;
-                int written = encode_http_span(self, span, &encoded);
-                if (written < 0)
-                    return NULL;
-                int added = sink_add(self->sink, written ? encoded : span);
-                Py_XDECREF(encoded);
-                if (added < 0)
+            if (Py_IS_TYPE(self->sink, &SpanBufferType)) { /* the sink takes it written: the span ends here */
+                if (queue_span(self, (SpanBuffer *)self->sink, span, status_send) < 0)
                     return NULL;
                 Py_RETURN_NONE;
             }
@@ -1421,25 +1672,21 @@ PyInit__otlp_fast(void)
     INTERN(s_status_attr, "http.response.status_code");
     INTERN(s_textmap_global, "_HTTP_TEXT_FORMAT");
     INTERN(s_recorders_global, "_recorders");
-    INTERN(s_sink_spans, "_spans");
-    INTERN(s_sink_limit, "_limit");
-    INTERN(s_sink_batch, "max_export_batch_size");
-    INTERN(s_sink_wake, "_wake");
-    INTERN(s_sink_drop, "_drop");
-    INTERN(s_set, "set");
 #undef INTERN
     if (pthread_atfork(NULL, NULL, ids_after_fork) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
-    if (PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&HttpSpansType) < 0 || PyType_Ready(&EncodedSpanType) < 0)
+    if (PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&HttpSpansType) < 0 || PyType_Ready(&EncodedSpanType) < 0 ||
+        PyType_Ready(&SpanBufferType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;
     if (PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0 ||
         PyModule_AddObjectRef(module, "HttpSpans", (PyObject *)&HttpSpansType) < 0 ||
-        PyModule_AddObjectRef(module, "EncodedSpan", (PyObject *)&EncodedSpanType) < 0) {
+        PyModule_AddObjectRef(module, "EncodedSpan", (PyObject *)&EncodedSpanType) < 0 ||
+        PyModule_AddObjectRef(module, "SpanBuffer", (PyObject *)&SpanBufferType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

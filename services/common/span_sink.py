@@ -10,6 +10,11 @@ or wakes on its schedule, takes what is queued in runs of up to the batch size a
 exports each run as one request (services.common.otlp_encode writes a run of
 ServerSpans in one C call). SDK spans (child spans, the gRPC server
 instrumentation's) come through the provider's `on_end` into the same list.
+The gateway's request spans (services.gateway.http.request_span's C HttpSpans) do
+not come as objects: each is written as its OTLP bytes when it ends, into the
+sink's SpanBuffer (services.common._otlp_fast: the bytes back to back, no object
+per span), which counts toward the same bound and batches; the exporter takes a
+batch of them as one EncodedSpan run.
 
 The BatchSpanProcessor's settings and behaviour are kept: OTEL_BSP_SCHEDULE_DELAY,
 OTEL_BSP_MAX_QUEUE_SIZE (past it a span is dropped and counted: `dropped`),
@@ -33,6 +38,10 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 log = logging.getLogger(__name__)
+try:  # built by `pip install`, as the encoder
+    from services.common._otlp_fast import SpanBuffer as _SpanBuffer
+except ImportError:
+    _SpanBuffer = None
 # The SDK's readers of the OTEL_BSP_* variables (untyped).
 _BSP: Any = BatchSpanProcessor
 
@@ -66,6 +75,15 @@ class SpanSink(SpanProcessor):
         self.dropped = 0
         self._shutdown = False
         self._limit = max_queue_size
+        # Appended to by the threads that end spans; only the exporter (under
+        # _export_lock) removes from its front.
+        self._spans: list[Any] = []
+        self._wake = threading.Event()
+        # Spans written as their bytes (what HttpSpans queues), or None without the
+        # C extension.
+        self._buffer: Any = None
+        if _SpanBuffer is not None:
+            self._buffer = _SpanBuffer(self._spans, self._wake.set, self._drop, max_queue_size, max_export_batch_size)
         self._start()
         if hasattr(os, "register_at_fork"):
             reinit = weakref.WeakMethod(self._start)
@@ -78,10 +96,13 @@ class SpanSink(SpanProcessor):
             os.register_at_fork(after_in_child=after_in_child)
 
     def _start(self) -> None:
-        # Appended to by the threads that end spans; only the exporter (under
-        # _export_lock) removes from its front.
-        self._spans: list[Any] = []
+        """Start the exporter thread with an empty queue (a forked child's copy of
+        its parent's queue is the parent's to export)."""
+        self._spans.clear()
         self._wake = threading.Event()
+        if self._buffer is not None:
+            self._buffer.clear()
+            self._buffer.wake = self._wake.set
         self._export_lock = threading.Lock()
         self._thread = threading.Thread(target=self._worker, name="OtelSpanSink", daemon=True)
         self._thread.start()
@@ -89,13 +110,17 @@ class SpanSink(SpanProcessor):
     def add(self, span: Any) -> None:
         """Queue an ended, sampled span (what ServerSpan.end calls)."""
         spans = self._spans
-        n = len(spans)
+        n = len(spans) if self._buffer is None else len(spans) + len(self._buffer)
         if n >= self._limit:  # the queue's bound; 0 once shut down
             self._drop()
             return
         spans.append(span)
         if n + 1 == self.max_export_batch_size:
             self._wake.set()
+
+    def queued(self) -> int:
+        """Spans waiting for the exporter."""
+        return len(self._spans) if self._buffer is None else len(self._spans) + len(self._buffer)
 
     def _drop(self) -> None:
         if not self.dropped and not self._shutdown:
@@ -113,7 +138,7 @@ class SpanSink(SpanProcessor):
     def _worker(self) -> None:
         wake = self._wake
         while not self._shutdown:
-            if len(self._spans) < self.max_export_batch_size:
+            if self.queued() < self.max_export_batch_size:
                 wake.wait(self._delay)
                 wake.clear()
             if self._shutdown:
@@ -126,11 +151,16 @@ class SpanSink(SpanProcessor):
         `everything`, stop once less than a batch is left unless nothing was sent)."""
         with self._export_lock:
             spans = self._spans
+            buffer = self._buffer
             batch_size = self.max_export_batch_size
             sent = False
-            while spans and (everything or not sent or len(spans) >= batch_size):
-                batch = spans[:batch_size]
+            while (queued := self.queued()) and (everything or not sent or queued >= batch_size):
+                # A run of written spans first (one EncodedSpan), then span objects.
+                run = buffer.take(batch_size) if buffer is not None else None
+                batch = spans[: batch_size - (run.spans if run is not None else 0)]
                 del spans[: len(batch)]  # appends only go to the end: these are the same spans
+                if run is not None:
+                    batch.insert(0, run)
                 sent = True
                 token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
                 try:
@@ -152,6 +182,8 @@ class SpanSink(SpanProcessor):
         deadline = time.monotonic() + timeout_millis / 1e3
         self._shutdown = True
         self._limit = 0
+        if self._buffer is not None:
+            self._buffer.limit = 0
         self._wake.set()
         self._thread.join(timeout_millis / 1e3)
         self._export(everything=True)

@@ -63,6 +63,7 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
         return HttpExporter()
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+    from services.common.otlp_encode import _EncodedSpan as EncodedSpan
     from services.common.otlp_encode import encode_request
 
     class WireEncodedExporter(OTLPSpanExporter):
@@ -80,6 +81,10 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
 
         def _translate_data(self, data: Any) -> Any:
             return encode_request(data)
+
+        def _count_data(self, data: Any) -> int:
+            # A SpanSink batch opens with a run of written spans (one EncodedSpan).
+            return sum(span.spans if type(span) is EncodedSpan else 1 for span in data)
 
     return WireEncodedExporter()
 

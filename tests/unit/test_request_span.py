@@ -175,9 +175,10 @@ def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
 
 async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the OTLP/gRPC export's SpanSink, the C way writes each usual span as its
-    OTLP bytes when it ends (an EncodedSpan); they are byte for byte what the encoder
-    writes for the same spans, in a whole export request too. A span the bytes do not
-    cover (an event) goes to the sink as it is."""
+    OTLP bytes into the sink's SpanBuffer when it ends; taken as runs (EncodedSpans)
+    they are byte for byte what the encoder writes for the same spans, in a whole
+    export request too. A span the bytes do not cover (an event) goes to the sink's
+    list as it is."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExportResult
@@ -226,13 +227,107 @@ async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: p
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
         for path in ("/plain", "/attrs/ä", "/event", "/plain"):
             assert (await c.get(path)).status_code == 200
-    entries = list(sink._spans)
-    assert [type(e).__name__ for e in entries] == ["EncodedSpan", "EncodedSpan", "HttpServerSpan", "EncodedSpan"]
-    assert entries[2] is seen[2]
-    for entry, span in zip(entries, seen, strict=True):
-        if type(entry) is EncodedSpan:
-            assert entry._recorder is span._recorder
-            assert entry.data == otlp_encode.encode_server_span(span)
-    assert otlp_encode.encode_request(entries) == otlp_encode.encode_request(seen)
-    assert otlp_encode.encode_request([entries[0], entries[3]]) == otlp_encode.encode_request([seen[0], seen[3]])
+    # The event's span waits as itself; the other three as their bytes, in order.
+    assert sink._spans == [seen[2]]
+    assert len(sink._buffer) == 3 and sink.queued() == 4
+    written = [seen[0], seen[1], seen[3]]
+    first = sink._buffer.take(1)
+    rest = sink._buffer.take(512)
+    assert len(sink._buffer) == 0 and sink._buffer.take(512) is None
+    assert type(first) is EncodedSpan and (first.spans, rest.spans) == (1, 2)
+    assert first._recorder is rest._recorder is seen[0]._recorder
+    assert first.data == otlp_encode.encode_server_span(seen[0])
+    assert rest.data == b"".join(otlp_encode.encode_server_span(s) for s in written[1:])
+    assert otlp_encode.encode_request([first, rest, seen[2]]) == otlp_encode.encode_request([*written, seen[2]])
+    p.shutdown()
+
+
+async def test_written_spans_share_the_sinks_bound_and_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spans written into the SpanBuffer and the span objects on the sink's list
+    are one queue: one bound (past it a span is dropped and counted, whichever way
+    it would have waited), a batch is reached by both together and wakes the
+    exporter, which takes written spans as one run counted as the spans it holds;
+    a forked child starts with the queue empty."""
+    import os
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from services.common import otlp_encode
+    from services.common.span_sink import SpanSink
+    from services.common.telemetry import _otlp_exporter
+
+    class Blocking:
+        accepts_server_spans = True
+
+        def __init__(self) -> None:
+            import threading
+
+            self.batches: list[list[Any]] = []
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.batches.append(list(spans))
+            self.entered.set()
+            self.release.wait(10)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self, **kwargs: Any) -> None:
+            pass
+
+    out = Blocking()
+    sink = SpanSink(out, schedule_delay_millis=60_000, max_queue_size=4, max_export_batch_size=3)
+    p = TracerProvider(resource=Resource.create({"service.name": "gw"}))
+    p.add_span_processor(sink)
+    trace_with(monkeypatch, p, "clotho.gateway")
+    app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
+    seen: list[Any] = []
+
+    @app.get("/plain")
+    async def plain() -> dict:
+        seen.append(trace.get_current_span())
+        return {}
+
+    @app.get("/event")
+    async def event() -> dict:
+        span = trace.get_current_span()
+        span.add_event("e")
+        seen.append(span)
+        return {}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        for _ in range(3):  # a batch: the exporter takes it (and blocks there)
+            assert (await c.get("/plain")).status_code == 200
+        assert out.entered.wait(10)
+        assert sink.queued() == 0
+        for path in ("/plain", "/event", "/plain", "/plain", "/plain"):  # 4 fit, the last does not
+            assert (await c.get(path)).status_code == 200
+    assert sink.dropped == 1 and sink.queued() == 4 and len(sink._buffer) == 3
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the queue is its parent's to export
+        try:
+            os.write(write, f"{sink.queued()} {len(sink._buffer)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert status == 0 and child == "0 0"
+
+    out.release.set()
+    assert sink.force_flush()
+    # The OTLP/gRPC exporter's count of a batch (its metrics, its log lines).
+    otlp = _otlp_exporter({})
+    assert [otlp._count_data(b) for b in out.batches] == [3, 3, 1]
+    otlp.shutdown()
+    assert [type(b[0]).__name__ for b in out.batches] == ["EncodedSpan", "EncodedSpan", "HttpServerSpan"]
+    assert out.batches[2][0] is seen[4]
+    sent = [seen[i] for i in (0, 1, 2, 3, 5, 6)]
+    assert otlp_encode.encode_request([*out.batches[0], *out.batches[1]]) == otlp_encode.encode_request(sent)
     p.shutdown()

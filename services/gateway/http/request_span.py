@@ -275,17 +275,19 @@ def http_spans() -> Any:
         end_request,
         _finish,
         _detach_failed,
-        _sink_of(recorder.on_end),
+        _buffer_of(recorder.on_end),
     )
 
 
-def _sink_of(on_end: Any) -> Any:
-    """The SpanSink whose `add` is `on_end` (it then takes spans written as their
-    OTLP bytes, services.common._otlp_fast.EncodedSpan), else None."""
+def _buffer_of(on_end: Any) -> Any:
+    """The SpanBuffer of the SpanSink whose `add` is `on_end` (the sink then takes
+    spans written as their OTLP bytes), else None."""
     from services.common.span_sink import SpanSink
 
     sink = getattr(on_end, "__self__", None)
-    return sink if type(sink) is SpanSink and getattr(on_end, "__func__", None) is SpanSink.add else None
+    if type(sink) is SpanSink and getattr(on_end, "__func__", None) is SpanSink.add:
+        return sink._buffer
+    return None
 
 
 async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
