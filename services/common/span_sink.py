@@ -26,6 +26,7 @@ stops the exporter; a forked child starts with an empty queue and its own thread
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -39,7 +40,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 log = logging.getLogger(__name__)
 try:  # built by `pip install`, as the encoder
-    from services.common._otlp_fast import SpanBuffer as _SpanBuffer
+    _SpanBuffer: Any = importlib.import_module("services.common._otlp_fast").SpanBuffer
 except ImportError:
     _SpanBuffer = None
 # The SDK's readers of the OTEL_BSP_* variables (untyped).

@@ -148,8 +148,6 @@ async def test_a_raised_error_ends_the_span_as_an_error(client: Any) -> None:
 def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
     """The C way draws ids from a page of kernel randomness: a forked child must not
     draw what is left of its parent's page (both would make the same ids)."""
-    import os
-
     spans = request_span.http_spans()
     scope = {"type": "http", "method": "GET", "path": "/status", "headers": []}
 
@@ -160,17 +158,8 @@ def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
         return ctx.trace_id, ctx.span_id
 
     ids()  # the page is drawn
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next ids, then out without pytest's teardown
-        os.write(write, " ".join(map(str, ids())).encode())
-        os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    child = tuple(int(x) for x in os.read(read, 200).split())
-    os.close(read)
-    assert status == 0
-    assert ids() != child
+    child = in_a_forked_child(ids)
+    assert str(ids()) != child
 
 
 async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,8 +237,6 @@ async def test_written_spans_share_the_sinks_bound_and_batches(monkeypatch: pyte
     it would have waited), a batch is reached by both together and wakes the
     exporter, which takes written spans as one run counted as the spans it holds;
     a forked child starts with the queue empty."""
-    import os
-
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExportResult
@@ -307,18 +294,8 @@ async def test_written_spans_share_the_sinks_bound_and_batches(monkeypatch: pyte
             assert (await c.get(path)).status_code == 200
     assert sink.dropped == 1 and sink.queued() == 4 and len(sink._buffer) == 3
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its copy of the queue is its parent's to export
-        try:
-            os.write(write, f"{sink.queued()} {len(sink._buffer)}".encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    child = os.read(read, 100).decode()
-    os.close(read)
-    assert status == 0 and child == "0 0"
+    # A forked child's copy of the queue is its parent's to export.
+    assert in_a_forked_child(lambda: f"{sink.queued()} {len(sink._buffer)}") == "0 0"
 
     out.release.set()
     assert sink.force_flush()
@@ -331,3 +308,23 @@ async def test_written_spans_share_the_sinks_bound_and_batches(monkeypatch: pyte
     sent = [seen[i] for i in (0, 1, 2, 3, 5, 6)]
     assert otlp_encode.encode_request([*out.batches[0], *out.batches[1]]) == otlp_encode.encode_request(sent)
     p.shutdown()
+
+
+def in_a_forked_child(what: Any) -> str:
+    """What `what()` returns (as a str) in a forked child of this process, which
+    leaves without pytest's teardown."""
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, str(what()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(read, 1000).decode()
+    os.close(read)
+    assert status == 0
+    return out
