@@ -11,33 +11,37 @@ The receiver (opentelemetry-proto's TraceService) runs in a process of its own a
 10 and only parses and counts what arrives: its CPU never shares the bench client's or
 a gateway's interpreter, and the scheduler gives the services under test the cores
 first; its CPU per request is reported apart.
-The load alternates between the stacks in many short rounds (ABCD, BCDA, ...: the
-order rotates so drift on a shared machine hits all of them alike): for `--seconds`
-each, `--connections` keep-alive HTTP/1.1 connections post small `/scored_data` groups
-(2 sequences x 16 tokens: the per-request cost is the point), then the same for
-`/generate` (3 prompt tokens, n=1, `--new-tokens` tokens). The client is a raw asyncio
-HTTP/1.1 loop on uvloop (pre-built request bytes), the same for every stack; with
-`--ingest-rate` / `--generate-rate` it offers a fixed load (paced), so every stack
-answers at the same rate and wakes as often (CPU per request depends on how many
-requests one wake-up of the event loop serves).
-Figures per stack and workload, each the median over `--rounds` rounds:
-  req/s         throughput: what a user sees, but on a busy machine it moves with
-                everyone else's load;
+The load alternates between the stacks in short slices (`--seconds` each; ABCD, BCDA,
+... over `--rounds` cycles: drift on a shared machine hits every stack alike, and
+noise faster than a slice averages out over many of them): `--connections`
+keep-alive HTTP/1.1 connections per stack, opened once, post small `/scored_data`
+groups (2 sequences x 16 tokens: the per-request cost is the point; between slices,
+not counted, the bench takes what was stored as `/batch`es, as a registered trainer
+does, so the store stays at a trained run's size), then the same for `/generate` (3 prompt tokens, n=1, `--new-tokens` tokens). The client is a raw
+asyncio HTTP/1.1 loop on uvloop (pre-built request bytes), the same for every stack;
+with `--ingest-rate` / `--generate-rate` it offers a fixed load (paced), so every
+stack answers at the same rate and wakes as often (CPU per request depends on how
+many requests one wake-up of the event loop serves). With `--pin` (the default on a
+machine with 2+ CPUs) each gateway runs on the last CPU and everything else (the
+client, the inference processes, the receiver) on the others: a gateway's threads
+(its exporter's included) share one core, as they would at their busiest.
+Figures per stack and workload, summed over the slices:
+  req/s         throughput: requests answered over the time spent on that stack;
   CPU us/req    CPU time of the gateway process (all its threads, the exporter's
                 included; from /proc/<pid>/task/*/schedstat) per request answered,
                 and of its main thread alone: the cost tracing adds to each request,
                 which competing load moves far less. For /generate the inference
                 process's is shown too.
-Costs are paired: each round's figure over `off`'s in the same round, the median of
-those ratios and their quartiles (the spread); off-again's is the A/A noise floor.
+Costs are each mode's total over off's, with a 90% bootstrap interval (cycles
+resampled); off-again's is the A/A noise floor.
 Printed with them: the load average before and after, each gateway's busy share of
 one core (well under 1: the gateways are not starved by the client) and the bench
 client's own CPU per request. Each stack's start-up work (the gateway loads its
-tokenizer in the background) is waited out before the first round; SIGTERM stops
+tokenizer in the background) is waited out before the first slice; SIGTERM stops
 the stacks as Ctrl-C does.
 
-    .venv/bin/python bench/tracing_overhead.py [--rounds 12] [--seconds 1.5] [--connections 8]
-        [--works ingest generate] [--ingest-rate R] [--generate-rate R] [--json out.json]
+    .venv/bin/python bench/tracing_overhead.py [--rounds 40] [--seconds 0.3] [--connections 8]
+        [--works ingest generate] [--ingest-rate R] [--generate-rate R] [--no-pin] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,10 +69,6 @@ from services.demo.tiny_model import build_tiny_model
 
 MODES = ("off", "off-again", "on", "exporting")
 WORKS = ("ingest", "generate")
-# Per round: req/s; gateway (all threads), gateway main thread, inference and receiver
-# CPU us per request; the gateway's busy share of one core; the bench client's CPU us
-# per request.
-FIGURES = ("rps", "gateway_us", "gateway_main_us", "inference_us", "receiver_us", "gateway_busy", "client_us")
 
 
 def mode_env(mode: str, endpoint: str) -> dict[str, str]:
@@ -142,26 +142,26 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), head
 
 
-async def one_connection(port: int, request: bytes, until: float, counts: list[int], interval: float = 0.0) -> None:
-    """Post `request` until `until`, one at a time; with an `interval`, at most one
-    per interval (paced: a fixed offered load)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        due = time.perf_counter()
-        while (now := time.perf_counter()) < until:
-            if interval:
-                due += interval
-                if due > now:
-                    await asyncio.sleep(due - now)
-                else:
-                    due = now  # behind: no burst to catch up
-            writer.write(request)
-            status, head = await read_response(reader)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}: {head!r}")
-            counts[0] += 1
-    finally:
-        writer.close()
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def post_until(conn: Connection, request: bytes, until: float, counts: list[int], interval: float = 0.0) -> None:
+    """Post `request` on `conn` until `until`, one at a time; with an `interval`, at
+    most one per interval (paced: a fixed offered load)."""
+    reader, writer = conn
+    due = time.perf_counter()
+    while (now := time.perf_counter()) < until:
+        if interval:
+            due += interval
+            if due > now:
+                await asyncio.sleep(due - now)
+            else:
+                due = now  # behind: no burst to catch up
+        writer.write(request)
+        status, head = await read_response(reader)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {head!r}")
+        counts[0] += 1
 
 
 async def settle(port: int, pid: int, request: bytes) -> None:
@@ -183,32 +183,72 @@ async def settle(port: int, pid: int, request: bytes) -> None:
             return
 
 
-async def measure(
-    port: int, pids: list[int], request: bytes, seconds: float, connections: int, rate: float = 0.0
-) -> tuple[float, list[float], float, float]:
-    """Requests per second; the CPU microseconds per request of the first of `pids`
-    (the gateway), of its main thread alone, then of each other pid; the gateway's
-    busy share of a core over the window; the bench client's own CPU microseconds per
-    request (this process)."""
-    # A short warm-up on the same path, not counted.
-    await asyncio.gather(*(one_connection(port, request, time.perf_counter() + 0.2, [0]) for _ in range(2)))
+REGISTRATION = {
+    "wandb_group": "bench",
+    "wandb_project": "bench",
+    "batch_size": 1024,
+    "max_token_len": 64,
+    "checkpoint_dir": "",
+    "save_checkpoint_interval": 0,
+    "starting_step": 0,
+    "num_steps": 1 << 30,
+}
+
+
+async def exchange(conn: Connection, request: bytes) -> bytes:
+    """One request on `conn`; the response's body."""
+    reader, writer = conn
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    body = await reader.readexactly(length)
+    if int(head.split(b" ", 2)[1]) != 200:
+        raise RuntimeError(f"HTTP error: {head!r} {body[:200]!r}")
+    return body
+
+
+async def drain(conn: Connection, port: int) -> int:
+    """Take every full batch the stack's store holds (as a trainer would): the store
+    stays the size a trained run keeps it at, not a heap that grows through the run
+    (whose growing collections would be the noise). The groups taken."""
+    request = f"GET /batch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    taken = 0
+    while (batch := json.loads(await exchange(conn, request)).get("batch")) is not None:
+        taken += len(batch)
+    return taken
+
+
+# A slice's raw sums, per stack and workload: requests, seconds, then CPU seconds of
+# the gateway (all threads), its main thread, the inference process, the receiver,
+# and the bench client.
+SUMS = ("requests", "seconds", "gateway", "gateway_main", "inference", "receiver", "client")
+
+
+async def run_slice(
+    conns: list[Connection], pids: list[int], request: bytes, seconds: float, rate: float = 0.0
+) -> list[float]:
+    """One slice of load on a stack's open connections: SUMS' values. `pids`: the
+    gateway, the inference process, the receiver."""
     counts = [0]
     cpu0 = [cpu_seconds(pid) for pid in pids]
     main0 = cpu_seconds(pids[0], main_only=True)
     client0 = time.process_time()
     start = time.perf_counter()
-    until = start + seconds
-    interval = connections / rate if rate else 0.0
-    await asyncio.gather(*(one_connection(port, request, until, counts, interval) for _ in range(connections)))
+    interval = len(conns) / rate if rate else 0.0
+    await asyncio.gather(*(post_until(c, request, start + seconds, counts, interval) for c in conns))
     elapsed = time.perf_counter() - start
     client = time.process_time() - client0
     used = [cpu_seconds(pid) - c0 for pid, c0 in zip(pids, cpu0, strict=True)]
-    used.insert(1, cpu_seconds(pids[0], main_only=True) - main0)
-    n = max(counts[0], 1)
-    return counts[0] / elapsed, [u / n * 1e6 for u in used], used[0] / elapsed, client / n * 1e6
+    main = cpu_seconds(pids[0], main_only=True) - main0
+    return [counts[0], elapsed, used[0], main, used[1], used[2], client]
 
 
-async def start_stack(mode: str, endpoint: str, model: Path, workdir: Path) -> tuple[list[launcher.Child], int]:
+async def start_stack(
+    mode: str, endpoint: str, model: Path, workdir: Path, gateway_cpus: set[int] | None
+) -> tuple[list[launcher.Child], int]:
     env = mode_env(mode, endpoint)
     inf = await launcher.start(
         f"inference-{mode}",
@@ -243,19 +283,50 @@ async def start_stack(mode: str, endpoint: str, model: Path, workdir: Path) -> t
         env=env,
     )
     gw_ready = await launcher.wait_ready(gw, 180)
+    if gateway_cpus is not None:  # every thread the gateway has, and those it starts later
+        for task in os.listdir(f"/proc/{gw.proc.pid}/task"):
+            os.sched_setaffinity(int(task), gateway_cpus)
     return [gw, inf], int(gw_ready["http_port"])
-
-
-def quartiles(values: list[float]) -> list[float]:
-    """[first quartile, median, third quartile]."""
-    if len(values) < 2:
-        return [values[0]] * 3 if values else [float("nan")] * 3
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return [q1, q2, q3]
 
 
 def loadavg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def totals(slices: list[list[float]]) -> dict[str, float]:
+    """The figures of a stack and workload over `slices` (each SUMS' values)."""
+    n, seconds, gw, main, inf, rec, client = (sum(col) for col in zip(*slices, strict=True))
+    n = max(n, 1)
+    return {
+        "rps": n / seconds,
+        "gateway_us": gw / n * 1e6,
+        "gateway_main_us": main / n * 1e6,
+        "inference_us": inf / n * 1e6,
+        "receiver_us": rec / n * 1e6,
+        "gateway_busy": gw / seconds,
+        "client_us": client / n * 1e6,
+    }
+
+
+COSTED = ("rps", "gateway_us", "gateway_main_us", "inference_us")
+
+
+def bootstrap(mode: list[list[float]], off: list[list[float]], key: str, draws: int = 2000) -> list[float]:
+    """A 90% interval of totals(mode)[key] / totals(off)[key], the cycles resampled
+    (a cycle's slices of the two stacks stay paired)."""
+    rng = random.Random(0)
+    k = len(mode)
+    ratios = []
+    for _ in range(draws):
+        picks = [rng.randrange(k) for _ in range(k)]
+        a = totals([mode[i] for i in picks])[key]
+        b = totals([off[i] for i in picks])[key]
+        if b:
+            ratios.append(a / b)
+    if not ratios:
+        return [float("nan")] * 2
+    ratios.sort()
+    return [ratios[int(0.05 * len(ratios))], ratios[int(0.95 * len(ratios)) - 1]]
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -268,10 +339,13 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
     generate = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": args.new_tokens, "temperature": 1.0}}
     bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", group), "generate": ("/generate", generate)}
-    # results[mode][work][figure] = one value per round (FIGURES)
-    results: dict[str, dict[str, dict[str, list[float]]]] = {
-        m: {w: {k: [] for k in FIGURES} for w in WORKS} for m in MODES
-    }
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cpus) >= 2
+    gateway_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
+    if other_cpus is not None:  # this process, and the inference processes and receiver it starts
+        os.sched_setaffinity(0, other_cpus)
+    # slices[mode][work] = SUMS' values per cycle
+    slices: dict[str, dict[str, list[list[float]]]] = {m: {w: [] for w in WORKS} for m in MODES}
     receiver = subprocess.Popen(
         [sys.executable, __file__, "--serve-receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -279,42 +353,39 @@ async def main_async(args: argparse.Namespace) -> dict:
     endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
     load_before = loadavg()
     stacks: dict[str, tuple[list[launcher.Child], int]] = {}
+    conns: dict[str, list[Connection]] = {}
     try:
         for mode in MODES:
-            stacks[mode] = await start_stack(mode, endpoint, model, workdir)
-        for children, port in stacks.values():
+            stacks[mode] = await start_stack(mode, endpoint, model, workdir, gateway_cpus)
+        for mode, (children, port) in stacks.items():
             path, body = bodies["generate"]
             await settle(port, children[0].proc.pid, request_bytes(path, body, port))
+            conns[mode] = [await asyncio.open_connection("127.0.0.1", port) for _ in range(args.connections)]
+            await exchange(conns[mode][0], request_bytes("/register", REGISTRATION, port))
+            for work in WORKS:  # a warm-up on each path, not counted
+                path, body = bodies[work]
+                await run_slice(conns[mode], [children[0].proc.pid] * 3, request_bytes(path, body, port), 0.3)
+            await drain(conns[mode][0], port)
         for r in range(args.rounds):
             k = r % len(MODES)
             order = MODES[k:] + MODES[:k]
             for work in WORKS:
+                rate = args.ingest_rate if work == "ingest" else args.generate_rate
+                path, body = bodies[work]
                 for mode in order:
                     children, port = stacks[mode]
-                    path, body = bodies[work]
                     pids = [c.proc.pid for c in children] + [receiver.pid]
-                    rate = args.ingest_rate if work == "ingest" else args.generate_rate
-                    rps, (gw_us, main_us, inf_us, rec_us), busy, client_us = await measure(
-                        port, pids, request_bytes(path, body, port), args.seconds, args.connections, rate
-                    )
-                    cell = results[mode][work]
-                    figures = (rps, gw_us, main_us, inf_us, rec_us, busy, client_us)
-                    for key, value in zip(FIGURES, figures, strict=True):
-                        cell[key].append(value)
-            print(
-                json.dumps(
-                    {
-                        "round": r,
-                        "loadavg": loadavg(),
-                        **{
-                            m: {w: [round(results[m][w][k][-1], 2) for k in ("rps", "gateway_us")] for w in WORKS}
-                            for m in MODES
-                        },
-                    }
-                ),
-                flush=True,
-            )
+                    sums = await run_slice(conns[mode], pids, request_bytes(path, body, port), args.seconds, rate)
+                    slices[mode][work].append(sums)
+                    if work == "ingest":  # not counted
+                        await drain(conns[mode][0], port)
+            if r % 10 == 9 or r == args.rounds - 1:
+                so_far = {m: {w: round(totals(slices[m][w])["gateway_us"], 1) for w in WORKS} for m in MODES}
+                print(json.dumps({"round": r, "loadavg": loadavg(), "gateway_us": so_far}), flush=True)
     finally:
+        for mode_conns in conns.values():
+            for _, writer in mode_conns:
+                writer.close()
         for children, _ in stacks.values():
             for child in children:
                 await launcher.stop(child)
@@ -323,22 +394,25 @@ async def main_async(args: argparse.Namespace) -> dict:
         received = json.loads(receiver.stdout.readline())
         receiver.stdin.close()
         receiver.wait(10)
-    medians = {m: {w: {k: statistics.median(v) for k, v in results[m][w].items()} for w in WORKS} for m in MODES}
-    # Each mode against `off` round by round (the same round: the same moment's load),
-    # as the median and quartiles of the per-round ratios.
-    paired: dict[str, dict[str, dict[str, list[float]]]] = {}
+    figures = {m: {w: totals(slices[m][w]) for w in WORKS} for m in MODES}
+    # Each mode against `off`: the ratio of the totals and its bootstrap interval.
+    costs: dict[str, dict[str, dict[str, list[float]]]] = {}
     for m in MODES[1:]:
-        paired[m] = {}
+        costs[m] = {}
         for w in WORKS:
-            paired[m][w] = {}
-            for key in ("rps", "gateway_us", "gateway_main_us", "inference_us"):
-                ratios = [v / b for v, b in zip(results[m][w][key], results["off"][w][key], strict=True) if b]
-                paired[m][w][key] = quartiles(ratios)
+            costs[m][w] = {}
+            for key in COSTED:
+                off = figures["off"][w][key]
+                ratio = figures[m][w][key] / off if off else float("nan")
+                costs[m][w][key] = [ratio, *bootstrap(slices[m][w], slices["off"][w], key)]
     return {
-        "medians": medians,
-        "paired": paired,
-        "rounds": results,
+        "figures": figures,
+        "costs": costs,
+        "slices": slices,
         "received": received,
+        "pinned": {"gateways": sorted(gateway_cpus), "others": sorted(other_cpus)}
+        if gateway_cpus is not None and other_cpus is not None
+        else None,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "args": vars(args),
@@ -346,21 +420,22 @@ async def main_async(args: argparse.Namespace) -> dict:
 
 
 def table(out: dict) -> str:
-    med, paired = out["medians"], out["paired"]
+    fig, costs = out["figures"], out["costs"]
 
     def cost(m: str, w: str, key: str) -> str:
-        """The paired cost against off: median of the per-round ratios, and their
-        quartiles (the spread); a drop for req/s, a rise for CPU."""
-        q1, q2, q3 = paired[m][w][key]
+        """The cost against off: a drop for req/s, a rise for CPU; [90% interval]."""
+        ratio, lo, hi = costs[m][w][key]
         sign = -1 if key == "rps" else 1
-        lo, hi = sorted((sign * (q1 - 1), sign * (q3 - 1)))
-        return f"{sign * (q2 - 1) * 100:+.1f}% [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+        lo, hi = sorted((sign * (lo - 1), sign * (hi - 1)))
+        return f"{sign * (ratio - 1) * 100:+.1f}% [{lo * 100:+.1f}, {hi * 100:+.1f}]"
 
     args = out["args"]
+    pinned = out["pinned"]
     lines = [
         f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; "
-        f"{args['rounds']} rounds x {args['seconds']} s per mode and workload, {args['connections']} connections",
-        "cost: the median over rounds of (mode / off in the same round) - 1, [quartiles]; "
+        f"{args['rounds']} cycles x {args['seconds']} s per mode and workload, {args['connections']} connections; "
+        + (f"gateways on CPU {pinned['gateways']}, the rest on {pinned['others']}" if pinned else "not pinned"),
+        "cost: the mode's total over off's - 1 [90% bootstrap interval over cycles]; "
         "req/s cost is the drop, CPU cost the rise; off-again's is the A/A noise",
         "",
         "| workload | figure | " + " | ".join(MODES) + " | " + " | ".join(f"{m} cost" for m in MODES[1:]) + " |",
@@ -373,15 +448,15 @@ def table(out: dict) -> str:
     ]
     for w in WORKS:
         for key, label in rows + ([("inference_us", "inference CPU us/req")] if w == "generate" else []):
-            cells = " | ".join(f"{med[m][w][key]:.0f}" for m in MODES)
-            costs = " | ".join(cost(m, w, key) for m in MODES[1:])
-            lines.append(f"| {w} | {label} | {cells} | {costs} |")
+            cells = " | ".join(f"{fig[m][w][key]:.0f}" for m in MODES)
+            cost_cells = " | ".join(cost(m, w, key) for m in MODES[1:])
+            lines.append(f"| {w} | {label} | {cells} | {cost_cells} |")
     lines.append("")
     for w in WORKS:
-        busy = " ".join(f"{m} {med[m][w]['gateway_busy']:.2f}" for m in MODES)
-        client = " ".join(f"{m} {med[m][w]['client_us']:.0f}" for m in MODES)
+        busy = " ".join(f"{m} {fig[m][w]['gateway_busy']:.2f}" for m in MODES)
+        client = " ".join(f"{m} {fig[m][w]['client_us']:.0f}" for m in MODES)
         lines.append(f"{w}: gateway busy (share of one core): {busy}; bench client CPU us/req: {client}")
-    rec = med["exporting"]
+    rec = fig["exporting"]
     lines.append(
         "receiver (own process, nice 10) CPU us per request: "
         + ", ".join(f"{w} {rec[w]['receiver_us']:.0f}" for w in WORKS)
@@ -396,8 +471,8 @@ def main() -> None:
         serve_receiver()
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--seconds", type=float, default=1.5)
+    p.add_argument("--rounds", type=int, default=40, help="cycles over the stacks")
+    p.add_argument("--seconds", type=float, default=0.3, help="the length of one slice")
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--json", type=Path, help="also write every figure here")
@@ -409,6 +484,12 @@ def main() -> None:
     )
     p.add_argument("--generate-rate", type=float, default=0.0, help="the same for /generate")
     p.add_argument("--works", nargs="+", choices=WORKS, default=list(WORKS), help="the workloads to run")
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gateways on the last CPU, everything else on the others (default: on, with 2+ CPUs)",
+    )
     args = p.parse_args()
     WORKS = tuple(args.works)
     # SIGTERM (a timeout) unwinds like Ctrl-C: the stacks are stopped, not orphaned.

@@ -477,6 +477,15 @@ encode_server_spans(PyObject *self, PyObject *args)
                           &fallback))
         return NULL;
     Buf out = {NULL, 0, 0};
+    /* Room for the written spans' bytes at once (a batch is mostly one run of them). */
+    Py_ssize_t written = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i);
+        if (Py_IS_TYPE(span, &EncodedSpanType))
+            written += Py_SIZE(span);
+    }
+    if (written && buf_reserve(&out, written) < 0)
+        return NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
         PyObject *span = PyList_GET_ITEM(spans, i);
         if (Py_IS_TYPE(span, &EncodedSpanType)) {

@@ -368,8 +368,12 @@ def encode_request(spans: Sequence[Any]) -> bytes:
         scope = recorder.scope or None
         resource = recorder.resource
         schema = scope.schema_url if scope is not None else ""
-        one_scope = _ld(b"\x12", _scope_bytes(scope) + _server_run(spans) + _str(b"\x1a", schema or ""))
-        return _ld(b"\x0a", _resource_bytes(resource) + one_scope + _str(b"\x1a", resource.schema_url))
+        # The spans' bytes are most of the request: copied once, by the join.
+        scope_parts = [_scope_bytes(scope), _server_run(spans), _str(b"\x1a", schema or "")]
+        scope_len = sum(map(len, scope_parts))
+        resource_parts = [_resource_bytes(resource), b"\x12" + _varint(scope_len), *scope_parts]
+        resource_parts.append(_str(b"\x1a", resource.schema_url))
+        return b"".join([b"\x0a" + _varint(sum(map(len, resource_parts))), *resource_parts])
     resources: list[Any] = []  # (resource, [(scope, [span bytes], {})], {id(scope): entry})
     by_id: dict[int, Any] = {}
     # A ServerSpan's recorder -> its scope's entry (the recorder holds one resource

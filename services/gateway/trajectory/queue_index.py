@@ -43,9 +43,9 @@ class Group:
     qpos: int = -1
     # The group's policy version for staleness: its oldest sequence's.
     version: int = field(init=False, default=0)
-    # The OpenTelemetry SpanContext of the submission that brought the group (None
-    # when untraced, and after a restart: spans are not stored), for the hand-out
-    # span's links.
+    # The submission that brought the group, as tracing.submission_span keeps it
+    # (None when untraced, and after a restart: spans are not stored), for the
+    # hand-out span's links.
     span: Any = None
 
     def __post_init__(self) -> None:

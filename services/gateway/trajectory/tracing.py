@@ -12,7 +12,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext
+from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from services.common.current_span import sampled_span_context
 from services.gateway.trajectory.queue_index import Group
@@ -20,9 +21,34 @@ from services.gateway.trajectory.queue_index import Group
 tracer = trace.get_tracer("clotho.gateway.trajectory")
 
 
-def submission_span() -> SpanContext | None:
-    """The current span's context when it is sampled (what a later link can find)."""
-    return sampled_span_context()
+_M64 = (1 << 64) - 1
+
+
+def submission_span() -> SpanContext | int | None:
+    """What a later link needs of the current span when it is sampled, else None: the
+    usual context (local, the default trace state) as one int of its trace id, span
+    id and flags (`(trace_id << 64 | span_id) << 8 | flags`), any other as its
+    SpanContext.
+
+    A group keeps this until its batch is handed out. An int is no object for the
+    garbage collector: a kept SpanContext (a tuple) counted toward every young
+    collection's threshold for as long as its group waited, so an ingest with
+    tracing on ran half as many collections again as one without."""
+    ctx = sampled_span_context()
+    if ctx is None:
+        return None
+    # SpanContext: (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid).
+    if ctx[2] is False and ctx[4] is DEFAULT_TRACE_STATE and 0 <= ctx[3] < 256:
+        return (ctx[0] << 64 | ctx[1]) << 8 | ctx[3]
+    return ctx
+
+
+def link_context(kept: SpanContext | int) -> SpanContext:
+    """The SpanContext of what submission_span returned."""
+    if type(kept) is int:
+        return SpanContext(kept >> 72, kept >> 8 & _M64, False, TraceFlags(kept & 0xFF), DEFAULT_TRACE_STATE)
+    assert isinstance(kept, SpanContext)
+    return kept
 
 
 @contextlib.contextmanager
@@ -35,8 +61,10 @@ def handout_span(groups: Sequence[Group], step: int, route: str) -> Iterator[tra
     seen: set[int] = set()
     links = []
     for g in groups:
-        ctx = g.span
-        if ctx is not None and ctx.span_id not in seen:
+        if g.span is None:
+            continue
+        ctx = link_context(g.span)
+        if ctx.span_id not in seen:
             seen.add(ctx.span_id)
             links.append(Link(ctx))
     attributes: dict[str, str | int] = {
