@@ -395,6 +395,9 @@ async def main_async(args: argparse.Namespace) -> dict:
         receiver.stdin.close()
         receiver.wait(10)
     figures = {m: {w: totals(slices[m][w]) for w in WORKS} for m in MODES}
+    # The exporting gateway logs once when its span queue overflowed (spans dropped).
+    children, _ = stacks["exporting"]
+    dropped = "dropping spans" in children[0].log_path.read_text(errors="replace")
     # Each mode against `off`: the ratio of the totals and its bootstrap interval.
     costs: dict[str, dict[str, dict[str, list[float]]]] = {}
     for m in MODES[1:]:
@@ -410,6 +413,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "costs": costs,
         "slices": slices,
         "received": received,
+        "exporting_dropped_spans": dropped,
         "pinned": {"gateways": sorted(gateway_cpus), "others": sorted(other_cpus)}
         if gateway_cpus is not None and other_cpus is not None
         else None,
@@ -461,6 +465,11 @@ def table(out: dict) -> str:
         "receiver (own process, nice 10) CPU us per request: "
         + ", ".join(f"{w} {rec[w]['receiver_us']:.0f}" for w in WORKS)
         + f"; spans received {out['received']['spans']} in {out['received']['requests']} export requests"
+        + (
+            "; the exporting gateway DROPPED spans (its queue overflowed)"
+            if out["exporting_dropped_spans"]
+            else "; none dropped by the exporting gateway"
+        )
     )
     return "\n".join(lines)
 
