@@ -21,10 +21,13 @@ build_ext --inplace` there) in the same run, side by side.
 
 Instructions are not time: cache misses and IPC are not in them, so a cost here is a
 lower bound of the CPU cost, and the relation to throughput is tracing_overhead.py's
-to show. Needs valgrind (`apt-get install valgrind`).
+to show. `--cache-sim` adds callgrind's simulated cache misses per request (first
+level data, last level): the memory side of the cost, which in a served request (its
+caches cooled by the HTTP server, the kernel and the client between two requests)
+weighs more than in a tight loop. Needs valgrind (`apt-get install valgrind`).
 
     .venv/bin/python bench/tracing_instructions.py [--requests 4096] [--connections 16]
-        [--modes off,on,exporting] [--baseline-src DIR] [--json out.json]
+        [--modes off,on,exporting] [--baseline-src DIR] [--cache-sim] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,16 +60,20 @@ GROUP = {
 GENERATE = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}}
 
 
-def totals(path: Path) -> int:
-    """The instruction count of one callgrind output file (its `totals:` line; the
-    `summary:` line is written at start-up, before any counting)."""
+def totals(path: Path) -> dict[str, int]:
+    """The event counts of one callgrind output file (its `totals:` line, named by its
+    `events:` line: Ir, and with --cache-sim the cache events; the `summary:` line is
+    written at start-up, before any counting)."""
+    names: list[str] = []
     found = None
     for line in path.read_text().splitlines():
-        if line.startswith("totals:"):
-            found = int(line.split()[1])
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith("totals:"):
+            found = [int(x) for x in line.split()[1:]]
     if found is None:
         raise RuntimeError(f"no totals in {path}")
-    return found
+    return dict(zip(names, found, strict=False))
 
 
 async def post_all(port: int, request: bytes, per_connection: int, connections: int) -> None:
@@ -116,6 +123,8 @@ async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path,
     ]  # fmt: skip
     out_file = out_dir / "callgrind.out"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+    if args.cache_sim:
+        argv.append("--cache-sim=yes")
     argv += [f"--callgrind-out-file={out_file}", sys.executable, "-m", "services.gateway", *gateway_args]
     with open(out_dir / "gateway.log", "wb") as log:
         gateway = subprocess.Popen(
@@ -153,7 +162,11 @@ async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path,
         await launcher.stop(inference)
     threads = sorted(out_dir.glob("callgrind.out-*"))
     counts = [totals(t) for t in threads]
-    return {"all": sum(counts) / n, "main": counts[0] / n, "requests": n}
+    out: dict = {"all": sum(c["Ir"] for c in counts) / n, "main": counts[0]["Ir"] / n, "requests": n}
+    if args.cache_sim:  # misses per request, every thread: first level (data), last level (all)
+        out["D1 misses"] = sum(c.get("D1mr", 0) + c.get("D1mw", 0) for c in counts) / n
+        out["LL misses"] = sum(c.get(k, 0) for c in counts for k in ("ILmr", "DLmr", "DLmw")) / n
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -186,14 +199,21 @@ async def main_async(args: argparse.Namespace) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nreceiver: {received}")
     print(f"{args.requests} x /scored_data (2 sequences x 16 tokens) over {args.connections} connections\n")
-    print("| tree | mode | instructions/request (all threads) | main thread | cost over off (all) | (main) |")
-    print("|---|---|---|---|---|---|")
+    misses = ("D1 misses", "LL misses") if args.cache_sim else ()
+    print(
+        "| tree | mode | instructions/request (all threads) | main thread | cost over off (all) | (main) |"
+        + "".join(f" {m}/request | (over off) |" for m in misses)
+    )
+    print("|---|---|---|---|---|---|" + "---|---|" * len(misses))
     for label, modes in results.items():
         off = modes.get("off")
         for mode, r in modes.items():
             cost = f"+{r['all'] / off['all'] - 1:.1%}" if off and mode != "off" else ""
             main = f"+{r['main'] / off['main'] - 1:.1%}" if off and mode != "off" else ""
-            print(f"| {label} | {mode} | {r['all'] / 1e3:.1f}k | {r['main'] / 1e3:.1f}k | {cost} | {main} |")
+            extra = "".join(
+                f" {r[m]:.0f} | {f'{r[m] / off[m] - 1:+.1%}' if off and mode != 'off' else ''} |" for m in misses
+            )
+            print(f"| {label} | {mode} | {r['all'] / 1e3:.1f}k | {r['main'] / 1e3:.1f}k | {cost} | {main} |{extra}")
     return results
 
 
@@ -205,6 +225,11 @@ def main() -> None:
     p.add_argument("--baseline-src", type=Path, default=None, help="another checkout, its C extensions built")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the callgrind outputs")
+    p.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also count cache misses per request (callgrind's simulated caches; about twice as slow)",
+    )
     args = p.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("needs valgrind (apt-get install valgrind)")
