@@ -32,15 +32,18 @@ Figures per stack and workload, summed over the slices:
                 and of its main thread alone: the cost tracing adds to each request,
                 which competing load moves far less. For /generate the inference
                 process's is shown too.
-Costs are each mode's total over off's, with a 90% bootstrap interval (cycles
-resampled); off-again's is the A/A noise floor.
+All of it runs `--sessions` times, each with fresh processes: a process's memory
+layout is luck that moves its speed by a few percent, and one process per mode would
+show that luck as a cost. Costs are each mode's total over off's, with a 90% bootstrap
+interval (sessions resampled, then cycles within them), and each session's own cost;
+off-again's is the A/A noise floor.
 Printed with them: the load average before and after, each gateway's busy share of
 one core (well under 1: the gateways are not starved by the client) and the bench
 client's own CPU per request. Each stack's start-up work (the gateway loads its
 tokenizer in the background) is waited out before the first slice; SIGTERM stops
 the stacks as Ctrl-C does.
 
-    .venv/bin/python bench/tracing_overhead.py [--rounds 40] [--seconds 0.3] [--connections 8]
+    .venv/bin/python bench/tracing_overhead.py [--sessions 3] [--rounds 40] [--seconds 0.3] [--connections 8]
         [--works ingest generate] [--ingest-rate R] [--generate-rate R] [--no-pin] [--json out.json]
 """
 
@@ -311,52 +314,49 @@ def totals(slices: list[list[float]]) -> dict[str, float]:
 COSTED = ("rps", "gateway_us", "gateway_main_us", "inference_us")
 
 
-def bootstrap(mode: list[list[float]], off: list[list[float]], key: str, draws: int = 2000) -> list[float]:
-    """A 90% interval of totals(mode)[key] / totals(off)[key], the cycles resampled
-    (a cycle's slices of the two stacks stay paired)."""
+def bootstrap(mode: list[list[list[float]]], off: list[list[list[float]]], key: str, draws: int = 2000) -> list[float]:
+    """A 90% interval of totals(mode)[key] / totals(off)[key]: sessions resampled, then
+    cycles within each (a cycle's slices of the two stacks stay paired; a session's
+    processes are its own, so their layout's luck is in the interval too)."""
     rng = random.Random(0)
-    k = len(mode)
     ratios = []
     for _ in range(draws):
-        picks = [rng.randrange(k) for _ in range(k)]
-        a = totals([mode[i] for i in picks])[key]
-        b = totals([off[i] for i in picks])[key]
-        if b:
-            ratios.append(a / b)
+        a: list[list[float]] = []
+        b: list[list[float]] = []
+        for _ in range(len(mode)):
+            s = rng.randrange(len(mode))
+            k = len(mode[s])
+            for i in (rng.randrange(k) for _ in range(k)):
+                a.append(mode[s][i])
+                b.append(off[s][i])
+        denominator = totals(b)[key]
+        if denominator:
+            ratios.append(totals(a)[key] / denominator)
     if not ratios:
         return [float("nan")] * 2
     ratios.sort()
     return [ratios[int(0.05 * len(ratios))], ratios[int(0.95 * len(ratios)) - 1]]
 
 
-async def main_async(args: argparse.Namespace) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="clotho-tracing-bench-"))
-    model = build_tiny_model(workdir / "model")
-    group = {
-        "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
-        "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
-        "scores": [0.0, 1.0],
-    }
-    generate = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": args.new_tokens, "temperature": 1.0}}
-    bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", group), "generate": ("/generate", generate)}
-    cpus = sorted(os.sched_getaffinity(0))
-    pin = args.pin and len(cpus) >= 2
-    gateway_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
-    if other_cpus is not None:  # this process, and the inference processes and receiver it starts
-        os.sched_setaffinity(0, other_cpus)
-    # slices[mode][work] = SUMS' values per cycle
+async def run_session(
+    args: argparse.Namespace,
+    session: int,
+    endpoint: str,
+    receiver_pid: int,
+    model: Path,
+    workdir: Path,
+    gateway_cpus: set[int] | None,
+    bodies: dict[str, tuple[str, dict]],
+) -> tuple[dict[str, dict[str, list[list[float]]]], bool]:
+    """One session: a fresh stack per mode (its own processes), `--rounds` cycles of
+    slices over them, the stacks stopped. Its slices per mode and workload, and
+    whether the exporting gateway dropped spans."""
     slices: dict[str, dict[str, list[list[float]]]] = {m: {w: [] for w in WORKS} for m in MODES}
-    receiver = subprocess.Popen(
-        [sys.executable, __file__, "--serve-receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert receiver.stdout is not None and receiver.stdin is not None
-    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
-    load_before = loadavg()
     stacks: dict[str, tuple[list[launcher.Child], int]] = {}
     conns: dict[str, list[Connection]] = {}
     try:
         for mode in MODES:
-            stacks[mode] = await start_stack(mode, endpoint, model, workdir, gateway_cpus)
+            stacks[mode] = await start_stack(mode, endpoint, model, workdir / f"session-{session}", gateway_cpus)
         for mode, (children, port) in stacks.items():
             path, body = bodies["generate"]
             await settle(port, children[0].proc.pid, request_bytes(path, body, port))
@@ -374,14 +374,16 @@ async def main_async(args: argparse.Namespace) -> dict:
                 path, body = bodies[work]
                 for mode in order:
                     children, port = stacks[mode]
-                    pids = [c.proc.pid for c in children] + [receiver.pid]
+                    pids = [c.proc.pid for c in children] + [receiver_pid]
                     sums = await run_slice(conns[mode], pids, request_bytes(path, body, port), args.seconds, rate)
                     slices[mode][work].append(sums)
                     if work == "ingest":  # not counted
                         await drain(conns[mode][0], port)
             if r % 10 == 9 or r == args.rounds - 1:
                 so_far = {m: {w: round(totals(slices[m][w])["gateway_us"], 1) for w in WORKS} for m in MODES}
-                print(json.dumps({"round": r, "loadavg": loadavg(), "gateway_us": so_far}), flush=True)
+                print(
+                    json.dumps({"session": session, "round": r, "loadavg": loadavg(), "gateway_us": so_far}), flush=True
+                )
     finally:
         for mode_conns in conns.values():
             for _, writer in mode_conns:
@@ -389,15 +391,52 @@ async def main_async(args: argparse.Namespace) -> dict:
         for children, _ in stacks.values():
             for child in children:
                 await launcher.stop(child)
+    # The exporting gateway logs once when its span queue overflowed (spans dropped).
+    children, _ = stacks["exporting"]
+    return slices, "dropping spans" in children[0].log_path.read_text(errors="replace")
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="clotho-tracing-bench-"))
+    model = build_tiny_model(workdir / "model")
+    group = {
+        "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
+        "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
+        "scores": [0.0, 1.0],
+    }
+    generate = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": args.new_tokens, "temperature": 1.0}}
+    bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", group), "generate": ("/generate", generate)}
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cpus) >= 2
+    gateway_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
+    if other_cpus is not None:  # this process, and the inference processes and receiver it starts
+        os.sched_setaffinity(0, other_cpus)
+    # slices[mode][work][session] = SUMS' values per cycle
+    slices: dict[str, dict[str, list[list[list[float]]]]] = {m: {w: [] for w in WORKS} for m in MODES}
+    receiver = subprocess.Popen(
+        [sys.executable, __file__, "--serve-receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert receiver.stdout is not None and receiver.stdin is not None
+    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+    load_before = loadavg()
+    dropped = False
+    try:
+        for session in range(args.sessions):
+            session_slices, session_dropped = await run_session(
+                args, session, endpoint, receiver.pid, model, workdir, gateway_cpus, bodies
+            )
+            dropped = dropped or session_dropped
+            for m in MODES:
+                for w in WORKS:
+                    slices[m][w].append(session_slices[m][w])
+    finally:
         receiver.stdin.write("\n")
         receiver.stdin.flush()
         received = json.loads(receiver.stdout.readline())
         receiver.stdin.close()
         receiver.wait(10)
-    figures = {m: {w: totals(slices[m][w]) for w in WORKS} for m in MODES}
-    # The exporting gateway logs once when its span queue overflowed (spans dropped).
-    children, _ = stacks["exporting"]
-    dropped = "dropping spans" in children[0].log_path.read_text(errors="replace")
+    flat = {m: {w: [c for sess in slices[m][w] for c in sess] for w in WORKS} for m in MODES}
+    figures = {m: {w: totals(flat[m][w]) for w in WORKS} for m in MODES}
     # Each mode against `off`: the ratio of the totals and its bootstrap interval.
     costs: dict[str, dict[str, dict[str, list[float]]]] = {}
     for m in MODES[1:]:
@@ -408,7 +447,19 @@ async def main_async(args: argparse.Namespace) -> dict:
                 off = figures["off"][w][key]
                 ratio = figures[m][w][key] / off if off else float("nan")
                 costs[m][w][key] = [ratio, *bootstrap(slices[m][w], slices["off"][w], key)]
+    # Each session's own cost (its processes' luck): gateway CPU per request over off's.
+    per_session = {
+        m: {
+            w: [
+                totals(ms)["gateway_us"] / totals(os_)["gateway_us"]
+                for ms, os_ in zip(slices[m][w], slices["off"][w], strict=True)
+            ]
+            for w in WORKS
+        }
+        for m in MODES[1:]
+    }
     return {
+        "per_session": per_session,
         "figures": figures,
         "costs": costs,
         "slices": slices,
@@ -437,9 +488,10 @@ def table(out: dict) -> str:
     pinned = out["pinned"]
     lines = [
         f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; "
-        f"{args['rounds']} cycles x {args['seconds']} s per mode and workload, {args['connections']} connections; "
+        f"{args['sessions']} sessions (fresh processes each) x {args['rounds']} cycles x {args['seconds']} s per mode "
+        f"and workload, {args['connections']} connections; "
         + (f"gateways on CPU {pinned['gateways']}, the rest on {pinned['others']}" if pinned else "not pinned"),
-        "cost: the mode's total over off's - 1 [90% bootstrap interval over cycles]; "
+        "cost: the mode's total over off's - 1 [90% bootstrap interval, sessions then cycles resampled]; "
         "req/s cost is the drop, CPU cost the rise; off-again's is the A/A noise",
         "",
         "| workload | figure | " + " | ".join(MODES) + " | " + " | ".join(f"{m} cost" for m in MODES[1:]) + " |",
@@ -456,6 +508,11 @@ def table(out: dict) -> str:
             cost_cells = " | ".join(cost(m, w, key) for m in MODES[1:])
             lines.append(f"| {w} | {label} | {cells} | {cost_cells} |")
     lines.append("")
+    for w in WORKS:
+        each = "; ".join(
+            f"{m} " + " ".join(f"{(r - 1) * 100:+.1f}%" for r in out["per_session"][m][w]) for m in MODES[1:]
+        )
+        lines.append(f"{w}: gateway CPU cost per session: {each}")
     for w in WORKS:
         busy = " ".join(f"{m} {fig[m][w]['gateway_busy']:.2f}" for m in MODES)
         client = " ".join(f"{m} {fig[m][w]['client_us']:.0f}" for m in MODES)
@@ -480,7 +537,8 @@ def main() -> None:
         serve_receiver()
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=40, help="cycles over the stacks")
+    p.add_argument("--sessions", type=int, default=3, help="fresh stacks (processes) per mode, one after another")
+    p.add_argument("--rounds", type=int, default=40, help="cycles over the stacks in each session")
     p.add_argument("--seconds", type=float, default=0.3, help="the length of one slice")
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=4)
