@@ -866,8 +866,9 @@ draw_id_bytes(unsigned char *out, size_t n)
     return 0;
 }
 
-/* A root's span id and trace id (random_id's, drawn in that order) and, in `be`,
- * the bytes they are written as (trace id, span id; big-endian). -1 on error. */
+/* A root's random span id and trace id as ints, never 0 (as server_span.Recorder's,
+ * drawn in that order), and in `be` the bytes they are written as (trace id, span
+ * id; big-endian). -1 on error. */
 static int
 root_ids(PyObject **span_id, PyObject **trace_id, unsigned char be[24])
 {
@@ -880,7 +881,7 @@ root_ids(PyObject **span_id, PyObject **trace_id, unsigned char be[24])
     for (int i = 8; i < 24; i++)
         trace_zero &= raw[i] == 0;
     if (span_zero)
-        raw[0] = 1; /* never 0: random_id's 1 */
+        raw[0] = 1; /* never 0 */
     if (trace_zero)
         raw[8] = 1;
     uint64_t v;
@@ -1003,7 +1004,7 @@ HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(context, 4, Py_NewRef(self->trace_state));
     PyTuple_SET_ITEM(context, 5, Py_NewRef(Py_True));
     /* Ints, flags and the shared default TraceState: it can be in no cycle, so the
-     * collector need not walk it (a stored group keeps it for its batch's links). */
+     * collector need not walk it. */
     PyObject_GC_UnTrack(context);
     if ((attributes = PyDict_New()) == NULL || PyDict_SetItem(attributes, s_method_attr, method) < 0 ||
         PyDict_SetItem(attributes, s_url_path_attr, path) < 0)
