@@ -681,8 +681,7 @@ static void
 StatusSend_dealloc(StatusSend *self)
 {
     PyObject_GC_UnTrack(self);
-    Py_CLEAR(self->send);
-    Py_CLEAR(self->context);
+    StatusSend_clear(self);
     PyObject_GC_Del(self);
 }
 
@@ -1102,12 +1101,10 @@ typedef struct {
     Py_ssize_t limit; /* the bound on spans here and in `queue`; 0 once shut down */
     Py_ssize_t batch; /* the export batch size */
     PyObject *recorder; /* the spans' recorder (the first writer's), or NULL while empty */
-    PyObject *queue;    /* the sink's list */
-    PyObject *wake;     /* called with no arguments */
+    PyObject *queue;    /* the sink's list (exactly a list: its length read directly) */
+    PyObject *wake;     /* called with no arguments, or None */
     PyObject *drop;
 } SpanBuffer;
-
-static PyTypeObject SpanBufferType;
 
 static int
 SpanBuffer_traverse(SpanBuffer *self, visitproc visit, void *arg)
@@ -1139,7 +1136,7 @@ SpanBuffer_dealloc(SpanBuffer *self)
     PyObject_GC_Del(self);
 }
 
-/* SpanBuffer(queue: list, wake, drop, limit, batch) */
+/* SpanBuffer(queue: list, wake (or None), drop, limit, batch) */
 static PyObject *
 SpanBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -1229,14 +1226,15 @@ SpanBuffer_clear(SpanBuffer *self, PyObject *unused)
 static Py_ssize_t
 span_buffer_queued(SpanBuffer *self)
 {
-    return self->count + (PyList_Check(self->queue) ? PyList_GET_SIZE(self->queue) : 0);
+    return self->count + PyList_GET_SIZE(self->queue);
 }
 
-/* After a span joined the queue: wake the exporter when it made a batch. */
+/* After a span joined the queue: wake the exporter when it made a batch (`wake`
+ * None: no exporter yet). */
 static int
 span_buffer_joined(SpanBuffer *self)
 {
-    if (span_buffer_queued(self) != self->batch)
+    if (span_buffer_queued(self) != self->batch || self->wake == Py_None)
         return 0;
     PyObject *r = PyObject_CallNoArgs(self->wake);
     Py_XDECREF(r);
@@ -1252,9 +1250,7 @@ static PyMethodDef SpanBuffer_methods[] = {
 
 static PyMemberDef SpanBuffer_members[] = {
     {"limit", T_PYSSIZET, offsetof(SpanBuffer, limit), 0, "the bound on spans here and in the queue list"},
-    {"batch", T_PYSSIZET, offsetof(SpanBuffer, batch), 0, "the export batch size"},
-    {"wake", T_OBJECT_EX, offsetof(SpanBuffer, wake), 0, "called when the queue reaches a batch"},
-    {"queue", T_OBJECT_EX, offsetof(SpanBuffer, queue), READONLY, "the sink's list of span objects"},
+    {"wake", T_OBJECT_EX, offsetof(SpanBuffer, wake), 0, "called when the queue reaches a batch (None: nothing)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1290,12 +1286,7 @@ varint_len(uint64_t n)
 static unsigned char *
 put_varint(unsigned char *p, uint64_t n)
 {
-    while (n >= 0x80) {
-        *p++ = (unsigned char)((n & 0x7F) | 0x80);
-        n >>= 7;
-    }
-    *p++ = (unsigned char)n;
-    return p;
+    return p + varint(p, n);
 }
 
 /* A length-delimited field's tag and length. */

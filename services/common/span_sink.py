@@ -79,12 +79,11 @@ class SpanSink(SpanProcessor):
         # Appended to by the threads that end spans; only the exporter (under
         # _export_lock) removes from its front.
         self._spans: list[Any] = []
-        self._wake = threading.Event()
         # Spans written as their bytes (what HttpSpans queues), or None without the
-        # C extension.
+        # C extension; _start hands it the exporter's wake-up.
         self._buffer: Any = None
         if _SpanBuffer is not None:
-            self._buffer = _SpanBuffer(self._spans, self._wake.set, self._drop, max_queue_size, max_export_batch_size)
+            self._buffer = _SpanBuffer(self._spans, None, self._drop, max_queue_size, max_export_batch_size)
         self._start()
         if hasattr(os, "register_at_fork"):
             reinit = weakref.WeakMethod(self._start)
@@ -110,12 +109,11 @@ class SpanSink(SpanProcessor):
 
     def add(self, span: Any) -> None:
         """Queue an ended, sampled span (what ServerSpan.end calls)."""
-        spans = self._spans
-        n = len(spans) if self._buffer is None else len(spans) + len(self._buffer)
+        n = self.queued()
         if n >= self._limit:  # the queue's bound; 0 once shut down
             self._drop()
             return
-        spans.append(span)
+        self._spans.append(span)
         if n + 1 == self.max_export_batch_size:
             self._wake.set()
 
