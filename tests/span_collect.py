@@ -1,8 +1,10 @@
 """An SDK span exporter that keeps what it is given (ServerSpans included), and a
-provider that batches into one: the span tests' in-memory collector."""
+provider that batches into one: the span tests' in-memory collector; an exporter
+that keeps each batch apart and can hold the exporting thread (Batches)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -19,6 +21,30 @@ class Collect(SpanExporter):
     def export(self, spans: Any) -> SpanExportResult:
         self.spans.extend(spans)
         return SpanExportResult.SUCCESS
+
+
+class Batches(SpanExporter):
+    """Keeps each exported batch; with `block`, each export waits for `release`
+    (`entered` is set once one began)."""
+
+    accepts_server_spans = True
+
+    def __init__(self, block: bool = False) -> None:
+        self.batches: list[list[Any]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+        self.shut = False
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.batches.append(list(spans))
+        self.entered.set()
+        self.release.wait(10)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.shut = True
 
 
 def provider(sampler: Any = None) -> tuple[TracerProvider, Collect]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
-from span_collect import provider, trace_with
+from span_collect import Batches, provider, trace_with
 
 from services.gateway.generation.pool import InferencePool
 from services.gateway.http import request_span
@@ -162,43 +162,19 @@ def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
     assert str(ids()) != child
 
 
-async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the OTLP/gRPC export's SpanSink, the C way writes each usual span as its
-    OTLP bytes into the sink's SpanBuffer when it ends; taken as runs (EncodedSpans)
-    they are byte for byte what the encoder writes for the same spans, in a whole
-    export request too. A span the bytes do not cover (an event) goes to the sink's
-    list as it is."""
+def sink_app(monkeypatch: pytest.MonkeyPatch, sink: Any) -> tuple[Any, Any, list[Any]]:
+    """(provider, app, seen): a GatewayApp traced into `sink` (the OTLP/gRPC export's
+    SpanSink, as telemetry installs it) with two routes that keep their request
+    spans in `seen`: `/plain`, and `/event`, whose span gets an event (the bytes
+    written at its end do not cover it)."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExportResult
 
-    from services.common import otlp_encode
-
-    EncodedSpan = otlp_encode._EncodedSpan
-    from services.common.span_sink import SpanSink
-
-    class Keep:
-        accepts_server_spans = True
-
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-        def shutdown(self, **kwargs: Any) -> None:
-            pass
-
-    sink = SpanSink(Keep(), schedule_delay_millis=60_000)
     p = TracerProvider(resource=Resource.create({"service.name": "gw"}))
     p.add_span_processor(sink)
     trace_with(monkeypatch, p, "clotho.gateway")
     app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
     seen: list[Any] = []
-
-    @app.get("/attrs/{name}")
-    async def attrs(name: str) -> dict:
-        span = trace.get_current_span()
-        span.set_attributes({"i": -3, "big": 1 << 40, "b": True, "f": 0.25, "s": "", "u": "ünï"})
-        seen.append(span)
-        return {}
 
     @app.get("/plain")
     async def plain() -> dict:
@@ -209,6 +185,29 @@ async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: p
     async def event() -> dict:
         span = trace.get_current_span()
         span.add_event("e", {"k": 1})
+        seen.append(span)
+        return {}
+
+    return p, app, seen
+
+
+async def test_spans_reach_a_span_sink_as_the_encoder_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the OTLP/gRPC export's SpanSink, the C way writes each usual span as its
+    OTLP bytes into the sink's SpanBuffer when it ends; taken as runs (EncodedSpans)
+    they are byte for byte what the encoder writes for the same spans, in a whole
+    export request too. A span the bytes do not cover (an event) goes to the sink's
+    list as it is."""
+    from services.common import otlp_encode
+    from services.common.span_sink import SpanSink
+
+    EncodedSpan = otlp_encode._EncodedSpan
+    sink = SpanSink(Batches(), schedule_delay_millis=60_000)
+    p, app, seen = sink_app(monkeypatch, sink)
+
+    @app.get("/attrs/{name}")
+    async def attrs(name: str) -> dict:
+        span = trace.get_current_span()
+        span.set_attributes({"i": -3, "big": 1 << 40, "b": True, "f": 0.25, "s": "", "u": "ünï"})
         seen.append(span)
         return {}
 
@@ -237,52 +236,13 @@ async def test_written_spans_share_the_sinks_bound_and_batches(monkeypatch: pyte
     it would have waited), a batch is reached by both together and wakes the
     exporter, which takes written spans as one run counted as the spans it holds;
     a forked child starts with the queue empty."""
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExportResult
-
     from services.common import otlp_encode
     from services.common.span_sink import SpanSink
     from services.common.telemetry import _otlp_exporter
 
-    class Blocking:
-        accepts_server_spans = True
-
-        def __init__(self) -> None:
-            import threading
-
-            self.batches: list[list[Any]] = []
-            self.entered = threading.Event()
-            self.release = threading.Event()
-
-        def export(self, spans: Any) -> SpanExportResult:
-            self.batches.append(list(spans))
-            self.entered.set()
-            self.release.wait(10)
-            return SpanExportResult.SUCCESS
-
-        def shutdown(self, **kwargs: Any) -> None:
-            pass
-
-    out = Blocking()
+    out = Batches(block=True)
     sink = SpanSink(out, schedule_delay_millis=60_000, max_queue_size=4, max_export_batch_size=3)
-    p = TracerProvider(resource=Resource.create({"service.name": "gw"}))
-    p.add_span_processor(sink)
-    trace_with(monkeypatch, p, "clotho.gateway")
-    app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
-    seen: list[Any] = []
-
-    @app.get("/plain")
-    async def plain() -> dict:
-        seen.append(trace.get_current_span())
-        return {}
-
-    @app.get("/event")
-    async def event() -> dict:
-        span = trace.get_current_span()
-        span.add_event("e")
-        seen.append(span)
-        return {}
+    p, app, seen = sink_app(monkeypatch, sink)
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:

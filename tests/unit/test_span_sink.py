@@ -4,39 +4,17 @@ runs of up to the batch size, and none is lost on flush or shutdown."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 from otlp_receiver import otlp_receiver
+from span_collect import Batches
 
 from services.common.server_span import Recorder
 from services.common.span_sink import SpanSink
 from services.common.telemetry import _otlp_exporter
-
-
-class Batches(SpanExporter):
-    accepts_server_spans = True
-
-    def __init__(self, block: bool = False) -> None:
-        self.batches: list[list[Any]] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        if not block:
-            self.release.set()
-        self.shut = False
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.batches.append(list(spans))
-        self.entered.set()
-        self.release.wait(10)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self.shut = True
 
 
 def sink_provider(sink: SpanSink) -> tuple[TracerProvider, Recorder]:
