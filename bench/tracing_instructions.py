@@ -47,17 +47,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from tracing_overhead import mode_env, read_response, request_bytes, settle
+from tracing_overhead import GENERATE, GROUP, mode_env, read_response, request_bytes, settle
 
 from services import launcher
 from services.demo.tiny_model import build_tiny_model
-
-GROUP = {
-    "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
-    "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
-    "scores": [0.0, 1.0],
-}
-GENERATE = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}}
 
 
 def totals(path: Path) -> dict[str, int]:
@@ -82,7 +75,7 @@ async def post_all(port: int, request: bytes, per_connection: int, connections: 
         try:
             for _ in range(per_connection):
                 writer.write(request)
-                status, head = await read_response(reader)
+                status, head, _ = await read_response(reader)
                 if status != 200:
                     raise RuntimeError(f"HTTP error: {head!r}")
         finally:

@@ -71,6 +71,13 @@ from services import launcher
 from services.demo.tiny_model import build_tiny_model
 
 MODES = ("off", "off-again", "on", "exporting")
+# What the load posts: a small scored group (2 sequences x 16 tokens), a short /generate.
+GROUP = {
+    "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
+    "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
+    "scores": [0.0, 1.0],
+}
+GENERATE: dict = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}}
 WORKS = ("ingest", "generate")
 
 
@@ -134,15 +141,15 @@ def request_bytes(path: str, body: dict, port: int) -> bytes:
     return head + data
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One HTTP/1.1 response off `reader` (its body by Content-Length): (status, head)."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """One HTTP/1.1 response off `reader` (its body by Content-Length): (status, head, body)."""
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n"):
         if line[:15].lower() == b"content-length:":
             length = int(line[15:])
-    await reader.readexactly(length)
-    return int(head.split(b" ", 2)[1]), head
+    body = await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1]), head, body
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -161,7 +168,7 @@ async def post_until(conn: Connection, request: bytes, until: float, counts: lis
             else:
                 due = now  # behind: no burst to catch up
         writer.write(request)
-        status, head = await read_response(reader)
+        status, head, _ = await read_response(reader)
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {head!r}")
         counts[0] += 1
@@ -202,26 +209,19 @@ async def exchange(conn: Connection, request: bytes) -> bytes:
     """One request on `conn`; the response's body."""
     reader, writer = conn
     writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-    body = await reader.readexactly(length)
-    if int(head.split(b" ", 2)[1]) != 200:
-        raise RuntimeError(f"HTTP error: {head!r} {body[:200]!r}")
+    status, head, body = await read_response(reader)
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {head!r} {body[:200]!r}")
     return body
 
 
-async def drain(conn: Connection, port: int) -> int:
+async def drain(conn: Connection, port: int) -> None:
     """Take every full batch the stack's store holds (as a trainer would): the store
     stays the size a trained run keeps it at, not a heap that grows through the run
-    (whose growing collections would be the noise). The groups taken."""
+    (whose growing collections would be the noise)."""
     request = f"GET /batch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-    taken = 0
-    while (batch := json.loads(await exchange(conn, request)).get("batch")) is not None:
-        taken += len(batch)
-    return taken
+    while json.loads(await exchange(conn, request)).get("batch") is not None:
+        pass
 
 
 # A slice's raw sums, per stack and workload: requests, seconds, then CPU seconds of
@@ -399,13 +399,8 @@ async def run_session(
 async def main_async(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="clotho-tracing-bench-"))
     model = build_tiny_model(workdir / "model")
-    group = {
-        "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
-        "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
-        "scores": [0.0, 1.0],
-    }
-    generate = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": args.new_tokens, "temperature": 1.0}}
-    bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", group), "generate": ("/generate", generate)}
+    generate = {**GENERATE, "sampling_params": {**GENERATE["sampling_params"], "max_new_tokens": args.new_tokens}}
+    bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", GROUP), "generate": ("/generate", generate)}
     cpus = sorted(os.sched_getaffinity(0))
     pin = args.pin and len(cpus) >= 2
     gateway_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
