@@ -602,450 +602,6 @@ new_span(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return make_span(tp, layout, args[1], args[2], args[3], args[4], args[5], args[6], args[7]);
 }
 
-/* ---- The gateway's per-request server span (services.gateway.http.request_span) ----
- *
- * What request_span.begin_request / end_request do for the common request -- no
- * header the propagators read, nothing in the current context, a root the
- * recorder samples inline with random ids -- without a Python frame: the span,
- * its SpanContext, the Context made current (the ContextVar behind
- * opentelemetry.context), and a StatusSend standing in for the ASGI `send` that
- * keeps the response's status. Any other request, and any span whose end is not
- * the plain success case, goes through the Python functions given at build time
- * (one definition of the semantics; tests compare the two).
- */
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *send; /* the ASGI send stood in for; NULL once the request ended */
-    long status;    /* the response's status once started, else 0 */
-    vectorcallfunc vectorcall;
-    /* The span's SpanContext as begin made it, and its ids as the bytes they are
-     * written as (trace id, then span id, big-endian): the encoder writes them
-     * without reading the ints back while the span still holds this context. */
-    PyObject *context;
-    unsigned char ids[24];
-} StatusSend;
-
-static PyObject *s_type, *s_status_key, *s_response_start, *s_headers, *s_method, *s_path, *s_route, *s_path_attr,
-    *s_method_attr, *s_url_path_attr, *s_route_attr, *s_status_attr, *s_textmap_global, *s_recorders_global;
-
-static PyObject *
-StatusSend_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    StatusSend *self = (StatusSend *)obj;
-    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
-        PyErr_SetString(PyExc_TypeError, "send(message) takes one message");
-        return NULL;
-    }
-    PyObject *message = args[0];
-    if (PyDict_Check(message)) {
-        PyObject *type = PyDict_GetItemWithError(message, s_type);
-        if (type == NULL && PyErr_Occurred())
-            return NULL;
-        if (type != NULL && PyUnicode_Check(type) && PyUnicode_Compare(type, s_response_start) == 0) {
-            PyObject *status = PyDict_GetItemWithError(message, s_status_key);
-            if (status == NULL && PyErr_Occurred())
-                return NULL;
-            if (status != NULL && PyLong_Check(status)) {
-                long value = PyLong_AsLong(status);
-                if (value == -1 && PyErr_Occurred())
-                    return NULL;
-                self->status = value;
-            }
-        }
-    }
-    if (self->send == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "send after the request's span ended");
-        return NULL;
-    }
-    return PyObject_Vectorcall(self->send, args, 1, NULL);
-}
-
-static int
-StatusSend_traverse(StatusSend *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->send);
-    Py_VISIT(self->context);
-    return 0;
-}
-
-static int
-StatusSend_clear(StatusSend *self)
-{
-    Py_CLEAR(self->send);
-    Py_CLEAR(self->context);
-    return 0;
-}
-
-static void
-StatusSend_dealloc(StatusSend *self)
-{
-    PyObject_GC_UnTrack(self);
-    StatusSend_clear(self);
-    PyObject_GC_Del(self);
-}
-
-static PyObject *
-StatusSend_get_status(StatusSend *self, void *closure)
-{
-    return PyLong_FromLong(self->status);
-}
-
-static PyGetSetDef StatusSend_getset[] = {
-    {"status_code", (getter)StatusSend_get_status, NULL, "the response's status once started, else 0", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyTypeObject StatusSendType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "services.common._otlp_fast.StatusSend",
-    .tp_basicsize = sizeof(StatusSend),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "An ASGI send that keeps the response's status (HttpSpans.begin's).",
-    .tp_vectorcall_offset = offsetof(StatusSend, vectorcall),
-    .tp_call = PyVectorcall_Call,
-    .tp_traverse = (traverseproc)StatusSend_traverse,
-    .tp_clear = (inquiry)StatusSend_clear,
-    .tp_dealloc = (destructor)StatusSend_dealloc,
-    .tp_getset = StatusSend_getset,
-};
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *recorder;        /* the Recorder (services.common.server_span) */
-    PyObject *span_type;       /* HttpServerSpan */
-    PyObject *var;             /* the ContextVar holding the current Context */
-    PyObject *context_type;    /* opentelemetry.context.Context */
-    PyObject *span_key;        /* the Context key of the current span */
-    PyObject *span_context;    /* opentelemetry.trace.SpanContext */
-    PyObject *flags;           /* a sampled root's TraceFlags */
-    PyObject *trace_state;     /* DEFAULT_TRACE_STATE */
-    PyObject *status;          /* Status(UNSET) */
-    PyObject *kind;            /* SpanKind.SERVER */
-    PyObject *on_end;          /* what takes an ended sampled span, or None */
-    PyObject *propagate_dict;  /* opentelemetry.propagate's globals */
-    PyObject *textmap;         /* the global textmap `fields` are of */
-    PyObject *fields;          /* tuple of the header names (bytes, lower case) it reads */
-    PyObject *telemetry_dict;  /* services.common.telemetry's globals */
-    PyObject *tracer_name;     /* the recorder's key in telemetry._recorders */
-    PyObject *begin_fallback;  /* request_span.begin_request */
-    PyObject *end_fallback;    /* request_span.end_request */
-    PyObject *finish;          /* request_span._finish */
-    PyObject *detach_failed;   /* called with the exception when the context reset fails */
-    PyObject *sink;            /* the SpanBuffer of the SpanSink whose add is on_end, or None */
-    const Layout *layout;
-    unsigned char kind_byte; /* Span.kind's value for `kind` */
-} HttpSpans;
-
-static PyTypeObject HttpSpansType;
-
-#define HTTP_SPANS_NOBJ 21
-
-static PyObject **
-http_spans_objects(HttpSpans *self, int i)
-{
-    PyObject **all[HTTP_SPANS_NOBJ] = {
-        &self->recorder,       &self->span_type,      &self->var,            &self->context_type, &self->span_key,
-        &self->span_context,   &self->flags,          &self->trace_state,    &self->status,       &self->kind,
-        &self->on_end,         &self->propagate_dict, &self->textmap,        &self->fields,       &self->telemetry_dict,
-        &self->tracer_name,    &self->begin_fallback, &self->end_fallback,   &self->finish,       &self->detach_failed,
-        &self->sink,
-    };
-    return all[i];
-}
-
-static int
-HttpSpans_traverse(HttpSpans *self, visitproc visit, void *arg)
-{
-    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
-        Py_VISIT(*http_spans_objects(self, i));
-    return 0;
-}
-
-static int
-HttpSpans_clear(HttpSpans *self)
-{
-    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
-        Py_CLEAR(*http_spans_objects(self, i));
-    return 0;
-}
-
-static void
-HttpSpans_dealloc(HttpSpans *self)
-{
-    PyObject_GC_UnTrack(self);
-    HttpSpans_clear(self);
-    PyObject_GC_Del(self);
-}
-
-/* HttpSpans(recorder, span_type, var, context_type, span_key, span_context, flags,
- *           trace_state, status, kind, on_end, propagate_dict, textmap,
- *           fields, telemetry_dict, tracer_name, begin_fallback, end_fallback, finish,
- *           detach_failed, sink) */
-static PyObject *
-HttpSpans_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
-{
-    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
-        PyErr_SetString(PyExc_TypeError, "HttpSpans takes positional arguments");
-        return NULL;
-    }
-    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != HTTP_SPANS_NOBJ) {
-        PyErr_Format(PyExc_TypeError, "HttpSpans takes %d arguments", HTTP_SPANS_NOBJ);
-        return NULL;
-    }
-    PyObject *span_type = PyTuple_GET_ITEM(args, 1);
-    if (!PyType_Check(span_type) || (layout_of((PyTypeObject *)span_type)) == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "span_type must be a ServerSpan type with slots");
-        return NULL;
-    }
-    if (!PyContextVar_CheckExact(PyTuple_GET_ITEM(args, 2)) || !PyType_Check(PyTuple_GET_ITEM(args, 3)) ||
-        !PyType_Check(PyTuple_GET_ITEM(args, 5)) || !PyTuple_Check(PyTuple_GET_ITEM(args, 13)) ||
-        !PyDict_Check(PyTuple_GET_ITEM(args, 11)) || !PyDict_Check(PyTuple_GET_ITEM(args, 14))) {
-        PyErr_SetString(PyExc_TypeError, "HttpSpans: var must be a ContextVar, context_type and span_context types, "
-                                         "fields a tuple, propagate_dict and telemetry_dict dicts");
-        return NULL;
-    }
-    PyTypeObject *span_context = (PyTypeObject *)PyTuple_GET_ITEM(args, 5);
-    if (!PyType_IsSubtype(span_context, &PyTuple_Type) ||
-        !PyType_IsSubtype((PyTypeObject *)PyTuple_GET_ITEM(args, 3), &PyDict_Type)) {
-        PyErr_SetString(PyExc_TypeError, "HttpSpans: span_context must be a tuple type, context_type a dict type");
-        return NULL;
-    }
-    HttpSpans *self = PyObject_GC_New(HttpSpans, type);
-    if (self == NULL)
-        return NULL;
-    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
-        *http_spans_objects(self, i) = Py_NewRef(PyTuple_GET_ITEM(args, i));
-    self->layout = layout_of((PyTypeObject *)span_type);
-    PyObject_GC_Track(self);
-    PyObject *value = PyObject_GetAttrString(self->kind, "value");
-    long kind = value == NULL ? -1 : PyLong_AsLong(value);
-    Py_XDECREF(value);
-    if (kind < 0 || kind > 126) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "HttpSpans: kind must be a SpanKind");
-        Py_DECREF(self);
-        return NULL;
-    }
-    self->kind_byte = (unsigned char)(kind + 1);
-    return (PyObject *)self;
-}
-
-/* Random span and trace ids: bytes from the kernel (getrandom), drawn a page at a
- * time (a syscall per ~170 requests); a forked child drops what is left of its
- * parent's page, so the two never share ids. Only the GIL holder draws. */
-static unsigned char id_bytes[4096];
-static size_t id_pos = sizeof(id_bytes);
-
-static void
-ids_after_fork(void)
-{
-    id_pos = sizeof(id_bytes);
-}
-
-static int
-draw_id_bytes(unsigned char *out, size_t n)
-{
-    if (id_pos + n > sizeof(id_bytes)) {
-        size_t got = 0;
-        while (got < sizeof(id_bytes)) {
-            ssize_t r = getrandom(id_bytes + got, sizeof(id_bytes) - got, 0);
-            if (r < 0) {
-                if (errno == EINTR)
-                    continue;
-                PyErr_SetFromErrno(PyExc_OSError);
-                return -1;
-            }
-            got += (size_t)r;
-        }
-        id_pos = 0;
-    }
-    memcpy(out, id_bytes + id_pos, n);
-    id_pos += n;
-    return 0;
-}
-
-/* A root's random span id and trace id as ints, never 0 (as server_span.Recorder's,
- * drawn in that order), and in `be` the bytes they are written as (trace id, span
- * id; big-endian). -1 on error. */
-static int
-root_ids(PyObject **span_id, PyObject **trace_id, unsigned char be[24])
-{
-    unsigned char raw[24];
-    if (draw_id_bytes(raw, 24) < 0)
-        return -1;
-    int span_zero = 1, trace_zero = 1;
-    for (int i = 0; i < 8; i++)
-        span_zero &= raw[i] == 0;
-    for (int i = 8; i < 24; i++)
-        trace_zero &= raw[i] == 0;
-    if (span_zero)
-        raw[0] = 1; /* never 0 */
-    if (trace_zero)
-        raw[8] = 1;
-    uint64_t v;
-    memcpy(&v, raw, 8);
-    for (int i = 0; i < 8; i++)
-        be[16 + i] = (unsigned char)(v >> (56 - 8 * i));
-    for (int i = 0; i < 16; i++)
-        be[i] = raw[23 - i]; /* the int is read little-endian from raw[8:24] */
-    *span_id = PyLong_FromUnsignedLongLong((unsigned long long)v);
-    if (*span_id == NULL)
-        return -1;
-    *trace_id = _PyLong_FromByteArray(raw + 8, 16, 1, 0);
-    if (*trace_id == NULL) {
-        Py_CLEAR(*span_id);
-        return -1;
-    }
-    return 0;
-}
-
-/* "method path" (both str): the two copied into one new string when both are ASCII
- * (PyUnicode_FromFormat parses its format each time: a third of begin's work). */
-static PyObject *
-span_name(PyObject *method, PyObject *path)
-{
-    if (PyUnicode_IS_ASCII(method) && PyUnicode_IS_ASCII(path)) {
-        Py_ssize_t lm = PyUnicode_GET_LENGTH(method), lp = PyUnicode_GET_LENGTH(path);
-        PyObject *name = PyUnicode_New(lm + 1 + lp, 127);
-        if (name == NULL)
-            return NULL;
-        Py_UCS1 *out = PyUnicode_1BYTE_DATA(name);
-        memcpy(out, PyUnicode_1BYTE_DATA(method), lm);
-        out[lm] = ' ';
-        memcpy(out + lm + 1, PyUnicode_1BYTE_DATA(path), lp);
-        return name;
-    }
-    return PyUnicode_FromFormat("%U %U", method, path);
-}
-
-/* 1 when the request takes the short way, 0 when it needs begin_request, -1 on error. */
-static int
-http_begin_applies(HttpSpans *self, PyObject *scope)
-{
-    PyObject *recorders = PyDict_GetItemWithError(self->telemetry_dict, s_recorders_global);
-    if (recorders == NULL || !PyDict_Check(recorders))
-        return PyErr_Occurred() ? -1 : 0;
-    PyObject *recorder = PyDict_GetItemWithError(recorders, self->tracer_name);
-    if (recorder != self->recorder)
-        return PyErr_Occurred() ? -1 : 0;
-    PyObject *textmap = PyDict_GetItemWithError(self->propagate_dict, s_textmap_global);
-    if (textmap != self->textmap)
-        return PyErr_Occurred() ? -1 : 0;
-    PyObject *headers = PyDict_GetItemWithError(scope, s_headers);
-    if (headers == NULL)
-        return PyErr_Occurred() ? -1 : 1;
-    if (!PyList_Check(headers) && !PyTuple_Check(headers))
-        return 0;
-    Py_ssize_t nfields = PyTuple_GET_SIZE(self->fields);
-    PyObject **items = PySequence_Fast_ITEMS(headers);
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(headers); i++) {
-        PyObject *pair = items[i];
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 1)
-            return 0;
-        PyObject *key = PyTuple_GET_ITEM(pair, 0);
-        if (!PyBytes_Check(key))
-            return 0;
-        Py_ssize_t len = PyBytes_GET_SIZE(key);
-        for (Py_ssize_t f = 0; f < nfields; f++) {
-            PyObject *field = PyTuple_GET_ITEM(self->fields, f);
-            if (PyBytes_GET_SIZE(field) == len && memcmp(PyBytes_AS_STRING(field), PyBytes_AS_STRING(key), len) == 0)
-                return 0; /* the caller's context: extracted by begin_request */
-        }
-    }
-    return 1;
-}
-
-/* begin(scope, send) -> (span, send, token): begin_request's result. */
-static PyObject *
-HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "begin(scope, send)");
-        return NULL;
-    }
-    PyObject *scope = args[0], *send = args[1];
-    int applies = PyDict_Check(scope) ? http_begin_applies(self, scope) : 0;
-    if (applies < 0)
-        return NULL;
-    PyObject *base = NULL;
-    if (applies) {
-        if (PyContextVar_Get(self->var, NULL, &base) < 0)
-            return NULL;
-        /* A current context with anything in it (a span, baggage): begin_request. */
-        applies = base != NULL && PyDict_Check(base) && PyDict_GET_SIZE(base) == 0;
-        Py_XDECREF(base);
-    }
-    PyObject *method = NULL, *path = NULL;
-    if (applies) {
-        method = PyDict_GetItemWithError(scope, s_method);
-        path = method == NULL ? NULL : PyDict_GetItemWithError(scope, s_path);
-        if (PyErr_Occurred())
-            return NULL;
-        applies = method != NULL && path != NULL && PyUnicode_Check(method) && PyUnicode_Check(path);
-    }
-    if (!applies)
-        return PyObject_Vectorcall(self->begin_fallback, args, 2, NULL);
-
-    PyObject *result = NULL, *trace_id = NULL, *span_id = NULL, *context = NULL, *attributes = NULL, *name = NULL,
-             *span = NULL, *ctx = NULL, *token = NULL, *empty = NULL;
-    StatusSend *status_send = NULL;
-    unsigned char be_ids[24];
-    if (root_ids(&span_id, &trace_id, be_ids) < 0)
-        goto done;
-    PyTypeObject *sc_type = (PyTypeObject *)self->span_context;
-    if ((context = sc_type->tp_alloc(sc_type, 6)) == NULL)
-        goto done;
-    PyTuple_SET_ITEM(context, 0, Py_NewRef(trace_id));
-    PyTuple_SET_ITEM(context, 1, Py_NewRef(span_id));
-    PyTuple_SET_ITEM(context, 2, Py_NewRef(Py_False));
-    PyTuple_SET_ITEM(context, 3, Py_NewRef(self->flags));
-    PyTuple_SET_ITEM(context, 4, Py_NewRef(self->trace_state));
-    PyTuple_SET_ITEM(context, 5, Py_NewRef(Py_True));
-    /* Ints, flags and the shared default TraceState: it can be in no cycle, so the
-     * collector need not walk it. */
-    PyObject_GC_UnTrack(context);
-    if ((attributes = PyDict_New()) == NULL || PyDict_SetItem(attributes, s_method_attr, method) < 0 ||
-        PyDict_SetItem(attributes, s_url_path_attr, path) < 0)
-        goto done;
-    if ((name = span_name(method, path)) == NULL)
-        goto done;
-    if ((span = make_span((PyTypeObject *)self->span_type, self->layout, self->recorder, name, context, Py_None,
-                          self->kind, attributes, self->status)) == NULL)
-        goto done;
-    PyTypeObject *ctx_type = (PyTypeObject *)self->context_type;
-    if ((empty = PyTuple_New(0)) == NULL || (ctx = ctx_type->tp_new(ctx_type, empty, NULL)) == NULL ||
-        PyDict_SetItem(ctx, self->span_key, span) < 0)
-        goto done;
-    /* The Context holds the span alone, which refers to nothing that holds it back. */
-    PyObject_GC_UnTrack(ctx);
-    if ((status_send = PyObject_GC_New(StatusSend, &StatusSendType)) == NULL)
-        goto done;
-    status_send->send = Py_NewRef(send);
-    status_send->status = 0;
-    status_send->vectorcall = StatusSend_vectorcall;
-    status_send->context = Py_NewRef(context);
-    memcpy(status_send->ids, be_ids, 24);
-    PyObject_GC_Track(status_send);
-    if ((token = PyContextVar_Set(self->var, ctx)) == NULL)
-        goto done;
-    result = PyTuple_Pack(3, span, (PyObject *)status_send, token);
-    if (result == NULL) /* the context stays as it was */
-        PyContextVar_Reset(self->var, token);
-done:
-    Py_XDECREF(trace_id);
-    Py_XDECREF(span_id);
-    Py_XDECREF(context);
-    Py_XDECREF(attributes);
-    Py_XDECREF(name);
-    Py_XDECREF(span);
-    Py_XDECREF(empty);
-    Py_XDECREF(ctx);
-    Py_XDECREF(token);
-    Py_XDECREF(status_send);
-    return result;
-}
-
 /* An attribute value's AnyValue payload into `v` (at most 10 bytes) or, for a str,
  * its UTF-8 in *text; 1 written, 0 a type this does not write, -1 error. */
 static int
@@ -1313,88 +869,664 @@ typedef struct {
     unsigned char v[12];
 } AttrOut;
 
-/* The ended `span` as its Span field, what otlp_encode.encode_server_span writes for
- * it, when it is the usual server span (a root, no events, links or trace state, its
- * status unset, up to FAST_ATTRIBUTES scalar attributes), appended to `out` (its
- * exact size reserved first, then written in place): 1; 0 when it is not the usual
- * span (nothing written); -1 on error. `ids` are the bytes of the span's ids when
- * `status_send` made its context (see StatusSend), else read from the ints. */
-static int
-encode_http_span(HttpSpans *self, PyObject *span, StatusSend *status_send, Buf *out)
+/* ---- The gateway's per-request server span (services.gateway.http.request_span) ----
+ *
+ * What request_span.begin_request / end_request do for the common request -- no
+ * header the propagators read, nothing in the current context, a root the
+ * recorder samples inline with random ids -- without a Python frame, and in one
+ * object: a RootSpan is the span (an opentelemetry.trace.Span: made current in a
+ * Context through the ContextVar behind opentelemetry.context, it parents gRPC
+ * client spans, get_current_span() finds it) and stands in for the ASGI `send`,
+ * keeping the response's status. What a ServerSpan keeps as objects it keeps as C
+ * fields until asked: its ids as bytes (the SpanContext is made when someone asks
+ * for it), its times as integers, its name and attributes as the request's method,
+ * path and route (a dict once something reads or sets them). Its usual end is
+ * written straight into the SpanSink's buffer as OTLP bytes. Its less usual
+ * methods (attributes set, events, status, a new name) are ServerSpan's own
+ * (services.common.server_span), run on it through the fields it shows under
+ * ServerSpan's names: one definition of what they do. Any other request, and any
+ * span whose end is not the plain success case, goes through the Python functions
+ * given at build time (tests compare the two ways).
+ */
+
+typedef struct HttpSpans HttpSpans;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *send;     /* the ASGI send stood in for; NULL once the request ended */
+    long status_code;   /* the response's status once started, else 0 */
+    HttpSpans *spans;   /* what made it: recorder, kind, export */
+    PyObject *method;   /* the request's method and path (str) */
+    PyObject *path;
+    PyObject *route;    /* the route, set by the usual end; then http.route and the status are attributes too */
+    PyObject *name;     /* a name set (update_name), or NULL: "method path" ("method route" once ended) */
+    PyObject *attributes; /* a dict once read or set, else NULL: the implied ones */
+    PyObject *events;   /* ServerSpan's _events: () or a list */
+    PyObject *status;   /* ServerSpan's _status: a Status */
+    PyObject *context;  /* the SpanContext once asked for, else NULL */
+    uint64_t start_ns, end_ns;
+    int ended;
+    unsigned char ids[24]; /* trace id, then span id: the big-endian bytes they are written as */
+} RootSpan;
+
+struct HttpSpans {
+    PyObject_HEAD
+    PyObject *recorder;        /* the Recorder (services.common.server_span) */
+    PyObject *methods;         /* ServerSpan: its methods run on a RootSpan for the less usual calls */
+    PyObject *var;             /* the ContextVar holding the current Context */
+    PyObject *context_type;    /* opentelemetry.context.Context */
+    PyObject *span_key;        /* the Context key of the current span */
+    PyObject *span_context;    /* opentelemetry.trace.SpanContext */
+    PyObject *flags;           /* a sampled root's TraceFlags */
+    PyObject *trace_state;     /* DEFAULT_TRACE_STATE */
+    PyObject *status;          /* Status(UNSET) */
+    PyObject *kind;            /* SpanKind.SERVER */
+    PyObject *on_end;          /* what takes an ended sampled span, or None */
+    PyObject *propagate_dict;  /* opentelemetry.propagate's globals */
+    PyObject *textmap;         /* the global textmap `fields` are of */
+    PyObject *fields;          /* tuple of the header names (bytes, lower case) it reads */
+    PyObject *telemetry_dict;  /* services.common.telemetry's globals */
+    PyObject *tracer_name;     /* the recorder's key in telemetry._recorders */
+    PyObject *begin_fallback;  /* request_span.begin_request */
+    PyObject *end_fallback;    /* request_span.end_request */
+    PyObject *finish;          /* request_span._finish */
+    PyObject *detach_failed;   /* called with the exception when the context reset fails */
+    PyObject *sink;            /* the SpanBuffer of the SpanSink whose add is on_end, or None */
+    unsigned char kind_byte;   /* Span.kind's value for `kind` */
+    unsigned char flags_byte;  /* `flags` as its byte */
+};
+
+static PyTypeObject HttpSpansType, RootSpanType;
+static PyObject *empty_tuple;
+static PyObject *s_type, *s_status_key, *s_response_start, *s_headers, *s_method, *s_path, *s_route, *s_path_attr,
+    *s_method_attr, *s_url_path_attr, *s_route_attr, *s_status_attr, *s_textmap_global, *s_recorders_global,
+    *s_resource, *s_scope;
+
+/* Random span and trace ids: bytes from the kernel (getrandom), drawn a page at a
+ * time (a syscall per ~170 requests); a forked child drops what is left of its
+ * parent's page, so the two never share ids. Only the GIL holder draws. */
+static unsigned char id_bytes[4096];
+static size_t id_pos = sizeof(id_bytes);
+
+static void
+ids_after_fork(void)
 {
-    const Layout *layout = self->layout;
-#define SLOT(f) (*(PyObject **)((char *)span + layout->offset[f]))
-    PyObject *ctx = SLOT(F_CONTEXT), *events = SLOT(F_EVENTS), *links = SLOT(F_LINKS), *name = SLOT(F_NAME),
-             *attributes = SLOT(F_ATTRIBUTES), *start = SLOT(F_START), *end = SLOT(F_END);
-    if (ctx == NULL || !PyTuple_Check(ctx) || PyTuple_GET_SIZE(ctx) < 6 || PyTuple_GET_ITEM(ctx, 4) != self->trace_state ||
-        SLOT(F_PARENT) != Py_None || SLOT(F_STATUS) != self->status || SLOT(F_KIND) != self->kind ||
-        events == NULL || PyObject_Length(events) != 0 || links == NULL || PyObject_Length(links) != 0 ||
-        name == NULL || !PyUnicode_CheckExact(name) || attributes == NULL || !PyDict_CheckExact(attributes) ||
-        PyDict_GET_SIZE(attributes) > FAST_ATTRIBUTES || start == NULL || !PyLong_CheckExact(start) || end == NULL ||
-        !PyLong_CheckExact(end)) {
-        if (PyErr_Occurred())
-            return -1;
-        return 0;
+    id_pos = sizeof(id_bytes);
+}
+
+static int
+draw_id_bytes(unsigned char *out, size_t n)
+{
+    if (id_pos + n > sizeof(id_bytes)) {
+        size_t got = 0;
+        while (got < sizeof(id_bytes)) {
+            ssize_t r = getrandom(id_bytes + got, sizeof(id_bytes) - got, 0);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            got += (size_t)r;
+        }
+        id_pos = 0;
     }
-#undef SLOT
-    unsigned char read_ids[24];
-    const unsigned char *ids = status_send->ids;
-    if (ctx != status_send->context) {
-        if (uint_be(PyTuple_GET_ITEM(ctx, 0), read_ids, 16) < 0 || uint_be(PyTuple_GET_ITEM(ctx, 1), read_ids + 16, 8) < 0)
-            return -1;
-        ids = read_ids;
+    memcpy(out, id_bytes + id_pos, n);
+    id_pos += n;
+    return 0;
+}
+
+/* A root's random trace id and span id (16 and 8 big-endian bytes), neither 0. */
+static int
+root_ids(unsigned char ids[24])
+{
+    if (draw_id_bytes(ids, 24) < 0)
+        return -1;
+    int trace_zero = 1, span_zero = 1;
+    for (int i = 0; i < 16; i++)
+        trace_zero &= ids[i] == 0;
+    for (int i = 16; i < 24; i++)
+        span_zero &= ids[i] == 0;
+    if (trace_zero)
+        ids[15] = 1;
+    if (span_zero)
+        ids[23] = 1;
+    return 0;
+}
+
+static uint64_t
+clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* "method path" (both str): the two copied into one new string when both are ASCII
+ * (PyUnicode_FromFormat parses its format each time). */
+static PyObject *
+span_name(PyObject *method, PyObject *path)
+{
+    if (PyUnicode_Check(method) && PyUnicode_Check(path) && PyUnicode_IS_ASCII(method) && PyUnicode_IS_ASCII(path)) {
+        Py_ssize_t lm = PyUnicode_GET_LENGTH(method), lp = PyUnicode_GET_LENGTH(path);
+        PyObject *name = PyUnicode_New(lm + 1 + lp, 127);
+        if (name == NULL)
+            return NULL;
+        Py_UCS1 *out = PyUnicode_1BYTE_DATA(name);
+        memcpy(out, PyUnicode_1BYTE_DATA(method), lm);
+        out[lm] = ' ';
+        memcpy(out + lm + 1, PyUnicode_1BYTE_DATA(path), lp);
+        return name;
     }
-    /* Times are made here and by time_ns(): non-negative, below 2**64 (the mask
-     * conversion is a loop over the digits, not _PyLong_AsByteArray's). */
-    if (_PyLong_Sign(start) < 0 || _PyLong_Sign(end) < 0)
+    return PyUnicode_FromFormat("%S %S", method, path);
+}
+
+/* ---- RootSpan ---- */
+
+static PyObject *
+RootSpan_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    RootSpan *self = (RootSpan *)obj;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "send(message) takes one message");
+        return NULL;
+    }
+    PyObject *message = args[0];
+    if (PyDict_Check(message)) {
+        PyObject *type = PyDict_GetItemWithError(message, s_type);
+        if (type == NULL && PyErr_Occurred())
+            return NULL;
+        if (type != NULL && PyUnicode_Check(type) && PyUnicode_Compare(type, s_response_start) == 0) {
+            PyObject *status = PyDict_GetItemWithError(message, s_status_key);
+            if (status == NULL && PyErr_Occurred())
+                return NULL;
+            if (status != NULL && PyLong_Check(status)) {
+                long value = PyLong_AsLong(status);
+                if (value == -1 && PyErr_Occurred())
+                    return NULL;
+                self->status_code = value;
+            }
+        }
+    }
+    if (self->send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send after the request's span ended");
+        return NULL;
+    }
+    return PyObject_Vectorcall(self->send, args, 1, NULL);
+}
+
+static int
+RootSpan_traverse(RootSpan *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->send);
+    Py_VISIT((PyObject *)self->spans);
+    Py_VISIT(self->method);
+    Py_VISIT(self->path);
+    Py_VISIT(self->route);
+    Py_VISIT(self->name);
+    Py_VISIT(self->attributes);
+    Py_VISIT(self->events);
+    Py_VISIT(self->status);
+    Py_VISIT(self->context);
+    return 0;
+}
+
+static int
+RootSpan_clear(RootSpan *self)
+{
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->spans);
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->path);
+    Py_CLEAR(self->route);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->attributes);
+    Py_CLEAR(self->events);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->context);
+    return 0;
+}
+
+static void
+RootSpan_dealloc(RootSpan *self)
+{
+    PyObject_GC_UnTrack(self);
+    RootSpan_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* Its SpanContext (a new reference), made the first time it is asked for. */
+static PyObject *
+root_context(RootSpan *self)
+{
+    if (self->context == NULL) {
+        PyObject *trace_id = _PyLong_FromByteArray(self->ids, 16, 0, 0);
+        PyObject *span_id = trace_id == NULL ? NULL : _PyLong_FromByteArray(self->ids + 16, 8, 0, 0);
+        if (span_id == NULL) {
+            Py_XDECREF(trace_id);
+            return NULL;
+        }
+        PyTypeObject *sc_type = (PyTypeObject *)self->spans->span_context;
+        PyObject *context = sc_type->tp_alloc(sc_type, 6);
+        if (context == NULL) {
+            Py_DECREF(trace_id);
+            Py_DECREF(span_id);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(context, 0, trace_id);
+        PyTuple_SET_ITEM(context, 1, span_id);
+        PyTuple_SET_ITEM(context, 2, Py_NewRef(Py_False));
+        PyTuple_SET_ITEM(context, 3, Py_NewRef(self->spans->flags));
+        PyTuple_SET_ITEM(context, 4, Py_NewRef(self->spans->trace_state));
+        PyTuple_SET_ITEM(context, 5, Py_NewRef(Py_True));
+        /* Ints, flags and the shared default TraceState: in no cycle. */
+        PyObject_GC_UnTrack(context);
+        self->context = context;
+    }
+    return Py_NewRef(self->context);
+}
+
+/* The route its name and attributes use: the matched one once ended the usual way. */
+static PyObject *
+root_route(RootSpan *self)
+{
+    return self->route != NULL ? self->route : self->path;
+}
+
+static PyObject *
+RootSpan_get_name(RootSpan *self, void *closure)
+{
+    if (self->name != NULL)
+        return Py_NewRef(self->name);
+    return span_name(self->method, root_route(self));
+}
+
+static int
+RootSpan_set_name(RootSpan *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the name cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(self->name, Py_NewRef(value));
+    return 0;
+}
+
+/* Its attributes as the dict they are from now on (ServerSpan's methods set them
+ * in it): the request's method and path, and once ended the usual way its route
+ * and status. */
+static PyObject *
+RootSpan_get_attributes(RootSpan *self, void *closure)
+{
+    if (self->attributes == NULL) {
+        PyObject *attributes = PyDict_New();
+        if (attributes == NULL || PyDict_SetItem(attributes, s_method_attr, self->method) < 0 ||
+            PyDict_SetItem(attributes, s_url_path_attr, self->path) < 0) {
+            Py_XDECREF(attributes);
+            return NULL;
+        }
+        if (self->route != NULL) {
+            PyObject *code = PyLong_FromLong(self->status_code);
+            if (code == NULL || PyDict_SetItem(attributes, s_route_attr, self->route) < 0 ||
+                PyDict_SetItem(attributes, s_status_attr, code) < 0) {
+                Py_XDECREF(code);
+                Py_DECREF(attributes);
+                return NULL;
+            }
+            Py_DECREF(code);
+        }
+        self->attributes = attributes;
+    }
+    return Py_NewRef(self->attributes);
+}
+
+static PyObject *
+RootSpan_get_context(RootSpan *self, void *closure)
+{
+    return root_context(self);
+}
+
+static PyObject *
+RootSpan_get_none(RootSpan *self, void *closure)
+{
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RootSpan_get_start(RootSpan *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong((unsigned long long)self->start_ns);
+}
+
+static PyObject *
+RootSpan_get_end(RootSpan *self, void *closure)
+{
+    if (!self->ended)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong((unsigned long long)self->end_ns);
+}
+
+static PyObject *
+RootSpan_get_kind(RootSpan *self, void *closure)
+{
+    return Py_NewRef(self->spans->kind);
+}
+
+static PyObject *
+RootSpan_get_links(RootSpan *self, void *closure)
+{
+    return Py_NewRef(empty_tuple);
+}
+
+static PyObject *
+RootSpan_get_recorder(RootSpan *self, void *closure)
+{
+    return Py_NewRef(self->spans->recorder);
+}
+
+static PyObject *
+RootSpan_get_resource(RootSpan *self, void *closure)
+{
+    return PyObject_GetAttr(self->spans->recorder, s_resource);
+}
+
+static PyObject *
+RootSpan_get_scope(RootSpan *self, void *closure)
+{
+    return PyObject_GetAttr(self->spans->recorder, s_scope);
+}
+
+static PyObject *
+RootSpan_get_status_code(RootSpan *self, void *closure)
+{
+    return PyLong_FromLong(self->status_code);
+}
+
+static PyGetSetDef RootSpan_getset[] = {
+    {"_name", (getter)RootSpan_get_name, (setter)RootSpan_set_name, "the span's name", NULL},
+    {"name", (getter)RootSpan_get_name, NULL, "the span's name", NULL},
+    {"_attributes", (getter)RootSpan_get_attributes, NULL, "the span's attributes (a dict from now on)", NULL},
+    {"attributes", (getter)RootSpan_get_attributes, NULL, "the span's attributes", NULL},
+    {"_context", (getter)RootSpan_get_context, NULL, "its SpanContext", NULL},
+    {"context", (getter)RootSpan_get_context, NULL, "its SpanContext", NULL},
+    {"_parent", (getter)RootSpan_get_none, NULL, "None: a root", NULL},
+    {"parent", (getter)RootSpan_get_none, NULL, "None: a root", NULL},
+    {"_start_time", (getter)RootSpan_get_start, NULL, "start, ns since the epoch", NULL},
+    {"_end_time", (getter)RootSpan_get_end, NULL, "end, ns since the epoch, or None while recording", NULL},
+    {"_kind", (getter)RootSpan_get_kind, NULL, "SpanKind.SERVER", NULL},
+    {"kind", (getter)RootSpan_get_kind, NULL, "SpanKind.SERVER", NULL},
+    {"_links", (getter)RootSpan_get_links, NULL, "()", NULL},
+    {"_recorder", (getter)RootSpan_get_recorder, NULL, "the Recorder it is of", NULL},
+    {"resource", (getter)RootSpan_get_resource, NULL, "the recorder's resource", NULL},
+    {"instrumentation_scope", (getter)RootSpan_get_scope, NULL, "the recorder's instrumentation scope", NULL},
+    {"status_code", (getter)RootSpan_get_status_code, NULL, "the response's status once started, else 0", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef RootSpan_members[] = {
+    {"_events", T_OBJECT_EX, offsetof(RootSpan, events), 0, "ServerSpan's _events: () or a list of Events"},
+    {"_status", T_OBJECT_EX, offsetof(RootSpan, status), 0, "ServerSpan's _status"},
+    {"status", T_OBJECT_EX, offsetof(RootSpan, status), READONLY, "the span's Status"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *
+RootSpan_get_span_context(RootSpan *self, PyObject *unused)
+{
+    return root_context(self);
+}
+
+static PyObject *
+RootSpan_is_recording(RootSpan *self, PyObject *unused)
+{
+    return PyBool_FromLong(!self->ended);
+}
+
+static int queue_root(HttpSpans *spans, SpanBuffer *buffer, RootSpan *span);
+
+/* ServerSpan.end: the end time set once, the sampled span handed to the export
+ * (written into the sink's buffer when it takes bytes). -1 on error. */
+static int
+root_end(RootSpan *self, uint64_t end_ns)
+{
+    if (self->ended)
         return 0;
-    uint64_t t0 = PyLong_AsUnsignedLongLongMask(start), t1 = PyLong_AsUnsignedLongLongMask(end);
-    if (PyErr_Occurred())
+    self->ended = 1;
+    self->end_ns = end_ns;
+    HttpSpans *spans = self->spans;
+    if (spans->on_end == Py_None)
+        return 0;
+    if (Py_IS_TYPE(spans->sink, &SpanBufferType))
+        return queue_root(spans, (SpanBuffer *)spans->sink, self);
+    PyObject *r = PyObject_CallOneArg(spans->on_end, (PyObject *)self);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* end(end_time=None) */
+static PyObject *
+RootSpan_end(RootSpan *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *end_time = Py_None;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs + nkw > 1 || (nkw && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "end_time") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "end(end_time=None)");
+        return NULL;
+    }
+    if (nargs + nkw == 1)
+        end_time = args[0];
+    uint64_t end_ns;
+    if (end_time == Py_None) {
+        end_ns = clock_ns();
+    } else {
+        end_ns = PyLong_AsUnsignedLongLong(end_time);
+        if (end_ns == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (root_end(self, end_ns) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The less usual Span methods: ServerSpan's, called with this span as `self`. */
+enum { D_SET_ATTRIBUTES, D_SET_ATTRIBUTE, D_ADD_EVENT, D_ADD_LINK, D_UPDATE_NAME, D_SET_STATUS, D_RECORD_EXCEPTION,
+       D_ENTER, D_EXIT, N_DELEGATES };
+static const char *delegate_names[N_DELEGATES] = {"set_attributes", "set_attribute", "add_event", "add_link",
+                                                  "update_name", "set_status", "record_exception", "__enter__",
+                                                  "__exit__"};
+static PyObject *delegate_strs[N_DELEGATES];
+
+static PyObject *
+root_delegate(PyObject *self, int which, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *fn = PyObject_GetAttr(((RootSpan *)self)->spans->methods, delegate_strs[which]);
+    if (fn == NULL)
+        return NULL;
+    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    PyObject *small[8], **all = small;
+    if (total + 1 > 8 && (all = PyMem_Malloc((total + 1) * sizeof(PyObject *))) == NULL) {
+        Py_DECREF(fn);
+        return PyErr_NoMemory();
+    }
+    all[0] = self;
+    for (Py_ssize_t i = 0; i < total; i++)
+        all[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(fn, all, nargs + 1, kwnames);
+    if (all != small)
+        PyMem_Free(all);
+    Py_DECREF(fn);
+    return r;
+}
+
+#define DELEGATE(fname, which)                                                                        \
+    static PyObject *RootSpan_##fname(PyObject *self, PyObject *const *args, Py_ssize_t nargs,        \
+                                      PyObject *kwnames)                                              \
+    {                                                                                                 \
+        return root_delegate(self, which, args, nargs, kwnames);                                      \
+    }
+DELEGATE(set_attributes, D_SET_ATTRIBUTES)
+DELEGATE(set_attribute, D_SET_ATTRIBUTE)
+DELEGATE(add_event, D_ADD_EVENT)
+DELEGATE(add_link, D_ADD_LINK)
+DELEGATE(update_name, D_UPDATE_NAME)
+DELEGATE(set_status, D_SET_STATUS)
+DELEGATE(record_exception, D_RECORD_EXCEPTION)
+DELEGATE(enter, D_ENTER)
+DELEGATE(exit, D_EXIT)
+#undef DELEGATE
+
+#define FASTKW (METH_FASTCALL | METH_KEYWORDS)
+static PyMethodDef RootSpan_methods[] = {
+    {"get_span_context", (PyCFunction)RootSpan_get_span_context, METH_NOARGS, "its SpanContext"},
+    {"is_recording", (PyCFunction)RootSpan_is_recording, METH_NOARGS, "True until it ended"},
+    {"end", (PyCFunction)(void (*)(void))RootSpan_end, FASTKW, "end(end_time=None): ServerSpan.end"},
+    {"set_attributes", (PyCFunction)(void (*)(void))RootSpan_set_attributes, FASTKW, "ServerSpan.set_attributes"},
+    {"set_attribute", (PyCFunction)(void (*)(void))RootSpan_set_attribute, FASTKW, "ServerSpan.set_attribute"},
+    {"add_event", (PyCFunction)(void (*)(void))RootSpan_add_event, FASTKW, "ServerSpan.add_event"},
+    {"add_link", (PyCFunction)(void (*)(void))RootSpan_add_link, FASTKW, "ServerSpan.add_link"},
+    {"update_name", (PyCFunction)(void (*)(void))RootSpan_update_name, FASTKW, "ServerSpan.update_name"},
+    {"set_status", (PyCFunction)(void (*)(void))RootSpan_set_status, FASTKW, "ServerSpan.set_status"},
+    {"record_exception", (PyCFunction)(void (*)(void))RootSpan_record_exception, FASTKW,
+     "ServerSpan.record_exception"},
+    {"__enter__", (PyCFunction)(void (*)(void))RootSpan_enter, FASTKW, "Span.__enter__"},
+    {"__exit__", (PyCFunction)(void (*)(void))RootSpan_exit, FASTKW, "Span.__exit__"},
+    {NULL, NULL, 0, NULL},
+};
+#undef FASTKW
+
+static PyObject *
+RootSpan_repr(RootSpan *self)
+{
+    PyObject *name = RootSpan_get_name(self, NULL);
+    PyObject *context = name == NULL ? NULL : root_context(self);
+    PyObject *r = context == NULL ? NULL : PyUnicode_FromFormat("RootSpan(name=\"%U\", context=%R)", name, context);
+    Py_XDECREF(name);
+    Py_XDECREF(context);
+    return r;
+}
+
+static PyTypeObject RootSpanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "services.common._otlp_fast.RootSpan",
+    .tp_basicsize = sizeof(RootSpan),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A gateway request's sampled root server span, standing in for its ASGI send (HttpSpans.begin's).",
+    .tp_vectorcall_offset = offsetof(RootSpan, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)RootSpan_traverse,
+    .tp_clear = (inquiry)RootSpan_clear,
+    .tp_dealloc = (destructor)RootSpan_dealloc,
+    .tp_repr = (reprfunc)RootSpan_repr,
+    .tp_methods = RootSpan_methods,
+    .tp_members = RootSpan_members,
+    .tp_getset = RootSpan_getset,
+};
+
+/* One attribute for the writer: its key's and value's bytes and sizes; 1 written,
+ * 0 a key or value the writer leaves to Python, -1 error. */
+static int
+attr_out(AttrOut *a, PyObject *key, PyObject *value)
+{
+    if (!PyUnicode_CheckExact(key))
+        return 0;
+    a->key = PyUnicode_AsUTF8AndSize(key, &a->klen);
+    if (a->key == NULL)
         return -1;
-    Py_ssize_t name_len;
-    const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
-    if (name_text == NULL)
-        return -1;
+    a->tlen = a->vlen = 0;
+    int ok = any_value(value, a->v, &a->vlen, &a->text, &a->tlen);
+    if (ok <= 0)
+        return ok;
+    a->any_len = a->text != NULL ? 1 + varint_len((uint64_t)a->tlen) + a->tlen : a->vlen;
+    a->kv_len = (a->klen ? 1 + varint_len((uint64_t)a->klen) + a->klen : 0) + 1 + varint_len((uint64_t)a->any_len) +
+                a->any_len;
+    return 1;
+}
+
+/* The ended `span` as its Span field, what otlp_encode.encode_server_span writes for
+ * it, when it is the usual one (no events, its status unset, up to FAST_ATTRIBUTES
+ * scalar attributes), appended to `out` (its exact size reserved first, then
+ * written in place): 1; 0 when it is not (nothing written); -1 on error. */
+static int
+encode_root_span(HttpSpans *spans, RootSpan *span, Buf *out)
+{
+    PyObject *events = span->events;
+    if (span->status != spans->status || !span->ended ||
+        !((PyTuple_CheckExact(events) && PyTuple_GET_SIZE(events) == 0) ||
+          (PyList_CheckExact(events) && PyList_GET_SIZE(events) == 0)))
+        return 0;
+    /* The name: one set, or "method route" written from the two. */
+    const char *name_text = NULL, *method_text = NULL, *route_text = NULL;
+    Py_ssize_t name_len = 0, method_len = 0, route_len = 0;
+    if (span->name != NULL) {
+        if (!PyUnicode_CheckExact(span->name))
+            return 0;
+        if ((name_text = PyUnicode_AsUTF8AndSize(span->name, &name_len)) == NULL)
+            return -1;
+    } else {
+        PyObject *route = root_route(span);
+        if (!PyUnicode_CheckExact(span->method) || !PyUnicode_CheckExact(route))
+            return 0;
+        if ((method_text = PyUnicode_AsUTF8AndSize(span->method, &method_len)) == NULL ||
+            (route_text = PyUnicode_AsUTF8AndSize(route, &route_len)) == NULL)
+            return -1;
+        name_len = method_len + 1 + route_len;
+    }
+    uint64_t t0 = span->start_ns, t1 = span->end_ns;
     /* The body's size: ids, name, kind, times, attributes, status and flags. */
     Py_ssize_t body = 2 + 16 + 2 + 8 + 2 + (t0 ? 9 : 0) + (t1 ? 9 : 0) + 8;
     if (name_len)
         body += 1 + varint_len((uint64_t)name_len) + name_len;
     AttrOut attrs[FAST_ATTRIBUTES];
-    Py_ssize_t n_attrs = 0, pos = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(attributes, &pos, &key, &value)) {
-        if (!PyUnicode_CheckExact(key) || n_attrs == FAST_ATTRIBUTES)
-            return 0;
-        AttrOut *a = &attrs[n_attrs++];
-        a->key = PyUnicode_AsUTF8AndSize(key, &a->klen);
-        if (a->key == NULL)
+    Py_ssize_t n_attrs = 0;
+    PyObject *code = NULL;
+    int ok = 1;
+    if (span->attributes == NULL) { /* the implied ones */
+        PyObject *keys[4] = {s_method_attr, s_url_path_attr, s_route_attr, s_status_attr};
+        PyObject *values[4] = {span->method, span->path, span->route, NULL};
+        Py_ssize_t n = span->route != NULL ? 4 : 2;
+        if (n == 4 && (code = values[3] = PyLong_FromLong(span->status_code)) == NULL)
             return -1;
-        a->tlen = a->vlen = 0;
-        int ok = any_value(value, a->v, &a->vlen, &a->text, &a->tlen);
-        if (ok <= 0)
-            return ok;
-        a->any_len = a->text != NULL ? 1 + varint_len((uint64_t)a->tlen) + a->tlen : a->vlen;
-        a->kv_len = (a->klen ? 1 + varint_len((uint64_t)a->klen) + a->klen : 0) + 1 +
-                    varint_len((uint64_t)a->any_len) + a->any_len;
-        body += 1 + varint_len((uint64_t)a->kv_len) + a->kv_len;
+        for (Py_ssize_t i = 0; i < n && ok > 0; i++)
+            ok = attr_out(&attrs[n_attrs++], keys[i], values[i]);
+    } else {
+        if (!PyDict_CheckExact(span->attributes) || PyDict_GET_SIZE(span->attributes) > FAST_ATTRIBUTES)
+            return 0;
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (ok > 0 && PyDict_Next(span->attributes, &pos, &key, &value))
+            ok = attr_out(&attrs[n_attrs++], key, value);
     }
+    if (ok <= 0) {
+        Py_XDECREF(code);
+        return ok;
+    }
+    for (Py_ssize_t i = 0; i < n_attrs; i++)
+        body += 1 + varint_len((uint64_t)attrs[i].kv_len) + attrs[i].kv_len;
     Py_ssize_t field = 1 + varint_len((uint64_t)body) + body;
-    if (buf_reserve(out, field) < 0)
+    if (buf_reserve(out, field) < 0) {
+        Py_XDECREF(code);
         return -1;
+    }
     unsigned char *p = (unsigned char *)out->data + out->len, *first = p;
     p = put_head(p, 0x12, body);
     p = put_head(p, 0x0a, 16);
-    memcpy(p, ids, 16);
+    memcpy(p, span->ids, 16);
     p = put_head(p + 16, 0x12, 8);
-    memcpy(p, ids + 16, 8);
+    memcpy(p, span->ids + 16, 8);
     p += 8;
     if (name_len) {
         p = put_head(p, 0x2a, name_len);
-        memcpy(p, name_text, name_len);
+        if (name_text != NULL) {
+            memcpy(p, name_text, name_len);
+        } else {
+            memcpy(p, method_text, method_len);
+            p[method_len] = ' ';
+            memcpy(p + method_len + 1, route_text, route_len);
+        }
         p += name_len;
     }
     *p++ = 0x30;
-    *p++ = self->kind_byte;
+    *p++ = spans->kind_byte;
     if (t0)
         p = put_fixed64(p, 0x39, t0);
     if (t1)
@@ -1417,23 +1549,24 @@ encode_http_span(HttpSpans *self, PyObject *span, StatusSend *status_send, Buf *
             p += a->vlen;
         }
     }
+    Py_XDECREF(code); /* a small int: its bytes were written into attrs[3].v */
     /* Status (unset), then SpanFlags: a local root. */
     static const unsigned char tail[] = {0x7a, 0x00, 0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
     memcpy(p, tail, sizeof(tail));
     p += sizeof(tail);
     if (p - first != field) {
-        PyErr_SetString(PyExc_SystemError, "encode_http_span: size mismatch");
+        PyErr_SetString(PyExc_SystemError, "encode_root_span: size mismatch");
         return -1;
     }
     out->len += field;
     return 1;
 }
 
-/* The ended, sampled `span` onto the sink's queue: written into `buffer` when it is
- * the usual span of this recorder, else as it is onto the queue list; dropped (and
- * counted by `drop`) past the bound. -1 on error. */
+/* The ended `span` onto the sink's queue: written into `buffer` when it is the usual
+ * span of this recorder, else as it is onto the queue list; dropped (and counted by
+ * `drop`) past the bound. -1 on error. */
 static int
-queue_span(HttpSpans *self, SpanBuffer *buffer, PyObject *span, StatusSend *status_send)
+queue_root(HttpSpans *spans, SpanBuffer *buffer, RootSpan *span)
 {
     if (span_buffer_queued(buffer) >= buffer->limit) { /* the queue's bound; 0 once shut down */
         PyObject *r = PyObject_CallNoArgs(buffer->drop);
@@ -1441,7 +1574,7 @@ queue_span(HttpSpans *self, SpanBuffer *buffer, PyObject *span, StatusSend *stat
         return r == NULL ? -1 : 0;
     }
     int written = 0;
-    if (buffer->recorder == NULL || buffer->recorder == self->recorder) {
+    if (buffer->recorder == NULL || buffer->recorder == spans->recorder) {
         if (buffer->count == buffer->ends_cap) {
             Py_ssize_t cap = buffer->ends_cap ? 2 * buffer->ends_cap : 512;
             Py_ssize_t *ends = PyMem_Realloc(buffer->ends, cap * sizeof(Py_ssize_t));
@@ -1452,18 +1585,227 @@ queue_span(HttpSpans *self, SpanBuffer *buffer, PyObject *span, StatusSend *stat
             buffer->ends = ends;
             buffer->ends_cap = cap;
         }
-        written = encode_http_span(self, span, status_send, &buffer->buf);
+        written = encode_root_span(spans, span, &buffer->buf);
         if (written < 0)
             return -1;
     }
     if (written) {
         buffer->ends[buffer->count++] = buffer->buf.len;
         if (buffer->recorder == NULL)
-            buffer->recorder = Py_NewRef(self->recorder);
-    } else if (PyList_Append(buffer->queue, span) < 0) {
+            buffer->recorder = Py_NewRef(spans->recorder);
+    } else if (PyList_Append(buffer->queue, (PyObject *)span) < 0) {
         return -1;
     }
     return span_buffer_joined(buffer);
+}
+
+/* ---- HttpSpans ---- */
+
+#define HTTP_SPANS_NOBJ 21
+
+static PyObject **
+http_spans_objects(HttpSpans *self, int i)
+{
+    PyObject **all[HTTP_SPANS_NOBJ] = {
+        &self->recorder,       &self->methods,        &self->var,            &self->context_type, &self->span_key,
+        &self->span_context,   &self->flags,          &self->trace_state,    &self->status,       &self->kind,
+        &self->on_end,         &self->propagate_dict, &self->textmap,        &self->fields,       &self->telemetry_dict,
+        &self->tracer_name,    &self->begin_fallback, &self->end_fallback,   &self->finish,       &self->detach_failed,
+        &self->sink,
+    };
+    return all[i];
+}
+
+static int
+HttpSpans_traverse(HttpSpans *self, visitproc visit, void *arg)
+{
+    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
+        Py_VISIT(*http_spans_objects(self, i));
+    return 0;
+}
+
+static int
+HttpSpans_clear(HttpSpans *self)
+{
+    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
+        Py_CLEAR(*http_spans_objects(self, i));
+    return 0;
+}
+
+static void
+HttpSpans_dealloc(HttpSpans *self)
+{
+    PyObject_GC_UnTrack(self);
+    HttpSpans_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* A small int attribute of `obj` (its `value` when `attr`), in [lo, hi]; -1 on error. */
+static long
+small_int(PyObject *obj, const char *attr, long lo, long hi, const char *what)
+{
+    PyObject *value = attr != NULL ? PyObject_GetAttrString(obj, attr) : Py_NewRef(obj);
+    long n = value == NULL ? -1 : PyLong_AsLong(value);
+    Py_XDECREF(value);
+    if (n < lo || n > hi) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "HttpSpans: %s out of range", what);
+        return -1;
+    }
+    return n;
+}
+
+/* HttpSpans(recorder, methods, var, context_type, span_key, span_context, flags,
+ *           trace_state, status, kind, on_end, propagate_dict, textmap,
+ *           fields, telemetry_dict, tracer_name, begin_fallback, end_fallback, finish,
+ *           detach_failed, sink) */
+static PyObject *
+HttpSpans_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "HttpSpans takes positional arguments");
+        return NULL;
+    }
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != HTTP_SPANS_NOBJ) {
+        PyErr_Format(PyExc_TypeError, "HttpSpans takes %d arguments", HTTP_SPANS_NOBJ);
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(PyTuple_GET_ITEM(args, 2)) || !PyType_Check(PyTuple_GET_ITEM(args, 3)) ||
+        !PyType_Check(PyTuple_GET_ITEM(args, 5)) || !PyTuple_Check(PyTuple_GET_ITEM(args, 13)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(args, 11)) || !PyDict_Check(PyTuple_GET_ITEM(args, 14))) {
+        PyErr_SetString(PyExc_TypeError, "HttpSpans: var must be a ContextVar, context_type and span_context types, "
+                                         "fields a tuple, propagate_dict and telemetry_dict dicts");
+        return NULL;
+    }
+    PyTypeObject *span_context = (PyTypeObject *)PyTuple_GET_ITEM(args, 5);
+    if (!PyType_IsSubtype(span_context, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)PyTuple_GET_ITEM(args, 3), &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError, "HttpSpans: span_context must be a tuple type, context_type a dict type");
+        return NULL;
+    }
+    long kind = small_int(PyTuple_GET_ITEM(args, 9), "value", 0, 126, "kind");
+    long flags = kind < 0 ? -1 : small_int(PyTuple_GET_ITEM(args, 6), NULL, 0, 255, "flags");
+    if (flags < 0)
+        return NULL;
+    if (!(flags & 1)) {
+        PyErr_SetString(PyExc_ValueError, "HttpSpans: the roots' flags must be sampled");
+        return NULL;
+    }
+    HttpSpans *self = PyObject_GC_New(HttpSpans, type);
+    if (self == NULL)
+        return NULL;
+    for (int i = 0; i < HTTP_SPANS_NOBJ; i++)
+        *http_spans_objects(self, i) = Py_NewRef(PyTuple_GET_ITEM(args, i));
+    self->kind_byte = (unsigned char)(kind + 1);
+    self->flags_byte = (unsigned char)flags;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* 1 when the request takes the short way, 0 when it needs begin_request, -1 on error. */
+static int
+http_begin_applies(HttpSpans *self, PyObject *scope)
+{
+    PyObject *recorders = PyDict_GetItemWithError(self->telemetry_dict, s_recorders_global);
+    if (recorders == NULL || !PyDict_Check(recorders))
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *recorder = PyDict_GetItemWithError(recorders, self->tracer_name);
+    if (recorder != self->recorder)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *textmap = PyDict_GetItemWithError(self->propagate_dict, s_textmap_global);
+    if (textmap != self->textmap)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *headers = PyDict_GetItemWithError(scope, s_headers);
+    if (headers == NULL)
+        return PyErr_Occurred() ? -1 : 1;
+    if (!PyList_Check(headers) && !PyTuple_Check(headers))
+        return 0;
+    Py_ssize_t nfields = PyTuple_GET_SIZE(self->fields);
+    PyObject **items = PySequence_Fast_ITEMS(headers);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(headers); i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 1)
+            return 0;
+        PyObject *key = PyTuple_GET_ITEM(pair, 0);
+        if (!PyBytes_Check(key))
+            return 0;
+        Py_ssize_t len = PyBytes_GET_SIZE(key);
+        for (Py_ssize_t f = 0; f < nfields; f++) {
+            PyObject *field = PyTuple_GET_ITEM(self->fields, f);
+            if (PyBytes_GET_SIZE(field) == len && memcmp(PyBytes_AS_STRING(field), PyBytes_AS_STRING(key), len) == 0)
+                return 0; /* the caller's context: extracted by begin_request */
+        }
+    }
+    return 1;
+}
+
+/* begin(scope, send) -> (span, send, token): begin_request's result; on the short
+ * way the span is a RootSpan and its own send. */
+static PyObject *
+HttpSpans_begin(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "begin(scope, send)");
+        return NULL;
+    }
+    PyObject *scope = args[0], *send = args[1];
+    int applies = PyDict_Check(scope) ? http_begin_applies(self, scope) : 0;
+    if (applies < 0)
+        return NULL;
+    PyObject *base = NULL;
+    if (applies) {
+        if (PyContextVar_Get(self->var, NULL, &base) < 0)
+            return NULL;
+        /* A current context with anything in it (a span, baggage): begin_request. */
+        applies = base != NULL && PyDict_Check(base) && PyDict_GET_SIZE(base) == 0;
+        Py_XDECREF(base);
+    }
+    PyObject *method = NULL, *path = NULL;
+    if (applies) {
+        method = PyDict_GetItemWithError(scope, s_method);
+        path = method == NULL ? NULL : PyDict_GetItemWithError(scope, s_path);
+        if (PyErr_Occurred())
+            return NULL;
+        applies = method != NULL && path != NULL && PyUnicode_CheckExact(method) && PyUnicode_CheckExact(path);
+    }
+    if (!applies)
+        return PyObject_Vectorcall(self->begin_fallback, args, 2, NULL);
+
+    RootSpan *span = PyObject_GC_New(RootSpan, &RootSpanType);
+    if (span == NULL)
+        return NULL;
+    span->vectorcall = RootSpan_vectorcall;
+    span->send = Py_NewRef(send);
+    span->status_code = 0;
+    span->spans = (HttpSpans *)Py_NewRef((PyObject *)self);
+    span->method = Py_NewRef(method);
+    span->path = Py_NewRef(path);
+    span->route = span->name = span->attributes = span->context = NULL;
+    span->events = Py_NewRef(empty_tuple);
+    span->status = Py_NewRef(self->status);
+    span->ended = 0;
+    span->end_ns = 0;
+    span->start_ns = clock_ns();
+    PyObject_GC_Track(span);
+    PyObject *result = NULL, *ctx = NULL, *token = NULL;
+    if (root_ids(span->ids) < 0)
+        goto done;
+    PyTypeObject *ctx_type = (PyTypeObject *)self->context_type;
+    if ((ctx = ctx_type->tp_new(ctx_type, empty_tuple, NULL)) == NULL ||
+        PyDict_SetItem(ctx, self->span_key, (PyObject *)span) < 0)
+        goto done;
+    /* The Context holds the span alone, which refers to nothing that holds it back. */
+    PyObject_GC_UnTrack(ctx);
+    if ((token = PyContextVar_Set(self->var, ctx)) == NULL)
+        goto done;
+    result = PyTuple_Pack(3, (PyObject *)span, (PyObject *)span, token);
+    if (result == NULL) /* the context stays as it was */
+        PyContextVar_Reset(self->var, token);
+done:
+    Py_DECREF(span);
+    Py_XDECREF(ctx);
+    Py_XDECREF(token);
+    return result;
 }
 
 /* end(span, send, scope, token, error): end_request's work; None. */
@@ -1474,12 +1816,12 @@ HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "end(span, send, scope, token, error)");
         return NULL;
     }
-    PyObject *span = args[0], *send = args[1], *scope = args[2], *token = args[3], *error = args[4];
-    if (!Py_IS_TYPE(send, &StatusSendType) || Py_TYPE(span) != (PyTypeObject *)self->span_type || !PyDict_Check(scope)) {
-        PyObject *fallback_args[4] = {span, scope, token, error};
+    PyObject *scope = args[2], *token = args[3], *error = args[4];
+    if (!Py_IS_TYPE(args[0], &RootSpanType) || !PyDict_Check(scope)) {
+        PyObject *fallback_args[4] = {args[0], scope, token, error};
         return PyObject_Vectorcall(self->end_fallback, fallback_args, 4, NULL);
     }
-    StatusSend *status_send = (StatusSend *)send;
+    RootSpan *span = (RootSpan *)args[0];
     if (PyContextVar_Reset(self->var, token) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError) && !PyErr_ExceptionMatches(PyExc_RuntimeError))
             return NULL;
@@ -1496,22 +1838,22 @@ HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         Py_DECREF(logged);
     }
-    long status = status_send->status;
-    /* The ended span must not keep the request's objects alive (see end_request). */
-    Py_CLEAR(status_send->send);
-    const Layout *layout = self->layout;
-    PyObject **end_slot = (PyObject **)((char *)span + layout->offset[F_END]);
-    if (*end_slot != NULL && *end_slot != Py_None)
+    long status = span->status_code;
+    /* An ended span waits in the export queue: it must not keep the request's
+     * objects alive (see end_request). */
+    Py_CLEAR(span->send);
+    if (span->ended)
         Py_RETURN_NONE;
     if (error != Py_None || status >= 500 || status == 0) {
         PyObject *code = PyLong_FromLong(status);
         if (code == NULL)
             return NULL;
-        PyObject *finish_args[4] = {span, scope, code, error};
+        PyObject *finish_args[4] = {(PyObject *)span, scope, code, error};
         PyObject *r = PyObject_Vectorcall(self->finish, finish_args, 4, NULL);
         Py_DECREF(code);
         return r;
     }
+    /* _finish's success case: the route template the router matched, else the path. */
     PyObject *path = PyDict_GetItemWithError(scope, s_path);
     if (path == NULL) {
         if (!PyErr_Occurred())
@@ -1537,61 +1879,25 @@ HttpSpans_end(HttpSpans *self, PyObject *const *args, Py_ssize_t nargs)
     if (route == NULL)
         route = Py_NewRef(path);
     if (route != path) {
-        int same = PyUnicode_Check(route) ? PyUnicode_Compare(route, path) : -1;
+        int same = PyUnicode_Check(route) && PyUnicode_Check(path) ? PyUnicode_Compare(route, path) : -1;
         if (same == -1 && PyErr_Occurred())
             goto fail;
-        if (same != 0) {
-            PyObject *method = PyDict_GetItemWithError(scope, s_method);
-            if (method == NULL) {
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_KeyError, "method");
-                goto fail;
-            }
-            PyObject *name = PyUnicode_Check(method) && PyUnicode_Check(route) ? span_name(method, route)
-                                                                                : PyUnicode_FromFormat("%S %S", method, route);
-            if (name == NULL)
-                goto fail;
-            PyObject **name_slot = (PyObject **)((char *)span + layout->offset[F_NAME]);
-            Py_XSETREF(*name_slot, name);
+        if (same != 0) /* named by its route (a name set earlier gives way, as in end_request) */
+            Py_CLEAR(span->name);
+    }
+    if (span->attributes != NULL) {
+        PyObject *code = PyLong_FromLong(status);
+        if (code == NULL || PyDict_SetItem(span->attributes, s_route_attr, route) < 0 ||
+            PyDict_SetItem(span->attributes, s_status_attr, code) < 0) {
+            Py_XDECREF(code);
+            goto fail;
         }
+        Py_DECREF(code);
     }
-    PyObject *attributes = *(PyObject **)((char *)span + layout->offset[F_ATTRIBUTES]);
-    PyObject *code = PyLong_FromLong(status);
-    if (code == NULL || attributes == NULL || PyDict_SetItem(attributes, s_route_attr, route) < 0 ||
-        PyDict_SetItem(attributes, s_status_attr, code) < 0) {
-        Py_XDECREF(code);
-        if (attributes == NULL && !PyErr_Occurred())
-            PyErr_SetString(PyExc_AttributeError, "_attributes");
-        goto fail;
-    }
-    Py_DECREF(code);
-    Py_CLEAR(route);
-    Py_CLEAR(path);
-    /* ServerSpan.end */
-    PyObject *end = now_ns();
-    if (end == NULL)
+    Py_XSETREF(span->route, route);
+    Py_DECREF(path);
+    if (root_end(span, clock_ns()) < 0)
         return NULL;
-    Py_XSETREF(*end_slot, end);
-    if (self->on_end != Py_None) {
-        PyObject *context = *(PyObject **)((char *)span + layout->offset[F_CONTEXT]);
-        long flags = 0;
-        if (context != NULL && PyTuple_Check(context) && PyTuple_GET_SIZE(context) > 3) {
-            flags = PyLong_AsLong(PyTuple_GET_ITEM(context, 3));
-            if (flags == -1 && PyErr_Occurred())
-                return NULL;
-        }
-        if (flags & 1) {
-            if (Py_IS_TYPE(self->sink, &SpanBufferType)) { /* the sink takes it written: the span ends here */
-                if (queue_span(self, (SpanBuffer *)self->sink, span, status_send) < 0)
-                    return NULL;
-                Py_RETURN_NONE;
-            }
-            PyObject *r = PyObject_CallOneArg(self->on_end, span);
-            if (r == NULL)
-                return NULL;
-            Py_DECREF(r);
-        }
-    }
     Py_RETURN_NONE;
 fail:
     Py_XDECREF(route);
@@ -1625,6 +1931,44 @@ static PyTypeObject HttpSpansType = {
     .tp_members = HttpSpans_members,
 };
 
+/* current_link(var, span_key, general): what trajectory.tracing.submission_span
+ * returns, for the current Context in `var`: a RootSpan's as its int (see there)
+ * made from its id bytes, None with no current span, `general(span)` for any other
+ * span. */
+static PyObject *
+current_link(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyContextVar_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "current_link(var: ContextVar, span_key, general)");
+        return NULL;
+    }
+    PyObject *ctx = NULL;
+    if (PyContextVar_Get(args[0], NULL, &ctx) < 0)
+        return NULL;
+    if (ctx == NULL)
+        Py_RETURN_NONE;
+    PyObject *span = PyDict_Check(ctx) ? PyDict_GetItemWithError(ctx, args[1]) : PyObject_GetItem(ctx, args[1]);
+    if (!PyDict_Check(ctx) && span == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
+        PyErr_Clear();
+    PyObject *result;
+    if (span == NULL) {
+        result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    } else if (Py_IS_TYPE(span, &RootSpanType)) {
+        RootSpan *root = (RootSpan *)span;
+        unsigned char bytes[25];
+        memcpy(bytes, root->ids, 24);
+        bytes[24] = root->spans->flags_byte;
+        result = _PyLong_FromByteArray(bytes, 25, 0, 0);
+    } else {
+        result = PyObject_CallOneArg(args[2], span);
+    }
+    if (!PyDict_Check(ctx))
+        Py_XDECREF(span); /* PyObject_GetItem's was a new reference */
+    Py_DECREF(ctx);
+    return result;
+}
+
+
 static PyMethodDef methods[] = {
     {"new_span", (PyCFunction)(void (*)(void))new_span, METH_FASTCALL,
      "new_span(type, recorder, name, context, parent, kind, attributes, status) -> a ServerSpan started now"},
@@ -1633,6 +1977,8 @@ static PyMethodDef methods[] = {
      "else None"},
     {"encode_server_spans", encode_server_spans, METH_VARARGS,
      "encode_server_spans(spans, cache, parts, fallback) -> bytes (see the module doc)"},
+    {"current_link", (PyCFunction)(void (*)(void))current_link, METH_FASTCALL,
+     "current_link(var, span_key, general) -> the current span's link key (trajectory.tracing.submission_span)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1673,18 +2019,24 @@ PyInit__otlp_fast(void)
     INTERN(s_status_attr, "http.response.status_code");
     INTERN(s_textmap_global, "_HTTP_TEXT_FORMAT");
     INTERN(s_recorders_global, "_recorders");
+    INTERN(s_resource, "resource");
+    INTERN(s_scope, "scope");
+    for (int i = 0; i < N_DELEGATES; i++)
+        INTERN(delegate_strs[i], delegate_names[i]);
 #undef INTERN
+    if ((empty_tuple = PyTuple_New(0)) == NULL)
+        return NULL;
     if (pthread_atfork(NULL, NULL, ids_after_fork) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
-    if (PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&HttpSpansType) < 0 || PyType_Ready(&EncodedSpanType) < 0 ||
+    if (PyType_Ready(&RootSpanType) < 0 || PyType_Ready(&HttpSpansType) < 0 || PyType_Ready(&EncodedSpanType) < 0 ||
         PyType_Ready(&SpanBufferType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0 ||
+    if (PyModule_AddObjectRef(module, "RootSpan", (PyObject *)&RootSpanType) < 0 ||
         PyModule_AddObjectRef(module, "HttpSpans", (PyObject *)&HttpSpansType) < 0 ||
         PyModule_AddObjectRef(module, "EncodedSpan", (PyObject *)&EncodedSpanType) < 0 ||
         PyModule_AddObjectRef(module, "SpanBuffer", (PyObject *)&SpanBufferType) < 0) {

@@ -39,9 +39,15 @@ _UNSET = Status(StatusCode.UNSET)
 _new_context = tuple.__new__
 _getrandbits = random.getrandbits
 try:  # ServerSpan.__init__'s work in C (_otlp_fast.c's new_span), built by `pip install`
-    _new_span: Any = importlib.import_module("services.common._otlp_fast").new_span
+    _fast: Any = importlib.import_module("services.common._otlp_fast")
+    _new_span: Any = _fast.new_span
+    # The gateway's usual request span made in C (request_span.http_spans): a Span
+    # whose less usual methods are ServerSpan's below, run on it.
+    RootSpan: Any = _fast.RootSpan
+    trace.Span.register(RootSpan)
 except (ImportError, AttributeError):
     _new_span = None
+    RootSpan = None
 
 
 class ServerSpan(trace.Span):

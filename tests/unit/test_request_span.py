@@ -144,6 +144,50 @@ async def test_a_raised_error_ends_the_span_as_an_error(client: Any) -> None:
     assert trace.get_current_span() is trace.INVALID_SPAN
 
 
+async def test_a_handler_uses_the_request_span_as_any_span(way: Any) -> None:
+    """The request's span, as a handler finds it (the C way's RootSpan, the Python
+    way's HttpServerSpan), is an opentelemetry Span whose every method does what a
+    ServerSpan's does: attributes, a new name, events, an exception, a status; it
+    records until the request ended; its context is the one exported."""
+    app = create_app(TrajectoryState(), InferencePool([]), max_body_bytes=1 << 20)
+    seen: list[Any] = []
+
+    @app.get("/work")
+    async def work() -> dict:
+        span = trace.get_current_span()
+        assert isinstance(span, trace.Span) and span.is_recording()
+        span.set_attribute("one", 1)
+        span.set_attributes({"list": [1, 2], "none": None, "s": "x"})
+        span.update_name("renamed")
+        span.add_event("e", {"k": 2})
+        span.record_exception(ValueError("v"))
+        span.set_status(StatusCode.OK)
+        span.set_status(StatusCode.ERROR)  # OK is final
+        seen.append(span)
+        return {}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        assert (await c.get("/work")).status_code == 200
+    span = only(exported(way))
+    assert not seen[0].is_recording()
+    assert span.get_span_context() == seen[0].get_span_context()
+    assert span.name == "renamed"  # the path is its route: the name stays
+    assert dict(span._attributes) == {
+        "http.request.method": "GET",
+        "url.path": "/work",
+        "one": 1,
+        "list": (1, 2),
+        "s": "x",
+        "http.route": "/work",
+        "http.response.status_code": 200,
+    }
+    assert [e.name for e in span._events] == ["e", "exception"]
+    assert span._events[1].attributes["exception.type"] == "ValueError"
+    assert span._status.status_code is StatusCode.OK
+    assert type(span).__name__ == ("RootSpan" if way[0] == "c" else "HttpServerSpan")
+
+
 @pytest.mark.parametrize("way", ["c"], indirect=True)  # the Python way draws from `random`: it reseeds a child
 def test_a_forked_child_draws_ids_of_its_own(way: Any) -> None:
     """The C way draws ids from a page of kernel randomness: a forked child must not
@@ -263,7 +307,7 @@ async def test_written_spans_share_the_sinks_bound_and_batches(monkeypatch: pyte
     otlp = _otlp_exporter({})
     assert [otlp._count_data(b) for b in out.batches] == [3, 3, 1]
     otlp.shutdown()
-    assert [type(b[0]).__name__ for b in out.batches] == ["EncodedSpan", "EncodedSpan", "HttpServerSpan"]
+    assert [type(b[0]).__name__ for b in out.batches] == ["EncodedSpan", "EncodedSpan", "RootSpan"]
     assert out.batches[2][0] is seen[4]
     sent = [seen[i] for i in (0, 1, 2, 3, 5, 6)]
     assert otlp_encode.encode_request([*out.batches[0], *out.batches[1]]) == otlp_encode.encode_request(sent)

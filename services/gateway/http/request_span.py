@@ -9,11 +9,12 @@ complete. FastAPI's own telemetry is off: it made the server span, an operation 
 per endpoint and, with ours, an internal span per inference route, three spans where
 one says the same. The caller's context is only extracted when a header the
 configured propagators read is there. When the export takes them (OTLP/gRPC, or
-none), the server span is a services.common.server_span.HttpServerSpan, not an SDK
-span: the same fields for a tenth of the CPU (an ingest request paid ~45 us for the
-SDK's), opened inline (`begin_request` / `end_request`: no coroutine or closure of
-their own per request; the span itself wraps `send` to keep the status). Other
-exports read SDK spans: `traced_request` runs the request under one.
+none), the server span is not an SDK span but a ServerSpan (an HttpServerSpan, or
+for the usual request the C RootSpan, see http_spans): the same fields for a
+fraction of the CPU (an ingest request paid ~45 us for the SDK's), opened inline
+(`begin_request` / `end_request`: no coroutine or closure of their own per request;
+the span itself wraps `send` to keep the status). Other exports read SDK spans:
+`traced_request` runs the request under one.
 
 `RequestSpan` is the inference routes' span around the gRPC calls they make: the
 request's server span when there is one (the usual case), else a server span of its
@@ -38,14 +39,15 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from services.common import current_span, server_span, telemetry
-from services.common.server_span import HttpServerSpan
+from services.common.server_span import HttpServerSpan, RootSpan, ServerSpan
 from services.common.telemetry import extract_context, server_span_recorder
 
 tracer = trace.get_tracer("clotho.gateway")
 _log = logging.getLogger(__name__)
 
 # The server span of the request being answered when it is an SDK span (set by
-# traced_request); an HttpServerSpan (begin_request) is known by its type.
+# traced_request); an HttpServerSpan (begin_request) or a RootSpan (HttpSpans.begin)
+# is known by its type.
 _server_span: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar("clotho_server_span", default=None)
 
 
@@ -53,7 +55,11 @@ class RequestSpan:
     def __init__(self, name: str, headers: Mapping[str, str]) -> None:
         current = trace.get_current_span()
         self._owned = True
-        if type(current) is HttpServerSpan or (current is not trace.INVALID_SPAN and current is _server_span.get()):
+        if (
+            type(current) is HttpServerSpan
+            or (RootSpan is not None and type(current) is RootSpan)
+            or (current is not trace.INVALID_SPAN and current is _server_span.get())
+        ):
             self.span = current
             self._owned = False
         elif current.get_span_context().is_valid:
@@ -244,11 +250,12 @@ def http_spans() -> Any:
     The C HttpSpans when the recorder starts roots inline (the default sampler, random
     ids) and the context is the default ContextVar one: the common request (no
     header the propagators read, an empty current context) is opened and closed
-    without a Python frame -- a tenth of begin_request and end_request's instructions
-    -- and any other request, or a span that did not end in success, goes through
-    begin_request / end_request and _finish, which it was built with. A recorder that
-    is no longer telemetry's (tests swap them) sends every request that way too.
-    Else PySpans (begin_request / end_request)."""
+    without a Python frame, its span one object (a RootSpan: the span, its own
+    `send`, its ids, times, name and attributes kept as C fields until asked for;
+    ServerSpan's methods for the rest), and any other request, or a span that did
+    not end in success, goes through begin_request / end_request and _finish, which
+    it was built with. A recorder that is no longer telemetry's (tests swap them)
+    sends every request that way too. Else PySpans (begin_request / end_request)."""
     recorder = server_span_recorder("clotho.gateway")
     var = _current_context
     if _HttpSpans is None or recorder is None or not recorder.root_inline or var is None:
@@ -256,7 +263,7 @@ def http_spans() -> Any:
     textmap = propagate.get_global_textmap()
     return _HttpSpans(
         recorder,
-        HttpServerSpan,
+        ServerSpan,
         var,
         _Context,
         _SPAN_KEY,

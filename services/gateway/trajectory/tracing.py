@@ -9,16 +9,25 @@ non-recording and nothing is stored.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from services.common.current_span import sampled_span_context
+from services.common.current_span import context_var, sampled_span_context
 from services.gateway.trajectory.queue_index import Group
 
 tracer = trace.get_tracer("clotho.gateway.trajectory")
+_current_link: Any = None
+if context_var is not None:  # the default runtime context
+    try:  # built by `pip install` (optional)
+        _current_link = importlib.import_module("services.common._otlp_fast").current_link
+    except (ImportError, AttributeError):
+        pass
 
 
 _M64 = (1 << 64) - 1
@@ -33,11 +42,22 @@ def submission_span() -> SpanContext | int | None:
     A group keeps this until its batch is handed out. An int is no object for the
     garbage collector: a kept SpanContext (a tuple) counted toward every young
     collection's threshold for as long as its group waited, so an ingest with
-    tracing on ran half as many collections again as one without."""
+    tracing on ran half as many collections again as one without. The gateway's
+    usual request span (a C RootSpan) gives its int from its id bytes, no
+    SpanContext made (_otlp_fast.current_link)."""
+    if _current_link is not None:
+        return _current_link(context_var, _SPAN_KEY, _of_span)  # type: ignore[no-any-return]
     ctx = sampled_span_context()
-    if ctx is None:
-        return None
+    return None if ctx is None else _link_of(ctx)
+
+
+def _of_span(span: trace.Span) -> SpanContext | int | None:
+    ctx = span.get_span_context()
     # SpanContext: (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid).
+    return _link_of(ctx) if ctx[5] and ctx[3] & 1 else None
+
+
+def _link_of(ctx: SpanContext) -> SpanContext | int:
     if ctx[2] is False and ctx[4] is DEFAULT_TRACE_STATE and 0 <= ctx[3] < 256:
         return (ctx[0] << 64 | ctx[1]) << 8 | ctx[3]
     return ctx
