@@ -1932,8 +1932,8 @@ static PyTypeObject HttpSpansType = {
 };
 
 /* current_link(var, span_key, general): what trajectory.tracing.submission_span
- * returns, for the current Context in `var`: a RootSpan's as its int (see there)
- * made from its id bytes, None with no current span, `general(span)` for any other
+ * returns, for the current Context in `var`: a RootSpan's as its 25 bytes (trace
+ * id, span id, flags), None with no current span, `general(span)` for any other
  * span. */
 static PyObject *
 current_link(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -1958,7 +1958,7 @@ current_link(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         unsigned char bytes[25];
         memcpy(bytes, root->ids, 24);
         bytes[24] = root->spans->flags_byte;
-        result = _PyLong_FromByteArray(bytes, 25, 0, 0);
+        result = PyBytes_FromStringAndSize((const char *)bytes, 25);
     } else {
         result = PyObject_CallOneArg(args[2], span);
     }
@@ -1978,7 +1978,7 @@ static PyMethodDef methods[] = {
     {"encode_server_spans", encode_server_spans, METH_VARARGS,
      "encode_server_spans(spans, cache, parts, fallback) -> bytes (see the module doc)"},
     {"current_link", (PyCFunction)(void (*)(void))current_link, METH_FASTCALL,
-     "current_link(var, span_key, general) -> the current span's link key (trajectory.tracing.submission_span)"},
+     "current_link(var, span_key, general) -> the current span's link (trajectory.tracing.submission_span)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,10 +41,10 @@ def test_what_a_group_keeps_gives_back_the_submissions_context(ctx: SpanContext)
         ctx.trace_flags,
         ctx.trace_state,
     )
-    # The usual context is kept as an int: no object for the garbage collector to
+    # The usual context is kept as bytes: no object for the garbage collector to
     # count and walk while the group waits.
     usual = not ctx.is_remote and not ctx.trace_state
-    assert (type(kept) is int) == usual
+    assert (type(kept) is bytes) == usual
     assert gc.is_tracked(kept) != usual
 
 
@@ -72,7 +72,7 @@ async def test_a_hand_out_links_each_submission_once(monkeypatch: pytest.MonkeyP
     calls = sorted((s.context.trace_id, s.context.span_id) for s in out.spans if s.name.startswith("POST /scored_data"))
     assert len(calls) == 3
     groups = list(state.queue)
-    assert len(groups) == 4 and all(type(g.span) is int for g in groups)  # the usual context: an int
+    assert len(groups) == 4 and all(type(g.span) is bytes for g in groups)  # the usual context: bytes
     with p.get_tracer("t").start_as_current_span("step"), handout_span(groups, 1, "/batch") as span:
         links = sorted((link.context.trace_id, link.context.span_id) for link in span.links)  # type: ignore[attr-defined]
     assert links == calls

@@ -30,43 +30,45 @@ if context_var is not None:  # the default runtime context
         pass
 
 
-_M64 = (1 << 64) - 1
-
-
-def submission_span() -> SpanContext | int | None:
+def submission_span() -> SpanContext | bytes | None:
     """What a later link needs of the current span when it is sampled, else None: the
-    usual context (local, the default trace state) as one int of its trace id, span
-    id and flags (`(trace_id << 64 | span_id) << 8 | flags`), any other as its
-    SpanContext.
+    usual context (local, the default trace state) as the 25 bytes of its trace id,
+    span id (big-endian) and flags, any other as its SpanContext.
 
-    A group keeps this until its batch is handed out. An int is no object for the
+    A group keeps this until its batch is handed out. Bytes are no object for the
     garbage collector: a kept SpanContext (a tuple) counted toward every young
     collection's threshold for as long as its group waited, so an ingest with
     tracing on ran half as many collections again as one without. The gateway's
-    usual request span (a C RootSpan) gives its int from its id bytes, no
-    SpanContext made (_otlp_fast.current_link)."""
+    usual request span (a C RootSpan) gives its bytes as they are, no SpanContext or
+    int made (_otlp_fast.current_link)."""
     if _current_link is not None:
         return _current_link(context_var, _SPAN_KEY, _of_span)  # type: ignore[no-any-return]
     ctx = sampled_span_context()
     return None if ctx is None else _link_of(ctx)
 
 
-def _of_span(span: trace.Span) -> SpanContext | int | None:
+def _of_span(span: trace.Span) -> SpanContext | bytes | None:
     ctx = span.get_span_context()
     # SpanContext: (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid).
     return _link_of(ctx) if ctx[5] and ctx[3] & 1 else None
 
 
-def _link_of(ctx: SpanContext) -> SpanContext | int:
+def _link_of(ctx: SpanContext) -> SpanContext | bytes:
     if ctx[2] is False and ctx[4] is DEFAULT_TRACE_STATE and 0 <= ctx[3] < 256:
-        return (ctx[0] << 64 | ctx[1]) << 8 | ctx[3]
+        return ctx[0].to_bytes(16, "big") + ctx[1].to_bytes(8, "big") + bytes((ctx[3],))
     return ctx
 
 
-def link_context(kept: SpanContext | int) -> SpanContext:
+def link_context(kept: SpanContext | bytes) -> SpanContext:
     """The SpanContext of what submission_span returned."""
-    if type(kept) is int:
-        return SpanContext(kept >> 72, kept >> 8 & _M64, False, TraceFlags(kept & 0xFF), DEFAULT_TRACE_STATE)
+    if type(kept) is bytes:
+        return SpanContext(
+            int.from_bytes(kept[:16], "big"),
+            int.from_bytes(kept[16:24], "big"),
+            False,
+            TraceFlags(kept[24]),
+            DEFAULT_TRACE_STATE,
+        )
     assert isinstance(kept, SpanContext)
     return kept
 
