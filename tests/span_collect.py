@@ -47,8 +47,8 @@ class Batches(SpanExporter):
         self.shut = True
 
 
-def provider(sampler: Any = None) -> tuple[TracerProvider, Collect]:
-    p = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler)
+def provider(sampler: Any = None, span_limits: Any = None) -> tuple[TracerProvider, Collect]:
+    p = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler, span_limits=span_limits)
     out = Collect()
     p.add_span_processor(BatchSpanProcessor(out))
     return p, out

@@ -77,3 +77,32 @@ async def test_a_hand_out_links_each_submission_once(monkeypatch: pytest.MonkeyP
         links = sorted((link.context.trace_id, link.context.span_id) for link in span.links)  # type: ignore[attr-defined]
     assert links == calls
     p.shutdown()
+
+
+def test_a_hand_out_links_the_last_submissions_the_span_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A span keeps at most its tracer's link limit (OTEL_SPAN_LINK_COUNT_LIMIT): the
+    hand-out links the last that many distinct submissions (as the SDK would keep
+    them), and counts them all."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    from services.gateway.trajectory.queue_index import Group
+
+    p, out = provider(span_limits=SpanLimits(max_links=3))
+    monkeypatch.setattr(tracing, "tracer", p.get_tracer("clotho.gateway.trajectory"))
+    contexts = [SpanContext(100 + i, 200 + i, False, TraceFlags(0x01)) for i in range(6)]
+    contexts.append(SpanContext(7, 8, True, TraceFlags(0x01)))  # a remote parent's: kept as itself
+    kept = []
+    for ctx in [*contexts, contexts[0], contexts[5]]:  # two submissions with two groups each
+        with trace.use_span(NonRecordingSpan(ctx)):
+            kept.append(submission_span())
+    groups = [Group(id=i, size=2, body=b"", env_id=None) for i in range(len(kept))]
+    for g, k in zip(groups, kept, strict=True):
+        g.span = k
+    groups.append(Group(id=99, size=1, body=b"", env_id=None))  # untraced (stored before a restart)
+    with p.get_tracer("t").start_as_current_span("step"), handout_span(groups, 1, "/batch") as span:
+        pass
+    linked = [(link.context.trace_id, link.context.span_id, link.context.is_remote) for link in span.links]  # type: ignore[attr-defined]
+    assert linked == [(104, 204, False), (105, 205, False), (7, 8, True)]
+    assert span.attributes["clotho.linked_submissions"] == 7  # type: ignore[attr-defined]
+    assert span.attributes["clotho.groups"] == 10  # type: ignore[attr-defined]
+    p.shutdown()

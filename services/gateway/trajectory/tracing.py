@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.trace import Link, ProxyTracer, SpanContext, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
@@ -62,39 +62,68 @@ def _link_of(ctx: SpanContext) -> SpanContext | bytes:
 def link_context(kept: SpanContext | bytes) -> SpanContext:
     """The SpanContext of what submission_span returned."""
     if type(kept) is bytes:
-        return SpanContext(
-            int.from_bytes(kept[:16], "big"),
-            int.from_bytes(kept[16:24], "big"),
-            False,
-            TraceFlags(kept[24]),
-            DEFAULT_TRACE_STATE,
+        # SpanContext's own __new__ re-checks the ids: these came from a valid one.
+        flags = _flags.get(kept[24])
+        if flags is None:
+            flags = _flags[kept[24]] = TraceFlags(kept[24])
+        return _new_context(
+            SpanContext,
+            (
+                int.from_bytes(kept[:16], "big"),
+                int.from_bytes(kept[16:24], "big"),
+                False,
+                flags,
+                DEFAULT_TRACE_STATE,
+                True,
+            ),
         )
     assert isinstance(kept, SpanContext)
     return kept
 
 
+_new_context = tuple.__new__
+_flags: dict[int, TraceFlags] = {}
+
+
+def _link_limit() -> int | None:
+    """How many links the tracer's spans keep (the SDK's span limits,
+    OTEL_SPAN_LINK_COUNT_LIMIT: 128 by default; None: no limit)."""
+    real = tracer._tracer if isinstance(tracer, ProxyTracer) else tracer
+    limits = getattr(real, "_span_limits", None)
+    return getattr(limits, "max_links", None) if limits is not None else None
+
+
 @contextlib.contextmanager
 def handout_span(groups: Sequence[Group], step: int, route: str) -> Iterator[trace.Span]:
-    """A span for handing `groups` out as batch `step`, linked to every submission
-    they came from; `route` names the way out (StreamBatches, /batch)."""
+    """A span for handing `groups` out as batch `step`, linked to the submissions
+    they came from (each once; `clotho.linked_submissions` counts them); `route`
+    names the way out (StreamBatches, /batch).
+
+    A span keeps at most the tracer's link limit (the last ones given): only the
+    last that many distinct submissions are made into links. Making one for every
+    group (a SpanContext and a Link each, ~2.7 us) cost a 1024-group batch 2.8 ms
+    of the event loop for 128 links kept, and left a thousand short-lived objects
+    per batch for the garbage collector."""
     if not trace.get_current_span().is_recording():
         yield trace.INVALID_SPAN
         return
-    seen: set[int] = set()
-    links = []
+    # Distinct submissions in the order they came: a kept link is bytes (the usual
+    # context) or a SpanContext (keyed by its ids).
+    firsts: dict[Any, SpanContext | bytes] = {}
     for g in groups:
-        if g.span is None:
-            continue
-        ctx = link_context(g.span)
-        if ctx.span_id not in seen:
-            seen.add(ctx.span_id)
-            links.append(Link(ctx))
+        kept = g.span
+        if kept is not None:
+            firsts.setdefault(kept if type(kept) is bytes else (kept.trace_id, kept.span_id), kept)
+    distinct = list(firsts.values())
+    limit = _link_limit()
+    chosen = distinct if limit is None else distinct[max(len(distinct) - limit, 0) :]
+    links = [Link(link_context(kept)) for kept in chosen]
     attributes: dict[str, str | int] = {
         "clotho.step": step,
         "clotho.route": route,
         "clotho.groups": len(groups),
         "clotho.sequences": sum(g.size for g in groups),
-        "clotho.linked_submissions": len(links),
+        "clotho.linked_submissions": len(distinct),
     }
     with tracer.start_as_current_span("gateway.batch", links=links, attributes=attributes) as span:
         yield span
