@@ -42,7 +42,7 @@ def submission_span() -> SpanContext | bytes | None:
     usual request span (a C RootSpan) gives its bytes as they are, no SpanContext or
     int made (_otlp_fast.current_link)."""
     if _current_link is not None:
-        return _current_link(context_var, _SPAN_KEY, _of_span)  # type: ignore[no-any-return]
+        return _current_link(context_var, _SPAN_KEY, _of_span)
     ctx = sampled_span_context()
     return None if ctx is None else _link_of(ctx)
 
