@@ -29,7 +29,14 @@ GROUP = {"tokens": [[1, 2, 3], [1, 2, 4]], "masks": [[-100, 2, 3], [-100, 2, 4]]
         SpanContext(9, 10, False, TraceFlags(0x01), TraceState([("k", "v")])),
     ],
 )
-def test_what_a_group_keeps_gives_back_the_submissions_context(ctx: SpanContext) -> None:
+@pytest.mark.parametrize("way", ["c", "python"])
+def test_what_a_group_keeps_gives_back_the_submissions_context(
+    ctx: SpanContext, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if way == "python":  # without the C extension's current_link
+        monkeypatch.setattr(tracing, "_current_link", None)
+    else:
+        assert tracing._current_link is not None, "the _otlp_fast extension is not built (pip install -e .)"
     with trace.use_span(NonRecordingSpan(ctx)):
         kept = submission_span()
     assert kept is not None
