@@ -18,10 +18,11 @@ from opentelemetry.trace import Link, ProxyTracer, SpanContext, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from services.common.current_span import context_var, sampled_span_context
+from services.common.current_span import context_var, current_span
 from services.gateway.trajectory.queue_index import Group
 
 tracer = trace.get_tracer("clotho.gateway.trajectory")
+_new_context = tuple.__new__
 _current_link: Any = None
 if context_var is not None:  # the default runtime context
     try:  # built by `pip install` (optional)
@@ -43,17 +44,16 @@ def submission_span() -> SpanContext | bytes | None:
     int made (_otlp_fast.current_link)."""
     if _current_link is not None:
         return _current_link(context_var, _SPAN_KEY, _of_span)
-    ctx = sampled_span_context()
-    return None if ctx is None else _link_of(ctx)
+    span = current_span()
+    return None if span is None else _of_span(span)
 
 
 def _of_span(span: trace.Span) -> SpanContext | bytes | None:
+    """submission_span's answer for `span`."""
     ctx = span.get_span_context()
     # SpanContext: (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid).
-    return _link_of(ctx) if ctx[5] and ctx[3] & 1 else None
-
-
-def _link_of(ctx: SpanContext) -> SpanContext | bytes:
+    if not (ctx[5] and ctx[3] & 1):
+        return None
     if ctx[2] is False and ctx[4] is DEFAULT_TRACE_STATE and 0 <= ctx[3] < 256:
         return ctx[0].to_bytes(16, "big") + ctx[1].to_bytes(8, "big") + bytes((ctx[3],))
     return ctx
@@ -63,26 +63,19 @@ def link_context(kept: SpanContext | bytes) -> SpanContext:
     """The SpanContext of what submission_span returned."""
     if type(kept) is bytes:
         # SpanContext's own __new__ re-checks the ids: these came from a valid one.
-        flags = _flags.get(kept[24])
-        if flags is None:
-            flags = _flags[kept[24]] = TraceFlags(kept[24])
         return _new_context(
             SpanContext,
             (
                 int.from_bytes(kept[:16], "big"),
                 int.from_bytes(kept[16:24], "big"),
                 False,
-                flags,
+                TraceFlags(kept[24]),
                 DEFAULT_TRACE_STATE,
                 True,
             ),
         )
     assert isinstance(kept, SpanContext)
     return kept
-
-
-_new_context = tuple.__new__
-_flags: dict[int, TraceFlags] = {}
 
 
 def _link_limit() -> int | None:
