@@ -537,14 +537,13 @@ common_recorder(PyObject *self, PyObject *spans)
     return recorder;
 }
 
-/* time.time_ns() as an int (a new reference; NULL with an error set). */
-static PyObject *
-now_ns(void)
+/* time.time_ns(): CLOCK_REALTIME in ns (it cannot fail with a valid clock id). */
+static uint64_t
+clock_ns(void)
 {
     struct timespec ts;
-    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return PyLong_FromUnsignedLongLong((unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec);
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 /* A ServerSpan of type `tp` (slot layout `layout`) started now: what
@@ -554,7 +553,7 @@ static PyObject *
 make_span(PyTypeObject *tp, const Layout *layout, PyObject *recorder, PyObject *name, PyObject *context,
           PyObject *parent, PyObject *kind, PyObject *attributes, PyObject *status)
 {
-    PyObject *start = now_ns();
+    PyObject *start = PyLong_FromUnsignedLongLong((unsigned long long)clock_ns());
     if (start == NULL)
         return NULL;
     PyObject *span = tp->tp_alloc(tp, 0);
@@ -993,14 +992,6 @@ root_ids(unsigned char ids[24])
     if (span_zero)
         ids[23] = 1;
     return 0;
-}
-
-static uint64_t
-clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 /* "method path" (both str): the two copied into one new string when both are ASCII
@@ -1947,9 +1938,12 @@ current_link(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (ctx == NULL)
         Py_RETURN_NONE;
-    PyObject *span = PyDict_Check(ctx) ? PyDict_GetItemWithError(ctx, args[1]) : PyObject_GetItem(ctx, args[1]);
-    if (!PyDict_Check(ctx) && span == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
-        PyErr_Clear();
+    if (!PyDict_Check(ctx)) { /* opentelemetry.context.Context is a dict */
+        Py_DECREF(ctx);
+        PyErr_SetString(PyExc_TypeError, "current_link: the current context is not a dict");
+        return NULL;
+    }
+    PyObject *span = PyDict_GetItemWithError(ctx, args[1]);
     PyObject *result;
     if (span == NULL) {
         result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
@@ -1962,8 +1956,6 @@ current_link(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } else {
         result = PyObject_CallOneArg(args[2], span);
     }
-    if (!PyDict_Check(ctx))
-        Py_XDECREF(span); /* PyObject_GetItem's was a new reference */
     Py_DECREF(ctx);
     return result;
 }

@@ -49,16 +49,15 @@ _log = logging.getLogger(__name__)
 # traced_request); an HttpServerSpan (begin_request) or a RootSpan (HttpSpans.begin)
 # is known by its type.
 _server_span: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar("clotho_server_span", default=None)
+_REQUEST_SPAN_TYPES = (HttpServerSpan,) if RootSpan is None else (HttpServerSpan, RootSpan)
 
 
 class RequestSpan:
     def __init__(self, name: str, headers: Mapping[str, str]) -> None:
         current = trace.get_current_span()
         self._owned = True
-        if (
-            type(current) is HttpServerSpan
-            or (RootSpan is not None and type(current) is RootSpan)
-            or (current is not trace.INVALID_SPAN and current is _server_span.get())
+        if type(current) in _REQUEST_SPAN_TYPES or (
+            current is not trace.INVALID_SPAN and current is _server_span.get()
         ):
             self.span = current
             self._owned = False
