@@ -357,9 +357,12 @@ async def run_session(
     try:
         for mode in MODES:
             stacks[mode] = await start_stack(mode, endpoint, model, workdir / f"session-{session}", gateway_cpus)
-        for mode, (children, port) in stacks.items():
+        # Every stack's start-up is waited out before any connection opens: an open
+        # connection left idle longer than uvicorn's keep-alive timeout (5 s) is closed.
+        for children, port in stacks.values():
             path, body = bodies["generate"]
             await settle(port, children[0].proc.pid, request_bytes(path, body, port))
+        for mode, (children, port) in stacks.items():
             conns[mode] = [await asyncio.open_connection("127.0.0.1", port) for _ in range(args.connections)]
             await exchange(conns[mode][0], request_bytes("/register", REGISTRATION, port))
             for work in WORKS:  # a warm-up on each path, not counted
