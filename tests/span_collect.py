@@ -47,6 +47,28 @@ class Batches(SpanExporter):
         self.shut = True
 
 
+def count(batch: list[Any]) -> int:
+    """How many spans an exported batch holds (an EncodedSpan run counts its spans)."""
+    return sum(getattr(span, "spans", 1) for span in batch)
+
+
+def exported(batch: list[Any]) -> list[Any]:
+    """An exported batch's spans as the receiver reads them (opentelemetry-proto Span
+    messages, in order), whatever form they waited in (ServerSpans, SDK spans,
+    written runs)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from services.common.otlp_encode import encode_request
+
+    request = ExportTraceServiceRequest.FromString(encode_request(batch))
+    return [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+def attributes(span: Any) -> dict[str, Any]:
+    """A proto Span's attributes as {key: Python value} (scalars)."""
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span.attributes}
+
+
 def provider(sampler: Any = None, span_limits: Any = None) -> tuple[TracerProvider, Collect]:
     p = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler, span_limits=span_limits)
     out = Collect()

@@ -3,9 +3,13 @@
  * the Python-level work per span (the template key, the id and time packing, the
  * concatenations). The template parts (a route's name, kind, attributes, status and
  * flags bytes) still come from Python (otlp_encode._server_parts) on a cache miss,
- * and any span outside the template's domain (events, a trace state, no end time) is
- * handed to Python's encoder: the two stay one definition, tested against the SDK's
- * encoder (tests/unit/test_server_span.py, tests/unit/test_otlp_encode.py).
+ * and any span outside the template's domain (events, links, a trace state, no end
+ * time) is handed to Python's encoder: the two stay one definition, tested against
+ * the SDK's encoder (tests/unit/test_server_span.py, tests/unit/test_otlp_encode.py).
+ * A SpanSink's SpanBuffer writes every ServerSpan as it ends (encode_span_field: any
+ * attributes and events, no template) and the gateway's RootSpans (encode_root_span),
+ * tested byte for byte against the same encoder (tests/unit/test_span_sink.py,
+ * tests/unit/test_request_span.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,8 +31,11 @@ PyDoc_STRVAR(MODULE_DOC,
 "(name, kind, status code, status description, parent's is_remote, then each\n"
 "attribute item, then each attribute value's type) to (name and kind bytes,\n"
 "attributes + status + flags bytes); `parts(span, key)` makes (and caches) a missing\n"
-"entry; `fallback(span)` encodes a span the template does not cover (events, a\n"
-"trace state, no end time, an unhashable attribute) and returns its field bytes.\n");
+"entry; `fallback(span)` encodes a span the template does not cover (events, links,\n"
+"a trace state, no end time, an unhashable attribute) and returns its field bytes.\n"
+"\n"
+"SpanBuffer: a SpanSink's queue of ended spans written as their bytes (add, take).\n"
+"RootSpan, HttpSpans: the gateway's usual request span (request_span.http_spans).\n");
 
 static PyObject *s_context, *s_parent, *s_start_time, *s_end_time, *s_name, *s_kind, *s_status, *s_attributes,
     *s_events, *s_status_code, *s_description, *s_recorder, *s_links;
@@ -279,6 +286,13 @@ span_parts(PyObject *span, const Layout *layout, PyObject *ctx, PyObject *parent
     Py_DECREF(events);
     if (has_events != 0)
         return has_events < 0 ? -1 : 0;
+    PyObject *links = field(span, layout, F_LINKS);
+    if (links == NULL)
+        return -1;
+    int has_links = PyObject_IsTrue(links);
+    Py_DECREF(links);
+    if (has_links != 0)
+        return has_links < 0 ? -1 : 0;
     int has_state = PyObject_IsTrue(PyTuple_GET_ITEM(ctx, 4));
     if (has_state != 0)
         return has_state < 0 ? -1 : 0;
@@ -640,14 +654,21 @@ any_value(PyObject *value, unsigned char *v, Py_ssize_t *vlen, const char **text
     return 0;
 }
 
-/* ---- SpanBuffer: the gateway's ended request spans, queued as their bytes ----
+/* ---- SpanBuffer: ended spans, queued as their bytes ----
  *
- * A SpanSink's queue for the spans HttpSpans writes when they end: their Span fields
- * back to back in one buffer (no object per span, nothing for the collector), with
- * where each ends, so the exporter takes a batch of them as one EncodedSpan run. The
- * sink's list of span objects (`queue`) counts toward the same bound; `wake` is
- * called when the two together reach a batch, `drop` for a span past the bound.
- * Only the GIL holder touches it. */
+ * A SpanSink's queue for the spans written when they end (HttpSpans' RootSpans, and
+ * every ServerSpan through `add`): their Span fields back to back in one buffer (no
+ * object per span waiting for the exporter, nothing for the collector to walk),
+ * with where each ends, and runs of consecutive spans of one recorder (resource and
+ * scope), so the exporter takes a run as one EncodedSpan. The sink's list of span
+ * objects (`queue`) counts toward the same bound; `wake` is called when the two
+ * together reach a batch, `drop` for a span past the bound. Only the GIL holder
+ * touches it. */
+typedef struct {
+    PyObject *recorder;
+    Py_ssize_t count;
+} Segment;
+
 typedef struct {
     PyObject_HEAD
     Buf buf;
@@ -655,29 +676,45 @@ typedef struct {
     Py_ssize_t count, ends_cap;
     Py_ssize_t limit; /* the bound on spans here and in `queue`; 0 once shut down */
     Py_ssize_t batch; /* the export batch size */
-    PyObject *recorder; /* the spans' recorder (the first writer's), or NULL while empty */
+    Segment *segs;    /* the spans' runs by recorder, in order (counts add up to `count`) */
+    Py_ssize_t nsegs, segs_cap;
     PyObject *queue;    /* the sink's list (exactly a list: its length read directly) */
     PyObject *wake;     /* called with no arguments, or None */
     PyObject *drop;
+    PyObject *fallback; /* encodes a span `add` does not write (its Span field's bytes), or None */
 } SpanBuffer;
 
 static int
 SpanBuffer_traverse(SpanBuffer *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->recorder);
+    for (Py_ssize_t i = 0; i < self->nsegs; i++)
+        Py_VISIT(self->segs[i].recorder);
     Py_VISIT(self->queue);
     Py_VISIT(self->wake);
     Py_VISIT(self->drop);
+    Py_VISIT(self->fallback);
     return 0;
+}
+
+static void
+span_buffer_empty(SpanBuffer *self)
+{
+    self->buf.len = 0;
+    self->count = 0;
+    Py_ssize_t n = self->nsegs;
+    self->nsegs = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(self->segs[i].recorder);
 }
 
 static int
 SpanBuffer_clear_refs(SpanBuffer *self)
 {
-    Py_CLEAR(self->recorder);
+    span_buffer_empty(self);
     Py_CLEAR(self->queue);
     Py_CLEAR(self->wake);
     Py_CLEAR(self->drop);
+    Py_CLEAR(self->fallback);
     return 0;
 }
 
@@ -688,6 +725,7 @@ SpanBuffer_dealloc(SpanBuffer *self)
     SpanBuffer_clear_refs(self);
     PyMem_Free(self->buf.data);
     PyMem_Free(self->ends);
+    PyMem_Free(self->segs);
     PyObject_GC_Del(self);
 }
 
@@ -715,7 +753,9 @@ SpanBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->count = self->ends_cap = 0;
     self->limit = limit;
     self->batch = batch;
-    self->recorder = NULL;
+    self->segs = NULL;
+    self->nsegs = self->segs_cap = 0;
+    self->fallback = Py_NewRef(Py_None);
     self->queue = Py_NewRef(queue);
     self->wake = Py_NewRef(wake);
     self->drop = Py_NewRef(drop);
@@ -729,36 +769,33 @@ SpanBuffer_len(SpanBuffer *self)
     return self->count;
 }
 
-static void
-span_buffer_empty(SpanBuffer *self)
-{
-    self->buf.len = 0;
-    self->count = 0;
-    Py_CLEAR(self->recorder);
-}
-
 /* take(n) -> an EncodedSpan holding the first min(n, len) spans (in the order they
- * came), or None when empty. */
+ * came) of the first run (spans of one recorder), or None when empty. */
 static PyObject *
 SpanBuffer_take(SpanBuffer *self, PyObject *arg)
 {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    if (n > self->count)
-        n = self->count;
-    if (n <= 0)
+    if (self->count == 0 || n <= 0)
         Py_RETURN_NONE;
+    Segment *first = &self->segs[0];
+    if (n > first->count)
+        n = first->count;
     Py_ssize_t size = self->ends[n - 1];
     EncodedSpan *run = PyObject_NewVar(EncodedSpan, &EncodedSpanType, size);
     if (run == NULL)
         return NULL;
     memcpy(run->data, self->buf.data, size);
-    run->recorder = Py_NewRef(self->recorder);
+    run->recorder = Py_NewRef(first->recorder);
     run->spans = n;
     if (n == self->count) {
         span_buffer_empty(self);
     } else {
+        if ((first->count -= n) == 0) {
+            Py_DECREF(first->recorder);
+            memmove(self->segs, self->segs + 1, (--self->nsegs) * sizeof(Segment));
+        }
         Py_ssize_t rest = self->buf.len - size;
         memmove(self->buf.data, self->buf.data + size, rest);
         self->buf.len = rest;
@@ -796,15 +833,21 @@ span_buffer_joined(SpanBuffer *self)
     return r == NULL ? -1 : 0;
 }
 
+static PyObject *SpanBuffer_add(SpanBuffer *self, PyObject *span);
+
 static PyMethodDef SpanBuffer_methods[] = {
     {"take", (PyCFunction)SpanBuffer_take, METH_O,
-     "take(n) -> an EncodedSpan run of the first min(n, len) spans, or None when empty"},
+     "take(n) -> an EncodedSpan run of the first min(n, len) spans of one recorder, or None when empty"},
+    {"add", (PyCFunction)SpanBuffer_add, METH_O,
+     "add(span): queue an ended sampled ServerSpan, written as its bytes (a Recorder's on_end)"},
     {"clear", (PyCFunction)SpanBuffer_clear, METH_NOARGS, "drop every span queued here"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyMemberDef SpanBuffer_members[] = {
     {"limit", T_PYSSIZET, offsetof(SpanBuffer, limit), 0, "the bound on spans here and in the queue list"},
+    {"fallback", T_OBJECT_EX, offsetof(SpanBuffer, fallback), 0,
+     "fallback(span) -> the Span field's bytes of a ServerSpan `add` does not write (None: queued as it is)"},
     {"wake", T_OBJECT_EX, offsetof(SpanBuffer, wake), 0, "called when the queue reaches a batch (None: nothing)"},
     {NULL, 0, 0, 0, NULL},
 };
@@ -858,6 +901,476 @@ put_fixed64(unsigned char *p, unsigned char tag, uint64_t v)
     *p++ = tag;
     le64(p, v);
     return p + 9 - 1;
+}
+
+
+/* ---- Any ServerSpan as its OTLP Span field, when it ends ----
+ *
+ * What otlp_encode.encode_span writes for a ServerSpan (every field, no template:
+ * spans whose attributes differ request by request, as the inference engine's do,
+ * never hit one), straight from the span's slots. Nested messages are written in
+ * place behind a 5-byte length slot, closed to their varint length when done. A
+ * span this does not write (a trace state, links, an attribute value of another
+ * type, a non-dict attribute mapping) is left to the Python encoder. */
+
+/* Open a length-delimited field `tag`; its start for ld_close. */
+static Py_ssize_t
+ld_open(Buf *b, unsigned char tag)
+{
+    if (buf_reserve(b, 6) < 0)
+        return -1;
+    b->data[b->len++] = (char)tag;
+    Py_ssize_t at = b->len;
+    b->len += 5;
+    return at;
+}
+
+static void
+ld_close(Buf *b, Py_ssize_t at)
+{
+    Py_ssize_t n = b->len - at - 5;
+    unsigned char len[10];
+    Py_ssize_t k = varint(len, (uint64_t)n);
+    memmove(b->data + at + k, b->data + at + 5, n);
+    memcpy(b->data + at, len, k);
+    b->len -= 5 - k;
+}
+
+static int
+put_bytes_field(Buf *b, unsigned char tag, const char *s, Py_ssize_t n)
+{
+    unsigned char head[11];
+    head[0] = tag;
+    Py_ssize_t h = 1 + varint(head + 1, (uint64_t)n);
+    if (buf_reserve(b, h + n) < 0)
+        return -1;
+    buf_put(b, head, h);
+    buf_put(b, s, n);
+    return 0;
+}
+
+/* `_str(tag, s)`: nothing for an empty string. 1 written, 0 not a str, -1 error. */
+static int
+put_str_field(Buf *b, unsigned char tag, PyObject *s)
+{
+    if (!PyUnicode_Check(s))
+        return 0;
+    Py_ssize_t n;
+    const char *text = PyUnicode_AsUTF8AndSize(s, &n);
+    if (text == NULL)
+        return -1;
+    return n == 0 ? 1 : put_bytes_field(b, tag, text, n) < 0 ? -1 : 1;
+}
+
+static int put_attributes(Buf *b, unsigned char tag, PyObject *attributes, int depth);
+
+/* An AnyValue's payload (otlp_encode._any_value): 1 written, 0 a value it does not
+ * write (left to the Python encoder), -1 error. */
+static int
+put_any(Buf *b, PyObject *value, int depth)
+{
+    unsigned char v[12];
+    if (value == Py_None)
+        return 1;
+    if (PyBool_Check(value)) {
+        v[0] = 0x10;
+        v[1] = value == Py_True;
+        return buf_put(b, v, 2) < 0 ? -1 : 1;
+    }
+    if (PyUnicode_Check(value)) {
+        Py_ssize_t n;
+        const char *text = PyUnicode_AsUTF8AndSize(value, &n);
+        if (text == NULL)
+            return -1;
+        return put_bytes_field(b, 0x0a, text, n) < 0 ? -1 : 1;
+    }
+    if (PyLong_Check(value)) {
+        uint64_t n = PyLong_AsUnsignedLongLongMask(value);
+        if (n == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+        v[0] = 0x18;
+        return buf_put(b, v, 1 + varint(v + 1, n)) < 0 ? -1 : 1;
+    }
+    if (PyFloat_Check(value)) {
+        double d = PyFloat_AS_DOUBLE(value);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        v[0] = 0x21;
+        le64(v + 1, bits);
+        return buf_put(b, v, 9) < 0 ? -1 : 1;
+    }
+    if (PyBytes_Check(value))
+        return put_bytes_field(b, 0x3a, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)) < 0 ? -1 : 1;
+    if (depth > 8)
+        return 0;
+    if (PyTuple_CheckExact(value) || PyList_CheckExact(value)) {
+        Py_ssize_t arr = ld_open(b, 0x2a);
+        if (arr < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(value); i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(value, i);
+            Py_ssize_t at = ld_open(b, 0x0a);
+            if (at < 0)
+                return -1;
+            Py_INCREF(item);
+            int rc = put_any(b, item, depth + 1);
+            Py_DECREF(item);
+            if (rc <= 0)
+                return rc;
+            ld_close(b, at);
+        }
+        ld_close(b, arr);
+        return 1;
+    }
+    if (PyDict_CheckExact(value)) {
+        Py_ssize_t at = ld_open(b, 0x32);
+        if (at < 0)
+            return -1;
+        int rc = put_attributes(b, 0x0a, value, depth + 1);
+        if (rc <= 0)
+            return rc;
+        ld_close(b, at);
+        return 1;
+    }
+    return 0;
+}
+
+/* Each item of the dict `attributes` as a KeyValue field `tag` (otlp_encode._attributes). */
+static int
+put_attributes(Buf *b, unsigned char tag, PyObject *attributes, int depth)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(attributes, &pos, &key, &value)) {
+        Py_ssize_t at = ld_open(b, tag);
+        if (at < 0)
+            return -1;
+        int rc = put_str_field(b, 0x0a, key);
+        if (rc <= 0)
+            return rc;
+        Py_ssize_t any = ld_open(b, 0x12);
+        if (any < 0)
+            return -1;
+        Py_INCREF(value);
+        rc = put_any(b, value, depth);
+        Py_DECREF(value);
+        if (rc <= 0)
+            return rc;
+        ld_close(b, any);
+        ld_close(b, at);
+    }
+    return 1;
+}
+
+/* An enum member's `.value` as a C long, cached by identity (SpanKind, StatusCode:
+ * a handful of members). -1 with an error set on failure. */
+static long
+enum_value(PyObject *member)
+{
+    static PyObject *seen[16];
+    static long values[16];
+    static int n_seen;
+    for (int i = 0; i < n_seen; i++)
+        if (seen[i] == member)
+            return values[i];
+    PyObject *v = PyObject_GetAttrString(member, "value");
+    if (v == NULL)
+        return -1;
+    long value = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (n_seen < 16) {
+        seen[n_seen] = Py_NewRef(member);
+        values[n_seen++] = value;
+    }
+    return value;
+}
+
+/* One event (opentelemetry.sdk.trace.Event, read through its properties): 1, 0, -1. */
+static int
+put_event(Buf *b, PyObject *event)
+{
+    int rc = -1;
+    PyObject *ts = NULL, *name = NULL, *attrs = NULL, *dropped = NULL;
+    Py_ssize_t at = ld_open(b, 0x5a);
+    if (at < 0 || (ts = PyObject_GetAttrString(event, "timestamp")) == NULL ||
+        (name = PyObject_GetAttrString(event, "name")) == NULL ||
+        (attrs = PyObject_GetAttrString(event, "attributes")) == NULL ||
+        (dropped = PyObject_GetAttrString(event, "dropped_attributes")) == NULL)
+        goto done;
+    rc = 0;
+    if (!PyLong_Check(ts) && ts != Py_None)
+        goto done;
+    if (ts != Py_None) {
+        uint64_t t = PyLong_AsUnsignedLongLongMask(ts);
+        if (t == (uint64_t)-1 && PyErr_Occurred()) {
+            rc = -1;
+            goto done;
+        }
+        if (t) {
+            unsigned char v[9];
+            v[0] = 0x09;
+            le64(v + 1, t);
+            if (buf_put(b, v, 9) < 0) {
+                rc = -1;
+                goto done;
+            }
+        }
+    }
+    if ((rc = put_str_field(b, 0x12, name)) <= 0)
+        goto done;
+    if (attrs != Py_None) {
+        if (!PyDict_CheckExact(attrs)) { /* BoundedAttributes and other mappings: the Python encoder */
+            rc = 0;
+            goto done;
+        }
+        if ((rc = put_attributes(b, 0x1a, attrs, 0)) <= 0)
+            goto done;
+    }
+    long n_dropped = PyLong_AsLong(dropped);
+    if (n_dropped == -1 && PyErr_Occurred()) {
+        rc = -1;
+        goto done;
+    }
+    if (n_dropped) {
+        unsigned char v[11];
+        v[0] = 0x20;
+        if (buf_put(b, v, 1 + varint(v + 1, (uint64_t)n_dropped)) < 0) {
+            rc = -1;
+            goto done;
+        }
+    }
+    ld_close(b, at);
+    rc = 1;
+done:
+    Py_XDECREF(ts);
+    Py_XDECREF(name);
+    Py_XDECREF(attrs);
+    Py_XDECREF(dropped);
+    return rc;
+}
+
+/* The ended ServerSpan `span` (whose type has `layout`) as its Span field (tag 2 of
+ * ScopeSpans, with its length), appended to `b`: 1; 0 when it is one this does not
+ * write (b as it was); -1 on error. */
+static int
+encode_span_field(Buf *b, PyObject *span, const Layout *layout)
+{
+    Py_ssize_t mark = b->len;
+    int rc = -1;
+    PyObject *ctx = NULL, *parent = NULL, *name = NULL, *kind = NULL, *start = NULL, *end = NULL, *attrs = NULL,
+             *events = NULL, *links = NULL, *status = NULL, *code = NULL, *description = NULL;
+    if ((ctx = field(span, layout, F_CONTEXT)) == NULL || (parent = field(span, layout, F_PARENT)) == NULL ||
+        (name = field(span, layout, F_NAME)) == NULL || (kind = field(span, layout, F_KIND)) == NULL ||
+        (start = field(span, layout, F_START)) == NULL || (end = field(span, layout, F_END)) == NULL ||
+        (attrs = field(span, layout, F_ATTRIBUTES)) == NULL || (events = field(span, layout, F_EVENTS)) == NULL ||
+        (links = field(span, layout, F_LINKS)) == NULL || (status = field(span, layout, F_STATUS)) == NULL)
+        goto done;
+    rc = 0;
+    /* What the Python encoder is left: a trace state, links, an odd shape. */
+    if (!PyTuple_Check(ctx) || PyTuple_GET_SIZE(ctx) < 5 || !PyLong_Check(start) || !PyLong_Check(end) ||
+        (parent != Py_None && (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 3)) ||
+        !PyDict_CheckExact(attrs) || !(PyTuple_CheckExact(events) || PyList_CheckExact(events)) ||
+        !(PyTuple_CheckExact(links) || PyList_CheckExact(links)) || PySequence_Fast_GET_SIZE(links) != 0)
+        goto done;
+    int has_state = PyObject_IsTrue(PyTuple_GET_ITEM(ctx, 4));
+    if (has_state != 0) {
+        rc = has_state < 0 ? -1 : 0;
+        goto done;
+    }
+    int remote = 0;
+    if (parent != Py_None && (remote = PyObject_IsTrue(PyTuple_GET_ITEM(parent, 2))) < 0) {
+        rc = -1;
+        goto done;
+    }
+    long kind_value = enum_value(kind);
+    if (kind_value == -1 && PyErr_Occurred()) {
+        rc = -1;
+        goto done;
+    }
+    rc = -1;
+    long code_value = 0;
+    if (status != Py_None) {
+        if ((code = PyObject_GetAttr(status, s_status_code)) == NULL ||
+            (description = PyObject_GetAttr(status, s_description)) == NULL)
+            goto done;
+        code_value = enum_value(code);
+        if (code_value == -1 && PyErr_Occurred())
+            goto done;
+    }
+    uint64_t t0 = PyLong_AsUnsignedLongLongMask(start), t1 = PyLong_AsUnsignedLongLongMask(end);
+    if (PyErr_Occurred())
+        goto done;
+    Py_ssize_t at = ld_open(b, 0x12);
+    unsigned char ids[2 + 16 + 2 + 8 + 2 + 8];
+    Py_ssize_t n = 0;
+    ids[n++] = 0x0A;
+    ids[n++] = 0x10;
+    if (at < 0 || uint_be(PyTuple_GET_ITEM(ctx, 0), ids + n, 16) < 0)
+        goto done;
+    n += 16;
+    ids[n++] = 0x12;
+    ids[n++] = 0x08;
+    if (uint_be(PyTuple_GET_ITEM(ctx, 1), ids + n, 8) < 0)
+        goto done;
+    n += 8;
+    if (parent != Py_None) {
+        ids[n++] = 0x22;
+        ids[n++] = 0x08;
+        if (uint_be(PyTuple_GET_ITEM(parent, 1), ids + n, 8) < 0)
+            goto done;
+        n += 8;
+    }
+    if (buf_put(b, ids, n) < 0)
+        goto done;
+    int ok = put_str_field(b, 0x2a, name);
+    if (ok <= 0) {
+        rc = ok;
+        goto done;
+    }
+    unsigned char v[20];
+    v[0] = 0x30;
+    v[1] = (unsigned char)(kind_value + 1);
+    n = 2;
+    if (t0)
+        n = put_fixed64(v + n, 0x39, t0) - v;
+    if (t1)
+        n = put_fixed64(v + n, 0x41, t1) - v;
+    if (buf_put(b, v, n) < 0)
+        goto done;
+    if ((ok = put_attributes(b, 0x4a, attrs, 0)) <= 0) {
+        rc = ok;
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(events); i++) {
+        if ((ok = put_event(b, PySequence_Fast_GET_ITEM(events, i))) <= 0) {
+            rc = ok;
+            goto done;
+        }
+    }
+    /* Status (when there is one): its description and code when set, else empty. */
+    if (status != Py_None) {
+        Py_ssize_t st = ld_open(b, 0x7a);
+        if (st < 0)
+            goto done;
+        if (description != Py_None && (ok = put_str_field(b, 0x12, description)) <= 0) {
+            rc = ok;
+            goto done;
+        }
+        if (code_value) {
+            v[0] = 0x18;
+            if (buf_put(b, v, 1 + varint(v + 1, (uint64_t)code_value)) < 0)
+                goto done;
+        }
+        ld_close(b, st);
+    }
+    static const unsigned char local[] = {0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
+    static const unsigned char from_remote[] = {0x85, 0x01, 0x00, 0x03, 0x00, 0x00};
+    if (buf_put(b, remote ? from_remote : local, 6) < 0)
+        goto done;
+    ld_close(b, at);
+    rc = 1;
+done:
+    if (rc <= 0)
+        b->len = mark;
+    Py_XDECREF(ctx);
+    Py_XDECREF(parent);
+    Py_XDECREF(name);
+    Py_XDECREF(kind);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+    Py_XDECREF(attrs);
+    Py_XDECREF(events);
+    Py_XDECREF(links);
+    Py_XDECREF(status);
+    Py_XDECREF(code);
+    Py_XDECREF(description);
+    return rc;
+}
+
+/* Room for one more span's end; -1 on error. */
+static int
+span_buffer_room(SpanBuffer *buffer)
+{
+    if (buffer->count == buffer->ends_cap) {
+        Py_ssize_t cap = buffer->ends_cap ? 2 * buffer->ends_cap : 512;
+        Py_ssize_t *ends = PyMem_Realloc(buffer->ends, cap * sizeof(Py_ssize_t));
+        if (ends == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        buffer->ends = ends;
+        buffer->ends_cap = cap;
+    }
+    if (buffer->nsegs == buffer->segs_cap) {
+        Py_ssize_t cap = buffer->segs_cap ? 2 * buffer->segs_cap : 16;
+        Segment *segs = PyMem_Realloc(buffer->segs, cap * sizeof(Segment));
+        if (segs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        buffer->segs = segs;
+        buffer->segs_cap = cap;
+    }
+    return 0;
+}
+
+/* The span just written (its bytes end at buf.len) joins the queue, in `recorder`'s run. */
+static void
+span_buffer_written(SpanBuffer *buffer, PyObject *recorder)
+{
+    buffer->ends[buffer->count++] = buffer->buf.len;
+    if (buffer->nsegs && buffer->segs[buffer->nsegs - 1].recorder == recorder) {
+        buffer->segs[buffer->nsegs - 1].count++;
+    } else {
+        buffer->segs[buffer->nsegs].recorder = Py_NewRef(recorder);
+        buffer->segs[buffer->nsegs++].count = 1;
+    }
+}
+
+/* add(span): an ended sampled span onto the queue (a Recorder's on_end when its lone
+ * processor is a SpanSink): a ServerSpan written as its bytes (by encode_span_field,
+ * else by `fallback`), anything else onto the queue list as it is; dropped (and
+ * counted by `drop`) past the bound. */
+static PyObject *
+SpanBuffer_add(SpanBuffer *self, PyObject *span)
+{
+    if (span_buffer_queued(self) >= self->limit) { /* the queue's bound; 0 once shut down */
+        return PyObject_CallNoArgs(self->drop);
+    }
+    const Layout *layout = layout_of(Py_TYPE(span));
+    PyObject *recorder = layout != NULL ? *(PyObject **)((char *)span + layout->offset[F_RECORDER]) : NULL;
+    if (recorder == NULL) {
+        if (PyList_Append(self->queue, span) < 0)
+            return NULL;
+    } else {
+        if (span_buffer_room(self) < 0)
+            return NULL;
+        Py_INCREF(span);
+        Py_INCREF(recorder);
+        int written = encode_span_field(&self->buf, span, layout);
+        if (written == 0 && self->fallback != Py_None) {
+            PyObject *encoded = PyObject_CallOneArg(self->fallback, span);
+            if (encoded != NULL && !PyBytes_Check(encoded)) {
+                Py_CLEAR(encoded);
+                PyErr_SetString(PyExc_TypeError, "SpanBuffer.fallback must return bytes");
+            }
+            written = encoded == NULL ? -1 : buf_put(&self->buf, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded)) < 0 ? -1 : 1;
+            Py_XDECREF(encoded);
+        }
+        if (written > 0)
+            span_buffer_written(self, recorder);
+        else if (written == 0)
+            written = PyList_Append(self->queue, span);
+        Py_DECREF(recorder);
+        Py_DECREF(span);
+        if (written < 0)
+            return NULL;
+    }
+    if (span_buffer_joined(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 #define FAST_ATTRIBUTES 16
@@ -1554,7 +2067,7 @@ encode_root_span(HttpSpans *spans, RootSpan *span, Buf *out)
 }
 
 /* The ended `span` onto the sink's queue: written into `buffer` when it is the usual
- * span of this recorder, else as it is onto the queue list; dropped (and counted by
+ * one (encode_root_span), else as it is onto the queue list; dropped (and counted by
  * `drop`) past the bound. -1 on error. */
 static int
 queue_root(HttpSpans *spans, SpanBuffer *buffer, RootSpan *span)
@@ -1564,29 +2077,15 @@ queue_root(HttpSpans *spans, SpanBuffer *buffer, RootSpan *span)
         Py_XDECREF(r);
         return r == NULL ? -1 : 0;
     }
-    int written = 0;
-    if (buffer->recorder == NULL || buffer->recorder == spans->recorder) {
-        if (buffer->count == buffer->ends_cap) {
-            Py_ssize_t cap = buffer->ends_cap ? 2 * buffer->ends_cap : 512;
-            Py_ssize_t *ends = PyMem_Realloc(buffer->ends, cap * sizeof(Py_ssize_t));
-            if (ends == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            buffer->ends = ends;
-            buffer->ends_cap = cap;
-        }
-        written = encode_root_span(spans, span, &buffer->buf);
-        if (written < 0)
-            return -1;
-    }
-    if (written) {
-        buffer->ends[buffer->count++] = buffer->buf.len;
-        if (buffer->recorder == NULL)
-            buffer->recorder = Py_NewRef(spans->recorder);
-    } else if (PyList_Append(buffer->queue, (PyObject *)span) < 0) {
+    if (span_buffer_room(buffer) < 0)
         return -1;
-    }
+    int written = encode_root_span(spans, span, &buffer->buf);
+    if (written < 0)
+        return -1;
+    if (written)
+        span_buffer_written(buffer, spans->recorder);
+    else if (PyList_Append(buffer->queue, (PyObject *)span) < 0)
+        return -1;
     return span_buffer_joined(buffer);
 }
 

@@ -281,10 +281,10 @@ def _server_parts(span: Any, key: tuple[Any, ...]) -> tuple[bytes, bytes]:
 def encode_server_span(span: Any) -> bytes:
     """A services.common.server_span.ServerSpan as a length-delimited Span field (tag
     2 of ScopeSpans): what encode_span writes, from a per-route template (the
-    fields that repeat) around its ids and times. Events or a trace state take
-    encode_span's way."""
+    fields that repeat) around its ids and times. Events, links or a trace state
+    take encode_span's way."""
     ctx = span._context
-    if span._events or ctx[4] or not span._end_time or not span._start_time:
+    if span._events or span._links or ctx[4] or not span._end_time or not span._start_time:
         return _ld(b"\x12", encode_span(span))
     attributes = span._attributes
     parent = span._parent

@@ -205,7 +205,7 @@ class Recorder:
         # A lone SpanSink takes ended spans straight (no fan-out, no batch processor).
         self.on_end = provider._active_span_processor.on_end if processors else None
         if len(processors) == 1 and type(processors[0]) is SpanSink:
-            self.on_end = processors[0].add
+            self.on_end = processors[0].add_server
         self._ids = provider.id_generator
         self._random_ids = type(self._ids) is RandomIdGenerator
         random_flag = TraceFlags.RANDOM_TRACE_ID if self._ids.is_trace_id_random() else 0

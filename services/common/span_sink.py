@@ -5,16 +5,20 @@ the gateway's ingest route (the provider's fan-out, a pid check, its metrics hoo
 the deque, an Event checked per span), a few percent of a whole ingest request. Here
 ending a ServerSpan (services.common.server_span) is `SpanSink.add`: one length check
 against the queue's bound and a list append (atomic under the GIL: no lock per span);
-the exporter thread is woken once per batch (when the list reaches the batch size)
-or wakes on its schedule, takes what is queued in runs of up to the batch size and
-exports each run as one request (services.common.otlp_encode writes a run of
-ServerSpans in one C call). SDK spans (child spans, the gRPC server
-instrumentation's) come through the provider's `on_end` into the same list.
-The gateway's request spans (services.gateway.http.request_span's C HttpSpans) do
-not come as objects: each is written as its OTLP bytes when it ends, into the
-sink's SpanBuffer (services.common._otlp_fast: the bytes back to back, no object
-per span), which counts toward the same bound and batches; the exporter takes a
-batch of them as one EncodedSpan run.
+the exporter thread is woken once per batch (when the queue reaches the batch size)
+or wakes on its schedule, takes what is queued in batches of up to the batch size
+and exports each as one request. SDK spans (child spans, the gRPC server
+instrumentation's) come through the provider's `on_end` onto the list.
+ServerSpans (services.common.server_span: the gateway's, the inference server's and
+engine's, the trainer's) do not wait as objects: a Recorder's `on_end` is
+`add_server`, which writes the span as its OTLP bytes when it ends into the sink's
+SpanBuffer (services.common._otlp_fast: the bytes back to back, in runs by recorder);
+the gateway's request spans (services.gateway.http.request_span's C HttpSpans) are
+written there too. Hundreds of spans waiting for the exporter were hundreds of
+objects (with their attribute dicts and contexts) for every garbage collection to
+walk, and the exporter encoded them under the GIL the service's threads need; now
+the exporter takes runs of bytes (EncodedSpans) and the buffer counts toward the
+same bound and batches.
 
 The BatchSpanProcessor's settings and behaviour are kept: OTEL_BSP_SCHEDULE_DELAY,
 OTEL_BSP_MAX_QUEUE_SIZE (past it a span is dropped and counted: `dropped`),
@@ -82,8 +86,14 @@ class SpanSink(SpanProcessor):
         # Spans written as their bytes (what HttpSpans queues), or None without the
         # C extension; _start hands it the exporter's wake-up.
         self._buffer: Any = None
+        # What a Recorder's spans end into (see the module's doc).
+        self.add_server = self.add
         if _SpanBuffer is not None:
+            from services.common.otlp_encode import encode_server_span
+
             self._buffer = _SpanBuffer(self._spans, None, self._drop, max_queue_size, max_export_batch_size)
+            self._buffer.fallback = encode_server_span  # a span the C writer leaves (links, a trace state)
+            self.add_server = self._buffer.add
         self._start()
         if hasattr(os, "register_at_fork"):
             reinit = weakref.WeakMethod(self._start)
@@ -154,12 +164,16 @@ class SpanSink(SpanProcessor):
             batch_size = self.max_export_batch_size
             sent = False
             while (queued := self.queued()) and (everything or not sent or queued >= batch_size):
-                # A run of written spans first (one EncodedSpan), then span objects.
-                run = buffer.take(batch_size) if buffer is not None else None
-                batch = spans[: batch_size - (run.spans if run is not None else 0)]
-                del spans[: len(batch)]  # appends only go to the end: these are the same spans
-                if run is not None:
-                    batch.insert(0, run)
+                # Runs of written spans first (an EncodedSpan per recorder's run), then
+                # span objects.
+                batch: list[Any] = []
+                n = 0
+                while buffer is not None and n < batch_size and (run := buffer.take(batch_size - n)) is not None:
+                    batch.append(run)
+                    n += run.spans
+                objects = spans[: batch_size - n]
+                del spans[: len(objects)]  # appends only go to the end: these are the same spans
+                batch += objects
                 sent = True
                 token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
                 try:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from otlp_receiver import otlp_receiver
-from span_collect import Batches
+from span_collect import Batches, attributes, count, exported
 
 from services.common.server_span import Recorder
 from services.common.span_sink import SpanSink
@@ -32,11 +33,15 @@ def end_spans(recorder: Recorder, n: int) -> None:
 
 
 def test_the_recorder_hands_server_spans_straight_to_a_lone_sink() -> None:
+    """A Recorder's spans end straight into the sink (no fan-out); with the C
+    extension they wait as their bytes, not as objects."""
     sink = SpanSink(Batches(), schedule_delay_millis=60_000)
     p, recorder = sink_provider(sink)
-    assert recorder.on_end == sink.add
+    assert recorder.on_end == sink.add_server
     end_spans(recorder, 3)
-    assert len(sink._spans) == 3
+    assert sink.queued() == 3
+    if sink._buffer is not None:
+        assert sink._spans == [] and len(sink._buffer) == 3
     p.shutdown()
 
 
@@ -50,8 +55,8 @@ def test_the_queue_is_bounded_and_drops_are_counted() -> None:
     assert sink.dropped == 2
     out.release.set()
     assert sink.force_flush()
-    assert [len(b) for b in out.batches] == [4, 4]
-    assert [s._attributes["i"] for b in out.batches for s in b] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [count(b) for b in out.batches] == [4, 4]
+    assert [attributes(s)["i"] for b in out.batches for s in exported(b)] == [0, 1, 2, 3, 0, 1, 2, 3]
     p.shutdown()
 
 
@@ -64,7 +69,7 @@ def test_sdk_spans_queue_on_the_same_sink_when_sampled() -> None:
         pass
     end_spans(recorder, 1)
     assert sink.force_flush()
-    assert sorted(s.name for s in out.batches[0]) == ["POST /scored_data", "child"]
+    assert sorted(s.name for s in exported(out.batches[0])) == ["POST /scored_data", "child"]
     p.shutdown()
 
 
@@ -75,10 +80,10 @@ def test_shutdown_exports_what_is_pending_then_stops_the_exporter() -> None:
     end_spans(recorder, 5)
     assert out.batches == []  # far from a batch, the schedule far away
     p.shutdown()
-    assert [len(b) for b in out.batches] == [5] and out.shut
+    assert [count(b) for b in out.batches] == [5] and out.shut
     assert not sink._thread.is_alive()
     end_spans(recorder, 1)  # after shutdown: dropped
-    assert sink.dropped == 1 and [len(b) for b in out.batches] == [5]
+    assert sink.dropped == 1 and [count(b) for b in out.batches] == [5]
     assert not sink.force_flush()
 
 
@@ -88,7 +93,7 @@ def test_a_full_batch_leaves_without_waiting_for_the_schedule() -> None:
     p, recorder = sink_provider(sink)
     end_spans(recorder, 8)
     assert out.entered.wait(10)
-    assert [len(b) for b in out.batches] == [8]
+    assert [count(b) for b in out.batches] == [8]
     p.shutdown()
 
 
@@ -106,3 +111,78 @@ def test_a_run_of_spans_reaches_the_receiver_in_one_request(monkeypatch: Any) ->
         assert sorted(s.attributes["i"] for s in spans) == list(range(300))
         assert {s.service for s in spans} == {"t"}
         p.shutdown()
+
+
+def test_server_spans_wait_as_the_bytes_the_encoder_writes_for_them() -> None:
+    """Every ServerSpan (not only the gateway's request spans) is written as its OTLP
+    bytes when it ends, in runs by recorder; byte for byte what the encoder
+    (otlp_encode.encode_server_span, checked against the SDK's in test_server_span)
+    writes for the same span, whatever it holds: attribute values of every kind,
+    events with attributes, an error status, a remote parent. What the C writer
+    leaves (links, a trace state, a value of no OTLP type) is written by the
+    encoder as the span ends: nothing waits as an object."""
+    from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags, TraceState
+
+    from services.common import otlp_encode
+
+    sink = SpanSink(Batches(), schedule_delay_millis=60_000)
+    if sink._buffer is None:
+        pytest.skip("the C extension is not built")
+    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    p.add_span_processor(sink)
+    engine = Recorder.for_provider(p, "clotho.inference.engine")
+    server = Recorder.for_provider(p, "clotho.inference")
+    assert engine is not None and server is not None
+    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1))
+    rpc = server.start("/clotho.Inference/Generate", remote, SpanKind.SERVER, {"rpc.system": "grpc"})
+    values = {
+        "s": "text",
+        "u": "ünïcödé",
+        "empty": "",
+        "neg": -3,
+        "big": (1 << 64) + 5,  # past 64 bits: its low 64, as the encoder masks it
+        "t": True,
+        "f": 0.25,
+        "b": b"\x00\xff",
+        "strs": ("a", "b"),
+        "ints": (1, -2, 3),
+        "mixed": ("x", 1, 2.5, False),
+        "nested": (("a",), (1, 2)),
+        "kv": {"k": "v", "n": 1},
+        "": "empty key",
+    }
+    generate = engine.start("engine.generate", rpc.get_span_context(), SpanKind.INTERNAL, dict(values))
+    generate.add_event("first_token", timestamp=1_700_000_000_000_000_123)
+    generate.add_event("note", {"tokens": 3, "why": "x", "list": ("a",)})
+    generate.record_exception(ValueError("bad"))
+    generate.set_status(Status(StatusCode.ERROR, "went wrong"))
+    decode = engine.start("engine.decode", generate.get_span_context(), SpanKind.INTERNAL, {"clotho.tokens": 7})
+    decode.set_status(StatusCode.OK)
+    linked = engine.start("linked", None, SpanKind.INTERNAL, {})
+    linked._links = (Link(remote, {"why": "batch"}),)
+    stated = engine.start(
+        "stated", SpanContext(1, 2, True, TraceFlags(1), TraceState([("k", "v")])), SpanKind.INTERNAL, {}
+    )
+    odd = engine.start("odd", None, SpanKind.INTERNAL, {"obj": object(), "ok": 1})
+    spans = [decode, generate, linked, stated, odd, rpc]
+    for span in spans:
+        span.end()
+
+    assert sink._spans == [] and len(sink._buffer) == 6
+    runs = []
+    while (run := sink._buffer.take(512)) is not None:
+        runs.append(run)
+    # One run per stretch of one recorder's spans, in the order they ended.
+    assert [(r._recorder, r.spans) for r in runs] == [(engine, 5), (server, 1)]
+    assert runs[0].data == b"".join(otlp_encode.encode_server_span(s) for s in spans[:5])
+    assert runs[1].data == otlp_encode.encode_server_span(rpc)
+    assert otlp_encode.encode_request(runs) == otlp_encode.encode_request(spans)
+    read = exported(runs)
+    assert [s.name for s in read] == [s._name for s in spans]
+    got = attributes(read[1])
+    assert got["u"] == "ünïcödé" and got["big"] == 5 and got["neg"] == -3 and got["b"] == b"\x00\xff"
+    assert [e.name for e in read[1].events] == ["first_token", "note", "exception"]
+    assert read[1].status.code == 2 and read[1].status.message == "went wrong"
+    assert read[2].links[0].span_id == (0xDEF).to_bytes(8, "big") and read[3].trace_state == "k=v"
+    assert attributes(read[4]) == {"ok": 1}  # the value of no OTLP type is left out, as the SDK's encoder does
+    p.shutdown()

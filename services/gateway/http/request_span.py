@@ -232,9 +232,11 @@ class PySpans:
 
 _py_spans = PySpans()
 try:  # built by `pip install` (optional, as the encoder it lives with)
-    _HttpSpans: Any = importlib.import_module("services.common._otlp_fast").HttpSpans
+    _fast: Any = importlib.import_module("services.common._otlp_fast")
+    _HttpSpans: Any = _fast.HttpSpans
+    _SpanBuffer: Any = _fast.SpanBuffer
 except (ImportError, AttributeError):
-    _HttpSpans = None
+    _HttpSpans = _SpanBuffer = None
 
 
 def _detach_failed(error: BaseException) -> None:
@@ -286,13 +288,11 @@ def http_spans() -> Any:
 
 
 def _buffer_of(on_end: Any) -> Any:
-    """The SpanBuffer of the SpanSink whose `add` is `on_end` (the sink then takes
-    spans written as their OTLP bytes), else None."""
-    from services.common.span_sink import SpanSink
-
-    sink = getattr(on_end, "__self__", None)
-    if type(sink) is SpanSink and getattr(on_end, "__func__", None) is SpanSink.add:
-        return sink._buffer
+    """The SpanBuffer whose `add` is `on_end` (a SpanSink's add_server: the sink
+    takes spans written as their OTLP bytes), else None."""
+    buffer: Any = getattr(on_end, "__self__", None)
+    if _SpanBuffer is not None and type(buffer) is _SpanBuffer and on_end == buffer.add:
+        return buffer
     return None
 
 
