@@ -32,6 +32,10 @@ Figures per stack and workload, summed over the slices:
                 and of its main thread alone: the cost tracing adds to each request,
                 which competing load moves far less. For /generate the inference
                 process's is shown too.
+`--baseline-src DIR` adds stacks running another checkout's code (its C extensions
+built in place: `python -c "from setuptools import setup; setup()" build_ext
+--inplace` there) as `exporting@base` (and `--baseline-modes`), in the same cycles:
+a change's cost and its baseline's from one run, on one machine state.
 All of it runs `--sessions` times, each with fresh processes: a process's memory
 layout is luck that moves its speed by a few percent, and one process per mode would
 show that luck as a cost. Costs are each mode's total over off's, with a 90% bootstrap
@@ -45,6 +49,7 @@ the stacks as Ctrl-C does.
 
     .venv/bin/python bench/tracing_overhead.py [--sessions 3] [--rounds 40] [--seconds 0.3] [--connections 8]
         [--works ingest generate] [--ingest-rate R] [--generate-rate R] [--no-pin] [--json out.json]
+        [--baseline-src DIR [--baseline-modes exporting on]]
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ from services import launcher
 from services.demo.tiny_model import build_tiny_model
 
 MODES = ("off", "off-again", "on", "exporting")
+# --baseline-src: another checkout, whose stacks run as the modes named here + "@base".
+BASELINE: Path | None = None
 # What the load posts: a small scored group (2 sequences x 16 tokens), a short /generate.
 GROUP = {
     "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
@@ -84,6 +91,11 @@ WORKS = ("ingest", "generate")
 def mode_env(mode: str, endpoint: str) -> dict[str, str]:
     cleared = {k: "" for k in os.environ if k.startswith("OTEL_")}
     base = {**cleared, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if mode.endswith("@base"):  # the baseline checkout's code (and its built C extensions)
+        assert BASELINE is not None
+        # PYTHONSAFEPATH: `python -m` puts no working directory before PYTHONPATH.
+        mode = mode.removesuffix("@base")
+        base = {**base, "PYTHONPATH": str(BASELINE), "PYTHONSAFEPATH": "1"}
     if mode in ("off", "off-again"):
         return base
     if mode == "on":
@@ -530,7 +542,7 @@ def table(out: dict) -> str:
 
 
 def main() -> None:
-    global WORKS
+    global WORKS, MODES, BASELINE
     if sys.argv[1:] == ["--serve-receiver"]:
         serve_receiver()
         return
@@ -550,6 +562,12 @@ def main() -> None:
     p.add_argument("--generate-rate", type=float, default=0.0, help="the same for /generate")
     p.add_argument("--works", nargs="+", choices=WORKS, default=list(WORKS), help="the workloads to run")
     p.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another checkout (its C extensions built in place): its stacks run beside these as --baseline-modes@base",
+    )
+    p.add_argument("--baseline-modes", nargs="+", choices=MODES[2:], default=["exporting"])
+    p.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -557,6 +575,9 @@ def main() -> None:
     )
     args = p.parse_args()
     WORKS = tuple(args.works)
+    if args.baseline_src is not None:
+        BASELINE = args.baseline_src.resolve()
+        MODES = (*MODES, *(f"{m}@base" for m in args.baseline_modes))
     # SIGTERM (a timeout) unwinds like Ctrl-C: the stacks are stopped, not orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:  # the client's own CPU per request is lower on uvloop, as the services' is
