@@ -1356,8 +1356,17 @@ SpanBuffer_add(SpanBuffer *self, PyObject *span)
                 Py_CLEAR(encoded);
                 PyErr_SetString(PyExc_TypeError, "SpanBuffer.fallback must return bytes");
             }
-            written = encoded == NULL ? -1 : buf_put(&self->buf, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded)) < 0 ? -1 : 1;
+            if (encoded == NULL)
+                written = -1;
+            else
+                written = buf_put(&self->buf, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded)) < 0 ? -1 : 1;
             Py_XDECREF(encoded);
+        }
+        /* A span that cannot be written (a field of an odd type) must not fail the
+         * code ending it: it waits as itself, and the exporter's encoder logs it. */
+        if (written < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError)) {
+            PyErr_Clear();
+            written = 0;
         }
         if (written > 0)
             span_buffer_written(self, recorder);

@@ -186,3 +186,29 @@ def test_server_spans_wait_as_the_bytes_the_encoder_writes_for_them() -> None:
     assert read[2].links[0].span_id == (0xDEF).to_bytes(8, "big") and read[3].trace_state == "k=v"
     assert attributes(read[4]) == {"ok": 1}  # the value of no OTLP type is left out, as the SDK's encoder does
     p.shutdown()
+
+
+def test_a_span_that_cannot_be_written_does_not_fail_the_code_ending_it(caplog: Any) -> None:
+    """A ServerSpan neither the C writer nor the encoder can write (a field of an odd
+    type) ends without raising in the service's code: it waits as itself, and the
+    exporter logs the failure, as for any span it cannot encode."""
+    from services.common.otlp_encode import encode_request
+
+    class Encoding(Batches):  # encodes each batch, as the OTLP exporter does
+        def export(self, spans: Any) -> Any:
+            encode_request(list(spans))
+            return super().export(spans)
+
+    sink = SpanSink(Encoding(), schedule_delay_millis=60_000)
+    if sink._buffer is None:
+        pytest.skip("the C extension is not built")
+    p, recorder = sink_provider(sink)
+    span = recorder.start("odd", None, SpanKind.INTERNAL, {})
+    span._kind = "not a SpanKind"
+    span.end()
+    end_spans(recorder, 1)
+    assert sink._spans == [span] and len(sink._buffer) == 1
+    with caplog.at_level("ERROR"):
+        assert sink.force_flush()
+    assert "Exception while exporting spans" in caplog.text
+    p.shutdown()
