@@ -1332,54 +1332,70 @@ span_buffer_written(SpanBuffer *buffer, PyObject *recorder)
 /* add(span): an ended sampled span onto the queue (a Recorder's on_end when its lone
  * processor is a SpanSink): a ServerSpan written as its bytes (by encode_span_field,
  * else by `fallback`), anything else onto the queue list as it is; dropped (and
- * counted by `drop`) past the bound. */
+ * counted by `drop`) past the bound.
+ *
+ * The span is written into a buffer of its own first: reading it can run Python code
+ * (a Status' properties, an event's), where another thread may take the GIL and add
+ * or take spans; the shared buffer is only touched after that, with no Python code
+ * in between. */
 static PyObject *
 SpanBuffer_add(SpanBuffer *self, PyObject *span)
 {
-    if (span_buffer_queued(self) >= self->limit) { /* the queue's bound; 0 once shut down */
+    if (span_buffer_queued(self) >= self->limit) /* the queue's bound; 0 once shut down */
         return PyObject_CallNoArgs(self->drop);
-    }
     const Layout *layout = layout_of(Py_TYPE(span));
     PyObject *recorder = layout != NULL ? *(PyObject **)((char *)span + layout->offset[F_RECORDER]) : NULL;
     if (recorder == NULL) {
         if (PyList_Append(self->queue, span) < 0)
             return NULL;
+        if (span_buffer_joined(self) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(span);
+    Py_INCREF(recorder);
+    PyObject *result = NULL, *encoded = NULL;
+    Buf own = {NULL, 0, 0};
+    int written = encode_span_field(&own, span, layout);
+    if (written == 0 && self->fallback != Py_None) {
+        encoded = PyObject_CallOneArg(self->fallback, span);
+        if (encoded != NULL && !PyBytes_Check(encoded)) {
+            Py_CLEAR(encoded);
+            PyErr_SetString(PyExc_TypeError, "SpanBuffer.fallback must return bytes");
+        }
+        written = encoded == NULL ? -1 : 1;
+    }
+    /* A span that cannot be written (a field of an odd type) must not fail the code
+     * ending it: it waits as itself, and the exporter's encoder logs it. */
+    if (written < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError)) {
+        PyErr_Clear();
+        written = 0;
+    }
+    if (written < 0)
+        goto done;
+    if (span_buffer_queued(self) >= self->limit) { /* filled (or shut) meanwhile */
+        result = PyObject_CallNoArgs(self->drop);
+        goto done;
+    }
+    if (written == 0) {
+        if (PyList_Append(self->queue, span) < 0)
+            goto done;
     } else {
-        if (span_buffer_room(self) < 0)
-            return NULL;
-        Py_INCREF(span);
-        Py_INCREF(recorder);
-        int written = encode_span_field(&self->buf, span, layout);
-        if (written == 0 && self->fallback != Py_None) {
-            PyObject *encoded = PyObject_CallOneArg(self->fallback, span);
-            if (encoded != NULL && !PyBytes_Check(encoded)) {
-                Py_CLEAR(encoded);
-                PyErr_SetString(PyExc_TypeError, "SpanBuffer.fallback must return bytes");
-            }
-            if (encoded == NULL)
-                written = -1;
-            else
-                written = buf_put(&self->buf, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded)) < 0 ? -1 : 1;
-            Py_XDECREF(encoded);
-        }
-        /* A span that cannot be written (a field of an odd type) must not fail the
-         * code ending it: it waits as itself, and the exporter's encoder logs it. */
-        if (written < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError)) {
-            PyErr_Clear();
-            written = 0;
-        }
-        if (written > 0)
-            span_buffer_written(self, recorder);
-        else if (written == 0)
-            written = PyList_Append(self->queue, span);
-        Py_DECREF(recorder);
-        Py_DECREF(span);
-        if (written < 0)
-            return NULL;
+        const char *data = encoded != NULL ? PyBytes_AS_STRING(encoded) : own.data;
+        Py_ssize_t size = encoded != NULL ? PyBytes_GET_SIZE(encoded) : own.len;
+        if (span_buffer_room(self) < 0 || buf_put(&self->buf, data, size) < 0)
+            goto done;
+        span_buffer_written(self, recorder);
     }
     if (span_buffer_joined(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
+        goto done;
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(own.data);
+    Py_XDECREF(encoded);
+    Py_DECREF(recorder);
+    Py_DECREF(span);
+    return result;
 }
 
 #define FAST_ATTRIBUTES 16

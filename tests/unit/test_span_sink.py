@@ -212,3 +212,36 @@ def test_a_span_that_cannot_be_written_does_not_fail_the_code_ending_it(caplog: 
         assert sink.force_flush()
     assert "Exception while exporting spans" in caplog.text
     p.shutdown()
+
+
+def test_a_span_ending_while_another_is_written_keeps_both_whole() -> None:
+    """Writing a span can run Python code (an event's properties), where another
+    thread may take the GIL and end a span into the same sink: each span is written
+    whole, the one that ended meanwhile first."""
+    from opentelemetry.sdk.trace import Event
+
+    from services.common import otlp_encode
+
+    sink = SpanSink(Batches(), schedule_delay_millis=60_000)
+    if sink._buffer is None:
+        pytest.skip("the C extension is not built")
+    p, recorder = sink_provider(sink)
+    outer = recorder.start("outer", None, SpanKind.SERVER, {"k": "v"})
+    inner = recorder.start("inner", None, SpanKind.INTERNAL, {"n": 1})
+    ended: list[Any] = []
+
+    class EndsAnother(Event):
+        @property
+        def name(self) -> str:
+            if not ended:  # what another thread could do here
+                ended.append(inner)
+                inner.end()
+            return "e"
+
+    outer._events = [EndsAnother("e", {"a": 1}, 123)]
+    outer.end()
+    assert ended == [inner] and len(sink._buffer) == 2 and sink._spans == []
+    run = sink._buffer.take(512)
+    assert run.spans == 2
+    assert run.data == otlp_encode.encode_server_span(inner) + otlp_encode.encode_server_span(outer)
+    p.shutdown()
