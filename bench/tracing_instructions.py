@@ -93,34 +93,23 @@ async def instrument(pid: int, state: str) -> None:
         raise RuntimeError(f"callgrind_control -i {state} {pid} failed")
 
 
-async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path, args: argparse.Namespace) -> dict:
-    """Instructions per request of the gateway of `tree` in `mode`: all threads, main."""
-    env = mode_env(mode, endpoint)
-    if mode == "exporting":
-        env["OTEL_BSP_SCHEDULE_DELAY"] = "600000"  # batches leave when full (512)
-    env["PYTHONPATH"] = str(tree)
-    out_dir = work / f"{tree.name}-{mode}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inference = await launcher.start(
-        f"inference-{mode}",
-        "services.inference",
-        ["--model-path", str(model), "--grpc-port", "0", "--grace-seconds", "1"],
-        out_dir,
-        env=env,
-    )
-    ready = await launcher.wait_ready(inference, 180)
-    gateway_args = [
-        "--http-port", "0", "--grpc-port", "0", "--grace-seconds", "1", "--store", "memory",
-        "--max-stored-groups", "100000000", "--max-stored-bytes", str(1 << 40),
-        "--inference", f"127.0.0.1:{ready['grpc_port']}", "--tokenizer-path", str(model),
-    ]  # fmt: skip
-    out_file = out_dir / "callgrind.out"
+async def start_counted(
+    name: str,
+    module: str,
+    module_args: list[str],
+    out_dir: Path,
+    env: dict[str, str],
+    tree: Path,
+    args: argparse.Namespace,
+) -> tuple[subprocess.Popen, dict]:
+    """`python -m module` of `tree` under callgrind (counting off until `instrument`),
+    and its ready event."""
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
     if args.cache_sim:
         argv.append("--cache-sim=yes")
-    argv += [f"--callgrind-out-file={out_file}", sys.executable, "-m", "services.gateway", *gateway_args]
-    with open(out_dir / "gateway.log", "wb") as log:
-        gateway = subprocess.Popen(
+    argv += [f"--callgrind-out-file={out_dir / name}.callgrind.out", sys.executable, "-m", module, *module_args]
+    with open(out_dir / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -128,34 +117,78 @@ async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path,
             cwd=tree,
             text=True,
         )
+    assert proc.stdout is not None
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, proc.stdout.readline)
+        if not line:
+            raise RuntimeError(f"the {name} of {tree} exited; see {out_dir / name}.log")
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "ready":
+            return proc, event
+
+
+def counted(out_dir: Path, name: str) -> list[dict[str, int]]:
+    """The event totals of each thread of a process start_counted ran (main thread first)."""
+    return [totals(t) for t in sorted(out_dir.glob(f"{name}.callgrind.out-*"))]
+
+
+async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Instructions per request of the gateway of `tree` in `mode`: all threads, main;
+    with `--work generate` the inference process's too (all threads)."""
+    env = mode_env(mode, endpoint)
+    if mode == "exporting":
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "600000"  # batches leave when full (512)
+    env["PYTHONPATH"] = str(tree)
+    out_dir = work / f"{tree.name}-{mode}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inference_args = ["--model-path", str(model), "--grpc-port", "0", "--grace-seconds", "1"]
+    generate = args.work == "generate"
+    procs: list[subprocess.Popen] = []
+    inference = None
     try:
-        assert gateway.stdout is not None
-        while True:
-            line = gateway.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the gateway of {tree} ({mode}) exited; see {out_dir / 'gateway.log'}")
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "ready":
-                break
+        if generate:  # the inference process is counted too
+            proc, ready = await start_counted(
+                "inference", "services.inference", inference_args, out_dir, env, tree, args
+            )
+            procs.append(proc)
+        else:
+            inference = await launcher.start(
+                f"inference-{mode}", "services.inference", inference_args, out_dir, env=env
+            )
+            ready = await launcher.wait_ready(inference, 180)
+        gateway_args = [
+            "--http-port", "0", "--grpc-port", "0", "--grace-seconds", "1", "--store", "memory",
+            "--max-stored-groups", "100000000", "--max-stored-bytes", str(1 << 40),
+            "--inference", f"127.0.0.1:{ready['grpc_port']}", "--tokenizer-path", str(model),
+        ]  # fmt: skip
+        gateway, event = await start_counted("gateway", "services.gateway", gateway_args, out_dir, env, tree, args)
+        procs.insert(0, gateway)
         port = int(event["http_port"])
         await settle(port, gateway.pid, request_bytes("/generate", GENERATE, port))
-        request = request_bytes("/scored_data", GROUP, port)
-        await post_all(port, request, 32, args.connections)  # warm-up, not counted
+        request = request_bytes("/generate", GENERATE, port) if generate else request_bytes("/scored_data", GROUP, port)
+        await post_all(port, request, 4 if generate else 32, args.connections)  # warm-up, not counted
         per_connection = args.requests // args.connections
         n = per_connection * args.connections
-        await instrument(gateway.pid, "on")
+        for proc in procs:
+            await instrument(proc.pid, "on")
         await post_all(port, request, per_connection, args.connections)
-        await instrument(gateway.pid, "off")
+        for proc in procs:
+            await instrument(proc.pid, "off")
     finally:
-        gateway.terminate()
-        gateway.wait(120)
-        await launcher.stop(inference)
-    threads = sorted(out_dir.glob("callgrind.out-*"))
-    counts = [totals(t) for t in threads]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(300)
+        if inference is not None:
+            await launcher.stop(inference)
+    counts = counted(out_dir, "gateway")
     out: dict = {"all": sum(c["Ir"] for c in counts) / n, "main": counts[0]["Ir"] / n, "requests": n}
+    if generate:
+        out["inference"] = sum(c["Ir"] for c in counted(out_dir, "inference")) / n
     if args.cache_sim:  # misses per request, every thread: first level (data), last level (all)
         out["D1 misses"] = sum(c.get("D1mr", 0) + c.get("D1mw", 0) for c in counts) / n
         out["LL misses"] = sum(c.get(k, 0) for c in counts for k in ("ILmr", "DLmr", "DLmw")) / n
@@ -191,10 +224,12 @@ async def main_async(args: argparse.Namespace) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nreceiver: {received}")
-    print(f"{args.requests} x /scored_data (2 sequences x 16 tokens) over {args.connections} connections\n")
+    what = "/generate (3 prompt tokens, 4 new)" if args.work == "generate" else "/scored_data (2 sequences x 16 tokens)"
+    print(f"{args.requests} x {what} over {args.connections} connections\n")
     misses = ("D1 misses", "LL misses") if args.cache_sim else ()
+    misses += ("inference",) if args.work == "generate" else ()
     print(
-        "| tree | mode | instructions/request (all threads) | main thread | cost over off (all) | (main) |"
+        "| tree | mode | gateway instructions/request (all threads) | main thread | cost over off (all) | (main) |"
         + "".join(f" {m}/request | (over off) |" for m in misses)
     )
     print("|---|---|---|---|---|---|" + "---|---|" * len(misses))
@@ -214,6 +249,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=4096)
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument(
+        "--work",
+        choices=("ingest", "generate"),
+        default="ingest",
+        help="the load: /scored_data, or /generate with the inference process counted too",
+    )
     p.add_argument("--modes", default="off,on,exporting")
     p.add_argument("--baseline-src", type=Path, default=None, help="another checkout, its C extensions built")
     p.add_argument("--json", type=Path, default=None)
