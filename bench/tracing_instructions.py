@@ -142,6 +142,10 @@ async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path,
     env = mode_env(mode, endpoint)
     if mode == "exporting":
         env["OTEL_BSP_SCHEDULE_DELAY"] = "600000"  # batches leave when full (512)
+        if args.work == "generate":
+            # Full batches must leave inside the counted window (a /generate ends ~7
+            # spans over the two processes; what waits at the end is not counted).
+            env["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = str(args.generate_batch)
     env["PYTHONPATH"] = str(tree)
     out_dir = work / f"{tree.name}-{mode}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +258,13 @@ def main() -> None:
         choices=("ingest", "generate"),
         default="ingest",
         help="the load: /scored_data, or /generate with the inference process counted too",
+    )
+    p.add_argument(
+        "--generate-batch",
+        type=int,
+        default=128,
+        help="with --work generate, the exporting stacks' OTEL_BSP_MAX_EXPORT_BATCH_SIZE: batches must fill and "
+        "leave while counting (--requests x 5 inference spans, at least a few batches' worth)",
     )
     p.add_argument("--modes", default="off,on,exporting")
     p.add_argument("--baseline-src", type=Path, default=None, help="another checkout, its C extensions built")
