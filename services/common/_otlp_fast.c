@@ -657,27 +657,30 @@ any_value(PyObject *value, unsigned char *v, Py_ssize_t *vlen, const char **text
 /* ---- SpanBuffer: ended spans, queued as their bytes ----
  *
  * A SpanSink's queue for the spans written when they end (HttpSpans' RootSpans, and
- * every ServerSpan through `add`): their Span fields back to back in one buffer (no
- * object per span waiting for the exporter, nothing for the collector to walk),
- * with where each ends, and runs of consecutive spans of one recorder (resource and
- * scope), so the exporter takes a run as one EncodedSpan. The sink's list of span
- * objects (`queue`) counts toward the same bound; `wake` is called when the two
- * together reach a batch, `drop` for a span past the bound. Only the GIL holder
- * touches it. */
+ * every ServerSpan through `add`): their Span fields back to back (no object per
+ * span waiting for the exporter, nothing for the collector to walk), in one lane per
+ * recorder (resource and scope), with where each span ends and when it came, so the
+ * exporter takes a lane's oldest spans as one EncodedSpan: spans of recorders that
+ * alternate (a request's client span, then its server span) still leave as a run per
+ * recorder, not an object per span. The sink's list of span objects (`queue`) counts
+ * toward the same bound; `wake` is called when the two together reach a batch, `drop`
+ * for a span past the bound. Only the GIL holder touches it. */
 typedef struct {
     PyObject *recorder;
-    Py_ssize_t count;
-} Segment;
+    Buf buf;
+    Py_ssize_t *ends; /* ends[i]: where span i's bytes end in buf */
+    uint64_t *seqs;   /* seqs[i]: span i's arrival number (the buffer's counter) */
+    Py_ssize_t count, cap;
+} Lane;
 
 typedef struct {
     PyObject_HEAD
-    Buf buf;
-    Py_ssize_t *ends; /* ends[i]: where span i's bytes end in buf */
-    Py_ssize_t count, ends_cap;
+    Lane **lanes;     /* one per recorder seen (a lane's address never moves) */
+    Py_ssize_t nlanes, lanes_cap;
+    Py_ssize_t count; /* spans in every lane */
+    uint64_t seq;     /* the next arrival number */
     Py_ssize_t limit; /* the bound on spans here and in `queue`; 0 once shut down */
     Py_ssize_t batch; /* the export batch size */
-    Segment *segs;    /* the spans' runs by recorder, in order (counts add up to `count`) */
-    Py_ssize_t nsegs, segs_cap;
     PyObject *queue;    /* the sink's list (exactly a list: its length read directly) */
     PyObject *wake;     /* called with no arguments, or None */
     PyObject *drop;
@@ -687,8 +690,8 @@ typedef struct {
 static int
 SpanBuffer_traverse(SpanBuffer *self, visitproc visit, void *arg)
 {
-    for (Py_ssize_t i = 0; i < self->nsegs; i++)
-        Py_VISIT(self->segs[i].recorder);
+    for (Py_ssize_t i = 0; i < self->nlanes; i++)
+        Py_VISIT(self->lanes[i]->recorder);
     Py_VISIT(self->queue);
     Py_VISIT(self->wake);
     Py_VISIT(self->drop);
@@ -699,18 +702,19 @@ SpanBuffer_traverse(SpanBuffer *self, visitproc visit, void *arg)
 static void
 span_buffer_empty(SpanBuffer *self)
 {
-    self->buf.len = 0;
+    for (Py_ssize_t i = 0; i < self->nlanes; i++) {
+        self->lanes[i]->buf.len = 0;
+        self->lanes[i]->count = 0;
+    }
     self->count = 0;
-    Py_ssize_t n = self->nsegs;
-    self->nsegs = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        Py_DECREF(self->segs[i].recorder);
 }
 
 static int
 SpanBuffer_clear_refs(SpanBuffer *self)
 {
     span_buffer_empty(self);
+    for (Py_ssize_t i = 0; i < self->nlanes; i++)
+        Py_CLEAR(self->lanes[i]->recorder);
     Py_CLEAR(self->queue);
     Py_CLEAR(self->wake);
     Py_CLEAR(self->drop);
@@ -723,9 +727,14 @@ SpanBuffer_dealloc(SpanBuffer *self)
 {
     PyObject_GC_UnTrack(self);
     SpanBuffer_clear_refs(self);
-    PyMem_Free(self->buf.data);
-    PyMem_Free(self->ends);
-    PyMem_Free(self->segs);
+    for (Py_ssize_t i = 0; i < self->nlanes; i++) {
+        Lane *lane = self->lanes[i];
+        PyMem_Free(lane->buf.data);
+        PyMem_Free(lane->ends);
+        PyMem_Free(lane->seqs);
+        PyMem_Free(lane);
+    }
+    PyMem_Free(self->lanes);
     PyObject_GC_Del(self);
 }
 
@@ -748,13 +757,12 @@ SpanBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     SpanBuffer *self = PyObject_GC_New(SpanBuffer, type);
     if (self == NULL)
         return NULL;
-    self->buf = (Buf){NULL, 0, 0};
-    self->ends = NULL;
-    self->count = self->ends_cap = 0;
+    self->lanes = NULL;
+    self->nlanes = self->lanes_cap = 0;
+    self->count = 0;
+    self->seq = 0;
     self->limit = limit;
     self->batch = batch;
-    self->segs = NULL;
-    self->nsegs = self->segs_cap = 0;
     self->fallback = Py_NewRef(Py_None);
     self->queue = Py_NewRef(queue);
     self->wake = Py_NewRef(wake);
@@ -769,8 +777,60 @@ SpanBuffer_len(SpanBuffer *self)
     return self->count;
 }
 
-/* take(n) -> an EncodedSpan holding the first min(n, len) spans (in the order they
- * came) of the first run (spans of one recorder), or None when empty. */
+/* `recorder`'s lane (made on its first span); NULL with an error set on failure. */
+static Lane *
+span_buffer_lane(SpanBuffer *self, PyObject *recorder)
+{
+    for (Py_ssize_t i = 0; i < self->nlanes; i++)
+        if (self->lanes[i]->recorder == recorder)
+            return self->lanes[i];
+    if (self->nlanes == self->lanes_cap) {
+        Py_ssize_t cap = self->lanes_cap ? 2 * self->lanes_cap : 4;
+        Lane **lanes = PyMem_Realloc(self->lanes, cap * sizeof(Lane *));
+        if (lanes == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        self->lanes = lanes;
+        self->lanes_cap = cap;
+    }
+    Lane *lane = PyMem_Calloc(1, sizeof(Lane));
+    if (lane == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    lane->recorder = Py_NewRef(recorder);
+    self->lanes[self->nlanes++] = lane;
+    return lane;
+}
+
+/* The span whose bytes were just appended to `lane`'s buffer joins the queue; -1 (the
+ * bytes taken back) when there is no memory to note it. Runs no Python code. */
+static int
+lane_written(SpanBuffer *self, Lane *lane, Py_ssize_t start)
+{
+    if (lane->count == lane->cap) {
+        Py_ssize_t cap = lane->cap ? 2 * lane->cap : 512;
+        Py_ssize_t *ends = PyMem_Realloc(lane->ends, cap * sizeof(Py_ssize_t));
+        if (ends != NULL)
+            lane->ends = ends;
+        uint64_t *seqs = ends == NULL ? NULL : PyMem_Realloc(lane->seqs, cap * sizeof(uint64_t));
+        if (seqs == NULL) {
+            lane->buf.len = start;
+            PyErr_NoMemory();
+            return -1;
+        }
+        lane->seqs = seqs;
+        lane->cap = cap;
+    }
+    lane->ends[lane->count] = lane->buf.len;
+    lane->seqs[lane->count++] = self->seq++;
+    self->count++;
+    return 0;
+}
+
+/* take(n) -> an EncodedSpan holding the oldest lane's first min(n, its length) spans
+ * (spans of one recorder, in the order they came), or None when empty. */
 static PyObject *
 SpanBuffer_take(SpanBuffer *self, PyObject *arg)
 {
@@ -779,30 +839,30 @@ SpanBuffer_take(SpanBuffer *self, PyObject *arg)
         return NULL;
     if (self->count == 0 || n <= 0)
         Py_RETURN_NONE;
-    Segment *first = &self->segs[0];
-    if (n > first->count)
-        n = first->count;
-    Py_ssize_t size = self->ends[n - 1];
+    Lane *lane = NULL;
+    for (Py_ssize_t i = 0; i < self->nlanes; i++) {
+        Lane *l = self->lanes[i];
+        if (l->count && (lane == NULL || l->seqs[0] < lane->seqs[0]))
+            lane = l;
+    }
+    if (n > lane->count)
+        n = lane->count;
+    Py_ssize_t size = lane->ends[n - 1];
     EncodedSpan *run = PyObject_NewVar(EncodedSpan, &EncodedSpanType, size);
     if (run == NULL)
         return NULL;
-    memcpy(run->data, self->buf.data, size);
-    run->recorder = Py_NewRef(first->recorder);
+    memcpy(run->data, lane->buf.data, size);
+    run->recorder = Py_NewRef(lane->recorder);
     run->spans = n;
-    if (n == self->count) {
-        span_buffer_empty(self);
-    } else {
-        if ((first->count -= n) == 0) {
-            Py_DECREF(first->recorder);
-            memmove(self->segs, self->segs + 1, (--self->nsegs) * sizeof(Segment));
-        }
-        Py_ssize_t rest = self->buf.len - size;
-        memmove(self->buf.data, self->buf.data + size, rest);
-        self->buf.len = rest;
-        for (Py_ssize_t i = n; i < self->count; i++)
-            self->ends[i - n] = self->ends[i] - size;
-        self->count -= n;
+    Py_ssize_t rest = lane->buf.len - size;
+    memmove(lane->buf.data, lane->buf.data + size, rest);
+    lane->buf.len = rest;
+    for (Py_ssize_t i = n; i < lane->count; i++) {
+        lane->ends[i - n] = lane->ends[i] - size;
+        lane->seqs[i - n] = lane->seqs[i];
     }
+    lane->count -= n;
+    self->count -= n;
     return (PyObject *)run;
 }
 
@@ -1289,46 +1349,6 @@ done:
     return rc;
 }
 
-/* Room for one more span's end; -1 on error. */
-static int
-span_buffer_room(SpanBuffer *buffer)
-{
-    if (buffer->count == buffer->ends_cap) {
-        Py_ssize_t cap = buffer->ends_cap ? 2 * buffer->ends_cap : 512;
-        Py_ssize_t *ends = PyMem_Realloc(buffer->ends, cap * sizeof(Py_ssize_t));
-        if (ends == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        buffer->ends = ends;
-        buffer->ends_cap = cap;
-    }
-    if (buffer->nsegs == buffer->segs_cap) {
-        Py_ssize_t cap = buffer->segs_cap ? 2 * buffer->segs_cap : 16;
-        Segment *segs = PyMem_Realloc(buffer->segs, cap * sizeof(Segment));
-        if (segs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        buffer->segs = segs;
-        buffer->segs_cap = cap;
-    }
-    return 0;
-}
-
-/* The span just written (its bytes end at buf.len) joins the queue, in `recorder`'s run. */
-static void
-span_buffer_written(SpanBuffer *buffer, PyObject *recorder)
-{
-    buffer->ends[buffer->count++] = buffer->buf.len;
-    if (buffer->nsegs && buffer->segs[buffer->nsegs - 1].recorder == recorder) {
-        buffer->segs[buffer->nsegs - 1].count++;
-    } else {
-        buffer->segs[buffer->nsegs].recorder = Py_NewRef(recorder);
-        buffer->segs[buffer->nsegs++].count = 1;
-    }
-}
-
 /* add(span): an ended sampled span onto the queue (a Recorder's on_end when its lone
  * processor is a SpanSink): a ServerSpan written as its bytes (by encode_span_field,
  * else by `fallback`), anything else onto the queue list as it is; dropped (and
@@ -1383,9 +1403,12 @@ SpanBuffer_add(SpanBuffer *self, PyObject *span)
     } else {
         const char *data = encoded != NULL ? PyBytes_AS_STRING(encoded) : own.data;
         Py_ssize_t size = encoded != NULL ? PyBytes_GET_SIZE(encoded) : own.len;
-        if (span_buffer_room(self) < 0 || buf_put(&self->buf, data, size) < 0)
+        Lane *lane = span_buffer_lane(self, recorder);
+        if (lane == NULL)
             goto done;
-        span_buffer_written(self, recorder);
+        Py_ssize_t start = lane->buf.len;
+        if (buf_put(&lane->buf, data, size) < 0 || lane_written(self, lane, start) < 0)
+            goto done;
     }
     if (span_buffer_joined(self) < 0)
         goto done;
@@ -2102,15 +2125,19 @@ queue_root(HttpSpans *spans, SpanBuffer *buffer, RootSpan *span)
         Py_XDECREF(r);
         return r == NULL ? -1 : 0;
     }
-    if (span_buffer_room(buffer) < 0)
+    Lane *lane = span_buffer_lane(buffer, spans->recorder);
+    if (lane == NULL)
         return -1;
-    int written = encode_root_span(spans, span, &buffer->buf);
+    Py_ssize_t start = lane->buf.len;
+    int written = encode_root_span(spans, span, &lane->buf);
     if (written < 0)
         return -1;
-    if (written)
-        span_buffer_written(buffer, spans->recorder);
-    else if (PyList_Append(buffer->queue, (PyObject *)span) < 0)
+    if (written) {
+        if (lane_written(buffer, lane, start) < 0)
+            return -1;
+    } else if (PyList_Append(buffer->queue, (PyObject *)span) < 0) {
         return -1;
+    }
     return span_buffer_joined(buffer);
 }
 

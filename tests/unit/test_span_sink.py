@@ -245,3 +245,36 @@ def test_a_span_ending_while_another_is_written_keeps_both_whole() -> None:
     assert run.spans == 2
     assert run.data == otlp_encode.encode_server_span(inner) + otlp_encode.encode_server_span(outer)
     p.shutdown()
+
+
+def test_spans_of_recorders_that_alternate_leave_as_a_run_per_recorder() -> None:
+    """A request's spans end recorder after recorder (its client span, then its server
+    span): the buffer keeps a lane per recorder, so a batch takes each recorder's
+    spans as one run (not an object per span for the exporter to walk in Python),
+    the lane whose oldest span came first first, and the request is what the
+    encoder writes for the spans themselves."""
+    from services.common import otlp_encode
+
+    out = Batches()
+    sink = SpanSink(out, schedule_delay_millis=60_000)
+    if sink._buffer is None:
+        pytest.skip("the C extension is not built")
+    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    p.add_span_processor(sink)
+    client = Recorder.for_provider(p, "clotho.grpc.client")
+    server = Recorder.for_provider(p, "clotho.gateway")
+    assert client is not None and server is not None
+    ended = []
+    for i in range(5):
+        for recorder, name in ((client, "Generate"), (server, "POST /generate")):
+            span = recorder.start(name, None, SpanKind.INTERNAL, {"i": i})
+            span.end()
+            ended.append(span)
+    assert len(sink._buffer) == 10
+    first = sink._buffer.take(3)
+    assert (first._recorder, first.spans) == (client, 3)  # the client's lane holds the oldest span
+    assert sink.force_flush()
+    [batch] = out.batches
+    assert [(r._recorder, r.spans) for r in batch] == [(server, 5), (client, 2)]
+    assert otlp_encode.encode_request([first, *batch]) == otlp_encode.encode_request(ended)
+    p.shutdown()
