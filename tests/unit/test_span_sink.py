@@ -158,13 +158,13 @@ def test_server_spans_wait_as_the_bytes_the_encoder_writes_for_them() -> None:
     generate.set_status(Status(StatusCode.ERROR, "went wrong"))
     decode = engine.start("engine.decode", generate.get_span_context(), SpanKind.INTERNAL, {"clotho.tokens": 7})
     decode.set_status(StatusCode.OK)
-    linked = engine.start("linked", None, SpanKind.INTERNAL, {})
+    linked: Any = engine.start("linked", None, SpanKind.INTERNAL, {})
     linked._links = (Link(remote, {"why": "batch"}),)
     stated = engine.start(
         "stated", SpanContext(1, 2, True, TraceFlags(1), TraceState([("k", "v")])), SpanKind.INTERNAL, {}
     )
     odd = engine.start("odd", None, SpanKind.INTERNAL, {"obj": object(), "ok": 1})
-    spans = [decode, generate, linked, stated, odd, rpc]
+    spans: list[Any] = [decode, generate, linked, stated, odd, rpc]
     for span in spans:
         span.end()
 
@@ -203,7 +203,7 @@ def test_a_span_that_cannot_be_written_does_not_fail_the_code_ending_it(caplog: 
     if sink._buffer is None:
         pytest.skip("the C extension is not built")
     p, recorder = sink_provider(sink)
-    span = recorder.start("odd", None, SpanKind.INTERNAL, {})
+    span: Any = recorder.start("odd", None, SpanKind.INTERNAL, {})
     span._kind = "not a SpanKind"
     span.end()
     end_spans(recorder, 1)
@@ -226,7 +226,7 @@ def test_a_span_ending_while_another_is_written_keeps_both_whole() -> None:
     if sink._buffer is None:
         pytest.skip("the C extension is not built")
     p, recorder = sink_provider(sink)
-    outer = recorder.start("outer", None, SpanKind.SERVER, {"k": "v"})
+    outer: Any = recorder.start("outer", None, SpanKind.SERVER, {"k": "v"})
     inner = recorder.start("inner", None, SpanKind.INTERNAL, {"n": 1})
     ended: list[Any] = []
 
