@@ -1374,17 +1374,11 @@ SpanBuffer_add(SpanBuffer *self, PyObject *span)
     }
     Py_INCREF(span);
     Py_INCREF(recorder);
-    PyObject *result = NULL, *encoded = NULL;
+    PyObject *result = NULL;
     Buf own = {NULL, 0, 0};
     int written = encode_span_field(&own, span, layout);
-    if (written == 0 && self->fallback != Py_None) {
-        encoded = PyObject_CallOneArg(self->fallback, span);
-        if (encoded != NULL && !PyBytes_Check(encoded)) {
-            Py_CLEAR(encoded);
-            PyErr_SetString(PyExc_TypeError, "SpanBuffer.fallback must return bytes");
-        }
-        written = encoded == NULL ? -1 : 1;
-    }
+    if (written == 0 && self->fallback != Py_None)
+        written = put_fallback(&own, self->fallback, span) < 0 ? -1 : 1;
     /* A span that cannot be written (a field of an odd type) must not fail the code
      * ending it: it waits as itself, and the exporter's encoder logs it. */
     if (written < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError)) {
@@ -1401,13 +1395,11 @@ SpanBuffer_add(SpanBuffer *self, PyObject *span)
         if (PyList_Append(self->queue, span) < 0)
             goto done;
     } else {
-        const char *data = encoded != NULL ? PyBytes_AS_STRING(encoded) : own.data;
-        Py_ssize_t size = encoded != NULL ? PyBytes_GET_SIZE(encoded) : own.len;
         Lane *lane = span_buffer_lane(self, recorder);
         if (lane == NULL)
             goto done;
         Py_ssize_t start = lane->buf.len;
-        if (buf_put(&lane->buf, data, size) < 0 || lane_written(self, lane, start) < 0)
+        if (buf_put(&lane->buf, own.data, own.len) < 0 || lane_written(self, lane, start) < 0)
             goto done;
     }
     if (span_buffer_joined(self) < 0)
@@ -1415,7 +1407,6 @@ SpanBuffer_add(SpanBuffer *self, PyObject *span)
     result = Py_NewRef(Py_None);
 done:
     PyMem_Free(own.data);
-    Py_XDECREF(encoded);
     Py_DECREF(recorder);
     Py_DECREF(span);
     return result;

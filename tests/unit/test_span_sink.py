@@ -19,11 +19,17 @@ from services.common.telemetry import _otlp_exporter
 
 
 def sink_provider(sink: SpanSink) -> tuple[TracerProvider, Recorder]:
+    p, [recorder] = sink_recorders(sink, "clotho.gateway")
+    return p, recorder
+
+
+def sink_recorders(sink: SpanSink, *tracer_names: str) -> tuple[TracerProvider, list[Recorder]]:
+    """A provider exporting through `sink` alone, and a Recorder per tracer name."""
     p = TracerProvider(resource=Resource.create({"service.name": "t"}))
     p.add_span_processor(sink)
-    recorder = Recorder.for_provider(p, "clotho.gateway")
-    assert recorder is not None
-    return p, recorder
+    recorders = [Recorder.for_provider(p, name) for name in tracer_names]
+    assert None not in recorders
+    return p, recorders  # type: ignore[return-value]
 
 
 def end_spans(recorder: Recorder, n: int) -> None:
@@ -128,11 +134,7 @@ def test_server_spans_wait_as_the_bytes_the_encoder_writes_for_them() -> None:
     sink = SpanSink(Batches(), schedule_delay_millis=60_000)
     if sink._buffer is None:
         pytest.skip("the C extension is not built")
-    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
-    p.add_span_processor(sink)
-    engine = Recorder.for_provider(p, "clotho.inference.engine")
-    server = Recorder.for_provider(p, "clotho.inference")
-    assert engine is not None and server is not None
+    p, [engine, server] = sink_recorders(sink, "clotho.inference.engine", "clotho.inference")
     remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1))
     rpc = server.start("/clotho.Inference/Generate", remote, SpanKind.SERVER, {"rpc.system": "grpc"})
     values = {
@@ -259,11 +261,7 @@ def test_spans_of_recorders_that_alternate_leave_as_a_run_per_recorder() -> None
     sink = SpanSink(out, schedule_delay_millis=60_000)
     if sink._buffer is None:
         pytest.skip("the C extension is not built")
-    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
-    p.add_span_processor(sink)
-    client = Recorder.for_provider(p, "clotho.grpc.client")
-    server = Recorder.for_provider(p, "clotho.gateway")
-    assert client is not None and server is not None
+    p, [client, server] = sink_recorders(sink, "clotho.grpc.client", "clotho.gateway")
     ended = []
     for i in range(5):
         for recorder, name in ((client, "Generate"), (server, "POST /generate")):
