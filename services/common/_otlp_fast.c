@@ -894,12 +894,16 @@ span_buffer_joined(SpanBuffer *self)
 }
 
 static PyObject *SpanBuffer_add(SpanBuffer *self, PyObject *span);
+static PyObject *SpanBuffer_add_spans(SpanBuffer *self, PyObject *const *args, Py_ssize_t nargs);
 
 static PyMethodDef SpanBuffer_methods[] = {
     {"take", (PyCFunction)SpanBuffer_take, METH_O,
      "take(n) -> an EncodedSpan run of the first min(n, len) spans of one recorder, or None when empty"},
     {"add", (PyCFunction)SpanBuffer_add, METH_O,
      "add(span): queue an ended sampled ServerSpan, written as its bytes (a Recorder's on_end)"},
+    {"add_spans", (PyCFunction)(void (*)(void))SpanBuffer_add_spans, METH_FASTCALL,
+     "add_spans(recorder, trace_id, parent_id, remote, kind, spans) -> bool: a tree of ended spans written from "
+     "their fields (see the C source); False, nothing written, for a shape it leaves to span objects"},
     {"clear", (PyCFunction)SpanBuffer_clear, METH_NOARGS, "drop every span queued here"},
     {NULL, NULL, 0, NULL},
 };
@@ -1409,6 +1413,199 @@ done:
     PyMem_Free(own.data);
     Py_DECREF(recorder);
     Py_DECREF(span);
+    return result;
+}
+
+static int draw_id_bytes(unsigned char *out, size_t n);
+
+/* add_spans(recorder, trace_id, parent_id, remote, kind, spans) -> bool: a tree of
+ * ended, sampled spans of `recorder` written straight from their fields, with no
+ * span object (the inference engine's spans of one request, services/inference/
+ * torch_engine/spans.py): each item of `spans` a tuple (name, parent, start, end,
+ * attributes, events), `parent` the index in `spans` of its parent or -1 for
+ * (`trace_id`, `parent_id`) (0: a root, of a trace drawn here; `remote`: that parent
+ * came from another process), `events` a tuple of (name, timestamp) pairs, each span
+ * of SpanKind value `kind`, status unset, a random span id of its own. The bytes are
+ * what encode_span_field writes for the same ServerSpans. False, with nothing
+ * written, when an item is not of that shape or an attribute value is one the
+ * writer leaves to Python (the caller makes the spans as objects then); spans past
+ * the queue's bound are dropped and counted, as `add` does. */
+static PyObject *
+SpanBuffer_add_spans(SpanBuffer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "add_spans takes 6 arguments");
+        return NULL;
+    }
+    PyObject *recorder = args[0], *spans = args[5];
+    if (!PyList_CheckExact(spans) && !PyTuple_CheckExact(spans)) {
+        PyErr_SetString(PyExc_TypeError, "add_spans: spans must be a list or tuple");
+        return NULL;
+    }
+    unsigned char trace_id[16], parent_id[8];
+    if (uint_be(args[1], trace_id, 16) < 0 || uint_be(args[2], parent_id, 8) < 0)
+        return NULL;
+    int remote = PyObject_IsTrue(args[3]);
+    long kind = PyLong_AsLong(args[4]);
+    if (remote < 0 || (kind == -1 && PyErr_Occurred()))
+        return NULL;
+    if (kind < 0 || kind > 126) {
+        PyErr_SetString(PyExc_ValueError, "add_spans: kind out of range");
+        return NULL;
+    }
+    int has_parent = 0, has_trace = 0;
+    for (int i = 0; i < 8; i++)
+        has_parent |= parent_id[i] != 0;
+    for (int i = 0; i < 16; i++)
+        has_trace |= trace_id[i] != 0;
+    if (has_parent && !has_trace) {
+        PyErr_SetString(PyExc_ValueError, "add_spans: a parent span id needs its trace id");
+        return NULL;
+    }
+    Py_INCREF(spans);
+    Py_INCREF(recorder);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(spans);
+    PyObject *result = NULL;
+    Buf own = {NULL, 0, 0};
+    unsigned char *ids = PyMem_Malloc(8 * (size_t)(n ? n : 1));
+    Py_ssize_t *ends = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    if (ids == NULL || ends == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!has_trace) {
+        if (draw_id_bytes(trace_id, 16) < 0)
+            goto done;
+        int zero = 1;
+        for (int i = 0; i < 16; i++)
+            zero &= trace_id[i] == 0;
+        if (zero)
+            trace_id[15] = 1;
+    }
+    if (n && draw_id_bytes(ids, 8 * (size_t)n) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int zero = 1;
+        for (int k = 0; k < 8; k++)
+            zero &= ids[8 * i + k] == 0;
+        if (zero)
+            ids[8 * i + 7] = 1;
+    }
+    static const unsigned char local[] = {0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
+    static const unsigned char from_remote[] = {0x85, 0x01, 0x00, 0x03, 0x00, 0x00};
+    static const unsigned char unset_status[] = {0x7a, 0x00};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(spans, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 6)
+            goto unwritten;
+        PyObject *name = PyTuple_GET_ITEM(item, 0), *start = PyTuple_GET_ITEM(item, 2),
+                 *end = PyTuple_GET_ITEM(item, 3), *attrs = PyTuple_GET_ITEM(item, 4),
+                 *events = PyTuple_GET_ITEM(item, 5);
+        long parent = PyLong_Check(PyTuple_GET_ITEM(item, 1)) ? PyLong_AsLong(PyTuple_GET_ITEM(item, 1)) : -2;
+        if (parent == -1 && PyErr_Occurred())
+            goto done;
+        if (parent < -1 || parent >= n || parent == i || !PyUnicode_Check(name) || !PyLong_Check(start) ||
+            !PyLong_Check(end) || !PyDict_CheckExact(attrs) || !PyTuple_CheckExact(events))
+            goto unwritten;
+        uint64_t t0 = PyLong_AsUnsignedLongLongMask(start), t1 = PyLong_AsUnsignedLongLongMask(end);
+        if (PyErr_Occurred())
+            goto done;
+        Py_ssize_t at = ld_open(&own, 0x12);
+        if (at < 0)
+            goto done;
+        unsigned char head[2 + 16 + 2 + 8 + 2 + 8];
+        Py_ssize_t h = 0;
+        head[h++] = 0x0A;
+        head[h++] = 0x10;
+        memcpy(head + h, trace_id, 16);
+        h += 16;
+        head[h++] = 0x12;
+        head[h++] = 0x08;
+        memcpy(head + h, ids + 8 * i, 8);
+        h += 8;
+        if (parent >= 0 || has_parent) {
+            head[h++] = 0x22;
+            head[h++] = 0x08;
+            memcpy(head + h, parent >= 0 ? ids + 8 * parent : parent_id, 8);
+            h += 8;
+        }
+        if (buf_put(&own, head, h) < 0)
+            goto done;
+        int ok = put_str_field(&own, 0x2a, name);
+        if (ok < 0)
+            goto done;
+        unsigned char v[20];
+        v[0] = 0x30;
+        v[1] = (unsigned char)(kind + 1);
+        h = 2;
+        if (t0)
+            h = put_fixed64(v + h, 0x39, t0) - v;
+        if (t1)
+            h = put_fixed64(v + h, 0x41, t1) - v;
+        if (buf_put(&own, v, h) < 0)
+            goto done;
+        if ((ok = put_attributes(&own, 0x4a, attrs, 0)) < 0)
+            goto done;
+        if (ok == 0)
+            goto unwritten;
+        for (Py_ssize_t e = 0; e < PyTuple_GET_SIZE(events); e++) {
+            PyObject *event = PyTuple_GET_ITEM(events, e);
+            if (!PyTuple_CheckExact(event) || PyTuple_GET_SIZE(event) != 2 ||
+                !PyUnicode_Check(PyTuple_GET_ITEM(event, 0)) || !PyLong_Check(PyTuple_GET_ITEM(event, 1)))
+                goto unwritten;
+            uint64_t ts = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(event, 1));
+            if (PyErr_Occurred())
+                goto done;
+            Py_ssize_t ev = ld_open(&own, 0x5a);
+            if (ev < 0)
+                goto done;
+            if (ts) {
+                v[0] = 0x09;
+                le64(v + 1, ts);
+                if (buf_put(&own, v, 9) < 0)
+                    goto done;
+            }
+            if (put_str_field(&own, 0x12, PyTuple_GET_ITEM(event, 0)) < 0)
+                goto done;
+            ld_close(&own, ev);
+        }
+        if (buf_put(&own, unset_status, 2) < 0 ||
+            buf_put(&own, parent == -1 && remote ? from_remote : local, 6) < 0)
+            goto done;
+        ld_close(&own, at);
+        ends[i] = own.len;
+    }
+    /* Written: onto the recorder's lane span by span (no Python code ran since the
+     * first byte; `drop` and `wake` may run some, between spans). */
+    Py_ssize_t from = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (span_buffer_queued(self) >= self->limit) {
+            PyObject *r = PyObject_CallNoArgs(self->drop);
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+        } else {
+            Lane *lane = span_buffer_lane(self, recorder);
+            if (lane == NULL)
+                goto done;
+            Py_ssize_t mark = lane->buf.len;
+            if (buf_put(&lane->buf, own.data + from, ends[i] - from) < 0 || lane_written(self, lane, mark) < 0)
+                goto done;
+            if (span_buffer_joined(self) < 0)
+                goto done;
+        }
+        from = ends[i];
+    }
+    result = Py_NewRef(Py_True);
+    goto done;
+unwritten:
+    result = Py_NewRef(Py_False);
+done:
+    PyMem_Free(own.data);
+    PyMem_Free(ids);
+    PyMem_Free(ends);
+    Py_DECREF(recorder);
+    Py_DECREF(spans);
     return result;
 }
 

@@ -51,6 +51,15 @@ except ImportError:
 _BSP: Any = BatchSpanProcessor
 
 
+def buffer_of(on_end: Any) -> Any:
+    """The SpanBuffer whose `add` is `on_end` (a Recorder's on_end when a lone SpanSink
+    takes its spans, written as their OTLP bytes), else None."""
+    buffer: Any = getattr(on_end, "__self__", None)
+    if _SpanBuffer is not None and type(buffer) is _SpanBuffer and on_end == buffer.add:
+        return buffer
+    return None
+
+
 class SpanSink(SpanProcessor):
     """Batches ended spans for `exporter` (one that takes ServerSpans and SDK spans)."""
 

@@ -40,6 +40,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from services.common import current_span, server_span, telemetry
 from services.common.server_span import HttpServerSpan, RootSpan, ServerSpan
+from services.common.span_sink import buffer_of
 from services.common.telemetry import extract_context, server_span_recorder
 
 tracer = trace.get_tracer("clotho.gateway")
@@ -234,9 +235,8 @@ _py_spans = PySpans()
 try:  # built by `pip install` (optional, as the encoder it lives with)
     _fast: Any = importlib.import_module("services.common._otlp_fast")
     _HttpSpans: Any = _fast.HttpSpans
-    _SpanBuffer: Any = _fast.SpanBuffer
 except (ImportError, AttributeError):
-    _HttpSpans = _SpanBuffer = None
+    _HttpSpans = None
 
 
 def _detach_failed(error: BaseException) -> None:
@@ -283,17 +283,8 @@ def http_spans() -> Any:
         end_request,
         _finish,
         _detach_failed,
-        _buffer_of(recorder.on_end),
+        buffer_of(recorder.on_end),
     )
-
-
-def _buffer_of(on_end: Any) -> Any:
-    """The SpanBuffer whose `add` is `on_end` (a SpanSink's add_server: the sink
-    takes spans written as their OTLP bytes), else None."""
-    buffer: Any = getattr(on_end, "__self__", None)
-    if _SpanBuffer is not None and type(buffer) is _SpanBuffer and on_end == buffer.add:
-        return buffer
-    return None
 
 
 async def traced_request(app: Any, scope: Any, receive: Any, send: Any) -> None:
