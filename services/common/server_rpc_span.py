@@ -78,7 +78,7 @@ def _carried(metadata: Any) -> dict[str, str] | None:
 def _open(method: str, attributes: dict[str, Any], metadata: Any) -> tuple[Any, Any]:
     """(the call's span or None, the context token to detach, or None)."""
     carrier = _carried(metadata)
-    incoming = propagate.extract(carrier) if carrier is not None else None
+    incoming = telemetry.extract_context(carrier) if carrier is not None else None
     if not telemetry.enabled:
         return None, (otel_context.attach(incoming) if incoming is not None else None)
     base = incoming if incoming is not None else otel_context.get_current()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator, Mapping
@@ -205,8 +206,46 @@ def inject_headers(carrier: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
+# A version-00 traceparent as the mesh's own clients write it (the W3C propagator's
+# pattern, less its leading/trailing blanks and longer-version forms).
+_TRACEPARENT = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_default_textmap: tuple[Any, bool] | None = None
+
+
+def _default_propagators() -> bool:
+    """Whether the global textmap is the default one: W3C trace context, then W3C
+    baggage (OTEL_PROPAGATORS unset, or `tracecontext,baggage`)."""
+    global _default_textmap
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    textmap = propagate.get_global_textmap()
+    cached = _default_textmap
+    if cached is None or cached[0] is not textmap:
+        inner = getattr(textmap, "_propagators", None)
+        default = (
+            type(textmap) is CompositePropagator
+            and inner is not None
+            and [type(p) for p in inner] == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+        )
+        cached = _default_textmap = (textmap, default)
+    return cached[1]
+
+
 def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
-    """The trace context carried by incoming HTTP headers."""
+    """The trace context carried by incoming headers (names in lower case), as
+    propagate.extract reads it. A lone well-formed `traceparent` under the default
+    propagators (a gRPC hop inside the mesh: no baggage, no tracestate) is read here
+    straight (the propagators' general path was ~10 us of a traced call)."""
+    if len(headers) == 1 and _default_propagators():
+        value = headers.get("traceparent")
+        match = _TRACEPARENT.fullmatch(value) if value is not None else None
+        if match is not None:
+            trace_id, span_id = int(match[1], 16), int(match[2], 16)
+            if trace_id and span_id:
+                parent = SpanContext(trace_id, span_id, True, TraceFlags(int(match[3], 16)))
+                return otel_context.Context({_SPAN_KEY: trace.NonRecordingSpan(parent)})
     return propagate.extract(dict(headers))
 
 

@@ -112,7 +112,7 @@ def _parent_context(scope: Any) -> otel_context.Context | None:
     headers = scope.get("headers", ())
     for key, _ in headers:  # ASGI header names are lower-case
         if key in fields:
-            return extract_context({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers})
+            return extract_context({k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in fields})
     return None
 
 

@@ -1,0 +1,71 @@
+"""services.common.telemetry.extract_context: what the trace context propagators read
+from incoming headers. The direct read of a lone `traceparent` gives what
+opentelemetry.propagate.extract gives, for well-formed and malformed values alike,
+and anything else (baggage, tracestate, other propagators) is the propagators'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from services.common import telemetry
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+HEADERS = [
+    {"traceparent": f"00-{TRACE}-{SPAN}-01"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-00"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-ff"},
+    {"traceparent": f"00-{TRACE.upper()}-{SPAN}-01"},  # upper case: not the W3C form
+    {"traceparent": f"00-{'0' * 32}-{SPAN}-01"},  # zero trace id
+    {"traceparent": f"00-{TRACE}-{'0' * 16}-01"},  # zero span id
+    {"traceparent": f"ff-{TRACE}-{SPAN}-01"},  # the forbidden version
+    {"traceparent": f"01-{TRACE}-{SPAN}-01-extra"},  # a later version's extra field
+    {"traceparent": f"00-{TRACE}-{SPAN}-01-extra"},  # ... not allowed in version 00
+    {"traceparent": f"  00-{TRACE}-{SPAN}-01 "},  # blanks around it
+    {"traceparent": f"00-{TRACE[:-1]}_-{SPAN}-01"},  # what int(x, 16) would take
+    {"traceparent": f"00-{TRACE}-{SPAN}-1"},
+    {"traceparent": ""},
+    {"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "k=v,other=1"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-01", "baggage": "user=alice"},
+    {"baggage": "user=alice"},
+    {},
+]
+
+
+def summary(ctx: Any) -> tuple[Any, ...]:
+    span = trace.get_current_span(ctx)
+    sc = span.get_span_context()
+    return (type(span), tuple(sc), dict(baggage.get_all(ctx)), len(ctx))
+
+
+@pytest.mark.parametrize("headers", HEADERS, ids=range(len(HEADERS)))
+def test_extract_context_reads_what_the_propagators_read(headers: dict[str, str]) -> None:
+    assert telemetry._default_propagators()
+    assert summary(telemetry.extract_context(headers)) == summary(propagate.extract(dict(headers)))
+
+
+def test_the_direct_read_parses_the_ids_and_flags() -> None:
+    sc = trace.get_current_span(telemetry.extract_context({"traceparent": f"00-{TRACE}-{SPAN}-03"})).get_span_context()
+    assert (sc.trace_id, sc.span_id, sc.trace_flags, sc.is_remote) == (int(TRACE, 16), int(SPAN, 16), 3, True)
+    assert sc.is_valid and not sc.trace_state
+
+
+def test_other_propagators_are_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A textmap other than the default one reads the headers its own way."""
+
+    class Shifted(TraceContextTextMapPropagator):  # reads the span id one higher
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            ctx = super().extract(carrier, context)
+            sc = trace.get_current_span(ctx).get_span_context()
+            shifted = trace.SpanContext(sc.trace_id, sc.span_id + 1, True, sc.trace_flags)
+            return trace.set_span_in_context(trace.NonRecordingSpan(shifted), ctx)
+
+    monkeypatch.setattr(propagate, "_HTTP_TEXT_FORMAT", CompositePropagator([Shifted()]))
+    assert not telemetry._default_propagators()
+    ctx = telemetry.extract_context({"traceparent": f"00-{TRACE}-{SPAN}-01"})
+    assert trace.get_current_span(ctx).get_span_context().span_id == int(SPAN, 16) + 1
