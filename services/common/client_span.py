@@ -23,7 +23,6 @@ from typing import Any
 
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
@@ -56,20 +55,15 @@ def rpc_method(method: Any) -> tuple[str, dict[str, Any], bool]:
     return hit
 
 
-class _Carrier(dict):  # type: ignore[type-arg]
-    """propagate.inject's carrier: what it sets becomes metadata entries."""
-
-
 def _with_context(details: aio.ClientCallDetails, context: Any) -> aio.ClientCallDetails:
     """`details` with `context`'s propagation fields in its metadata (lower-case keys,
     as gRPC requires)."""
-    carrier = _Carrier()
-    propagate.inject(carrier, context=context)
-    if not carrier:
+    fields = telemetry.inject_fields(context)
+    if not fields:
         return details
     metadata = aio.Metadata(*tuple(details.metadata or ()))
-    for key, value in carrier.items():
-        metadata[key.lower()] = value
+    for key, value in fields:
+        metadata[key] = value
     return aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
 
@@ -104,9 +98,7 @@ def start_call(method: str) -> tuple[Any, tuple[tuple[str, str], ...]]:
     span, context = _open(method)
     if context is None:
         return span, ()
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=context)
-    return span, tuple((key.lower(), value) for key, value in carrier.items())
+    return span, telemetry.inject_fields(context)
 
 
 def end_call(span: Any, call: Any) -> None:

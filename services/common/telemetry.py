@@ -249,6 +249,25 @@ def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
     return propagate.extract(dict(headers))
 
 
+def inject_fields(context: otel_context.Context) -> tuple[tuple[str, str], ...]:
+    """The (lower-case name, value) entries that carry `context` on to the next hop,
+    as propagate.inject writes them. Under the default propagators a span context with
+    no trace state, in a context with no baggage (the mesh's own calls), is written
+    here straight: its `traceparent` alone."""
+    if _default_propagators():
+        from opentelemetry.baggage import _BAGGAGE_KEY
+
+        entries = context.get(_BAGGAGE_KEY)
+        span: Any = context.get(_SPAN_KEY)
+        if span is not None and (entries is None or (type(entries) is dict and not entries)):
+            sc = span.get_span_context()
+            if not sc.trace_state and sc.is_valid:
+                return (("traceparent", f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"),)
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return tuple((key.lower(), value) for key, value in carrier.items())
+
+
 def recording_context() -> otel_context.Context | None:
     """The current context when its span records (to carry into another thread or
     to parent spans made later); None when there is nothing to record under."""

@@ -1,7 +1,9 @@
-"""services.common.telemetry.extract_context: what the trace context propagators read
-from incoming headers. The direct read of a lone `traceparent` gives what
-opentelemetry.propagate.extract gives, for well-formed and malformed values alike,
-and anything else (baggage, tracestate, other propagators) is the propagators'."""
+"""services.common.telemetry's trace context propagation: extract_context (what the
+propagators read from incoming headers) and inject_fields (what they write for the
+next hop). The direct read of a lone `traceparent`, and the direct write of one, give
+what opentelemetry.propagate.extract / inject give, for well-formed and malformed
+values alike; anything else (baggage, tracestate, other propagators) is the
+propagators'."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common import telemetry
@@ -69,3 +72,31 @@ def test_other_propagators_are_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not telemetry._default_propagators()
     ctx = telemetry.extract_context({"traceparent": f"00-{TRACE}-{SPAN}-01"})
     assert trace.get_current_span(ctx).get_span_context().span_id == int(SPAN, 16) + 1
+
+
+CONTEXTS = {
+    "sampled": trace.set_span_in_context(NonRecordingSpan(SpanContext(0xABC, 0x12, False, TraceFlags(1)))),
+    "unsampled": trace.set_span_in_context(NonRecordingSpan(SpanContext(1 << 127, 1 << 63, True, TraceFlags(0)))),
+    "flags 0xff": trace.set_span_in_context(NonRecordingSpan(SpanContext(5, 6, False, TraceFlags(0xFF)))),
+    "trace state": trace.set_span_in_context(
+        NonRecordingSpan(SpanContext(5, 6, False, TraceFlags(1), TraceState([("k", "v")])))
+    ),
+    "baggage": baggage.set_baggage(
+        "user", "alice", trace.set_span_in_context(NonRecordingSpan(SpanContext(5, 6, False, TraceFlags(1))))
+    ),
+    "invalid span": trace.set_span_in_context(NonRecordingSpan(SpanContext(0, 6, False, TraceFlags(1)))),
+    "no span": baggage.set_baggage("user", "alice"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTEXTS))
+def test_inject_fields_writes_what_the_propagators_write(name: str) -> None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=CONTEXTS[name])
+    assert telemetry.inject_fields(CONTEXTS[name]) == tuple(carrier.items())
+
+
+def test_injected_fields_extract_to_the_same_span_context() -> None:
+    sent = trace.get_current_span(CONTEXTS["sampled"]).get_span_context()
+    got = trace.get_current_span(telemetry.extract_context(dict(telemetry.inject_fields(CONTEXTS["sampled"]))))
+    assert tuple(got.get_span_context()) == (sent.trace_id, sent.span_id, True, 1, sent.trace_state, True)
