@@ -32,6 +32,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 
@@ -216,13 +217,13 @@ def _default_propagators() -> bool:
     """Whether the global textmap is the default one: W3C trace context, then W3C
     baggage (OTEL_PROPAGATORS unset, or `tracecontext,baggage`)."""
     global _default_textmap
-    from opentelemetry.baggage.propagation import W3CBaggagePropagator
-    from opentelemetry.propagators.composite import CompositePropagator
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
     textmap = propagate.get_global_textmap()
     cached = _default_textmap
     if cached is None or cached[0] is not textmap:
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
         inner = getattr(textmap, "_propagators", None)
         default = (
             type(textmap) is CompositePropagator
@@ -255,8 +256,6 @@ def inject_fields(context: otel_context.Context) -> tuple[tuple[str, str], ...]:
     no trace state, in a context with no baggage (the mesh's own calls), is written
     here straight: its `traceparent` alone."""
     if _default_propagators():
-        from opentelemetry.baggage import _BAGGAGE_KEY
-
         entries = context.get(_BAGGAGE_KEY)
         span: Any = context.get(_SPAN_KEY)
         if span is not None and (entries is None or (type(entries) is dict and not entries)):

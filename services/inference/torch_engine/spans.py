@@ -51,7 +51,7 @@ def write_request_spans(request: RequestState, shard: str) -> None:
     if ctx is None:
         return
     request.trace_ctx = None
-    spans, first_token = _request_spans(request, shard)
+    spans: list[SpanTuple] | None = None
     writer = _writer()
     if writer is not None and request.error is None:
         buffer, recorder = writer
@@ -62,10 +62,11 @@ def write_request_spans(request: RequestState, shard: str) -> None:
         if parent is None or not parent.trace_state:  # a trace state: the span objects write it
             if buffer is None or not _sampled(recorder, parent):
                 return  # sampled and exported nowhere (OTEL_TRACES_EXPORTER=none), or not sampled
+            spans = _request_spans(request, shard)
             trace_id, parent_id, remote = (0, 0, False) if parent is None else parent[:3]
             if buffer.add_spans(recorder, trace_id, parent_id, remote, _INTERNAL, spans):
                 return
-    _write_objects(ctx, spans, first_token, request.error)
+    _write_objects(ctx, spans or _request_spans(request, shard), request.error)
 
 
 # One request's spans as add_spans takes them: (name, parent's index or -1 for the
@@ -75,8 +76,8 @@ SpanTuple = tuple[str, int, int, int, dict[str, Any], tuple[tuple[str, int], ...
 _INTERNAL = SpanKind.INTERNAL.value
 
 
-def _request_spans(request: RequestState, shard: str) -> tuple[list[SpanTuple], int | None]:
-    """(`request`'s spans, its first token's time or None)."""
+def _request_spans(request: RequestState, shard: str) -> list[SpanTuple]:
+    """`request`'s spans (engine.generate's one event: its first token)."""
     now = time.time_ns()
     samples: Sequence[SampleState] = sorted(request.samples_done, key=lambda s: s.index)
     submitted = request.submitted_ns
@@ -124,7 +125,7 @@ def _request_spans(request: RequestState, shard: str) -> tuple[list[SpanTuple], 
     spans = [(name, root, start, end, attrs, events) for name, _, start, end, attrs, events in spans]
     events = (("first_token", first_token),) if first_token is not None else ()
     spans.append(("engine.generate", -1, submitted, max(ended, prefilled), attributes, events))
-    return spans, first_token
+    return spans
 
 
 _writer_of: tuple[Any, tuple[Any, Any] | None] | None = None
@@ -156,12 +157,12 @@ def _sampled(recorder: Any, parent: Any) -> bool:
     return parent is None or bool(parent[3] & 1)
 
 
-def _write_objects(ctx: Any, spans: list[SpanTuple], first_token: int | None, error: BaseException | None) -> None:
+def _write_objects(ctx: Any, spans: list[SpanTuple], error: BaseException | None) -> None:
     """Write `spans` as span objects (telemetry.start_span: ServerSpans, or the SDK's)."""
-    name, _, start, end, attributes, _ = spans[-1]
+    name, _, start, end, attributes, events = spans[-1]
     root = telemetry.start_span(TRACER_NAME, name, ctx, SpanKind.INTERNAL, attributes, start)
-    if first_token is not None:
-        root.add_event("first_token", timestamp=first_token)
+    for event, timestamp in events:
+        root.add_event(event, timestamp=timestamp)
     if error is not None:
         root.record_exception(error)
         root.set_status(trace.StatusCode.ERROR, str(error))
