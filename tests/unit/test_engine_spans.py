@@ -182,3 +182,25 @@ def test_a_full_queue_drops_and_counts_the_spans_past_its_bound(monkeypatch: pyt
     engine_spans.write_request_spans(request_of(SpanContext(1, 2, False, TraceFlags(1))), "torch-0")
     assert len(sink._buffer) == 4 and sink.dropped == 2
     p.shutdown()
+
+
+def test_add_spans_writes_nothing_of_a_tree_it_cannot_write_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value of no OTLP type, a malformed item or a parent index out of the tree:
+    False and nothing queued (the caller writes span objects then)."""
+    p, sink = sink_tracing(monkeypatch)
+    if sink._buffer is None:
+        pytest.skip("the C extension is not built")
+    recorder = engine_spans._writer()[1]  # type: ignore[index]
+    good = ("engine.queue", -1, T0, T0 + 1, {"a": 1}, ())
+    bads: list[tuple[Any, ...]] = [
+        ("engine.decode", -1, T0, T0 + 1, {"obj": object()}, ()),
+        ("engine.decode", 5, T0, T0 + 1, {}, ()),
+        ("engine.decode", -1, T0, T0 + 1, {}, (("first_token", "not a time"),)),
+        ("engine.decode", -1, T0, T0 + 1, {}),
+    ]
+    for bad in bads:
+        assert sink._buffer.add_spans(recorder, 1, 2, False, 1, [good, bad]) is False
+        assert len(sink._buffer) == 0
+    assert sink._buffer.add_spans(recorder, 1, 2, False, 1, [good, good]) is True
+    assert len(sink._buffer) == 2
+    p.shutdown()
