@@ -1151,6 +1151,88 @@ enum_value(PyObject *member)
     return value;
 }
 
+/* A Span's fields from its trace id to its end time (ids as their big-endian bytes;
+ * `parent_id` NULL: none), as encode_span writes them: 1 written, 0 the name is not a
+ * str (b may hold part of it), -1 error. */
+static int
+put_span_head(Buf *b, const unsigned char *trace_id, const unsigned char *span_id, const unsigned char *parent_id,
+              PyObject *name, long kind, uint64_t t0, uint64_t t1)
+{
+    unsigned char head[2 + 16 + 2 + 8 + 2 + 8];
+    Py_ssize_t n = 0;
+    head[n++] = 0x0A;
+    head[n++] = 0x10;
+    memcpy(head + n, trace_id, 16);
+    n += 16;
+    head[n++] = 0x12;
+    head[n++] = 0x08;
+    memcpy(head + n, span_id, 8);
+    n += 8;
+    if (parent_id != NULL) {
+        head[n++] = 0x22;
+        head[n++] = 0x08;
+        memcpy(head + n, parent_id, 8);
+        n += 8;
+    }
+    if (buf_put(b, head, n) < 0)
+        return -1;
+    int ok = put_str_field(b, 0x2a, name);
+    if (ok <= 0)
+        return ok;
+    unsigned char v[20];
+    v[0] = 0x30;
+    v[1] = (unsigned char)(kind + 1);
+    n = 2;
+    if (t0)
+        n = put_fixed64(v + n, 0x39, t0) - v;
+    if (t1)
+        n = put_fixed64(v + n, 0x41, t1) - v;
+    return buf_put(b, v, n) < 0 ? -1 : 1;
+}
+
+/* A Span's last fields: its status when `has_status` (the description when not NULL
+ * or None, the code when set; empty for an unset one), then its flags (the parent is
+ * remote or not). 1 written, 0 the description is not a str, -1 error. */
+static int
+put_span_tail(Buf *b, int has_status, PyObject *description, long code, int remote)
+{
+    if (has_status) {
+        Py_ssize_t st = ld_open(b, 0x7a);
+        if (st < 0)
+            return -1;
+        if (description != NULL && description != Py_None) {
+            int ok = put_str_field(b, 0x12, description);
+            if (ok <= 0)
+                return ok;
+        }
+        if (code) {
+            unsigned char v[11];
+            v[0] = 0x18;
+            if (buf_put(b, v, 1 + varint(v + 1, (uint64_t)code)) < 0)
+                return -1;
+        }
+        ld_close(b, st);
+    }
+    static const unsigned char local[] = {0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
+    static const unsigned char from_remote[] = {0x85, 0x01, 0x00, 0x03, 0x00, 0x00};
+    return buf_put(b, remote ? from_remote : local, 6) < 0 ? -1 : 1;
+}
+
+/* An Event's time (when not 0) and name, inside its open field: 1, 0 the name is not a
+ * str, -1 error. */
+static int
+put_event_head(Buf *b, uint64_t ts, PyObject *name)
+{
+    if (ts) {
+        unsigned char v[9];
+        v[0] = 0x09;
+        le64(v + 1, ts);
+        if (buf_put(b, v, 9) < 0)
+            return -1;
+    }
+    return put_str_field(b, 0x12, name);
+}
+
 /* One event (opentelemetry.sdk.trace.Event, read through its properties): 1, 0, -1. */
 static int
 put_event(Buf *b, PyObject *event)
@@ -1166,23 +1248,12 @@ put_event(Buf *b, PyObject *event)
     rc = 0;
     if (!PyLong_Check(ts) && ts != Py_None)
         goto done;
-    if (ts != Py_None) {
-        uint64_t t = PyLong_AsUnsignedLongLongMask(ts);
-        if (t == (uint64_t)-1 && PyErr_Occurred()) {
-            rc = -1;
-            goto done;
-        }
-        if (t) {
-            unsigned char v[9];
-            v[0] = 0x09;
-            le64(v + 1, t);
-            if (buf_put(b, v, 9) < 0) {
-                rc = -1;
-                goto done;
-            }
-        }
+    uint64_t t = 0;
+    if (ts != Py_None && (t = PyLong_AsUnsignedLongLongMask(ts)) == (uint64_t)-1 && PyErr_Occurred()) {
+        rc = -1;
+        goto done;
     }
-    if ((rc = put_str_field(b, 0x12, name)) <= 0)
+    if ((rc = put_event_head(b, t, name)) <= 0)
         goto done;
     if (attrs != Py_None) {
         if (!PyDict_CheckExact(attrs)) { /* BoundedAttributes and other mappings: the Python encoder */
@@ -1266,43 +1337,18 @@ encode_span_field(Buf *b, PyObject *span, const Layout *layout)
     uint64_t t0 = PyLong_AsUnsignedLongLongMask(start), t1 = PyLong_AsUnsignedLongLongMask(end);
     if (PyErr_Occurred())
         goto done;
+    unsigned char trace_id[16], span_id[8], parent_id[8];
+    if (uint_be(PyTuple_GET_ITEM(ctx, 0), trace_id, 16) < 0 || uint_be(PyTuple_GET_ITEM(ctx, 1), span_id, 8) < 0 ||
+        (parent != Py_None && uint_be(PyTuple_GET_ITEM(parent, 1), parent_id, 8) < 0))
+        goto done;
     Py_ssize_t at = ld_open(b, 0x12);
-    unsigned char ids[2 + 16 + 2 + 8 + 2 + 8];
-    Py_ssize_t n = 0;
-    ids[n++] = 0x0A;
-    ids[n++] = 0x10;
-    if (at < 0 || uint_be(PyTuple_GET_ITEM(ctx, 0), ids + n, 16) < 0)
+    if (at < 0)
         goto done;
-    n += 16;
-    ids[n++] = 0x12;
-    ids[n++] = 0x08;
-    if (uint_be(PyTuple_GET_ITEM(ctx, 1), ids + n, 8) < 0)
-        goto done;
-    n += 8;
-    if (parent != Py_None) {
-        ids[n++] = 0x22;
-        ids[n++] = 0x08;
-        if (uint_be(PyTuple_GET_ITEM(parent, 1), ids + n, 8) < 0)
-            goto done;
-        n += 8;
-    }
-    if (buf_put(b, ids, n) < 0)
-        goto done;
-    int ok = put_str_field(b, 0x2a, name);
+    int ok = put_span_head(b, trace_id, span_id, parent != Py_None ? parent_id : NULL, name, kind_value, t0, t1);
     if (ok <= 0) {
         rc = ok;
         goto done;
     }
-    unsigned char v[20];
-    v[0] = 0x30;
-    v[1] = (unsigned char)(kind_value + 1);
-    n = 2;
-    if (t0)
-        n = put_fixed64(v + n, 0x39, t0) - v;
-    if (t1)
-        n = put_fixed64(v + n, 0x41, t1) - v;
-    if (buf_put(b, v, n) < 0)
-        goto done;
     if ((ok = put_attributes(b, 0x4a, attrs, 0)) <= 0) {
         rc = ok;
         goto done;
@@ -1313,26 +1359,10 @@ encode_span_field(Buf *b, PyObject *span, const Layout *layout)
             goto done;
         }
     }
-    /* Status (when there is one): its description and code when set, else empty. */
-    if (status != Py_None) {
-        Py_ssize_t st = ld_open(b, 0x7a);
-        if (st < 0)
-            goto done;
-        if (description != Py_None && (ok = put_str_field(b, 0x12, description)) <= 0) {
-            rc = ok;
-            goto done;
-        }
-        if (code_value) {
-            v[0] = 0x18;
-            if (buf_put(b, v, 1 + varint(v + 1, (uint64_t)code_value)) < 0)
-                goto done;
-        }
-        ld_close(b, st);
-    }
-    static const unsigned char local[] = {0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
-    static const unsigned char from_remote[] = {0x85, 0x01, 0x00, 0x03, 0x00, 0x00};
-    if (buf_put(b, remote ? from_remote : local, 6) < 0)
+    if ((ok = put_span_tail(b, status != Py_None, description, code_value, remote)) <= 0) {
+        rc = ok;
         goto done;
+    }
     ld_close(b, at);
     rc = 1;
 done:
@@ -1416,7 +1446,8 @@ done:
     return result;
 }
 
-static int draw_id_bytes(unsigned char *out, size_t n);
+static int is_zero(const unsigned char *p, size_t n);
+static int draw_ids(unsigned char *out, size_t count, size_t width);
 
 /* add_spans(recorder, trace_id, parent_id, remote, kind, spans) -> bool: a tree of
  * ended, sampled spans of `recorder` written straight from their fields, with no
@@ -1453,11 +1484,7 @@ SpanBuffer_add_spans(SpanBuffer *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "add_spans: kind out of range");
         return NULL;
     }
-    int has_parent = 0, has_trace = 0;
-    for (int i = 0; i < 8; i++)
-        has_parent |= parent_id[i] != 0;
-    for (int i = 0; i < 16; i++)
-        has_trace |= trace_id[i] != 0;
+    int has_parent = !is_zero(parent_id, 8), has_trace = !is_zero(trace_id, 16);
     if (has_parent && !has_trace) {
         PyErr_SetString(PyExc_ValueError, "add_spans: a parent span id needs its trace id");
         return NULL;
@@ -1473,27 +1500,8 @@ SpanBuffer_add_spans(SpanBuffer *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
-    if (!has_trace) {
-        if (draw_id_bytes(trace_id, 16) < 0)
-            goto done;
-        int zero = 1;
-        for (int i = 0; i < 16; i++)
-            zero &= trace_id[i] == 0;
-        if (zero)
-            trace_id[15] = 1;
-    }
-    if (n && draw_id_bytes(ids, 8 * (size_t)n) < 0)
+    if ((!has_trace && draw_ids(trace_id, 1, 16) < 0) || draw_ids(ids, (size_t)n, 8) < 0)
         goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int zero = 1;
-        for (int k = 0; k < 8; k++)
-            zero &= ids[8 * i + k] == 0;
-        if (zero)
-            ids[8 * i + 7] = 1;
-    }
-    static const unsigned char local[] = {0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
-    static const unsigned char from_remote[] = {0x85, 0x01, 0x00, 0x03, 0x00, 0x00};
-    static const unsigned char unset_status[] = {0x7a, 0x00};
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(spans, i);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 6)
@@ -1513,38 +1521,11 @@ SpanBuffer_add_spans(SpanBuffer *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t at = ld_open(&own, 0x12);
         if (at < 0)
             goto done;
-        unsigned char head[2 + 16 + 2 + 8 + 2 + 8];
-        Py_ssize_t h = 0;
-        head[h++] = 0x0A;
-        head[h++] = 0x10;
-        memcpy(head + h, trace_id, 16);
-        h += 16;
-        head[h++] = 0x12;
-        head[h++] = 0x08;
-        memcpy(head + h, ids + 8 * i, 8);
-        h += 8;
-        if (parent >= 0 || has_parent) {
-            head[h++] = 0x22;
-            head[h++] = 0x08;
-            memcpy(head + h, parent >= 0 ? ids + 8 * parent : parent_id, 8);
-            h += 8;
-        }
-        if (buf_put(&own, head, h) < 0)
+        const unsigned char *parent_bytes = parent >= 0 ? ids + 8 * parent : has_parent ? parent_id : NULL;
+        if (put_span_head(&own, trace_id, ids + 8 * i, parent_bytes, name, kind, t0, t1) < 0)
             goto done;
-        int ok = put_str_field(&own, 0x2a, name);
+        int ok = put_attributes(&own, 0x4a, attrs, 0);
         if (ok < 0)
-            goto done;
-        unsigned char v[20];
-        v[0] = 0x30;
-        v[1] = (unsigned char)(kind + 1);
-        h = 2;
-        if (t0)
-            h = put_fixed64(v + h, 0x39, t0) - v;
-        if (t1)
-            h = put_fixed64(v + h, 0x41, t1) - v;
-        if (buf_put(&own, v, h) < 0)
-            goto done;
-        if ((ok = put_attributes(&own, 0x4a, attrs, 0)) < 0)
             goto done;
         if (ok == 0)
             goto unwritten;
@@ -1557,20 +1538,11 @@ SpanBuffer_add_spans(SpanBuffer *self, PyObject *const *args, Py_ssize_t nargs)
             if (PyErr_Occurred())
                 goto done;
             Py_ssize_t ev = ld_open(&own, 0x5a);
-            if (ev < 0)
-                goto done;
-            if (ts) {
-                v[0] = 0x09;
-                le64(v + 1, ts);
-                if (buf_put(&own, v, 9) < 0)
-                    goto done;
-            }
-            if (put_str_field(&own, 0x12, PyTuple_GET_ITEM(event, 0)) < 0)
+            if (ev < 0 || put_event_head(&own, ts, PyTuple_GET_ITEM(event, 0)) < 0)
                 goto done;
             ld_close(&own, ev);
         }
-        if (buf_put(&own, unset_status, 2) < 0 ||
-            buf_put(&own, parent == -1 && remote ? from_remote : local, 6) < 0)
+        if (put_span_tail(&own, 1, NULL, 0, parent == -1 && remote) < 0)
             goto done;
         ld_close(&own, at);
         ends[i] = own.len;
@@ -1725,22 +1697,33 @@ draw_id_bytes(unsigned char *out, size_t n)
     return 0;
 }
 
+/* Whether the n bytes at p are all 0 (an id no span may have). */
+static int
+is_zero(const unsigned char *p, size_t n)
+{
+    int zero = 1;
+    for (size_t i = 0; i < n; i++)
+        zero &= p[i] == 0;
+    return zero;
+}
+
+/* `count` random ids of `width` bytes each, back to back at `out`, none 0. */
+static int
+draw_ids(unsigned char *out, size_t count, size_t width)
+{
+    if (count && draw_id_bytes(out, count * width) < 0)
+        return -1;
+    for (size_t i = 0; i < count; i++)
+        if (is_zero(out + i * width, width))
+            out[i * width + width - 1] = 1;
+    return 0;
+}
+
 /* A root's random trace id and span id (16 and 8 big-endian bytes), neither 0. */
 static int
 root_ids(unsigned char ids[24])
 {
-    if (draw_id_bytes(ids, 24) < 0)
-        return -1;
-    int trace_zero = 1, span_zero = 1;
-    for (int i = 0; i < 16; i++)
-        trace_zero &= ids[i] == 0;
-    for (int i = 16; i < 24; i++)
-        span_zero &= ids[i] == 0;
-    if (trace_zero)
-        ids[15] = 1;
-    if (span_zero)
-        ids[23] = 1;
-    return 0;
+    return draw_ids(ids, 1, 16) < 0 || draw_ids(ids + 16, 1, 8) < 0 ? -1 : 0;
 }
 
 /* "method path" (both str): the two copied into one new string when both are ASCII
