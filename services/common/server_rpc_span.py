@@ -29,7 +29,6 @@ from typing import Any
 import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
@@ -55,17 +54,10 @@ _SERVER_ERRORS = frozenset(
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 log = logging.getLogger(__name__)
 
-_fields: tuple[Any, frozenset[str]] | None = None
-
 
 def _carried(metadata: Any) -> dict[str, str] | None:
     """The metadata entries the configured propagators read, or None."""
-    global _fields
-    textmap = propagate.get_global_textmap()
-    cached = _fields
-    if cached is None or cached[0] is not textmap:
-        cached = _fields = (textmap, frozenset(f.lower() for f in textmap.fields))
-    fields = cached[1]
+    fields = telemetry.propagation().fields
     carrier = None
     for key, value in metadata or ():
         if key in fields:

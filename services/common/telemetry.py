@@ -28,7 +28,7 @@ import signal
 import sys
 from collections.abc import Iterator, Mapping
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -210,16 +210,26 @@ def inject_headers(carrier: dict[str, str] | None = None) -> dict[str, str]:
 # A version-00 traceparent as the mesh's own clients write it (the W3C propagator's
 # pattern, less its leading/trailing blanks and longer-version forms).
 _TRACEPARENT = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_default_textmap: tuple[Any, bool] | None = None
 
 
-def _default_propagators() -> bool:
-    """Whether the global textmap is the default one: W3C trace context, then W3C
-    baggage (OTEL_PROPAGATORS unset, or `tracecontext,baggage`)."""
-    global _default_textmap
+class Propagation(NamedTuple):
+    """What the global textmap (the configured propagators) reads and writes."""
+
+    textmap: Any
+    fields: frozenset[str]  # the header / metadata names it reads, lower case
+    field_bytes: frozenset[bytes]  # the same as bytes (ASGI header names)
+    default: bool  # W3C trace context then W3C baggage (OTEL_PROPAGATORS unset, or `tracecontext,baggage`)
+
+
+_propagation: Propagation | None = None
+
+
+def propagation() -> Propagation:
+    """The global textmap's Propagation (remade when the textmap is replaced)."""
+    global _propagation
     textmap = propagate.get_global_textmap()
-    cached = _default_textmap
-    if cached is None or cached[0] is not textmap:
+    cached = _propagation
+    if cached is None or cached.textmap is not textmap:
         from opentelemetry.baggage.propagation import W3CBaggagePropagator
         from opentelemetry.propagators.composite import CompositePropagator
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -230,8 +240,9 @@ def _default_propagators() -> bool:
             and inner is not None
             and [type(p) for p in inner] == [TraceContextTextMapPropagator, W3CBaggagePropagator]
         )
-        cached = _default_textmap = (textmap, default)
-    return cached[1]
+        fields = frozenset(f.lower() for f in textmap.fields)
+        cached = _propagation = Propagation(textmap, fields, frozenset(f.encode("latin-1") for f in fields), default)
+    return cached
 
 
 def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
@@ -239,7 +250,7 @@ def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
     propagate.extract reads it. A lone well-formed `traceparent` under the default
     propagators (a gRPC hop inside the mesh: no baggage, no tracestate) is read here
     straight (the propagators' general path was ~10 us of a traced call)."""
-    if len(headers) == 1 and _default_propagators():
+    if len(headers) == 1 and propagation().default:
         value = headers.get("traceparent")
         match = _TRACEPARENT.fullmatch(value) if value is not None else None
         if match is not None:
@@ -255,7 +266,7 @@ def inject_fields(context: otel_context.Context) -> tuple[tuple[str, str], ...]:
     as propagate.inject writes them. Under the default propagators a span context with
     no trace state, in a context with no baggage (the mesh's own calls), is written
     here straight: its `traceparent` alone."""
-    if _default_propagators():
+    if propagation().default:
         entries = context.get(_BAGGAGE_KEY)
         span: Any = context.get(_SPAN_KEY)
         if span is not None and (entries is None or (type(entries) is dict and not entries)):

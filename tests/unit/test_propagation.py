@@ -48,7 +48,7 @@ def summary(ctx: Any) -> tuple[Any, ...]:
 
 @pytest.mark.parametrize("headers", HEADERS, ids=range(len(HEADERS)))
 def test_extract_context_reads_what_the_propagators_read(headers: dict[str, str]) -> None:
-    assert telemetry._default_propagators()
+    assert telemetry.propagation().default
     assert summary(telemetry.extract_context(headers)) == summary(propagate.extract(dict(headers)))
 
 
@@ -69,7 +69,7 @@ def test_other_propagators_are_asked(monkeypatch: pytest.MonkeyPatch) -> None:
             return trace.set_span_in_context(trace.NonRecordingSpan(shifted), ctx)
 
     monkeypatch.setattr(propagate, "_HTTP_TEXT_FORMAT", CompositePropagator([Shifted()]))
-    assert not telemetry._default_propagators()
+    assert not telemetry.propagation().default
     ctx = telemetry.extract_context({"traceparent": f"00-{TRACE}-{SPAN}-01"})
     assert trace.get_current_span(ctx).get_span_context().span_id == int(SPAN, 16) + 1
 

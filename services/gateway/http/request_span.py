@@ -97,18 +97,10 @@ class RequestSpan:
         return self.span
 
 
-_propagator_fields: tuple[Any, frozenset[bytes]] | None = None
-
-
 def _parent_context(scope: Any) -> otel_context.Context | None:
     """The caller's context when the request carries a header the configured
     propagators read (`traceparent`, `baggage`, ...); None (the current one) else."""
-    global _propagator_fields
-    textmap = propagate.get_global_textmap()
-    cached = _propagator_fields
-    if cached is None or cached[0] is not textmap:
-        cached = _propagator_fields = (textmap, frozenset(f.lower().encode("latin-1") for f in textmap.fields))
-    fields = cached[1]
+    fields = telemetry.propagation().field_bytes
     headers = scope.get("headers", ())
     for key, _ in headers:  # ASGI header names are lower-case
         if key in fields:
@@ -261,7 +253,7 @@ def http_spans() -> Any:
     var = _current_context
     if _HttpSpans is None or recorder is None or not recorder.root_inline or var is None:
         return _py_spans
-    textmap = propagate.get_global_textmap()
+    propagation = telemetry.propagation()
     return _HttpSpans(
         recorder,
         ServerSpan,
@@ -275,8 +267,8 @@ def http_spans() -> Any:
         SpanKind.SERVER,
         recorder.on_end,
         vars(propagate),
-        textmap,
-        tuple(f.lower().encode("latin-1") for f in textmap.fields),
+        propagation.textmap,
+        tuple(propagation.field_bytes),
         vars(telemetry),
         "clotho.gateway",
         begin_request,
