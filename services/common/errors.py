@@ -4,8 +4,8 @@ status code it becomes.
 Services raise these; nothing else in a service touches status codes. `code` is a
 `StatusCode` named exactly as gRPC's, so this module imports no grpc and code below the
 wire (the gateway's trajectory store, the engines) can raise them. Two places turn them
-into answers: services/common/error_interceptor.py (gRPC statuses, one interceptor on
-every server) and services/gateway/http/errors.py (HTTP, one table).
+into answers: services/common/method_handlers.py (gRPC statuses, every method handler of
+every server wrapped once) and services/gateway/http/errors.py (HTTP, one table).
 """
 
 from __future__ import annotations

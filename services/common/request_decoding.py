@@ -1,7 +1,7 @@
 """Requests whose bytes do not decode as their method's message answer INVALID_ARGUMENT.
 
 grpcio decodes a request before any servicer code runs; a deserializer that raises
-ends the call UNKNOWN. The error interceptor (services/common/error_interceptor.py)
+ends the call UNKNOWN. The method handler wrapper (services/common/method_handlers.py)
 gives every method handler a deserializer from `tolerant_deserializer`, which returns
 an `Undecodable` in place of the message; the wrapped behaviour then refuses it with
 `INVALID_ARGUMENT "request is not a valid clotho.v1.XRequest: ..."`. A streaming

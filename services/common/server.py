@@ -1,7 +1,9 @@
 """The one gRPC server skeleton every service uses.
 
-`build_server` makes a grpc.aio server with interceptors (a service's own, such as an
-auth check, then tracing, then errors), grpc.health.v1 and reflection, binds it (with
+`build_server` makes a grpc.aio server (with a service's own interceptors, such as the
+service-token check), registers the services, grpc.health.v1 and reflection with each
+method handler wrapped once (errors into statuses, server spans:
+services/common/method_handlers.py), binds it (with
 TLS when given server credentials, see services/common/access.py) and returns it with
 its port. `run_service` starts it, announces readiness, and on
 SIGTERM/SIGINT flips health to NOT_SERVING and stops with a grace period.
@@ -23,10 +25,10 @@ from typing import Any
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from services.common.error_interceptor import ErrorInterceptor
-from services.common.telemetry import server_interceptors, shutdown_tracing
+from services.common.method_handlers import Registrar
+from services.common.telemetry import shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +64,20 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Create and bind a server. `register` holds (add_XServicer_to_server, servicer,
-    full service name) triples. `interceptors` run first, in order, before tracing and
-    the error mapping (an auth check there refuses a call before anything else runs).
+    full service name) triples. `interceptors` run first, in order, before the wrapped
+    method handler (an auth check there refuses a call before anything else runs).
     `credentials`: TLS for the port; None listens in plaintext."""
-    server = aio.server(
-        interceptors=[*interceptors, *server_interceptors(), ErrorInterceptor()],
-        options=GRPC_OPTIONS,
-    )
+    server = aio.server(interceptors=list(interceptors) or None, options=GRPC_OPTIONS)
+    registrar: Any = Registrar(server)
     names = []
     for add, servicer, name in register:
-        add(servicer, server)
+        add(servicer, registrar)
         names.append(name)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+    # What reflection.enable_server_reflection does for an aio server, through the registrar.
+    reflected = [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(reflected), registrar)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:

@@ -5,12 +5,13 @@ or not: a wrapt proxy around the servicer context, the caller's context extracte
 a span started through the SDK (~25-30 us of CPU, see server_span.py) and, for a
 streamed response, an async generator of its own that every message passed through --
 and it did all of that with tracing off too, on every Generate and weight-update call.
-This interceptor keeps what its spans said (a SERVER span named by the full method,
+The spans here keep what its spans said (a SERVER span named by the full method,
 `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, an ERROR status for
 the codes the semantic conventions call server errors, the caller's `traceparent`
-continued, the span current while the handler runs):
-- tracing off (no SDK), a call is handed to the servicer untouched unless its metadata
-  carries a trace context, which is then made current so it passes on to the next hop;
+continued, the span current while the handler runs), opened and closed by the handler
+wrapper every method gets once, at registration (services/common/method_handlers.py):
+- tracing off (no SDK), a call only has its metadata looked at: a trace context
+  carried there is made current, so it passes on to the next hop;
 - the span is a services.common.server_span.ServerSpan when the export takes them,
   else an SDK span (console and OTLP/HTTP exports);
 - the servicer context is not wrapped: the status is read from it when the call ends;
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -35,7 +35,6 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from services.common import telemetry
 from services.common.client_span import rpc_method
-from services.common.error_interceptor import rewrap
 
 TRACER_NAME = "clotho.grpc.server"
 _STATUS_CODE = "rpc.grpc.status_code"
@@ -67,23 +66,41 @@ def _carried(metadata: Any) -> dict[str, str] | None:
     return carrier
 
 
-def _open(method: str, attributes: dict[str, Any], metadata: Any) -> tuple[Any, Any]:
-    """(the call's span or None, the context token to detach, or None)."""
-    carrier = _carried(metadata)
-    incoming = telemetry.extract_context(carrier) if carrier is not None else None
-    if not telemetry.enabled:
-        return None, (otel_context.attach(incoming) if incoming is not None else None)
-    base = incoming if incoming is not None else otel_context.get_current()
-    span = telemetry.start_span(TRACER_NAME, method, base, SpanKind.SERVER, {**attributes, _STATUS_CODE: 0})
-    return span, otel_context.attach(otel_context.Context({**base, _SPAN_KEY: span}))
+class MethodSpans:
+    """The server spans of one traced method, made for it once (see method_handlers.wrap)."""
+
+    __slots__ = ("attributes", "method")
+
+    def __init__(self, method: str, attributes: dict[str, Any]) -> None:
+        self.method = method
+        self.attributes = {**attributes, _STATUS_CODE: 0}
+
+    def open(self, context: Any) -> tuple[Any, Any] | None:
+        """At a call's start: (its span or None, the context token to detach), or None
+        when there is nothing to do (tracing off and no trace context carried)."""
+        carrier = _carried(context.invocation_metadata())
+        incoming = telemetry.extract_context(carrier) if carrier is not None else None
+        if not telemetry.enabled:
+            return None if incoming is None else (None, otel_context.attach(incoming))
+        base = incoming if incoming is not None else otel_context.get_current()
+        span = telemetry.start_span(TRACER_NAME, self.method, base, SpanKind.SERVER, self.attributes)
+        return span, otel_context.attach(otel_context.Context({**base, _SPAN_KEY: span}))
 
 
-def _close(span: Any, token: Any, context: Any, error: BaseException | None) -> None:
-    if token is not None:
-        try:
-            otel_context.detach(token)
-        except Exception:  # a stream closed from another task: its context is gone anyway
-            log.debug("trace context of a call not detached", exc_info=True)
+def method_spans(method: str) -> MethodSpans | None:
+    """The span maker of a method, or None for one never traced (health probes)."""
+    _, attributes, traced = rpc_method(method)
+    return MethodSpans(method, attributes) if traced else None
+
+
+def close(opened: tuple[Any, Any], context: Any, error: BaseException | None) -> None:
+    """At a call's end: what MethodSpans.open returned, the servicer context and what
+    the call raised (None when it returned)."""
+    span, token = opened
+    try:
+        otel_context.detach(token)
+    except Exception:  # a stream closed from another task: its context is gone anyway
+        log.debug("trace context of a call not detached", exc_info=True)
     if span is None:
         return
     code = context.code()
@@ -103,57 +120,3 @@ def _close(span: Any, token: Any, context: Any, error: BaseException | None) -> 
     if error is not None and not isinstance(error, (aio.AbortError, asyncio.CancelledError)):
         span.record_exception(error)
     span.end()
-
-
-def _wrap(handler: Any, method: str, attributes: dict[str, Any], metadata: Any) -> Any:
-    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: Any) -> Any:
-            span, token = _open(method, attributes, metadata)
-            try:
-                result = await fn(request, context)
-            except BaseException as exc:
-                _close(span, token, context, exc)
-                raise
-            _close(span, token, context, None)
-            return result
-
-        return call
-
-    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def call(request: Any, context: Any) -> AsyncIterator[Any]:
-            span, token = _open(method, attributes, metadata)
-            error: BaseException | None = None
-            try:
-                async for item in fn(request, context):
-                    yield item
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                _close(span, token, context, error)
-
-        return call
-
-    return rewrap(handler, unary, streaming)
-
-
-class ServerSpans(aio.ServerInterceptor):
-    """A SERVER span per call while tracing is on; off, only a caller's trace context
-    is made current (see the module doc)."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        _, attributes, traced = rpc_method(method)
-        if not traced:
-            return handler
-        metadata = handler_call_details.invocation_metadata
-        if not telemetry.enabled and _carried(metadata) is None:
-            return handler
-        return _wrap(handler, method, attributes, metadata)

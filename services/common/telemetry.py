@@ -184,14 +184,6 @@ def start_span(
     return span
 
 
-def server_interceptors() -> list[Any]:
-    """The tracing interceptor for grpc.aio servers: a SERVER span per call while
-    tracing is on, continuing the caller's traceparent (services.common.server_rpc_span)."""
-    from services.common.server_rpc_span import ServerSpans
-
-    return [ServerSpans()]
-
-
 def client_interceptors() -> list[Any]:
     """Tracing interceptors for grpc.aio channels: a CLIENT span per call while tracing
     is on, the trace context (traceparent) into its metadata (services.common.client_span)."""

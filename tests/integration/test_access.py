@@ -24,7 +24,7 @@ from clotho.v1 import inference_service_pb2_grpc as inf_grpc
 from clotho.v1 import trainer_service_pb2 as tr
 from clotho.v1 import trainer_service_pb2_grpc as tr_grpc
 from services.common.access import ExposureRefused
-from services.common.error_interceptor import INTERNAL_MESSAGE
+from services.common.method_handlers import INTERNAL_MESSAGE
 from services.common.server import build_server, channel
 from services.common.settings import load_settings
 from services.common.weight_wire import CollectiveGroup

@@ -1,6 +1,6 @@
 """services.common.server_rpc_span: the mesh's gRPC server spans, over a real grpc.aio
-server with the interceptors every service has (the tracing one, then the error
-mapping). Tracing on, each call is one SERVER span continuing the caller's
+server whose method handlers are wrapped as every service's are (method_handlers: the
+error mapping and the span). Tracing on, each call is one SERVER span continuing the caller's
 traceparent, current while the handler runs, with its status code (an ERROR status
 only for the server's own errors); streamed responses from an async generator and from
 a coroutine writing through the context both work; health probes make no span.
@@ -21,7 +21,7 @@ from span_collect import provider, trace_with
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import server_rpc_span, telemetry
-from services.common.error_interceptor import ErrorInterceptor
+from services.common.method_handlers import Registrar
 from services.common.server_span import ServerSpan
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -60,9 +60,10 @@ class WritingServicer(Servicer):
 
 
 async def serve(servicer: Servicer) -> tuple[Any, Any, Any]:
-    server = aio.server(interceptors=[server_rpc_span.ServerSpans(), ErrorInterceptor()])
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server = aio.server()
+    registrar: Any = Registrar(server)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), registrar)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, aio.insecure_channel(f"127.0.0.1:{port}"), servicer
