@@ -35,6 +35,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from services.common import telemetry
 from services.common.client_span import rpc_method
+from services.common.current_span import context_var
 
 TRACER_NAME = "clotho.grpc.server"
 _STATUS_CODE = "rpc.grpc.status_code"
@@ -77,8 +78,23 @@ class MethodSpans:
 
     def open(self, context: Any) -> tuple[Any, Any] | None:
         """At a call's start: (its span or None, the context token to detach), or None
-        when there is nothing to do (tracing off and no trace context carried)."""
+        when there is nothing to do (tracing off and no trace context carried).
+
+        The usual traced call (the tracer's Recorder, the default ContextVar context,
+        nothing current, no header or a lone traceparent of the mesh's) goes the short
+        way: the span from the Recorder under the caller's span context, and a Context
+        holding it alone set as current. This runs cold in the inference process (the
+        model's forward pass has evicted it from every cache between two calls), where
+        each Python layer skipped counts several times its warm cost."""
         carrier = _carried(context.invocation_metadata())
+        if telemetry.enabled:
+            var = context_var
+            recorder = telemetry.server_span_recorder(TRACER_NAME)
+            if var is not None and recorder is not None and not var.get():
+                parent = None if carrier is None else telemetry.remote_parent(carrier)
+                if parent is not None or carrier is None:
+                    span = recorder.start(self.method, parent, SpanKind.SERVER, self.attributes.copy())
+                    return span, var.set(otel_context.Context({_SPAN_KEY: span}))
         incoming = telemetry.extract_context(carrier) if carrier is not None else None
         if not telemetry.enabled:
             return None if incoming is None else (None, otel_context.attach(incoming))
@@ -98,7 +114,10 @@ def close(opened: tuple[Any, Any], context: Any, error: BaseException | None) ->
     the call raised (None when it returned)."""
     span, token = opened
     try:
-        otel_context.detach(token)
+        if context_var is not None:  # what detach does, without its layers
+            context_var.reset(token)
+        else:
+            otel_context.detach(token)
     except Exception:  # a stream closed from another task: its context is gone anyway
         log.debug("trace context of a call not detached", exc_info=True)
     if span is None:

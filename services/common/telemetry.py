@@ -36,6 +36,8 @@ from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 
+from services.common.current_span import context_var
+
 log = logging.getLogger(__name__)
 _configured = False
 # True once an SDK tracer provider is installed: code on hot paths checks this before
@@ -237,19 +239,29 @@ def propagation() -> Propagation:
     return cached
 
 
-def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
-    """The trace context carried by incoming headers (names in lower case), as
-    propagate.extract reads it. A lone well-formed `traceparent` under the default
-    propagators (a gRPC hop inside the mesh: no baggage, no tracestate) is read here
-    straight (the propagators' general path was ~10 us of a traced call)."""
+def remote_parent(headers: Mapping[str, str]) -> SpanContext | None:
+    """The caller's span context when the incoming headers (names in lower case) are
+    a lone well-formed `traceparent` under the default propagators (a gRPC hop inside
+    the mesh: no baggage, no tracestate), read straight; None for anything else
+    (propagate.extract's to read)."""
     if len(headers) == 1 and propagation().default:
         value = headers.get("traceparent")
         match = _TRACEPARENT.fullmatch(value) if value is not None else None
         if match is not None:
             trace_id, span_id = int(match[1], 16), int(match[2], 16)
             if trace_id and span_id:
-                parent = SpanContext(trace_id, span_id, True, TraceFlags(int(match[3], 16)))
-                return otel_context.Context({_SPAN_KEY: trace.NonRecordingSpan(parent)})
+                return SpanContext(trace_id, span_id, True, TraceFlags(int(match[3], 16)))
+    return None
+
+
+def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
+    """The trace context carried by incoming headers (names in lower case), as
+    propagate.extract reads it; a lone `traceparent` of the mesh's own hops is read
+    straight (remote_parent: the propagators' general path was ~10 us of a traced
+    call)."""
+    parent = remote_parent(headers)
+    if parent is not None:
+        return otel_context.Context({_SPAN_KEY: trace.NonRecordingSpan(parent)})
     return propagate.extract(dict(headers))
 
 
@@ -272,10 +284,15 @@ def inject_fields(context: otel_context.Context) -> tuple[tuple[str, str], ...]:
 
 def recording_context() -> otel_context.Context | None:
     """The current context when its span records (to carry into another thread or
-    to parent spans made later); None when there is nothing to record under."""
-    if not trace.get_current_span().is_recording():
+    to parent spans made later); None when there is nothing to record under. Read
+    the short way (current_span.context_var): the inference engine asks on every
+    request."""
+    var = context_var
+    current = var.get() if var is not None else otel_context.get_current()
+    span: Any = current.get(_SPAN_KEY)
+    if span is None or not span.is_recording():
         return None
-    return otel_context.get_current()
+    return current
 
 
 def traceparent(span: trace.Span | None = None) -> str:

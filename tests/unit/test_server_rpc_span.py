@@ -155,3 +155,17 @@ async def test_tracing_off_passes_a_callers_context_through(target: Any, monkeyp
     assert not carried.is_recording()
     assert carried.get_span_context().trace_id == TRACE_ID and carried.get_span_context().span_id == PARENT_ID
     assert none is trace.INVALID_SPAN
+
+
+async def test_a_trace_state_or_current_context_takes_the_general_way(target: Any, tracing_on: Any) -> None:
+    """The short way (a lone traceparent, nothing current) does not apply to a caller
+    that sends a tracestate too: the propagators read it, and the span keeps it."""
+    servicer, channel = target
+    p, out = tracing_on
+    await generate(channel, [5], (*TRACEPARENT, ("tracestate", "vendor=value")))
+    await generate(channel, [5], (("traceparent", f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-00"),))
+    (span,) = exported(p, out)  # the unsampled caller's call records nothing
+    assert span.get_span_context().trace_id == TRACE_ID and span._parent.span_id == PARENT_ID
+    assert span.get_span_context().trace_state.get("vendor") == "value"
+    assert servicer.current[0] is span and not servicer.current[1].is_recording()
+    assert servicer.current[1].get_span_context().trace_id == TRACE_ID
