@@ -2683,6 +2683,94 @@ current_link(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 
+/* The value of a hex digit (lower case only, as W3C trace context writes them), or -1. */
+static int
+hex_digit(Py_UCS1 c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+/* `n` hex digits at `p` into big-endian bytes at `out`; -1 on a character that is not one. */
+static int
+hex_bytes(const Py_UCS1 *p, Py_ssize_t n, unsigned char *out)
+{
+    for (Py_ssize_t i = 0; i < n; i += 2) {
+        int hi = hex_digit(p[i]), lo = hex_digit(p[i + 1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[i / 2] = (unsigned char)(hi << 4 | lo);
+    }
+    return 0;
+}
+
+/* carried_traceparent(metadata, fields) -> None | (trace_id, span_id, flags) | False:
+ * what server_rpc_span reads from a gRPC call's metadata (a sequence of (key, value)
+ * pairs) under the default propagators, whose header names are `fields` (a set of
+ * str): None when no entry is one of them; the ids and flags of a lone well-formed
+ * version-00 `traceparent` (non-zero ids, lower-case hex, as telemetry.remote_parent
+ * takes it); False for anything else (another field, a second traceparent, bytes,
+ * another form: propagate.extract's to read). */
+static PyObject *
+carried_traceparent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyAnySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "carried_traceparent(metadata, fields: set)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], "carried_traceparent: metadata must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    PyObject *found = NULL, *result = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2)
+            goto general;
+        PyObject *key = PyTuple_GET_ITEM(pair, 0);
+        int contained = PySet_Contains(args[1], key);
+        if (contained < 0)
+            goto done;
+        if (!contained)
+            continue;
+        if (found != NULL || !PyUnicode_Check(key) || PyUnicode_CompareWithASCIIString(key, "traceparent") != 0)
+            goto general;
+        found = PyTuple_GET_ITEM(pair, 1);
+    }
+    if (found == NULL) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    /* 00-<32 hex>-<16 hex>-<2 hex> */
+    if (!PyUnicode_Check(found) || !PyUnicode_IS_ASCII(found) || PyUnicode_GET_LENGTH(found) != 55)
+        goto general;
+    const Py_UCS1 *t = PyUnicode_1BYTE_DATA(found);
+    unsigned char ids[24], flags;
+    if (t[0] != '0' || t[1] != '0' || t[2] != '-' || t[35] != '-' || t[52] != '-' || hex_bytes(t + 3, 32, ids) < 0 ||
+        hex_bytes(t + 36, 16, ids + 16) < 0 || hex_bytes(t + 53, 2, &flags) < 0 || is_zero(ids, 16) ||
+        is_zero(ids + 16, 8))
+        goto general;
+    PyObject *trace_id = _PyLong_FromByteArray(ids, 16, 0, 0);
+    PyObject *span_id = trace_id == NULL ? NULL : _PyLong_FromByteArray(ids + 16, 8, 0, 0);
+    PyObject *flag_value = span_id == NULL ? NULL : PyLong_FromLong(flags);
+    if (flag_value != NULL)
+        result = PyTuple_Pack(3, trace_id, span_id, flag_value);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(span_id);
+    Py_XDECREF(flag_value);
+    goto done;
+general:
+    result = Py_NewRef(Py_False);
+done:
+    Py_DECREF(seq);
+    return result;
+}
+
+
 static PyMethodDef methods[] = {
     {"new_span", (PyCFunction)(void (*)(void))new_span, METH_FASTCALL,
      "new_span(type, recorder, name, context, parent, kind, attributes, status) -> a ServerSpan started now"},
@@ -2691,6 +2779,8 @@ static PyMethodDef methods[] = {
      "else None"},
     {"encode_server_spans", encode_server_spans, METH_VARARGS,
      "encode_server_spans(spans, cache, parts, fallback) -> bytes (see the module doc)"},
+    {"carried_traceparent", (PyCFunction)(void (*)(void))carried_traceparent, METH_FASTCALL,
+     "carried_traceparent(metadata, fields) -> None | (trace_id, span_id, flags) | False (server_rpc_span)"},
     {"current_link", (PyCFunction)(void (*)(void))current_link, METH_FASTCALL,
      "current_link(var, span_key, general) -> the current span's link (trajectory.tracing.submission_span)"},
     {NULL, NULL, 0, NULL},

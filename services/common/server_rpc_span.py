@@ -23,13 +23,14 @@ they cost a parse per call, and a mesh's peers are its own services.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanContext, SpanKind
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.status import Status, StatusCode
 
@@ -53,6 +54,11 @@ _SERVER_ERRORS = frozenset(
 )
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 log = logging.getLogger(__name__)
+_new_context = tuple.__new__  # SpanContext's own __new__ re-checks what the parse checked
+try:  # built by `pip install` (services/common/_otlp_fast.c)
+    _carried_traceparent: Any = importlib.import_module("services.common._otlp_fast").carried_traceparent
+except ImportError:  # pragma: no cover - a checkout whose C extension is not built
+    _carried_traceparent = None
 
 
 def _carried(metadata: Any) -> dict[str, str] | None:
@@ -65,6 +71,28 @@ def _carried(metadata: Any) -> dict[str, str] | None:
                 carrier = {}
             carrier[key] = value if isinstance(value, str) else value.decode("latin-1")
     return carrier
+
+
+def _short_parent(metadata: Any, recorder: Any) -> SpanContext | Literal[False] | None:
+    """The caller's span context for the short way (None: no trace context carried),
+    or False when the propagators must read the metadata (not the default ones, or
+    anything but a lone well-formed traceparent). In C when built (one call: no
+    regex, no int parses, no dict of the carried entries, in a process where this
+    runs cold)."""
+    propagation = telemetry.propagation()
+    if not propagation.default:
+        return False
+    if _carried_traceparent is None:
+        carrier = _carried(metadata)
+        if carrier is None:
+            return None
+        parent = telemetry.remote_parent(carrier)
+        return False if parent is None else parent
+    found = _carried_traceparent(metadata, propagation.fields)
+    if not found:  # None (nothing carried) or False
+        return found  # type: ignore[no-any-return]
+    trace_id, span_id, flags = found
+    return _new_context(SpanContext, (trace_id, span_id, True, recorder._flags(flags), DEFAULT_TRACE_STATE, True))
 
 
 class MethodSpans:
@@ -86,15 +114,16 @@ class MethodSpans:
         holding it alone set as current. This runs cold in the inference process (the
         model's forward pass has evicted it from every cache between two calls), where
         each Python layer skipped counts several times its warm cost."""
-        carrier = _carried(context.invocation_metadata())
+        metadata = context.invocation_metadata()
         if telemetry.enabled:
             var = context_var
             recorder = telemetry.server_span_recorder(TRACER_NAME)
             if var is not None and recorder is not None and not var.get():
-                parent = None if carrier is None else telemetry.remote_parent(carrier)
-                if parent is not None or carrier is None:
+                parent = _short_parent(metadata, recorder)
+                if parent is not False:
                     span = recorder.start(self.method, parent, SpanKind.SERVER, self.attributes.copy())
                     return span, var.set(otel_context.Context({_SPAN_KEY: span}))
+        carrier = _carried(metadata)
         incoming = telemetry.extract_context(carrier) if carrier is not None else None
         if not telemetry.enabled:
             return None if incoming is None else (None, otel_context.attach(incoming))

@@ -52,6 +52,39 @@ def test_extract_context_reads_what_the_propagators_read(headers: dict[str, str]
     assert summary(telemetry.extract_context(headers)) == summary(propagate.extract(dict(headers)))
 
 
+@pytest.mark.parametrize("headers", HEADERS, ids=range(len(HEADERS)))
+def test_a_grpc_calls_short_read_takes_what_the_propagators_take(headers: dict[str, str]) -> None:
+    """server_rpc_span's short way (C carried_traceparent, and its Python stand-in)
+    reads a call's metadata -- other entries around the propagators' -- to the parent
+    propagate.extract gives, or leaves it to the propagators (False)."""
+    from services.common import server_rpc_span
+    from services.common.server_span import Recorder
+
+    recorder = Recorder.__new__(Recorder)
+    recorder._flags_cache = {}
+    metadata = (("user-agent", "grpc-python/1"), *headers.items(), ("x-other", "1"))
+    expected = trace.get_current_span(propagate.extract(dict(headers))).get_span_context()
+    reads = [server_rpc_span._short_parent(metadata, recorder)]
+    short_way = server_rpc_span._carried_traceparent
+    assert short_way is not None  # the C extension is built for the tests
+    server_rpc_span._carried_traceparent = None
+    try:
+        reads.append(server_rpc_span._short_parent(metadata, recorder))
+    finally:
+        server_rpc_span._carried_traceparent = short_way
+    for parent in reads:
+        if parent is None:  # nothing carried: a root, as extract gives
+            assert not headers and not expected.is_valid
+        elif parent is not False:
+            assert tuple(parent) == tuple(expected) and isinstance(parent, SpanContext)
+            assert isinstance(parent.trace_flags, TraceFlags)
+    # The C read and the Python one agree; the short way is taken by nothing carried
+    # and by a lone version-00 traceparent in its exact form with valid ids.
+    assert reads[0] == reads[1]
+    exact = list(headers) == ["traceparent"] and telemetry._TRACEPARENT.fullmatch(headers["traceparent"])
+    assert (reads[0] is not False) == (not headers or bool(exact and expected.is_valid))
+
+
 def test_the_direct_read_parses_the_ids_and_flags() -> None:
     sc = trace.get_current_span(telemetry.extract_context({"traceparent": f"00-{TRACE}-{SPAN}-03"})).get_span_context()
     assert (sc.trace_id, sc.span_id, sc.trace_flags, sc.is_remote) == (int(TRACE, 16), int(SPAN, 16), 3, True)
