@@ -108,9 +108,9 @@ class MethodSpans:
         """At a call's start: (its span or None, the context token to detach), or None
         when there is nothing to do (tracing off and no trace context carried).
 
-        The usual traced call (the tracer's Recorder, the default ContextVar context,
-        nothing current, no header or a lone traceparent of the mesh's) goes the short
-        way: the span from the Recorder under the caller's span context, and a Context
+        The usual traced call (the tracer's Recorder sampling inline, the default
+        ContextVar context, nothing current, no header or a lone traceparent of the
+        mesh's) goes the short way: the span from the Recorder under the caller's span context, and a Context
         holding it alone set as current. This runs cold in the inference process (the
         model's forward pass has evicted it from every cache between two calls), where
         each Python layer skipped counts several times its warm cost."""
@@ -118,7 +118,8 @@ class MethodSpans:
         if telemetry.enabled:
             var = context_var
             recorder = telemetry.server_span_recorder(TRACER_NAME)
-            if var is not None and recorder is not None and not var.get():
+            # A sampler the recorder must ask reads the parent from a Context: the long way.
+            if var is not None and recorder is not None and recorder._inline is not None and not var.get():
                 parent = _short_parent(metadata, recorder)
                 if parent is not False:
                     span = recorder.start(self.method, parent, SpanKind.SERVER, self.attributes.copy())

@@ -169,3 +169,23 @@ async def test_a_trace_state_or_current_context_takes_the_general_way(target: An
     assert span.get_span_context().trace_state.get("vendor") == "value"
     assert servicer.current[0] is span and not servicer.current[1].is_recording()
     assert servicer.current[1].get_span_context().trace_id == TRACE_ID
+
+
+async def test_a_sampler_that_must_be_asked_sees_the_callers_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ParentBased(ratio 0): a root is never sampled, a sampled caller's child always.
+    The sampler reads the parent from the context it is handed, so the call must reach
+    it with the caller's context (not as a root)."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    p, out = provider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    trace_with(monkeypatch, p, server_rpc_span.TRACER_NAME)
+    server, channel, _ = await serve(Servicer())
+    try:
+        await generate(channel, [5], TRACEPARENT)
+        await generate(channel, [5])
+    finally:
+        await channel.close()
+        await server.stop(0)
+    (span,) = exported(p, out)
+    p.shutdown()
+    assert span.get_span_context().trace_id == TRACE_ID and span._parent.span_id == PARENT_ID
