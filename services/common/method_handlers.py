@@ -63,6 +63,18 @@ async def _undecodable(context: aio.ServicerContext[Any, Any], stream: DecodedSt
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.failure)
 
 
+async def _failed(
+    exc: Exception, context: aio.ServicerContext[Any, Any], stream: DecodedStream | None, method: str
+) -> None:
+    """The status of a call whose servicer raised `exc` (awaited in the except clause,
+    so a bug is logged with its traceback): INVALID_ARGUMENT for an undecodable request
+    message, a domain error's own status, else a generic INTERNAL. Always raises."""
+    await _undecodable(context, stream)
+    if isinstance(exc, ClothoError):
+        await _abort(context, exc)
+    await _internal(context, method)
+
+
 def wrap(handler: grpc.RpcMethodHandler[_Req, _Resp], method: str) -> grpc.RpcMethodHandler[_Req, _Resp]:
     """`handler` (of the full method name `method`) with every behaviour wrapped: domain
     errors become statuses, anything unexpected a generic INTERNAL, and each call is
@@ -77,22 +89,16 @@ def wrap(handler: grpc.RpcMethodHandler[_Req, _Resp], method: str) -> grpc.RpcMe
         async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             opened = spans.open(context) if spans is not None else None
             error: BaseException | None = None
-            stream: DecodedStream | None = None
+            stream = DecodedStream(request) if request_streaming else None
             try:
-                if request_streaming:
-                    request = stream = DecodedStream(request)
-                elif isinstance(request, Undecodable):
+                if stream is None and isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 try:
-                    result = await fn(request, context)
-                except ClothoError as exc:
-                    await _undecodable(context, stream)
-                    await _abort(context, exc)
+                    result = await fn(request if stream is None else stream, context)
                 except aio.AbortError:
                     raise  # context.abort() already chose the status
-                except Exception:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
-                    await _undecodable(context, stream)
-                    await _internal(context, method)
+                except Exception as exc:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
+                    await _failed(exc, context, stream, method)
                 else:
                     if stream is not None:
                         await _undecodable(context, stream)
@@ -110,23 +116,17 @@ def wrap(handler: grpc.RpcMethodHandler[_Req, _Resp], method: str) -> grpc.RpcMe
         async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             opened = spans.open(context) if spans is not None else None
             error: BaseException | None = None
-            stream: DecodedStream | None = None
+            stream = DecodedStream(request) if request_streaming else None
             try:
-                if request_streaming:
-                    request = stream = DecodedStream(request)
-                elif isinstance(request, Undecodable):
+                if stream is None and isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 try:
-                    async for item in fn(request, context):
+                    async for item in fn(request if stream is None else stream, context):
                         yield item
-                except ClothoError as exc:
-                    await _undecodable(context, stream)
-                    await _abort(context, exc)
                 except aio.AbortError:
                     raise
-                except Exception:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
-                    await _undecodable(context, stream)
-                    await _internal(context, method)
+                except Exception as exc:  # noqa: BLE001 - a bug in a servicer: logged in full, answered INTERNAL
+                    await _failed(exc, context, stream, method)
                 else:
                     if stream is not None:
                         await _undecodable(context, stream)
