@@ -28,8 +28,13 @@ def _context_var() -> Any:
 context_var = _context_var()
 
 
+def current_context() -> otel_context.Context:
+    """The current Context: get_current() without the API's layers."""
+    var = context_var
+    return var.get() if var is not None else otel_context.get_current()
+
+
 def current_span() -> Any:
     """The current span, or None: get_current_span() without the API's layers (and
     without its INVALID_SPAN stand-in)."""
-    var = context_var
-    return (var.get() if var is not None else otel_context.get_current()).get(_SPAN_KEY)
+    return current_context().get(_SPAN_KEY)

@@ -36,7 +36,7 @@ from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 
-from services.common.current_span import context_var
+from services.common.current_span import current_context
 
 log = logging.getLogger(__name__)
 _configured = False
@@ -285,10 +285,8 @@ def inject_fields(context: otel_context.Context) -> tuple[tuple[str, str], ...]:
 def recording_context() -> otel_context.Context | None:
     """The current context when its span records (to carry into another thread or
     to parent spans made later); None when there is nothing to record under. Read
-    the short way (current_span.context_var): the inference engine asks on every
-    request."""
-    var = context_var
-    current = var.get() if var is not None else otel_context.get_current()
+    the short way (current_span): the inference engine asks on every request."""
+    current = current_context()
     span: Any = current.get(_SPAN_KEY)
     if span is None or not span.is_recording():
         return None
