@@ -130,6 +130,7 @@ def main() -> None:
         return
     sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
     from otlp_receiver import export_env
+    from tracing_overhead import start_receiver
 
     from services.demo.tiny_model import build_tiny_model
 
@@ -139,14 +140,8 @@ def main() -> None:
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", OTEL_TRACES_EXPORTER="none")
     receiver = None
     if args.exporting:
-        receiver = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "tracing_overhead.py"), "--serve-receiver"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert receiver.stdout is not None
-        env.update(export_env(f"http://127.0.0.1:{receiver.stdout.readline().strip()}"))
+        receiver, endpoint = start_receiver()
+        env.update(export_env(endpoint))
     trees = {"this tree": REPO}
     if args.baseline_src is not None:
         trees["baseline"] = args.baseline_src.resolve()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from grpc import aio
-from tracing_overhead import mode_env
+from tracing_overhead import cpu_seconds, mode_env, start_receiver
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
@@ -48,17 +47,6 @@ from services.demo.tiny_model import build_tiny_model
 
 TRACEPARENT = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
 REQUEST = pb.GenerateRequest(input_ids=[7, 8, 9], sampling_params=pb.SamplingParams(max_new_tokens=4, temperature=1.0))
-
-
-def cpu_seconds(pid: int) -> float:
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:  # a thread that ended
-            pass
-    return total / 1e9
 
 
 async def start(mode: str, endpoint: str, model: Path, workdir: Path, baseline: Path | None, cpus: set[int] | None):
@@ -97,14 +85,7 @@ async def main_async(args: argparse.Namespace) -> None:
     inference_cpus = {cpus[0]} if len(cpus) >= 2 else None
     if inference_cpus is not None:  # this client, and the receiver it starts
         os.sched_setaffinity(0, {cpus[-1]})
-    receiver = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "tracing_overhead.py"), "--serve-receiver"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert receiver.stdout is not None
-    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+    receiver, endpoint = start_receiver()
     workdir = Path(tempfile.mkdtemp(prefix="clotho-tracing-inference-"))
     model = build_tiny_model(workdir / "model")
     totals = {m: [0, 0.0, 0.0] for m in modes}  # requests, seconds, CPU seconds

@@ -131,6 +131,16 @@ def serve_receiver() -> None:
     server.stop(0)
 
 
+def start_receiver() -> tuple[subprocess.Popen, str]:
+    """The receiver process (serve_receiver) and its OTLP/gRPC endpoint; it inherits
+    the caller's CPU affinity."""
+    receiver = subprocess.Popen(
+        [sys.executable, __file__, "--serve-receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert receiver.stdout is not None and receiver.stdin is not None
+    return receiver, f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+
+
 def cpu_seconds(pid: int, main_only: bool = False) -> float:
     """CPU time of every thread of `pid` so far, or of its main thread only
     (schedstat: nanoseconds on a CPU)."""
@@ -423,11 +433,8 @@ async def main_async(args: argparse.Namespace) -> dict:
         os.sched_setaffinity(0, other_cpus)
     # slices[mode][work][session] = SUMS' values per cycle
     slices: dict[str, dict[str, list[list[list[float]]]]] = {m: {w: [] for w in WORKS} for m in MODES}
-    receiver = subprocess.Popen(
-        [sys.executable, __file__, "--serve-receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    receiver, endpoint = start_receiver()
     assert receiver.stdout is not None and receiver.stdin is not None
-    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
     load_before = loadavg()
     dropped = False
     try:
