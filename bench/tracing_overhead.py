@@ -121,7 +121,8 @@ def serve_receiver() -> None:
             counts[1] += 1
             return trace_service_pb2.ExportTraceServiceResponse()
 
-    server = grpc.server(futures.ThreadPoolExecutor(2))
+    # Large requests too: tracing_inprocess.py's `deferred` mode exports a run at once.
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", 1 << 28)])
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
