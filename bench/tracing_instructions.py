@@ -12,8 +12,8 @@ its main thread apart) per request. Modes, as tracing_overhead.py's:
   off        no OTEL_* set (the default)
   on         OTEL_TRACES_EXPORTER=none: spans recorded and sampled, exported nowhere
   exporting  OTLP/gRPC, 100% sampling, to a receiver (its own process, not counted);
-             OTEL_BSP_SCHEDULE_DELAY is long, so batches leave full (512 spans), as
-             they do at the rates tracing_overhead.py drives (a batch fills in ~40 ms)
+             OTEL_BSP_SCHEDULE_DELAY is long, so batches leave full (2048 spans), as
+             they do at the rates tracing_overhead.py drives (a batch fills in ~150 ms)
              and not at the rate valgrind allows.
 `--baseline-src DIR` runs the same for another checkout of the repository (its C
 extensions built in place: `python -c "from setuptools import setup; setup()"
@@ -141,7 +141,7 @@ async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path,
     with `--work generate` the inference process's too (all threads)."""
     env = mode_env(mode, endpoint)
     if mode == "exporting":
-        env["OTEL_BSP_SCHEDULE_DELAY"] = "600000"  # batches leave when full (512)
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "600000"  # batches leave when full (2048, the default)
         if args.work == "generate":
             # Full batches must leave inside the counted window (a /generate ends ~7
             # spans over the two processes; what waits at the end is not counted).

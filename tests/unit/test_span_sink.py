@@ -276,3 +276,37 @@ def test_spans_of_recorders_that_alternate_leave_as_a_run_per_recorder() -> None
     assert [(r._recorder, r.spans) for r in batch] == [(server, 5), (client, 2)]
     assert otlp_encode.encode_request([first, *batch]) == otlp_encode.encode_request(ended)
     p.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("batch_var", "queue_var", "batch", "queue"),
+    [
+        (None, None, 2048, 8192),  # Clotho's defaults: a quarter of the SDK's export cycles
+        ("100", None, 100, 8192),
+        ("16384", None, 16384, 16384),  # the queue holds a batch that is set
+        (None, "1000", 1000, 1000),  # a batch within a queue that is set
+        (None, "20000", 2048, 20000),
+        ("64", "128", 64, 128),
+        ("", "", 2048, 8192),  # set but empty: unset
+    ],
+)
+def test_batch_and_queue_default_to_clothos_where_the_environment_is_silent(
+    monkeypatch: pytest.MonkeyPatch, batch_var: str | None, queue_var: str | None, batch: int, queue: int
+) -> None:
+    for var, value in (("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", batch_var), ("OTEL_BSP_MAX_QUEUE_SIZE", queue_var)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+    out = Batches()
+    sink = SpanSink(out, schedule_delay_millis=60_000)
+    p, recorder = sink_provider(sink)
+    assert (sink.max_export_batch_size, sink.max_queue_size) == (batch, queue)
+    # What the numbers do: the exporter wakes at a full batch and sends it as one request.
+    end_spans(recorder, min(batch, 200))
+    if batch <= 200:
+        assert out.entered.wait(10)
+        assert [count(b) for b in out.batches] == [batch]
+    else:
+        assert out.batches == []
+    p.shutdown()
