@@ -23,8 +23,9 @@ same bound and batches.
 The BatchSpanProcessor's settings and behaviour are kept: OTEL_BSP_SCHEDULE_DELAY,
 OTEL_BSP_MAX_QUEUE_SIZE (past it a span is dropped and counted: `dropped`),
 OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_EXPORT_TIMEOUT (read the SDK's way), with
-the SDK's defaults but for the batch and the queue when neither variable is set:
-batches of 2048 spans and a queue of 8192 (the SDK's 512 and 2048). What exporting
+the SDK's defaults but for the batch and the queue where their variables are not set:
+batches of 2048 spans and a queue of 8192 (the SDK's 512 and 2048; a default batch
+stays within a queue that is set, a default queue holds a batch that is). What exporting
 costs a server is mostly the exporter thread running beside its requests, per export
 cycle, more than the spans' own export (bench/tracing_inprocess.py's `deferred`
 mode); a quarter of the cycles took served ingest's exporting cost from -9.0% to
