@@ -46,6 +46,7 @@ import weakref
 from typing import Any
 
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_MAX_QUEUE_SIZE
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -62,8 +63,6 @@ _BSP: Any = BatchSpanProcessor
 # module's doc).
 DEFAULT_MAX_EXPORT_BATCH_SIZE = 2048
 DEFAULT_MAX_QUEUE_SIZE = 8192
-_BATCH_VAR = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
-_QUEUE_VAR = "OTEL_BSP_MAX_QUEUE_SIZE"
 
 
 def _set(var: str) -> bool:
@@ -91,11 +90,13 @@ class SpanSink(SpanProcessor):
         export_timeout_millis: float | None = None,
     ) -> None:
         if max_queue_size is None:
-            max_queue_size = _BSP._default_max_queue_size() if _set(_QUEUE_VAR) else None
+            max_queue_size = _BSP._default_max_queue_size() if _set(OTEL_BSP_MAX_QUEUE_SIZE) else None
         if schedule_delay_millis is None:
             schedule_delay_millis = _BSP._default_schedule_delay_millis()
         if max_export_batch_size is None:
-            max_export_batch_size = _BSP._default_max_export_batch_size() if _set(_BATCH_VAR) else None
+            max_export_batch_size = (
+                _BSP._default_max_export_batch_size() if _set(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) else None
+            )
         # Clotho's defaults (the module's doc), kept within what is set: a batch no
         # larger than a queue that is, a queue no smaller than a batch that is.
         if max_export_batch_size is None:
