@@ -130,7 +130,7 @@ def main() -> None:
         return
     sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
     from otlp_receiver import export_env
-    from tracing_overhead import start_receiver
+    from tracing_overhead import start_receiver, stop_receiver
 
     from services.demo.tiny_model import build_tiny_model
 
@@ -163,8 +163,7 @@ def main() -> None:
                     samples[tree][key].extend(got[key])
     finally:
         if receiver is not None:
-            receiver.terminate()
-            receiver.wait(10)
+            stop_receiver(receiver)
     mode = "exporting (OTLP/gRPC)" if args.exporting else "on (OTEL_TRACES_EXPORTER=none)"
     print(f"\nserver span of one {METHOD} call, tracing {mode}; {args.rounds} processes per tree x {args.calls} calls")
     print("| tree | warm us (median) | cold us, after a forward pass (median) | cold / warm | forward pass ms |")

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from grpc import aio
-from tracing_overhead import cpu_seconds, mode_env, start_receiver
+from tracing_overhead import cpu_seconds, mode_env, start_receiver, stop_receiver
 
 from clotho.v1 import inference_service_pb2 as pb
 from clotho.v1 import inference_service_pb2_grpc as pb_grpc
@@ -122,8 +122,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 await launcher.stop(procs[m][0])
             print(f"session {session}: " + " ".join(f"{m} {sessions[m][-1]:.0f}" for m in modes) + " req/s", flush=True)
     finally:
-        receiver.terminate()
-        receiver.wait(10)
+        stop_receiver(receiver)
     off_rps = totals["off"][0] / totals["off"][1]
     off_cpu = totals["off"][2] / totals["off"][0]
     print(

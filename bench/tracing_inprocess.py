@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
+WARMUP = 2000  # requests before the timed ones, in each process
 GROUP = {
     "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
     "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
@@ -103,7 +104,7 @@ def child(requests: int, gc_on: bool, concurrency: int = 1) -> None:
         await asyncio.gather(*(asyncio.ensure_future(one(n // concurrency)) for _ in range(concurrency)))
 
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(run(2000))  # warm: caches, the fast entry, templates
+    loop.run_until_complete(run(WARMUP))  # warm: caches, the fast entry, templates
     telemetry.flush_tracing()
     if not gc_on:
         gc.collect()
@@ -132,14 +133,9 @@ def main() -> None:
         child(args.requests - args.requests % args.concurrency, args.gc == ["on"], args.concurrency)
         return
     trees = [str(Path(t).resolve()) for t in (args.tree or [str(HERE)])]
-    receiver = subprocess.Popen(
-        [sys.executable, str(HERE / "bench" / "tracing_overhead.py"), "--serve-receiver"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert receiver.stdout is not None and receiver.stdin is not None
-    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+    from tracing_overhead import start_receiver, stop_receiver  # the parent's (its imports are heavy)
+
+    receiver, endpoint = start_receiver()
     cleared = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     envs = {
         "off": cleared,
@@ -183,13 +179,9 @@ def main() -> None:
                         sys.exit(out.stderr)
                     results.setdefault((tree, gc_mode, mode), []).append(json.loads(out.stdout.splitlines()[-1]))
     finally:
-        receiver.stdin.write("\n")
-        receiver.stdin.flush()
-        received = json.loads(receiver.stdout.readline())["spans"]
-        receiver.stdin.close()
-        receiver.wait(10)
+        received = stop_receiver(receiver)["spans"]
     # Every exported request's span (each process's warm-up's included) reached the receiver.
-    per_process = args.requests - args.requests % args.concurrency + 2000 - 2000 % args.concurrency
+    per_process = sum(n - n % args.concurrency for n in (args.requests, WARMUP))
     runs = args.rounds * len(args.gc) * len(trees) * sum(m in ("exporting", "deferred") for m in args.modes)
     print(f"spans received: {received} of {runs * per_process}")
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -47,7 +47,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from tracing_overhead import GENERATE, GROUP, mode_env, read_response, request_bytes, settle
+from tracing_overhead import (
+    GENERATE,
+    GROUP,
+    mode_env,
+    read_response,
+    request_bytes,
+    settle,
+    start_receiver,
+    stop_receiver,
+)
 
 from services import launcher
 from services.demo.tiny_model import build_tiny_model
@@ -202,14 +211,7 @@ async def measure(tree: Path, mode: str, endpoint: str, model: Path, work: Path,
 async def main_async(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="clotho-tracing-instructions-"))
     model = build_tiny_model(work / "model")
-    receiver = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "tracing_overhead.py"), "--serve-receiver"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert receiver.stdout is not None and receiver.stdin is not None
-    endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
+    receiver, endpoint = start_receiver()
     trees = {"this tree": REPO}
     if args.baseline_src is not None:
         trees = {"baseline": args.baseline_src.resolve(), **trees}
@@ -220,11 +222,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 results.setdefault(label, {})[mode] = await measure(tree, mode, endpoint, model, work, args)
                 print(json.dumps({"tree": label, "mode": mode, **results[label][mode]}), flush=True)
     finally:
-        receiver.stdin.write("\n")
-        receiver.stdin.flush()
-        received = receiver.stdout.readline().strip()
-        receiver.stdin.close()
-        receiver.wait(10)
+        received = json.dumps(stop_receiver(receiver))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nreceiver: {received}")

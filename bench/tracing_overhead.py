@@ -142,6 +142,17 @@ def start_receiver() -> tuple[subprocess.Popen, str]:
     return receiver, f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
 
 
+def stop_receiver(receiver: subprocess.Popen) -> dict[str, int]:
+    """Stop start_receiver's process: what it received ({"spans", "requests"})."""
+    assert receiver.stdout is not None and receiver.stdin is not None
+    receiver.stdin.write("\n")
+    receiver.stdin.flush()
+    received = json.loads(receiver.stdout.readline())
+    receiver.stdin.close()
+    receiver.wait(10)
+    return received
+
+
 def cpu_seconds(pid: int, main_only: bool = False) -> float:
     """CPU time of every thread of `pid` so far, or of its main thread only
     (schedstat: nanoseconds on a CPU)."""
@@ -435,7 +446,6 @@ async def main_async(args: argparse.Namespace) -> dict:
     # slices[mode][work][session] = SUMS' values per cycle
     slices: dict[str, dict[str, list[list[list[float]]]]] = {m: {w: [] for w in WORKS} for m in MODES}
     receiver, endpoint = start_receiver()
-    assert receiver.stdout is not None and receiver.stdin is not None
     load_before = loadavg()
     dropped = False
     try:
@@ -448,11 +458,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 for w in WORKS:
                     slices[m][w].append(session_slices[m][w])
     finally:
-        receiver.stdin.write("\n")
-        receiver.stdin.flush()
-        received = json.loads(receiver.stdout.readline())
-        receiver.stdin.close()
-        receiver.wait(10)
+        received = stop_receiver(receiver)
     flat = {m: {w: [c for sess in slices[m][w] for c in sess] for w in WORKS} for m in MODES}
     figures = {m: {w: totals(flat[m][w]) for w in WORKS} for m in MODES}
     # Each mode against `off`: the ratio of the totals and its bootstrap interval.
