@@ -103,9 +103,21 @@ def child(requests: int, gc_on: bool, concurrency: int = 1) -> None:
         # `concurrency` requests in flight at once.
         await asyncio.gather(*(asyncio.ensure_future(one(n // concurrency)) for _ in range(concurrency)))
 
+    async def start() -> None:
+        # As the gateway's serve() does (a tree without it exports from a thread).
+        if hasattr(telemetry, "export_on_loop"):
+            telemetry.export_on_loop()
+
+    async def stop() -> None:
+        if hasattr(telemetry, "stop_loop_export"):
+            await telemetry.stop_loop_export()
+
     loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
     loop.run_until_complete(run(WARMUP))  # warm: caches, the fast entry, templates
+    loop.run_until_complete(stop())
     telemetry.flush_tracing()
+    loop.run_until_complete(start())
     if not gc_on:
         gc.collect()
         gc.disable()
@@ -113,6 +125,7 @@ def child(requests: int, gc_on: bool, concurrency: int = 1) -> None:
     t0, p0 = time.thread_time(), time.process_time()
     loop.run_until_complete(run(requests))
     t1 = time.thread_time()
+    loop.run_until_complete(stop())
     telemetry.flush_tracing(30000)
     p1 = time.process_time()
     assert statuses == [200] * requests, set(statuses)

@@ -10,6 +10,10 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
+
+from services.common.server_span import Recorder
+from services.common.span_sink import SpanSink
 
 
 class Collect(SpanExporter):
@@ -84,3 +88,25 @@ def trace_with(monkeypatch: Any, p: TracerProvider, *tracer_names: str) -> None:
 
     monkeypatch.setattr(telemetry, "enabled", True)
     monkeypatch.setattr(telemetry, "_recorders", {name: Recorder.for_provider(p, name) for name in tracer_names})
+
+
+def sink_provider(sink: SpanSink) -> tuple[TracerProvider, Recorder]:
+    """A provider exporting through `sink` alone and the gateway's Recorder on it."""
+    p, [recorder] = sink_recorders(sink, "clotho.gateway")
+    return p, recorder
+
+
+def sink_recorders(sink: SpanSink, *tracer_names: str) -> tuple[TracerProvider, list[Recorder]]:
+    """A provider exporting through `sink` alone, and a Recorder per tracer name."""
+    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    p.add_span_processor(sink)
+    recorders = [Recorder.for_provider(p, name) for name in tracer_names]
+    assert None not in recorders
+    return p, recorders  # type: ignore[return-value]
+
+
+def end_spans(recorder: Recorder, n: int) -> None:
+    """End `n` gateway request spans (attribute `i`: 0 .. n-1) on this thread."""
+    for i in range(n):
+        span = recorder.start("POST /scored_data", None, SpanKind.SERVER, {"url.path": "/scored_data", "i": i})
+        span.end()

@@ -28,12 +28,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from services.common.method_handlers import Registrar
-from services.common.telemetry import shutdown_tracing
+from services.common.telemetry import export_on_loop, shutdown_tracing, stop_loop_export
 
 log = logging.getLogger(__name__)
 
 # Large enough for a batch of long sequences; weights never travel over gRPC.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# How long a stopping service waits for the span batch its loop is sending.
+SPANS_IN_FLIGHT_WAIT = 5.0
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -104,8 +106,15 @@ async def run_service(
     extra_ready: dict[str, Any] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     background: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
+    spans_from_loop: bool = False,
 ) -> None:
-    """Start, announce, wait for SIGTERM/SIGINT (or `background` to finish), stop."""
+    """Start, announce, wait for SIGTERM/SIGINT (or `background` to finish), stop.
+
+    `spans_from_loop`: a service whose requests all run on this loop exports its spans
+    from it (telemetry.export_on_loop: no exporter thread beside the requests); the
+    batch in flight is sent before tracing is shut down."""
+    if spans_from_loop:
+        export_on_loop()
     await grpc_server.server.start()
     await grpc_server.set_serving(True)
     stop = asyncio.Event()
@@ -128,6 +137,10 @@ async def run_service(
     if on_stop is not None:
         await on_stop()
     await grpc_server.server.stop(grace_seconds)
+    # Past the wait, shutdown_tracing sends the loop's batch itself (it may then
+    # reach the collector twice, never not at all).
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop_loop_export(), SPANS_IN_FLIGHT_WAIT)
     shutdown_tracing()
     if task is not None and task.done() and not task.cancelled():
         failure = task.exception()

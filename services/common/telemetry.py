@@ -43,6 +43,8 @@ _configured = False
 # True once an SDK tracer provider is installed: code on hot paths checks this before
 # building anything a span would need.
 enabled = False
+# The SpanSink of the OTLP/gRPC export, when that is the export.
+_sink: Any = None
 
 _HEX = "0123456789abcdef"
 
@@ -90,6 +92,12 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
             # A SpanSink batch opens with a run of written spans (one EncodedSpan).
             return sum(span.spans if type(span) is EncodedSpan else 1 for span in data)
 
+        def aio_export(self) -> Any:
+            """This exporter's export from an event loop (SpanSink.run_on_loop)."""
+            from services.common.otlp_aio import AioExport
+
+            return AioExport(self)
+
     return WireEncodedExporter()
 
 
@@ -112,7 +120,7 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
 
     `env` defaults to the process environment, read here once at start-up.
     """
-    global _configured, enabled
+    global _configured, enabled, _sink
     env = os.environ if env is None else env
     if not _configured:
         _configured = True
@@ -132,7 +140,8 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
                     from services.common.span_sink import SpanSink
 
                     # Ended spans onto a list, no BatchSpanProcessor (span_sink.py).
-                    provider.add_span_processor(SpanSink(exporter))
+                    _sink = SpanSink(exporter)
+                    provider.add_span_processor(_sink)
                 else:
                     provider.add_span_processor(BatchSpanProcessor(exporter))
             elif mode == "console":
@@ -145,6 +154,21 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> tr
             trace.set_tracer_provider(provider)
             enabled = True
     return trace.get_tracer(service_name)
+
+
+def export_on_loop() -> bool:
+    """Export this process's spans from the running event loop, not an exporter
+    thread (span_sink.SpanSink.run_on_loop), where they go out over OTLP/gRPC; False
+    (nothing changes) otherwise. For a service whose requests all run on this loop;
+    `stop_loop_export` hands the export back before tracing is shut down."""
+    return _sink is not None and _sink.run_on_loop()
+
+
+async def stop_loop_export() -> None:
+    """Hand the export back to a thread once the loop's batch in flight is sent (a
+    no-op without export_on_loop)."""
+    if _sink is not None:
+        await _sink.stop_on_loop()
 
 
 _recorders: dict[str, Any] = {}

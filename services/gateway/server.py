@@ -216,6 +216,7 @@ async def serve(settings: GatewaySettings) -> None:
             extra_ready={"http_port": gateway.http_port},
             on_stop=gateway.stop_http,
             background=watch_http,
+            spans_from_loop=True,
         )
     finally:
         if preload is not None:

@@ -153,6 +153,7 @@ async def serve(settings: InferenceSettings) -> None:
                 **({"metrics_port": metrics.port} if metrics is not None else {}),
             },
             on_stop=lambda: server.shutdown(settings.grace_seconds),
+            spans_from_loop=True,
         )
     finally:
         if metrics is not None:

@@ -7,35 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from otlp_receiver import otlp_receiver
-from span_collect import Batches, attributes, count, exported
+from span_collect import Batches, attributes, count, end_spans, exported, sink_provider, sink_recorders
 
-from services.common.server_span import Recorder
 from services.common.span_sink import SpanSink
 from services.common.telemetry import _otlp_exporter
-
-
-def sink_provider(sink: SpanSink) -> tuple[TracerProvider, Recorder]:
-    p, [recorder] = sink_recorders(sink, "clotho.gateway")
-    return p, recorder
-
-
-def sink_recorders(sink: SpanSink, *tracer_names: str) -> tuple[TracerProvider, list[Recorder]]:
-    """A provider exporting through `sink` alone, and a Recorder per tracer name."""
-    p = TracerProvider(resource=Resource.create({"service.name": "t"}))
-    p.add_span_processor(sink)
-    recorders = [Recorder.for_provider(p, name) for name in tracer_names]
-    assert None not in recorders
-    return p, recorders  # type: ignore[return-value]
-
-
-def end_spans(recorder: Recorder, n: int) -> None:
-    for i in range(n):
-        span = recorder.start("POST /scored_data", None, SpanKind.SERVER, {"url.path": "/scored_data", "i": i})
-        span.end()
 
 
 def test_the_recorder_hands_server_spans_straight_to_a_lone_sink() -> None:
@@ -87,7 +64,7 @@ def test_shutdown_exports_what_is_pending_then_stops_the_exporter() -> None:
     assert out.batches == []  # far from a batch, the schedule far away
     p.shutdown()
     assert [count(b) for b in out.batches] == [5] and out.shut
-    assert not sink._thread.is_alive()
+    assert sink._thread is not None and not sink._thread.is_alive()
     end_spans(recorder, 1)  # after shutdown: dropped
     assert sink.dropped == 1 and [count(b) for b in out.batches] == [5]
     assert not sink.force_flush()
