@@ -25,6 +25,7 @@ class Span:
     attributes: dict = field(default_factory=dict)
     links: list[tuple[str, str]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    user_agent: str = ""  # of the export request that brought it (the sender's gRPC stack)
 
 
 def _value(v):  # an AnyValue as Python
@@ -41,6 +42,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._lock = threading.Lock()
 
     def Export(self, request, context):
+        agent = dict(context.invocation_metadata()).get("user-agent", "")
         with self._lock:
             self.request_sizes.append(sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans))
         for rs in request.resource_spans:
@@ -56,6 +58,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                         {a.key: _value(a.value) for a in s.attributes},
                         [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                         [e.name for e in s.events],
+                        agent,
                     )
                     with self._lock:
                         self.spans.append(span)

@@ -86,6 +86,9 @@ async def test_generate_is_one_trace_from_gateway_to_engine(tiny_model_dir, tmp_
         decodes = [s for s in spans if s.name == "engine.decode"]
         assert sorted(s.attributes["clotho.sample"] for s in decodes) == [0, 1]
         assert all(s.attributes["clotho.policy_version"] == 0 for s in decodes)
+        # Both services sent them from their event loop (grpc.aio), no exporter thread.
+        assert "grpc-python-asyncio/" in engine.user_agent, engine.user_agent
+        assert "grpc-python-asyncio/" in chain[-1].user_agent, chain[-1].user_agent
 
 
 async def test_training_step_is_one_trace_to_every_shard_linked_to_its_submissions(

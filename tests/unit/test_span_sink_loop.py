@@ -102,6 +102,11 @@ def test_the_loop_sends_the_batches_and_no_exporter_thread_runs(monkeypatch: Any
         end_spans(recorder, 3)
         assert sink.force_flush()
         assert receiver.request_sizes == [8, 8, 3]
+        # The loop's two batches went over grpc.aio, the thread's over the SDK's channel.
+        # (The SDK's channel options, its user agent among them, are kept on both.)
+        agents = [s.user_agent for s in receiver.find(lambda s: True)]
+        assert all(a.startswith("OTel-OTLP-Exporter-Python/") for a in agents), agents
+        assert ["grpc-python-asyncio/" in a for a in agents] == [True] * 16 + [False] * 3
         p.shutdown()
 
 
