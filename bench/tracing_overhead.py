@@ -90,12 +90,16 @@ WORKS = ("ingest", "generate")
 
 def mode_env(mode: str, endpoint: str) -> dict[str, str]:
     cleared = {k: "" for k in os.environ if k.startswith("OTEL_")}
-    base = {**cleared, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if mode.endswith("@base"):  # the baseline checkout's code (and its built C extensions)
+    # This checkout's code (and its built C extensions), or the baseline's: named on
+    # PYTHONPATH, not left to the interpreter's editable install (which points at the
+    # checkout `pip install -e` ran in, not necessarily this one). PYTHONSAFEPATH:
+    # `python -m` puts no working directory before PYTHONPATH.
+    tree = REPO
+    if mode.endswith("@base"):
         assert BASELINE is not None
-        # PYTHONSAFEPATH: `python -m` puts no working directory before PYTHONPATH.
         mode = mode.removesuffix("@base")
-        base = {**base, "PYTHONPATH": str(BASELINE), "PYTHONSAFEPATH": "1"}
+        tree = BASELINE
+    base = {**cleared, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
     if mode in ("off", "off-again"):
         return base
     if mode == "on":
