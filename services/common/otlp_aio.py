@@ -16,8 +16,10 @@ loop at the first export.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import types
 from typing import Any
 
 import grpc
@@ -26,6 +28,30 @@ from grpc import aio
 log = logging.getLogger(__name__)
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 MAX_TRIES = 6  # the SDK's _MAX_RETRYS
+
+
+# The SDK's transient codes (its _RETRYABLE_ERROR_CODES), for an SDK whose exporter
+# does not carry its own set.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+# What the exporter must hold for its export to be sent from a loop (the OTLP/gRPC
+# exporter's settings, as opentelemetry-exporter-otlp-proto-grpc keeps them).
+NEEDED = ("_endpoint", "_insecure", "_credentials", "_headers", "_timeout", "_compression", "_shutdown")
+
+
+def supports(exporter: Any) -> bool:
+    """Whether `exporter` keeps the settings AioExport sends with (an SDK release that
+    keeps them elsewhere keeps its export on the exporter thread)."""
+    return all(hasattr(exporter, name) for name in NEEDED)
 
 
 class AioExport:
@@ -39,7 +65,7 @@ class AioExport:
 
     def _connect(self) -> None:
         e = self.exporter
-        options = list(e._channel_options)
+        options = list(getattr(e, "_channel_options", ()))
         if e._insecure:
             self._channel = aio.insecure_channel(e._endpoint, options=options, compression=e._compression)
         else:
@@ -57,7 +83,10 @@ class AioExport:
         if e._shutdown:
             return False
         loop = asyncio.get_running_loop()
-        with e._metrics.export_operation(e._count_data(batch)) as result:
+        retryable = getattr(e, "_retryable_error_codes", None) or RETRYABLE
+        metrics = getattr(e, "_metrics", None)  # the SDK's own exporter metrics, where it has them
+        operation = metrics.export_operation(e._count_data(batch)) if metrics is not None else None
+        with operation if operation is not None else contextlib.nullcontext(types.SimpleNamespace()) as result:
             request = e._translate_data(batch)
             deadline = loop.time() + e._timeout
             for attempt in range(MAX_TRIES):
@@ -78,7 +107,7 @@ class AioExport:
                     if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                         await self.close()  # reconnect on the next try
                     if (
-                        code not in e._retryable_error_codes
+                        code not in retryable
                         or attempt + 1 == MAX_TRIES
                         or backoff > deadline - loop.time()
                         or e._shutdown

@@ -187,9 +187,12 @@ class SpanSink(SpanProcessor):
         `exporter.aio_export()` (services.common.otlp_aio), one at a time. Spans ended
         on other threads wake it through the loop. Until `stop_on_loop` (or the task
         ends with its loop) the thread is stopped. False (nothing changes) when the
-        exporter has no aio export or the sink is shut down."""
+        exporter has no aio export (or returns None) or the sink is shut down."""
         make = getattr(self.exporter, "aio_export", None)
         if make is None or self._shutdown or self._loop is not None:
+            return False
+        sender = make()
+        if sender is None:
             return False
         loop = loop or asyncio.get_running_loop()
         self._stop_thread()
@@ -210,7 +213,7 @@ class SpanSink(SpanProcessor):
         self._notify = notify
         if self._buffer is not None:
             self._buffer.wake = notify
-        self._pump = loop.create_task(self._run_pump(event, make()), name="OtelSpanSink")
+        self._pump = loop.create_task(self._run_pump(event, sender), name="OtelSpanSink")
         self._pump.add_done_callback(self._pump_done)
         return True
 

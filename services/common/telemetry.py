@@ -93,10 +93,11 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
             return sum(span.spans if type(span) is EncodedSpan else 1 for span in data)
 
         def aio_export(self) -> Any:
-            """This exporter's export from an event loop (SpanSink.run_on_loop)."""
-            from services.common.otlp_aio import AioExport
+            """This exporter's export from an event loop (SpanSink.run_on_loop), or None
+            where this SDK release's exporter does not keep the settings it needs."""
+            from services.common.otlp_aio import AioExport, supports
 
-            return AioExport(self)
+            return AioExport(self) if supports(self) else None
 
     return WireEncodedExporter()
 

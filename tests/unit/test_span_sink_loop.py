@@ -222,3 +222,19 @@ def test_without_an_aio_export_the_thread_keeps_exporting() -> None:
     assert not asyncio.run(serve())
     assert exporter_thread(sink)
     p.shutdown()
+
+
+def test_an_exporter_without_the_settings_keeps_the_thread(monkeypatch: Any) -> None:
+    """An SDK release whose OTLP exporter keeps its settings under other names: the
+    export stays on the thread rather than fail on the loop."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    exporter = _otlp_exporter({})
+    del exporter._insecure
+    sink = SpanSink(exporter, schedule_delay_millis=60_000)
+
+    async def serve() -> bool:
+        return sink.run_on_loop()
+
+    assert not asyncio.run(serve())
+    assert exporter_thread(sink)
+    sink.shutdown()
