@@ -79,9 +79,10 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 @contextlib.contextmanager
-def otlp_receiver() -> Iterator[tuple[Receiver, str]]:
-    """A started receiver and its endpoint (http://127.0.0.1:PORT, OTLP/gRPC)."""
-    receiver = Receiver()
+def otlp_receiver(receiver: Receiver | None = None) -> Iterator[tuple[Receiver, str]]:
+    """A started receiver (`receiver`, default a plain one) and its endpoint
+    (http://127.0.0.1:PORT, OTLP/gRPC)."""
+    receiver = Receiver() if receiver is None else receiver
     server = grpc.server(futures.ThreadPoolExecutor(4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port("127.0.0.1:0")

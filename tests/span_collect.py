@@ -110,3 +110,13 @@ def end_spans(recorder: Recorder, n: int) -> None:
     for i in range(n):
         span = recorder.start("POST /scored_data", None, SpanKind.SERVER, {"url.path": "/scored_data", "i": i})
         span.end()
+
+
+def exporting_sink(monkeypatch: Any, endpoint: str, **kwargs: Any) -> SpanSink:
+    """A SpanSink over telemetry's OTLP/gRPC exporter, sending in plaintext to
+    `endpoint` (as OTEL_* variables name it); `kwargs` are SpanSink's."""
+    from services.common.telemetry import _otlp_exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    return SpanSink(_otlp_exporter({}), **kwargs)

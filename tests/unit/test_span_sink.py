@@ -9,10 +9,18 @@ from typing import Any
 import pytest
 from opentelemetry.trace import SpanKind
 from otlp_receiver import otlp_receiver
-from span_collect import Batches, attributes, count, end_spans, exported, sink_provider, sink_recorders
+from span_collect import (
+    Batches,
+    attributes,
+    count,
+    end_spans,
+    exported,
+    exporting_sink,
+    sink_provider,
+    sink_recorders,
+)
 
 from services.common.span_sink import SpanSink
-from services.common.telemetry import _otlp_exporter
 
 
 def test_the_recorder_hands_server_spans_straight_to_a_lone_sink() -> None:
@@ -82,10 +90,9 @@ def test_a_full_batch_leaves_without_waiting_for_the_schedule() -> None:
 
 def test_a_run_of_spans_reaches_the_receiver_in_one_request(monkeypatch: Any) -> None:
     with otlp_receiver() as (receiver, endpoint):
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-        exporter = _otlp_exporter({})
-        sink = SpanSink(exporter, schedule_delay_millis=60_000, max_export_batch_size=512, max_queue_size=2048)
+        sink = exporting_sink(
+            monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=512, max_queue_size=2048
+        )
         p, recorder = sink_provider(sink)
         end_spans(recorder, 300)
         assert sink.force_flush()

@@ -15,10 +15,9 @@ from typing import Any
 import grpc
 import pytest
 from otlp_receiver import Receiver, otlp_receiver
-from span_collect import end_spans, sink_provider
+from span_collect import end_spans, exporting_sink, sink_provider
 
 from services.common.span_sink import SpanSink
-from services.common.telemetry import _otlp_exporter
 
 
 class HeldReceiver(Receiver):
@@ -42,21 +41,6 @@ class HeldReceiver(Receiver):
         return super().Export(request, context)
 
 
-def sink_to(receiver: Receiver, monkeypatch: Any, **kwargs: Any) -> SpanSink:
-    from concurrent import futures
-
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    receiver.server = server  # type: ignore[attr-defined]
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-    return SpanSink(_otlp_exporter({}), **kwargs)
-
-
 def exporter_thread(sink: SpanSink) -> bool:
     """Whether `sink`'s exporter thread runs."""
     thread = sink._thread
@@ -76,9 +60,7 @@ async def until(condition: Any, timeout: float = 20.0) -> None:
 
 def test_the_loop_sends_the_batches_and_no_exporter_thread_runs(monkeypatch: Any) -> None:
     with otlp_receiver() as (receiver, endpoint):
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-        sink = SpanSink(_otlp_exporter({}), schedule_delay_millis=60_000, max_export_batch_size=8)
+        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=8)
         p, recorder = sink_provider(sink)
         assert exporter_thread(sink)
 
@@ -112,9 +94,7 @@ def test_the_loop_sends_the_batches_and_no_exporter_thread_runs(monkeypatch: Any
 
 def test_the_schedule_sends_what_is_queued_from_the_loop(monkeypatch: Any) -> None:
     with otlp_receiver() as (receiver, endpoint):
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-        sink = SpanSink(_otlp_exporter({}), schedule_delay_millis=50, max_export_batch_size=512)
+        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=50, max_export_batch_size=512)
         p, recorder = sink_provider(sink)
 
         async def serve() -> None:
@@ -129,84 +109,83 @@ def test_the_schedule_sends_what_is_queued_from_the_loop(monkeypatch: Any) -> No
 
 
 def test_a_service_handing_back_the_export_waits_for_its_batch_in_flight(monkeypatch: Any) -> None:
-    receiver = HeldReceiver()
-    sink = sink_to(receiver, monkeypatch, schedule_delay_millis=60_000, max_export_batch_size=8)
-    p, recorder = sink_provider(sink)
+    with otlp_receiver(HeldReceiver()) as (receiver, endpoint):
+        assert isinstance(receiver, HeldReceiver)
+        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=8)
+        p, recorder = sink_provider(sink)
 
-    async def serve() -> None:
-        assert sink.run_on_loop()
-        end_spans(recorder, 8)
-        await until(receiver.entered.is_set)  # the loop's send is held by the receiver
-        end_spans(recorder, 2)  # queued behind it
-        stopping = asyncio.ensure_future(sink.stop_on_loop())
-        await asyncio.sleep(0.2)
-        assert not stopping.done()  # it waits for the batch in flight
-        receiver.release.set()
-        await stopping
+        async def serve() -> None:
+            assert sink.run_on_loop()
+            end_spans(recorder, 8)
+            await until(receiver.entered.is_set)  # the loop's send is held by the receiver
+            end_spans(recorder, 2)  # queued behind it
+            stopping = asyncio.ensure_future(sink.stop_on_loop())
+            await asyncio.wait([stopping], timeout=0.2)
+            assert not stopping.done()  # it waits for the batch in flight
+            receiver.release.set()
+            await stopping
 
-    try:
-        asyncio.run(serve())
-        p.shutdown()
+        try:
+            asyncio.run(serve())
+            p.shutdown()
+        finally:
+            receiver.release.set()
         # The held batch once (no re-send), then what was queued behind it.
         assert receiver.request_sizes == [8, 2]
         assert received(receiver) == [0, 0, 1, 1, 2, 3, 4, 5, 6, 7]
-    finally:
-        receiver.release.set()
-        receiver.server.stop(0)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("then", ["force_flush", "shutdown"])
 def test_a_batch_in_flight_when_the_loop_stops_is_sent_by_the_next_flush(monkeypatch: Any, then: str) -> None:
     """The loop stops (a service killed mid-export, a test's loop) with its send held
     by the receiver: the flush on this thread sends the batch itself."""
-    receiver = HeldReceiver()
-    sink = sink_to(receiver, monkeypatch, schedule_delay_millis=60_000, max_export_batch_size=8)
-    p, recorder = sink_provider(sink)
-    loop = asyncio.new_event_loop()
+    with otlp_receiver(HeldReceiver()) as (receiver, endpoint):
+        assert isinstance(receiver, HeldReceiver)
+        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=8)
+        p, recorder = sink_provider(sink)
+        loop = asyncio.new_event_loop()
 
-    async def start() -> None:
-        assert sink.run_on_loop()
-        end_spans(recorder, 8)
-        await until(receiver.entered.is_set)
+        async def start() -> Any:
+            assert sink.run_on_loop()
+            end_spans(recorder, 8)
+            await until(receiver.entered.is_set)
+            return sink._pump
 
-    try:
-        loop.run_until_complete(start())  # returns with the send in flight
-        end_spans(recorder, 1)
-        if then == "force_flush":
-            assert sink.force_flush()
-        else:
-            p.shutdown()
-        # Sent again from here while the first send is still held: nothing lost.
-        assert receiver.request_sizes == [8, 1]
-        assert received(receiver) == [0, 0, 1, 2, 3, 4, 5, 6, 7]
-        receiver.release.set()
-        if then == "force_flush":
-            p.shutdown()
-        loop.run_until_complete(asyncio.sleep(0.1))  # the cancelled pump ends
-    finally:
-        receiver.release.set()
-        loop.close()
-        receiver.server.stop(0)  # type: ignore[attr-defined]
+        try:
+            pump = loop.run_until_complete(start())  # returns with the send in flight
+            end_spans(recorder, 1)
+            if then == "force_flush":
+                assert sink.force_flush()
+            else:
+                p.shutdown()
+            # Sent again from here while the first send is still held: nothing lost.
+            assert receiver.request_sizes == [8, 1]
+            assert received(receiver) == [0, 0, 1, 2, 3, 4, 5, 6, 7]
+            receiver.release.set()
+            if then == "force_flush":
+                p.shutdown()
+            loop.run_until_complete(asyncio.wait([pump]))  # shut down, the pump ends
+        finally:
+            receiver.release.set()
+            loop.close()
 
 
 def test_a_refused_export_is_retried_from_the_loop(monkeypatch: Any) -> None:
-    receiver = HeldReceiver(refuse=True)
-    sink = sink_to(receiver, monkeypatch, schedule_delay_millis=60_000, max_export_batch_size=4)
-    p, recorder = sink_provider(sink)
+    with otlp_receiver(HeldReceiver(refuse=True)) as (receiver, endpoint):
+        assert isinstance(receiver, HeldReceiver)
+        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=4)
+        p, recorder = sink_provider(sink)
 
-    async def serve() -> None:
-        assert sink.run_on_loop()
-        end_spans(recorder, 4)
-        # UNAVAILABLE first; the retry (after ~1 s of backoff) is taken.
-        await until(lambda: len(received(receiver)) == 4)
-        await sink.stop_on_loop()
+        async def serve() -> None:
+            assert sink.run_on_loop()
+            end_spans(recorder, 4)
+            # UNAVAILABLE first; the retry (after ~1 s of backoff) is taken.
+            await until(lambda: len(received(receiver)) == 4)
+            await sink.stop_on_loop()
 
-    try:
         asyncio.run(serve())
         assert receiver.calls == 2 and receiver.request_sizes == [4]
         p.shutdown()
-    finally:
-        receiver.server.stop(0)  # type: ignore[attr-defined]
 
 
 def test_without_an_aio_export_the_thread_keeps_exporting() -> None:
@@ -227,10 +206,8 @@ def test_without_an_aio_export_the_thread_keeps_exporting() -> None:
 def test_an_exporter_without_the_settings_keeps_the_thread(monkeypatch: Any) -> None:
     """An SDK release whose OTLP exporter keeps its settings under other names: the
     export stays on the thread rather than fail on the loop."""
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
-    exporter = _otlp_exporter({})
-    del exporter._insecure
-    sink = SpanSink(exporter, schedule_delay_millis=60_000)
+    sink = exporting_sink(monkeypatch, "http://127.0.0.1:9", schedule_delay_millis=60_000)
+    del sink.exporter._insecure
 
     async def serve() -> bool:
         return sink.run_on_loop()
