@@ -16,36 +16,34 @@ loop at the first export.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import types
 from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.exporter.otlp.proto.grpc import exporter as sdk_exporter
+
+from services.common.telemetry import _RawTraceStub
 
 log = logging.getLogger(__name__)
-EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-MAX_TRIES = 6  # the SDK's _MAX_RETRYS
-
-
-# The SDK's transient codes (its _RETRYABLE_ERROR_CODES), for an SDK whose exporter
-# does not carry its own set.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
+# The SDK exporter's tries per batch (its _MAX_RETRYS).
+MAX_TRIES = getattr(sdk_exporter, "_MAX_RETRYS", 6)
+# What the exporter must hold for its export to be sent from a loop: the settings the
+# SDK's OTLP/gRPC exporter read from OTEL_* (and its retryable codes and exporter
+# metrics, as opentelemetry-exporter-otlp-proto-grpc keeps them).
+NEEDED = (
+    "_endpoint",
+    "_insecure",
+    "_credentials",
+    "_headers",
+    "_timeout",
+    "_compression",
+    "_channel_options",
+    "_retryable_error_codes",
+    "_metrics",
+    "_shutdown",
 )
-# What the exporter must hold for its export to be sent from a loop (the OTLP/gRPC
-# exporter's settings, as opentelemetry-exporter-otlp-proto-grpc keeps them).
-NEEDED = ("_endpoint", "_insecure", "_credentials", "_headers", "_timeout", "_compression", "_shutdown")
 
 
 def supports(exporter: Any) -> bool:
@@ -65,16 +63,12 @@ class AioExport:
 
     def _connect(self) -> None:
         e = self.exporter
-        options = list(getattr(e, "_channel_options", ()))
+        options = list(e._channel_options)
         if e._insecure:
             self._channel = aio.insecure_channel(e._endpoint, options=options, compression=e._compression)
         else:
             self._channel = aio.secure_channel(e._endpoint, e._credentials, options=options, compression=e._compression)
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-
-        self._call = self._channel.unary_unary(
-            EXPORT_METHOD, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString
-        )
+        self._call = _RawTraceStub(self._channel).Export
 
     async def export(self, batch: list[Any]) -> bool:
         """Send `batch`; True once the collector took it, False when it failed for good
@@ -83,10 +77,7 @@ class AioExport:
         if e._shutdown:
             return False
         loop = asyncio.get_running_loop()
-        retryable = getattr(e, "_retryable_error_codes", None) or RETRYABLE
-        metrics = getattr(e, "_metrics", None)  # the SDK's own exporter metrics, where it has them
-        operation = metrics.export_operation(e._count_data(batch)) if metrics is not None else None
-        with operation if operation is not None else contextlib.nullcontext(types.SimpleNamespace()) as result:
+        with e._metrics.export_operation(e._count_data(batch)) as result:
             request = e._translate_data(batch)
             deadline = loop.time() + e._timeout
             for attempt in range(MAX_TRIES):
@@ -107,7 +98,7 @@ class AioExport:
                     if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                         await self.close()  # reconnect on the next try
                     if (
-                        code not in retryable
+                        code not in e._retryable_error_codes
                         or attempt + 1 == MAX_TRIES
                         or backoff > deadline - loop.time()
                         or e._shutdown

@@ -161,7 +161,7 @@ class SpanSink(SpanProcessor):
         if self._buffer is not None:
             self._buffer.clear()
         self._export_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # The task exporting on a loop (run_on_loop), while one does.
         self._pump: asyncio.Task[None] | None = None
         self._pump_stopping = False
         # The batch the loop is sending, until its export call returns.
@@ -189,7 +189,7 @@ class SpanSink(SpanProcessor):
         ends with its loop) the thread is stopped. False (nothing changes) when the
         exporter has no aio export (or returns None) or the sink is shut down."""
         make = getattr(self.exporter, "aio_export", None)
-        if make is None or self._shutdown or self._loop is not None:
+        if make is None or self._shutdown or self._pump is not None:
             return False
         sender = make()
         if sender is None:
@@ -209,7 +209,6 @@ class SpanSink(SpanProcessor):
                 except RuntimeError:  # the loop is closed: the done callback restarts the thread
                     pass
 
-        self._loop = loop
         self._notify = notify
         if self._buffer is not None:
             self._buffer.wake = notify
@@ -246,8 +245,7 @@ class SpanSink(SpanProcessor):
                     event.clear()
                 sent = False
                 while self._pump is task and not self._pump_stopping and not self._shutdown:
-                    queued = self.queued()
-                    if not queued or (sent and queued < self.max_export_batch_size):
+                    if not self._more_to_send(sent, everything=False):
                         break
                     # Not while another thread flushes (it holds the lock for its sends).
                     if not self._export_lock.acquire(blocking=False):
@@ -282,7 +280,6 @@ class SpanSink(SpanProcessor):
         if task is not self._pump:  # a forked child's copy of its parent's pump
             return
         self._pump = None
-        self._loop = None
         self._pump_stopping = False
         if not self._shutdown:
             self._start_thread()
@@ -355,11 +352,17 @@ class SpanSink(SpanProcessor):
         `everything`, stop once less than a batch is left unless nothing was sent)."""
         with self._export_lock:
             self._reclaim()
-            batch_size = self.max_export_batch_size
             sent = False
-            while (queued := self.queued()) and (everything or not sent or queued >= batch_size):
+            while self._more_to_send(sent, everything):
                 sent = True
                 self._send(self._take())
+
+    def _more_to_send(self, sent: bool, everything: bool) -> bool:
+        """Whether an export cycle sends another batch: while anything is queued when
+        sending `everything`, else while a full batch is (and once, whatever is
+        queued, when nothing was `sent` yet)."""
+        queued = self.queued()
+        return bool(queued) and (everything or not sent or queued >= self.max_export_batch_size)
 
     def _reclaim(self) -> None:
         """Send here a batch that the loop took and cannot finish sending: its loop
@@ -368,8 +371,8 @@ class SpanSink(SpanProcessor):
         batch = self._inflight
         if batch is None:
             return
-        loop = self._loop
-        if loop is not None and loop.is_running() and not self._on_loop_thread():
+        pump = self._pump
+        if pump is not None and pump.get_loop().is_running() and not self._on_loop_thread():
             # The loop's send goes on: wait for it (bounded by the export timeout);
             # one cancelled leaves the batch here.
             self._idle.wait(self.export_timeout_millis / 1e3)
@@ -379,8 +382,10 @@ class SpanSink(SpanProcessor):
             self._send(batch)
 
     def _on_loop_thread(self) -> bool:
+        """Whether this thread runs the loop that exports (run_on_loop)."""
+        pump = self._pump
         try:
-            return asyncio.get_running_loop() is self._loop
+            return pump is not None and asyncio.get_running_loop() is pump.get_loop()
         except RuntimeError:
             return False
 
