@@ -2,7 +2,8 @@
 tracing off, on and exporting, in one run.
 
 Four stacks (an inference process with the tiny model and a gateway in front of it,
-memory store) run side by side, differing only in their OTEL_* variables:
+memory store: a request's least work, so tracing's largest share; `--store sqlite`
+for the gateway's durable default) run side by side, differing only in their OTEL_* variables:
   off        none set: no SDK is installed (the default)
   off-again  the same as off: an A/A pair, whose difference is the run's noise floor
   on         OTEL_TRACES_EXPORTER=none: every span recorded and sampled, exported nowhere
@@ -15,9 +16,13 @@ The load alternates between the stacks in short slices (`--seconds` each; ABCD, 
 ... over `--rounds` cycles: drift on a shared machine hits every stack alike, and
 noise faster than a slice averages out over many of them): `--connections`
 keep-alive HTTP/1.1 connections per stack, opened once, post small `/scored_data`
-groups (2 sequences x 16 tokens: the per-request cost is the point; between slices,
-not counted, the bench takes what was stored as `/batch`es, as a registered trainer
-does, so the store stays at a trained run's size), then the same for `/generate` (3 prompt tokens, n=1, `--new-tokens` tokens). The client is a raw
+groups (`ingest`: 2 sequences x 16 tokens, a request with almost no data, where a
+span's fixed cost weighs most: the worst case), then groups of an Atropos
+environment's default size (`ingest-large`: `--large-group`, 4 x 512 tokens; its
+group_size is 4, its max_token_length 2048) -- between slices, not counted, the bench
+takes what was stored as `/batch`es, as a registered trainer does, so the store stays
+at a trained run's size -- then the same for `/generate` (3 prompt tokens, n=1,
+`--new-tokens` tokens). The client is a raw
 asyncio HTTP/1.1 loop on uvloop (pre-built request bytes), the same for every stack;
 with `--ingest-rate` / `--generate-rate` it offers a fixed load (paced), so every
 stack answers at the same rate and wakes as often (CPU per request depends on how
@@ -48,7 +53,8 @@ tokenizer in the background) is waited out before the first slice; SIGTERM stops
 the stacks as Ctrl-C does.
 
     .venv/bin/python bench/tracing_overhead.py [--sessions 3] [--rounds 40] [--seconds 0.3] [--connections 8]
-        [--works ingest generate] [--ingest-rate R] [--generate-rate R] [--no-pin] [--json out.json]
+        [--works ingest ingest-large generate] [--large-group 4x512] [--ingest-rate R] [--generate-rate R]
+        [--no-pin] [--json out.json]
         [--baseline-src DIR [--baseline-modes exporting on]]
 """
 
@@ -78,14 +84,24 @@ from services.demo.tiny_model import build_tiny_model
 MODES = ("off", "off-again", "on", "exporting")
 # --baseline-src: another checkout, whose stacks run as the modes named here + "@base".
 BASELINE: Path | None = None
-# What the load posts: a small scored group (2 sequences x 16 tokens), a short /generate.
-GROUP = {
-    "tokens": [[7 + (i + j) % 30 for i in range(16)] for j in range(2)],
-    "masks": [[-100] * 8 + [7 + (i + j) % 30 for i in range(8, 16)] for j in range(2)],
-    "scores": [0.0, 1.0],
-}
+
+
+def scored_group(sequences: int, tokens: int) -> dict:
+    """A scored group of `sequences` x `tokens` (the first half of each a masked prompt)."""
+    half = tokens // 2
+    return {
+        "tokens": [[7 + (i + j) % 30 for i in range(tokens)] for j in range(sequences)],
+        "masks": [[-100] * half + [7 + (i + j) % 30 for i in range(half, tokens)] for j in range(sequences)],
+        "scores": [float(j % 2) for j in range(sequences)],
+    }
+
+
+# What the load posts: a small scored group (2 sequences x 16 tokens: what a request
+# costs beyond its data, the worst case for tracing's share), a group of an Atropos
+# environment's default size (`--large-group`, 4 x 512), a short /generate.
+GROUP = scored_group(2, 16)
 GENERATE: dict = {"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 4, "temperature": 1.0}}
-WORKS = ("ingest", "generate")
+WORKS = ("ingest", "ingest-large", "generate")
 
 
 def mode_env(mode: str, endpoint: str) -> dict[str, str]:
@@ -235,7 +251,7 @@ REGISTRATION = {
     "wandb_group": "bench",
     "wandb_project": "bench",
     "batch_size": 1024,
-    "max_token_len": 64,
+    "max_token_len": 2048,
     "checkpoint_dir": "",
     "save_checkpoint_interval": 0,
     "starting_step": 0,
@@ -288,7 +304,7 @@ async def run_slice(
 
 
 async def start_stack(
-    mode: str, endpoint: str, model: Path, workdir: Path, gateway_cpus: set[int] | None
+    mode: str, endpoint: str, model: Path, workdir: Path, gateway_cpus: set[int] | None, store: str = "memory"
 ) -> tuple[list[launcher.Child], int]:
     env = mode_env(mode, endpoint)
     inf = await launcher.start(
@@ -310,7 +326,9 @@ async def start_stack(
             "--grace-seconds",
             "1",
             "--store",
-            "memory",
+            store,
+            "--data-dir",
+            str(workdir / mode / "store"),
             "--max-stored-groups",
             "100000000",
             "--max-stored-bytes",
@@ -394,7 +412,9 @@ async def run_session(
     conns: dict[str, list[Connection]] = {}
     try:
         for mode in MODES:
-            stacks[mode] = await start_stack(mode, endpoint, model, workdir / f"session-{session}", gateway_cpus)
+            stacks[mode] = await start_stack(
+                mode, endpoint, model, workdir / f"session-{session}", gateway_cpus, args.store
+            )
         # Every stack's start-up is waited out before any connection opens: an open
         # connection left idle longer than uvicorn's keep-alive timeout (5 s) is closed.
         for children, port in stacks.values():
@@ -411,14 +431,14 @@ async def run_session(
             k = r % len(MODES)
             order = MODES[k:] + MODES[:k]
             for work in WORKS:
-                rate = args.ingest_rate if work == "ingest" else args.generate_rate
+                rate = {"ingest": args.ingest_rate, "generate": args.generate_rate}.get(work, 0.0)
                 path, body = bodies[work]
                 for mode in order:
                     children, port = stacks[mode]
                     pids = [c.proc.pid for c in children] + [receiver_pid]
                     sums = await run_slice(conns[mode], pids, request_bytes(path, body, port), args.seconds, rate)
                     slices[mode][work].append(sums)
-                    if work == "ingest":  # not counted
+                    if work != "generate":  # not counted
                         await drain(conns[mode][0], port)
             if r % 10 == 9 or r == args.rounds - 1:
                 so_far = {m: {w: round(totals(slices[m][w])["gateway_us"], 1) for w in WORKS} for m in MODES}
@@ -441,7 +461,12 @@ async def main_async(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="clotho-tracing-bench-"))
     model = build_tiny_model(workdir / "model")
     generate = {**GENERATE, "sampling_params": {**GENERATE["sampling_params"], "max_new_tokens": args.new_tokens}}
-    bodies: dict[str, tuple[str, dict]] = {"ingest": ("/scored_data", GROUP), "generate": ("/generate", generate)}
+    sequences, tokens = args.large_group
+    bodies: dict[str, tuple[str, dict]] = {
+        "ingest": ("/scored_data", GROUP),
+        "ingest-large": ("/scored_data", scored_group(sequences, tokens)),
+        "generate": ("/generate", generate),
+    }
     cpus = sorted(os.sched_getaffinity(0))
     pin = args.pin and len(cpus) >= 2
     gateway_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
@@ -516,7 +541,7 @@ def table(out: dict) -> str:
     pinned = out["pinned"]
     lines = [
         f"load average before {out['loadavg_before']}, after {out['loadavg_after']}; "
-        f"{args['sessions']} sessions (fresh processes each) x {args['rounds']} cycles x {args['seconds']} s per mode "
+        f"{args['store']} store, {args['sessions']} sessions (fresh processes each) x {args['rounds']} cycles x {args['seconds']} s per mode "
         f"and workload, {args['connections']} connections; "
         + (f"gateways on CPU {pinned['gateways']}, the rest on {pinned['others']}" if pinned else "not pinned"),
         "cost: the mode's total over off's - 1 [90% bootstrap interval, sessions then cycles resampled]; "
@@ -559,6 +584,17 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def shape(text: str) -> tuple[int, int]:
+    """`SxT` -> (S, T)."""
+    try:
+        sequences, tokens = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SEQUENCESxTOKENS, e.g. 4x512") from None
+    if sequences < 1 or tokens < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 sequence of 2 tokens")
+    return sequences, tokens
+
+
 def main() -> None:
     global WORKS, MODES, BASELINE
     if sys.argv[1:] == ["--serve-receiver"]:
@@ -579,6 +615,19 @@ def main() -> None:
     )
     p.add_argument("--generate-rate", type=float, default=0.0, help="the same for /generate")
     p.add_argument("--works", nargs="+", choices=WORKS, default=list(WORKS), help="the workloads to run")
+    p.add_argument(
+        "--store",
+        choices=("memory", "sqlite"),
+        default="memory",
+        help="the gateways' trajectory store (default memory: a request's least work; sqlite is the gateway's default)",
+    )
+    p.add_argument(
+        "--large-group",
+        type=shape,
+        default=(4, 512),
+        metavar="SEQUENCESxTOKENS",
+        help="the ingest-large group (default 4x512: Atropos' default group_size, half a max_token_length)",
+    )
     p.add_argument(
         "--baseline-src",
         type=Path,
