@@ -8,8 +8,10 @@ the service hands the export back (stop_on_loop: sent once) or its loop just sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -49,6 +51,21 @@ def exporter_thread(sink: SpanSink) -> bool:
 
 def received(receiver: Receiver) -> list[int]:
     return sorted(s.attributes["i"] for s in receiver.find(lambda s: s.name == "POST /scored_data"))
+
+
+@contextlib.contextmanager
+def held_sink(monkeypatch: Any, batch: int, refuse: bool = False) -> Iterator[tuple[HeldReceiver, SpanSink, Any, Any]]:
+    """A HeldReceiver (see it for `refuse`), a sink exporting to it in batches of
+    `batch` (the schedule out of the way), the sink's provider and its recorder; the
+    receiver is released on the way out, whatever the test left held."""
+    receiver = HeldReceiver(refuse)
+    with otlp_receiver(receiver) as (_, endpoint):
+        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=batch)
+        p, recorder = sink_provider(sink)
+        try:
+            yield receiver, sink, p, recorder
+        finally:
+            receiver.release.set()
 
 
 async def until(condition: Any, timeout: float = 20.0) -> None:
@@ -109,10 +126,7 @@ def test_the_schedule_sends_what_is_queued_from_the_loop(monkeypatch: Any) -> No
 
 
 def test_a_service_handing_back_the_export_waits_for_its_batch_in_flight(monkeypatch: Any) -> None:
-    with otlp_receiver(HeldReceiver()) as (receiver, endpoint):
-        assert isinstance(receiver, HeldReceiver)
-        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=8)
-        p, recorder = sink_provider(sink)
+    with held_sink(monkeypatch, 8) as (receiver, sink, p, recorder):
 
         async def serve() -> None:
             assert sink.run_on_loop()
@@ -120,16 +134,15 @@ def test_a_service_handing_back_the_export_waits_for_its_batch_in_flight(monkeyp
             await until(receiver.entered.is_set)  # the loop's send is held by the receiver
             end_spans(recorder, 2)  # queued behind it
             stopping = asyncio.ensure_future(sink.stop_on_loop())
-            await asyncio.wait([stopping], timeout=0.2)
-            assert not stopping.done()  # it waits for the batch in flight
+            # Once it has marked the pump stopping it waits for the pump, whose batch
+            # is still held: not done (one that did not wait would be done by then).
+            await until(lambda: sink._pump_stopping or stopping.done())
+            assert not stopping.done()
             receiver.release.set()
             await stopping
 
-        try:
-            asyncio.run(serve())
-            p.shutdown()
-        finally:
-            receiver.release.set()
+        asyncio.run(serve())
+        p.shutdown()
         # The held batch once (no re-send), then what was queued behind it.
         assert receiver.request_sizes == [8, 2]
         assert received(receiver) == [0, 0, 1, 1, 2, 3, 4, 5, 6, 7]
@@ -139,10 +152,7 @@ def test_a_service_handing_back_the_export_waits_for_its_batch_in_flight(monkeyp
 def test_a_batch_in_flight_when_the_loop_stops_is_sent_by_the_next_flush(monkeypatch: Any, then: str) -> None:
     """The loop stops (a service killed mid-export, a test's loop) with its send held
     by the receiver: the flush on this thread sends the batch itself."""
-    with otlp_receiver(HeldReceiver()) as (receiver, endpoint):
-        assert isinstance(receiver, HeldReceiver)
-        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=8)
-        p, recorder = sink_provider(sink)
+    with held_sink(monkeypatch, 8) as (receiver, sink, p, recorder):
         loop = asyncio.new_event_loop()
 
         async def start() -> Any:
@@ -166,15 +176,12 @@ def test_a_batch_in_flight_when_the_loop_stops_is_sent_by_the_next_flush(monkeyp
                 p.shutdown()
             loop.run_until_complete(asyncio.wait([pump]))  # shut down, the pump ends
         finally:
-            receiver.release.set()
+            receiver.release.set()  # before the loop closes: its send must not stay held
             loop.close()
 
 
 def test_a_refused_export_is_retried_from_the_loop(monkeypatch: Any) -> None:
-    with otlp_receiver(HeldReceiver(refuse=True)) as (receiver, endpoint):
-        assert isinstance(receiver, HeldReceiver)
-        sink = exporting_sink(monkeypatch, endpoint, schedule_delay_millis=60_000, max_export_batch_size=4)
-        p, recorder = sink_provider(sink)
+    with held_sink(monkeypatch, 4, refuse=True) as (receiver, sink, p, recorder):
 
         async def serve() -> None:
             assert sink.run_on_loop()
