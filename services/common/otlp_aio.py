@@ -27,8 +27,9 @@ from opentelemetry.exporter.otlp.proto.grpc import exporter as sdk_exporter
 from services.common.telemetry import _RawTraceStub
 
 log = logging.getLogger(__name__)
-# The SDK exporter's tries per batch (its _MAX_RETRYS).
-MAX_TRIES = getattr(sdk_exporter, "_MAX_RETRYS", 6)
+# The SDK exporter's tries per batch (its _MAX_RETRYS; None in a release without it,
+# whose export then stays on the thread: see `supports`).
+MAX_TRIES: int | None = getattr(sdk_exporter, "_MAX_RETRYS", None)
 # What the exporter must hold for its export to be sent from a loop: the settings the
 # SDK's OTLP/gRPC exporter read from OTEL_* (and its retryable codes and exporter
 # metrics, as opentelemetry-exporter-otlp-proto-grpc keeps them).
@@ -49,7 +50,7 @@ NEEDED = (
 def supports(exporter: Any) -> bool:
     """Whether `exporter` keeps the settings AioExport sends with (an SDK release that
     keeps them elsewhere keeps its export on the exporter thread)."""
-    return all(hasattr(exporter, name) for name in NEEDED)
+    return MAX_TRIES is not None and all(hasattr(exporter, name) for name in NEEDED)
 
 
 class AioExport:
@@ -57,7 +58,9 @@ class AioExport:
     settings over a grpc.aio channel of the running loop."""
 
     def __init__(self, exporter: Any) -> None:
+        assert MAX_TRIES is not None, "made only where supports() holds"
         self.exporter = exporter
+        self._tries = MAX_TRIES
         self._channel: aio.Channel | None = None
         self._call: Any = None
 
@@ -80,7 +83,7 @@ class AioExport:
         with e._metrics.export_operation(e._count_data(batch)) as result:
             request = e._translate_data(batch)
             deadline = loop.time() + e._timeout
-            for attempt in range(MAX_TRIES):
+            for attempt in range(self._tries):
                 if self._call is None:
                     self._connect()
                 try:
@@ -99,7 +102,7 @@ class AioExport:
                         await self.close()  # reconnect on the next try
                     if (
                         code not in e._retryable_error_codes
-                        or attempt + 1 == MAX_TRIES
+                        or attempt + 1 == self._tries
                         or backoff > deadline - loop.time()
                         or e._shutdown
                     ):

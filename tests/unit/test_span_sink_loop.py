@@ -19,6 +19,7 @@ import pytest
 from otlp_receiver import Receiver, otlp_receiver
 from span_collect import end_spans, exporting_sink, sink_provider
 
+from services.common import otlp_aio
 from services.common.span_sink import SpanSink
 
 
@@ -210,11 +211,15 @@ def test_without_an_aio_export_the_thread_keeps_exporting() -> None:
     p.shutdown()
 
 
-def test_an_exporter_without_the_settings_keeps_the_thread(monkeypatch: Any) -> None:
-    """An SDK release whose OTLP exporter keeps its settings under other names: the
-    export stays on the thread rather than fail on the loop."""
+@pytest.mark.parametrize("missing", ["an exporter setting", "the SDK's tries"])
+def test_an_exporter_without_the_settings_keeps_the_thread(monkeypatch: Any, missing: str) -> None:
+    """An SDK release whose OTLP exporter keeps its settings (or its module its retry
+    count) under other names: the export stays on the thread rather than fail on the loop."""
     sink = exporting_sink(monkeypatch, "http://127.0.0.1:9", schedule_delay_millis=60_000)
-    del sink.exporter._insecure
+    if missing == "an exporter setting":
+        del sink.exporter._insecure
+    else:
+        monkeypatch.setattr(otlp_aio, "MAX_TRIES", None)
 
     async def serve() -> bool:
         return sink.run_on_loop()
