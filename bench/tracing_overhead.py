@@ -54,7 +54,7 @@ the stacks as Ctrl-C does.
 
     .venv/bin/python bench/tracing_overhead.py [--sessions 3] [--rounds 40] [--seconds 0.3] [--connections 8]
         [--works ingest ingest-large generate] [--large-group 4x512] [--ingest-rate R] [--generate-rate R]
-        [--no-pin] [--json out.json]
+        [--store memory|sqlite] [--no-pin] [--json out.json]
         [--baseline-src DIR [--baseline-modes exporting on]]
 """
 
