@@ -40,10 +40,14 @@ Figures per stack and workload, summed over the slices:
 `--baseline-src DIR` adds stacks running another checkout's code (its C extensions
 built in place: `python -c "from setuptools import setup; setup()" build_ext
 --inplace` there) as `exporting@base` (and `--baseline-modes`), in the same cycles:
-a change's cost and its baseline's from one run, on one machine state.
+a change's cost and its baseline's from one run, on one machine state, and the
+change itself: each such mode against its @base twin, paired by cycle, with its
+interval.
 All of it runs `--sessions` times, each with fresh processes: a process's memory
-layout is luck that moves its speed by a few percent, and one process per mode would
-show that luck as a cost. Costs are each mode's total over off's, with a 90% bootstrap
+layout is luck that moves its speed by a few percent (on this 2-vCPU VM a session's
+own cost spreads over +-10%), and one process per mode would show that luck as a
+cost. To tell a change of a point or two, run many sessions of few modes: `--modes
+exporting --baseline-modes exporting --sessions 30 --rounds 6` (~17 minutes). Costs are each mode's total over off's, with a 90% bootstrap
 interval (sessions resampled, then cycles within them), and each session's own cost;
 off-again's is the A/A noise floor.
 Printed with them: the load average before and after, each gateway's busy share of
@@ -53,7 +57,8 @@ tokenizer in the background) is waited out before the first slice; SIGTERM stops
 the stacks as Ctrl-C does.
 
     .venv/bin/python bench/tracing_overhead.py [--sessions 3] [--rounds 40] [--seconds 0.3] [--connections 8]
-        [--works ingest ingest-large generate] [--large-group 4x512] [--ingest-rate R] [--generate-rate R]
+        [--works ingest ingest-large generate] [--modes off-again on exporting] [--large-group 4x512]
+        [--ingest-rate R] [--generate-rate R]
         [--store memory|sqlite] [--no-pin] [--json out.json]
         [--baseline-src DIR [--baseline-modes exporting on]]
 """
@@ -512,6 +517,19 @@ async def main_async(args: argparse.Namespace) -> dict:
                 off = figures["off"][w][key]
                 ratio = figures[m][w][key] / off if off else float("nan")
                 costs[m][w][key] = [ratio, *bootstrap(slices[m][w], slices["off"][w], key)]
+    # A baseline's change: each mode of this tree against the same mode @base, paired
+    # by cycle (what a change costs or saves, with its own interval).
+    changes: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for m in MODES:
+        if f"{m}@base" not in MODES:
+            continue
+        changes[m] = {}
+        for w in WORKS:
+            changes[m][w] = {}
+            for key in COSTED:
+                base = figures[f"{m}@base"][w][key]
+                ratio = figures[m][w][key] / base if base else float("nan")
+                changes[m][w][key] = [ratio, *bootstrap(slices[m][w], slices[f"{m}@base"][w], key)]
     # Each session's own cost (its processes' luck): gateway CPU per request over off's.
     per_session = {
         m: {
@@ -527,6 +545,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "per_session": per_session,
         "figures": figures,
         "costs": costs,
+        "changes": changes,
         "slices": slices,
         "received": received,
         "exporting_dropped_spans": dropped,
@@ -548,6 +567,11 @@ def table(out: dict) -> str:
         sign = -1 if key == "rps" else 1
         lo, hi = sorted((sign * (lo - 1), sign * (hi - 1)))
         return f"{sign * (ratio - 1) * 100:+.1f}% [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+
+    def change(figure: list[float]) -> str:
+        """This tree's figure over the baseline's - 1 [90% interval]."""
+        ratio, lo, hi = figure
+        return f"{(ratio - 1) * 100:+.1f}% [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
 
     args = out["args"]
     pinned = out["pinned"]
@@ -573,6 +597,10 @@ def table(out: dict) -> str:
             cost_cells = " | ".join(cost(m, w, key) for m in MODES[1:])
             lines.append(f"| {w} | {label} | {cells} | {cost_cells} |")
     lines.append("")
+    for m, by_work in out["changes"].items():
+        for w, by_key in by_work.items():
+            each = "; ".join(f"{label} {change(by_key[key])}" for key, label in rows[:2])
+            lines.append(f"{w}: {m} against {m}@base (this tree's change, paired by cycle): {each}")
     for w in WORKS:
         each = "; ".join(
             f"{m} " + " ".join(f"{(r - 1) * 100:+.1f}%" for r in out["per_session"][m][w]) for m in MODES[1:]
@@ -628,6 +656,13 @@ def main() -> None:
     p.add_argument("--generate-rate", type=float, default=0.0, help="the same for /generate")
     p.add_argument("--works", nargs="+", choices=WORKS, default=list(WORKS), help="the workloads to run")
     p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES[1:],
+        default=list(MODES[1:]),
+        help="the modes beside off (default all; exporting always): fewer modes, more sessions in the same time",
+    )
+    p.add_argument(
         "--store",
         choices=("memory", "sqlite"),
         default="memory",
@@ -654,6 +689,9 @@ def main() -> None:
     )
     args = p.parse_args()
     WORKS = tuple(args.works)
+    if "exporting" not in args.modes:
+        p.error("--modes: exporting is always run (the dropped-span check and the receiver's figures are its)")
+    MODES = ("off", *(m for m in MODES[1:] if m in args.modes))
     if args.baseline_src is not None:
         BASELINE = args.baseline_src.resolve()
         MODES = (*MODES, *(f"{m}@base" for m in args.baseline_modes))
