@@ -507,29 +507,23 @@ async def main_async(args: argparse.Namespace) -> dict:
         received = stop_receiver(receiver)
     flat = {m: {w: [c for sess in slices[m][w] for c in sess] for w in WORKS} for m in MODES}
     figures = {m: {w: totals(flat[m][w]) for w in WORKS} for m in MODES}
-    # Each mode against `off`: the ratio of the totals and its bootstrap interval.
-    costs: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for m in MODES[1:]:
-        costs[m] = {}
+
+    def against(m: str, other: str) -> dict[str, dict[str, list[float]]]:
+        """Mode `m` over mode `other` per workload and figure: the ratio of the totals
+        and its bootstrap interval (cycles paired)."""
+        ratios: dict[str, dict[str, list[float]]] = {}
         for w in WORKS:
-            costs[m][w] = {}
+            ratios[w] = {}
             for key in COSTED:
-                off = figures["off"][w][key]
-                ratio = figures[m][w][key] / off if off else float("nan")
-                costs[m][w][key] = [ratio, *bootstrap(slices[m][w], slices["off"][w], key)]
-    # A baseline's change: each mode of this tree against the same mode @base, paired
-    # by cycle (what a change costs or saves, with its own interval).
-    changes: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for m in MODES:
-        if f"{m}@base" not in MODES:
-            continue
-        changes[m] = {}
-        for w in WORKS:
-            changes[m][w] = {}
-            for key in COSTED:
-                base = figures[f"{m}@base"][w][key]
-                ratio = figures[m][w][key] / base if base else float("nan")
-                changes[m][w][key] = [ratio, *bootstrap(slices[m][w], slices[f"{m}@base"][w], key)]
+                den = figures[other][w][key]
+                ratio = figures[m][w][key] / den if den else float("nan")
+                ratios[w][key] = [ratio, *bootstrap(slices[m][w], slices[other][w], key)]
+        return ratios
+
+    # Each mode against `off`; and a baseline's change: each mode of this tree against
+    # the same mode @base (what a change costs or saves, with its own interval).
+    costs = {m: against(m, "off") for m in MODES[1:]}
+    changes = {m: against(m, f"{m}@base") for m in MODES if f"{m}@base" in MODES}
     # Each session's own cost (its processes' luck): gateway CPU per request over off's.
     per_session = {
         m: {
@@ -561,17 +555,15 @@ async def main_async(args: argparse.Namespace) -> dict:
 def table(out: dict) -> str:
     fig, costs = out["figures"], out["costs"]
 
-    def cost(m: str, w: str, key: str) -> str:
-        """The cost against off: a drop for req/s, a rise for CPU; [90% interval]."""
-        ratio, lo, hi = costs[m][w][key]
-        sign = -1 if key == "rps" else 1
+    def percent(figure: list[float], sign: int = 1) -> str:
+        """(ratio, lo, hi) as `sign` x (ratio - 1) [90% interval], in %."""
+        ratio, lo, hi = figure
         lo, hi = sorted((sign * (lo - 1), sign * (hi - 1)))
         return f"{sign * (ratio - 1) * 100:+.1f}% [{lo * 100:+.1f}, {hi * 100:+.1f}]"
 
-    def change(figure: list[float]) -> str:
-        """This tree's figure over the baseline's - 1 [90% interval]."""
-        ratio, lo, hi = figure
-        return f"{(ratio - 1) * 100:+.1f}% [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
+    def cost(m: str, w: str, key: str) -> str:
+        """The cost against off: a drop for req/s, a rise for CPU."""
+        return percent(costs[m][w][key], -1 if key == "rps" else 1)
 
     args = out["args"]
     pinned = out["pinned"]
@@ -599,7 +591,7 @@ def table(out: dict) -> str:
     lines.append("")
     for m, by_work in out["changes"].items():
         for w, by_key in by_work.items():
-            each = "; ".join(f"{label} {change(by_key[key])}" for key, label in rows[:2])
+            each = "; ".join(f"{label} {percent(by_key[key])}" for key, label in rows[:2])
             lines.append(f"{w}: {m} against {m}@base (this tree's change, paired by cycle): {each}")
     for w in WORKS:
         each = "; ".join(
