@@ -47,9 +47,10 @@ All of it runs `--sessions` times, each with fresh processes: a process's memory
 layout is luck that moves its speed by a few percent (on this 2-vCPU VM a session's
 own cost spreads over +-10%), and one process per mode would show that luck as a
 cost. To tell a change of a point or two, run many sessions of few modes: `--modes
-exporting --baseline-modes exporting --sessions 30 --rounds 6` (~17 minutes). Costs are each mode's total over off's, with a 90% bootstrap
-interval (sessions resampled, then cycles within them), and each session's own cost;
-off-again's is the A/A noise floor.
+exporting --baseline-modes exporting --sessions 30 --rounds 6` (~17 minutes).
+Costs are each mode's total over off's, with a 90% bootstrap interval (sessions
+resampled, then cycles within them), and each session's own cost; off-again's is the
+A/A noise floor.
 Printed with them: the load average before and after, each gateway's busy share of
 one core (well under 1: the gateways are not starved by the client) and the bench
 client's own CPU per request. Each stack's start-up work (the gateway loads its
